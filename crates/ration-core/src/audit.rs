@@ -1,0 +1,390 @@
+//! The audit ledger: one hash-chained record for every state change.
+//!
+//! The ledger emits records; it does not store them (effects out). A store appends
+//! them in order: [`AuditLog`] in memory here, a durable one in the node. The pure
+//! functions [`query`], [`spend`] and [`verify_chain`] work over any iterator of
+//! records, so every store answers the same way.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::command::LimitSpec;
+use crate::names::{BudgetPath, LeaseId, Principal, Unit};
+use crate::window::Window;
+
+/// A SHA-256 digest.
+pub type Hash = [u8; 32];
+/// The `prev_hash` of the first record.
+pub const GENESIS: Hash = [0; 32];
+const DOMAIN: &[u8] = b"ration-audit-v1\0";
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum AuditKind {
+    BudgetCreated,
+    BudgetUpdated,
+    BudgetDeleted,
+    LeaseGranted,
+    LeaseReported,
+    LeaseReleased,
+    /// A lease passed its expiry: its unsettled allowance was charged as consumed.
+    LeaseExpired,
+    /// A late final report on an expired lease gave back the unspent part.
+    LeaseRefunded,
+    /// A late final report came after the lease's window closed: nothing refunded.
+    LateRelease,
+}
+
+impl AuditKind {
+    pub const ALL: [AuditKind; 9] = [
+        AuditKind::BudgetCreated,
+        AuditKind::BudgetUpdated,
+        AuditKind::BudgetDeleted,
+        AuditKind::LeaseGranted,
+        AuditKind::LeaseReported,
+        AuditKind::LeaseReleased,
+        AuditKind::LeaseExpired,
+        AuditKind::LeaseRefunded,
+        AuditKind::LateRelease,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditKind::BudgetCreated => "budget_created",
+            AuditKind::BudgetUpdated => "budget_updated",
+            AuditKind::BudgetDeleted => "budget_deleted",
+            AuditKind::LeaseGranted => "lease_granted",
+            AuditKind::LeaseReported => "lease_reported",
+            AuditKind::LeaseReleased => "lease_released",
+            AuditKind::LeaseExpired => "lease_expired",
+            AuditKind::LeaseRefunded => "lease_refunded",
+            AuditKind::LateRelease => "late_release",
+        }
+    }
+}
+
+/// How allowance moved. Over all records: granted = consumed + returned +
+/// (charged - uncharged) + outstanding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    pub granted: u64,
+    pub consumed: u64,
+    pub returned: u64,
+    /// Charged as consumed at expiry.
+    pub charged: u64,
+    /// Charged at expiry, then reclassified by a late final report (as consumed and
+    /// returned).
+    pub uncharged: u64,
+}
+
+impl Flow {
+    /// Net spend this flow adds to its budget (a refund subtracts).
+    pub fn net_spend(&self) -> i128 {
+        // Each term is below 2^64, so i128 cannot overflow; saturating keeps clippy honest.
+        i128::from(self.consumed)
+            .saturating_add(i128::from(self.charged))
+            .saturating_sub(i128::from(self.uncharged))
+    }
+}
+
+/// One limit's figures after the change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balance {
+    pub budget: BudgetPath,
+    pub unit: Unit,
+    pub window: Window,
+    pub window_start_ms: u64,
+    pub cap: u64,
+    pub consumed: u64,
+    pub outstanding: u64,
+}
+
+/// The hashed content of a record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Gapless sequence number, from 0.
+    pub seq: u64,
+    /// The Raft log index of the entry that caused it.
+    pub log_index: u64,
+    /// Ledger time when it was applied.
+    pub time_ms: u64,
+    /// The ledger time the flow belongs to: `time_ms`, except for an expiry, where it
+    /// is the last instant the lease was valid (`expires_at_ms - 1`).
+    pub effective_ms: u64,
+    pub kind: AuditKind,
+    pub budget: BudgetPath,
+    /// The gateway holding the lease, or the operator who changed the budget.
+    pub principal: Principal,
+    pub unit: Option<Unit>,
+    pub lease: Option<LeaseId>,
+    pub flow: Flow,
+    /// Figures of every limit the change touched.
+    pub balances: Vec<Balance>,
+    /// The budget's limits after a budget change.
+    pub limits: Vec<LimitSpec>,
+    pub prev_hash: Hash,
+}
+
+/// A record: its content and the hash that chains it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub entry: AuditEntry,
+    pub hash: Hash,
+}
+
+impl AuditEntry {
+    /// SHA-256 over a domain tag and the canonical (postcard) encoding.
+    pub fn compute_hash(&self) -> Hash {
+        let bytes = postcard::to_stdvec(self).expect("encoding into a Vec cannot fail");
+        let mut h = Sha256::new();
+        h.update(DOMAIN);
+        h.update(&bytes);
+        h.finalize().into()
+    }
+}
+
+/// Where the chain ends: the next sequence number and the last hash.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    pub next_seq: u64,
+    pub last_hash: Hash,
+}
+
+impl Default for ChainHead {
+    fn default() -> Self {
+        Self {
+            next_seq: 0,
+            last_hash: GENESIS,
+        }
+    }
+}
+
+impl fmt::Debug for ChainHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChainHead({}, {})", self.next_seq, hex(&self.last_hash))
+    }
+}
+
+impl ChainHead {
+    /// Numbers, links and hashes `entry`, and moves the head past it.
+    pub(crate) fn seal(&mut self, mut entry: AuditEntry) -> AuditRecord {
+        entry.seq = self.next_seq;
+        entry.prev_hash = self.last_hash;
+        let hash = entry.compute_hash();
+        self.next_seq = self
+            .next_seq
+            .checked_add(1)
+            .expect("audit sequence overflow");
+        self.last_hash = hash;
+        AuditRecord { entry, hash }
+    }
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(hash: &Hash) -> String {
+    use std::fmt::Write;
+    hash.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Where and why a chain does not verify.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("audit chain breaks at record {seq}: {reason}")]
+pub struct ChainBreak {
+    pub seq: u64,
+    pub reason: String,
+}
+
+/// Checks a run of records: gapless sequence numbers, each `prev_hash` equal to the
+/// previous hash, each hash recomputed. `start` is the head the run must continue
+/// (the default head for a chain from its first record). Returns the head after it.
+pub fn verify_chain<'a>(
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+    start: ChainHead,
+) -> Result<ChainHead, ChainBreak> {
+    let mut head = start;
+    for record in records {
+        let e = &record.entry;
+        if e.seq != head.next_seq {
+            return Err(ChainBreak {
+                seq: e.seq,
+                reason: format!(
+                    "expected sequence number {}, found {}",
+                    head.next_seq, e.seq
+                ),
+            });
+        }
+        if e.prev_hash != head.last_hash {
+            return Err(ChainBreak {
+                seq: e.seq,
+                reason: "prev_hash does not match the hash of the record before it".into(),
+            });
+        }
+        let computed = e.compute_hash();
+        if computed != record.hash {
+            return Err(ChainBreak {
+                seq: e.seq,
+                reason: format!(
+                    "content does not match its hash (stored {}, computed {})",
+                    hex(&record.hash),
+                    hex(&computed)
+                ),
+            });
+        }
+        head = ChainHead {
+            next_seq: e.seq.saturating_add(1),
+            last_hash: computed,
+        };
+    }
+    Ok(head)
+}
+
+/// Which records a query selects. Empty fields select everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Records on this budget or below it.
+    pub subtree: Option<BudgetPath>,
+    pub principal: Option<Principal>,
+    /// Any of these kinds; empty means all.
+    pub kinds: Vec<AuditKind>,
+    /// Ledger time range `[from_ms, to_ms)` on `time_ms`.
+    pub from_ms: Option<u64>,
+    pub to_ms: Option<u64>,
+}
+
+impl AuditFilter {
+    pub fn matches(&self, record: &AuditRecord) -> bool {
+        let e = &record.entry;
+        self.subtree.as_ref().is_none_or(|s| e.budget.is_within(s))
+            && self.principal.as_ref().is_none_or(|p| &e.principal == p)
+            && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
+            && self.from_ms.is_none_or(|t| e.time_ms >= t)
+            && self.to_ms.is_none_or(|t| e.time_ms < t)
+    }
+}
+
+/// The records `filter` selects, in order.
+pub fn query<'a, 'f>(
+    records: impl IntoIterator<Item = &'a AuditRecord> + 'f,
+    filter: &'f AuditFilter,
+) -> impl Iterator<Item = &'a AuditRecord> + 'f
+where
+    'a: 'f,
+{
+    records.into_iter().filter(move |r| filter.matches(r))
+}
+
+/// Net spend of one budget (its own and its descendants') in one unit and window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpendRow {
+    pub budget: BudgetPath,
+    pub unit: Unit,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    /// consumed + charged on expiry - refunded.
+    pub spent: i128,
+}
+
+/// Spend per budget per window, for every budget in `subtree` that saw spend. Spend
+/// on a descendant counts for each of its ancestors within the subtree. Records are
+/// placed by their `effective_ms`, within `[from_ms, to_ms)` if given.
+pub fn spend<'a>(
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+    subtree: &BudgetPath,
+    window: Window,
+    from_ms: Option<u64>,
+    to_ms: Option<u64>,
+) -> Vec<SpendRow> {
+    let mut rows: BTreeMap<(BudgetPath, Unit, u64), (u64, i128)> = BTreeMap::new();
+    for record in records {
+        let e = &record.entry;
+        let net = e.flow.net_spend();
+        let Some(unit) = &e.unit else { continue };
+        if net == 0
+            || !e.budget.is_within(subtree)
+            || from_ms.is_some_and(|t| e.effective_ms < t)
+            || to_ms.is_some_and(|t| e.effective_ms >= t)
+        {
+            continue;
+        }
+        let (start, end) = window.bounds(e.effective_ms);
+        let mut at = Some(e.budget.clone());
+        while let Some(path) = at {
+            if !path.is_within(subtree) {
+                break;
+            }
+            at = path.parent();
+            let row = rows.entry((path, unit.clone(), start)).or_insert((end, 0));
+            row.1 = row.1.saturating_add(net);
+        }
+    }
+    rows.into_iter()
+        .map(
+            |((budget, unit, window_start_ms), (window_end_ms, spent))| SpendRow {
+                budget,
+                unit,
+                window_start_ms,
+                window_end_ms,
+                spent,
+            },
+        )
+        .collect()
+}
+
+/// An in-memory audit store that refuses anything that does not continue its chain.
+#[derive(Clone, Debug, Default)]
+pub struct AuditLog {
+    records: Vec<AuditRecord>,
+    head: ChainHead,
+}
+
+impl AuditLog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends records the ledger emitted, checking each continues the chain.
+    pub fn append(
+        &mut self,
+        records: impl IntoIterator<Item = AuditRecord>,
+    ) -> Result<(), ChainBreak> {
+        for record in records {
+            self.head = verify_chain([&record], self.head)?;
+            self.records.push(record);
+        }
+        Ok(())
+    }
+
+    pub fn records(&self) -> &[AuditRecord] {
+        &self.records
+    }
+
+    pub fn head(&self) -> ChainHead {
+        self.head
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn query<'f>(
+        &'f self,
+        filter: &'f AuditFilter,
+    ) -> impl Iterator<Item = &'f AuditRecord> + 'f {
+        query(&self.records, filter)
+    }
+
+    /// Re-verifies the whole chain from its first record.
+    pub fn verify(&self) -> Result<ChainHead, ChainBreak> {
+        verify_chain(&self.records, ChainHead::default())
+    }
+}

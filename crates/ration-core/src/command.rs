@@ -1,0 +1,229 @@
+//! The replicated log format: a versioned batch of ledger commands, and the reply
+//! each command gets. This is what Raft stores; it is not the wire protocol (one
+//! crate converts between protobuf and these types).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::LedgerError;
+use crate::names::{BudgetPath, ClientId, LeaseId, Principal, Unit};
+use crate::window::Window;
+
+/// Largest amount, cap or allowance the ledger accepts (10^18: a trillion dollars
+/// in `usd_micros`). Sums of amounts under it cannot overflow a `u64`.
+pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000_000;
+/// Most limits one budget may carry.
+pub const MAX_LIMITS_PER_BUDGET: usize = 16;
+
+/// What a gateway does with a limit when it cannot reach the cluster and its leases
+/// are spent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum FailPolicy {
+    /// Refuse every call: the default for hard caps.
+    #[default]
+    FailClosed,
+    /// Admit up to `amount` in total while cut off, then refuse.
+    StaticAllowance { amount: u64 },
+}
+
+/// One limit of a budget: at most `cap` of `unit` per `window`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitSpec {
+    pub unit: Unit,
+    pub cap: u64,
+    pub window: Window,
+    pub on_unreachable: FailPolicy,
+}
+
+/// A budget as an operator declares it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetSpec {
+    pub path: BudgetPath,
+    pub limits: Vec<LimitSpec>,
+}
+
+impl BudgetSpec {
+    /// Checks caps, policies and that no (unit, window) appears twice.
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        if self.limits.len() > MAX_LIMITS_PER_BUDGET {
+            return Err(LedgerError::InvalidArgument {
+                field: "limits".into(),
+                reason: format!(
+                    "{} limits given; a budget holds at most {MAX_LIMITS_PER_BUDGET}",
+                    self.limits.len()
+                ),
+            });
+        }
+        for (i, limit) in self.limits.iter().enumerate() {
+            check_amount("cap", limit.cap)?;
+            if let FailPolicy::StaticAllowance { amount } = limit.on_unreachable {
+                if amount > limit.cap {
+                    return Err(LedgerError::InvalidArgument {
+                        field: "on_unreachable.static_allowance".into(),
+                        reason: format!(
+                            "static allowance {amount} is above the cap {} of {} per {}",
+                            limit.cap, limit.unit, limit.window
+                        ),
+                    });
+                }
+            }
+            if self.limits[..i]
+                .iter()
+                .any(|l| l.unit == limit.unit && l.window == limit.window)
+            {
+                return Err(LedgerError::InvalidArgument {
+                    field: "limits".into(),
+                    reason: format!(
+                        "two limits for {} per {}; give each (unit, window) once",
+                        limit.unit, limit.window
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses amounts above [`MAX_AMOUNT`].
+pub fn check_amount(field: &str, value: u64) -> Result<(), LedgerError> {
+    if value > MAX_AMOUNT {
+        return Err(LedgerError::AmountTooLarge {
+            field: field.into(),
+            value,
+            max: MAX_AMOUNT,
+        });
+    }
+    Ok(())
+}
+
+/// Ask for an allowance of `unit` on `budget`: at most `wanted`, at least `min`,
+/// valid for at most `ttl_ms` (and never past the end of its window).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acquire {
+    pub budget: BudgetPath,
+    pub unit: Unit,
+    pub wanted: u64,
+    pub min: u64,
+    pub ttl_ms: u64,
+}
+
+/// Report `consumed_delta` more spent from a lease; optionally extend it to
+/// `renew_ttl_ms` from now (never past its window).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub lease: LeaseId,
+    pub consumed_delta: u64,
+    pub renew_ttl_ms: Option<u64>,
+}
+
+/// Settle a lease: `consumed_total` was spent from it in all; the rest goes back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub lease: LeaseId,
+    pub consumed_total: u64,
+}
+
+/// A mutating operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    CreateBudget(BudgetSpec),
+    /// Replace a budget's limits, if it is still at `expected_version`.
+    UpdateBudget {
+        spec: BudgetSpec,
+        expected_version: u64,
+    },
+    /// Delete a leaf budget with no live leases (at `expected_version`, if given).
+    DeleteBudget {
+        path: BudgetPath,
+        expected_version: Option<u64>,
+    },
+    Acquire(Acquire),
+    Report(Report),
+    Release(Release),
+}
+
+/// A client's request: exactly once per (client, request_id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub client: ClientId,
+    pub request_id: u64,
+    /// The authenticated identity the request acts as; leases belong to it.
+    pub principal: Principal,
+    pub op: Op,
+}
+
+/// One command of a log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Proposed by the leader so expiry and window rollover happen with no writes.
+    Tick,
+    Request(Request),
+}
+
+/// A group-committed batch: the leader's time stamp and the commands, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The leader's wall clock when it proposed the entry, in ms since the epoch.
+    /// The ledger's time is the maximum of every time stamp it has applied.
+    pub time_ms: u64,
+    pub commands: Vec<Command>,
+}
+
+/// A replicated log entry. Versioned: a new format is a new variant, and every
+/// version stays decodable so old logs and snapshots replay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    V1(Batch),
+}
+
+impl Entry {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encoding an entry into a Vec cannot fail")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
+/// A granted lease as the gateway sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub lease: LeaseId,
+    pub granted: u64,
+    /// Ledger time after which the unsettled allowance is charged as consumed.
+    pub expires_at_ms: u64,
+    /// End of the tightest window the lease draws on; `expires_at_ms <= window_end_ms`.
+    pub window_end_ms: u64,
+}
+
+/// A successful command's reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Ticked {
+        now_ms: u64,
+    },
+    BudgetCreated {
+        version: u64,
+    },
+    BudgetUpdated {
+        version: u64,
+    },
+    BudgetDeleted,
+    Granted(Grant),
+    Reported {
+        lease: LeaseId,
+        unreported: u64,
+        expires_at_ms: u64,
+    },
+    /// `returned` went back to the pool from a live lease; `refunded` went back from
+    /// an expired one (late final report while its window was open).
+    Released {
+        lease: LeaseId,
+        returned: u64,
+        refunded: u64,
+        late: bool,
+    },
+}
+
+/// What a command produced: a reply or a refusal.
+pub type Outcome = Result<Reply, LedgerError>;

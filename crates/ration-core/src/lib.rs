@@ -1,0 +1,39 @@
+//! # ration-core
+//!
+//! The quota ledger of Ration as a pure, deterministic state machine.
+//!
+//! Architecture invariant: this crate knows nothing about protobuf, sled, tokio or
+//! openraft. It reads no clock, draws no random numbers, does no I/O, and iterates
+//! no hash map in anything that reaches state or output. `Ledger::apply(index,
+//! entry)` is a function of the state and the entry alone, so every replica that
+//! applies the same log holds the same bytes (`Ledger::digest`). A test in the
+//! workspace (`tests/core_is_pure.rs`) fails if the dependency tree grows an I/O
+//! crate.
+//!
+//! - [`names`]: validated budget paths, units, client ids, principals, lease ids.
+//! - [`window`]: calendar windows computed from ledger time.
+//! - [`command`]: the versioned log entry ([`Entry`]) and replies.
+//! - [`ledger`]: the state machine, its queries, snapshots and invariant checks.
+//! - [`audit`]: hash-chained audit records, queries, spend per window, verification.
+//! - [`error`]: typed refusals.
+
+// Overflow is a safety bug here: every sum must be checked, saturating or proven bounded.
+#![warn(clippy::arithmetic_side_effects)]
+
+pub mod audit;
+pub mod command;
+mod dedup;
+pub mod error;
+pub mod ledger;
+pub mod names;
+pub mod window;
+
+pub use audit::{AuditFilter, AuditKind, AuditLog, AuditRecord, ChainHead};
+pub use command::{
+    Acquire, Batch, BudgetSpec, Command, Entry, FailPolicy, Grant, LimitSpec, Op, Outcome, Release,
+    Reply, Report, Request, MAX_AMOUNT,
+};
+pub use error::{ErrorKind, LedgerError};
+pub use ledger::{Applied, BudgetView, LeaseView, Ledger, LedgerConfig, LimitView, Totals};
+pub use names::{BudgetPath, ClientId, LeaseId, Principal, Unit};
+pub use window::{Period, Window};
