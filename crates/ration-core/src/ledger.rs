@@ -1378,3 +1378,7 @@ impl Ledger {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "ledger_tests.rs"]
+mod tests;
