@@ -477,6 +477,9 @@ impl Ledger {
                 {
                     Some(at) => {
                         let mut kept = old_limits.swap_remove(at);
+                        // Start from the current window, so the new cap is checked
+                        // against (and stored beside) current figures only.
+                        kept.roll(now);
                         kept.spec = new.clone();
                         kept
                     }
@@ -1349,13 +1352,14 @@ impl Ledger {
                         b.path, l.spec.unit, l.spec.window, c.outstanding
                     ));
                 }
-                if c.consumed
+                let (consumed, _, _) = l.effective(self.now_ms);
+                if consumed
                     .checked_add(c.outstanding)
                     .is_none_or(|used| used > l.spec.cap)
                 {
                     return Err(format!(
-                        "{} {} per {}: consumed {} + outstanding {} > cap {}",
-                        b.path, l.spec.unit, l.spec.window, c.consumed, c.outstanding, l.spec.cap
+                        "{} {} per {}: consumed {consumed} + outstanding {} > cap {}",
+                        b.path, l.spec.unit, l.spec.window, c.outstanding, l.spec.cap
                     ));
                 }
                 if c.outstanding > 0 && self.now_ms >= c.window_end_ms {
