@@ -53,37 +53,12 @@ struct LimitGen {
 
 #[derive(Clone, Debug)]
 enum Cmd {
-    Create {
-        budget: usize,
-        limits: Vec<LimitGen>,
-    },
-    Update {
-        budget: usize,
-        limits: Vec<LimitGen>,
-        stale: bool,
-    },
-    Delete {
-        budget: usize,
-    },
-    Acquire {
-        budget: usize,
-        unit: usize,
-        wanted: u64,
-        min: u64,
-        ttl_ms: u64,
-        who: usize,
-    },
-    Report {
-        pick: usize,
-        percent: u64,
-        renew_ms: Option<u64>,
-        foreign: bool,
-    },
-    Release {
-        pick: usize,
-        percent: u64,
-        foreign: bool,
-    },
+    Create { budget: usize, limits: Vec<LimitGen> },
+    Update { budget: usize, limits: Vec<LimitGen>, stale: bool },
+    Delete { budget: usize },
+    Acquire { budget: usize, unit: usize, wanted: u64, min: u64, ttl_ms: u64, who: usize },
+    Report { pick: usize, percent: u64, renew_ms: Option<u64>, foreign: bool },
+    Release { pick: usize, percent: u64, foreign: bool },
     Tick,
 }
 
@@ -240,10 +215,7 @@ impl Model {
 
     fn consumed_now(&self, generation: u64) -> u64 {
         let start = self.windows_of[&generation].bounds(self.now_ms).0;
-        self.consumed
-            .get(&(generation, start))
-            .copied()
-            .unwrap_or(0)
+        self.consumed.get(&(generation, start)).copied().unwrap_or(0)
     }
 
     fn bucket(&mut self, generation: u64, start: u64) -> &mut u64 {
@@ -254,9 +226,7 @@ impl Model {
         limits
             .iter()
             .map(|l| {
-                let generation = match old
-                    .iter()
-                    .find(|o| o.unit == l.unit && o.window == l.window)
+                let generation = match old.iter().find(|o| o.unit == l.unit && o.window == l.window)
                 {
                     Some(o) => o.generation,
                     None => {
@@ -265,12 +235,7 @@ impl Model {
                         self.next_generation
                     }
                 };
-                MLimit {
-                    unit: l.unit.clone(),
-                    window: l.window,
-                    cap: l.cap,
-                    generation,
-                }
+                MLimit { unit: l.unit.clone(), window: l.window, cap: l.cap, generation }
             })
             .collect()
     }
@@ -330,9 +295,7 @@ impl Model {
                 spec.validate()?;
                 let path = spec.path.as_str();
                 if self.budgets.contains_key(path) {
-                    return Err(LedgerError::BudgetExists {
-                        path: spec.path.clone(),
-                    });
+                    return Err(LedgerError::BudgetExists { path: spec.path.clone() });
                 }
                 if let Some(parent) = parent_of(path) {
                     if !self.budgets.contains_key(parent) {
@@ -343,22 +306,16 @@ impl Model {
                     }
                 }
                 let limits = self.new_limits(&spec.limits, &[]);
-                self.budgets
-                    .insert(path.to_owned(), MBudget { version: 1, limits });
+                self.budgets.insert(path.to_owned(), MBudget { version: 1, limits });
                 Ok((Reply::BudgetCreated { version: 1 }, 1))
             }
-            Op::UpdateBudget {
-                spec,
-                expected_version,
-            } => {
+            Op::UpdateBudget { spec, expected_version } => {
                 spec.validate()?;
                 let path = spec.path.as_str();
                 let b = self
                     .budgets
                     .get(path)
-                    .ok_or(LedgerError::BudgetNotFound {
-                        path: spec.path.clone(),
-                    })?
+                    .ok_or(LedgerError::BudgetNotFound { path: spec.path.clone() })?
                     .clone();
                 if b.version != *expected_version {
                     return Err(LedgerError::VersionMismatch {
@@ -368,10 +325,8 @@ impl Model {
                     });
                 }
                 for new in &spec.limits {
-                    if let Some(old) = b
-                        .limits
-                        .iter()
-                        .find(|o| o.unit == new.unit && o.window == new.window)
+                    if let Some(old) =
+                        b.limits.iter().find(|o| o.unit == new.unit && o.window == new.window)
                     {
                         let in_use =
                             self.consumed_now(old.generation) + self.outstanding(old.generation);
@@ -388,24 +343,18 @@ impl Model {
                 }
                 let limits = self.new_limits(&spec.limits, &b.limits);
                 let version = b.version + 1;
-                self.budgets
-                    .insert(path.to_owned(), MBudget { version, limits });
+                self.budgets.insert(path.to_owned(), MBudget { version, limits });
                 Ok((Reply::BudgetUpdated { version }, 1))
             }
             Op::DeleteBudget { path, .. } => {
                 if !self.budgets.contains_key(path.as_str()) {
                     return Err(LedgerError::BudgetNotFound { path: path.clone() });
                 }
-                let children = self
-                    .budgets
-                    .keys()
-                    .filter(|k| parent_of(k) == Some(path.as_str()))
-                    .count() as u64;
+                let children =
+                    self.budgets.keys().filter(|k| parent_of(k) == Some(path.as_str())).count()
+                        as u64;
                 if children > 0 {
-                    return Err(LedgerError::HasChildren {
-                        path: path.clone(),
-                        children,
-                    });
+                    return Err(LedgerError::HasChildren { path: path.clone(), children });
                 }
                 let leases = self
                     .leases
@@ -413,10 +362,7 @@ impl Model {
                     .filter(|l| l.state == MState::Live && p(&l.budget).is_within(path))
                     .count() as u64;
                 if leases > 0 {
-                    return Err(LedgerError::HasLiveLeases {
-                        path: path.clone(),
-                        leases,
-                    });
+                    return Err(LedgerError::HasLiveLeases { path: path.clone(), leases });
                 }
                 self.budgets.remove(path.as_str());
                 Ok((Reply::BudgetDeleted, 1))
@@ -435,20 +381,14 @@ impl Model {
                     });
                 }
                 if !self.budgets.contains_key(a.budget.as_str()) {
-                    return Err(LedgerError::BudgetNotFound {
-                        path: a.budget.clone(),
-                    });
+                    return Err(LedgerError::BudgetNotFound { path: a.budget.clone() });
                 }
                 let at_least = a.min.max(1);
                 let mut grant = a.wanted;
                 let mut window_end = u64::MAX;
                 let mut counters = Vec::new();
                 for path in self.chain(a.budget.as_str()) {
-                    for l in self.budgets[&path]
-                        .limits
-                        .iter()
-                        .filter(|l| l.unit == a.unit)
-                    {
+                    for l in self.budgets[&path].limits.iter().filter(|l| l.unit == a.unit) {
                         let available = l.cap
                             - self.consumed_now(l.generation)
                             - self.outstanding(l.generation);
@@ -567,19 +507,9 @@ impl Model {
                     for (generation, start) in &l.counters {
                         *self.bucket(*generation, *start) -= refund;
                     }
-                    Reply::Released {
-                        lease: r.lease,
-                        returned: 0,
-                        refunded: refund,
-                        late: true,
-                    }
+                    Reply::Released { lease: r.lease, returned: 0, refunded: refund, late: true }
                 } else {
-                    Reply::Released {
-                        lease: r.lease,
-                        returned: 0,
-                        refunded: 0,
-                        late: true,
-                    }
+                    Reply::Released { lease: r.lease, returned: 0, refunded: 0, late: true }
                 };
                 self.leases.get_mut(&r.lease).unwrap().state = MState::Gone;
                 Ok((reply, 1))
@@ -626,11 +556,7 @@ impl Model {
                 );
             }
         }
-        let live = self
-            .leases
-            .values()
-            .filter(|l| l.state == MState::Live)
-            .count();
+        let live = self.leases.values().filter(|l| l.state == MState::Live).count();
         prop_assert_eq!(ledger.live_lease_count(), live);
         Ok(())
     }
@@ -655,10 +581,7 @@ impl Run {
     fn new() -> Self {
         Self {
             ledger: Ledger::default(),
-            model: Model {
-                now_ms: T0,
-                ..Model::default()
-            },
+            model: Model { now_ms: T0, ..Model::default() },
             log: AuditLog::new(),
             entries: Vec::new(),
             sent: Vec::new(),
@@ -682,12 +605,8 @@ impl Run {
 
     /// Mostly a live lease; sometimes any lease ever granted (expired, settled).
     fn pick_lease(&self, pick: usize) -> Option<(LeaseId, MLease)> {
-        let live: Vec<_> = self
-            .model
-            .leases
-            .iter()
-            .filter(|(_, l)| l.state == MState::Live)
-            .collect();
+        let live: Vec<_> =
+            self.model.leases.iter().filter(|(_, l)| l.state == MState::Live).collect();
         let pool: Vec<_> = if pick % 5 != 0 && !live.is_empty() {
             live
         } else {
@@ -712,43 +631,21 @@ impl Run {
                     limits: self.limits(limits),
                 }),
             ),
-            Cmd::Update {
-                budget,
-                limits,
-                stale,
-            } => {
-                let version = self
-                    .model
-                    .budgets
-                    .get(PATHS[*budget])
-                    .map_or(1, |b| b.version)
+            Cmd::Update { budget, limits, stale } => {
+                let version = self.model.budgets.get(PATHS[*budget]).map_or(1, |b| b.version)
                     + u64::from(*stale);
                 (
                     ops,
                     Op::UpdateBudget {
-                        spec: BudgetSpec {
-                            path: p(PATHS[*budget]),
-                            limits: self.limits(limits),
-                        },
+                        spec: BudgetSpec { path: p(PATHS[*budget]), limits: self.limits(limits) },
                         expected_version: version,
                     },
                 )
             }
-            Cmd::Delete { budget } => (
-                ops,
-                Op::DeleteBudget {
-                    path: p(PATHS[*budget]),
-                    expected_version: None,
-                },
-            ),
-            Cmd::Acquire {
-                budget,
-                unit,
-                wanted,
-                min,
-                ttl_ms,
-                who,
-            } => (
+            Cmd::Delete { budget } => {
+                (ops, Op::DeleteBudget { path: p(PATHS[*budget]), expected_version: None })
+            }
+            Cmd::Acquire { budget, unit, wanted, min, ttl_ms, who } => (
                 *who,
                 Op::Acquire(Acquire {
                     budget: p(PATHS[*budget]),
@@ -758,51 +655,19 @@ impl Run {
                     ttl_ms: *ttl_ms,
                 }),
             ),
-            Cmd::Report {
-                pick,
-                percent,
-                renew_ms,
-                foreign,
-            } => {
-                let (lease, l) = self
-                    .pick_lease(*pick)
-                    .unwrap_or((LeaseId::from_raw(7), MLease::dummy()));
+            Cmd::Report { pick, percent, renew_ms, foreign } => {
+                let (lease, l) =
+                    self.pick_lease(*pick).unwrap_or((LeaseId::from_raw(7), MLease::dummy()));
                 let delta = (l.granted - l.reported) * percent / 100;
-                let who = if *foreign {
-                    (l.principal + 1) % PRINCIPALS.len()
-                } else {
-                    l.principal
-                };
-                (
-                    who,
-                    Op::Report(Report {
-                        lease,
-                        consumed_delta: delta,
-                        renew_ttl_ms: *renew_ms,
-                    }),
-                )
+                let who = if *foreign { (l.principal + 1) % PRINCIPALS.len() } else { l.principal };
+                (who, Op::Report(Report { lease, consumed_delta: delta, renew_ttl_ms: *renew_ms }))
             }
-            Cmd::Release {
-                pick,
-                percent,
-                foreign,
-            } => {
-                let (lease, l) = self
-                    .pick_lease(*pick)
-                    .unwrap_or((LeaseId::from_raw(7), MLease::dummy()));
+            Cmd::Release { pick, percent, foreign } => {
+                let (lease, l) =
+                    self.pick_lease(*pick).unwrap_or((LeaseId::from_raw(7), MLease::dummy()));
                 let total = l.reported + (l.granted - l.reported) * percent / 100;
-                let who = if *foreign {
-                    (l.principal + 1) % PRINCIPALS.len()
-                } else {
-                    l.principal
-                };
-                (
-                    who,
-                    Op::Release(Release {
-                        lease,
-                        consumed_total: total,
-                    }),
-                )
+                let who = if *foreign { (l.principal + 1) % PRINCIPALS.len() } else { l.principal };
+                (who, Op::Release(Release { lease, consumed_total: total }))
             }
         })
     }
@@ -814,17 +679,13 @@ impl Run {
     fn apply(&mut self, entry: Entry) -> Result<Vec<Outcome>, TestCaseError> {
         self.index += 1;
         let applied = self.ledger.apply(self.index, &entry);
-        self.log
-            .append(applied.audit.clone())
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        self.log.append(applied.audit.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
         if let Some(shadow) = &mut self.shadow {
             let again = shadow.apply(self.index, &entry);
             prop_assert_eq!(&again, &applied, "the restored ledger diverged");
         }
         self.entries.push((self.index, entry));
-        self.ledger
-            .check_invariants()
-            .map_err(TestCaseError::fail)?;
+        self.ledger.check_invariants().map_err(TestCaseError::fail)?;
         Ok(applied.outcomes)
     }
 
@@ -838,14 +699,11 @@ impl Run {
             match self.resolve(cmd) {
                 None => {
                     commands.push(Command::Tick);
-                    expected.push(Ok(Reply::Ticked {
-                        now_ms: self.model.now_ms,
-                    }));
+                    expected.push(Ok(Reply::Ticked { now_ms: self.model.now_ms }));
                 }
                 Some((who, op)) => {
                     let (outcome, records) =
-                        self.model
-                            .execute(LeaseId::from_position(self.index + 1, slot), who, &op);
+                        self.model.execute(LeaseId::from_position(self.index + 1, slot), who, &op);
                     expected_records += records;
                     expected.push(outcome);
                     self.request_id += 1;
@@ -860,10 +718,7 @@ impl Run {
             }
         }
         let records_before = self.log.len() as u64;
-        let outcomes = self.apply(Entry::V1(Batch {
-            time_ms,
-            commands: commands.clone(),
-        }))?;
+        let outcomes = self.apply(Entry::V1(Batch { time_ms, commands: commands.clone() }))?;
         for ((got, want), command) in outcomes.iter().zip(&expected).zip(&commands) {
             match (got, want) {
                 (Ok(g), Ok(w)) => prop_assert_eq!(g, w, "{:?}", command),
@@ -904,10 +759,7 @@ impl Run {
         let mut idle = self.ledger.clone();
         idle.apply(
             self.index + 1,
-            &Entry::V1(Batch {
-                time_ms: self.model.now_ms,
-                commands: vec![],
-            }),
+            &Entry::V1(Batch { time_ms: self.model.now_ms, commands: vec![] }),
         );
         let records_before = self.log.len();
         let outcomes = self.apply(Entry::V1(Batch {
@@ -916,10 +768,7 @@ impl Run {
         }))?;
         prop_assert_eq!(&outcomes[0], &first, "a retry must return the first result");
         prop_assert_eq!(self.log.len(), records_before, "a retry writes no record");
-        prop_assert!(
-            idle.digest() == self.ledger.digest(),
-            "a retry changed the state"
-        );
+        prop_assert!(idle.digest() == self.ledger.digest(), "a retry changed the state");
         Ok(())
     }
 
@@ -934,10 +783,7 @@ impl Run {
     fn check_conservation(&self) -> Result<(), TestCaseError> {
         let t = self.ledger.totals();
         let outstanding = self.ledger.outstanding_total();
-        prop_assert_eq!(
-            t.granted + t.uncharged,
-            t.consumed + t.returned + t.charged + outstanding
-        );
+        prop_assert_eq!(t.granted + t.uncharged, t.consumed + t.returned + t.charged + outstanding);
         let (mut granted, mut rest) = (0i128, 0i128);
         for r in self.log.records() {
             let f = r.entry.flow;
@@ -945,11 +791,7 @@ impl Run {
             rest += i128::from(f.consumed) + i128::from(f.returned) + i128::from(f.charged)
                 - i128::from(f.uncharged);
         }
-        prop_assert_eq!(
-            granted,
-            rest + outstanding as i128,
-            "conservation from the audit ledger"
-        );
+        prop_assert_eq!(granted, rest + outstanding as i128, "conservation from the audit ledger");
         Ok(())
     }
 
@@ -961,10 +803,7 @@ impl Run {
             log.append(replay.apply(*index, entry).audit)
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
         }
-        prop_assert!(
-            replay.digest() == self.ledger.digest(),
-            "replay from the start diverged"
-        );
+        prop_assert!(replay.digest() == self.ledger.digest(), "replay from the start diverged");
         if let Some(shadow) = &self.shadow {
             prop_assert!(
                 shadow.digest() == self.ledger.digest(),
@@ -1043,18 +882,13 @@ fn the_ledger_matches_the_model_and_keeps_its_invariants() {
     use std::cell::RefCell;
 
     // PROPTEST_CASES overrides the count.
-    let config = Config {
-        failure_persistence: None,
-        ..Config::default()
-    };
+    let config = Config { failure_persistence: None, ..Config::default() };
     let seed = match std::env::var("RATION_PROPTEST_SEED").as_deref() {
-        Ok("random") => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-        Ok(s) => s
-            .parse()
-            .expect("RATION_PROPTEST_SEED is a number or 'random'"),
+        Ok("random") => {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+                as u64
+        }
+        Ok(s) => s.parse().expect("RATION_PROPTEST_SEED is a number or 'random'"),
         Err(_) => 0x5eed,
     };
     eprintln!(
@@ -1132,17 +966,9 @@ fn contention_on_one_tree_never_overshoots() {
     let mut run = Run::new();
     let create = |budget, cap, window| Cmd::Create {
         budget,
-        limits: vec![LimitGen {
-            unit: 0,
-            window,
-            cap,
-        }],
+        limits: vec![LimitGen { unit: 0, window, cap }],
     };
-    run.entry(
-        0,
-        &[create(0, 1000, 3), create(1, 600, 1), create(2, 300, 0)],
-    )
-    .unwrap();
+    run.entry(0, &[create(0, 1000, 3), create(1, 600, 1), create(2, 300, 0)]).unwrap();
     for i in 0..2000usize {
         let cmds: Vec<Cmd> = (0..8)
             .map(|k| match (i + k) % 4 {
@@ -1154,25 +980,13 @@ fn contention_on_one_tree_never_overshoots() {
                     ttl_ms: 20_000,
                     who: k % 4,
                 },
-                2 => Cmd::Report {
-                    pick: i * 7 + k,
-                    percent: 50,
-                    renew_ms: None,
-                    foreign: false,
-                },
-                _ => Cmd::Release {
-                    pick: i * 13 + k,
-                    percent: 90,
-                    foreign: false,
-                },
+                2 => Cmd::Report { pick: i * 7 + k, percent: 50, renew_ms: None, foreign: false },
+                _ => Cmd::Release { pick: i * 13 + k, percent: 90, foreign: false },
             })
             .collect();
         run.entry(1_500, &cmds).unwrap();
     }
     run.finish().unwrap();
     let totals = run.ledger.totals();
-    assert!(
-        totals.granted > 1000,
-        "the test exercised refills: {totals:?}"
-    );
+    assert!(totals.granted > 1000, "the test exercised refills: {totals:?}");
 }

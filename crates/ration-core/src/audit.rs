@@ -155,10 +155,7 @@ pub struct ChainHead {
 
 impl Default for ChainHead {
     fn default() -> Self {
-        Self {
-            next_seq: 0,
-            last_hash: GENESIS,
-        }
+        Self { next_seq: 0, last_hash: GENESIS }
     }
 }
 
@@ -174,10 +171,7 @@ impl ChainHead {
         entry.seq = self.next_seq;
         entry.prev_hash = self.last_hash;
         let hash = entry.compute_hash();
-        self.next_seq = self
-            .next_seq
-            .checked_add(1)
-            .expect("audit sequence overflow");
+        self.next_seq = self.next_seq.checked_add(1).expect("audit sequence overflow");
         self.last_hash = hash;
         AuditRecord { entry, hash }
     }
@@ -213,10 +207,7 @@ pub fn verify_chain<'a>(
         if e.seq != head.next_seq {
             return Err(ChainBreak {
                 seq: e.seq,
-                reason: format!(
-                    "expected sequence number {}, found {}",
-                    head.next_seq, e.seq
-                ),
+                reason: format!("expected sequence number {}, found {}", head.next_seq, e.seq),
             });
         }
         if e.prev_hash != head.last_hash {
@@ -236,10 +227,7 @@ pub fn verify_chain<'a>(
                 ),
             });
         }
-        head = ChainHead {
-            next_seq: e.seq.saturating_add(1),
-            last_hash: computed,
-        };
+        head = ChainHead { next_seq: e.seq.saturating_add(1), last_hash: computed };
     }
     Ok(head)
 }
@@ -324,15 +312,13 @@ pub fn spend<'a>(
         }
     }
     rows.into_iter()
-        .map(
-            |((budget, unit, window_start_ms), (window_end_ms, spent))| SpendRow {
-                budget,
-                unit,
-                window_start_ms,
-                window_end_ms,
-                spent,
-            },
-        )
+        .map(|((budget, unit, window_start_ms), (window_end_ms, spent))| SpendRow {
+            budget,
+            unit,
+            window_start_ms,
+            window_end_ms,
+            spent,
+        })
         .collect()
 }
 

@@ -66,10 +66,7 @@ impl BudgetSpec {
                     });
                 }
             }
-            if self.limits[..i]
-                .iter()
-                .any(|l| l.unit == limit.unit && l.window == limit.window)
-            {
+            if self.limits[..i].iter().any(|l| l.unit == limit.unit && l.window == limit.window) {
                 return Err(LedgerError::InvalidArgument {
                     field: "limits".into(),
                     reason: format!(
@@ -86,11 +83,7 @@ impl BudgetSpec {
 /// Refuses amounts above [`MAX_AMOUNT`].
 pub fn check_amount(field: &str, value: u64) -> Result<(), LedgerError> {
     if value > MAX_AMOUNT {
-        return Err(LedgerError::AmountTooLarge {
-            field: field.into(),
-            value,
-            max: MAX_AMOUNT,
-        });
+        return Err(LedgerError::AmountTooLarge { field: field.into(), value, max: MAX_AMOUNT });
     }
     Ok(())
 }

@@ -86,22 +86,25 @@ impl Dedup {
         now_ms: u64,
         config: &LedgerConfig,
     ) {
-        let c = self.clients.entry(client.clone()).or_default();
-        self.by_last_seen.remove(&(c.last_seen_ms, client.clone()));
-        c.last_seen_ms = now_ms;
-        c.results.insert(
-            request_id,
-            Remembered {
-                fingerprint,
-                outcome,
-            },
-        );
+        let c = match self.clients.get_mut(client) {
+            Some(c) => c,
+            None => self.clients.entry(client.clone()).or_default(),
+        };
+        // Re-index only when the time moved: most requests share a time stamp.
+        let reindex = c.results.is_empty() || c.last_seen_ms != now_ms;
+        if reindex {
+            self.by_last_seen.remove(&(c.last_seen_ms, client.clone()));
+            c.last_seen_ms = now_ms;
+        }
+        c.results.insert(request_id, Remembered { fingerprint, outcome });
         while c.results.len() > config.dedup_window as usize {
             if let Some((evicted, _)) = c.results.pop_first() {
                 c.forgotten_up_to = Some(c.forgotten_up_to.map_or(evicted, |f| f.max(evicted)));
             }
         }
-        self.by_last_seen.insert((now_ms, client.clone()));
+        if reindex {
+            self.by_last_seen.insert((now_ms, client.clone()));
+        }
         while self.clients.len() as u64 > config.max_dedup_clients {
             if !self.forget_oldest() {
                 break;
@@ -128,11 +131,8 @@ impl Dedup {
     }
 
     pub(crate) fn rebuild(&mut self) {
-        self.by_last_seen = self
-            .clients
-            .iter()
-            .map(|(id, c)| (c.last_seen_ms, id.clone()))
-            .collect();
+        self.by_last_seen =
+            self.clients.iter().map(|(id, c)| (c.last_seen_ms, id.clone())).collect();
     }
 
     pub(crate) fn clients(&self) -> usize {

@@ -42,10 +42,7 @@ pub enum LedgerError {
     #[error("budget {path} already exists; update it with its current version instead")]
     BudgetExists { path: BudgetPath },
     #[error("parent budget {parent} of {path} does not exist; create it first")]
-    ParentNotFound {
-        path: BudgetPath,
-        parent: BudgetPath,
-    },
+    ParentNotFound { path: BudgetPath, parent: BudgetPath },
     #[error("budget {path} has {children} child budget(s); delete them first")]
     HasChildren { path: BudgetPath, children: u64 },
     #[error("budget {path} has {leases} live lease(s) in its subtree; wait for them to settle or expire")]
@@ -53,29 +50,13 @@ pub enum LedgerError {
     #[error(
         "budget {path} is at version {actual}, not the expected {expected}; re-read it and retry"
     )]
-    VersionMismatch {
-        path: BudgetPath,
-        expected: u64,
-        actual: u64,
-    },
+    VersionMismatch { path: BudgetPath, expected: u64, actual: u64 },
     #[error("new cap {cap} for {unit} per {window} on {path} is below what is already consumed or leased ({in_use})")]
-    CapBelowUsage {
-        path: BudgetPath,
-        unit: Unit,
-        window: Window,
-        cap: u64,
-        in_use: u64,
-    },
+    CapBelowUsage { path: BudgetPath, unit: Unit, window: Window, cap: u64, in_use: u64 },
     #[error("neither {path} nor any ancestor has a limit in unit {unit}")]
     NoLimitForUnit { path: BudgetPath, unit: Unit },
     #[error("budget {path} is exhausted for {unit} per {window}: {available} available, at least {min} wanted")]
-    Exhausted {
-        path: BudgetPath,
-        unit: Unit,
-        window: Window,
-        available: u64,
-        min: u64,
-    },
+    Exhausted { path: BudgetPath, unit: Unit, window: Window, available: u64, min: u64 },
     #[error("lease {lease} is unknown: never granted, or settled and forgotten")]
     LeaseNotFound { lease: LeaseId },
     #[error("lease {lease} has expired; its allowance was charged as consumed; send a final release to get a refund")]
@@ -83,26 +64,13 @@ pub enum LedgerError {
     #[error("lease {lease} belongs to another principal")]
     ForeignLease { lease: LeaseId },
     #[error("lease {lease} granted {granted} and {reported} is already reported; {requested} more does not fit")]
-    OverReport {
-        lease: LeaseId,
-        granted: u64,
-        reported: u64,
-        requested: u64,
-    },
+    OverReport { lease: LeaseId, granted: u64, reported: u64, requested: u64 },
     #[error("lease {lease} already reported {reported} consumed; a final total of {total} cannot be lower")]
-    ReleaseBelowReported {
-        lease: LeaseId,
-        reported: u64,
-        total: u64,
-    },
+    ReleaseBelowReported { lease: LeaseId, reported: u64, total: u64 },
     #[error("the ledger holds its maximum of {max} {what}; retry later or raise the limit")]
     LedgerFull { what: String, max: u64 },
     #[error("request {request} of client {client} is older than the {window} requests remembered for it; send it with a new request id")]
-    RequestTooOld {
-        client: String,
-        request: u64,
-        window: u32,
-    },
+    RequestTooOld { client: String, request: u64, window: u32 },
     #[error("request {request} of client {client} was already used for a different command; use a new request id")]
     RequestIdReused { client: String, request: u64 },
 }

@@ -103,10 +103,7 @@ impl Limit {
         let c = &mut self.counter;
         if now_ms >= c.window_end_ms {
             // Leases never outlive their window, and expiry runs before any roll.
-            assert_eq!(
-                c.outstanding, 0,
-                "invariant: a window closes with nothing outstanding"
-            );
+            assert_eq!(c.outstanding, 0, "invariant: a window closes with nothing outstanding");
             let (s, e) = self.spec.window.bounds(now_ms);
             c.window_start_ms = s;
             c.window_end_ms = e;
@@ -308,15 +305,8 @@ impl Ledger {
     /// # Panics
     /// If `index` does not increase, or a ledger invariant is broken.
     pub fn apply(&mut self, index: u64, entry: &Entry) -> Applied {
-        assert!(
-            index > self.last_index,
-            "entry {index} applied after {}",
-            self.last_index
-        );
-        assert!(
-            index <= MAX_LEASE_INDEX,
-            "log index {index} beyond what lease ids encode"
-        );
+        assert!(index > self.last_index, "entry {index} applied after {}", self.last_index);
+        assert!(index <= MAX_LEASE_INDEX, "log index {index} beyond what lease ids encode");
         self.last_index = index;
         let Entry::V1(batch) = entry;
         self.now_ms = self.now_ms.max(clamp_time(batch.time_ms));
@@ -331,9 +321,7 @@ impl Ledger {
                     field: "entry".into(),
                     reason: format!("more than {MAX_COMMANDS_PER_ENTRY} commands in one entry"),
                 }),
-                Command::Tick => Ok(Reply::Ticked {
-                    now_ms: self.now_ms,
-                }),
+                Command::Tick => Ok(Reply::Ticked { now_ms: self.now_ms }),
                 Command::Request(request) => self.request(index, slot, request, &mut audit),
             })
             .collect();
@@ -348,31 +336,20 @@ impl Ledger {
         audit: &mut Vec<AuditRecord>,
     ) -> Outcome {
         let fingerprint = fingerprint(req);
-        match self.dedup.check(
-            &req.client,
-            req.request_id,
-            fingerprint,
-            self.config.dedup_window,
-        ) {
+        match self.dedup.check(&req.client, req.request_id, fingerprint, self.config.dedup_window) {
             Seen::Replay(outcome) => return outcome,
             Seen::Refused(err) => return Err(err),
             Seen::New => {}
         }
-        let mut ctx = Ctx {
-            index,
-            principal: &req.principal,
-            audit,
-        };
+        let mut ctx = Ctx { index, principal: &req.principal, audit };
         let outcome = match &req.op {
             Op::CreateBudget(spec) => self.create_budget(&mut ctx, spec),
-            Op::UpdateBudget {
-                spec,
-                expected_version,
-            } => self.update_budget(&mut ctx, spec, *expected_version),
-            Op::DeleteBudget {
-                path,
-                expected_version,
-            } => self.delete_budget(&mut ctx, path, *expected_version),
+            Op::UpdateBudget { spec, expected_version } => {
+                self.update_budget(&mut ctx, spec, *expected_version)
+            }
+            Op::DeleteBudget { path, expected_version } => {
+                self.delete_budget(&mut ctx, path, *expected_version)
+            }
             Op::Acquire(a) => self.acquire(&mut ctx, slot, a),
             Op::Report(r) => self.report(&mut ctx, r),
             Op::Release(r) => self.release(&mut ctx, r),
@@ -393,9 +370,7 @@ impl Ledger {
     fn create_budget(&mut self, ctx: &mut Ctx<'_>, spec: &BudgetSpec) -> Outcome {
         spec.validate()?;
         if self.by_path.contains_key(&spec.path) {
-            return Err(LedgerError::BudgetExists {
-                path: spec.path.clone(),
-            });
+            return Err(LedgerError::BudgetExists { path: spec.path.clone() });
         }
         if self.budgets.len() as u64 >= self.config.max_budgets {
             return Err(LedgerError::LedgerFull {
@@ -408,18 +383,11 @@ impl Ledger {
             Some(parent) => match self.by_path.get(&parent) {
                 Some(&id) => Some(id),
                 None => {
-                    return Err(LedgerError::ParentNotFound {
-                        path: spec.path.clone(),
-                        parent,
-                    })
+                    return Err(LedgerError::ParentNotFound { path: spec.path.clone(), parent })
                 }
             },
         };
-        let limits = spec
-            .limits
-            .iter()
-            .map(|l| self.new_limit(l.clone()))
-            .collect();
+        let limits = spec.limits.iter().map(|l| self.new_limit(l.clone())).collect();
         let id = self.next_budget_id;
         self.next_budget_id = id.checked_add(1).expect("budget id overflow");
         if let Some(p) = parent {
@@ -507,10 +475,7 @@ impl Ledger {
             check_version(budget, expected)?;
         }
         if budget.children > 0 {
-            return Err(LedgerError::HasChildren {
-                path: path.clone(),
-                children: budget.children,
-            });
+            return Err(LedgerError::HasChildren { path: path.clone(), children: budget.children });
         }
         if budget.live_leases > 0 {
             return Err(LedgerError::HasLiveLeases {
@@ -523,10 +488,7 @@ impl Ledger {
         self.by_path.remove(&budget.path);
         if let Some(p) = budget.parent {
             let parent = self.budget_mut(p);
-            parent.children = parent
-                .children
-                .checked_sub(1)
-                .expect("invariant: child count");
+            parent.children = parent.children.checked_sub(1).expect("invariant: child count");
         }
         Ok(Reply::BudgetDeleted)
     }
@@ -555,18 +517,12 @@ impl Ledger {
             return Err(invalid("wanted", "must be at least 1".into()));
         }
         if a.min > a.wanted {
-            return Err(invalid(
-                "min",
-                format!("{} is above wanted {}", a.min, a.wanted),
-            ));
+            return Err(invalid("min", format!("{} is above wanted {}", a.min, a.wanted)));
         }
         if a.ttl_ms == 0 || a.ttl_ms > self.config.max_lease_ttl_ms {
             return Err(invalid(
                 "ttl_ms",
-                format!(
-                    "{} is outside 1..={}",
-                    a.ttl_ms, self.config.max_lease_ttl_ms
-                ),
+                format!("{} is outside 1..={}", a.ttl_ms, self.config.max_lease_ttl_ms),
             ));
         }
         if self.leases.len() as u64 >= self.config.max_live_leases {
@@ -589,11 +545,8 @@ impl Ledger {
         while let Some(id) = at {
             let budget = &self.budgets[&id];
             chain.push(id);
-            for (i, limit) in budget
-                .limits
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| l.spec.unit == a.unit)
+            for (i, limit) in
+                budget.limits.iter().enumerate().filter(|(_, l)| l.spec.unit == a.unit)
             {
                 let available = limit.available(now);
                 if available < at_least {
@@ -628,16 +581,11 @@ impl Ledger {
             let limit = &mut self.budget_mut(id).limits[i];
             limit.roll(now);
             let c = &mut limit.counter;
-            c.outstanding = c
-                .outstanding
-                .checked_add(grant)
-                .expect("invariant: outstanding <= cap");
+            c.outstanding =
+                c.outstanding.checked_add(grant).expect("invariant: outstanding <= cap");
             let held = c.holders.entry(ctx.principal.clone()).or_insert(0);
             *held = held.saturating_add(1);
-            counters.push(CounterRef {
-                budget: id,
-                counter: c.id,
-            });
+            counters.push(CounterRef { budget: id, counter: c.id });
         }
         for &id in &chain {
             let b = self.budget_mut(id);
@@ -660,10 +608,7 @@ impl Ledger {
             },
         );
         self.expiry.insert((expires_at_ms, lease_id));
-        let flow = Flow {
-            granted: grant,
-            ..Flow::default()
-        };
+        let flow = Flow { granted: grant, ..Flow::default() };
         let entry = self.lease_entry(
             ctx.index,
             AuditKind::LeaseGranted,
@@ -673,12 +618,7 @@ impl Ledger {
             now,
         );
         self.record(ctx.audit, entry);
-        Ok(Reply::Granted(Grant {
-            lease: lease_id,
-            granted: grant,
-            expires_at_ms,
-            window_end_ms,
-        }))
+        Ok(Reply::Granted(Grant { lease: lease_id, granted: grant, expires_at_ms, window_end_ms }))
     }
 
     /// The live lease `id` of `principal`, or why not.
@@ -686,11 +626,7 @@ impl Ledger {
         match self.leases.get(&id) {
             Some(l) if &l.principal == principal => Ok(l),
             Some(_) => Err(LedgerError::ForeignLease { lease: id }),
-            None if self
-                .expired
-                .get(&id)
-                .is_some_and(|e| &e.principal != principal) =>
-            {
+            None if self.expired.get(&id).is_some_and(|e| &e.principal != principal) => {
                 Err(LedgerError::ForeignLease { lease: id })
             }
             None if self.expired.contains_key(&id) => Err(LedgerError::LeaseExpired { lease: id }),
@@ -729,10 +665,8 @@ impl Ledger {
         let delta = r.consumed_delta;
         for c in &counters {
             if let Some(counter) = self.counter_mut(*c) {
-                counter.consumed = counter
-                    .consumed
-                    .checked_add(delta)
-                    .expect("invariant: consumed <= cap");
+                counter.consumed =
+                    counter.consumed.checked_add(delta).expect("invariant: consumed <= cap");
                 counter.outstanding = counter
                     .outstanding
                     .checked_sub(delta)
@@ -747,10 +681,7 @@ impl Ledger {
             self.expiry.insert((new_expiry, r.lease));
         }
         if delta > 0 || new_expiry != old_expiry {
-            let flow = Flow {
-                consumed: delta,
-                ..Flow::default()
-            };
+            let flow = Flow { consumed: delta, ..Flow::default() };
             let entry = self.lease_entry(
                 ctx.index,
                 AuditKind::LeaseReported,
@@ -834,32 +765,20 @@ impl Ledger {
             ..self.base_entry(ctx.index, kind, e.path.clone(), e.principal.clone(), now)
         };
         self.record(ctx.audit, entry);
-        Ok(Reply::Released {
-            lease: r.lease,
-            returned: 0,
-            refunded: flow.returned,
-            late: true,
-        })
+        Ok(Reply::Released { lease: r.lease, returned: 0, refunded: flow.returned, late: true })
     }
 
     /// Takes a live lease out: `consumed` more is settled and the rest of its
     /// outstanding allowance leaves the counters.
     fn detach(&mut self, id: LeaseId, consumed: u64) -> Lease {
-        let lease = self
-            .leases
-            .remove(&id)
-            .expect("caller checked the lease is live");
+        let lease = self.leases.remove(&id).expect("caller checked the lease is live");
         self.expiry.remove(&(lease.expires_at_ms, id));
-        let unsettled = lease
-            .granted
-            .checked_sub(lease.reported)
-            .expect("invariant: reported <= granted");
+        let unsettled =
+            lease.granted.checked_sub(lease.reported).expect("invariant: reported <= granted");
         for c in &lease.counters {
             if let Some(counter) = self.counter_mut(*c) {
-                counter.consumed = counter
-                    .consumed
-                    .checked_add(consumed)
-                    .expect("invariant: consumed <= cap");
+                counter.consumed =
+                    counter.consumed.checked_add(consumed).expect("invariant: consumed <= cap");
                 counter.outstanding = counter
                     .outstanding
                     .checked_sub(unsettled)
@@ -876,10 +795,7 @@ impl Ledger {
         let mut at = Some(lease.budget);
         while let Some(id) = at {
             let b = self.budget_mut(id);
-            b.live_leases = b
-                .live_leases
-                .checked_sub(1)
-                .expect("invariant: live lease count");
+            b.live_leases = b.live_leases.checked_sub(1).expect("invariant: live lease count");
             at = b.parent;
         }
         lease
@@ -898,10 +814,7 @@ impl Ledger {
                 l.granted.saturating_sub(l.reported)
             };
             let lease = self.detach(id, charge);
-            let flow = Flow {
-                charged: charge,
-                ..Flow::default()
-            };
+            let flow = Flow { charged: charge, ..Flow::default() };
             // The spend belongs to the last instant the lease was valid.
             let effective = expires_at_ms.saturating_sub(1);
             let entry =
@@ -970,13 +883,7 @@ impl Ledger {
             } else {
                 b.limits.iter().map(|l| l.spec.clone()).collect()
             },
-            ..self.base_entry(
-                ctx.index,
-                kind,
-                b.path.clone(),
-                ctx.principal.clone(),
-                self.now_ms,
-            )
+            ..self.base_entry(ctx.index, kind, b.path.clone(), ctx.principal.clone(), self.now_ms)
         };
         self.record(ctx.audit, entry);
     }
@@ -1033,17 +940,12 @@ impl Ledger {
     }
 
     fn budget_mut(&mut self, id: BudgetId) -> &mut Budget {
-        self.budgets
-            .get_mut(&id)
-            .expect("invariant: budget ids in use resolve")
+        self.budgets.get_mut(&id).expect("invariant: budget ids in use resolve")
     }
 
     fn counter_mut(&mut self, r: CounterRef) -> Option<&mut Counter> {
         let b = self.budgets.get_mut(&r.budget)?;
-        b.limits
-            .iter_mut()
-            .map(|l| &mut l.counter)
-            .find(|c| c.id == r.counter)
+        b.limits.iter_mut().map(|l| &mut l.counter).find(|c| c.id == r.counter)
     }
 }
 
@@ -1055,10 +957,7 @@ struct Ctx<'a> {
 }
 
 fn invalid(field: &str, reason: String) -> LedgerError {
-    LedgerError::InvalidArgument {
-        field: field.into(),
-        reason,
-    }
+    LedgerError::InvalidArgument { field: field.into(), reason }
 }
 
 fn check_version(budget: &Budget, expected: u64) -> Result<(), LedgerError> {
@@ -1074,11 +973,7 @@ fn check_version(budget: &Budget, expected: u64) -> Result<(), LedgerError> {
 
 fn check_total(lease: LeaseId, granted: u64, reported: u64, total: u64) -> Result<(), LedgerError> {
     if total < reported {
-        return Err(LedgerError::ReleaseBelowReported {
-            lease,
-            reported,
-            total,
-        });
+        return Err(LedgerError::ReleaseBelowReported { lease, reported, total });
     }
     if total > granted {
         return Err(LedgerError::OverReport {
@@ -1092,9 +987,7 @@ fn check_total(lease: LeaseId, granted: u64, reported: u64, total: u64) -> Resul
 }
 
 fn find_limit<'a>(limits: &'a [Limit], unit: &Unit, window: Window) -> Option<&'a Limit> {
-    limits
-        .iter()
-        .find(|l| &l.spec.unit == unit && l.spec.window == window)
+    limits.iter().find(|l| &l.spec.unit == unit && l.spec.window == window)
 }
 
 /// 64 bits of SHA-256 over the principal and operation: a retry must match its
@@ -1153,16 +1046,11 @@ impl Ledger {
 
     /// Sum of unsettled allowance over all live leases.
     pub fn outstanding_total(&self) -> u128 {
-        self.leases
-            .values()
-            .map(|l| u128::from(l.granted.saturating_sub(l.reported)))
-            .sum()
+        self.leases.values().map(|l| u128::from(l.granted.saturating_sub(l.reported))).sum()
     }
 
     pub fn budget(&self, path: &BudgetPath) -> Option<BudgetView> {
-        self.by_path
-            .get(path)
-            .map(|id| self.view(&self.budgets[id]))
+        self.by_path.get(path).map(|id| self.view(&self.budgets[id]))
     }
 
     /// Budgets at or below `subtree` (all if `None`), in path order, after
@@ -1252,9 +1140,7 @@ impl Ledger {
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let SnapshotFormat::V1(mut ledger) = postcard::from_bytes::<SnapshotFormat<Ledger>>(bytes)?;
         ledger.rebuild().map_err(SnapshotError::Inconsistent)?;
-        ledger
-            .check_invariants()
-            .map_err(SnapshotError::Inconsistent)?;
+        ledger.check_invariants().map_err(SnapshotError::Inconsistent)?;
         Ok(ledger)
     }
 
@@ -1282,10 +1168,8 @@ impl Ledger {
         }
         for id in &ids {
             if let Some(p) = self.budgets[id].parent {
-                let parent = self
-                    .budgets
-                    .get_mut(&p)
-                    .ok_or(format!("budget {id} has a missing parent"))?;
+                let parent =
+                    self.budgets.get_mut(&p).ok_or(format!("budget {id} has a missing parent"))?;
                 parent.children = parent.children.saturating_add(1);
             }
         }
@@ -1302,19 +1186,13 @@ impl Ledger {
             }
             let mut at = Some(lease.budget);
             while let Some(b) = at {
-                let budget = self
-                    .budgets
-                    .get_mut(&b)
-                    .ok_or(format!("lease {id} is on a missing budget"))?;
+                let budget =
+                    self.budgets.get_mut(&b).ok_or(format!("lease {id} is on a missing budget"))?;
                 budget.live_leases = budget.live_leases.saturating_add(1);
                 at = budget.parent;
             }
         }
-        self.forget = self
-            .expired
-            .iter()
-            .map(|(id, e)| (e.forget_at_ms, *id))
-            .collect();
+        self.forget = self.expired.iter().map(|(id, e)| (e.forget_at_ms, *id)).collect();
         self.dedup.rebuild();
         Ok(())
     }
@@ -1326,10 +1204,7 @@ impl Ledger {
         let mut outstanding: BTreeMap<u64, u64> = BTreeMap::new();
         for (id, l) in &self.leases {
             if l.reported > l.granted {
-                return Err(format!(
-                    "lease {id} reported {} of {}",
-                    l.reported, l.granted
-                ));
+                return Err(format!("lease {id} reported {} of {}", l.reported, l.granted));
             }
             if l.expires_at_ms > l.window_end_ms || l.expires_at_ms <= self.now_ms {
                 return Err(format!(
@@ -1353,10 +1228,7 @@ impl Ledger {
                     ));
                 }
                 let (consumed, _, _) = l.effective(self.now_ms);
-                if consumed
-                    .checked_add(c.outstanding)
-                    .is_none_or(|used| used > l.spec.cap)
-                {
+                if consumed.checked_add(c.outstanding).is_none_or(|used| used > l.spec.cap) {
                     return Err(format!(
                         "{} {} per {}: consumed {consumed} + outstanding {} > cap {}",
                         b.path, l.spec.unit, l.spec.window, c.outstanding, l.spec.cap

@@ -40,45 +40,23 @@ fn limit(u: &str, cap: u64, period: Period) -> LimitSpec {
 }
 
 fn spec(p: &str, limits: Vec<LimitSpec>) -> BudgetSpec {
-    BudgetSpec {
-        path: path(p),
-        limits,
-    }
+    BudgetSpec { path: path(p), limits }
 }
 
 fn acquire(p: &str, wanted: u64, min: u64, ttl_ms: u64) -> Op {
-    Op::Acquire(Acquire {
-        budget: path(p),
-        unit: unit("tokens"),
-        wanted,
-        min,
-        ttl_ms,
-    })
+    Op::Acquire(Acquire { budget: path(p), unit: unit("tokens"), wanted, min, ttl_ms })
 }
 
 impl H {
     fn new() -> Self {
-        Self {
-            ledger: Ledger::default(),
-            log: AuditLog::new(),
-            index: 0,
-            request: 0,
-            now: T0,
-        }
+        Self { ledger: Ledger::default(), log: AuditLog::new(), index: 0, request: 0, now: T0 }
     }
 
     fn entry(&mut self, commands: Vec<Command>) -> Vec<Outcome> {
         self.index += 1;
-        let applied = self.ledger.apply(
-            self.index,
-            &Entry::V1(Batch {
-                time_ms: self.now,
-                commands,
-            }),
-        );
-        self.log
-            .append(applied.audit)
-            .expect("records continue the chain");
+        let applied =
+            self.ledger.apply(self.index, &Entry::V1(Batch { time_ms: self.now, commands }));
+        self.log.append(applied.audit).expect("records continue the chain");
         self.ledger.check_invariants().expect("invariants hold");
         applied.outcomes
     }
@@ -122,20 +100,11 @@ impl H {
     /// acme (1000/month) > acme/search (500/day) > acme/search/key-7 (300/minute).
     fn tree() -> Self {
         let mut h = Self::new();
+        h.ok("ops", Op::CreateBudget(spec("acme", vec![limit("tokens", 1000, Period::Month)])));
+        h.ok("ops", Op::CreateBudget(spec("acme/search", vec![limit("tokens", 500, Period::Day)])));
         h.ok(
             "ops",
-            Op::CreateBudget(spec("acme", vec![limit("tokens", 1000, Period::Month)])),
-        );
-        h.ok(
-            "ops",
-            Op::CreateBudget(spec("acme/search", vec![limit("tokens", 500, Period::Day)])),
-        );
-        h.ok(
-            "ops",
-            Op::CreateBudget(spec(
-                "acme/search/key-7",
-                vec![limit("tokens", 300, Period::Minute)],
-            )),
+            Op::CreateBudget(spec("acme/search/key-7", vec![limit("tokens", 300, Period::Minute)])),
         );
         h
     }
@@ -158,31 +127,10 @@ fn acquire_debits_every_ancestor_in_one_entry() {
     assert_eq!(rec.entry.balances.len(), 3);
     assert!(rec.entry.balances.iter().all(|b| b.outstanding == 100));
 
-    h.ok(
-        "gw-1",
-        Op::Report(Report {
-            lease: g.lease,
-            consumed_delta: 30,
-            renew_ttl_ms: None,
-        }),
-    );
+    h.ok("gw-1", Op::Report(Report { lease: g.lease, consumed_delta: 30, renew_ttl_ms: None }));
     assert_eq!(h.usage("acme"), (30, 70));
-    let r = h.ok(
-        "gw-1",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 45,
-        }),
-    );
-    assert_eq!(
-        r,
-        Reply::Released {
-            lease: g.lease,
-            returned: 55,
-            refunded: 0,
-            late: false
-        }
-    );
+    let r = h.ok("gw-1", Op::Release(Release { lease: g.lease, consumed_total: 45 }));
+    assert_eq!(r, Reply::Released { lease: g.lease, returned: 55, refunded: 0, late: false });
     for p in ["acme", "acme/search", "acme/search/key-7"] {
         assert_eq!(h.usage(p), (45, 0), "{p}");
     }
@@ -194,18 +142,10 @@ fn the_tightest_ancestor_bounds_the_grant() {
     let mut h = H::tree();
     // key-7 allows 300 a minute but search only 500 a day: spend 450 of search first.
     let g = h.grant("gw-1", acquire("acme/search", 450, 450, 10_000));
-    h.ok(
-        "gw-1",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 450,
-        }),
-    );
+    h.ok("gw-1", Op::Release(Release { lease: g.lease, consumed_total: 450 }));
     let g = h.grant("gw-1", acquire("acme/search/key-7", 300, 1, 10_000));
     assert_eq!(g.granted, 50);
-    let err = h
-        .run("gw-2", acquire("acme/search/key-7", 10, 1, 10_000))
-        .unwrap_err();
+    let err = h.run("gw-2", acquire("acme/search/key-7", 10, 1, 10_000)).unwrap_err();
     assert!(
         matches!(&err, LedgerError::Exhausted { path: p, available: 0, .. } if p.as_str() == "acme/search"),
         "{err}"
@@ -216,10 +156,7 @@ fn the_tightest_ancestor_bounds_the_grant() {
 #[test]
 fn scarce_allowance_is_shared_fairly() {
     let mut h = H::new();
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Lifetime)])),
-    );
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Lifetime)])));
     // Alone, a gateway may take everything.
     let a = h.grant("gw-a", acquire("t", 60, 1, 10_000));
     assert_eq!(a.granted, 60);
@@ -238,25 +175,12 @@ fn scarce_allowance_is_shared_fairly() {
 #[test]
 fn min_above_what_is_left_is_refused_and_changes_nothing() {
     let mut h = H::new();
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("t", vec![limit("tokens", 10, Period::Lifetime)])),
-    );
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 10, Period::Lifetime)])));
     h.grant("gw-a", acquire("t", 8, 8, 10_000));
     let before = h.log.len();
     let totals = h.ledger.totals();
     let err = h.run("gw-b", acquire("t", 5, 3, 10_000)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            LedgerError::Exhausted {
-                available: 2,
-                min: 3,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, LedgerError::Exhausted { available: 2, min: 3, .. }), "{err}");
     assert_eq!(h.log.len(), before, "a refusal writes no audit record");
     // Only the exactly-once table and the index moved; the quota state did not.
     assert_eq!(h.usage("t"), (0, 8));
@@ -274,11 +198,7 @@ fn a_lease_never_outlives_its_window() {
     // Renewal cannot push it past the window either.
     let r = h.ok(
         "gw-1",
-        Op::Report(Report {
-            lease: g.lease,
-            consumed_delta: 0,
-            renew_ttl_ms: Some(3_600_000),
-        }),
+        Op::Report(Report { lease: g.lease, consumed_delta: 0, renew_ttl_ms: Some(3_600_000) }),
     );
     assert!(matches!(r, Reply::Reported { expires_at_ms, .. } if expires_at_ms == g.window_end_ms));
 }
@@ -286,28 +206,14 @@ fn a_lease_never_outlives_its_window() {
 #[test]
 fn renewal_extends_a_lease() {
     let mut h = H::new();
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("t", vec![limit("tokens", 10, Period::Lifetime)])),
-    );
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 10, Period::Lifetime)])));
     let g = h.grant("gw", acquire("t", 5, 1, 1_000));
     h.now += 900;
     let r = h.ok(
         "gw",
-        Op::Report(Report {
-            lease: g.lease,
-            consumed_delta: 1,
-            renew_ttl_ms: Some(1_000),
-        }),
+        Op::Report(Report { lease: g.lease, consumed_delta: 1, renew_ttl_ms: Some(1_000) }),
     );
-    assert_eq!(
-        r,
-        Reply::Reported {
-            lease: g.lease,
-            unreported: 4,
-            expires_at_ms: T0 + 1_900
-        }
-    );
+    assert_eq!(r, Reply::Reported { lease: g.lease, unreported: 4, expires_at_ms: T0 + 1_900 });
     h.tick(500); // past the first expiry, before the renewed one
     assert!(h.ledger.lease(g.lease).is_some());
 }
@@ -315,19 +221,9 @@ fn renewal_extends_a_lease() {
 #[test]
 fn expiry_charges_and_a_late_release_refunds_while_the_window_is_open() {
     let mut h = H::new();
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Day)])),
-    );
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Day)])));
     let g = h.grant("gw", acquire("t", 40, 1, 1_000));
-    h.ok(
-        "gw",
-        Op::Report(Report {
-            lease: g.lease,
-            consumed_delta: 10,
-            renew_ttl_ms: None,
-        }),
-    );
+    h.ok("gw", Op::Report(Report { lease: g.lease, consumed_delta: 10, renew_ttl_ms: None }));
     h.tick(1_000);
     // Charged: 10 reported + 30 unsettled.
     assert_eq!(h.usage("t"), (40, 0));
@@ -337,89 +233,33 @@ fn expiry_charges_and_a_late_release_refunds_while_the_window_is_open() {
     assert_eq!(last.entry.effective_ms, T0 + 999);
     // Reporting on it now is refused with a clear reason.
     let err = h
-        .run(
-            "gw",
-            Op::Report(Report {
-                lease: g.lease,
-                consumed_delta: 1,
-                renew_ttl_ms: None,
-            }),
-        )
+        .run("gw", Op::Report(Report { lease: g.lease, consumed_delta: 1, renew_ttl_ms: None }))
         .unwrap_err();
     assert_eq!(err, LedgerError::LeaseExpired { lease: g.lease });
     // Another gateway cannot settle it.
-    let err = h
-        .run(
-            "gw-x",
-            Op::Release(Release {
-                lease: g.lease,
-                consumed_total: 10,
-            }),
-        )
-        .unwrap_err();
+    let err =
+        h.run("gw-x", Op::Release(Release { lease: g.lease, consumed_total: 10 })).unwrap_err();
     assert_eq!(err, LedgerError::ForeignLease { lease: g.lease });
     // The real total was 15: 25 comes back.
-    let r = h.ok(
-        "gw",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 15,
-        }),
-    );
-    assert_eq!(
-        r,
-        Reply::Released {
-            lease: g.lease,
-            returned: 0,
-            refunded: 25,
-            late: true
-        }
-    );
+    let r = h.ok("gw", Op::Release(Release { lease: g.lease, consumed_total: 15 }));
+    assert_eq!(r, Reply::Released { lease: g.lease, returned: 0, refunded: 25, late: true });
     assert_eq!(h.usage("t"), (15, 0));
     // Settled: a second final report is refused.
-    let err = h
-        .run(
-            "gw",
-            Op::Release(Release {
-                lease: g.lease,
-                consumed_total: 15,
-            }),
-        )
-        .unwrap_err();
+    let err = h.run("gw", Op::Release(Release { lease: g.lease, consumed_total: 15 })).unwrap_err();
     assert_eq!(err, LedgerError::LeaseNotFound { lease: g.lease });
 }
 
 #[test]
 fn no_refund_after_the_window_closed() {
     let mut h = H::new();
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Minute)])),
-    );
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Minute)])));
     let g = h.grant("gw", acquire("t", 40, 1, 5_000));
     h.tick(2 * MIN);
     // The minute rolled: consumption starts again from zero.
     assert_eq!(h.usage("t"), (0, 0));
-    let r = h.ok(
-        "gw",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 0,
-        }),
-    );
-    assert_eq!(
-        r,
-        Reply::Released {
-            lease: g.lease,
-            returned: 0,
-            refunded: 0,
-            late: true
-        }
-    );
-    assert_eq!(
-        h.log.records().last().unwrap().entry.kind,
-        AuditKind::LateRelease
-    );
+    let r = h.ok("gw", Op::Release(Release { lease: g.lease, consumed_total: 0 }));
+    assert_eq!(r, Reply::Released { lease: g.lease, returned: 0, refunded: 0, late: true });
+    assert_eq!(h.log.records().last().unwrap().entry.kind, AuditKind::LateRelease);
     let t = h.ledger.totals();
     assert_eq!((t.granted, t.charged, t.uncharged), (40, 40, 0));
 }
@@ -427,18 +267,9 @@ fn no_refund_after_the_window_closed() {
 #[test]
 fn windows_roll_over() {
     let mut h = H::new();
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Minute)])),
-    );
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Minute)])));
     let g = h.grant("gw", acquire("t", 100, 1, 5_000));
-    h.ok(
-        "gw",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 100,
-        }),
-    );
+    h.ok("gw", Op::Release(Release { lease: g.lease, consumed_total: 100 }));
     assert!(h.run("gw", acquire("t", 1, 1, 5_000)).is_err());
     h.tick(MIN);
     let v = h.ledger.budget(&path("t")).unwrap();
@@ -450,73 +281,22 @@ fn windows_roll_over() {
 fn bad_settlements_are_refused() {
     let mut h = H::tree();
     let g = h.grant("gw", acquire("acme", 10, 1, 5_000));
-    let over = h.run(
-        "gw",
-        Op::Report(Report {
-            lease: g.lease,
-            consumed_delta: 11,
-            renew_ttl_ms: None,
-        }),
-    );
-    assert!(matches!(
-        over,
-        Err(LedgerError::OverReport { granted: 10, .. })
-    ));
-    h.ok(
-        "gw",
-        Op::Report(Report {
-            lease: g.lease,
-            consumed_delta: 6,
-            renew_ttl_ms: None,
-        }),
-    );
-    let below = h.run(
-        "gw",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 5,
-        }),
-    );
-    assert!(matches!(
-        below,
-        Err(LedgerError::ReleaseBelowReported {
-            reported: 6,
-            total: 5,
-            ..
-        })
-    ));
-    let over = h.run(
-        "gw",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 11,
-        }),
-    );
+    let over =
+        h.run("gw", Op::Report(Report { lease: g.lease, consumed_delta: 11, renew_ttl_ms: None }));
+    assert!(matches!(over, Err(LedgerError::OverReport { granted: 10, .. })));
+    h.ok("gw", Op::Report(Report { lease: g.lease, consumed_delta: 6, renew_ttl_ms: None }));
+    let below = h.run("gw", Op::Release(Release { lease: g.lease, consumed_total: 5 }));
+    assert!(matches!(below, Err(LedgerError::ReleaseBelowReported { reported: 6, total: 5, .. })));
+    let over = h.run("gw", Op::Release(Release { lease: g.lease, consumed_total: 11 }));
     assert!(matches!(over, Err(LedgerError::OverReport { .. })));
-    let foreign = h.run(
-        "gw-other",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 6,
-        }),
-    );
+    let foreign = h.run("gw-other", Op::Release(Release { lease: g.lease, consumed_total: 6 }));
     assert_eq!(foreign, Err(LedgerError::ForeignLease { lease: g.lease }));
     let unknown = LeaseId::from_raw(999_999);
-    let err = h.run(
-        "gw",
-        Op::Release(Release {
-            lease: unknown,
-            consumed_total: 0,
-        }),
-    );
+    let err = h.run("gw", Op::Release(Release { lease: unknown, consumed_total: 0 }));
     assert_eq!(err, Err(LedgerError::LeaseNotFound { lease: unknown }));
     let huge = h.run(
         "gw",
-        Op::Report(Report {
-            lease: g.lease,
-            consumed_delta: u64::MAX,
-            renew_ttl_ms: None,
-        }),
+        Op::Report(Report { lease: g.lease, consumed_delta: u64::MAX, renew_ttl_ms: None }),
     );
     assert!(matches!(huge, Err(LedgerError::AmountTooLarge { .. })));
     assert_eq!(h.usage("acme"), (6, 4));
@@ -558,75 +338,32 @@ fn bad_acquires_are_refused() {
 #[test]
 fn budget_lifecycle() {
     let mut h = H::tree();
-    let err = h
-        .run("ops", Op::CreateBudget(spec("acme", vec![])))
-        .unwrap_err();
+    let err = h.run("ops", Op::CreateBudget(spec("acme", vec![]))).unwrap_err();
     assert!(matches!(err, LedgerError::BudgetExists { .. }));
-    let err = h
-        .run("ops", Op::CreateBudget(spec("other/child", vec![])))
-        .unwrap_err();
+    let err = h.run("ops", Op::CreateBudget(spec("other/child", vec![]))).unwrap_err();
     assert!(matches!(err, LedgerError::ParentNotFound { .. }), "{err}");
-    let dup = spec(
-        "x",
-        vec![
-            limit("tokens", 1, Period::Day),
-            limit("tokens", 2, Period::Day),
-        ],
-    );
+    let dup = spec("x", vec![limit("tokens", 1, Period::Day), limit("tokens", 2, Period::Day)]);
     assert!(matches!(
         h.run("ops", Op::CreateBudget(dup)),
         Err(LedgerError::InvalidArgument { .. })
     ));
     let big = spec("x", vec![limit("tokens", MAX_AMOUNT + 1, Period::Day)]);
-    assert!(matches!(
-        h.run("ops", Op::CreateBudget(big)),
-        Err(LedgerError::AmountTooLarge { .. })
-    ));
+    assert!(matches!(h.run("ops", Op::CreateBudget(big)), Err(LedgerError::AmountTooLarge { .. })));
 
     // Update needs the current version, and cannot cut a cap below what is in use.
     let g = h.grant("gw", acquire("acme/search", 200, 1, 5_000));
     let lower = spec("acme/search", vec![limit("tokens", 150, Period::Day)]);
-    let err = h
-        .run(
-            "ops",
-            Op::UpdateBudget {
-                spec: lower.clone(),
-                expected_version: 1,
-            },
-        )
-        .unwrap_err();
-    assert!(
-        matches!(err, LedgerError::CapBelowUsage { in_use: 200, .. }),
-        "{err}"
-    );
-    let err = h
-        .run(
-            "ops",
-            Op::UpdateBudget {
-                spec: lower,
-                expected_version: 7,
-            },
-        )
-        .unwrap_err();
-    assert!(
-        matches!(err, LedgerError::VersionMismatch { actual: 1, .. }),
-        "{err}"
-    );
+    let err =
+        h.run("ops", Op::UpdateBudget { spec: lower.clone(), expected_version: 1 }).unwrap_err();
+    assert!(matches!(err, LedgerError::CapBelowUsage { in_use: 200, .. }), "{err}");
+    let err = h.run("ops", Op::UpdateBudget { spec: lower, expected_version: 7 }).unwrap_err();
+    assert!(matches!(err, LedgerError::VersionMismatch { actual: 1, .. }), "{err}");
     let two = spec(
         "acme/search",
-        vec![
-            limit("tokens", 250, Period::Day),
-            limit("requests", 10, Period::Minute),
-        ],
+        vec![limit("tokens", 250, Period::Day), limit("requests", 10, Period::Minute)],
     );
     assert_eq!(
-        h.ok(
-            "ops",
-            Op::UpdateBudget {
-                spec: two,
-                expected_version: 1
-            }
-        ),
+        h.ok("ops", Op::UpdateBudget { spec: two, expected_version: 1 }),
         Reply::BudgetUpdated { version: 2 }
     );
     // The kept limit kept its usage; the new one starts empty.
@@ -636,46 +373,16 @@ fn budget_lifecycle() {
 
     // Delete refuses parents and budgets with live leases.
     let err = h
-        .run(
-            "ops",
-            Op::DeleteBudget {
-                path: path("acme/search"),
-                expected_version: None,
-            },
-        )
+        .run("ops", Op::DeleteBudget { path: path("acme/search"), expected_version: None })
         .unwrap_err();
     assert!(matches!(err, LedgerError::HasChildren { children: 1, .. }));
-    h.ok(
-        "ops",
-        Op::DeleteBudget {
-            path: path("acme/search/key-7"),
-            expected_version: Some(1),
-        },
-    );
+    h.ok("ops", Op::DeleteBudget { path: path("acme/search/key-7"), expected_version: Some(1) });
     let err = h
-        .run(
-            "ops",
-            Op::DeleteBudget {
-                path: path("acme/search"),
-                expected_version: None,
-            },
-        )
+        .run("ops", Op::DeleteBudget { path: path("acme/search"), expected_version: None })
         .unwrap_err();
     assert!(matches!(err, LedgerError::HasLiveLeases { leases: 1, .. }));
-    h.ok(
-        "gw",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 0,
-        }),
-    );
-    h.ok(
-        "ops",
-        Op::DeleteBudget {
-            path: path("acme/search"),
-            expected_version: Some(2),
-        },
-    );
+    h.ok("gw", Op::Release(Release { lease: g.lease, consumed_total: 0 }));
+    h.ok("ops", Op::DeleteBudget { path: path("acme/search"), expected_version: Some(2) });
     assert!(h.ledger.budget(&path("acme/search")).is_none());
     assert_eq!(h.ledger.budget(&path("acme")).unwrap().children, 0);
 }
@@ -697,29 +404,17 @@ fn a_retry_returns_the_first_result_and_changes_nothing() {
     let again = h.entry(vec![Command::Request(r.clone())]).remove(0);
     assert_eq!(first, again);
     let mut empty = state.clone();
-    empty.apply(
-        h.index,
-        &Entry::V1(Batch {
-            time_ms: h.now,
-            commands: vec![],
-        }),
-    );
+    empty.apply(h.index, &Entry::V1(Batch { time_ms: h.now, commands: vec![] }));
     assert_eq!(h.ledger.digest(), empty.digest());
     // The same id with other content is refused.
     let mut other = r.clone();
     other.op = acquire("acme", 11, 1, 5_000);
-    let err = h
-        .entry(vec![Command::Request(other)])
-        .remove(0)
-        .unwrap_err();
+    let err = h.entry(vec![Command::Request(other)]).remove(0).unwrap_err();
     assert!(matches!(err, LedgerError::RequestIdReused { .. }));
     // Refusals are remembered too.
     let bad = h.req("gw", acquire("nope", 1, 1, 5_000));
     let e1 = h.entry(vec![Command::Request(bad.clone())]).remove(0);
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("nope", vec![limit("tokens", 5, Period::Day)])),
-    );
+    h.ok("ops", Op::CreateBudget(spec("nope", vec![limit("tokens", 5, Period::Day)])));
     let e2 = h.entry(vec![Command::Request(bad)]).remove(0);
     assert_eq!(e1, e2);
 }
@@ -727,37 +422,22 @@ fn a_retry_returns_the_first_result_and_changes_nothing() {
 #[test]
 fn old_request_ids_are_refused_not_replayed() {
     let mut h = H::new();
-    h.ledger = Ledger::new(LedgerConfig {
-        dedup_window: 4,
-        ..LedgerConfig::default()
-    });
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("t", vec![limit("tokens", 1000, Period::Lifetime)])),
-    );
+    h.ledger = Ledger::new(LedgerConfig { dedup_window: 4, ..LedgerConfig::default() });
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 1000, Period::Lifetime)])));
     let first = h.req("gw", acquire("t", 1, 1, 5_000));
     h.entry(vec![Command::Request(first.clone())]);
     for _ in 0..4 {
         h.ok("gw", acquire("t", 1, 1, 5_000));
     }
-    let err = h
-        .entry(vec![Command::Request(first)])
-        .remove(0)
-        .unwrap_err();
-    assert!(
-        matches!(err, LedgerError::RequestTooOld { window: 4, .. }),
-        "{err}"
-    );
+    let err = h.entry(vec![Command::Request(first)]).remove(0).unwrap_err();
+    assert!(matches!(err, LedgerError::RequestTooOld { window: 4, .. }), "{err}");
     assert_eq!(h.ledger.live_lease_count(), 5);
 }
 
 #[test]
 fn idle_clients_are_forgotten() {
     let mut h = H::new();
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("t", vec![limit("tokens", 1000, Period::Lifetime)])),
-    );
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 1000, Period::Lifetime)])));
     assert_eq!(h.ledger.dedup_size(), (1, 1));
     h.tick(24 * 3_600_000 + 1);
     assert_eq!(h.ledger.dedup_size(), (0, 0));
@@ -779,10 +459,7 @@ fn time_never_goes_back() {
 #[should_panic(expected = "applied after")]
 fn indexes_must_increase() {
     let mut l = Ledger::default();
-    let e = Entry::V1(Batch {
-        time_ms: 1,
-        commands: vec![],
-    });
+    let e = Entry::V1(Batch { time_ms: 1, commands: vec![] });
     l.apply(5, &e);
     l.apply(5, &e);
 }
@@ -790,14 +467,11 @@ fn indexes_must_increase() {
 #[test]
 fn lease_ids_come_from_the_log_position() {
     let mut h = H::tree();
-    let reqs: Vec<Command> = (0..3)
-        .map(|_| Command::Request(h.req("gw", acquire("acme", 1, 1, 5_000))))
-        .collect();
+    let reqs: Vec<Command> =
+        (0..3).map(|_| Command::Request(h.req("gw", acquire("acme", 1, 1, 5_000)))).collect();
     let outs = h.entry(reqs);
     for (slot, o) in outs.iter().enumerate() {
-        let Ok(Reply::Granted(g)) = o else {
-            panic!("{o:?}")
-        };
+        let Ok(Reply::Granted(g)) = o else { panic!("{o:?}") };
         assert_eq!(g.lease, LeaseId::from_position(h.index, slot));
     }
 }
@@ -809,14 +483,7 @@ fn snapshots_restore_exactly_and_refuse_garbage() {
     h.grant("gw2", acquire("acme/search", 20, 1, 60_000));
     h.tick(2_000); // the first lease expires and is kept for a late report
     assert!(h
-        .run(
-            "gw",
-            Op::Report(Report {
-                lease: g.lease,
-                consumed_delta: 0,
-                renew_ttl_ms: None
-            })
-        )
+        .run("gw", Op::Report(Report { lease: g.lease, consumed_delta: 0, renew_ttl_ms: None }))
         .is_err());
     let bytes = h.ledger.snapshot();
     let restored = Ledger::restore(&bytes).unwrap();
@@ -824,58 +491,27 @@ fn snapshots_restore_exactly_and_refuse_garbage() {
     assert_eq!(restored.snapshot(), bytes);
     assert_eq!(restored.digest(), h.ledger.digest());
     // Views and derived indexes came back too.
-    assert_eq!(
-        restored.budget(&path("acme")),
-        h.ledger.budget(&path("acme"))
-    );
+    assert_eq!(restored.budget(&path("acme")), h.ledger.budget(&path("acme")));
     assert_eq!(restored.expired_retained_count(), 1);
 
-    assert!(matches!(
-        Ledger::restore(&bytes[..bytes.len() / 2]),
-        Err(SnapshotError::Decode(_))
-    ));
+    assert!(matches!(Ledger::restore(&bytes[..bytes.len() / 2]), Err(SnapshotError::Decode(_))));
     assert!(Ledger::restore(b"not a snapshot").is_err());
 }
 
 #[test]
 fn the_audit_ledger_answers_queries() {
     let mut h = H::tree();
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("zeta", vec![limit("tokens", 100, Period::Day)])),
-    );
+    h.ok("ops", Op::CreateBudget(spec("zeta", vec![limit("tokens", 100, Period::Day)])));
     let g = h.grant("gw-1", acquire("acme/search/key-7", 100, 1, 10_000));
-    h.ok(
-        "gw-1",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 70,
-        }),
-    );
+    h.ok("gw-1", Op::Release(Release { lease: g.lease, consumed_total: 70 }));
     let g = h.grant("gw-2", acquire("acme/search", 50, 1, 1_000));
-    h.ok(
-        "gw-2",
-        Op::Report(Report {
-            lease: g.lease,
-            consumed_delta: 5,
-            renew_ttl_ms: None,
-        }),
-    );
+    h.ok("gw-2", Op::Report(Report { lease: g.lease, consumed_delta: 5, renew_ttl_ms: None }));
     let z = h.grant("gw-2", acquire("zeta", 9, 1, 10_000));
-    h.ok(
-        "gw-2",
-        Op::Release(Release {
-            lease: z.lease,
-            consumed_total: 9,
-        }),
-    );
+    h.ok("gw-2", Op::Release(Release { lease: z.lease, consumed_total: 9 }));
     h.tick(MIN); // gw-2's acme/search lease expires: 45 charged
     h.log.verify().unwrap();
 
-    let by_gw1 = AuditFilter {
-        principal: Some(who("gw-1")),
-        ..AuditFilter::default()
-    };
+    let by_gw1 = AuditFilter { principal: Some(who("gw-1")), ..AuditFilter::default() };
     assert_eq!(h.log.query(&by_gw1).count(), 2);
     let subtree = AuditFilter {
         subtree: Some(path("acme/search")),
@@ -885,40 +521,17 @@ fn the_audit_ledger_answers_queries() {
     let expired: Vec<_> = h.log.query(&subtree).collect();
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].entry.flow.charged, 45);
-    let created = AuditFilter {
-        kinds: vec![AuditKind::BudgetCreated],
-        ..AuditFilter::default()
-    };
+    let created = AuditFilter { kinds: vec![AuditKind::BudgetCreated], ..AuditFilter::default() };
     assert_eq!(h.log.query(&created).count(), 4);
-    let late = AuditFilter {
-        from_ms: Some(T0 + 1),
-        ..AuditFilter::default()
-    };
-    assert_eq!(
-        h.log.query(&late).count(),
-        1,
-        "only the expiry happened after T0"
-    );
+    let late = AuditFilter { from_ms: Some(T0 + 1), ..AuditFilter::default() };
+    assert_eq!(h.log.query(&late).count(), 1, "only the expiry happened after T0");
 
     // Spend per budget per day, rolled up the tree: 70 (key-7) + 5 + 45 (search).
-    let rows = spend(
-        h.log.records(),
-        &path("acme"),
-        Window::utc(Period::Day),
-        None,
-        None,
-    );
-    let got: Vec<(String, i128)> = rows
-        .iter()
-        .map(|r| (r.budget.to_string(), r.spent))
-        .collect();
+    let rows = spend(h.log.records(), &path("acme"), Window::utc(Period::Day), None, None);
+    let got: Vec<(String, i128)> = rows.iter().map(|r| (r.budget.to_string(), r.spent)).collect();
     assert_eq!(
         got,
-        vec![
-            ("acme".into(), 120),
-            ("acme/search".into(), 120),
-            ("acme/search/key-7".into(), 70)
-        ]
+        vec![("acme".into(), 120), ("acme/search".into(), 120), ("acme/search/key-7".into(), 70)]
     );
     assert_eq!(rows[0].window_start_ms, 1_764_288_000_000);
 }
@@ -927,25 +540,14 @@ fn the_audit_ledger_answers_queries() {
 fn tampering_is_detected_where_it_happened() {
     let mut h = H::tree();
     let g = h.grant("gw-1", acquire("acme", 100, 1, 10_000));
-    h.ok(
-        "gw-1",
-        Op::Release(Release {
-            lease: g.lease,
-            consumed_total: 70,
-        }),
-    );
+    h.ok("gw-1", Op::Release(Release { lease: g.lease, consumed_total: 70 }));
     let mut records = h.log.records().to_vec();
     records[3].entry.flow.consumed = 7;
     let err = crate::audit::verify_chain(&records, ChainHead::default()).unwrap_err();
     assert_eq!(err.seq, 3);
     let mut records = h.log.records().to_vec();
     records.remove(2);
-    assert_eq!(
-        crate::audit::verify_chain(&records, ChainHead::default())
-            .unwrap_err()
-            .seq,
-        3
-    );
+    assert_eq!(crate::audit::verify_chain(&records, ChainHead::default()).unwrap_err().seq, 3);
     assert_eq!(h.log.head(), h.ledger.chain_head());
 }
 
@@ -954,21 +556,9 @@ fn conservation_holds_through_every_path() {
     let mut h = H::tree();
     let a = h.grant("gw-1", acquire("acme", 100, 1, 1_000));
     let b = h.grant("gw-2", acquire("acme", 100, 1, 1_000));
-    h.ok(
-        "gw-1",
-        Op::Release(Release {
-            lease: a.lease,
-            consumed_total: 30,
-        }),
-    );
+    h.ok("gw-1", Op::Release(Release { lease: a.lease, consumed_total: 30 }));
     h.tick(1_000);
-    h.ok(
-        "gw-2",
-        Op::Release(Release {
-            lease: b.lease,
-            consumed_total: 10,
-        }),
-    );
+    h.ok("gw-2", Op::Release(Release { lease: b.lease, consumed_total: 10 }));
     let t = h.ledger.totals();
     assert_eq!(t.granted, u128::from(a.granted + b.granted));
     assert_eq!(t.consumed + t.returned + t.charged - t.uncharged, t.granted);
@@ -987,13 +577,7 @@ fn conservation_holds_through_every_path() {
 fn too_many_commands_in_one_entry_are_refused_not_panicked() {
     let mut l = Ledger::default();
     let commands = vec![Command::Tick; MAX_COMMANDS_PER_ENTRY + 1];
-    let applied = l.apply(
-        1,
-        &Entry::V1(Batch {
-            time_ms: T0,
-            commands,
-        }),
-    );
+    let applied = l.apply(1, &Entry::V1(Batch { time_ms: T0, commands }));
     assert!(applied.outcomes[MAX_COMMANDS_PER_ENTRY].is_err());
     assert!(applied.outcomes[0].is_ok());
 }
@@ -1001,22 +585,13 @@ fn too_many_commands_in_one_entry_are_refused_not_panicked() {
 #[test]
 fn the_ledger_has_limits() {
     let mut h = H::new();
-    h.ledger = Ledger::new(LedgerConfig {
-        max_budgets: 1,
-        max_live_leases: 1,
-        ..LedgerConfig::default()
-    });
-    h.ok(
-        "ops",
-        Op::CreateBudget(spec("t", vec![limit("tokens", 10, Period::Day)])),
-    );
+    h.ledger =
+        Ledger::new(LedgerConfig { max_budgets: 1, max_live_leases: 1, ..LedgerConfig::default() });
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 10, Period::Day)])));
     assert!(matches!(
         h.run("ops", Op::CreateBudget(spec("u", vec![]))),
         Err(LedgerError::LedgerFull { .. })
     ));
     h.grant("gw", acquire("t", 1, 1, 1_000));
-    assert!(matches!(
-        h.run("gw", acquire("t", 1, 1, 1_000)),
-        Err(LedgerError::LedgerFull { .. })
-    ));
+    assert!(matches!(h.run("gw", acquire("t", 1, 1, 1_000)), Err(LedgerError::LedgerFull { .. })));
 }

@@ -24,8 +24,8 @@ pub const MAX_ID_BYTES: usize = 128;
 ///
 /// Segments are 1 to 64 bytes of `[A-Za-z0-9_.-]`, not `.` or `..`, joined by `/`;
 /// at most 8 segments and 256 bytes in all.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct BudgetPath(String);
 
 impl BudgetPath {
@@ -34,10 +34,7 @@ impl BudgetPath {
         let path = path.into();
         match check_path(&path) {
             Ok(()) => Ok(Self(path)),
-            Err(reason) => Err(LedgerError::InvalidPath {
-                path: truncate(&path),
-                reason,
-            }),
+            Err(reason) => Err(LedgerError::InvalidPath { path: truncate(&path), reason }),
         }
     }
 
@@ -93,13 +90,10 @@ fn check_path(path: &str) -> Result<(), String> {
         if segment.len() > MAX_SEGMENT_BYTES {
             return Err(format!("segment longer than {MAX_SEGMENT_BYTES} bytes"));
         }
-        if let Some(bad) = segment
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        if let Some(bad) =
+            segment.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
         {
-            return Err(format!(
-                "character {bad:?} is not allowed; use [A-Za-z0-9_.-] and '/'"
-            ));
+            return Err(format!("character {bad:?} is not allowed; use [A-Za-z0-9_.-] and '/'"));
         }
     }
     if depth > MAX_PATH_DEPTH {
@@ -111,8 +105,8 @@ fn check_path(path: &str) -> Result<(), String> {
 /// A unit: a named integer quantity such as `tokens`, `usd_micros` or `requests`.
 ///
 /// 1 to 32 bytes of `[a-z0-9_]`, starting with a letter.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Unit(String);
 
 impl Unit {
@@ -124,9 +118,7 @@ impl Unit {
             Some(format!("longer than {MAX_UNIT_BYTES} bytes"))
         } else if !unit.starts_with(|c: char| c.is_ascii_lowercase()) {
             Some("must start with a lowercase letter".to_owned())
-        } else if unit
-            .chars()
-            .any(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        } else if unit.chars().any(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
         {
             Some("use only [a-z0-9_]".to_owned())
         } else {
@@ -134,10 +126,7 @@ impl Unit {
         };
         match reason {
             None => Ok(Self(unit)),
-            Some(reason) => Err(LedgerError::InvalidUnit {
-                unit: truncate(&unit),
-                reason,
-            }),
+            Some(reason) => Err(LedgerError::InvalidUnit { unit: truncate(&unit), reason }),
         }
     }
 
@@ -164,8 +153,8 @@ fn check_id(id: &str) -> Option<String> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
         pub struct $name(String);
 
         impl $name {
@@ -212,6 +201,12 @@ macro_rules! string_impls {
             type Error = LedgerError;
             fn try_from(value: &str) -> Result<Self, Self::Error> {
                 Self::new(value)
+            }
+        }
+        // Serialized as a plain string, without the clone serde's `into` would make.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
             }
         }
         impl From<$name> for String {
@@ -263,14 +258,8 @@ impl LeaseId {
     /// # Panics
     /// If `index` or `slot` do not fit; the ledger checks both before calling.
     pub fn from_position(index: u64, slot: usize) -> Self {
-        assert!(
-            index <= MAX_LEASE_INDEX,
-            "log index {index} too large for a lease id"
-        );
-        assert!(
-            slot < MAX_COMMANDS_PER_ENTRY,
-            "slot {slot} too large for a lease id"
-        );
+        assert!(index <= MAX_LEASE_INDEX, "log index {index} too large for a lease id");
+        assert!(slot < MAX_COMMANDS_PER_ENTRY, "slot {slot} too large for a lease id");
         Self(index << 16 | slot as u64)
     }
 
@@ -307,29 +296,12 @@ mod tests {
 
     #[test]
     fn paths_are_checked() {
-        for good in [
-            "acme",
-            "acme/search/key-7",
-            "a.b_c-D9",
-            &"x/".repeat(7).to_owned()[..13],
-        ] {
+        for good in ["acme", "acme/search/key-7", "a.b_c-D9", &"x/".repeat(7).to_owned()[..13]] {
             assert!(BudgetPath::new(good).is_ok(), "{good}");
         }
-        for bad in [
-            "",
-            "/acme",
-            "acme/",
-            "a//b",
-            "a/../b",
-            "a b",
-            "é",
-            "a/b/c/d/e/f/g/h/i",
-        ] {
+        for bad in ["", "/acme", "acme/", "a//b", "a/../b", "a b", "é", "a/b/c/d/e/f/g/h/i"] {
             let err = BudgetPath::new(bad).unwrap_err();
-            assert!(
-                matches!(err, LedgerError::InvalidPath { .. }),
-                "{bad}: {err}"
-            );
+            assert!(matches!(err, LedgerError::InvalidPath { .. }), "{bad}: {err}");
         }
         assert!(BudgetPath::new("a".repeat(65)).is_err());
         assert!(BudgetPath::new(["abcdefgh"; 8].join("/")).is_ok());

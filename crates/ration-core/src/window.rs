@@ -59,10 +59,7 @@ pub struct Window {
 impl Window {
     /// A UTC window.
     pub const fn utc(period: Period) -> Self {
-        Self {
-            period,
-            offset_minutes: 0,
-        }
+        Self { period, offset_minutes: 0 }
     }
 
     /// A window at a fixed offset from UTC (`+330` is UTC+05:30).
@@ -81,10 +78,7 @@ impl Window {
                 reason: "a lifetime window takes no offset".into(),
             });
         }
-        Ok(Self {
-            period,
-            offset_minutes,
-        })
+        Ok(Self { period, offset_minutes })
     }
 
     pub const fn period(self) -> Period {
@@ -117,10 +111,7 @@ impl Window {
             Period::Month => {
                 let (y, m, _) = civil_from_days(local.div_euclid(DAY_MS));
                 let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-                (
-                    days_from_civil(y, m, 1) * DAY_MS,
-                    days_from_civil(ny, nm, 1) * DAY_MS,
-                )
+                (days_from_civil(y, m, 1) * DAY_MS, days_from_civil(ny, nm, 1) * DAY_MS)
             }
             Period::Lifetime => unreachable!("handled above"),
         };
@@ -196,28 +187,13 @@ mod tests {
 
     #[test]
     fn utc_windows() {
-        assert_eq!(
-            Window::utc(Period::Minute).bounds(T),
-            (1_764_340_200_000, 1_764_340_260_000)
-        );
-        assert_eq!(
-            Window::utc(Period::Hour).bounds(T),
-            (1_764_338_400_000, 1_764_342_000_000)
-        );
-        assert_eq!(
-            Window::utc(Period::Day).bounds(T),
-            (1_764_288_000_000, 1_764_374_400_000)
-        );
+        assert_eq!(Window::utc(Period::Minute).bounds(T), (1_764_340_200_000, 1_764_340_260_000));
+        assert_eq!(Window::utc(Period::Hour).bounds(T), (1_764_338_400_000, 1_764_342_000_000));
+        assert_eq!(Window::utc(Period::Day).bounds(T), (1_764_288_000_000, 1_764_374_400_000));
         // Monday 2025-11-24 to Monday 2025-12-01.
-        assert_eq!(
-            Window::utc(Period::Week).bounds(T),
-            (1_763_942_400_000, 1_764_547_200_000)
-        );
+        assert_eq!(Window::utc(Period::Week).bounds(T), (1_763_942_400_000, 1_764_547_200_000));
         // 2025-11-01 to 2025-12-01.
-        assert_eq!(
-            Window::utc(Period::Month).bounds(T),
-            (1_761_955_200_000, 1_764_547_200_000)
-        );
+        assert_eq!(Window::utc(Period::Month).bounds(T), (1_761_955_200_000, 1_764_547_200_000));
         assert_eq!(Window::utc(Period::Lifetime).bounds(T), (0, u64::MAX));
     }
 
