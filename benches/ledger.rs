@@ -5,6 +5,8 @@
 //! and each lease costs (live heap bytes, from a counting allocator). Under
 //! `cargo test` it runs once on a small ledger, as a smoke test.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -193,6 +195,25 @@ fn bench(c: &mut Criterion, full: bool) {
     let mut group = c.benchmark_group("ledger_1M_budgets_100k_leases");
     group.throughput(Throughput::Elements(PER_ENTRY as u64));
     group.sample_size(if full { 30 } else { 10 });
+
+    // Baseline for the ratios: the simplest possible ledger, a debit of 1024 random
+    // keys in an ordered map as large as the budget map.
+    let mut baseline: std::collections::BTreeMap<u64, u64> =
+        (0..budgets as u64).map(|k| (k, 1 << 40)).collect();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    group.bench_function("baseline_btreemap_debit_x1024", |b| {
+        b.iter(|| {
+            for _ in 0..PER_ENTRY {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                if let Some(v) = baseline.get_mut(&(rng % budgets as u64)) {
+                    *v -= 1;
+                }
+            }
+        })
+    });
+    drop(baseline);
 
     // Report 1 token on 1024 random live leases per entry.
     group.bench_function("report_x1024", |b| {

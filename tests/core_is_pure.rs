@@ -1,6 +1,8 @@
 //! Architecture invariant: ration-core knows nothing about protobuf, sled, tokio or
 //! openraft, and pulls in no source of time, randomness or I/O.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::process::Command;
 
 const FORBIDDEN: [&str; 11] = [

@@ -15,6 +15,8 @@
 //!
 //! `PROPTEST_CASES=5000 cargo test --release --test ledger_model` runs more cases.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;

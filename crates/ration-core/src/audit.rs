@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::command::LimitSpec;
 use crate::names::{BudgetPath, LeaseId, Principal, Unit};
@@ -138,11 +137,7 @@ pub struct AuditRecord {
 impl AuditEntry {
     /// SHA-256 over a domain tag and the canonical (postcard) encoding.
     pub fn compute_hash(&self) -> Hash {
-        let bytes = postcard::to_stdvec(self).expect("encoding into a Vec cannot fail");
-        let mut h = Sha256::new();
-        h.update(DOMAIN);
-        h.update(&bytes);
-        h.finalize().into()
+        crate::hashing::sha256_of(DOMAIN, self)
     }
 }
 

@@ -993,9 +993,7 @@ fn find_limit<'a>(limits: &'a [Limit], unit: &Unit, window: Window) -> Option<&'
 /// 64 bits of SHA-256 over the principal and operation: a retry must match its
 /// original to get the remembered result.
 fn fingerprint(req: &Request) -> u64 {
-    let bytes =
-        postcard::to_stdvec(&(&req.principal, &req.op)).expect("encoding into a Vec cannot fail");
-    let digest = Sha256::digest(&bytes);
+    let digest = crate::hashing::sha256_of(b"ration-request-v1\0", &(&req.principal, &req.op));
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_le_bytes(first)

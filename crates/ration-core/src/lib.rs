@@ -24,6 +24,7 @@ pub mod audit;
 pub mod command;
 mod dedup;
 pub mod error;
+mod hashing;
 pub mod ledger;
 pub mod names;
 pub mod window;

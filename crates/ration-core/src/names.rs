@@ -4,6 +4,7 @@
 //! `serde(try_from)`), so the rest of the ledger never sees a malformed one.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,20 +21,23 @@ pub const MAX_UNIT_BYTES: usize = 32;
 /// Longest client id or principal, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
 
+// Names are shared (`Arc<str>`): leases, counters and audit records hold many copies,
+// and cloning one must not allocate.
+
 /// A budget's place in the tree: `acme`, `acme/search`, `acme/search/key-7`.
 ///
 /// Segments are 1 to 64 bytes of `[A-Za-z0-9_.-]`, not `.` or `..`, joined by `/`;
 /// at most 8 segments and 256 bytes in all.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(try_from = "String")]
-pub struct BudgetPath(String);
+pub struct BudgetPath(Arc<str>);
 
 impl BudgetPath {
     /// Checks `path` and builds it.
     pub fn new(path: impl Into<String>) -> Result<Self, LedgerError> {
         let path = path.into();
         match check_path(&path) {
-            Ok(()) => Ok(Self(path)),
+            Ok(()) => Ok(Self(path.into())),
             Err(reason) => Err(LedgerError::InvalidPath { path: truncate(&path), reason }),
         }
     }
@@ -54,7 +58,7 @@ impl BudgetPath {
 
     /// The parent path, or `None` for a root.
     pub fn parent(&self) -> Option<BudgetPath> {
-        self.0.rfind('/').map(|at| Self(self.0[..at].to_owned()))
+        self.0.rfind('/').map(|at| Self(self.0[..at].into()))
     }
 
     /// The root segment: the shard key of the budget tree.
@@ -107,7 +111,7 @@ fn check_path(path: &str) -> Result<(), String> {
 /// 1 to 32 bytes of `[a-z0-9_]`, starting with a letter.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(try_from = "String")]
-pub struct Unit(String);
+pub struct Unit(Arc<str>);
 
 impl Unit {
     pub fn new(unit: impl Into<String>) -> Result<Self, LedgerError> {
@@ -125,7 +129,7 @@ impl Unit {
             None
         };
         match reason {
-            None => Ok(Self(unit)),
+            None => Ok(Self(unit.into())),
             Some(reason) => Err(LedgerError::InvalidUnit { unit: truncate(&unit), reason }),
         }
     }
@@ -155,13 +159,13 @@ macro_rules! id_type {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
         #[serde(try_from = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             pub fn new(id: impl Into<String>) -> Result<Self, LedgerError> {
                 let id = id.into();
                 match check_id(&id) {
-                    None => Ok(Self(id)),
+                    None => Ok(Self(id.into())),
                     Some(reason) => Err(LedgerError::InvalidArgument {
                         field: $what.into(),
                         reason: format!("{:?} {reason}", truncate(&id)),
@@ -211,7 +215,7 @@ macro_rules! string_impls {
         }
         impl From<$name> for String {
             fn from(value: $name) -> String {
-                value.0
+                value.0.as_ref().to_owned()
             }
         }
         impl fmt::Display for $name {

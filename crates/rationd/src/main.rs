@@ -59,14 +59,14 @@ fn main() {
     };
     println!("Ration ledger demonstration (the replicated node is not built yet)\n");
     println!("Budgets: acme 1000 tokens/month > acme/search 300 tokens/minute");
-    d.run(
+    let _ = d.run(
         "admin",
         Op::CreateBudget(BudgetSpec {
             path: path("acme"),
             limits: vec![limit(1000, Period::Month)],
         }),
     );
-    d.run(
+    let _ = d.run(
         "admin",
         Op::CreateBudget(BudgetSpec {
             path: path("acme/search"),
@@ -74,7 +74,7 @@ fn main() {
         }),
     );
 
-    println!("\nTwo gateways lease; the second gets a fair share of what is left:");
+    println!("\nThree gateways lease; as allowance runs short, each later one gets a fair share of what is left:");
     let acquire = |wanted| {
         Op::Acquire(Acquire {
             budget: path("acme/search"),
@@ -86,14 +86,14 @@ fn main() {
     };
     let a = d.run("gw-eu", acquire(200));
     let _b = d.run("gw-us", acquire(200));
-    d.run("gw-ap", acquire(200));
+    let _ = d.run("gw-ap", acquire(200));
 
     println!("\ngw-eu settles: it spent 120 of its lease, the rest returns to the pool:");
     if let Ok(ration_core::Reply::Granted(g)) = a {
-        d.run("gw-eu", Op::Release(Release { lease: g.lease, consumed_total: 120 }));
+        let _ = d.run("gw-eu", Op::Release(Release { lease: g.lease, consumed_total: 120 }));
     }
 
-    println!("\n15 s later gw-us has not reported: its lease expires and is charged in full.");
+    println!("\n15 s later gw-us and gw-ap have not settled: their leases expire and are charged in full.");
     d.now_ms += 15_000;
     d.index += 1;
     let applied = d
