@@ -149,6 +149,9 @@ struct CounterRef {
 struct Lease {
     principal: Principal,
     budget: BudgetId,
+    /// The budget's path, kept for audit records (budgets with live leases are never
+    /// deleted, so it stays true).
+    path: BudgetPath,
     unit: Unit,
     granted: u64,
     reported: u64,
@@ -577,8 +580,10 @@ impl Ledger {
 
         // Commit.
         let mut counters = Vec::with_capacity(refs.len());
+        let mut balances = Vec::with_capacity(refs.len());
         for &(id, i) in &refs {
-            let limit = &mut self.budget_mut(id).limits[i];
+            let budget = self.budget_mut(id);
+            let limit = &mut budget.limits[i];
             limit.roll(now);
             let c = &mut limit.counter;
             c.outstanding =
@@ -586,6 +591,7 @@ impl Ledger {
             let held = c.holders.entry(ctx.principal.clone()).or_insert(0);
             *held = held.saturating_add(1);
             counters.push(CounterRef { budget: id, counter: c.id });
+            balances.push(limit.balance(&budget.path));
         }
         for &id in &chain {
             let b = self.budget_mut(id);
@@ -598,6 +604,7 @@ impl Ledger {
             Lease {
                 principal: ctx.principal.clone(),
                 budget: leaf,
+                path: a.budget.clone(),
                 unit: a.unit.clone(),
                 granted: grant,
                 reported: 0,
@@ -609,14 +616,10 @@ impl Ledger {
         );
         self.expiry.insert((expires_at_ms, lease_id));
         let flow = Flow { granted: grant, ..Flow::default() };
-        let entry = self.lease_entry(
-            ctx.index,
-            AuditKind::LeaseGranted,
-            lease_id,
-            &self.leases[&lease_id],
-            flow,
-            now,
-        );
+        let about =
+            About { lease: lease_id, path: &a.budget, principal: ctx.principal, unit: &a.unit };
+        let entry =
+            self.lease_entry(ctx.index, AuditKind::LeaseGranted, about, flow, balances, now);
         self.record(ctx.audit, entry);
         Ok(Reply::Granted(Grant { lease: lease_id, granted: grant, expires_at_ms, window_end_ms }))
     }
@@ -662,17 +665,16 @@ impl Ledger {
             None => old_expiry,
         };
         let (granted, counters) = (lease.granted, lease.counters.clone());
+        let (path, unit) = (lease.path.clone(), lease.unit.clone());
         let delta = r.consumed_delta;
-        for c in &counters {
-            if let Some(counter) = self.counter_mut(*c) {
-                counter.consumed =
-                    counter.consumed.checked_add(delta).expect("invariant: consumed <= cap");
-                counter.outstanding = counter
-                    .outstanding
-                    .checked_sub(delta)
-                    .expect("invariant: outstanding covers the lease");
-            }
-        }
+        let balances = self.update_counters(&counters, |counter| {
+            counter.consumed =
+                counter.consumed.checked_add(delta).expect("invariant: consumed <= cap");
+            counter.outstanding = counter
+                .outstanding
+                .checked_sub(delta)
+                .expect("invariant: outstanding covers the lease");
+        });
         let lease = self.leases.get_mut(&r.lease).expect("checked above");
         lease.reported = reported;
         lease.expires_at_ms = new_expiry;
@@ -682,14 +684,10 @@ impl Ledger {
         }
         if delta > 0 || new_expiry != old_expiry {
             let flow = Flow { consumed: delta, ..Flow::default() };
-            let entry = self.lease_entry(
-                ctx.index,
-                AuditKind::LeaseReported,
-                r.lease,
-                &self.leases[&r.lease],
-                flow,
-                now,
-            );
+            let about =
+                About { lease: r.lease, path: &path, principal: ctx.principal, unit: &unit };
+            let entry =
+                self.lease_entry(ctx.index, AuditKind::LeaseReported, about, flow, balances, now);
             self.record(ctx.audit, entry);
         }
         Ok(Reply::Reported {
@@ -709,15 +707,15 @@ impl Ledger {
                     returned: lease.granted.saturating_sub(r.consumed_total),
                     ..Flow::default()
                 };
-                let lease = self.detach(r.lease, flow.consumed);
-                let entry = self.lease_entry(
-                    ctx.index,
-                    AuditKind::LeaseReleased,
-                    r.lease,
-                    &lease,
-                    flow,
-                    self.now_ms,
-                );
+                let (lease, balances) = self.detach(r.lease, flow.consumed);
+                let about = About {
+                    lease: r.lease,
+                    path: &lease.path,
+                    principal: &lease.principal,
+                    unit: &lease.unit,
+                };
+                let kind = AuditKind::LeaseReleased;
+                let entry = self.lease_entry(ctx.index, kind, about, flow, balances, self.now_ms);
                 self.record(ctx.audit, entry);
                 Ok(Reply::Released {
                     lease: r.lease,
@@ -737,68 +735,60 @@ impl Ledger {
         let e = self.expired.remove(&r.lease).expect("checked above");
         self.forget.remove(&(e.forget_at_ms, r.lease));
         let now = self.now_ms;
-        let (kind, flow) = if now < e.window_end_ms {
+        let (kind, flow, balances) = if now < e.window_end_ms {
             let refund = e.granted.saturating_sub(r.consumed_total);
-            for c in &e.counters {
-                if let Some(counter) = self.counter_mut(*c) {
-                    counter.consumed = counter
-                        .consumed
-                        .checked_sub(refund)
-                        .expect("invariant: the charge is still counted");
-                }
-            }
+            let balances = self.update_counters(&e.counters, |counter| {
+                counter.consumed = counter
+                    .consumed
+                    .checked_sub(refund)
+                    .expect("invariant: the charge is still counted");
+            });
             let flow = Flow {
                 consumed: r.consumed_total.saturating_sub(e.reported),
                 returned: refund,
                 uncharged: e.granted.saturating_sub(e.reported),
                 ..Flow::default()
             };
-            (AuditKind::LeaseRefunded, flow)
+            (AuditKind::LeaseRefunded, flow, balances)
         } else {
-            (AuditKind::LateRelease, Flow::default())
+            (AuditKind::LateRelease, Flow::default(), self.balances(&e.counters))
         };
-        let entry = AuditEntry {
-            unit: Some(e.unit.clone()),
-            lease: Some(r.lease),
-            flow,
-            balances: self.balances(&e.counters),
-            ..self.base_entry(ctx.index, kind, e.path.clone(), e.principal.clone(), now)
-        };
+        let about = About { lease: r.lease, path: &e.path, principal: &e.principal, unit: &e.unit };
+        let entry = self.lease_entry(ctx.index, kind, about, flow, balances, now);
         self.record(ctx.audit, entry);
         Ok(Reply::Released { lease: r.lease, returned: 0, refunded: flow.returned, late: true })
     }
 
     /// Takes a live lease out: `consumed` more is settled and the rest of its
     /// outstanding allowance leaves the counters.
-    fn detach(&mut self, id: LeaseId, consumed: u64) -> Lease {
+    /// Returns the lease and the balances after the change.
+    fn detach(&mut self, id: LeaseId, consumed: u64) -> (Lease, Vec<Balance>) {
         let lease = self.leases.remove(&id).expect("caller checked the lease is live");
         self.expiry.remove(&(lease.expires_at_ms, id));
         let unsettled =
             lease.granted.checked_sub(lease.reported).expect("invariant: reported <= granted");
-        for c in &lease.counters {
-            if let Some(counter) = self.counter_mut(*c) {
-                counter.consumed =
-                    counter.consumed.checked_add(consumed).expect("invariant: consumed <= cap");
-                counter.outstanding = counter
-                    .outstanding
-                    .checked_sub(unsettled)
-                    .expect("invariant: outstanding covers the lease");
-                match counter.holders.get_mut(&lease.principal) {
-                    Some(n) if *n > 1 => *n = n.saturating_sub(1),
-                    Some(_) => {
-                        counter.holders.remove(&lease.principal);
-                    }
-                    None => panic!("invariant: a live lease's holder is counted"),
+        let balances = self.update_counters(&lease.counters, |counter| {
+            counter.consumed =
+                counter.consumed.checked_add(consumed).expect("invariant: consumed <= cap");
+            counter.outstanding = counter
+                .outstanding
+                .checked_sub(unsettled)
+                .expect("invariant: outstanding covers the lease");
+            match counter.holders.get_mut(&lease.principal) {
+                Some(n) if *n > 1 => *n = n.saturating_sub(1),
+                Some(_) => {
+                    counter.holders.remove(&lease.principal);
                 }
+                None => panic!("invariant: a live lease's holder is counted"),
             }
-        }
+        });
         let mut at = Some(lease.budget);
         while let Some(id) = at {
             let b = self.budget_mut(id);
             b.live_leases = b.live_leases.checked_sub(1).expect("invariant: live lease count");
             at = b.parent;
         }
-        lease
+        (lease, balances)
     }
 
     // ----- time -----
@@ -813,20 +803,25 @@ impl Ledger {
                 let l = &self.leases[&id];
                 l.granted.saturating_sub(l.reported)
             };
-            let lease = self.detach(id, charge);
+            let (lease, balances) = self.detach(id, charge);
             let flow = Flow { charged: charge, ..Flow::default() };
             // The spend belongs to the last instant the lease was valid.
             let effective = expires_at_ms.saturating_sub(1);
-            let entry =
-                self.lease_entry(index, AuditKind::LeaseExpired, id, &lease, flow, effective);
+            let about = About {
+                lease: id,
+                path: &lease.path,
+                principal: &lease.principal,
+                unit: &lease.unit,
+            };
+            let kind = AuditKind::LeaseExpired;
+            let entry = self.lease_entry(index, kind, about, flow, balances, effective);
             self.record(audit, entry);
             let forget_at_ms = expires_at_ms.saturating_add(self.config.expired_retention_ms);
-            let path = self.budgets[&lease.budget].path.clone();
             self.expired.insert(
                 id,
                 ExpiredLease {
                     principal: lease.principal,
-                    path,
+                    path: lease.path,
                     unit: lease.unit,
                     granted: lease.granted,
                     reported: lease.reported,
@@ -888,26 +883,26 @@ impl Ledger {
         self.record(ctx.audit, entry);
     }
 
-    /// The record of a change to lease `id`; balances are read as they stand now.
+    /// The record of a change to a lease, with the balances after it.
     fn lease_entry(
         &self,
         index: u64,
         kind: AuditKind,
-        id: LeaseId,
-        l: &Lease,
+        about: About<'_>,
         flow: Flow,
+        balances: Vec<Balance>,
         effective_ms: u64,
     ) -> AuditEntry {
         AuditEntry {
-            unit: Some(l.unit.clone()),
-            lease: Some(id),
+            unit: Some(about.unit.clone()),
+            lease: Some(about.lease),
             flow,
-            balances: self.balances(&l.counters),
+            balances,
             ..self.base_entry(
                 index,
                 kind,
-                self.budgets[&l.budget].path.clone(),
-                l.principal.clone(),
+                about.path.clone(),
+                about.principal.clone(),
                 effective_ms,
             )
         }
@@ -943,10 +938,37 @@ impl Ledger {
         self.budgets.get_mut(&id).expect("invariant: budget ids in use resolve")
     }
 
+    /// Applies `change` to each counter that still exists, and returns the balances
+    /// after it, in one lookup per counter.
+    fn update_counters(
+        &mut self,
+        counters: &[CounterRef],
+        mut change: impl FnMut(&mut Counter),
+    ) -> Vec<Balance> {
+        let mut balances = Vec::with_capacity(counters.len());
+        for r in counters {
+            let Some(b) = self.budgets.get_mut(&r.budget) else { continue };
+            let Some(limit) = b.limits.iter_mut().find(|l| l.counter.id == r.counter) else {
+                continue;
+            };
+            change(&mut limit.counter);
+            balances.push(limit.balance(&b.path));
+        }
+        balances
+    }
+
     fn counter_mut(&mut self, r: CounterRef) -> Option<&mut Counter> {
         let b = self.budgets.get_mut(&r.budget)?;
         b.limits.iter_mut().map(|l| &mut l.counter).find(|c| c.id == r.counter)
     }
+}
+
+/// Which lease an audit record is about.
+struct About<'a> {
+    lease: LeaseId,
+    path: &'a BudgetPath,
+    principal: &'a Principal,
+    unit: &'a Unit,
 }
 
 /// Borrowed context of the request being applied.
@@ -1119,7 +1141,7 @@ impl Ledger {
         LeaseView {
             lease: id,
             principal: l.principal.clone(),
-            budget: self.budgets[&l.budget].path.clone(),
+            budget: l.path.clone(),
             unit: l.unit.clone(),
             granted: l.granted,
             reported: l.reported,
@@ -1181,6 +1203,9 @@ impl Ledger {
                     let n = counter.holders.entry(lease.principal.clone()).or_insert(0);
                     *n = n.saturating_add(1);
                 }
+            }
+            if self.budgets.get(&lease.budget).is_none_or(|b| b.path != lease.path) {
+                return Err(format!("lease {id} names a budget path that does not match"));
             }
             let mut at = Some(lease.budget);
             while let Some(b) = at {
