@@ -1,0 +1,529 @@
+//! # ration-store
+//!
+//! Durable storage for a Ration node, behind openraft 0.9's storage traits
+//! (`storage-v2`):
+//!
+//! - [`LogStore`] keeps the Raft log, the vote, the committed log id and the last
+//!   purged log id in sled. An append is reported to openraft only after sled has
+//!   flushed it. The log is the durability point of the whole ledger.
+//! - [`StateMachine`] keeps the ledger (`ration_core::Ledger`) in memory and writes
+//!   each applied entry's audit records to a sled tree, unflushed. A snapshot is the
+//!   ledger's deterministic encoding plus the audit records, written to a file with
+//!   fsync and an atomic rename. After a restart the state machine starts from the
+//!   last snapshot and openraft re-applies the committed log after it.
+//!
+//! See ARCHITECTURE.md ("Durability") for what is durable when.
+
+use std::fmt::Debug;
+use std::io::{Cursor, Write};
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use ration_core::audit::{verify_chain, AuditRecord, ChainHead};
+use ration_core::{Ledger, LedgerConfig, Outcome};
+use serde::{Deserialize, Serialize};
+
+pub type NodeId = u64;
+
+/// What one applied log entry answers: one outcome per command of its batch (none
+/// for Raft's own blank and membership entries).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub outcomes: Vec<Outcome>,
+}
+
+openraft::declare_raft_types!(
+    /// Ration's openraft types: the replicated data is the versioned ledger entry.
+    pub TypeConfig:
+        D = ration_core::Entry,
+        R = Response,
+        NodeId = NodeId,
+        Node = BasicNode,
+);
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+/// Opens (or creates) a node's storage in `dir`: `dir/sled/` and `dir/snapshot.bin`.
+pub fn open(dir: &Path, config: LedgerConfig) -> Result<(LogStore, StateMachine), OpenError> {
+    std::fs::create_dir_all(dir)?;
+    let db = sled::Config::new().path(dir.join("sled")).mode(sled::Mode::HighThroughput).open()?;
+    let log = LogStore { log: db.open_tree("log")?, meta: db.open_tree("meta")?, db: db.clone() };
+    let sm = StateMachine::open(db, dir.to_path_buf(), config)?;
+    Ok((log, sm))
+}
+
+/// Why storage could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("snapshot file {path}: {reason}")]
+    Snapshot { path: PathBuf, reason: String },
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("encoding into a Vec cannot fail")
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn key_index(key: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&key[..8]);
+    u64::from_be_bytes(bytes)
+}
+
+// ----- the log -----
+
+/// The Raft log, vote and committed id in sled.
+#[derive(Clone, Debug)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const LAST_PURGED: &str = "last_purged";
+
+impl LogStore {
+    fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> StorageResult<Option<T>> {
+        let bytes = self.meta.get(key).map_err(|e| StorageIOError::read(&e))?;
+        bytes
+            .map(|b| postcard::from_bytes(&b).map_err(|e| StorageIOError::read(&e).into()))
+            .transpose()
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), sled::Error> {
+        self.meta.insert(key, encode(value)).map(|_| ())
+    }
+
+    async fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush_async().await.map(|_| ())
+    }
+
+    /// Number of entries held (not purged).
+    pub fn len(&self) -> usize {
+        self.log.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.log.is_empty()
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let mut entries = Vec::new();
+        for item in self.log.range(index_key(start)..) {
+            let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            if !range.contains(&key_index(&key)) {
+                break;
+            }
+            let entry: Entry<TypeConfig> =
+                postcard::from_bytes(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged_log_id = self.get_meta::<LogId<NodeId>>(LAST_PURGED)?;
+        let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+            Some((_, value)) => {
+                let entry: Entry<TypeConfig> =
+                    postcard::from_bytes(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+                Some(entry.log_id)
+            }
+            None => last_purged_log_id,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(VOTE, vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.flush().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.get_meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        // Not flushed on its own: it rides on the next log or vote flush. A committed
+        // id lost in a crash only means re-applying later, never applying too much.
+        self.put_meta(COMMITTED, &committed).map_err(|e| StorageIOError::write(&e))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self.get_meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&index_key(entry.log_id.index), encode(&entry));
+        }
+        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        // The durability point: only a flushed append is acknowledged.
+        let flushed = self.flush().await;
+        let result = flushed.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(result);
+        flushed.map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for key in self.log.range(index_key(log_id.index)..).keys() {
+            batch.remove(key.map_err(|e| StorageIOError::write_logs(&e))?);
+        }
+        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.flush().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record the purge point first: entries at or before it are ignored from then on.
+        self.put_meta(LAST_PURGED, &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut batch = sled::Batch::default();
+        for key in self.log.range(..=index_key(log_id.index)).keys() {
+            batch.remove(key.map_err(|e| StorageIOError::write_logs(&e))?);
+        }
+        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.flush().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}
+
+// ----- the state machine -----
+
+/// The applied state, shared with the services that read it.
+#[derive(Debug)]
+pub struct AppliedState {
+    pub ledger: Ledger,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, BasicNode>,
+}
+
+/// A handle for readers: the ledger as applied on this node, and its audit records.
+#[derive(Clone, Debug)]
+pub struct Reader {
+    state: Arc<RwLock<AppliedState>>,
+    audit: sled::Tree,
+}
+
+impl Reader {
+    /// The applied state; hold the guard briefly (it blocks apply).
+    pub fn state(&self) -> RwLockReadGuard<'_, AppliedState> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Audit records from sequence number `from`, in order, at most `limit`.
+    pub fn audit_records(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
+        let mut out = Vec::new();
+        for item in self.audit.range(index_key(from)..).take(limit) {
+            let (_, value) = item?;
+            out.push(postcard::from_bytes(&value)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Why stored data could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored record does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// The ledger state machine for openraft.
+#[derive(Debug)]
+pub struct StateMachine {
+    state: Arc<RwLock<AppliedState>>,
+    db: sled::Db,
+    audit: sled::Tree,
+    dir: PathBuf,
+}
+
+/// A snapshot's content: the ledger and the audit records up to its chain head.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    ledger: Vec<u8>,
+    audit: Vec<AuditRecord>,
+}
+
+/// The snapshot file: openraft's metadata and the body's bytes.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+impl StateMachine {
+    fn open(db: sled::Db, dir: PathBuf, config: LedgerConfig) -> Result<Self, OpenError> {
+        let audit = db.open_tree("audit")?;
+        let path = dir.join(SNAPSHOT_FILE);
+        let mut from_snapshot = Vec::new();
+        let state = match read_snapshot_file(&path)? {
+            Some(file) => {
+                let (state, records) = decode_body(&file.data)
+                    .map_err(|reason| OpenError::Snapshot { path: path.clone(), reason })?;
+                from_snapshot = records;
+                state
+            }
+            None => AppliedState {
+                ledger: Ledger::new(config),
+                last_applied: None,
+                membership: StoredMembership::default(),
+            },
+        };
+        // Records past the snapshot's chain head are regenerated, identically, when
+        // openraft re-applies the log after it.
+        let head = state.ledger.chain_head().next_seq;
+        for key in audit.range(index_key(head)..).keys() {
+            audit.remove(key?)?;
+        }
+        // A crash while installing a snapshot can leave the tree short of the records
+        // the snapshot covers; the snapshot file has them all.
+        if (audit.len() as u64) < head {
+            let mut batch = sled::Batch::default();
+            for record in &from_snapshot {
+                batch.insert(&index_key(record.entry.seq), encode(record));
+            }
+            audit.apply_batch(batch)?;
+            db.flush()?;
+        }
+        Ok(Self { state: Arc::new(RwLock::new(state)), db, audit, dir })
+    }
+
+    pub fn reader(&self) -> Reader {
+        Reader { state: self.state.clone(), audit: self.audit.clone() }
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, AppliedState> {
+        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Every audit record before `head`, checked against it.
+    fn audit_until(&self, head: ChainHead) -> Result<Vec<AuditRecord>, ReadError> {
+        let mut records = Vec::with_capacity(usize::try_from(head.next_seq).unwrap_or(0));
+        for item in self.audit.range(..index_key(head.next_seq)) {
+            let (_, value) = item?;
+            records.push(postcard::from_bytes(&value)?);
+        }
+        Ok(records)
+    }
+
+    /// Writes the snapshot file durably: temp file, fsync, rename, fsync the directory.
+    fn persist(&self, file: &SnapshotFile) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&encode(file))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE))?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotFile>, OpenError> {
+    match std::fs::read(path) {
+        Ok(bytes) => postcard::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|e| OpenError::Snapshot { path: path.to_path_buf(), reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Decodes and checks a snapshot body: the ledger restores and checks its
+/// invariants, and the audit records form a chain ending at the ledger's head.
+fn decode_body(data: &[u8]) -> Result<(AppliedState, Vec<AuditRecord>), String> {
+    let body: SnapshotBody = postcard::from_bytes(data).map_err(|e| e.to_string())?;
+    let ledger = Ledger::restore(&body.ledger).map_err(|e| e.to_string())?;
+    let head = verify_chain(&body.audit, ChainHead::default()).map_err(|e| e.to_string())?;
+    if head != ledger.chain_head() {
+        return Err(format!(
+            "audit records end at {head:?} but the ledger's chain is at {:?}",
+            ledger.chain_head()
+        ));
+    }
+    let state =
+        AppliedState { ledger, last_applied: body.last_applied, membership: body.membership };
+    Ok((state, body.audit))
+}
+
+fn snapshot_id(last: Option<LogId<NodeId>>) -> String {
+    match last {
+        Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+        None => "empty".to_owned(),
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (ledger, last_applied, membership, head) = {
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            (
+                state.ledger.snapshot(),
+                state.last_applied,
+                state.membership.clone(),
+                state.ledger.chain_head(),
+            )
+        };
+        let audit = self.audit_until(head).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let data =
+            encode(&SnapshotBody { last_applied, membership: membership.clone(), ledger, audit });
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id: snapshot_id(last_applied),
+        };
+        // The audit records the snapshot covers must be durable before it is.
+        self.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let file = SnapshotFile { meta: meta.clone(), data };
+        self.persist(&file)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        Ok((state.last_applied, state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let mut batch = sled::Batch::default();
+        {
+            let mut state = self.write_state();
+            for entry in entries {
+                state.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => responses.push(Response::default()),
+                    EntryPayload::Membership(m) => {
+                        state.membership = StoredMembership::new(Some(entry.log_id), m);
+                        responses.push(Response::default());
+                    }
+                    EntryPayload::Normal(data) => {
+                        let applied = state.ledger.apply(entry.log_id.index, &data);
+                        for record in &applied.audit {
+                            batch.insert(&index_key(record.entry.seq), encode(record));
+                        }
+                        responses.push(Response { outcomes: applied.outcomes });
+                    }
+                }
+            }
+        }
+        // Not flushed: audit records can be regenerated from the log, and a snapshot
+        // flushes them before it is written.
+        self.audit.apply_batch(batch).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        Self {
+            state: self.state.clone(),
+            db: self.db.clone(),
+            audit: self.audit.clone(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let (mut state, records) = decode_body(&data).map_err(|reason| {
+            StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(reason))
+        })?;
+        state.last_applied = meta.last_log_id;
+        state.membership = meta.last_membership.clone();
+        let write_err = |e: &dyn std::error::Error| {
+            StorageIOError::write_snapshot(
+                Some(meta.signature()),
+                &std::io::Error::other(e.to_string()),
+            )
+        };
+        self.audit.clear().map_err(|e| write_err(&e))?;
+        let mut batch = sled::Batch::default();
+        for record in &records {
+            batch.insert(&index_key(record.entry.seq), encode(record));
+        }
+        self.audit.apply_batch(batch).map_err(|e| write_err(&e))?;
+        self.db.flush_async().await.map_err(|e| write_err(&e))?;
+        self.persist(&SnapshotFile { meta: meta.clone(), data }).map_err(|e| write_err(&e))?;
+        *self.write_state() = state;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let file = read_snapshot_file(&self.dir.join(SNAPSHOT_FILE)).map_err(|e| {
+            StorageIOError::read_snapshot(None, &std::io::Error::other(e.to_string()))
+        })?;
+        Ok(file.map(|f| Snapshot { meta: f.meta, snapshot: Box::new(Cursor::new(f.data)) }))
+    }
+}
+
+/// Counts of what the store holds, for status and metrics.
+pub fn audit_len(reader: &Reader) -> usize {
+    reader.audit.len()
+}
+
+#[cfg(test)]
+mod tests;
