@@ -14,6 +14,9 @@
 //!
 //! See ARCHITECTURE.md ("Durability") for what is durable when.
 
+// openraft's traits fix the error type; it is large, and not ours to box.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::{Cursor, Write};
 use std::ops::{Bound, RangeBounds};
