@@ -4,8 +4,8 @@
 use ration_core::audit::{AuditKind, AuditRecord};
 use ration_core::ledger::{BudgetView, LeaseView};
 use ration_core::{
-    Acquire, BudgetPath, BudgetSpec, ClientId, ErrorKind, FailPolicy, Grant, LeaseId,
-    LedgerError, LimitSpec, Op, Period, Principal, Release, Reply, Report, Request, Unit, Window,
+    Acquire, BudgetPath, BudgetSpec, ClientId, ErrorKind, FailPolicy, Grant, LeaseId, LedgerError,
+    LimitSpec, Op, Period, Principal, Release, Reply, Report, Request, Unit, Window,
 };
 use tonic::{Code, Status};
 
@@ -35,8 +35,9 @@ fn missing(field: &str) -> Status {
 
 /// A non-negative amount: negative values are refused, not wrapped.
 pub fn amount(field: &str, value: i64) -> Result<u64, Status> {
-    u64::try_from(value)
-        .map_err(|_| Status::invalid_argument(format!("{field} must not be negative (got {value})")))
+    u64::try_from(value).map_err(|_| {
+        Status::invalid_argument(format!("{field} must not be negative (got {value})"))
+    })
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -83,7 +84,10 @@ pub fn window(w: Option<&v1::Window>) -> Result<Window, Status> {
         }
     };
     let offset = i16::try_from(w.offset_minutes).map_err(|_| {
-        Status::invalid_argument(format!("window.offset_minutes {} is out of range", w.offset_minutes))
+        Status::invalid_argument(format!(
+            "window.offset_minutes {} is out of range",
+            w.offset_minutes
+        ))
     })?;
     Window::with_offset(period, offset).map_err(invalid)
 }
@@ -137,12 +141,14 @@ pub fn create_budget(r: &v1::CreateBudgetRequest) -> Result<Request, Status> {
 }
 
 pub fn update_budget(r: &v1::UpdateBudgetRequest) -> Result<Request, Status> {
-    let op = Op::UpdateBudget { spec: spec(&r.path, &r.limits)?, expected_version: r.expected_version };
+    let op =
+        Op::UpdateBudget { spec: spec(&r.path, &r.limits)?, expected_version: r.expected_version };
     request(r.meta.as_ref(), op)
 }
 
 pub fn delete_budget(r: &v1::DeleteBudgetRequest) -> Result<Request, Status> {
-    let op = Op::DeleteBudget { path: path("path", &r.path)?, expected_version: r.expected_version };
+    let op =
+        Op::DeleteBudget { path: path("path", &r.path)?, expected_version: r.expected_version };
     request(r.meta.as_ref(), op)
 }
 
@@ -261,7 +267,10 @@ pub fn lease_info(v: &LeaseView) -> v1::LeaseInfo {
 pub fn audit_kind(name: &str) -> Result<AuditKind, Status> {
     AuditKind::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
         let names: Vec<&str> = AuditKind::ALL.iter().map(|k| k.name()).collect();
-        Status::invalid_argument(format!("unknown audit kind {name:?}; use one of {}", names.join(", ")))
+        Status::invalid_argument(format!(
+            "unknown audit kind {name:?}; use one of {}",
+            names.join(", ")
+        ))
     })
 }
 

@@ -1,0 +1,272 @@
+//! Node configuration: defaults, then a TOML file, then `RATION_*` environment
+//! variables, then flags. Unknown keys in the file are refused by name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+/// Everything a node needs. `Config::default()` is a single node on 127.0.0.1:50051
+/// with its data in `./ration-data`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's id in the cluster (unique, non-zero).
+    pub node_id: u64,
+    /// Where clients and peers connect (one port serves both).
+    pub listen: SocketAddr,
+    /// The address peers and clients should use to reach this node; defaults to
+    /// `listen`.
+    pub advertise: Option<String>,
+    /// Where the Raft log, vote, snapshots and audit records live.
+    pub data_dir: PathBuf,
+    /// The initial voters, as `id=host:port`, this node included. Empty: a
+    /// single-node cluster of this node. The node with the lowest id initializes.
+    pub initial_cluster: Vec<String>,
+    /// An existing member to join through: this node is added as a learner, then
+    /// promoted to voter once it has caught up.
+    pub join: Option<String>,
+    /// Group commit: most commands per Raft entry.
+    pub batch_max_commands: usize,
+    /// Group commit: most encoded bytes per Raft entry.
+    pub batch_max_bytes: usize,
+    /// Group commit: how long the proposer waits to fill an entry.
+    pub batch_wait_us: u64,
+    /// Most commands queued for proposal before callers get RESOURCE_EXHAUSTED.
+    pub proposal_queue: usize,
+    /// The leader proposes a tick this often, so expiry happens with no writes.
+    pub tick_ms: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Deadline of every node-to-node RPC.
+    pub rpc_timeout_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Log entries kept after a snapshot (for lagging followers) before purging.
+    pub keep_log_after_snapshot: u64,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// Snapshot chunk size for install.
+    pub snapshot_chunk_bytes: usize,
+    /// `text` or `json`.
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            advertise: None,
+            data_dir: PathBuf::from("ration-data"),
+            initial_cluster: Vec::new(),
+            join: None,
+            batch_max_commands: 1024,
+            batch_max_bytes: 1 << 20,
+            batch_wait_us: 1000,
+            proposal_queue: 65_536,
+            tick_ms: 1000,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            rpc_timeout_ms: 2000,
+            snapshot_after_entries: 20_000,
+            keep_log_after_snapshot: 5_000,
+            max_message_bytes: 8 << 20,
+            snapshot_chunk_bytes: 1 << 20,
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// A peer named in `initial_cluster`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub id: u64,
+    pub addr: String,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    pub fn peers(&self) -> Result<Vec<Peer>, ConfigError> {
+        self.initial_cluster
+            .iter()
+            .map(|p| {
+                let (id, addr) = p.split_once('=').ok_or_else(|| {
+                    ConfigError::Invalid(format!("initial_cluster entry {p:?} is not id=host:port"))
+                })?;
+                let id = id.parse().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "initial_cluster entry {p:?}: {id:?} is not a node id"
+                    ))
+                })?;
+                Ok(Peer { id, addr: addr.to_owned() })
+            })
+            .collect()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.node_id == 0 {
+            return bad("node_id must be at least 1".into());
+        }
+        let peers = self.peers()?;
+        if !peers.is_empty() && !peers.iter().any(|p| p.id == self.node_id) {
+            return bad(format!("initial_cluster does not name this node (id {})", self.node_id));
+        }
+        if !peers.is_empty() && self.join.is_some() {
+            return bad(
+                "give initial_cluster (to form a cluster) or join (to join one), not both".into()
+            );
+        }
+        if self.batch_max_commands == 0
+            || self.batch_max_commands > ration_core::names::MAX_COMMANDS_PER_ENTRY
+        {
+            return bad(format!(
+                "batch_max_commands must be 1..={}",
+                ration_core::names::MAX_COMMANDS_PER_ENTRY
+            ));
+        }
+        if self.election_timeout_min_ms <= self.heartbeat_ms
+            || self.election_timeout_max_ms <= self.election_timeout_min_ms
+        {
+            return bad(
+                "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into()
+            );
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad(format!("log_format {:?} is not text or json", self.log_format));
+        }
+        if self.proposal_queue == 0 || self.tick_ms == 0 || self.rpc_timeout_ms == 0 {
+            return bad("proposal_queue, tick_ms and rpc_timeout_ms must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.rpc_timeout_ms)
+    }
+
+    /// Reads a TOML file; unknown keys are refused with their name.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+    }
+}
+
+/// `rationd` flags; each also reads a `RATION_*` environment variable.
+#[derive(Debug, Parser)]
+#[command(name = "rationd", version, about = "Ration node: a Raft-replicated quota ledger")]
+pub struct Args {
+    /// TOML configuration file (see deploy/ration.example.toml).
+    #[arg(long, env = "RATION_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "RATION_NODE_ID")]
+    pub node_id: Option<u64>,
+    #[arg(long, env = "RATION_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, env = "RATION_ADVERTISE")]
+    pub advertise: Option<String>,
+    #[arg(long, env = "RATION_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Initial voters, comma separated: 1=127.0.0.1:50051,2=127.0.0.1:50052,...
+    #[arg(long, env = "RATION_INITIAL_CLUSTER", value_delimiter = ',')]
+    pub initial_cluster: Option<Vec<String>>,
+    /// Join an existing cluster through this member.
+    #[arg(long, env = "RATION_JOIN")]
+    pub join: Option<String>,
+    #[arg(long, env = "RATION_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    #[arg(long, env = "RATION_TICK_MS")]
+    pub tick_ms: Option<u64>,
+    #[arg(long, env = "RATION_SNAPSHOT_AFTER_ENTRIES")]
+    pub snapshot_after_entries: Option<u64>,
+}
+
+impl Args {
+    /// Defaults, then the file, then environment and flags.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(v) = self.$field { c.$field = v; }
+            )*};
+        }
+        set!(
+            node_id,
+            listen,
+            data_dir,
+            initial_cluster,
+            log_format,
+            tick_ms,
+            snapshot_after_entries
+        );
+        if self.advertise.is_some() {
+            c.advertise = self.advertise;
+        }
+        if self.join.is_some() {
+            c.join = self.join;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_unknown_keys_are_refused() {
+        Config::default().validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "node_id = 2\nlisten = \"127.0.0.1:6000\"\n").unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!((c.node_id, c.listen.port()), (2, 6000));
+        std::fs::write(&path, "node_id = 2\nlisten_addr = \"x\"\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "node_id = 2\n").unwrap();
+        let args =
+            Args::try_parse_from(["rationd", "--config", path.to_str().unwrap(), "--node-id", "3"])
+                .unwrap();
+        assert_eq!(args.into_config().unwrap().node_id, 3);
+    }
+
+    #[test]
+    fn bad_clusters_are_explained() {
+        let c = Config { initial_cluster: vec!["2=x:1".into()], ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("does not name this node"));
+        let c = Config { initial_cluster: vec!["x".into()], ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("id=host:port"));
+    }
+}

@@ -1,0 +1,294 @@
+//! # ration-server
+//!
+//! A Ration node: the ledger state machine (ration-core) replicated by openraft,
+//! stored in sled (ration-store), reached over tonic (ration-proto). `rationd` is a
+//! few lines over [`run`]; tests start nodes with [`start`].
+
+pub mod config;
+pub mod network;
+pub mod proposer;
+mod services;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
+use ration_core::{Command, LedgerConfig, Outcome};
+use ration_proto::v1::cluster_client::ClusterClient;
+use ration_proto::v1::{AddLearnerRequest, ChangeMembershipRequest, StatusRequest};
+use ration_store::{NodeId, Reader, TypeConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+use network::{Channels, Network};
+use proposer::{BatchLimits, Proposer};
+pub use proposer::{Clock, ProposeError, SystemClock};
+
+/// A running node's parts, shared by its services.
+pub struct Node {
+    pub id: NodeId,
+    pub addr: String,
+    pub raft: Raft<TypeConfig>,
+    pub reader: Reader,
+    proposer: Proposer,
+    pub channels: Channels,
+    pub config: Config,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a write became: an outcome here, or a leader to forward it to.
+#[derive(Debug)]
+pub enum Routed {
+    Done(Outcome),
+    Forward(String),
+}
+
+impl Node {
+    /// The leader as this node knows it: (id, address).
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Proposes a command here if this node leads, or says where the leader is.
+    pub async fn route(&self, command: Command) -> Result<Routed, ProposeError> {
+        if !self.is_leader() {
+            if let Some((id, addr)) = self.leader() {
+                if id != self.id {
+                    return Ok(Routed::Forward(addr));
+                }
+            }
+        }
+        match self.proposer.propose(command).await {
+            Ok(outcome) => Ok(Routed::Done(outcome)),
+            Err(ProposeError::NotLeader { leader: Some((id, addr)) }) if id != self.id => {
+                Ok(Routed::Forward(addr))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A node started in this process; [`NodeHandle::stop`] shuts it down.
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub node: Arc<Node>,
+    stop: Option<oneshot::Sender<()>>,
+    served: JoinHandle<anyhow::Result<()>>,
+}
+
+impl NodeHandle {
+    /// Stops serving, shuts Raft down, and waits for both.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let served = self.served.await.context("server task")?;
+        self.node.raft.shutdown().await.context("raft shutdown")?;
+        served
+    }
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let handle = start(config, listener).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    handle.stop().await
+}
+
+/// Starts a node on `listener` and returns once it serves.
+pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<NodeHandle> {
+    start_with(config, listener, network::tcp_channels, Arc::new(SystemClock)).await
+}
+
+/// [`start`] with an injected channel factory and clock.
+pub async fn start_with(
+    config: Config,
+    listener: TcpListener,
+    channels: impl Fn(Duration) -> network::ChannelMaker,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<NodeHandle> {
+    config.validate()?;
+    let addr = config.advertise_addr();
+    let (log, sm) = open_storage(&config).await?;
+    let reader = sm.reader();
+    let raft_config = openraft::Config {
+        cluster_name: "ration".into(),
+        heartbeat_interval: config.heartbeat_ms,
+        election_timeout_min: config.election_timeout_min_ms,
+        election_timeout_max: config.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
+        max_in_snapshot_log_to_keep: config.keep_log_after_snapshot,
+        snapshot_max_chunk_size: config.snapshot_chunk_bytes as u64,
+        max_payload_entries: 64,
+        install_snapshot_timeout: config.rpc_timeout_ms.saturating_mul(5),
+        ..Default::default()
+    }
+    .validate()
+    .context("raft configuration")?;
+    let channels = Channels::new(
+        channels(config.rpc_timeout()),
+        config.rpc_timeout(),
+        config.max_message_bytes,
+    );
+    let raft = Raft::new(
+        config.node_id,
+        Arc::new(raft_config),
+        Network { channels: channels.clone() },
+        log,
+        sm,
+    )
+    .await
+    .context("starting raft")?;
+    let limits = BatchLimits {
+        max_commands: config.batch_max_commands,
+        max_bytes: config.batch_max_bytes,
+        wait: Duration::from_micros(config.batch_wait_us),
+        queue: config.proposal_queue,
+    };
+    let proposer = Proposer::start(raft.clone(), clock, limits);
+    let node = Arc::new(Node {
+        id: config.node_id,
+        addr: addr.clone(),
+        raft: raft.clone(),
+        reader,
+        proposer,
+        channels,
+        config: config.clone(),
+    });
+
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let served = tokio::spawn(services::serve(node.clone(), listener, async {
+        let _ = stop_rx.await;
+    }));
+    bootstrap(&node).await?;
+    tokio::spawn(ticker(Arc::downgrade(&node), node.config.tick_ms));
+    tracing::info!(id = node.id, %addr, "node serving");
+    Ok(NodeHandle { node, stop: Some(stop_tx), served })
+}
+
+/// Opens the node's storage. A lock held by a node that is still stopping (in this
+/// process or another) is retried for a few seconds; any other error is final.
+async fn open_storage(
+    config: &Config,
+) -> anyhow::Result<(ration_store::LogStore, ration_store::StateMachine)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ration_store::open(&config.data_dir, LedgerConfig::default()) {
+            Ok(opened) => return Ok(opened),
+            Err(ration_store::OpenError::Sled(sled::Error::Io(e)))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot open storage in {}", config.data_dir.display())
+                })
+            }
+        }
+    }
+}
+
+/// Initializes a new cluster or joins an existing one, once.
+async fn bootstrap(node: &Arc<Node>) -> anyhow::Result<()> {
+    let config = &node.config;
+    if let Some(through) = &config.join {
+        if node.raft.is_initialized().await? {
+            return Ok(());
+        }
+        let node = node.clone();
+        let through = through.clone();
+        tokio::spawn(async move {
+            for attempt in 1..=60u32 {
+                match join(&node, &through).await {
+                    Ok(()) => {
+                        tracing::info!(id = node.id, "joined the cluster as a voter");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(attempt, "joining through {through}: {e:#}"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            tracing::error!("gave up joining through {through}");
+        });
+        return Ok(());
+    }
+    let peers = config.peers()?;
+    let members: BTreeMap<NodeId, BasicNode> = if peers.is_empty() {
+        BTreeMap::from([(node.id, BasicNode::new(node.addr.clone()))])
+    } else {
+        peers.iter().map(|p| (p.id, BasicNode::new(p.addr.clone()))).collect()
+    };
+    let lowest = members.keys().next().copied();
+    if lowest == Some(node.id) && !node.raft.is_initialized().await? {
+        node.raft.initialize(members).await.context("initializing the cluster")?;
+        tracing::info!(id = node.id, "initialized the cluster");
+    }
+    Ok(())
+}
+
+/// Adds this node as a learner through `through`, then makes it a voter.
+async fn join(node: &Node, through: &str) -> anyhow::Result<()> {
+    let channel = node.channels.get(through)?;
+    let mut client = ClusterClient::new(channel);
+    client.add_learner(AddLearnerRequest { id: node.id, addr: node.addr.clone() }).await?;
+    let status = client.status(StatusRequest {}).await?.into_inner();
+    let mut voters: BTreeSet<u64> =
+        status.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    voters.insert(node.id);
+    client
+        .change_membership(ChangeMembershipRequest {
+            voters: voters.into_iter().collect(),
+            retain: false,
+        })
+        .await?;
+    Ok(())
+}
+
+/// The leader proposes a tick periodically so expiry and rollover need no writes.
+/// Holds the node weakly: a stopped node's storage is released at once.
+async fn ticker(node: std::sync::Weak<Node>, every_ms: u64) {
+    let mut every = tokio::time::interval(Duration::from_millis(every_ms));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.raft.metrics().borrow().state == ServerState::Shutdown {
+            return;
+        }
+        if node.is_leader() {
+            if let Err(e) = node.proposer.propose(Command::Tick).await {
+                tracing::debug!("tick not proposed: {e}");
+            }
+        }
+    }
+}

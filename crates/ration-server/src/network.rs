@@ -1,0 +1,181 @@
+//! Raft RPCs over tonic. Payloads are openraft's messages encoded with postcard.
+//!
+//! Channels come from a [`Channels`] factory chosen by configuration: real sockets in
+//! production, a simulated network in tests. Every RPC has a deadline, and a channel
+//! that fails is dropped so the next call reconnects (a stalled connection is never
+//! reused).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use ration_proto::v1::raft_client::RaftClient;
+use ration_proto::v1::RaftPayload;
+use ration_store::{NodeId, TypeConfig};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+/// Makes a channel to an address. Production connects lazily over TCP.
+pub type ChannelMaker = Arc<dyn Fn(&str) -> Result<Channel, tonic::transport::Error> + Send + Sync>;
+
+/// The default: lazy TCP channels with connect and request deadlines.
+pub fn tcp_channels(timeout: Duration) -> ChannelMaker {
+    Arc::new(move |addr: &str| {
+        Ok(Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .connect_lazy())
+    })
+}
+
+/// A cache of channels by address, shared by the Raft network and the forwarder.
+#[derive(Clone)]
+pub struct Channels {
+    make: ChannelMaker,
+    cache: Arc<Mutex<BTreeMap<String, Channel>>>,
+    pub timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for Channels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channels").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+impl Channels {
+    pub fn new(make: ChannelMaker, timeout: Duration, max_message_bytes: usize) -> Self {
+        Self { make, cache: Arc::new(Mutex::new(BTreeMap::new())), timeout, max_message_bytes }
+    }
+
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = (self.make)(addr)?;
+        cache.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Forgets a channel after a failure, so the next call reconnects.
+    pub fn drop_channel(&self, addr: &str) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
+    }
+}
+
+/// openraft's network factory.
+#[derive(Clone, Debug)]
+pub struct Network {
+    pub channels: Channels,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        Connection { target, addr: node.addr.clone(), channels: self.channels.clone() }
+    }
+}
+
+/// A connection to one peer.
+#[derive(Debug)]
+pub struct Connection {
+    target: NodeId,
+    addr: String,
+    channels: Channels,
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl Connection {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        which: Rpc,
+        rpc: &Req,
+        deadline: Duration,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: DeserializeOwned + std::error::Error,
+    {
+        let channel = self
+            .channels
+            .get(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(self.channels.max_message_bytes)
+            .max_encoding_message_size(self.channels.max_message_bytes);
+        let data =
+            postcard::to_stdvec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(RaftPayload { data });
+        request.set_timeout(deadline);
+        let reply = match which {
+            Rpc::Append => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                self.channels.drop_channel(&self.addr);
+                return Err(match status.code() {
+                    tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
+                    _ => RPCError::Network(NetworkError::new(&status)),
+                });
+            }
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> = postcard::from_bytes(&reply.data)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let deadline = option.hard_ttl().min(self.channels.timeout);
+        self.call(Rpc::Append, &rpc, deadline).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        let deadline = option.hard_ttl().max(self.channels.timeout);
+        self.call(Rpc::Snapshot, &rpc, deadline).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        let deadline = option.hard_ttl().min(self.channels.timeout);
+        self.call(Rpc::Vote, &rpc, deadline).await
+    }
+}

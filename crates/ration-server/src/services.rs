@@ -1,0 +1,548 @@
+//! The gRPC services a node serves on one port: Ledger (clients), Cluster
+//! (operators), Raft (peers), grpc.health.v1 and server reflection (v1 and v1alpha).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use ration_core::audit::AuditFilter;
+use ration_core::{Command, LeaseId};
+use ration_proto::convert;
+use ration_proto::v1::{
+    self, cluster_client::ClusterClient, cluster_server::ClusterServer,
+    ledger_client::LedgerClient, ledger_server::LedgerServer, raft_server::RaftServer,
+};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request as GrpcRequest, Response, Status};
+
+use crate::{Node, ProposeError, Routed};
+
+/// Set on a request a follower forwarded, so it is never forwarded twice.
+const FORWARDED: &str = "x-ration-forwarded";
+/// Most records or budgets one page returns.
+const MAX_PAGE: u32 = 1000;
+const DEFAULT_PAGE: u32 = 100;
+
+pub(crate) async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let max = node.config.max_message_bytes;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<LedgerServer<LedgerService>>().await;
+    health.set_serving::<ClusterServer<ClusterService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ration_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ration_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let ledger = LedgerServer::new(LedgerService { node: node.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let cluster = ClusterServer::new(ClusterService { node: node.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let raft = RaftServer::new(RaftService { node: node.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ledger)
+        .add_service(cluster)
+        .add_service(raft)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader { .. } => Status::unavailable(
+            "no leader is known right now (election in progress); retry shortly",
+        ),
+        ProposeError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+        ProposeError::Shutdown => Status::unavailable(e.to_string()),
+        ProposeError::Unknown(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+fn forwarded<T>(req: &GrpcRequest<T>) -> bool {
+    req.metadata().contains_key(FORWARDED)
+}
+
+fn forward_request<T>(inner: T) -> GrpcRequest<T> {
+    let mut r = GrpcRequest::new(inner);
+    r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
+#[derive(Debug)]
+struct LedgerService {
+    node: Arc<Node>,
+}
+
+/// Proposes `$core` here or forwards the original request to the leader.
+macro_rules! write {
+    ($self:ident, $req:ident, $convert:path, $method:ident, $reply:expr) => {{
+        let was_forwarded = forwarded(&$req);
+        let inner = $req.into_inner();
+        let command = Command::Request($convert(&inner)?);
+        match $self.node.route(command).await.map_err(propose_status)? {
+            Routed::Done(outcome) => {
+                let reply = outcome.map_err(|e| convert::status(&e))?;
+                Ok(Response::new($reply(&inner, &reply)?))
+            }
+            Routed::Forward(_) if was_forwarded => Err(Status::unavailable(
+                "leadership is moving; retry shortly (with the same request id)",
+            )),
+            Routed::Forward(addr) => {
+                let channel = $self
+                    .node
+                    .channels
+                    .get(&addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                let mut client = LedgerClient::new(channel);
+                match client.$method(forward_request(inner)).await {
+                    Ok(r) => Ok(r),
+                    Err(s) => {
+                        if s.code() == tonic::Code::Unavailable {
+                            $self.node.channels.drop_channel(&addr);
+                        }
+                        Err(s)
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// For linearizable reads on a follower: forward to the leader.
+macro_rules! read_via_leader {
+    ($self:ident, $req:ident, $method:ident) => {{
+        if forwarded(&$req) {
+            return Err(Status::unavailable("leadership is moving; retry shortly"));
+        }
+        let (_, addr) = $self
+            .node
+            .leader()
+            .ok_or_else(|| Status::unavailable("no leader is known right now"))?;
+        let channel =
+            $self.node.channels.get(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
+        return LedgerClient::new(channel).$method(forward_request($req.into_inner())).await;
+    }};
+}
+
+impl LedgerService {
+    /// Read-index on the leader. Returns false if this node is not the leader.
+    async fn linearize(&self) -> Result<bool, Status> {
+        if !self.node.is_leader() {
+            return Ok(false);
+        }
+        match self.node.raft.ensure_linearizable().await {
+            Ok(_) => Ok(true),
+            Err(RaftError::APIError(_)) => Ok(false),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+fn page(limit: u32) -> usize {
+    (if limit == 0 { DEFAULT_PAGE } else { limit.min(MAX_PAGE) }) as usize
+}
+
+#[tonic::async_trait]
+impl v1::ledger_server::Ledger for LedgerService {
+    async fn create_budget(
+        &self,
+        req: GrpcRequest<v1::CreateBudgetRequest>,
+    ) -> Result<Response<v1::BudgetChanged>, Status> {
+        write!(
+            self,
+            req,
+            convert::create_budget,
+            create_budget,
+            |r: &v1::CreateBudgetRequest, reply| { convert::budget_changed(&r.path, reply) }
+        )
+    }
+
+    async fn update_budget(
+        &self,
+        req: GrpcRequest<v1::UpdateBudgetRequest>,
+    ) -> Result<Response<v1::BudgetChanged>, Status> {
+        write!(
+            self,
+            req,
+            convert::update_budget,
+            update_budget,
+            |r: &v1::UpdateBudgetRequest, reply| { convert::budget_changed(&r.path, reply) }
+        )
+    }
+
+    async fn delete_budget(
+        &self,
+        req: GrpcRequest<v1::DeleteBudgetRequest>,
+    ) -> Result<Response<v1::BudgetChanged>, Status> {
+        write!(
+            self,
+            req,
+            convert::delete_budget,
+            delete_budget,
+            |r: &v1::DeleteBudgetRequest, reply| { convert::budget_changed(&r.path, reply) }
+        )
+    }
+
+    async fn get_budget(
+        &self,
+        req: GrpcRequest<v1::GetBudgetRequest>,
+    ) -> Result<Response<v1::Budget>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            read_via_leader!(self, req, get_budget);
+        }
+        let path = convert::path("path", &req.get_ref().path)?;
+        let state = self.node.reader.state();
+        let view = state
+            .ledger
+            .budget(&path)
+            .ok_or_else(|| Status::not_found(format!("budget {path} does not exist")))?;
+        Ok(Response::new(convert::budget(&view)))
+    }
+
+    async fn list_budgets(
+        &self,
+        req: GrpcRequest<v1::ListBudgetsRequest>,
+    ) -> Result<Response<v1::ListBudgetsReply>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            read_via_leader!(self, req, list_budgets);
+        }
+        let r = req.get_ref();
+        let subtree =
+            (!r.subtree.is_empty()).then(|| convert::path("subtree", &r.subtree)).transpose()?;
+        let after = (!r.start_after.is_empty())
+            .then(|| convert::path("start_after", &r.start_after))
+            .transpose()?;
+        let state = self.node.reader.state();
+        let budgets = state.ledger.budgets(subtree.as_ref(), after.as_ref(), page(r.limit));
+        Ok(Response::new(v1::ListBudgetsReply {
+            budgets: budgets.iter().map(convert::budget).collect(),
+        }))
+    }
+
+    async fn acquire(
+        &self,
+        req: GrpcRequest<v1::AcquireRequest>,
+    ) -> Result<Response<v1::Lease>, Status> {
+        write!(
+            self,
+            req,
+            convert::acquire,
+            acquire,
+            |_: &v1::AcquireRequest, reply| convert::lease(reply)
+        )
+    }
+
+    async fn report(
+        &self,
+        req: GrpcRequest<v1::ReportRequest>,
+    ) -> Result<Response<v1::ReportReply>, Status> {
+        write!(self, req, convert::report, report, |_: &v1::ReportRequest, reply| {
+            convert::report_reply(reply)
+        })
+    }
+
+    async fn release(
+        &self,
+        req: GrpcRequest<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseReply>, Status> {
+        write!(self, req, convert::release, release, |_: &v1::ReleaseRequest, reply| {
+            convert::release_reply(reply)
+        })
+    }
+
+    async fn get_lease(
+        &self,
+        req: GrpcRequest<v1::GetLeaseRequest>,
+    ) -> Result<Response<v1::LeaseInfo>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            read_via_leader!(self, req, get_lease);
+        }
+        let id = LeaseId::from_raw(req.get_ref().lease_id);
+        let state = self.node.reader.state();
+        let view = state
+            .ledger
+            .lease(id)
+            .ok_or_else(|| Status::not_found(format!("lease {id} is not live")))?;
+        Ok(Response::new(convert::lease_info(&view)))
+    }
+
+    async fn query_audit(
+        &self,
+        req: GrpcRequest<v1::QueryAuditRequest>,
+    ) -> Result<Response<v1::QueryAuditReply>, Status> {
+        let r = req.into_inner();
+        let filter = AuditFilter {
+            subtree: (!r.subtree.is_empty())
+                .then(|| convert::path("subtree", &r.subtree))
+                .transpose()?,
+            principal: (!r.principal.is_empty())
+                .then(|| ration_core::Principal::new(r.principal.as_str()))
+                .transpose()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            kinds: r.kinds.iter().map(|k| convert::audit_kind(k)).collect::<Result<_, _>>()?,
+            from_ms: r.from_ms,
+            to_ms: r.to_ms,
+        };
+        let want = page(r.limit);
+        let mut records = Vec::new();
+        let mut next = r.from_seq;
+        // Scan in bounded chunks so one query cannot hold memory without limit.
+        const SCAN: usize = 4096;
+        const MAX_SCANNED: usize = 1 << 20;
+        let mut scanned = 0usize;
+        while records.len() < want && scanned < MAX_SCANNED {
+            let chunk = self
+                .node
+                .reader
+                .audit_records(next, SCAN)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            if chunk.is_empty() {
+                break;
+            }
+            for rec in chunk {
+                scanned += 1;
+                next = rec.entry.seq + 1;
+                if filter.matches(&rec) {
+                    records.push(convert::audit_record(&rec));
+                    if records.len() == want {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(Response::new(v1::QueryAuditReply { records, next_seq: next }))
+    }
+}
+
+#[derive(Debug)]
+struct ClusterService {
+    node: Arc<Node>,
+}
+
+impl ClusterService {
+    fn members(&self) -> Vec<v1::Member> {
+        let m = self.node.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, n)| v1::Member { id: *id, addr: n.addr.clone(), voter: voters.contains(id) })
+            .collect()
+    }
+
+    fn status(&self) -> v1::StatusReply {
+        let m = self.node.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let (digest, budgets, leases, applied) = {
+            let state = self.node.reader.state();
+            (
+                state.ledger.digest().to_vec(),
+                state.ledger.budget_count() as u64,
+                state.ledger.live_lease_count() as u64,
+                state.last_applied.map(|l| l.index).unwrap_or(0),
+            )
+        };
+        v1::StatusReply {
+            id: self.node.id,
+            addr: self.node.addr.clone(),
+            role: role.into(),
+            term: m.current_term,
+            leader: m.current_leader,
+            leader_addr: self.node.leader().map(|(_, a)| a).unwrap_or_default(),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: m.last_applied.map(|l| l.index).unwrap_or(0).max(applied),
+            applied_index: applied,
+            members: self.members(),
+            state_digest: digest,
+            audit_records: ration_store::audit_len(&self.node.reader) as u64,
+            budgets,
+            live_leases: leases,
+        }
+    }
+
+    async fn leader_client(&self) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
+        let (_, addr) = self
+            .node
+            .leader()
+            .ok_or_else(|| Status::unavailable("no leader is known right now"))?;
+        let channel =
+            self.node.channels.get(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(ClusterClient::new(channel))
+    }
+}
+
+fn membership_status(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            Status::failed_precondition(c.to_string())
+        }
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Status::unavailable("leadership moved; retry")
+        }
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl v1::cluster_server::Cluster for ClusterService {
+    async fn add_learner(
+        &self,
+        req: GrpcRequest<v1::AddLearnerRequest>,
+    ) -> Result<Response<v1::MembershipReply>, Status> {
+        if !self.node.is_leader() {
+            if forwarded(&req) {
+                return Err(Status::unavailable("leadership is moving; retry"));
+            }
+            return self
+                .leader_client()
+                .await?
+                .add_learner(forward_request(req.into_inner()))
+                .await;
+        }
+        let r = req.into_inner();
+        if r.id == 0 || r.addr.is_empty() {
+            return Err(Status::invalid_argument("a learner needs a non-zero id and an address"));
+        }
+        let written = self
+            .node
+            .raft
+            .add_learner(r.id, BasicNode::new(r.addr), true)
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(v1::MembershipReply {
+            members: self.members(),
+            log_index: written.log_id.index,
+        }))
+    }
+
+    async fn change_membership(
+        &self,
+        req: GrpcRequest<v1::ChangeMembershipRequest>,
+    ) -> Result<Response<v1::MembershipReply>, Status> {
+        if !self.node.is_leader() {
+            if forwarded(&req) {
+                return Err(Status::unavailable("leadership is moving; retry"));
+            }
+            return self
+                .leader_client()
+                .await?
+                .change_membership(forward_request(req.into_inner()))
+                .await;
+        }
+        let r = req.into_inner();
+        if r.voters.is_empty() {
+            return Err(Status::invalid_argument("a cluster needs at least one voter"));
+        }
+        let voters: std::collections::BTreeSet<u64> = r.voters.into_iter().collect();
+        let written =
+            self.node.raft.change_membership(voters, r.retain).await.map_err(membership_status)?;
+        Ok(Response::new(v1::MembershipReply {
+            members: self.members(),
+            log_index: written.log_id.index,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _req: GrpcRequest<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusReply>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: GrpcRequest<v1::TransferLeaderRequest>,
+    ) -> Result<Response<v1::StatusReply>, Status> {
+        let to = req.into_inner().to;
+        let members: BTreeMap<u64, (String, bool)> =
+            self.members().into_iter().map(|m| (m.id, (m.addr, m.voter))).collect();
+        let (addr, voter) = members
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("node {to} is not a member")))?;
+        if !voter {
+            return Err(Status::failed_precondition(format!(
+                "node {to} is a learner, not a voter"
+            )));
+        }
+        if to == self.node.id {
+            return self.campaign(GrpcRequest::new(v1::CampaignRequest {})).await;
+        }
+        let channel =
+            self.node.channels.get(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
+        ClusterClient::new(channel).campaign(v1::CampaignRequest {}).await
+    }
+
+    async fn campaign(
+        &self,
+        _req: GrpcRequest<v1::CampaignRequest>,
+    ) -> Result<Response<v1::StatusReply>, Status> {
+        self.node.raft.trigger().elect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(self.status()))
+    }
+}
+
+#[derive(Debug)]
+struct RaftService {
+    node: Arc<Node>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(req: GrpcRequest<v1::RaftPayload>) -> Result<T, Status> {
+    postcard::from_bytes(&req.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("raft payload does not decode: {e}")))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Response<v1::RaftPayload>, Status> {
+    let data = postcard::to_stdvec(value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(v1::RaftPayload { data }))
+}
+
+#[tonic::async_trait]
+impl v1::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        req: GrpcRequest<v1::RaftPayload>,
+    ) -> Result<Response<v1::RaftPayload>, Status> {
+        encode(&self.node.raft.append_entries(decode(req)?).await)
+    }
+
+    async fn vote(
+        &self,
+        req: GrpcRequest<v1::RaftPayload>,
+    ) -> Result<Response<v1::RaftPayload>, Status> {
+        encode(&self.node.raft.vote(decode(req)?).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: GrpcRequest<v1::RaftPayload>,
+    ) -> Result<Response<v1::RaftPayload>, Status> {
+        encode(&self.node.raft.install_snapshot(decode(req)?).await)
+    }
+}
