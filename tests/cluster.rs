@@ -145,3 +145,223 @@ async fn a_follower_behind_a_purged_log_catches_up_by_snapshot() {
     assert_eq!(audit.records.len(), 120);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_leave_and_take_over_leadership() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    cluster.leader().await;
+    create_tree(cluster.addrs[&1]).await;
+
+    // Node 4 joins through node 1: added as a learner, then promoted to voter.
+    let l = common::listener().await;
+    let addr4 = l.local_addr().unwrap();
+    let mut c4 = common::config(4, addr4, cluster.dir.path().join("node-4"), &[]);
+    c4.join = Some(cluster.addrs[&1].to_string());
+    cluster.addrs.insert(4, addr4);
+    cluster.nodes.insert(4, ration_server::start(c4, l).await.unwrap());
+    eventually("node 4 is a voter", Duration::from_secs(30), || async move {
+        common::status(addr4).await.is_some_and(|s| s.members.iter().any(|m| m.id == 4 && m.voter))
+    })
+    .await;
+    cluster.converged().await;
+
+    // Leadership moves to node 4 on request.
+    let mut admin = ration_proto::v1::cluster_client::ClusterClient::new(
+        common::channel(cluster.addrs[&2]).await,
+    );
+    admin.transfer_leader(v1::TransferLeaderRequest { to: 4 }).await.unwrap();
+    eventually("node 4 leads", Duration::from_secs(20), || async move {
+        common::status(addr4).await.is_some_and(|s| s.leader == Some(4))
+    })
+    .await;
+
+    // Node 2 is removed; the rest keep serving writes.
+    admin
+        .change_membership(v1::ChangeMembershipRequest { voters: vec![1, 3, 4], retain: false })
+        .await
+        .unwrap();
+    eventually("node 2 is no longer a member", Duration::from_secs(20), || async move {
+        common::status(addr4).await.is_some_and(|s| s.members.iter().all(|m| m.id != 2))
+    })
+    .await;
+    cluster.stop(2).await;
+    let lease = ledger(cluster.addrs[&1])
+        .await
+        .acquire(acquire("gw-1-c", 1, 5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.granted, 5);
+    let statuses = cluster.converged().await;
+    assert!(statuses.windows(2).all(|w| w[0].state_digest == w[1].state_digest), "digests differ");
+
+    // Refused changes say why.
+    let err = admin.transfer_leader(v1::TransferLeaderRequest { to: 9 }).await;
+    let err = match err {
+        Err(e) => e,
+        Ok(_) => {
+            // node 2 is gone; ask a member instead
+            ration_proto::v1::cluster_client::ClusterClient::new(
+                common::channel(cluster.addrs[&1]).await,
+            )
+            .transfer_leader(v1::TransferLeaderRequest { to: 9 })
+            .await
+            .unwrap_err()
+        }
+    };
+    assert!(matches!(err.code(), tonic::Code::NotFound | tonic::Code::Unavailable), "{err}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_statuses_and_change_nothing() {
+    let cluster = Cluster::start(1, |_| {}).await;
+    cluster.leader().await;
+    let addr = cluster.addrs[&1];
+    create_tree(addr).await;
+    let mut c = ledger(addr).await;
+    let before = common::status(addr).await.unwrap();
+
+    let cases: Vec<(v1::AcquireRequest, tonic::Code, &str)> = vec![
+        (
+            v1::AcquireRequest { wanted: -1, ..acquire("bad", 1, 0) },
+            tonic::Code::InvalidArgument,
+            "wanted must not be negative",
+        ),
+        (
+            v1::AcquireRequest { budget: "acme//x".into(), ..acquire("bad", 2, 5) },
+            tonic::Code::InvalidArgument,
+            "budget",
+        ),
+        (
+            v1::AcquireRequest { budget: "nope".into(), ..acquire("bad", 3, 5) },
+            tonic::Code::NotFound,
+            "nope does not exist",
+        ),
+        (
+            v1::AcquireRequest { unit: "usd_micros".into(), ..acquire("bad", 4, 5) },
+            tonic::Code::FailedPrecondition,
+            "no",
+        ),
+        (acquire("bad", 5, 600_000), tonic::Code::Ok, ""),
+        (
+            v1::AcquireRequest { min: 600_000, ..acquire("bad", 6, 600_000) },
+            tonic::Code::ResourceExhausted,
+            "exhausted",
+        ),
+        (
+            v1::AcquireRequest { meta: None, ..acquire("bad", 7, 5) },
+            tonic::Code::InvalidArgument,
+            "meta",
+        ),
+    ];
+    for (req, code, text) in cases {
+        match c.acquire(req.clone()).await {
+            Ok(_) => assert_eq!(code, tonic::Code::Ok, "{req:?} succeeded"),
+            Err(s) => {
+                assert_eq!(s.code(), code, "{req:?}: {s}");
+                assert!(s.message().contains(text), "{req:?}: {s}");
+            }
+        }
+    }
+    let err = c
+        .report(v1::ReportRequest {
+            meta: meta("bad", 8, "gw-1"),
+            lease_id: 12345,
+            consumed_delta: 1,
+            renew_ttl_ms: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+
+    // An oversized message is refused; the node keeps serving.
+    let huge = v1::CreateBudgetRequest {
+        meta: meta("bad", 9, "ops"),
+        path: "x".repeat(9 << 20),
+        limits: vec![],
+    };
+    let err = c.create_budget(huge).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+    let after = common::status(addr).await.unwrap();
+    assert_eq!(after.budgets, before.budgets);
+    assert_eq!(
+        after.live_leases,
+        before.live_leases + 1,
+        "only the one good acquire changed state"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_answer_stock_clients() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let cluster = Cluster::start(1, |_| {}).await;
+    let addr = cluster.addrs[&1];
+    let mut health = HealthClient::new(common::channel(addr).await);
+    for service in ["", "ration.v1.Ledger", "ration.v1.Cluster"] {
+        let r = health
+            .check(HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "{service}");
+    }
+
+    let expected =
+        ["grpc.health.v1.Health", "ration.v1.Cluster", "ration.v1.Ledger", "ration.v1.Raft"];
+    {
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        let mut client = ServerReflectionClient::new(common::channel(addr).await);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no service list");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for e in expected {
+            assert!(names.iter().any(|n| n == e), "v1 reflection lacks {e}: {names:?}");
+        }
+    }
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        let mut client = ServerReflectionClient::new(common::channel(addr).await);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no service list");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for e in expected {
+            assert!(names.iter().any(|n| n == e), "v1alpha reflection lacks {e}: {names:?}");
+        }
+    }
+    cluster.shutdown().await;
+}

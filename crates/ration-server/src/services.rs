@@ -491,8 +491,24 @@ impl v1::cluster_server::Cluster for ClusterService {
                 "node {to} is a learner, not a voter"
             )));
         }
-        if to == self.node.id {
-            return self.campaign(GrpcRequest::new(v1::CampaignRequest {})).await;
+        // openraft 0.9 has no leadership transfer, and followers that hear from a
+        // leader refuse to vote: so every other voter pauses its elections (the leader
+        // its heartbeats too) for a moment, and the target campaigns until it wins.
+        const PAUSE_MS: u64 = 3000;
+        for (id, (member_addr, is_voter)) in &members {
+            if *id == to || !is_voter {
+                continue;
+            }
+            let paused = match self.node.channels.get(member_addr) {
+                Ok(ch) => ClusterClient::new(ch)
+                    .pause_elections(v1::PauseElectionsRequest { ms: PAUSE_MS })
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(Status::unavailable(e.to_string())),
+            };
+            if let Err(e) = paused {
+                tracing::warn!(node = id, "could not pause elections for a leader transfer: {e}");
+            }
         }
         let channel =
             self.node.channels.get(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
@@ -503,7 +519,40 @@ impl v1::cluster_server::Cluster for ClusterService {
         &self,
         _req: GrpcRequest<v1::CampaignRequest>,
     ) -> Result<Response<v1::StatusReply>, Status> {
-        self.node.raft.trigger().elect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(8);
+        while !self.node.is_leader() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Status::deadline_exceeded(
+                    "did not win an election in time; the cluster keeps its leader",
+                ));
+            }
+            self.node
+                .raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        }
+        Ok(Response::new(self.status()))
+    }
+
+    async fn pause_elections(
+        &self,
+        req: GrpcRequest<v1::PauseElectionsRequest>,
+    ) -> Result<Response<v1::StatusReply>, Status> {
+        let ms = req.into_inner().ms;
+        if ms == 0 || ms > 10_000 {
+            return Err(Status::invalid_argument(format!("pause of {ms} ms is outside 1..=10000")));
+        }
+        let raft = self.node.raft.clone();
+        raft.runtime_config().elect(false);
+        raft.runtime_config().heartbeat(false);
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            raft.runtime_config().elect(true);
+            raft.runtime_config().heartbeat(true);
+        });
         Ok(Response::new(self.status()))
     }
 }
