@@ -264,6 +264,60 @@ pub fn lease_info(v: &LeaseView) -> v1::LeaseInfo {
     }
 }
 
+/// Most operations one Batch call may carry.
+pub const MAX_BATCH_OPS: usize = 1024;
+
+/// Converts every operation of a batch; a malformed one fails the whole call, naming
+/// its position, before anything is proposed.
+pub fn batch(r: &v1::BatchRequest) -> Result<Vec<Request>, Status> {
+    if r.ops.len() > MAX_BATCH_OPS {
+        return Err(Status::invalid_argument(format!(
+            "a batch holds at most {MAX_BATCH_OPS} operations, got {}",
+            r.ops.len()
+        )));
+    }
+    r.ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| {
+            let converted = match &op.op {
+                Some(v1::batch_op::Op::Acquire(a)) => acquire(a),
+                Some(v1::batch_op::Op::Report(rep)) => report(rep),
+                Some(v1::batch_op::Op::Release(rel)) => release(rel),
+                None => Err(missing("op")),
+            };
+            converted.map_err(|s| Status::new(s.code(), format!("ops[{i}]: {}", s.message())))
+        })
+        .collect()
+}
+
+/// One operation's result inside a batch reply.
+pub fn batch_result(outcome: &ration_core::Outcome) -> v1::BatchResult {
+    use v1::batch_result::Result as R;
+    let result = match outcome {
+        Err(e) => {
+            let s = status(e);
+            R::Error(v1::OpError { code: s.code() as i32, message: s.message().to_owned() })
+        }
+        Ok(reply @ Reply::Granted(_)) => lease(reply).map(R::Lease).unwrap_or_else(internal_error),
+        Ok(reply @ Reply::Reported { .. }) => {
+            report_reply(reply).map(R::Report).unwrap_or_else(internal_error)
+        }
+        Ok(reply @ Reply::Released { .. }) => {
+            release_reply(reply).map(R::Release).unwrap_or_else(internal_error)
+        }
+        Ok(other) => internal_error(unexpected(other)),
+    };
+    v1::BatchResult { result: Some(result) }
+}
+
+fn internal_error(s: Status) -> v1::batch_result::Result {
+    v1::batch_result::Result::Error(v1::OpError {
+        code: s.code() as i32,
+        message: s.message().to_owned(),
+    })
+}
+
 pub fn audit_kind(name: &str) -> Result<AuditKind, Status> {
     AuditKind::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
         let names: Vec<&str> = AuditKind::ALL.iter().map(|k| k.name()).collect();

@@ -136,13 +136,11 @@ impl Config {
                 "give initial_cluster (to form a cluster) or join (to join one), not both".into()
             );
         }
-        if self.batch_max_commands == 0
-            || self.batch_max_commands > ration_core::names::MAX_COMMANDS_PER_ENTRY
-        {
-            return bad(format!(
-                "batch_max_commands must be 1..={}",
-                ration_core::names::MAX_COMMANDS_PER_ENTRY
-            ));
+        // One caller's batch may ride over the limit; the entry must still fit.
+        let most =
+            ration_core::names::MAX_COMMANDS_PER_ENTRY - ration_proto::convert::MAX_BATCH_OPS;
+        if self.batch_max_commands == 0 || self.batch_max_commands > most {
+            return bad(format!("batch_max_commands must be 1..={most}"));
         }
         if self.election_timeout_min_ms <= self.heartbeat_ms
             || self.election_timeout_max_ms <= self.election_timeout_min_ms

@@ -51,6 +51,13 @@ impl std::fmt::Debug for Node {
 
 /// What a write became: an outcome here, or a leader to forward it to.
 #[derive(Debug)]
+pub enum RoutedAll {
+    Done(Vec<Outcome>),
+    Forward(String),
+}
+
+/// What one write became.
+#[derive(Debug)]
 pub enum Routed {
     Done(Outcome),
     Forward(String),
@@ -71,17 +78,28 @@ impl Node {
 
     /// Proposes a command here if this node leads, or says where the leader is.
     pub async fn route(&self, command: Command) -> Result<Routed, ProposeError> {
+        match self.route_all(vec![command]).await? {
+            RoutedAll::Done(mut outcomes) => outcomes
+                .pop()
+                .map(Routed::Done)
+                .ok_or_else(|| ProposeError::Unknown("no outcome returned".into())),
+            RoutedAll::Forward(addr) => Ok(Routed::Forward(addr)),
+        }
+    }
+
+    /// Proposes commands together here if this node leads, or says where the leader is.
+    pub async fn route_all(&self, commands: Vec<Command>) -> Result<RoutedAll, ProposeError> {
         if !self.is_leader() {
             if let Some((id, addr)) = self.leader() {
                 if id != self.id {
-                    return Ok(Routed::Forward(addr));
+                    return Ok(RoutedAll::Forward(addr));
                 }
             }
         }
-        match self.proposer.propose(command).await {
-            Ok(outcome) => Ok(Routed::Done(outcome)),
+        match self.proposer.propose_all(commands).await {
+            Ok(outcomes) => Ok(RoutedAll::Done(outcomes)),
             Err(ProposeError::NotLeader { leader: Some((id, addr)) }) if id != self.id => {
-                Ok(Routed::Forward(addr))
+                Ok(RoutedAll::Forward(addr))
             }
             Err(e) => Err(e),
         }

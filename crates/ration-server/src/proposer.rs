@@ -48,9 +48,9 @@ pub enum ProposeError {
 }
 
 struct Pending {
-    command: Command,
+    commands: Vec<Command>,
     bytes: usize,
-    reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+    reply: oneshot::Sender<Result<Vec<Outcome>, ProposeError>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -77,9 +77,16 @@ impl Proposer {
 
     /// Proposes one command and waits for its outcome.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
-        let bytes = estimate_bytes(&command);
+        let mut outcomes = self.propose_all(vec![command]).await?;
+        outcomes.pop().ok_or_else(|| ProposeError::Unknown("no outcome returned".into()))
+    }
+
+    /// Proposes commands together (in one entry, in order) and waits for their
+    /// outcomes.
+    pub async fn propose_all(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
+        let bytes = commands.iter().map(estimate_bytes).sum();
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Pending { command, bytes, reply }).map_err(|e| match e {
+        self.tx.try_send(Pending { commands, bytes, reply }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ProposeError::Overloaded(self.queue),
             mpsc::error::TrySendError::Closed(_) => ProposeError::Shutdown,
         })?;
@@ -110,10 +117,11 @@ async fn run(
     mut rx: mpsc::Receiver<Pending>,
 ) {
     while let Some(first) = rx.recv().await {
+        let mut count = first.commands.len();
+        let mut bytes = first.bytes;
         let mut batch = vec![first];
-        let mut bytes = batch[0].bytes;
         let deadline = tokio::time::Instant::now() + limits.wait;
-        while batch.len() < limits.max_commands && bytes < limits.max_bytes {
+        while count < limits.max_commands && bytes < limits.max_bytes {
             let next = match rx.try_recv() {
                 Ok(p) => Some(p),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
@@ -122,18 +130,25 @@ async fn run(
                 }
             };
             let Some(p) = next else { break };
+            count += p.commands.len();
             bytes += p.bytes;
             batch.push(p);
         }
-        let (commands, replies): (Vec<Command>, Vec<_>) =
-            batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+        // A caller's commands stay together: an entry may exceed the command limit by
+        // one caller's batch (at most MAX_BATCH_OPS), which the configuration keeps
+        // under the ledger's per-entry maximum.
+        let mut commands = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(batch.len());
+        for p in batch {
+            replies.push((p.commands.len(), p.reply));
+            commands.extend(p.commands);
+        }
         let entry = Entry::V1(Batch { time_ms: clock.now_ms(), commands });
         match raft.client_write(entry).await {
             Ok(written) => {
-                let outcomes = written.data.outcomes;
-                debug_assert_eq!(outcomes.len(), replies.len());
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
+                let mut outcomes = written.data.outcomes.into_iter();
+                for (n, reply) in replies {
+                    let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
                 }
             }
             Err(e) => {
@@ -145,7 +160,7 @@ async fn run(
                     }
                     other => ProposeError::Unknown(other.to_string()),
                 };
-                for reply in replies {
+                for (_, reply) in replies {
                     let _ = reply.send(Err(err.clone()));
                 }
             }

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use crate::{Node, ProposeError, Routed};
+use crate::{Node, ProposeError, Routed, RoutedAll};
 
 /// Set on a request a follower forwarded, so it is never forwarded twice.
 const FORWARDED: &str = "x-ration-forwarded";
@@ -286,6 +286,35 @@ impl v1::ledger_server::Ledger for LedgerService {
         Ok(Response::new(convert::lease_info(&view)))
     }
 
+    async fn batch(
+        &self,
+        req: GrpcRequest<v1::BatchRequest>,
+    ) -> Result<Response<v1::BatchReply>, Status> {
+        let was_forwarded = forwarded(&req);
+        let inner = req.into_inner();
+        let commands = convert::batch(&inner)?.into_iter().map(Command::Request).collect();
+        match self.node.route_all(commands).await.map_err(propose_status)? {
+            RoutedAll::Done(outcomes) => Ok(Response::new(v1::BatchReply {
+                results: outcomes.iter().map(convert::batch_result).collect(),
+            })),
+            RoutedAll::Forward(_) if was_forwarded => Err(Status::unavailable(
+                "leadership is moving; retry shortly (with the same request ids)",
+            )),
+            RoutedAll::Forward(addr) => {
+                let channel = self
+                    .node
+                    .channels
+                    .get(&addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                LedgerClient::new(channel)
+                    .max_decoding_message_size(self.node.config.max_message_bytes)
+                    .max_encoding_message_size(self.node.config.max_message_bytes)
+                    .batch(forward_request(inner))
+                    .await
+            }
+        }
+    }
+
     async fn query_audit(
         &self,
         req: GrpcRequest<v1::QueryAuditRequest>,
@@ -380,7 +409,7 @@ impl ClusterService {
             applied_index: applied,
             members: self.members(),
             state_digest: digest,
-            audit_records: ration_store::audit_len(&self.node.reader) as u64,
+            audit_records: ration_store::audit_len(&self.node.reader),
             budgets,
             live_leases: leases,
         }

@@ -232,6 +232,91 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+// ----- the audit records -----
+
+/// Audit records in sled, in chunks: one key per applied batch of entries (the first
+/// record's sequence number), holding that batch's records in order. One sled write
+/// per apply call instead of one per record.
+#[derive(Clone, Debug)]
+pub struct AuditStore {
+    tree: sled::Tree,
+}
+
+/// Records per chunk when many are written at once (snapshot install).
+const AUDIT_CHUNK: usize = 4096;
+
+impl AuditStore {
+    fn decode(value: &[u8]) -> Result<Vec<AuditRecord>, ReadError> {
+        Ok(postcard::from_bytes(value)?)
+    }
+
+    fn append(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
+        if let Some(first) = records.first() {
+            self.tree.insert(index_key(first.entry.seq), encode(&records))?;
+        }
+        Ok(())
+    }
+
+    /// Records from sequence number `from`, in order, at most `limit`.
+    pub fn read(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
+        let mut out = Vec::new();
+        // The chunk holding `from` starts at or before it.
+        let start = match self.tree.range(..=index_key(from)).next_back() {
+            Some(item) => item?.0,
+            None => sled::IVec::from(&index_key(from)),
+        };
+        for item in self.tree.range(start..) {
+            let (_, value) = item?;
+            for record in Self::decode(&value)? {
+                if record.entry.seq >= from {
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                    out.push(record);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of records held (they run from 0 without gaps).
+    pub fn len(&self) -> Result<u64, ReadError> {
+        match self.tree.last()? {
+            Some((_, value)) => Ok(Self::decode(&value)?.last().map_or(0, |r| r.entry.seq + 1)),
+            None => Ok(0),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Drops every record from sequence number `seq` on.
+    fn truncate_from(&self, seq: u64) -> Result<(), ReadError> {
+        if let Some(item) = self.tree.range(..index_key(seq)).next_back() {
+            let (key, value) = item?;
+            let records = Self::decode(&value)?;
+            if records.last().is_some_and(|r| r.entry.seq >= seq) {
+                let kept: Vec<AuditRecord> =
+                    records.into_iter().filter(|r| r.entry.seq < seq).collect();
+                self.tree.insert(key, encode(&kept))?;
+            }
+        }
+        for key in self.tree.range(index_key(seq)..).keys() {
+            self.tree.remove(key?)?;
+        }
+        Ok(())
+    }
+
+    fn replace_all(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
+        self.tree.clear()?;
+        for chunk in records.chunks(AUDIT_CHUNK) {
+            self.append(chunk)?;
+        }
+        Ok(())
+    }
+}
+
 // ----- the state machine -----
 
 /// The applied state, shared with the services that read it.
@@ -246,7 +331,7 @@ pub struct AppliedState {
 #[derive(Clone, Debug)]
 pub struct Reader {
     state: Arc<RwLock<AppliedState>>,
-    audit: sled::Tree,
+    pub audit: AuditStore,
 }
 
 impl Reader {
@@ -257,12 +342,7 @@ impl Reader {
 
     /// Audit records from sequence number `from`, in order, at most `limit`.
     pub fn audit_records(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
-        let mut out = Vec::new();
-        for item in self.audit.range(index_key(from)..).take(limit) {
-            let (_, value) = item?;
-            out.push(postcard::from_bytes(&value)?);
-        }
-        Ok(out)
+        self.audit.read(from, limit)
     }
 }
 
@@ -280,7 +360,7 @@ pub enum ReadError {
 pub struct StateMachine {
     state: Arc<RwLock<AppliedState>>,
     db: sled::Db,
-    audit: sled::Tree,
+    audit: AuditStore,
     dir: PathBuf,
 }
 
@@ -304,7 +384,7 @@ const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 impl StateMachine {
     fn open(db: sled::Db, dir: PathBuf, config: LedgerConfig) -> Result<Self, OpenError> {
-        let audit = db.open_tree("audit")?;
+        let audit = AuditStore { tree: db.open_tree("audit")? };
         let path = dir.join(SNAPSHOT_FILE);
         let mut from_snapshot = Vec::new();
         let state = match read_snapshot_file(&path)? {
@@ -323,17 +403,16 @@ impl StateMachine {
         // Records past the snapshot's chain head are regenerated, identically, when
         // openraft re-applies the log after it.
         let head = state.ledger.chain_head().next_seq;
-        for key in audit.range(index_key(head)..).keys() {
-            audit.remove(key?)?;
-        }
+        audit
+            .truncate_from(head)
+            .map_err(|e| OpenError::Snapshot { path: path.clone(), reason: e.to_string() })?;
         // A crash while installing a snapshot can leave the tree short of the records
         // the snapshot covers; the snapshot file has them all.
-        if (audit.len() as u64) < head {
-            let mut batch = sled::Batch::default();
-            for record in &from_snapshot {
-                batch.insert(&index_key(record.entry.seq), encode(record));
-            }
-            audit.apply_batch(batch)?;
+        let held = audit
+            .len()
+            .map_err(|e| OpenError::Snapshot { path: path.clone(), reason: e.to_string() })?;
+        if held < head {
+            audit.replace_all(&from_snapshot)?;
             db.flush()?;
         }
         Ok(Self { state: Arc::new(RwLock::new(state)), db, audit, dir })
@@ -347,13 +426,11 @@ impl StateMachine {
         self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Every audit record before `head`, checked against it.
+    /// Every audit record before `head`.
     fn audit_until(&self, head: ChainHead) -> Result<Vec<AuditRecord>, ReadError> {
-        let mut records = Vec::with_capacity(usize::try_from(head.next_seq).unwrap_or(0));
-        for item in self.audit.range(..index_key(head.next_seq)) {
-            let (_, value) = item?;
-            records.push(postcard::from_bytes(&value)?);
-        }
+        let mut records =
+            self.audit.read(0, usize::try_from(head.next_seq).unwrap_or(usize::MAX))?;
+        records.truncate(usize::try_from(head.next_seq).unwrap_or(usize::MAX));
         Ok(records)
     }
 
@@ -446,7 +523,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut responses = Vec::new();
-        let mut batch = sled::Batch::default();
+        let mut records = Vec::new();
         {
             let mut state = self.write_state();
             for entry in entries {
@@ -459,9 +536,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                     EntryPayload::Normal(data) => {
                         let applied = state.ledger.apply(entry.log_id.index, &data);
-                        for record in &applied.audit {
-                            batch.insert(&index_key(record.entry.seq), encode(record));
-                        }
+                        records.extend(applied.audit);
                         responses.push(Response { outcomes: applied.outcomes });
                     }
                 }
@@ -469,7 +544,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         // Not flushed: audit records can be regenerated from the log, and a snapshot
         // flushes them before it is written.
-        self.audit.apply_batch(batch).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.audit.append(&records).map_err(|e| StorageIOError::write_state_machine(&e))?;
         Ok(responses)
     }
 
@@ -503,12 +578,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 &std::io::Error::other(e.to_string()),
             )
         };
-        self.audit.clear().map_err(|e| write_err(&e))?;
-        let mut batch = sled::Batch::default();
-        for record in &records {
-            batch.insert(&index_key(record.entry.seq), encode(record));
-        }
-        self.audit.apply_batch(batch).map_err(|e| write_err(&e))?;
+        self.audit.replace_all(&records).map_err(|e| write_err(&e))?;
         self.db.flush_async().await.map_err(|e| write_err(&e))?;
         self.persist(&SnapshotFile { meta: meta.clone(), data }).map_err(|e| write_err(&e))?;
         *self.write_state() = state;
@@ -523,9 +593,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// Counts of what the store holds, for status and metrics.
-pub fn audit_len(reader: &Reader) -> usize {
-    reader.audit.len()
+/// Number of audit records this node holds.
+pub fn audit_len(reader: &Reader) -> u64 {
+    reader.audit.len().unwrap_or(0)
 }
 
 #[cfg(test)]

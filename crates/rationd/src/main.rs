@@ -1,6 +1,10 @@
 //! `rationd`: parse the configuration, set up logging, run the node until SIGTERM
 //! or ctrl-c.
 
+/// mimalloc: glibc malloc was a fifth of a node's CPU under load.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use ration_server::config::Args;
 
