@@ -198,6 +198,10 @@ pub struct Args {
     pub tick_ms: Option<u64>,
     #[arg(long, env = "RATION_SNAPSHOT_AFTER_ENTRIES")]
     pub snapshot_after_entries: Option<u64>,
+    #[arg(long, env = "RATION_BATCH_MAX_COMMANDS")]
+    pub batch_max_commands: Option<usize>,
+    #[arg(long, env = "RATION_BATCH_WAIT_US")]
+    pub batch_wait_us: Option<u64>,
 }
 
 impl Args {
