@@ -64,7 +64,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ration-data"),
             initial_cluster: Vec::new(),
             join: None,
-            batch_max_commands: 1024,
+            batch_max_commands: 3072,
             batch_max_bytes: 1 << 20,
             batch_wait_us: 1000,
             proposal_queue: 65_536,
@@ -223,7 +223,9 @@ impl Args {
             initial_cluster,
             log_format,
             tick_ms,
-            snapshot_after_entries
+            snapshot_after_entries,
+            batch_max_commands,
+            batch_wait_us
         );
         if self.advertise.is_some() {
             c.advertise = self.advertise;
