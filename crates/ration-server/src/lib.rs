@@ -142,16 +142,29 @@ pub async fn run(
 
 /// Starts a node on `listener` and returns once it serves.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<NodeHandle> {
-    start_with(config, listener, network::tcp_channels, Arc::new(SystemClock)).await
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    start_with(config, incoming, network::tcp_channels, Arc::new(SystemClock)).await
 }
 
-/// [`start`] with an injected channel factory and clock.
-pub async fn start_with(
+/// [`start`] with the transport and the clock injected: `incoming` yields accepted
+/// connections, `channels` makes client channels to peers, `clock` stamps entries.
+/// A deterministic simulation passes its own network and time here.
+pub async fn start_with<I, IO, IE>(
     config: Config,
-    listener: TcpListener,
+    incoming: I,
     channels: impl Fn(Duration) -> network::ChannelMaker,
     clock: Arc<dyn Clock>,
-) -> anyhow::Result<NodeHandle> {
+) -> anyhow::Result<NodeHandle>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
     config.validate()?;
     let addr = config.advertise_addr();
     let (log, sm) = open_storage(&config).await?;
@@ -202,7 +215,7 @@ pub async fn start_with(
     });
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let served = tokio::spawn(services::serve(node.clone(), listener, async {
+    let served = tokio::spawn(services::serve(node.clone(), incoming, async {
         let _ = stop_rx.await;
     }));
     bootstrap(&node).await?;

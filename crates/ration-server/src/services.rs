@@ -14,8 +14,7 @@ use ration_proto::v1::{
     self, cluster_client::ClusterClient, cluster_server::ClusterServer,
     ledger_client::LedgerClient, ledger_server::LedgerServer, raft_server::RaftServer,
 };
-use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::Connected;
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use crate::{Node, ProposeError, Routed, RoutedAll};
@@ -26,11 +25,18 @@ const FORWARDED: &str = "x-ration-forwarded";
 const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
 
-pub(crate) async fn serve(
+/// Serves every service on the connections `incoming` yields: a TCP listener in
+/// production, a simulated network in tests.
+pub(crate) async fn serve<I, IO, IE>(
     node: Arc<Node>,
-    listener: TcpListener,
+    incoming: I,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let max = node.config.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LedgerServer<LedgerService>>().await;
@@ -59,10 +65,7 @@ pub(crate) async fn serve(
         .add_service(ledger)
         .add_service(cluster)
         .add_service(raft)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

@@ -336,3 +336,44 @@ async fn acknowledged_writes_survive_kill_9_of_a_follower_and_the_leader() {
         statuses[0].applied_index
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_gracefully_and_state_survives() {
+    let root = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut p = Proc {
+        id: 1,
+        addr,
+        dir: root.path().join("node-1"),
+        cluster: format!("1={addr}"),
+        child: None,
+    };
+    p.spawn();
+    leader(&[addr]).await;
+    let req = v1::CreateBudgetRequest {
+        meta: meta("term-admin", 1),
+        path: "kept".into(),
+        limits: vec![],
+    };
+    until_answered!([addr], create_budget, req).unwrap();
+    let mut child = p.child.take().unwrap();
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "rationd did not exit within 15 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "rationd exited with {exit}");
+    // Restarted from the same directory, it still has the budget.
+    p.spawn();
+    leader(&[addr]).await;
+    let b = LedgerClient::new(channel(addr))
+        .get_budget(v1::GetBudgetRequest { path: "kept".into(), linearizable: true })
+        .await
+        .unwrap();
+    assert_eq!(b.into_inner().path, "kept");
+}
