@@ -295,7 +295,11 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::BatchReply>, Status> {
         let was_forwarded = forwarded(&req);
         let inner = req.into_inner();
-        let commands = convert::batch(&inner)?.into_iter().map(Command::Request).collect();
+        let commands: Vec<Command> =
+            convert::batch(&inner)?.into_iter().map(Command::Request).collect();
+        if commands.is_empty() {
+            return Ok(Response::new(v1::BatchReply { results: vec![] }));
+        }
         match self.node.route_all(commands).await.map_err(propose_status)? {
             RoutedAll::Done(outcomes) => Ok(Response::new(v1::BatchReply {
                 results: outcomes.iter().map(convert::batch_result).collect(),
@@ -408,7 +412,7 @@ impl ClusterService {
             leader: m.current_leader,
             leader_addr: self.node.leader().map(|(_, a)| a).unwrap_or_default(),
             last_log_index: m.last_log_index.unwrap_or(0),
-            commit_index: m.last_applied.map(|l| l.index).unwrap_or(0).max(applied),
+            commit_index: commit_index(&m).unwrap_or(applied).max(applied),
             applied_index: applied,
             members: self.members(),
             state_digest: digest,
@@ -439,6 +443,25 @@ fn membership_status(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Sta
         }
         other => Status::unavailable(other.to_string()),
     }
+}
+
+/// On the leader, the highest index a quorum of voters holds. openraft 0.9's metrics
+/// do not carry the commit index, so other nodes report `None`.
+fn commit_index(m: &openraft::RaftMetrics<u64, BasicNode>) -> Option<u64> {
+    let replication = m.replication.as_ref()?;
+    let membership = m.membership_config.membership();
+    let mut matched: Vec<u64> = membership
+        .voter_ids()
+        .map(|id| {
+            if id == m.id {
+                m.last_log_index.unwrap_or(0)
+            } else {
+                replication.get(&id).copied().flatten().map_or(0, |l| l.index)
+            }
+        })
+        .collect();
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched.get(matched.len() / 2).copied()
 }
 
 #[tonic::async_trait]
