@@ -1,0 +1,106 @@
+//! # ration-client
+//!
+//! The gateway SDK. **Built so far: local admission** — deciding each call from
+//! leased allowance with no RPC ([`local`], [`Gateway`]). **Not built yet:** the
+//! cluster client (leader discovery, failover, retries with the same request id),
+//! background refill sized by spend rate, fail-policy handling when the cluster is
+//! unreachable. Until then the refill side is whatever installs leases with
+//! [`Gateway::install_lease`].
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+pub use local::{Allowance, CoarseClock, LocalClock, Reservation, Taken};
+
+/// Names of the counters the SDK reports through the `metrics` facade; the gateway
+/// installs whatever exporter it likes.
+pub mod counters {
+    pub const ADMITTED: &str = "ration_client_admitted_total";
+    pub const DENIED: &str = "ration_client_denied_total";
+}
+
+/// A gateway's allowances by (budget path, unit), and its clock.
+#[derive(Debug)]
+pub struct Gateway {
+    clock: Arc<CoarseClock>,
+    allowances: RwLock<BTreeMap<(String, String), Arc<Allowance>>>,
+}
+
+/// A handle on one (budget, unit): the fast way to spend (no map lookup).
+#[derive(Clone, Debug)]
+pub struct Handle {
+    allowance: Arc<Allowance>,
+    clock: Arc<CoarseClock>,
+}
+
+impl Handle {
+    /// Admits a call costing `amount` if the leases held cover it.
+    #[inline]
+    pub fn try_spend(&self, amount: u64) -> bool {
+        let ok = self.allowance.try_spend(amount, self.clock.now_ms());
+        if ok {
+            metrics::counter!(counters::ADMITTED).increment(1);
+        } else {
+            metrics::counter!(counters::DENIED).increment(1);
+        }
+        ok
+    }
+
+    pub fn allowance(&self) -> &Arc<Allowance> {
+        &self.allowance
+    }
+}
+
+impl Gateway {
+    pub fn new(clock: Arc<CoarseClock>) -> Self {
+        Self { clock, allowances: RwLock::new(BTreeMap::new()) }
+    }
+
+    pub fn clock(&self) -> &Arc<CoarseClock> {
+        &self.clock
+    }
+
+    /// The handle for (budget, unit), created empty on first use.
+    pub fn handle(&self, budget: &str, unit: &str) -> Handle {
+        let key = (budget.to_owned(), unit.to_owned());
+        if let Some(a) = self.allowances.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Handle { allowance: a.clone(), clock: self.clock.clone() };
+        }
+        let mut map = self.allowances.write().unwrap_or_else(|p| p.into_inner());
+        let allowance = map.entry(key).or_default().clone();
+        Handle { allowance, clock: self.clock.clone() }
+    }
+
+    /// Admits a call costing `amount` of `unit` on `budget`.
+    pub fn try_spend(&self, budget: &str, unit: &str, amount: u64) -> bool {
+        self.handle(budget, unit).try_spend(amount)
+    }
+
+    /// Reserves amounts on several (budget, unit) pairs at once, all or nothing: for
+    /// an LLM call, prompt + max_tokens in tokens and its price in dollars.
+    pub fn reserve(&self, wants: &[(&str, &str, u64)]) -> Option<Reservation> {
+        let wants: Vec<(Arc<Allowance>, u64)> =
+            wants.iter().map(|(b, u, n)| (self.handle(b, u).allowance, *n)).collect();
+        let r = Reservation::reserve(&wants, self.clock.now_ms());
+        let name = if r.is_some() { counters::ADMITTED } else { counters::DENIED };
+        metrics::counter!(name).increment(1);
+        r
+    }
+
+    /// Makes a granted lease spendable: `units` until `ttl_ms - margin_ms` after
+    /// `sent_at_ms` (this process's clock when the acquire was sent).
+    pub fn install_lease(
+        &self,
+        budget: &str,
+        unit: &str,
+        units: u64,
+        sent_at_ms: u64,
+        ttl_ms: u64,
+        margin_ms: u64,
+    ) -> Option<local::SlotState> {
+        let deadline = sent_at_ms.saturating_add(ttl_ms.saturating_sub(margin_ms));
+        self.handle(budget, unit).allowance.install(units, deadline, self.clock.now_ms())
+    }
+}

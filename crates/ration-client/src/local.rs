@@ -1,0 +1,514 @@
+//! Local admission: spending leased allowance with no RPC.
+//!
+//! An [`Allowance`] is what this gateway holds of one (budget, unit): a few lease
+//! *slots*, each with the units left and a local deadline. Deciding a call is a
+//! few atomic operations on the hot path, safe from any number of threads:
+//!
+//! - a slot is spendable while the coarse clock is before its deadline, which the
+//!   refill logic sets to `sent_at + ttl - margin`, measured on this process's
+//!   monotonic clock from when the acquire was *sent* — so it is always earlier than
+//!   the ledger's own expiry, whatever the clocks and the network did;
+//! - spending takes units with compare-and-swap, from one slot or across slots, and
+//!   gives back what it took if the whole amount is not there (all or nothing);
+//! - only the refill side installs or retires leases; spenders only take and give
+//!   back.
+//!
+//! A spender that checked a deadline a few nanoseconds before it passed can still
+//! take units: the safety margin (hundreds of milliseconds) covers that window, and
+//! the coarse clock's lag (about a millisecond).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Lease slots per allowance: the lease being spent, the next one fetched before it
+/// runs out, and room for a fail-policy allowance.
+pub const SLOTS: usize = 4;
+
+/// Milliseconds on this process's monotonic clock, read cheaply on the hot path.
+pub trait LocalClock: Send + Sync {
+    fn now_ms(&self) -> u64;
+}
+
+/// A clock a background task advances (see [`CoarseClock::tick`]): one relaxed load
+/// per read instead of a system call.
+#[derive(Debug)]
+pub struct CoarseClock {
+    origin: Instant,
+    now_ms: AtomicU64,
+}
+
+impl CoarseClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { origin: Instant::now(), now_ms: AtomicU64::new(0) })
+    }
+
+    /// Brings the clock up to date; call it every millisecond or so.
+    pub fn tick(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.now_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+}
+
+impl LocalClock for CoarseClock {
+    fn now_ms(&self) -> u64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// A clock tests move by hand.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl LocalClock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Stripes per allowance: each thread spends from its own cache line, so threads
+/// deciding at once do not bounce one counter between cores.
+pub const STRIPES: usize = 4;
+
+/// Per-slot data that changes only when a lease is installed or retired: read-mostly,
+/// so sharing its cache line costs spenders nothing.
+#[derive(Debug, Default)]
+struct SlotMeta {
+    /// Local time (ms) from which nothing may be spent; 0 = empty slot.
+    deadline_ms: AtomicU64,
+    /// Changes each time the slot is filled or retired, so a late give-back to a
+    /// reused slot is dropped instead of crediting the wrong lease.
+    generation: AtomicU64,
+}
+
+/// One thread-group's share of every slot's units, on its own cache line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe {
+    remaining: [AtomicU64; SLOTS],
+}
+
+thread_local! {
+    static MY_STRIPE: usize = {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        (NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as usize
+    };
+}
+
+fn my_stripe() -> usize {
+    MY_STRIPE.with(|s| *s)
+}
+
+const MAX_PARTS: usize = SLOTS * STRIPES;
+
+/// Where units were taken from, to give them back exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Taken {
+    parts: [(u8, u8, u64, u64); MAX_PARTS], // (slot, stripe, generation, units)
+    len: u8,
+}
+
+impl Default for Taken {
+    fn default() -> Self {
+        Self { parts: [(0, 0, 0, 0); MAX_PARTS], len: 0 }
+    }
+}
+
+impl Taken {
+    /// Total units taken.
+    pub fn units(&self) -> u64 {
+        self.parts[..self.len as usize].iter().map(|p| p.3).sum()
+    }
+
+    fn push(&mut self, part: (u8, u8, u64, u64)) {
+        self.parts[self.len as usize] = part;
+        self.len += 1;
+    }
+}
+
+/// What a slot holds, for the refill side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotState {
+    pub slot: usize,
+    pub generation: u64,
+    pub remaining: u64,
+    pub deadline_ms: u64,
+}
+
+/// One (budget, unit) on this gateway.
+#[derive(Debug, Default)]
+pub struct Allowance {
+    meta: [SlotMeta; SLOTS],
+    stripes: [Stripe; STRIPES],
+}
+
+impl Allowance {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn live(&self, slot: usize, now_ms: u64) -> bool {
+        self.meta[slot].deadline_ms.load(Ordering::Acquire) > now_ms
+    }
+
+    /// Spends `amount` units for good (nothing to give back later). The hottest
+    /// path: a deadline check and one compare-and-swap on this thread's stripe.
+    #[inline]
+    pub fn try_spend(&self, amount: u64, now_ms: u64) -> bool {
+        let stripe = &self.stripes[my_stripe()];
+        for slot in 0..SLOTS {
+            if self.live(slot, now_ms)
+                && stripe.remaining[slot]
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(amount))
+                    .is_ok()
+            {
+                return true;
+            }
+        }
+        amount == 0 || self.take_across(amount, now_ms).is_some()
+    }
+
+    /// Takes `amount` units if this allowance holds them in live slots, all or
+    /// nothing, and says where from so they can be given back.
+    pub fn try_take(&self, amount: u64, now_ms: u64) -> Option<Taken> {
+        if amount == 0 {
+            return Some(Taken::default());
+        }
+        let k = my_stripe();
+        for slot in 0..SLOTS {
+            if !self.live(slot, now_ms) {
+                continue;
+            }
+            let generation = self.meta[slot].generation.load(Ordering::Acquire);
+            let cell = &self.stripes[k].remaining[slot];
+            if cell
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(amount))
+                .is_ok()
+            {
+                let mut t = Taken::default();
+                t.push((slot as u8, k as u8, generation, amount));
+                return Some(t);
+            }
+        }
+        self.take_across(amount, now_ms)
+    }
+
+    /// Slow path: gather `amount` from every stripe of every live slot, or give it
+    /// all back.
+    fn take_across(&self, amount: u64, now_ms: u64) -> Option<Taken> {
+        let mut t = Taken::default();
+        let mut need = amount;
+        for slot in 0..SLOTS {
+            if !self.live(slot, now_ms) {
+                continue;
+            }
+            let generation = self.meta[slot].generation.load(Ordering::Acquire);
+            for (k, stripe) in self.stripes.iter().enumerate() {
+                if need == 0 {
+                    break;
+                }
+                let mut got = 0;
+                let _ =
+                    stripe.remaining[slot].fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                        got = r.min(need);
+                        (got > 0).then(|| r - got)
+                    });
+                if got > 0 {
+                    t.push((slot as u8, k as u8, generation, got));
+                    need -= got;
+                }
+            }
+        }
+        if need == 0 {
+            Some(t)
+        } else {
+            self.give_back(&t, t.units());
+            None
+        }
+    }
+
+    /// Returns up to `units` of what `taken` took, to the stripes it came from (those
+    /// still holding the same lease), last first.
+    pub fn give_back(&self, taken: &Taken, units: u64) {
+        let mut left = units.min(taken.units());
+        for &(slot, stripe, generation, got) in taken.parts[..taken.len as usize].iter().rev() {
+            if left == 0 {
+                break;
+            }
+            let back = got.min(left);
+            left -= back;
+            // A reused slot holds another lease: the units went with the old one
+            // (counted as spent there), and are never credited to the new one.
+            if self.meta[slot as usize].generation.load(Ordering::Acquire) == generation {
+                self.stripes[stripe as usize].remaining[slot as usize]
+                    .fetch_add(back, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn slot_units(&self, slot: usize) -> u64 {
+        self.stripes.iter().map(|s| s.remaining[slot].load(Ordering::Acquire)).sum()
+    }
+
+    /// Units spendable now.
+    pub fn available(&self, now_ms: u64) -> u64 {
+        (0..SLOTS).filter(|&i| self.live(i, now_ms)).map(|i| self.slot_units(i)).sum()
+    }
+
+    /// Installs a lease of `units` spendable until `deadline_ms` in an empty or
+    /// expired slot, split over the stripes. Returns the slot and generation, or
+    /// `None` if every slot is live.
+    pub fn install(&self, units: u64, deadline_ms: u64, now_ms: u64) -> Option<SlotState> {
+        let slot = (0..SLOTS).find(|&i| !self.live(i, now_ms))?;
+        let meta = &self.meta[slot];
+        // Close the slot first so no spender sees new units under the old deadline,
+        // then fill it, then open it.
+        meta.deadline_ms.store(0, Ordering::Release);
+        let generation = meta.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let share = units / STRIPES as u64;
+        for (k, stripe) in self.stripes.iter().enumerate() {
+            let extra = if k == 0 { units % STRIPES as u64 } else { 0 };
+            stripe.remaining[slot].store(share + extra, Ordering::Release);
+        }
+        meta.deadline_ms.store(deadline_ms, Ordering::Release);
+        Some(SlotState { slot, generation, remaining: units, deadline_ms })
+    }
+
+    /// Closes a slot (its lease is being released or has expired locally) and returns
+    /// the units it still held, if it still holds lease `generation`.
+    pub fn retire(&self, slot: usize, generation: u64) -> Option<u64> {
+        let meta = self.meta.get(slot)?;
+        if meta.generation.load(Ordering::Acquire) != generation {
+            return None;
+        }
+        meta.deadline_ms.store(0, Ordering::Release);
+        // Bump the generation so late give-backs are dropped, then empty it.
+        meta.generation.fetch_add(1, Ordering::AcqRel);
+        Some(self.stripes.iter().map(|s| s.remaining[slot].swap(0, Ordering::AcqRel)).sum())
+    }
+
+    /// What every slot holds, for refill and reporting.
+    pub fn slots(&self) -> [SlotState; SLOTS] {
+        std::array::from_fn(|i| SlotState {
+            slot: i,
+            generation: self.meta[i].generation.load(Ordering::Acquire),
+            remaining: self.slot_units(i),
+            deadline_ms: self.meta[i].deadline_ms.load(Ordering::Acquire),
+        })
+    }
+}
+
+/// Takes units from several allowances (tokens per minute *and* dollars per month,
+/// say): all of them or none.
+pub fn try_take_all(wants: &[(&Allowance, u64)], now_ms: u64, out: &mut Vec<Taken>) -> bool {
+    out.clear();
+    for (allowance, amount) in wants {
+        match allowance.try_take(*amount, now_ms) {
+            Some(t) => out.push(t),
+            None => {
+                for ((a, _), t) in wants.iter().zip(out.iter()) {
+                    a.give_back(t, t.units());
+                }
+                out.clear();
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// A reservation for one call across one or more allowances. [`Reservation::settle`]
+/// keeps what the call really used and gives the rest back at once; dropping it
+/// unsettled gives everything back.
+#[derive(Debug)]
+pub struct Reservation {
+    parts: Vec<(Arc<Allowance>, Taken)>,
+    settled: bool,
+}
+
+impl Reservation {
+    /// Reserves `amount` of each allowance, all or nothing.
+    pub fn reserve(wants: &[(Arc<Allowance>, u64)], now_ms: u64) -> Option<Self> {
+        let mut parts = Vec::with_capacity(wants.len());
+        for (allowance, amount) in wants {
+            match allowance.try_take(*amount, now_ms) {
+                Some(t) => parts.push((allowance.clone(), t)),
+                None => {
+                    drop(Self { parts, settled: false });
+                    return None;
+                }
+            }
+        }
+        Some(Self { parts, settled: false })
+    }
+
+    /// Units reserved from each allowance, in order.
+    pub fn reserved(&self) -> Vec<u64> {
+        self.parts.iter().map(|(_, t)| t.units()).collect()
+    }
+
+    /// Keeps `used[i]` of the i-th allowance's reservation and returns the rest.
+    /// Use beyond the reservation is not admitted: reserve the worst case (prompt +
+    /// max_tokens). Returns what was given back.
+    pub fn settle(mut self, used: &[u64]) -> Vec<u64> {
+        self.settled = true;
+        self.parts
+            .iter()
+            .enumerate()
+            .map(|(i, (a, t))| {
+                let back = t.units().saturating_sub(used.get(i).copied().unwrap_or(0));
+                a.give_back(t, back);
+                back
+            })
+            .collect()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            for (a, t) in &self.parts {
+                a.give_back(t, t.units());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_lease(units: u64, deadline: u64) -> Allowance {
+        let a = Allowance::new();
+        a.install(units, deadline, 0).unwrap();
+        a
+    }
+
+    #[test]
+    fn spends_until_empty_then_refuses() {
+        let a = with_lease(10, 1000);
+        assert!(a.try_take(4, 1).is_some());
+        assert!(a.try_take(6, 1).is_some());
+        assert!(a.try_take(1, 1).is_none());
+        assert_eq!(a.available(1), 0);
+    }
+
+    #[test]
+    fn nothing_is_spent_at_or_after_the_local_deadline() {
+        let a = with_lease(10, 1000);
+        assert!(a.try_take(1, 999).is_some());
+        assert!(a.try_take(1, 1000).is_none());
+        assert_eq!(a.available(1000), 0);
+    }
+
+    #[test]
+    fn spends_across_slots_all_or_nothing() {
+        let a = with_lease(5, 1000);
+        a.install(5, 2000, 0).unwrap();
+        let t = a.try_take(8, 1).unwrap();
+        assert_eq!(t.units(), 8);
+        assert_eq!(a.available(1), 2);
+        assert!(a.try_take(3, 1).is_none());
+        assert_eq!(a.available(1), 2, "a refused take gives back what it gathered");
+        a.give_back(&t, 8);
+        assert_eq!(a.available(1), 10);
+    }
+
+    #[test]
+    fn give_back_never_credits_a_new_lease() {
+        let a = with_lease(10, 1000);
+        let t = a.try_take(10, 1).unwrap();
+        let st = a.slots()[0];
+        assert_eq!(a.retire(st.slot, st.generation), Some(0));
+        a.install(3, 2000, 1).unwrap();
+        a.give_back(&t, 10);
+        assert_eq!(a.available(1), 3);
+    }
+
+    #[test]
+    fn install_needs_a_free_slot() {
+        let a = Allowance::new();
+        for _ in 0..SLOTS {
+            assert!(a.install(1, 1000, 0).is_some());
+        }
+        assert_eq!(a.available(1), SLOTS as u64);
+        assert!(a.install(1, 1000, 0).is_none());
+        assert!(a.install(1, 3000, 1000).is_some(), "an expired slot is reused");
+    }
+
+    #[test]
+    fn multi_limit_is_all_or_nothing() {
+        let tpm = with_lease(100, 1000);
+        let usd = with_lease(5, 1000);
+        let mut out = Vec::new();
+        assert!(try_take_all(&[(&tpm, 50), (&usd, 5)], 1, &mut out));
+        assert!(!try_take_all(&[(&tpm, 50), (&usd, 1)], 1, &mut out));
+        assert_eq!(tpm.available(1), 50, "the tokens taken before the refusal came back");
+    }
+
+    #[test]
+    fn reserve_then_settle_refunds_exactly_and_a_dropped_guard_refunds_all() {
+        let a = Arc::new(with_lease(1000, 10_000));
+        let b = Arc::new(with_lease(50, 10_000));
+        let r = Reservation::reserve(&[(a.clone(), 700), (b.clone(), 20)], 1).unwrap();
+        assert_eq!((a.available(1), b.available(1)), (300, 30));
+        assert_eq!(r.settle(&[412, 20]), vec![288, 0]);
+        assert_eq!((a.available(1), b.available(1)), (588, 30));
+        let r = Reservation::reserve(&[(a.clone(), 100)], 1).unwrap();
+        drop(r);
+        assert_eq!(a.available(1), 588);
+        assert!(Reservation::reserve(&[(a.clone(), 10), (b.clone(), 31)], 1).is_none());
+        assert_eq!(a.available(1), 588);
+    }
+
+    #[test]
+    fn units_split_over_stripes_are_all_spendable_from_one_thread() {
+        let a = with_lease(10, 1000);
+        // 10 units over 4 stripes: one thread still gets every unit, one at a time
+        // and all at once.
+        let t = a.try_take(10, 1).unwrap();
+        assert_eq!(t.units(), 10);
+        a.give_back(&t, 10);
+        let mut n = 0;
+        while a.try_spend(1, 1) {
+            n += 1;
+        }
+        assert_eq!(n, 10);
+    }
+
+    #[test]
+    fn many_threads_never_overspend() {
+        let a = Arc::new(with_lease(100_000, u64::MAX));
+        a.install(23_456, u64::MAX, 0).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|k| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let mut got = 0u64;
+                    let amount = 1 + k as u64 * 3;
+                    loop {
+                        let ok = if k % 2 == 0 {
+                            a.try_spend(amount, 1)
+                        } else {
+                            a.try_take(amount, 1).is_some()
+                        };
+                        if !ok {
+                            break;
+                        }
+                        got += amount;
+                    }
+                    got
+                })
+            })
+            .collect();
+        let spent: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert!(spent <= 123_456);
+        assert_eq!(spent + a.available(1), 123_456, "every unit is either spent or still there");
+    }
+}
