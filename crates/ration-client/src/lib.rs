@@ -1,13 +1,15 @@
 //! # ration-client
 //!
-//! The gateway SDK. **Built so far: local admission** — deciding each call from
-//! leased allowance with no RPC ([`local`], [`Gateway`]). **Not built yet:** the
-//! cluster client (leader discovery, failover, retries with the same request id),
-//! background refill sized by spend rate, fail-policy handling when the cluster is
-//! unreachable. Until then the refill side is whatever installs leases with
-//! [`Gateway::install_lease`].
+//! The gateway SDK: [`Sdk`] admits or refuses each call from leased allowance with
+//! no RPC ([`local`]), and keeps the allowances stocked in the background
+//! ([`refill`]) through one `Batch` RPC per round ([`remote`]).
 
 pub mod local;
+pub mod refill;
+pub mod remote;
+
+pub use refill::{Sdk, SdkConfig, Unreachable};
+pub use remote::{Cluster, ClusterConfig, ClusterError};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -19,6 +21,8 @@ pub use local::{Allowance, CoarseClock, LocalClock, Reservation, Taken};
 pub mod counters {
     pub const ADMITTED: &str = "ration_client_admitted_total";
     pub const DENIED: &str = "ration_client_denied_total";
+    pub const REFILLS: &str = "ration_client_refill_rounds_total";
+    pub const FAILOVERS: &str = "ration_client_unanswered_rounds_total";
 }
 
 /// A gateway's allowances by (budget path, unit), and its clock.

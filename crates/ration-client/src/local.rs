@@ -43,6 +43,19 @@ impl CoarseClock {
         Arc::new(Self { origin: Instant::now(), now_ms: AtomicU64::new(0) })
     }
 
+    /// Ticks the clock every millisecond on a background thread, for as long as the
+    /// clock is in use.
+    pub fn start_ticking(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            while let Some(clock) = weak.upgrade() {
+                clock.tick();
+                drop(clock);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
+    }
+
     /// Brings the clock up to date; call it every millisecond or so.
     pub fn tick(&self) {
         let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);

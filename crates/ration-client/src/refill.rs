@@ -1,0 +1,401 @@
+//! Keeping allowances stocked: a background round, every `refresh`, that
+//!
+//! - retires leases that passed their local deadline or ran dry, releasing them with
+//!   what was really spent (the rest returns to the ledger's pool at once);
+//! - measures each allowance's spend rate (EWMA over rounds);
+//! - acquires `rate × horizon` (at least `initial_request`) when what is held falls
+//!   below half of that — the low-water mark;
+//! - sends all of it in one `Batch` RPC. Acquires and releases that got no answer
+//!   are sent again next round with the same request ids.
+//!
+//! When the cluster cannot be reached, gateways spend what their leases hold until
+//! the local deadlines, then follow the budget's policy: refuse (fail closed, the
+//! default), or spend a declared static allowance once per outage. Never unlimited.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ration_proto::v1::batch_op::Op;
+use ration_proto::v1::batch_result::Result as R;
+use ration_proto::v1::ledger_client::LedgerClient;
+use ration_proto::v1::{self, BatchOp};
+
+use crate::local::{Allowance, CoarseClock, LocalClock};
+use crate::remote::{Cluster, ClusterConfig, ClusterError};
+use crate::{counters, Gateway, Handle, Reservation};
+
+/// How a gateway keeps its allowances stocked.
+#[derive(Clone, Debug)]
+pub struct SdkConfig {
+    pub cluster: ClusterConfig,
+    /// How often the refill round runs.
+    pub refresh: Duration,
+    /// TTL asked for each lease.
+    pub lease_ttl: Duration,
+    /// Safety margin: the local deadline is `sent_at + lease_ttl - margin`.
+    pub margin: Duration,
+    /// How much spend to hold: rate × horizon.
+    pub horizon: Duration,
+    /// What to ask for before any rate is known.
+    pub initial_request: u64,
+    /// The most one acquire asks for.
+    pub max_request: u64,
+}
+
+impl SdkConfig {
+    pub fn new(endpoints: Vec<String>, principal: impl Into<String>) -> Self {
+        Self {
+            cluster: ClusterConfig {
+                endpoints,
+                principal: principal.into(),
+                rpc_timeout: Duration::from_secs(1),
+                max_attempts: 6,
+            },
+            refresh: Duration::from_millis(200),
+            lease_ttl: Duration::from_secs(10),
+            margin: Duration::from_secs(1),
+            // Held allowance is refilled at half of this, so half of it must outlast
+            // an RPC deadline, an election and a failover at the current spend rate.
+            horizon: Duration::from_secs(4),
+            initial_request: 100,
+            max_request: 1 << 40,
+        }
+    }
+}
+
+/// The policy for when the cluster is unreachable and leases are spent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreachable {
+    FailClosed,
+    StaticAllowance(u64),
+}
+
+#[derive(Debug)]
+struct Held {
+    lease_id: u64,
+    slot: usize,
+    generation: u64,
+    granted: u64,
+    deadline_ms: u64,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    allowance: Arc<Allowance>,
+    leases: Vec<Held>,
+    /// Units spent from retired leases plus live leases, as of the last round.
+    spent_seen: u64,
+    spent_retired: u64,
+    rate_per_s: f64,
+    policy: Option<Unreachable>,
+    /// The static-allowance slot of the current outage.
+    static_slot: Option<(usize, u64)>,
+    static_used: bool,
+}
+
+/// A request sent and not yet answered: re-sent as is.
+#[derive(Debug)]
+struct Pending {
+    op: BatchOp,
+    key: (String, String),
+    sent_at_ms: u64,
+}
+
+/// The gateway SDK: local admission plus background refill.
+#[derive(Debug)]
+pub struct Sdk {
+    gateway: Gateway,
+    cluster: Arc<Cluster>,
+    config: SdkConfig,
+    tracked: Mutex<BTreeMap<(String, String), Tracked>>,
+    pending: Mutex<Vec<Pending>>,
+}
+
+impl Sdk {
+    /// Starts the SDK and its refill task (on the current tokio runtime).
+    pub fn start(config: SdkConfig, clock: Arc<CoarseClock>) -> Result<Arc<Self>, ClusterError> {
+        let cluster = Arc::new(Cluster::new(config.cluster.clone())?);
+        let sdk = Arc::new(Self {
+            gateway: Gateway::new(clock),
+            cluster,
+            config,
+            tracked: Mutex::new(BTreeMap::new()),
+            pending: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&sdk);
+        let every = sdk.config.refresh;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(sdk) = weak.upgrade() else { return };
+                sdk.round().await;
+            }
+        });
+        Ok(sdk)
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// A handle to spend from (budget, unit); the refill task keeps it stocked.
+    pub fn handle(&self, budget: &str, unit: &str) -> Handle {
+        let handle = self.gateway.handle(budget, unit);
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        tracked.entry((budget.to_owned(), unit.to_owned())).or_insert_with(|| Tracked {
+            allowance: handle.allowance().clone(),
+            leases: Vec::new(),
+            spent_seen: 0,
+            spent_retired: 0,
+            rate_per_s: 0.0,
+            policy: None,
+            static_slot: None,
+            static_used: false,
+        });
+        handle
+    }
+
+    /// Reserves on several (budget, unit) pairs at once, all or nothing.
+    pub fn reserve(&self, wants: &[(&str, &str, u64)]) -> Option<Reservation> {
+        for (b, u, _) in wants {
+            self.handle(b, u);
+        }
+        self.gateway.reserve(wants)
+    }
+
+    /// One refill round. Public so tests and benches can drive it directly.
+    pub async fn round(&self) {
+        let now = self.gateway.clock().now_ms();
+        let ttl_ms = u64::try_from(self.config.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        let dt_s = self.config.refresh.as_secs_f64().max(0.001);
+        let mut ops: Vec<Pending> =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        // An acquire still waiting for its answer is re-sent, not doubled.
+        let resent: std::collections::BTreeSet<(String, String)> = ops
+            .iter()
+            .filter(|p| matches!(p.op.op, Some(Op::Acquire(_))))
+            .map(|p| p.key.clone())
+            .collect();
+        let policies_needed: Vec<(String, String)>;
+        {
+            let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, t) in tracked.iter_mut() {
+                // Retire leases past their local deadline or spent out.
+                let slots = t.allowance.slots();
+                let mut live_spent = 0;
+                let mut keep = Vec::with_capacity(t.leases.len());
+                for held in t.leases.drain(..) {
+                    let st = slots[held.slot];
+                    if now >= held.deadline_ms
+                        || st.remaining == 0
+                        || st.generation != held.generation
+                    {
+                        let left = t.allowance.retire(held.slot, held.generation).unwrap_or(0);
+                        let spent = held.granted.saturating_sub(left);
+                        t.spent_retired += spent;
+                        ops.push(Pending {
+                            op: release(&self.cluster, held.lease_id, spent),
+                            key: key.clone(),
+                            sent_at_ms: now,
+                        });
+                    } else {
+                        live_spent += held.granted.saturating_sub(st.remaining);
+                        keep.push(held);
+                    }
+                }
+                t.leases = keep;
+                // Spend rate.
+                let spent = t.spent_retired + live_spent;
+                let delta = spent.saturating_sub(t.spent_seen) as f64 / dt_s;
+                t.spent_seen = spent;
+                t.rate_per_s =
+                    if t.rate_per_s == 0.0 { delta } else { 0.7 * t.rate_per_s + 0.3 * delta };
+                // Low-water: ask for more when what is held falls below half the target.
+                let target = (t.rate_per_s * self.config.horizon.as_secs_f64()) as u64;
+                let target = target.max(self.config.initial_request).min(self.config.max_request);
+                let held = t.allowance.available(now);
+                let free_slot = t.allowance.slots().iter().any(|s| s.deadline_ms <= now);
+                if held < target / 2 + 1 && free_slot && !resent.contains(key) {
+                    let want = target.saturating_sub(held).max(1);
+                    ops.push(Pending {
+                        op: BatchOp {
+                            op: Some(Op::Acquire(v1::AcquireRequest {
+                                meta: self.cluster.meta(),
+                                budget: key.0.clone(),
+                                unit: key.1.clone(),
+                                wanted: i64::try_from(want).unwrap_or(i64::MAX),
+                                min: 1,
+                                ttl_ms: i64::try_from(ttl_ms).unwrap_or(i64::MAX),
+                            })),
+                        },
+                        key: key.clone(),
+                        sent_at_ms: now,
+                    });
+                }
+            }
+            policies_needed = tracked
+                .iter()
+                .filter(|(_, t)| t.policy.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+        }
+        for key in policies_needed {
+            self.learn_policy(&key).await;
+        }
+        if ops.is_empty() {
+            return;
+        }
+        let batch: Vec<BatchOp> = ops.iter().map(|p| p.op.clone()).collect();
+        metrics::counter!(counters::REFILLS).increment(1);
+        match self.cluster.batch(batch).await {
+            Ok(results) => {
+                self.end_outage();
+                self.apply_results(ops, results, ttl_ms);
+            }
+            Err(e) => {
+                tracing::warn!("refill round got no answer: {e}");
+                metrics::counter!(counters::FAILOVERS).increment(1);
+                *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = ops;
+                self.start_outage(now);
+            }
+        }
+    }
+
+    fn apply_results(&self, ops: Vec<Pending>, results: Vec<v1::BatchResult>, ttl_ms: u64) {
+        let margin_ms = u64::try_from(self.config.margin.as_millis()).unwrap_or(0);
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut leftovers = Vec::new();
+        for (p, r) in ops.into_iter().zip(results) {
+            let Some(Op::Acquire(_)) = &p.op.op else { continue };
+            let Some(R::Lease(lease)) = r.result else { continue };
+            let granted = u64::try_from(lease.granted).unwrap_or(0);
+            let Some(t) = tracked.get_mut(&p.key) else { continue };
+            // The local deadline counts from when the acquire was first sent.
+            let deadline = p.sent_at_ms.saturating_add(ttl_ms.saturating_sub(margin_ms));
+            match t.allowance.install(granted, deadline, self.gateway.clock().now_ms()) {
+                Some(st) => t.leases.push(Held {
+                    lease_id: lease.lease_id,
+                    slot: st.slot,
+                    generation: st.generation,
+                    granted,
+                    deadline_ms: deadline,
+                }),
+                // No room (cannot happen with one acquire in flight): give it back.
+                None => {
+                    leftovers.push(Pending { op: release(&self.cluster, lease.lease_id, 0), ..p })
+                }
+            }
+        }
+        drop(tracked);
+        if !leftovers.is_empty() {
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(leftovers);
+        }
+    }
+
+    /// Reads the budget's policy for this unit (fail closed unless it declares a
+    /// static allowance); unknown until the cluster answers, which means fail closed.
+    async fn learn_policy(&self, key: &(String, String)) {
+        let Some(endpoint) = self.config.cluster.endpoints.first() else { return };
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}")) else {
+            return;
+        };
+        let channel = ep.timeout(self.config.cluster.rpc_timeout).connect_lazy();
+        let Ok(budget) = LedgerClient::new(channel)
+            .get_budget(v1::GetBudgetRequest { path: key.0.clone(), linearizable: false })
+            .await
+        else {
+            return;
+        };
+        let policy = budget
+            .into_inner()
+            .limits
+            .iter()
+            .filter_map(|l| l.limit.as_ref())
+            .filter(|l| l.unit == key.1)
+            .filter_map(|l| l.static_allowance)
+            .map(|a| Unreachable::StaticAllowance(u64::try_from(a).unwrap_or(0)))
+            .min_by_key(|p| match p {
+                Unreachable::StaticAllowance(a) => *a,
+                Unreachable::FailClosed => 0,
+            })
+            .unwrap_or(Unreachable::FailClosed);
+        if let Some(t) = self.tracked.lock().unwrap_or_else(|p| p.into_inner()).get_mut(key) {
+            t.policy = Some(policy);
+        }
+    }
+
+    /// The cluster did not answer: allowances whose leases are spent and whose
+    /// budget declares a static allowance get it, once per outage.
+    fn start_outage(&self, now: u64) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tracked.values_mut() {
+            if let Some(Unreachable::StaticAllowance(units)) = t.policy {
+                if !t.static_used && t.allowance.available(now) == 0 {
+                    if let Some(st) = t.allowance.install(units, u64::MAX, now) {
+                        t.static_slot = Some((st.slot, st.generation));
+                        t.static_used = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn end_outage(&self) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tracked.values_mut() {
+            if let Some((slot, generation)) = t.static_slot.take() {
+                t.allowance.retire(slot, generation);
+            }
+            t.static_used = false;
+        }
+    }
+
+    /// (leases held, units held now) for (budget, unit).
+    pub fn held(&self, budget: &str, unit: &str) -> (usize, u64) {
+        let now = self.gateway.clock().now_ms();
+        let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        tracked
+            .get(&(budget.to_owned(), unit.to_owned()))
+            .map_or((0, 0), |t| (t.leases.len(), t.allowance.available(now)))
+    }
+
+    /// Releases every lease held (with what was spent), e.g. before shutdown.
+    pub async fn release_all(&self) -> Result<(), ClusterError> {
+        let mut ops = Vec::new();
+        {
+            let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+            for t in tracked.values_mut() {
+                for held in t.leases.drain(..) {
+                    let left = t.allowance.retire(held.slot, held.generation).unwrap_or(0);
+                    ops.push(release(
+                        &self.cluster,
+                        held.lease_id,
+                        held.granted.saturating_sub(left),
+                    ));
+                }
+            }
+        }
+        ops.extend(
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .map(|p| p.op),
+        );
+        if !ops.is_empty() {
+            self.cluster.batch(ops).await?;
+        }
+        Ok(())
+    }
+}
+
+fn release(cluster: &Cluster, lease_id: u64, spent: u64) -> BatchOp {
+    BatchOp {
+        op: Some(Op::Release(v1::ReleaseRequest {
+            meta: cluster.meta(),
+            lease_id,
+            consumed_total: i64::try_from(spent).unwrap_or(i64::MAX),
+        })),
+    }
+}

@@ -1,0 +1,155 @@
+//! The cluster client: one `Batch` RPC carries a round's acquires, reports and
+//! releases. It prefers the leader it last heard of, fails over across the
+//! configured endpoints, puts a deadline on every RPC, and retries a request with
+//! the same request ids (exactly-once makes that safe), a bounded number of times.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ration_proto::v1::cluster_client::ClusterClient;
+use ration_proto::v1::ledger_client::LedgerClient;
+use ration_proto::v1::{self, BatchOp, BatchResult};
+use tonic::transport::{Channel, Endpoint};
+
+/// Why a round got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no endpoint answered after {attempts} attempts: {last}")]
+    Unreachable { attempts: u32, last: String },
+    #[error("the cluster refused the batch: {0}")]
+    Refused(tonic::Status),
+    #[error("bad endpoint {0}: {1}")]
+    Endpoint(String, String),
+}
+
+/// Client-side identity and limits.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub endpoints: Vec<String>,
+    /// The gateway's principal: leases belong to it.
+    pub principal: String,
+    pub rpc_timeout: Duration,
+    /// Attempts per batch across endpoints before giving up for this round.
+    pub max_attempts: u32,
+}
+
+/// A connection to the cluster, shared by a gateway's refill task.
+#[derive(Debug)]
+pub struct Cluster {
+    config: ClusterConfig,
+    channels: Vec<Mutex<Option<Channel>>>,
+    preferred: AtomicUsize,
+    client_id: String,
+    next_request: AtomicU64,
+}
+
+impl Cluster {
+    pub fn new(config: ClusterConfig) -> Result<Self, ClusterError> {
+        for e in &config.endpoints {
+            Endpoint::from_shared(format!("http://{e}"))
+                .map_err(|x| ClusterError::Endpoint(e.clone(), x.to_string()))?;
+        }
+        // One client id per incarnation: request ids restart from 1 with it.
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let client_id = format!("{}:{:x}-{:x}", config.principal, std::process::id(), incarnation);
+        let channels = config.endpoints.iter().map(|_| Mutex::new(None)).collect();
+        Ok(Self {
+            config,
+            channels,
+            preferred: AtomicUsize::new(0),
+            client_id,
+            next_request: AtomicU64::new(1),
+        })
+    }
+
+    pub fn principal(&self) -> &str {
+        &self.config.principal
+    }
+
+    /// Request metadata with a fresh request id.
+    pub fn meta(&self) -> Option<v1::RequestMeta> {
+        Some(v1::RequestMeta {
+            client_id: self.client_id.clone(),
+            request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
+            principal: self.config.principal.clone(),
+        })
+    }
+
+    fn channel(&self, i: usize) -> Channel {
+        let mut slot = self.channels[i].lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = slot.as_ref() {
+            return c.clone();
+        }
+        let c = Endpoint::from_shared(format!("http://{}", self.config.endpoints[i]))
+            .expect("checked in new")
+            .connect_timeout(self.config.rpc_timeout)
+            .timeout(self.config.rpc_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        *slot = Some(c.clone());
+        c
+    }
+
+    fn drop_channel(&self, i: usize) {
+        *self.channels[i].lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Sends one batch, failing over and retrying with the same request ids.
+    pub async fn batch(&self, ops: Vec<BatchOp>) -> Result<Vec<BatchResult>, ClusterError> {
+        let n = self.config.endpoints.len().max(1);
+        let request = v1::BatchRequest { ops };
+        let mut last = String::from("no endpoints configured");
+        for attempt in 0..self.config.max_attempts {
+            let i = (self.preferred.load(Ordering::Relaxed) + attempt as usize) % n;
+            let mut client = LedgerClient::new(self.channel(i));
+            match client.batch(request.clone()).await {
+                Ok(reply) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(reply.into_inner().results);
+                }
+                Err(s) if retryable(&s) => {
+                    last = s.to_string();
+                    self.drop_channel(i);
+                    if attempt + 1 >= n as u32 {
+                        tokio::time::sleep(Duration::from_millis(50u64 << attempt.min(4))).await;
+                    }
+                }
+                Err(s) => return Err(ClusterError::Refused(s)),
+            }
+        }
+        self.discover_leader().await;
+        Err(ClusterError::Unreachable { attempts: self.config.max_attempts, last })
+    }
+
+    /// Asks the endpoints who leads, and prefers that endpoint from now on.
+    pub async fn discover_leader(&self) {
+        for i in 0..self.config.endpoints.len() {
+            let Ok(status) = ClusterClient::new(self.channel(i)).status(v1::StatusRequest {}).await
+            else {
+                self.drop_channel(i);
+                continue;
+            };
+            let leader = status.into_inner().leader_addr;
+            if let Some(at) = self.config.endpoints.iter().position(|e| *e == leader) {
+                self.preferred.store(at, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Internal
+            | tonic::Code::ResourceExhausted
+    )
+}

@@ -1,0 +1,258 @@
+//! The gateway SDK against a real 3-node cluster on loopback.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{ledger, meta, Cluster};
+use ration_client::{CoarseClock, Sdk, SdkConfig};
+use ration_proto::v1::{self, Period};
+
+/// Large enough that what 50 gateways hold (their spend rate × the horizon) is a
+/// small part of it: otherwise a gateway that runs dry waits on the others' leases
+/// long before the cap is reached, which is scarcity, not a failover gap.
+const CAP: i64 = 900_000;
+
+async fn budget(
+    addr: std::net::SocketAddr,
+    id: u64,
+    path: &str,
+    cap: i64,
+    static_allowance: Option<i64>,
+) {
+    let mut limit = common::limit("tokens", cap, Period::Lifetime);
+    limit.static_allowance = static_allowance;
+    ledger(addr)
+        .await
+        .create_budget(v1::CreateBudgetRequest {
+            meta: meta("sdk-admin", id, "ops"),
+            path: path.into(),
+            limits: vec![limit],
+        })
+        .await
+        .unwrap();
+}
+
+fn sdk(cluster: &Cluster, principal: &str, clock: &Arc<CoarseClock>) -> Arc<Sdk> {
+    let endpoints = cluster.addrs.values().map(|a| a.to_string()).collect();
+    let mut config = SdkConfig::new(endpoints, principal);
+    config.refresh = Duration::from_millis(200);
+    config.horizon = Duration::from_secs(4);
+    config.initial_request = 200;
+    Sdk::start(config, clock.clone()).unwrap()
+}
+
+async fn consumed(addr: std::net::SocketAddr, path: &str) -> (i64, i64) {
+    let b = ledger(addr)
+        .await
+        .get_budget(v1::GetBudgetRequest { path: path.into(), linearizable: true })
+        .await
+        .unwrap();
+    let l = &b.into_inner().limits[0];
+    (l.consumed, l.outstanding)
+}
+
+struct Totals {
+    admitted: AtomicU64,
+    denied_early: AtomicU64,
+}
+
+/// 50 gateways spend on five leaves of one tree until the root's cap is reached.
+/// With `kill_leader`, the leader is stopped a third of the way through.
+async fn spend_to_the_cap(kill_leader: bool) {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let leader = cluster.leader().await;
+    let addr = cluster.addrs[&leader];
+    budget(addr, 1, "org", CAP, None).await;
+    for (i, leaf) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        budget(addr, i as u64 + 2, &format!("org/{leaf}"), CAP / 4, None).await;
+    }
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let sdks: Vec<Arc<Sdk>> = (0..50).map(|i| sdk(&cluster, &format!("gw-{i}"), &clock)).collect();
+    let handles: Vec<_> = sdks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.handle(&format!("org/{}", ["a", "b", "c", "d", "e"][i % 5]), "tokens"))
+        .collect();
+    // Every gateway holds a lease before spending starts.
+    common::eventually("every gateway holds a lease", Duration::from_secs(20), || {
+        let ready = handles.iter().all(|h| h.allowance().available(clock_now(&sdks[0])) > 0);
+        async move { ready }
+    })
+    .await;
+
+    let totals = Arc::new(Totals { admitted: AtomicU64::new(0), denied_early: AtomicU64::new(0) });
+    let stop = Arc::new(AtomicBool::new(false));
+    let spenders: Vec<_> = handles
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let (totals, stop) = (totals.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = i as u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let amount = 1 + (n >> 33) % 8;
+                    if h.try_spend(amount) {
+                        totals.admitted.fetch_add(amount, Ordering::Relaxed);
+                    } else if totals.admitted.load(Ordering::Relaxed) < (CAP as u64) * 3 / 4 {
+                        totals.denied_early.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+
+    if kill_leader {
+        common::eventually("a third of the cap is spent", Duration::from_secs(60), || {
+            let spent = totals.admitted.load(Ordering::Relaxed);
+            async move { spent > CAP as u64 / 3 }
+        })
+        .await;
+        cluster.stop(leader).await;
+    }
+    let started = Instant::now();
+    while totals.admitted.load(Ordering::Relaxed) < (CAP as u64) * 995 / 1000
+        && started.elapsed() < Duration::from_secs(90)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the last leases drain.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in spenders {
+        s.await.unwrap();
+    }
+    for s in &sdks {
+        s.release_all().await.unwrap();
+    }
+    let admitted = totals.admitted.load(Ordering::Relaxed);
+    let survivor = cluster.addrs[cluster.nodes.keys().next().unwrap()];
+    let (ledger_consumed, outstanding) = consumed(survivor, "org").await;
+    eprintln!(
+        "admitted {admitted} of {CAP}; ledger consumed {ledger_consumed}, outstanding {outstanding}; early denials {}",
+        totals.denied_early.load(Ordering::Relaxed)
+    );
+    assert!(admitted <= CAP as u64, "admitted {admitted} > cap {CAP}");
+    assert!(admitted * 100 >= CAP as u64 * 99, "only {admitted} of {CAP} was spent");
+    assert!(ledger_consumed as u64 >= admitted, "the ledger counted less than was admitted");
+    assert!(ledger_consumed + outstanding <= CAP);
+    assert_eq!(
+        totals.denied_early.load(Ordering::Relaxed),
+        0,
+        "calls were refused for lack of a lease"
+    );
+    cluster.shutdown().await;
+}
+
+fn clock_now(sdk: &Sdk) -> u64 {
+    use ration_client::LocalClock;
+    sdk.gateway().clock().now_ms()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_gateways_spend_a_tree_to_its_cap_and_never_past_it() {
+    spend_to_the_cap(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_holds_and_no_call_is_refused_while_a_new_leader_is_elected() {
+    spend_to_the_cap(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_then_settle_charges_exactly_what_was_used() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "r", 10_000, None).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let s = sdk(&cluster, "gw-r", &clock);
+    let h = s.handle("r", "tokens");
+    common::eventually("a lease is held", Duration::from_secs(20), || {
+        let ok = h.allowance().available(clock_now(&s)) >= 150;
+        async move { ok }
+    })
+    .await;
+    let before = h.allowance().available(clock_now(&s));
+    let r = s.reserve(&[("r", "tokens", 150)]).unwrap();
+    assert_eq!(h.allowance().available(clock_now(&s)), before - 150);
+    assert_eq!(r.settle(&[37]), vec![113]);
+    assert_eq!(h.allowance().available(clock_now(&s)), before - 37);
+    let dropped = s.reserve(&[("r", "tokens", 20)]).unwrap();
+    drop(dropped);
+    assert_eq!(h.allowance().available(clock_now(&s)), before - 37);
+    s.release_all().await.unwrap();
+    assert_eq!(consumed(addr, "r").await, (37, 0), "the ledger charged exactly the settled amount");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cluster_down_gateways_spend_their_leases_then_follow_the_policy() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "closed", 10_000, None).await;
+    budget(addr, 2, "static", 10_000, Some(50)).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let s = sdk(&cluster, "gw-o", &clock);
+    let closed = s.handle("closed", "tokens");
+    let fixed = s.handle("static", "tokens");
+    common::eventually("leases are held", Duration::from_secs(20), || {
+        let now = clock_now(&s);
+        let ok = closed.allowance().available(now) > 0 && fixed.allowance().available(now) > 0;
+        async move { ok }
+    })
+    .await;
+    // Give the policy lookup a round.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for id in [1, 2, 3] {
+        cluster.stop(id).await;
+    }
+    let held_closed = closed.allowance().available(clock_now(&s));
+    let held_static = fixed.allowance().available(clock_now(&s));
+    let mut spent = 0;
+    while closed.try_spend(1) {
+        spent += 1;
+    }
+    assert_eq!(spent, held_closed, "the leases held are spent, and nothing more");
+    let mut spent_static = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    // The static allowance arrives with the first unanswered round after the leases run out.
+    while Instant::now() < deadline && spent_static < held_static + 50 {
+        if fixed.try_spend(1) {
+            spent_static += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        spent_static,
+        held_static + 50,
+        "leases, then exactly the declared static allowance"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!closed.try_spend(1), "fail closed: no lease, no admission");
+    assert!(!fixed.try_spend(1), "the static allowance is not unlimited");
+
+    for id in [1, 2, 3] {
+        cluster.restart(id).await;
+    }
+    common::eventually(
+        "admission resumes once the cluster is back",
+        Duration::from_secs(60),
+        || {
+            let ok = closed.try_spend(1);
+            async move { ok }
+        },
+    )
+    .await;
+    cluster.shutdown().await;
+}
