@@ -159,6 +159,8 @@ pub struct SlotState {
 pub struct Allowance {
     meta: [SlotMeta; SLOTS],
     stripes: [Stripe; STRIPES],
+    /// Units asked for and refused: demand the refill side must also cover.
+    denied_units: AtomicU64,
 }
 
 impl Allowance {
@@ -185,6 +187,11 @@ impl Allowance {
             }
         }
         amount == 0 || self.take_across(amount, now_ms).is_some()
+    }
+
+    /// Units refused so far (a running total), so refill can size for unmet demand.
+    pub fn denied_units(&self) -> u64 {
+        self.denied_units.load(Ordering::Relaxed)
     }
 
     /// Takes `amount` units if this allowance holds them in live slots, all or
@@ -242,6 +249,7 @@ impl Allowance {
             Some(t)
         } else {
             self.give_back(&t, t.units());
+            self.denied_units.fetch_add(amount, Ordering::Relaxed);
             None
         }
     }

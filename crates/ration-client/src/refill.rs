@@ -87,6 +87,7 @@ struct Tracked {
     /// Units spent from retired leases plus live leases, as of the last round.
     spent_seen: u64,
     spent_retired: u64,
+    denied_seen: u64,
     rate_per_s: f64,
     policy: Option<Unreachable>,
     /// The static-allowance slot of the current outage.
@@ -150,6 +151,7 @@ impl Sdk {
             leases: Vec::new(),
             spent_seen: 0,
             spent_retired: 0,
+            denied_seen: 0,
             rate_per_s: 0.0,
             policy: None,
             static_slot: None,
@@ -207,10 +209,14 @@ impl Sdk {
                     }
                 }
                 t.leases = keep;
-                // Spend rate.
+                // Demand rate: what was spent plus what was asked for and refused.
                 let spent = t.spent_retired + live_spent;
-                let delta = spent.saturating_sub(t.spent_seen) as f64 / dt_s;
+                let denied = t.allowance.denied_units();
+                let demand =
+                    spent.saturating_sub(t.spent_seen) + denied.saturating_sub(t.denied_seen);
+                let delta = demand as f64 / dt_s;
                 t.spent_seen = spent;
+                t.denied_seen = denied;
                 t.rate_per_s =
                     if t.rate_per_s == 0.0 { delta } else { 0.7 * t.rate_per_s + 0.3 * delta };
                 // Low-water: ask for more when what is held falls below half the target.

@@ -1,0 +1,150 @@
+//! A small LLM gateway that admits or refuses each simulated call through the SDK.
+//!
+//! ```sh
+//! cargo run --release -p rationd                                  # terminal 1
+//! cargo run --release -p ration-client --example gateway          # terminal 2
+//! curl -s -XPOST 'localhost:8080/v1/complete?prompt_tokens=200&max_tokens=500'
+//! curl -s localhost:8080/stats
+//! ```
+//!
+//! It creates the budgets `demo` (1,000,000 tokens a day) and `demo/app` (100,000
+//! tokens a minute) if they do not exist. Each call reserves prompt + max_tokens on
+//! `demo/app`, "runs the model" (a random completion length), and settles the real
+//! count: the rest returns to the local allowance at once.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ration_client::{CoarseClock, Sdk, SdkConfig};
+use ration_proto::v1::{self, ledger_client::LedgerClient};
+
+const BUDGET: &str = "demo/app";
+
+#[derive(serde::Deserialize)]
+struct Call {
+    prompt_tokens: u64,
+    max_tokens: u64,
+}
+
+struct App {
+    sdk: Arc<Sdk>,
+    admitted: AtomicU64,
+    refused: AtomicU64,
+    tokens: AtomicU64,
+    seed: AtomicU64,
+}
+
+async fn complete(
+    State(app): State<Arc<App>>,
+    Query(call): Query<Call>,
+) -> (StatusCode, Json<json::Value>) {
+    let reserve = call.prompt_tokens.saturating_add(call.max_tokens);
+    let Some(reservation) = app.sdk.reserve(&[(BUDGET, "tokens", reserve)]) else {
+        app.refused.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::TOO_MANY_REQUESTS, Json(json::refused(reserve)));
+    };
+    // "Call the model": the completion is somewhere between 0 and max_tokens.
+    let r = app.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed).rotate_left(17);
+    let completion = if call.max_tokens == 0 { 0 } else { r % (call.max_tokens + 1) };
+    let used = call.prompt_tokens + completion;
+    reservation.settle(&[used]);
+    app.admitted.fetch_add(1, Ordering::Relaxed);
+    app.tokens.fetch_add(used, Ordering::Relaxed);
+    (StatusCode::OK, Json(json::admitted(used, reserve - used)))
+}
+
+async fn stats(State(app): State<Arc<App>>) -> Json<json::Value> {
+    let (leases, held) = app.sdk.held(BUDGET, "tokens");
+    Json(json::stats(
+        app.admitted.load(Ordering::Relaxed),
+        app.refused.load(Ordering::Relaxed),
+        app.tokens.load(Ordering::Relaxed),
+        leases,
+        held,
+    ))
+}
+
+/// Replies as flat JSON objects.
+mod json {
+    pub type Value = std::collections::BTreeMap<&'static str, u64>;
+    pub fn refused(reserve: u64) -> Value {
+        Value::from([("admitted", 0), ("wanted", reserve)])
+    }
+    pub fn admitted(used: u64, returned: u64) -> Value {
+        Value::from([("admitted", 1), ("charged", used), ("returned", returned)])
+    }
+    pub fn stats(admitted: u64, refused: u64, tokens: u64, leases: usize, held: u64) -> Value {
+        Value::from([
+            ("admitted", admitted),
+            ("refused", refused),
+            ("tokens_charged", tokens),
+            ("leases_held", leases as u64),
+            ("tokens_held", held),
+        ])
+    }
+}
+
+async fn ensure_budgets(endpoint: &str) -> anyhow::Result<()> {
+    let mut client = LedgerClient::connect(format!("http://{endpoint}")).await?;
+    let limit = |cap, period: v1::Period| v1::Limit {
+        unit: "tokens".into(),
+        cap,
+        window: Some(v1::Window { period: period as i32, offset_minutes: 0 }),
+        static_allowance: None,
+    };
+    let run = std::process::id();
+    for (i, (path, l)) in [
+        ("demo", limit(1_000_000, v1::Period::Day)),
+        ("demo/app", limit(100_000, v1::Period::Minute)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let meta = Some(v1::RequestMeta {
+            client_id: format!("gateway-example-{run}"),
+            request_id: i as u64 + 1,
+            principal: "ops".into(),
+        });
+        match client
+            .create_budget(v1::CreateBudgetRequest { meta, path: path.into(), limits: vec![l] })
+            .await
+        {
+            Ok(_) => println!("created budget {path}"),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+            Err(s) => return Err(s.into()),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let endpoint = std::env::var("RATION_ENDPOINT").unwrap_or_else(|_| "127.0.0.1:50051".into());
+    let listen = std::env::var("GATEWAY_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
+    ensure_budgets(&endpoint).await?;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let sdk = Sdk::start(SdkConfig::new(vec![endpoint.clone()], "gateway-example"), clock)?;
+    sdk.handle(BUDGET, "tokens");
+    let app = Arc::new(App {
+        sdk,
+        admitted: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+        tokens: AtomicU64::new(0),
+        seed: AtomicU64::new(1),
+    });
+    let router = Router::new()
+        .route("/v1/complete", post(complete))
+        .route("/stats", get(stats))
+        .with_state(app);
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
+    println!("gateway on http://{listen}, leasing from {endpoint}");
+    axum::serve(listener, router).await?;
+    Ok(())
+}
