@@ -105,6 +105,6 @@ impl Gateway {
         margin_ms: u64,
     ) -> Option<local::SlotState> {
         let deadline = sent_at_ms.saturating_add(ttl_ms.saturating_sub(margin_ms));
-        self.handle(budget, unit).allowance.install(units, deadline, self.clock.now_ms())
+        self.handle(budget, unit).allowance.install(units, deadline)
     }
 }

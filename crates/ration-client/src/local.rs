@@ -222,6 +222,12 @@ impl Allowance {
     /// Slow path: gather `amount` from every stripe of every live slot, or give it
     /// all back.
     fn take_across(&self, amount: u64, now_ms: u64) -> Option<Taken> {
+        // Refuse without touching anything when the units are plainly not there: a
+        // partial take that must be given back could race a retire and be lost.
+        if self.available(now_ms) < amount {
+            self.denied_units.fetch_add(amount, Ordering::Relaxed);
+            return None;
+        }
         let mut t = Taken::default();
         let mut need = amount;
         for slot in 0..SLOTS {
@@ -282,11 +288,13 @@ impl Allowance {
         (0..SLOTS).filter(|&i| self.live(i, now_ms)).map(|i| self.slot_units(i)).sum()
     }
 
-    /// Installs a lease of `units` spendable until `deadline_ms` in an empty or
-    /// expired slot, split over the stripes. Returns the slot and generation, or
-    /// `None` if every slot is live.
-    pub fn install(&self, units: u64, deadline_ms: u64, now_ms: u64) -> Option<SlotState> {
-        let slot = (0..SLOTS).find(|&i| !self.live(i, now_ms))?;
+    /// Installs a lease of `units` spendable until `deadline_ms` in an empty slot
+    /// (never used, or retired), split over the stripes. Returns the slot and
+    /// generation, or `None` if every slot holds a lease. A slot whose lease has
+    /// passed its deadline but was not retired yet is not reused: its leftover must
+    /// be counted when it is retired.
+    pub fn install(&self, units: u64, deadline_ms: u64) -> Option<SlotState> {
+        let slot = (0..SLOTS).find(|&i| self.meta[i].deadline_ms.load(Ordering::Acquire) == 0)?;
         let meta = &self.meta[slot];
         // Close the slot first so no spender sees new units under the old deadline,
         // then fill it, then open it.
@@ -407,7 +415,7 @@ mod tests {
 
     fn with_lease(units: u64, deadline: u64) -> Allowance {
         let a = Allowance::new();
-        a.install(units, deadline, 0).unwrap();
+        a.install(units, deadline).unwrap();
         a
     }
 
@@ -431,7 +439,7 @@ mod tests {
     #[test]
     fn spends_across_slots_all_or_nothing() {
         let a = with_lease(5, 1000);
-        a.install(5, 2000, 0).unwrap();
+        a.install(5, 2000).unwrap();
         let t = a.try_take(8, 1).unwrap();
         assert_eq!(t.units(), 8);
         assert_eq!(a.available(1), 2);
@@ -447,7 +455,7 @@ mod tests {
         let t = a.try_take(10, 1).unwrap();
         let st = a.slots()[0];
         assert_eq!(a.retire(st.slot, st.generation), Some(0));
-        a.install(3, 2000, 1).unwrap();
+        a.install(3, 2000).unwrap();
         a.give_back(&t, 10);
         assert_eq!(a.available(1), 3);
     }
@@ -456,11 +464,15 @@ mod tests {
     fn install_needs_a_free_slot() {
         let a = Allowance::new();
         for _ in 0..SLOTS {
-            assert!(a.install(1, 1000, 0).is_some());
+            assert!(a.install(1, 1000).is_some());
         }
         assert_eq!(a.available(1), SLOTS as u64);
-        assert!(a.install(1, 1000, 0).is_none());
-        assert!(a.install(1, 3000, 1000).is_some(), "an expired slot is reused");
+        assert!(a.install(1, 1000).is_none());
+        assert_eq!(a.available(1000), 0, "expired");
+        assert!(a.install(1, 3000).is_none(), "an expired slot is not reused before it is retired");
+        let st = a.slots()[2];
+        assert_eq!(a.retire(st.slot, st.generation), Some(1), "its leftover is counted");
+        assert_eq!(a.install(1, 3000).map(|s| s.slot), Some(2));
     }
 
     #[test]
@@ -506,7 +518,7 @@ mod tests {
     #[test]
     fn many_threads_never_overspend() {
         let a = Arc::new(with_lease(100_000, u64::MAX));
-        a.install(23_456, u64::MAX, 0).unwrap();
+        a.install(23_456, u64::MAX).unwrap();
         let threads: Vec<_> = (0..4)
             .map(|k| {
                 let a = a.clone();

@@ -4,7 +4,8 @@
 //!   what was really spent (the rest returns to the ledger's pool at once);
 //! - measures each allowance's spend rate (EWMA over rounds);
 //! - acquires `rate × horizon` (at least `initial_request`) when what is held falls
-//!   below half of that — the low-water mark;
+//!   below half of that — the low-water mark — and releases whole leases it holds
+//!   beyond that target, so surplus goes back to the pool;
 //! - sends all of it in one `Batch` RPC. Acquires and releases that got no answer
 //!   are sent again next round with the same request ids.
 //!
@@ -111,6 +112,7 @@ pub struct Sdk {
     config: SdkConfig,
     tracked: Mutex<BTreeMap<(String, String), Tracked>>,
     pending: Mutex<Vec<Pending>>,
+    ops_sent: std::sync::atomic::AtomicU64,
 }
 
 impl Sdk {
@@ -123,6 +125,7 @@ impl Sdk {
             config,
             tracked: Mutex::new(BTreeMap::new()),
             pending: Mutex::new(Vec::new()),
+            ops_sent: std::sync::atomic::AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&sdk);
         let every = sdk.config.refresh;
@@ -222,8 +225,33 @@ impl Sdk {
                 // Low-water: ask for more when what is held falls below half the target.
                 let target = (t.rate_per_s * self.config.horizon.as_secs_f64()) as u64;
                 let target = target.max(self.config.initial_request).min(self.config.max_request);
-                let held = t.allowance.available(now);
-                let free_slot = t.allowance.slots().iter().any(|s| s.deadline_ms <= now);
+                // Surplus: leases not needed to cover the target go back now, so
+                // allowance is not stranded here while other gateways need it.
+                let mut held = t.allowance.available(now);
+                while t.leases.len() > 1 {
+                    let slots = t.allowance.slots();
+                    let Some((i, spare)) = t
+                        .leases
+                        .iter()
+                        .enumerate()
+                        .map(|(i, l)| (i, slots[l.slot].remaining))
+                        .filter(|(_, r)| held.saturating_sub(*r) >= target)
+                        .max_by_key(|(_, r)| *r)
+                    else {
+                        break;
+                    };
+                    let lease = t.leases.swap_remove(i);
+                    let left = t.allowance.retire(lease.slot, lease.generation).unwrap_or(0);
+                    let spent = lease.granted.saturating_sub(left);
+                    t.spent_retired += spent;
+                    held = held.saturating_sub(spare);
+                    ops.push(Pending {
+                        op: release(&self.cluster, lease.lease_id, spent),
+                        key: key.clone(),
+                        sent_at_ms: now,
+                    });
+                }
+                let free_slot = t.allowance.slots().iter().any(|s| s.deadline_ms == 0);
                 if held < target / 2 + 1 && free_slot && !resent.contains(key) {
                     let want = target.saturating_sub(held).max(1);
                     ops.push(Pending {
@@ -256,6 +284,7 @@ impl Sdk {
         }
         let batch: Vec<BatchOp> = ops.iter().map(|p| p.op.clone()).collect();
         metrics::counter!(counters::REFILLS).increment(1);
+        self.ops_sent.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         match self.cluster.batch(batch).await {
             Ok(results) => {
                 self.end_outage();
@@ -281,7 +310,7 @@ impl Sdk {
             let Some(t) = tracked.get_mut(&p.key) else { continue };
             // The local deadline counts from when the acquire was first sent.
             let deadline = p.sent_at_ms.saturating_add(ttl_ms.saturating_sub(margin_ms));
-            match t.allowance.install(granted, deadline, self.gateway.clock().now_ms()) {
+            match t.allowance.install(granted, deadline) {
                 Some(st) => t.leases.push(Held {
                     lease_id: lease.lease_id,
                     slot: st.slot,
@@ -340,7 +369,7 @@ impl Sdk {
         for t in tracked.values_mut() {
             if let Some(Unreachable::StaticAllowance(units)) = t.policy {
                 if !t.static_used && t.allowance.available(now) == 0 {
-                    if let Some(st) = t.allowance.install(units, u64::MAX, now) {
+                    if let Some(st) = t.allowance.install(units, u64::MAX) {
                         t.static_slot = Some((st.slot, st.generation));
                         t.static_used = true;
                     }
@@ -357,6 +386,12 @@ impl Sdk {
             }
             t.static_used = false;
         }
+    }
+
+    /// Ledger operations (acquires and releases) this SDK has sent: its write load
+    /// on the cluster.
+    pub fn ops_sent(&self) -> u64 {
+        self.ops_sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// (leases held, units held now) for (budget, unit).

@@ -98,13 +98,15 @@ impl Cluster {
         *self.channels[i].lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Sends one batch, failing over and retrying with the same request ids.
+    /// Sends one batch, failing over and retrying with the same request ids. After a
+    /// failure it asks the other endpoints who leads, so the next attempt goes
+    /// straight to a newly elected leader.
     pub async fn batch(&self, ops: Vec<BatchOp>) -> Result<Vec<BatchResult>, ClusterError> {
         let n = self.config.endpoints.len().max(1);
         let request = v1::BatchRequest { ops };
         let mut last = String::from("no endpoints configured");
+        let mut i = self.preferred.load(Ordering::Relaxed) % n;
         for attempt in 0..self.config.max_attempts {
-            let i = (self.preferred.load(Ordering::Relaxed) + attempt as usize) % n;
             let mut client = LedgerClient::new(self.channel(i));
             match client.batch(request.clone()).await {
                 Ok(reply) => {
@@ -114,14 +116,17 @@ impl Cluster {
                 Err(s) if retryable(&s) => {
                     last = s.to_string();
                     self.drop_channel(i);
-                    if attempt + 1 >= n as u32 {
-                        tokio::time::sleep(Duration::from_millis(50u64 << attempt.min(4))).await;
+                    let failed = i;
+                    self.discover_leader().await;
+                    i = self.preferred.load(Ordering::Relaxed) % n;
+                    if i == failed {
+                        i = (failed + 1) % n;
                     }
+                    tokio::time::sleep(Duration::from_millis(20u64 << attempt.min(4))).await;
                 }
                 Err(s) => return Err(ClusterError::Refused(s)),
             }
         }
-        self.discover_leader().await;
         Err(ClusterError::Unreachable { attempts: self.config.max_attempts, last })
     }
 
@@ -133,10 +138,14 @@ impl Cluster {
                 self.drop_channel(i);
                 continue;
             };
-            let leader = status.into_inner().leader_addr;
-            if let Some(at) = self.config.endpoints.iter().position(|e| *e == leader) {
-                self.preferred.store(at, Ordering::Relaxed);
+            let status = status.into_inner();
+            // Only a node that sees itself lead is sure; a follower's view may be stale.
+            if status.role == "leader" {
+                self.preferred.store(i, Ordering::Relaxed);
                 return;
+            }
+            if let Some(at) = self.config.endpoints.iter().position(|e| *e == status.leader_addr) {
+                self.preferred.store(at, Ordering::Relaxed);
             }
         }
     }

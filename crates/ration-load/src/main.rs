@@ -45,6 +45,11 @@ struct Args {
     /// Reports per lease between acquire and release.
     #[arg(long, default_value_t = 3)]
     reports: usize,
+    /// Instead of raw RPCs: this many SDK gateways in this process, each deciding
+    /// calls locally (`try_spend(1)`) as fast as it can while its refill keeps it
+    /// stocked. Reports decisions per second and cluster writes per 1,000 decisions.
+    #[arg(long, default_value_t = 0)]
+    gateways: usize,
     /// Operations per RPC through the Batch call; 0 sends one operation per RPC.
     #[arg(long, default_value_t = 0)]
     batch: usize,
@@ -308,6 +313,73 @@ fn record(hist: &mut Histogram<u64>, recording: &AtomicBool, elapsed: Duration) 
     }
 }
 
+/// End to end: SDK gateways decide locally and lease from the cluster.
+async fn sdk_load(args: &Args, endpoints: &[String], leader: &str) -> anyhow::Result<()> {
+    use ration_client::{CoarseClock, Sdk, SdkConfig};
+    let mut admin = LedgerClient::new(channel(leader)?);
+    admin
+        .create_budget(v1::CreateBudgetRequest {
+            meta: meta("load-admin", 1),
+            path: "sdk".into(),
+            limits: lifetime(1_000_000_000_000_000),
+        })
+        .await?;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let sdks: Vec<Arc<Sdk>> = (0..args.gateways)
+        .map(|i| Sdk::start(SdkConfig::new(endpoints.to_vec(), format!("gw-{i}")), clock.clone()))
+        .collect::<Result<_, _>>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let recording = Arc::new(AtomicBool::new(false));
+    let decisions = Arc::new(AtomicU64::new(0));
+    let admitted = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = sdks
+        .iter()
+        .map(|sdk| {
+            let h = sdk.handle("sdk", "tokens");
+            let (stop, recording, decisions, admitted) =
+                (stop.clone(), recording.clone(), decisions.clone(), admitted.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let (mut d, mut a) = (0u64, 0u64);
+                    for _ in 0..1024 {
+                        d += 1;
+                        a += u64::from(h.try_spend(1));
+                    }
+                    if recording.load(Ordering::Relaxed) {
+                        decisions.fetch_add(d, Ordering::Relaxed);
+                        admitted.fetch_add(a, Ordering::Relaxed);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
+    let ops_before: u64 = sdks.iter().map(|s| s.ops_sent()).sum();
+    recording.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.duration_s)).await;
+    recording.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let ops: u64 = sdks.iter().map(|s| s.ops_sent()).sum::<u64>() - ops_before;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await?;
+    }
+    let (d, a) = (decisions.load(Ordering::Relaxed), admitted.load(Ordering::Relaxed));
+    println!(
+        "{} gateways: {:.0} decisions/s ({:.0} admitted/s, {:.2}% admitted); cluster writes {} ({:.4} per 1,000 decisions)",
+        args.gateways,
+        d as f64 / elapsed,
+        a as f64 / elapsed,
+        100.0 * a as f64 / d.max(1) as f64,
+        ops,
+        1000.0 * ops as f64 / d.max(1) as f64
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
@@ -323,6 +395,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let leader = find_leader(&endpoints).await?;
     println!("cluster: {endpoints:?}, leader {leader}");
+    if args.gateways > 0 {
+        return sdk_load(&args, &endpoints, &leader).await;
+    }
     let mut admin = LedgerClient::new(channel(&leader)?);
     let mut rid = 0;
     let mut create = |path: String, cap: i64| {
