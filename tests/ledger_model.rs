@@ -438,6 +438,7 @@ impl Model {
                         granted: grant,
                         expires_at_ms,
                         window_end_ms: window_end,
+                        ttl_ms: expires_at_ms - now,
                     }),
                     1,
                 ))

@@ -42,8 +42,10 @@ fn sdk(cluster: &Cluster, principal: &str, clock: &Arc<CoarseClock>) -> Arc<Sdk>
     let mut config = SdkConfig::new(endpoints, principal);
     config.refresh = Duration::from_millis(200);
     // Leases sized to cover a failover: half the horizon (the runway left at the
-    // low-water mark) outlasts an RPC deadline, an election and a retry.
-    config.horizon = Duration::from_secs(6);
+    // low-water mark, 5 s) outlasts stopping a leader, an election, RPC deadlines and
+    // retries, even on a loaded 2-core machine. The ttl leaves room to spend them.
+    config.horizon = Duration::from_secs(10);
+    config.lease_ttl = Duration::from_secs(20);
     config.initial_request = 200;
     Sdk::start(config, clock.clone()).unwrap()
 }

@@ -308,8 +308,10 @@ impl Sdk {
             let Some(R::Lease(lease)) = r.result else { continue };
             let granted = u64::try_from(lease.granted).unwrap_or(0);
             let Some(t) = tracked.get_mut(&p.key) else { continue };
-            // The local deadline counts from when the acquire was first sent.
-            let deadline = p.sent_at_ms.saturating_add(ttl_ms.saturating_sub(margin_ms));
+            // The local deadline counts from when the acquire was first sent, for the
+            // validity the ledger granted (the ttl asked for, cut at the window's end).
+            let granted_ttl = u64::try_from(lease.ttl_ms).unwrap_or(0).min(ttl_ms);
+            let deadline = p.sent_at_ms.saturating_add(granted_ttl.saturating_sub(margin_ms));
             match t.allowance.install(granted, deadline) {
                 Some(st) => t.leases.push(Held {
                     lease_id: lease.lease_id,

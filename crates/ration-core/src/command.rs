@@ -187,6 +187,10 @@ pub struct Grant {
     pub expires_at_ms: u64,
     /// End of the tightest window the lease draws on; `expires_at_ms <= window_end_ms`.
     pub window_end_ms: u64,
+    /// How long the lease is valid from when it was granted: the ttl asked for, cut
+    /// at the end of its window. A gateway spends from it until at most
+    /// `sent_at + ttl_ms - margin` on its own clock.
+    pub ttl_ms: u64,
 }
 
 /// A successful command's reply.

@@ -621,7 +621,14 @@ impl Ledger {
         let entry =
             self.lease_entry(ctx.index, AuditKind::LeaseGranted, about, flow, balances, now);
         self.record(ctx.audit, entry);
-        Ok(Reply::Granted(Grant { lease: lease_id, granted: grant, expires_at_ms, window_end_ms }))
+        let ttl_ms = expires_at_ms.saturating_sub(now);
+        Ok(Reply::Granted(Grant {
+            lease: lease_id,
+            granted: grant,
+            expires_at_ms,
+            window_end_ms,
+            ttl_ms,
+        }))
     }
 
     /// The live lease `id` of `principal`, or why not.

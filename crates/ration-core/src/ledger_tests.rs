@@ -117,6 +117,7 @@ fn acquire_debits_every_ancestor_in_one_entry() {
     let g = h.grant("gw-1", acquire("acme/search/key-7", 100, 1, 10_000));
     assert_eq!(g.granted, 100);
     assert_eq!(g.expires_at_ms, T0 + 10_000);
+    assert_eq!(g.ttl_ms, 10_000);
     for p in ["acme", "acme/search", "acme/search/key-7"] {
         assert_eq!(h.usage(p), (0, 100), "{p}");
     }
@@ -195,6 +196,8 @@ fn a_lease_never_outlives_its_window() {
     let g = h.grant("gw-1", acquire("acme/search/key-7", 10, 1, 3_600_000));
     assert_eq!(g.window_end_ms, 1_764_340_260_000);
     assert_eq!(g.expires_at_ms, g.window_end_ms);
+    // The validity the gateway is told is cut at the window's end too.
+    assert_eq!(g.ttl_ms, g.window_end_ms - T0);
     // Renewal cannot push it past the window either.
     let r = h.ok(
         "gw-1",

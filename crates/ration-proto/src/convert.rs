@@ -195,12 +195,15 @@ pub fn budget_changed(path: &str, reply: &Reply) -> Result<v1::BudgetChanged, St
 
 pub fn lease(reply: &Reply) -> Result<v1::Lease, Status> {
     match reply {
-        Reply::Granted(Grant { lease, granted, expires_at_ms, window_end_ms }) => Ok(v1::Lease {
-            lease_id: lease.raw(),
-            granted: to_i64(*granted),
-            expires_at_ms: *expires_at_ms,
-            window_end_ms: *window_end_ms,
-        }),
+        Reply::Granted(Grant { lease, granted, expires_at_ms, window_end_ms, ttl_ms }) => {
+            Ok(v1::Lease {
+                lease_id: lease.raw(),
+                granted: to_i64(*granted),
+                expires_at_ms: *expires_at_ms,
+                window_end_ms: *window_end_ms,
+                ttl_ms: to_i64(*ttl_ms),
+            })
+        }
         other => Err(unexpected(other)),
     }
 }
