@@ -65,7 +65,11 @@ async fn three_nodes_run_over_an_injected_network_and_clock() {
         let addr = format!("mem-{id}");
         let (tx, rx) = mpsc::unbounded_channel::<DuplexStream>();
         net.lock().unwrap().insert(addr.clone(), tx);
-        let incoming = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map_ok();
+        // Accepted pipes as the stream of `Result`s tonic's server takes.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            Ok::<DuplexStream, std::io::Error>,
+        );
         let config = Config {
             node_id: id,
             advertise: Some(addr),
@@ -170,15 +174,3 @@ async fn three_nodes_run_over_an_injected_network_and_clock() {
         n.stop().await.unwrap();
     }
 }
-
-/// Accepted pipes as the `Result` stream tonic's server takes.
-trait MapOk: tokio_stream::Stream<Item = DuplexStream> + Sized {
-    fn map_ok(
-        self,
-    ) -> tokio_stream::adapters::Map<Self, fn(DuplexStream) -> Result<DuplexStream, std::io::Error>>
-    {
-        tokio_stream::StreamExt::map(self, Ok)
-    }
-}
-
-impl<S: tokio_stream::Stream<Item = DuplexStream>> MapOk for S {}
