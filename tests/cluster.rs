@@ -365,3 +365,73 @@ async fn health_and_reflection_answer_stock_clients() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_catches_up_through_large_entries() {
+    // openraft 0.9 gives an AppendEntries RPC one heartbeat interval: with entries of
+    // about a megabyte (and a debug build), one entry per RPC and a longer interval.
+    let mut cluster = Cluster::start(3, |c| {
+        c.heartbeat_ms = 400;
+        c.election_timeout_min_ms = 2000;
+        c.election_timeout_max_ms = 3000;
+        c.raft_max_entries_per_rpc = 1;
+    })
+    .await;
+    let leader = cluster.leader().await;
+    let addr = cluster.addrs[&leader];
+    // Long names make big commands: entries near their byte limit.
+    let path = format!("acme/{}", "k".repeat(60));
+    let mut c = ledger(addr).await;
+    for (i, p) in ["acme".to_owned(), path.clone()].into_iter().enumerate() {
+        c.create_budget(v1::CreateBudgetRequest {
+            meta: meta("admin-big", i as u64 + 1, "ops"),
+            path: p,
+            limits: vec![limit("tokens", 1_000_000_000, Period::Lifetime)],
+        })
+        .await
+        .unwrap();
+    }
+    let lagging = *cluster.addrs.keys().find(|id| **id != leader).unwrap();
+    cluster.stop(lagging).await;
+
+    // 24 batches of 1,024 acquires, 4 at a time, so entries fill to thousands of commands.
+    let mut rid = 0u64;
+    for round in 0..6 {
+        let mut calls = Vec::new();
+        for k in 0..4 {
+            // One client per batch: each stays inside its exactly-once window.
+            let client_id = format!("{round}-{k}-{}", "c".repeat(96));
+            let ops = (0..1024)
+                .map(|_| {
+                    rid += 1;
+                    v1::BatchOp {
+                        op: Some(v1::batch_op::Op::Acquire(v1::AcquireRequest {
+                            meta: meta(&client_id, rid, &"g".repeat(100)),
+                            budget: path.clone(),
+                            unit: "tokens".into(),
+                            wanted: 10,
+                            min: 1,
+                            ttl_ms: 600_000,
+                        })),
+                    }
+                })
+                .collect();
+            let mut c = ledger(addr).await;
+            calls.push(tokio::spawn(async move {
+                c.batch(v1::BatchRequest { ops }).await.unwrap().into_inner()
+            }));
+        }
+        for call in calls {
+            let reply = call.await.unwrap();
+            assert!(reply
+                .results
+                .iter()
+                .all(|r| matches!(r.result, Some(v1::batch_result::Result::Lease(_)))));
+        }
+    }
+    cluster.restart(lagging).await;
+    let statuses = cluster.converged().await;
+    assert!(statuses.windows(2).all(|w| w[0].state_digest == w[1].state_digest), "digests differ");
+    assert!(statuses.iter().all(|s| s.live_leases == 24 * 1024));
+    cluster.shutdown().await;
+}

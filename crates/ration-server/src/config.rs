@@ -47,8 +47,15 @@ pub struct Config {
     pub snapshot_after_entries: u64,
     /// Log entries kept after a snapshot (for lagging followers) before purging.
     pub keep_log_after_snapshot: u64,
-    /// Largest gRPC message accepted or sent.
+    /// Largest client gRPC message accepted or sent.
     pub max_message_bytes: usize,
+    /// Largest node-to-node message: a batch of up to `raft_max_entries_per_rpc`
+    /// entries of up to about `batch_max_bytes` each must fit.
+    pub peer_max_message_bytes: usize,
+    /// Most log entries in one AppendEntries RPC. Each RPC must complete within
+    /// `heartbeat_ms` (openraft 0.9's timeout for it), so keep this × the entry size
+    /// sendable and appendable in that time.
+    pub raft_max_entries_per_rpc: u64,
     /// Snapshot chunk size for install.
     pub snapshot_chunk_bytes: usize,
     /// `text` or `json`.
@@ -69,13 +76,17 @@ impl Default for Config {
             batch_wait_us: 1000,
             proposal_queue: 65_536,
             tick_ms: 1000,
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            // openraft 0.9 gives each AppendEntries RPC one heartbeat interval to
+            // complete: it must carry a few large group-committed entries in time.
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
             rpc_timeout_ms: 2000,
             snapshot_after_entries: 20_000,
             keep_log_after_snapshot: 5_000,
             max_message_bytes: 8 << 20,
+            peer_max_message_bytes: 64 << 20,
+            raft_max_entries_per_rpc: 4,
             snapshot_chunk_bytes: 1 << 20,
             log_format: "text".into(),
         }
@@ -151,6 +162,18 @@ impl Config {
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(format!("log_format {:?} is not text or json", self.log_format));
+        }
+        // An entry holds up to batch_max_bytes of proposals plus one caller's batch
+        // (at most MAX_BATCH_OPS commands of at most ~512 bytes: names are bounded);
+        // a replication RPC carries raft_max_entries_per_rpc of them.
+        let entry_bytes =
+            self.batch_max_bytes.saturating_add(ration_proto::convert::MAX_BATCH_OPS * 512);
+        let per_rpc = usize::try_from(self.raft_max_entries_per_rpc).unwrap_or(usize::MAX);
+        if per_rpc == 0 || entry_bytes.saturating_mul(per_rpc) > self.peer_max_message_bytes {
+            return bad(format!(
+                "peer_max_message_bytes {} is too small for raft_max_entries_per_rpc {} entries of up to {} bytes",
+                self.peer_max_message_bytes, self.raft_max_entries_per_rpc, entry_bytes
+            ));
         }
         if self.proposal_queue == 0 || self.tick_ms == 0 || self.rpc_timeout_ms == 0 {
             return bad("proposal_queue, tick_ms and rpc_timeout_ms must be positive".into());

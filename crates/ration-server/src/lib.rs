@@ -177,7 +177,8 @@ where
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
         max_in_snapshot_log_to_keep: config.keep_log_after_snapshot,
         snapshot_max_chunk_size: config.snapshot_chunk_bytes as u64,
-        max_payload_entries: 64,
+        // Entries hold thousands of commands: a few per RPC keep messages bounded.
+        max_payload_entries: config.raft_max_entries_per_rpc,
         install_snapshot_timeout: config.rpc_timeout_ms.saturating_mul(5),
         ..Default::default()
     }
@@ -186,7 +187,7 @@ where
     let channels = Channels::new(
         channels(config.rpc_timeout()),
         config.rpc_timeout(),
-        config.max_message_bytes,
+        config.peer_max_message_bytes,
     );
     let raft = Raft::new(
         config.node_id,

@@ -55,9 +55,10 @@ where
     let cluster = ClusterServer::new(ClusterService { node: node.clone() })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let peer_max = node.config.peer_max_message_bytes;
     let raft = RaftServer::new(RaftService { node: node.clone() })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+        .max_decoding_message_size(peer_max)
+        .max_encoding_message_size(peer_max);
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
