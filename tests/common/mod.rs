@@ -61,7 +61,7 @@ pub async fn ledger(addr: SocketAddr) -> LedgerClient<Channel> {
 
 pub async fn status(addr: SocketAddr) -> Option<StatusReply> {
     ClusterClient::new(channel(addr).await)
-        .status(StatusRequest {})
+        .status(StatusRequest { digest: true })
         .await
         .ok()
         .map(|r| r.into_inner())

@@ -133,7 +133,9 @@ impl Cluster {
     /// Asks the endpoints who leads, and prefers that endpoint from now on.
     pub async fn discover_leader(&self) {
         for i in 0..self.config.endpoints.len() {
-            let Ok(status) = ClusterClient::new(self.channel(i)).status(v1::StatusRequest {}).await
+            let Ok(status) = ClusterClient::new(self.channel(i))
+                .status(v1::StatusRequest { digest: false })
+                .await
             else {
                 self.drop_channel(i);
                 continue;

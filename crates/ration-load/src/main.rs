@@ -111,7 +111,9 @@ async fn find_leader(endpoints: &[String]) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         for e in endpoints {
-            if let Ok(s) = ClusterClient::new(channel(e)?).status(v1::StatusRequest {}).await {
+            if let Ok(s) =
+                ClusterClient::new(channel(e)?).status(v1::StatusRequest { digest: false }).await
+            {
                 let s = s.into_inner();
                 if s.role == "leader" {
                     return Ok(s.addr);
@@ -428,13 +430,17 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
     recording.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    let status_before =
-        ClusterClient::new(channel(&leader)?).status(v1::StatusRequest {}).await?.into_inner();
+    let status_before = ClusterClient::new(channel(&leader)?)
+        .status(v1::StatusRequest { digest: false })
+        .await?
+        .into_inner();
     tokio::time::sleep(Duration::from_secs(args.duration_s)).await;
     recording.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    let status_after =
-        ClusterClient::new(channel(&leader)?).status(v1::StatusRequest {}).await?.into_inner();
+    let status_after = ClusterClient::new(channel(&leader)?)
+        .status(v1::StatusRequest { digest: false })
+        .await?
+        .into_inner();
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for w in workers {

@@ -292,7 +292,7 @@ async fn join(node: &Node, through: &str) -> anyhow::Result<()> {
     let channel = node.channels.get(through)?;
     let mut client = ClusterClient::new(channel);
     client.add_learner(AddLearnerRequest { id: node.id, addr: node.addr.clone() }).await?;
-    let status = client.status(StatusRequest {}).await?.into_inner();
+    let status = client.status(StatusRequest { digest: false }).await?.into_inner();
     let mut voters: BTreeSet<u64> =
         status.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
     voters.insert(node.id);

@@ -387,7 +387,7 @@ impl ClusterService {
             .collect()
     }
 
-    fn status(&self) -> v1::StatusReply {
+    fn status(&self, with_digest: bool) -> v1::StatusReply {
         let m = self.node.raft.metrics().borrow().clone();
         let role = match m.state {
             ServerState::Leader => "leader",
@@ -399,7 +399,7 @@ impl ClusterService {
         let (digest, budgets, leases, applied) = {
             let state = self.node.reader.state();
             (
-                state.ledger.digest().to_vec(),
+                if with_digest { state.ledger.digest().to_vec() } else { Vec::new() },
                 state.ledger.budget_count() as u64,
                 state.ledger.live_lease_count() as u64,
                 state.last_applied.map(|l| l.index).unwrap_or(0),
@@ -526,9 +526,9 @@ impl v1::cluster_server::Cluster for ClusterService {
 
     async fn status(
         &self,
-        _req: GrpcRequest<v1::StatusRequest>,
+        req: GrpcRequest<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusReply>, Status> {
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status(req.get_ref().digest)))
     }
 
     async fn transfer_leader(
@@ -590,7 +590,7 @@ impl v1::cluster_server::Cluster for ClusterService {
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             tokio::time::sleep(std::time::Duration::from_millis(150)).await;
         }
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status(false)))
     }
 
     async fn pause_elections(
@@ -609,7 +609,7 @@ impl v1::cluster_server::Cluster for ClusterService {
             raft.runtime_config().elect(true);
             raft.runtime_config().heartbeat(true);
         });
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status(false)))
     }
 }
 

@@ -76,7 +76,7 @@ fn channel(addr: SocketAddr) -> Channel {
 
 async fn status(addr: SocketAddr) -> Option<v1::StatusReply> {
     ClusterClient::new(channel(addr))
-        .status(v1::StatusRequest {})
+        .status(v1::StatusRequest { digest: true })
         .await
         .ok()
         .map(|r| r.into_inner())
