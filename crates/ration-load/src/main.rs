@@ -75,9 +75,12 @@ impl Drop for Nodes {
 
 fn start_nodes(rationd: PathBuf) -> anyhow::Result<(Nodes, Vec<String>)> {
     let dir = tempfile::tempdir()?;
-    let addrs: Vec<SocketAddr> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
-        .collect::<Result<_, _>>()?;
+    // Hold every listener until all three ports are chosen, so none repeats.
+    let listeners: Vec<std::net::TcpListener> =
+        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let addrs: Vec<SocketAddr> =
+        listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    drop(listeners);
     let cluster = addrs
         .iter()
         .enumerate()

@@ -61,10 +61,17 @@ fn rand_suffix() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// `n` distinct free loopback addresses: all listeners stay bound until every port
+/// is chosen, so the kernel cannot hand the same one out twice.
+fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    let listeners: Vec<_> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap()).collect()
 }
+
+/// The tests here start processes on ports they chose and then released; run them
+/// one at a time so two clusters can never end up on the same port.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn channel(addr: SocketAddr) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -228,8 +235,9 @@ fn dirs(root: &Path, n: u64) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_of_a_follower_and_the_leader() {
+    let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().unwrap();
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let addrs = free_addrs(3);
     let cluster = addrs
         .iter()
         .enumerate()
@@ -339,8 +347,9 @@ async fn acknowledged_writes_survive_kill_9_of_a_follower_and_the_leader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_shuts_down_gracefully_and_state_survives() {
+    let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().unwrap();
-    let addr = free_addr();
+    let addr = free_addrs(1)[0];
     let mut p = Proc {
         id: 1,
         addr,
