@@ -435,3 +435,25 @@ async fn a_follower_catches_up_through_large_entries() {
     assert!(statuses.iter().all(|s| s.live_leases == 24 * 1024));
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_messages_from_another_cluster_are_refused() {
+    let a = Cluster::start(1, |_| {}).await;
+    let b = Cluster::start(1, |_| {}).await;
+    a.leader().await;
+    b.leader().await;
+    let (id_a, id_b) = (a.nodes[&1].node.identity.get(), b.nodes[&1].node.identity.get());
+    assert!(id_a != 0 && id_b != 0 && id_a != id_b, "each new cluster has its own id");
+    let mut raft =
+        ration_proto::v1::raft_client::RaftClient::new(common::channel(b.addrs[&1]).await);
+    let foreign =
+        raft.vote(v1::RaftPayload { data: vec![1, 2, 3], cluster_id: id_a }).await.unwrap_err();
+    assert_eq!(foreign.code(), tonic::Code::FailedPrecondition, "{foreign}");
+    assert!(foreign.message().contains("cluster"), "{foreign}");
+    // Its own cluster's id gets past the check (and this payload then fails to decode).
+    let own =
+        raft.vote(v1::RaftPayload { data: vec![1, 2, 3], cluster_id: id_b }).await.unwrap_err();
+    assert_eq!(own.code(), tonic::Code::InvalidArgument, "{own}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

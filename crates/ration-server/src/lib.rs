@@ -38,6 +38,8 @@ pub struct Node {
     proposer: Proposer,
     pub channels: Channels,
     pub config: Config,
+    /// Which cluster this node belongs to (0 until set or learned).
+    pub identity: ration_store::ClusterIdentity,
 }
 
 impl std::fmt::Debug for Node {
@@ -169,6 +171,7 @@ where
     let addr = config.advertise_addr();
     let (log, sm) = open_storage(&config).await?;
     let reader = sm.reader();
+    let identity = log.identity().context("reading the cluster id")?;
     let raft_config = openraft::Config {
         cluster_name: "ration".into(),
         heartbeat_interval: config.heartbeat_ms,
@@ -192,7 +195,7 @@ where
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config),
-        Network { channels: channels.clone() },
+        Network { channels: channels.clone(), identity: identity.clone() },
         log,
         sm,
     )
@@ -213,6 +216,7 @@ where
         proposer,
         channels,
         config: config.clone(),
+        identity,
     });
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -281,10 +285,24 @@ async fn bootstrap(node: &Arc<Node>) -> anyhow::Result<()> {
     };
     let lowest = members.keys().next().copied();
     if lowest == Some(node.id) && !node.raft.is_initialized().await? {
+        // A new cluster gets a new id; the other members learn it from its messages.
+        node.identity.adopt(new_cluster_id(node)).context("storing the cluster id")?;
         node.raft.initialize(members).await.context("initializing the cluster")?;
         tracing::info!(id = node.id, "initialized the cluster");
     }
     Ok(())
+}
+
+/// An id no other cluster is likely to have: time, process and address mixed by a
+/// hash. (Collisions need the same nanosecond, pid and address; 0 is never used.)
+fn new_cluster_id(node: &Node) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::time::SystemTime::now().hash(&mut h);
+    std::process::id().hash(&mut h);
+    node.addr.hash(&mut h);
+    node.id.hash(&mut h);
+    h.finish().max(1)
 }
 
 /// Adds this node as a learner through `through`, then makes it a voter.

@@ -79,13 +79,19 @@ impl Channels {
 #[derive(Clone, Debug)]
 pub struct Network {
     pub channels: Channels,
+    pub identity: ration_store::ClusterIdentity,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        Connection { target, addr: node.addr.clone(), channels: self.channels.clone() }
+        Connection {
+            target,
+            addr: node.addr.clone(),
+            channels: self.channels.clone(),
+            identity: self.identity.clone(),
+        }
     }
 }
 
@@ -95,6 +101,7 @@ pub struct Connection {
     target: NodeId,
     addr: String,
     channels: Channels,
+    identity: ration_store::ClusterIdentity,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -121,7 +128,8 @@ impl Connection {
             .max_encoding_message_size(self.channels.max_message_bytes);
         let data =
             postcard::to_stdvec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftPayload { data });
+        let mut request =
+            tonic::Request::new(RaftPayload { data, cluster_id: self.identity.get() });
         request.set_timeout(deadline);
         let reply = match which {
             Rpc::Append => client.append_entries(request).await,
@@ -138,6 +146,16 @@ impl Connection {
                 });
             }
         };
+        // A reply from another cluster's node is not evidence about ours.
+        let mine = self.identity.get();
+        if mine != 0 && reply.cluster_id != 0 && reply.cluster_id != mine {
+            let e = std::io::Error::other(format!(
+                "{} answers for cluster {:x}, not ours ({mine:x})",
+                self.addr, reply.cluster_id
+            ));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
+        let _ = self.identity.adopt(reply.cluster_id);
         let result: Result<Resp, RaftError<NodeId, E>> = postcard::from_bytes(&reply.data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

@@ -618,14 +618,31 @@ struct RaftService {
     node: Arc<Node>,
 }
 
-fn decode<T: serde::de::DeserializeOwned>(req: GrpcRequest<v1::RaftPayload>) -> Result<T, Status> {
-    postcard::from_bytes(&req.into_inner().data)
-        .map_err(|e| Status::invalid_argument(format!("raft payload does not decode: {e}")))
-}
+impl RaftService {
+    /// Refuses a message from another cluster; learns the cluster id from the first
+    /// message that carries one. Then decodes the payload.
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        req: GrpcRequest<v1::RaftPayload>,
+    ) -> Result<T, Status> {
+        let payload = req.into_inner();
+        let identity = &self.node.identity;
+        let mine = identity.get();
+        if mine != 0 && payload.cluster_id != 0 && payload.cluster_id != mine {
+            return Err(Status::failed_precondition(format!(
+                "raft message from cluster {:x}, but this node belongs to cluster {mine:x}; check the peer addresses",
+                payload.cluster_id
+            )));
+        }
+        identity.adopt(payload.cluster_id).map_err(|e| Status::internal(e.to_string()))?;
+        postcard::from_bytes(&payload.data)
+            .map_err(|e| Status::invalid_argument(format!("raft payload does not decode: {e}")))
+    }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<Response<v1::RaftPayload>, Status> {
-    let data = postcard::to_stdvec(value).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(v1::RaftPayload { data }))
+    fn encode<T: serde::Serialize>(&self, value: &T) -> Result<Response<v1::RaftPayload>, Status> {
+        let data = postcard::to_stdvec(value).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::RaftPayload { data, cluster_id: self.node.identity.get() }))
+    }
 }
 
 #[tonic::async_trait]
@@ -634,20 +651,20 @@ impl v1::raft_server::Raft for RaftService {
         &self,
         req: GrpcRequest<v1::RaftPayload>,
     ) -> Result<Response<v1::RaftPayload>, Status> {
-        encode(&self.node.raft.append_entries(decode(req)?).await)
+        self.encode(&self.node.raft.append_entries(self.decode(req)?).await)
     }
 
     async fn vote(
         &self,
         req: GrpcRequest<v1::RaftPayload>,
     ) -> Result<Response<v1::RaftPayload>, Status> {
-        encode(&self.node.raft.vote(decode(req)?).await)
+        self.encode(&self.node.raft.vote(self.decode(req)?).await)
     }
 
     async fn install_snapshot(
         &self,
         req: GrpcRequest<v1::RaftPayload>,
     ) -> Result<Response<v1::RaftPayload>, Status> {
-        encode(&self.node.raft.install_snapshot(decode(req)?).await)
+        self.encode(&self.node.raft.install_snapshot(self.decode(req)?).await)
     }
 }

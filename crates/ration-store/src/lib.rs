@@ -97,6 +97,7 @@ pub struct LogStore {
 }
 
 const VOTE: &str = "vote";
+const CLUSTER_ID: &str = "cluster_id";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 
@@ -114,6 +115,18 @@ impl LogStore {
 
     async fn flush(&self) -> Result<(), sled::Error> {
         self.db.flush_async().await.map(|_| ())
+    }
+
+    /// This node's cluster identity, as stored (0 until it is set or learned).
+    pub fn identity(&self) -> Result<ClusterIdentity, ReadError> {
+        let id = match self.meta.get(CLUSTER_ID)? {
+            Some(bytes) => postcard::from_bytes(&bytes)?,
+            None => 0,
+        };
+        Ok(ClusterIdentity {
+            meta: self.meta.clone(),
+            current: Arc::new(std::sync::atomic::AtomicU64::new(id)),
+        })
     }
 
     /// Number of entries held (not purged).
@@ -229,6 +242,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
         self.flush().await.map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
+    }
+}
+
+/// Which cluster this node belongs to: set by the node that initializes a cluster,
+/// learned (and stored) by the others from the first message that carries it.
+#[derive(Clone, Debug)]
+pub struct ClusterIdentity {
+    meta: sled::Tree,
+    current: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ClusterIdentity {
+    /// The id, or 0 while unknown.
+    pub fn get(&self) -> u64 {
+        self.current.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Takes `id` if none is set yet (and stores it durably). Returns the id now held.
+    pub fn adopt(&self, id: u64) -> Result<u64, sled::Error> {
+        if id == 0 {
+            return Ok(self.get());
+        }
+        match self.current.compare_exchange(
+            0,
+            id,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                self.meta.insert(CLUSTER_ID, encode(&id))?;
+                self.meta.flush()?;
+                Ok(id)
+            }
+            Err(held) => Ok(held),
+        }
     }
 }
 
