@@ -32,11 +32,20 @@ pub struct Gateway {
     allowances: RwLock<BTreeMap<(String, String), Arc<Allowance>>>,
 }
 
-/// A handle on one (budget, unit): the fast way to spend (no map lookup).
-#[derive(Clone, Debug)]
+/// A handle on one (budget, unit): the fast way to spend (no map lookup, and the
+/// counters are registered once, not looked up per decision).
+#[derive(Clone)]
 pub struct Handle {
     allowance: Arc<Allowance>,
     clock: Arc<CoarseClock>,
+    admitted: metrics::Counter,
+    denied: metrics::Counter,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle").field("allowance", &self.allowance).finish_non_exhaustive()
+    }
 }
 
 impl Handle {
@@ -44,11 +53,7 @@ impl Handle {
     #[inline]
     pub fn try_spend(&self, amount: u64) -> bool {
         let ok = self.allowance.try_spend(amount, self.clock.now_ms());
-        if ok {
-            metrics::counter!(counters::ADMITTED).increment(1);
-        } else {
-            metrics::counter!(counters::DENIED).increment(1);
-        }
+        if ok { &self.admitted } else { &self.denied }.increment(1);
         ok
     }
 
@@ -66,15 +71,31 @@ impl Gateway {
         &self.clock
     }
 
+    /// The allowance for (budget, unit), created empty on first use.
+    fn allowance(&self, budget: &str, unit: &str) -> Arc<Allowance> {
+        let key = (budget.to_owned(), unit.to_owned());
+        let found = self.allowances.read().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        match found {
+            Some(a) => a,
+            None => self
+                .allowances
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key)
+                .or_default()
+                .clone(),
+        }
+    }
+
     /// The handle for (budget, unit), created empty on first use.
     pub fn handle(&self, budget: &str, unit: &str) -> Handle {
-        let key = (budget.to_owned(), unit.to_owned());
-        if let Some(a) = self.allowances.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Handle { allowance: a.clone(), clock: self.clock.clone() };
+        let allowance = self.allowance(budget, unit);
+        Handle {
+            allowance,
+            clock: self.clock.clone(),
+            admitted: metrics::counter!(counters::ADMITTED),
+            denied: metrics::counter!(counters::DENIED),
         }
-        let mut map = self.allowances.write().unwrap_or_else(|p| p.into_inner());
-        let allowance = map.entry(key).or_default().clone();
-        Handle { allowance, clock: self.clock.clone() }
     }
 
     /// Admits a call costing `amount` of `unit` on `budget`.
@@ -86,7 +107,7 @@ impl Gateway {
     /// an LLM call, prompt + max_tokens in tokens and its price in dollars.
     pub fn reserve(&self, wants: &[(&str, &str, u64)]) -> Option<Reservation> {
         let wants: Vec<(Arc<Allowance>, u64)> =
-            wants.iter().map(|(b, u, n)| (self.handle(b, u).allowance, *n)).collect();
+            wants.iter().map(|(b, u, n)| (self.allowance(b, u), *n)).collect();
         let r = Reservation::reserve(&wants, self.clock.now_ms());
         let name = if r.is_some() { counters::ADMITTED } else { counters::DENIED };
         metrics::counter!(name).increment(1);
@@ -105,6 +126,6 @@ impl Gateway {
         margin_ms: u64,
     ) -> Option<local::SlotState> {
         let deadline = sent_at_ms.saturating_add(ttl_ms.saturating_sub(margin_ms));
-        self.handle(budget, unit).allowance.install(units, deadline)
+        self.allowance(budget, unit).install(units, deadline)
     }
 }

@@ -10,6 +10,7 @@
 //!   the ledger's own expiry, whatever the clocks and the network did;
 //! - spending takes units with compare-and-swap, from one slot or across slots, and
 //!   gives back what it took if the whole amount is not there (all or nothing);
+//!   [`Reservation`] does the same across several allowances;
 //! - only the refill side installs or retires leases; spenders only take and give
 //!   back.
 //!
@@ -333,25 +334,6 @@ impl Allowance {
     }
 }
 
-/// Takes units from several allowances (tokens per minute *and* dollars per month,
-/// say): all of them or none.
-pub fn try_take_all(wants: &[(&Allowance, u64)], now_ms: u64, out: &mut Vec<Taken>) -> bool {
-    out.clear();
-    for (allowance, amount) in wants {
-        match allowance.try_take(*amount, now_ms) {
-            Some(t) => out.push(t),
-            None => {
-                for ((a, _), t) in wants.iter().zip(out.iter()) {
-                    a.give_back(t, t.units());
-                }
-                out.clear();
-                return false;
-            }
-        }
-    }
-    true
-}
-
 /// A reservation for one call across one or more allowances. [`Reservation::settle`]
 /// keeps what the call really used and gives the rest back at once; dropping it
 /// unsettled gives everything back.
@@ -477,11 +459,11 @@ mod tests {
 
     #[test]
     fn multi_limit_is_all_or_nothing() {
-        let tpm = with_lease(100, 1000);
-        let usd = with_lease(5, 1000);
-        let mut out = Vec::new();
-        assert!(try_take_all(&[(&tpm, 50), (&usd, 5)], 1, &mut out));
-        assert!(!try_take_all(&[(&tpm, 50), (&usd, 1)], 1, &mut out));
+        let tpm = Arc::new(with_lease(100, 1000));
+        let usd = Arc::new(with_lease(5, 1000));
+        let r = Reservation::reserve(&[(tpm.clone(), 50), (usd.clone(), 5)], 1).unwrap();
+        assert_eq!(r.settle(&[50, 5]), vec![0, 0]);
+        assert!(Reservation::reserve(&[(tpm.clone(), 50), (usd.clone(), 1)], 1).is_none());
         assert_eq!(tpm.available(1), 50, "the tokens taken before the refusal came back");
     }
 
