@@ -60,6 +60,11 @@ pub struct Config {
     pub snapshot_chunk_bytes: usize,
     /// `text` or `json`.
     pub log_format: String,
+    /// Prometheus metrics over HTTP (`GET /metrics`) on this address, or `off`.
+    pub metrics_listen: String,
+    /// Take `node_id` from the hostname's trailing ordinal plus one (`ration-0` is
+    /// node 1): a Kubernetes StatefulSet's pods are named that way.
+    pub node_id_from_hostname: bool,
 }
 
 impl Default for Config {
@@ -89,6 +94,8 @@ impl Default for Config {
             raft_max_entries_per_rpc: 4,
             snapshot_chunk_bytes: 1 << 20,
             log_format: "text".into(),
+            metrics_listen: "127.0.0.1:9464".into(),
+            node_id_from_hostname: false,
         }
     }
 }
@@ -175,10 +182,24 @@ impl Config {
                 self.peer_max_message_bytes, self.raft_max_entries_per_rpc, entry_bytes
             ));
         }
+        self.metrics_addr()?;
         if self.proposal_queue == 0 || self.tick_ms == 0 || self.rpc_timeout_ms == 0 {
             return bad("proposal_queue, tick_ms and rpc_timeout_ms must be positive".into());
         }
         Ok(())
+    }
+
+    /// Where to serve metrics: `None` when `metrics_listen` is `off`.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.metrics_listen == "off" {
+            return Ok(None);
+        }
+        self.metrics_listen.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "metrics_listen {:?} is not host:port or off",
+                self.metrics_listen
+            ))
+        })
     }
 
     pub fn rpc_timeout(&self) -> Duration {
@@ -225,6 +246,12 @@ pub struct Args {
     pub batch_max_commands: Option<usize>,
     #[arg(long, env = "RATION_BATCH_WAIT_US")]
     pub batch_wait_us: Option<u64>,
+    /// Prometheus metrics address (host:port), or `off`.
+    #[arg(long, env = "RATION_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Node id = the hostname's trailing ordinal + 1 (StatefulSet pod `ration-2` is 3).
+    #[arg(long, env = "RATION_NODE_ID_FROM_HOSTNAME")]
+    pub node_id_from_hostname: bool,
 }
 
 impl Args {
@@ -248,17 +275,50 @@ impl Args {
             tick_ms,
             snapshot_after_entries,
             batch_max_commands,
-            batch_wait_us
+            batch_wait_us,
+            metrics_listen
         );
+        if self.node_id_from_hostname {
+            c.node_id_from_hostname = true;
+        }
         if self.advertise.is_some() {
             c.advertise = self.advertise;
         }
         if self.join.is_some() {
             c.join = self.join;
         }
+        if c.node_id_from_hostname {
+            c.node_id = node_id_from_hostname(&hostname()?)?;
+        }
         c.validate()?;
         Ok(c)
     }
+}
+
+/// This machine's hostname: `$HOSTNAME`, else the kernel's.
+fn hostname() -> Result<String, ConfigError> {
+    if let Ok(h) = std::env::var("HOSTNAME") {
+        if !h.is_empty() {
+            return Ok(h);
+        }
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .map_err(|e| ConfigError::Invalid(format!("node_id_from_hostname: no hostname: {e}")))
+}
+
+/// `ration-2` (or `ration-2.ration-peers...`) is node 3.
+pub fn node_id_from_hostname(hostname: &str) -> Result<u64, ConfigError> {
+    let short = hostname.split('.').next().unwrap_or(hostname);
+    short
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .and_then(|n| n.checked_add(1))
+        .ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "node_id_from_hostname: hostname {hostname:?} does not end in -<ordinal>"
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -287,6 +347,17 @@ mod tests {
             Args::try_parse_from(["rationd", "--config", path.to_str().unwrap(), "--node-id", "3"])
                 .unwrap();
         assert_eq!(args.into_config().unwrap().node_id, 3);
+    }
+
+    #[test]
+    fn node_ids_come_from_statefulset_hostnames() {
+        assert_eq!(node_id_from_hostname("ration-0").unwrap(), 1);
+        assert_eq!(node_id_from_hostname("my-ration-12.ration-peers.ns.svc").unwrap(), 13);
+        assert!(node_id_from_hostname("ration").is_err());
+        let c = Config { metrics_listen: "nowhere".into(), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("metrics_listen"));
+        let c = Config { metrics_listen: "off".into(), ..Config::default() };
+        assert_eq!(c.metrics_addr().unwrap(), None);
     }
 
     #[test]
