@@ -177,7 +177,11 @@ async fn nodes_join_leave_and_take_over_leadership() {
 
     // Node 2 is removed; the rest keep serving writes.
     admin
-        .change_membership(v1::ChangeMembershipRequest { voters: vec![1, 3, 4], retain: false })
+        .change_membership(v1::ChangeMembershipRequest {
+            voters: vec![1, 3, 4],
+            retain: false,
+            remove: vec![],
+        })
         .await
         .unwrap();
     eventually("node 2 is no longer a member", Duration::from_secs(20), || async move {

@@ -80,6 +80,7 @@ async fn three_nodes_run_over_an_injected_network_and_clock() {
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             rpc_timeout_ms: 1000,
+            metrics_listen: "off".into(),
             ..Config::default()
         };
         let maker_net = net.clone();

@@ -25,6 +25,8 @@ pub fn config(id: u64, addr: SocketAddr, dir: PathBuf, cluster: &[(u64, SocketAd
         election_timeout_min_ms: 300,
         election_timeout_max_ms: 600,
         rpc_timeout_ms: 1000,
+        // Each node serves metrics on a port of its own (see Node::metrics_addr).
+        metrics_listen: "127.0.0.1:0".into(),
         ..Config::default()
     }
 }

@@ -94,6 +94,7 @@ fn start_nodes(rationd: PathBuf) -> anyhow::Result<(Nodes, Vec<String>)> {
             Command::new(&rationd)
                 .args(["--node-id", &(i + 1).to_string(), "--listen", &a.to_string()])
                 .args(["--data-dir", &data.to_string_lossy(), "--initial-cluster", &cluster])
+                .args(["--metrics-listen", "127.0.0.1:0"])
                 .env("RATION_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()

@@ -92,7 +92,7 @@ pub fn window(w: Option<&v1::Window>) -> Result<Window, Status> {
     Window::with_offset(period, offset).map_err(invalid)
 }
 
-fn window_out(w: Window) -> v1::Window {
+pub fn window_out(w: Window) -> v1::Window {
     let period = match w.period() {
         Period::Minute => v1::Period::Minute,
         Period::Hour => v1::Period::Hour,
@@ -104,7 +104,7 @@ fn window_out(w: Window) -> v1::Window {
     v1::Window { period: period as i32, offset_minutes: i32::from(w.offset_minutes()) }
 }
 
-fn limit(l: &v1::Limit) -> Result<LimitSpec, Status> {
+pub fn limit(l: &v1::Limit) -> Result<LimitSpec, Status> {
     let on_unreachable = match l.static_allowance {
         None => FailPolicy::FailClosed,
         Some(a) => FailPolicy::StaticAllowance { amount: amount("limit.static_allowance", a)? },
@@ -117,7 +117,7 @@ fn limit(l: &v1::Limit) -> Result<LimitSpec, Status> {
     })
 }
 
-fn limit_out(l: &LimitSpec) -> v1::Limit {
+pub fn limit_out(l: &LimitSpec) -> v1::Limit {
     v1::Limit {
         unit: l.unit.to_string(),
         cap: to_i64(l.cap),
@@ -365,7 +365,58 @@ pub fn audit_record(r: &AuditRecord) -> v1::AuditRecord {
             .collect(),
         prev_hash: e.prev_hash.to_vec(),
         hash: r.hash.to_vec(),
+        limits: e.limits.iter().map(limit_out).collect(),
     }
+}
+
+fn hash_in(field: &str, bytes: &[u8]) -> Result<ration_core::audit::Hash, Status> {
+    bytes.try_into().map_err(|_| {
+        Status::invalid_argument(format!("{field} must be 32 bytes (got {})", bytes.len()))
+    })
+}
+
+/// A record as received, back in core form, so a client can recompute its hash and
+/// verify the chain itself. Exact inverse of [`audit_record`].
+pub fn audit_record_in(r: &v1::AuditRecord) -> Result<AuditRecord, Status> {
+    use ration_core::audit::{AuditEntry, Balance, Flow};
+    let flow = r.flow.as_ref().ok_or_else(|| missing("flow"))?;
+    let balances = r
+        .balances
+        .iter()
+        .map(|b| {
+            Ok(Balance {
+                budget: path("balances.budget", &b.budget)?,
+                unit: unit(&b.unit)?,
+                window: window(b.window.as_ref())?,
+                window_start_ms: b.window_start_ms,
+                cap: amount("balances.cap", b.cap)?,
+                consumed: amount("balances.consumed", b.consumed)?,
+                outstanding: amount("balances.outstanding", b.outstanding)?,
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    let entry = AuditEntry {
+        seq: r.seq,
+        log_index: r.log_index,
+        time_ms: r.time_ms,
+        effective_ms: r.effective_ms,
+        kind: audit_kind(&r.kind)?,
+        budget: path("budget", &r.budget)?,
+        principal: Principal::new(r.principal.as_str()).map_err(invalid)?,
+        unit: (!r.unit.is_empty()).then(|| unit(&r.unit)).transpose()?,
+        lease: (r.lease_id != 0).then(|| LeaseId::from_raw(r.lease_id)),
+        flow: Flow {
+            granted: amount("flow.granted", flow.granted)?,
+            consumed: amount("flow.consumed", flow.consumed)?,
+            returned: amount("flow.returned", flow.returned)?,
+            charged: amount("flow.charged", flow.charged)?,
+            uncharged: amount("flow.uncharged", flow.uncharged)?,
+        },
+        balances,
+        limits: r.limits.iter().map(limit).collect::<Result<_, _>>()?,
+        prev_hash: hash_in("prev_hash", &r.prev_hash)?,
+    };
+    Ok(AuditRecord { entry, hash: hash_in("hash", &r.hash)? })
 }
 
 #[cfg(test)]
@@ -408,6 +459,56 @@ mod tests {
             static_allowance: Some(2),
         };
         assert_eq!(limit_out(&limit(&l).unwrap()), l);
+    }
+
+    #[test]
+    fn audit_records_round_trip_exactly() {
+        use ration_core::{Batch, Command, Entry, Ledger, LedgerConfig};
+        let req = |id, op| {
+            Command::Request(Request {
+                client: ClientId::new("c").unwrap(),
+                request_id: id,
+                principal: Principal::new("gw").unwrap(),
+                op,
+            })
+        };
+        let day = Window::with_offset(Period::Day, 60).unwrap();
+        let spec = BudgetSpec {
+            path: BudgetPath::new("acme").unwrap(),
+            limits: vec![LimitSpec {
+                unit: Unit::new("tokens").unwrap(),
+                cap: 100,
+                window: day,
+                on_unreachable: FailPolicy::StaticAllowance { amount: 3 },
+            }],
+        };
+        let acquire = Acquire {
+            budget: spec.path.clone(),
+            unit: Unit::new("tokens").unwrap(),
+            wanted: 40,
+            min: 1,
+            ttl_ms: 5_000,
+        };
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut records = Vec::new();
+        let first = Entry::V1(Batch {
+            time_ms: 1_000_000,
+            commands: vec![req(1, Op::CreateBudget(spec)), req(2, Op::Acquire(acquire))],
+        });
+        let applied = ledger.apply(2, &first);
+        let Ok(Reply::Granted(grant)) = &applied.outcomes[1] else { panic!("{applied:?}") };
+        records.extend(applied.audit);
+        let release = Release { lease: grant.lease, consumed_total: 7 };
+        let second =
+            Entry::V1(Batch { time_ms: 1_000_001, commands: vec![req(3, Op::Release(release))] });
+        records.extend(ledger.apply(3, &second).audit);
+        assert_eq!(records.len(), 3);
+        for r in &records {
+            assert_eq!(&audit_record_in(&audit_record(r)).unwrap(), r);
+        }
+        let mut bad = audit_record(&records[0]);
+        bad.hash.pop();
+        assert!(audit_record_in(&bad).unwrap_err().message().contains("hash must be 32 bytes"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! few lines over [`run`]; tests start nodes with [`start`].
 
 pub mod config;
+pub mod metrics;
 pub mod network;
 pub mod proposer;
 mod services;
@@ -21,7 +22,7 @@ use ration_proto::v1::cluster_client::ClusterClient;
 use ration_proto::v1::{AddLearnerRequest, ChangeMembershipRequest, StatusRequest};
 use ration_store::{NodeId, Reader, TypeConfig};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use config::Config;
@@ -40,6 +41,9 @@ pub struct Node {
     pub config: Config,
     /// Which cluster this node belongs to (0 until set or learned).
     pub identity: ration_store::ClusterIdentity,
+    pub metrics: Arc<metrics::Metrics>,
+    /// Where `GET /metrics` is served (None when `metrics_listen` is off).
+    pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Node {
@@ -112,7 +116,7 @@ impl Node {
 #[derive(Debug)]
 pub struct NodeHandle {
     pub node: Arc<Node>,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<watch::Sender<bool>>,
     served: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -120,7 +124,7 @@ impl NodeHandle {
     /// Stops serving, shuts Raft down, and waits for both.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(true);
         }
         let served = self.served.await.context("server task")?;
         self.node.raft.shutdown().await.context("raft shutdown")?;
@@ -207,7 +211,8 @@ where
         wait: Duration::from_micros(config.batch_wait_us),
         queue: config.proposal_queue,
     };
-    let proposer = Proposer::start(raft.clone(), clock, limits);
+    let node_metrics = Arc::new(metrics::Metrics::default());
+    let proposer = Proposer::start(raft.clone(), clock, limits, node_metrics.clone());
     let node = Arc::new(Node {
         id: config.node_id,
         addr: addr.clone(),
@@ -217,12 +222,23 @@ where
         channels,
         config: config.clone(),
         identity,
+        metrics: node_metrics,
+        metrics_addr: std::sync::OnceLock::new(),
     });
 
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let served = tokio::spawn(services::serve(node.clone(), incoming, async {
-        let _ = stop_rx.await;
-    }));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    if let Some(addr) = config.metrics_addr()? {
+        let bound = metrics::serve(Arc::downgrade(&node), addr, stopped()).await?;
+        let _ = node.metrics_addr.set(bound);
+        tracing::info!(%bound, "metrics served at /metrics");
+    }
+    let served = tokio::spawn(services::serve(node.clone(), incoming, stopped()));
     bootstrap(&node).await?;
     tokio::spawn(ticker(Arc::downgrade(&node), node.config.tick_ms));
     tracing::info!(id = node.id, %addr, "node serving");
@@ -257,7 +273,17 @@ async fn open_storage(
 async fn bootstrap(node: &Arc<Node>) -> anyhow::Result<()> {
     let config = &node.config;
     if let Some(through) = &config.join {
-        if node.raft.is_initialized().await? {
+        // Done once this node is a voter. A node restored from a snapshot knows the
+        // cluster's membership already, without being in it: it still joins.
+        let is_voter = node
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == node.id);
+        if is_voter {
             return Ok(());
         }
         let node = node.clone();
@@ -318,6 +344,7 @@ async fn join(node: &Node, through: &str) -> anyhow::Result<()> {
         .change_membership(ChangeMembershipRequest {
             voters: voters.into_iter().collect(),
             retain: false,
+            remove: Vec::new(),
         })
         .await?;
     Ok(())
@@ -341,4 +368,23 @@ async fn ticker(node: std::sync::Weak<Node>, every_ms: u64) {
             }
         }
     }
+}
+
+/// On the leader, the highest index a quorum of voters holds. openraft 0.9's metrics
+/// do not carry the commit index, so other nodes report `None`.
+pub(crate) fn commit_index(m: &openraft::RaftMetrics<u64, BasicNode>) -> Option<u64> {
+    let replication = m.replication.as_ref()?;
+    let membership = m.membership_config.membership();
+    let mut matched: Vec<u64> = membership
+        .voter_ids()
+        .map(|id| {
+            if id == m.id {
+                m.last_log_index.unwrap_or(0)
+            } else {
+                replication.get(&id).copied().flatten().map_or(0, |l| l.index)
+            }
+        })
+        .collect();
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched.get(matched.len() / 2).copied()
 }

@@ -15,6 +15,8 @@ use ration_core::{Batch, Command, Entry, Op, Outcome};
 use ration_store::{NodeId, TypeConfig};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::Metrics;
+
 /// The ledger's only clock: the leader's time stamp for each entry.
 pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     fn now_ms(&self) -> u64;
@@ -69,9 +71,14 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    pub fn start(raft: Raft<TypeConfig>, clock: Arc<dyn Clock>, limits: BatchLimits) -> Self {
+    pub fn start(
+        raft: Raft<TypeConfig>,
+        clock: Arc<dyn Clock>,
+        limits: BatchLimits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(limits.queue);
-        tokio::spawn(run(raft, clock, limits, rx));
+        tokio::spawn(run(raft, clock, limits, rx, metrics));
         Self { tx, queue: limits.queue }
     }
 
@@ -115,6 +122,7 @@ async fn run(
     clock: Arc<dyn Clock>,
     limits: BatchLimits,
     mut rx: mpsc::Receiver<Pending>,
+    metrics: Arc<Metrics>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut count = first.commands.len();
@@ -143,9 +151,14 @@ async fn run(
             replies.push((p.commands.len(), p.reply));
             commands.extend(p.commands);
         }
+        let acquires: Vec<bool> = commands
+            .iter()
+            .map(|c| matches!(c, Command::Request(r) if matches!(r.op, Op::Acquire(_))))
+            .collect();
         let entry = Entry::V1(Batch { time_ms: clock.now_ms(), commands });
         match raft.client_write(entry).await {
             Ok(written) => {
+                metrics.proposed(&acquires, &written.data.outcomes);
                 let mut outcomes = written.data.outcomes.into_iter();
                 for (n, reply) in replies {
                     let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));

@@ -60,6 +60,7 @@ where
         .max_decoding_message_size(peer_max)
         .max_encoding_message_size(peer_max);
     tonic::transport::Server::builder()
+        .layer(crate::metrics::RpcTimer { metrics: node.metrics.clone() })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -327,6 +328,9 @@ impl v1::ledger_server::Ledger for LedgerService {
         &self,
         req: GrpcRequest<v1::QueryAuditRequest>,
     ) -> Result<Response<v1::QueryAuditReply>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            read_via_leader!(self, req, query_audit);
+        }
         let r = req.into_inner();
         let filter = AuditFilter {
             subtree: (!r.subtree.is_empty())
@@ -413,13 +417,14 @@ impl ClusterService {
             leader: m.current_leader,
             leader_addr: self.node.leader().map(|(_, a)| a).unwrap_or_default(),
             last_log_index: m.last_log_index.unwrap_or(0),
-            commit_index: commit_index(&m).unwrap_or(applied).max(applied),
+            commit_index: crate::commit_index(&m).unwrap_or(applied).max(applied),
             applied_index: applied,
             members: self.members(),
             state_digest: digest,
             audit_records: ration_store::audit_len(&self.node.reader),
             budgets,
             live_leases: leases,
+            data_bytes: ration_store::backup::dir_size(&self.node.config.data_dir),
         }
     }
 
@@ -446,27 +451,64 @@ fn membership_status(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Sta
     }
 }
 
-/// On the leader, the highest index a quorum of voters holds. openraft 0.9's metrics
-/// do not carry the commit index, so other nodes report `None`.
-fn commit_index(m: &openraft::RaftMetrics<u64, BasicNode>) -> Option<u64> {
-    let replication = m.replication.as_ref()?;
-    let membership = m.membership_config.membership();
-    let mut matched: Vec<u64> = membership
-        .voter_ids()
-        .map(|id| {
-            if id == m.id {
-                m.last_log_index.unwrap_or(0)
-            } else {
-                replication.get(&id).copied().flatten().map_or(0, |l| l.index)
-            }
-        })
-        .collect();
-    matched.sort_unstable_by(|a, b| b.cmp(a));
-    matched.get(matched.len() / 2).copied()
-}
+/// Data per streamed snapshot chunk.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// How long a requested snapshot may take to build.
+const SNAPSHOT_BUILD: std::time::Duration = std::time::Duration::from_secs(120);
+
+type ChunkStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::SnapshotChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl v1::cluster_server::Cluster for ClusterService {
+    type SaveSnapshotStream = ChunkStream;
+
+    async fn save_snapshot(
+        &self,
+        _req: GrpcRequest<v1::SaveSnapshotRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        use sha2::Digest;
+        let applied = self.node.reader.state().last_applied.map(|l| l.index);
+        if applied.is_none() {
+            return Err(Status::failed_precondition("this node has applied nothing yet"));
+        }
+        self.node
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot start a snapshot: {e}")))?;
+        self.node
+            .raft
+            .wait(Some(SNAPSHOT_BUILD))
+            .metrics(|m| m.snapshot.map(|s| s.index) >= applied, "snapshot built")
+            .await
+            .map_err(|e| Status::deadline_exceeded(format!("snapshot not built: {e}")))?;
+        let bytes = ration_store::backup::current_snapshot(&self.node.config.data_dir)
+            .map_err(|e| Status::internal(format!("reading the snapshot: {e}")))?
+            .ok_or_else(|| Status::internal("the snapshot file is missing"))?;
+        let info = ration_store::backup::inspect_snapshot(&bytes)
+            .map_err(|e| Status::internal(format!("the snapshot does not check: {e}")))?;
+        let sha256 = sha2::Sha256::digest(&bytes).to_vec();
+        let bytes = std::sync::Arc::new(bytes);
+        let total = bytes.len();
+        let chunks = total.div_ceil(SNAPSHOT_CHUNK).max(1);
+        let stream = tokio_stream::iter((0..chunks).map(move |i| {
+            let start = i * SNAPSHOT_CHUNK;
+            let end = (start + SNAPSHOT_CHUNK).min(total);
+            let first = i == 0;
+            let last = i + 1 == chunks;
+            Ok(v1::SnapshotChunk {
+                data: bytes.get(start..end).unwrap_or_default().to_vec(),
+                total_bytes: if first { total as u64 } else { 0 },
+                last_log_index: if first { info.last_log_index } else { 0 },
+                last_log_term: if first { info.last_log_term } else { 0 },
+                sha256: if last { sha256.clone() } else { Vec::new() },
+            })
+        }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn add_learner(
         &self,
         req: GrpcRequest<v1::AddLearnerRequest>,
@@ -512,12 +554,40 @@ impl v1::cluster_server::Cluster for ClusterService {
                 .await;
         }
         let r = req.into_inner();
-        if r.voters.is_empty() {
-            return Err(Status::invalid_argument("a cluster needs at least one voter"));
-        }
-        let voters: std::collections::BTreeSet<u64> = r.voters.into_iter().collect();
+        let change = match (r.voters.is_empty(), r.remove.is_empty()) {
+            (false, true) => {
+                openraft::ChangeMembers::ReplaceAllVoters(r.voters.into_iter().collect())
+            }
+            (true, false) => {
+                let members = self.members();
+                let voters: Vec<u64> = members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+                if voters.iter().all(|v| r.remove.contains(v)) {
+                    return Err(Status::failed_precondition("cannot remove every voter"));
+                }
+                if let Some(id) = r.remove.iter().find(|id| !members.iter().any(|m| m.id == **id)) {
+                    return Err(Status::not_found(format!("node {id} is not a member")));
+                }
+                // A voter is first demoted, then removed: openraft removes only learners.
+                let removed: std::collections::BTreeSet<u64> = r.remove.into_iter().collect();
+                if voters.iter().any(|v| removed.contains(v)) {
+                    let keep: std::collections::BTreeSet<u64> =
+                        voters.into_iter().filter(|v| !removed.contains(v)).collect();
+                    self.node
+                        .raft
+                        .change_membership(keep, true)
+                        .await
+                        .map_err(membership_status)?;
+                }
+                openraft::ChangeMembers::RemoveNodes(removed)
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give either voters (the new voter set) or remove (nodes to remove)",
+                ))
+            }
+        };
         let written =
-            self.node.raft.change_membership(voters, r.retain).await.map_err(membership_status)?;
+            self.node.raft.change_membership(change, r.retain).await.map_err(membership_status)?;
         Ok(Response::new(v1::MembershipReply {
             members: self.members(),
             log_index: written.log_id.index,

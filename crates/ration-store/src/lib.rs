@@ -50,6 +50,8 @@ openraft::declare_raft_types!(
         Node = BasicNode,
 );
 
+pub mod backup;
+
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
 /// Opens (or creates) a node's storage in `dir`: `dir/sled/` and `dir/snapshot.bin`.

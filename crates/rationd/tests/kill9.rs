@@ -35,6 +35,7 @@ impl Proc {
             .args(["--node-id", &self.id.to_string(), "--listen", &self.addr.to_string()])
             .args(["--data-dir", self.dir.to_str().unwrap(), "--initial-cluster", &self.cluster])
             .args(["--tick-ms", "200", "--snapshot-after-entries", "300"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .env("RATION_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,0 +1,433 @@
+//! Prometheus metrics, served over HTTP at `GET /metrics` on `metrics_listen`.
+//!
+//! Each node keeps its own registry (so several nodes can run in one process, as the
+//! tests do): counters and histograms updated on the request path with relaxed
+//! atomics, and gauges read from openraft's metrics and the applied ledger when
+//! scraped. The text is Prometheus exposition format 0.0.4.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::ServerState;
+use ration_core::{ErrorKind, Outcome, Reply};
+
+use crate::Node;
+
+/// Per-budget series stop after this many budgets (a scrape must stay bounded); the
+/// `ration_budget_series_truncated` gauge says when they did.
+pub const MAX_BUDGET_SERIES: usize = 10_000;
+/// Distinct RPC methods tracked; further ones are counted as `other`.
+const MAX_METHODS: usize = 64;
+
+/// A fixed-bucket histogram.
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum: AtomicU64,
+    count: AtomicU64,
+    /// `sum` is kept in units of `1 / scale` (microseconds for seconds).
+    scale: f64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64], scale: f64) -> Self {
+        Self {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            scale,
+        }
+    }
+
+    fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
+            if let Some(c) = self.counts.get(i) {
+                c.fetch_add(1, Relaxed);
+            }
+        }
+        // Truncation is intended: the sum is kept in whole units of 1/scale.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        self.sum.fetch_add((value * self.scale) as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0u64;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative = cumulative.saturating_add(count.load(Relaxed));
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        #[allow(clippy::cast_precision_loss)]
+        let sum = self.sum.load(Relaxed) as f64 / self.scale;
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+const BATCH_BOUNDS: &[f64] =
+    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0];
+const LATENCY_BOUNDS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// The kinds a refusal is labelled with.
+const KINDS: [ErrorKind; 7] = [
+    ErrorKind::InvalidArgument,
+    ErrorKind::NotFound,
+    ErrorKind::AlreadyExists,
+    ErrorKind::FailedPrecondition,
+    ErrorKind::ResourceExhausted,
+    ErrorKind::PermissionDenied,
+    ErrorKind::Aborted,
+];
+
+fn kind_label(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::InvalidArgument => "invalid_argument",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::AlreadyExists => "already_exists",
+        ErrorKind::FailedPrecondition => "failed_precondition",
+        ErrorKind::ResourceExhausted => "resource_exhausted",
+        ErrorKind::PermissionDenied => "permission_denied",
+        ErrorKind::Aborted => "aborted",
+    }
+}
+
+/// One node's counters and histograms.
+#[derive(Debug)]
+pub struct Metrics {
+    grants: AtomicU64,
+    granted_units: AtomicU64,
+    /// Acquires refused, by refusal kind (index into `KINDS`).
+    denials: [AtomicU64; KINDS.len()],
+    proposals: AtomicU64,
+    batch_commands: Histogram,
+    rpcs: Mutex<BTreeMap<String, Arc<Histogram>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            grants: AtomicU64::new(0),
+            granted_units: AtomicU64::new(0),
+            denials: Default::default(),
+            proposals: AtomicU64::new(0),
+            batch_commands: Histogram::new(BATCH_BOUNDS, 1.0),
+            rpcs: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one proposed entry and the acquires it granted or refused.
+    /// `acquires[i]` says whether command `i` of the entry was an acquire.
+    pub fn proposed(&self, acquires: &[bool], outcomes: &[Outcome]) {
+        self.proposals.fetch_add(1, Relaxed);
+        #[allow(clippy::cast_precision_loss)]
+        self.batch_commands.observe(outcomes.len() as f64);
+        for (acquire, outcome) in acquires.iter().zip(outcomes) {
+            if !acquire {
+                continue;
+            }
+            match outcome {
+                Ok(Reply::Granted(g)) => {
+                    self.grants.fetch_add(1, Relaxed);
+                    self.granted_units.fetch_add(g.granted, Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(i) = KINDS.iter().position(|k| *k == e.kind()) {
+                        if let Some(c) = self.denials.get(i) {
+                            c.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records how long one RPC took to answer, by its gRPC method path.
+    pub fn rpc(&self, method: &str, took: Duration) {
+        let histogram = {
+            let mut rpcs = self.rpcs.lock().unwrap_or_else(|p| p.into_inner());
+            let key = if rpcs.contains_key(method) || rpcs.len() < MAX_METHODS {
+                method
+            } else {
+                "other"
+            };
+            rpcs.entry(key.to_owned())
+                .or_insert_with(|| Arc::new(Histogram::new(LATENCY_BOUNDS, 1e6)))
+                .clone()
+        };
+        histogram.observe(took.as_secs_f64());
+    }
+}
+
+/// Escapes a label value.
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    header(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// The whole exposition text for `node`.
+pub fn render(node: &Node) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let m = node.raft.metrics().borrow().clone();
+    let (applied, budgets, leases, budget_views, total_budgets) = {
+        let state = node.reader.state();
+        let views = state.ledger.budgets(None, None, MAX_BUDGET_SERIES);
+        (
+            state.last_applied.map_or(0, |l| l.index),
+            state.ledger.budget_count(),
+            state.ledger.live_lease_count(),
+            views,
+            state.ledger.budget_count(),
+        )
+    };
+    let commit = crate::commit_index(&m).unwrap_or(applied).max(applied);
+
+    header(&mut out, "ration_node_info", "gauge", "This node's id and address.");
+    let _ = writeln!(
+        out,
+        "ration_node_info{{node_id=\"{}\",addr=\"{}\"}} 1",
+        node.id,
+        label(&node.addr)
+    );
+    gauge(&mut out, "ration_raft_term", "Current Raft term.", m.current_term);
+    gauge(
+        &mut out,
+        "ration_raft_is_leader",
+        "1 if this node leads.",
+        u8::from(m.state == ServerState::Leader),
+    );
+    gauge(
+        &mut out,
+        "ration_raft_leader_id",
+        "The leader this node knows of (0: none).",
+        m.current_leader.unwrap_or(0),
+    );
+    header(&mut out, "ration_raft_state", "gauge", "1 for this node's Raft role.");
+    for (state, name) in [
+        (ServerState::Leader, "leader"),
+        (ServerState::Follower, "follower"),
+        (ServerState::Candidate, "candidate"),
+        (ServerState::Learner, "learner"),
+        (ServerState::Shutdown, "shutdown"),
+    ] {
+        let _ =
+            writeln!(out, "ration_raft_state{{state=\"{name}\"}} {}", u8::from(m.state == state));
+    }
+    gauge(
+        &mut out,
+        "ration_raft_last_log_index",
+        "Last log index this node holds.",
+        m.last_log_index.unwrap_or(0),
+    );
+    gauge(
+        &mut out,
+        "ration_raft_commit_index",
+        "Highest index a quorum holds (the leader's view; elsewhere the applied index).",
+        commit,
+    );
+    gauge(&mut out, "ration_raft_applied_index", "Last index applied to the ledger.", applied);
+    gauge(
+        &mut out,
+        "ration_raft_apply_lag",
+        "Entries committed (or held, on a follower) but not yet applied.",
+        commit.max(m.last_log_index.unwrap_or(0)).saturating_sub(applied),
+    );
+    gauge(
+        &mut out,
+        "ration_raft_voters",
+        "Voters in the current membership.",
+        m.membership_config.membership().voter_ids().count(),
+    );
+    gauge(&mut out, "ration_budgets", "Budgets in the ledger.", budgets);
+    gauge(&mut out, "ration_live_leases", "Live leases in the ledger.", leases);
+    gauge(
+        &mut out,
+        "ration_audit_records",
+        "Audit records this node holds.",
+        ration_store::audit_len(&node.reader),
+    );
+
+    let metrics = &node.metrics;
+    header(&mut out, "ration_grants_total", "counter", "Acquires granted by this node as leader.");
+    let _ = writeln!(out, "ration_grants_total {}", metrics.grants.load(Relaxed));
+    header(&mut out, "ration_granted_units_total", "counter", "Units granted by this node.");
+    let _ = writeln!(out, "ration_granted_units_total {}", metrics.granted_units.load(Relaxed));
+    header(&mut out, "ration_denials_total", "counter", "Acquires refused, by reason.");
+    for (kind, count) in KINDS.iter().zip(&metrics.denials) {
+        let _ = writeln!(
+            out,
+            "ration_denials_total{{reason=\"{}\"}} {}",
+            kind_label(*kind),
+            count.load(Relaxed)
+        );
+    }
+    header(&mut out, "ration_proposals_total", "counter", "Raft entries this node proposed.");
+    let _ = writeln!(out, "ration_proposals_total {}", metrics.proposals.load(Relaxed));
+    header(
+        &mut out,
+        "ration_proposal_batch_commands",
+        "histogram",
+        "Commands per proposed Raft entry (group commit).",
+    );
+    metrics.batch_commands.render(&mut out, "ration_proposal_batch_commands", "");
+    header(
+        &mut out,
+        "ration_rpc_duration_seconds",
+        "histogram",
+        "Time to answer each gRPC call, by method.",
+    );
+    let rpcs: Vec<(String, Arc<Histogram>)> = {
+        let rpcs = metrics.rpcs.lock().unwrap_or_else(|p| p.into_inner());
+        rpcs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    for (method, h) in rpcs {
+        h.render(
+            &mut out,
+            "ration_rpc_duration_seconds",
+            &format!("method=\"{}\"", label(&method)),
+        );
+    }
+
+    gauge(
+        &mut out,
+        "ration_budget_series_truncated",
+        "1 if there are more budgets than per-budget series (10000).",
+        u8::from(total_budgets > budget_views.len()),
+    );
+    for (name, help) in [
+        ("ration_budget_cap", "A limit's cap."),
+        ("ration_budget_consumed", "Consumed in the limit's current window."),
+        ("ration_budget_outstanding", "Granted in live leases, not yet settled."),
+        ("ration_budget_remaining", "cap - consumed - outstanding."),
+    ] {
+        header(&mut out, name, "gauge", help);
+        for b in &budget_views {
+            for l in &b.limits {
+                let value = match name {
+                    "ration_budget_cap" => l.spec.cap,
+                    "ration_budget_consumed" => l.consumed,
+                    "ration_budget_outstanding" => l.outstanding,
+                    _ => l.remaining,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{budget=\"{}\",unit=\"{}\",window=\"{}\"}} {value}",
+                    label(b.path.as_str()),
+                    label(l.spec.unit.as_str()),
+                    l.spec.window
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `addr` until the node stops. Returns the bound address.
+pub(crate) async fn serve(
+    node: std::sync::Weak<Node>,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<SocketAddr> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let node = node.clone();
+            async move {
+                match node.upgrade() {
+                    Some(node) => (
+                        axum::http::StatusCode::OK,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        render(&node),
+                    ),
+                    None => (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        "node stopped\n".to_owned(),
+                    ),
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::warn!("metrics server: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+/// A tower layer timing every gRPC call into [`Metrics::rpc`].
+#[derive(Clone, Debug)]
+pub(crate) struct RpcTimer {
+    pub metrics: Arc<Metrics>,
+}
+
+impl<S> tower::Layer<S> for RpcTimer {
+    type Service = Timed<S>;
+    fn layer(&self, inner: S) -> Timed<S> {
+        Timed { inner, metrics: self.metrics.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Timed<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for Timed<S>
+where
+    S: tower::Service<axum::http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let method = req.uri().path().to_owned();
+        let started = std::time::Instant::now();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let out = fut.await;
+            metrics.rpc(&method, started.elapsed());
+            out
+        })
+    }
+}

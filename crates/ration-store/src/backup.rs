@@ -1,0 +1,111 @@
+//! Snapshot files outside a running node: read the current one, inspect one, and
+//! build a node's data directory from one (`rationctl snapshot save|restore`).
+//!
+//! A saved snapshot is exactly a node's `snapshot.bin`: openraft's metadata (last log
+//! id, membership) and the body (the ledger's encoding and every audit record up to
+//! its chain head). Inspecting or restoring one decodes it fully: the ledger's
+//! invariants are re-checked and the audit chain is verified end to end.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::{decode_body, open, read_snapshot_file, OpenError, SnapshotFile, SNAPSHOT_FILE};
+use ration_core::LedgerConfig;
+
+/// What a snapshot holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub last_log_index: u64,
+    pub last_log_term: u64,
+    /// (id, address, voter)
+    pub members: Vec<(u64, String, bool)>,
+    pub budgets: usize,
+    pub live_leases: usize,
+    pub audit_records: u64,
+    /// The ledger's state digest (equal on every replica at this index).
+    pub digest: [u8; 32],
+}
+
+/// The bytes of the snapshot `dir` holds now, if any.
+pub fn current_snapshot(dir: &Path) -> Result<Option<Vec<u8>>, OpenError> {
+    match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Decodes and checks a snapshot file's bytes.
+pub fn inspect_snapshot(bytes: &[u8]) -> Result<SnapshotInfo, String> {
+    let file: SnapshotFile =
+        postcard::from_bytes(bytes).map_err(|e| format!("not a Ration snapshot: {e}"))?;
+    let (state, records) = decode_body(&file.data)?;
+    let last = file.meta.last_log_id;
+    if last != state.last_applied {
+        return Err(format!(
+            "snapshot metadata says index {:?} but its body is at {:?}",
+            last.map(|l| l.index),
+            state.last_applied.map(|l| l.index)
+        ));
+    }
+    let membership = file.meta.last_membership.membership();
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    Ok(SnapshotInfo {
+        last_log_index: last.map_or(0, |l| l.index),
+        last_log_term: last.map_or(0, |l| l.leader_id.term),
+        members: membership
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
+            .collect(),
+        budgets: state.ledger.budget_count(),
+        live_leases: state.ledger.live_lease_count(),
+        audit_records: records.len() as u64,
+        digest: state.ledger.digest(),
+    })
+}
+
+/// Builds a node's data directory in `dir` (which must not exist or be empty) from
+/// a snapshot file's bytes. A node started on it resumes from the snapshot; it still
+/// has to be made a member (join, or `rationctl member add` and `promote`), and the
+/// leader sends it the log after the snapshot.
+pub fn restore(dir: &Path, bytes: &[u8]) -> Result<SnapshotInfo, OpenError> {
+    let info = inspect_snapshot(bytes)
+        .map_err(|reason| OpenError::Snapshot { path: dir.join(SNAPSHOT_FILE), reason })?;
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        return Err(OpenError::Io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} is not empty: restore only into a new data directory", dir.display()),
+        )));
+    }
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    // Opening the store writes the snapshot's audit records into sled and flushes.
+    let (log, sm) = open(dir, LedgerConfig::default())?;
+    if read_snapshot_file(&dir.join(SNAPSHOT_FILE))?.is_none() {
+        return Err(OpenError::Snapshot {
+            path: dir.join(SNAPSHOT_FILE),
+            reason: "vanished while restoring".into(),
+        });
+    }
+    log.db.flush()?;
+    drop((log, sm));
+    Ok(info)
+}
+
+/// Bytes in the files under `dir`, recursively (0 if it cannot be read).
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

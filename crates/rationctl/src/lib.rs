@@ -1,0 +1,225 @@
+//! # rationctl
+//!
+//! The operator CLI, in etcdctl's noun-verb style: `rationctl [global flags] <noun>
+//! <verb> [args]`. Every global flag also reads a `RATIONCTL_*` environment
+//! variable. Output is a table for people or JSON (`-o json`) for scripts. A failure
+//! prints one line naming what went wrong and exits non-zero.
+//!
+//! [`run`] does everything and writes to the given output, so tests drive the CLI
+//! in-process; `main.rs` only maps its result to an exit code.
+
+pub mod audit;
+mod budget;
+mod cluster;
+mod output;
+mod snapshot;
+pub mod time;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use ration_proto::v1::{cluster_client::ClusterClient, ledger_client::LedgerClient, RequestMeta};
+use tonic::transport::{Channel, Endpoint};
+
+pub use output::Format;
+
+/// Ration's operator CLI.
+#[derive(Debug, Parser)]
+#[command(
+    name = "rationctl",
+    version,
+    about = "Operate a Ration cluster: members, snapshots, budgets, audit"
+)]
+pub struct Cli {
+    /// Cluster members to talk to, comma separated (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "RATIONCTL_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50051"
+    )]
+    pub endpoints: Vec<String>,
+    /// Output format.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "RATIONCTL_OUTPUT",
+        value_enum,
+        default_value = "table"
+    )]
+    pub output: Format,
+    /// Deadline of each RPC, in milliseconds.
+    #[arg(long, global = true, env = "RATIONCTL_TIMEOUT_MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// Who budget changes are recorded as in the audit log (their principal).
+    #[arg(long, global = true, env = "RATIONCTL_OPERATOR", default_value = "rationctl")]
+    pub operator: String,
+    #[command(subcommand)]
+    pub command: Noun,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Noun {
+    /// Cluster membership: list, add (as learner), promote (to voter), remove.
+    #[command(subcommand)]
+    Member(cluster::MemberCmd),
+    /// Per-endpoint health and status.
+    #[command(subcommand)]
+    Endpoint(cluster::EndpointCmd),
+    /// Leadership.
+    #[command(subcommand)]
+    Leader(cluster::LeaderCmd),
+    /// Save a snapshot from a node; restore one into a new data directory.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
+    /// Budgets and their limits.
+    #[command(subcommand)]
+    Budget(budget::BudgetCmd),
+    /// The audit ledger: query, export, verify, spend.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
+}
+
+/// What the commands share: endpoints, deadlines, the output format.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub endpoints: Vec<String>,
+    pub timeout: Duration,
+    pub format: Format,
+    pub principal: String,
+    client_id: String,
+    next_request: std::sync::atomic::AtomicU64,
+}
+
+impl Ctx {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        if cli.endpoints.is_empty() || cli.endpoints.iter().any(|e| e.trim().is_empty()) {
+            return Err(anyhow!("--endpoints needs at least one host:port"));
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        Ok(Self {
+            endpoints: cli.endpoints.iter().map(|e| e.trim().to_owned()).collect(),
+            timeout: Duration::from_millis(cli.timeout_ms.max(1)),
+            format: cli.output,
+            principal: cli.operator.clone(),
+            client_id: format!("rationctl:{:x}-{nanos:x}", std::process::id()),
+            next_request: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    /// A channel to one endpoint (connected lazily, with the RPC deadline).
+    pub fn channel(&self, endpoint: &str) -> anyhow::Result<Channel> {
+        let uri = if endpoint.contains("://") {
+            endpoint.to_owned()
+        } else {
+            format!("http://{endpoint}")
+        };
+        Ok(Endpoint::from_shared(uri)
+            .with_context(|| format!("bad endpoint {endpoint:?}"))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .connect_lazy())
+    }
+
+    pub fn ledger(&self, endpoint: &str) -> anyhow::Result<LedgerClient<Channel>> {
+        Ok(LedgerClient::new(self.channel(endpoint)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    pub fn cluster(&self, endpoint: &str) -> anyhow::Result<ClusterClient<Channel>> {
+        Ok(ClusterClient::new(self.channel(endpoint)?).max_decoding_message_size(64 << 20))
+    }
+
+    /// Fresh request metadata. A retry of the same call reuses what it was given.
+    pub fn meta(&self) -> Option<RequestMeta> {
+        Some(RequestMeta {
+            client_id: self.client_id.clone(),
+            request_id: self.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            principal: self.principal.clone(),
+        })
+    }
+
+    /// Calls `f` on each endpoint in turn until one answers; UNAVAILABLE and
+    /// DEADLINE_EXCEEDED move on to the next, anything else is the answer.
+    pub async fn first<T, F, Fut>(&self, mut f: F) -> anyhow::Result<T>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut errors = Vec::new();
+        for e in &self.endpoints {
+            match f(e.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(s) if retriable(&s) => errors.push(format!("{e}: {}", describe(&s))),
+                Err(s) => return Err(anyhow!("{e}: {}", describe(&s))),
+            }
+        }
+        Err(anyhow!("no endpoint answered: {}", errors.join("; ")))
+    }
+}
+
+fn retriable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
+}
+
+/// A gRPC status as one readable line.
+pub(crate) fn describe(s: &tonic::Status) -> String {
+    let code = format!("{:?}", s.code());
+    let message = s.message();
+    if message.is_empty() {
+        code
+    } else {
+        format!("{message} ({code})")
+    }
+}
+
+/// Runs one command line (`args[0]` is the program name), writing its output to
+/// `out`.
+pub async fn run<I, T>(args: I, out: &mut dyn std::io::Write) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args)?;
+    run_cli(cli, out).await
+}
+
+/// Runs a parsed command line.
+pub async fn run_cli(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let ctx = Ctx::new(&cli)?;
+    match cli.command {
+        Noun::Member(c) => cluster::member(&ctx, c, out).await,
+        Noun::Endpoint(c) => cluster::endpoint(&ctx, c, out).await,
+        Noun::Leader(c) => cluster::leader(&ctx, c, out).await,
+        Noun::Snapshot(c) => snapshot::run(&ctx, c, out).await,
+        Noun::Budget(c) => budget::run(&ctx, c, out).await,
+        Noun::Audit(c) => audit::run(&ctx, c, out).await,
+    }
+}
+
+/// Which format a file export uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FileFormat {
+    /// One JSON object per line.
+    Jsonl,
+    Csv,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

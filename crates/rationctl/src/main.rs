@@ -1,0 +1,17 @@
+//! `rationctl`: runs one command; on failure prints `error: ...` and exits 1
+//! (2 for a command line clap refuses).
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    use clap::Parser;
+    let cli = match rationctl::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = rationctl::run_cli(cli, &mut out).await {
+        drop(out);
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

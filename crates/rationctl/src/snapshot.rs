@@ -1,0 +1,185 @@
+//! `snapshot save|restore|status`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Subcommand;
+use ration_proto::v1;
+use ration_store::backup::SnapshotInfo;
+use serde::Serialize;
+use sha2::Digest;
+use tokio_stream::StreamExt;
+
+use crate::output::{bytes, emit, Table};
+use crate::{describe, Ctx};
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Have the first endpoint that answers build a snapshot and download it.
+    Save {
+        /// Where to write it (written to FILE.part first, renamed when complete).
+        file: PathBuf,
+    },
+    /// Build a new node's data directory from a snapshot file (offline; no
+    /// endpoint is contacted). Start the node on it with `--join <member>`.
+    Restore {
+        file: PathBuf,
+        /// The data directory to create; it must not exist or be empty.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Check a snapshot file (ledger invariants, audit chain) and describe it.
+    Status { file: PathBuf },
+}
+
+#[derive(Debug, Serialize)]
+struct Described {
+    file: String,
+    bytes: u64,
+    last_log_index: u64,
+    last_log_term: u64,
+    members: Vec<String>,
+    budgets: usize,
+    live_leases: usize,
+    audit_records: u64,
+    state_digest: String,
+}
+
+fn describe_snapshot(file: &std::path::Path, size: u64, info: &SnapshotInfo) -> Described {
+    Described {
+        file: file.display().to_string(),
+        bytes: size,
+        last_log_index: info.last_log_index,
+        last_log_term: info.last_log_term,
+        members: info
+            .members
+            .iter()
+            .map(|(id, addr, voter)| {
+                format!("{id}={addr}{}", if *voter { "" } else { " (learner)" })
+            })
+            .collect(),
+        budgets: info.budgets,
+        live_leases: info.live_leases,
+        audit_records: info.audit_records,
+        state_digest: ration_core::audit::hex(&info.digest),
+    }
+}
+
+fn table(d: &Described) -> String {
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    for (k, v) in [
+        ("file", d.file.clone()),
+        ("size", bytes(d.bytes)),
+        ("last log index", d.last_log_index.to_string()),
+        ("last log term", d.last_log_term.to_string()),
+        ("members", d.members.join(", ")),
+        ("budgets", d.budgets.to_string()),
+        ("live leases", d.live_leases.to_string()),
+        ("audit records", d.audit_records.to_string()),
+        ("state digest", d.state_digest.clone()),
+    ] {
+        t.row(vec![k.to_owned(), v]);
+    }
+    t.render()
+}
+
+fn read(file: &std::path::Path) -> anyhow::Result<(Vec<u8>, SnapshotInfo)> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let info = ration_store::backup::inspect_snapshot(&bytes)
+        .map_err(|e| anyhow!("{} does not check: {e}", file.display()))?;
+    Ok((bytes, info))
+}
+
+pub async fn run(ctx: &Ctx, cmd: SnapshotCmd, out: &mut dyn Write) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCmd::Save { file } => {
+            let (stream, endpoint) = ctx
+                .first(|e| async move {
+                    let mut c =
+                        ctx.cluster(&e).map_err(|x| tonic::Status::unavailable(x.to_string()))?;
+                    Ok((c.save_snapshot(v1::SaveSnapshotRequest {}).await?.into_inner(), e))
+                })
+                .await?;
+            let part = file.with_extension("part");
+            let written = download(stream, &part).await.with_context(|| {
+                format!("downloading the snapshot from {endpoint} into {}", part.display())
+            });
+            let (size, _) = match written {
+                Ok(w) => w,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(e);
+                }
+            };
+            let (_, info) = read(&part)?;
+            std::fs::rename(&part, &file).with_context(|| {
+                format!("cannot rename {} to {}", part.display(), file.display())
+            })?;
+            emit(out, ctx.format, &describe_snapshot(&file, size, &info), table)
+        }
+        SnapshotCmd::Restore { file, data_dir } => {
+            let (bytes, _) = read(&file)?;
+            let info = ration_store::backup::restore(&data_dir, &bytes)
+                .with_context(|| format!("restoring into {}", data_dir.display()))?;
+            let d = describe_snapshot(&file, bytes.len() as u64, &info);
+            emit(out, ctx.format, &d, |d| {
+                format!(
+                    "{}restored into {}: start the node on it with --join <member address>\n",
+                    table(d),
+                    data_dir.display()
+                )
+            })
+        }
+        SnapshotCmd::Status { file } => {
+            let (bytes, info) = read(&file)?;
+            emit(out, ctx.format, &describe_snapshot(&file, bytes.len() as u64, &info), table)
+        }
+    }
+}
+
+/// Writes the streamed chunks to `part`, checking the size and SHA-256 the server
+/// sent. Shows a progress bar on a terminal.
+async fn download(
+    mut stream: tonic::Streaming<v1::SnapshotChunk>,
+    part: &std::path::Path,
+) -> anyhow::Result<(u64, Vec<u8>)> {
+    let mut f = std::fs::File::create(part)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut total = None;
+    let mut got = 0u64;
+    let mut expected_hash = None;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} {wide_bar} {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|s| anyhow!(describe(&s)))?;
+        if total.is_none() {
+            total = Some(chunk.total_bytes);
+            bar.set_length(chunk.total_bytes);
+        }
+        got += chunk.data.len() as u64;
+        if Some(got) > total {
+            bail!("the server sent more than the {} bytes it announced", total.unwrap_or(0));
+        }
+        hasher.update(&chunk.data);
+        f.write_all(&chunk.data)?;
+        bar.set_position(got);
+        if !chunk.sha256.is_empty() {
+            expected_hash = Some(chunk.sha256);
+        }
+    }
+    bar.finish_and_clear();
+    f.sync_all()?;
+    let total = total.ok_or_else(|| anyhow!("the server sent no snapshot"))?;
+    if got != total {
+        bail!("transfer cut short: {got} of {total} bytes");
+    }
+    let hash = hasher.finalize().to_vec();
+    if expected_hash.as_ref() != Some(&hash) {
+        bail!("the downloaded snapshot's SHA-256 does not match the server's");
+    }
+    Ok((got, hash))
+}

@@ -1,0 +1,544 @@
+//! Operations against real 3-node clusters (in-process nodes, real sockets):
+//! every `rationctl` command, snapshot save and restore into a node that rejoins,
+//! audit export/verify (with a tampered file), and a metrics scrape.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{eventually, ledger, meta, Cluster};
+use ration_proto::v1;
+use serde_json::Value;
+
+/// Runs rationctl in-process against `endpoints`; Ok(stdout) or Err(message).
+async fn ctl(endpoints: &[SocketAddr], args: &[&str]) -> Result<String, String> {
+    let eps: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
+    let eps = eps.join(",");
+    let mut argv = vec!["rationctl", "--endpoints", &eps, "--timeout-ms", "5000"];
+    argv.extend_from_slice(args);
+    let mut out = Vec::new();
+    match rationctl::run(argv, &mut out).await {
+        Ok(()) => Ok(String::from_utf8(out).unwrap()),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+async fn ctl_json(endpoints: &[SocketAddr], args: &[&str]) -> Value {
+    let mut a = vec!["-o", "json"];
+    a.extend_from_slice(args);
+    let out = ctl(endpoints, &a).await.unwrap_or_else(|e| panic!("rationctl {args:?}: {e}"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("rationctl {args:?} printed {out}: {e}"))
+}
+
+fn all(c: &Cluster) -> Vec<SocketAddr> {
+    c.nodes.keys().map(|id| c.addrs[id]).collect()
+}
+
+/// A spent lease: acquire `wanted` on `budget` and release it with `used` consumed.
+async fn spend(addr: SocketAddr, client: &str, budget: &str, wanted: i64, used: i64) {
+    let mut l = ledger(addr).await;
+    let lease = l
+        .acquire(v1::AcquireRequest {
+            meta: meta(client, 1, client),
+            budget: budget.into(),
+            unit: "tokens".into(),
+            wanted,
+            min: 1,
+            ttl_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    l.release(v1::ReleaseRequest {
+        meta: meta(client, 2, client),
+        lease_id: lease.lease_id,
+        consumed_total: used,
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_changes_end_to_end() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader().await;
+    let eps = all(&c);
+
+    let members = ctl_json(&eps, &["member", "list"]).await;
+    let members = members.as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert!(members.iter().all(|m| m["role"] == "voter"));
+    assert_eq!(members.iter().filter(|m| m["leader"] == true).count(), 1);
+    let table = ctl(&eps, &["member", "list"]).await.unwrap();
+    assert!(table.starts_with("ID") && table.contains("voter"), "{table}");
+
+    // Node 4 names the cluster but is not the lowest id, so it waits to be added.
+    let l4 = common::listener().await;
+    let addr4 = l4.local_addr().unwrap();
+    let mut cfg = c.config(1);
+    cfg.node_id = 4;
+    cfg.listen = addr4;
+    cfg.data_dir = c.dir.path().join("node-4");
+    cfg.initial_cluster.push(format!("4={addr4}"));
+    let node4 = ration_server::start(cfg, l4).await.unwrap();
+
+    let added = ctl_json(&eps, &["member", "add", "4", &addr4.to_string()]).await;
+    let four = added.as_array().unwrap().iter().find(|m| m["id"] == 4).unwrap().clone();
+    assert_eq!(four["role"], "learner");
+    let again = ctl(&eps, &["member", "add", "4", &addr4.to_string()]).await.unwrap_err();
+    assert!(again.contains("already a member"), "{again}");
+    let promoted = ctl_json(&eps, &["member", "promote", "4"]).await;
+    assert!(promoted.as_array().unwrap().iter().any(|m| m["id"] == 4 && m["role"] == "voter"));
+
+    // Status from all four endpoints: one leader, same term, node 4 caught up.
+    let mut eps4 = eps.clone();
+    eps4.push(addr4);
+    eventually("node 4 catches up", Duration::from_secs(20), || async {
+        let rows = ctl_json(&eps4, &["endpoint", "status"]).await;
+        let rows = rows.as_array().unwrap().clone();
+        rows.len() == 4
+            && rows.iter().all(|r| r["lag"] == 0 && r["term"] == rows[0]["term"])
+            && rows.iter().filter(|r| r["role"] == "leader").count() == 1
+            && rows.iter().all(|r| r["data_bytes"].as_u64().unwrap() > 0)
+    })
+    .await;
+    let table = ctl(&eps4, &["endpoint", "status"]).await.unwrap();
+    assert!(table.contains("LAG") && table.contains("leader"), "{table}");
+    let health = ctl_json(&eps4, &["endpoint", "health"]).await;
+    assert!(health.as_array().unwrap().iter().all(|h| h["healthy"] == true));
+
+    // Move leadership to node 4, then take it out again.
+    let moved = ctl_json(&eps, &["leader", "move", "4"]).await;
+    assert!(moved.as_array().unwrap().iter().any(|m| m["id"] == 4 && m["leader"] == true));
+    let back = if leader == 4 { 1 } else { leader };
+    ctl(&eps, &["leader", "move", &back.to_string()]).await.unwrap();
+    let removed = ctl_json(&eps, &["member", "remove", "4"]).await;
+    let ids: Vec<u64> =
+        removed.as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    let err = ctl(&eps, &["member", "remove", "9"]).await.unwrap_err();
+    assert!(err.contains("node 9 is not a member"), "{err}");
+    let err = ctl(&eps, &["member", "promote", "9"]).await.unwrap_err();
+    assert!(err.contains("not a member"), "{err}");
+
+    // The cluster still writes without node 4.
+    node4.stop().await.unwrap();
+    ctl(&eps, &["budget", "set", "after", "--limit", "tokens=5/day"]).await.unwrap();
+
+    // A dead endpoint: health says which, and fails.
+    c.stop(3).await;
+    let err = ctl(&eps, &["endpoint", "health"]).await.unwrap_err();
+    assert!(err.contains(&c.addrs[&3].to_string()), "{err}");
+    let err = ctl(&[c.addrs[&3]], &["member", "list"]).await.unwrap_err();
+    assert!(err.contains("no endpoint answered"), "{err}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_restores_into_a_new_node_that_rejoins() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader().await;
+    let eps = all(&c);
+    ctl(&eps, &["budget", "set", "acme", "--limit", "tokens=1000/day"]).await.unwrap();
+    ctl(&eps, &["budget", "set", "acme/search", "--limit", "tokens=600/day"]).await.unwrap();
+    for i in 0..5 {
+        spend(c.addrs[&leader], &format!("gw-{i}"), "acme/search", 50, 10 + i).await;
+    }
+
+    let file = c.dir.path().join("acme.snap");
+    let saved = ctl_json(&eps, &["snapshot", "save", file.to_str().unwrap()]).await;
+    assert_eq!(saved["budgets"], 2);
+    assert!(saved["audit_records"].as_u64().unwrap() >= 12, "{saved}");
+    assert!(saved["last_log_index"].as_u64().unwrap() > 0);
+    let status = ctl_json(&eps, &["snapshot", "status", file.to_str().unwrap()]).await;
+    assert_eq!(status["state_digest"], saved["state_digest"]);
+
+    // A corrupted copy is refused, by status and by restore.
+    let bad = c.dir.path().join("bad.snap");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = ctl(&eps, &["snapshot", "status", bad.to_str().unwrap()]).await.unwrap_err();
+    assert!(err.contains("does not check"), "{err}");
+
+    // Writes after the snapshot reach the restored node through the log.
+    spend(c.addrs[&leader], "gw-late", "acme/search", 20, 20).await;
+
+    let dir4 = c.dir.path().join("node-4");
+    let restored = ctl_json(
+        &eps,
+        &["snapshot", "restore", file.to_str().unwrap(), "--data-dir", dir4.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(restored["state_digest"], saved["state_digest"]);
+    let err = ctl(
+        &eps,
+        &["snapshot", "restore", file.to_str().unwrap(), "--data-dir", dir4.to_str().unwrap()],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("not empty"), "{err}");
+
+    let l4 = common::listener().await;
+    let addr4 = l4.local_addr().unwrap();
+    let mut cfg = c.config(1);
+    cfg.node_id = 4;
+    cfg.listen = addr4;
+    cfg.data_dir = dir4;
+    cfg.initial_cluster = Vec::new();
+    cfg.join = Some(c.addrs[&1].to_string());
+    let node4 = ration_server::start(cfg, l4).await.unwrap();
+    eventually("node 4 is a voter", Duration::from_secs(30), || async {
+        let m = ctl_json(&eps, &["member", "list"]).await;
+        m.as_array().unwrap().iter().any(|m| m["id"] == 4 && m["role"] == "voter")
+    })
+    .await;
+    let mut eps4 = eps.clone();
+    eps4.push(addr4);
+    eventually("every node at the same index and digest", Duration::from_secs(30), || async {
+        let mut digests = Vec::new();
+        for a in &eps4 {
+            match common::status(*a).await {
+                Some(s) => digests.push((s.applied_index, s.state_digest, s.audit_records)),
+                None => return false,
+            }
+        }
+        digests.iter().all(|d| *d == digests[0])
+    })
+    .await;
+    // Node 4 serves what happened before and after the snapshot.
+    let b = ctl_json(&[addr4], &["budget", "get", "acme/search"]).await;
+    assert_eq!(b["limits"][0]["consumed"], 10 + 11 + 12 + 13 + 14 + 20);
+    let verified = ctl_json(&[addr4], &["audit", "verify"]).await;
+    assert_eq!(verified["from_genesis"], true);
+    node4.stop().await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budgets_and_the_audit_ledger() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader().await;
+    let eps = all(&c);
+
+    ctl(
+        &eps,
+        &[
+            "budget",
+            "set",
+            "acme",
+            "--limit",
+            "tokens=1000/day",
+            "--limit",
+            "tokens=5000/month+05:30",
+        ],
+    )
+    .await
+    .unwrap();
+    for team in ["search", "chat"] {
+        ctl(
+            &eps,
+            &["budget", "set", &format!("acme/{team}"), "--limit", "tokens=400/day,static=5"],
+        )
+        .await
+        .unwrap();
+    }
+    ctl(&eps, &["budget", "set", "acme/chat/bots", "--limit", "tokens=100/hour"]).await.unwrap();
+    // Update: version moves on; a stale expected version is refused.
+    let b = ctl_json(&eps, &["budget", "set", "acme/chat", "--limit", "tokens=450/day"]).await;
+    assert_eq!((b["version"].as_u64().unwrap(), b["limits"][0]["cap"].as_i64().unwrap()), (2, 450));
+    let err = ctl(
+        &eps,
+        &["budget", "set", "acme/chat", "--limit", "tokens=1/day", "--expected-version", "1"],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("Aborted") || err.contains("version"), "{err}");
+    let err =
+        ctl(&eps, &["budget", "set", "x", "--limit", "tokens=1/fortnight"]).await.unwrap_err();
+    assert!(err.contains("fortnight"), "{err}");
+    let err = ctl(&eps, &["budget", "set", "nowhere/child", "--limit", "tokens=1/day"])
+        .await
+        .unwrap_err();
+    assert!(err.contains("nowhere"), "{err}");
+
+    spend(c.addrs[&leader], "gw-a", "acme/search", 100, 70).await;
+    spend(c.addrs[&leader], "gw-b", "acme/chat/bots", 50, 30).await;
+
+    let got = ctl_json(&eps, &["budget", "get", "acme/chat/bots"]).await;
+    assert_eq!(got["limits"][0]["consumed"], 30);
+    assert_eq!(got["limits"][0]["remaining"], 70);
+    let err = ctl(&eps, &["budget", "get", "acme/nope"]).await.unwrap_err();
+    assert!(err.contains("acme/nope does not exist"), "{err}");
+
+    let tree = ctl(&eps, &["budget", "list"]).await.unwrap();
+    let lines: Vec<&str> = tree.lines().collect();
+    assert!(lines[0].starts_with("BUDGET"), "{tree}");
+    assert!(lines[1].starts_with("acme "), "{tree}");
+    assert!(
+        tree.contains("├─ chat") && tree.contains("│  └─ bots") && tree.contains("└─ search"),
+        "{tree}"
+    );
+    assert!(tree.contains("month+05:30"), "{tree}");
+    let listed = ctl_json(&eps, &["budget", "list", "--subtree", "acme/chat"]).await;
+    let paths: Vec<&str> =
+        listed.as_array().unwrap().iter().map(|b| b["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["acme/chat", "acme/chat/bots"]);
+    let root = &ctl_json(&eps, &["budget", "list"]).await[0];
+    assert_eq!(root["limits"][0]["consumed"], 100, "{root}");
+
+    // Query by subtree, principal, kind and time.
+    let q = ctl_json(&eps, &["audit", "query", "--subtree", "acme/chat"]).await;
+    assert!(q
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["budget"].as_str().unwrap().starts_with("acme/chat")));
+    let q = ctl_json(&eps, &["audit", "query", "--principal", "gw-a", "--kind", "lease_released"])
+        .await;
+    let q = q.as_array().unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!((q[0]["consumed"].as_u64(), q[0]["returned"].as_u64()), (Some(70), Some(30)));
+    let q = ctl_json(
+        &eps,
+        &["audit", "query", "--from", "-1h", "--to", "now", "--kind", "lease_granted"],
+    )
+    .await;
+    assert_eq!(q.as_array().unwrap().len(), 2);
+    let q = ctl_json(&eps, &["audit", "query", "--to", "2000-01-01"]).await;
+    assert!(q.as_array().unwrap().is_empty());
+    let err = ctl(&eps, &["audit", "query", "--kind", "lease_stolen"]).await.unwrap_err();
+    assert!(err.contains("unknown audit kind"), "{err}");
+    let table = ctl(&eps, &["audit", "query"]).await.unwrap();
+    assert!(table.contains("budget_created") && table.contains("lease_released"), "{table}");
+
+    // Spend per budget per window, rolled up the tree.
+    let s = ctl_json(&eps, &["audit", "spend", "--subtree", "acme", "--window", "day"]).await;
+    let spent: BTreeMap<String, String> = s
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (r["budget"].as_str().unwrap().to_owned(), r["spent"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(spent["acme"], "100");
+    assert_eq!(spent["acme/chat"], "30");
+    assert_eq!(spent["acme/search"], "70");
+
+    // Export round-trips, in both formats, and verifies; the live chain verifies.
+    // verify reads each node's own copy: let the followers apply everything first.
+    c.converged().await;
+    let live = ctl_json(&eps, &["audit", "verify"]).await;
+    let n = live["records"].as_u64().unwrap();
+    // 4 creates, 1 update, 2 grants, 2 releases.
+    assert_eq!(n, 9, "{live}");
+    let all_records: Vec<Value> =
+        ctl_json(&eps, &["audit", "query", "--limit", "0"]).await.as_array().unwrap().clone();
+    assert_eq!(all_records.len() as u64, n);
+    for (format, name) in [("jsonl", "audit.jsonl"), ("csv", "audit.csv")] {
+        let path = c.dir.path().join(name);
+        ctl(&eps, &["audit", "export", "--format", format, "--out", path.to_str().unwrap()])
+            .await
+            .unwrap();
+        let format =
+            if format == "csv" { rationctl::FileFormat::Csv } else { rationctl::FileFormat::Jsonl };
+        let back = rationctl_read(&path, format);
+        assert_eq!(back, all_records, "{name} does not round-trip");
+        let v = ctl_json(&eps, &["audit", "verify", "--file", path.to_str().unwrap()]).await;
+        assert_eq!((v["records"].as_u64(), &v["head_hash"]), (Some(n), &live["head_hash"]));
+    }
+    // Stdout export, a range of it, equals the file's lines.
+    let part = ctl(&eps, &["audit", "export", "--from-seq", "2", "--to-seq", "5"]).await.unwrap();
+    assert_eq!(part.lines().count(), 3);
+    let whole = std::fs::read_to_string(c.dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(part.lines().collect::<Vec<_>>(), whole.lines().skip(2).take(3).collect::<Vec<_>>());
+
+    // One altered amount in the middle of an export: verify names that record.
+    let tampered = c.dir.path().join("tampered.jsonl");
+    let mut lines: Vec<String> = whole.lines().map(str::to_owned).collect();
+    let victim = lines
+        .iter()
+        .position(|l| l.contains("\"consumed\":70"))
+        .expect("the release of 70 is exported");
+    lines[victim] = lines[victim].replacen("\"consumed\":70", "\"consumed\":7", 1);
+    std::fs::write(&tampered, lines.join("\n")).unwrap();
+    let err =
+        ctl(&eps, &["audit", "verify", "--file", tampered.to_str().unwrap()]).await.unwrap_err();
+    assert!(
+        err.contains(&format!("breaks at record {victim}"))
+            && err.contains("does not match its hash"),
+        "{err}"
+    );
+    // A deleted record is a gap.
+    let mut gap: Vec<String> = whole.lines().map(str::to_owned).collect();
+    gap.remove(3);
+    std::fs::write(&tampered, gap.join("\n")).unwrap();
+    let err =
+        ctl(&eps, &["audit", "verify", "--file", tampered.to_str().unwrap()]).await.unwrap_err();
+    assert!(
+        err.contains("breaks at record 4") && err.contains("expected sequence number 3"),
+        "{err}"
+    );
+    // The same alteration in CSV.
+    let csv = std::fs::read_to_string(c.dir.path().join("audit.csv")).unwrap();
+    let mut rows: Vec<String> = csv.lines().map(str::to_owned).collect();
+    let row = rows.iter().position(|l| l.contains(",70,30,")).expect("the release row");
+    rows[row] = rows[row].replacen(",70,30,", ",60,40,", 1);
+    let tampered_csv = c.dir.path().join("tampered.csv");
+    std::fs::write(&tampered_csv, rows.join("\n")).unwrap();
+    let err = ctl(&eps, &["audit", "verify", "--file", tampered_csv.to_str().unwrap()])
+        .await
+        .unwrap_err();
+    assert!(err.contains(&format!("breaks at record {}", row - 1)), "{err}");
+
+    // Delete a leaf; deleting one with children is refused.
+    let err = ctl(&eps, &["budget", "delete", "acme/chat"]).await.unwrap_err();
+    assert!(err.contains("FailedPrecondition") || err.contains("child"), "{err}");
+    ctl(&eps, &["budget", "delete", "acme/chat/bots"]).await.unwrap();
+    let err = ctl(&eps, &["budget", "get", "acme/chat/bots"]).await.unwrap_err();
+    assert!(err.contains("does not exist"), "{err}");
+    c.shutdown().await;
+}
+
+fn rationctl_read(path: &std::path::Path, format: rationctl::FileFormat) -> Vec<Value> {
+    rationctl::audit::read_export(path, format)
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::to_value(rationctl::audit::Exported::from_core(r)).unwrap())
+        .collect()
+}
+
+/// GET /metrics over plain HTTP/1.0.
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
+/// Parses the exposition text: every sample's `name{labels}` to its value. Fails on
+/// a malformed line or a sample whose family has no TYPE line before it.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut typed = std::collections::BTreeSet::new();
+    let mut samples = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["gauge", "counter", "histogram"].contains(&kind), "{line}");
+            typed.insert(name.to_owned());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let name = series.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "sample before its TYPE: {line}");
+        if series.contains('{') {
+            assert!(series.ends_with('}'), "{line}");
+        }
+        assert!(samples.insert(series.to_owned(), value).is_none(), "duplicate series {series}");
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_are_scraped_and_parsed() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader().await;
+    let eps = all(&c);
+    ctl(&eps, &["budget", "set", "acme", "--limit", "tokens=100/day"]).await.unwrap();
+    spend(c.addrs[&leader], "gw-a", "acme", 60, 25).await;
+    // Hold 50 outstanding, then ask for more than remains: a denial.
+    let mut l = ledger(c.addrs[&leader]).await;
+    let held = l
+        .acquire(v1::AcquireRequest {
+            meta: meta("gw-b", 1, "gw-b"),
+            budget: "acme".into(),
+            unit: "tokens".into(),
+            wanted: 50,
+            min: 50,
+            ttl_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.granted, 50);
+    let denied = l
+        .acquire(v1::AcquireRequest {
+            meta: meta("gw-c", 1, "gw-c"),
+            budget: "acme".into(),
+            unit: "tokens".into(),
+            wanted: 40,
+            min: 40,
+            ttl_ms: 60_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::ResourceExhausted);
+    c.converged().await;
+
+    let mut leaders = 0;
+    for (id, handle) in &c.nodes {
+        let addr = *handle.node.metrics_addr.get().expect("metrics are served");
+        let m = parse_metrics(&scrape(addr).await);
+        let is_leader = *id == leader;
+        leaders += m["ration_raft_is_leader"] as u32;
+        assert_eq!(m["ration_raft_is_leader"], f64::from(u8::from(is_leader)), "node {id}");
+        assert_eq!(m["ration_raft_leader_id"], leader as f64);
+        assert_eq!(m["ration_raft_apply_lag"], 0.0, "node {id}");
+        assert!(m["ration_raft_term"] >= 1.0);
+        assert_eq!(m["ration_raft_applied_index"], m["ration_raft_commit_index"]);
+        assert_eq!(
+            m[&format!("ration_node_info{{node_id=\"{id}\",addr=\"{}\"}}", c.addrs[id])],
+            1.0
+        );
+        let series =
+            |name: &str| format!("{name}{{budget=\"acme\",unit=\"tokens\",window=\"day\"}}");
+        assert_eq!(m[&series("ration_budget_cap")], 100.0, "node {id}");
+        assert_eq!(m[&series("ration_budget_consumed")], 25.0, "node {id}");
+        assert_eq!(m[&series("ration_budget_outstanding")], 50.0, "node {id}");
+        assert_eq!(m[&series("ration_budget_remaining")], 25.0, "node {id}");
+        assert_eq!(m["ration_live_leases"], 1.0);
+        if is_leader {
+            assert_eq!(m["ration_grants_total"], 2.0);
+            assert_eq!(m["ration_granted_units_total"], 110.0);
+            assert_eq!(m["ration_denials_total{reason=\"resource_exhausted\"}"], 1.0);
+            assert!(m["ration_proposal_batch_commands_count"] >= 4.0);
+            assert_eq!(
+                m["ration_proposal_batch_commands_bucket{le=\"+Inf\"}"],
+                m["ration_proposal_batch_commands_count"]
+            );
+            let acquires =
+                m["ration_rpc_duration_seconds_count{method=\"/ration.v1.Ledger/Acquire\"}"];
+            assert_eq!(acquires, 3.0);
+            assert!(
+                m["ration_rpc_duration_seconds_sum{method=\"/ration.v1.Ledger/Acquire\"}"] > 0.0
+            );
+        } else {
+            assert_eq!(m["ration_grants_total"], 0.0);
+            // Followers answer the leader's replication calls.
+            assert!(
+                m["ration_rpc_duration_seconds_count{method=\"/ration.v1.Raft/AppendEntries\"}"]
+                    >= 1.0
+            );
+        }
+    }
+    assert_eq!(leaders, 1);
+    c.shutdown().await;
+}
