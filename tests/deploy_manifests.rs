@@ -1,0 +1,764 @@
+//! The deployment material in deploy/ agrees with the code: every `rationd` flag and
+//! `RATION_*` variable it uses exists, the example configuration loads, validates and
+//! names every key, the Helm ConfigMap writes only known keys, the per-node settings
+//! form valid clusters, and the published ports are the configured ones.
+//!
+//! Which `--flag` tokens are `rationd` flags (the rule, for every file under deploy/):
+//! 1. YAML (`*.yaml`, `*.yml`, Helm templates included): the items of every `args:` or
+//!    `command:` list (inline `[a, b]` or one `- item` per line). Every container in
+//!    deploy/ runs `rationd`, so those are its arguments; an item that is the program
+//!    itself (`rationd`, `/usr/local/bin/rationd`) is skipped.
+//! 2. Any file: a line on which a `rationd` program token stands (a token whose last
+//!    path component is `rationd`, like `./target/release/rationd` or `ExecStart=
+//!    /usr/local/bin/rationd`): the tokens after it, continued over lines ending in
+//!    `\`, up to a shell operator or a comment. `cargo build -p rationd` has none;
+//!    `rationctl`, `docker`, `helm` and `kubectl` lines do not count.
+//! 3. Dockerfiles: the arguments of `CMD` (the entrypoint is `rationd`).
+//! 4. TOML files: every `--flag` token (their comments name the flag of each key).
+//! 5. Markdown outside code fences: every inline code span that starts with `--`.
+//!
+//! Every `RATION_[A-Z0-9_]+` word in every file must be the environment variable of a
+//! flag, or `RATION_LOG` (the log filter, read by rationd's main).
+//!
+//! Templates (`{{ ... }}`) are removed from a token before its flag name is read.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use clap::{CommandFactory, Parser};
+use ration_server::config::{node_id_from_hostname, Args};
+use ration_server::Config;
+
+/// The project's ports: gRPC (clients and peers) and Prometheus metrics.
+const GRPC_PORT: u16 = 50051;
+const METRICS_PORT: u16 = 9464;
+/// Environment variables rationd reads that are not flags.
+const EXTRA_ENV: &[&str] = &["RATION_LOG"];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn deploy() -> PathBuf {
+    root().join("deploy")
+}
+
+/// Every file under deploy/, as (path relative to the repository, text).
+fn deploy_files() -> Vec<(String, String)> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut paths = Vec::new();
+    walk(&deploy(), &mut paths);
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p)
+                .unwrap_or_else(|e| panic!("{} is not readable text: {e}", p.display()));
+            (p.strip_prefix(root()).unwrap().display().to_string(), text)
+        })
+        .collect()
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// What `rationd` accepts, from its clap definition.
+struct Cli {
+    /// long flag name (without `--`) -> takes a value
+    flags: BTreeMap<String, bool>,
+    /// environment variable -> long flag name
+    env: BTreeMap<String, String>,
+}
+
+fn cli() -> Cli {
+    let mut cmd = Args::command();
+    cmd.build(); // adds --help and --version
+    let mut cli = Cli { flags: BTreeMap::new(), env: BTreeMap::new() };
+    for arg in cmd.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        cli.flags.insert(long.to_owned(), arg.get_action().takes_values());
+        if let Some(env) = arg.get_env() {
+            cli.env.insert(env.to_str().unwrap().to_owned(), long.to_owned());
+        }
+    }
+    assert!(cli.flags.contains_key("initial-cluster") && cli.flags.contains_key("help"));
+    cli
+}
+
+/// Every key of `Config`, in declaration order: the field list serde's derive hands
+/// to `deserialize_struct` (it includes the `Option` keys that TOML serialization of
+/// `Config::default()` leaves out).
+fn config_keys() -> Vec<&'static str> {
+    use serde::de::{Error as _, Visitor};
+    struct Capture<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Capture<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("Config is not a struct?"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(Self::Error::custom("captured"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+            enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = <Config as serde::Deserialize>::deserialize(Capture(&mut fields));
+    // Cross-check with what TOML serialization of the defaults writes.
+    let serialized: toml::Table =
+        toml::from_str(&toml::to_string(&Config::default()).unwrap()).unwrap();
+    for key in serialized.keys() {
+        assert!(fields.contains(&key.as_str()), "serde field list misses {key}");
+    }
+    assert!(fields.len() >= serialized.len() && fields.contains(&"advertise"));
+    fields.to_vec()
+}
+
+/// `{{ ... }}` spans removed.
+fn strip_templates(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        match rest[start..].find("}}") {
+            Some(end) => rest = &rest[start + end + 2..],
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn unquote(s: &str) -> &str {
+    s.trim().trim_matches(|c| matches!(c, '"' | '\'' | '`' | '[' | ']' | ',')).trim()
+}
+
+fn is_program(token: &str) -> bool {
+    let t = unquote(token);
+    let t = t.strip_prefix("ExecStart=").unwrap_or(t);
+    t.rsplit('/').next() == Some("rationd")
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// One `rationd` argument list found in a file.
+#[derive(Debug)]
+struct Invocation {
+    file: String,
+    line: usize,
+    /// argv without the program
+    args: Vec<String>,
+    /// A complete argument list (not prose around a command), so it must parse.
+    complete: bool,
+}
+
+/// YAML `args:`/`command:` lists (rule 1).
+fn yaml_arg_lists(file: &str, text: &str) -> Vec<Invocation> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let t = line.trim_start();
+        let key = ["args:", "command:"].into_iter().find(|k| t.starts_with(k));
+        let (Some(key), false) = (key, t.starts_with('#')) else {
+            i += 1;
+            continue;
+        };
+        let inline = t[key.len()..].trim();
+        let mut args = Vec::new();
+        let start = i + 1;
+        if !inline.is_empty() && !inline.starts_with('#') {
+            let inner = inline.trim_start_matches('[').trim_end_matches(']');
+            args.extend(inner.split(',').map(|a| unquote(a).to_owned()).filter(|a| !a.is_empty()));
+            i += 1;
+        } else {
+            let base = indent(line);
+            i += 1;
+            while i < lines.len() {
+                let l = lines[i];
+                let lt = l.trim_start();
+                if lt.is_empty() || lt.starts_with('#') || lt.starts_with("{{") {
+                    i += 1;
+                    continue;
+                }
+                let item = lt.strip_prefix("- ").or_else(|| (lt == "-").then_some(""));
+                if indent(l) < base || (indent(l) == base && item.is_none()) {
+                    break;
+                }
+                match item {
+                    Some(item) => args.push(unquote(item).to_owned()),
+                    None => panic!("{file}:{}: cannot read this {key} item: {l}", i + 1),
+                }
+                i += 1;
+            }
+        }
+        args.retain(|a| !is_program(a));
+        found.push(Invocation { file: file.to_owned(), line: start, args, complete: true });
+    }
+    found
+}
+
+/// Lines on which `rationd` is run (rule 2), and Dockerfile `CMD` (rule 3).
+fn command_lines(file: &str, text: &str) -> Vec<Invocation> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Vec::new();
+    let dockerfile = file.rsplit('/').next().unwrap_or(file).starts_with("Dockerfile");
+    for (n, line) in lines.iter().enumerate() {
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        let after = if dockerfile && tokens.first() == Some(&"CMD") {
+            Some(1)
+        } else {
+            tokens.iter().position(|t| is_program(t)).map(|p| p + 1)
+        };
+        let Some(after) = after else { continue };
+        let mut args: Vec<String> = tokens[after..].iter().map(|t| t.to_string()).collect();
+        let mut next = n + 1;
+        while args.last().map(String::as_str) == Some("\\") && next < lines.len() {
+            args.pop();
+            args.extend(lines[next].split_whitespace().map(str::to_owned));
+            next += 1;
+        }
+        let mut argv = Vec::new();
+        for a in args {
+            if matches!(a.as_str(), "&&" | "||" | ";" | "|" | "&" | "\\") || a.starts_with('#') {
+                break;
+            }
+            let ends = a.ends_with(';') || a.ends_with('`');
+            let a = unquote(a.trim_end_matches(';')).to_owned();
+            if !a.is_empty() {
+                argv.push(a);
+            }
+            if ends {
+                break;
+            }
+        }
+        // ExecStart= and CMD are whole argument lists; anything else may be prose.
+        let complete = line.trim_start().starts_with("ExecStart=") || (dockerfile && after == 1);
+        found.push(Invocation { file: file.to_owned(), line: n + 1, args: argv, complete });
+    }
+    found
+}
+
+/// `--flag` tokens in TOML files (rule 4) and in Markdown inline code (rule 5), as
+/// (line, token).
+fn documented_flags(file: &str, text: &str) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
+    if file.ends_with(".toml") {
+        for (n, line) in text.lines().enumerate() {
+            for token in line.split(|c: char| c.is_whitespace() || matches!(c, '(' | ')' | ',')) {
+                if token.starts_with("--") && token.len() > 2 {
+                    found.push((n + 1, token.to_owned()));
+                }
+            }
+        }
+    } else if file.ends_with(".md") {
+        let mut fenced = false;
+        for (n, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("```") {
+                fenced = !fenced;
+                continue;
+            }
+            if fenced {
+                continue;
+            }
+            for (k, span) in line.split('`').enumerate() {
+                if k % 2 == 1 && span.starts_with("--") && span.len() > 2 {
+                    found.push((n + 1, span.to_owned()));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The flag name of a `--flag[=value]` token, or `None` for a non-flag or `--` alone.
+fn flag_name(token: &str) -> Option<String> {
+    let token = strip_templates(token);
+    let rest = token.strip_prefix("--")?;
+    let name: String =
+        rest.chars().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).collect();
+    // `--` alone ends options; `-----` is a rule line, not a flag.
+    name.starts_with(|c: char| c.is_ascii_alphanumeric()).then_some(name)
+}
+
+/// `RATION_*` words, as (line, name).
+fn env_names(text: &str) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let bytes = line.as_bytes();
+        let mut from = 0;
+        while let Some(at) = line[from..].find("RATION_") {
+            let start = from + at;
+            let mut end = start + "RATION_".len();
+            while end < bytes.len()
+                && (bytes[end].is_ascii_uppercase()
+                    || bytes[end].is_ascii_digit()
+                    || bytes[end] == b'_')
+            {
+                end += 1;
+            }
+            let word_start = start == 0
+                || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+            let name = line[start..end].trim_end_matches('_');
+            if word_start && name.len() > "RATION_".len() {
+                found.push((n + 1, name.to_owned()));
+            }
+            from = end;
+        }
+    }
+    found
+}
+
+fn invocations(files: &[(String, String)]) -> Vec<Invocation> {
+    let mut all = Vec::new();
+    for (file, text) in files {
+        if file.ends_with(".yaml") || file.ends_with(".yml") {
+            all.extend(yaml_arg_lists(file, text));
+        }
+        all.extend(command_lines(file, text));
+    }
+    all
+}
+
+#[test]
+fn every_flag_and_variable_in_deploy_is_accepted_by_rationd() {
+    let cli = cli();
+    let files = deploy_files();
+    let mut unknown = Vec::new();
+    let mut checked: BTreeMap<String, usize> = BTreeMap::new();
+    let mut check = |file: &str, line: usize, token: &str, unknown: &mut Vec<String>| {
+        let Some(name) = flag_name(token) else { return };
+        *checked.entry(file.to_owned()).or_default() += 1;
+        if !cli.flags.contains_key(&name) {
+            unknown.push(format!("{file}:{line}: rationd has no flag --{name} (in {token:?})"));
+        }
+    };
+    let invocations = invocations(&files);
+    for inv in &invocations {
+        for a in &inv.args {
+            check(&inv.file, inv.line, a, &mut unknown);
+        }
+    }
+    for (file, text) in &files {
+        for (line, token) in documented_flags(file, text) {
+            check(file, line, &token, &mut unknown);
+        }
+    }
+    let mut envs = 0;
+    for (file, text) in &files {
+        for (line, name) in env_names(text) {
+            envs += 1;
+            if !cli.env.contains_key(&name) && !EXTRA_ENV.contains(&name.as_str()) {
+                unknown
+                    .push(format!("{file}:{line}: rationd reads no environment variable {name}"));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "unknown rationd flags or variables in deploy/:\n  {}",
+        unknown.join("\n  ")
+    );
+
+    // Complete argument lists also parse (values of the right type, no stray words).
+    let mut parse_errors = Vec::new();
+    for inv in invocations.iter().filter(|i| i.complete && !i.args.is_empty()) {
+        if inv.args.iter().any(|a| a.contains("{{")) {
+            continue; // a Helm template: values are only known once rendered
+        }
+        let argv = std::iter::once("rationd".to_owned()).chain(inv.args.iter().cloned());
+        if let Err(e) = Args::try_parse_from(argv) {
+            parse_errors.push(format!("{}:{}: rationd {:?}: {e}", inv.file, inv.line, inv.args));
+        }
+    }
+    assert!(parse_errors.is_empty(), "{}", parse_errors.join("\n"));
+
+    // The rule finds what it is meant to: each kind of file uses flags or variables.
+    eprintln!("flags checked per file: {checked:?}; RATION_* words checked: {envs}");
+    for file in [
+        "deploy/k8s/ration.yaml",
+        "deploy/helm/ration/templates/statefulset.yaml",
+        "deploy/systemd/rationd.service",
+        "deploy/ration.example.toml",
+        "deploy/README.md",
+    ] {
+        assert!(
+            checked.get(file).copied().unwrap_or(0) > 0,
+            "no rationd flag found in {file}: is the rule broken?"
+        );
+    }
+    assert!(envs >= 20, "only {envs} RATION_* words found");
+}
+
+#[test]
+fn the_example_configuration_is_the_defaults_and_names_every_key() {
+    let path = deploy().join("ration.example.toml");
+    let config = Config::from_file(&path).unwrap();
+    config.validate().unwrap();
+    assert_eq!(
+        config,
+        Config::default(),
+        "deploy/ration.example.toml should show the default values"
+    );
+    let text = read("deploy/ration.example.toml");
+    let mut missing = Vec::new();
+    for key in config_keys() {
+        // A key is set (`key = ...`) or, for keys without a default value, shown
+        // commented out (`# key = ...`).
+        let named = text.lines().any(|l| {
+            let l = l.trim_start().trim_start_matches('#').trim_start();
+            l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+        });
+        if !named {
+            missing.push(key);
+        }
+    }
+    assert!(missing.is_empty(), "deploy/ration.example.toml does not mention keys {missing:?}");
+    // Every commented-out example line is itself valid configuration.
+    for (n, line) in text.lines().enumerate() {
+        let Some(example) = line.strip_prefix("# ") else { continue };
+        let Some((key, _)) = example.split_once(" = ") else { continue };
+        if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            let parsed: Result<Config, _> = toml::from_str(example);
+            assert!(
+                parsed.is_ok(),
+                "deploy/ration.example.toml:{}: {example:?}: {parsed:?}",
+                n + 1
+            );
+        }
+    }
+}
+
+/// Lines of a `key: value` YAML block at two spaces under `name:` (top level).
+fn values_block(text: &str, name: &str) -> Vec<(usize, String, String)> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for (n, line) in text.lines().enumerate() {
+        if indent(line) == 0 && !line.trim().is_empty() && !line.starts_with('#') {
+            inside = line.trim_end() == format!("{name}:");
+            continue;
+        }
+        if inside && indent(line) == 2 && !line.trim_start().starts_with('#') {
+            if let Some((k, v)) = line.trim().split_once(':') {
+                out.push((n + 1, k.trim().to_owned(), v.trim().to_owned()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_helm_configuration_uses_known_keys() {
+    let keys: BTreeSet<&str> = config_keys().into_iter().collect();
+    let file = "deploy/helm/ration/templates/configmap.yaml";
+    let text = read(file);
+    let mut unknown = Vec::new();
+    let mut fixed = Vec::new();
+    let mut inside = false;
+    for (n, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with("ration.toml: |") {
+            inside = true;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let t = line.trim();
+        if t.is_empty()
+            || t.starts_with('#')
+            || t.starts_with("{{")
+            || t.starts_with('"')
+            || t == "]"
+        {
+            continue;
+        }
+        let Some((key, _)) = t.split_once('=') else {
+            unknown.push(format!("{file}:{}: not a TOML key line: {t}", n + 1));
+            continue;
+        };
+        let key = key.trim();
+        if !keys.contains(key) {
+            unknown.push(format!("{file}:{}: unknown configuration key {key}", n + 1));
+        }
+        fixed.push(key.to_owned());
+    }
+    assert!(fixed.len() >= 4, "no TOML found in {file}: {fixed:?}");
+    // Keys the chart sets itself are left out of values.yaml's `config`, so the
+    // file never holds a key twice.
+    let omit_line = text.lines().find(|l| l.contains("omit .Values.config")).unwrap();
+    let omitted: Vec<&str> = omit_line.split('"').skip(1).step_by(2).collect();
+    for key in &omitted {
+        if !keys.contains(key) {
+            unknown.push(format!("{file}: omits unknown key {key}"));
+        }
+    }
+    for key in &fixed {
+        if !omitted.contains(&key.as_str()) {
+            unknown.push(format!("{file}: sets {key} but does not omit it from .Values.config"));
+        }
+    }
+    // values.yaml `config`: known keys whose values make a valid configuration.
+    let values_file = "deploy/helm/ration/values.yaml";
+    let values = read(values_file);
+    let mut toml_text = String::new();
+    for (n, key, value) in values_block(&values, "config") {
+        if !keys.contains(key.as_str()) {
+            unknown.push(format!("{values_file}:{n}: unknown configuration key {key}"));
+        }
+        let numeric = value.parse::<f64>().is_ok() || value == "true" || value == "false";
+        let value = if numeric || value.starts_with('"') { value } else { format!("{value:?}") };
+        toml_text.push_str(&format!("{key} = {value}\n"));
+    }
+    assert!(unknown.is_empty(), "{}", unknown.join("\n"));
+    let config: Config =
+        toml::from_str(&toml_text).unwrap_or_else(|e| panic!("{values_file} config: {e}"));
+    config.validate().unwrap();
+}
+
+/// The port of `host:port`, if `s` ends in one.
+fn port_of(s: &str) -> Option<u16> {
+    s.trim().trim_matches('"').rsplit(':').next()?.parse().ok()
+}
+
+#[test]
+fn compose_nodes_form_a_cluster_on_the_published_ports() {
+    let cli = cli();
+    let file = "deploy/docker-compose.yml";
+    let text = read(file);
+    // services: two-space keys under `services:`; their `environment:` and `ports:`.
+    let mut services: BTreeMap<String, (BTreeMap<String, String>, Vec<String>)> = BTreeMap::new();
+    let (mut in_services, mut current, mut section) = (false, None::<String>, "");
+    for line in text.lines() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        match indent(line) {
+            0 => in_services = t == "services:",
+            2 if in_services => {
+                current = Some(t.trim_end_matches(':').to_owned());
+                services.entry(t.trim_end_matches(':').to_owned()).or_default();
+            }
+            4 if in_services => {
+                section = if t == "environment:" {
+                    "env"
+                } else if t == "ports:" {
+                    "ports"
+                } else {
+                    ""
+                }
+            }
+            6 if in_services => {
+                let entry = services.get_mut(current.as_ref().unwrap()).unwrap();
+                match section {
+                    "env" => {
+                        let (k, v) = t.split_once(':').unwrap();
+                        entry.0.insert(k.trim().to_owned(), unquote(v).to_owned());
+                    }
+                    "ports" => entry.1.push(unquote(t.trim_start_matches("- ")).to_owned()),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(services.len() >= 3, "{file}: found services {:?}", services.keys());
+    let mut problems = Vec::new();
+    let mut host_ports = BTreeSet::new();
+    for (name, (env, ports)) in &services {
+        let listen = env.get("RATION_LISTEN").and_then(|l| port_of(l));
+        let metrics = env.get("RATION_METRICS_LISTEN").and_then(|l| port_of(l));
+        if (listen, metrics) != (Some(GRPC_PORT), Some(METRICS_PORT)) {
+            problems.push(format!(
+                "{name}: listens on {listen:?} and {metrics:?}, not {GRPC_PORT} and {METRICS_PORT}"
+            ));
+        }
+        let container: BTreeSet<u16> = ports.iter().filter_map(|p| port_of(p)).collect();
+        if container != BTreeSet::from([GRPC_PORT, METRICS_PORT]) {
+            problems.push(format!("{name}: publishes container ports {container:?}, not {GRPC_PORT} and {METRICS_PORT}"));
+        }
+        for p in ports {
+            let host = p.rsplit(':').nth(1).unwrap_or("");
+            if !host_ports.insert(host.to_owned()) {
+                problems.push(format!("{name}: host port {host} is published twice"));
+            }
+        }
+        // The node's settings, as flags, parse and validate, and it advertises the
+        // address the initial cluster gives it.
+        let mut argv = vec!["rationd".to_owned()];
+        for (k, v) in env.iter().filter(|(k, _)| !EXTRA_ENV.contains(&k.as_str())) {
+            let long = cli.env.get(k).unwrap_or_else(|| panic!("{file}: {name}: unknown {k}"));
+            argv.push(if cli.flags[long] { format!("--{long}={v}") } else { format!("--{long}") });
+        }
+        let config = Args::try_parse_from(&argv)
+            .map_err(|e| e.to_string())
+            .and_then(|a| a.into_config().map_err(|e| e.to_string()));
+        match config {
+            Ok(c) => {
+                let own = c.peers().unwrap().into_iter().find(|p| p.id == c.node_id);
+                if let Some(own) = own {
+                    if own.addr != c.advertise_addr() || port_of(&own.addr) != Some(GRPC_PORT) {
+                        problems.push(format!(
+                            "{name}: advertises {} but the initial cluster says {}",
+                            c.advertise_addr(),
+                            own.addr
+                        ));
+                    }
+                } else if c.join.is_none() {
+                    problems.push(format!("{name}: neither in an initial cluster nor joining"));
+                }
+            }
+            Err(e) => problems.push(format!("{name}: {argv:?}: {e}")),
+        }
+    }
+    assert!(problems.is_empty(), "{file}:\n  {}", problems.join("\n  "));
+}
+
+#[test]
+fn the_image_exposes_the_ports_it_listens_on() {
+    let file = "deploy/docker/Dockerfile";
+    let text = read(file);
+    let exposed: BTreeSet<u16> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("EXPOSE "))
+        .flat_map(|l| {
+            l.split_whitespace().map(|p| p.trim_end_matches("/tcp").parse::<u16>().unwrap())
+        })
+        .collect();
+    let env_port = |name: &str| {
+        text.split_whitespace()
+            .find_map(|t| t.strip_prefix(name).and_then(|v| v.strip_prefix('=')).and_then(port_of))
+    };
+    assert_eq!(env_port("RATION_LISTEN"), Some(GRPC_PORT), "{file}: RATION_LISTEN");
+    assert_eq!(
+        env_port("RATION_METRICS_LISTEN"),
+        Some(METRICS_PORT),
+        "{file}: RATION_METRICS_LISTEN"
+    );
+    assert_eq!(exposed, BTreeSet::from([GRPC_PORT, METRICS_PORT]), "{file}: EXPOSE");
+}
+
+/// Values of `key: N` lines (trimmed) in `text`.
+fn numbers_after(text: &str, key: &str) -> Vec<u16> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix(key))
+        .filter_map(|v| v.trim().trim_matches('"').parse().ok())
+        .collect()
+}
+
+#[test]
+fn kubernetes_pods_form_a_cluster_on_their_container_ports() {
+    let file = "deploy/k8s/ration.yaml";
+    let text = read(file);
+    let docs: Vec<&str> = text.split("\n---").collect();
+    let sts = docs.iter().find(|d| d.contains("kind: StatefulSet")).unwrap();
+    let name = sts.lines().find_map(|l| l.strip_prefix("  name: ")).unwrap().trim();
+    let replicas: u64 =
+        sts.lines().find_map(|l| l.trim().strip_prefix("replicas: ")).unwrap().parse().unwrap();
+    let args = yaml_arg_lists(file, sts).into_iter().next().unwrap().args;
+
+    // The ports the node listens on are its container ports and its probes' port.
+    let flag_port = |flag: &str| args.iter().find_map(|a| a.strip_prefix(flag)).and_then(port_of);
+    assert_eq!(flag_port("--listen="), Some(GRPC_PORT), "{file}: --listen");
+    assert_eq!(flag_port("--metrics-listen="), Some(METRICS_PORT), "{file}: --metrics-listen");
+    let container: BTreeSet<u16> = numbers_after(sts, "containerPort:").into_iter().collect();
+    assert_eq!(container, BTreeSet::from([GRPC_PORT, METRICS_PORT]), "{file}: containerPort");
+    let lines: Vec<&str> = sts.lines().collect();
+    let probe_ports: Vec<u16> = lines
+        .windows(2)
+        .filter(|w| w[0].trim() == "grpc:")
+        .filter_map(|w| w[1].trim().strip_prefix("port:").and_then(|p| p.trim().parse().ok()))
+        .collect();
+    assert!(
+        probe_ports.len() >= 2 && probe_ports.iter().all(|p| *p == GRPC_PORT),
+        "{file}: gRPC probes on {probe_ports:?}"
+    );
+    assert_eq!(
+        numbers_after(sts, "prometheus.io/port:"),
+        vec![METRICS_PORT],
+        "{file}: prometheus.io/port"
+    );
+    for doc in docs.iter().filter(|d| d.contains("kind: Service\n")) {
+        for port in numbers_after(doc, "port:") {
+            assert!(
+                [GRPC_PORT, METRICS_PORT].contains(&port),
+                "{file}: a Service exposes port {port}"
+            );
+        }
+    }
+
+    // Each pod's flags make a valid configuration that advertises its own entry.
+    for ordinal in 0..replicas {
+        let pod = format!("{name}-{ordinal}");
+        let argv = std::iter::once("rationd".to_owned())
+            .chain(args.iter().map(|a| a.replace("$(POD_NAME)", &pod)));
+        let mut parsed =
+            Args::try_parse_from(argv).unwrap_or_else(|e| panic!("{file}: pod {pod}: {e}"));
+        assert!(parsed.node_id_from_hostname, "{file}: pods take their id from their name");
+        parsed.node_id_from_hostname = false;
+        parsed.node_id = Some(node_id_from_hostname(&pod).unwrap());
+        let config = parsed.into_config().unwrap_or_else(|e| panic!("{file}: pod {pod}: {e}"));
+        let own = config.peers().unwrap().into_iter().find(|p| p.id == config.node_id).unwrap();
+        assert_eq!(own.addr, config.advertise_addr(), "{file}: pod {pod}");
+        assert_eq!(port_of(&own.addr), Some(GRPC_PORT));
+        assert_eq!(
+            config.peers().unwrap().len() as u64,
+            replicas,
+            "{file}: the initial cluster lists every replica"
+        );
+    }
+}
+
+#[test]
+fn the_helm_chart_uses_its_port_values() {
+    let values = read("deploy/helm/ration/values.yaml");
+    let ports: BTreeMap<String, String> =
+        values_block(&values, "ports").into_iter().map(|(_, k, v)| (k, v)).collect();
+    assert_eq!(ports.get("grpc").map(String::as_str), Some("50051"));
+    assert_eq!(ports.get("metrics").map(String::as_str), Some("9464"));
+    let configmap = read("deploy/helm/ration/templates/configmap.yaml");
+    assert!(
+        configmap.contains("listen = \"0.0.0.0:{{ .Values.ports.grpc }}\""),
+        "configmap: listen"
+    );
+    assert!(
+        configmap.contains("metrics_listen = \"0.0.0.0:{{ .Values.ports.metrics }}\""),
+        "configmap: metrics_listen"
+    );
+    // No literal port numbers in the templates: each comes from values.yaml.
+    for t in ["statefulset.yaml", "services.yaml"] {
+        let text = read(&format!("deploy/helm/ration/templates/{t}"));
+        for line in text.lines().filter(|l| {
+            let l = l.trim();
+            l.starts_with("port:") || l.starts_with("containerPort:")
+        }) {
+            assert!(line.contains("{{ .Values.ports."), "{t}: literal port in {line:?}");
+        }
+    }
+}
