@@ -7,18 +7,68 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 use ration_server::config::Args;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 fn main() -> anyhow::Result<()> {
     let config = Args::parse().into_config()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    // The OTLP exporter needs the runtime while it is built.
+    let _entered = runtime.enter();
     let filter = tracing_subscriber::EnvFilter::try_from_env("RATION_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    if config.log_format == "json" {
-        logs.json().init();
+    let logs = if config.log_format == "json" {
+        tracing_subscriber::fmt::layer().json().boxed()
     } else {
-        logs.init();
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    let mut layers = vec![logs.with_filter(filter).boxed()];
+    #[cfg(feature = "otel")]
+    let tracer = {
+        let (layer, tracer) = otel::layer()?;
+        layers.extend(layer);
+        tracer
+    };
+    tracing_subscriber::registry().with(layers).init();
+    let result = runtime.block_on(ration_server::run(config, shutdown_signal()));
+    #[cfg(feature = "otel")]
+    if let Some(tracer) = tracer {
+        let _ = tracer.shutdown();
     }
-    tokio::runtime::Runtime::new()?.block_on(ration_server::run(config, shutdown_signal()))
+    result
+}
+
+/// Trace export to an OpenTelemetry collector, when built with `--features otel`
+/// and `OTEL_EXPORTER_OTLP_ENDPOINT` is set (standard OTEL_* variables apply; the
+/// service name defaults to `rationd`). Spans at `RATION_OTEL_LEVEL` (default info)
+/// and above are exported.
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_subscriber::Layer;
+
+    pub type Boxed = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+    pub fn layer() -> anyhow::Result<(Option<Boxed>, Option<SdkTracerProvider>)> {
+        if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
+            return Ok((None, None));
+        }
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+        let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "rationd".into());
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
+            .build();
+        let tracer = provider.tracer("rationd");
+        let level = std::env::var("RATION_OTEL_LEVEL").unwrap_or_else(|_| "info".into());
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(tracing_subscriber::EnvFilter::new(level))
+            .boxed();
+        Ok((Some(layer), Some(provider)))
+    }
 }
 
 async fn shutdown_signal() {
