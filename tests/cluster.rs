@@ -305,14 +305,32 @@ async fn health_and_reflection_answer_stock_clients() {
 
     let cluster = Cluster::start(1, |_| {}).await;
     let addr = cluster.addrs[&1];
-    let mut health = HealthClient::new(common::channel(addr).await);
+    let health = HealthClient::new(common::channel(addr).await);
+    // Cluster serves at once; "" and Ledger only once a leader is known.
+    let r = health
+        .clone()
+        .check(HealthCheckRequest { service: "ration.v1.Cluster".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status(), ServingStatus::Serving);
+    cluster.leader().await;
     for service in ["", "ration.v1.Ledger", "ration.v1.Cluster"] {
-        let r = health
-            .check(HealthCheckRequest { service: service.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.status(), ServingStatus::Serving, "{service}");
+        let health = &health;
+        common::eventually(
+            &format!("{service:?} serving"),
+            Duration::from_secs(5),
+            || async move {
+                let r = health
+                    .clone()
+                    .check(HealthCheckRequest { service: service.into() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                r.status() == ServingStatus::Serving
+            },
+        )
+        .await;
     }
 
     let expected =

@@ -28,6 +28,10 @@ pub struct Config {
     /// An existing member to join through: this node is added as a learner, then
     /// promoted to voter once it has caught up.
     pub join: Option<String>,
+    /// `new`: the lowest id in `initial_cluster` creates the cluster if its data
+    /// directory is empty. `existing`: the cluster exists already; never create one
+    /// (a member whose data was lost waits for the leader to send it everything).
+    pub initial_cluster_state: String,
     /// Group commit: most commands per Raft entry.
     pub batch_max_commands: usize,
     /// Group commit: most encoded bytes per Raft entry.
@@ -76,6 +80,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ration-data"),
             initial_cluster: Vec::new(),
             join: None,
+            initial_cluster_state: "new".into(),
             batch_max_commands: 3072,
             batch_max_bytes: 1 << 20,
             batch_wait_us: 1000,
@@ -148,6 +153,28 @@ impl Config {
         let peers = self.peers()?;
         if !peers.is_empty() && !peers.iter().any(|p| p.id == self.node_id) {
             return bad(format!("initial_cluster does not name this node (id {})", self.node_id));
+        }
+        if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
+            return bad(format!(
+                "initial_cluster_state {:?} is not new or existing",
+                self.initial_cluster_state
+            ));
+        }
+        if let Some(me) = peers.iter().find(|p| p.id == self.node_id) {
+            if me.addr != self.advertise_addr() {
+                return bad(format!(
+                    "initial_cluster names this node (id {}) at {} but it advertises {}: set advertise to the address peers use",
+                    self.node_id,
+                    me.addr,
+                    self.advertise_addr()
+                ));
+            }
+        }
+        if self.advertise.is_none() && self.listen.ip().is_unspecified() {
+            return bad(format!(
+                "listen {} is a wildcard address: set advertise to the address peers and clients dial",
+                self.listen
+            ));
         }
         if !peers.is_empty() && self.join.is_some() {
             return bad(
@@ -236,6 +263,9 @@ pub struct Args {
     /// Join an existing cluster through this member.
     #[arg(long, env = "RATION_JOIN")]
     pub join: Option<String>,
+    /// `new` (the default) or `existing`: never create a cluster.
+    #[arg(long, env = "RATION_INITIAL_CLUSTER_STATE")]
+    pub initial_cluster_state: Option<String>,
     #[arg(long, env = "RATION_LOG_FORMAT")]
     pub log_format: Option<String>,
     #[arg(long, env = "RATION_TICK_MS")]
@@ -276,7 +306,8 @@ impl Args {
             snapshot_after_entries,
             batch_max_commands,
             batch_wait_us,
-            metrics_listen
+            metrics_listen,
+            initial_cluster_state
         );
         if self.node_id_from_hostname {
             c.node_id_from_hostname = true;
@@ -358,6 +389,18 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("metrics_listen"));
         let c = Config { metrics_listen: "off".into(), ..Config::default() };
         assert_eq!(c.metrics_addr().unwrap(), None);
+    }
+
+    #[test]
+    fn advertised_addresses_must_be_dialable_and_consistent() {
+        let c = Config { listen: "0.0.0.0:50051".parse().unwrap(), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("wildcard"));
+        let c = Config { advertise: Some("db-1:50051".into()), ..c };
+        c.validate().unwrap();
+        let c = Config { initial_cluster: vec!["1=db-2:50051".into()], ..c };
+        assert!(c.validate().unwrap_err().to_string().contains("advertises db-1:50051"));
+        let c = Config { initial_cluster_state: "old".into(), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("new or existing"));
     }
 
     #[test]

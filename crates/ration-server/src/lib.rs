@@ -310,7 +310,10 @@ async fn bootstrap(node: &Arc<Node>) -> anyhow::Result<()> {
         peers.iter().map(|p| (p.id, BasicNode::new(p.addr.clone()))).collect()
     };
     let lowest = members.keys().next().copied();
-    if lowest == Some(node.id) && !node.raft.is_initialized().await? {
+    if lowest == Some(node.id)
+        && config.initial_cluster_state == "new"
+        && !node.raft.is_initialized().await?
+    {
         // A new cluster gets a new id; the other members learn it from its messages.
         node.identity.adopt(new_cluster_id(node)).context("storing the cluster id")?;
         node.raft.initialize(members).await.context("initializing the cluster")?;

@@ -39,15 +39,21 @@ where
 {
     let max = node.config.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<LedgerServer<LedgerService>>().await;
+    // Cluster (operations) serves from the start; the overall status ("") and
+    // Ledger serve only while this node knows a leader, so a readiness probe keeps
+    // clients away from a node that could not answer them.
     health.set_serving::<ClusterServer<ClusterService>>().await;
+    tokio::spawn(track_readiness(node.raft.metrics(), health.clone()));
+    // Each reflection version also lists the other, so either shows every service.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ration_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ration_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let ledger = LedgerServer::new(LedgerService { node: node.clone() })
         .max_decoding_message_size(max)
@@ -70,6 +76,33 @@ where
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+/// Keeps the health status of "" and Ledger in step with whether a leader is known.
+async fn track_readiness(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+    health: tonic_health::server::HealthReporter,
+) {
+    let mut ready = None;
+    loop {
+        let now = {
+            let m = metrics.borrow_and_update();
+            m.current_leader.is_some() && m.state != ServerState::Shutdown
+        };
+        if ready != Some(now) {
+            ready = Some(now);
+            let status = if now {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health.set_service_status("ration.v1.Ledger", status).await;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 fn propose_status(e: ProposeError) -> Status {

@@ -23,6 +23,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt::layer().boxed()
     };
+    #[allow(unused_mut)] // the otel feature adds a layer
     let mut layers = vec![logs.with_filter(filter).boxed()];
     #[cfg(feature = "otel")]
     let tracer = {
@@ -59,7 +60,9 @@ mod otel {
         let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "rationd".into());
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
+            .with_resource(
+                opentelemetry_sdk::Resource::builder().with_service_name(service).build(),
+            )
             .build();
         let tracer = provider.tracer("rationd");
         let level = std::env::var("RATION_OTEL_LEVEL").unwrap_or_else(|_| "info".into());
