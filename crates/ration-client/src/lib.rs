@@ -9,7 +9,7 @@ pub mod refill;
 pub mod remote;
 
 pub use refill::{Sdk, SdkConfig, Unreachable};
-pub use remote::{Cluster, ClusterConfig, ClusterError};
+pub use remote::{Cluster, ClusterConfig, ClusterError, Connector};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};

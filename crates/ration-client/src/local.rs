@@ -57,6 +57,12 @@ impl CoarseClock {
         });
     }
 
+    /// Moves the clock to `ms` (never backwards), for a caller that keeps time
+    /// itself, such as a simulation. Use instead of [`CoarseClock::start_ticking`].
+    pub fn set_ms(&self, ms: u64) {
+        self.now_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
     /// Brings the clock up to date; call it every millisecond or so.
     pub fn tick(&self) {
         let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);

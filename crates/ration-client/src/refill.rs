@@ -52,6 +52,8 @@ impl SdkConfig {
                 principal: principal.into(),
                 rpc_timeout: Duration::from_secs(1),
                 max_attempts: 6,
+                connector: None,
+                client_id: None,
             },
             refresh: Duration::from_millis(200),
             lease_ttl: Duration::from_secs(10),

@@ -32,6 +32,22 @@ pub struct ClusterConfig {
     pub rpc_timeout: Duration,
     /// Attempts per batch across endpoints before giving up for this round.
     pub max_attempts: u32,
+    /// Makes the channel to an endpoint; `None`: lazy TCP. A simulation passes its
+    /// own network here.
+    pub connector: Option<Connector>,
+    /// The client id request ids are scoped to; `None`: one per incarnation (from
+    /// the process id and the time). A simulation fixes it to replay exactly.
+    pub client_id: Option<String>,
+}
+
+/// Makes a channel to `host:port`.
+#[derive(Clone)]
+pub struct Connector(pub std::sync::Arc<dyn Fn(&str) -> Channel + Send + Sync>);
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connector")
+    }
 }
 
 /// A connection to the cluster, shared by a gateway's refill task.
@@ -55,7 +71,9 @@ impl Cluster {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let client_id = format!("{}:{:x}-{:x}", config.principal, std::process::id(), incarnation);
+        let client_id = config.client_id.clone().unwrap_or_else(|| {
+            format!("{}:{:x}-{:x}", config.principal, std::process::id(), incarnation)
+        });
         let channels = config.endpoints.iter().map(|_| Mutex::new(None)).collect();
         Ok(Self {
             config,
@@ -83,6 +101,11 @@ impl Cluster {
         let mut slot = self.channels[i].lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = slot.as_ref() {
             return c.clone();
+        }
+        if let Some(connect) = &self.config.connector {
+            let c = (connect.0)(&self.config.endpoints[i]);
+            *slot = Some(c.clone());
+            return c;
         }
         let c = Endpoint::from_shared(format!("http://{}", self.config.endpoints[i]))
             .expect("checked in new")

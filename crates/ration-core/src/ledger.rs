@@ -810,8 +810,19 @@ impl Ledger {
                 let l = &self.leases[&id];
                 l.granted.saturating_sub(l.reported)
             };
-            let (lease, balances) = self.detach(id, charge);
-            let flow = Flow { charged: charge, ..Flow::default() };
+            #[cfg(not(feature = "planted-bug-expiry-refunds"))]
+            let (lease, balances, flow) = {
+                let (lease, balances) = self.detach(id, charge);
+                (lease, balances, Flow { charged: charge, ..Flow::default() })
+            };
+            // PLANTED BUG (feature `planted-bug-expiry-refunds` only, for the
+            // simulation to catch): the unsettled allowance goes back to the pool
+            // instead of being charged, so a gateway still spending it overshoots.
+            #[cfg(feature = "planted-bug-expiry-refunds")]
+            let (lease, balances, flow) = {
+                let (lease, balances) = self.detach(id, 0);
+                (lease, balances, Flow { returned: charge, ..Flow::default() })
+            };
             // The spend belongs to the last instant the lease was valid.
             let effective = expires_at_ms.saturating_sub(1);
             let about = About {

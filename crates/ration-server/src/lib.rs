@@ -154,7 +154,6 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Node
 
 /// [`start`] with the transport and the clock injected: `incoming` yields accepted
 /// connections, `channels` makes client channels to peers, `clock` stamps entries.
-/// A deterministic simulation passes its own network and time here.
 pub async fn start_with<I, IO, IE>(
     config: Config,
     incoming: I,
@@ -172,10 +171,49 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     config.validate()?;
-    let addr = config.advertise_addr();
     let (log, sm) = open_storage(&config).await?;
     let reader = sm.reader();
     let identity = log.identity().context("reading the cluster id")?;
+    let storage = Storage { log, sm, reader, identity };
+    start_with_storage(config, storage, incoming, channels, clock).await
+}
+
+/// A node's storage, opened: the Raft log store, the ledger state machine, a reader
+/// of what it applied, and the cluster identity. Production opens sled on disk
+/// ([`start_with`]); a simulation passes `ration_store::mem` stores.
+#[derive(Debug)]
+pub struct Storage<L, S> {
+    pub log: L,
+    pub sm: S,
+    pub reader: Reader,
+    pub identity: ration_store::ClusterIdentity,
+}
+
+/// [`start_with`] with the storage injected too: everything a deterministic
+/// simulation replaces (network, clock, disk) comes from the caller; the services,
+/// proposer and openraft are the production ones.
+pub async fn start_with_storage<L, S, I, IO, IE>(
+    config: Config,
+    storage: Storage<L, S>,
+    incoming: I,
+    channels: impl Fn(Duration) -> network::ChannelMaker,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<NodeHandle>
+where
+    L: openraft::storage::RaftLogStorage<TypeConfig>,
+    S: openraft::storage::RaftStateMachine<TypeConfig>,
+    I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    config.validate()?;
+    let addr = config.advertise_addr();
+    let Storage { log, sm, reader, identity } = storage;
     let raft_config = openraft::Config {
         cluster_name: "ration".into(),
         heartbeat_interval: config.heartbeat_ms,

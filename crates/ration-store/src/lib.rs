@@ -48,9 +48,12 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = NodeId,
         Node = BasicNode,
+        AsyncRuntime = runtime::RationRuntime,
 );
 
 pub mod backup;
+pub mod mem;
+pub mod runtime;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -59,7 +62,8 @@ pub fn open(dir: &Path, config: LedgerConfig) -> Result<(LogStore, StateMachine)
     std::fs::create_dir_all(dir)?;
     let db = sled::Config::new().path(dir.join("sled")).mode(sled::Mode::HighThroughput).open()?;
     let log = LogStore { log: db.open_tree("log")?, meta: db.open_tree("meta")?, db: db.clone() };
-    let sm = StateMachine::open(db, dir.to_path_buf(), config)?;
+    let audit = AuditStore { backend: AuditBackend::Sled(db.open_tree("audit")?) };
+    let sm = StateMachine::open(Some(db), audit, SnapshotPlace::Dir(dir.to_path_buf()), config)?;
     Ok((log, sm))
 }
 
@@ -126,7 +130,7 @@ impl LogStore {
             None => 0,
         };
         Ok(ClusterIdentity {
-            meta: self.meta.clone(),
+            meta: Some(self.meta.clone()),
             current: Arc::new(std::sync::atomic::AtomicU64::new(id)),
         })
     }
@@ -251,7 +255,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 /// learned (and stored) by the others from the first message that carries it.
 #[derive(Clone, Debug)]
 pub struct ClusterIdentity {
-    meta: sled::Tree,
+    /// Where it is stored; None in memory, where `current` itself is the durable
+    /// copy (shared with the simulated disk).
+    meta: Option<sled::Tree>,
     current: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -273,8 +279,10 @@ impl ClusterIdentity {
             std::sync::atomic::Ordering::Acquire,
         ) {
             Ok(_) => {
-                self.meta.insert(CLUSTER_ID, encode(&id))?;
-                self.meta.flush()?;
+                if let Some(meta) = &self.meta {
+                    meta.insert(CLUSTER_ID, encode(&id))?;
+                    meta.flush()?;
+                }
                 Ok(id)
             }
             Err(held) => Ok(held),
@@ -289,7 +297,14 @@ impl ClusterIdentity {
 /// per apply call instead of one per record.
 #[derive(Clone, Debug)]
 pub struct AuditStore {
-    tree: sled::Tree,
+    backend: AuditBackend,
+}
+
+#[derive(Clone, Debug)]
+enum AuditBackend {
+    Sled(sled::Tree),
+    /// Volatile, like unflushed sled writes: rebuilt from the snapshot and the log.
+    Mem(Arc<std::sync::Mutex<Vec<AuditRecord>>>),
 }
 
 /// Records per chunk when many are written at once (snapshot install).
@@ -300,22 +315,43 @@ impl AuditStore {
         Ok(postcard::from_bytes(value)?)
     }
 
+    fn mem(
+        records: &Arc<std::sync::Mutex<Vec<AuditRecord>>>,
+    ) -> std::sync::MutexGuard<'_, Vec<AuditRecord>> {
+        records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn append(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
+        let tree = match &self.backend {
+            AuditBackend::Sled(tree) => tree,
+            AuditBackend::Mem(m) => {
+                Self::mem(m).extend_from_slice(records);
+                return Ok(());
+            }
+        };
         if let Some(first) = records.first() {
-            self.tree.insert(index_key(first.entry.seq), encode(&records))?;
+            tree.insert(index_key(first.entry.seq), encode(&records))?;
         }
         Ok(())
     }
 
     /// Records from sequence number `from`, in order, at most `limit`.
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
+        let tree = match &self.backend {
+            AuditBackend::Sled(tree) => tree,
+            AuditBackend::Mem(m) => {
+                let held = Self::mem(m);
+                let start = usize::try_from(from).unwrap_or(usize::MAX).min(held.len());
+                return Ok(held.iter().skip(start).take(limit).cloned().collect());
+            }
+        };
         let mut out = Vec::new();
         // The chunk holding `from` starts at or before it.
-        let start = match self.tree.range(..=index_key(from)).next_back() {
+        let start = match tree.range(..=index_key(from)).next_back() {
             Some(item) => item?.0,
             None => sled::IVec::from(&index_key(from)),
         };
-        for item in self.tree.range(start..) {
+        for item in tree.range(start..) {
             let (_, value) = item?;
             for record in Self::decode(&value)? {
                 if record.entry.seq >= from {
@@ -331,35 +367,49 @@ impl AuditStore {
 
     /// Number of records held (they run from 0 without gaps).
     pub fn len(&self) -> Result<u64, ReadError> {
-        match self.tree.last()? {
+        let tree = match &self.backend {
+            AuditBackend::Sled(tree) => tree,
+            AuditBackend::Mem(m) => return Ok(Self::mem(m).len() as u64),
+        };
+        match tree.last()? {
             Some((_, value)) => Ok(Self::decode(&value)?.last().map_or(0, |r| r.entry.seq + 1)),
             None => Ok(0),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.len().map_or(true, |n| n == 0)
     }
 
     /// Drops every record from sequence number `seq` on.
     fn truncate_from(&self, seq: u64) -> Result<(), ReadError> {
-        if let Some(item) = self.tree.range(..index_key(seq)).next_back() {
+        let tree = match &self.backend {
+            AuditBackend::Sled(tree) => tree,
+            AuditBackend::Mem(m) => {
+                Self::mem(m).truncate(usize::try_from(seq).unwrap_or(usize::MAX));
+                return Ok(());
+            }
+        };
+        if let Some(item) = tree.range(..index_key(seq)).next_back() {
             let (key, value) = item?;
             let records = Self::decode(&value)?;
             if records.last().is_some_and(|r| r.entry.seq >= seq) {
                 let kept: Vec<AuditRecord> =
                     records.into_iter().filter(|r| r.entry.seq < seq).collect();
-                self.tree.insert(key, encode(&kept))?;
+                tree.insert(key, encode(&kept))?;
             }
         }
-        for key in self.tree.range(index_key(seq)..).keys() {
-            self.tree.remove(key?)?;
+        for key in tree.range(index_key(seq)..).keys() {
+            tree.remove(key?)?;
         }
         Ok(())
     }
 
     fn replace_all(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
-        self.tree.clear()?;
+        match &self.backend {
+            AuditBackend::Sled(tree) => tree.clear()?,
+            AuditBackend::Mem(m) => Self::mem(m).clear(),
+        }
         for chunk in records.chunks(AUDIT_CHUNK) {
             self.append(chunk)?;
         }
@@ -409,9 +459,17 @@ pub enum ReadError {
 #[derive(Debug)]
 pub struct StateMachine {
     state: Arc<RwLock<AppliedState>>,
-    db: sled::Db,
+    /// Flushed before a snapshot is written (None in memory).
+    db: Option<sled::Db>,
     audit: AuditStore,
-    dir: PathBuf,
+    snapshots: SnapshotPlace,
+}
+
+/// Where the current snapshot is kept: a file, or a simulated disk.
+#[derive(Clone, Debug)]
+enum SnapshotPlace {
+    Dir(PathBuf),
+    Mem(mem::MemDisk),
 }
 
 /// A snapshot's content: the ledger and the audit records up to its chain head.
@@ -433,11 +491,15 @@ struct SnapshotFile {
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 impl StateMachine {
-    fn open(db: sled::Db, dir: PathBuf, config: LedgerConfig) -> Result<Self, OpenError> {
-        let audit = AuditStore { tree: db.open_tree("audit")? };
-        let path = dir.join(SNAPSHOT_FILE);
+    fn open(
+        db: Option<sled::Db>,
+        audit: AuditStore,
+        snapshots: SnapshotPlace,
+        config: LedgerConfig,
+    ) -> Result<Self, OpenError> {
+        let path = snapshots.path();
         let mut from_snapshot = Vec::new();
-        let state = match read_snapshot_file(&path)? {
+        let state = match snapshots.read()? {
             Some(file) => {
                 let (state, records) = decode_body(&file.data)
                     .map_err(|reason| OpenError::Snapshot { path: path.clone(), reason })?;
@@ -463,9 +525,11 @@ impl StateMachine {
             .map_err(|e| OpenError::Snapshot { path: path.clone(), reason: e.to_string() })?;
         if held < head {
             audit.replace_all(&from_snapshot)?;
-            db.flush()?;
+            if let Some(db) = &db {
+                db.flush()?;
+            }
         }
-        Ok(Self { state: Arc::new(RwLock::new(state)), db, audit, dir })
+        Ok(Self { state: Arc::new(RwLock::new(state)), db, audit, snapshots })
     }
 
     pub fn reader(&self) -> Reader {
@@ -484,14 +548,54 @@ impl StateMachine {
         Ok(records)
     }
 
-    /// Writes the snapshot file durably: temp file, fsync, rename, fsync the directory.
+    /// Flushes the audit records written so far (a no-op in memory).
+    async fn flush_audit(&self) -> Result<(), sled::Error> {
+        match &self.db {
+            Some(db) => db.flush_async().await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl SnapshotPlace {
+    fn path(&self) -> PathBuf {
+        match self {
+            SnapshotPlace::Dir(dir) => dir.join(SNAPSHOT_FILE),
+            SnapshotPlace::Mem(_) => PathBuf::from("<memory>"),
+        }
+    }
+
+    fn read(&self) -> Result<Option<SnapshotFile>, OpenError> {
+        match self {
+            SnapshotPlace::Dir(dir) => read_snapshot_file(&dir.join(SNAPSHOT_FILE)),
+            SnapshotPlace::Mem(disk) => disk
+                .snapshot()
+                .map(|bytes| {
+                    postcard::from_bytes(&bytes).map_err(|e| OpenError::Snapshot {
+                        path: self.path(),
+                        reason: e.to_string(),
+                    })
+                })
+                .transpose(),
+        }
+    }
+
+    /// Writes the snapshot durably: temp file, fsync, rename, fsync the directory
+    /// (in memory: straight to the simulated disk, which is durable).
     fn persist(&self, file: &SnapshotFile) -> std::io::Result<()> {
-        let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        let dir = match self {
+            SnapshotPlace::Dir(dir) => dir,
+            SnapshotPlace::Mem(disk) => {
+                disk.set_snapshot(encode(file));
+                return Ok(());
+            }
+        };
+        let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&encode(file))?;
         f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE))?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+        std::fs::File::open(dir)?.sync_all()
     }
 }
 
@@ -549,9 +653,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             snapshot_id: snapshot_id(last_applied),
         };
         // The audit records the snapshot covers must be durable before it is.
-        self.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.flush_audit().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let file = SnapshotFile { meta: meta.clone(), data };
-        self.persist(&file)
+        self.snapshots
+            .persist(&file)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
     }
@@ -603,7 +708,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             state: self.state.clone(),
             db: self.db.clone(),
             audit: self.audit.clone(),
-            dir: self.dir.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
 
@@ -629,14 +734,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             )
         };
         self.audit.replace_all(&records).map_err(|e| write_err(&e))?;
-        self.db.flush_async().await.map_err(|e| write_err(&e))?;
-        self.persist(&SnapshotFile { meta: meta.clone(), data }).map_err(|e| write_err(&e))?;
+        self.flush_audit().await.map_err(|e| write_err(&e))?;
+        self.snapshots
+            .persist(&SnapshotFile { meta: meta.clone(), data })
+            .map_err(|e| write_err(&e))?;
         *self.write_state() = state;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let file = read_snapshot_file(&self.dir.join(SNAPSHOT_FILE)).map_err(|e| {
+        let file = self.snapshots.read().map_err(|e| {
             StorageIOError::read_snapshot(None, &std::io::Error::other(e.to_string()))
         })?;
         Ok(file.map(|f| Snapshot { meta: f.meta, snapshot: Box::new(Cursor::new(f.data)) }))

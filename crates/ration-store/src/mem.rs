@@ -1,0 +1,238 @@
+//! An in-memory node store for deterministic simulation, behind the same openraft
+//! traits as the sled store, with an explicit durable/volatile split.
+//!
+//! A [`MemDisk`] is what survives a crash: it lives outside the simulated host and
+//! holds only what the store has flushed. A [`MemLogStore`] keeps its working copy
+//! (the "page cache") in the host; writes land there, and a flush, which takes a
+//! simulated `fsync_delay`, copies them to the disk. A crash drops the working copy
+//! and whatever had not been flushed, exactly what a real crash loses. The state
+//! machine is the production [`StateMachine`] with its audit records in memory
+//! (volatile, rebuilt from the snapshot and log) and its snapshot on the disk
+//! (durable once written, as the file is after fsync and rename).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, Vote};
+use ration_core::LedgerConfig;
+
+use crate::{
+    AuditBackend, AuditStore, ClusterIdentity, NodeId, OpenError, SnapshotPlace, StateMachine,
+    TypeConfig,
+};
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+/// The log, vote and purge point as stored.
+#[derive(Clone, Debug, Default)]
+struct LogImage {
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    last_purged: Option<LogId<NodeId>>,
+    log: BTreeMap<u64, Entry<TypeConfig>>,
+}
+
+#[derive(Debug, Default)]
+struct Disk {
+    image: LogImage,
+    snapshot: Option<Vec<u8>>,
+    flushes: u64,
+}
+
+/// A simulated disk: what a node flushed, surviving its crashes.
+#[derive(Clone, Debug, Default)]
+pub struct MemDisk {
+    disk: Arc<Mutex<Disk>>,
+    cluster_id: Arc<AtomicU64>,
+}
+
+impl MemDisk {
+    fn lock(&self) -> MutexGuard<'_, Disk> {
+        self.disk.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn snapshot(&self) -> Option<Vec<u8>> {
+        self.lock().snapshot.clone()
+    }
+
+    pub(crate) fn set_snapshot(&self, bytes: Vec<u8>) {
+        self.lock().snapshot = Some(bytes);
+    }
+
+    /// Flushes completed so far.
+    pub fn flushes(&self) -> u64 {
+        self.lock().flushes
+    }
+
+    /// Indexes of the log entries on disk.
+    pub fn durable_log_indexes(&self) -> Vec<u64> {
+        self.lock().image.log.keys().copied().collect()
+    }
+
+    /// Opens a node on this disk: a log store whose working copy starts from what
+    /// was flushed, the state machine, and the cluster identity.
+    pub fn open(
+        &self,
+        fsync_delay: Duration,
+        config: LedgerConfig,
+    ) -> Result<(MemLogStore, StateMachine, ClusterIdentity), OpenError> {
+        let image = self.lock().image.clone();
+        let log =
+            MemLogStore { disk: self.clone(), cache: Arc::new(Mutex::new(image)), fsync_delay };
+        let audit = AuditStore { backend: AuditBackend::Mem(Arc::default()) };
+        let sm = StateMachine::open(None, audit, SnapshotPlace::Mem(self.clone()), config)?;
+        let identity = ClusterIdentity { meta: None, current: self.cluster_id.clone() };
+        Ok((log, sm, identity))
+    }
+}
+
+/// The in-memory Raft log store (see the module docs).
+#[derive(Clone, Debug)]
+pub struct MemLogStore {
+    disk: MemDisk,
+    cache: Arc<Mutex<LogImage>>,
+    fsync_delay: Duration,
+}
+
+impl MemLogStore {
+    fn cache(&self) -> MutexGuard<'_, LogImage> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the working copy durable after the simulated fsync time. A crash
+    /// during the wait (the task is dropped with its host) loses the writes.
+    async fn flush(&self) {
+        tokio::time::sleep(self.fsync_delay).await;
+        let image = self.cache().clone();
+        let mut disk = self.disk.lock();
+        disk.image = image;
+        disk.flushes += 1;
+    }
+}
+
+impl RaftLogReader<TypeConfig> for MemLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        Ok(self.cache().log.range(range).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for MemLogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let c = self.cache();
+        let last = c.log.values().next_back().map(|e| e.log_id).or(c.last_purged);
+        Ok(LogState { last_purged_log_id: c.last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.cache().vote = Some(*vote);
+        self.flush().await;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        Ok(self.cache().vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        // As in the sled store: not flushed on its own.
+        self.cache().committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self.cache().committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        {
+            let mut c = self.cache();
+            for entry in entries {
+                c.log.insert(entry.log_id.index, entry);
+            }
+        }
+        if cfg!(feature = "planted-bug-ack-before-flush") {
+            // PLANTED BUG (feature `planted-bug-ack-before-flush` only): acknowledged
+            // before it is durable, so a crash can lose an acknowledged entry.
+            callback.log_io_completed(Ok(()));
+            self.flush().await;
+        } else {
+            self.flush().await;
+            callback.log_io_completed(Ok(()));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.cache().log.split_off(&log_id.index);
+        self.flush().await;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        {
+            let mut c = self.cache();
+            c.last_purged = Some(log_id);
+            let kept = c.log.split_off(&(log_id.index + 1));
+            c.log = kept;
+        }
+        self.flush().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, MemLogStore, StateMachine, ()> for Builder {
+        async fn build(&self) -> Result<((), MemLogStore, StateMachine), StorageError<NodeId>> {
+            let (log, sm, _) =
+                MemDisk::default().open(Duration::ZERO, LedgerConfig::default()).map_err(|e| {
+                    openraft::StorageIOError::read(&std::io::Error::other(e.to_string()))
+                })?;
+            Ok(((), log, sm))
+        }
+    }
+
+    #[test]
+    fn passes_the_openraft_storage_suite() {
+        Suite::test_all(Builder).expect("openraft's storage suite passes");
+    }
+
+    #[tokio::test]
+    async fn a_crash_loses_only_what_was_not_flushed() {
+        let disk = MemDisk::default();
+        let (mut log, _, _) = disk.open(Duration::from_millis(5), LedgerConfig::default()).unwrap();
+        let vote = Vote::new(3, 1);
+        log.save_vote(&vote).await.unwrap();
+        // An unflushed committed id and a write still in the working copy.
+        log.save_committed(Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 9)))
+            .await
+            .unwrap();
+        let (mut reopened, _, _) = disk.open(Duration::ZERO, LedgerConfig::default()).unwrap();
+        assert_eq!(reopened.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(reopened.read_committed().await.unwrap(), None);
+        assert!(disk.flushes() >= 1);
+    }
+}
