@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use ration_proto::v1::batch_op::Op;
 use ration_proto::v1::batch_result::Result as R;
-use ration_proto::v1::ledger_client::LedgerClient;
 use ration_proto::v1::{self, BatchOp};
 
 use crate::local::{Allowance, CoarseClock, LocalClock};
@@ -337,19 +336,8 @@ impl Sdk {
     /// Reads the budget's policy for this unit (fail closed unless it declares a
     /// static allowance); unknown until the cluster answers, which means fail closed.
     async fn learn_policy(&self, key: &(String, String)) {
-        let Some(endpoint) = self.config.cluster.endpoints.first() else { return };
-        let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}")) else {
-            return;
-        };
-        let channel = ep.timeout(self.config.cluster.rpc_timeout).connect_lazy();
-        let Ok(budget) = LedgerClient::new(channel)
-            .get_budget(v1::GetBudgetRequest { path: key.0.clone(), linearizable: false })
-            .await
-        else {
-            return;
-        };
+        let Some(budget) = self.cluster.get_budget(&key.0).await else { return };
         let policy = budget
-            .into_inner()
             .limits
             .iter()
             .filter_map(|l| l.limit.as_ref())

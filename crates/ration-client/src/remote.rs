@@ -153,6 +153,23 @@ impl Cluster {
         Err(ClusterError::Unreachable { attempts: self.config.max_attempts, last })
     }
 
+    /// Reads a budget from the first endpoint that answers (this node's applied
+    /// state, not linearizable); None if none answers or it does not exist.
+    pub async fn get_budget(&self, path: &str) -> Option<v1::Budget> {
+        let n = self.config.endpoints.len();
+        let start = self.preferred.load(Ordering::Relaxed);
+        for k in 0..n {
+            let i = (start + k) % n;
+            let request = v1::GetBudgetRequest { path: path.to_owned(), linearizable: false };
+            match LedgerClient::new(self.channel(i)).get_budget(request).await {
+                Ok(budget) => return Some(budget.into_inner()),
+                Err(s) if s.code() == tonic::Code::NotFound => return None,
+                Err(_) => self.drop_channel(i),
+            }
+        }
+        None
+    }
+
     /// Asks the endpoints who leads, and prefers that endpoint from now on.
     pub async fn discover_leader(&self) {
         for i in 0..self.config.endpoints.len() {
