@@ -85,6 +85,9 @@ pub struct Report {
     /// A hash of everything observable: equal for equal seeds.
     pub trace: u64,
     pub sim_ms: u64,
+    /// The highest snapshot index on any node at the end (snapshots and log purges
+    /// happened when it is above 0).
+    pub snapshot_index: u64,
 }
 
 /// A failed run: what broke, and how to replay it.
@@ -146,8 +149,8 @@ fn node_config(id: u64, voters: u64) -> Config {
         election_timeout_max_ms: 1200,
         rpc_timeout_ms: 700,
         // Snapshots and log purges happen often, so catch-up by snapshot is exercised.
-        snapshot_after_entries: 150,
-        keep_log_after_snapshot: 40,
+        snapshot_after_entries: 40,
+        keep_log_after_snapshot: 10,
         metrics_listen: "off".into(),
         batch_wait_us: 2000,
         ..Config::default()
@@ -404,6 +407,19 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
                     ttl_ms: 2_000,
                 };
                 let mut answered = false;
+                if prng.gen_bool(0.2) {
+                    // A duplicate of the same request to another node, unawaited: the
+                    // ledger must execute it once whichever copy lands first.
+                    let at = endpoints[prng.gen_range(0..endpoints.len())].clone();
+                    let dup = req.clone();
+                    tokio::spawn(async move {
+                        let mut c = v1::ledger_client::LedgerClient::new(net::channel(
+                            &at,
+                            Duration::from_millis(700),
+                        ));
+                        let _ = c.acquire(dup).await;
+                    });
+                }
                 for _attempt in 0..8 {
                     let at = &endpoints[prng.gen_range(0..endpoints.len())];
                     let mut client = v1::ledger_client::LedgerClient::new(net::channel(
@@ -674,7 +690,12 @@ fn inject(
             vec![host(id)]
         }
         Fault::SlowLinks => {
-            sim.set_max_message_latency(Duration::from_millis(rng.gen_range(20..120)));
+            // Sometimes slower than the RPC deadline (700 ms): calls time out while
+            // their messages are still in flight, are retried, and both copies
+            // arrive, out of order: duplication and reordering on both paths.
+            let max =
+                if rng.gen_bool(0.3) { rng.gen_range(700..1500) } else { rng.gen_range(20..120) };
+            sim.set_max_message_latency(Duration::from_millis(max));
             vec![]
         }
         Fault::TransferLeader | Fault::AddSpare | Fault::RemoveSpare => {
@@ -863,6 +884,7 @@ fn applied(shared: &Shared) -> Vec<String> {
 /// include consumed + outstanding <= cap for every limit, and conservation), and at
 /// most one leader per term.
 fn check_running(shared: &Shared, leaders: &mut BTreeMap<u64, u64>) -> Result<(), String> {
+    let mut digests: BTreeMap<u64, (u64, [u8; 32])> = BTreeMap::new();
     for (id, node) in nodes(shared) {
         let m = node.raft.metrics().borrow().clone();
         if m.state == ServerState::Leader {
@@ -872,11 +894,23 @@ fn check_running(shared: &Shared, leaders: &mut BTreeMap<u64, u64>) -> Result<()
                 }
             }
         }
-        node.reader
-            .state()
+        let state = node.reader.state();
+        state
             .ledger
             .check_invariants()
             .map_err(|e| format!("node {id}: ledger invariant broken: {e}"))?;
+        // Replicas at the same applied index hold the same state.
+        let at = state.last_applied.map_or(0, |l| l.index);
+        let digest = state.ledger.digest();
+        drop(state);
+        match digests.get(&at) {
+            Some((other, d)) if *d != digest => {
+                return Err(format!("nodes {other} and {id} differ at applied index {at}"));
+            }
+            _ => {
+                digests.insert(at, (id, digest));
+            }
+        }
     }
     Ok(())
 }
@@ -954,6 +988,11 @@ fn check_final(
         }
     }
     let (applied, _, audit) = reference.ok_or("no member is running")?;
+    report.snapshot_index = all
+        .iter()
+        .filter_map(|(_, n)| n.raft.metrics().borrow().snapshot.map(|s| s.index))
+        .max()
+        .unwrap_or(0);
     report.applied_index = applied;
     report.audit_records = audit;
 

@@ -12,6 +12,7 @@ fn many_seeds_keep_every_invariant() {
     let started = std::time::Instant::now();
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let (mut admitted, mut cap, mut crashes, mut unknown, mut grants) = (0, 0, 0, 0, 0);
+    let mut snapshotted = 0;
     let mut failures = Vec::new();
     let n = seeds.end - seeds.start;
     for seed in seeds {
@@ -20,9 +21,11 @@ fn many_seeds_keep_every_invariant() {
             Ok(r) => {
                 if std::env::var_os("RATION_SIM_VERBOSE").is_some() {
                     eprintln!(
-                        "seed {seed}: {:.1?} wall, {} ms simulated, {:?}",
+                        "seed {seed}: {:.1?} wall, {} ms simulated, applied {}, snapshot at {}, {:?}",
                         t0.elapsed(),
                         r.sim_ms,
+                        r.applied_index,
+                        r.snapshot_index,
                         r.faults
                     );
                 }
@@ -34,6 +37,7 @@ fn many_seeds_keep_every_invariant() {
                 crashes += r.crashes;
                 unknown += r.probes_unknown;
                 grants += r.probe_grants;
+                snapshotted += u64::from(r.snapshot_index > 0);
             }
             Err(f) => {
                 eprintln!("{f}");
@@ -42,7 +46,7 @@ fn many_seeds_keep_every_invariant() {
         }
     }
     eprintln!(
-        "{n} seeds in {:.1?}: faults {faults:?}; gateways admitted {admitted} of {cap} cap in total; {crashes} crashes; probe grants {grants}, unknown outcomes {unknown}",
+        "{n} seeds in {:.1?}: faults {faults:?}; gateways admitted {admitted} of {cap} cap in total; {crashes} crashes; probe grants {grants}, unknown outcomes {unknown}; runs with snapshots: {snapshotted}",
         started.elapsed()
     );
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
@@ -52,6 +56,7 @@ fn many_seeds_keep_every_invariant() {
         admitted * 10 >= cap * 7,
         "gateways spent only {admitted} of {cap}: the cap was not approached"
     );
+    assert!(snapshotted * 2 >= n, "snapshots happened in only {snapshotted} of {n} runs");
 }
 
 #[test]
