@@ -102,8 +102,11 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} failed at {} ms of simulated time: {}\nreplay: RATION_SIM_SEED={} cargo test --release -p ration-sim --test sim replay -- --ignored --nocapture",
-            self.seed, self.at_ms, self.what, self.seed
+            "seed {} failed at {} ms of simulated time: {}\nreplay: {}",
+            self.seed,
+            self.at_ms,
+            self.what,
+            replay_command(self.seed)
         )
     }
 }
@@ -214,6 +217,25 @@ fn err(seed: u64, at_ms: u64, what: impl Into<String>) -> Failure {
     Failure { seed, what: what.into(), at_ms }
 }
 
+/// The command that runs `seed` again, with the features this build has.
+pub fn replay_command(seed: u64) -> String {
+    let mut features = Vec::new();
+    if cfg!(feature = "planted-bug-ack-before-flush") {
+        features.push("planted-bug-ack-before-flush");
+    }
+    if cfg!(feature = "planted-bug-expiry-refunds") {
+        features.push("planted-bug-expiry-refunds");
+    }
+    let features = if features.is_empty() {
+        String::new()
+    } else {
+        format!(" --features {}", features.join(","))
+    };
+    format!(
+        "RATION_SIM_SEED={seed} cargo test -p ration-sim{features} --test sim replay -- --ignored --nocapture"
+    )
+}
+
 thread_local! {
     static RUNNING_SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
@@ -230,7 +252,8 @@ fn install_panic_hook() {
             if let Some(seed) = RUNNING_SEED.with(|s| s.get()) {
                 RUNNING_SEED.with(|s| s.set(None));
                 eprintln!(
-                    "\nseed {seed} panicked in the simulation (the process may abort now)\nreplay: RATION_SIM_SEED={seed} cargo test --release -p ration-sim --test sim replay -- --ignored --nocapture\n"
+                    "\nseed {seed} panicked in the simulation (the process may abort now)\nreplay: {}\n",
+                    replay_command(seed)
                 );
             }
         }));

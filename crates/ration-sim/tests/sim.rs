@@ -70,7 +70,7 @@ fn a_seed_replays_exactly() {
     }
 }
 
-/// `RATION_SIM_SEED=<n> cargo test --release -p ration-sim --test sim replay -- --ignored --nocapture`
+/// `RATION_SIM_SEED=<n> cargo test -p ration-sim --test sim replay -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn replay() {
