@@ -4,139 +4,28 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::collections::{BTreeMap, BTreeSet};
+mod support;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ration_proto::v1::cluster_client::ClusterClient;
 use ration_proto::v1::ledger_client::LedgerClient;
 use ration_proto::v1::{self, Period};
-use tonic::transport::Channel;
+use support::{
+    audit_lease_ids, channel, converged, free_addrs, initial_cluster, leader, meta, until_answered,
+    Proc,
+};
 
 const CAP: i64 = 40_000;
-
-struct Proc {
-    id: u64,
-    addr: SocketAddr,
-    dir: PathBuf,
-    cluster: String,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.with_extension(format!("log{}", rand_suffix())))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rationd"))
-            .args(["--node-id", &self.id.to_string(), "--listen", &self.addr.to_string()])
-            .args(["--data-dir", self.dir.to_str().unwrap(), "--initial-cluster", &self.cluster])
-            .args(["--tick-ms", "200", "--snapshot-after-entries", "300"])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .env("RATION_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap(); // SIGKILL
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-}
-
-/// `n` distinct free loopback addresses: all listeners stay bound until every port
-/// is chosen, so the kernel cannot hand the same one out twice.
-fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<_> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap()).collect()
-}
 
 /// The tests here start processes on ports they chose and then released; run them
 /// one at a time so two clusters can never end up on the same port.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn channel(addr: SocketAddr) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .timeout(Duration::from_secs(3))
-        .connect_timeout(Duration::from_secs(1))
-        .connect_lazy()
-}
-
-async fn status(addr: SocketAddr) -> Option<v1::StatusReply> {
-    ClusterClient::new(channel(addr))
-        .status(v1::StatusRequest { digest: true })
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
-async fn leader(addrs: &[SocketAddr]) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        for a in addrs {
-            if let Some(s) = status(*a).await {
-                if s.role == "leader" {
-                    return s.id;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no leader within 30 s");
-}
-
-fn meta(client: &str, request_id: u64) -> Option<v1::RequestMeta> {
-    Some(v1::RequestMeta { client_id: client.into(), request_id, principal: "gw-chaos".into() })
-}
-
-/// Sends a request until it gets a definite answer, rotating through the nodes and
-/// keeping its request id: exactly-once makes every retry safe.
-macro_rules! until_answered {
-    ($addrs:expr, $method:ident, $req:expr) => {{
-        let mut attempt = 0usize;
-        loop {
-            let addr = $addrs[attempt % $addrs.len()];
-            match LedgerClient::new(channel(addr)).$method($req.clone()).await {
-                Ok(r) => break Ok(r.into_inner()),
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::Unknown
-                            | tonic::Code::Cancelled
-                            | tonic::Code::DeadlineExceeded
-                            | tonic::Code::Internal
-                    ) =>
-                {
-                    attempt += 1;
-                    assert!(attempt < 400, "no answer after {attempt} attempts: {s}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(s) => break Err(s),
-            }
-        }
-    }};
-}
 
 #[derive(Default)]
 struct Acked {
@@ -187,49 +76,6 @@ async fn writer(addrs: Vec<SocketAddr>, stop: Arc<AtomicBool>, acked: Arc<Mutex<
     }
 }
 
-async fn converged(addrs: &[SocketAddr]) -> Vec<v1::StatusReply> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let mut all = Vec::new();
-        for a in addrs {
-            if let Some(s) = status(*a).await {
-                all.push(s);
-            }
-        }
-        if all.len() == addrs.len()
-            && all.iter().all(|s| {
-                s.applied_index == all[0].applied_index && s.state_digest == all[0].state_digest
-            })
-        {
-            return all;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("nodes did not converge within 60 s");
-}
-
-async fn audit_lease_ids(addr: SocketAddr, kind: &str) -> BTreeSet<u64> {
-    let mut ids = BTreeSet::new();
-    let mut from = 0;
-    loop {
-        let page = LedgerClient::new(channel(addr))
-            .query_audit(v1::QueryAuditRequest {
-                kinds: vec![kind.into()],
-                from_seq: from,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if page.records.is_empty() {
-            return ids;
-        }
-        ids.extend(page.records.iter().map(|r| r.lease_id));
-        from = page.next_seq;
-    }
-}
-
 fn dirs(root: &Path, n: u64) -> Vec<PathBuf> {
     (1..=n).map(|i| root.join(format!("node-{i}"))).collect()
 }
@@ -239,22 +85,11 @@ async fn acknowledged_writes_survive_kill_9_of_a_follower_and_the_leader() {
     let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().unwrap();
     let addrs = free_addrs(3);
-    let cluster = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let cluster = initial_cluster(&addrs);
     let mut procs: Vec<Proc> = dirs(root.path(), 3)
         .into_iter()
         .enumerate()
-        .map(|(i, dir)| Proc {
-            id: i as u64 + 1,
-            addr: addrs[i],
-            dir,
-            cluster: cluster.clone(),
-            child: None,
-        })
+        .map(|(i, dir)| Proc::new(i as u64 + 1, addrs[i], dir, cluster.clone()))
         .collect();
     for p in &mut procs {
         p.spawn();
@@ -294,7 +129,7 @@ async fn acknowledged_writes_survive_kill_9_of_a_follower_and_the_leader() {
     stop.store(true, Ordering::Relaxed);
     writing.await.unwrap();
 
-    let statuses = converged(&addrs).await;
+    let statuses = converged(&addrs, Duration::from_secs(60)).await;
     let acked = std::mem::take(&mut *acked.lock().unwrap());
     assert!(
         acked.granted.len() > 50,
@@ -351,13 +186,7 @@ async fn sigterm_shuts_down_gracefully_and_state_survives() {
     let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().unwrap();
     let addr = free_addrs(1)[0];
-    let mut p = Proc {
-        id: 1,
-        addr,
-        dir: root.path().join("node-1"),
-        cluster: format!("1={addr}"),
-        child: None,
-    };
+    let mut p = Proc::new(1, addr, root.path().join("node-1"), format!("1={addr}"));
     p.spawn();
     leader(&[addr]).await;
     let req = v1::CreateBudgetRequest {
