@@ -32,6 +32,16 @@ fn main() -> anyhow::Result<()> {
         tracer
     };
     tracing_subscriber::registry().with(layers).init();
+    // A panic on any thread (say, the state machine's worker) would otherwise leave
+    // a process that answers every write with "outcome unknown" and never restarts.
+    // A replica that cannot apply must stop, so its supervisor restarts it and it
+    // recovers from its log.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!("panic: {info}; exiting so the node restarts from its log");
+        std::process::exit(101);
+    }));
     let result = runtime.block_on(ration_server::run(config, shutdown_signal()));
     #[cfg(feature = "otel")]
     if let Some(tracer) = tracer {
