@@ -1101,6 +1101,8 @@ impl Ledger {
     ) -> Vec<BudgetView> {
         use std::ops::Bound;
         let lower = match (start_after, subtree) {
+            // A page token before the subtree: start at the subtree.
+            (Some(after), Some(s)) if after < s => Bound::Included(s.clone()),
             (Some(after), _) => Bound::Excluded(after.clone()),
             (None, Some(s)) => Bound::Included(s.clone()),
             (None, None) => Bound::Unbounded,
@@ -1177,6 +1179,9 @@ impl Ledger {
     /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, and checks it.
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let SnapshotFormat::V1(mut ledger) = postcard::from_bytes::<SnapshotFormat<Ledger>>(bytes)?;
+        if ledger.chain_head().next_seq >= 1 << 62 {
+            return Err(SnapshotError::Inconsistent("the audit sequence is exhausted".into()));
+        }
         ledger.rebuild().map_err(SnapshotError::Inconsistent)?;
         ledger.check_invariants().map_err(SnapshotError::Inconsistent)?;
         Ok(ledger)
@@ -1205,10 +1210,22 @@ impl Ledger {
             }
         }
         for id in &ids {
-            if let Some(p) = self.budgets[id].parent {
-                let parent =
-                    self.budgets.get_mut(&p).ok_or(format!("budget {id} has a missing parent"))?;
-                parent.children = parent.children.saturating_add(1);
+            let path = self.budgets[id].path.clone();
+            match (self.budgets[id].parent, path.parent()) {
+                (Some(p), Some(parent_path)) => {
+                    let parent = self
+                        .budgets
+                        .get_mut(&p)
+                        .ok_or(format!("budget {path} has a missing parent"))?;
+                    // Each parent's path is its child's minus the last segment: so the
+                    // parent links can form no cycle.
+                    if parent.path != parent_path {
+                        return Err(format!("budget {path} names {} as its parent", parent.path));
+                    }
+                    parent.children = parent.children.saturating_add(1);
+                }
+                (None, None) => {}
+                _ => return Err(format!("budget {path} has the wrong kind of parent link")),
             }
         }
         self.expiry.clear();
@@ -1217,10 +1234,19 @@ impl Ledger {
         for (id, lease) in &leases {
             self.expiry.insert((lease.expires_at_ms, *id));
             for c in &lease.counters {
-                if let Some(counter) = self.counter_mut(*c) {
-                    let n = counter.holders.entry(lease.principal.clone()).or_insert(0);
-                    *n = n.saturating_add(1);
+                // A counter may be gone (its limit was replaced by an update), but
+                // not its budget: budgets with live leases below them stay.
+                if !self.budgets.contains_key(&c.budget) {
+                    return Err(format!("lease {id} draws on a budget that does not exist"));
                 }
+                let Some(counter) = self.counter_mut(*c) else { continue };
+                // Leases never outlive the window they draw on (a window must close
+                // with nothing outstanding).
+                if lease.expires_at_ms > counter.window_end_ms {
+                    return Err(format!("lease {id} outlives the window of a limit it draws on"));
+                }
+                let n = counter.holders.entry(lease.principal.clone()).or_insert(0);
+                *n = n.saturating_add(1);
             }
             if self.budgets.get(&lease.budget).is_none_or(|b| b.path != lease.path) {
                 return Err(format!("lease {id} names a budget path that does not match"));
