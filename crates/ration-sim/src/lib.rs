@@ -28,7 +28,7 @@ use ration_proto::v1;
 use ration_server::{Config, Node, NodeHandle, Storage};
 use ration_store::mem::MemDisk;
 
-/// The simulation's wall clock starts here (2026-11-28T00:00:00Z), so runs are
+/// The simulation's wall clock starts here (2025-11-28T00:00:00Z), so runs are
 /// reproducible to the millisecond.
 const EPOCH_MS: u64 = 1_764_288_000_000;
 const ROOT: &str = "org";
