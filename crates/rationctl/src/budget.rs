@@ -238,16 +238,7 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
             let _: v1::BudgetChanged = match current {
                 None => {
                     let req = v1::CreateBudgetRequest { meta, path: path.clone(), limits };
-                    ctx.first(|e| {
-                        let req = req.clone();
-                        async move {
-                            let mut c = ctx
-                                .ledger(&e)
-                                .map_err(|x| tonic::Status::unavailable(x.to_string()))?;
-                            Ok(c.create_budget(req).await?.into_inner())
-                        }
-                    })
-                    .await?
+                    ctx.on_ledger(&req, |mut c, r| async move { c.create_budget(r).await }).await?
                 }
                 Some(b) => {
                     let req = v1::UpdateBudgetRequest {
@@ -256,16 +247,7 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
                         limits,
                         expected_version: expected_version.unwrap_or(b.version),
                     };
-                    ctx.first(|e| {
-                        let req = req.clone();
-                        async move {
-                            let mut c = ctx
-                                .ledger(&e)
-                                .map_err(|x| tonic::Status::unavailable(x.to_string()))?;
-                            Ok(c.update_budget(req).await?.into_inner())
-                        }
-                    })
-                    .await?
+                    ctx.on_ledger(&req, |mut c, r| async move { c.update_budget(r).await }).await?
                 }
             };
             let b = get(ctx, &path).await?.ok_or_else(|| anyhow!("budget {path} vanished"))?;
@@ -321,15 +303,7 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
         BudgetCmd::Delete { path, expected_version } => {
             let req =
                 v1::DeleteBudgetRequest { meta: ctx.meta(), path: path.clone(), expected_version };
-            ctx.first(|e| {
-                let req = req.clone();
-                async move {
-                    let mut c =
-                        ctx.ledger(&e).map_err(|x| tonic::Status::unavailable(x.to_string()))?;
-                    Ok(c.delete_budget(req).await?.into_inner())
-                }
-            })
-            .await?;
+            ctx.on_ledger(&req, |mut c, r| async move { c.delete_budget(r).await }).await?;
             #[derive(Serialize)]
             struct Deleted {
                 deleted: String,

@@ -92,16 +92,7 @@ pub async fn member(ctx: &Ctx, cmd: MemberCmd, out: &mut dyn Write) -> anyhow::R
                 bail!("node {id} is already a member");
             }
             let req = v1::AddLearnerRequest { id, addr };
-            ctx.first(|e| {
-                let req = req.clone();
-                async move {
-                    let mut c =
-                        ctx.cluster(&e).map_err(|x| tonic::Status::unavailable(x.to_string()))?;
-                    Ok(c.add_learner(req).await?.into_inner())
-                }
-            })
-            .await?
-            .members
+            ctx.on_cluster(&req, |mut c, r| async move { c.add_learner(r).await }).await?.members
         }
         MemberCmd::Promote { id } => {
             let member =
@@ -134,16 +125,8 @@ pub async fn member(ctx: &Ctx, cmd: MemberCmd, out: &mut dyn Write) -> anyhow::R
 }
 
 async fn change(ctx: &Ctx, req: v1::ChangeMembershipRequest) -> anyhow::Result<Vec<v1::Member>> {
-    let reply = ctx
-        .first(|e| {
-            let req = req.clone();
-            async move {
-                let mut c =
-                    ctx.cluster(&e).map_err(|x| tonic::Status::unavailable(x.to_string()))?;
-                Ok(c.change_membership(req).await?.into_inner())
-            }
-        })
-        .await?;
+    let reply =
+        ctx.on_cluster(&req, |mut c, r| async move { c.change_membership(r).await }).await?;
     Ok(reply.members)
 }
 
@@ -291,12 +274,8 @@ pub async fn endpoint(ctx: &Ctx, cmd: EndpointCmd, out: &mut dyn Write) -> anyho
 
 pub async fn leader(ctx: &Ctx, cmd: LeaderCmd, out: &mut dyn Write) -> anyhow::Result<()> {
     let LeaderCmd::Move { id } = cmd;
-    let status = ctx
-        .first(|e| async move {
-            let mut c = ctx.cluster(&e).map_err(|x| tonic::Status::unavailable(x.to_string()))?;
-            Ok(c.transfer_leader(v1::TransferLeaderRequest { to: id }).await?.into_inner())
-        })
-        .await?;
+    let req = v1::TransferLeaderRequest { to: id };
+    let status = ctx.on_cluster(&req, |mut c, r| async move { c.transfer_leader(r).await }).await?;
     if status.leader != Some(id) {
         bail!("node {id} did not become leader (leader is {:?})", status.leader);
     }

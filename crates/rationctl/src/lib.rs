@@ -137,6 +137,45 @@ impl Ctx {
         Ok(ClusterClient::new(self.channel(endpoint)?).max_decoding_message_size(64 << 20))
     }
 
+    /// Sends `req` through `call` on a Ledger client, to the first endpoint that
+    /// answers (see [`Ctx::first`]); the same request on every attempt.
+    pub async fn on_ledger<Req, T, F, Fut>(&self, req: &Req, call: F) -> anyhow::Result<T>
+    where
+        Req: Clone,
+        F: Fn(LedgerClient<Channel>, Req) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.first(|e| {
+            let started = self.ledger(&e).map(|c| call(c, req.clone()));
+            async move {
+                match started {
+                    Ok(fut) => Ok(fut.await?.into_inner()),
+                    Err(x) => Err(tonic::Status::unavailable(x.to_string())),
+                }
+            }
+        })
+        .await
+    }
+
+    /// [`Ctx::on_ledger`] for the Cluster service.
+    pub async fn on_cluster<Req, T, F, Fut>(&self, req: &Req, call: F) -> anyhow::Result<T>
+    where
+        Req: Clone,
+        F: Fn(ClusterClient<Channel>, Req) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.first(|e| {
+            let started = self.cluster(&e).map(|c| call(c, req.clone()));
+            async move {
+                match started {
+                    Ok(fut) => Ok(fut.await?.into_inner()),
+                    Err(x) => Err(tonic::Status::unavailable(x.to_string())),
+                }
+            }
+        })
+        .await
+    }
+
     /// Fresh request metadata. A retry of the same call reuses what it was given.
     pub fn meta(&self) -> Option<RequestMeta> {
         Some(RequestMeta {
