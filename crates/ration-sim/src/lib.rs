@@ -94,6 +94,7 @@ pub struct Report {
 #[derive(Clone, Debug)]
 pub struct Failure {
     pub seed: u64,
+    pub nodes: u64,
     pub what: String,
     pub at_ms: u64,
 }
@@ -106,7 +107,7 @@ impl std::fmt::Display for Failure {
             self.seed,
             self.at_ms,
             self.what,
-            replay_command(self.seed)
+            replay_command(self.seed, self.nodes)
         )
     }
 }
@@ -214,11 +215,15 @@ struct ProbeLog {
 }
 
 fn err(seed: u64, at_ms: u64, what: impl Into<String>) -> Failure {
-    Failure { seed, what: what.into(), at_ms }
+    Failure { seed, nodes: CURRENT_NODES.with(std::cell::Cell::get), what: what.into(), at_ms }
+}
+
+thread_local! {
+    static CURRENT_NODES: std::cell::Cell<u64> = const { std::cell::Cell::new(3) };
 }
 
 /// The command that runs `seed` again, with the features this build has.
-pub fn replay_command(seed: u64) -> String {
+pub fn replay_command(seed: u64, nodes: u64) -> String {
     let mut features = Vec::new();
     if cfg!(feature = "planted-bug-ack-before-flush") {
         features.push("planted-bug-ack-before-flush");
@@ -231,13 +236,14 @@ pub fn replay_command(seed: u64) -> String {
     } else {
         format!(" --features {}", features.join(","))
     };
+    let nodes = if nodes == 3 { String::new() } else { format!("RATION_SIM_NODES={nodes} ") };
     format!(
-        "RATION_SIM_SEED={seed} cargo test -p ration-sim{features} --test sim replay -- --ignored --nocapture"
+        "{nodes}RATION_SIM_SEED={seed} cargo test -p ration-sim{features} --test sim replay -- --ignored --nocapture"
     )
 }
 
 thread_local! {
-    static RUNNING_SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    static RUNNING_SEED: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
 }
 
 /// A panic inside a simulated host (openraft's own assertions, say) unwinds through
@@ -249,11 +255,11 @@ fn install_panic_hook() {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             default(info);
-            if let Some(seed) = RUNNING_SEED.with(|s| s.get()) {
+            if let Some((seed, nodes)) = RUNNING_SEED.with(|s| s.get()) {
                 RUNNING_SEED.with(|s| s.set(None));
                 eprintln!(
                     "\nseed {seed} panicked in the simulation (the process may abort now)\nreplay: {}\n",
-                    replay_command(seed)
+                    replay_command(seed, nodes)
                 );
             }
         }));
@@ -264,7 +270,8 @@ fn install_panic_hook() {
 pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     install_panic_hook();
     ration_store::runtime::seed_thread_rng(Some(cfg.seed));
-    RUNNING_SEED.with(|s| s.set(Some(cfg.seed)));
+    RUNNING_SEED.with(|s| s.set(Some((cfg.seed, cfg.nodes))));
+    CURRENT_NODES.with(|n| n.set(cfg.nodes));
     let result = run_inner(cfg);
     RUNNING_SEED.with(|s| s.set(None));
     ration_store::runtime::seed_thread_rng(None);

@@ -75,8 +75,22 @@ fn a_seed_replays_exactly() {
 #[ignore]
 fn replay() {
     let seed = std::env::var("RATION_SIM_SEED").expect("set RATION_SIM_SEED").parse().unwrap();
-    match run(&SimConfig::new(seed)) {
+    let nodes = std::env::var("RATION_SIM_NODES").map_or(3, |n| n.parse().unwrap());
+    match run(&SimConfig { nodes, ..SimConfig::new(seed) }) {
         Ok(r) => eprintln!("{r:#?}"),
         Err(f) => panic!("{f}"),
     }
+}
+
+#[test]
+fn five_voters_keep_every_invariant() {
+    let mut failures = Vec::new();
+    for seed in 5000..5020 {
+        let cfg = SimConfig { nodes: 5, ..SimConfig::new(seed) };
+        if let Err(f) = run(&cfg) {
+            eprintln!("{f}");
+            failures.push(seed);
+        }
+    }
+    assert!(failures.is_empty(), "failing seeds with 5 voters: {failures:?}");
 }
