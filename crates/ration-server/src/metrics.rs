@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::ServerState;
@@ -111,7 +111,9 @@ pub struct Metrics {
     denials: [AtomicU64; KINDS.len()],
     proposals: AtomicU64,
     batch_commands: Histogram,
-    rpcs: Mutex<BTreeMap<String, Arc<Histogram>>>,
+    /// By gRPC method path; read-locked on the request path (written only the first
+    /// time a method is seen).
+    rpcs: RwLock<BTreeMap<String, Arc<Histogram>>>,
 }
 
 impl Default for Metrics {
@@ -122,7 +124,7 @@ impl Default for Metrics {
             denials: Default::default(),
             proposals: AtomicU64::new(0),
             batch_commands: Histogram::new(BATCH_BOUNDS, 1.0),
-            rpcs: Mutex::new(BTreeMap::new()),
+            rpcs: RwLock::new(BTreeMap::new()),
         }
     }
 }
@@ -157,18 +159,21 @@ impl Metrics {
 
     /// Records how long one RPC took to answer, by its gRPC method path.
     pub fn rpc(&self, method: &str, took: Duration) {
-        let histogram = {
-            let mut rpcs = self.rpcs.lock().unwrap_or_else(|p| p.into_inner());
-            let key = if rpcs.contains_key(method) || rpcs.len() < MAX_METHODS {
-                method
-            } else {
-                "other"
-            };
-            rpcs.entry(key.to_owned())
-                .or_insert_with(|| Arc::new(Histogram::new(LATENCY_BOUNDS, 1e6)))
-                .clone()
-        };
-        histogram.observe(took.as_secs_f64());
+        self.rpc_histogram(method).observe(took.as_secs_f64());
+    }
+
+    /// The latency histogram of a method: a read lock and no allocation once the
+    /// method has been seen.
+    fn rpc_histogram(&self, method: &str) -> Arc<Histogram> {
+        if let Some(h) = self.rpcs.read().unwrap_or_else(|p| p.into_inner()).get(method) {
+            return h.clone();
+        }
+        let mut rpcs = self.rpcs.write().unwrap_or_else(|p| p.into_inner());
+        let key =
+            if rpcs.contains_key(method) || rpcs.len() < MAX_METHODS { method } else { "other" };
+        rpcs.entry(key.to_owned())
+            .or_insert_with(|| Arc::new(Histogram::new(LATENCY_BOUNDS, 1e6)))
+            .clone()
     }
 }
 
@@ -299,7 +304,7 @@ pub fn render(node: &Node) -> String {
         "Time to answer each gRPC call, by method.",
     );
     let rpcs: Vec<(String, Arc<Histogram>)> = {
-        let rpcs = metrics.rpcs.lock().unwrap_or_else(|p| p.into_inner());
+        let rpcs = metrics.rpcs.read().unwrap_or_else(|p| p.into_inner());
         rpcs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     };
     for (method, h) in rpcs {
@@ -420,13 +425,12 @@ where
     }
 
     fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
-        let method = req.uri().path().to_owned();
+        let histogram = self.metrics.rpc_histogram(req.uri().path());
         let started = std::time::Instant::now();
-        let metrics = self.metrics.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let out = fut.await;
-            metrics.rpc(&method, started.elapsed());
+            histogram.observe(started.elapsed().as_secs_f64());
             out
         })
     }
