@@ -33,10 +33,12 @@ use std::time::{Duration, Instant};
 
 use ration_client::{CoarseClock, Sdk, SdkConfig};
 use ration_core::audit::{verify_chain, ChainHead};
+use ration_proto::v1;
 use ration_proto::v1::ledger_client::LedgerClient;
-use ration_proto::v1::{self, Period};
 use support::proxy::{Fault, Faults};
-use support::{channel_within, initial_cluster, meta_as, until_answered, Proc};
+use support::{
+    channel_within, create_lifetime_budget, initial_cluster, meta_as, until_answered, Proc,
+};
 
 const NODES: usize = 3;
 /// The root's cap per second of faults.
@@ -382,21 +384,6 @@ async fn writer(
     }
 }
 
-async fn create_budget(addrs: &[SocketAddr], request_id: u64, path: &str, cap: i64) {
-    let req = v1::CreateBudgetRequest {
-        meta: meta_as("chaos-admin", "ops", request_id),
-        path: path.into(),
-        limits: vec![v1::Limit {
-            unit: "tokens".into(),
-            cap,
-            window: Some(v1::Window { period: Period::Lifetime as i32, offset_minutes: 0 }),
-            // Fail closed: a cut-off gateway spends its leases and nothing more.
-            static_allowance: None,
-        }],
-    };
-    until_answered!(addrs, create_budget, req).unwrap();
-}
-
 async fn get_budget(addr: SocketAddr, path: &str) -> Option<v1::LimitStatus> {
     LedgerClient::new(channel_within(addr, PROBE))
         .get_budget(v1::GetBudgetRequest { path: path.into(), linearizable: false })
@@ -465,12 +452,12 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
         "node {first} leads; nodes advertise proxies {proxied:?}, listen on {real:?}"
     ));
 
-    create_budget(&proxied, 1, "org", cap).await;
+    create_lifetime_budget(&proxied, 1, "org", cap).await;
     for (i, leaf) in LEAVES.iter().enumerate() {
-        create_budget(&proxied, 2 + i as u64, leaf, cap / 2).await;
+        create_lifetime_budget(&proxied, 2 + i as u64, leaf, cap / 2).await;
     }
-    create_budget(&proxied, 10, WRITER_LEAF, cap / 4).await;
-    create_budget(&proxied, 11, BULK, BULK_CAP).await;
+    create_lifetime_budget(&proxied, 10, WRITER_LEAF, cap / 4).await;
+    create_lifetime_budget(&proxied, 11, BULK, BULK_CAP).await;
 
     // Gateways, paced at SPEND_PER_S together.
     let clock = CoarseClock::new();

@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ration_proto::v1;
 use ration_proto::v1::ledger_client::LedgerClient;
-use ration_proto::v1::{self, Period};
 use support::{
-    audit_lease_ids, channel, converged, free_addrs, initial_cluster, leader, meta, until_answered,
-    Proc,
+    audit_lease_ids, channel, converged, create_lifetime_budget, free_addrs, initial_cluster,
+    leader, meta, until_answered, Proc,
 };
 
 const CAP: i64 = 40_000;
@@ -95,18 +95,8 @@ async fn acknowledged_writes_survive_kill_9_of_a_follower_and_the_leader() {
         p.spawn();
     }
     leader(&addrs).await;
-    for (i, (path, cap)) in [("acme", CAP), ("acme/k", CAP)].into_iter().enumerate() {
-        let req = v1::CreateBudgetRequest {
-            meta: meta("chaos-admin", i as u64 + 1),
-            path: path.into(),
-            limits: vec![v1::Limit {
-                unit: "tokens".into(),
-                cap,
-                window: Some(v1::Window { period: Period::Lifetime as i32, offset_minutes: 0 }),
-                static_allowance: None,
-            }],
-        };
-        until_answered!(addrs, create_budget, req).unwrap();
+    for (i, path) in ["acme", "acme/k"].into_iter().enumerate() {
+        create_lifetime_budget(&addrs, i as u64 + 1, path, CAP).await;
     }
 
     let stop = Arc::new(AtomicBool::new(false));

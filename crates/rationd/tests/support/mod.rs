@@ -227,6 +227,22 @@ macro_rules! until_answered {
 }
 pub(crate) use until_answered;
 
+/// Creates a budget with one lifetime limit of `cap` tokens, failing closed (a
+/// cut-off gateway spends its leases and nothing more), retried until answered.
+pub async fn create_lifetime_budget(addrs: &[SocketAddr], request_id: u64, path: &str, cap: i64) {
+    let req = v1::CreateBudgetRequest {
+        meta: meta_as("chaos-admin", "ops", request_id),
+        path: path.into(),
+        limits: vec![v1::Limit {
+            unit: "tokens".into(),
+            cap,
+            window: Some(v1::Window { period: v1::Period::Lifetime as i32, offset_minutes: 0 }),
+            static_allowance: None,
+        }],
+    };
+    until_answered!(addrs, create_budget, req).unwrap();
+}
+
 /// Waits until every node answers with the same applied index and state digest, and
 /// returns their statuses. Equal indexes with different digests fail at once.
 pub async fn converged(addrs: &[SocketAddr], within: Duration) -> Vec<v1::StatusReply> {
