@@ -112,6 +112,28 @@ impl Node {
     }
 }
 
+/// An accepted connection the services can be served on: a TCP stream in
+/// production, a simulated or in-memory one in tests.
+pub trait Connection:
+    tokio::io::AsyncRead
+    + tokio::io::AsyncWrite
+    + tonic::transport::server::Connected
+    + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<T> Connection for T where
+    T: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static
+{
+}
+
 /// A node started in this process; [`NodeHandle::stop`] shuts it down.
 #[derive(Debug)]
 pub struct NodeHandle {
@@ -162,12 +184,7 @@ pub async fn start_with<I, IO, IE>(
 ) -> anyhow::Result<NodeHandle>
 where
     I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
+    IO: Connection,
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     config.validate()?;
@@ -203,12 +220,7 @@ where
     L: openraft::storage::RaftLogStorage<TypeConfig>,
     S: openraft::storage::RaftStateMachine<TypeConfig>,
     I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
+    IO: Connection,
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     config.validate()?;

@@ -14,7 +14,6 @@ use ration_proto::v1::{
     self, cluster_client::ClusterClient, cluster_server::ClusterServer,
     ledger_client::LedgerClient, ledger_server::LedgerServer, raft_server::RaftServer,
 };
-use tonic::transport::server::Connected;
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use crate::{Node, ProposeError, Routed, RoutedAll};
@@ -34,7 +33,7 @@ pub(crate) async fn serve<I, IO, IE>(
 ) -> anyhow::Result<()>
 where
     I: tokio_stream::Stream<Item = Result<IO, IE>>,
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IO: crate::Connection,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let max = node.config.max_message_bytes;
