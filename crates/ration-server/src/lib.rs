@@ -140,7 +140,26 @@ pub struct NodeHandle {
     pub node: Arc<Node>,
     stop: Option<watch::Sender<bool>>,
     served: JoinHandle<anyhow::Result<()>>,
+    /// Set once the Raft core has stopped on its own (see [`NodeHandle::core_stopped`]).
+    core: watch::Receiver<Option<CoreStopped>>,
 }
+
+/// Why a node's Raft core stopped without being asked to: a fatal storage error, a
+/// panic inside the core, or an internal error openraft cannot recover from. The
+/// node can no longer vote, lead, follow or apply; only a restart (which recovers
+/// from the log on disk) brings it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoreStopped {
+    pub reason: String,
+}
+
+impl std::fmt::Display for CoreStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the Raft core stopped: {}", self.reason)
+    }
+}
+
+impl std::error::Error for CoreStopped {}
 
 impl NodeHandle {
     /// Stops serving, shuts Raft down, and waits for both.
@@ -152,9 +171,57 @@ impl NodeHandle {
         self.node.raft.shutdown().await.context("raft shutdown")?;
         served
     }
+
+    /// Resolves when the Raft core stops on its own, with the reason; never while
+    /// it runs. (A core stopped by [`NodeHandle::stop`] is not reported: `stop`
+    /// consumes the handle.)
+    pub async fn core_stopped(&self) -> CoreStopped {
+        let mut core = self.core.clone();
+        let verdict = match core.wait_for(Option::is_some).await {
+            Ok(stopped) => stopped.clone(),
+            // The watcher ended without a verdict: only when the runtime is
+            // shutting down, so say so.
+            Err(_) => None,
+        };
+        verdict.unwrap_or_else(|| CoreStopped { reason: "its watcher ended".into() })
+    }
 }
 
-/// Runs a node until `shutdown` resolves.
+/// Watches openraft's metrics and reports the first sign that the core has ended:
+/// a fatal `running_state`, the `Shutdown` state, or the metrics channel closing.
+async fn watch_core(raft: Raft<TypeConfig>, report: watch::Sender<Option<CoreStopped>>) {
+    let mut metrics = raft.metrics();
+    drop(raft);
+    loop {
+        let stopped = {
+            let m = metrics.borrow_and_update();
+            match (&m.running_state, m.state) {
+                (Err(fatal), _) => Some(fatal.to_string()),
+                (Ok(()), ServerState::Shutdown) => Some("state is Shutdown".to_owned()),
+                _ => None,
+            }
+        };
+        if let Some(reason) = stopped {
+            let _ = report.send(Some(CoreStopped { reason }));
+            return;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() {
+                let _ = report.send(Some(CoreStopped { reason: "its metrics channel closed".into() }));
+                return;
+            },
+            // Nobody waits for the verdict any more (the handle was stopped or dropped).
+            () = report.closed() => return,
+        }
+    }
+}
+
+/// Runs a node until `shutdown` resolves, or until its Raft core stops on its own.
+///
+/// A stopped core is an error: the process should exit non-zero so that its
+/// supervisor (systemd's `Restart=on-failure`, a Kubernetes restart) starts it again
+/// and it recovers from its log. Staying up would leave a replica that answers
+/// health checks NOT_SERVING and refuses every write, forever.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -163,9 +230,34 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let handle = start(config, listener).await?;
-    shutdown.await;
-    tracing::info!("shutting down");
-    handle.stop().await
+    supervise(handle, shutdown).await
+}
+
+/// The second half of [`run`], for a node started any way: waits for `shutdown` or
+/// for the core to stop. A requested shutdown stops the node and returns its
+/// result; a core that stopped on its own is logged and returned as an error
+/// ([`CoreStopped`]) after the services are stopped.
+pub async fn supervise(
+    handle: NodeHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        () = shutdown => {
+            tracing::info!(id = handle.node.id, "shutting down");
+            handle.stop().await
+        }
+        stopped = handle.core_stopped() => {
+            tracing::error!(
+                id = handle.node.id,
+                reason = %stopped.reason,
+                "the Raft core stopped; exiting so the supervisor restarts this node and it recovers from its log"
+            );
+            if let Err(e) = handle.stop().await {
+                tracing::warn!("stopping after the core stopped: {e:#}");
+            }
+            Err(stopped.into())
+        }
+    }
 }
 
 /// Starts a node on `listener` and returns once it serves.
@@ -289,10 +381,12 @@ where
         tracing::info!(%bound, "metrics served at /metrics");
     }
     let served = tokio::spawn(services::serve(node.clone(), incoming, stopped()));
+    let (core_tx, core_rx) = watch::channel(None);
+    tokio::spawn(watch_core(raft.clone(), core_tx));
     bootstrap(&node).await?;
     tokio::spawn(ticker(Arc::downgrade(&node), node.config.tick_ms));
     tracing::info!(id = node.id, %addr, "node serving");
-    Ok(NodeHandle { node, stop: Some(stop_tx), served })
+    Ok(NodeHandle { node, stop: Some(stop_tx), served, core: core_rx })
 }
 
 /// Opens the node's storage. A lock held by a node that is still stopping (in this

@@ -13,13 +13,14 @@
 //! failure names the seed and the command that replays it.
 
 pub mod net;
+pub mod scenario;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use openraft::ServerState;
+use openraft::{LogId, ServerState, Vote};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ration_core::audit::{verify_chain, AuditKind, ChainHead};
@@ -88,6 +89,10 @@ pub struct Report {
     /// The highest snapshot index on any node at the end (snapshots and log purges
     /// happened when it is above 0).
     pub snapshot_index: u64,
+    /// Raft cores that stopped on their own (each was restarted): who, when, why.
+    pub core_stops: Vec<String>,
+    /// Distinct log indexes whose applied entry id was observed and cross-checked.
+    pub entries_checked: u64,
 }
 
 /// A failed run: what broke, and how to replay it.
@@ -124,6 +129,98 @@ impl ration_server::Clock for SimClock {
         let elapsed = turmoil::sim_elapsed().unwrap_or_default().as_millis() as i64;
         let t = EPOCH_MS as i64 + elapsed + elapsed * self.drift_ppm / 1_000_000 + self.offset_ms;
         t.max(0) as u64
+    }
+}
+
+/// Starts node `id` as a simulated host on `disk`. Like a process under a
+/// supervisor: when its Raft core stops on its own, the host logs why, tells the
+/// harness (`Shared::core_stops`) and ends; the harness restarts it from its disk
+/// after a delay ([`Supervisor`]).
+fn spawn_node(
+    sim: &mut turmoil::Sim<'_>,
+    id: u64,
+    disk: MemDisk,
+    fsync: Duration,
+    clock: Arc<SimClock>,
+    config: Config,
+    shared: Arc<Shared>,
+) {
+    sim.host(host(id), move || {
+        let disk = disk.clone();
+        let config = config.clone();
+        let clock = clock.clone();
+        let shared = shared.clone();
+        async move {
+            let (log, sm, identity) = disk
+                .open(fsync, LedgerConfig::default())
+                .map_err(|e| format!("node {id} storage: {e}"))?;
+            let reader = sm.reader();
+            let storage = Storage { log, sm, reader, identity };
+            let incoming = net::incoming().await?;
+            let handle: NodeHandle = ration_server::start_with_storage(
+                config,
+                storage,
+                incoming,
+                |timeout| -> ration_server::network::ChannelMaker {
+                    Arc::new(move |a: &str| Ok(net::channel(a, timeout)))
+                },
+                clock,
+            )
+            .await
+            .map_err(|e| format!("node {id} start: {e:#}"))?;
+            shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).insert(id, handle.node.clone());
+            // What `ration_server::supervise` does in rationd: a core that stopped
+            // ends the process (here, the host) so that it is restarted.
+            let stopped = handle.core_stopped().await;
+            shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            shared.core_stops.lock().unwrap_or_else(|p| p.into_inner()).push((id, stopped.reason));
+            Ok(())
+        }
+    });
+}
+
+/// Restarts hosts whose Raft core stopped, after a delay, as systemd or Kubernetes
+/// would restart the process. Each restart is counted as a fault (`core_restart`).
+#[derive(Default)]
+struct Supervisor {
+    /// (restart at, in simulated ms; node id)
+    due: Vec<(u64, u64)>,
+}
+
+impl Supervisor {
+    fn poll(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        shared: &Shared,
+        rng: &mut StdRng,
+        report: &mut Report,
+        tracer: &mut Tracer,
+    ) {
+        let now = sim.elapsed().as_millis() as u64;
+        let stops: Vec<(u64, String)> =
+            std::mem::take(&mut *shared.core_stops.lock().unwrap_or_else(|p| p.into_inner()));
+        for (id, reason) in stops {
+            let delay = rng.gen_range(500..3_000u64);
+            tracer
+                .event(now, format!("n{id}: Raft core stopped ({reason}); restart in {delay} ms"));
+            report.core_stops.push(format!("n{id} at {now} ms: {reason}"));
+            self.due.push((now + delay, id));
+        }
+        let mut i = 0;
+        while i < self.due.len() {
+            let (at, id) = self.due[i];
+            if at > now {
+                i += 1;
+                continue;
+            }
+            self.due.swap_remove(i);
+            // A crash fault may have restarted it already.
+            if !sim.is_host_running(host(id)) {
+                sim.bounce(host(id));
+                *report.faults.entry("core_restart").or_default() += 1;
+                tracer.event(now, format!("n{id}: restarted from its disk by the supervisor"));
+            }
+        }
     }
 }
 
@@ -204,6 +301,9 @@ struct Shared {
     /// Operator commands for the operator host to carry out.
     ops: Mutex<Vec<Fault>>,
     live: AtomicBool,
+    /// Nodes whose Raft core stopped on its own, with the reason, not yet seen by
+    /// the supervisor.
+    core_stops: Mutex<Vec<(u64, String)>>,
 }
 
 #[derive(Default, Debug)]
@@ -269,6 +369,17 @@ fn install_panic_hook() {
 /// Runs one simulation.
 pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     install_panic_hook();
+    // `RATION_SIM_LOG=openraft=debug` (an env-filter) prints the nodes' own logs.
+    let _logs = std::env::var("RATION_SIM_LOG").ok().map(|filter| {
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_ansi(false)
+                .without_time()
+                .with_writer(std::io::stderr)
+                .finish(),
+        )
+    });
     ration_store::runtime::seed_thread_rng(Some(cfg.seed));
     RUNNING_SEED.with(|s| s.set(Some((cfg.seed, cfg.nodes))));
     CURRENT_NODES.with(|n| n.set(cfg.nodes));
@@ -305,41 +416,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
         });
         // A disk's fsync takes 5 to 40 ms (network disks under load are slow).
         let fsync = Duration::from_micros(rng.gen_range(5_000..40_000));
-        let config = node_config(id, cfg.nodes);
-        let shared = shared.clone();
-        sim.host(host(id), move || {
-            let disk = disk.clone();
-            let config = config.clone();
-            let clock = clock.clone();
-            let shared = shared.clone();
-            async move {
-                let (log, sm, identity) = disk
-                    .open(fsync, LedgerConfig::default())
-                    .map_err(|e| format!("node {id} storage: {e}"))?;
-                let reader = sm.reader();
-                let storage = Storage { log, sm, reader, identity };
-                let incoming = net::incoming().await?;
-                let handle: NodeHandle = ration_server::start_with_storage(
-                    config,
-                    storage,
-                    incoming,
-                    |timeout| -> ration_server::network::ChannelMaker {
-                        Arc::new(move |a: &str| Ok(net::channel(a, timeout)))
-                    },
-                    clock,
-                )
-                .await
-                .map_err(|e| format!("node {id} start: {e:#}"))?;
-                shared
-                    .nodes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id, handle.node.clone());
-                std::future::pending::<()>().await;
-                drop(handle);
-                Ok(())
-            }
-        });
+        spawn_node(&mut sim, id, disk, fsync, clock, node_config(id, cfg.nodes), shared.clone());
     }
     let voters: Vec<String> = (1..=cfg.nodes).map(addr).collect();
 
@@ -521,7 +598,13 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
     let mut report = Report { seed, cap: cfg.cap, ..Report::default() };
     let mut heal_at: Vec<(u64, Fault, Vec<String>)> = Vec::new();
     let mut trace = Trace::default();
-    let mut leaders_by_term: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut observed = Observed::default();
+    let mut supervisor = Supervisor::default();
+    let mut tracer = Tracer::from_env();
+    tracer.event(
+        0,
+        format!("seed {seed}: {} voters, a spare (n{spare}), {} gateways", cfg.nodes, cfg.gateways),
+    );
     let mut step = 0u64;
     let now_ms = |sim: &turmoil::Sim<'_>| sim.elapsed().as_millis() as u64;
     let started_chaos = loop {
@@ -548,6 +631,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
             *report.faults.entry(fault.name()).or_default() += 1;
             trace.note(now_ms(&sim), fault.name());
             let undo = inject(&mut sim, &shared, cfg, fault, &mut rng, &mut report);
+            tracer.fault(now_ms(&sim), fault, &undo, lasts, &disks);
             heal_at.push((t + lasts, fault, undo));
         }
         heal_at.retain(|(until, fault, undo)| {
@@ -555,12 +639,15 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
                 return true;
             }
             heal(&mut sim, cfg.nodes + 1, *fault, undo);
+            tracer.event(now_ms(&sim), format!("heal {} {undo:?}", fault.name()));
             false
         });
         step_once(&mut sim, seed)?;
         step += 1;
+        supervisor.poll(&mut sim, &shared, &mut rng, &mut report, &mut tracer);
+        tracer.observe(now_ms(&sim), &shared);
         if step % 25 == 0 {
-            check_running(&shared, &mut leaders_by_term)
+            check_running(&shared, &disks, &mut observed)
                 .map_err(|what| err(seed, now_ms(&sim), what))?;
         }
     }
@@ -569,6 +656,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
     for (_, fault, undo) in heal_at.drain(..) {
         heal(&mut sim, cfg.nodes + 1, fault, &undo);
     }
+    tracer.event(now_ms(&sim), "chaos over: every fault healed");
     sim.set_max_message_latency(Duration::from_millis(4));
     shared.stop_spending.store(true, Relaxed);
     let live_ok = Arc::new(AtomicBool::new(false));
@@ -610,8 +698,10 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
     loop {
         step_once(&mut sim, seed)?;
         step += 1;
+        supervisor.poll(&mut sim, &shared, &mut rng, &mut report, &mut tracer);
+        tracer.observe(now_ms(&sim), &shared);
         if step % 25 == 0 {
-            check_running(&shared, &mut leaders_by_term)
+            check_running(&shared, &disks, &mut observed)
                 .map_err(|what| err(seed, now_ms(&sim), what))?;
         }
         // Checked every step: the leader's ticks keep entries in flight part of the
@@ -637,9 +727,11 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
         }
     }
     report.sim_ms = now_ms(&sim);
-    check_final(cfg, &shared, &mut report, &mut trace)
+    check_running(&shared, &disks, &mut observed).map_err(|what| err(seed, report.sim_ms, what))?;
+    check_final(cfg, &shared, &disks, &observed, &mut report, &mut trace)
         .map_err(|what| err(seed, report.sim_ms, what))?;
     report.trace = trace.finish(&report);
+    tracer.event(report.sim_ms, format!("converged and checked: {report:?}"));
     Ok(report)
 }
 
@@ -872,6 +964,106 @@ async fn operate(endpoints: &[String], spare: u64, op: Fault) {
     }
 }
 
+/// A readable account of a run, printed to stderr when `RATION_SIM_TRACE` is set:
+/// faults (and what each crashed disk kept), elections with who voted for whom,
+/// leadership changes, Raft cores that stopped and their restarts.
+struct Tracer {
+    on: bool,
+    /// Per node: (state, vote, leader) as last printed.
+    seen: BTreeMap<u64, (ServerState, Vote<u64>, Option<u64>)>,
+}
+
+impl Tracer {
+    fn from_env() -> Self {
+        Self { on: std::env::var_os("RATION_SIM_TRACE").is_some(), seen: BTreeMap::new() }
+    }
+
+    fn event(&mut self, at_ms: u64, what: impl std::fmt::Display) {
+        if self.on {
+            eprintln!("[{at_ms:>6} ms] {what}");
+        }
+    }
+
+    fn fault(
+        &mut self,
+        at_ms: u64,
+        fault: Fault,
+        undo: &[String],
+        lasts: u64,
+        disks: &BTreeMap<u64, MemDisk>,
+    ) {
+        if !self.on {
+            return;
+        }
+        self.event(at_ms, format!("fault {} {fault:?} on {undo:?} for {lasts} ms", fault.name()));
+        if matches!(fault, Fault::Crash(_) | Fault::CrashMany) {
+            for h in undo {
+                let id: u64 = h.trim_start_matches('n').parse().unwrap_or(0);
+                if let Some(disk) = disks.get(&id) {
+                    let d = disk.durable_summary();
+                    self.event(
+                        at_ms,
+                        format!(
+                            "  {h} crashed; its disk kept vote {}, log {}..={} (purged to {}), snapshot {} bytes",
+                            d.vote.map_or("none".into(), |v| v.to_string()),
+                            d.first.map_or("-".into(), |l| l.to_string()),
+                            d.last.map_or("-".into(), |l| l.to_string()),
+                            d.last_purged.map_or("-".into(), |l| l.to_string()),
+                            d.snapshot_bytes
+                        ),
+                    );
+                }
+            }
+            for h in undo {
+                let id: u64 = h.trim_start_matches('n').parse().unwrap_or(0);
+                self.seen.remove(&id);
+            }
+        }
+    }
+
+    /// Prints what changed in each live node's Raft state since the last call.
+    fn observe(&mut self, at_ms: u64, shared: &Shared) {
+        if !self.on {
+            return;
+        }
+        for (id, node) in nodes(shared) {
+            let m = node.raft.metrics().borrow().clone();
+            let now = (m.state, m.vote, m.current_leader);
+            let before = self.seen.insert(id, now);
+            if before == Some(now) {
+                continue;
+            }
+            let (state, vote, leader) = now;
+            let candidate = vote.leader_id().node_id;
+            let mut parts = Vec::new();
+            if before.map(|b| b.0) != Some(state) {
+                parts.push(format!("{state:?}"));
+            }
+            if before.map(|b| b.1) != Some(vote) {
+                parts.push(if candidate == id && !vote.is_committed() {
+                    format!("campaigns in term {} (votes for itself)", vote.leader_id().term)
+                } else if candidate == id {
+                    format!("won term {} (vote {vote})", vote.leader_id().term)
+                } else if vote.is_committed() {
+                    format!("follows n{candidate} in term {} (vote {vote})", vote.leader_id().term)
+                } else {
+                    format!(
+                        "votes for n{candidate} in term {} (vote {vote})",
+                        vote.leader_id().term
+                    )
+                });
+            }
+            if before.map(|b| b.2) != Some(leader) {
+                parts.push(format!(
+                    "sees leader {}",
+                    leader.map_or("none".into(), |l| format!("n{l}"))
+                ));
+            }
+            self.event(at_ms, format!("n{id}: {}", parts.join(", ")));
+        }
+    }
+}
+
 fn nodes(shared: &Shared) -> Vec<(u64, Arc<Node>)> {
     shared
         .nodes
@@ -910,27 +1102,88 @@ fn applied(shared: &Shared) -> Vec<String> {
         .collect()
 }
 
-/// Checked while the simulation runs: every replica's ledger invariants (which
-/// include consumed + outstanding <= cap for every limit, and conservation), and at
-/// most one leader per term.
-fn check_running(shared: &Shared, leaders: &mut BTreeMap<u64, u64>) -> Result<(), String> {
-    let mut digests: BTreeMap<u64, (u64, [u8; 32])> = BTreeMap::new();
-    for (id, node) in nodes(shared) {
-        let m = node.raft.metrics().borrow().clone();
-        if m.state == ServerState::Leader {
-            if let Some(other) = leaders.insert(m.current_term, id) {
-                if other != id {
-                    return Err(format!("nodes {other} and {id} both led term {}", m.current_term));
+/// The cluster's committed log as observed so far: for each index, the id (term,
+/// leader node, index) of the entry some replica applied there, and which replica.
+///
+/// openraft runs in its default leader-id mode, where a leader is identified by
+/// (term, node id) and several nodes can lead the same term (the later one wins;
+/// log ids carry the node id). "One leader per term" is therefore not a safety
+/// property here. What is: no two replicas ever apply different entries at the
+/// same index, and a committed (applied) entry is never replaced or lost.
+#[derive(Debug, Default)]
+pub struct Observed {
+    committed: BTreeMap<u64, (LogId<u64>, u64)>,
+}
+
+impl Observed {
+    /// Records that `node` applied entry `id`; an error if another replica applied
+    /// a different entry at that index.
+    pub fn applied(&mut self, node: u64, id: LogId<u64>) -> Result<(), String> {
+        match self.committed.entry(id.index) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((id, node));
+                Ok(())
+            }
+            std::collections::btree_map::Entry::Occupied(o) if o.get().0 == id => Ok(()),
+            std::collections::btree_map::Entry::Occupied(o) => Err(format!(
+                "nodes {} and {node} applied different entries at index {}: {} and {id}",
+                o.get().1,
+                id.index,
+                o.get().0
+            )),
+        }
+    }
+
+    /// Checks that `node`, whose log holds `held` (entry ids), still holds every
+    /// observed committed entry at those indexes.
+    pub fn still_holds(&self, node: u64, held: &[LogId<u64>]) -> Result<(), String> {
+        for id in held {
+            if let Some((committed, by)) = self.committed.get(&id.index) {
+                if committed != id {
+                    return Err(format!(
+                        "committed entry {committed} (applied by node {by}) was lost: node {node} holds {id} at index {}",
+                        id.index
+                    ));
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The highest index observed committed.
+    pub fn last(&self) -> Option<u64> {
+        self.committed.keys().next_back().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.committed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.committed.is_empty()
+    }
+}
+
+/// Checked while the simulation runs, on every live node: the ledger's invariants
+/// (which include consumed + outstanding <= cap for every limit, and
+/// conservation); replicas at the same applied index hold the same state; and the
+/// entries each replica applied (its last applied id, and the ids its disk holds
+/// up to it) agree with every other replica's (see [`Observed`]).
+fn check_running(
+    shared: &Shared,
+    disks: &BTreeMap<u64, MemDisk>,
+    observed: &mut Observed,
+) -> Result<(), String> {
+    let mut digests: BTreeMap<u64, (u64, [u8; 32])> = BTreeMap::new();
+    for (id, node) in nodes(shared) {
         let state = node.reader.state();
         state
             .ledger
             .check_invariants()
             .map_err(|e| format!("node {id}: ledger invariant broken: {e}"))?;
         // Replicas at the same applied index hold the same state.
-        let at = state.last_applied.map_or(0, |l| l.index);
+        let last_applied = state.last_applied;
+        let at = last_applied.map_or(0, |l| l.index);
         let digest = state.ledger.digest();
         drop(state);
         match digests.get(&at) {
@@ -939,6 +1192,14 @@ fn check_running(shared: &Shared, leaders: &mut BTreeMap<u64, u64>) -> Result<()
             }
             _ => {
                 digests.insert(at, (id, digest));
+            }
+        }
+        if let Some(last) = last_applied {
+            observed.applied(id, last)?;
+            if let Some(disk) = disks.get(&id) {
+                for entry in disk.durable_log_ids(..=last.index) {
+                    observed.applied(id, entry)?;
+                }
             }
         }
     }
@@ -975,6 +1236,8 @@ fn converged(shared: &Shared) -> bool {
 fn check_final(
     cfg: &SimConfig,
     shared: &Shared,
+    disks: &BTreeMap<u64, MemDisk>,
+    observed: &Observed,
     report: &mut Report,
     trace: &mut Trace,
 ) -> Result<(), String> {
@@ -1018,6 +1281,22 @@ fn check_final(
         }
     }
     let (applied, _, audit) = reference.ok_or("no member is running")?;
+    // Committed entries are never lost: the converged cluster is at or past every
+    // index ever applied, and every member's disk holds the committed entry at each
+    // index it still has.
+    if let Some(last) = observed.last() {
+        if last > applied {
+            return Err(format!(
+                "index {last} was applied during the run, but the converged cluster is at {applied}"
+            ));
+        }
+    }
+    for id in &members {
+        if let Some(disk) = disks.get(id) {
+            observed.still_holds(*id, &disk.durable_log_ids(..))?;
+        }
+    }
+    report.entries_checked = observed.len() as u64;
     report.snapshot_index = all
         .iter()
         .filter_map(|(_, n)| n.raft.metrics().borrow().snapshot.map(|s| s.index))
@@ -1089,11 +1368,23 @@ impl Trace {
     }
 }
 
-/// Seeds to run: `RATION_SIM_SEEDS` (a count, from `RATION_SIM_FIRST_SEED`), else
-/// `default`.
+/// Seeds to run: `RATION_SIM_SEEDS` of them (else `default`), from
+/// `RATION_SIM_FIRST_SEED`, else from [`rotating_first_seed`]: each run covers
+/// seeds no earlier run did. The range is printed by the tests; a failing seed
+/// prints its own replay command.
 pub fn seeds_from_env(default: u64) -> std::ops::Range<u64> {
     let n = std::env::var("RATION_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
-    let first =
-        std::env::var("RATION_SIM_FIRST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let first = std::env::var("RATION_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rotating_first_seed);
     first..first + n
+}
+
+/// A first seed that changes every minute: the minutes since 1970 times 1,000
+/// (so a run of up to 1,000 seeds a minute never repeats an earlier one).
+pub fn rotating_first_seed() -> u64 {
+    let minutes =
+        std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 60);
+    minutes.saturating_mul(1_000)
 }

@@ -1,62 +1,183 @@
-//! The deterministic simulation, as tests. CI runs `RATION_SIM_SEEDS` seeds
-//! (default 200); a failure prints the seed and the command that replays it.
+//! The deterministic simulation, as tests. CI runs 200 seeds from a range that
+//! changes every run (printed; `RATION_SIM_FIRST_SEED`/`RATION_SIM_SEEDS` pin it),
+//! 20 more with 5 voters, the known failures, pinned regression seeds, scripted
+//! scenarios and a replay check. A failure prints the seed and its replay command.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 
-use ration_sim::{run, seeds_from_env, SimConfig};
+use ration_sim::{rotating_first_seed, run, scenario, seeds_from_env, Failure, Report, SimConfig};
 
-#[test]
-fn many_seeds_keep_every_invariant() {
-    let seeds = seeds_from_env(200);
+/// Seeds that fail for a reason not fixed yet: (seed, voters, what is wrong). CI
+/// still runs each one on every run and reports whether it still fails; none is
+/// ever skipped silently. Empty: every seed found so far passes.
+const KNOWN_FAILURES: &[(u64, u64, &str)] = &[];
+
+#[derive(Default)]
+struct Totals {
+    faults: BTreeMap<&'static str, u64>,
+    admitted: u64,
+    cap: u64,
+    crashes: u64,
+    unknown: u64,
+    grants: u64,
+    snapshotted: u64,
+    core_stops: u64,
+    checked: u64,
+}
+
+impl Totals {
+    fn add(&mut self, r: &Report) {
+        for (k, v) in &r.faults {
+            *self.faults.entry(k).or_default() += v;
+        }
+        self.admitted += r.admitted;
+        self.cap += r.cap;
+        self.crashes += r.crashes;
+        self.unknown += r.probes_unknown;
+        self.grants += r.probe_grants;
+        self.snapshotted += u64::from(r.snapshot_index > 0);
+        self.core_stops += r.core_stops.len() as u64;
+        self.checked += r.entries_checked;
+    }
+}
+
+/// Runs `seeds` with `nodes` voters; prints a summary; returns the failures.
+fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) {
     let started = std::time::Instant::now();
-    let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
-    let (mut admitted, mut cap, mut crashes, mut unknown, mut grants) = (0, 0, 0, 0, 0);
-    let mut snapshotted = 0;
+    let mut totals = Totals::default();
     let mut failures = Vec::new();
     let n = seeds.end - seeds.start;
+    eprintln!(
+        "running {n} seeds {}..{} with {nodes} voters (replay the range with RATION_SIM_FIRST_SEED={} RATION_SIM_SEEDS={n})",
+        seeds.start, seeds.end, seeds.start
+    );
     for seed in seeds {
         let t0 = std::time::Instant::now();
-        match run(&SimConfig::new(seed)) {
+        match run(&SimConfig { nodes, ..SimConfig::new(seed) }) {
             Ok(r) => {
                 if std::env::var_os("RATION_SIM_VERBOSE").is_some() {
                     eprintln!(
-                        "seed {seed}: {:.1?} wall, {} ms simulated, applied {}, snapshot at {}, {:?}",
+                        "seed {seed}: {:.1?} wall, {} ms simulated, applied {}, snapshot at {}, {:?}, core stops {:?}",
                         t0.elapsed(),
                         r.sim_ms,
                         r.applied_index,
                         r.snapshot_index,
-                        r.faults
+                        r.faults,
+                        r.core_stops
                     );
                 }
-                for (k, v) in &r.faults {
-                    *faults.entry(k).or_default() += v;
-                }
-                admitted += r.admitted;
-                cap += r.cap;
-                crashes += r.crashes;
-                unknown += r.probes_unknown;
-                grants += r.probe_grants;
-                snapshotted += u64::from(r.snapshot_index > 0);
+                totals.add(&r);
             }
             Err(f) => {
                 eprintln!("{f}");
-                failures.push(f.seed);
+                failures.push(f);
             }
         }
     }
     eprintln!(
-        "{n} seeds in {:.1?}: faults {faults:?}; gateways admitted {admitted} of {cap} cap in total; {crashes} crashes; probe grants {grants}, unknown outcomes {unknown}; runs with snapshots: {snapshotted}",
-        started.elapsed()
+        "{n} seeds ({nodes} voters) in {:.1?}: {} failed; faults {:?}; gateways admitted {} of {} cap in total; {} crashes; {} Raft cores stopped and were restarted; probe grants {}, unknown outcomes {}; runs with snapshots: {}; committed entries cross-checked: {}",
+        started.elapsed(),
+        failures.len(),
+        totals.faults,
+        totals.admitted,
+        totals.cap,
+        totals.crashes,
+        totals.core_stops,
+        totals.grants,
+        totals.unknown,
+        totals.snapshotted,
+        totals.checked,
     );
-    assert!(failures.is_empty(), "failing seeds: {failures:?}");
+    (totals, failures)
+}
+
+#[test]
+fn many_seeds_keep_every_invariant() {
+    let seeds = seeds_from_env(200);
+    let n = seeds.end - seeds.start;
+    let (totals, failures) = run_seeds(seeds, 3);
+    let failing: Vec<u64> = failures.iter().map(|f| f.seed).collect();
+    assert!(failing.is_empty(), "failing seeds: {failing:?} (each printed its replay command)");
     // The runs must actually stress the system, or passing means nothing.
-    assert!(faults.values().sum::<u64>() >= n * 3, "too few faults: {faults:?}");
+    assert!(totals.faults.values().sum::<u64>() >= n * 3, "too few faults: {:?}", totals.faults);
     assert!(
-        admitted * 10 >= cap * 7,
-        "gateways spent only {admitted} of {cap}: the cap was not approached"
+        totals.admitted * 10 >= totals.cap * 7,
+        "gateways spent only {} of {}: the cap was not approached",
+        totals.admitted,
+        totals.cap
     );
-    assert!(snapshotted * 2 >= n, "snapshots happened in only {snapshotted} of {n} runs");
+    assert!(
+        totals.snapshotted * 2 >= n,
+        "snapshots happened in only {} of {n} runs",
+        totals.snapshotted
+    );
+    assert!(
+        totals.checked >= n * 20,
+        "only {} committed entries were cross-checked",
+        totals.checked
+    );
+}
+
+#[test]
+fn five_voters_keep_every_invariant() {
+    // Its own rotating range, distinct from the 3-voter one.
+    let first = std::env::var("RATION_SIM_FIRST_SEED_5")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rotating_first_seed() + 500);
+    let n = std::env::var("RATION_SIM_SEEDS_5").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let (_, failures) = run_seeds(first..first + n, 5);
+    let failing: Vec<u64> = failures.iter().map(|f| f.seed).collect();
+    assert!(failing.is_empty(), "failing seeds with 5 voters: {failing:?}");
+}
+
+/// Every known failure runs on every CI run, and its status is printed.
+#[test]
+fn known_failures_are_run_and_reported() {
+    if KNOWN_FAILURES.is_empty() {
+        eprintln!("known failures: none");
+    }
+    for (seed, nodes, what) in KNOWN_FAILURES {
+        match run(&SimConfig { nodes: *nodes, ..SimConfig::new(*seed) }) {
+            Ok(_) => eprintln!("KNOWN FAILURE NOW PASSES: seed {seed} ({nodes} voters): {what}; remove it from KNOWN_FAILURES"),
+            Err(f) => eprintln!("KNOWN FAILURE STILL FAILS: {what}\n{f}"),
+        }
+    }
+}
+
+/// The four seeds of issue 10, from 3,000 that CI never ran: 41642 and 41755
+/// stopped a leader's Raft core for good (the openraft race); 41435 and 42918 had
+/// two leaders in one term, which is legal in openraft's default leader-id mode
+/// and was flagged by a wrong check. Their schedules change whenever the fault
+/// mix does, so each mechanism also has a scripted scenario below.
+#[test]
+fn issue_10_seeds_pass() {
+    for seed in [41642, 41755, 41435, 42918] {
+        let r = run(&SimConfig::new(seed)).unwrap_or_else(|f| panic!("{f}"));
+        eprintln!("seed {seed}: {} core stops {:?}", r.applied_index, r.core_stops);
+    }
+}
+
+#[test]
+fn scenario_higher_vote_during_a_slow_purge() {
+    let r = scenario::higher_vote_during_a_slow_purge().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{r:?}");
+    assert!(
+        r.race_hits >= 1,
+        "the scenario never reached the race (the patched path was not taken): {r:?}"
+    );
+    assert!(r.core_stops.is_empty(), "a Raft core stopped: {:?}", r.core_stops);
+    assert!(r.writes > 100 && r.entries_checked > 100, "too little happened: {r:?}");
+}
+
+#[test]
+fn scenario_a_stopped_core_is_restarted() {
+    let r = scenario::a_stopped_core_is_restarted().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{r:?}");
+    assert_eq!(r.core_stops.len(), 1, "{r:?}");
+    assert!(r.core_stops[0].contains("simulated disk failure"), "{r:?}");
+    assert_eq!(r.restarts, 1, "{r:?}");
 }
 
 #[test]
@@ -71,6 +192,8 @@ fn a_seed_replays_exactly() {
 }
 
 /// `RATION_SIM_SEED=<n> cargo test -p ration-sim --test sim replay -- --ignored --nocapture`
+/// (`RATION_SIM_TRACE=1` prints a readable trace; `RATION_SIM_LOG=openraft=debug`
+/// the nodes' own logs).
 #[test]
 #[ignore]
 fn replay() {
@@ -80,17 +203,4 @@ fn replay() {
         Ok(r) => eprintln!("{r:#?}"),
         Err(f) => panic!("{f}"),
     }
-}
-
-#[test]
-fn five_voters_keep_every_invariant() {
-    let mut failures = Vec::new();
-    for seed in 5000..5020 {
-        let cfg = SimConfig { nodes: 5, ..SimConfig::new(seed) };
-        if let Err(f) = run(&cfg) {
-            eprintln!("{f}");
-            failures.push(seed);
-        }
-    }
-    assert!(failures.is_empty(), "failing seeds with 5 voters: {failures:?}");
 }

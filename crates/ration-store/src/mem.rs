@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -49,6 +49,12 @@ struct Disk {
 pub struct MemDisk {
     disk: Arc<Mutex<Disk>>,
     cluster_id: Arc<AtomicU64>,
+    /// How long a purge keeps the Raft core waiting (0: not at all).
+    purge_delay_us: Arc<AtomicU64>,
+    /// Purges under way now.
+    purging: Arc<AtomicU64>,
+    /// While set, every log write (append, vote, truncate) fails: a dead disk.
+    failing: Arc<AtomicBool>,
 }
 
 impl MemDisk {
@@ -62,6 +68,42 @@ impl MemDisk {
 
     pub(crate) fn set_snapshot(&self, bytes: Vec<u8>) {
         self.lock().snapshot = Some(bytes);
+    }
+
+    /// Makes every later purge on this disk take `delay` (a disk on which deleting
+    /// the purged entries is slow). Scenario tests use it to hold the Raft core
+    /// inside a purge.
+    pub fn set_purge_delay(&self, delay: Duration) {
+        self.purge_delay_us.store(delay.as_micros() as u64, Relaxed);
+    }
+
+    /// Purges under way on this disk right now.
+    pub fn purges_in_progress(&self) -> u64 {
+        self.purging.load(Relaxed)
+    }
+
+    /// While `failing`, every log write on this disk returns an I/O error (a disk
+    /// that died). openraft treats that as fatal and stops the node's Raft core.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Relaxed);
+    }
+
+    /// What the disk holds of the log: the vote, the purge point and the id of every
+    /// entry (what a node finds after a crash).
+    pub fn durable_summary(&self) -> DurableSummary {
+        let d = self.lock();
+        DurableSummary {
+            vote: d.image.vote,
+            last_purged: d.image.last_purged,
+            first: d.image.log.values().next().map(|e| e.log_id),
+            last: d.image.log.values().next_back().map(|e| e.log_id),
+            snapshot_bytes: d.snapshot.as_ref().map_or(0, Vec::len),
+        }
+    }
+
+    /// The ids of the durable log entries in `range` of indexes.
+    pub fn durable_log_ids(&self, range: impl RangeBounds<u64>) -> Vec<LogId<NodeId>> {
+        self.lock().image.log.range(range).map(|(_, e)| e.log_id).collect()
     }
 
     /// Flushes completed so far.
@@ -91,6 +133,16 @@ impl MemDisk {
     }
 }
 
+/// What a [`MemDisk`] holds of the log (see [`MemDisk::durable_summary`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DurableSummary {
+    pub vote: Option<Vote<NodeId>>,
+    pub last_purged: Option<LogId<NodeId>>,
+    pub first: Option<LogId<NodeId>>,
+    pub last: Option<LogId<NodeId>>,
+    pub snapshot_bytes: usize,
+}
+
 /// The in-memory Raft log store (see the module docs).
 #[derive(Clone, Debug)]
 pub struct MemLogStore {
@@ -106,6 +158,17 @@ impl MemLogStore {
 
     /// Makes the working copy durable after the simulated fsync time. A crash
     /// during the wait (the task is dropped with its host) loses the writes.
+    /// The error a failed disk returns.
+    fn check_disk(&self) -> StorageResult<()> {
+        if self.disk.failing.load(Relaxed) {
+            return Err(openraft::StorageIOError::write_logs(&std::io::Error::other(
+                "simulated disk failure",
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     async fn flush(&self) {
         tokio::time::sleep(self.fsync_delay).await;
         let image = self.cache().clone();
@@ -138,6 +201,7 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.check_disk()?;
         self.cache().vote = Some(*vote);
         self.flush().await;
         Ok(())
@@ -162,6 +226,7 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        self.check_disk()?;
         {
             let mut c = self.cache();
             for entry in entries {
@@ -183,6 +248,7 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.check_disk()?;
         self.cache().log.split_off(&log_id.index);
         self.flush().await;
         Ok(())
@@ -195,7 +261,23 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
             let kept = c.log.split_off(&(log_id.index + 1));
             c.log = kept;
         }
-        self.flush().await;
+        // As in the sled store, not flushed: the next flush carries it, and a purge
+        // lost in a crash is redone. A slow disk (`set_purge_delay`) still makes the
+        // core wait, which is how a scenario test opens the window of the openraft
+        // race in third_party/openraft/RATION-PATCH.md.
+        let delay = Duration::from_micros(self.disk.purge_delay_us.load(Relaxed));
+        if !delay.is_zero() {
+            self.disk.purging.fetch_add(1, Relaxed);
+            // Counted down even if the host crashes during the wait.
+            struct Done(Arc<AtomicU64>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Relaxed);
+                }
+            }
+            let _done = Done(self.disk.purging.clone());
+            tokio::time::sleep(delay).await;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,353 @@
+//! Scripted scenarios: a small cluster driven step by step through one mechanism,
+//! so a regression test keeps its meaning however the random fault schedule
+//! changes. Each runs the production node (services, proposer, patched openraft) on
+//! turmoil, with the same supervisor and checks as [`crate::run`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use openraft::ServerState;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use ration_proto::v1;
+use ration_store::mem::MemDisk;
+
+use crate::{
+    addr, check_running, converged, host, net, node_config, nodes, setup_budgets, spawn_node,
+    Observed, Report, Shared, SimClock, Supervisor, Tracer, EPOCH_MS, PROBE_BUDGET, UNIT,
+};
+
+/// What a scenario saw.
+#[derive(Clone, Debug, Default)]
+pub struct ScenarioReport {
+    /// Raft cores that stopped on their own: who, when, why.
+    pub core_stops: Vec<String>,
+    /// Supervisor restarts.
+    pub restarts: u64,
+    /// Times the patched openraft path ("replication channel closed before a
+    /// snapshot could be sent") was taken.
+    pub race_hits: u64,
+    /// Attempts the scenario needed to provoke its mechanism.
+    pub attempts: u64,
+    /// Grants the writer was acknowledged.
+    pub writes: u64,
+    /// Simulated time at the end, and the converged applied index.
+    pub sim_ms: u64,
+    pub applied: u64,
+    /// Distinct committed entries cross-checked.
+    pub entries_checked: u64,
+}
+
+struct Cluster<'a> {
+    sim: turmoil::Sim<'a>,
+    shared: Arc<Shared>,
+    disks: BTreeMap<u64, MemDisk>,
+    voters: u64,
+    supervisor: Supervisor,
+    tracer: Tracer,
+    rng: StdRng,
+    report: Report,
+    observed: Observed,
+    writes: Arc<AtomicU64>,
+    steps: u64,
+}
+
+impl Cluster<'_> {
+    /// `voters` nodes with 10 ms fsyncs and exact clocks, and a writer that
+    /// acquires through any node every 10-30 ms until told to stop.
+    fn new(seed: u64, voters: u64, tweak: impl Fn(&mut ration_server::Config)) -> Self {
+        let mut sim = turmoil::Builder::new()
+            .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
+            .simulation_duration(Duration::from_secs(600))
+            .tick_duration(Duration::from_millis(10))
+            .min_message_latency(Duration::from_micros(200))
+            .max_message_latency(Duration::from_millis(4))
+            .tcp_capacity(256)
+            .rng_seed(seed)
+            .build();
+        let shared = Arc::new(Shared::default());
+        let mut disks = BTreeMap::new();
+        for id in 1..=voters {
+            let disk = MemDisk::default();
+            disks.insert(id, disk.clone());
+            let clock = Arc::new(SimClock { offset_ms: 0, drift_ppm: 0 });
+            let mut config = node_config(id, voters);
+            tweak(&mut config);
+            spawn_node(
+                &mut sim,
+                id,
+                disk,
+                Duration::from_millis(10),
+                clock,
+                config,
+                shared.clone(),
+            );
+        }
+        let writes = Arc::new(AtomicU64::new(0));
+        {
+            let shared = shared.clone();
+            let writes = writes.clone();
+            let endpoints: Vec<String> = (1..=voters).map(addr).collect();
+            sim.client("writer", async move {
+                setup_budgets(&endpoints, 1_000_000).await?;
+                shared.live.store(true, Relaxed);
+                let mut request_id = 0u64;
+                let mut at = 0usize;
+                while !shared.stop_spending.load(Relaxed) {
+                    request_id += 1;
+                    let req = v1::AcquireRequest {
+                        meta: Some(v1::RequestMeta {
+                            client_id: "writer".into(),
+                            request_id,
+                            principal: "writer".into(),
+                        }),
+                        budget: PROBE_BUDGET.into(),
+                        unit: UNIT.into(),
+                        wanted: 1,
+                        min: 1,
+                        ttl_ms: 500,
+                    };
+                    let mut c = v1::ledger_client::LedgerClient::new(net::channel(
+                        &endpoints[at % endpoints.len()],
+                        Duration::from_millis(700),
+                    ));
+                    match c.acquire(req).await {
+                        Ok(_) => {
+                            writes.fetch_add(1, Relaxed);
+                        }
+                        Err(_) => at += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(10 + request_id % 20)).await;
+                }
+                Ok(())
+            });
+        }
+        Self {
+            sim,
+            shared,
+            disks,
+            voters,
+            supervisor: Supervisor::default(),
+            tracer: Tracer::from_env(),
+            rng: StdRng::seed_from_u64(seed),
+            report: Report::default(),
+            observed: Observed::default(),
+            writes,
+            steps: 0,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.sim.elapsed().as_millis() as u64
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        self.sim.step().map_err(|e| format!("a host failed: {e}"))?;
+        self.steps += 1;
+        let now = self.now_ms();
+        self.supervisor.poll(
+            &mut self.sim,
+            &self.shared,
+            &mut self.rng,
+            &mut self.report,
+            &mut self.tracer,
+        );
+        self.tracer.observe(now, &self.shared);
+        if self.steps % 25 == 0 {
+            check_running(&self.shared, &self.disks, &mut self.observed)
+                .map_err(|e| format!("at {now} ms: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Steps until `done` holds (true) or `ms` of simulated time pass (false).
+    fn run_until(&mut self, ms: u64, done: impl Fn(&Self) -> bool) -> Result<bool, String> {
+        let until = self.now_ms() + ms;
+        while self.now_ms() < until {
+            if done(self) {
+                return Ok(true);
+            }
+            self.step()?;
+        }
+        Ok(done(self))
+    }
+
+    fn metrics(&self, id: u64) -> Option<openraft::RaftMetrics<u64, openraft::BasicNode>> {
+        nodes(&self.shared)
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, n)| n.raft.metrics().borrow().clone())
+    }
+
+    /// The node that leads with the highest term, if any.
+    fn leader(&self) -> Option<u64> {
+        (1..=self.voters)
+            .filter_map(|id| self.metrics(id).map(|m| (id, m)))
+            .filter(|(_, m)| m.state == ServerState::Leader)
+            .max_by_key(|(_, m)| m.current_term)
+            .map(|(id, _)| id)
+    }
+
+    fn set_held(&mut self, id: u64, held: bool) {
+        for other in (1..=self.voters).filter(|o| *o != id) {
+            if held {
+                self.sim.hold(host(id), host(other));
+            } else {
+                self.sim.release(host(id), host(other));
+            }
+        }
+        let now = self.now_ms();
+        self.tracer.event(now, format!("n{id}: links {}", if held { "held" } else { "released" }));
+    }
+
+    /// Stops the writer, waits (at most 60 s) until every voter is up at the same
+    /// applied index under one leader, and checks that committed entries agree.
+    fn converge(mut self) -> Result<ScenarioReport, String> {
+        self.shared.stop_spending.store(true, Relaxed);
+        if !self.run_until(60_000, |c| converged(&c.shared))? {
+            return Err(format!("no convergence within 60 s: {:#?}", crate::applied(&self.shared)));
+        }
+        check_running(&self.shared, &self.disks, &mut self.observed)?;
+        let applied = nodes(&self.shared)
+            .first()
+            .and_then(|(_, n)| n.reader.state().last_applied.map(|l| l.index))
+            .unwrap_or(0);
+        for (id, disk) in &self.disks {
+            self.observed.still_holds(*id, &disk.durable_log_ids(..))?;
+        }
+        if self.observed.last().unwrap_or(0) > applied {
+            return Err("an entry applied during the run is past the converged index".into());
+        }
+        Ok(ScenarioReport {
+            core_stops: self.report.core_stops.clone(),
+            restarts: self.report.faults.get("core_restart").copied().unwrap_or(0),
+            writes: self.writes.load(Relaxed),
+            sim_ms: self.now_ms(),
+            applied,
+            entries_checked: self.observed.len() as u64,
+            ..ScenarioReport::default()
+        })
+    }
+}
+
+/// The openraft race of issue 10 (third_party/openraft/RATION-PATCH.md), on purpose.
+///
+/// Every disk purges slowly (400 ms), so a leader's core sits inside each purge.
+/// A follower F is cut off (its links held) until it has campaigned into a higher
+/// term and the leader has snapshotted and purged past F's log. F's links are
+/// released while the leader is inside a purge: F answers the leader's pending
+/// AppendEntries with its higher vote, the replication task queues that notice
+/// and exits, and when the purge returns the leader's core asks the closed
+/// channel to ship F a snapshot. Upstream openraft 0.9.25 stopped the core there
+/// for good; the patched one logs a warning, handles the notice and steps down.
+/// Repeated (at most 12 times) until the patched path has been taken.
+pub fn higher_vote_during_a_slow_purge() -> Result<ScenarioReport, String> {
+    let hits = Arc::new(AtomicU64::new(0));
+    let logs = std::env::var("RATION_SIM_LOG").ok().map(|filter| {
+        tracing_subscriber::Layer::with_filter(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .without_time()
+                .with_writer(std::io::stderr),
+            tracing_subscriber::EnvFilter::new(filter),
+        )
+    });
+    let _count = tracing::subscriber::set_default(tracing_subscriber::layer::SubscriberExt::with(
+        tracing_subscriber::layer::SubscriberExt::with(
+            tracing_subscriber::registry(),
+            PatchedPath(hits.clone()),
+        ),
+        logs,
+    ));
+    // Snapshots every 100 entries: a follower cut off right after a purge has time
+    // to campaign before the next purge passes its log.
+    let mut c = Cluster::new(10, 3, |config| config.snapshot_after_entries = 100);
+    if !c.run_until(20_000, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
+        return Err("no leader accepted the budgets".into());
+    }
+    for disk in c.disks.values() {
+        disk.set_purge_delay(Duration::from_millis(400));
+    }
+    let mut attempts = 0;
+    while hits.load(Relaxed) == 0 && attempts < 12 {
+        attempts += 1;
+        let Some(leader) = c.leader() else {
+            c.run_until(2_000, |c| c.leader().is_some())?;
+            continue;
+        };
+        let follower = (1..=c.voters).find(|i| *i != leader).unwrap_or(2);
+        let leader_disk = c.disks[&leader].clone();
+        // Right after a purge, F is cut off, up to date.
+        c.run_until(20_000, |_| leader_disk.purges_in_progress() > 0)?;
+        c.run_until(5_000, |_| leader_disk.purges_in_progress() == 0)?;
+        c.set_held(follower, true);
+        // F campaigns into a higher term.
+        c.run_until(10_000, |c| {
+            let (Some(f), Some(l)) = (c.metrics(follower), c.metrics(leader)) else {
+                return false;
+            };
+            f.current_term > l.current_term
+        })?;
+        // The next purge passes F's log: F is released while the leader's core is
+        // inside it.
+        c.run_until(20_000, |_| leader_disk.purges_in_progress() > 0)?;
+        c.set_held(follower, false);
+        c.run_until(3_000, |_| false)?;
+    }
+    let hit = hits.load(Relaxed);
+    let mut report = c.converge()?;
+    report.race_hits = hit;
+    report.attempts = attempts;
+    Ok(report)
+}
+
+/// A Raft core that stops (here: its disk fails, so openraft gets an I/O error
+/// from the log store, which it treats as fatal) ends its host; the supervisor
+/// restarts it from its disk, and the cluster converges with it.
+pub fn a_stopped_core_is_restarted() -> Result<ScenarioReport, String> {
+    let mut c = Cluster::new(11, 3, |_| {});
+    if !c.run_until(20_000, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
+        return Err("no leader accepted the budgets".into());
+    }
+    c.run_until(1_000, |_| false)?;
+    let leader = c.leader().ok_or("the leader vanished")?;
+    let disk = c.disks[&leader].clone();
+    disk.set_failing(true);
+    let now = c.now_ms();
+    c.tracer.event(now, format!("n{leader}: its disk fails"));
+    let stopped = c.shared.clone();
+    if !c.run_until(10_000, |c| {
+        !stopped.nodes.lock().map_or(true, |n| n.contains_key(&leader))
+            || !c.report.core_stops.is_empty()
+    })? {
+        return Err(format!("node {leader}'s core kept running on a failed disk"));
+    }
+    // The disk is replaced before the supervisor restarts the node.
+    disk.set_failing(false);
+    c.run_until(10_000, |c| c.report.faults.contains_key("core_restart"))?;
+    c.run_until(2_000, |_| false)?;
+    c.converge()
+}
+
+/// Counts the patched openraft path's warning.
+struct PatchedPath(Arc<AtomicU64>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PatchedPath {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(bool);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" && format!("{value:?}").contains("(ration patch)") {
+                    self.0 = true;
+                }
+            }
+        }
+        let mut m = Message(false);
+        event.record(&mut m);
+        if m.0 {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+}
