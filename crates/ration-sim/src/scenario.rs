@@ -214,8 +214,11 @@ impl Cluster<'_> {
             .first()
             .and_then(|(_, n)| n.reader.state().last_applied.map(|l| l.index))
             .unwrap_or(0);
-        for (id, disk) in &self.disks {
-            self.observed.still_holds(*id, &disk.durable_log_ids(..))?;
+        for (id, node) in nodes(&self.shared) {
+            if let Some(disk) = self.disks.get(&id) {
+                let held = crate::log_ids_above_snapshot(&node, disk, None);
+                self.observed.still_holds(id, &held)?;
+            }
         }
         if self.observed.last().unwrap_or(0) > applied {
             return Err("an entry applied during the run is past the converged index".into());
