@@ -1413,3 +1413,43 @@ pub fn rotating_first_seed() -> u64 {
         std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 60);
     minutes.saturating_mul(1_000)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(term: u64, node: u64, index: u64) -> LogId<u64> {
+        LogId::new(openraft::CommittedLeaderId::new(term, node), index)
+    }
+
+    #[test]
+    fn two_leaders_of_one_term_are_fine_when_replicas_agree_on_entries() {
+        let mut o = Observed::default();
+        // T8-N1 led first and wrote index 5 on itself only; T8-N3 then led term 8
+        // too and its index 5 is what every replica applied.
+        for node in 1..=3 {
+            o.applied(node, id(8, 3, 5)).unwrap();
+        }
+        o.applied(2, id(8, 3, 6)).unwrap();
+        assert_eq!(o.last(), Some(6));
+        // Node 1 still holds its own unapplied T8-N1-7 beyond what was applied:
+        // nothing committed is contradicted.
+        o.still_holds(1, &[id(8, 3, 5), id(8, 3, 6)]).unwrap();
+    }
+
+    #[test]
+    fn different_entries_applied_at_one_index_fail() {
+        let mut o = Observed::default();
+        o.applied(1, id(8, 1, 5)).unwrap();
+        let e = o.applied(3, id(8, 3, 5)).unwrap_err();
+        assert!(e.contains("nodes 1 and 3 applied different entries at index 5"), "{e}");
+    }
+
+    #[test]
+    fn a_lost_committed_entry_fails() {
+        let mut o = Observed::default();
+        o.applied(1, id(2, 1, 9)).unwrap();
+        let e = o.still_holds(2, &[id(3, 2, 9)]).unwrap_err();
+        assert!(e.contains("committed entry") && e.contains("was lost"), "{e}");
+    }
+}
