@@ -54,10 +54,18 @@ struct Cluster<'a> {
     steps: u64,
 }
 
+impl Drop for Cluster<'_> {
+    fn drop(&mut self) {
+        ration_store::runtime::seed_thread_rng(None);
+    }
+}
+
 impl Cluster<'_> {
     /// `voters` nodes with 10 ms fsyncs and exact clocks, and a writer that
     /// acquires through any node every 10-30 ms until told to stop.
     fn new(seed: u64, voters: u64, tweak: impl Fn(&mut ration_server::Config)) -> Self {
+        // openraft's election timeouts too come from the seed: the scenario replays.
+        ration_store::runtime::seed_thread_rng(Some(seed));
         let mut sim = turmoil::Builder::new()
             .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
             .simulation_duration(Duration::from_secs(600))
