@@ -5,9 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, SnapshotMeta, StoredMembership};
+use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, StoredMembership};
 use ration_core::{AuditRecord, Batch, Command, Entry, Ledger, LedgerConfig};
-use serde::Serialize;
 
 use crate::core::run_program;
 use crate::driver::Rng;
@@ -80,23 +79,6 @@ fn snapshot_seeds() -> Vec<Vec<u8>> {
     out
 }
 
-// The node's snapshot file, as `ration-store` writes it (its types are private; the
-// seeds test checks `inspect_snapshot` accepts these, so a format change shows).
-
-#[derive(Serialize)]
-struct SnapshotBody<'a> {
-    last_applied: Option<LogId<u64>>,
-    membership: StoredMembership<u64, BasicNode>,
-    ledger: Vec<u8>,
-    audit: &'a [AuditRecord],
-}
-
-#[derive(Serialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta<u64, BasicNode>,
-    data: Vec<u8>,
-}
-
 /// A snapshot file holding `ledger` and its audit trail, as a one-node cluster's.
 pub fn snapshot_file(ledger: &Ledger, audit: &[AuditRecord]) -> Vec<u8> {
     let last = Some(LogId::new(CommittedLeaderId::new(1, 1), ledger.last_index()));
@@ -105,19 +87,5 @@ pub fn snapshot_file(ledger: &Ledger, audit: &[AuditRecord]) -> Vec<u8> {
         Some(LogId::new(CommittedLeaderId::new(1, 1), 0)),
         Membership::new(vec![BTreeSet::from([1u64])], nodes),
     );
-    let body = SnapshotBody {
-        last_applied: last,
-        membership: membership.clone(),
-        ledger: ledger.snapshot(),
-        audit,
-    };
-    let file = SnapshotFile {
-        meta: SnapshotMeta {
-            last_log_id: last,
-            last_membership: membership,
-            snapshot_id: format!("1-1-{}", ledger.last_index()),
-        },
-        data: postcard::to_stdvec(&body).expect("encoding into a Vec cannot fail"),
-    };
-    postcard::to_stdvec(&file).expect("encoding into a Vec cannot fail")
+    ration_store::backup::snapshot_file_bytes(last, membership, ledger.snapshot(), audit.to_vec())
 }

@@ -3,8 +3,10 @@
 //!
 //! A saved snapshot is exactly a node's `snapshot.bin`: openraft's metadata (last log
 //! id, membership) and the body (the ledger's encoding and every audit record up to
-//! its chain head). Inspecting or restoring one decodes it fully: the ledger's
-//! invariants are re-checked and the audit chain is verified end to end.
+//! its chain head), each section with its own SHA-256 and the file with a trailer
+//! hash ([`crate::framing`]). Inspecting or restoring one checks every hash, then
+//! decodes it fully: the ledger's invariants are re-checked and the audit chain is
+//! verified end to end. A damaged file is refused with a message naming where.
 
 use std::io::Write;
 use std::path::Path;
@@ -37,8 +39,7 @@ pub fn current_snapshot(dir: &Path) -> Result<Option<Vec<u8>>, OpenError> {
 
 /// Decodes and checks a snapshot file's bytes.
 pub fn inspect_snapshot(bytes: &[u8]) -> Result<SnapshotInfo, String> {
-    let file: SnapshotFile =
-        postcard::from_bytes(bytes).map_err(|e| format!("not a Ration snapshot: {e}"))?;
+    let file = SnapshotFile::decode(bytes)?;
     let (state, records) = decode_body(&file.data)?;
     let last = file.meta.last_log_id;
     if last != state.last_applied {
@@ -78,7 +79,7 @@ pub fn restore(dir: &Path, bytes: &[u8]) -> Result<SnapshotInfo, OpenError> {
         )));
     }
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let tmp = crate::unique_tmp(dir);
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
@@ -108,4 +109,25 @@ pub fn dir_size(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// The bytes of a snapshot file, exactly as a node writes one: `ledger` (the
+/// ledger's own encoding) and `audit` (its records up to the chain head), applied
+/// up to `last`, under `membership`. For tools and tests that make snapshot files
+/// without a running node (the fuzz seeds use it).
+pub fn snapshot_file_bytes(
+    last: Option<openraft::LogId<crate::NodeId>>,
+    membership: openraft::StoredMembership<crate::NodeId, openraft::BasicNode>,
+    ledger: Vec<u8>,
+    audit: Vec<ration_core::audit::AuditRecord>,
+) -> Vec<u8> {
+    let data =
+        crate::SnapshotBody { last_applied: last, membership: membership.clone(), ledger, audit }
+            .encode();
+    let meta = openraft::SnapshotMeta {
+        last_log_id: last,
+        last_membership: membership,
+        snapshot_id: crate::snapshot_id(last),
+    };
+    SnapshotFile { meta, data }.encode()
 }

@@ -52,6 +52,7 @@ openraft::declare_raft_types!(
 );
 
 pub mod backup;
+pub mod framing;
 pub mod mem;
 pub mod runtime;
 
@@ -467,6 +468,9 @@ pub struct StateMachine {
     db: Option<sled::Db>,
     audit: AuditStore,
     snapshots: SnapshotPlace,
+    /// Held for a whole snapshot build and a whole install, so neither reads or
+    /// replaces the audit records or the file while the other is under way.
+    snapshot_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Where the current snapshot is kept: a file, or a simulated disk.
@@ -477,7 +481,11 @@ enum SnapshotPlace {
 }
 
 /// A snapshot's content: the ledger and the audit records up to its chain head.
-#[derive(Serialize, Deserialize)]
+///
+/// Encoded ([`SnapshotBody::encode`]) as three framed sections, each with its own
+/// SHA-256 and the whole with a trailer hash (see [`framing`]): `head` (applied log
+/// id and membership), `ledg` (the ledger's own encoding), `audt` (the records).
+/// The body is what openraft ships to a follower, so an install checks it too.
 struct SnapshotBody {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
@@ -485,11 +493,58 @@ struct SnapshotBody {
     audit: Vec<AuditRecord>,
 }
 
-/// The snapshot file: openraft's metadata and the body's bytes.
-#[derive(Serialize, Deserialize)]
+const BODY_MAGIC: &[u8; 8] = b"RATNBODY";
+const BODY_TAGS: [&[u8; 4]; 3] = [b"head", b"ledg", b"audt"];
+const FILE_MAGIC: &[u8; 8] = b"RATNSNAP";
+const FILE_TAGS: [&[u8; 4]; 2] = [b"meta", b"body"];
+
+impl SnapshotBody {
+    fn encode(&self) -> Vec<u8> {
+        let head = encode(&(&self.last_applied, &self.membership));
+        framing::frame(
+            BODY_MAGIC,
+            &[
+                (BODY_TAGS[0], &head),
+                (BODY_TAGS[1], &self.ledger),
+                (BODY_TAGS[2], &encode(&self.audit)),
+            ],
+        )
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let parts = framing::unframe("snapshot body", BODY_MAGIC, &BODY_TAGS, bytes)
+            .map_err(|e| e.to_string())?;
+        let (last_applied, membership) = postcard::from_bytes(parts[0])
+            .map_err(|e| format!("snapshot body: section \"head\" does not decode: {e}"))?;
+        let audit = postcard::from_bytes(parts[2])
+            .map_err(|e| format!("snapshot body: section \"audt\" does not decode: {e}"))?;
+        Ok(Self { last_applied, membership, ledger: parts[1].to_vec(), audit })
+    }
+}
+
+/// The snapshot file: openraft's metadata and the body's bytes, framed again as
+/// sections `meta` and `body` with their own checksums and a trailer hash.
 struct SnapshotFile {
     meta: SnapshotMeta<NodeId, BasicNode>,
     data: Vec<u8>,
+}
+
+impl SnapshotFile {
+    fn encode(&self) -> Vec<u8> {
+        framing::frame(
+            FILE_MAGIC,
+            &[(FILE_TAGS[0], &encode(&self.meta)), (FILE_TAGS[1], &self.data)],
+        )
+    }
+
+    /// Checks every checksum of the file and of the body inside it.
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let parts = framing::unframe("snapshot file", FILE_MAGIC, &FILE_TAGS, bytes)
+            .map_err(|e| e.to_string())?;
+        let meta = postcard::from_bytes(parts[0])
+            .map_err(|e| format!("snapshot file: section \"meta\" does not decode: {e}"))?;
+        Ok(Self { meta, data: parts[1].to_vec() })
+    }
 }
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
@@ -533,7 +588,13 @@ impl StateMachine {
                 db.flush()?;
             }
         }
-        Ok(Self { state: Arc::new(RwLock::new(state)), db, audit, snapshots })
+        Ok(Self {
+            state: Arc::new(RwLock::new(state)),
+            db,
+            audit,
+            snapshots,
+            snapshot_lock: Arc::default(),
+        })
     }
 
     pub fn reader(&self) -> Reader {
@@ -544,11 +605,20 @@ impl StateMachine {
         self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Every audit record before `head`.
-    fn audit_until(&self, head: ChainHead) -> Result<Vec<AuditRecord>, ReadError> {
-        let mut records =
-            self.audit.read(0, usize::try_from(head.next_seq).unwrap_or(usize::MAX))?;
-        records.truncate(usize::try_from(head.next_seq).unwrap_or(usize::MAX));
+    /// Every audit record before `head`, exactly: apply writes a batch's records
+    /// before it releases the ledger, so every record up to a head read under the
+    /// lock is there; fewer means the store lost some, and is an error.
+    fn audit_until(&self, head: ChainHead) -> Result<Vec<AuditRecord>, String> {
+        let want = usize::try_from(head.next_seq).unwrap_or(usize::MAX);
+        let mut records = self.audit.read(0, want).map_err(|e| e.to_string())?;
+        records.truncate(want);
+        if records.len() != want {
+            return Err(format!(
+                "the audit store holds {} records before the ledger's chain head at {}",
+                records.len(),
+                head.next_seq
+            ));
+        }
         Ok(records)
     }
 
@@ -575,10 +645,8 @@ impl SnapshotPlace {
             SnapshotPlace::Mem(disk) => disk
                 .snapshot()
                 .map(|bytes| {
-                    postcard::from_bytes(&bytes).map_err(|e| OpenError::Snapshot {
-                        path: self.path(),
-                        reason: e.to_string(),
-                    })
+                    SnapshotFile::decode(&bytes)
+                        .map_err(|reason| OpenError::Snapshot { path: self.path(), reason })
                 })
                 .transpose(),
         }
@@ -590,24 +658,32 @@ impl SnapshotPlace {
         let dir = match self {
             SnapshotPlace::Dir(dir) => dir,
             SnapshotPlace::Mem(disk) => {
-                disk.set_snapshot(encode(file));
+                disk.set_snapshot(file.encode());
                 return Ok(());
             }
         };
-        let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        let tmp = unique_tmp(dir);
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&encode(file))?;
+        f.write_all(&file.encode())?;
         f.sync_all()?;
         std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
         std::fs::File::open(dir)?.sync_all()
     }
 }
 
+/// A temporary file name in `dir` that no other writer in this process or another
+/// uses at the same time (so two snapshot writes can never interleave in one file).
+fn unique_tmp(dir: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{SNAPSHOT_FILE}.{}.{n}.tmp", std::process::id()))
+}
+
 fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotFile>, OpenError> {
     match std::fs::read(path) {
-        Ok(bytes) => postcard::from_bytes(&bytes)
+        Ok(bytes) => SnapshotFile::decode(&bytes)
             .map(Some)
-            .map_err(|e| OpenError::Snapshot { path: path.to_path_buf(), reason: e.to_string() }),
+            .map_err(|reason| OpenError::Snapshot { path: path.to_path_buf(), reason }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -616,7 +692,7 @@ fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotFile>, OpenError> {
 /// Decodes and checks a snapshot body: the ledger restores and checks its
 /// invariants, and the audit records form a chain ending at the ledger's head.
 fn decode_body(data: &[u8]) -> Result<(AppliedState, Vec<AuditRecord>), String> {
-    let body: SnapshotBody = postcard::from_bytes(data).map_err(|e| e.to_string())?;
+    let body = SnapshotBody::decode(data)?;
     let ledger = Ledger::restore(&body.ledger).map_err(|e| e.to_string())?;
     let head = verify_chain(&body.audit, ChainHead::default()).map_err(|e| e.to_string())?;
     if head != ledger.chain_head() {
@@ -639,6 +715,8 @@ fn snapshot_id(last: Option<LogId<NodeId>>) -> String {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let lock = self.snapshot_lock.clone();
+        let _serialized = lock.lock().await;
         let (ledger, last_applied, membership, head) = {
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());
             (
@@ -648,9 +726,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 state.ledger.chain_head(),
             )
         };
-        let audit = self.audit_until(head).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let audit = self
+            .audit_until(head)
+            .map_err(|e| StorageIOError::read_state_machine(&std::io::Error::other(e)))?;
         let data =
-            encode(&SnapshotBody { last_applied, membership: membership.clone(), ledger, audit });
+            SnapshotBody { last_applied, membership: membership.clone(), ledger, audit }.encode();
         let meta = SnapshotMeta {
             last_log_id: last_applied,
             last_membership: membership,
@@ -683,8 +763,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut responses = Vec::new();
         let mut records = Vec::new();
+        let mut state = self.write_state();
         {
-            let mut state = self.write_state();
             for entry in entries {
                 state.last_applied = Some(entry.log_id);
                 match entry.payload {
@@ -701,9 +781,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        // Not flushed: audit records can be regenerated from the log, and a snapshot
-        // flushes them before it is written.
-        self.audit.append(&records).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        // Written before the ledger is released, so a snapshot builder that reads the
+        // chain head under the lock always finds every record up to it. Not flushed:
+        // audit records can be regenerated from the log, and a snapshot flushes them
+        // before it is written.
+        let written = self.audit.append(&records);
+        drop(state);
+        written.map_err(|e| StorageIOError::write_state_machine(&e))?;
         Ok(responses)
     }
 
@@ -713,6 +797,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             db: self.db.clone(),
             audit: self.audit.clone(),
             snapshots: self.snapshots.clone(),
+            snapshot_lock: self.snapshot_lock.clone(),
         }
     }
 
@@ -725,6 +810,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
+        let lock = self.snapshot_lock.clone();
+        let _serialized = lock.lock().await;
         let data = snapshot.into_inner();
         let (mut state, records) = decode_body(&data).map_err(|reason| {
             StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(reason))
