@@ -50,6 +50,9 @@ pub struct SimConfig {
     pub cap: u64,
     /// Inject faults (false: a quiet run, for the determinism check).
     pub faults: bool,
+    /// Include disk failures in the fault mix (false: the mix before they were
+    /// added, so seeds found then keep their schedules).
+    pub disk_failures: bool,
 }
 
 impl SimConfig {
@@ -61,6 +64,7 @@ impl SimConfig {
             chaos: Duration::from_secs(8),
             cap: 3_000,
             faults: true,
+            disk_failures: true,
         }
     }
 }
@@ -271,6 +275,10 @@ enum Fault {
     TransferLeader,
     AddSpare,
     RemoveSpare,
+    /// A node's disk fails (every log write errors) until healed: openraft stops
+    /// its Raft core, the host ends, and the supervisor restarts it (again and
+    /// again while the disk is still failing).
+    DiskFailure(u64),
 }
 
 impl Fault {
@@ -286,6 +294,7 @@ impl Fault {
             Fault::TransferLeader => "leader_transfer",
             Fault::AddSpare => "membership_add",
             Fault::RemoveSpare => "membership_remove",
+            Fault::DiskFailure(_) => "disk_failure",
         }
     }
 }
@@ -571,7 +580,9 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
     if cfg.faults {
         let mut t = 1_500u64;
         while t < chaos_ms {
-            let fault = match rng.gen_range(0..10u32) {
+            let kinds = if cfg.disk_failures { 11 } else { 10 };
+            let fault = match rng.gen_range(0..kinds) {
+                10 => Fault::DiskFailure(rng.gen_range(1..=cfg.nodes)),
                 0 | 1 => Fault::Crash(rng.gen_range(1..=cfg.nodes)),
                 9 => Fault::CrashMany,
                 2 => Fault::PartitionLeader,
@@ -630,7 +641,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
             schedule.pop();
             *report.faults.entry(fault.name()).or_default() += 1;
             trace.note(now_ms(&sim), fault.name());
-            let undo = inject(&mut sim, &shared, cfg, fault, &mut rng, &mut report);
+            let undo = inject(&mut sim, &shared, cfg, fault, &mut rng, &mut report, &disks);
             tracer.fault(now_ms(&sim), fault, &undo, lasts, &disks);
             heal_at.push((t + lasts, fault, undo));
         }
@@ -638,7 +649,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
             if *until > t {
                 return true;
             }
-            heal(&mut sim, cfg.nodes + 1, *fault, undo);
+            heal(&mut sim, cfg.nodes + 1, *fault, undo, &disks);
             tracer.event(now_ms(&sim), format!("heal {} {undo:?}", fault.name()));
             false
         });
@@ -654,7 +665,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
 
     // Heal everything and let the cluster settle.
     for (_, fault, undo) in heal_at.drain(..) {
-        heal(&mut sim, cfg.nodes + 1, fault, &undo);
+        heal(&mut sim, cfg.nodes + 1, fault, &undo, &disks);
     }
     tracer.event(now_ms(&sim), "chaos over: every fault healed");
     sim.set_max_message_latency(Duration::from_millis(4));
@@ -749,6 +760,7 @@ fn inject(
     fault: Fault,
     rng: &mut StdRng,
     report: &mut Report,
+    disks: &BTreeMap<u64, MemDisk>,
 ) -> Vec<String> {
     let all: Vec<u64> = (1..=cfg.nodes + 1).collect();
     let leader = current_leader(shared);
@@ -824,10 +836,22 @@ fn inject(
             shared.ops.lock().unwrap_or_else(|p| p.into_inner()).insert(0, fault);
             vec![]
         }
+        Fault::DiskFailure(id) => {
+            if let Some(disk) = disks.get(&id) {
+                disk.set_failing(true);
+            }
+            vec![host(id)]
+        }
     }
 }
 
-fn heal(sim: &mut turmoil::Sim<'_>, hosts: u64, fault: Fault, undo: &[String]) {
+fn heal(
+    sim: &mut turmoil::Sim<'_>,
+    hosts: u64,
+    fault: Fault,
+    undo: &[String],
+    disks: &BTreeMap<u64, MemDisk>,
+) {
     let everyone: Vec<String> = (1..=hosts).map(host).collect();
     match fault {
         Fault::Crash(_) | Fault::CrashMany => {
@@ -855,6 +879,11 @@ fn heal(sim: &mut turmoil::Sim<'_>, hosts: u64, fault: Fault, undo: &[String]) {
             }
         }
         Fault::SlowLinks => sim.set_max_message_latency(Duration::from_millis(4)),
+        Fault::DiskFailure(id) => {
+            if let Some(disk) = disks.get(&id) {
+                disk.set_failing(false);
+            }
+        }
         Fault::TransferLeader | Fault::AddSpare | Fault::RemoveSpare => {}
     }
 }
