@@ -228,9 +228,22 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
+        .map_err(|e| in_use(e, "give each node its own --listen"))
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let handle = start(config, listener).await?;
     supervise(handle, shutdown).await
+}
+
+/// An address already taken says which setting to change.
+fn in_use(e: std::io::Error, hint: &str) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        std::io::Error::new(
+            e.kind(),
+            format!("the address is already in use (another rationd on this machine?): {hint}"),
+        )
+    } else {
+        e
+    }
 }
 
 /// The second half of [`run`], for a node started any way: waits for `shutdown` or
@@ -317,6 +330,16 @@ where
 {
     config.validate()?;
     let addr = config.advertise_addr();
+    // Bound before Raft starts, so a taken port fails the start cleanly.
+    let metrics_listener = match config.metrics_addr()? {
+        Some(at) => Some(
+            TcpListener::bind(at)
+                .await
+                .map_err(|e| in_use(e, "give each node its own --metrics-listen, or set it to off"))
+                .with_context(|| format!("cannot serve metrics on {at}"))?,
+        ),
+        None => None,
+    };
     let Storage { log, sm, reader, identity } = storage;
     let raft_config = openraft::Config {
         cluster_name: "ration".into(),
@@ -375,8 +398,8 @@ where
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    if let Some(addr) = config.metrics_addr()? {
-        let bound = metrics::serve(Arc::downgrade(&node), addr, stopped()).await?;
+    if let Some(listener) = metrics_listener {
+        let bound = metrics::serve(Arc::downgrade(&node), listener, stopped()).await?;
         let _ = node.metrics_addr.set(bound);
         tracing::info!(%bound, "metrics served at /metrics");
     }

@@ -352,13 +352,9 @@ pub fn render(node: &Node) -> String {
 /// Serves `GET /metrics` on `addr` until the node stops. Returns the bound address.
 pub(crate) async fn serve(
     node: std::sync::Weak<Node>,
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<SocketAddr> {
-    use anyhow::Context;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",

@@ -47,7 +47,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(tracer) = tracer {
         let _ = tracer.shutdown();
     }
-    result
+    // One line, cause included ("cannot listen on ...: address already in use").
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Trace export to an OpenTelemetry collector, when built with `--features otel`
