@@ -462,7 +462,11 @@ async fn bootstrap(node: &Arc<Node>) -> anyhow::Result<()> {
                         tracing::info!(id = node.id, "joined the cluster as a voter");
                         return;
                     }
-                    Err(e) => tracing::warn!(attempt, "joining through {through}: {e:#}"),
+                    Err(e) => {
+                        // A dead connection would fail every later attempt too.
+                        node.channels.drop_channel(&through);
+                        tracing::warn!(attempt, "joining through {through}: {e:#}");
+                    }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

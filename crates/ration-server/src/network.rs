@@ -73,6 +73,26 @@ impl Channels {
     pub fn drop_channel(&self, addr: &str) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
     }
+
+    /// Passes a forwarded call's result through, forgetting the channel to `addr`
+    /// when the call failed in a way a dead connection causes (unavailable, a
+    /// timeout, a transport error). A stalled connection answers every later call
+    /// with a timeout (CANCELLED), never UNAVAILABLE, so keeping it would fail
+    /// every forward to that node for good. An answer the leader gave (an invalid
+    /// argument, an exhausted budget) keeps the channel.
+    pub fn forget_on_failure<T>(
+        &self,
+        addr: &str,
+        result: Result<T, tonic::Status>,
+    ) -> Result<T, tonic::Status> {
+        if let Err(s) = &result {
+            use tonic::Code::{Cancelled, DeadlineExceeded, Internal, Unavailable, Unknown};
+            if matches!(s.code(), Unavailable | Cancelled | DeadlineExceeded | Unknown | Internal) {
+                self.drop_channel(addr);
+            }
+        }
+        result
+    }
 }
 
 /// openraft's network factory.

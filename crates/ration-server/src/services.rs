@@ -151,15 +151,8 @@ macro_rules! write {
                     .get(&addr)
                     .map_err(|e| Status::unavailable(e.to_string()))?;
                 let mut client = LedgerClient::new(channel);
-                match client.$method(forward_request(inner)).await {
-                    Ok(r) => Ok(r),
-                    Err(s) => {
-                        if s.code() == tonic::Code::Unavailable {
-                            $self.node.channels.drop_channel(&addr);
-                        }
-                        Err(s)
-                    }
-                }
+                let result = client.$method(forward_request(inner)).await;
+                $self.node.channels.forget_on_failure(&addr, result)
             }
         }
     }};
@@ -177,7 +170,8 @@ macro_rules! read_via_leader {
             .ok_or_else(|| Status::unavailable("no leader is known right now"))?;
         let channel =
             $self.node.channels.get(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
-        return LedgerClient::new(channel).$method(forward_request($req.into_inner())).await;
+        let result = LedgerClient::new(channel).$method(forward_request($req.into_inner())).await;
+        return $self.node.channels.forget_on_failure(&addr, result);
     }};
 }
 
@@ -347,11 +341,12 @@ impl v1::ledger_server::Ledger for LedgerService {
                     .channels
                     .get(&addr)
                     .map_err(|e| Status::unavailable(e.to_string()))?;
-                LedgerClient::new(channel)
+                let result = LedgerClient::new(channel)
                     .max_decoding_message_size(self.node.config.max_message_bytes)
                     .max_encoding_message_size(self.node.config.max_message_bytes)
                     .batch(forward_request(inner))
-                    .await
+                    .await;
+                self.node.channels.forget_on_failure(&addr, result)
             }
         }
     }
@@ -460,14 +455,18 @@ impl ClusterService {
         }
     }
 
-    async fn leader_client(&self) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
+    /// A client for the leader, and its address (for
+    /// `Channels::forget_on_failure` on the call's result).
+    async fn leader_client(
+        &self,
+    ) -> Result<(String, ClusterClient<tonic::transport::Channel>), Status> {
         let (_, addr) = self
             .node
             .leader()
             .ok_or_else(|| Status::unavailable("no leader is known right now"))?;
         let channel =
             self.node.channels.get(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(ClusterClient::new(channel))
+        Ok((addr, ClusterClient::new(channel)))
     }
 }
 
@@ -549,11 +548,9 @@ impl v1::cluster_server::Cluster for ClusterService {
             if forwarded(&req) {
                 return Err(Status::unavailable("leadership is moving; retry"));
             }
-            return self
-                .leader_client()
-                .await?
-                .add_learner(forward_request(req.into_inner()))
-                .await;
+            let (addr, mut client) = self.leader_client().await?;
+            let result = client.add_learner(forward_request(req.into_inner())).await;
+            return self.node.channels.forget_on_failure(&addr, result);
         }
         let r = req.into_inner();
         if r.id == 0 || r.addr.is_empty() {
@@ -579,11 +576,9 @@ impl v1::cluster_server::Cluster for ClusterService {
             if forwarded(&req) {
                 return Err(Status::unavailable("leadership is moving; retry"));
             }
-            return self
-                .leader_client()
-                .await?
-                .change_membership(forward_request(req.into_inner()))
-                .await;
+            let (addr, mut client) = self.leader_client().await?;
+            let result = client.change_membership(forward_request(req.into_inner())).await;
+            return self.node.channels.forget_on_failure(&addr, result);
         }
         let r = req.into_inner();
         let change = match (r.voters.is_empty(), r.remove.is_empty()) {
@@ -658,10 +653,12 @@ impl v1::cluster_server::Cluster for ClusterService {
                 continue;
             }
             let paused = match self.node.channels.get(member_addr) {
-                Ok(ch) => ClusterClient::new(ch)
-                    .pause_elections(v1::PauseElectionsRequest { ms: PAUSE_MS })
-                    .await
-                    .map(|_| ()),
+                Ok(ch) => {
+                    let result = ClusterClient::new(ch)
+                        .pause_elections(v1::PauseElectionsRequest { ms: PAUSE_MS })
+                        .await;
+                    self.node.channels.forget_on_failure(member_addr, result).map(|_| ())
+                }
                 Err(e) => Err(Status::unavailable(e.to_string())),
             };
             if let Err(e) = paused {
@@ -670,7 +667,8 @@ impl v1::cluster_server::Cluster for ClusterService {
         }
         let channel =
             self.node.channels.get(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
-        ClusterClient::new(channel).campaign(v1::CampaignRequest {}).await
+        let result = ClusterClient::new(channel).campaign(v1::CampaignRequest {}).await;
+        self.node.channels.forget_on_failure(&addr, result)
     }
 
     async fn campaign(

@@ -375,6 +375,16 @@ fn install_panic_hook() {
     });
 }
 
+/// Log lines carry simulated time (wall time means nothing in a simulation).
+pub(crate) struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let ms = turmoil::sim_elapsed().map_or(0, |d| d.as_millis());
+        write!(w, "[{ms:>6} ms]")
+    }
+}
+
 /// Runs one simulation.
 pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     install_panic_hook();
@@ -384,7 +394,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
                 .with_ansi(false)
-                .without_time()
+                .with_timer(SimTime)
                 .with_writer(std::io::stderr)
                 .finish(),
         )
@@ -728,10 +738,11 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
                 seed,
                 now_ms(&sim),
                 format!(
-                    "no convergence 60 s after healing (liveness grant: {}, gateways done: {}/{}): {:#?}",
+                    "no convergence 60 s after healing (liveness grant: {}, gateways done: {}/{}; hosts running: {:?}): {:#?}",
                     live_ok.load(Relaxed),
                     shared.gateways_done.load(Relaxed),
                     cfg.gateways,
+                    (1..=cfg.nodes + 1).map(|i| (i, sim.is_host_running(host(i)))).collect::<Vec<_>>(),
                     applied(&shared)
                 ),
             ));

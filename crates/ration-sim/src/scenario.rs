@@ -260,7 +260,7 @@ pub fn higher_vote_during_a_slow_purge() -> Result<ScenarioReport, String> {
         tracing_subscriber::Layer::with_filter(
             tracing_subscriber::fmt::layer()
                 .with_ansi(false)
-                .without_time()
+                .with_timer(crate::SimTime)
                 .with_writer(std::io::stderr),
             tracing_subscriber::EnvFilter::new(filter),
         )
@@ -340,6 +340,101 @@ pub fn a_stopped_core_is_restarted() -> Result<ScenarioReport, String> {
     c.run_until(10_000, |c| c.report.faults.contains_key("core_restart"))?;
     c.run_until(2_000, |_| false)?;
     c.converge()
+}
+
+/// A follower forwards writes to the leader over a cached channel. The leader is
+/// cut off for 400 ms (shorter than any election timeout, so it stays leader);
+/// the connection stalls for good (turmoil, like a real network that dropped the
+/// segments, never resends). Forwarded calls then time out (CANCELLED, not
+/// UNAVAILABLE), and a follower that kept the channel would never forward again:
+/// followers never dial the leader for Raft, so nothing else replaces it. Writes
+/// through the follower must succeed again soon after the link is repaired.
+pub fn forwarding_recovers_after_a_stalled_connection() -> Result<ScenarioReport, String> {
+    let mut c = Cluster::new(12, 3, |_| {});
+    if !c.run_until(20_000, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
+        return Err("no leader accepted the budgets".into());
+    }
+    let leader = c.leader().ok_or("no leader")?;
+    let follower = (1..=c.voters).find(|i| *i != leader).unwrap_or(2);
+    // A client that writes only through the follower, noting when each succeeds.
+    let ok_at: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    {
+        let ok_at = ok_at.clone();
+        let via = addr(follower);
+        let stop = c.shared.clone();
+        c.sim.client("via-follower", async move {
+            let mut request_id = 0u64;
+            while !stop.stop_spending.load(Relaxed) {
+                request_id += 1;
+                let req = v1::AcquireRequest {
+                    meta: Some(v1::RequestMeta {
+                        client_id: "via-follower".into(),
+                        request_id,
+                        principal: "via-follower".into(),
+                    }),
+                    budget: PROBE_BUDGET.into(),
+                    unit: UNIT.into(),
+                    wanted: 1,
+                    min: 1,
+                    ttl_ms: 500,
+                };
+                let mut client = v1::ledger_client::LedgerClient::new(net::channel(
+                    &via,
+                    Duration::from_millis(700),
+                ));
+                if client.acquire(req).await.is_ok() {
+                    let now = turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64);
+                    ok_at.lock().unwrap_or_else(|p| p.into_inner()).push(now);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(())
+        });
+    }
+    c.run_until(2_000, |_| false)?;
+    let before = ok_at.lock().unwrap_or_else(|p| p.into_inner()).len();
+    if before == 0 {
+        return Err("no write through the follower succeeded before the fault".into());
+    }
+    let others: Vec<u64> = (1..=c.voters).filter(|o| *o != leader).collect();
+    for o in &others {
+        c.sim.partition(host(leader), host(*o));
+    }
+    let now = c.now_ms();
+    c.tracer.event(now, format!("n{leader}: cut off for 400 ms"));
+    c.run_until(400, |_| false)?;
+    for o in &others {
+        c.sim.repair(host(leader), host(*o));
+    }
+    let repaired = c.now_ms();
+    c.run_until(6_000, |_| false)?;
+    if c.leader() != Some(leader) {
+        return Err(format!(
+            "leadership moved (to {:?}): the scenario did not test a stalled channel to a live leader",
+            c.leader()
+        ));
+    }
+    let after: Vec<u64> = ok_at
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .copied()
+        .filter(|t| *t > repaired)
+        .collect();
+    let first = after.first().copied();
+    let mut report = c.converge()?;
+    report.attempts = after.len() as u64;
+    match first {
+        Some(t) if t <= repaired + 3_000 => {
+            report.sim_ms = t - repaired;
+            Ok(report)
+        }
+        Some(t) => Err(format!(
+            "the first write through the follower after repair took {} ms",
+            t - repaired
+        )),
+        None => Err("no write through the follower succeeded after the link was repaired".into()),
+    }
 }
 
 /// Counts the patched openraft path's warning.
