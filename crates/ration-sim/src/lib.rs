@@ -97,6 +97,9 @@ pub struct Report {
     pub core_stops: Vec<String>,
     /// Distinct log indexes whose applied entry id was observed and cross-checked.
     pub entries_checked: u64,
+    /// Terms in which more than one node was seen leading: legal in openraft's
+    /// default leader-id mode, counted to show the checks held through them.
+    pub shared_terms: u64,
 }
 
 /// A failed run: what broke, and how to replay it.
@@ -620,6 +623,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
     let mut heal_at: Vec<(u64, Fault, Vec<String>)> = Vec::new();
     let mut trace = Trace::default();
     let mut observed = Observed::default();
+    let mut leaders_by_term: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     let mut supervisor = Supervisor::default();
     let mut tracer = Tracer::from_env();
     tracer.event(
@@ -670,6 +674,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
         if step % 25 == 0 {
             check_running(&shared, &disks, &mut observed)
                 .map_err(|what| err(seed, now_ms(&sim), what))?;
+            note_leaders(&shared, &mut leaders_by_term, &mut report);
         }
     }
 
@@ -724,6 +729,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
         if step % 25 == 0 {
             check_running(&shared, &disks, &mut observed)
                 .map_err(|what| err(seed, now_ms(&sim), what))?;
+            note_leaders(&shared, &mut leaders_by_term, &mut report);
         }
         // Checked every step: the leader's ticks keep entries in flight part of the
         // time, so a coarser check could keep landing on one.
@@ -1269,6 +1275,20 @@ fn check_running(
         }
     }
     Ok(())
+}
+
+/// Notes who leads which term; a term with a second leader is counted
+/// (`Report::shared_terms`), not failed (see [`Observed`]).
+fn note_leaders(shared: &Shared, leaders: &mut BTreeMap<u64, BTreeSet<u64>>, report: &mut Report) {
+    for (id, node) in nodes(shared) {
+        let m = node.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            let set = leaders.entry(m.current_term).or_default();
+            if set.insert(id) && set.len() == 2 {
+                report.shared_terms += 1;
+            }
+        }
+    }
 }
 
 /// Every member of the final membership is up and at the same applied index, and
