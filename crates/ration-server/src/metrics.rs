@@ -349,7 +349,8 @@ pub fn render(node: &Node) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `addr` until the node stops. Returns the bound address.
+/// Serves `GET /metrics` on `listener` (bound before Raft starts) until the node
+/// stops. Returns the bound address.
 pub(crate) async fn serve(
     node: std::sync::Weak<Node>,
     listener: tokio::net::TcpListener,

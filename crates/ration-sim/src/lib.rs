@@ -231,6 +231,28 @@ impl Supervisor {
     }
 }
 
+/// A request for one unit of `budget` (at least one), from `client` as `principal`.
+fn acquire_one(
+    client: &str,
+    request_id: u64,
+    principal: &str,
+    budget: &str,
+    ttl_ms: i64,
+) -> v1::AcquireRequest {
+    v1::AcquireRequest {
+        meta: Some(v1::RequestMeta {
+            client_id: client.into(),
+            request_id,
+            principal: principal.into(),
+        }),
+        budget: budget.into(),
+        unit: UNIT.into(),
+        wanted: 1,
+        min: 1,
+        ttl_ms,
+    }
+}
+
 fn host(id: u64) -> String {
     format!("n{id}")
 }
@@ -523,18 +545,13 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
             let mut request_id = 0u64;
             while !shared.stop_spending.load(Relaxed) {
                 request_id += 1;
-                let req = v1::AcquireRequest {
-                    meta: Some(v1::RequestMeta {
-                        client_id: "probe".into(),
-                        request_id,
-                        principal: format!("probe-{request_id}"),
-                    }),
-                    budget: PROBE_BUDGET.into(),
-                    unit: UNIT.into(),
-                    wanted: 1,
-                    min: 1,
-                    ttl_ms: 2_000,
-                };
+                let req = acquire_one(
+                    "probe",
+                    request_id,
+                    &format!("probe-{request_id}"),
+                    PROBE_BUDGET,
+                    2_000,
+                );
                 let mut answered = false;
                 if prng.gen_bool(0.2) {
                     // A duplicate of the same request to another node, unawaited: the
@@ -697,20 +714,7 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
                     at,
                     Duration::from_millis(700),
                 ));
-                let r = c
-                    .acquire(v1::AcquireRequest {
-                        meta: Some(v1::RequestMeta {
-                            client_id: "liveness".into(),
-                            request_id: 1,
-                            principal: "liveness".into(),
-                        }),
-                        budget: "live".into(),
-                        unit: UNIT.into(),
-                        wanted: 1,
-                        min: 1,
-                        ttl_ms: 60_000,
-                    })
-                    .await;
+                let r = c.acquire(acquire_one("liveness", 1, "liveness", "live", 60_000)).await;
                 if r.is_ok() {
                     live_ok.store(true, Relaxed);
                     return Ok(());

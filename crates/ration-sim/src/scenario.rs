@@ -15,8 +15,8 @@ use ration_proto::v1;
 use ration_store::mem::MemDisk;
 
 use crate::{
-    addr, check_running, converged, host, net, node_config, nodes, setup_budgets, spawn_node,
-    Observed, Report, Shared, SimClock, Supervisor, Tracer, EPOCH_MS, PROBE_BUDGET, UNIT,
+    acquire_one, addr, check_running, converged, host, net, node_config, nodes, setup_budgets,
+    spawn_node, Observed, Report, Shared, SimClock, Supervisor, Tracer, EPOCH_MS, PROBE_BUDGET,
 };
 
 /// What a scenario saw.
@@ -105,18 +105,7 @@ impl Cluster<'_> {
                 let mut at = 0usize;
                 while !shared.stop_spending.load(Relaxed) {
                     request_id += 1;
-                    let req = v1::AcquireRequest {
-                        meta: Some(v1::RequestMeta {
-                            client_id: "writer".into(),
-                            request_id,
-                            principal: "writer".into(),
-                        }),
-                        budget: PROBE_BUDGET.into(),
-                        unit: UNIT.into(),
-                        wanted: 1,
-                        min: 1,
-                        ttl_ms: 500,
-                    };
+                    let req = acquire_one("writer", request_id, "writer", PROBE_BUDGET, 500);
                     let mut c = v1::ledger_client::LedgerClient::new(net::channel(
                         &endpoints[at % endpoints.len()],
                         Duration::from_millis(700),
@@ -366,18 +355,8 @@ pub fn forwarding_recovers_after_a_stalled_connection() -> Result<ScenarioReport
             let mut request_id = 0u64;
             while !stop.stop_spending.load(Relaxed) {
                 request_id += 1;
-                let req = v1::AcquireRequest {
-                    meta: Some(v1::RequestMeta {
-                        client_id: "via-follower".into(),
-                        request_id,
-                        principal: "via-follower".into(),
-                    }),
-                    budget: PROBE_BUDGET.into(),
-                    unit: UNIT.into(),
-                    wanted: 1,
-                    min: 1,
-                    ttl_ms: 500,
-                };
+                let req =
+                    acquire_one("via-follower", request_id, "via-follower", PROBE_BUDGET, 500);
                 let mut client = v1::ledger_client::LedgerClient::new(net::channel(
                     &via,
                     Duration::from_millis(700),

@@ -121,13 +121,5 @@ pub fn snapshot_file_bytes(
     ledger: Vec<u8>,
     audit: Vec<ration_core::audit::AuditRecord>,
 ) -> Vec<u8> {
-    let data =
-        crate::SnapshotBody { last_applied: last, membership: membership.clone(), ledger, audit }
-            .encode();
-    let meta = openraft::SnapshotMeta {
-        last_log_id: last,
-        last_membership: membership,
-        snapshot_id: crate::snapshot_id(last),
-    };
-    SnapshotFile { meta, data }.encode()
+    SnapshotFile::new(last, membership, ledger, audit).encode()
 }

@@ -1,6 +1,7 @@
 //! Self-checking framing for snapshot bytes: every section carries its own SHA-256,
-//! and a trailer hashes everything before it, so any damage is refused, and the
-//! refusal says where.
+//! and a trailer hashes every byte that is not a payload (headers and section
+//! hashes), so any damage is refused, the refusal says where, and each payload is
+//! hashed once.
 //!
 //! Layout (integers little-endian):
 //!
@@ -13,10 +14,10 @@
 //! | per section: 8 | payload length |
 //! | per section: 32 | SHA-256 of the payload |
 //! | per section: n | payload |
-//! | 32 | SHA-256 of every byte above |
+//! | 32 | SHA-256 of every byte above except the payloads |
 //!
-//! Every byte is covered by a check: header fields by parsing and by the trailer,
-//! payloads by their own hash and the trailer, the trailer by itself.
+//! Every byte is covered by a check: payloads by their section's hash, header
+//! fields and section hashes by parsing and by the trailer, the trailer by itself.
 
 use sha2::{Digest, Sha256};
 
@@ -32,17 +33,21 @@ pub struct FrameError(pub String);
 pub fn frame(magic: &[u8; 8], sections: &[(&[u8; 4], &[u8])]) -> Vec<u8> {
     let len = 16 + HASH + sections.iter().map(|(_, p)| 4 + 8 + HASH + p.len()).sum::<usize>();
     let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(magic);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
+    let mut trailer = Sha256::new();
+    let mut header = |out: &mut Vec<u8>, bytes: &[u8]| {
+        out.extend_from_slice(bytes);
+        trailer.update(bytes);
+    };
+    header(&mut out, magic);
+    header(&mut out, &VERSION.to_le_bytes());
+    header(&mut out, &(sections.len() as u32).to_le_bytes());
     for (tag, payload) in sections {
-        out.extend_from_slice(*tag);
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&Sha256::digest(payload));
+        header(&mut out, *tag);
+        header(&mut out, &(payload.len() as u64).to_le_bytes());
+        header(&mut out, &Sha256::digest(payload));
         out.extend_from_slice(payload);
     }
-    let trailer = Sha256::digest(&out);
-    out.extend_from_slice(&trailer);
+    out.extend_from_slice(&trailer.finalize());
     out
 }
 
@@ -75,6 +80,8 @@ pub fn unframe<'a>(
         return Err(fail(format!("bytes 12..16: {count} sections, expected {}", tags.len())));
     }
     let body_end = bytes.len() - HASH;
+    let mut trailer = Sha256::new();
+    trailer.update(&bytes[..16]);
     let mut at = 16usize;
     let mut payloads = Vec::with_capacity(tags.len());
     for (i, tag) in tags.iter().enumerate() {
@@ -105,6 +112,7 @@ pub fn unframe<'a>(
                     at + 12
                 ))
             })?;
+        trailer.update(&bytes[at..header_end]);
         let payload = &bytes[header_end..end];
         if Sha256::digest(payload).as_slice() != &bytes[at + 12..header_end] {
             return Err(fail(format!(
@@ -121,9 +129,9 @@ pub fn unframe<'a>(
             body_end - at
         )));
     }
-    if Sha256::digest(&bytes[..body_end]).as_slice() != &bytes[body_end..] {
+    if trailer.finalize().as_slice() != &bytes[body_end..] {
         return Err(fail(format!(
-            "the whole-file checksum (bytes {body_end}..{}) does not match: the header or the checksum is damaged",
+            "the header checksum (bytes {body_end}..{}) does not match: a header or that checksum is damaged",
             bytes.len()
         )));
     }

@@ -530,6 +530,25 @@ struct SnapshotFile {
 }
 
 impl SnapshotFile {
+    /// The snapshot of `ledger` (its own encoding) and `audit` (its records up to
+    /// the chain head), applied up to `last`, under `membership`.
+    fn new(
+        last: Option<LogId<NodeId>>,
+        membership: StoredMembership<NodeId, BasicNode>,
+        ledger: Vec<u8>,
+        audit: Vec<AuditRecord>,
+    ) -> Self {
+        let data =
+            SnapshotBody { last_applied: last, membership: membership.clone(), ledger, audit }
+                .encode();
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id: snapshot_id(last),
+        };
+        Self { meta, data }
+    }
+
     fn encode(&self) -> Vec<u8> {
         framing::frame(
             FILE_MAGIC,
@@ -729,16 +748,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let audit = self
             .audit_until(head)
             .map_err(|e| StorageIOError::read_state_machine(&std::io::Error::other(e)))?;
-        let data =
-            SnapshotBody { last_applied, membership: membership.clone(), ledger, audit }.encode();
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id: snapshot_id(last_applied),
-        };
+        let file = SnapshotFile::new(last_applied, membership, ledger, audit);
+        let meta = file.meta.clone();
         // The audit records the snapshot covers must be durable before it is.
         self.flush_audit().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        let file = SnapshotFile { meta: meta.clone(), data };
         self.snapshots
             .persist(&file)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
@@ -764,20 +777,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut responses = Vec::new();
         let mut records = Vec::new();
         let mut state = self.write_state();
-        {
-            for entry in entries {
-                state.last_applied = Some(entry.log_id);
-                match entry.payload {
-                    EntryPayload::Blank => responses.push(Response::default()),
-                    EntryPayload::Membership(m) => {
-                        state.membership = StoredMembership::new(Some(entry.log_id), m);
-                        responses.push(Response::default());
-                    }
-                    EntryPayload::Normal(data) => {
-                        let applied = state.ledger.apply(entry.log_id.index, &data);
-                        records.extend(applied.audit);
-                        responses.push(Response { outcomes: applied.outcomes });
-                    }
+        for entry in entries {
+            state.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response::default()),
+                EntryPayload::Membership(m) => {
+                    state.membership = StoredMembership::new(Some(entry.log_id), m);
+                    responses.push(Response::default());
+                }
+                EntryPayload::Normal(data) => {
+                    let applied = state.ledger.apply(entry.log_id.index, &data);
+                    records.extend(applied.audit);
+                    responses.push(Response { outcomes: applied.outcomes });
                 }
             }
         }

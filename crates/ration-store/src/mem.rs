@@ -111,11 +111,6 @@ impl MemDisk {
         self.lock().flushes
     }
 
-    /// Indexes of the log entries on disk.
-    pub fn durable_log_indexes(&self) -> Vec<u64> {
-        self.lock().image.log.keys().copied().collect()
-    }
-
     /// Opens a node on this disk: a log store whose working copy starts from what
     /// was flushed, the state machine, and the cluster identity.
     pub fn open(
