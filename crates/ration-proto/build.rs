@@ -5,7 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // prost-build runs the protoc named by PROTOC.
     std::env::set_var("PROTOC", protoc);
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not baked in with env!: a build script compiled for one
+    // checkout (a git worktree sharing the target directory) must not read another's.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [root.join("ration/v1/ledger.proto"), root.join("ration/v1/cluster.proto")];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

@@ -31,6 +31,9 @@ pub trait LocalClock: Send + Sync {
     fn now_ms(&self) -> u64;
 }
 
+/// How often the background thread of [`CoarseClock::start_ticking`] advances the clock.
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// A clock a background task advances (see [`CoarseClock::tick`]): one relaxed load
 /// per read instead of a system call.
 #[derive(Debug)]
@@ -44,7 +47,7 @@ impl CoarseClock {
         Arc::new(Self { origin: Instant::now(), now_ms: AtomicU64::new(0) })
     }
 
-    /// Ticks the clock every millisecond on a background thread, for as long as the
+    /// Ticks the clock every [`TICK`] (a millisecond) on a background thread, for as long as the
     /// clock is in use.
     pub fn start_ticking(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
@@ -52,7 +55,7 @@ impl CoarseClock {
             while let Some(clock) = weak.upgrade() {
                 clock.tick();
                 drop(clock);
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                std::thread::sleep(TICK);
             }
         });
     }

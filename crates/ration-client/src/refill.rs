@@ -43,25 +43,46 @@ pub struct SdkConfig {
     pub max_request: u64,
 }
 
+/// Defaults of [`SdkConfig::new`].
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Deadline of one RPC (connect included).
+    pub const RPC_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Attempts per round across endpoints before the round gives up.
+    pub const MAX_ATTEMPTS: u32 = 6;
+    /// How often the refill task runs a round.
+    pub const REFRESH: Duration = Duration::from_millis(200);
+    /// Validity asked for each lease.
+    pub const LEASE_TTL: Duration = Duration::from_secs(10);
+    /// A lease stops being spent this long before the ledger's expiry.
+    pub const MARGIN: Duration = Duration::from_secs(1);
+    /// Held allowance is refilled at half of this, so half of it must outlast an
+    /// RPC deadline, an election and a failover at the current spend rate.
+    pub const HORIZON: Duration = Duration::from_secs(4);
+    /// What to ask for before any rate is known (units).
+    pub const INITIAL_REQUEST: u64 = 100;
+    /// The most one acquire asks for (units).
+    pub const MAX_REQUEST: u64 = 1 << 40;
+}
+
 impl SdkConfig {
     pub fn new(endpoints: Vec<String>, principal: impl Into<String>) -> Self {
         Self {
             cluster: ClusterConfig {
                 endpoints,
                 principal: principal.into(),
-                rpc_timeout: Duration::from_secs(1),
-                max_attempts: 6,
+                rpc_timeout: defaults::RPC_TIMEOUT,
+                max_attempts: defaults::MAX_ATTEMPTS,
                 connector: None,
                 client_id: None,
             },
-            refresh: Duration::from_millis(200),
-            lease_ttl: Duration::from_secs(10),
-            margin: Duration::from_secs(1),
-            // Held allowance is refilled at half of this, so half of it must outlast
-            // an RPC deadline, an election and a failover at the current spend rate.
-            horizon: Duration::from_secs(4),
-            initial_request: 100,
-            max_request: 1 << 40,
+            refresh: defaults::REFRESH,
+            lease_ttl: defaults::LEASE_TTL,
+            margin: defaults::MARGIN,
+            horizon: defaults::HORIZON,
+            initial_request: defaults::INITIAL_REQUEST,
+            max_request: defaults::MAX_REQUEST,
         }
     }
 }
@@ -304,6 +325,8 @@ impl Sdk {
         let margin_ms = u64::try_from(self.config.margin.as_millis()).unwrap_or(0);
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let mut leftovers = Vec::new();
+        // `Cluster::batch` returns exactly one result per operation, in order.
+        assert_eq!(ops.len(), results.len(), "one result per operation");
         for (p, r) in ops.into_iter().zip(results) {
             let Some(Op::Acquire(_)) = &p.op.op else { continue };
             let Some(R::Lease(lease)) = r.result else { continue };

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use ration_proto::rpc;
 use ration_proto::v1::cluster_client::ClusterClient;
 use ration_proto::v1::ledger_client::LedgerClient;
 use ration_proto::v1::{self, BatchOp, BatchResult};
@@ -21,7 +22,18 @@ pub enum ClusterError {
     Refused(tonic::Status),
     #[error("bad endpoint {0}: {1}")]
     Endpoint(String, String),
+    #[error("no endpoints configured: give at least one host:port")]
+    NoEndpoints,
+    /// The server answered a batch with a different number of results than it had
+    /// operations: pairing them up would be wrong, so none is used.
+    #[error("the cluster answered {results} results for {ops} operations")]
+    Mismatch { ops: usize, results: usize },
 }
+
+/// The first pause between two attempts of a batch; it doubles per attempt.
+const RETRY_BACKOFF_BASE: Duration = Duration::from_millis(20);
+/// The backoff stops doubling after this many attempts (20 ms << 4 = 320 ms).
+const RETRY_BACKOFF_MAX_DOUBLINGS: u32 = 4;
 
 /// Client-side identity and limits.
 #[derive(Clone, Debug)]
@@ -62,6 +74,9 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(config: ClusterConfig) -> Result<Self, ClusterError> {
+        if config.endpoints.is_empty() {
+            return Err(ClusterError::NoEndpoints);
+        }
         for e in &config.endpoints {
             Endpoint::from_shared(format!("http://{e}"))
                 .map_err(|x| ClusterError::Endpoint(e.clone(), x.to_string()))?;
@@ -125,18 +140,26 @@ impl Cluster {
     /// failure it asks the other endpoints who leads, so the next attempt goes
     /// straight to a newly elected leader.
     pub async fn batch(&self, ops: Vec<BatchOp>) -> Result<Vec<BatchResult>, ClusterError> {
-        let n = self.config.endpoints.len().max(1);
+        let n = self.config.endpoints.len();
+        let ops_len = ops.len();
         let request = v1::BatchRequest { ops };
-        let mut last = String::from("no endpoints configured");
+        let mut last = String::from("no attempt was made");
         let mut i = self.preferred.load(Ordering::Relaxed) % n;
         for attempt in 0..self.config.max_attempts {
             let mut client = LedgerClient::new(self.channel(i));
             match client.batch(request.clone()).await {
                 Ok(reply) => {
                     self.preferred.store(i, Ordering::Relaxed);
-                    return Ok(reply.into_inner().results);
+                    let results = reply.into_inner().results;
+                    if results.len() != ops_len {
+                        return Err(ClusterError::Mismatch {
+                            ops: ops_len,
+                            results: results.len(),
+                        });
+                    }
+                    return Ok(results);
                 }
-                Err(s) if retryable(&s) => {
+                Err(s) if rpc::retryable(&s) => {
                     last = s.to_string();
                     self.drop_channel(i);
                     let failed = i;
@@ -145,7 +168,9 @@ impl Cluster {
                     if i == failed {
                         i = (failed + 1) % n;
                     }
-                    tokio::time::sleep(Duration::from_millis(20u64 << attempt.min(4))).await;
+                    let backoff =
+                        RETRY_BACKOFF_BASE * (1u32 << attempt.min(RETRY_BACKOFF_MAX_DOUBLINGS));
+                    tokio::time::sleep(backoff).await;
                 }
                 Err(s) => return Err(ClusterError::Refused(s)),
             }
@@ -182,7 +207,7 @@ impl Cluster {
             };
             let status = status.into_inner();
             // Only a node that sees itself lead is sure; a follower's view may be stale.
-            if status.role == "leader" {
+            if rpc::is_leader(&status) {
                 self.preferred.store(i, Ordering::Relaxed);
                 return;
             }
@@ -193,14 +218,21 @@ impl Cluster {
     }
 }
 
-fn retryable(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Unknown
-            | tonic::Code::Cancelled
-            | tonic::Code::Internal
-            | tonic::Code::ResourceExhausted
-    )
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_endpoint_list_is_refused() {
+        let config = ClusterConfig {
+            endpoints: Vec::new(),
+            principal: "gw".into(),
+            rpc_timeout: Duration::from_secs(1),
+            max_attempts: 1,
+            connector: None,
+            client_id: None,
+        };
+        let err = Cluster::new(config).unwrap_err();
+        assert!(matches!(err, ClusterError::NoEndpoints), "{err}");
+    }
 }

@@ -31,10 +31,9 @@ use std::fmt::Debug;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
 use prost::Message;
-use ration_core::audit::{query, verify_chain, AuditFilter};
+use ration_core::audit::{query, verify_chain};
 use ration_core::{
-    AuditKind, Batch, BudgetPath, ChainHead, Command, Entry, LeaseId, Op, Outcome, Principal,
-    Reply, Request,
+    AuditKind, Batch, BudgetPath, ChainHead, Command, Entry, Op, Outcome, Reply, Request,
 };
 use ration_proto::{convert, v1};
 use ration_store::TypeConfig;
@@ -148,7 +147,7 @@ fn check_spec(spec: &ration_core::BudgetSpec, path: &str, limits: &[v1::Limit]) 
     assert_eq!(spec.path.as_str(), path);
     assert_eq!(spec.limits.len(), limits.len());
     for (core, wire) in spec.limits.iter().zip(limits) {
-        assert_eq!(&convert::limit_out(core), wire, "a limit must convert back to itself");
+        assert_eq!(&convert::to_proto::limit(core), wire, "a limit must convert back to itself");
     }
 }
 
@@ -173,27 +172,28 @@ fn apply_converted(requests: Vec<Request>) -> Vec<Outcome> {
     let head = verify_chain(&applied.audit, f.ledger.chain_head()).expect("audit chain verifies");
     assert_eq!(head, ledger.chain_head());
     for outcome in &applied.outcomes {
-        let _ = convert::batch_result(outcome);
+        let _ = convert::to_proto::batch_result(outcome);
         if let Err(e) = outcome {
-            let _ = convert::status(e);
+            let _ = convert::to_proto::status(e);
         }
     }
     applied.outcomes
 }
 
 fn create_budget(m: &v1::CreateBudgetRequest) {
-    let Ok(req) = convert::create_budget(m) else { return };
+    let Ok(req) = convert::to_core::create_budget(m) else { return };
     check_meta(&req, m.meta.as_ref());
     let Op::CreateBudget(spec) = &req.op else { panic!("create_budget gave {req:?}") };
     check_spec(spec, &m.path, &m.limits);
     for reply in apply_converted(vec![req]).into_iter().flatten() {
-        let changed = convert::budget_changed(&m.path, &reply).expect("a create reply converts");
+        let changed =
+            convert::to_proto::budget_changed(&m.path, &reply).expect("a create reply converts");
         assert_eq!(changed.version, 1);
     }
 }
 
 fn update_budget(m: &v1::UpdateBudgetRequest) {
-    let Ok(req) = convert::update_budget(m) else { return };
+    let Ok(req) = convert::to_core::update_budget(m) else { return };
     check_meta(&req, m.meta.as_ref());
     let Op::UpdateBudget { spec, expected_version } = &req.op else {
         panic!("update_budget gave {req:?}")
@@ -201,12 +201,12 @@ fn update_budget(m: &v1::UpdateBudgetRequest) {
     check_spec(spec, &m.path, &m.limits);
     assert_eq!(*expected_version, m.expected_version);
     for reply in apply_converted(vec![req]).into_iter().flatten() {
-        convert::budget_changed(&m.path, &reply).expect("an update reply converts");
+        convert::to_proto::budget_changed(&m.path, &reply).expect("an update reply converts");
     }
 }
 
 fn delete_budget(m: &v1::DeleteBudgetRequest) {
-    let Ok(req) = convert::delete_budget(m) else { return };
+    let Ok(req) = convert::to_core::delete_budget(m) else { return };
     check_meta(&req, m.meta.as_ref());
     let Op::DeleteBudget { path, expected_version } = &req.op else {
         panic!("delete_budget gave {req:?}")
@@ -214,7 +214,8 @@ fn delete_budget(m: &v1::DeleteBudgetRequest) {
     assert_eq!(path.as_str(), m.path);
     assert_eq!(*expected_version, m.expected_version);
     for reply in apply_converted(vec![req]).into_iter().flatten() {
-        let changed = convert::budget_changed(&m.path, &reply).expect("a delete reply converts");
+        let changed =
+            convert::to_proto::budget_changed(&m.path, &reply).expect("a delete reply converts");
         assert_eq!(changed.version, 0);
     }
 }
@@ -248,15 +249,15 @@ fn check_reply(outcome: &Outcome) {
     let Ok(reply) = outcome else { return };
     match reply {
         Reply::Granted(_) => {
-            let lease = convert::lease(reply).expect("a grant converts");
+            let lease = convert::to_proto::lease(reply).expect("a grant converts");
             assert!(lease.granted >= 0 && lease.ttl_ms >= 0, "{lease:?}");
         }
         Reply::Reported { .. } => {
-            let r = convert::report_reply(reply).expect("a report reply converts");
+            let r = convert::to_proto::report_reply(reply).expect("a report reply converts");
             assert!(r.unreported >= 0, "{r:?}");
         }
         Reply::Released { .. } => {
-            let r = convert::release_reply(reply).expect("a release reply converts");
+            let r = convert::to_proto::release_reply(reply).expect("a release reply converts");
             assert!(r.returned >= 0 && r.refunded >= 0, "{r:?}");
         }
         other => panic!("a lease operation answered {other:?}"),
@@ -264,25 +265,25 @@ fn check_reply(outcome: &Outcome) {
 }
 
 fn acquire(m: &v1::AcquireRequest) {
-    let Ok(req) = convert::acquire(m) else { return };
+    let Ok(req) = convert::to_core::acquire(m) else { return };
     check_acquire(&req, m);
     apply_converted(vec![req]).iter().for_each(check_reply);
 }
 
 fn report(m: &v1::ReportRequest) {
-    let Ok(req) = convert::report(m) else { return };
+    let Ok(req) = convert::to_core::report(m) else { return };
     check_report(&req, m);
     apply_converted(vec![req]).iter().for_each(check_reply);
 }
 
 fn release(m: &v1::ReleaseRequest) {
-    let Ok(req) = convert::release(m) else { return };
+    let Ok(req) = convert::to_core::release(m) else { return };
     check_release(&req, m);
     apply_converted(vec![req]).iter().for_each(check_reply);
 }
 
 fn batch(m: &v1::BatchRequest) {
-    let Ok(requests) = convert::batch(m) else { return };
+    let Ok(requests) = convert::to_core::batch(m) else { return };
     assert_eq!(requests.len(), m.ops.len());
     for (req, op) in requests.iter().zip(&m.ops) {
         match op.op.as_ref() {
@@ -297,42 +298,27 @@ fn batch(m: &v1::BatchRequest) {
     }
 }
 
-// ----- reads -----
-
-fn page(limit: u32) -> usize {
-    // As the server pages: 0 means 100, at most 1000.
-    usize::try_from(if limit == 0 { 100 } else { limit.min(1000) }).unwrap_or(1000)
-}
-
-fn optional_path(field: &str, value: &str) -> Result<Option<BudgetPath>, ()> {
-    if value.is_empty() {
-        return Ok(None);
-    }
-    convert::path(field, value).map(Some).map_err(|_| ())
-}
+// ----- reads: converted by the server's own converters -----
 
 fn get_budget(m: &v1::GetBudgetRequest) {
-    let Ok(path) = convert::path("path", &m.path) else { return };
+    let Ok(path) = convert::to_core::get_budget(m) else { return };
     if let Some(view) = fixture().ledger.budget(&path) {
         assert_eq!(view.path, path);
-        let out = convert::budget(&view);
+        let out = convert::to_proto::budget(&view);
         assert_eq!(out.path, m.path);
     }
 }
 
 fn list_budgets(m: &v1::ListBudgetsRequest) {
-    let (Ok(subtree), Ok(after)) =
-        (optional_path("subtree", &m.subtree), optional_path("start_after", &m.start_after))
-    else {
-        return;
-    };
+    let Ok(page) = convert::to_core::list_budgets(m) else { return };
+    assert!(page.limit >= 1 && page.limit <= convert::MAX_PAGE, "a page is never empty or huge");
     let ledger = &fixture().ledger;
-    let page = page(m.limit);
+    let (subtree, after) = (page.subtree.as_ref(), page.start_after.as_ref());
     let got: Vec<BudgetPath> = ledger
-        .budgets(subtree.as_ref(), after.as_ref(), page)
+        .budgets(subtree, after, page.limit)
         .iter()
         .map(|v| {
-            let _ = convert::budget(v);
+            let _ = convert::to_proto::budget(v);
             v.path.clone()
         })
         .collect();
@@ -341,45 +327,31 @@ fn list_budgets(m: &v1::ListBudgetsRequest) {
         .budgets(None, None, usize::MAX)
         .into_iter()
         .map(|v| v.path)
-        .filter(|p| subtree.as_ref().is_none_or(|s| p.is_within(s)))
-        .filter(|p| after.as_ref().is_none_or(|a| p > a))
-        .take(page)
+        .filter(|p| subtree.is_none_or(|s| p.is_within(s)))
+        .filter(|p| after.is_none_or(|a| p > a))
+        .take(page.limit)
         .collect();
-    assert_eq!(
-        got, expected,
-        "ListBudgets(subtree {subtree:?}, start_after {after:?}, limit {page}) pages wrongly"
-    );
+    assert_eq!(got, expected, "ListBudgets({page:?}) pages wrongly");
 }
 
 fn get_lease(m: &v1::GetLeaseRequest) {
-    let id = LeaseId::from_raw(m.lease_id);
+    let id = convert::to_core::get_lease(m);
     if let Some(view) = fixture().ledger.lease(id) {
         assert_eq!(view.lease, id);
-        assert_eq!(convert::lease_info(&view).lease_id, m.lease_id);
+        assert_eq!(convert::to_proto::lease_info(&view).lease_id, m.lease_id);
     }
 }
 
 fn query_audit(m: &v1::QueryAuditRequest) {
-    let Ok(subtree) = optional_path("subtree", &m.subtree) else { return };
-    let principal = if m.principal.is_empty() {
-        None
-    } else {
-        match Principal::new(m.principal.as_str()) {
-            Ok(p) => Some(p),
-            Err(_) => return,
-        }
-    };
-    let Ok(kinds) = m.kinds.iter().map(|k| convert::audit_kind(k)).collect::<Result<Vec<_>, _>>()
-    else {
-        return;
-    };
-    let filter = AuditFilter { subtree, principal, kinds, from_ms: m.from_ms, to_ms: m.to_ms };
+    let Ok(page) = convert::to_core::query_audit(m) else { return };
+    assert!(page.limit >= 1 && page.limit <= convert::MAX_PAGE, "a page is never empty or huge");
     let records = &fixture().audit;
-    let from = usize::try_from(m.from_seq).unwrap_or(usize::MAX);
-    for record in query(records.iter().skip(from), &filter).take(page(m.limit)) {
-        assert!(filter.matches(record));
-        let wire = convert::audit_record(record);
-        let back = convert::audit_record_in(&wire).expect("a ledger audit record converts back");
+    let from = usize::try_from(page.from_seq).unwrap_or(usize::MAX);
+    for record in query(records.iter().skip(from), &page.filter).take(page.limit) {
+        assert!(page.filter.matches(record));
+        let wire = convert::to_proto::audit_record(record);
+        let back =
+            convert::to_core::audit_record(&wire).expect("a ledger audit record converts back");
         assert_eq!(&back, record, "audit records must convert out and back exactly");
     }
 }
@@ -387,8 +359,12 @@ fn query_audit(m: &v1::QueryAuditRequest) {
 // ----- what clients and peers send that is not a ledger request -----
 
 fn audit_record(m: &v1::AuditRecord) {
-    let Ok(record) = convert::audit_record_in(m) else { return };
-    assert_eq!(&convert::audit_record(&record), m, "audit_record_in must invert audit_record");
+    let Ok(record) = convert::to_core::audit_record(m) else { return };
+    assert_eq!(
+        &convert::to_proto::audit_record(&record),
+        m,
+        "audit_record_in must invert audit_record"
+    );
     let bytes = postcard::to_stdvec(&record).expect("a record encodes");
     let back: ration_core::AuditRecord = postcard::from_bytes(&bytes).expect("a record decodes");
     assert_eq!(back, record);
@@ -533,7 +509,7 @@ fn kind_name(input: &mut Input<'_>) -> String {
 
 fn mutated_record(input: &mut Input<'_>) -> v1::AuditRecord {
     let records = &fixture().audit;
-    let mut r = convert::audit_record(input.pick(records));
+    let mut r = convert::to_proto::audit_record(input.pick(records));
     for _ in 0..input.below(4) {
         match input.u8() % 12 {
             0 => r.seq = u64::from(input.u8()),
@@ -585,7 +561,7 @@ fn raft_data(input: &mut Input<'_>) -> Vec<u8> {
                         0 => EntryPayload::Blank,
                         _ => {
                             let m = acquire_request(input);
-                            let commands = convert::acquire(&m)
+                            let commands = convert::to_core::acquire(&m)
                                 .map(|r| vec![Command::Request(r), Command::Tick])
                                 .unwrap_or_default();
                             EntryPayload::Normal(Entry::V1(Batch { time_ms: T0, commands }))

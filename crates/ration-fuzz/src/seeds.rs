@@ -49,7 +49,7 @@ fn proto_seeds() -> Vec<Vec<u8>> {
     // The fixture's audit records as clients receive them.
     let audit_record = KINDS.iter().position(|k| *k == "AuditRecord").expect("a kind");
     for r in &fixture().audit {
-        let wire = ration_proto::convert::audit_record(r);
+        let wire = ration_proto::convert::to_proto::audit_record(r);
         out.push(raw_input(audit_record, &prost::Message::encode_to_vec(&wire)));
     }
     out

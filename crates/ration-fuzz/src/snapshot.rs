@@ -49,14 +49,14 @@ fn restored(mut ledger: Ledger) {
     assert_eq!(again, ledger, "restore(snapshot(l)) must equal l, derived indexes included");
     assert_eq!(again.snapshot(), bytes);
     for view in ledger.budgets(None, None, usize::MAX) {
-        let _ = convert::budget(&view);
+        let _ = convert::to_proto::budget(&view);
         for l in &view.limits {
             let used = l.consumed.checked_add(l.outstanding);
             assert!(used.is_some_and(|u| u <= l.spec.cap), "{}: {l:?} over its cap", view.path);
         }
     }
     for lease in ledger.leases(None, usize::MAX) {
-        let _ = convert::lease_info(&lease);
+        let _ = convert::to_proto::lease_info(&lease);
     }
     // It keeps working: a tick now (expiries due), and one two days later (every
     // lease expires, windows roll, idle clients are forgotten).

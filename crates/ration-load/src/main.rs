@@ -119,7 +119,7 @@ async fn find_leader(endpoints: &[String]) -> anyhow::Result<String> {
                 ClusterClient::new(channel(e)?).status(v1::StatusRequest { digest: false }).await
             {
                 let s = s.into_inner();
-                if s.role == "leader" {
+                if ration_proto::rpc::is_leader(&s) {
                     return Ok(s.addr);
                 }
             }

@@ -1,10 +1,12 @@
 //! # ration-proto
 //!
-//! The gRPC interfaces generated from `proto/`, and [`convert`]: the one place that
+//! The gRPC interfaces generated from `proto/`; [`convert`], the one place that
 //! turns protobuf messages into ration-core types (checking every field) and core
-//! results back into protobuf replies and gRPC statuses.
+//! results back into protobuf replies and gRPC statuses; and [`rpc`], how every
+//! client reads a result (retryable, overloaded, leader).
 
 pub mod convert;
+pub mod rpc;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs, missing_debug_implementations)]
 pub mod v1 {

@@ -5,6 +5,7 @@
 //! few lines over [`run`]; tests start nodes with [`start`].
 
 pub mod config;
+mod leadership;
 pub mod metrics;
 pub mod network;
 pub mod proposer;
@@ -55,57 +56,57 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// What a write became: an outcome here, or a leader to forward it to.
+/// Who leads, as this node knows it. The one notion of leadership: routing,
+/// forwarding, linearizable reads and `Status` all ask [`Node::leader`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Leader {
+    /// This node leads.
+    Me,
+    /// Another node leads, at this address.
+    Other { id: NodeId, addr: String },
+    /// No leader is known (an election is under way, or this node is cut off).
+    Unknown,
+}
+
+/// What commands became: their outcomes here (one per command, in order), or the
+/// address of the leader to forward them to.
 #[derive(Debug)]
-pub enum RoutedAll {
+pub enum Routed {
     Done(Vec<Outcome>),
     Forward(String),
 }
 
-/// What one write became.
-#[derive(Debug)]
-pub enum Routed {
-    Done(Outcome),
-    Forward(String),
-}
-
 impl Node {
-    /// The leader as this node knows it: (id, address).
-    pub fn leader(&self) -> Option<(NodeId, String)> {
+    /// The leader as this node knows it now.
+    pub fn leader(&self) -> Leader {
         let m = self.raft.metrics().borrow().clone();
-        let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())?;
-        Some((id, addr))
+        if m.state == ServerState::Leader {
+            return Leader::Me;
+        }
+        let Some(id) = m.current_leader.filter(|id| *id != self.id) else {
+            return Leader::Unknown;
+        };
+        match m.membership_config.membership().get_node(&id) {
+            Some(n) => Leader::Other { id, addr: n.addr.clone() },
+            None => Leader::Unknown,
+        }
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().state == ServerState::Leader
+        self.leader() == Leader::Me
     }
 
-    /// Proposes a command here if this node leads, or says where the leader is.
-    pub async fn route(&self, command: Command) -> Result<Routed, ProposeError> {
-        match self.route_all(vec![command]).await? {
-            RoutedAll::Done(mut outcomes) => outcomes
-                .pop()
-                .map(Routed::Done)
-                .ok_or_else(|| ProposeError::Unknown("no outcome returned".into())),
-            RoutedAll::Forward(addr) => Ok(Routed::Forward(addr)),
+    /// Proposes commands together (in one entry, in order) if this node leads, or
+    /// says where the leader is. With no leader known it proposes anyway, and
+    /// openraft's answer decides.
+    pub async fn route(&self, commands: Vec<Command>) -> Result<Routed, ProposeError> {
+        if let Leader::Other { addr, .. } = self.leader() {
+            return Ok(Routed::Forward(addr));
         }
-    }
-
-    /// Proposes commands together here if this node leads, or says where the leader is.
-    pub async fn route_all(&self, commands: Vec<Command>) -> Result<RoutedAll, ProposeError> {
-        if !self.is_leader() {
-            if let Some((id, addr)) = self.leader() {
-                if id != self.id {
-                    return Ok(RoutedAll::Forward(addr));
-                }
-            }
-        }
-        match self.proposer.propose_all(commands).await {
-            Ok(outcomes) => Ok(RoutedAll::Done(outcomes)),
+        match self.proposer.propose(commands).await {
+            Ok(outcomes) => Ok(Routed::Done(outcomes)),
             Err(ProposeError::NotLeader { leader: Some((id, addr)) }) if id != self.id => {
-                Ok(RoutedAll::Forward(addr))
+                Ok(Routed::Forward(addr))
             }
             Err(e) => Err(e),
         }
@@ -537,7 +538,7 @@ async fn ticker(node: std::sync::Weak<Node>, every_ms: u64) {
             return;
         }
         if node.is_leader() {
-            if let Err(e) = node.proposer.propose(Command::Tick).await {
+            if let Err(e) = node.proposer.propose(vec![Command::Tick]).await {
                 tracing::debug!("tick not proposed: {e}");
             }
         }

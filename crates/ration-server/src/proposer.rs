@@ -40,7 +40,8 @@ impl Clock for SystemClock {
 pub enum ProposeError {
     #[error("this node is not the leader")]
     NotLeader { leader: Option<(NodeId, String)> },
-    #[error("the proposal queue is full ({0} commands); retry with backoff")]
+    /// The queue holds this many requests (RPCs, each of one or more commands).
+    #[error("the proposal queue is full ({0} requests waiting); retry with backoff")]
     Overloaded(usize),
     #[error("the node is shutting down")]
     Shutdown,
@@ -82,15 +83,9 @@ impl Proposer {
         Self { tx, queue: limits.queue }
     }
 
-    /// Proposes one command and waits for its outcome.
-    pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
-        let mut outcomes = self.propose_all(vec![command]).await?;
-        outcomes.pop().ok_or_else(|| ProposeError::Unknown("no outcome returned".into()))
-    }
-
     /// Proposes commands together (in one entry, in order) and waits for their
-    /// outcomes.
-    pub async fn propose_all(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
+    /// outcomes: exactly one per command, in the same order.
+    pub async fn propose(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
         let bytes = commands.iter().map(estimate_bytes).sum();
         let (reply, rx) = oneshot::channel();
         self.tx.try_send(Pending { commands, bytes, reply }).map_err(|e| match e {
@@ -157,6 +152,20 @@ async fn run(
             .collect();
         let entry = Entry::V1(Batch { time_ms: clock.now_ms(), commands });
         match raft.client_write(entry).await {
+            // The ledger answers every command of an entry, in order: anything else
+            // would hand callers each other's outcomes, so it fails them all.
+            Ok(written) if written.data.outcomes.len() != acquires.len() => {
+                let err = format!(
+                    "the ledger returned {} outcomes for {} commands",
+                    written.data.outcomes.len(),
+                    acquires.len()
+                );
+                tracing::error!("{err}");
+                debug_assert!(false, "{err}");
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(ProposeError::Unknown(err.clone())));
+                }
+            }
             Ok(written) => {
                 metrics.proposed(&acquires, &written.data.outcomes);
                 let mut outcomes = written.data.outcomes.into_iter();

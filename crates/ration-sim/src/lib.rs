@@ -579,10 +579,8 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
                             answered = true;
                             break;
                         }
-                        Err(s)
-                            if s.code() == tonic::Code::ResourceExhausted
-                                && !s.message().contains("queue") =>
-                        {
+                        // A spent budget; an overloaded node answers UNAVAILABLE.
+                        Err(s) if s.code() == tonic::Code::ResourceExhausted => {
                             shared.probe.lock().unwrap_or_else(|p| p.into_inner()).refused += 1;
                             answered = true;
                             break;
@@ -964,7 +962,7 @@ async fn operate(endpoints: &[String], spare: u64, op: Fault) {
     for at in endpoints {
         let mut c = v1::cluster_client::ClusterClient::new(net::channel(at, timeout));
         if let Ok(s) = c.status(v1::StatusRequest { digest: false }).await {
-            if s.get_ref().role == "leader" {
+            if ration_proto::rpc::is_leader(s.get_ref()) {
                 status = Some((at.clone(), s.into_inner()));
                 break;
             }

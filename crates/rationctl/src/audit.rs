@@ -1,7 +1,7 @@
 //! `audit query|export|verify|spend`.
 //!
 //! Records arrive as protobuf and are turned back into ration-core records
-//! (`convert::audit_record_in`), so this tool recomputes every hash itself: it
+//! (`convert::to_core::audit_record`), so this tool recomputes every hash itself: it
 //! trusts neither the node nor the file. An exported record carries every hashed
 //! field, so `audit verify --file` checks an export with no cluster at all.
 
@@ -174,7 +174,8 @@ impl Exported {
     }
 
     pub fn into_core(self) -> anyhow::Result<AuditRecord> {
-        let kind = convert::audit_kind(&self.kind).map_err(|s| anyhow!("{}", s.message()))?;
+        let kind =
+            convert::to_core::audit_kind(&self.kind).map_err(|s| anyhow!("{}", s.message()))?;
         Ok(AuditRecord {
             entry: AuditEntry {
                 seq: self.seq,
@@ -335,7 +336,7 @@ async fn pages(
         let records = reply
             .records
             .iter()
-            .map(convert::audit_record_in)
+            .map(convert::to_core::audit_record)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|s| anyhow!("{endpoint} sent a malformed record: {}", s.message()))?;
         let empty = records.is_empty();
@@ -538,8 +539,8 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
         }
         AuditCmd::Spend { subtree, window, from, to } => {
             let now = time::now_ms();
-            let path =
-                convert::path("subtree", &subtree).map_err(|s| anyhow!("{}", s.message()))?;
+            let path = convert::to_core::path("subtree", &subtree)
+                .map_err(|s| anyhow!("{}", s.message()))?;
             let window = crate::budget::parse_window(&window)?;
             let from = from.as_deref().map(|t| time::parse(t, now)).transpose()?;
             let to = to.as_deref().map(|t| time::parse(t, now)).transpose()?;

@@ -61,7 +61,7 @@ pub fn parse_limit(spec: &str) -> anyhow::Result<v1::Limit> {
     Ok(v1::Limit {
         unit: unit.trim().to_owned(),
         cap,
-        window: Some(convert::window_out(parse_window(window.trim())?)),
+        window: Some(convert::to_proto::window(parse_window(window.trim())?)),
         static_allowance,
     })
 }
@@ -129,7 +129,7 @@ fn budget_out(b: &v1::Budget) -> BudgetOut {
             .map(|l| {
                 let spec = l.limit.clone().unwrap_or_default();
                 LimitOut {
-                    window: convert::window(spec.window.as_ref())
+                    window: convert::to_core::window(spec.window.as_ref())
                         .map(|w| w.to_string())
                         .unwrap_or_else(|_| "?".into()),
                     unit: spec.unit,

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{anyhow, bail};
 use clap::Subcommand;
-use ration_proto::v1;
+use ration_proto::{rpc, v1};
 use serde::Serialize;
 
 use crate::output::{bytes, emit, Table};
@@ -217,7 +217,7 @@ pub async fn endpoint(ctx: &Ctx, cmd: EndpointCmd, out: &mut dyn Write) -> anyho
             // The leader's commit index is the cluster's; elsewhere it is a lower bound.
             let commit = answers
                 .iter()
-                .filter(|(_, s)| s.role == "leader")
+                .filter(|(_, s)| rpc::is_leader(s))
                 .map(|(_, s)| s.commit_index)
                 .max()
                 .unwrap_or_else(|| answers.iter().map(|(_, s)| s.commit_index).max().unwrap_or(0));
@@ -226,8 +226,8 @@ pub async fn endpoint(ctx: &Ctx, cmd: EndpointCmd, out: &mut dyn Write) -> anyho
                 .map(|(endpoint, s)| StatusRow {
                     endpoint,
                     id: s.id,
+                    role: rpc::role_name(s.role()).to_owned(),
                     addr: s.addr,
-                    role: s.role,
                     term: s.term,
                     leader: s.leader,
                     last_log_index: s.last_log_index,

@@ -196,19 +196,14 @@ impl Ctx {
         for e in &self.endpoints {
             match f(e.clone()).await {
                 Ok(v) => return Ok(v),
-                Err(s) if retriable(&s) => errors.push(format!("{e}: {}", describe(&s))),
+                Err(s) if ration_proto::rpc::retryable(&s) => {
+                    errors.push(format!("{e}: {}", describe(&s)))
+                }
                 Err(s) => return Err(anyhow!("{e}: {}", describe(&s))),
             }
         }
         Err(anyhow!("no endpoint answered: {}", errors.join("; ")))
     }
-}
-
-fn retriable(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-    )
 }
 
 /// A gRPC status as one readable line.

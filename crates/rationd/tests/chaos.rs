@@ -137,7 +137,7 @@ impl Chaos {
         let mut best: Option<(u64, usize)> = None;
         for (i, p) in probes.into_iter().enumerate() {
             if let Some(s) = p.await.unwrap() {
-                if s.role == "leader" && best.is_none_or(|(term, _)| s.term > term) {
+                if ration_proto::rpc::is_leader(&s) && best.is_none_or(|(term, _)| s.term > term) {
                     best = Some((s.term, i));
                 }
             }
@@ -580,7 +580,8 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
         for a in &real {
             seen.push(support::status_within(*a, false, Duration::from_secs(2)).await);
         }
-        let leaders: Vec<_> = seen.iter().flatten().filter(|s| s.role == "leader").collect();
+        let leaders: Vec<_> =
+            seen.iter().flatten().filter(|s| ration_proto::rpc::is_leader(s)).collect();
         if leaders.len() == 1
             && seen.iter().all(|s| s.as_ref().is_some_and(|s| s.leader == Some(leaders[0].id)))
         {
@@ -590,7 +591,7 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
             Instant::now() < deadline,
             "no single leader within 40 s of healing; (id, role, term, leader) or None if silent: {:?}",
             seen.iter()
-                .map(|s| s.as_ref().map(|s| (s.id, s.role.clone(), s.term, s.leader)))
+                .map(|s| s.as_ref().map(|s| (s.id, ration_proto::rpc::role_name(s.role()), s.term, s.leader)))
                 .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -699,8 +700,10 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     for (a, s) in real.iter().zip(&statuses) {
         let records = support::audit_records(*a).await;
-        let converted: Vec<_> =
-            records.iter().map(|r| ration_proto::convert::audit_record_in(r).unwrap()).collect();
+        let converted: Vec<_> = records
+            .iter()
+            .map(|r| ration_proto::convert::to_core::audit_record(r).unwrap())
+            .collect();
         let head = verify_chain(&converted, ChainHead::default())
             .unwrap_or_else(|b| panic!("node {}: {b}", s.id));
         assert_eq!(head.next_seq, records.len() as u64, "node {}: the chain starts at 0", s.id);

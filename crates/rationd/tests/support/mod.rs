@@ -167,7 +167,7 @@ pub async fn leader(addrs: &[SocketAddr]) -> u64 {
     while Instant::now() < deadline {
         for a in addrs {
             if let Some(s) = status(*a).await {
-                if s.role == "leader" {
+                if ration_proto::rpc::is_leader(&s) {
                     return s.id;
                 }
             }
@@ -185,19 +185,6 @@ pub fn meta_as(client: &str, principal: &str, request_id: u64) -> Option<v1::Req
     Some(v1::RequestMeta { client_id: client.into(), request_id, principal: principal.into() })
 }
 
-/// Whether a failed call may have not happened yet, so sending it again (with the
-/// same request id) is the way to learn its outcome.
-pub fn transient(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::Cancelled
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Internal
-    )
-}
-
 /// Sends a request until it gets a definite answer, rotating through the nodes and
 /// keeping its request id: exactly-once makes every retry safe. Gives up (panics)
 /// after 60 s without one.
@@ -212,7 +199,7 @@ macro_rules! until_answered {
                 .await
             {
                 Ok(r) => break Ok(r.into_inner()),
-                Err(s) if $crate::support::transient(&s) => {
+                Err(s) if ration_proto::rpc::retryable(&s) => {
                     attempt += 1;
                     assert!(
                         started.elapsed() < std::time::Duration::from_secs(60),
@@ -265,7 +252,10 @@ pub async fn converged(addrs: &[SocketAddr], within: Duration) -> Vec<v1::Status
             );
             return all;
         }
-        last = all.iter().map(|s| (s.id, s.role.clone(), s.applied_index)).collect();
+        last = all
+            .iter()
+            .map(|s| (s.id, ration_proto::rpc::role_name(s.role()), s.applied_index))
+            .collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!(

@@ -1,0 +1,295 @@
+//! Protobuf → ration-core: every field a client sends is checked here or by the
+//! core's own constructors; a bad one becomes INVALID_ARGUMENT naming the field.
+
+use ration_core::audit::{AuditFilter, AuditKind, AuditRecord};
+use ration_core::{
+    Acquire, BudgetPath, BudgetSpec, ClientId, FailPolicy, LeaseId, LedgerError, LimitSpec, Op,
+    Period, Principal, Release, Report, Request, Unit, Window,
+};
+use tonic::Status;
+
+use super::{missing, DEFAULT_PAGE, MAX_BATCH_OPS, MAX_PAGE};
+use crate::v1;
+
+fn invalid(e: LedgerError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// A non-negative amount: negative values are refused, not wrapped.
+pub fn amount(field: &str, value: i64) -> Result<u64, Status> {
+    u64::try_from(value).map_err(|_| {
+        Status::invalid_argument(format!("{field} must not be negative (got {value})"))
+    })
+}
+
+pub fn path(field: &str, value: &str) -> Result<BudgetPath, Status> {
+    BudgetPath::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// An optional path: the empty string means "not given".
+pub fn optional_path(field: &str, value: &str) -> Result<Option<BudgetPath>, Status> {
+    (!value.is_empty()).then(|| path(field, value)).transpose()
+}
+
+pub fn unit(value: &str) -> Result<Unit, Status> {
+    Unit::new(value).map_err(invalid)
+}
+
+pub fn principal(field: &str, value: &str) -> Result<Principal, Status> {
+    Principal::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// A lease id as the client sent it (any value names a lease; unknown ones are
+/// refused by the ledger).
+pub fn lease_id(raw: u64) -> LeaseId {
+    LeaseId::from_raw(raw)
+}
+
+/// A page size: 0 means [`DEFAULT_PAGE`], and at most [`MAX_PAGE`].
+pub fn page(limit: u32) -> usize {
+    let asked = usize::try_from(limit).unwrap_or(MAX_PAGE);
+    if asked == 0 {
+        DEFAULT_PAGE
+    } else {
+        asked.min(MAX_PAGE)
+    }
+}
+
+fn meta(meta: Option<&v1::RequestMeta>) -> Result<(ClientId, u64, Principal), Status> {
+    let m = meta.ok_or_else(|| missing("meta (client_id, request_id, principal)"))?;
+    Ok((
+        ClientId::new(m.client_id.as_str()).map_err(invalid)?,
+        m.request_id,
+        Principal::new(m.principal.as_str()).map_err(invalid)?,
+    ))
+}
+
+fn request(m: Option<&v1::RequestMeta>, op: Op) -> Result<Request, Status> {
+    let (client, request_id, principal) = meta(m)?;
+    Ok(Request { client, request_id, principal, op })
+}
+
+pub fn window(w: Option<&v1::Window>) -> Result<Window, Status> {
+    let w = w.ok_or_else(|| missing("limit.window"))?;
+    let period = match v1::Period::try_from(w.period) {
+        Ok(v1::Period::Minute) => Period::Minute,
+        Ok(v1::Period::Hour) => Period::Hour,
+        Ok(v1::Period::Day) => Period::Day,
+        Ok(v1::Period::Week) => Period::Week,
+        Ok(v1::Period::Month) => Period::Month,
+        Ok(v1::Period::Lifetime) => Period::Lifetime,
+        Ok(v1::Period::Unspecified) | Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "limit.window.period {} is not one of minute, hour, day, week, month, lifetime",
+                w.period
+            )))
+        }
+    };
+    let offset = i16::try_from(w.offset_minutes).map_err(|_| {
+        Status::invalid_argument(format!(
+            "window.offset_minutes {} is out of range",
+            w.offset_minutes
+        ))
+    })?;
+    Window::with_offset(period, offset).map_err(invalid)
+}
+
+pub fn limit(l: &v1::Limit) -> Result<LimitSpec, Status> {
+    let on_unreachable = match l.static_allowance {
+        None => FailPolicy::FailClosed,
+        Some(a) => FailPolicy::StaticAllowance { amount: amount("limit.static_allowance", a)? },
+    };
+    Ok(LimitSpec {
+        unit: unit(&l.unit)?,
+        cap: amount("limit.cap", l.cap)?,
+        window: window(l.window.as_ref())?,
+        on_unreachable,
+    })
+}
+
+fn spec(p: &str, limits: &[v1::Limit]) -> Result<BudgetSpec, Status> {
+    Ok(BudgetSpec {
+        path: path("path", p)?,
+        limits: limits.iter().map(limit).collect::<Result<_, _>>()?,
+    })
+}
+
+// ----- writes -----
+
+pub fn create_budget(r: &v1::CreateBudgetRequest) -> Result<Request, Status> {
+    request(r.meta.as_ref(), Op::CreateBudget(spec(&r.path, &r.limits)?))
+}
+
+pub fn update_budget(r: &v1::UpdateBudgetRequest) -> Result<Request, Status> {
+    let op =
+        Op::UpdateBudget { spec: spec(&r.path, &r.limits)?, expected_version: r.expected_version };
+    request(r.meta.as_ref(), op)
+}
+
+pub fn delete_budget(r: &v1::DeleteBudgetRequest) -> Result<Request, Status> {
+    let op =
+        Op::DeleteBudget { path: path("path", &r.path)?, expected_version: r.expected_version };
+    request(r.meta.as_ref(), op)
+}
+
+pub fn acquire(r: &v1::AcquireRequest) -> Result<Request, Status> {
+    let op = Op::Acquire(Acquire {
+        budget: path("budget", &r.budget)?,
+        unit: unit(&r.unit)?,
+        wanted: amount("wanted", r.wanted)?,
+        min: amount("min", r.min)?,
+        ttl_ms: amount("ttl_ms", r.ttl_ms)?,
+    });
+    request(r.meta.as_ref(), op)
+}
+
+pub fn report(r: &v1::ReportRequest) -> Result<Request, Status> {
+    let op = Op::Report(Report {
+        lease: lease_id(r.lease_id),
+        consumed_delta: amount("consumed_delta", r.consumed_delta)?,
+        renew_ttl_ms: r.renew_ttl_ms.map(|t| amount("renew_ttl_ms", t)).transpose()?,
+    });
+    request(r.meta.as_ref(), op)
+}
+
+pub fn release(r: &v1::ReleaseRequest) -> Result<Request, Status> {
+    let op = Op::Release(Release {
+        lease: lease_id(r.lease_id),
+        consumed_total: amount("consumed_total", r.consumed_total)?,
+    });
+    request(r.meta.as_ref(), op)
+}
+
+/// Converts every operation of a batch; a malformed one fails the whole call, naming
+/// its position, before anything is proposed.
+pub fn batch(r: &v1::BatchRequest) -> Result<Vec<Request>, Status> {
+    if r.ops.len() > MAX_BATCH_OPS {
+        return Err(Status::invalid_argument(format!(
+            "a batch holds at most {MAX_BATCH_OPS} operations, got {}",
+            r.ops.len()
+        )));
+    }
+    r.ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| {
+            let converted = match &op.op {
+                Some(v1::batch_op::Op::Acquire(a)) => acquire(a),
+                Some(v1::batch_op::Op::Report(rep)) => report(rep),
+                Some(v1::batch_op::Op::Release(rel)) => release(rel),
+                None => Err(missing("op")),
+            };
+            converted.map_err(|s| Status::new(s.code(), format!("ops[{i}]: {}", s.message())))
+        })
+        .collect()
+}
+
+// ----- reads -----
+
+/// One page of `ListBudgets`, in path order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetPage {
+    /// Only budgets within this subtree (the subtree's root included).
+    pub subtree: Option<BudgetPath>,
+    /// Only budgets whose path sorts after this one.
+    pub start_after: Option<BudgetPath>,
+    pub limit: usize,
+}
+
+pub fn list_budgets(r: &v1::ListBudgetsRequest) -> Result<BudgetPage, Status> {
+    Ok(BudgetPage {
+        subtree: optional_path("subtree", &r.subtree)?,
+        start_after: optional_path("start_after", &r.start_after)?,
+        limit: page(r.limit),
+    })
+}
+
+pub fn get_budget(r: &v1::GetBudgetRequest) -> Result<BudgetPath, Status> {
+    path("path", &r.path)
+}
+
+pub fn get_lease(r: &v1::GetLeaseRequest) -> LeaseId {
+    lease_id(r.lease_id)
+}
+
+/// One page of `QueryAudit`: the records matching `filter` from sequence number
+/// `from_seq` on, at most `limit` of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditPage {
+    pub filter: AuditFilter,
+    pub from_seq: u64,
+    pub limit: usize,
+}
+
+pub fn query_audit(r: &v1::QueryAuditRequest) -> Result<AuditPage, Status> {
+    let filter = AuditFilter {
+        subtree: optional_path("subtree", &r.subtree)?,
+        principal: (!r.principal.is_empty())
+            .then(|| principal("principal", &r.principal))
+            .transpose()?,
+        kinds: r.kinds.iter().map(|k| audit_kind(k)).collect::<Result<_, _>>()?,
+        from_ms: r.from_ms,
+        to_ms: r.to_ms,
+    };
+    Ok(AuditPage { filter, from_seq: r.from_seq, limit: page(r.limit) })
+}
+
+pub fn audit_kind(name: &str) -> Result<AuditKind, Status> {
+    AuditKind::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = AuditKind::ALL.iter().map(|k| k.name()).collect();
+        Status::invalid_argument(format!(
+            "unknown audit kind {name:?}; use one of {}",
+            names.join(", ")
+        ))
+    })
+}
+
+fn hash(field: &str, bytes: &[u8]) -> Result<ration_core::audit::Hash, Status> {
+    bytes.try_into().map_err(|_| {
+        Status::invalid_argument(format!("{field} must be 32 bytes (got {})", bytes.len()))
+    })
+}
+
+/// A record as received, back in core form, so a client can recompute its hash and
+/// verify the chain itself. Exact inverse of [`super::to_proto::audit_record`].
+pub fn audit_record(r: &v1::AuditRecord) -> Result<AuditRecord, Status> {
+    use ration_core::audit::{AuditEntry, Balance, Flow};
+    let flow = r.flow.as_ref().ok_or_else(|| missing("flow"))?;
+    let balances = r
+        .balances
+        .iter()
+        .map(|b| {
+            Ok(Balance {
+                budget: path("balances.budget", &b.budget)?,
+                unit: unit(&b.unit)?,
+                window: window(b.window.as_ref())?,
+                window_start_ms: b.window_start_ms,
+                cap: amount("balances.cap", b.cap)?,
+                consumed: amount("balances.consumed", b.consumed)?,
+                outstanding: amount("balances.outstanding", b.outstanding)?,
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    let entry = AuditEntry {
+        seq: r.seq,
+        log_index: r.log_index,
+        time_ms: r.time_ms,
+        effective_ms: r.effective_ms,
+        kind: audit_kind(&r.kind)?,
+        budget: path("budget", &r.budget)?,
+        principal: Principal::new(r.principal.as_str()).map_err(invalid)?,
+        unit: (!r.unit.is_empty()).then(|| unit(&r.unit)).transpose()?,
+        lease: (r.lease_id != 0).then(|| lease_id(r.lease_id)),
+        flow: Flow {
+            granted: amount("flow.granted", flow.granted)?,
+            consumed: amount("flow.consumed", flow.consumed)?,
+            returned: amount("flow.returned", flow.returned)?,
+            charged: amount("flow.charged", flow.charged)?,
+            uncharged: amount("flow.uncharged", flow.uncharged)?,
+        },
+        balances,
+        limits: r.limits.iter().map(limit).collect::<Result<_, _>>()?,
+        prev_hash: hash("prev_hash", &r.prev_hash)?,
+    };
+    Ok(AuditRecord { entry, hash: hash("hash", &r.hash)? })
+}

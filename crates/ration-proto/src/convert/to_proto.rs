@@ -1,0 +1,203 @@
+//! ration-core → protobuf: replies, views, audit records, and refusals as gRPC
+//! statuses.
+
+use ration_core::audit::AuditRecord;
+use ration_core::ledger::{BudgetView, LeaseView};
+use ration_core::{ErrorKind, FailPolicy, Grant, LedgerError, LimitSpec, Period, Reply, Window};
+use tonic::{Code, Status};
+
+use crate::v1;
+
+/// A core refusal as a gRPC status, with the core's message.
+pub fn status(e: &LedgerError) -> Status {
+    let code = match e.kind() {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::Aborted => Code::Aborted,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn to_i64(value: u64) -> i64 {
+    // Core amounts are at most 10^18 < i64::MAX.
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub fn window(w: Window) -> v1::Window {
+    let period = match w.period() {
+        Period::Minute => v1::Period::Minute,
+        Period::Hour => v1::Period::Hour,
+        Period::Day => v1::Period::Day,
+        Period::Week => v1::Period::Week,
+        Period::Month => v1::Period::Month,
+        Period::Lifetime => v1::Period::Lifetime,
+    };
+    v1::Window { period: period as i32, offset_minutes: i32::from(w.offset_minutes()) }
+}
+
+pub fn limit(l: &LimitSpec) -> v1::Limit {
+    v1::Limit {
+        unit: l.unit.to_string(),
+        cap: to_i64(l.cap),
+        window: Some(window(l.window)),
+        static_allowance: match l.on_unreachable {
+            FailPolicy::FailClosed => None,
+            FailPolicy::StaticAllowance { amount } => Some(to_i64(amount)),
+        },
+    }
+}
+
+fn unexpected(reply: &Reply) -> Status {
+    Status::internal(format!("the ledger answered with an unexpected reply: {reply:?}"))
+}
+
+pub fn budget_changed(path: &str, reply: &Reply) -> Result<v1::BudgetChanged, Status> {
+    let version = match reply {
+        Reply::BudgetCreated { version } | Reply::BudgetUpdated { version } => *version,
+        Reply::BudgetDeleted => 0,
+        other => return Err(unexpected(other)),
+    };
+    Ok(v1::BudgetChanged { path: path.to_owned(), version })
+}
+
+pub fn lease(reply: &Reply) -> Result<v1::Lease, Status> {
+    match reply {
+        Reply::Granted(Grant { lease, granted, expires_at_ms, window_end_ms, ttl_ms }) => {
+            Ok(v1::Lease {
+                lease_id: lease.raw(),
+                granted: to_i64(*granted),
+                expires_at_ms: *expires_at_ms,
+                window_end_ms: *window_end_ms,
+                ttl_ms: to_i64(*ttl_ms),
+            })
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn report_reply(reply: &Reply) -> Result<v1::ReportReply, Status> {
+    match reply {
+        Reply::Reported { lease, unreported, expires_at_ms } => Ok(v1::ReportReply {
+            lease_id: lease.raw(),
+            unreported: to_i64(*unreported),
+            expires_at_ms: *expires_at_ms,
+        }),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn release_reply(reply: &Reply) -> Result<v1::ReleaseReply, Status> {
+    match reply {
+        Reply::Released { lease, returned, refunded, late } => Ok(v1::ReleaseReply {
+            lease_id: lease.raw(),
+            returned: to_i64(*returned),
+            refunded: to_i64(*refunded),
+            late: *late,
+        }),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn budget(v: &BudgetView) -> v1::Budget {
+    v1::Budget {
+        path: v.path.to_string(),
+        version: v.version,
+        limits: v
+            .limits
+            .iter()
+            .map(|l| v1::LimitStatus {
+                limit: Some(limit(&l.spec)),
+                window_start_ms: l.window_start_ms,
+                window_end_ms: l.window_end_ms,
+                consumed: to_i64(l.consumed),
+                outstanding: to_i64(l.outstanding),
+                remaining: to_i64(l.remaining),
+                holders: l.holders,
+            })
+            .collect(),
+        children: v.children,
+        live_leases: v.live_leases,
+    }
+}
+
+pub fn lease_info(v: &LeaseView) -> v1::LeaseInfo {
+    v1::LeaseInfo {
+        lease_id: v.lease.raw(),
+        principal: v.principal.to_string(),
+        budget: v.budget.to_string(),
+        unit: v.unit.to_string(),
+        granted: to_i64(v.granted),
+        reported: to_i64(v.reported),
+        acquired_ms: v.acquired_ms,
+        expires_at_ms: v.expires_at_ms,
+        window_end_ms: v.window_end_ms,
+    }
+}
+
+/// One operation's result inside a batch reply.
+pub fn batch_result(outcome: &ration_core::Outcome) -> v1::BatchResult {
+    use v1::batch_result::Result as R;
+    let result = match outcome {
+        Err(e) => op_error(&status(e)),
+        Ok(reply @ Reply::Granted(_)) => {
+            lease(reply).map(R::Lease).unwrap_or_else(|s| op_error(&s))
+        }
+        Ok(reply @ Reply::Reported { .. }) => {
+            report_reply(reply).map(R::Report).unwrap_or_else(|s| op_error(&s))
+        }
+        Ok(reply @ Reply::Released { .. }) => {
+            release_reply(reply).map(R::Release).unwrap_or_else(|s| op_error(&s))
+        }
+        Ok(other) => op_error(&unexpected(other)),
+    };
+    v1::BatchResult { result: Some(result) }
+}
+
+fn op_error(s: &Status) -> v1::batch_result::Result {
+    v1::batch_result::Result::Error(v1::OpError {
+        code: s.code() as i32,
+        message: s.message().to_owned(),
+    })
+}
+
+pub fn audit_record(r: &AuditRecord) -> v1::AuditRecord {
+    let e = &r.entry;
+    v1::AuditRecord {
+        seq: e.seq,
+        log_index: e.log_index,
+        time_ms: e.time_ms,
+        effective_ms: e.effective_ms,
+        kind: e.kind.name().to_owned(),
+        budget: e.budget.to_string(),
+        principal: e.principal.to_string(),
+        unit: e.unit.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+        lease_id: e.lease.map(|l| l.raw()).unwrap_or_default(),
+        flow: Some(v1::Flow {
+            granted: to_i64(e.flow.granted),
+            consumed: to_i64(e.flow.consumed),
+            returned: to_i64(e.flow.returned),
+            charged: to_i64(e.flow.charged),
+            uncharged: to_i64(e.flow.uncharged),
+        }),
+        balances: e
+            .balances
+            .iter()
+            .map(|b| v1::Balance {
+                budget: b.budget.to_string(),
+                unit: b.unit.to_string(),
+                window: Some(window(b.window)),
+                window_start_ms: b.window_start_ms,
+                cap: to_i64(b.cap),
+                consumed: to_i64(b.consumed),
+                outstanding: to_i64(b.outstanding),
+            })
+            .collect(),
+        prev_hash: e.prev_hash.to_vec(),
+        hash: r.hash.to_vec(),
+        limits: e.limits.iter().map(limit).collect(),
+    }
+}

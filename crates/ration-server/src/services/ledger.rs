@@ -1,0 +1,274 @@
+//! The Ledger service: budgets, leases and the audit trail, for gateways and tools.
+//!
+//! Writes go through [`LedgerService::write`]: convert (ration-proto), route
+//! (propose here, or forward to the leader), convert the outcomes back. Reads
+//! answer from this node's applied state, or, when linearizable, from the leader.
+
+use std::sync::Arc;
+
+use openraft::error::RaftError;
+use ration_core::{Command, Outcome, Reply};
+use ration_proto::convert::{to_core, to_proto};
+use ration_proto::v1::{self, ledger_client::LedgerClient};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use super::forward;
+use super::IntoStatus;
+use crate::{Node, Routed};
+
+/// Audit records read from storage per step of a `QueryAudit` scan.
+const AUDIT_SCAN_CHUNK: usize = 4096;
+/// Most audit records one `QueryAudit` call examines, matching or not.
+const AUDIT_MAX_SCANNED: usize = 1 << 20;
+
+/// The closure that makes the same call on the leader.
+macro_rules! on_leader {
+    ($method:ident) => {
+        |mut c: LedgerClient<Channel>, r| async move { c.$method(r).await }
+    };
+}
+
+#[derive(Debug)]
+pub(super) struct LedgerService {
+    pub(super) node: Arc<Node>,
+}
+
+/// The one outcome of a one-command write.
+fn only(outcomes: Vec<Outcome>) -> Result<Reply, Status> {
+    let n = outcomes.len();
+    let mut outcomes = outcomes.into_iter();
+    match (outcomes.next(), outcomes.next()) {
+        (Some(outcome), None) => outcome.map_err(|e| to_proto::status(&e)),
+        _ => Err(Status::internal(format!("one command got {n} outcomes"))),
+    }
+}
+
+impl LedgerService {
+    /// Every write: converts `req` into commands, proposes them here or forwards
+    /// the call to the leader (with `call`), and converts the outcomes with `reply`.
+    async fn write<Req, Rep, Fut>(
+        &self,
+        req: Request<Req>,
+        convert: impl FnOnce(&Req) -> Result<Vec<ration_core::Request>, Status>,
+        reply: impl FnOnce(&Req, Vec<Outcome>) -> Result<Rep, Status>,
+        call: impl FnOnce(LedgerClient<Channel>, Request<Req>) -> Fut,
+    ) -> Result<Response<Rep>, Status>
+    where
+        Fut: std::future::Future<Output = Result<Response<Rep>, Status>>,
+    {
+        let already_forwarded = forward::was_forwarded(&req);
+        let inner = req.into_inner();
+        let commands: Vec<Command> = convert(&inner)?.into_iter().map(Command::Request).collect();
+        if commands.is_empty() {
+            return Ok(Response::new(reply(&inner, Vec::new())?));
+        }
+        match self.node.route(commands).await.map_err(IntoStatus::into_status)? {
+            Routed::Done(outcomes) => Ok(Response::new(reply(&inner, outcomes)?)),
+            Routed::Forward(addr) => {
+                forward::forward(&self.node, already_forwarded, &addr, inner, call).await
+            }
+        }
+    }
+
+    /// Read-index on the leader. Returns false if this node is not the leader (the
+    /// read must then go to the leader).
+    async fn linearize(&self) -> Result<bool, Status> {
+        if !self.node.is_leader() {
+            return Ok(false);
+        }
+        match self.node.raft.ensure_linearizable().await {
+            Ok(_) => Ok(true),
+            Err(RaftError::APIError(_)) => Ok(false),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::ledger_server::Ledger for LedgerService {
+    async fn create_budget(
+        &self,
+        req: Request<v1::CreateBudgetRequest>,
+    ) -> Result<Response<v1::BudgetChanged>, Status> {
+        self.write(
+            req,
+            |r| Ok(vec![to_core::create_budget(r)?]),
+            |r, outcomes| to_proto::budget_changed(&r.path, &only(outcomes)?),
+            on_leader!(create_budget),
+        )
+        .await
+    }
+
+    async fn update_budget(
+        &self,
+        req: Request<v1::UpdateBudgetRequest>,
+    ) -> Result<Response<v1::BudgetChanged>, Status> {
+        self.write(
+            req,
+            |r| Ok(vec![to_core::update_budget(r)?]),
+            |r, outcomes| to_proto::budget_changed(&r.path, &only(outcomes)?),
+            on_leader!(update_budget),
+        )
+        .await
+    }
+
+    async fn delete_budget(
+        &self,
+        req: Request<v1::DeleteBudgetRequest>,
+    ) -> Result<Response<v1::BudgetChanged>, Status> {
+        self.write(
+            req,
+            |r| Ok(vec![to_core::delete_budget(r)?]),
+            |r, outcomes| to_proto::budget_changed(&r.path, &only(outcomes)?),
+            on_leader!(delete_budget),
+        )
+        .await
+    }
+
+    async fn acquire(
+        &self,
+        req: Request<v1::AcquireRequest>,
+    ) -> Result<Response<v1::Lease>, Status> {
+        self.write(
+            req,
+            |r| Ok(vec![to_core::acquire(r)?]),
+            |_, outcomes| to_proto::lease(&only(outcomes)?),
+            on_leader!(acquire),
+        )
+        .await
+    }
+
+    async fn report(
+        &self,
+        req: Request<v1::ReportRequest>,
+    ) -> Result<Response<v1::ReportReply>, Status> {
+        self.write(
+            req,
+            |r| Ok(vec![to_core::report(r)?]),
+            |_, outcomes| to_proto::report_reply(&only(outcomes)?),
+            on_leader!(report),
+        )
+        .await
+    }
+
+    async fn release(
+        &self,
+        req: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseReply>, Status> {
+        self.write(
+            req,
+            |r| Ok(vec![to_core::release(r)?]),
+            |_, outcomes| to_proto::release_reply(&only(outcomes)?),
+            on_leader!(release),
+        )
+        .await
+    }
+
+    async fn batch(
+        &self,
+        req: Request<v1::BatchRequest>,
+    ) -> Result<Response<v1::BatchReply>, Status> {
+        self.write(
+            req,
+            to_core::batch,
+            |r, outcomes| {
+                if outcomes.len() != r.ops.len() {
+                    return Err(Status::internal(format!(
+                        "{} operations got {} outcomes",
+                        r.ops.len(),
+                        outcomes.len()
+                    )));
+                }
+                Ok(v1::BatchReply {
+                    results: outcomes.iter().map(to_proto::batch_result).collect(),
+                })
+            },
+            on_leader!(batch),
+        )
+        .await
+    }
+
+    async fn get_budget(
+        &self,
+        req: Request<v1::GetBudgetRequest>,
+    ) -> Result<Response<v1::Budget>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            return forward::to_leader(&self.node, req, on_leader!(get_budget)).await;
+        }
+        let path = to_core::get_budget(req.get_ref())?;
+        let state = self.node.reader.state();
+        let view = state
+            .ledger
+            .budget(&path)
+            .ok_or_else(|| Status::not_found(format!("budget {path} does not exist")))?;
+        Ok(Response::new(to_proto::budget(&view)))
+    }
+
+    async fn list_budgets(
+        &self,
+        req: Request<v1::ListBudgetsRequest>,
+    ) -> Result<Response<v1::ListBudgetsReply>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            return forward::to_leader(&self.node, req, on_leader!(list_budgets)).await;
+        }
+        let page = to_core::list_budgets(req.get_ref())?;
+        let state = self.node.reader.state();
+        let budgets =
+            state.ledger.budgets(page.subtree.as_ref(), page.start_after.as_ref(), page.limit);
+        Ok(Response::new(v1::ListBudgetsReply {
+            budgets: budgets.iter().map(to_proto::budget).collect(),
+        }))
+    }
+
+    async fn get_lease(
+        &self,
+        req: Request<v1::GetLeaseRequest>,
+    ) -> Result<Response<v1::LeaseInfo>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            return forward::to_leader(&self.node, req, on_leader!(get_lease)).await;
+        }
+        let id = to_core::get_lease(req.get_ref());
+        let state = self.node.reader.state();
+        let view = state
+            .ledger
+            .lease(id)
+            .ok_or_else(|| Status::not_found(format!("lease {id} is not live")))?;
+        Ok(Response::new(to_proto::lease_info(&view)))
+    }
+
+    async fn query_audit(
+        &self,
+        req: Request<v1::QueryAuditRequest>,
+    ) -> Result<Response<v1::QueryAuditReply>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            return forward::to_leader(&self.node, req, on_leader!(query_audit)).await;
+        }
+        let page = to_core::query_audit(req.get_ref())?;
+        let mut records = Vec::new();
+        let mut next = page.from_seq;
+        // Scan in bounded chunks so one query cannot hold memory without limit.
+        let mut scanned = 0usize;
+        while records.len() < page.limit && scanned < AUDIT_MAX_SCANNED {
+            let chunk = self
+                .node
+                .reader
+                .audit_records(next, AUDIT_SCAN_CHUNK)
+                .map_err(IntoStatus::into_status)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for rec in chunk {
+                scanned += 1;
+                next = rec.entry.seq + 1;
+                if page.filter.matches(&rec) {
+                    records.push(to_proto::audit_record(&rec));
+                    if records.len() == page.limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(Response::new(v1::QueryAuditReply { records, next_seq: next }))
+    }
+}

@@ -1,0 +1,137 @@
+//! The gRPC services a node serves on one port: Ledger (clients), Cluster
+//! (operators), Raft (peers), grpc.health.v1 and server reflection (v1 and v1alpha).
+//!
+//! - `ledger`, `cluster`, `raft`: one module per service;
+//! - `forward`: the one path that sends a call on to the leader;
+//! - `health`: readiness;
+//! - this module: serving, and the one conversion from the node's internal errors
+//!   to gRPC statuses (ledger refusals convert in `ration_proto::convert`).
+
+mod cluster;
+mod forward;
+mod health;
+mod ledger;
+mod raft;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use ration_proto::v1::raft_server::RaftServer;
+use ration_proto::v1::{cluster_server::ClusterServer, ledger_server::LedgerServer};
+use tonic::Status;
+
+use crate::leadership::TransferError;
+use crate::{Node, ProposeError};
+
+/// Serves every service on the connections `incoming` yields: a TCP listener in
+/// production, a simulated network in tests.
+pub(crate) async fn serve<I, IO, IE>(
+    node: Arc<Node>,
+    incoming: I,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: crate::Connection,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let max = node.config.max_message_bytes;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // Cluster (operations) serves from the start; the overall status ("") and
+    // Ledger serve only while this node knows a leader, so a readiness probe keeps
+    // clients away from a node that could not answer them.
+    health.set_serving::<ClusterServer<cluster::ClusterService>>().await;
+    tokio::spawn(health::track_readiness(node.raft.metrics(), health.clone()));
+    // Each reflection version also lists the other, so either shows every service.
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ration_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ration_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let ledger = LedgerServer::new(ledger::LedgerService { node: node.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let cluster = ClusterServer::new(cluster::ClusterService { node: node.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let peer_max = node.config.peer_max_message_bytes;
+    let raft = RaftServer::new(raft::RaftService { node: node.clone() })
+        .max_decoding_message_size(peer_max)
+        .max_encoding_message_size(peer_max);
+    tonic::transport::Server::builder()
+        .layer(crate::metrics::RpcTimer { metrics: node.metrics.clone() })
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ledger)
+        .add_service(cluster)
+        .add_service(raft)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// How long an overloaded node asks clients to wait before retrying.
+const OVERLOAD_RETRY_AFTER: Duration = Duration::from_millis(50);
+
+/// The node's internal errors as gRPC statuses: the one place they convert.
+pub(crate) trait IntoStatus {
+    fn into_status(self) -> Status;
+}
+
+impl IntoStatus for ProposeError {
+    fn into_status(self) -> Status {
+        match self {
+            ProposeError::NotLeader { .. } => Status::unavailable(
+                "no leader is known right now (election in progress); retry shortly",
+            ),
+            ProposeError::Overloaded(_) => {
+                ration_proto::rpc::overloaded(self.to_string(), OVERLOAD_RETRY_AFTER)
+            }
+            ProposeError::Shutdown | ProposeError::Unknown(_) => {
+                Status::unavailable(self.to_string())
+            }
+        }
+    }
+}
+
+impl IntoStatus for RaftError<u64, ClientWriteError<u64, BasicNode>> {
+    fn into_status(self) -> Status {
+        match self {
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+                Status::failed_precondition(c.to_string())
+            }
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                Status::unavailable("leadership moved; retry")
+            }
+            other => Status::unavailable(other.to_string()),
+        }
+    }
+}
+
+impl IntoStatus for TransferError {
+    fn into_status(self) -> Status {
+        match self {
+            TransferError::NotMember(_) => Status::not_found(self.to_string()),
+            TransferError::NotVoter(_) => Status::failed_precondition(self.to_string()),
+            TransferError::BadPause(_) => Status::invalid_argument(self.to_string()),
+            TransferError::CampaignTimedOut => Status::deadline_exceeded(self.to_string()),
+            TransferError::Raft(_) => Status::unavailable(self.to_string()),
+            TransferError::Target(s) => s,
+        }
+    }
+}
+
+impl IntoStatus for ration_store::ReadError {
+    fn into_status(self) -> Status {
+        Status::internal(self.to_string())
+    }
+}
