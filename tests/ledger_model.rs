@@ -688,7 +688,7 @@ impl Run {
             prop_assert_eq!(&again, &applied, "the restored ledger diverged");
         }
         self.entries.push((self.index, entry));
-        self.ledger.check_invariants().map_err(TestCaseError::fail)?;
+        self.ledger.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
         Ok(applied.outcomes)
     }
 

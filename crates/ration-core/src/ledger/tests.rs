@@ -1,10 +1,10 @@
 #![allow(clippy::arithmetic_side_effects)]
 
 use super::*;
-use crate::audit::{spend, AuditFilter, AuditLog};
-use crate::command::{Batch, FailPolicy, MAX_AMOUNT};
+use crate::audit::{spend, AuditFilter, AuditKind, AuditLog};
+use crate::command::{Acquire, Batch, BudgetSpec, FailPolicy, Grant, Release, Report, MAX_AMOUNT};
 use crate::names::ClientId;
-use crate::window::Period;
+use crate::window::{Period, Window};
 
 const T0: u64 = 1_764_340_245_123; // 2025-11-28T14:30:45.123Z
 const MIN: u64 = 60_000;
@@ -499,6 +499,31 @@ fn snapshots_restore_exactly_and_refuse_garbage() {
 
     assert!(matches!(Ledger::restore(&bytes[..bytes.len() / 2]), Err(SnapshotError::Decode(_))));
     assert!(Ledger::restore(b"not a snapshot").is_err());
+}
+
+#[test]
+fn inconsistent_snapshots_are_refused_with_the_broken_invariant() {
+    let mut h = H::tree();
+    h.grant("gw", acquire("acme/search/key-7", 50, 1, 1_000));
+
+    let mut broken = h.ledger.clone();
+    broken.totals.granted += 1;
+    let err = broken.check_invariants().unwrap_err();
+    assert!(matches!(err, InvariantError::Conservation { granted: 51, outstanding: 50, .. }));
+    assert!(err.to_string().starts_with("conservation: granted 51 + uncharged 0"), "{err}");
+    assert!(matches!(
+        Ledger::restore(&broken.snapshot()),
+        Err(SnapshotError::Inconsistent(InvariantError::Conservation { .. }))
+    ));
+
+    let mut last = h.ledger.clone();
+    last.chain.next_seq = snapshot::MAX_AUDIT_SEQ;
+    assert_eq!(Ledger::restore(&last.snapshot()).unwrap(), last);
+    last.chain.next_seq += 1;
+    assert!(matches!(
+        Ledger::restore(&last.snapshot()),
+        Err(SnapshotError::Inconsistent(InvariantError::AuditSequenceExhausted { .. }))
+    ));
 }
 
 #[test]

@@ -1,0 +1,168 @@
+//! Creating, updating and deleting budgets.
+
+use std::collections::BTreeMap;
+
+use super::{Budget, Counter, Ctx, Ledger, Limit};
+use crate::audit::AuditKind;
+use crate::command::{BudgetSpec, LimitSpec, Outcome, Reply};
+use crate::error::LedgerError;
+use crate::names::{BudgetPath, Unit};
+use crate::window::Window;
+
+impl Ledger {
+    pub(super) fn create_budget(&mut self, ctx: &mut Ctx<'_>, spec: &BudgetSpec) -> Outcome {
+        spec.validate()?;
+        if self.by_path.contains_key(&spec.path) {
+            return Err(LedgerError::BudgetExists { path: spec.path.clone() });
+        }
+        if self.budgets.len() as u64 >= self.config.max_budgets {
+            return Err(LedgerError::LedgerFull {
+                what: "budgets".into(),
+                max: self.config.max_budgets,
+            });
+        }
+        let parent = match spec.path.parent() {
+            None => None,
+            Some(parent) => match self.by_path.get(&parent) {
+                Some(&id) => Some(id),
+                None => {
+                    return Err(LedgerError::ParentNotFound { path: spec.path.clone(), parent })
+                }
+            },
+        };
+        let limits = spec.limits.iter().map(|l| self.new_limit(l.clone())).collect();
+        let id = self.next_budget_id;
+        self.next_budget_id = id.checked_add(1).expect("budget id overflow");
+        if let Some(p) = parent {
+            self.budget_mut(p).children = self.budget_mut(p).children.saturating_add(1);
+        }
+        let budget = Budget {
+            path: spec.path.clone(),
+            parent,
+            version: 1,
+            limits,
+            children: 0,
+            live_leases: 0,
+        };
+        self.by_path.insert(spec.path.clone(), id);
+        self.budgets.insert(id, budget);
+        self.emit_budget(ctx, AuditKind::BudgetCreated, id);
+        Ok(Reply::BudgetCreated { version: 1 })
+    }
+
+    pub(super) fn update_budget(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        spec: &BudgetSpec,
+        expected_version: u64,
+    ) -> Outcome {
+        spec.validate()?;
+        let id = self.budget_id(&spec.path)?;
+        let now = self.now_ms;
+        let budget = &self.budgets[&id];
+        check_version(budget, expected_version)?;
+        // Check every kept limit before changing anything.
+        for new in &spec.limits {
+            if let Some(old) = find_limit(&budget.limits, &new.unit, new.window) {
+                let (consumed, _, _) = old.effective(now);
+                let in_use = consumed.saturating_add(old.counter.outstanding);
+                if new.cap < in_use {
+                    return Err(LedgerError::CapBelowUsage {
+                        path: spec.path.clone(),
+                        unit: new.unit.clone(),
+                        window: new.window,
+                        cap: new.cap,
+                        in_use,
+                    });
+                }
+            }
+        }
+        let mut old_limits = std::mem::take(&mut self.budget_mut(id).limits);
+        let limits = spec
+            .limits
+            .iter()
+            .map(|new| {
+                match old_limits
+                    .iter()
+                    .position(|l| l.spec.unit == new.unit && l.spec.window == new.window)
+                {
+                    Some(at) => {
+                        let mut kept = old_limits.swap_remove(at);
+                        // Start from the current window, so the new cap is checked
+                        // against (and stored beside) current figures only.
+                        kept.roll(now);
+                        kept.spec = new.clone();
+                        kept
+                    }
+                    None => self.new_limit(new.clone()),
+                }
+            })
+            .collect();
+        let budget = self.budget_mut(id);
+        budget.limits = limits;
+        budget.version = budget.version.saturating_add(1);
+        let version = budget.version;
+        self.emit_budget(ctx, AuditKind::BudgetUpdated, id);
+        Ok(Reply::BudgetUpdated { version })
+    }
+
+    pub(super) fn delete_budget(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        path: &BudgetPath,
+        expected_version: Option<u64>,
+    ) -> Outcome {
+        let id = self.budget_id(path)?;
+        let budget = &self.budgets[&id];
+        if let Some(expected) = expected_version {
+            check_version(budget, expected)?;
+        }
+        if budget.children > 0 {
+            return Err(LedgerError::HasChildren { path: path.clone(), children: budget.children });
+        }
+        if budget.live_leases > 0 {
+            return Err(LedgerError::HasLiveLeases {
+                path: path.clone(),
+                leases: budget.live_leases,
+            });
+        }
+        self.emit_budget(ctx, AuditKind::BudgetDeleted, id);
+        let budget = self.budgets.remove(&id).expect("looked up above");
+        self.by_path.remove(&budget.path);
+        if let Some(p) = budget.parent {
+            let parent = self.budget_mut(p);
+            parent.children = parent.children.checked_sub(1).expect("invariant: child count");
+        }
+        Ok(Reply::BudgetDeleted)
+    }
+
+    fn new_limit(&mut self, spec: LimitSpec) -> Limit {
+        let id = self.next_counter_id;
+        self.next_counter_id = id.checked_add(1).expect("counter id overflow");
+        let (window_start_ms, window_end_ms) = spec.window.bounds(self.now_ms);
+        let counter = Counter {
+            id,
+            window_start_ms,
+            window_end_ms,
+            consumed: 0,
+            outstanding: 0,
+            holders: BTreeMap::new(),
+        };
+        Limit { spec, counter }
+    }
+}
+
+fn check_version(budget: &Budget, expected: u64) -> Result<(), LedgerError> {
+    if budget.version != expected {
+        return Err(LedgerError::VersionMismatch {
+            path: budget.path.clone(),
+            expected,
+            actual: budget.version,
+        });
+    }
+    Ok(())
+}
+
+fn find_limit<'a>(limits: &'a [Limit], unit: &Unit, window: Window) -> Option<&'a Limit> {
+    limits.iter().find(|l| &l.spec.unit == unit && l.spec.window == window)
+}

@@ -1,0 +1,313 @@
+//! Leases: acquiring, reporting on and releasing them (late ones too).
+
+use super::{About, BudgetId, CounterRef, Ctx, Lease, Ledger};
+use crate::audit::{AuditKind, Balance, Flow};
+use crate::command::{check_amount, Acquire, Grant, Outcome, Release, Reply, Report};
+use crate::error::LedgerError;
+use crate::names::{LeaseId, Principal};
+
+impl Ledger {
+    pub(super) fn acquire(&mut self, ctx: &mut Ctx<'_>, slot: usize, a: &Acquire) -> Outcome {
+        check_amount("wanted", a.wanted)?;
+        check_amount("min", a.min)?;
+        if a.wanted == 0 {
+            return Err(invalid("wanted", "must be at least 1".into()));
+        }
+        if a.min > a.wanted {
+            return Err(invalid("min", format!("{} is above wanted {}", a.min, a.wanted)));
+        }
+        if a.ttl_ms == 0 || a.ttl_ms > self.config.max_lease_ttl_ms {
+            return Err(invalid(
+                "ttl_ms",
+                format!("{} is outside 1..={}", a.ttl_ms, self.config.max_lease_ttl_ms),
+            ));
+        }
+        if self.leases.len() as u64 >= self.config.max_live_leases {
+            return Err(LedgerError::LedgerFull {
+                what: "live leases".into(),
+                max: self.config.max_live_leases,
+            });
+        }
+        let leaf = self.budget_id(&a.budget)?;
+        let now = self.now_ms;
+        let at_least = a.min.max(1);
+
+        // Decide, touching nothing: the grant is bounded by every limit in the unit on
+        // the budget and its ancestors, and by each one's fair share.
+        let mut grant = a.wanted;
+        let mut window_end_ms = u64::MAX;
+        let mut refs: Vec<(BudgetId, usize)> = Vec::new();
+        let mut chain = Vec::new();
+        let mut at = Some(leaf);
+        while let Some(id) = at {
+            let budget = &self.budgets[&id];
+            chain.push(id);
+            for (i, limit) in
+                budget.limits.iter().enumerate().filter(|(_, l)| l.spec.unit == a.unit)
+            {
+                let available = limit.available(now);
+                if available < at_least {
+                    return Err(LedgerError::Exhausted {
+                        path: budget.path.clone(),
+                        unit: a.unit.clone(),
+                        window: limit.spec.window,
+                        available,
+                        min: at_least,
+                    });
+                }
+                let holders = &limit.counter.holders;
+                let sharers = (holders.len() as u64)
+                    .saturating_add(u64::from(!holders.contains_key(ctx.principal)));
+                let share = available.div_ceil(sharers);
+                grant = grant.min(a.wanted.min(share).max(at_least).min(available));
+                window_end_ms = window_end_ms.min(limit.effective(now).2);
+                refs.push((id, i));
+            }
+            at = budget.parent;
+        }
+        if refs.is_empty() {
+            return Err(LedgerError::NoLimitForUnit {
+                path: a.budget.clone(),
+                unit: a.unit.clone(),
+            });
+        }
+
+        // Commit.
+        let mut counters = Vec::with_capacity(refs.len());
+        let mut balances = Vec::with_capacity(refs.len());
+        for &(id, i) in &refs {
+            let budget = self.budget_mut(id);
+            let limit = &mut budget.limits[i];
+            limit.roll(now);
+            let c = &mut limit.counter;
+            c.outstanding =
+                c.outstanding.checked_add(grant).expect("invariant: outstanding <= cap");
+            let held = c.holders.entry(ctx.principal.clone()).or_insert(0);
+            *held = held.saturating_add(1);
+            counters.push(CounterRef { budget: id, counter: c.id });
+            balances.push(limit.balance(&budget.path));
+        }
+        for &id in &chain {
+            let b = self.budget_mut(id);
+            b.live_leases = b.live_leases.saturating_add(1);
+        }
+        let lease_id = LeaseId::from_position(ctx.index, slot);
+        let expires_at_ms = now.saturating_add(a.ttl_ms).min(window_end_ms);
+        self.leases.insert(
+            lease_id,
+            Lease {
+                principal: ctx.principal.clone(),
+                budget: leaf,
+                path: a.budget.clone(),
+                unit: a.unit.clone(),
+                granted: grant,
+                reported: 0,
+                acquired_ms: now,
+                expires_at_ms,
+                window_end_ms,
+                counters,
+            },
+        );
+        self.expiry.insert((expires_at_ms, lease_id));
+        let flow = Flow { granted: grant, ..Flow::default() };
+        let about =
+            About { lease: lease_id, path: &a.budget, principal: ctx.principal, unit: &a.unit };
+        let entry =
+            self.lease_entry(ctx.index, AuditKind::LeaseGranted, about, flow, balances, now);
+        self.record(ctx.audit, entry);
+        let ttl_ms = expires_at_ms.saturating_sub(now);
+        Ok(Reply::Granted(Grant {
+            lease: lease_id,
+            granted: grant,
+            expires_at_ms,
+            window_end_ms,
+            ttl_ms,
+        }))
+    }
+
+    /// The live lease `id` of `principal`, or why not.
+    fn live_lease(&self, id: LeaseId, principal: &Principal) -> Result<&Lease, LedgerError> {
+        match self.leases.get(&id) {
+            Some(l) if &l.principal == principal => Ok(l),
+            Some(_) => Err(LedgerError::ForeignLease { lease: id }),
+            None if self.expired.get(&id).is_some_and(|e| &e.principal != principal) => {
+                Err(LedgerError::ForeignLease { lease: id })
+            }
+            None if self.expired.contains_key(&id) => Err(LedgerError::LeaseExpired { lease: id }),
+            None => Err(LedgerError::LeaseNotFound { lease: id }),
+        }
+    }
+
+    pub(super) fn report(&mut self, ctx: &mut Ctx<'_>, r: &Report) -> Outcome {
+        check_amount("consumed_delta", r.consumed_delta)?;
+        if let Some(ttl) = r.renew_ttl_ms {
+            if ttl == 0 || ttl > self.config.max_lease_ttl_ms {
+                return Err(invalid(
+                    "renew_ttl_ms",
+                    format!("{ttl} is outside 1..={}", self.config.max_lease_ttl_ms),
+                ));
+            }
+        }
+        let lease = self.live_lease(r.lease, ctx.principal)?;
+        let reported = lease
+            .reported
+            .checked_add(r.consumed_delta)
+            .filter(|&total| total <= lease.granted)
+            .ok_or(LedgerError::OverReport {
+                lease: r.lease,
+                granted: lease.granted,
+                reported: lease.reported,
+                requested: r.consumed_delta,
+            })?;
+        let now = self.now_ms;
+        let old_expiry = lease.expires_at_ms;
+        let new_expiry = match r.renew_ttl_ms {
+            Some(ttl) => old_expiry.max(now.saturating_add(ttl).min(lease.window_end_ms)),
+            None => old_expiry,
+        };
+        let (granted, counters) = (lease.granted, lease.counters.clone());
+        let (path, unit) = (lease.path.clone(), lease.unit.clone());
+        let delta = r.consumed_delta;
+        let balances = self.update_counters(&counters, |counter| {
+            counter.consumed =
+                counter.consumed.checked_add(delta).expect("invariant: consumed <= cap");
+            counter.outstanding = counter
+                .outstanding
+                .checked_sub(delta)
+                .expect("invariant: outstanding covers the lease");
+        });
+        let lease = self.leases.get_mut(&r.lease).expect("checked above");
+        lease.reported = reported;
+        lease.expires_at_ms = new_expiry;
+        if new_expiry != old_expiry {
+            self.expiry.remove(&(old_expiry, r.lease));
+            self.expiry.insert((new_expiry, r.lease));
+        }
+        if delta > 0 || new_expiry != old_expiry {
+            let flow = Flow { consumed: delta, ..Flow::default() };
+            let about =
+                About { lease: r.lease, path: &path, principal: ctx.principal, unit: &unit };
+            let entry =
+                self.lease_entry(ctx.index, AuditKind::LeaseReported, about, flow, balances, now);
+            self.record(ctx.audit, entry);
+        }
+        Ok(Reply::Reported {
+            lease: r.lease,
+            unreported: granted.saturating_sub(reported),
+            expires_at_ms: new_expiry,
+        })
+    }
+
+    pub(super) fn release(&mut self, ctx: &mut Ctx<'_>, r: &Release) -> Outcome {
+        check_amount("consumed_total", r.consumed_total)?;
+        match self.live_lease(r.lease, ctx.principal) {
+            Ok(lease) => {
+                check_total(r.lease, lease.granted, lease.reported, r.consumed_total)?;
+                let flow = Flow {
+                    consumed: r.consumed_total.saturating_sub(lease.reported),
+                    returned: lease.granted.saturating_sub(r.consumed_total),
+                    ..Flow::default()
+                };
+                let (lease, balances) = self.detach(r.lease, flow.consumed);
+                let about = About {
+                    lease: r.lease,
+                    path: &lease.path,
+                    principal: &lease.principal,
+                    unit: &lease.unit,
+                };
+                let kind = AuditKind::LeaseReleased;
+                let entry = self.lease_entry(ctx.index, kind, about, flow, balances, self.now_ms);
+                self.record(ctx.audit, entry);
+                Ok(Reply::Released {
+                    lease: r.lease,
+                    returned: flow.returned,
+                    refunded: 0,
+                    late: false,
+                })
+            }
+            Err(LedgerError::LeaseExpired { .. }) => self.late_release(ctx, r),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn late_release(&mut self, ctx: &mut Ctx<'_>, r: &Release) -> Outcome {
+        let e = &self.expired[&r.lease];
+        check_total(r.lease, e.granted, e.reported, r.consumed_total)?;
+        let e = self.expired.remove(&r.lease).expect("checked above");
+        self.forget.remove(&(e.forget_at_ms, r.lease));
+        let now = self.now_ms;
+        let (kind, flow, balances) = if now < e.window_end_ms {
+            let refund = e.granted.saturating_sub(r.consumed_total);
+            let balances = self.update_counters(&e.counters, |counter| {
+                counter.consumed = counter
+                    .consumed
+                    .checked_sub(refund)
+                    .expect("invariant: the charge is still counted");
+            });
+            let flow = Flow {
+                consumed: r.consumed_total.saturating_sub(e.reported),
+                returned: refund,
+                uncharged: e.granted.saturating_sub(e.reported),
+                ..Flow::default()
+            };
+            (AuditKind::LeaseRefunded, flow, balances)
+        } else {
+            (AuditKind::LateRelease, Flow::default(), self.balances(&e.counters))
+        };
+        let about = About { lease: r.lease, path: &e.path, principal: &e.principal, unit: &e.unit };
+        let entry = self.lease_entry(ctx.index, kind, about, flow, balances, now);
+        self.record(ctx.audit, entry);
+        Ok(Reply::Released { lease: r.lease, returned: 0, refunded: flow.returned, late: true })
+    }
+
+    /// Takes a live lease out: `consumed` more is settled and the rest of its
+    /// outstanding allowance leaves the counters.
+    /// Returns the lease and the balances after the change.
+    pub(super) fn detach(&mut self, id: LeaseId, consumed: u64) -> (Lease, Vec<Balance>) {
+        let lease = self.leases.remove(&id).expect("caller checked the lease is live");
+        self.expiry.remove(&(lease.expires_at_ms, id));
+        let unsettled =
+            lease.granted.checked_sub(lease.reported).expect("invariant: reported <= granted");
+        let balances = self.update_counters(&lease.counters, |counter| {
+            counter.consumed =
+                counter.consumed.checked_add(consumed).expect("invariant: consumed <= cap");
+            counter.outstanding = counter
+                .outstanding
+                .checked_sub(unsettled)
+                .expect("invariant: outstanding covers the lease");
+            match counter.holders.get_mut(&lease.principal) {
+                Some(n) if *n > 1 => *n = n.saturating_sub(1),
+                Some(_) => {
+                    counter.holders.remove(&lease.principal);
+                }
+                None => panic!("invariant: a live lease's holder is counted"),
+            }
+        });
+        let mut at = Some(lease.budget);
+        while let Some(id) = at {
+            let b = self.budget_mut(id);
+            b.live_leases = b.live_leases.checked_sub(1).expect("invariant: live lease count");
+            at = b.parent;
+        }
+        (lease, balances)
+    }
+}
+
+fn invalid(field: &str, reason: String) -> LedgerError {
+    LedgerError::InvalidArgument { field: field.into(), reason }
+}
+
+fn check_total(lease: LeaseId, granted: u64, reported: u64, total: u64) -> Result<(), LedgerError> {
+    if total < reported {
+        return Err(LedgerError::ReleaseBelowReported { lease, reported, total });
+    }
+    if total > granted {
+        return Err(LedgerError::OverReport {
+            lease,
+            granted,
+            reported,
+            requested: total.saturating_sub(reported),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,430 @@
+//! The ledger state machine: `apply(index, entry)` is a pure function of the state
+//! and the entry. No clock, no randomness, no I/O, no hash-map iteration.
+//!
+//! Every command is checked in full before anything changes, so a refusal changes
+//! nothing (beyond being remembered for retries). A broken invariant is a panic.
+//!
+//! This file holds the state's types, `apply` and the request dispatch, and the
+//! lookups the rest share. The operations live beside it: `budgets` (create, update,
+//! delete), `leases` (acquire, report, release), `time` (expiry and rollover),
+//! `emit` (audit records), `queries` (read accessors and views) and `snapshot`
+//! (snapshot, restore, digest and the invariant checks).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{AuditRecord, Balance, ChainHead, Flow};
+use crate::command::{Command, Entry, LimitSpec, Op, Outcome, Reply, Request};
+use crate::dedup::{Dedup, Seen};
+use crate::error::LedgerError;
+use crate::names::{BudgetPath, LeaseId, Principal, Unit, MAX_COMMANDS_PER_ENTRY, MAX_LEASE_INDEX};
+use crate::window::clamp_time;
+
+mod budgets;
+mod emit;
+mod leases;
+mod queries;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+mod time;
+
+pub use snapshot::{InvariantError, SnapshotError};
+
+/// Limits and retention times of a ledger. Part of the replicated state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerConfig {
+    /// Longest lease a gateway may ask for.
+    pub max_lease_ttl_ms: u64,
+    pub max_budgets: u64,
+    pub max_live_leases: u64,
+    /// How long an expired lease is kept so a late final report can be refunded.
+    pub expired_retention_ms: u64,
+    pub max_expired_retained: u64,
+    /// Results remembered per client (the exactly-once window).
+    pub dedup_window: u32,
+    /// A client not seen for this long is forgotten by the exactly-once table.
+    pub dedup_idle_ms: u64,
+    pub max_dedup_clients: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        const HOUR_MS: u64 = 3_600_000;
+        Self {
+            max_lease_ttl_ms: HOUR_MS,
+            max_budgets: 10_000_000,
+            max_live_leases: 10_000_000,
+            expired_retention_ms: 24 * HOUR_MS,
+            max_expired_retained: 1_000_000,
+            dedup_window: 1024,
+            dedup_idle_ms: 24 * HOUR_MS,
+            max_dedup_clients: 1_000_000,
+        }
+    }
+}
+
+/// Budget ids are never reused, so a reference to a deleted budget stays dangling
+/// rather than pointing at a new one.
+type BudgetId = u64;
+
+/// One limit's usage in its current window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Counter {
+    /// Unique over the ledger's life; a limit whose (unit, window) changes gets a new one.
+    id: u64,
+    window_start_ms: u64,
+    window_end_ms: u64,
+    /// Settled plus charged on expiry, in this window.
+    consumed: u64,
+    /// Granted in live leases and not yet reported.
+    outstanding: u64,
+    /// Derived: live leases per holder, for the fair share.
+    #[serde(skip)]
+    holders: BTreeMap<Principal, u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Limit {
+    spec: LimitSpec,
+    counter: Counter,
+}
+
+impl Limit {
+    /// (consumed, window start, window end) as of `now_ms`, rolling over lazily.
+    fn effective(&self, now_ms: u64) -> (u64, u64, u64) {
+        let c = &self.counter;
+        if now_ms < c.window_end_ms {
+            (c.consumed, c.window_start_ms, c.window_end_ms)
+        } else {
+            let (s, e) = self.spec.window.bounds(now_ms);
+            (0, s, e)
+        }
+    }
+
+    fn available(&self, now_ms: u64) -> u64 {
+        let (consumed, _, _) = self.effective(now_ms);
+        self.spec
+            .cap
+            .checked_sub(consumed)
+            .and_then(|a| a.checked_sub(self.counter.outstanding))
+            .expect("invariant: consumed + outstanding <= cap")
+    }
+
+    fn roll(&mut self, now_ms: u64) {
+        let c = &mut self.counter;
+        if now_ms >= c.window_end_ms {
+            // Leases never outlive their window, and expiry runs before any roll.
+            assert_eq!(c.outstanding, 0, "invariant: a window closes with nothing outstanding");
+            let (s, e) = self.spec.window.bounds(now_ms);
+            c.window_start_ms = s;
+            c.window_end_ms = e;
+            c.consumed = 0;
+        }
+    }
+
+    fn balance(&self, budget: &BudgetPath) -> Balance {
+        Balance {
+            budget: budget.clone(),
+            unit: self.spec.unit.clone(),
+            window: self.spec.window,
+            window_start_ms: self.counter.window_start_ms,
+            cap: self.spec.cap,
+            consumed: self.counter.consumed,
+            outstanding: self.counter.outstanding,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Budget {
+    path: BudgetPath,
+    parent: Option<BudgetId>,
+    version: u64,
+    limits: Vec<Limit>,
+    /// Derived: number of child budgets.
+    #[serde(skip)]
+    children: u64,
+    /// Derived: live leases on this budget or below it.
+    #[serde(skip)]
+    live_leases: u64,
+}
+
+/// A counter a lease drew on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct CounterRef {
+    budget: BudgetId,
+    counter: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Lease {
+    principal: Principal,
+    budget: BudgetId,
+    /// The budget's path, kept for audit records (budgets with live leases are never
+    /// deleted, so it stays true).
+    path: BudgetPath,
+    unit: Unit,
+    granted: u64,
+    reported: u64,
+    acquired_ms: u64,
+    expires_at_ms: u64,
+    window_end_ms: u64,
+    counters: Vec<CounterRef>,
+}
+
+/// An expired lease kept for a late final report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct ExpiredLease {
+    principal: Principal,
+    path: BudgetPath,
+    unit: Unit,
+    granted: u64,
+    reported: u64,
+    window_end_ms: u64,
+    forget_at_ms: u64,
+    counters: Vec<CounterRef>,
+}
+
+/// Lifetime allowance flows; `granted = consumed + returned + charged - uncharged +
+/// outstanding` always.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub granted: u128,
+    pub consumed: u128,
+    pub returned: u128,
+    pub charged: u128,
+    pub uncharged: u128,
+}
+
+impl Totals {
+    fn add(&mut self, f: &Flow) {
+        self.granted = self.granted.saturating_add(f.granted.into());
+        self.consumed = self.consumed.saturating_add(f.consumed.into());
+        self.returned = self.returned.saturating_add(f.returned.into());
+        self.charged = self.charged.saturating_add(f.charged.into());
+        self.uncharged = self.uncharged.saturating_add(f.uncharged.into());
+    }
+}
+
+/// What applying one entry produced: one outcome per command, in order, and the
+/// audit records to append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub outcomes: Vec<Outcome>,
+    pub audit: Vec<AuditRecord>,
+}
+
+/// A limit's figures as of the ledger's time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitView {
+    pub spec: LimitSpec,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub consumed: u64,
+    pub outstanding: u64,
+    pub remaining: u64,
+    /// Distinct principals holding live leases on it.
+    pub holders: u64,
+}
+
+/// A budget as queries see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetView {
+    pub path: BudgetPath,
+    pub version: u64,
+    pub limits: Vec<LimitView>,
+    pub children: u64,
+    pub live_leases: u64,
+}
+
+/// A live lease as queries see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseView {
+    pub lease: LeaseId,
+    pub principal: Principal,
+    pub budget: BudgetPath,
+    pub unit: Unit,
+    pub granted: u64,
+    pub reported: u64,
+    pub acquired_ms: u64,
+    pub expires_at_ms: u64,
+    pub window_end_ms: u64,
+}
+
+/// The quota ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    config: LedgerConfig,
+    last_index: u64,
+    now_ms: u64,
+    next_budget_id: BudgetId,
+    next_counter_id: u64,
+    budgets: BTreeMap<BudgetId, Budget>,
+    leases: BTreeMap<LeaseId, Lease>,
+    expired: BTreeMap<LeaseId, ExpiredLease>,
+    dedup: Dedup,
+    totals: Totals,
+    chain: ChainHead,
+    #[serde(skip)]
+    by_path: BTreeMap<BudgetPath, BudgetId>,
+    #[serde(skip)]
+    expiry: BTreeSet<(u64, LeaseId)>,
+    #[serde(skip)]
+    forget: BTreeSet<(u64, LeaseId)>,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new(LedgerConfig::default())
+    }
+}
+
+impl Ledger {
+    pub fn new(config: LedgerConfig) -> Self {
+        Self {
+            config,
+            last_index: 0,
+            now_ms: 0,
+            next_budget_id: 1,
+            next_counter_id: 1,
+            budgets: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            expired: BTreeMap::new(),
+            dedup: Dedup::default(),
+            totals: Totals::default(),
+            chain: ChainHead::default(),
+            by_path: BTreeMap::new(),
+            expiry: BTreeSet::new(),
+            forget: BTreeSet::new(),
+        }
+    }
+
+    /// Applies log entry `index`. Indexes must increase; the entry's time moves the
+    /// ledger's clock forward (never back), then expiries run, then the commands.
+    ///
+    /// # Panics
+    /// If `index` does not increase, or a ledger invariant is broken.
+    pub fn apply(&mut self, index: u64, entry: &Entry) -> Applied {
+        assert!(index > self.last_index, "entry {index} applied after {}", self.last_index);
+        assert!(index <= MAX_LEASE_INDEX, "log index {index} beyond what lease ids encode");
+        self.last_index = index;
+        let Entry::V1(batch) = entry;
+        self.now_ms = self.now_ms.max(clamp_time(batch.time_ms));
+        let mut audit = Vec::new();
+        self.housekeep(index, &mut audit);
+        let outcomes = batch
+            .commands
+            .iter()
+            .enumerate()
+            .map(|(slot, command)| match command {
+                _ if slot >= MAX_COMMANDS_PER_ENTRY => Err(LedgerError::InvalidArgument {
+                    field: "entry".into(),
+                    reason: format!("more than {MAX_COMMANDS_PER_ENTRY} commands in one entry"),
+                }),
+                Command::Tick => Ok(Reply::Ticked { now_ms: self.now_ms }),
+                Command::Request(request) => self.request(index, slot, request, &mut audit),
+            })
+            .collect();
+        Applied { outcomes, audit }
+    }
+
+    fn request(
+        &mut self,
+        index: u64,
+        slot: usize,
+        req: &Request,
+        audit: &mut Vec<AuditRecord>,
+    ) -> Outcome {
+        let fingerprint = fingerprint(req);
+        match self.dedup.check(&req.client, req.request_id, fingerprint, self.config.dedup_window) {
+            Seen::Replay(outcome) => return outcome,
+            Seen::Refused(err) => return Err(err),
+            Seen::New => {}
+        }
+        let mut ctx = Ctx { index, principal: &req.principal, audit };
+        let outcome = match &req.op {
+            Op::CreateBudget(spec) => self.create_budget(&mut ctx, spec),
+            Op::UpdateBudget { spec, expected_version } => {
+                self.update_budget(&mut ctx, spec, *expected_version)
+            }
+            Op::DeleteBudget { path, expected_version } => {
+                self.delete_budget(&mut ctx, path, *expected_version)
+            }
+            Op::Acquire(a) => self.acquire(&mut ctx, slot, a),
+            Op::Report(r) => self.report(&mut ctx, r),
+            Op::Release(r) => self.release(&mut ctx, r),
+        };
+        self.dedup.remember(
+            &req.client,
+            req.request_id,
+            fingerprint,
+            outcome.clone(),
+            self.now_ms,
+            &self.config,
+        );
+        outcome
+    }
+
+    // ----- lookups -----
+
+    fn budget_id(&self, path: &BudgetPath) -> Result<BudgetId, LedgerError> {
+        self.by_path
+            .get(path)
+            .copied()
+            .ok_or_else(|| LedgerError::BudgetNotFound { path: path.clone() })
+    }
+
+    fn budget_mut(&mut self, id: BudgetId) -> &mut Budget {
+        self.budgets.get_mut(&id).expect("invariant: budget ids in use resolve")
+    }
+
+    /// Applies `change` to each counter that still exists, and returns the balances
+    /// after it, in one lookup per counter.
+    fn update_counters(
+        &mut self,
+        counters: &[CounterRef],
+        mut change: impl FnMut(&mut Counter),
+    ) -> Vec<Balance> {
+        let mut balances = Vec::with_capacity(counters.len());
+        for r in counters {
+            let Some(b) = self.budgets.get_mut(&r.budget) else { continue };
+            let Some(limit) = b.limits.iter_mut().find(|l| l.counter.id == r.counter) else {
+                continue;
+            };
+            change(&mut limit.counter);
+            balances.push(limit.balance(&b.path));
+        }
+        balances
+    }
+
+    fn counter_mut(&mut self, r: CounterRef) -> Option<&mut Counter> {
+        let b = self.budgets.get_mut(&r.budget)?;
+        b.limits.iter_mut().map(|l| &mut l.counter).find(|c| c.id == r.counter)
+    }
+}
+
+/// Which lease an audit record is about.
+struct About<'a> {
+    lease: LeaseId,
+    path: &'a BudgetPath,
+    principal: &'a Principal,
+    unit: &'a Unit,
+}
+
+/// Borrowed context of the request being applied.
+struct Ctx<'a> {
+    index: u64,
+    principal: &'a Principal,
+    audit: &'a mut Vec<AuditRecord>,
+}
+
+/// 64 bits of SHA-256 over the principal and operation: a retry must match its
+/// original to get the remembered result.
+fn fingerprint(req: &Request) -> u64 {
+    let digest = crate::hashing::sha256_of(b"ration-request-v1\0", &(&req.principal, &req.op));
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}

@@ -1,0 +1,136 @@
+//! Read-only accessors and the views queries return.
+
+use super::{Budget, BudgetView, Lease, LeaseView, Ledger, LedgerConfig, LimitView, Totals};
+use crate::audit::ChainHead;
+use crate::names::{BudgetPath, LeaseId, Principal};
+
+impl Ledger {
+    pub fn config(&self) -> &LedgerConfig {
+        &self.config
+    }
+
+    /// Index of the last applied entry.
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+
+    /// Ledger time: the largest entry time stamp applied.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    pub fn totals(&self) -> Totals {
+        self.totals
+    }
+
+    /// Where the audit chain ends; records emitted next continue from here.
+    pub fn chain_head(&self) -> ChainHead {
+        self.chain
+    }
+
+    pub fn budget_count(&self) -> usize {
+        self.budgets.len()
+    }
+
+    pub fn live_lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub fn expired_retained_count(&self) -> usize {
+        self.expired.len()
+    }
+
+    /// (clients, remembered results) in the exactly-once table.
+    pub fn dedup_size(&self) -> (usize, usize) {
+        (self.dedup.clients(), self.dedup.remembered())
+    }
+
+    /// Sum of unsettled allowance over all live leases.
+    pub fn outstanding_total(&self) -> u128 {
+        self.leases.values().map(|l| u128::from(l.granted.saturating_sub(l.reported))).sum()
+    }
+
+    pub fn budget(&self, path: &BudgetPath) -> Option<BudgetView> {
+        self.by_path.get(path).map(|id| self.view(&self.budgets[id]))
+    }
+
+    /// Budgets at or below `subtree` (all if `None`), in path order, after
+    /// `start_after`, at most `limit`.
+    pub fn budgets(
+        &self,
+        subtree: Option<&BudgetPath>,
+        start_after: Option<&BudgetPath>,
+        limit: usize,
+    ) -> Vec<BudgetView> {
+        use std::ops::Bound;
+        let lower = match (start_after, subtree) {
+            // A page token before the subtree: start at the subtree.
+            (Some(after), Some(s)) if after < s => Bound::Included(s.clone()),
+            (Some(after), _) => Bound::Excluded(after.clone()),
+            (None, Some(s)) => Bound::Included(s.clone()),
+            (None, None) => Bound::Unbounded,
+        };
+        self.by_path
+            .range((lower, Bound::Unbounded))
+            .take_while(|(p, _)| subtree.is_none_or(|s| p.as_str().starts_with(s.as_str())))
+            .filter(|(p, _)| subtree.is_none_or(|s| p.is_within(s)))
+            .take(limit)
+            .map(|(_, id)| self.view(&self.budgets[id]))
+            .collect()
+    }
+
+    fn view(&self, b: &Budget) -> BudgetView {
+        let now = self.now_ms;
+        let limits = b
+            .limits
+            .iter()
+            .map(|l| {
+                let (consumed, window_start_ms, window_end_ms) = l.effective(now);
+                LimitView {
+                    spec: l.spec.clone(),
+                    window_start_ms,
+                    window_end_ms,
+                    consumed,
+                    outstanding: l.counter.outstanding,
+                    remaining: l.available(now),
+                    holders: l.counter.holders.len() as u64,
+                }
+            })
+            .collect();
+        BudgetView {
+            path: b.path.clone(),
+            version: b.version,
+            limits,
+            children: b.children,
+            live_leases: b.live_leases,
+        }
+    }
+
+    pub fn lease(&self, id: LeaseId) -> Option<LeaseView> {
+        self.leases.get(&id).map(|l| self.lease_view(id, l))
+    }
+
+    /// Live leases, optionally of one principal, in id order, at most `limit`.
+    pub fn leases(&self, principal: Option<&Principal>, limit: usize) -> Vec<LeaseView> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| principal.is_none_or(|p| &l.principal == p))
+            .take(limit)
+            .map(|(id, l)| self.lease_view(*id, l))
+            .collect()
+    }
+
+    fn lease_view(&self, id: LeaseId, l: &Lease) -> LeaseView {
+        LeaseView {
+            lease: id,
+            principal: l.principal.clone(),
+            budget: l.path.clone(),
+            unit: l.unit.clone(),
+            granted: l.granted,
+            reported: l.reported,
+            acquired_ms: l.acquired_ms,
+            expires_at_ms: l.expires_at_ms,
+            window_end_ms: l.window_end_ms,
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Snapshots: encoding the state, restoring it (rebuilding and re-checking every
+//! derived index), its digest, and the invariant checks tests and restore run.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{BudgetId, Lease, Ledger};
+use crate::names::{BudgetPath, LeaseId, Unit};
+use crate::window::Window;
+
+/// The highest next audit sequence number a restored ledger may hold. Far below
+/// `u64::MAX`, so applying entries after a restore never overflows the sequence.
+pub(super) const MAX_AUDIT_SEQ: u64 = (1 << 62) - 1;
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("snapshot decodes but is inconsistent: {0}")]
+    Inconsistent(#[from] InvariantError),
+}
+
+/// A broken ledger invariant, found by [`Ledger::check_invariants`] or while a
+/// snapshot is restored, with the figures involved. Budget ids are the ledger's
+/// internal ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvariantError {
+    #[error("the audit sequence is exhausted: next sequence number {next_seq} is above {max}")]
+    AuditSequenceExhausted { next_seq: u64, max: u64 },
+    #[error("budget {path} appears twice (budget ids {first} and {second})")]
+    DuplicateBudgetPath { path: BudgetPath, first: u64, second: u64 },
+    #[error("budget {path} has a missing parent (budget id {parent})")]
+    MissingParent { path: BudgetPath, parent: u64 },
+    #[error("budget {path} names {parent} as its parent")]
+    WrongParent { path: BudgetPath, parent: BudgetPath },
+    #[error(
+        "budget {path} has the wrong kind of parent link: top-level, but linked to budget id \
+         {parent}"
+    )]
+    ParentLinkOnTopLevel { path: BudgetPath, parent: u64 },
+    #[error("budget {path} has the wrong kind of parent link: nested, but linked to none")]
+    ParentLinkMissing { path: BudgetPath },
+    #[error("lease {lease} draws on a budget that does not exist (budget id {budget})")]
+    LeaseDrawsOnMissingBudget { lease: LeaseId, budget: u64 },
+    #[error(
+        "lease {lease} outlives the window of a limit it draws on (expires at {expires_at_ms}, \
+         window end {window_end_ms})"
+    )]
+    LeaseOutlivesWindow { lease: LeaseId, expires_at_ms: u64, window_end_ms: u64 },
+    #[error("lease {lease} names a budget path that does not match: {path} (budget id {budget})")]
+    LeasePathMismatch { lease: LeaseId, path: BudgetPath, budget: u64 },
+    #[error("lease {lease} is on a missing budget (budget id {budget})")]
+    LeaseOnMissingBudget { lease: LeaseId, budget: u64 },
+    #[error("lease {lease} reported {reported} of {granted}")]
+    OverReported { lease: LeaseId, reported: u64, granted: u64 },
+    #[error(
+        "lease {lease} expiry {expires_at_ms} outside (now {now_ms}, window end {window_end_ms}]"
+    )]
+    LeaseExpiryOutOfRange { lease: LeaseId, expires_at_ms: u64, now_ms: u64, window_end_ms: u64 },
+    #[error("{path} {unit} per {window}: outstanding {outstanding} but live leases hold {held}")]
+    OutstandingMismatch {
+        path: BudgetPath,
+        unit: Unit,
+        window: Window,
+        outstanding: u64,
+        held: u64,
+    },
+    #[error(
+        "{path} {unit} per {window}: consumed {consumed} + outstanding {outstanding} > cap {cap}"
+    )]
+    OverCap {
+        path: BudgetPath,
+        unit: Unit,
+        window: Window,
+        consumed: u64,
+        outstanding: u64,
+        cap: u64,
+    },
+    #[error(
+        "{path} {unit} per {window}: window closed with {outstanding} outstanding (window end \
+         {window_end_ms}, now {now_ms})"
+    )]
+    ClosedWindowOutstanding {
+        path: BudgetPath,
+        unit: Unit,
+        window: Window,
+        outstanding: u64,
+        window_end_ms: u64,
+        now_ms: u64,
+    },
+    #[error(
+        "conservation: granted {granted} + uncharged {uncharged} != consumed {consumed} + \
+         returned {returned} + charged {charged} + outstanding {outstanding}"
+    )]
+    Conservation {
+        granted: u128,
+        uncharged: u128,
+        consumed: u128,
+        returned: u128,
+        charged: u128,
+        outstanding: u128,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+enum SnapshotFormat<L> {
+    V1(L),
+}
+
+impl Ledger {
+    /// The whole state, deterministically encoded: equal states give equal bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        postcard::to_stdvec(&SnapshotFormat::V1(self)).expect("encoding into a Vec cannot fail")
+    }
+
+    /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, and checks it.
+    pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let SnapshotFormat::V1(mut ledger) = postcard::from_bytes::<SnapshotFormat<Ledger>>(bytes)?;
+        let next_seq = ledger.chain_head().next_seq;
+        if next_seq > MAX_AUDIT_SEQ {
+            return Err(
+                InvariantError::AuditSequenceExhausted { next_seq, max: MAX_AUDIT_SEQ }.into()
+            );
+        }
+        ledger.rebuild()?;
+        ledger.check_invariants()?;
+        Ok(ledger)
+    }
+
+    /// SHA-256 of the snapshot: equal on replicas that applied the same entries.
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(self.snapshot()).into()
+    }
+
+    /// Recomputes every derived index from the primary state.
+    fn rebuild(&mut self) -> Result<(), InvariantError> {
+        self.by_path.clear();
+        for (&id, b) in &self.budgets {
+            if let Some(first) = self.by_path.insert(b.path.clone(), id) {
+                return Err(InvariantError::DuplicateBudgetPath {
+                    path: b.path.clone(),
+                    first,
+                    second: id,
+                });
+            }
+        }
+        let ids: Vec<BudgetId> = self.budgets.keys().copied().collect();
+        for id in &ids {
+            let b = self.budget_mut(*id);
+            b.children = 0;
+            b.live_leases = 0;
+            for l in &mut b.limits {
+                l.counter.holders.clear();
+            }
+        }
+        for id in &ids {
+            let path = self.budgets[id].path.clone();
+            match (self.budgets[id].parent, path.parent()) {
+                (Some(p), Some(parent_path)) => {
+                    let Some(parent) = self.budgets.get_mut(&p) else {
+                        return Err(InvariantError::MissingParent { path, parent: p });
+                    };
+                    // Each parent's path is its child's minus the last segment: so the
+                    // parent links can form no cycle.
+                    if parent.path != parent_path {
+                        return Err(InvariantError::WrongParent {
+                            path,
+                            parent: parent.path.clone(),
+                        });
+                    }
+                    parent.children = parent.children.saturating_add(1);
+                }
+                (None, None) => {}
+                (Some(p), None) => {
+                    return Err(InvariantError::ParentLinkOnTopLevel { path, parent: p })
+                }
+                (None, Some(_)) => return Err(InvariantError::ParentLinkMissing { path }),
+            }
+        }
+        self.expiry.clear();
+        let leases: Vec<(LeaseId, Lease)> =
+            self.leases.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (id, lease) in &leases {
+            self.expiry.insert((lease.expires_at_ms, *id));
+            for c in &lease.counters {
+                // A counter may be gone (its limit was replaced by an update), but
+                // not its budget: budgets with live leases below them stay.
+                if !self.budgets.contains_key(&c.budget) {
+                    return Err(InvariantError::LeaseDrawsOnMissingBudget {
+                        lease: *id,
+                        budget: c.budget,
+                    });
+                }
+                let Some(counter) = self.counter_mut(*c) else { continue };
+                // Leases never outlive the window they draw on (a window must close
+                // with nothing outstanding).
+                if lease.expires_at_ms > counter.window_end_ms {
+                    return Err(InvariantError::LeaseOutlivesWindow {
+                        lease: *id,
+                        expires_at_ms: lease.expires_at_ms,
+                        window_end_ms: counter.window_end_ms,
+                    });
+                }
+                let n = counter.holders.entry(lease.principal.clone()).or_insert(0);
+                *n = n.saturating_add(1);
+            }
+            if self.budgets.get(&lease.budget).is_none_or(|b| b.path != lease.path) {
+                return Err(InvariantError::LeasePathMismatch {
+                    lease: *id,
+                    path: lease.path.clone(),
+                    budget: lease.budget,
+                });
+            }
+            let mut at = Some(lease.budget);
+            while let Some(b) = at {
+                let Some(budget) = self.budgets.get_mut(&b) else {
+                    return Err(InvariantError::LeaseOnMissingBudget { lease: *id, budget: b });
+                };
+                budget.live_leases = budget.live_leases.saturating_add(1);
+                at = budget.parent;
+            }
+        }
+        self.forget = self.expired.iter().map(|(id, e)| (e.forget_at_ms, *id)).collect();
+        self.dedup.rebuild();
+        Ok(())
+    }
+
+    /// Checks every invariant from scratch: the cap on every limit, outstanding
+    /// equal to the live leases' unsettled allowance, leases inside their windows,
+    /// and conservation. Tests call it after every step; restore calls it once.
+    pub fn check_invariants(&self) -> Result<(), InvariantError> {
+        let mut outstanding: BTreeMap<u64, u64> = BTreeMap::new();
+        for (id, l) in &self.leases {
+            if l.reported > l.granted {
+                return Err(InvariantError::OverReported {
+                    lease: *id,
+                    reported: l.reported,
+                    granted: l.granted,
+                });
+            }
+            if l.expires_at_ms > l.window_end_ms || l.expires_at_ms <= self.now_ms {
+                return Err(InvariantError::LeaseExpiryOutOfRange {
+                    lease: *id,
+                    expires_at_ms: l.expires_at_ms,
+                    now_ms: self.now_ms,
+                    window_end_ms: l.window_end_ms,
+                });
+            }
+            for c in &l.counters {
+                let o = outstanding.entry(c.counter).or_insert(0);
+                *o = o.saturating_add(l.granted.saturating_sub(l.reported));
+            }
+        }
+        for b in self.budgets.values() {
+            for l in &b.limits {
+                let c = &l.counter;
+                let held = outstanding.get(&c.id).copied().unwrap_or(0);
+                if c.outstanding != held {
+                    return Err(InvariantError::OutstandingMismatch {
+                        path: b.path.clone(),
+                        unit: l.spec.unit.clone(),
+                        window: l.spec.window,
+                        outstanding: c.outstanding,
+                        held,
+                    });
+                }
+                let (consumed, _, _) = l.effective(self.now_ms);
+                if consumed.checked_add(c.outstanding).is_none_or(|used| used > l.spec.cap) {
+                    return Err(InvariantError::OverCap {
+                        path: b.path.clone(),
+                        unit: l.spec.unit.clone(),
+                        window: l.spec.window,
+                        consumed,
+                        outstanding: c.outstanding,
+                        cap: l.spec.cap,
+                    });
+                }
+                if c.outstanding > 0 && self.now_ms >= c.window_end_ms {
+                    return Err(InvariantError::ClosedWindowOutstanding {
+                        path: b.path.clone(),
+                        unit: l.spec.unit.clone(),
+                        window: l.spec.window,
+                        outstanding: c.outstanding,
+                        window_end_ms: c.window_end_ms,
+                        now_ms: self.now_ms,
+                    });
+                }
+            }
+        }
+        let t = self.totals;
+        let outstanding = self.outstanding_total();
+        let rhs = t
+            .consumed
+            .saturating_add(t.returned)
+            .saturating_add(t.charged)
+            .saturating_add(outstanding);
+        if t.granted.saturating_add(t.uncharged) != rhs {
+            return Err(InvariantError::Conservation {
+                granted: t.granted,
+                uncharged: t.uncharged,
+                consumed: t.consumed,
+                returned: t.returned,
+                charged: t.charged,
+                outstanding,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! Time passing: leases expiring, expired leases forgotten, idle clients dropped.
+
+use super::{About, ExpiredLease, Ledger};
+use crate::audit::{AuditKind, AuditRecord, Flow};
+
+impl Ledger {
+    pub(super) fn housekeep(&mut self, index: u64, audit: &mut Vec<AuditRecord>) {
+        let now = self.now_ms;
+        while let Some(&(expires_at_ms, id)) = self.expiry.first() {
+            if expires_at_ms > now {
+                break;
+            }
+            let charge = {
+                let l = &self.leases[&id];
+                l.granted.saturating_sub(l.reported)
+            };
+            #[cfg(not(feature = "planted-bug-expiry-refunds"))]
+            let (lease, balances, flow) = {
+                let (lease, balances) = self.detach(id, charge);
+                (lease, balances, Flow { charged: charge, ..Flow::default() })
+            };
+            // PLANTED BUG (feature `planted-bug-expiry-refunds` only, for the
+            // simulation to catch): the unsettled allowance goes back to the pool
+            // instead of being charged, so a gateway still spending it overshoots.
+            #[cfg(feature = "planted-bug-expiry-refunds")]
+            let (lease, balances, flow) = {
+                let (lease, balances) = self.detach(id, 0);
+                (lease, balances, Flow { returned: charge, ..Flow::default() })
+            };
+            // The spend belongs to the last instant the lease was valid.
+            let effective = expires_at_ms.saturating_sub(1);
+            let about = About {
+                lease: id,
+                path: &lease.path,
+                principal: &lease.principal,
+                unit: &lease.unit,
+            };
+            let kind = AuditKind::LeaseExpired;
+            let entry = self.lease_entry(index, kind, about, flow, balances, effective);
+            self.record(audit, entry);
+            let forget_at_ms = expires_at_ms.saturating_add(self.config.expired_retention_ms);
+            self.expired.insert(
+                id,
+                ExpiredLease {
+                    principal: lease.principal,
+                    path: lease.path,
+                    unit: lease.unit,
+                    granted: lease.granted,
+                    reported: lease.reported,
+                    window_end_ms: lease.window_end_ms,
+                    forget_at_ms,
+                    counters: lease.counters,
+                },
+            );
+            self.forget.insert((forget_at_ms, id));
+        }
+        while let Some(&(forget_at_ms, id)) = self.forget.first() {
+            if forget_at_ms > now && self.expired.len() as u64 <= self.config.max_expired_retained {
+                break;
+            }
+            self.forget.pop_first();
+            self.expired.remove(&id);
+        }
+        self.dedup.expire(now, self.config.dedup_idle_ms);
+    }
+}
