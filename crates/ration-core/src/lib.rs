@@ -20,6 +20,14 @@
 // Overflow is a safety bug here: every sum must be checked, saturating or proven bounded.
 #![warn(clippy::arithmetic_side_effects)]
 
+// A planted bug exists for the simulation to catch (crates/ration-sim/README.md) and
+// only in debug builds: a release build with it (`--release --all-features`) is a
+// compile error, so no release `rationd` can ship it.
+#[cfg(all(feature = "planted-bug-expiry-refunds", not(debug_assertions)))]
+compile_error!(
+    "feature `planted-bug-expiry-refunds` plants a bug for the simulation to catch; it is refused in release builds"
+);
+
 pub mod audit;
 pub mod command;
 mod dedup;

@@ -422,9 +422,8 @@ async fn open_storage(
     loop {
         match ration_store::open(&config.data_dir, LedgerConfig::default()) {
             Ok(opened) => return Ok(opened),
-            Err(ration_store::OpenError::Sled(sled::Error::Io(e)))
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    && tokio::time::Instant::now() < deadline =>
+            Err(ration_store::OpenError::Locked { .. })
+                if tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -17,6 +17,14 @@
 // openraft's traits fix the error type; it is large, and not ours to box.
 #![allow(clippy::result_large_err)]
 
+// A planted bug exists for the simulation to catch (crates/ration-sim/README.md) and
+// only in debug builds: a release build with it (`--release --all-features`) is a
+// compile error, so no release `rationd` can ship it.
+#[cfg(all(feature = "planted-bug-ack-before-flush", not(debug_assertions)))]
+compile_error!(
+    "feature `planted-bug-ack-before-flush` plants a bug for the simulation to catch; it is refused in release builds"
+);
+
 use std::fmt::Debug;
 use std::io::{Cursor, Write};
 use std::ops::{Bound, RangeBounds};
@@ -61,7 +69,16 @@ type StorageResult<T> = Result<T, StorageError<NodeId>>;
 /// Opens (or creates) a node's storage in `dir`: `dir/sled/` and `dir/snapshot.bin`.
 pub fn open(dir: &Path, config: LedgerConfig) -> Result<(LogStore, StateMachine), OpenError> {
     std::fs::create_dir_all(dir)?;
-    let db = sled::Config::new().path(dir.join("sled")).mode(sled::Mode::HighThroughput).open()?;
+    let db = sled::Config::new()
+        .path(dir.join("sled"))
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                OpenError::Locked { dir: dir.to_path_buf() }
+            }
+            other => OpenError::Sled(other),
+        })?;
     let log = LogStore { log: db.open_tree("log")?, meta: db.open_tree("meta")?, db: db.clone() };
     let audit = AuditStore { backend: AuditBackend::Sled(db.open_tree("audit")?) };
     let sm = StateMachine::open(Some(db), audit, SnapshotPlace::Dir(dir.to_path_buf()), config)?;
@@ -71,6 +88,10 @@ pub fn open(dir: &Path, config: LedgerConfig) -> Result<(LogStore, StateMachine)
 /// Why storage could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// Another process (or a node of this one that is still stopping) holds the
+    /// data directory's lock.
+    #[error("{} is in use by another rationd (its lock is held)", dir.display())]
+    Locked { dir: PathBuf },
     #[error("storage I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("sled: {0}")]
