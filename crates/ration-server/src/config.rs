@@ -38,7 +38,8 @@ pub struct Config {
     pub batch_max_bytes: usize,
     /// Group commit: how long the proposer waits to fill an entry.
     pub batch_wait_us: u64,
-    /// Most commands queued for proposal before callers get RESOURCE_EXHAUSTED.
+    /// Most commands queued or being proposed; beyond it callers get UNAVAILABLE
+    /// with an "overloaded" detail (`ration_proto::rpc::is_overloaded`).
     pub proposal_queue: usize,
     /// The leader proposes a tick this often, so expiry happens with no writes.
     pub tick_ms: u64,
@@ -212,6 +213,13 @@ impl Config {
         self.metrics_addr()?;
         if self.proposal_queue == 0 || self.tick_ms == 0 || self.rpc_timeout_ms == 0 {
             return bad("proposal_queue, tick_ms and rpc_timeout_ms must be positive".into());
+        }
+        if self.proposal_queue < ration_proto::convert::MAX_BATCH_OPS {
+            return bad(format!(
+                "proposal_queue {} is below one full Batch ({} operations): such a Batch could never be proposed",
+                self.proposal_queue,
+                ration_proto::convert::MAX_BATCH_OPS
+            ));
         }
         Ok(())
     }

@@ -5,6 +5,9 @@
 //! not full, stamps the leader's clock into it and proposes it. One proposal is in
 //! flight at a time: measurements on this stack showed more made entries smaller and
 //! throughput lower. So the log flushes once per entry, not once per command.
+//!
+//! The queue is bounded in commands (`proposal_queue`): a request whose commands do
+//! not fit is refused at once as overloaded, never buffered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +16,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
 use ration_core::{Batch, Command, Entry, Op, Outcome};
 use ration_store::{NodeId, TypeConfig};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::metrics::Metrics;
 
@@ -40,8 +43,8 @@ impl Clock for SystemClock {
 pub enum ProposeError {
     #[error("this node is not the leader")]
     NotLeader { leader: Option<(NodeId, String)> },
-    /// The queue holds this many requests (RPCs, each of one or more commands).
-    #[error("the proposal queue is full ({0} requests waiting); retry with backoff")]
+    /// The queue holds this many commands already.
+    #[error("the proposal queue is full ({0} commands); retry with backoff")]
     Overloaded(usize),
     #[error("the node is shutting down")]
     Shutdown,
@@ -54,6 +57,8 @@ struct Pending {
     commands: Vec<Command>,
     bytes: usize,
     reply: oneshot::Sender<Result<Vec<Outcome>, ProposeError>>,
+    /// One permit per command, held until its outcome is sent: the queue's bound.
+    permits: OwnedSemaphorePermit,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -61,13 +66,17 @@ pub struct BatchLimits {
     pub max_commands: usize,
     pub max_bytes: usize,
     pub wait: Duration,
+    /// Most commands queued or in flight at once; a request that would pass it is
+    /// refused as overloaded. (Counted in commands, not requests: one Batch RPC of
+    /// 1,024 operations takes 1,024.)
     pub queue: usize,
 }
 
 /// A handle to submit commands.
 #[derive(Clone, Debug)]
 pub struct Proposer {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::UnboundedSender<Pending>,
+    room: Arc<Semaphore>,
     queue: usize,
 }
 
@@ -78,20 +87,25 @@ impl Proposer {
         limits: BatchLimits,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(limits.queue);
+        // The channel needs no bound of its own: every message holds permits.
+        let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(raft, clock, limits, rx, metrics));
-        Self { tx, queue: limits.queue }
+        Self { tx, room: Arc::new(Semaphore::new(limits.queue)), queue: limits.queue }
     }
 
     /// Proposes commands together (in one entry, in order) and waits for their
     /// outcomes: exactly one per command, in the same order.
     pub async fn propose(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
         let bytes = commands.iter().map(estimate_bytes).sum();
-        let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Pending { commands, bytes, reply }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => ProposeError::Overloaded(self.queue),
-            mpsc::error::TrySendError::Closed(_) => ProposeError::Shutdown,
+        let n = u32::try_from(commands.len()).unwrap_or(u32::MAX);
+        let permits = self.room.clone().try_acquire_many_owned(n).map_err(|e| match e {
+            TryAcquireError::NoPermits => ProposeError::Overloaded(self.queue),
+            TryAcquireError::Closed => ProposeError::Shutdown,
         })?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { commands, bytes, reply, permits })
+            .map_err(|_| ProposeError::Shutdown)?;
         rx.await.map_err(|_| ProposeError::Shutdown)?
     }
 }
@@ -116,7 +130,7 @@ async fn run(
     raft: Raft<TypeConfig>,
     clock: Arc<dyn Clock>,
     limits: BatchLimits,
-    mut rx: mpsc::Receiver<Pending>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
     metrics: Arc<Metrics>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -142,9 +156,12 @@ async fn run(
         // under the ledger's per-entry maximum.
         let mut commands = Vec::with_capacity(count);
         let mut replies = Vec::with_capacity(batch.len());
+        // Released when this entry's outcomes are sent (dropped at the loop's end).
+        let mut _permits = Vec::with_capacity(batch.len());
         for p in batch {
             replies.push((p.commands.len(), p.reply));
             commands.extend(p.commands);
+            _permits.push(p.permits);
         }
         let acquires: Vec<bool> = commands
             .iter()
