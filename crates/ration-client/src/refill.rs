@@ -43,6 +43,9 @@ pub struct SdkConfig {
     pub max_request: u64,
 }
 
+/// Weight of the newest round's demand in the demand rate (an EWMA per round).
+const RATE_SMOOTHING: f64 = 0.3;
+
 /// Defaults of [`SdkConfig::new`].
 pub mod defaults {
     use std::time::Duration;
@@ -242,8 +245,11 @@ impl Sdk {
                 let delta = demand as f64 / dt_s;
                 t.spent_seen = spent;
                 t.denied_seen = denied;
-                t.rate_per_s =
-                    if t.rate_per_s == 0.0 { delta } else { 0.7 * t.rate_per_s + 0.3 * delta };
+                t.rate_per_s = if t.rate_per_s == 0.0 {
+                    delta
+                } else {
+                    (1.0 - RATE_SMOOTHING) * t.rate_per_s + RATE_SMOOTHING * delta
+                };
                 // Low-water: ask for more when what is held falls below half the target.
                 let target = (t.rate_per_s * self.config.horizon.as_secs_f64()) as u64;
                 let target = target.max(self.config.initial_request).min(self.config.max_request);

@@ -413,19 +413,28 @@ where
     Ok(NodeHandle { node, stop: Some(stop_tx), served, core: core_rx })
 }
 
+/// How long opening storage waits for a lock held by a node still stopping.
+const STORAGE_LOCK_WAIT: Duration = Duration::from_secs(5);
+/// Between two attempts to take the storage lock.
+const STORAGE_LOCK_RETRY: Duration = Duration::from_millis(100);
+/// Attempts to join a cluster through `join` before giving up.
+const JOIN_ATTEMPTS: u32 = 60;
+/// Between two attempts to join.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
+
 /// Opens the node's storage. A lock held by a node that is still stopping (in this
 /// process or another) is retried for a few seconds; any other error is final.
 async fn open_storage(
     config: &Config,
 ) -> anyhow::Result<(ration_store::LogStore, ration_store::StateMachine)> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + STORAGE_LOCK_WAIT;
     loop {
         match ration_store::open(&config.data_dir, LedgerConfig::default()) {
             Ok(opened) => return Ok(opened),
             Err(ration_store::OpenError::Locked { .. })
                 if tokio::time::Instant::now() < deadline =>
             {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(STORAGE_LOCK_RETRY).await;
             }
             Err(e) => {
                 return Err(e).with_context(|| {
@@ -456,7 +465,7 @@ async fn bootstrap(node: &Arc<Node>) -> anyhow::Result<()> {
         let node = node.clone();
         let through = through.clone();
         tokio::spawn(async move {
-            for attempt in 1..=60u32 {
+            for attempt in 1..=JOIN_ATTEMPTS {
                 match join(&node, &through).await {
                     Ok(()) => {
                         tracing::info!(id = node.id, "joined the cluster as a voter");
@@ -468,7 +477,7 @@ async fn bootstrap(node: &Arc<Node>) -> anyhow::Result<()> {
                         tracing::warn!(attempt, "joining through {through}: {e:#}");
                     }
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(JOIN_RETRY).await;
             }
             tracing::error!("gave up joining through {through}");
         });
