@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use openraft::{BasicNode, ServerState};
 use ration_proto::v1::{self, cluster_client::ClusterClient};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::forward;
@@ -17,13 +16,6 @@ use crate::Node;
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// How long a requested snapshot may take to build.
 const SNAPSHOT_BUILD_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The closure that makes the same call on the leader.
-macro_rules! on_leader {
-    ($method:ident) => {
-        |mut c: ClusterClient<Channel>, r| async move { c.$method(r).await }
-    };
-}
 
 #[derive(Debug)]
 pub(super) struct ClusterService {
@@ -142,7 +134,8 @@ impl v1::cluster_server::Cluster for ClusterService {
         req: Request<v1::AddLearnerRequest>,
     ) -> Result<Response<v1::MembershipReply>, Status> {
         if !self.node.is_leader() {
-            return forward::to_leader(&self.node, req, on_leader!(add_learner)).await;
+            return forward::to_leader(&self.node, req, on_leader!(ClusterClient, add_learner))
+                .await;
         }
         let r = req.into_inner();
         if r.id == 0 || r.addr.is_empty() {
@@ -162,7 +155,12 @@ impl v1::cluster_server::Cluster for ClusterService {
         req: Request<v1::ChangeMembershipRequest>,
     ) -> Result<Response<v1::MembershipReply>, Status> {
         if !self.node.is_leader() {
-            return forward::to_leader(&self.node, req, on_leader!(change_membership)).await;
+            return forward::to_leader(
+                &self.node,
+                req,
+                on_leader!(ClusterClient, change_membership),
+            )
+            .await;
         }
         let r = req.into_inner();
         let change = match (r.voters.is_empty(), r.remove.is_empty()) {

@@ -22,13 +22,6 @@ const AUDIT_SCAN_CHUNK: usize = 4096;
 /// Most audit records one `QueryAudit` call examines, matching or not.
 const AUDIT_MAX_SCANNED: usize = 1 << 20;
 
-/// The closure that makes the same call on the leader.
-macro_rules! on_leader {
-    ($method:ident) => {
-        |mut c: LedgerClient<Channel>, r| async move { c.$method(r).await }
-    };
-}
-
 #[derive(Debug)]
 pub(super) struct LedgerService {
     pub(super) node: Arc<Node>,
@@ -95,7 +88,7 @@ impl v1::ledger_server::Ledger for LedgerService {
             req,
             |r| Ok(vec![to_core::create_budget(r)?]),
             |r, outcomes| to_proto::budget_changed(&r.path, &only(outcomes)?),
-            on_leader!(create_budget),
+            on_leader!(LedgerClient, create_budget),
         )
         .await
     }
@@ -108,7 +101,7 @@ impl v1::ledger_server::Ledger for LedgerService {
             req,
             |r| Ok(vec![to_core::update_budget(r)?]),
             |r, outcomes| to_proto::budget_changed(&r.path, &only(outcomes)?),
-            on_leader!(update_budget),
+            on_leader!(LedgerClient, update_budget),
         )
         .await
     }
@@ -121,7 +114,7 @@ impl v1::ledger_server::Ledger for LedgerService {
             req,
             |r| Ok(vec![to_core::delete_budget(r)?]),
             |r, outcomes| to_proto::budget_changed(&r.path, &only(outcomes)?),
-            on_leader!(delete_budget),
+            on_leader!(LedgerClient, delete_budget),
         )
         .await
     }
@@ -134,7 +127,7 @@ impl v1::ledger_server::Ledger for LedgerService {
             req,
             |r| Ok(vec![to_core::acquire(r)?]),
             |_, outcomes| to_proto::lease(&only(outcomes)?),
-            on_leader!(acquire),
+            on_leader!(LedgerClient, acquire),
         )
         .await
     }
@@ -147,7 +140,7 @@ impl v1::ledger_server::Ledger for LedgerService {
             req,
             |r| Ok(vec![to_core::report(r)?]),
             |_, outcomes| to_proto::report_reply(&only(outcomes)?),
-            on_leader!(report),
+            on_leader!(LedgerClient, report),
         )
         .await
     }
@@ -160,7 +153,7 @@ impl v1::ledger_server::Ledger for LedgerService {
             req,
             |r| Ok(vec![to_core::release(r)?]),
             |_, outcomes| to_proto::release_reply(&only(outcomes)?),
-            on_leader!(release),
+            on_leader!(LedgerClient, release),
         )
         .await
     }
@@ -184,7 +177,7 @@ impl v1::ledger_server::Ledger for LedgerService {
                     results: outcomes.iter().map(to_proto::batch_result).collect(),
                 })
             },
-            on_leader!(batch),
+            on_leader!(LedgerClient, batch),
         )
         .await
     }
@@ -194,7 +187,7 @@ impl v1::ledger_server::Ledger for LedgerService {
         req: Request<v1::GetBudgetRequest>,
     ) -> Result<Response<v1::Budget>, Status> {
         if req.get_ref().linearizable && !self.linearize().await? {
-            return forward::to_leader(&self.node, req, on_leader!(get_budget)).await;
+            return forward::to_leader(&self.node, req, on_leader!(LedgerClient, get_budget)).await;
         }
         let path = to_core::get_budget(req.get_ref())?;
         let state = self.node.reader.state();
@@ -210,7 +203,8 @@ impl v1::ledger_server::Ledger for LedgerService {
         req: Request<v1::ListBudgetsRequest>,
     ) -> Result<Response<v1::ListBudgetsReply>, Status> {
         if req.get_ref().linearizable && !self.linearize().await? {
-            return forward::to_leader(&self.node, req, on_leader!(list_budgets)).await;
+            return forward::to_leader(&self.node, req, on_leader!(LedgerClient, list_budgets))
+                .await;
         }
         let page = to_core::list_budgets(req.get_ref())?;
         let state = self.node.reader.state();
@@ -226,7 +220,7 @@ impl v1::ledger_server::Ledger for LedgerService {
         req: Request<v1::GetLeaseRequest>,
     ) -> Result<Response<v1::LeaseInfo>, Status> {
         if req.get_ref().linearizable && !self.linearize().await? {
-            return forward::to_leader(&self.node, req, on_leader!(get_lease)).await;
+            return forward::to_leader(&self.node, req, on_leader!(LedgerClient, get_lease)).await;
         }
         let id = to_core::get_lease(req.get_ref());
         let state = self.node.reader.state();
@@ -242,7 +236,8 @@ impl v1::ledger_server::Ledger for LedgerService {
         req: Request<v1::QueryAuditRequest>,
     ) -> Result<Response<v1::QueryAuditReply>, Status> {
         if req.get_ref().linearizable && !self.linearize().await? {
-            return forward::to_leader(&self.node, req, on_leader!(query_audit)).await;
+            return forward::to_leader(&self.node, req, on_leader!(LedgerClient, query_audit))
+                .await;
         }
         let page = to_core::query_audit(req.get_ref())?;
         let mut records = Vec::new();

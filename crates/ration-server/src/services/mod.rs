@@ -7,6 +7,14 @@
 //! - this module: serving, and the one conversion from the node's internal errors
 //!   to gRPC statuses (ledger refusals convert in `ration_proto::convert`).
 
+/// The closure that makes the same call on the leader, for [`forward::forward`]:
+/// `on_leader!(LedgerClient, acquire)`.
+macro_rules! on_leader {
+    ($client:ident, $method:ident) => {
+        |mut c: $client<tonic::transport::Channel>, r| async move { c.$method(r).await }
+    };
+}
+
 mod cluster;
 mod forward;
 mod health;
