@@ -14,10 +14,58 @@ use rand::SeedableRng;
 use ration_proto::v1;
 use ration_store::mem::MemDisk;
 
-use crate::{
-    acquire_one, addr, check_running, converged, host, net, node_config, nodes, setup_budgets,
-    spawn_node, Observed, Report, Shared, SimClock, Supervisor, Tracer, EPOCH_MS, PROBE_BUDGET,
+use crate::actors::{
+    acquire_one, addr, host, node_config, nodes, setup_budgets, spawn_node, Shared, SimClock,
+    Supervisor, CLIENT_RPC_TIMEOUT, PROBE_BUDGET,
 };
+use crate::checks::{applied, check_running, converged, log_ids_above_snapshot};
+use crate::report::{Report, Tracer};
+use crate::{
+    net, Observed, CHECK_EVERY_STEPS, CONVERGENCE_TIMEOUT_MS, EPOCH_MS, MAX_MESSAGE_LATENCY,
+    MIN_MESSAGE_LATENCY, SIM_TICK, TCP_CAPACITY_MESSAGES,
+};
+
+/// A scenario may run this long in simulated time.
+const SCENARIO_DURATION: Duration = Duration::from_secs(600);
+/// Every disk's fsync time in a scenario.
+const FSYNC_TIME: Duration = Duration::from_millis(10);
+/// The writer's budget cap (it never binds).
+const WRITER_CAP_TOKENS: u64 = 1_000_000;
+/// The scenario writers' leases live this long.
+const WRITER_LEASE_TTL_MS: i64 = 500;
+/// The writer waits `WRITER_MIN_GAP_MS` plus up to `WRITER_GAP_SPREAD_MS` (by
+/// request id) between acquires.
+const WRITER_MIN_GAP_MS: u64 = 10;
+const WRITER_GAP_SPREAD_MS: u64 = 20;
+/// A scenario's cluster must elect a leader and accept the budgets within this.
+const SETUP_TIMEOUT_MS: u64 = 20_000;
+
+// `higher_vote_during_a_slow_purge`: how slowly every disk purges, how many times
+// the race is tried at most, and how long each of its steps may wait.
+const SLOW_PURGE: Duration = Duration::from_millis(400);
+const MAX_RACE_ATTEMPTS: u64 = 12;
+const REELECTION_TIMEOUT_MS: u64 = 2_000;
+const PURGE_START_TIMEOUT_MS: u64 = 20_000;
+const PURGE_END_TIMEOUT_MS: u64 = 5_000;
+const CAMPAIGN_TIMEOUT_MS: u64 = 10_000;
+const AFTER_RELEASE_MS: u64 = 3_000;
+
+// `a_stopped_core_is_restarted`: how long the cluster runs before the disk fails,
+// how long the core may take to stop and to be restarted, and how long it runs
+// after.
+const BEFORE_DISK_FAILURE_MS: u64 = 1_000;
+const CORE_STOP_TIMEOUT_MS: u64 = 10_000;
+const RESTART_TIMEOUT_MS: u64 = 10_000;
+const AFTER_RESTART_MS: u64 = 2_000;
+
+// `forwarding_recovers_after_a_stalled_connection`: the client's pace, how long
+// the cluster runs before and after the leader is cut off (and for how long), and
+// the limit on the first write through the follower after the repair.
+const VIA_FOLLOWER_GAP: Duration = Duration::from_millis(50);
+const BEFORE_CUT_OFF_MS: u64 = 2_000;
+const LEADER_CUT_OFF_MS: u64 = 400;
+const AFTER_REPAIR_MS: u64 = 6_000;
+const FORWARDING_RECOVERY_LIMIT_MS: u64 = 3_000;
 
 /// What a scenario saw.
 #[derive(Clone, Debug, Default)]
@@ -68,11 +116,11 @@ impl Cluster<'_> {
         ration_store::runtime::seed_thread_rng(Some(seed));
         let mut sim = turmoil::Builder::new()
             .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
-            .simulation_duration(Duration::from_secs(600))
-            .tick_duration(Duration::from_millis(10))
-            .min_message_latency(Duration::from_micros(200))
-            .max_message_latency(Duration::from_millis(4))
-            .tcp_capacity(256)
+            .simulation_duration(SCENARIO_DURATION)
+            .tick_duration(SIM_TICK)
+            .min_message_latency(MIN_MESSAGE_LATENCY)
+            .max_message_latency(MAX_MESSAGE_LATENCY)
+            .tcp_capacity(TCP_CAPACITY_MESSAGES)
             .rng_seed(seed)
             .build();
         let shared = Arc::new(Shared::default());
@@ -83,15 +131,7 @@ impl Cluster<'_> {
             let clock = Arc::new(SimClock { offset_ms: 0, drift_ppm: 0 });
             let mut config = node_config(id, voters);
             tweak(&mut config);
-            spawn_node(
-                &mut sim,
-                id,
-                disk,
-                Duration::from_millis(10),
-                clock,
-                config,
-                shared.clone(),
-            );
+            spawn_node(&mut sim, id, disk, FSYNC_TIME, clock, config, shared.clone());
         }
         let writes = Arc::new(AtomicU64::new(0));
         {
@@ -99,16 +139,22 @@ impl Cluster<'_> {
             let writes = writes.clone();
             let endpoints: Vec<String> = (1..=voters).map(addr).collect();
             sim.client("writer", async move {
-                setup_budgets(&endpoints, 1_000_000).await?;
+                setup_budgets(&endpoints, WRITER_CAP_TOKENS).await?;
                 shared.live.store(true, Relaxed);
                 let mut request_id = 0u64;
                 let mut at = 0usize;
                 while !shared.stop_spending.load(Relaxed) {
                     request_id += 1;
-                    let req = acquire_one("writer", request_id, "writer", PROBE_BUDGET, 500);
+                    let req = acquire_one(
+                        "writer",
+                        request_id,
+                        "writer",
+                        PROBE_BUDGET,
+                        WRITER_LEASE_TTL_MS,
+                    );
                     let mut c = v1::ledger_client::LedgerClient::new(net::channel(
                         &endpoints[at % endpoints.len()],
-                        Duration::from_millis(700),
+                        CLIENT_RPC_TIMEOUT,
                     ));
                     match c.acquire(req).await {
                         Ok(_) => {
@@ -116,7 +162,10 @@ impl Cluster<'_> {
                         }
                         Err(_) => at += 1,
                     }
-                    tokio::time::sleep(Duration::from_millis(10 + request_id % 20)).await;
+                    tokio::time::sleep(Duration::from_millis(
+                        WRITER_MIN_GAP_MS + request_id % WRITER_GAP_SPREAD_MS,
+                    ))
+                    .await;
                 }
                 Ok(())
             });
@@ -152,7 +201,7 @@ impl Cluster<'_> {
             &mut self.tracer,
         );
         self.tracer.observe(now, &self.shared);
-        if self.steps % 25 == 0 {
+        if self.steps % CHECK_EVERY_STEPS == 0 {
             check_running(&self.shared, &self.disks, &mut self.observed)
                 .map_err(|e| format!("at {now} ms: {e}"))?;
         }
@@ -203,18 +252,22 @@ impl Cluster<'_> {
     /// applied index under one leader, and checks that committed entries agree.
     fn converge(mut self) -> Result<ScenarioReport, String> {
         self.shared.stop_spending.store(true, Relaxed);
-        if !self.run_until(60_000, |c| converged(&c.shared))? {
-            return Err(format!("no convergence within 60 s: {:#?}", crate::applied(&self.shared)));
+        if !self.run_until(CONVERGENCE_TIMEOUT_MS, |c| converged(&c.shared))? {
+            return Err(format!(
+                "no convergence within {} s: {:#?}",
+                CONVERGENCE_TIMEOUT_MS / 1000,
+                applied(&self.shared)
+            ));
         }
-        check_running(&self.shared, &self.disks, &mut self.observed)?;
+        check_running(&self.shared, &self.disks, &mut self.observed).map_err(|e| e.to_string())?;
         let applied = nodes(&self.shared)
             .first()
             .and_then(|(_, n)| n.reader.state().last_applied.map(|l| l.index))
             .unwrap_or(0);
         for (id, node) in nodes(&self.shared) {
             if let Some(disk) = self.disks.get(&id) {
-                let held = crate::log_ids_above_snapshot(&node, disk, None);
-                self.observed.still_holds(id, &held)?;
+                let held = log_ids_above_snapshot(&node, disk, None);
+                self.observed.still_holds(id, &held).map_err(|e| e.to_string())?;
             }
         }
         if self.observed.last().unwrap_or(0) > applied {
@@ -264,27 +317,27 @@ pub fn higher_vote_during_a_slow_purge() -> Result<ScenarioReport, String> {
     // Snapshots every 100 entries: a follower cut off right after a purge has time
     // to campaign before the next purge passes its log.
     let mut c = Cluster::new(10, 3, |config| config.snapshot_after_entries = 100);
-    if !c.run_until(20_000, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
+    if !c.run_until(SETUP_TIMEOUT_MS, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
         return Err("no leader accepted the budgets".into());
     }
     for disk in c.disks.values() {
-        disk.set_purge_delay(Duration::from_millis(400));
+        disk.set_purge_delay(SLOW_PURGE);
     }
     let mut attempts = 0;
-    while hits.load(Relaxed) == 0 && attempts < 12 {
+    while hits.load(Relaxed) == 0 && attempts < MAX_RACE_ATTEMPTS {
         attempts += 1;
         let Some(leader) = c.leader() else {
-            c.run_until(2_000, |c| c.leader().is_some())?;
+            c.run_until(REELECTION_TIMEOUT_MS, |c| c.leader().is_some())?;
             continue;
         };
         let follower = (1..=c.voters).find(|i| *i != leader).unwrap_or(2);
         let leader_disk = c.disks[&leader].clone();
         // Right after a purge, F is cut off, up to date.
-        c.run_until(20_000, |_| leader_disk.purges_in_progress() > 0)?;
-        c.run_until(5_000, |_| leader_disk.purges_in_progress() == 0)?;
+        c.run_until(PURGE_START_TIMEOUT_MS, |_| leader_disk.purges_in_progress() > 0)?;
+        c.run_until(PURGE_END_TIMEOUT_MS, |_| leader_disk.purges_in_progress() == 0)?;
         c.set_held(follower, true);
         // F campaigns into a higher term.
-        c.run_until(10_000, |c| {
+        c.run_until(CAMPAIGN_TIMEOUT_MS, |c| {
             let (Some(f), Some(l)) = (c.metrics(follower), c.metrics(leader)) else {
                 return false;
             };
@@ -292,9 +345,9 @@ pub fn higher_vote_during_a_slow_purge() -> Result<ScenarioReport, String> {
         })?;
         // The next purge passes F's log: F is released while the leader's core is
         // inside it.
-        c.run_until(20_000, |_| leader_disk.purges_in_progress() > 0)?;
+        c.run_until(PURGE_START_TIMEOUT_MS, |_| leader_disk.purges_in_progress() > 0)?;
         c.set_held(follower, false);
-        c.run_until(3_000, |_| false)?;
+        c.run_until(AFTER_RELEASE_MS, |_| false)?;
     }
     let hit = hits.load(Relaxed);
     let mut report = c.converge()?;
@@ -308,17 +361,17 @@ pub fn higher_vote_during_a_slow_purge() -> Result<ScenarioReport, String> {
 /// restarts it from its disk, and the cluster converges with it.
 pub fn a_stopped_core_is_restarted() -> Result<ScenarioReport, String> {
     let mut c = Cluster::new(11, 3, |_| {});
-    if !c.run_until(20_000, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
+    if !c.run_until(SETUP_TIMEOUT_MS, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
         return Err("no leader accepted the budgets".into());
     }
-    c.run_until(1_000, |_| false)?;
+    c.run_until(BEFORE_DISK_FAILURE_MS, |_| false)?;
     let leader = c.leader().ok_or("the leader vanished")?;
     let disk = c.disks[&leader].clone();
     disk.set_failing(true);
     let now = c.now_ms();
     c.tracer.event(now, format!("n{leader}: its disk fails"));
     let stopped = c.shared.clone();
-    if !c.run_until(10_000, |c| {
+    if !c.run_until(CORE_STOP_TIMEOUT_MS, |c| {
         !stopped.nodes.lock().map_or(true, |n| n.contains_key(&leader))
             || !c.report.core_stops.is_empty()
     })? {
@@ -326,8 +379,8 @@ pub fn a_stopped_core_is_restarted() -> Result<ScenarioReport, String> {
     }
     // The disk is replaced before the supervisor restarts the node.
     disk.set_failing(false);
-    c.run_until(10_000, |c| c.report.faults.contains_key("core_restart"))?;
-    c.run_until(2_000, |_| false)?;
+    c.run_until(RESTART_TIMEOUT_MS, |c| c.report.faults.contains_key("core_restart"))?;
+    c.run_until(AFTER_RESTART_MS, |_| false)?;
     c.converge()
 }
 
@@ -340,7 +393,7 @@ pub fn a_stopped_core_is_restarted() -> Result<ScenarioReport, String> {
 /// through the follower must succeed again soon after the link is repaired.
 pub fn forwarding_recovers_after_a_stalled_connection() -> Result<ScenarioReport, String> {
     let mut c = Cluster::new(12, 3, |_| {});
-    if !c.run_until(20_000, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
+    if !c.run_until(SETUP_TIMEOUT_MS, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
         return Err("no leader accepted the budgets".into());
     }
     let leader = c.leader().ok_or("no leader")?;
@@ -355,22 +408,25 @@ pub fn forwarding_recovers_after_a_stalled_connection() -> Result<ScenarioReport
             let mut request_id = 0u64;
             while !stop.stop_spending.load(Relaxed) {
                 request_id += 1;
-                let req =
-                    acquire_one("via-follower", request_id, "via-follower", PROBE_BUDGET, 500);
-                let mut client = v1::ledger_client::LedgerClient::new(net::channel(
-                    &via,
-                    Duration::from_millis(700),
-                ));
+                let req = acquire_one(
+                    "via-follower",
+                    request_id,
+                    "via-follower",
+                    PROBE_BUDGET,
+                    WRITER_LEASE_TTL_MS,
+                );
+                let mut client =
+                    v1::ledger_client::LedgerClient::new(net::channel(&via, CLIENT_RPC_TIMEOUT));
                 if client.acquire(req).await.is_ok() {
                     let now = turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64);
                     ok_at.lock().unwrap_or_else(|p| p.into_inner()).push(now);
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(VIA_FOLLOWER_GAP).await;
             }
             Ok(())
         });
     }
-    c.run_until(2_000, |_| false)?;
+    c.run_until(BEFORE_CUT_OFF_MS, |_| false)?;
     let before = ok_at.lock().unwrap_or_else(|p| p.into_inner()).len();
     if before == 0 {
         return Err("no write through the follower succeeded before the fault".into());
@@ -380,13 +436,13 @@ pub fn forwarding_recovers_after_a_stalled_connection() -> Result<ScenarioReport
         c.sim.partition(host(leader), host(*o));
     }
     let now = c.now_ms();
-    c.tracer.event(now, format!("n{leader}: cut off for 400 ms"));
-    c.run_until(400, |_| false)?;
+    c.tracer.event(now, format!("n{leader}: cut off for {LEADER_CUT_OFF_MS} ms"));
+    c.run_until(LEADER_CUT_OFF_MS, |_| false)?;
     for o in &others {
         c.sim.repair(host(leader), host(*o));
     }
     let repaired = c.now_ms();
-    c.run_until(6_000, |_| false)?;
+    c.run_until(AFTER_REPAIR_MS, |_| false)?;
     if c.leader() != Some(leader) {
         return Err(format!(
             "leadership moved (to {:?}): the scenario did not test a stalled channel to a live leader",
@@ -404,7 +460,7 @@ pub fn forwarding_recovers_after_a_stalled_connection() -> Result<ScenarioReport
     let mut report = c.converge()?;
     report.attempts = after.len() as u64;
     match first {
-        Some(t) if t <= repaired + 3_000 => {
+        Some(t) if t <= repaired + FORWARDING_RECOVERY_LIMIT_MS => {
             report.sim_ms = t - repaired;
             Ok(report)
         }

@@ -1,0 +1,277 @@
+//! Fault injection: the kinds of [`Fault`], the schedule drawn from the seed
+//! ([`Chaos`]), and how each fault is injected into the simulation and healed:
+//! crashes, partitions, pauses, slow links, disk failures, and the operator's
+//! leadership and membership changes.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use ration_store::mem::MemDisk;
+
+use crate::actors::{current_leader, host, RPC_DEADLINE_MS};
+use crate::{Harness, SimConfig, MAX_MESSAGE_LATENCY};
+
+/// The first fault comes this long after the budgets were accepted.
+const FIRST_FAULT_AT_MS: u64 = 1_500;
+/// A fault lasts this long before it is healed (drawn per fault) ...
+const FAULT_DURATION_MS: Range<u64> = 300..2_500;
+/// ... and the next one starts this long after (drawn per fault).
+const FAULT_GAP_MS: Range<u64> = 200..1_500;
+/// Slow links: the maximum message latency, usually (drawn per fault) ...
+const SLOW_LINK_LATENCY_MS: Range<u64> = 20..120;
+/// ... and sometimes, past the RPC deadline.
+const PAST_DEADLINE_LINK_LATENCY_MS: Range<u64> = RPC_DEADLINE_MS..1500;
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Fault {
+    Crash(u64),
+    /// Several nodes lose power at once (a rack, a zone): correlated crashes.
+    CrashMany,
+    PartitionLeader,
+    IsolateFollower,
+    OneWay,
+    Pause(u64),
+    SlowLinks,
+    TransferLeader,
+    AddSpare,
+    RemoveSpare,
+    /// A node's disk fails (every log write errors) until healed: openraft stops
+    /// its Raft core, the host ends, and the supervisor restarts it (again and
+    /// again while the disk is still failing).
+    DiskFailure(u64),
+}
+
+impl Fault {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Fault::Crash(_) => "crash_restart",
+            Fault::CrashMany => "crash_majority",
+            Fault::PartitionLeader => "partition_leader",
+            Fault::IsolateFollower => "isolate_follower",
+            Fault::OneWay => "one_way_partition",
+            Fault::Pause(_) => "pause",
+            Fault::SlowLinks => "slow_links",
+            Fault::TransferLeader => "leader_transfer",
+            Fault::AddSpare => "membership_add",
+            Fault::RemoveSpare => "membership_remove",
+            Fault::DiskFailure(_) => "disk_failure",
+        }
+    }
+}
+
+/// The fault schedule of a run, and the faults in force.
+pub(crate) struct Chaos {
+    /// (starts at, in ms since chaos began; fault; lasts, in ms), the next last.
+    pending: Vec<(u64, Fault, u64)>,
+    /// (healed at, in ms since chaos began; fault; what to undo)
+    active: Vec<(u64, Fault, Vec<String>)>,
+}
+
+impl Chaos {
+    /// The fault schedule, drawn up front from the seed (none unless `cfg.faults`).
+    pub(crate) fn draw(cfg: &SimConfig, rng: &mut StdRng) -> Self {
+        let chaos_ms = cfg.chaos.as_millis() as u64;
+        let mut schedule: Vec<(u64, Fault, u64)> = Vec::new();
+        if cfg.faults {
+            let mut t = FIRST_FAULT_AT_MS;
+            while t < chaos_ms {
+                let kinds = if cfg.disk_failures { 11 } else { 10 };
+                let fault = match rng.gen_range(0..kinds) {
+                    10 => Fault::DiskFailure(rng.gen_range(1..=cfg.nodes)),
+                    0 | 1 => Fault::Crash(rng.gen_range(1..=cfg.nodes)),
+                    9 => Fault::CrashMany,
+                    2 => Fault::PartitionLeader,
+                    3 => Fault::IsolateFollower,
+                    4 => Fault::OneWay,
+                    5 => Fault::Pause(rng.gen_range(1..=cfg.nodes)),
+                    6 => Fault::SlowLinks,
+                    7 => Fault::TransferLeader,
+                    _ => {
+                        if rng.gen_bool(0.5) {
+                            Fault::AddSpare
+                        } else {
+                            Fault::RemoveSpare
+                        }
+                    }
+                };
+                let lasts = rng.gen_range(FAULT_DURATION_MS);
+                schedule.push((t, fault, lasts));
+                t += lasts + rng.gen_range(FAULT_GAP_MS);
+            }
+        }
+        schedule.reverse();
+        Self { pending: schedule, active: Vec::new() }
+    }
+
+    /// At `t` ms since chaos began: injects the faults due by then and heals those
+    /// that have lasted their time.
+    pub(crate) fn advance(&mut self, h: &mut Harness<'_>, t: u64) {
+        while let Some(&(at, fault, lasts)) = self.pending.last() {
+            if at > t {
+                break;
+            }
+            self.pending.pop();
+            *h.report.faults.entry(fault.name()).or_default() += 1;
+            let now = h.now_ms();
+            h.trace.note(now, fault.name());
+            let undo = inject(h, fault);
+            let now = h.now_ms();
+            h.tracer.fault(now, fault, &undo, lasts, &h.disks);
+            self.active.push((t + lasts, fault, undo));
+        }
+        self.active.retain(|(until, fault, undo)| {
+            if *until > t {
+                return true;
+            }
+            heal(&mut h.sim, h.cfg.nodes + 1, *fault, undo, &h.disks);
+            let now = h.now_ms();
+            h.tracer.event(now, format!("heal {} {undo:?}", fault.name()));
+            false
+        });
+    }
+
+    /// Heals every fault still in force and restores normal message latency.
+    pub(crate) fn heal_all(&mut self, h: &mut Harness<'_>) {
+        for (_, fault, undo) in self.active.drain(..) {
+            heal(&mut h.sim, h.cfg.nodes + 1, fault, &undo, &h.disks);
+        }
+        let now = h.now_ms();
+        h.tracer.event(now, "chaos over: every fault healed");
+        h.sim.set_max_message_latency(MAX_MESSAGE_LATENCY);
+    }
+}
+
+/// Applies a fault; returns what to undo (host names, by fault kind).
+fn inject(h: &mut Harness<'_>, fault: Fault) -> Vec<String> {
+    let Harness { sim, shared, cfg, rng, report, disks, .. } = h;
+    let all: Vec<u64> = (1..=cfg.nodes + 1).collect();
+    let leader = current_leader(shared);
+    match fault {
+        Fault::Crash(id) => {
+            if !sim.is_host_running(host(id)) {
+                return vec![];
+            }
+            shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            sim.crash(host(id));
+            report.crashes += 1;
+            vec![host(id)]
+        }
+        Fault::CrashMany => {
+            // A majority of the voters, the leader among them if known; or all of
+            // them (a power loss across the cluster).
+            let mut ids: Vec<u64> = (1..=cfg.nodes).collect();
+            ids.sort_by_key(|i| (Some(*i) != leader, rng.gen_range(0..1000u32)));
+            if rng.gen_bool(0.5) {
+                ids.truncate(usize::try_from(cfg.nodes / 2 + 1).unwrap_or(2));
+            }
+            let mut undo = Vec::new();
+            for id in ids {
+                if sim.is_host_running(host(id)) {
+                    shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    sim.crash(host(id));
+                    report.crashes += 1;
+                    undo.push(host(id));
+                }
+            }
+            undo
+        }
+        Fault::PartitionLeader => {
+            let l = leader.unwrap_or(1);
+            for other in all.iter().filter(|o| **o != l) {
+                sim.partition(host(l), host(*other));
+            }
+            vec![host(l)]
+        }
+        Fault::IsolateFollower => {
+            let f =
+                all.iter().copied().find(|i| Some(*i) != leader && *i <= cfg.nodes).unwrap_or(2);
+            for other in all.iter().filter(|o| **o != f) {
+                sim.partition(host(f), host(*other));
+            }
+            vec![host(f)]
+        }
+        Fault::OneWay => {
+            // The leader can send to a follower but not hear it.
+            let l = leader.unwrap_or(1);
+            let f = all.iter().copied().find(|i| *i != l && *i <= cfg.nodes).unwrap_or(2);
+            sim.partition_oneway(host(f), host(l));
+            vec![host(f), host(l)]
+        }
+        Fault::Pause(id) => {
+            // Nothing in or out for a while, then everything at once (a GC pause or
+            // a stopped process, as the network sees it).
+            for other in all.iter().filter(|o| **o != id) {
+                sim.hold(host(id), host(*other));
+            }
+            vec![host(id)]
+        }
+        Fault::SlowLinks => {
+            // Sometimes slower than the RPC deadline (RPC_DEADLINE_MS): calls time
+            // out while their messages are still in flight, are retried, and both
+            // copies arrive, out of order: duplication and reordering on both paths.
+            let max = if rng.gen_bool(0.3) {
+                rng.gen_range(PAST_DEADLINE_LINK_LATENCY_MS)
+            } else {
+                rng.gen_range(SLOW_LINK_LATENCY_MS)
+            };
+            sim.set_max_message_latency(Duration::from_millis(max));
+            vec![]
+        }
+        Fault::TransferLeader | Fault::AddSpare | Fault::RemoveSpare => {
+            shared.ops.lock().unwrap_or_else(|p| p.into_inner()).insert(0, fault);
+            vec![]
+        }
+        Fault::DiskFailure(id) => {
+            if let Some(disk) = disks.get(&id) {
+                disk.set_failing(true);
+            }
+            vec![host(id)]
+        }
+    }
+}
+
+fn heal(
+    sim: &mut turmoil::Sim<'_>,
+    hosts: u64,
+    fault: Fault,
+    undo: &[String],
+    disks: &BTreeMap<u64, MemDisk>,
+) {
+    let everyone: Vec<String> = (1..=hosts).map(host).collect();
+    match fault {
+        Fault::Crash(_) | Fault::CrashMany => {
+            for h in undo {
+                sim.bounce(h.as_str());
+            }
+        }
+        Fault::PartitionLeader | Fault::IsolateFollower => {
+            for h in undo {
+                for o in everyone.iter().filter(|o| *o != h) {
+                    sim.repair(h.as_str(), o.as_str());
+                }
+            }
+        }
+        Fault::OneWay => {
+            if let [f, l] = undo {
+                sim.repair_oneway(f.as_str(), l.as_str());
+            }
+        }
+        Fault::Pause(_) => {
+            for h in undo {
+                for o in everyone.iter().filter(|o| *o != h) {
+                    sim.release(h.as_str(), o.as_str());
+                }
+            }
+        }
+        Fault::SlowLinks => sim.set_max_message_latency(MAX_MESSAGE_LATENCY),
+        Fault::DiskFailure(id) => {
+            if let Some(disk) = disks.get(&id) {
+                disk.set_failing(false);
+            }
+        }
+        Fault::TransferLeader | Fault::AddSpare | Fault::RemoveSpare => {}
+    }
+}
