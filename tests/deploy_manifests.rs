@@ -37,8 +37,9 @@ const METRICS_PORT: u16 = 9464;
 /// Environment variables rationd reads that are not flags.
 const EXTRA_ENV: &[&str] = &["RATION_LOG"];
 
+/// The repository: this package is its `tests/` directory.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn deploy() -> PathBuf {

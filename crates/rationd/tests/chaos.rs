@@ -1,5 +1,5 @@
 //! Process-level chaos: three `rationd` processes behind a user-space fault proxy
-//! (support/proxy.rs), gateways spending through the real SDK and two writers
+//! (`ration_testkit::proxy`), gateways spending through the real SDK and two writers
 //! recording every acknowledged grant and release, while a seeded schedule injects
 //! kill -9 and restart, SIGSTOP/SIGCONT, partitions (isolating the leader or a
 //! follower, one-way cuts, clients cut off from the leader, every gateway cut off
@@ -23,8 +23,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,10 +33,9 @@ use ration_client::{CoarseClock, Sdk, SdkConfig};
 use ration_core::audit::{verify_chain, ChainHead};
 use ration_proto::v1;
 use ration_proto::v1::ledger_client::LedgerClient;
-use support::proxy::{Fault, Faults};
-use support::{
-    channel_within, create_lifetime_budget, initial_cluster, meta_as, until_answered, Proc,
-};
+use ration_testkit::process::{free_addrs, initial_cluster, Proc};
+use ration_testkit::proxy::{Fault, Faults};
+use ration_testkit::{channel_within, create_lifetime_budget, meta, until_answered};
 
 const NODES: usize = 3;
 /// The root's cap per second of faults.
@@ -132,7 +129,7 @@ impl Chaos {
         let probes: Vec<_> = self
             .real
             .iter()
-            .map(|a| tokio::spawn(support::status_within(*a, false, PROBE)))
+            .map(|a| tokio::spawn(ration_testkit::status_within(*a, false, PROBE)))
             .collect();
         let mut best: Option<(u64, usize)> = None;
         for (i, p) in probes.into_iter().enumerate() {
@@ -340,7 +337,7 @@ async fn writer(
     while !stop.load(Ordering::Relaxed) {
         request_id += 1;
         let acquire = v1::AcquireRequest {
-            meta: meta_as(name, "writer", request_id),
+            meta: meta(name, request_id, "writer"),
             budget: budget.into(),
             unit: "tokens".into(),
             wanted: 25,
@@ -368,7 +365,7 @@ async fn writer(
             request_id += 1;
             let total = lease.granted / 2;
             let release = v1::ReleaseRequest {
-                meta: meta_as(name, "writer", request_id),
+                meta: meta(name, request_id, "writer"),
                 lease_id: lease.lease_id,
                 consumed_total: total,
             };
@@ -416,13 +413,14 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
     };
 
     // Nodes listen on `real`; everyone else reaches node i through proxy i.
-    let real = support::free_addrs(NODES);
+    let real = free_addrs(NODES);
     let faults = Faults::start(real.clone()).await;
     let proxied = faults.addrs.clone();
     let cluster = initial_cluster(&proxied);
     let procs = (0..NODES)
         .map(|i| {
             let mut p = Proc::new(
+                env!("CARGO_BIN_EXE_rationd"),
                 i as u64 + 1,
                 real[i],
                 root_path.join(format!("node-{}", i + 1)),
@@ -447,7 +445,7 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
     for i in 0..NODES {
         chaos.spawn(i);
     }
-    let first = support::leader(&real).await;
+    let first = ration_testkit::leader(&real).await;
     chaos.say(format!(
         "node {first} leads; nodes advertise proxies {proxied:?}, listen on {real:?}"
     ));
@@ -578,7 +576,7 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
     let leader = loop {
         let mut seen = Vec::new();
         for a in &real {
-            seen.push(support::status_within(*a, false, Duration::from_secs(2)).await);
+            seen.push(ration_testkit::status_within(*a, false, Duration::from_secs(2)).await);
         }
         let leaders: Vec<_> =
             seen.iter().flatten().filter(|s| ration_proto::rpc::is_leader(s)).collect();
@@ -627,7 +625,7 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
     );
 
     let fresh = v1::AcquireRequest {
-        meta: meta_as("chaos-liveness", "ops", 1),
+        meta: meta("chaos-liveness", 1, "ops"),
         budget: BULK.into(),
         unit: "tokens".into(),
         wanted: 10,
@@ -639,11 +637,11 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
     chaos.say(format!("a fresh acquire got lease {}", fresh.lease_id));
 
     // (5) Convergence: equal applied index, equal state digest.
-    let statuses = support::converged(&real, Duration::from_secs(90)).await;
+    let statuses = ration_testkit::converged(&real, Duration::from_secs(90)).await;
     let applied = statuses[0].applied_index;
     chaos.say(format!(
         "converged at applied index {applied}, digest {}",
-        support::hex(&statuses[0].state_digest[..8])
+        ration_testkit::hex(&statuses[0].state_digest[..8])
     ));
 
     // (1) The cap, on every node, for every limit; and during the chaos.
@@ -699,7 +697,7 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
     let mut records_per_node = Vec::new();
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     for (a, s) in real.iter().zip(&statuses) {
-        let records = support::audit_records(*a).await;
+        let records = ration_testkit::audit_records(*a).await;
         let converted: Vec<_> = records
             .iter()
             .map(|r| ration_proto::convert::to_core::audit_record(r).unwrap())

@@ -8,16 +8,14 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-#[allow(unused_imports)] // this test uses only part of the shared support
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ration_proto::v1;
 use ration_proto::v1::ledger_client::LedgerClient;
-use support::{channel, free_addrs, leader, meta};
+use ration_testkit::process::free_addrs;
+use ration_testkit::{channel, leader, meta};
 
 struct Mount(std::path::PathBuf);
 
@@ -93,7 +91,7 @@ async fn rationd_exits_non_zero_when_its_raft_core_stops() {
         let mut c = LedgerClient::new(channel(addr));
         let r = c
             .create_budget(v1::CreateBudgetRequest {
-                meta: meta("filler", written + 1),
+                meta: meta("filler", written + 1, "gw-chaos"),
                 path: format!("fill-{written}"),
                 limits: limits.clone(),
             })

@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use ration_proto::v1;
 use ration_proto::v1::ledger_client::LedgerClient;
-use support::{
-    audit_lease_ids, channel, converged, create_lifetime_budget, free_addrs, initial_cluster,
-    leader, meta, until_answered, Proc,
+use ration_testkit::process::{free_addrs, initial_cluster, Proc};
+use ration_testkit::{
+    audit_lease_ids, channel, converged, create_lifetime_budget, leader, meta, until_answered,
 };
 
 const CAP: i64 = 40_000;
@@ -41,7 +39,7 @@ async fn writer(addrs: Vec<SocketAddr>, stop: Arc<AtomicBool>, acked: Arc<Mutex<
     while !stop.load(Ordering::Relaxed) {
         request_id += 1;
         let acquire = v1::AcquireRequest {
-            meta: meta("chaos-writer", request_id),
+            meta: meta("chaos-writer", request_id, "gw-chaos"),
             budget: "acme/k".into(),
             unit: "tokens".into(),
             wanted: 25,
@@ -66,7 +64,7 @@ async fn writer(addrs: Vec<SocketAddr>, stop: Arc<AtomicBool>, acked: Arc<Mutex<
             request_id += 1;
             let total = lease.granted / 2;
             let release = v1::ReleaseRequest {
-                meta: meta("chaos-writer", request_id),
+                meta: meta("chaos-writer", request_id, "gw-chaos"),
                 lease_id: lease.lease_id,
                 consumed_total: total,
             };
@@ -89,7 +87,9 @@ async fn acknowledged_writes_survive_kill_9_of_a_follower_and_the_leader() {
     let mut procs: Vec<Proc> = dirs(root.path(), 3)
         .into_iter()
         .enumerate()
-        .map(|(i, dir)| Proc::new(i as u64 + 1, addrs[i], dir, cluster.clone()))
+        .map(|(i, dir)| {
+            Proc::new(env!("CARGO_BIN_EXE_rationd"), i as u64 + 1, addrs[i], dir, cluster.clone())
+        })
         .collect();
     for p in &mut procs {
         p.spawn();
@@ -176,11 +176,17 @@ async fn sigterm_shuts_down_gracefully_and_state_survives() {
     let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().unwrap();
     let addr = free_addrs(1)[0];
-    let mut p = Proc::new(1, addr, root.path().join("node-1"), format!("1={addr}"));
+    let mut p = Proc::new(
+        env!("CARGO_BIN_EXE_rationd"),
+        1,
+        addr,
+        root.path().join("node-1"),
+        format!("1={addr}"),
+    );
     p.spawn();
     leader(&[addr]).await;
     let req = v1::CreateBudgetRequest {
-        meta: meta("term-admin", 1),
+        meta: meta("term-admin", 1, "gw-chaos"),
         path: "kept".into(),
         limits: vec![],
     };

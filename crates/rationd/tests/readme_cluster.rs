@@ -7,16 +7,14 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-#[allow(unused_imports)] // this test uses only part of the shared support
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ration_proto::v1;
 use ration_proto::v1::ledger_client::LedgerClient;
-use support::{channel, meta, status_within};
+use ration_testkit::process::free_addrs;
+use ration_testkit::{channel, meta, status_within};
 
 /// The first ```sh block after the heading `heading`.
 fn shell_block(readme: &str, heading: &str) -> String {
@@ -96,7 +94,7 @@ async fn the_readme_three_node_cluster_starts_as_written() {
     // A write through the last node reaches every node.
     let mut c = LedgerClient::new(channel(addrs[2]));
     c.create_budget(v1::CreateBudgetRequest {
-        meta: meta("readme", 1),
+        meta: meta("readme", 1, "gw-chaos"),
         path: "readme".into(),
         limits: vec![],
     })
@@ -126,7 +124,7 @@ async fn a_taken_metrics_port_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let metrics = taken.local_addr().unwrap().to_string();
-    let grpc = support::free_addrs(1)[0].to_string();
+    let grpc = free_addrs(1)[0].to_string();
     let out = Command::new(env!("CARGO_BIN_EXE_rationd"))
         .args(["--listen", &grpc, "--metrics-listen", &metrics])
         .args(["--data-dir", dir.path().join("d").to_str().unwrap()])

@@ -13,7 +13,8 @@
 //! - the audit chain verifies;
 //! - a retried request returns its first result and changes nothing.
 //!
-//! `PROPTEST_CASES=5000 cargo test --release --test ledger_model` runs more cases.
+//! `PROPTEST_CASES=5000 cargo test --release -p ration-core --test ledger_model` runs
+//! more cases.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -895,7 +896,7 @@ fn the_ledger_matches_the_model_and_keeps_its_invariants() {
         Err(_) => 0x5eed,
     };
     eprintln!(
-        "seed {seed}: replay with RATION_PROPTEST_SEED={seed} cargo test --test ledger_model"
+        "seed {seed}: replay with RATION_PROPTEST_SEED={seed} cargo test -p ration-core --test ledger_model"
     );
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());

@@ -1,8 +1,8 @@
 //! The ledger core under load: 1M budgets, 100k live leases.
 //!
-//! `cargo bench --bench ledger` measures applying acquire, report and release
-//! commands in group-committed entries of 1024, and prints the memory each budget
-//! and each lease costs (live heap bytes, from a counting allocator). Under
+//! `cargo bench -p ration-core --bench ledger` measures applying acquire, report and
+//! release commands in group-committed entries of 1024, and prints the memory each
+//! budget and each lease costs (live heap bytes, from a counting allocator). Under
 //! `cargo test` it runs once on a small ledger, as a smoke test.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test

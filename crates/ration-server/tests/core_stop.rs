@@ -7,16 +7,15 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{config, eventually, ledger, limit, listener, meta};
 use ration_core::LedgerConfig;
 use ration_proto::v1::{self, Period};
 use ration_server::{CoreStopped, Storage, SystemClock};
 use ration_store::mem::MemDisk;
+use ration_testkit::inproc::{config, listener};
+use ration_testkit::{eventually, ledger, limit, meta};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_core_stops_is_reported_and_supervise_returns_an_error() {
@@ -44,7 +43,6 @@ async fn a_node_whose_core_stops_is_reported_and_supervise_returns_an_error() {
     })
     .await;
     ledger(addr)
-        .await
         .create_budget(v1::CreateBudgetRequest {
             meta: meta("admin", 1, "ops"),
             path: "acme".into(),
@@ -62,7 +60,6 @@ async fn a_node_whose_core_stops_is_reported_and_supervise_returns_an_error() {
     // as fatal.
     disk.set_failing(true);
     let write = ledger(addr)
-        .await
         .create_budget(v1::CreateBudgetRequest {
             meta: meta("admin", 2, "ops"),
             path: "acme/search".into(),
@@ -83,9 +80,7 @@ async fn a_node_whose_core_stops_is_reported_and_supervise_returns_an_error() {
     // And the node stopped serving: its port no longer answers.
     let after = tokio::time::timeout(
         Duration::from_secs(3),
-        ledger(addr)
-            .await
-            .get_budget(v1::GetBudgetRequest { path: "acme".into(), linearizable: false }),
+        ledger(addr).get_budget(v1::GetBudgetRequest { path: "acme".into(), linearizable: false }),
     )
     .await;
     assert!(!matches!(after, Ok(Ok(_))), "the stopped node still answers: {after:?}");

@@ -1,17 +1,13 @@
-//! Helpers for tests that start real nodes on real loopback sockets.
-#![allow(dead_code, clippy::unwrap_used)]
+//! Clusters of in-process nodes (`ration_server::start`) on real loopback sockets.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ration_proto::v1::cluster_client::ClusterClient;
-use ration_proto::v1::ledger_client::LedgerClient;
-use ration_proto::v1::{self, StatusReply, StatusRequest};
+use ration_proto::v1::StatusReply;
 use ration_server::{Config, NodeHandle};
 use tokio::net::TcpListener;
-use tonic::transport::Channel;
 
 pub fn config(id: u64, addr: SocketAddr, dir: PathBuf, cluster: &[(u64, SocketAddr)]) -> Config {
     Config {
@@ -50,55 +46,8 @@ pub async fn rebind(addr: SocketAddr) -> TcpListener {
     }
 }
 
-pub async fn channel(addr: SocketAddr) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .timeout(Duration::from_secs(5))
-        .connect_lazy()
-}
-
-pub async fn ledger(addr: SocketAddr) -> LedgerClient<Channel> {
-    LedgerClient::new(channel(addr).await)
-}
-
-pub async fn status(addr: SocketAddr) -> Option<StatusReply> {
-    ClusterClient::new(channel(addr).await)
-        .status(StatusRequest { digest: true })
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
-/// Polls until `check` passes or the deadline ends.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-pub fn meta(client: &str, request_id: u64, principal: &str) -> Option<v1::RequestMeta> {
-    Some(v1::RequestMeta { client_id: client.into(), request_id, principal: principal.into() })
-}
-
-pub fn limit(unit: &str, cap: i64, period: v1::Period) -> v1::Limit {
-    v1::Limit {
-        unit: unit.into(),
-        cap,
-        window: Some(v1::Window { period: period as i32, offset_minutes: 0 }),
-        static_allowance: None,
-    }
-}
-
 /// A cluster of in-process nodes on loopback, each with its own data directory.
+#[derive(Debug)]
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub addrs: BTreeMap<u64, SocketAddr>,
@@ -143,44 +92,20 @@ impl Cluster {
         self.nodes.insert(id, handle);
     }
 
-    async fn statuses(&self) -> Option<Vec<StatusReply>> {
-        let mut all = Vec::new();
-        for id in self.nodes.keys() {
-            all.push(status(self.addrs[id]).await?);
-        }
-        Some(all)
+    /// The addresses of the running nodes.
+    pub fn running(&self) -> Vec<SocketAddr> {
+        self.nodes.keys().map(|id| self.addrs[id]).collect()
     }
 
-    /// The leader all running nodes agree on.
+    /// The leader all running nodes agree on ([`crate::leader`]).
     pub async fn leader(&self) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(all) = self.statuses().await {
-                if let Some(l) = all[0].leader {
-                    if self.nodes.contains_key(&l) && all.iter().all(|s| s.leader == Some(l)) {
-                        return l;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("timed out waiting for one leader known to every running node");
+        crate::leader(&self.running()).await
     }
 
-    /// Waits until every running node has applied the same index, and returns the
-    /// statuses.
+    /// Waits until every running node has applied the same index (its whole log,
+    /// with equal state digests), and returns the statuses ([`crate::converged`]).
     pub async fn converged(&self) -> Vec<StatusReply> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(all) = self.statuses().await {
-                let first = all[0].applied_index;
-                if all.iter().all(|s| s.applied_index == first && s.last_log_index == first) {
-                    return all;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("timed out waiting for every running node at the same applied index");
+        crate::converged(&self.running(), Duration::from_secs(30)).await
     }
 
     pub async fn shutdown(mut self) {

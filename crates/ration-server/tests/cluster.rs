@@ -2,12 +2,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-mod common;
-
 use std::time::Duration;
 
-use common::{eventually, ledger, limit, meta, Cluster};
 use ration_proto::v1::{self, Period};
+use ration_testkit::inproc::{self, Cluster};
+use ration_testkit::{channel, eventually, ledger, limit, meta};
 
 fn acquire(client: &str, request_id: u64, wanted: i64) -> v1::AcquireRequest {
     v1::AcquireRequest {
@@ -21,7 +20,7 @@ fn acquire(client: &str, request_id: u64, wanted: i64) -> v1::AcquireRequest {
 }
 
 async fn create_tree(addr: std::net::SocketAddr) {
-    let mut c = ledger(addr).await;
+    let mut c = ledger(addr);
     for (i, (path, cap)) in [("acme", 1_000_000), ("acme/search", 500_000)].into_iter().enumerate()
     {
         c.create_budget(v1::CreateBudgetRequest {
@@ -46,14 +45,12 @@ async fn replicates_fails_over_and_catches_up() {
     assert!(statuses.windows(2).all(|w| w[0].state_digest == w[1].state_digest), "digests differ");
     for addr in cluster.addrs.values() {
         let b = ledger(*addr)
-            .await
             .get_budget(v1::GetBudgetRequest { path: "acme/search".into(), linearizable: false })
             .await;
         assert_eq!(b.unwrap().into_inner().limits[0].limit.as_ref().unwrap().cap, 500_000);
     }
 
     let lease = ledger(cluster.addrs[&follower])
-        .await
         .acquire(acquire("gw-1-a", 1, 1000))
         .await
         .unwrap()
@@ -61,7 +58,6 @@ async fn replicates_fails_over_and_catches_up() {
     assert_eq!(lease.granted, 1000);
     // A linearizable read through a follower sees it at once.
     let info = ledger(cluster.addrs[&follower])
-        .await
         .get_lease(v1::GetLeaseRequest { lease_id: lease.lease_id, linearizable: true })
         .await
         .unwrap()
@@ -73,13 +69,11 @@ async fn replicates_fails_over_and_catches_up() {
     let new_leader = cluster.leader().await;
     assert_ne!(new_leader, leader);
     let survivor = cluster.addrs[cluster.nodes.keys().next().unwrap()];
-    let second =
-        ledger(survivor).await.acquire(acquire("gw-1-a", 2, 2000)).await.unwrap().into_inner();
+    let second = ledger(survivor).acquire(acquire("gw-1-a", 2, 2000)).await.unwrap().into_inner();
     assert_eq!(second.granted, 2000);
     // A retry of the first acquire, through another node after a leader change,
     // returns the first result and grants nothing new.
-    let retried =
-        ledger(survivor).await.acquire(acquire("gw-1-a", 1, 1000)).await.unwrap().into_inner();
+    let retried = ledger(survivor).acquire(acquire("gw-1-a", 1, 1000)).await.unwrap().into_inner();
     assert_eq!(retried, lease);
 
     // The old leader rejoins and catches up.
@@ -88,7 +82,6 @@ async fn replicates_fails_over_and_catches_up() {
     assert_eq!(statuses.len(), 3);
     assert!(statuses.windows(2).all(|w| w[0].state_digest == w[1].state_digest), "digests differ");
     let b = ledger(cluster.addrs[&leader])
-        .await
         .get_budget(v1::GetBudgetRequest { path: "acme".into(), linearizable: false })
         .await
         .unwrap()
@@ -110,7 +103,7 @@ async fn a_follower_behind_a_purged_log_catches_up_by_snapshot() {
     let lagging = *cluster.addrs.keys().find(|id| **id != leader).unwrap();
     cluster.stop(lagging).await;
 
-    let mut client = ledger(cluster.addrs[&leader]).await;
+    let mut client = ledger(cluster.addrs[&leader]);
     for i in 0..120 {
         client.acquire(acquire("gw-1-b", i + 1, 10)).await.unwrap();
     }
@@ -133,7 +126,6 @@ async fn a_follower_behind_a_purged_log_catches_up_by_snapshot() {
     );
     // The restored node answers audit queries for history before the snapshot.
     let audit = ledger(cluster.addrs[&lagging])
-        .await
         .query_audit(v1::QueryAuditRequest {
             kinds: vec!["lease_granted".into()],
             limit: 1000,
@@ -153,25 +145,26 @@ async fn nodes_join_leave_and_take_over_leadership() {
     create_tree(cluster.addrs[&1]).await;
 
     // Node 4 joins through node 1: added as a learner, then promoted to voter.
-    let l = common::listener().await;
+    let l = inproc::listener().await;
     let addr4 = l.local_addr().unwrap();
-    let mut c4 = common::config(4, addr4, cluster.dir.path().join("node-4"), &[]);
+    let mut c4 = inproc::config(4, addr4, cluster.dir.path().join("node-4"), &[]);
     c4.join = Some(cluster.addrs[&1].to_string());
     cluster.addrs.insert(4, addr4);
     cluster.nodes.insert(4, ration_server::start(c4, l).await.unwrap());
     eventually("node 4 is a voter", Duration::from_secs(30), || async move {
-        common::status(addr4).await.is_some_and(|s| s.members.iter().any(|m| m.id == 4 && m.voter))
+        ration_testkit::status(addr4)
+            .await
+            .is_some_and(|s| s.members.iter().any(|m| m.id == 4 && m.voter))
     })
     .await;
     cluster.converged().await;
 
     // Leadership moves to node 4 on request.
-    let mut admin = ration_proto::v1::cluster_client::ClusterClient::new(
-        common::channel(cluster.addrs[&2]).await,
-    );
+    let mut admin =
+        ration_proto::v1::cluster_client::ClusterClient::new(channel(cluster.addrs[&2]));
     admin.transfer_leader(v1::TransferLeaderRequest { to: 4 }).await.unwrap();
     eventually("node 4 leads", Duration::from_secs(20), || async move {
-        common::status(addr4).await.is_some_and(|s| s.leader == Some(4))
+        ration_testkit::status(addr4).await.is_some_and(|s| s.leader == Some(4))
     })
     .await;
 
@@ -185,16 +178,12 @@ async fn nodes_join_leave_and_take_over_leadership() {
         .await
         .unwrap();
     eventually("node 2 is no longer a member", Duration::from_secs(20), || async move {
-        common::status(addr4).await.is_some_and(|s| s.members.iter().all(|m| m.id != 2))
+        ration_testkit::status(addr4).await.is_some_and(|s| s.members.iter().all(|m| m.id != 2))
     })
     .await;
     cluster.stop(2).await;
-    let lease = ledger(cluster.addrs[&1])
-        .await
-        .acquire(acquire("gw-1-c", 1, 5))
-        .await
-        .unwrap()
-        .into_inner();
+    let lease =
+        ledger(cluster.addrs[&1]).acquire(acquire("gw-1-c", 1, 5)).await.unwrap().into_inner();
     assert_eq!(lease.granted, 5);
     let statuses = cluster.converged().await;
     assert!(statuses.windows(2).all(|w| w[0].state_digest == w[1].state_digest), "digests differ");
@@ -205,12 +194,10 @@ async fn nodes_join_leave_and_take_over_leadership() {
         Err(e) => e,
         Ok(_) => {
             // node 2 is gone; ask a member instead
-            ration_proto::v1::cluster_client::ClusterClient::new(
-                common::channel(cluster.addrs[&1]).await,
-            )
-            .transfer_leader(v1::TransferLeaderRequest { to: 9 })
-            .await
-            .unwrap_err()
+            ration_proto::v1::cluster_client::ClusterClient::new(channel(cluster.addrs[&1]))
+                .transfer_leader(v1::TransferLeaderRequest { to: 9 })
+                .await
+                .unwrap_err()
         }
     };
     assert!(matches!(err.code(), tonic::Code::NotFound | tonic::Code::Unavailable), "{err}");
@@ -223,8 +210,8 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() {
     cluster.leader().await;
     let addr = cluster.addrs[&1];
     create_tree(addr).await;
-    let mut c = ledger(addr).await;
-    let before = common::status(addr).await.unwrap();
+    let mut c = ledger(addr);
+    let before = ration_testkit::status(addr).await.unwrap();
 
     let cases: Vec<(v1::AcquireRequest, tonic::Code, &str)> = vec![
         (
@@ -287,7 +274,7 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() {
     };
     let err = c.create_budget(huge).await.unwrap_err();
     assert_ne!(err.code(), tonic::Code::Ok);
-    let after = common::status(addr).await.unwrap();
+    let after = ration_testkit::status(addr).await.unwrap();
     assert_eq!(after.budgets, before.budgets);
     assert_eq!(
         after.live_leases,
@@ -305,7 +292,7 @@ async fn health_and_reflection_answer_stock_clients() {
 
     let cluster = Cluster::start(1, |_| {}).await;
     let addr = cluster.addrs[&1];
-    let health = HealthClient::new(common::channel(addr).await);
+    let health = HealthClient::new(channel(addr));
     // Cluster serves at once; "" and Ledger only once a leader is known.
     let r = health
         .clone()
@@ -317,19 +304,15 @@ async fn health_and_reflection_answer_stock_clients() {
     cluster.leader().await;
     for service in ["", "ration.v1.Ledger", "ration.v1.Cluster"] {
         let health = &health;
-        common::eventually(
-            &format!("{service:?} serving"),
-            Duration::from_secs(5),
-            || async move {
-                let r = health
-                    .clone()
-                    .check(HealthCheckRequest { service: service.into() })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                r.status() == ServingStatus::Serving
-            },
-        )
+        eventually(&format!("{service:?} serving"), Duration::from_secs(5), || async move {
+            let r = health
+                .clone()
+                .check(HealthCheckRequest { service: service.into() })
+                .await
+                .unwrap()
+                .into_inner();
+            r.status() == ServingStatus::Serving
+        })
         .await;
     }
 
@@ -340,7 +323,7 @@ async fn health_and_reflection_answer_stock_clients() {
         use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
         use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
         use tonic_reflection::pb::v1::ServerReflectionRequest;
-        let mut client = ServerReflectionClient::new(common::channel(addr).await);
+        let mut client = ServerReflectionClient::new(channel(addr));
         let req = ServerReflectionRequest {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),
@@ -365,7 +348,7 @@ async fn health_and_reflection_answer_stock_clients() {
         use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
         use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
         use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-        let mut client = ServerReflectionClient::new(common::channel(addr).await);
+        let mut client = ServerReflectionClient::new(channel(addr));
         let req = ServerReflectionRequest {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),
@@ -403,7 +386,7 @@ async fn a_follower_catches_up_through_large_entries() {
     let addr = cluster.addrs[&leader];
     // Long names make big commands: entries near their byte limit.
     let path = format!("acme/{}", "k".repeat(60));
-    let mut c = ledger(addr).await;
+    let mut c = ledger(addr);
     for (i, p) in ["acme".to_owned(), path.clone()].into_iter().enumerate() {
         c.create_budget(v1::CreateBudgetRequest {
             meta: meta("admin-big", i as u64 + 1, "ops"),
@@ -438,7 +421,7 @@ async fn a_follower_catches_up_through_large_entries() {
                     }
                 })
                 .collect();
-            let mut c = ledger(addr).await;
+            let mut c = ledger(addr);
             calls.push(tokio::spawn(async move {
                 c.batch(v1::BatchRequest { ops }).await.unwrap().into_inner()
             }));
@@ -466,8 +449,7 @@ async fn raft_messages_from_another_cluster_are_refused() {
     b.leader().await;
     let (id_a, id_b) = (a.nodes[&1].node.identity.get(), b.nodes[&1].node.identity.get());
     assert!(id_a != 0 && id_b != 0 && id_a != id_b, "each new cluster has its own id");
-    let mut raft =
-        ration_proto::v1::raft_client::RaftClient::new(common::channel(b.addrs[&1]).await);
+    let mut raft = ration_proto::v1::raft_client::RaftClient::new(channel(b.addrs[&1]));
     let foreign =
         raft.vote(v1::RaftPayload { data: vec![1, 2, 3], cluster_id: id_a }).await.unwrap_err();
     assert_eq!(foreign.code(), tonic::Code::FailedPrecondition, "{foreign}");

@@ -2,15 +2,14 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ledger, meta, Cluster};
 use ration_client::{CoarseClock, Sdk, SdkConfig};
 use ration_proto::v1::{self, Period};
+use ration_testkit::inproc::Cluster;
+use ration_testkit::{eventually, ledger, meta};
 
 /// Large enough that what 50 gateways hold (their spend rate × the horizon) is a
 /// small part of it: otherwise a gateway that runs dry waits on the others' leases
@@ -24,10 +23,9 @@ async fn budget(
     cap: i64,
     static_allowance: Option<i64>,
 ) {
-    let mut limit = common::limit("tokens", cap, Period::Lifetime);
+    let mut limit = ration_testkit::limit("tokens", cap, Period::Lifetime);
     limit.static_allowance = static_allowance;
     ledger(addr)
-        .await
         .create_budget(v1::CreateBudgetRequest {
             meta: meta("sdk-admin", id, "ops"),
             path: path.into(),
@@ -52,7 +50,6 @@ fn sdk(cluster: &Cluster, principal: &str, clock: &Arc<CoarseClock>) -> Arc<Sdk>
 
 async fn consumed(addr: std::net::SocketAddr, path: &str) -> (i64, i64) {
     let b = ledger(addr)
-        .await
         .get_budget(v1::GetBudgetRequest { path: path.into(), linearizable: true })
         .await
         .unwrap();
@@ -86,7 +83,7 @@ async fn spend_to_the_cap(kill_leader: bool) {
         .map(|(i, s)| s.handle(&format!("org/{}", ["a", "b", "c", "d", "e"][i % 5]), "tokens"))
         .collect();
     // Every gateway holds a lease before spending starts.
-    common::eventually("every gateway holds a lease", Duration::from_secs(20), || {
+    eventually("every gateway holds a lease", Duration::from_secs(20), || {
         let ready = handles.iter().all(|h| h.allowance().available(clock_now(&sdks[0])) > 0);
         async move { ready }
     })
@@ -120,7 +117,7 @@ async fn spend_to_the_cap(kill_leader: bool) {
         .collect();
 
     if kill_leader {
-        common::eventually("a third of the cap is spent", Duration::from_secs(60), || {
+        eventually("a third of the cap is spent", Duration::from_secs(60), || {
             let spent = totals.admitted.load(Ordering::Relaxed);
             async move { spent > CAP as u64 / 3 }
         })
@@ -198,7 +195,7 @@ async fn reserve_then_settle_charges_exactly_what_was_used() {
     clock.start_ticking();
     let s = sdk(&cluster, "gw-r", &clock);
     let h = s.handle("r", "tokens");
-    common::eventually("a lease is held", Duration::from_secs(20), || {
+    eventually("a lease is held", Duration::from_secs(20), || {
         let ok = h.allowance().available(clock_now(&s)) >= 150;
         async move { ok }
     })
@@ -227,7 +224,7 @@ async fn with_the_cluster_down_gateways_spend_their_leases_then_follow_the_polic
     let s = sdk(&cluster, "gw-o", &clock);
     let closed = s.handle("closed", "tokens");
     let fixed = s.handle("static", "tokens");
-    common::eventually("leases are held", Duration::from_secs(20), || {
+    eventually("leases are held", Duration::from_secs(20), || {
         let now = clock_now(&s);
         let ok = closed.allowance().available(now) > 0 && fixed.allowance().available(now) > 0;
         async move { ok }
@@ -268,14 +265,10 @@ async fn with_the_cluster_down_gateways_spend_their_leases_then_follow_the_polic
     for id in [1, 2, 3] {
         cluster.restart(id).await;
     }
-    common::eventually(
-        "admission resumes once the cluster is back",
-        Duration::from_secs(60),
-        || {
-            let ok = closed.try_spend(1);
-            async move { ok }
-        },
-    )
+    eventually("admission resumes once the cluster is back", Duration::from_secs(60), || {
+        let ok = closed.try_spend(1);
+        async move { ok }
+    })
     .await;
     cluster.shutdown().await;
 }

@@ -21,8 +21,6 @@
 //! Cutting (src → dst) leaves (dst → src) alone: a one-way partition at the level
 //! of connections (a request on a cut connection gets no reply either).
 
-#![allow(dead_code, clippy::unwrap_used)]
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

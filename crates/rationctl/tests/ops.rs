@@ -3,14 +3,13 @@
 //! audit export/verify (with a tampered file), and a metrics scrape.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{eventually, ledger, meta, Cluster};
 use ration_proto::v1;
+use ration_testkit::inproc::{self, Cluster};
+use ration_testkit::{eventually, ledger, meta};
 use serde_json::Value;
 
 /// Runs rationctl in-process against `endpoints`; Ok(stdout) or Err(message).
@@ -39,7 +38,7 @@ fn all(c: &Cluster) -> Vec<SocketAddr> {
 
 /// A spent lease: acquire `wanted` on `budget` and release it with `used` consumed.
 async fn spend(addr: SocketAddr, client: &str, budget: &str, wanted: i64, used: i64) {
-    let mut l = ledger(addr).await;
+    let mut l = ledger(addr);
     let lease = l
         .acquire(v1::AcquireRequest {
             meta: meta(client, 1, client),
@@ -76,7 +75,7 @@ async fn membership_changes_end_to_end() {
     assert!(table.starts_with("ID") && table.contains("voter"), "{table}");
 
     // Node 4 names the cluster but is not the lowest id, so it waits to be added.
-    let l4 = common::listener().await;
+    let l4 = inproc::listener().await;
     let addr4 = l4.local_addr().unwrap();
     let mut cfg = c.config(1);
     cfg.node_id = 4;
@@ -183,7 +182,7 @@ async fn snapshot_restores_into_a_new_node_that_rejoins() {
     .unwrap_err();
     assert!(err.contains("not empty"), "{err}");
 
-    let l4 = common::listener().await;
+    let l4 = inproc::listener().await;
     let addr4 = l4.local_addr().unwrap();
     let mut cfg = c.config(1);
     cfg.node_id = 4;
@@ -202,7 +201,7 @@ async fn snapshot_restores_into_a_new_node_that_rejoins() {
     eventually("every node at the same index and digest", Duration::from_secs(30), || async {
         let mut digests = Vec::new();
         for a in &eps4 {
-            match common::status(*a).await {
+            match ration_testkit::status(*a).await {
                 Some(s) => digests.push((s.applied_index, s.state_digest, s.audit_records)),
                 None => return false,
             }
@@ -465,7 +464,7 @@ async fn metrics_are_scraped_and_parsed() {
     ctl(&eps, &["budget", "set", "acme", "--limit", "tokens=100/day"]).await.unwrap();
     spend(c.addrs[&leader], "gw-a", "acme", 60, 25).await;
     // Hold 50 outstanding, then ask for more than remains: a denial.
-    let mut l = ledger(c.addrs[&leader]).await;
+    let mut l = ledger(c.addrs[&leader]);
     let held = l
         .acquire(v1::AcquireRequest {
             meta: meta("gw-b", 1, "gw-b"),
