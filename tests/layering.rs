@@ -1,21 +1,24 @@
-//! Architecture invariant: the crates depend on each other only as ARCHITECTURE.md
-//! draws it. Storage knows no gRPC: `ration-store` pulls in neither tonic nor
-//! `ration-proto`. The gateway SDK knows no storage or consensus: `ration-client`
-//! pulls in neither sled nor openraft. (That `ration-core` pulls in no I/O crate at
-//! all is `crates/ration-core/tests/core_is_pure.rs`.)
+//! Architecture invariants: the crates depend on each other only as ARCHITECTURE.md
+//! draws it.
+//! - The core is pure: `ration-core` pulls in no protobuf, storage, consensus,
+//!   async runtime, clock, randomness or I/O crate (not even through its build
+//!   dependencies).
+//! - Storage knows no gRPC: `ration-store` pulls in neither tonic nor `ration-proto`.
+//! - The gateway SDK knows no storage or consensus: `ration-client` pulls in neither
+//!   sled nor openraft.
 //!
-//! Each check reads `cargo tree -e normal -p <crate> --prefix none`, as
-//! core_is_pure.rs does, and prints what it found (`--nocapture` shows it).
+//! Each check reads `cargo tree -e <edges> -p <crate> --prefix none` and prints what
+//! it found (`--nocapture` shows it).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::BTreeSet;
 use std::process::Command;
 
-/// The crates in `package`'s normal dependency tree (itself included).
-fn normal_tree(package: &str) -> BTreeSet<String> {
+/// The crates in `package`'s dependency tree along `edges` (itself included).
+fn tree(package: &str, edges: &str) -> BTreeSet<String> {
     let out = Command::new(env!("CARGO"))
-        .args(["tree", "-p", package, "--edges", "normal", "--prefix", "none"])
+        .args(["tree", "-p", package, "--edges", edges, "--prefix", "none"])
         .args(["--format", "{p}", "--offline"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -27,12 +30,12 @@ fn normal_tree(package: &str) -> BTreeSet<String> {
 
 /// Asserts `package`'s tree holds every one of `expected` (so the listing parsed)
 /// and none of `forbidden`, printing the workspace crates and the checked names.
-fn check(package: &str, expected: &[&str], forbidden: &[&str]) {
-    let crates = normal_tree(package);
+fn check(package: &str, edges: &str, expected: &[&str], forbidden: &[&str]) {
+    let crates = tree(package, edges);
     let ours: Vec<&str> =
         crates.iter().map(String::as_str).filter(|c| c.starts_with("ration")).collect();
     // One print, so the reports of tests running in parallel do not interleave.
-    let mut report = format!("cargo tree -e normal -p {package}: {} crates\n", crates.len());
+    let mut report = format!("cargo tree -e {edges} -p {package}: {} crates\n", crates.len());
     report += &format!("  workspace crates: {}\n", ours.join(", "));
     let mut bad = Vec::new();
     for name in expected {
@@ -54,9 +57,32 @@ fn check(package: &str, expected: &[&str], forbidden: &[&str]) {
 }
 
 #[test]
+fn ration_core_is_pure() {
+    check(
+        "ration-core",
+        "normal,build",
+        &["ration-core", "serde", "sha2", "postcard"],
+        &[
+            "tokio",
+            "tonic",
+            "prost",
+            "sled",
+            "openraft",
+            "hyper",
+            "mio",
+            "rand",
+            "getrandom",
+            "tracing",
+            "futures",
+        ],
+    );
+}
+
+#[test]
 fn ration_store_knows_no_grpc() {
     check(
         "ration-store",
+        "normal",
         &["ration-store", "ration-core", "openraft", "sled"],
         &["tonic", "ration-proto"],
     );
@@ -64,5 +90,10 @@ fn ration_store_knows_no_grpc() {
 
 #[test]
 fn ration_client_knows_no_storage_or_consensus() {
-    check("ration-client", &["ration-client", "ration-proto", "tonic"], &["sled", "openraft"]);
+    check(
+        "ration-client",
+        "normal",
+        &["ration-client", "ration-proto", "tonic"],
+        &["sled", "openraft"],
+    );
 }

@@ -6,9 +6,8 @@
 //! openraft. It reads no clock, draws no random numbers, does no I/O, and iterates
 //! no hash map in anything that reaches state or output. `Ledger::apply(index,
 //! entry)` is a function of the state and the entry alone, so every replica that
-//! applies the same log holds the same bytes (`Ledger::digest`). A test in the
-//! crate (`tests/core_is_pure.rs`) fails if the dependency tree grows an I/O
-//! crate.
+//! applies the same log holds the same bytes (`Ledger::digest`). A test of the
+//! workspace (`tests/layering.rs`) fails if the dependency tree grows an I/O crate.
 //!
 //! - [`names`]: validated budget paths, units, client ids, principals, lease ids.
 //! - [`window`]: calendar windows computed from ledger time.
