@@ -65,6 +65,10 @@ pub struct Config {
     pub snapshot_chunk_bytes: usize,
     /// `text` or `json`.
     pub log_format: String,
+    /// Where the Raft log and vote live: `wal` (the default: a write-ahead log
+    /// synced with fdatasync before anything is acknowledged) or `sled` (sled's
+    /// flush, which a power cut can undo; only to compare the two).
+    pub log_store: String,
     /// Prometheus metrics over HTTP (`GET /metrics`) on this address, or `off`.
     pub metrics_listen: String,
     /// Take `node_id` from the hostname's trailing ordinal plus one (`ration-0` is
@@ -82,6 +86,7 @@ impl Default for Config {
             initial_cluster: Vec::new(),
             join: None,
             initial_cluster_state: "new".into(),
+            log_store: "wal".into(),
             batch_max_commands: 3072,
             batch_max_bytes: 1 << 20,
             batch_wait_us: 1000,
@@ -195,6 +200,9 @@ impl Config {
                 "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into()
             );
         }
+        if !matches!(self.log_store.as_str(), "wal" | "sled") {
+            return bad(format!("log_store {:?} is not wal or sled", self.log_store));
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(format!("log_format {:?} is not text or json", self.log_format));
         }
@@ -276,6 +284,9 @@ pub struct Args {
     pub initial_cluster_state: Option<String>,
     #[arg(long, env = "RATION_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// `wal` (the default; durable against power loss) or `sled` (for comparison).
+    #[arg(long, env = "RATION_LOG_STORE")]
+    pub log_store: Option<String>,
     #[arg(long, env = "RATION_TICK_MS")]
     pub tick_ms: Option<u64>,
     #[arg(long, env = "RATION_SNAPSHOT_AFTER_ENTRIES")]
@@ -310,6 +321,7 @@ impl Args {
             data_dir,
             initial_cluster,
             log_format,
+            log_store,
             tick_ms,
             snapshot_after_entries,
             batch_max_commands,

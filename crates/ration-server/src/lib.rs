@@ -43,6 +43,8 @@ pub struct Node {
     /// Which cluster this node belongs to (0 until set or learned).
     pub identity: ration_store::ClusterIdentity,
     pub metrics: Arc<metrics::Metrics>,
+    /// The write-ahead log's counters (None with `log_store = "sled"` or in memory).
+    pub wal: Option<Arc<ration_store::wal::WalStats>>,
     /// Where `GET /metrics` is served (None when `metrics_listen` is off).
     pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -294,10 +296,22 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     config.validate()?;
-    let (log, sm) = open_storage(&config).await?;
-    let reader = sm.reader();
-    let identity = log.identity().context("reading the cluster id")?;
-    let storage = Storage { log, sm, reader, identity };
+    if config.log_store == "sled" {
+        let (log, sm, identity) = open_storage(&config, |dir, c| async move {
+            let (log, sm) = ration_store::open(&dir, c)?;
+            let identity = log
+                .identity()
+                .map_err(|e| ration_store::OpenError::Io(std::io::Error::other(e)))?;
+            Ok((log, sm, identity))
+        })
+        .await?;
+        let storage = Storage { reader: sm.reader(), log, sm, identity, wal: None };
+        return start_with_storage(config, storage, incoming, channels, clock).await;
+    }
+    let (log, sm, identity) =
+        open_storage(&config, |dir, c| async move { ration_store::open_durable(&dir, c).await })
+            .await?;
+    let storage = Storage { reader: sm.reader(), wal: Some(log.stats()), log, sm, identity };
     start_with_storage(config, storage, incoming, channels, clock).await
 }
 
@@ -310,6 +324,8 @@ pub struct Storage<L, S> {
     pub sm: S,
     pub reader: Reader,
     pub identity: ration_store::ClusterIdentity,
+    /// The write-ahead log's counters, when the log is one (for metrics).
+    pub wal: Option<Arc<ration_store::wal::WalStats>>,
 }
 
 /// [`start_with`] with the storage injected too: everything a deterministic
@@ -341,7 +357,7 @@ where
         ),
         None => None,
     };
-    let Storage { log, sm, reader, identity } = storage;
+    let Storage { log, sm, reader, identity, wal } = storage;
     let raft_config = openraft::Config {
         cluster_name: "ration".into(),
         heartbeat_interval: config.heartbeat_ms,
@@ -389,6 +405,7 @@ where
         config: config.clone(),
         identity,
         metrics: node_metrics,
+        wal,
         metrics_addr: std::sync::OnceLock::new(),
     });
 
@@ -424,12 +441,22 @@ const JOIN_RETRY: Duration = Duration::from_secs(1);
 
 /// Opens the node's storage. A lock held by a node that is still stopping (in this
 /// process or another) is retried for a few seconds; any other error is final.
-async fn open_storage(
+async fn open_storage<L, F, Fut>(
     config: &Config,
-) -> anyhow::Result<(ration_store::LogStore, ration_store::StateMachine)> {
+    open: F,
+) -> anyhow::Result<(L, ration_store::StateMachine, ration_store::ClusterIdentity)>
+where
+    F: Fn(std::path::PathBuf, LedgerConfig) -> Fut,
+    Fut: Future<
+        Output = Result<
+            (L, ration_store::StateMachine, ration_store::ClusterIdentity),
+            ration_store::OpenError,
+        >,
+    >,
+{
     let deadline = tokio::time::Instant::now() + STORAGE_LOCK_WAIT;
     loop {
-        match ration_store::open(&config.data_dir, LedgerConfig::default()) {
+        match open(config.data_dir.clone(), LedgerConfig::default()).await {
             Ok(opened) => return Ok(opened),
             Err(ration_store::OpenError::Locked { .. })
                 if tokio::time::Instant::now() < deadline =>

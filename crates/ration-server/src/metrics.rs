@@ -288,6 +288,14 @@ pub fn render(node: &Node) -> String {
             count.load(Relaxed)
         );
     }
+    if let Some(wal) = &node.wal {
+        header(&mut out, "ration_wal_syncs_total", "counter", "fdatasyncs of the Raft log.");
+        let _ = writeln!(out, "ration_wal_syncs_total {}", wal.syncs.load(Relaxed));
+        header(&mut out, "ration_wal_entries_total", "counter", "Raft entries made durable.");
+        let _ = writeln!(out, "ration_wal_entries_total {}", wal.entries.load(Relaxed));
+        header(&mut out, "ration_wal_bytes_total", "counter", "Bytes written to the Raft log.");
+        let _ = writeln!(out, "ration_wal_bytes_total {}", wal.bytes.load(Relaxed));
+    }
     header(&mut out, "ration_proposals_total", "counter", "Raft entries this node proposed.");
     let _ = writeln!(out, "ration_proposals_total {}", metrics.proposals.load(Relaxed));
     header(

@@ -224,7 +224,7 @@ pub(crate) fn spawn_node(
                 .open(fsync, LedgerConfig::default())
                 .map_err(|e| format!("node {id} storage: {e}"))?;
             let reader = sm.reader();
-            let storage = Storage { log, sm, reader, identity };
+            let storage = Storage { log, sm, reader, identity, wal: None };
             let incoming = net::incoming().await?;
             let handle: NodeHandle = ration_server::start_with_storage(
                 config,

@@ -3,9 +3,11 @@
 //! Durable storage for a Ration node, behind openraft 0.9's storage traits
 //! (`storage-v2`):
 //!
-//! - [`LogStore`] keeps the Raft log, the vote, the committed log id and the last
-//!   purged log id in sled. An append is reported to openraft only after sled has
-//!   flushed it. The log is the durability point of the whole ledger.
+//! - [`wal::WalLogStore`] keeps the Raft log, the vote, the committed log id and the
+//!   last purged log id in a segmented write-ahead log. An append is reported to
+//!   openraft, and a vote as saved, only after `fdatasync`. The log is the
+//!   durability point of the whole ledger. ([`SledLogStore`], the same in sled, whose
+//!   flush is not power-safe, remains for comparison: `log_store = "sled"`.)
 //! - [`StateMachine`] keeps the ledger (`ration_core::Ledger`) in memory and writes
 //!   each applied entry's audit records to a sled tree, unflushed. A snapshot is the
 //!   ledger's deterministic encoding plus the audit records, written to a file with
@@ -63,11 +65,41 @@ pub mod backup;
 pub mod framing;
 pub mod mem;
 pub mod runtime;
+pub mod wal;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
-/// Opens (or creates) a node's storage in `dir`: `dir/sled/` and `dir/snapshot.bin`.
-pub fn open(dir: &Path, config: LedgerConfig) -> Result<(LogStore, StateMachine), OpenError> {
+/// Opens (or creates) a node's storage in `dir` with the durable log: `dir/wal/`
+/// (the Raft log and vote), `dir/sled/` (audit records, the cluster id) and
+/// `dir/snapshot.bin`. Returns the log, the state machine and the cluster identity.
+pub async fn open_durable(
+    dir: &Path,
+    config: LedgerConfig,
+) -> Result<(wal::WalLogStore, StateMachine, ClusterIdentity), OpenError> {
+    let wal_dir = dir.join(WAL_DIR);
+    let fresh = !wal_dir.exists();
+    let (sled_log, sm) = open(dir, config)?;
+    let identity = sled_log.identity().map_err(|e| OpenError::Io(std::io::Error::other(e)))?;
+    if fresh
+        && (!sled_log.is_empty()
+            || sled_log.get_meta::<Vote<NodeId>>(VOTE).ok().flatten().is_some())
+    {
+        return Err(OpenError::Io(std::io::Error::other(format!(
+            "{} holds a Raft log in sled (log_store = \"sled\"); start it with that setting, or restore a snapshot into a new directory",
+            dir.display()
+        ))));
+    }
+    let fs = wal::StdFs::new(&wal_dir)?;
+    let log = wal::WalLogStore::open(Arc::new(fs)).await?;
+    Ok((log, sm, identity))
+}
+
+/// Where the write-ahead log lives in a data directory.
+pub const WAL_DIR: &str = "wal";
+
+/// Opens (or creates) a node's storage in `dir` with the Raft log in sled:
+/// `dir/sled/` and `dir/snapshot.bin`.
+pub fn open(dir: &Path, config: LedgerConfig) -> Result<(SledLogStore, StateMachine), OpenError> {
     std::fs::create_dir_all(dir)?;
     let db = sled::Config::new()
         .path(dir.join("sled"))
@@ -79,7 +111,8 @@ pub fn open(dir: &Path, config: LedgerConfig) -> Result<(LogStore, StateMachine)
             }
             other => OpenError::Sled(other),
         })?;
-    let log = LogStore { log: db.open_tree("log")?, meta: db.open_tree("meta")?, db: db.clone() };
+    let log =
+        SledLogStore { log: db.open_tree("log")?, meta: db.open_tree("meta")?, db: db.clone() };
     let audit = AuditStore { backend: AuditBackend::Sled(db.open_tree("audit")?) };
     let sm = StateMachine::open(Some(db), audit, SnapshotPlace::Dir(dir.to_path_buf()), config)?;
     Ok((log, sm))
@@ -98,6 +131,8 @@ pub enum OpenError {
     Sled(#[from] sled::Error),
     #[error("snapshot file {path}: {reason}")]
     Snapshot { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -116,9 +151,12 @@ fn key_index(key: &[u8]) -> u64 {
 
 // ----- the log -----
 
-/// The Raft log, vote and committed id in sled.
+/// The Raft log, vote and committed id in sled. sled's flush is
+/// `sync_file_range` plus a periodic `fsync`, so a power cut can lose acknowledged
+/// entries and votes: kept to compare against [`wal::WalLogStore`], not for
+/// production.
 #[derive(Clone, Debug)]
-pub struct LogStore {
+pub struct SledLogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
@@ -129,7 +167,7 @@ const CLUSTER_ID: &str = "cluster_id";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 
-impl LogStore {
+impl SledLogStore {
     fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> StorageResult<Option<T>> {
         let bytes = self.meta.get(key).map_err(|e| StorageIOError::read(&e))?;
         bytes
@@ -167,7 +205,7 @@ impl LogStore {
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
+impl RaftLogReader<TypeConfig> for SledLogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -191,7 +229,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for LogStore {
+impl RaftLogStorage<TypeConfig> for SledLogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {

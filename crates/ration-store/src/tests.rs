@@ -5,8 +5,8 @@ use super::*;
 
 struct SledBuilder;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
-    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<NodeId>> {
+impl StoreBuilder<TypeConfig, SledLogStore, StateMachine, TempDir> for SledBuilder {
+    async fn build(&self) -> Result<(TempDir, SledLogStore, StateMachine), StorageError<NodeId>> {
         let dir = TempDir::new().expect("temp dir");
         let (log, sm) = open(dir.path(), LedgerConfig::default()).expect("storage opens");
         Ok((dir, log, sm))
