@@ -189,7 +189,7 @@ pub(crate) fn spawn_nodes(
 ) -> BTreeMap<u64, MemDisk> {
     let mut disks = BTreeMap::new();
     for id in 1..=cfg.nodes + 1 {
-        let disk = MemDisk::default();
+        let disk = if cfg.wal { MemDisk::with_wal() } else { MemDisk::default() };
         disks.insert(id, disk.clone());
         let clock = Arc::new(SimClock {
             offset_ms: rng.gen_range(NODE_CLOCK_OFFSET_MS),
@@ -220,32 +220,62 @@ pub(crate) fn spawn_node(
         let clock = clock.clone();
         let shared = shared.clone();
         async move {
+            // A disk with a write-ahead log runs the production log store on
+            // simulated files; the others run the in-memory log store.
+            let opened = match disk.open_wal(fsync, LedgerConfig::default()).await {
+                Ok(opened) => opened,
+                // Recovery writes (a new segment); on a failed disk it cannot, and
+                // the process exits like rationd does, for its supervisor to retry.
+                Err(e) => {
+                    let reason = format!("storage did not open: {e}");
+                    shared.core_stops.lock().unwrap_or_else(|p| p.into_inner()).push((id, reason));
+                    return Ok(());
+                }
+            };
+            if let Some((log, sm, identity)) = opened {
+                let storage =
+                    Storage { reader: sm.reader(), wal: Some(log.stats()), log, sm, identity };
+                return run_host(id, storage, config, clock, shared).await;
+            }
             let (log, sm, identity) = disk
                 .open(fsync, LedgerConfig::default())
                 .map_err(|e| format!("node {id} storage: {e}"))?;
-            let reader = sm.reader();
-            let storage = Storage { log, sm, reader, identity, wal: None };
-            let incoming = net::incoming().await?;
-            let handle: NodeHandle = ration_server::start_with_storage(
-                config,
-                storage,
-                incoming,
-                |timeout| -> ration_server::network::ChannelMaker {
-                    Arc::new(move |a: &str| Ok(net::channel(a, timeout)))
-                },
-                clock,
-            )
-            .await
-            .map_err(|e| format!("node {id} start: {e:#}"))?;
-            shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).insert(id, handle.node.clone());
-            // What `ration_server::supervise` does in rationd: a core that stopped
-            // ends the process (here, the host) so that it is restarted.
-            let stopped = handle.core_stopped().await;
-            shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            shared.core_stops.lock().unwrap_or_else(|p| p.into_inner()).push((id, stopped.reason));
-            Ok(())
+            let storage = Storage { reader: sm.reader(), log, sm, identity, wal: None };
+            run_host(id, storage, config, clock, shared).await
         }
     });
+}
+
+/// The life of one node's process on its host: serve until the Raft core stops.
+async fn run_host<L>(
+    id: u64,
+    storage: Storage<L, ration_store::StateMachine>,
+    config: Config,
+    clock: Arc<SimClock>,
+    shared: Arc<Shared>,
+) -> turmoil::Result
+where
+    L: openraft::storage::RaftLogStorage<ration_store::TypeConfig>,
+{
+    let incoming = net::incoming().await?;
+    let handle: NodeHandle = ration_server::start_with_storage(
+        config,
+        storage,
+        incoming,
+        |timeout| -> ration_server::network::ChannelMaker {
+            Arc::new(move |a: &str| Ok(net::channel(a, timeout)))
+        },
+        clock,
+    )
+    .await
+    .map_err(|e| format!("node {id} start: {e:#}"))?;
+    shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).insert(id, handle.node.clone());
+    // What `ration_server::supervise` does in rationd: a core that stopped ends the
+    // process (here, the host) so that it is restarted.
+    let stopped = handle.core_stopped().await;
+    shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    shared.core_stops.lock().unwrap_or_else(|p| p.into_inner()).push((id, stopped.reason));
+    Ok(())
 }
 
 /// Restarts hosts whose Raft core stopped, after a delay, as systemd or Kubernetes

@@ -144,6 +144,25 @@ impl Chaos {
     }
 }
 
+/// The disk side of a crash: with the write-ahead log, the power goes with the
+/// process, and what was not synced is lost (half the time the last write is
+/// torn, keeping a prefix of up to [`MAX_TORN_BYTES`]).
+fn power_cut(cfg: &SimConfig, rng: &mut StdRng, report: &mut crate::Report, disk: &MemDisk) {
+    report.crashes += 1;
+    if !cfg.wal {
+        return;
+    }
+    let torn = rng.gen_bool(0.5).then(|| rng.gen_range(0..MAX_TORN_BYTES));
+    report.unsynced_bytes_lost += disk.power_cut(torn);
+    *report.faults.entry("power_cut").or_default() += 1;
+    if torn.is_some() {
+        *report.faults.entry("torn_write").or_default() += 1;
+    }
+}
+
+/// The most bytes of an unsynced write a torn power cut keeps.
+const MAX_TORN_BYTES: usize = 256;
+
 /// Applies a fault; returns what to undo (host names, by fault kind).
 fn inject(h: &mut Harness<'_>, fault: Fault) -> Vec<String> {
     let Harness { sim, shared, cfg, rng, report, disks, .. } = h;
@@ -156,7 +175,7 @@ fn inject(h: &mut Harness<'_>, fault: Fault) -> Vec<String> {
             }
             shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             sim.crash(host(id));
-            report.crashes += 1;
+            power_cut(cfg, rng, report, &disks[&id]);
             vec![host(id)]
         }
         Fault::CrashMany => {
@@ -172,7 +191,7 @@ fn inject(h: &mut Harness<'_>, fault: Fault) -> Vec<String> {
                 if sim.is_host_running(host(id)) {
                     shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     sim.crash(host(id));
-                    report.crashes += 1;
+                    power_cut(cfg, rng, report, &disks[&id]);
                     undo.push(host(id));
                 }
             }

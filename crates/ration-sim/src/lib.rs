@@ -80,6 +80,11 @@ pub struct SimConfig {
     /// Include disk failures in the fault mix (false: the mix before they were
     /// added, so seeds found then keep their schedules).
     pub disk_failures: bool,
+    /// Keep each node's Raft log in the production write-ahead log on simulated
+    /// files, and make every crash a power cut that loses what was not synced
+    /// (tearing the last write half of the time). False: the in-memory log store
+    /// the seeds before it ran on.
+    pub wal: bool,
 }
 
 impl SimConfig {
@@ -92,6 +97,7 @@ impl SimConfig {
             cap: DEFAULT_CAP_TOKENS,
             faults: true,
             disk_failures: true,
+            wal: true,
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct Report {
     pub audit_records: u64,
     /// Node crashes whose unflushed writes were lost.
     pub crashes: u64,
+    /// Bytes written to a write-ahead log but not synced when its power was cut.
+    pub unsynced_bytes_lost: u64,
     /// A hash of everything observable: equal for equal seeds.
     pub trace: u64,
     pub sim_ms: u64,

@@ -19,6 +19,7 @@ struct Totals {
     admitted: u64,
     cap: u64,
     crashes: u64,
+    lost_bytes: u64,
     unknown: u64,
     grants: u64,
     snapshotted: u64,
@@ -35,6 +36,7 @@ impl Totals {
         self.admitted += r.admitted;
         self.cap += r.cap;
         self.crashes += r.crashes;
+        self.lost_bytes += r.unsynced_bytes_lost;
         self.unknown += r.probes_unknown;
         self.grants += r.probe_grants;
         self.snapshotted += u64::from(r.snapshot_index > 0);
@@ -78,13 +80,14 @@ fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) 
         }
     }
     eprintln!(
-        "{n} seeds ({nodes} voters) in {:.1?}: {} failed; faults {:?}; gateways admitted {} of {} cap in total; {} crashes; {} Raft cores stopped and were restarted; probe grants {}, unknown outcomes {}; runs with snapshots: {}; committed entries cross-checked: {}; terms with two leaders: {}",
+        "{n} seeds ({nodes} voters) in {:.1?}: {} failed; faults {:?}; gateways admitted {} of {} cap in total; {} crashes ({} unsynced bytes lost to power cuts); {} Raft cores stopped and were restarted; probe grants {}, unknown outcomes {}; runs with snapshots: {}; committed entries cross-checked: {}; terms with two leaders: {}",
         started.elapsed(),
         failures.len(),
         totals.faults,
         totals.admitted,
         totals.cap,
         totals.crashes,
+        totals.lost_bytes,
         totals.core_stops,
         totals.grants,
         totals.unknown,
@@ -159,7 +162,7 @@ fn issue_10_seeds_pass() {
     let mut shared = 0;
     for seed in [41642, 41755, 41435, 42918] {
         // The fault mix of that time (no disk failures): the same schedules.
-        let cfg = SimConfig { disk_failures: false, ..SimConfig::new(seed) };
+        let cfg = SimConfig { disk_failures: false, wal: false, ..SimConfig::new(seed) };
         let r = run(&cfg).unwrap_or_else(|f| panic!("{f}\n(with RATION_SIM_DISK_FAILURES=0)"));
         eprintln!(
             "seed {seed}: applied {}, core stops {:?}, terms with two leaders {}",
@@ -210,7 +213,8 @@ fn scenario_forwarding_recovers_after_a_stalled_connection() {
 /// found under.
 #[test]
 fn soak_seed_with_a_stalled_forwarding_channel_passes() {
-    run(&SimConfig::new(1_029_936_413_438)).unwrap_or_else(|f| panic!("{f}"));
+    let cfg = SimConfig { wal: false, ..SimConfig::new(1_029_936_413_438) };
+    run(&cfg).unwrap_or_else(|f| panic!("{f}"));
 }
 
 #[test]
@@ -227,14 +231,16 @@ fn a_seed_replays_exactly() {
 /// `RATION_SIM_SEED=<n> cargo test -p ration-sim --test sim replay -- --ignored --nocapture`
 /// (`RATION_SIM_TRACE=1` prints a readable trace; `RATION_SIM_LOG=openraft=debug`
 /// the nodes' own logs; `RATION_SIM_DISK_FAILURES=0` the fault mix without disk
-/// failures, as the pinned issue-10 seeds run).
+/// failures and `RATION_SIM_WAL=0` the in-memory log store, as the pinned issue-10
+/// seeds run).
 #[test]
 #[ignore]
 fn replay() {
     let seed = std::env::var("RATION_SIM_SEED").expect("set RATION_SIM_SEED").parse().unwrap();
     let nodes = std::env::var("RATION_SIM_NODES").map_or(3, |n| n.parse().unwrap());
     let disk_failures = std::env::var("RATION_SIM_DISK_FAILURES").map_or(true, |v| v != "0");
-    match run(&SimConfig { nodes, disk_failures, ..SimConfig::new(seed) }) {
+    let wal = std::env::var("RATION_SIM_WAL").map_or(true, |v| v != "0");
+    match run(&SimConfig { nodes, disk_failures, wal, ..SimConfig::new(seed) }) {
         Ok(r) => eprintln!("{r:#?}"),
         Err(f) => panic!("{f}"),
     }

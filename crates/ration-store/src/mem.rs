@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::wal::{MemFs, WalLogStore};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, Vote};
 use ration_core::LedgerConfig;
@@ -55,6 +56,9 @@ pub struct MemDisk {
     purging: Arc<AtomicU64>,
     /// While set, every log write (append, vote, truncate) fails: a dead disk.
     failing: Arc<AtomicBool>,
+    /// With [`MemDisk::with_wal`]: the files of the write-ahead log, which a power
+    /// cut ([`MemDisk::power_cut`]) cuts back to what was synced.
+    wal: Option<Arc<MemFs>>,
 }
 
 impl MemDisk {
@@ -68,6 +72,36 @@ impl MemDisk {
 
     pub(crate) fn set_snapshot(&self, bytes: Vec<u8>) {
         self.lock().snapshot = Some(bytes);
+    }
+
+    /// A disk whose node keeps its Raft log in the write-ahead log
+    /// ([`crate::wal::WalLogStore`]) on in-memory files, as production does on real
+    /// ones; see [`MemDisk::open_wal`].
+    pub fn with_wal() -> Self {
+        Self { wal: Some(MemFs::new()), ..Self::default() }
+    }
+
+    /// Cuts the power of a write-ahead-log disk: what was not synced is lost (the
+    /// first `torn_keep` unsynced bytes of the last write may survive, torn).
+    /// Returns the bytes lost (0 for a disk without a write-ahead log).
+    pub fn power_cut(&self, torn_keep: Option<usize>) -> u64 {
+        self.wal.as_ref().map_or(0, |fs| fs.power_cut(torn_keep))
+    }
+
+    /// Opens a node on a write-ahead-log disk (power restored first): the log
+    /// recovered from its files, the state machine, the cluster identity. `None`
+    /// for a disk made without [`MemDisk::with_wal`].
+    pub async fn open_wal(
+        &self,
+        fsync_delay: Duration,
+        config: LedgerConfig,
+    ) -> Result<Option<(WalLogStore, StateMachine, ClusterIdentity)>, OpenError> {
+        let Some(fs) = &self.wal else { return Ok(None) };
+        fs.restore();
+        fs.set_sync_delay(fsync_delay);
+        let log = WalLogStore::open(fs.clone()).await?;
+        let (_, sm, identity) = self.open(fsync_delay, config)?;
+        Ok(Some((log, sm, identity)))
     }
 
     /// Makes every later purge on this disk take `delay` (a disk on which deleting
@@ -86,11 +120,24 @@ impl MemDisk {
     /// that died). openraft treats that as fatal and stops the node's Raft core.
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Relaxed);
+        if let Some(fs) = &self.wal {
+            fs.set_failing(failing);
+        }
     }
 
     /// What the disk holds of the log: the vote, the purge point and the id of every
     /// entry (what a node finds after a crash).
     pub fn durable_summary(&self) -> DurableSummary {
+        if let Some(fs) = &self.wal {
+            let r = wal_durable(fs);
+            return DurableSummary {
+                vote: r.vote,
+                last_purged: r.purged,
+                first: r.entries.first().copied(),
+                last: r.entries.last().copied(),
+                snapshot_bytes: self.lock().snapshot.as_ref().map_or(0, Vec::len),
+            };
+        }
         let d = self.lock();
         DurableSummary {
             vote: d.image.vote,
@@ -103,11 +150,21 @@ impl MemDisk {
 
     /// The ids of the durable log entries in `range` of indexes.
     pub fn durable_log_ids(&self, range: impl RangeBounds<u64>) -> Vec<LogId<NodeId>> {
+        if let Some(fs) = &self.wal {
+            return wal_durable(fs)
+                .entries
+                .into_iter()
+                .filter(|id| range.contains(&id.index))
+                .collect();
+        }
         self.lock().image.log.range(range).map(|(_, e)| e.log_id).collect()
     }
 
-    /// Flushes completed so far.
+    /// Flushes (syncs) completed so far.
     pub fn flushes(&self) -> u64 {
+        if let Some(fs) = &self.wal {
+            return fs.syncs();
+        }
         self.lock().flushes
     }
 
@@ -126,6 +183,14 @@ impl MemDisk {
         let identity = ClusterIdentity { meta: None, current: self.cluster_id.clone() };
         Ok((log, sm, identity))
     }
+}
+
+/// What the synced files of a write-ahead log hold: vote, purge point, entry ids.
+fn wal_durable(fs: &MemFs) -> crate::wal::Recovered {
+    crate::wal::recover_summary(&fs.durable_files()).unwrap_or_else(|e| {
+        // A torn tail is cut by recovery; anything else would be a bug in the log.
+        panic!("the simulated disk holds a damaged write-ahead log: {e}")
+    })
 }
 
 /// What a [`MemDisk`] holds of the log (see [`MemDisk::durable_summary`]).

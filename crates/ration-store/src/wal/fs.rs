@@ -136,8 +136,6 @@ impl WalFs for StdFs {
 #[derive(Debug, Default)]
 pub struct MemFs {
     state: Mutex<MemState>,
-    /// How long a sync takes (simulated time in the simulation).
-    sync_delay: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -155,6 +153,11 @@ struct MemState {
     dead: bool,
     /// While set, syncs wait (a test holds them to cut power mid-sync).
     held: bool,
+    /// While set, every write and sync fails, and nothing is lost: a disk that
+    /// died (the process sees I/O errors; its data is what it was).
+    failing: bool,
+    /// How long a sync takes (simulated time in the simulation).
+    sync_delay: Duration,
     syncs: u64,
 }
 
@@ -179,7 +182,35 @@ impl MemFs {
 
     /// A file system whose syncs each take `delay`.
     pub fn with_sync_delay(delay: Duration) -> Arc<Self> {
-        Arc::new(Self { sync_delay: delay, ..Self::default() })
+        let fs = Self::default();
+        fs.set_sync_delay(delay);
+        Arc::new(fs)
+    }
+
+    /// Makes every later sync take `delay`.
+    pub fn set_sync_delay(&self, delay: Duration) {
+        self.state().sync_delay = delay;
+    }
+
+    /// While `failing`, writes and syncs return I/O errors (a dead disk).
+    pub fn set_failing(&self, failing: bool) {
+        self.state().failing = failing;
+    }
+
+    /// Every file as a power cut now would leave it: (name, durable bytes).
+    pub fn durable_files(&self) -> Vec<(String, Vec<u8>)> {
+        let s = self.state();
+        s.durable_names
+            .iter()
+            .filter_map(|n| {
+                let bytes = s
+                    .files
+                    .get(n)
+                    .map(|f| f.durable.clone())
+                    .or_else(|| s.removed.get(n).cloned())?;
+                Some((n.clone(), bytes))
+            })
+            .collect()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, MemState> {
@@ -190,6 +221,15 @@ impl MemFs {
         let s = self.state();
         if s.dead {
             return Err(dead());
+        }
+        Ok(s)
+    }
+
+    /// [`MemFs::live`], for an operation that writes: fails on a failing disk too.
+    fn writable(&self) -> io::Result<std::sync::MutexGuard<'_, MemState>> {
+        let s = self.live()?;
+        if s.failing {
+            return Err(io::Error::other("the disk failed (simulated I/O error)"));
         }
         Ok(s)
     }
@@ -269,7 +309,7 @@ impl WalFs for MemFs {
     }
 
     fn create(&self, name: &str) -> io::Result<()> {
-        let mut s = self.live()?;
+        let mut s = self.writable()?;
         if s.files.contains_key(name) {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, name.to_owned()));
         }
@@ -278,21 +318,21 @@ impl WalFs for MemFs {
     }
 
     fn append(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        let mut s = self.live()?;
+        let mut s = self.writable()?;
         s.files.get_mut(name).ok_or_else(|| missing(name))?.data.extend_from_slice(bytes);
         s.last_written = Some(name.to_owned());
         Ok(())
     }
 
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
-        let mut s = self.live()?;
+        let mut s = self.writable()?;
         let f = s.files.get_mut(name).ok_or_else(|| missing(name))?;
         f.data.truncate(usize::try_from(len).map_err(io::Error::other)?);
         Ok(())
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
-        let mut s = self.live()?;
+        let mut s = self.writable()?;
         let f = s.files.remove(name).ok_or_else(|| missing(name))?;
         if s.durable_names.contains(name) {
             s.removed.insert(name.to_owned(), f.durable);
@@ -303,14 +343,17 @@ impl WalFs for MemFs {
     fn sync<'a>(&'a self, name: &'a str) -> SyncFuture<'a> {
         Box::pin(async move {
             // What a sync makes durable is what was written when it started.
-            let data = self.live()?.files.get(name).ok_or_else(|| missing(name))?.data.clone();
-            if !self.sync_delay.is_zero() {
-                tokio::time::sleep(self.sync_delay).await;
+            let (data, delay) = {
+                let s = self.writable()?;
+                (s.files.get(name).ok_or_else(|| missing(name))?.data.clone(), s.sync_delay)
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
             }
             while self.live()?.held {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            let mut s = self.live()?;
+            let mut s = self.writable()?;
             let f = s.files.get_mut(name).ok_or_else(|| missing(name))?;
             if f.data.starts_with(&data) {
                 f.durable = data;
@@ -322,11 +365,14 @@ impl WalFs for MemFs {
 
     fn sync_dir(&self) -> SyncFuture<'_> {
         Box::pin(async move {
-            let names: BTreeSet<String> = self.live()?.files.keys().cloned().collect();
-            if !self.sync_delay.is_zero() {
-                tokio::time::sleep(self.sync_delay).await;
+            let (names, delay) = {
+                let s = self.writable()?;
+                (s.files.keys().cloned().collect::<BTreeSet<String>>(), s.sync_delay)
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
             }
-            let mut s = self.live()?;
+            let mut s = self.writable()?;
             // Names created or removed since the sync started stay as they were.
             s.durable_names = names.into_iter().filter(|n| s.files.contains_key(n)).collect();
             s.removed.clear();

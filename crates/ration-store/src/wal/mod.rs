@@ -215,49 +215,27 @@ impl WalLogStore {
     /// Opens the log in `fs`: recovers every segment (cutting a torn tail), then
     /// starts a new segment beginning with the recovered state.
     pub async fn open(fs: Arc<dyn WalFs>) -> Result<Self, WalError> {
-        let mut segs: Vec<(u64, String)> =
-            fs.list()?.into_iter().filter_map(|n| segment_seq(&n).map(|s| (s, n))).collect();
-        segs.sort();
+        let files = segments(&*fs)?;
+        let last = files.last().map(|(s, _)| *s);
         let mut inner = Inner::default();
-        let last = segs.last().map(|(s, _)| *s);
-        for (seq, name) in &segs {
+        let mut repair = None;
+        // One segment in memory at a time.
+        for (seq, name) in &files {
             let bytes = fs.read(name)?;
-            let is_last = Some(*seq) == last;
-            let corrupt = |offset: usize, reason: String| WalError::Corrupt {
-                file: name.clone(),
-                offset: offset as u64,
-                reason,
-            };
-            if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-                if is_last && MAGIC.starts_with(&bytes[..bytes.len().min(MAGIC.len())]) {
-                    // Created, then power was cut before its header was synced.
-                    fs.remove(name)?;
-                    continue;
-                }
-                return Err(corrupt(0, "not a write-ahead log segment".into()));
+            repair = scan_segment(&mut inner, *seq, name, &bytes, Some(*seq) == last)?;
+        }
+        match repair {
+            Some(Repair::Remove(name)) => fs.remove(&name)?,
+            Some(Repair::Cut(name, at, reason)) => {
+                tracing::warn!(
+                    segment = %name,
+                    offset = at,
+                    "cutting a torn write at the end of the log: {reason}"
+                );
+                fs.truncate(&name, at)?;
+                fs.sync(&name).await?;
             }
-            inner.live.entry(*seq).or_default();
-            let mut at = MAGIC.len();
-            while at < bytes.len() {
-                match parse(&bytes[at..]) {
-                    Ok((kind, payload, size)) => {
-                        let offset = (at + RECORD_HEADER) as u64;
-                        inner.apply(*seq, offset, kind, payload).map_err(|r| corrupt(at, r))?;
-                        at += size;
-                    }
-                    Err(reason) if is_last => {
-                        tracing::warn!(
-                            segment = %name,
-                            offset = at,
-                            "cutting a torn write at the end of the log: {reason}"
-                        );
-                        fs.truncate(name, at as u64)?;
-                        fs.sync(name).await?;
-                        break;
-                    }
-                    Err(reason) => return Err(corrupt(at, reason)),
-                }
-            }
+            None => {}
         }
         let store = Self {
             fs,
@@ -388,6 +366,88 @@ impl WalLogStore {
     pub fn is_empty(&self) -> bool {
         self.lock().index.is_empty()
     }
+}
+
+/// The segment files in `fs`, in order: (seq, name).
+fn segments(fs: &dyn WalFs) -> io::Result<Vec<(u64, String)>> {
+    let mut segs: Vec<(u64, String)> =
+        fs.list()?.into_iter().filter_map(|n| segment_seq(&n).map(|s| (s, n))).collect();
+    segs.sort();
+    Ok(segs)
+}
+
+/// What recovery must fix at the end of the log before it goes on.
+enum Repair {
+    /// The last segment never got its header: remove it.
+    Remove(String),
+    /// The last segment ends in a torn write at this offset: cut it there.
+    Cut(String, u64, String),
+}
+
+/// Recovers one segment into `inner` (segments go in order), without writing;
+/// says what to repair if it is the last one and its tail is torn.
+fn scan_segment(
+    inner: &mut Inner,
+    seq: u64,
+    name: &str,
+    bytes: &[u8],
+    is_last: bool,
+) -> Result<Option<Repair>, WalError> {
+    let corrupt = |offset: usize, reason: String| WalError::Corrupt {
+        file: name.to_owned(),
+        offset: offset as u64,
+        reason,
+    };
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        if is_last && MAGIC.starts_with(&bytes[..bytes.len().min(MAGIC.len())]) {
+            // Created, then power was cut before its header was synced.
+            return Ok(Some(Repair::Remove(name.to_owned())));
+        }
+        return Err(corrupt(0, "not a write-ahead log segment".into()));
+    }
+    inner.live.entry(seq).or_default();
+    let mut at = MAGIC.len();
+    while at < bytes.len() {
+        match parse(&bytes[at..]) {
+            Ok((kind, payload, size)) => {
+                let offset = (at + RECORD_HEADER) as u64;
+                inner.apply(seq, offset, kind, payload).map_err(|r| corrupt(at, r))?;
+                at += size;
+            }
+            Err(reason) if is_last => {
+                return Ok(Some(Repair::Cut(name.to_owned(), at as u64, reason)));
+            }
+            Err(reason) => return Err(corrupt(at, reason)),
+        }
+    }
+    Ok(None)
+}
+
+/// What a log holds, recovered from its files: the vote, the purge point and the
+/// ids of its entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub vote: Option<Vote<NodeId>>,
+    pub purged: Option<LogId<NodeId>>,
+    pub entries: Vec<LogId<NodeId>>,
+}
+
+/// What a log in `segs` (segment files: name, bytes) holds. For a simulation to
+/// check what a disk kept.
+pub fn recover_summary(segs: &[(String, Vec<u8>)]) -> Result<Recovered, WalError> {
+    let mut ordered: Vec<(u64, &String, &Vec<u8>)> =
+        segs.iter().filter_map(|(n, b)| segment_seq(n).map(|s| (s, n, b))).collect();
+    ordered.sort_by_key(|(s, _, _)| *s);
+    let mut inner = Inner::default();
+    let last = ordered.last().map(|(s, _, _)| *s);
+    for (seq, name, bytes) in ordered {
+        scan_segment(&mut inner, seq, name, bytes, Some(seq) == last)?;
+    }
+    Ok(Recovered {
+        vote: inner.state.vote,
+        purged: inner.state.purged,
+        entries: inner.index.values().map(|l| l.log_id).collect(),
+    })
 }
 
 /// One record at the start of `bytes`: (kind, payload, size with header), or why
