@@ -54,6 +54,20 @@ async fn the_readme_three_node_cluster_starts_as_written() {
         .map(|m| m.split_once('=').unwrap().1.parse().unwrap())
         .collect();
     assert_eq!(addrs.len(), 3, "{script}");
+    // The README's fixed ports must be free: another test's client connection may
+    // hold one for a moment as its local port, so wait for them (not forever).
+    let metrics: Vec<SocketAddr> =
+        (1..=3).map(|i| format!("127.0.0.1:946{i}").parse().unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some(busy) =
+        addrs.iter().chain(&metrics).find(|a| std::net::TcpListener::bind(a).is_err())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{busy} stayed in use for 30 s; the README's ports are taken"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let dir = tempfile::tempdir().unwrap();
     // The block starts the nodes in the background; their output goes to a file
     // (not to a pipe this test would wait on), and the script writes their pids.
