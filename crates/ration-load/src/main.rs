@@ -57,6 +57,10 @@ struct Args {
     warmup_s: u64,
     #[arg(long, default_value_t = 15)]
     duration_s: u64,
+    /// The started nodes' Raft log store: `wal` (the default) or `sled` (the store
+    /// before the write-ahead log, which a power cut can undo), to compare them.
+    #[arg(long, default_value = "wal")]
+    log_store: String,
 }
 
 struct Nodes {
@@ -73,14 +77,18 @@ impl Drop for Nodes {
     }
 }
 
-fn start_nodes(rationd: PathBuf) -> anyhow::Result<(Nodes, Vec<String>)> {
+/// Started nodes: their gRPC endpoints, and where each serves `/metrics`.
+type Started = (Nodes, Vec<String>, Vec<SocketAddr>);
+
+fn start_nodes(rationd: PathBuf, log_store: &str) -> anyhow::Result<Started> {
     let dir = tempfile::tempdir()?;
-    // Hold every listener until all three ports are chosen, so none repeats.
+    // Hold every listener until all six ports are chosen, so none repeats.
     let listeners: Vec<std::net::TcpListener> =
-        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    let addrs: Vec<SocketAddr> =
+        (0..6).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let ports: Vec<SocketAddr> =
         listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
     drop(listeners);
+    let (addrs, metrics) = ports.split_at(3);
     let cluster = addrs
         .iter()
         .enumerate()
@@ -94,14 +102,31 @@ fn start_nodes(rationd: PathBuf) -> anyhow::Result<(Nodes, Vec<String>)> {
             Command::new(&rationd)
                 .args(["--node-id", &(i + 1).to_string(), "--listen", &a.to_string()])
                 .args(["--data-dir", &data.to_string_lossy(), "--initial-cluster", &cluster])
-                .args(["--metrics-listen", "127.0.0.1:0"])
+                .args(["--metrics-listen", &metrics[i].to_string(), "--log-store", log_store])
                 .env("RATION_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
                 .with_context(|| format!("starting {}", rationd.display()))?,
         );
     }
-    Ok((Nodes { children, _dir: dir }, addrs.iter().map(|a| a.to_string()).collect()))
+    Ok((
+        Nodes { children, _dir: dir },
+        addrs.iter().map(|a| a.to_string()).collect(),
+        metrics.to_vec(),
+    ))
+}
+
+/// One counter from a node's `/metrics` (plain HTTP/1.0; None if absent).
+fn scrape(at: SocketAddr, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(2)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn channel(addr: &str) -> anyhow::Result<Channel> {
@@ -394,10 +419,15 @@ async fn main() -> anyhow::Result<()> {
             Some(p) => p.clone(),
             None => std::env::current_exe()?.with_file_name("rationd"),
         };
-        let (nodes, eps) = start_nodes(rationd)?;
-        (Some(nodes), eps)
+        let (nodes, eps, metrics) = start_nodes(rationd, &args.log_store)?;
+        (Some((nodes, metrics)), eps)
     } else {
         (None, args.endpoints.clone())
+    };
+    // The leader's /metrics, when this run started the nodes.
+    let leader_metrics = |leader: &str| -> Option<SocketAddr> {
+        let (_, metrics) = _nodes.as_ref()?;
+        Some(metrics[endpoints.iter().position(|e| e == leader)?])
     };
     let leader = find_leader(&endpoints).await?;
     println!("cluster: {endpoints:?}, leader {leader}");
@@ -438,6 +468,7 @@ async fn main() -> anyhow::Result<()> {
         .status(v1::StatusRequest { digest: false })
         .await?
         .into_inner();
+    let syncs_before = leader_metrics(&leader).and_then(|m| scrape(m, "ration_wal_syncs_total"));
     tokio::time::sleep(Duration::from_secs(args.duration_s)).await;
     recording.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
@@ -445,6 +476,7 @@ async fn main() -> anyhow::Result<()> {
         .status(v1::StatusRequest { digest: false })
         .await?
         .into_inner();
+    let syncs_after = leader_metrics(&leader).and_then(|m| scrape(m, "ration_wal_syncs_total"));
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for w in workers {
@@ -472,5 +504,17 @@ async fn main() -> anyhow::Result<()> {
         entries as f64 / elapsed,
         ops as f64 / entries.max(1) as f64
     );
+    match (syncs_before, syncs_after) {
+        (Some(b), Some(a)) => {
+            let syncs = a - b;
+            println!(
+                "log store {}: leader fdatasyncs {syncs:.0} ({:.0}/s), {:.1} commands per sync",
+                args.log_store,
+                syncs / elapsed,
+                ops as f64 / syncs.max(1.0)
+            );
+        }
+        _ => println!("log store {}: no write-ahead log counters", args.log_store),
+    }
     Ok(())
 }
