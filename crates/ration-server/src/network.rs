@@ -86,8 +86,9 @@ impl Channels {
         result: Result<T, tonic::Status>,
     ) -> Result<T, tonic::Status> {
         if let Err(s) = &result {
-            use tonic::Code::{Cancelled, DeadlineExceeded, Internal, Unavailable, Unknown};
-            if matches!(s.code(), Unavailable | Cancelled | DeadlineExceeded | Unknown | Internal) {
+            // A failure the call may not have survived (`rpc::retryable`), except an
+            // overloaded leader's answer, which came over a healthy connection.
+            if ration_proto::rpc::retryable(s) && !ration_proto::rpc::is_overloaded(s) {
                 self.drop_channel(addr);
             }
         }
