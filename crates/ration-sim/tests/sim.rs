@@ -58,7 +58,9 @@ fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) 
     );
     for seed in seeds {
         let t0 = std::time::Instant::now();
-        match run(&SimConfig { nodes, ..SimConfig::new(seed) }) {
+        // `RATION_SIM_WAL=0`: the in-memory log store instead of the write-ahead log.
+        let wal = std::env::var("RATION_SIM_WAL").map_or(true, |v| v != "0");
+        match run(&SimConfig { nodes, wal, ..SimConfig::new(seed) }) {
             Ok(r) => {
                 if std::env::var_os("RATION_SIM_VERBOSE").is_some() {
                     eprintln!(

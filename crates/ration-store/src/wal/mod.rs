@@ -141,9 +141,13 @@ impl Inner {
         }
     }
 
+    /// An entry at its index, replacing any entry there. Entries after it stay:
+    /// openraft removes conflicting entries itself (a truncate record) and may
+    /// append an entry the log already holds.
     fn insert(&mut self, loc: Loc) {
-        self.drop_from(loc.log_id.index);
-        self.index.insert(loc.log_id.index, loc);
+        if let Some(old) = self.index.insert(loc.log_id.index, loc) {
+            self.unref(old.seg);
+        }
         *self.live.entry(loc.seg).or_default() += 1;
     }
 
@@ -236,6 +240,30 @@ impl WalLogStore {
                 fs.sync(&name).await?;
             }
             None => {}
+        }
+        // What a crashed process wrote may still sit only in the page cache: make it
+        // durable before anything new is acknowledged on top of it. (Only the last
+        // segment can hold unsynced bytes: a full one is synced before the next.)
+        if let Some(seq) = last {
+            let name = segment_name(seq);
+            if fs.list()?.contains(&name) {
+                fs.sync(&name).await?;
+            }
+        }
+        // The log is contiguous: a hole would hand openraft fewer entries than it asks
+        // for, silently.
+        let mut expected = None;
+        for &index in inner.index.keys() {
+            if let Some(e) = expected {
+                if index != e {
+                    return Err(WalError::Corrupt {
+                        file: segment_name(last.unwrap_or(0)),
+                        offset: 0,
+                        reason: format!("the log has no entry {e} but has entry {index}"),
+                    });
+                }
+            }
+            expected = Some(index + 1);
         }
         let store = Self {
             fs,
@@ -490,6 +518,18 @@ impl RaftLogReader<TypeConfig> for WalLogStore {
             Bound::Unbounded => Bound::Unbounded,
         };
         let locs: Vec<Loc> = self.lock().index.range((start, end)).map(|(_, l)| *l).collect();
+        if let (Some(first), Some(last)) = (locs.first(), locs.last()) {
+            let span = last.log_id.index - first.log_id.index + 1;
+            if span != locs.len() as u64 {
+                let e = io::Error::other(format!(
+                    "the log has {} entries between {} and {}",
+                    locs.len(),
+                    first.log_id.index,
+                    last.log_id.index
+                ));
+                return Err(StorageIOError::read_logs(&e).into());
+            }
+        }
         let mut entries = Vec::with_capacity(locs.len());
         for loc in locs {
             let bytes = self
@@ -498,6 +538,13 @@ impl RaftLogReader<TypeConfig> for WalLogStore {
                 .map_err(|e| StorageIOError::read_logs(&io_err(&e)))?;
             let entry: Entry<TypeConfig> =
                 postcard::from_bytes(&bytes).map_err(|e| StorageIOError::read_logs(&e))?;
+            if entry.log_id != loc.log_id {
+                let e = io::Error::other(format!(
+                    "the log holds {} where {} was written",
+                    entry.log_id, loc.log_id
+                ));
+                return Err(StorageIOError::read_logs(&e).into());
+            }
             entries.push(entry);
         }
         Ok(entries)
