@@ -118,14 +118,22 @@ struct Stripe {
 }
 
 thread_local! {
-    static MY_STRIPE: usize = {
+    static MY_STRIPE: std::cell::Cell<usize> = {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        (NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as usize
+        std::cell::Cell::new((NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as usize)
     };
 }
 
 fn my_stripe() -> usize {
-    MY_STRIPE.with(|s| *s)
+    MY_STRIPE.with(std::cell::Cell::get)
+}
+
+/// Makes this thread spend from stripe `stripe` (modulo the stripe count) from now
+/// on. Threads get stripes in turn as they first spend, so which one a thread gets
+/// depends on what ran before it in the process; a deterministic simulation pins
+/// its thread's stripe so that a seed replays the same in any process.
+pub fn pin_thread_stripe(stripe: usize) {
+    MY_STRIPE.with(|s| s.set(stripe % STRIPES));
 }
 
 const MAX_PARTS: usize = SLOTS * STRIPES;

@@ -105,6 +105,9 @@ impl SimConfig {
 /// Runs one simulation.
 pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     install_panic_hook();
+    // Every host runs on this thread: the SDK's spending stripe must not depend on
+    // which tests ran on other threads before (a seed replays in any process).
+    ration_client::local::pin_thread_stripe(0);
     // `RATION_SIM_LOG=openraft=debug` (an env-filter) prints the nodes' own logs.
     let _logs = std::env::var("RATION_SIM_LOG").ok().map(|filter| {
         tracing::subscriber::set_default(

@@ -114,6 +114,7 @@ impl Cluster<'_> {
     fn new(seed: u64, voters: u64, tweak: impl Fn(&mut ration_server::Config)) -> Self {
         // openraft's election timeouts too come from the seed: the scenario replays.
         ration_store::runtime::seed_thread_rng(Some(seed));
+        ration_client::local::pin_thread_stripe(0);
         let mut sim = turmoil::Builder::new()
             .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
             .simulation_duration(SCENARIO_DURATION)
