@@ -296,6 +296,8 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     config.validate()?;
+    ration_store::claim_node_id(&config.data_dir, config.node_id)
+        .context("checking which node the data directory belongs to")?;
     if config.log_store == "sled" {
         let (log, sm, identity) = open_storage(&config, |dir, c| async move {
             let (log, sm) = ration_store::open(&dir, c)?;

@@ -97,6 +97,40 @@ pub async fn open_durable(
 /// Where the write-ahead log lives in a data directory.
 pub const WAL_DIR: &str = "wal";
 
+/// The file that says which node a data directory belongs to.
+pub const NODE_ID_FILE: &str = "node-id";
+
+/// Makes `dir` the data directory of node `id`: the first start writes the id
+/// (durably: temporary file, fsync, rename, directory fsync); every later start must
+/// give the same id. Starting node 2 on node 1's directory would make it a node that
+/// holds node 1's log and vote under another name.
+pub fn claim_node_id(dir: &Path, id: NodeId) -> Result<(), OpenError> {
+    let path = dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let holds: NodeId = text.trim().parse().map_err(|_| OpenError::Snapshot {
+                path: path.clone(),
+                reason: format!("does not hold a node id: {:?}", text.trim()),
+            })?;
+            if holds != id {
+                return Err(OpenError::WrongNode { dir: dir.to_path_buf(), holds, given: id });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            let tmp = dir.join(format!("{NODE_ID_FILE}.{}.tmp", std::process::id()));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(format!("{id}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Opens (or creates) a node's storage in `dir` with the Raft log in sled:
 /// `dir/sled/` and `dir/snapshot.bin`.
 pub fn open(dir: &Path, config: LedgerConfig) -> Result<(SledLogStore, StateMachine), OpenError> {
@@ -133,6 +167,9 @@ pub enum OpenError {
     Snapshot { path: PathBuf, reason: String },
     #[error(transparent)]
     Wal(#[from] wal::WalError),
+    /// The data directory belongs to another node.
+    #[error("{} is the data directory of node {holds}, not node {given}: start it with --node-id {holds}, or give node {given} its own --data-dir", dir.display())]
+    WrongNode { dir: PathBuf, holds: NodeId, given: NodeId },
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {

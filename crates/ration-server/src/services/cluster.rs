@@ -141,6 +141,15 @@ impl v1::cluster_server::Cluster for ClusterService {
         if r.id == 0 || r.addr.is_empty() {
             return Err(Status::invalid_argument("a learner needs a non-zero id and an address"));
         }
+        crate::config::check_peer_addr(&r.addr)
+            .map_err(|e| Status::invalid_argument(format!("addr: {e}")))?;
+        if let Some(m) = self.node.members().into_iter().find(|m| m.addr == r.addr && m.id != r.id)
+        {
+            return Err(Status::already_exists(format!(
+                "{} is node {}'s address already; each member needs its own",
+                r.addr, m.id
+            )));
+        }
         let written = self
             .node
             .raft

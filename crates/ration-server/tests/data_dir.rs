@@ -1,0 +1,35 @@
+//! A data directory belongs to one node: starting another node id on it is refused
+//! with a message that says whose it is and what to do, and changes nothing.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use ration_testkit::inproc::{config, listener, rebind};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_refuses_another_node_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node-1");
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let node = ration_server::start(config(1, addr, data.clone(), &[(1, addr)]), l).await.unwrap();
+    node.stop().await.unwrap();
+    let before = std::fs::read_to_string(data.join(ration_store::NODE_ID_FILE)).unwrap();
+    assert_eq!(before.trim(), "1");
+
+    let l = rebind(addr).await;
+    let err =
+        ration_server::start(config(2, addr, data.clone(), &[(2, addr)]), l).await.unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("is the data directory of node 1, not node 2")
+            && msg.contains("--node-id 1")
+            && msg.contains("--data-dir"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read_to_string(data.join(ration_store::NODE_ID_FILE)).unwrap(), before);
+
+    // Its own node starts on it again.
+    let l = rebind(addr).await;
+    let node = ration_server::start(config(1, addr, data, &[(1, addr)]), l).await.unwrap();
+    node.stop().await.unwrap();
+}
