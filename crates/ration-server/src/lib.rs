@@ -260,6 +260,9 @@ pub async fn supervise(
     tokio::select! {
         () = shutdown => {
             tracing::info!(id = handle.node.id, "shutting down");
+            if handle.node.is_leader() {
+                hand_over(&handle.node).await;
+            }
             handle.stop().await
         }
         stopped = handle.core_stopped() => {
@@ -273,6 +276,30 @@ pub async fn supervise(
             }
             Err(stopped.into())
         }
+    }
+}
+
+/// How long a leader that is asked to stop tries to hand leadership over first.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Before a leader stops, it moves leadership to the voter whose log is most
+/// complete, so clients wait for a transfer, not for an election timeout. Failure
+/// (no other voter, none reachable, too slow) only means the usual election.
+async fn hand_over(node: &Node) {
+    let m = node.raft.metrics().borrow().clone();
+    let voters: Vec<NodeId> =
+        m.membership_config.membership().voter_ids().filter(|id| *id != node.id).collect();
+    let matched = |id: &NodeId| {
+        m.replication.as_ref().and_then(|r| r.get(id).copied().flatten()).map_or(0, |l| l.index)
+    };
+    let Some(to) = voters.iter().copied().max_by_key(|id| (matched(id), std::cmp::Reverse(*id)))
+    else {
+        return;
+    };
+    match tokio::time::timeout(HAND_OVER_TIMEOUT, node.transfer_leadership(to)).await {
+        Ok(Ok(_)) => tracing::info!(id = node.id, to, "handed leadership over before stopping"),
+        Ok(Err(e)) => tracing::warn!(id = node.id, to, "could not hand leadership over: {e}"),
+        Err(_) => tracing::warn!(id = node.id, to, "handing leadership over timed out"),
     }
 }
 
