@@ -690,16 +690,33 @@ fn kubernetes_pods_form_a_cluster_on_their_container_ports() {
     assert_eq!(flag_port("--metrics-listen="), Some(METRICS_PORT), "{file}: --metrics-listen");
     let container: BTreeSet<u16> = numbers_after(sts, "containerPort:").into_iter().collect();
     assert_eq!(container, BTreeSet::from([GRPC_PORT, METRICS_PORT]), "{file}: containerPort");
+    // Probes as etcd's: liveness and startup on /livez, readiness on /readyz, on the
+    // metrics port (the container port named `metrics`, which is METRICS_PORT).
     let lines: Vec<&str> = sts.lines().collect();
-    let probe_ports: Vec<u16> = lines
+    let probe = |kind: &str| -> (String, String) {
+        let at = lines
+            .iter()
+            .position(|l| l.trim() == format!("{kind}:"))
+            .unwrap_or_else(|| panic!("{file}: no {kind}"));
+        let field = |key: &str| {
+            lines[at + 1..at + 5]
+                .iter()
+                .find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().to_owned()))
+                .unwrap_or_else(|| panic!("{file}: {kind} has no {key}"))
+        };
+        (field("path:"), field("port:"))
+    };
+    for (kind, path) in
+        [("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/readyz")]
+    {
+        assert_eq!(probe(kind), (path.to_owned(), "metrics".to_owned()), "{file}: {kind}");
+    }
+    let metrics_port = lines
         .windows(2)
-        .filter(|w| w[0].trim() == "grpc:")
-        .filter_map(|w| w[1].trim().strip_prefix("port:").and_then(|p| p.trim().parse().ok()))
-        .collect();
-    assert!(
-        probe_ports.len() >= 2 && probe_ports.iter().all(|p| *p == GRPC_PORT),
-        "{file}: gRPC probes on {probe_ports:?}"
-    );
+        .find(|w| w[0].trim() == "- name: metrics")
+        .and_then(|w| w[1].trim().strip_prefix("containerPort:"))
+        .and_then(|p| p.trim().parse().ok());
+    assert_eq!(metrics_port, Some(METRICS_PORT), "{file}: the metrics container port");
     assert_eq!(
         numbers_after(sts, "prometheus.io/port:"),
         vec![METRICS_PORT],
@@ -759,7 +776,11 @@ fn the_helm_chart_uses_its_port_values() {
             let l = l.trim();
             l.starts_with("port:") || l.starts_with("containerPort:")
         }) {
-            assert!(line.contains("{{ .Values.ports."), "{t}: literal port in {line:?}");
+            // A named container port (`port: metrics`) is not a number either.
+            assert!(
+                line.contains("{{ .Values.ports.") || line.trim() == "port: metrics",
+                "{t}: literal port in {line:?}"
+            );
         }
     }
 }

@@ -70,6 +70,9 @@ pub enum Leader {
     Unknown,
 }
 
+/// A node is ready only with at most this many log entries not yet applied.
+pub const READY_MAX_LAG_ENTRIES: u64 = 100;
+
 /// What commands became: their outcomes here (one per command, in order), or the
 /// address of the leader to forward them to.
 #[derive(Debug)]
@@ -96,6 +99,34 @@ impl Node {
 
     pub fn is_leader(&self) -> bool {
         self.leader() == Leader::Me
+    }
+
+    /// Liveness (`/livez`): the Raft core runs. Only a stopped core is fatal; a node
+    /// that knows no leader (quorum lost) is alive, and restarting it would not help.
+    pub fn liveness(&self) -> Result<(), String> {
+        let m = self.raft.metrics().borrow().clone();
+        match (&m.running_state, m.state) {
+            (Err(fatal), _) => Err(format!("the Raft core stopped: {fatal}")),
+            (Ok(()), ServerState::Shutdown) => Err("the Raft core is shut down".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Readiness (`/readyz`): alive, a leader is known, and this node has applied
+    /// its log to within [`READY_MAX_LAG_ENTRIES`] entries.
+    pub fn readiness(&self) -> Result<(), String> {
+        self.liveness()?;
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader.is_none() {
+            return Err("no leader is known".into());
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let lag = last.saturating_sub(applied);
+        if lag > READY_MAX_LAG_ENTRIES {
+            return Err(format!("{lag} log entries are not applied yet"));
+        }
+        Ok(())
     }
 
     /// Proposes commands together (in one entry, in order) if this node leads, or

@@ -365,26 +365,44 @@ pub(crate) async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<SocketAddr> {
     let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
+    let probe = |check: fn(&Node) -> Result<(), String>, node: std::sync::Weak<Node>| {
+        move || {
             let node = node.clone();
             async move {
-                match node.upgrade() {
-                    Some(node) => (
-                        axum::http::StatusCode::OK,
-                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        render(&node),
-                    ),
-                    None => (
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
-                        "node stopped\n".to_owned(),
-                    ),
+                let verdict = match node.upgrade() {
+                    Some(node) => check(&node),
+                    None => Err("the node stopped".to_owned()),
+                };
+                match verdict {
+                    Ok(()) => (axum::http::StatusCode::OK, "ok\n".to_owned()),
+                    Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                 }
             }
-        }),
-    );
+        }
+    };
+    let app = axum::Router::new()
+        .route("/livez", axum::routing::get(probe(Node::liveness, node.clone())))
+        .route("/readyz", axum::routing::get(probe(Node::readiness, node.clone())))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let node = node.clone();
+                async move {
+                    match node.upgrade() {
+                        Some(node) => (
+                            axum::http::StatusCode::OK,
+                            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                            render(&node),
+                        ),
+                        None => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                            "node stopped\n".to_owned(),
+                        ),
+                    }
+                }
+            }),
+        );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::warn!("metrics server: {e}");

@@ -1,27 +1,36 @@
-//! grpc.health.v1: readiness follows leadership.
+//! grpc.health.v1, the same verdicts as `/livez` and `/readyz`: the service
+//! `ration.v1.Liveness` serves while the Raft core runs ([`Node::liveness`]); the
+//! overall status ("") and `ration.v1.Ledger` serve while the node is ready
+//! ([`Node::readiness`]: a leader known, its log applied).
 
-use openraft::{BasicNode, ServerState};
+use std::sync::Weak;
 
-/// Keeps the health status of "" and Ledger in step with whether a leader is known.
+use crate::Node;
+
+/// Keeps the health statuses in step with the node: re-checked on every change of
+/// openraft's metrics (which carry the leader, the log and the applied index).
 pub(super) async fn track_readiness(
-    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+    node: Weak<Node>,
     health: tonic_health::server::HealthReporter,
 ) {
-    let mut ready = None;
+    let Some(mut metrics) = node.upgrade().map(|n| n.raft.metrics()) else { return };
+    let mut last = None;
     loop {
-        let now = {
-            let m = metrics.borrow_and_update();
-            m.current_leader.is_some() && m.state != ServerState::Shutdown
-        };
-        if ready != Some(now) {
-            ready = Some(now);
-            let status = if now {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
+        let Some(n) = node.upgrade() else { return };
+        let now = (n.liveness().is_ok(), n.readiness().is_ok());
+        drop(n);
+        if last != Some(now) {
+            last = Some(now);
+            let status = |ok: bool| {
+                if ok {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                }
             };
-            health.set_service_status("", status).await;
-            health.set_service_status("ration.v1.Ledger", status).await;
+            health.set_service_status("ration.v1.Liveness", status(now.0)).await;
+            health.set_service_status("", status(now.1)).await;
+            health.set_service_status("ration.v1.Ledger", status(now.1)).await;
         }
         if metrics.changed().await.is_err() {
             return;

@@ -52,7 +52,7 @@ where
     // Ledger serve only while this node knows a leader, so a readiness probe keeps
     // clients away from a node that could not answer them.
     health.set_serving::<ClusterServer<cluster::ClusterService>>().await;
-    tokio::spawn(health::track_readiness(node.raft.metrics(), health.clone()));
+    tokio::spawn(health::track_readiness(Arc::downgrade(&node), health.clone()));
     // Each reflection version also lists the other, so either shows every service.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ration_proto::FILE_DESCRIPTOR_SET)
