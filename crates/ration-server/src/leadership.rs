@@ -29,6 +29,12 @@ pub(crate) enum TransferError {
     BadPause(u64),
     #[error("did not win an election in time; the cluster keeps its leader")]
     CampaignTimedOut,
+    #[error("a leadership transfer is already in progress; try again when it is done")]
+    InProgress,
+    #[error("node {id} ({addr}) is {behind} log entries behind the leader (is it running?); a transfer needs a caught-up voter")]
+    Lagging { id: NodeId, addr: String, behind: u64 },
+    #[error("node {id} ({addr}) did not take leadership: {status}")]
+    Unreachable { id: NodeId, addr: String, status: tonic::Status },
     #[error("{0}")]
     Raft(String),
     /// The target's own answer (or failure) to `Campaign`.
@@ -49,15 +55,31 @@ impl Node {
     }
 
     /// Makes voter `to` the leader: the other voters pause their elections, then `to`
-    /// campaigns. Returns `to`'s status once it leads.
+    /// campaigns. Returns `to`'s status once it leads. Run on the leader, one at a
+    /// time (a second is refused while one runs), and only to a voter whose log is
+    /// within [`crate::READY_MAX_LAG_ENTRIES`] of the leader's.
     pub(crate) async fn transfer_leadership(
         &self,
         to: NodeId,
     ) -> Result<v1::StatusReply, TransferError> {
+        let _one = self.transfer.try_lock().map_err(|_| TransferError::InProgress)?;
         let members = self.members();
         let target = members.iter().find(|m| m.id == to).ok_or(TransferError::NotMember(to))?;
         if !target.voter {
             return Err(TransferError::NotVoter(to));
+        }
+        if to != self.id {
+            let m = self.raft.metrics().borrow().clone();
+            let last = m.last_log_index.unwrap_or(0);
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&to).copied().flatten())
+                .map_or(0, |l| l.index);
+            let behind = last.saturating_sub(matched);
+            if behind > crate::READY_MAX_LAG_ENTRIES || m.replication.is_none() {
+                return Err(TransferError::Lagging { id: to, addr: target.addr.clone(), behind });
+            }
         }
         let pause = u64::try_from(TRANSFER_PAUSE.as_millis()).unwrap_or(u64::MAX);
         for m in members.iter().filter(|m| m.voter && m.id != to) {
@@ -74,12 +96,14 @@ impl Node {
                 tracing::warn!(node = m.id, "could not pause elections for a leader transfer: {e}");
             }
         }
+        let unreachable =
+            |status| TransferError::Unreachable { id: to, addr: target.addr.clone(), status };
         let channel = self
             .channels
             .get(&target.addr)
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            .map_err(|e| unreachable(tonic::Status::unavailable(e.to_string())))?;
         let result = ClusterClient::new(channel).campaign(v1::CampaignRequest {}).await;
-        Ok(self.channels.forget_on_failure(&target.addr, result)?.into_inner())
+        Ok(self.channels.forget_on_failure(&target.addr, result).map_err(unreachable)?.into_inner())
     }
 
     /// Triggers elections here until this node leads, for at most a few seconds.

@@ -45,6 +45,8 @@ pub struct Node {
     pub metrics: Arc<metrics::Metrics>,
     /// The write-ahead log's counters (None with `log_store = "sled"` or in memory).
     pub wal: Option<Arc<ration_store::wal::WalStats>>,
+    /// Held while this node runs a leadership transfer: one at a time.
+    transfer: tokio::sync::Mutex<()>,
     /// Where `GET /metrics` is served (None when `metrics_listen` is off).
     pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -466,6 +468,7 @@ where
         identity,
         metrics: node_metrics,
         wal,
+        transfer: tokio::sync::Mutex::new(()),
         metrics_addr: std::sync::OnceLock::new(),
     });
 

@@ -224,6 +224,11 @@ impl v1::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<v1::TransferLeaderRequest>,
     ) -> Result<Response<v1::StatusReply>, Status> {
+        // The leader runs transfers (one at a time, with its view of who is caught up).
+        if !self.node.is_leader() {
+            return forward::to_leader(&self.node, req, on_leader!(ClusterClient, transfer_leader))
+                .await;
+        }
         let to = req.into_inner().to;
         let status = self.node.transfer_leadership(to).await.map_err(IntoStatus::into_status)?;
         Ok(Response::new(status))

@@ -132,6 +132,10 @@ impl IntoStatus for TransferError {
             TransferError::NotVoter(_) => Status::failed_precondition(self.to_string()),
             TransferError::BadPause(_) => Status::invalid_argument(self.to_string()),
             TransferError::CampaignTimedOut => Status::deadline_exceeded(self.to_string()),
+            TransferError::InProgress => Status::aborted(self.to_string()),
+            TransferError::Lagging { .. } | TransferError::Unreachable { .. } => {
+                Status::failed_precondition(self.to_string())
+            }
             TransferError::Raft(_) => Status::unavailable(self.to_string()),
             TransferError::Target(s) => s,
         }
