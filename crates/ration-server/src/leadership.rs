@@ -31,7 +31,7 @@ pub(crate) enum TransferError {
     CampaignTimedOut,
     #[error("a leadership transfer is already in progress; try again when it is done")]
     InProgress,
-    #[error("node {id} ({addr}) is {behind} log entries behind the leader (is it running?); a transfer needs a caught-up voter")]
+    #[error("node {id} ({addr}) is {behind} log entries behind the leader (is it running?); wait until it has caught up (rationctl endpoint status shows its lag)")]
     Lagging { id: NodeId, addr: String, behind: u64 },
     #[error("node {id} ({addr}) did not take leadership: {status}")]
     Unreachable { id: NodeId, addr: String, status: tonic::Status },
@@ -69,17 +69,7 @@ impl Node {
             return Err(TransferError::NotVoter(to));
         }
         if to != self.id {
-            let m = self.raft.metrics().borrow().clone();
-            let last = m.last_log_index.unwrap_or(0);
-            let matched = m
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(&to).copied().flatten())
-                .map_or(0, |l| l.index);
-            let behind = last.saturating_sub(matched);
-            if behind > crate::READY_MAX_LAG_ENTRIES || m.replication.is_none() {
-                return Err(TransferError::Lagging { id: to, addr: target.addr.clone(), behind });
-            }
+            self.caught_up(to, &target.addr)?;
         }
         let pause = u64::try_from(TRANSFER_PAUSE.as_millis()).unwrap_or(u64::MAX);
         for m in members.iter().filter(|m| m.voter && m.id != to) {
@@ -104,6 +94,21 @@ impl Node {
             .map_err(|e| unreachable(tonic::Status::unavailable(e.to_string())))?;
         let result = ClusterClient::new(channel).campaign(v1::CampaignRequest {}).await;
         Ok(self.channels.forget_on_failure(&target.addr, result).map_err(unreachable)?.into_inner())
+    }
+
+    /// On the leader: whether member `id` (at `addr`) has the log to within
+    /// [`crate::READY_MAX_LAG_ENTRIES`] entries of the leader's.
+    pub(crate) fn caught_up(&self, id: NodeId, addr: &str) -> Result<(), TransferError> {
+        let m = self.raft.metrics().borrow().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = m.replication.as_ref().and_then(|r| r.get(&id).copied().flatten());
+        let behind = last.saturating_sub(matched.map_or(0, |l| l.index));
+        // A member that never answered replication (None) is not caught up, however
+        // short the log.
+        if matched.is_none() || behind > crate::READY_MAX_LAG_ENTRIES {
+            return Err(TransferError::Lagging { id, addr: addr.to_owned(), behind });
+        }
+        Ok(())
     }
 
     /// Triggers elections here until this node leads, for at most a few seconds.

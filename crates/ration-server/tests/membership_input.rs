@@ -22,5 +22,25 @@ async fn bad_member_addresses_are_refused() {
     assert!(e.message().contains("is node 1's address"), "{}", e.message());
     let members = c.status(v1::StatusRequest { digest: false }).await.unwrap().into_inner().members;
     assert_eq!(members.len(), 1, "a refused learner was added: {members:?}");
+
+    // A learner with nothing running at its address never catches up, so it cannot
+    // be promoted: the refusal names it.
+    let nobody = ration_testkit::process::free_addrs(1)[0].to_string();
+    let added =
+        tokio::time::timeout(std::time::Duration::from_secs(20), c.add_learner(add(2, &nobody)))
+            .await;
+    eprintln!("add_learner of a dead node: {added:?}");
+    let e = c
+        .change_membership(v1::ChangeMembershipRequest {
+            voters: vec![1, 2],
+            retain: false,
+            remove: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&format!("node 2 ({nobody})")), "{}", e.message());
+    let members = c.status(v1::StatusRequest { digest: false }).await.unwrap().into_inner().members;
+    assert!(members.iter().all(|m| m.id != 2 || !m.voter), "a lagging learner became a voter");
     cluster.shutdown().await;
 }

@@ -174,6 +174,22 @@ impl v1::cluster_server::Cluster for ClusterService {
         let r = req.into_inner();
         let change = match (r.voters.is_empty(), r.remove.is_empty()) {
             (false, true) => {
+                // A learner becomes a voter only once caught up: a lagging voter counts
+                // toward the quorum without being able to help it.
+                let members = self.node.members();
+                for id in &r.voters {
+                    match members.iter().find(|m| m.id == *id) {
+                        Some(m) if !m.voter => {
+                            self.node.caught_up(*id, &m.addr).map_err(IntoStatus::into_status)?
+                        }
+                        Some(_) => {}
+                        None => {
+                            return Err(Status::failed_precondition(format!(
+                                "node {id} is not a member: add it as a learner first"
+                            )))
+                        }
+                    }
+                }
                 openraft::ChangeMembers::ReplaceAllVoters(r.voters.into_iter().collect())
             }
             (true, false) => {
