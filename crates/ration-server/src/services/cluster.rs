@@ -12,6 +12,11 @@ use super::forward;
 use super::IntoStatus;
 use crate::Node;
 
+/// How long `AddLearner` waits for the new learner to catch up.
+/// (Below rationctl's default RPC deadline of 10 s, so it hears the answer.)
+const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often it looks.
+const LEARNER_CATCH_UP_POLL: Duration = Duration::from_millis(100);
 /// Data per streamed snapshot chunk.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// How long a requested snapshot may take to build.
@@ -153,9 +158,23 @@ impl v1::cluster_server::Cluster for ClusterService {
         let written = self
             .node
             .raft
-            .add_learner(r.id, BasicNode::new(r.addr), true)
+            .add_learner(r.id, BasicNode::new(r.addr.clone()), true)
             .await
             .map_err(IntoStatus::into_status)?;
+        // openraft returns at once for a learner it cannot reach: wait until this one
+        // has caught up, so "added" means "can be promoted".
+        let deadline = tokio::time::Instant::now() + LEARNER_CATCH_UP_TIMEOUT;
+        while let Err(lagging) = self.node.caught_up(r.id, &r.addr) {
+            if tokio::time::Instant::now() >= deadline {
+                // A definite answer, not a retryable timeout: it was added.
+                return Err(Status::failed_precondition(format!(
+                    "node {} was added as a learner but has not caught up within {} s: {lagging}",
+                    r.id,
+                    LEARNER_CATCH_UP_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(LEARNER_CATCH_UP_POLL).await;
+        }
         Ok(self.membership_reply(written.log_id.index))
     }
 
