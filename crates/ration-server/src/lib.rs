@@ -86,7 +86,9 @@ pub enum Routed {
 impl Node {
     /// The leader as this node knows it now.
     pub fn leader(&self) -> Leader {
-        let m = self.raft.metrics().borrow().clone();
+        // Read in place, not cloned: every write asks this.
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         if m.state == ServerState::Leader {
             return Leader::Me;
         }

@@ -108,9 +108,11 @@ pub fn claim_node_id(dir: &Path, id: NodeId) -> Result<(), OpenError> {
     let path = dir.join(NODE_ID_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let holds: NodeId = text.trim().parse().map_err(|_| OpenError::Snapshot {
-                path: path.clone(),
-                reason: format!("does not hold a node id: {:?}", text.trim()),
+            let holds: NodeId = text.trim().parse().map_err(|_| {
+                OpenError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} does not hold a node id: {:?}", path.display(), text.trim()),
+                ))
             })?;
             if holds != id {
                 return Err(OpenError::WrongNode { dir: dir.to_path_buf(), holds, given: id });
