@@ -592,6 +592,7 @@ fn compose_nodes_form_a_cluster_on_the_published_ports() {
     assert!(services.len() >= 3, "{file}: found services {:?}", services.keys());
     let mut problems = Vec::new();
     let mut host_ports = BTreeSet::new();
+    let mut voters = BTreeSet::new();
     for (name, (env, ports)) in &services {
         let listen = env.get("RATION_LISTEN").and_then(|l| port_of(l));
         let metrics = env.get("RATION_METRICS_LISTEN").and_then(|l| port_of(l));
@@ -622,6 +623,10 @@ fn compose_nodes_form_a_cluster_on_the_published_ports() {
             .and_then(|a| a.into_config().map_err(|e| e.to_string()));
         match config {
             Ok(c) => {
+                voters.extend(c.peers().unwrap().into_iter().map(|p| p.id));
+                if c.join.is_some() && c.join_as == "voter" {
+                    voters.insert(c.node_id);
+                }
                 let own = c.peers().unwrap().into_iter().find(|p| p.id == c.node_id);
                 if let Some(own) = own {
                     if own.addr != c.advertise_addr() || port_of(&own.addr) != Some(GRPC_PORT) {
@@ -637,6 +642,17 @@ fn compose_nodes_form_a_cluster_on_the_published_ports() {
             }
             Err(e) => problems.push(format!("{name}: {argv:?}: {e}")),
         }
+    }
+    // Every profile together still has an odd number of voters (a joining node stays
+    // a learner), and a node that exits 0 (removed from the cluster) stays stopped.
+    if voters.len() % 2 == 0 {
+        problems.push(format!("{} voters {voters:?}: keep the number odd", voters.len()));
+    }
+    let restart: Vec<&str> =
+        text.lines().filter_map(|l| l.trim().strip_prefix("restart:")).collect();
+    if restart.iter().any(|r| r.trim() != "on-failure") {
+        problems
+            .push(format!("restart: {restart:?}; only on-failure leaves a removed node stopped"));
     }
     assert!(problems.is_empty(), "{file}:\n  {}", problems.join("\n  "));
 }

@@ -25,9 +25,14 @@ pub struct Config {
     /// The initial voters, as `id=host:port`, this node included. Empty: a
     /// single-node cluster of this node. The node with the lowest id initializes.
     pub initial_cluster: Vec<String>,
-    /// An existing member to join through: this node is added as a learner, then
-    /// promoted to voter once it has caught up.
+    /// An existing member to join through: this node is added as a learner (and
+    /// waits there, caught up, for an operator to promote it) unless `join_as` is
+    /// `voter`, when it promotes itself once caught up.
     pub join: Option<String>,
+    /// `learner` (the default) or `voter`: what a node started with `join` becomes.
+    /// Joining as a learner keeps the number of voters the operator's choice (an
+    /// even number of voters tolerates no more failures than one fewer).
+    pub join_as: String,
     /// `new`: the lowest id in `initial_cluster` creates the cluster if its data
     /// directory is empty. `existing`: the cluster exists already; never create one
     /// (a member whose data was lost waits for the leader to send it everything).
@@ -85,6 +90,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ration-data"),
             initial_cluster: Vec::new(),
             join: None,
+            join_as: "learner".into(),
             initial_cluster_state: "new".into(),
             log_store: "wal".into(),
             batch_max_commands: 3072,
@@ -159,6 +165,9 @@ impl Config {
         let peers = self.peers()?;
         if !peers.is_empty() && !peers.iter().any(|p| p.id == self.node_id) {
             return bad(format!("initial_cluster does not name this node (id {})", self.node_id));
+        }
+        if !matches!(self.join_as.as_str(), "learner" | "voter") {
+            return bad(format!("join_as {:?} is not learner or voter", self.join_as));
         }
         if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
             return bad(format!(
@@ -276,9 +285,14 @@ pub struct Args {
     /// Initial voters, comma separated: 1=127.0.0.1:50051,2=127.0.0.1:50052,...
     #[arg(long, env = "RATION_INITIAL_CLUSTER", value_delimiter = ',')]
     pub initial_cluster: Option<Vec<String>>,
-    /// Join an existing cluster through this member.
+    /// Join an existing cluster through this member (host:port), as a learner
+    /// unless --join-as voter.
     #[arg(long, env = "RATION_JOIN")]
     pub join: Option<String>,
+    /// With --join: `learner` (default; an operator promotes it) or `voter` (it
+    /// promotes itself once caught up).
+    #[arg(long, env = "RATION_JOIN_AS")]
+    pub join_as: Option<String>,
     /// `new` (the default) or `existing`: never create a cluster.
     #[arg(long, env = "RATION_INITIAL_CLUSTER_STATE")]
     pub initial_cluster_state: Option<String>,
@@ -337,6 +351,9 @@ impl Args {
         }
         if self.join.is_some() {
             c.join = self.join;
+        }
+        if let Some(j) = self.join_as {
+            c.join_as = j;
         }
         if c.node_id_from_hostname {
             c.node_id = node_id_from_hostname(&hostname()?)?;

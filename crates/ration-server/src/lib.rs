@@ -300,6 +300,16 @@ pub async fn supervise(
             }
             handle.stop().await
         }
+        removed = removal(&handle.node) => {
+            tracing::warn!(
+                id = handle.node.id,
+                membership_index = removed.membership_index,
+                seen_on = removed.seen_on,
+                "this node was removed from the cluster; it stops serving and exits 0 \
+                 (add it again with `rationctl member add` after wiping its data directory)"
+            );
+            handle.stop().await
+        }
         stopped = handle.core_stopped() => {
             tracing::error!(
                 id = handle.node.id,
@@ -310,6 +320,92 @@ pub async fn supervise(
                 tracing::warn!("stopping after the core stopped: {e:#}");
             }
             Err(stopped.into())
+        }
+    }
+}
+
+/// How often a node that is not the leader asks a peer whether it is still a member.
+const REMOVAL_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Evidence that this node was removed: a peer of the same cluster that knows a
+/// leader reports a committed membership, newer than this node's, without it.
+#[derive(Debug)]
+struct Removed {
+    membership_index: u64,
+    seen_on: u64,
+}
+
+/// Resolves once this node has been removed from the cluster; never otherwise.
+///
+/// A removed node does not find out from Raft: the leader stops replicating to it
+/// as soon as the membership without it is appended, so it keeps the joint
+/// membership that still lists it and (if it was a voter) campaigns forever. Like
+/// etcd's members, it asks its peers instead: every [`REMOVAL_PROBE_INTERVAL`],
+/// while it is not the leader, it asks one member it knows of (the leader first)
+/// for its status. It counts as removed only on a peer's word that is safe to act
+/// on: the same cluster id, a known leader, and a membership that is committed on
+/// that peer, newer than the one this node has, and without this node. A node that
+/// was never a member (one waiting to be added) is never removed.
+async fn removal(node: &Node) -> Removed {
+    let mut tick = tokio::time::interval(REMOVAL_PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next = 0usize;
+    loop {
+        tick.tick().await;
+        let (mine, peers, leader) = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let member = membership.get_node(&node.id).is_some();
+            let mine = m.membership_config.log_id().as_ref().map_or(0, |l| l.index);
+            // This node applied a membership without itself (it led the change
+            // that removed it, or saw it committed before the leader let go).
+            let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
+            if !member && membership.nodes().next().is_some() && mine > 0 && mine <= applied {
+                return Removed { membership_index: mine, seen_on: node.id };
+            }
+            if m.state == ServerState::Leader || !member {
+                continue;
+            }
+            let peers: Vec<String> = membership
+                .nodes()
+                .filter(|(id, _)| **id != node.id)
+                .map(|(_, n)| n.addr.clone())
+                .collect();
+            let leader = m
+                .current_leader
+                .filter(|l| *l != node.id)
+                .and_then(|l| membership.get_node(&l))
+                .map(|n| n.addr.clone());
+            (mine, peers, leader)
+        };
+        let Some(addr) = leader.or_else(|| {
+            next = next.wrapping_add(1);
+            peers.get(next % peers.len().max(1)).cloned()
+        }) else {
+            continue;
+        };
+        let Ok(channel) = node.channels.get(&addr) else { continue };
+        let mut client = ClusterClient::new(channel);
+        let Ok(Ok(peer)) = tokio::time::timeout(
+            REMOVAL_PROBE_INTERVAL,
+            client.status(StatusRequest { digest: false }),
+        )
+        .await
+        else {
+            continue;
+        };
+        let peer = peer.into_inner();
+        let cluster = node.identity.get();
+        if cluster != 0
+            && peer.cluster_id == cluster
+            && peer.leader.is_some()
+            && peer.membership_index > mine
+            && peer.membership_index <= peer.commit_index
+            && !peer.members.is_empty()
+            && peer.members.iter().all(|m| m.id != node.id)
+        {
+            return Removed { membership_index: peer.membership_index, seen_on: peer.id };
         }
     }
 }
@@ -541,26 +637,39 @@ where
 async fn bootstrap(node: &Arc<Node>) -> anyhow::Result<()> {
     let config = &node.config;
     if let Some(through) = &config.join {
-        // Done once this node is a voter. A node restored from a snapshot knows the
-        // cluster's membership already, without being in it: it still joins.
-        let is_voter = node
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == node.id);
-        if is_voter {
+        // Done once this node is a member (a voter, when asked to join as one). A
+        // node restored from a snapshot knows the cluster's membership already,
+        // without being in it: it still joins.
+        let as_voter = config.join_as == "voter";
+        let done = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            if as_voter {
+                membership.voter_ids().any(|id| id == node.id)
+            } else {
+                membership.get_node(&node.id).is_some()
+            }
+        };
+        if done {
             return Ok(());
         }
         let node = node.clone();
         let through = through.clone();
         tokio::spawn(async move {
             for attempt in 1..=JOIN_ATTEMPTS {
-                match join(&node, &through).await {
-                    Ok(()) => {
+                match join(&node, &through, as_voter).await {
+                    Ok(()) if as_voter => {
                         tracing::info!(id = node.id, "joined the cluster as a voter");
+                        return;
+                    }
+                    Ok(()) => {
+                        tracing::info!(
+                            id = node.id,
+                            "joined the cluster as a learner (caught up); promote it with \
+                             `rationctl member promote {}`",
+                            node.id
+                        );
                         return;
                     }
                     Err(e) => {
@@ -606,11 +715,15 @@ fn new_cluster_id(node: &Node) -> u64 {
     h.finish().max(1)
 }
 
-/// Adds this node as a learner through `through`, then makes it a voter.
-async fn join(node: &Node, through: &str) -> anyhow::Result<()> {
+/// Adds this node as a learner through `through` (AddLearner returns once it has
+/// caught up), then, if `as_voter`, makes it a voter.
+async fn join(node: &Node, through: &str, as_voter: bool) -> anyhow::Result<()> {
     let channel = node.channels.get(through)?;
     let mut client = ClusterClient::new(channel);
     client.add_learner(AddLearnerRequest { id: node.id, addr: node.addr.clone() }).await?;
+    if !as_voter {
+        return Ok(());
+    }
     let status = client.status(StatusRequest { digest: false }).await?.into_inner();
     let mut voters: BTreeSet<u64> =
         status.members.iter().filter(|m| m.voter).map(|m| m.id).collect();

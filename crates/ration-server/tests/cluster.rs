@@ -144,11 +144,12 @@ async fn nodes_join_leave_and_take_over_leadership() {
     cluster.leader().await;
     create_tree(cluster.addrs[&1]).await;
 
-    // Node 4 joins through node 1: added as a learner, then promoted to voter.
+    // Node 4 joins through node 1 as a voter: added as a learner, then promoted.
     let l = inproc::listener().await;
     let addr4 = l.local_addr().unwrap();
     let mut c4 = inproc::config(4, addr4, cluster.dir.path().join("node-4"), &[]);
     c4.join = Some(cluster.addrs[&1].to_string());
+    c4.join_as = "voter".into();
     cluster.addrs.insert(4, addr4);
     cluster.nodes.insert(4, ration_server::start(c4, l).await.unwrap());
     eventually("node 4 is a voter", Duration::from_secs(30), || async move {
@@ -202,6 +203,41 @@ async fn nodes_join_leave_and_take_over_leadership() {
     };
     assert!(matches!(err.code(), tonic::Code::NotFound | tonic::Code::Unavailable), "{err}");
     cluster.shutdown().await;
+}
+
+/// `join` without `join_as` adds the node as a caught-up learner and leaves the
+/// voters alone: three voters stay three (a fourth would tolerate no more failures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_is_as_a_learner_unless_asked() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    cluster.leader().await;
+    create_tree(cluster.addrs[&1]).await;
+    let l = inproc::listener().await;
+    let addr4 = l.local_addr().unwrap();
+    let mut c4 = inproc::config(4, addr4, cluster.dir.path().join("node-4"), &[]);
+    c4.join = Some(cluster.addrs[&2].to_string());
+    assert_eq!(c4.join_as, "learner", "the default");
+    cluster.addrs.insert(4, addr4);
+    cluster.nodes.insert(4, ration_server::start(c4, l).await.unwrap());
+    eventually("node 4 is a learner", Duration::from_secs(30), || async move {
+        ration_testkit::status(addr4)
+            .await
+            .is_some_and(|s| s.members.iter().any(|m| m.id == 4 && !m.voter))
+    })
+    .await;
+    // Caught up (same state as the voters) and still a learner afterwards.
+    cluster.converged().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = ration_testkit::status(cluster.addrs[&1]).await.unwrap();
+    let voters: Vec<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    assert_eq!(voters, [1, 2, 3], "{:?}", s.members);
+    assert!(s.members.iter().any(|m| m.id == 4 && !m.voter), "{:?}", s.members);
+    // A bad join_as is refused before anything starts.
+    let mut bad = inproc::config(5, addr4, cluster.dir.path().join("node-5"), &[]);
+    bad.join = Some(cluster.addrs[&1].to_string());
+    bad.join_as = "observer".into();
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("join_as \"observer\" is not learner or voter"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,8 +21,12 @@ pub enum MemberCmd {
         /// The address it serves on (host:port), as the other members should dial it.
         addr: String,
     },
-    /// Make a learner a voter.
-    Promote { id: u64 },
+    /// Make learners voters, in one membership change (promote two at once to go
+    /// from an odd number of voters to the next odd number).
+    Promote {
+        #[arg(required = true)]
+        ids: Vec<u64>,
+    },
     /// Remove a node (voter or learner) from the cluster.
     Remove { id: u64 },
 }
@@ -94,17 +98,27 @@ pub async fn member(ctx: &Ctx, cmd: MemberCmd, out: &mut dyn Write) -> anyhow::R
             let req = v1::AddLearnerRequest { id, addr };
             ctx.on_cluster(&req, |mut c, r| async move { c.add_learner(r).await }).await?.members
         }
-        MemberCmd::Promote { id } => {
-            let member =
-                status.members.iter().find(|m| m.id == id).ok_or_else(|| {
-                    anyhow!("node {id} is not a member: add it first (member add)")
-                })?;
-            if member.voter {
-                bail!("node {id} is already a voter");
-            }
+        MemberCmd::Promote { ids } => {
             let mut voters: Vec<u64> =
                 status.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
-            voters.push(id);
+            for id in ids {
+                let member = status.members.iter().find(|m| m.id == id).ok_or_else(|| {
+                    anyhow!("node {id} is not a member: add it first (member add)")
+                })?;
+                if member.voter {
+                    bail!("node {id} is already a voter");
+                }
+                if !voters.contains(&id) {
+                    voters.push(id);
+                }
+            }
+            if voters.len() % 2 == 0 {
+                eprintln!(
+                    "warning: {} voters tolerate no more failures than {} (keep the number odd)",
+                    voters.len(),
+                    voters.len() - 1
+                );
+            }
             change(ctx, v1::ChangeMembershipRequest { voters, retain: false, remove: vec![] })
                 .await?
         }

@@ -18,10 +18,14 @@ fn main() -> anyhow::Result<()> {
     let _entered = runtime.enter();
     let filter = tracing_subscriber::EnvFilter::try_from_env("RATION_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+    // Logs go to stderr (stdout stays free for output a script might read), with
+    // colour only when stderr is a terminal.
+    use std::io::IsTerminal as _;
+    let ansi = std::io::stderr().is_terminal();
     let logs = if config.log_format == "json" {
-        tracing_subscriber::fmt::layer().json().boxed()
+        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
     } else {
-        tracing_subscriber::fmt::layer().boxed()
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed()
     };
     #[allow(unused_mut)] // the otel feature adds a layer
     let mut layers = vec![logs.with_filter(filter).boxed()];

@@ -70,6 +70,8 @@ impl ClusterService {
             budgets,
             live_leases: leases,
             data_bytes: ration_store::backup::dir_size(&node.config.data_dir),
+            cluster_id: node.identity.get(),
+            membership_index: m.membership_config.log_id().as_ref().map_or(0, |l| l.index),
             ..Default::default()
         };
         reply.set_role(role(m.state));
