@@ -703,16 +703,9 @@ async fn bootstrap(node: &Arc<Node>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An id no other cluster is likely to have: time, process and address mixed by a
-/// hash. (Collisions need the same nanosecond, pid and address; 0 is never used.)
+/// A new cluster's id (see [`ration_store::new_cluster_id`]).
 fn new_cluster_id(node: &Node) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    std::time::SystemTime::now().hash(&mut h);
-    std::process::id().hash(&mut h);
-    node.addr.hash(&mut h);
-    node.id.hash(&mut h);
-    h.finish().max(1)
+    ration_store::new_cluster_id(&(&node.addr, node.id))
 }
 
 /// Adds this node as a learner through `through` (AddLearner returns once it has

@@ -11,7 +11,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::{decode_body, open, read_snapshot_file, OpenError, SnapshotFile, SNAPSHOT_FILE};
+use crate::{
+    decode_body, open, read_snapshot_file, NodeId, OpenError, SnapshotBody, SnapshotFile,
+    SNAPSHOT_FILE,
+};
 use ration_core::LedgerConfig;
 
 /// What a snapshot holds.
@@ -96,6 +99,50 @@ pub fn restore(dir: &Path, bytes: &[u8]) -> Result<SnapshotInfo, OpenError> {
     log.db.flush()?;
     drop((log, sm));
     Ok(info)
+}
+
+/// Disaster recovery: builds the data directory of node `id` (serving at `addr`)
+/// as the only voter of a new cluster, from a snapshot of a cluster that is lost.
+///
+/// The ledger and its audit records are the snapshot's, unchanged (the state digest
+/// is preserved); the membership in the snapshot (both its metadata and its body)
+/// is replaced by `{id: addr}` at the same log id; the directory gets a new cluster
+/// id, so nodes of the old cluster can never exchange messages with the new one;
+/// and the node's vote is set to the snapshot's last term, so its first election
+/// is in a later term than every entry it holds. Started without
+/// `--initial-cluster`, the node elects itself; the others join it (`--join`).
+/// Returns what the snapshot holds and the new cluster id.
+pub async fn restore_new_cluster(
+    dir: &Path,
+    bytes: &[u8],
+    id: NodeId,
+    addr: &str,
+) -> Result<(SnapshotInfo, u64), OpenError> {
+    let bad = |reason: String| OpenError::Snapshot { path: dir.join(SNAPSHOT_FILE), reason };
+    if id == 0 {
+        return Err(bad("node id 0 is not allowed".into()));
+    }
+    inspect_snapshot(bytes).map_err(bad)?;
+    let file = SnapshotFile::decode(bytes).map_err(bad)?;
+    let body = SnapshotBody::decode(&file.data).map_err(bad)?;
+    let last = file.meta.last_log_id;
+    let membership = openraft::Membership::new(
+        vec![std::collections::BTreeSet::from([id])],
+        std::collections::BTreeMap::from([(id, openraft::BasicNode::new(addr))]),
+    );
+    let stored = openraft::StoredMembership::new(last, membership);
+    let rewritten = SnapshotFile::new(last, stored, body.ledger, body.audit).encode();
+    let info = restore(dir, &rewritten)?;
+    crate::claim_node_id(dir, id)?;
+    let (mut log, sm, identity) = crate::open_durable(dir, LedgerConfig::default()).await?;
+    let cluster = crate::new_cluster_id(&(dir, id, addr));
+    identity.adopt(cluster).map_err(OpenError::Sled)?;
+    let term = last.map_or(0, |l| l.leader_id.term);
+    openraft::storage::RaftLogStorage::save_vote(&mut log, &openraft::Vote::new(term, id))
+        .await
+        .map_err(|e| OpenError::Io(std::io::Error::other(e.to_string())))?;
+    drop((log, sm));
+    Ok((info, cluster))
 }
 
 /// Bytes in the files under `dir`, recursively (0 if it cannot be read).

@@ -354,6 +354,17 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 }
 
+/// An id no other cluster is likely to have: the time, the process and `salt` (say,
+/// the node's address and id) mixed by a hash. Never 0.
+pub fn new_cluster_id(salt: &impl std::hash::Hash) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::time::SystemTime::now().hash(&mut h);
+    std::process::id().hash(&mut h);
+    salt.hash(&mut h);
+    h.finish().max(1)
+}
+
 /// Which cluster this node belongs to: set by the node that initializes a cluster,
 /// learned (and stored) by the others from the first message that carries it.
 #[derive(Clone, Debug)]

@@ -28,6 +28,17 @@ pub enum SnapshotCmd {
         /// The data directory to create; it must not exist or be empty.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Disaster recovery: make the directory the only voter of a NEW cluster
+        /// (new cluster id, membership of this one node), for when every node of the
+        /// old cluster is lost. Needs --node-id and --addr.
+        #[arg(long, requires_all = ["node_id", "addr"])]
+        new_cluster: bool,
+        /// With --new-cluster: the node id the directory will run as.
+        #[arg(long, requires = "new_cluster")]
+        node_id: Option<u64>,
+        /// With --new-cluster: the address it will serve on, as others dial it.
+        #[arg(long, requires = "new_cluster")]
+        addr: Option<String>,
     },
     /// Check a snapshot file (ledger invariants, audit chain) and describe it.
     Status { file: PathBuf },
@@ -118,7 +129,26 @@ pub async fn run(ctx: &Ctx, cmd: SnapshotCmd, out: &mut dyn Write) -> anyhow::Re
             })?;
             emit(out, ctx.format, &describe_snapshot(&file, size, &info), table)
         }
-        SnapshotCmd::Restore { file, data_dir } => {
+        SnapshotCmd::Restore { file, data_dir, new_cluster: true, node_id, addr } => {
+            let (bytes, _) = read(&file)?;
+            let (id, addr) = (node_id.unwrap_or_default(), addr.unwrap_or_default());
+            let (info, cluster) =
+                ration_store::backup::restore_new_cluster(&data_dir, &bytes, id, &addr)
+                    .await
+                    .with_context(|| format!("restoring into {}", data_dir.display()))?;
+            let d = describe_snapshot(&file, bytes.len() as u64, &info);
+            emit(out, ctx.format, &d, |d| {
+                format!(
+                    "{}restored into {} as node {id} ({addr}), the only voter of new cluster {cluster:016x}:\n\
+                     start it with: rationd --node-id {id} --listen {addr} --data-dir {}\n\
+                     then start each other node on an empty directory with --join {addr} --join-as voter\n",
+                    table(d),
+                    data_dir.display(),
+                    data_dir.display()
+                )
+            })
+        }
+        SnapshotCmd::Restore { file, data_dir, .. } => {
             let (bytes, _) = read(&file)?;
             let info = ration_store::backup::restore(&data_dir, &bytes)
                 .with_context(|| format!("restoring into {}", data_dir.display()))?;

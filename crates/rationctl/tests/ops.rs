@@ -190,6 +190,7 @@ async fn snapshot_restores_into_a_new_node_that_rejoins() {
     cfg.data_dir = dir4;
     cfg.initial_cluster = Vec::new();
     cfg.join = Some(c.addrs[&1].to_string());
+    cfg.join_as = "voter".into();
     let node4 = ration_server::start(cfg, l4).await.unwrap();
     eventually("node 4 is a voter", Duration::from_secs(30), || async {
         let m = ctl_json(&eps, &["member", "list"]).await;
@@ -216,6 +217,100 @@ async fn snapshot_restores_into_a_new_node_that_rejoins() {
     assert_eq!(verified["from_genesis"], true);
     node4.stop().await.unwrap();
     c.shutdown().await;
+}
+
+/// Disaster recovery: every node and its data is lost; a saved snapshot becomes a
+/// new one-node cluster (`snapshot restore --new-cluster`), the others join it as
+/// voters from empty directories, and the ledger is the one that was saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_cluster_is_rebuilt_from_a_snapshot() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader().await;
+    let eps = all(&c);
+    ctl(&eps, &["budget", "set", "acme", "--limit", "tokens=1000/day"]).await.unwrap();
+    for i in 0..4 {
+        spend(c.addrs[&leader], &format!("gw-{i}"), "acme", 50, 20 + i).await;
+    }
+    let backups = tempfile::tempdir().unwrap();
+    let file = backups.path().join("acme.snap");
+    let saved = ctl_json(&eps, &["snapshot", "save", file.to_str().unwrap()]).await;
+    let old_cluster = ration_testkit::status(c.addrs[&1]).await.unwrap().cluster_id;
+    assert_ne!(old_cluster, 0);
+    // Everything is lost: the nodes stop and their directories are deleted (the
+    // cluster's temporary directory goes with it).
+    let lost = c.dir.path().to_owned();
+    c.shutdown().await;
+    assert!(!lost.exists());
+
+    let root = tempfile::tempdir().unwrap();
+    let l1 = inproc::listener().await;
+    let addr1 = l1.local_addr().unwrap();
+    let dir1 = root.path().join("node-1");
+    // Without --node-id and --addr, --new-cluster is refused before anything is written.
+    let err = ctl(
+        &[addr1],
+        &["snapshot", "restore", file.to_str().unwrap(), "--data-dir", "x", "--new-cluster"],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("--node-id") && err.contains("--addr"), "{err}");
+    let restored = ctl_json(
+        &[addr1],
+        &[
+            "snapshot",
+            "restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            dir1.to_str().unwrap(),
+            "--new-cluster",
+            "--node-id",
+            "1",
+            "--addr",
+            &addr1.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(restored["state_digest"], saved["state_digest"]);
+    assert_eq!(restored["members"].as_array().unwrap().len(), 1, "{restored}");
+
+    let start = |id: u64, addr: SocketAddr, dir: std::path::PathBuf, join: Option<String>| {
+        let mut cfg = inproc::config(id, addr, dir, &[]);
+        cfg.join = join;
+        cfg.join_as = "voter".into();
+        cfg
+    };
+    let mut nodes = BTreeMap::new();
+    nodes.insert(1, ration_server::start(start(1, addr1, dir1, None), l1).await.unwrap());
+    assert_eq!(ration_testkit::leader(&[addr1]).await, 1);
+    let s1 = ration_testkit::status(addr1).await.unwrap();
+    assert!(s1.cluster_id != 0 && s1.cluster_id != old_cluster, "{s1:?}");
+    // The ledger is the saved one, audit chain included.
+    let b = ctl_json(&[addr1], &["budget", "get", "acme"]).await;
+    assert_eq!(b["limits"][0]["consumed"], 20 + 21 + 22 + 23);
+    assert_eq!(ctl_json(&[addr1], &["audit", "verify"]).await["from_genesis"], true);
+
+    // Two new nodes join it as voters, from empty directories.
+    let mut addrs = vec![addr1];
+    for id in 2..=3u64 {
+        let l = inproc::listener().await;
+        let addr = l.local_addr().unwrap();
+        let cfg = start(id, addr, root.path().join(format!("node-{id}")), Some(addr1.to_string()));
+        nodes.insert(id, ration_server::start(cfg, l).await.unwrap());
+        addrs.push(addr);
+    }
+    eventually("three voters", Duration::from_secs(60), || async {
+        let m = ctl_json(&[addr1], &["member", "list"]).await;
+        m.as_array().unwrap().iter().filter(|m| m["role"] == "voter").count() == 3
+    })
+    .await;
+    spend(addr1, "gw-after", "acme", 10, 10).await;
+    let statuses = ration_testkit::converged(&addrs, Duration::from_secs(30)).await;
+    assert!(statuses.iter().all(|s| s.cluster_id == s1.cluster_id), "{statuses:?}");
+    let b = ctl_json(&[addrs[2]], &["budget", "get", "acme"]).await;
+    assert_eq!(b["limits"][0]["consumed"], 20 + 21 + 22 + 23 + 10);
+    for (_, n) in nodes {
+        n.stop().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
