@@ -88,12 +88,17 @@ impl Node {
         }
         let unreachable =
             |status| TransferError::Unreachable { id: to, addr: target.addr.clone(), status };
+        // A campaign takes up to CAMPAIGN_DEADLINE: the long-call channels.
         let channel = self
-            .channels
+            .long_calls
             .get(&target.addr)
             .map_err(|e| unreachable(tonic::Status::unavailable(e.to_string())))?;
         let result = ClusterClient::new(channel).campaign(v1::CampaignRequest {}).await;
-        Ok(self.channels.forget_on_failure(&target.addr, result).map_err(unreachable)?.into_inner())
+        Ok(self
+            .long_calls
+            .forget_on_failure(&target.addr, result)
+            .map_err(unreachable)?
+            .into_inner())
     }
 
     /// On the leader: whether member `id` (at `addr`) has the log to within

@@ -39,6 +39,9 @@ pub struct Node {
     pub reader: Reader,
     proposer: Proposer,
     pub channels: Channels,
+    /// Channels for calls that wait on purpose (a learner catching up, a campaign, a
+    /// transfer): their deadline is [`LONG_CALL_TIMEOUT`], not `rpc_timeout_ms`.
+    pub long_calls: Channels,
     pub config: Config,
     /// Which cluster this node belongs to (0 until set or learned).
     pub identity: ration_store::ClusterIdentity,
@@ -71,6 +74,9 @@ pub enum Leader {
     /// No leader is known (an election is under way, or this node is cut off).
     Unknown,
 }
+
+/// Deadline of calls between nodes that wait on purpose (see `Node::long_calls`).
+pub const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A node is ready only with at most this many log entries not yet applied.
 pub const READY_MAX_LAG_ENTRIES: u64 = 100;
@@ -533,6 +539,11 @@ where
     }
     .validate()
     .context("raft configuration")?;
+    let long_calls = Channels::new(
+        channels(LONG_CALL_TIMEOUT),
+        LONG_CALL_TIMEOUT,
+        config.peer_max_message_bytes,
+    );
     let channels = Channels::new(
         channels(config.rpc_timeout()),
         config.rpc_timeout(),
@@ -562,6 +573,7 @@ where
         reader,
         proposer,
         channels,
+        long_calls,
         config: config.clone(),
         identity,
         metrics: node_metrics,

@@ -52,5 +52,21 @@ async fn transfers_are_one_at_a_time_and_only_to_a_caught_up_voter() {
         "{}",
         e.message()
     );
+
+    // A call that waits on purpose survives forwarding: AddLearner through a
+    // follower waits its 5 s for the learner (here never running) and says so,
+    // instead of timing out at the one-second deadline of ordinary forwarded calls.
+    let leader = cluster.leader().await;
+    let follower = cluster.addrs.keys().copied().find(|id| *id != leader && *id != down).unwrap();
+    let nobody = ration_testkit::process::free_addrs(1)[0].to_string();
+    let e = ClusterClient::new(ration_testkit::channel_within(
+        addrs[&follower],
+        std::time::Duration::from_secs(30),
+    ))
+    .add_learner(v1::AddLearnerRequest { id: 9, addr: nobody })
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("has not caught up"), "{}", e.message());
     cluster.shutdown().await;
 }

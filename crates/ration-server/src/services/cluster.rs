@@ -141,8 +141,12 @@ impl v1::cluster_server::Cluster for ClusterService {
         req: Request<v1::AddLearnerRequest>,
     ) -> Result<Response<v1::MembershipReply>, Status> {
         if !self.node.is_leader() {
-            return forward::to_leader(&self.node, req, on_leader!(ClusterClient, add_learner))
-                .await;
+            return forward::long_to_leader(
+                &self.node,
+                req,
+                on_leader!(ClusterClient, add_learner),
+            )
+            .await;
         }
         let r = req.into_inner();
         if r.id == 0 || r.addr.is_empty() {
@@ -185,7 +189,7 @@ impl v1::cluster_server::Cluster for ClusterService {
         req: Request<v1::ChangeMembershipRequest>,
     ) -> Result<Response<v1::MembershipReply>, Status> {
         if !self.node.is_leader() {
-            return forward::to_leader(
+            return forward::long_to_leader(
                 &self.node,
                 req,
                 on_leader!(ClusterClient, change_membership),
@@ -263,8 +267,12 @@ impl v1::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<v1::StatusReply>, Status> {
         // The leader runs transfers (one at a time, with its view of who is caught up).
         if !self.node.is_leader() {
-            return forward::to_leader(&self.node, req, on_leader!(ClusterClient, transfer_leader))
-                .await;
+            return forward::long_to_leader(
+                &self.node,
+                req,
+                on_leader!(ClusterClient, transfer_leader),
+            )
+            .await;
         }
         let to = req.into_inner().to;
         let status = self.node.transfer_leadership(to).await.map_err(IntoStatus::into_status)?;

@@ -68,15 +68,32 @@ where
     C: Client,
     Fut: Future<Output = Result<Response<Rep>, Status>>,
 {
+    forward_on(node, &node.channels, already_forwarded, addr, inner, call).await
+}
+
+/// [`forward`] over `channels` (a call that waits on purpose uses the node's
+/// long-call channels, whose deadline is longer).
+async fn forward_on<C, Req, Rep, Fut>(
+    node: &Node,
+    channels: &crate::network::Channels,
+    already_forwarded: bool,
+    addr: &str,
+    inner: Req,
+    call: impl FnOnce(C, Request<Req>) -> Fut,
+) -> Result<Response<Rep>, Status>
+where
+    C: Client,
+    Fut: Future<Output = Result<Response<Rep>, Status>>,
+{
     if already_forwarded {
         return Err(second_hop());
     }
-    let channel = node.channels.get(addr).map_err(|e| Status::unavailable(e.to_string()))?;
+    let channel = channels.get(addr).map_err(|e| Status::unavailable(e.to_string()))?;
     let client = C::new(channel, node.config.max_message_bytes);
     let mut req = Request::new(inner);
     req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
     let result = call(client, req).await;
-    node.channels.forget_on_failure(addr, result)
+    channels.forget_on_failure(addr, result)
 }
 
 /// [`forward`] to the leader this node knows.
@@ -94,4 +111,22 @@ where
     }
     let addr = leader_addr(node)?;
     forward(node, false, &addr, req.into_inner(), call).await
+}
+
+/// [`to_leader`] for a call that waits on purpose (a learner catching up, a
+/// transfer): over the long-call channels.
+pub(super) async fn long_to_leader<C, Req, Rep, Fut>(
+    node: &Node,
+    req: Request<Req>,
+    call: impl FnOnce(C, Request<Req>) -> Fut,
+) -> Result<Response<Rep>, Status>
+where
+    C: Client,
+    Fut: Future<Output = Result<Response<Rep>, Status>>,
+{
+    if was_forwarded(&req) {
+        return Err(second_hop());
+    }
+    let addr = leader_addr(node)?;
+    forward_on(node, &node.long_calls, false, &addr, req.into_inner(), call).await
 }
