@@ -9,14 +9,18 @@ use ration_proto::v1::{self, cluster_client::ClusterClient};
 
 use crate::{Leader, Node, NodeId};
 
-/// How long the other voters hold off elections while the target campaigns.
-pub(crate) const TRANSFER_PAUSE: Duration = Duration::from_millis(3000);
+/// How long the other voters hold off elections while the target campaigns,
+/// beyond openraft's leader lease (`election_timeout_max_ms`: a follower refuses to
+/// vote until that long after it last heard from the leader).
+const TRANSFER_PAUSE_MARGIN: Duration = Duration::from_millis(2000);
 /// Longest pause a `PauseElections` call may ask for.
 pub(crate) const MAX_PAUSE: Duration = Duration::from_millis(10_000);
+/// How long a transfer waits for its target to hold the leader's whole log.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(3);
 /// How long a campaigning node keeps trying to win.
 const CAMPAIGN_DEADLINE: Duration = Duration::from_secs(8);
-/// Between two election attempts of a campaign.
-const CAMPAIGN_RETRY: Duration = Duration::from_millis(150);
+/// How often a campaigning node looks at how its election goes.
+const CAMPAIGN_POLL: Duration = Duration::from_millis(20);
 
 /// Why leadership did not move.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,22 @@ pub(crate) enum TransferError {
     /// The target's own answer (or failure) to `Campaign`.
     #[error(transparent)]
     Target(#[from] tonic::Status),
+}
+
+/// Sets a flag for as long as it lives.
+struct Quiet<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Quiet<'a> {
+    fn new(flag: &'a std::sync::atomic::AtomicBool) -> Self {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+        Self(flag)
+    }
+}
+
+impl Drop for Quiet<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Node {
@@ -71,7 +91,19 @@ impl Node {
         if to != self.id {
             self.caught_up(to, &target.addr)?;
         }
-        let pause = u64::try_from(TRANSFER_PAUSE.as_millis()).unwrap_or(u64::MAX);
+        // From here until the campaign ends this leader proposes nothing: log
+        // replication would renew its followers' leases as heartbeats do, and they
+        // would never vote for the target while writes flow.
+        let _quiet = Quiet::new(&self.transferring);
+        if to != self.id {
+            // Then the target must hold the leader's whole log: a candidate with a
+            // shorter log than the others' is refused by them, and its higher term
+            // would still depose this leader, leaving nobody to lead.
+            self.fully_replicated(to, &target.addr).await?;
+        }
+        let lease = Duration::from_millis(self.config.election_timeout_max_ms);
+        let pause = u64::try_from((lease + TRANSFER_PAUSE_MARGIN).min(MAX_PAUSE).as_millis())
+            .unwrap_or(u64::MAX);
         for m in members.iter().filter(|m| m.voter && m.id != to) {
             let paused = match self.channels.get(&m.addr) {
                 Ok(ch) => {
@@ -85,6 +117,10 @@ impl Node {
             if let Err(e) = paused {
                 tracing::warn!(node = m.id, "could not pause elections for a leader transfer: {e}");
             }
+        }
+        if to != self.id {
+            // Again, in case a proposal slipped in while the others were paused.
+            self.fully_replicated(to, &target.addr).await?;
         }
         let unreachable =
             |status| TransferError::Unreachable { id: to, addr: target.addr.clone(), status };
@@ -116,17 +152,79 @@ impl Node {
         Ok(())
     }
 
+    /// On the leader, with new proposals refused: waits (up to [`CATCH_UP_DEADLINE`])
+    /// until the proposals already accepted are answered and member `id` has every
+    /// entry of the leader's log.
+    async fn fully_replicated(&self, id: NodeId, addr: &str) -> Result<(), TransferError> {
+        let deadline = tokio::time::Instant::now() + CATCH_UP_DEADLINE;
+        loop {
+            let behind = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                let last = m.last_log_index.unwrap_or(0);
+                let matched = m.replication.as_ref().and_then(|r| r.get(&id).copied().flatten());
+                last.saturating_sub(matched.map_or(0, |l| l.index))
+            };
+            if behind == 0 && self.proposer_idle() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(TransferError::Lagging { id, addr: addr.to_owned(), behind });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Triggers elections here until this node leads, for at most a few seconds.
     pub(crate) async fn campaign(&self) -> Result<(), TransferError> {
+        use openraft::ServerState;
         let deadline = tokio::time::Instant::now() + CAMPAIGN_DEADLINE;
-        while self.leader() != Leader::Me {
-            if tokio::time::Instant::now() > deadline {
+        let first = match self.leader() {
+            Leader::Other { id, .. } => Some(id),
+            _ => None,
+        };
+        // One election at a time: triggering another while votes are in flight
+        // raises the term again and makes every answer to the last one stale (on a
+        // loaded machine, where persisting a vote takes a while, none ever counts).
+        // Elect again only once this node is not a candidate any more, or after an
+        // election timeout as one (its own timer may be paused).
+        let patience = Duration::from_millis(self.config.election_timeout_max_ms);
+        let mut last: Option<tokio::time::Instant> = None;
+        loop {
+            match self.leader() {
+                Leader::Me => break,
+                // Another node won in the meantime: campaigning on would only
+                // depose it.
+                Leader::Other { id, .. } if Some(id) != first && id != self.id => {
+                    return Err(TransferError::Raft(format!("node {id} took leadership first")));
+                }
+                _ => {}
+            }
+            let now = tokio::time::Instant::now();
+            if now > deadline {
                 return Err(TransferError::CampaignTimedOut);
             }
-            self.raft.trigger().elect().await.map_err(|e| TransferError::Raft(e.to_string()))?;
-            tokio::time::sleep(CAMPAIGN_RETRY).await;
+            let candidate = self.raft.metrics().borrow().state == ServerState::Candidate;
+            if last.is_none_or(|t| !candidate || now.duration_since(t) >= patience) {
+                self.raft
+                    .trigger()
+                    .elect()
+                    .await
+                    .map_err(|e| TransferError::Raft(e.to_string()))?;
+                last = Some(now);
+            }
+            tokio::time::sleep(CAMPAIGN_POLL).await;
         }
+        // A new leader that was paused by an earlier transfer sends heartbeats now.
+        self.resume_elections();
         Ok(())
+    }
+
+    /// Ends any pause of this node's elections and heartbeats at once.
+    fn resume_elections(&self) {
+        *self.paused_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.raft.runtime_config().elect(true);
+        self.raft.runtime_config().heartbeat(true);
     }
 
     /// Stops this node from starting elections (and, leading, from sending
@@ -135,13 +233,25 @@ impl Node {
         if ms == 0 || Duration::from_millis(ms) > MAX_PAUSE {
             return Err(TransferError::BadPause(ms));
         }
+        // Pauses overlap when transfers follow each other: the pause ends at the
+        // latest deadline asked for, not when the first timer fires.
+        let until = tokio::time::Instant::now() + Duration::from_millis(ms);
+        {
+            let mut paused = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+            *paused = Some(paused.map_or(until, |p| p.max(until)));
+        }
+        self.raft.runtime_config().elect(false);
+        self.raft.runtime_config().heartbeat(false);
         let raft = self.raft.clone();
-        raft.runtime_config().elect(false);
-        raft.runtime_config().heartbeat(false);
+        let paused = self.paused_until.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            raft.runtime_config().elect(true);
-            raft.runtime_config().heartbeat(true);
+            tokio::time::sleep_until(until).await;
+            let mut p = paused.lock().unwrap_or_else(|p| p.into_inner());
+            if p.is_some_and(|p| p <= tokio::time::Instant::now()) {
+                *p = None;
+                raft.runtime_config().elect(true);
+                raft.runtime_config().heartbeat(true);
+            }
         });
         Ok(())
     }

@@ -50,6 +50,12 @@ pub struct Node {
     pub wal: Option<Arc<ration_store::wal::WalStats>>,
     /// Held while this node runs a leadership transfer: one at a time.
     transfer: tokio::sync::Mutex<()>,
+    /// Set while this leader hands leadership over: it proposes nothing (no writes,
+    /// no ticks), so its followers' leader leases run out and they vote.
+    transferring: std::sync::atomic::AtomicBool,
+    /// When this node's elections (and heartbeats) resume, while paused for a
+    /// leadership transfer.
+    paused_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     /// Where `GET /metrics` is served (None when `metrics_listen` is off).
     pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -142,9 +148,17 @@ impl Node {
     /// Proposes commands together (in one entry, in order) if this node leads, or
     /// says where the leader is. With no leader known it proposes anyway, and
     /// openraft's answer decides.
+    /// Whether this node's proposer has nothing queued or in flight.
+    pub(crate) fn proposer_idle(&self) -> bool {
+        self.proposer.idle()
+    }
+
     pub async fn route(&self, commands: Vec<Command>) -> Result<Routed, ProposeError> {
         if let Leader::Other { addr, .. } = self.leader() {
             return Ok(Routed::Forward(addr));
+        }
+        if self.transferring.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ProposeError::Transferring);
         }
         match self.proposer.propose(commands).await {
             Ok(outcomes) => Ok(Routed::Done(outcomes)),
@@ -579,6 +593,8 @@ where
         metrics: node_metrics,
         wal,
         transfer: tokio::sync::Mutex::new(()),
+        transferring: std::sync::atomic::AtomicBool::new(false),
+        paused_until: Arc::new(std::sync::Mutex::new(None)),
         metrics_addr: std::sync::OnceLock::new(),
     });
 
@@ -755,7 +771,7 @@ async fn ticker(node: std::sync::Weak<Node>, every_ms: u64) {
         if node.raft.metrics().borrow().state == ServerState::Shutdown {
             return;
         }
-        if node.is_leader() {
+        if node.is_leader() && !node.transferring.load(std::sync::atomic::Ordering::Acquire) {
             if let Err(e) = node.proposer.propose(vec![Command::Tick]).await {
                 tracing::debug!("tick not proposed: {e}");
             }

@@ -48,6 +48,10 @@ pub enum ProposeError {
     Overloaded(usize),
     #[error("the node is shutting down")]
     Shutdown,
+    /// The leader is handing leadership over: it takes no writes meanwhile, so that
+    /// its followers stop hearing from it and vote for the new leader.
+    #[error("leadership is moving to another node; retry shortly")]
+    Transferring,
     /// The command may or may not have been committed: retry with the same request id.
     #[error("outcome unknown ({0}); retry with the same request id")]
     Unknown(String),
@@ -95,6 +99,11 @@ impl Proposer {
 
     /// Proposes commands together (in one entry, in order) and waits for their
     /// outcomes: exactly one per command, in the same order.
+    /// Whether nothing is queued or in flight (every accepted command answered).
+    pub fn idle(&self) -> bool {
+        self.room.available_permits() == self.queue
+    }
+
     pub async fn propose(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
         let bytes = commands.iter().map(estimate_bytes).sum();
         let n = u32::try_from(commands.len()).unwrap_or(u32::MAX);

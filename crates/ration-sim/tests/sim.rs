@@ -177,6 +177,28 @@ fn issue_10_seeds_pass() {
     assert!(shared >= 1, "no term had two leaders in the pinned seeds any more");
 }
 
+/// Lists the seeds in `RATION_SIM_SCAN` (`first..end`) whose run, with the fault mix
+/// of `issue_10_seeds_pass`, had a term with two leaders: for re-pinning those
+/// seeds when a change moves the schedules (`cargo test --release -p ration-sim
+/// --test sim scan_two_leader_seeds -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn scan_two_leader_seeds() {
+    let range = std::env::var("RATION_SIM_SCAN").unwrap_or_else(|_| "41000..41500".into());
+    let (a, b) = range.split_once("..").expect("RATION_SIM_SCAN is first..end");
+    let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+    for seed in a..b {
+        let cfg = SimConfig { disk_failures: false, wal: false, ..SimConfig::new(seed) };
+        match run(&cfg) {
+            Ok(r) if r.shared_terms > 0 => {
+                eprintln!("seed {seed}: {} shared terms", r.shared_terms)
+            }
+            Ok(_) => {}
+            Err(f) => eprintln!("seed {seed} FAILED: {f}"),
+        }
+    }
+}
+
 #[test]
 fn scenario_higher_vote_during_a_slow_purge() {
     let r = scenario::higher_vote_during_a_slow_purge().unwrap_or_else(|e| panic!("{e}"));

@@ -104,7 +104,7 @@ impl IntoStatus for ProposeError {
             ProposeError::Overloaded(_) => {
                 ration_proto::rpc::overloaded(self.to_string(), OVERLOAD_RETRY_AFTER)
             }
-            ProposeError::Shutdown | ProposeError::Unknown(_) => {
+            ProposeError::Shutdown | ProposeError::Unknown(_) | ProposeError::Transferring => {
                 Status::unavailable(self.to_string())
             }
         }
