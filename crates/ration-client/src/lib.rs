@@ -23,6 +23,8 @@ pub mod counters {
     pub const DENIED: &str = "ration_client_denied_total";
     pub const REFILLS: &str = "ration_client_refill_rounds_total";
     pub const FAILOVERS: &str = "ration_client_unanswered_rounds_total";
+    /// Outages begun: no member answered for `outage_after`; reserves became spendable.
+    pub const OUTAGES: &str = "ration_client_outages_total";
 }
 
 /// A gateway's allowances by (budget path, unit), and its clock.

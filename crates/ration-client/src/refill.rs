@@ -11,7 +11,14 @@
 //!
 //! When the cluster cannot be reached, gateways spend what their leases hold until
 //! the local deadlines, then follow the budget's policy: refuse (fail closed, the
-//! default), or spend a declared static allowance once per outage. Never unlimited.
+//! default), or spend an emergency reserve (a budget whose every limit in the unit,
+//! along its ancestor chain, declares `static=`). The reserve is real allowance: a
+//! lease of the smallest declared amount, acquired and renewed while the cluster
+//! answers (so it counts in the ledger's outstanding and is audited), spendable only
+//! during an outage (no answer from any member for `outage_after`, transport
+//! failures only) and only until the lease's own local deadline, and released with
+//! what was spent when contact returns (or charged whole by expiry if the gateway
+//! never comes back). Never more than the cap, never unlimited.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +48,9 @@ pub struct SdkConfig {
     pub initial_request: u64,
     /// The most one acquire asks for.
     pub max_request: u64,
+    /// How long without an answer from any member counts as an outage, when a
+    /// budget's emergency reserve may be spent.
+    pub outage_after: Duration,
 }
 
 /// Weight of the newest round's demand in the demand rate (an EWMA per round).
@@ -67,6 +77,8 @@ pub mod defaults {
     pub const INITIAL_REQUEST: u64 = 100;
     /// The most one acquire asks for (units).
     pub const MAX_REQUEST: u64 = 1 << 40;
+    /// No answer from any member for this long is an outage.
+    pub const OUTAGE_AFTER: Duration = Duration::from_secs(2);
 }
 
 impl SdkConfig {
@@ -86,6 +98,7 @@ impl SdkConfig {
             horizon: defaults::HORIZON,
             initial_request: defaults::INITIAL_REQUEST,
             max_request: defaults::MAX_REQUEST,
+            outage_after: defaults::OUTAGE_AFTER,
         }
     }
 }
@@ -116,9 +129,18 @@ struct Tracked {
     denied_seen: u64,
     rate_per_s: f64,
     policy: Option<Unreachable>,
-    /// The static-allowance slot of the current outage.
-    static_slot: Option<(usize, u64)>,
-    static_used: bool,
+    /// The emergency reserve lease, if the policy asks for one and it is held.
+    reserve: Option<ReserveLease>,
+}
+
+/// A lease held back for outages: not spendable until installed.
+#[derive(Debug)]
+struct ReserveLease {
+    lease_id: u64,
+    granted: u64,
+    deadline_ms: u64,
+    /// Its slot in the allowance while an outage lets it be spent.
+    installed: Option<(usize, u64)>,
 }
 
 /// A request sent and not yet answered: re-sent as is.
@@ -127,6 +149,8 @@ struct Pending {
     op: BatchOp,
     key: (String, String),
     sent_at_ms: u64,
+    /// An acquire of the emergency reserve (not installed when granted).
+    reserve: bool,
 }
 
 /// The gateway SDK: local admission plus background refill.
@@ -138,12 +162,17 @@ pub struct Sdk {
     tracked: Mutex<BTreeMap<(String, String), Tracked>>,
     pending: Mutex<Vec<Pending>>,
     ops_sent: std::sync::atomic::AtomicU64,
+    /// Local time of the last answer from the cluster (start time before any).
+    last_answer_ms: std::sync::atomic::AtomicU64,
+    /// Whether reserves are installed (an outage is under way).
+    in_outage: std::sync::atomic::AtomicBool,
 }
 
 impl Sdk {
     /// Starts the SDK and its refill task (on the current tokio runtime).
     pub fn start(config: SdkConfig, clock: Arc<CoarseClock>) -> Result<Arc<Self>, ClusterError> {
         let cluster = Arc::new(Cluster::new(config.cluster.clone())?);
+        let started = clock.now_ms();
         let sdk = Arc::new(Self {
             gateway: Gateway::new(clock),
             cluster,
@@ -151,6 +180,8 @@ impl Sdk {
             tracked: Mutex::new(BTreeMap::new()),
             pending: Mutex::new(Vec::new()),
             ops_sent: std::sync::atomic::AtomicU64::new(0),
+            last_answer_ms: std::sync::atomic::AtomicU64::new(started),
+            in_outage: std::sync::atomic::AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&sdk);
         let every = sdk.config.refresh;
@@ -182,8 +213,7 @@ impl Sdk {
             denied_seen: 0,
             rate_per_s: 0.0,
             policy: None,
-            static_slot: None,
-            static_used: false,
+            reserve: None,
         });
         handle
     }
@@ -206,9 +236,12 @@ impl Sdk {
         // An acquire still waiting for its answer is re-sent, not doubled.
         let resent: std::collections::BTreeSet<(String, String)> = ops
             .iter()
-            .filter(|p| matches!(p.op.op, Some(Op::Acquire(_))))
+            .filter(|p| !p.reserve && matches!(p.op.op, Some(Op::Acquire(_))))
             .map(|p| p.key.clone())
             .collect();
+        let reserve_resent: std::collections::BTreeSet<(String, String)> =
+            ops.iter().filter(|p| p.reserve).map(|p| p.key.clone()).collect();
+        let outage = self.in_outage.load(std::sync::atomic::Ordering::Acquire);
         let policies_needed: Vec<(String, String)>;
         {
             let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
@@ -230,6 +263,7 @@ impl Sdk {
                             op: release(&self.cluster, held.lease_id, spent),
                             key: key.clone(),
                             sent_at_ms: now,
+                            reserve: false,
                         });
                     } else {
                         live_spent += held.granted.saturating_sub(st.remaining);
@@ -277,6 +311,7 @@ impl Sdk {
                         op: release(&self.cluster, lease.lease_id, spent),
                         key: key.clone(),
                         sent_at_ms: now,
+                        reserve: false,
                     });
                 }
                 let free_slot = t.allowance.slots().iter().any(|s| s.deadline_ms == 0);
@@ -295,7 +330,48 @@ impl Sdk {
                         },
                         key: key.clone(),
                         sent_at_ms: now,
+                        reserve: false,
                     });
+                }
+                // The emergency reserve: held (not spendable) while the cluster
+                // answers, renewed once half its validity is gone, returned when the
+                // policy no longer asks for it. Left alone during an outage.
+                if !outage {
+                    let wanted = match t.policy {
+                        Some(Unreachable::StaticAllowance(units)) if units > 0 => units,
+                        _ => 0,
+                    };
+                    let stale = t.reserve.as_ref().is_some_and(|r| {
+                        r.granted != wanted || now.saturating_add(ttl_ms / 2) >= r.deadline_ms
+                    });
+                    if stale {
+                        if let Some(r) = t.reserve.take() {
+                            ops.push(Pending {
+                                op: release(&self.cluster, r.lease_id, 0),
+                                key: key.clone(),
+                                sent_at_ms: now,
+                                reserve: false,
+                            });
+                        }
+                    }
+                    if wanted > 0 && t.reserve.is_none() && !reserve_resent.contains(key) {
+                        let units = i64::try_from(wanted).unwrap_or(i64::MAX);
+                        ops.push(Pending {
+                            op: BatchOp {
+                                op: Some(Op::Acquire(v1::AcquireRequest {
+                                    meta: self.cluster.meta(),
+                                    budget: key.0.clone(),
+                                    unit: key.1.clone(),
+                                    wanted: units,
+                                    min: units,
+                                    ttl_ms: i64::try_from(ttl_ms).unwrap_or(i64::MAX),
+                                })),
+                            },
+                            key: key.clone(),
+                            sent_at_ms: now,
+                            reserve: true,
+                        });
+                    }
                 }
             }
             policies_needed = tracked
@@ -315,14 +391,24 @@ impl Sdk {
         self.ops_sent.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         match self.cluster.batch(batch).await {
             Ok(results) => {
-                self.end_outage();
+                let answered = self.gateway.clock().now_ms();
+                self.last_answer_ms.store(answered, std::sync::atomic::Ordering::Release);
                 self.apply_results(ops, results, ttl_ms);
+                self.end_outage(answered);
             }
             Err(e) => {
                 tracing::warn!("refill round got no answer: {e}");
                 metrics::counter!(counters::FAILOVERS).increment(1);
                 *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = ops;
-                self.start_outage(now);
+                // Only silence counts as an outage: a refusal is an answer.
+                let silent_ms =
+                    self.gateway.clock().now_ms().saturating_sub(
+                        self.last_answer_ms.load(std::sync::atomic::Ordering::Acquire),
+                    );
+                let outage_ms = u64::try_from(self.config.outage_after.as_millis()).unwrap_or(0);
+                if matches!(e, ClusterError::Unreachable { .. }) && silent_ms >= outage_ms {
+                    self.start_outage();
+                }
             }
         }
     }
@@ -342,6 +428,25 @@ impl Sdk {
             // validity the ledger granted (the ttl asked for, cut at the window's end).
             let granted_ttl = u64::try_from(lease.ttl_ms).unwrap_or(0).min(ttl_ms);
             let deadline = p.sent_at_ms.saturating_add(granted_ttl.saturating_sub(margin_ms));
+            if p.reserve {
+                let lease = ReserveLease {
+                    lease_id: lease.lease_id,
+                    granted,
+                    deadline_ms: deadline,
+                    installed: None,
+                };
+                // One reserve at a time: a second (an answer to a re-sent acquire
+                // after a renewal) goes back at once.
+                match t.reserve {
+                    None => t.reserve = Some(lease),
+                    Some(_) => leftovers.push(Pending {
+                        op: release(&self.cluster, lease.lease_id, 0),
+                        reserve: false,
+                        ..p
+                    }),
+                }
+                continue;
+            }
             match t.allowance.install(granted, deadline) {
                 Some(st) => t.leases.push(Held {
                     lease_id: lease.lease_id,
@@ -351,9 +456,11 @@ impl Sdk {
                     deadline_ms: deadline,
                 }),
                 // No room (cannot happen with one acquire in flight): give it back.
-                None => {
-                    leftovers.push(Pending { op: release(&self.cluster, lease.lease_id, 0), ..p })
-                }
+                None => leftovers.push(Pending {
+                    op: release(&self.cluster, lease.lease_id, 0),
+                    reserve: false,
+                    ..p
+                }),
             }
         }
         drop(tracked);
@@ -362,51 +469,90 @@ impl Sdk {
         }
     }
 
-    /// Reads the budget's policy for this unit (fail closed unless it declares a
-    /// static allowance); unknown until the cluster answers, which means fail closed.
+    /// Reads the policy for this budget and unit: the strictest along its ancestor
+    /// chain and across its limits in the unit. Any limit in the unit without
+    /// `static=` fails closed; otherwise the smallest declared amount. Unknown until
+    /// the cluster answers for every budget of the chain, which means fail closed.
     async fn learn_policy(&self, key: &(String, String)) {
-        let Some(budget) = self.cluster.get_budget(&key.0).await else { return };
-        let policy = budget
-            .limits
-            .iter()
-            .filter_map(|l| l.limit.as_ref())
-            .filter(|l| l.unit == key.1)
-            .filter_map(|l| l.static_allowance)
-            .map(|a| Unreachable::StaticAllowance(u64::try_from(a).unwrap_or(0)))
-            .min_by_key(|p| match p {
-                Unreachable::StaticAllowance(a) => *a,
-                Unreachable::FailClosed => 0,
-            })
-            .unwrap_or(Unreachable::FailClosed);
+        let mut chain = Vec::new();
+        let mut at = 0;
+        while let Some(i) = key.0[at..].find('/') {
+            chain.push(&key.0[..at + i]);
+            at += i + 1;
+        }
+        chain.push(&key.0[..]);
+        let mut smallest: Option<u64> = None;
+        let mut closed = false;
+        for path in chain {
+            let Some(budget) = self.cluster.get_budget(path).await else { return };
+            for l in budget.limits.iter().filter_map(|l| l.limit.as_ref()) {
+                if l.unit != key.1 {
+                    continue;
+                }
+                match l.static_allowance.and_then(|a| u64::try_from(a).ok()) {
+                    Some(a) => smallest = Some(smallest.map_or(a, |s| s.min(a))),
+                    None => closed = true,
+                }
+            }
+        }
+        let policy = match smallest {
+            Some(a) if !closed => Unreachable::StaticAllowance(a),
+            _ => Unreachable::FailClosed,
+        };
         if let Some(t) = self.tracked.lock().unwrap_or_else(|p| p.into_inner()).get_mut(key) {
             t.policy = Some(policy);
         }
     }
 
-    /// The cluster did not answer: allowances whose leases are spent and whose
-    /// budget declares a static allowance get it, once per outage.
-    fn start_outage(&self, now: u64) {
+    /// No member has answered for `outage_after`: each reserve held becomes
+    /// spendable, until its own lease's local deadline (after which the ledger has
+    /// charged it by expiry).
+    fn start_outage(&self) {
+        if self.in_outage.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!("no answer from the cluster: emergency reserves may be spent");
+        metrics::counter!(counters::OUTAGES).increment(1);
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         for t in tracked.values_mut() {
-            if let Some(Unreachable::StaticAllowance(units)) = t.policy {
-                if !t.static_used && t.allowance.available(now) == 0 {
-                    if let Some(st) = t.allowance.install(units, u64::MAX) {
-                        t.static_slot = Some((st.slot, st.generation));
-                        t.static_used = true;
-                    }
+            if let Some(r) = t.reserve.as_mut().filter(|r| r.installed.is_none()) {
+                if let Some(st) = t.allowance.install(r.granted, r.deadline_ms) {
+                    r.installed = Some((st.slot, st.generation));
                 }
             }
         }
     }
 
-    fn end_outage(&self) {
-        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-        for t in tracked.values_mut() {
-            if let Some((slot, generation)) = t.static_slot.take() {
-                t.allowance.retire(slot, generation);
-            }
-            t.static_used = false;
+    /// The cluster answered again: every reserve that was spendable is withdrawn
+    /// and released with what was spent from it (the ledger records it as
+    /// consumption); a new reserve is acquired next round.
+    fn end_outage(&self, now: u64) {
+        if !self.in_outage.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return;
         }
+        let mut releases = Vec::new();
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, t) in tracked.iter_mut() {
+            let Some(r) = t.reserve.take_if(|r| r.installed.is_some()) else { continue };
+            let (slot, generation) = r.installed.unwrap_or_default();
+            let left = t.allowance.retire(slot, generation).unwrap_or(0);
+            let spent = r.granted.saturating_sub(left);
+            t.spent_retired += spent;
+            if spent > 0 {
+                tracing::warn!(
+                    budget = %key.0, unit = %key.1, spent,
+                    "spent from the emergency reserve during the outage; reporting it"
+                );
+            }
+            releases.push(Pending {
+                op: release(&self.cluster, r.lease_id, spent),
+                key: key.clone(),
+                sent_at_ms: now,
+                reserve: false,
+            });
+        }
+        drop(tracked);
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(releases);
     }
 
     /// Ledger operations (acquires and releases) this SDK has sent: its write load
@@ -430,6 +576,15 @@ impl Sdk {
         {
             let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
             for t in tracked.values_mut() {
+                if let Some(r) = t.reserve.take() {
+                    let spent = match r.installed {
+                        Some((slot, generation)) => r
+                            .granted
+                            .saturating_sub(t.allowance.retire(slot, generation).unwrap_or(0)),
+                        None => 0,
+                    };
+                    ops.push(release(&self.cluster, r.lease_id, spent));
+                }
                 for held in t.leases.drain(..) {
                     let left = t.allowance.retire(held.slot, held.generation).unwrap_or(0);
                     ops.push(release(

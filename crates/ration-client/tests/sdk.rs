@@ -230,8 +230,12 @@ async fn with_the_cluster_down_gateways_spend_their_leases_then_follow_the_polic
         async move { ok }
     })
     .await;
-    // Give the policy lookup a round.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The emergency reserve is real allowance: a lease of the declared 50 units,
+    // outstanding in the ledger beside the leases held, before any outage.
+    eventually("the reserve is held", Duration::from_secs(20), || async {
+        consumed(addr, "static").await.1 >= 50 + fixed.allowance().available(clock_now(&s)) as i64
+    })
+    .await;
 
     for id in [1, 2, 3] {
         cluster.stop(id).await;
@@ -245,7 +249,7 @@ async fn with_the_cluster_down_gateways_spend_their_leases_then_follow_the_polic
     assert_eq!(spent, held_closed, "the leases held are spent, and nothing more");
     let mut spent_static = 0;
     let deadline = Instant::now() + Duration::from_secs(15);
-    // The static allowance arrives with the first unanswered round after the leases run out.
+    // The reserve becomes spendable once no member has answered for `outage_after`.
     while Instant::now() < deadline && spent_static < held_static + 50 {
         if fixed.try_spend(1) {
             spent_static += 1;
@@ -268,6 +272,13 @@ async fn with_the_cluster_down_gateways_spend_their_leases_then_follow_the_polic
     eventually("admission resumes once the cluster is back", Duration::from_secs(60), || {
         let ok = closed.try_spend(1);
         async move { ok }
+    })
+    .await;
+    // What the gateway admitted from the static budget (its leases, then the
+    // reserve) is exactly what the ledger counts as consumed once it reports back.
+    let addr = cluster.addrs[&cluster.leader().await];
+    eventually("the reserve's spend is reported", Duration::from_secs(30), || async {
+        consumed(addr, "static").await.0 == spent_static as i64
     })
     .await;
     cluster.shutdown().await;

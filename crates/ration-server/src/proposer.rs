@@ -135,6 +135,50 @@ fn estimate_bytes(c: &Command) -> usize {
         }
 }
 
+/// Writes one entry; None if abandoned. On a leader, the write is abandoned (its callers get
+/// `Unknown`: retrying with the same request id is safe) once this node stops
+/// leading or its term changes: openraft answers a write only when its log index is
+/// applied or truncated, and an entry replaced by a snapshot from the next leader is
+/// neither, so waiting on it would stall this proposer (and every later write)
+/// forever, even after this node leads again.
+async fn write(
+    raft: &Raft<TypeConfig>,
+    entry: Entry,
+) -> Option<
+    Result<
+        openraft::raft::ClientWriteResponse<TypeConfig>,
+        RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>,
+    >,
+> {
+    let mut metrics = raft.metrics();
+    let (leading, term) = {
+        let m = metrics.borrow_and_update();
+        (m.state == openraft::ServerState::Leader, m.current_term)
+    };
+    if !leading {
+        // Not leading: openraft answers at once (ForwardToLeader, with a hint).
+        return Some(raft.client_write(entry).await);
+    }
+    let deposed = async move {
+        loop {
+            let still = {
+                let m = metrics.borrow_and_update();
+                m.state == openraft::ServerState::Leader && m.current_term == term
+            };
+            if !still {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        written = raft.client_write(entry) => Some(written),
+        () = deposed => None,
+    }
+}
+
 async fn run(
     raft: Raft<TypeConfig>,
     clock: Arc<dyn Clock>,
@@ -177,7 +221,16 @@ async fn run(
             .map(|c| matches!(c, Command::Request(r) if matches!(r.op, Op::Acquire(_))))
             .collect();
         let entry = Entry::V1(Batch { time_ms: clock.now_ms(), commands });
-        match raft.client_write(entry).await {
+        let Some(written) = write(&raft, entry).await else {
+            let err = ProposeError::Unknown(
+                "leadership changed while the write was in flight".to_owned(),
+            );
+            for (_, reply) in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+            continue;
+        };
+        match written {
             // The ledger answers every command of an entry, in order: anything else
             // would hand callers each other's outcomes, so it fails them all.
             Ok(written) if written.data.outcomes.len() != acquires.len() => {
