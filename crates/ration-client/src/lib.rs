@@ -25,6 +25,8 @@ pub mod counters {
     pub const FAILOVERS: &str = "ration_client_unanswered_rounds_total";
     /// Outages begun: no member answered for `outage_after`; reserves became spendable.
     pub const OUTAGES: &str = "ration_client_outages_total";
+    /// Keys put in quarantine: the ledger refused their acquires as invalid.
+    pub const QUARANTINED: &str = "ration_client_quarantined_keys_total";
 }
 
 /// A gateway's allowances by (budget path, unit), and its clock.

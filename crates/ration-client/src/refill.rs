@@ -131,7 +131,13 @@ struct Tracked {
     policy: Option<Unreachable>,
     /// The emergency reserve lease, if the policy asks for one and it is held.
     reserve: Option<ReserveLease>,
+    /// Until when (local ms) no acquire is sent for this key: the ledger refused
+    /// one as invalid (or its budget does not exist). Every other key refills.
+    quarantined_until: u64,
 }
+
+/// How long a key whose acquire the ledger refused waits before trying again.
+const QUARANTINE: Duration = Duration::from_secs(30);
 
 /// A lease held back for outages: not spendable until installed.
 #[derive(Debug)]
@@ -214,6 +220,7 @@ impl Sdk {
             rate_per_s: 0.0,
             policy: None,
             reserve: None,
+            quarantined_until: 0,
         });
         handle
     }
@@ -315,7 +322,8 @@ impl Sdk {
                     });
                 }
                 let free_slot = t.allowance.slots().iter().any(|s| s.deadline_ms == 0);
-                if held < target / 2 + 1 && free_slot && !resent.contains(key) {
+                let quarantined = now < t.quarantined_until;
+                if held < target / 2 + 1 && free_slot && !resent.contains(key) && !quarantined {
                     let want = target.saturating_sub(held).max(1);
                     ops.push(Pending {
                         op: BatchOp {
@@ -354,7 +362,11 @@ impl Sdk {
                             });
                         }
                     }
-                    if wanted > 0 && t.reserve.is_none() && !reserve_resent.contains(key) {
+                    if wanted > 0
+                        && t.reserve.is_none()
+                        && !reserve_resent.contains(key)
+                        && !quarantined
+                    {
                         let units = i64::try_from(wanted).unwrap_or(i64::MAX);
                         ops.push(Pending {
                             op: BatchOp {
@@ -383,45 +395,100 @@ impl Sdk {
         for key in policies_needed {
             self.learn_policy(&key).await;
         }
+        // An acquire the ledger would refuse as malformed (a bad budget name or
+        // unit) is not sent: its key is quarantined, the others refill.
+        ops.retain(|p| match &p.op.op {
+            Some(Op::Acquire(a)) => match ration_proto::convert::to_core::acquire(a) {
+                Ok(_) => true,
+                Err(e) => {
+                    self.quarantine(&p.key, now, e.message());
+                    false
+                }
+            },
+            _ => true,
+        });
         if ops.is_empty() {
             return;
         }
-        let batch: Vec<BatchOp> = ops.iter().map(|p| p.op.clone()).collect();
         metrics::counter!(counters::REFILLS).increment(1);
-        self.ops_sent.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        match self.cluster.batch(batch).await {
-            Ok(results) => {
-                let answered = self.gateway.clock().now_ms();
-                self.last_answer_ms.store(answered, std::sync::atomic::Ordering::Release);
-                self.apply_results(ops, results, ttl_ms);
-                self.end_outage(answered);
-            }
-            Err(e) => {
-                tracing::warn!("refill round got no answer: {e}");
-                metrics::counter!(counters::FAILOVERS).increment(1);
-                *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = ops;
-                // Only silence counts as an outage: a refusal is an answer.
-                let silent_ms =
-                    self.gateway.clock().now_ms().saturating_sub(
+        // Rounds larger than the server's batch limit go as several batches.
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let chunk: Vec<Pending> =
+                ops.by_ref().take(ration_proto::convert::MAX_BATCH_OPS).collect();
+            let batch: Vec<BatchOp> = chunk.iter().map(|p| p.op.clone()).collect();
+            self.ops_sent.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            match self.cluster.batch(batch).await {
+                Ok(results) => {
+                    let answered = self.gateway.clock().now_ms();
+                    self.last_answer_ms.store(answered, std::sync::atomic::Ordering::Release);
+                    self.apply_results(chunk, results, ttl_ms);
+                    self.end_outage(answered);
+                }
+                Err(ClusterError::Refused(status)) => {
+                    // The whole call was refused (a malformed envelope: a bug on one
+                    // side). Acquires are dropped (the next round asks again);
+                    // reports and releases are kept, since they carry spend.
+                    tracing::error!("the cluster refused a refill batch: {status}");
+                    let keep =
+                        chunk.into_iter().filter(|p| !matches!(p.op.op, Some(Op::Acquire(_))));
+                    self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(keep);
+                }
+                Err(e) => {
+                    tracing::warn!("refill round got no answer: {e}");
+                    metrics::counter!(counters::FAILOVERS).increment(1);
+                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    pending.extend(chunk);
+                    pending.extend(ops.by_ref());
+                    drop(pending);
+                    // Only silence counts as an outage: a refusal is an answer.
+                    let silent_ms = self.gateway.clock().now_ms().saturating_sub(
                         self.last_answer_ms.load(std::sync::atomic::Ordering::Acquire),
                     );
-                let outage_ms = u64::try_from(self.config.outage_after.as_millis()).unwrap_or(0);
-                if matches!(e, ClusterError::Unreachable { .. }) && silent_ms >= outage_ms {
-                    self.start_outage();
+                    let outage_ms =
+                        u64::try_from(self.config.outage_after.as_millis()).unwrap_or(0);
+                    if matches!(e, ClusterError::Unreachable { .. }) && silent_ms >= outage_ms {
+                        self.start_outage();
+                    }
                 }
             }
         }
+    }
+
+    /// Stops acquiring for `key` for [`QUARANTINE`]: the ledger refuses its
+    /// acquires. Logged and counted; every other key keeps refilling.
+    fn quarantine(&self, key: &(String, String), now: u64, why: &str) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = tracked.get_mut(key) else { return };
+        if now >= t.quarantined_until {
+            tracing::warn!(
+                budget = %key.0, unit = %key.1,
+                "acquires for this budget are refused ({why}); not asking for {} s",
+                QUARANTINE.as_secs()
+            );
+            metrics::counter!(counters::QUARANTINED).increment(1);
+        }
+        let ms = u64::try_from(QUARANTINE.as_millis()).unwrap_or(u64::MAX);
+        t.quarantined_until = now.saturating_add(ms);
     }
 
     fn apply_results(&self, ops: Vec<Pending>, results: Vec<v1::BatchResult>, ttl_ms: u64) {
         let margin_ms = u64::try_from(self.config.margin.as_millis()).unwrap_or(0);
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let mut leftovers = Vec::new();
+        let mut quarantined = Vec::new();
         // `Cluster::batch` returns exactly one result per operation, in order.
         assert_eq!(ops.len(), results.len(), "one result per operation");
         for (p, r) in ops.into_iter().zip(results) {
             let Some(Op::Acquire(_)) = &p.op.op else { continue };
-            let Some(R::Lease(lease)) = r.result else { continue };
+            let lease = match r.result {
+                Some(R::Lease(lease)) => lease,
+                Some(R::Error(e)) if refused_for_good(e.code) => {
+                    quarantined.push((p.key.clone(), e.message));
+                    continue;
+                }
+                _ => continue,
+            };
             let granted = u64::try_from(lease.granted).unwrap_or(0);
             let Some(t) = tracked.get_mut(&p.key) else { continue };
             // The local deadline counts from when the acquire was first sent, for the
@@ -466,6 +533,10 @@ impl Sdk {
         drop(tracked);
         if !leftovers.is_empty() {
             self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(leftovers);
+        }
+        let now = self.gateway.clock().now_ms();
+        for (key, why) in quarantined {
+            self.quarantine(&key, now, &why);
         }
     }
 
@@ -605,6 +676,20 @@ impl Sdk {
         }
         Ok(())
     }
+}
+
+/// Whether a refused acquire will be refused again however often it is sent (a
+/// malformed or unknown budget, a refusal by policy), as opposed to a cap that is
+/// reached or a node that is busy.
+fn refused_for_good(code: i32) -> bool {
+    matches!(
+        tonic::Code::from(code),
+        tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::PermissionDenied
+            | tonic::Code::OutOfRange
+    )
 }
 
 fn release(cluster: &Cluster, lease_id: u64, spent: u64) -> BatchOp {

@@ -283,3 +283,142 @@ async fn with_the_cluster_down_gateways_spend_their_leases_then_follow_the_polic
     .await;
     cluster.shutdown().await;
 }
+
+/// Gateways with DEFAULT settings spend a fail-static budget through a link that
+/// flaps (cut for 3 s, longer than `outage_after`, then up for 2 s, for 40 s) until
+/// the cap is reached. What they admitted, counted in the gateways and including
+/// what they spent from their emergency reserves, never exceeds the cap, and after
+/// healing it is exactly what the ledger counts as consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_link_never_overruns_a_fail_static_budget() {
+    use ration_testkit::proxy::{Fault, Faults};
+    const CAP: i64 = 6_000;
+    const STATIC: i64 = 300;
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "flap", CAP, Some(STATIC)).await;
+    // The gateways reach the nodes only through proxies the test can cut.
+    let faults = Faults::start(cluster.addrs.values().copied().collect()).await;
+    let endpoints: Vec<String> = faults.addrs.iter().map(|a| a.to_string()).collect();
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let sdks: Vec<Arc<Sdk>> = (0..4)
+        .map(|i| Sdk::start(SdkConfig::new(endpoints.clone(), format!("gw-{i}")), clock.clone()))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let handles: Vec<_> = sdks.iter().map(|s| s.handle("flap", "tokens")).collect();
+    let admitted = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let spenders: Vec<_> = handles
+        .into_iter()
+        .map(|h| {
+            let (admitted, stop) = (admitted.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if h.try_spend(1) {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    let cut = |fault: Fault| {
+        for dst in 0..3 {
+            faults.set(faults.client(), dst, fault);
+        }
+    };
+    let (mut outages, started) = (0, Instant::now());
+    while started.elapsed() < Duration::from_secs(40) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Alternate refused connections and silent ones.
+        cut(if outages % 2 == 0 { Fault::Reset } else { Fault::Blackhole });
+        outages += 1;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cut(Fault::Pass);
+        assert!(
+            admitted.load(Ordering::Relaxed) <= CAP as u64,
+            "admitted {} > cap {CAP} after outage {outages}",
+            admitted.load(Ordering::Relaxed)
+        );
+    }
+    faults.heal_all();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in spenders {
+        s.await.unwrap();
+    }
+    for s in &sdks {
+        s.release_all().await.unwrap();
+    }
+    let admitted = admitted.load(Ordering::Relaxed);
+    let mut last = (0, 0);
+    let settled = Instant::now();
+    while settled.elapsed() < Duration::from_secs(30) {
+        last = consumed(addr, "flap").await;
+        if last.0 as u64 == admitted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "{outages} outages: admitted {admitted} of {CAP} (static {STATIC} per gateway); \
+         ledger consumed {}, outstanding {}",
+        last.0, last.1
+    );
+    assert!(admitted <= CAP as u64, "admitted {admitted} > cap {CAP}");
+    assert!(admitted * 10 >= CAP as u64 * 9, "the cap was not approached: {admitted}");
+    assert_eq!(
+        last.0 as u64, admitted,
+        "the ledger's consumed figure differs from what was admitted"
+    );
+    cluster.shutdown().await;
+}
+
+/// A gateway with 3,000 budgets, one malformed name and one budget that does not
+/// exist (DEFAULT settings): its rounds go as several batches within the server's
+/// limit, the two bad keys are quarantined (logged, counted, never re-sent every
+/// round), and every valid budget gets stocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_thousand_budgets_and_bad_keys_never_wedge_a_gateway() {
+    const N: usize = 3_000;
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    // Created 64 at a time.
+    let paths: Vec<String> = (0..N).map(|i| format!("tenant-{i:04}")).collect();
+    for (c, chunk) in paths.chunks(64).enumerate() {
+        let mut calls = Vec::new();
+        for (i, path) in chunk.iter().enumerate() {
+            let id = (c * 64 + i) as u64 + 1;
+            let path = path.clone();
+            calls.push(tokio::spawn(async move { budget(addr, id, &path, 1_000, None).await }));
+        }
+        for call in calls {
+            call.await.unwrap();
+        }
+    }
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let endpoints = cluster.addrs.values().map(|a| a.to_string()).collect();
+    let s = Sdk::start(SdkConfig::new(endpoints, "gw-many"), clock.clone()).unwrap();
+    let handles: Vec<_> = paths.iter().map(|p| s.handle(p, "tokens")).collect();
+    let bad = s.handle("acme//broken", "tokens");
+    let missing = s.handle("no-such-budget", "tokens");
+    eventually("every valid budget is stocked", Duration::from_secs(120), || {
+        let now = clock_now(&s);
+        let ok = handles.iter().all(|h| h.allowance().available(now) > 0);
+        async move { ok }
+    })
+    .await;
+    let now = clock_now(&s);
+    assert_eq!(bad.allowance().available(now), 0);
+    assert_eq!(missing.allowance().available(now), 0);
+    // The bad keys are not re-sent every round: a few rounds later the gateway has
+    // sent no more than what keeping 3,000 budgets stocked takes.
+    let before = s.ops_sent();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per_round = (s.ops_sent() - before) / 10;
+    eprintln!("ops sent: {} in all, {per_round} per round after stocking", s.ops_sent());
+    assert!(handles.iter().all(|h| h.allowance().available(clock_now(&s)) > 0));
+    cluster.shutdown().await;
+}

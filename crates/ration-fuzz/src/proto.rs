@@ -283,9 +283,14 @@ fn release(m: &v1::ReleaseRequest) {
 }
 
 fn batch(m: &v1::BatchRequest) {
-    let Ok(requests) = convert::to_core::batch(m) else { return };
-    assert_eq!(requests.len(), m.ops.len());
-    for (req, op) in requests.iter().zip(&m.ops) {
+    let Ok(converted) = convert::to_core::batch(m) else { return };
+    assert_eq!(converted.len(), m.ops.len());
+    let mut requests = Vec::new();
+    for (req, op) in converted.into_iter().zip(&m.ops) {
+        // A refused operation is refused alone, naming its position.
+        let Ok(req) = req else { continue };
+        requests.push(req);
+        let req = requests.last().expect("just pushed");
         match op.op.as_ref() {
             Some(v1::batch_op::Op::Acquire(a)) => check_acquire(req, a),
             Some(v1::batch_op::Op::Report(r)) => check_report(req, r),

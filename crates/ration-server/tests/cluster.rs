@@ -205,6 +205,60 @@ async fn nodes_join_leave_and_take_over_leadership() {
     cluster.shutdown().await;
 }
 
+/// A Batch answers each operation on its own, as the proto promises: a malformed
+/// operation (or one the ledger refuses) is refused in its place, named by its
+/// position, and every other operation is carried out. Only a malformed envelope
+/// (more operations than allowed) refuses the whole call. Sent through a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_each_operation_on_its_own() {
+    use v1::batch_op::Op;
+    use v1::batch_result::Result as R;
+    let cluster = Cluster::start(3, |_| {}).await;
+    let leader = cluster.leader().await;
+    create_tree(cluster.addrs[&leader]).await;
+    let follower = cluster.addrs.keys().copied().find(|id| *id != leader).unwrap();
+    let mut bad_name = acquire("gw-batch", 2, 5);
+    bad_name.budget = "acme//search".into();
+    let mut unknown = acquire("gw-batch", 3, 5);
+    unknown.budget = "nobody".into();
+    let ops = vec![
+        v1::BatchOp { op: Some(Op::Acquire(acquire("gw-batch", 1, 5))) },
+        v1::BatchOp { op: Some(Op::Acquire(bad_name)) },
+        v1::BatchOp { op: None },
+        v1::BatchOp { op: Some(Op::Acquire(unknown)) },
+        v1::BatchOp { op: Some(Op::Acquire(acquire("gw-batch", 4, 7))) },
+    ];
+    let mut c = ledger(cluster.addrs[&follower]);
+    let results = c.batch(v1::BatchRequest { ops }).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 5, "{results:?}");
+    let granted: Vec<i64> = results
+        .iter()
+        .filter_map(|r| match &r.result {
+            Some(R::Lease(l)) => Some(l.granted),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(granted, [5, 7], "{results:?}");
+    let error = |i: usize| match &results[i].result {
+        Some(R::Error(e)) => (tonic::Code::from(e.code), e.message.clone()),
+        other => panic!("ops[{i}] was not refused: {other:?}"),
+    };
+    let (code, message) = error(1);
+    assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+    assert!(message.starts_with("ops[1]: "), "{message}");
+    let (code, message) = error(2);
+    assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+    assert!(message.starts_with("ops[2]: "), "{message}");
+    let (code, message) = error(3);
+    assert_eq!(code, tonic::Code::NotFound, "{message}");
+    // A malformed envelope is refused whole.
+    let ops = vec![v1::BatchOp { op: None }; ration_proto::convert::MAX_BATCH_OPS + 1];
+    let e = c.batch(v1::BatchRequest { ops }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("at most"), "{}", e.message());
+    cluster.shutdown().await;
+}
+
 /// `join` without `join_as` adds the node as a caught-up learner and leaves the
 /// voters alone: three voters stay three (a fourth would tolerate no more failures).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,7 +163,7 @@ fn known_failures_are_run_and_reported() {
 fn issue_10_seeds_pass() {
     let mut shared = 0;
     for seed in [41642, 41755, 41435, 42918] {
-        // The fault mix of that time (no disk failures): the same schedules.
+        // The fault mix of that time (no disk failures).
         let cfg = SimConfig { disk_failures: false, wal: false, ..SimConfig::new(seed) };
         let r = run(&cfg).unwrap_or_else(|f| panic!("{f}\n(with RATION_SIM_DISK_FAILURES=0)"));
         eprintln!(
@@ -172,9 +172,12 @@ fn issue_10_seeds_pass() {
         );
         shared += r.shared_terms;
     }
-    // The two-leader seeds still exercise that mechanism (with these schedules
-    // at least one term had two leaders), and every check held through it.
-    assert!(shared >= 1, "no term had two leaders in the pinned seeds any more");
+    // Their schedules have moved since (leadership transfers no longer re-trigger
+    // elections every 150 ms, which is what put two candidates in one term): none of
+    // them, and none of seeds 41000-45999 (`scan_two_leader_seeds`), has a term with
+    // two leaders now. Every seed still runs the check that replaced "one leader
+    // per term" (no two replicas apply different entries at one index).
+    eprintln!("terms with two leaders over the four seeds: {shared}");
 }
 
 /// Lists the seeds in `RATION_SIM_SCAN` (`first..end`) whose run, with the fault mix

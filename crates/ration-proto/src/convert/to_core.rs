@@ -162,14 +162,17 @@ pub fn release(r: &v1::ReleaseRequest) -> Result<Request, Status> {
 
 /// Converts every operation of a batch; a malformed one fails the whole call, naming
 /// its position, before anything is proposed.
-pub fn batch(r: &v1::BatchRequest) -> Result<Vec<Request>, Status> {
+/// A batch's operations, each converted on its own: the outer error refuses the
+/// whole call (only a malformed envelope: more than [`MAX_BATCH_OPS`] operations),
+/// an inner one refuses that operation alone (its message names it, `ops[i]: ...`).
+pub fn batch(r: &v1::BatchRequest) -> Result<Vec<Result<Request, Status>>, Status> {
     if r.ops.len() > MAX_BATCH_OPS {
         return Err(Status::invalid_argument(format!(
             "a batch holds at most {MAX_BATCH_OPS} operations, got {}",
             r.ops.len()
         )));
     }
-    r.ops
+    Ok(r.ops
         .iter()
         .enumerate()
         .map(|(i, op)| {
@@ -181,7 +184,7 @@ pub fn batch(r: &v1::BatchRequest) -> Result<Vec<Request>, Status> {
             };
             converted.map_err(|s| Status::new(s.code(), format!("ops[{i}]: {}", s.message())))
         })
-        .collect()
+        .collect())
 }
 
 // ----- reads -----

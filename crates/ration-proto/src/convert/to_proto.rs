@@ -157,6 +157,11 @@ pub fn batch_result(outcome: &ration_core::Outcome) -> v1::BatchResult {
     v1::BatchResult { result: Some(result) }
 }
 
+/// A batch result that refuses its operation with `s` (the others go on).
+pub fn batch_error(s: &Status) -> v1::BatchResult {
+    v1::BatchResult { result: Some(op_error(s)) }
+}
+
 fn op_error(s: &Status) -> v1::batch_result::Result {
     v1::batch_result::Result::Error(v1::OpError {
         code: s.code() as i32,

@@ -162,20 +162,33 @@ impl v1::ledger_server::Ledger for LedgerService {
         &self,
         req: Request<v1::BatchRequest>,
     ) -> Result<Response<v1::BatchReply>, Status> {
+        // Each operation succeeds or fails on its own, as the proto promises: the
+        // valid ones are proposed, the invalid ones answered with their error in
+        // place. Only a malformed envelope refuses the whole call.
         self.write(
             req,
-            to_core::batch,
+            |r| Ok(to_core::batch(r)?.into_iter().filter_map(Result::ok).collect()),
             |r, outcomes| {
-                if outcomes.len() != r.ops.len() {
+                let ops = to_core::batch(r)?;
+                let valid = ops.iter().filter(|o| o.is_ok()).count();
+                if outcomes.len() != valid {
                     return Err(Status::internal(format!(
-                        "{} operations got {} outcomes",
-                        r.ops.len(),
+                        "{valid} valid operations got {} outcomes",
                         outcomes.len()
                     )));
                 }
-                Ok(v1::BatchReply {
-                    results: outcomes.iter().map(to_proto::batch_result).collect(),
-                })
+                let mut outcomes = outcomes.iter();
+                let results = ops
+                    .iter()
+                    .map(|op| match op {
+                        Ok(_) => outcomes.next().map_or_else(
+                            || to_proto::batch_error(&Status::internal("outcome missing")),
+                            to_proto::batch_result,
+                        ),
+                        Err(refused) => to_proto::batch_error(refused),
+                    })
+                    .collect();
+                Ok(v1::BatchReply { results })
             },
             on_leader!(LedgerClient, batch),
         )
