@@ -422,3 +422,40 @@ async fn three_thousand_budgets_and_bad_keys_never_wedge_a_gateway() {
     assert!(handles.iter().all(|h| h.allowance().available(clock_now(&s)) > 0));
     cluster.shutdown().await;
 }
+
+/// The fail-static policy is the strictest along the ancestor chain: a leaf with
+/// `static=50` under a parent with `static=40` holds a reserve of 40; a leaf with
+/// `static=50` under a fail-closed parent holds none. Seen in the ledger: what is
+/// outstanding beyond the gateway's spendable leases is the reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_strictest_policy_along_the_ancestor_chain_sizes_the_reserve() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "chain", 100_000, Some(40)).await;
+    budget(addr, 2, "chain/leaf", 100_000, Some(50)).await;
+    budget(addr, 3, "closed", 100_000, None).await;
+    budget(addr, 4, "closed/leaf", 100_000, Some(50)).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let endpoints = cluster.addrs.values().map(|a| a.to_string()).collect();
+    let s = Sdk::start(SdkConfig::new(endpoints, "gw-chain"), clock.clone()).unwrap();
+    let _a = s.handle("chain/leaf", "tokens");
+    let _b = s.handle("closed/leaf", "tokens");
+    let beyond = |path: &'static str| {
+        let s = s.clone();
+        async move {
+            let (_, outstanding) = consumed(addr, path).await;
+            outstanding - s.held(path, "tokens").1 as i64
+        }
+    };
+    eventually("the chain's reserve is the smaller static", Duration::from_secs(20), || async {
+        beyond("chain/leaf").await == 40
+    })
+    .await;
+    // Several rounds later, the leaf under a fail-closed parent still holds none.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(s.held("closed/leaf", "tokens").1 > 0, "its ordinary leases are held");
+    assert_eq!(beyond("closed/leaf").await, 0, "a reserve under a fail-closed parent");
+    assert_eq!(beyond("chain/leaf").await, 40);
+    cluster.shutdown().await;
+}
