@@ -326,16 +326,7 @@ impl Sdk {
                 if held < target / 2 + 1 && free_slot && !resent.contains(key) && !quarantined {
                     let want = target.saturating_sub(held).max(1);
                     ops.push(Pending {
-                        op: BatchOp {
-                            op: Some(Op::Acquire(v1::AcquireRequest {
-                                meta: self.cluster.meta(),
-                                budget: key.0.clone(),
-                                unit: key.1.clone(),
-                                wanted: i64::try_from(want).unwrap_or(i64::MAX),
-                                min: 1,
-                                ttl_ms: i64::try_from(ttl_ms).unwrap_or(i64::MAX),
-                            })),
-                        },
+                        op: acquire(&self.cluster, key, want, 1, ttl_ms),
                         key: key.clone(),
                         sent_at_ms: now,
                         reserve: false,
@@ -367,18 +358,8 @@ impl Sdk {
                         && !reserve_resent.contains(key)
                         && !quarantined
                     {
-                        let units = i64::try_from(wanted).unwrap_or(i64::MAX);
                         ops.push(Pending {
-                            op: BatchOp {
-                                op: Some(Op::Acquire(v1::AcquireRequest {
-                                    meta: self.cluster.meta(),
-                                    budget: key.0.clone(),
-                                    unit: key.1.clone(),
-                                    wanted: units,
-                                    min: units,
-                                    ttl_ms: i64::try_from(ttl_ms).unwrap_or(i64::MAX),
-                                })),
-                            },
+                            op: acquire(&self.cluster, key, wanted, wanted, ttl_ms),
                             key: key.clone(),
                             sent_at_ms: now,
                             reserve: true,
@@ -690,6 +671,26 @@ fn refused_for_good(code: i32) -> bool {
             | tonic::Code::PermissionDenied
             | tonic::Code::OutOfRange
     )
+}
+
+fn acquire(
+    cluster: &Cluster,
+    key: &(String, String),
+    wanted: u64,
+    min: u64,
+    ttl_ms: u64,
+) -> BatchOp {
+    let units = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    BatchOp {
+        op: Some(Op::Acquire(v1::AcquireRequest {
+            meta: cluster.meta(),
+            budget: key.0.clone(),
+            unit: key.1.clone(),
+            wanted: units(wanted),
+            min: units(min),
+            ttl_ms: units(ttl_ms),
+        })),
+    }
 }
 
 fn release(cluster: &Cluster, lease_id: u64, spent: u64) -> BatchOp {

@@ -106,11 +106,7 @@ where
     C: Client,
     Fut: Future<Output = Result<Response<Rep>, Status>>,
 {
-    if was_forwarded(&req) {
-        return Err(second_hop());
-    }
-    let addr = leader_addr(node)?;
-    forward(node, false, &addr, req.into_inner(), call).await
+    to_leader_on(node, &node.channels, req, call).await
 }
 
 /// [`to_leader`] for a call that waits on purpose (a learner catching up, a
@@ -124,9 +120,22 @@ where
     C: Client,
     Fut: Future<Output = Result<Response<Rep>, Status>>,
 {
+    to_leader_on(node, &node.long_calls, req, call).await
+}
+
+async fn to_leader_on<C, Req, Rep, Fut>(
+    node: &Node,
+    channels: &crate::network::Channels,
+    req: Request<Req>,
+    call: impl FnOnce(C, Request<Req>) -> Fut,
+) -> Result<Response<Rep>, Status>
+where
+    C: Client,
+    Fut: Future<Output = Result<Response<Rep>, Status>>,
+{
     if was_forwarded(&req) {
         return Err(second_hop());
     }
     let addr = leader_addr(node)?;
-    forward_on(node, &node.long_calls, false, &addr, req.into_inner(), call).await
+    forward_on(node, channels, false, &addr, req.into_inner(), call).await
 }
