@@ -1,5 +1,6 @@
 //! A data directory belongs to one node: starting another node id on it is refused
-//! with a message that says whose it is and what to do, and changes nothing.
+//! with a message that says whose it is and what to do, and changes nothing. It
+//! also keeps its cluster's id, in a file written durably, across restarts.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -28,8 +29,16 @@ async fn a_data_directory_refuses_another_node_id() {
     );
     assert_eq!(std::fs::read_to_string(data.join(ration_store::NODE_ID_FILE)).unwrap(), before);
 
-    // Its own node starts on it again.
+    // Its own node starts on it again, in the same cluster.
+    let l = rebind(addr).await;
+    let node = ration_server::start(config(1, addr, data.clone(), &[(1, addr)]), l).await.unwrap();
+    let cluster = node.node.identity.get();
+    assert_ne!(cluster, 0);
+    let file = std::fs::read_to_string(data.join(ration_store::CLUSTER_ID_FILE)).unwrap();
+    assert_eq!(u64::from_str_radix(file.trim(), 16).unwrap(), cluster, "{file}");
+    node.stop().await.unwrap();
     let l = rebind(addr).await;
     let node = ration_server::start(config(1, addr, data, &[(1, addr)]), l).await.unwrap();
+    assert_eq!(node.node.identity.get(), cluster);
     node.stop().await.unwrap();
 }

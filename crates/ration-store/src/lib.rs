@@ -100,6 +100,21 @@ pub const WAL_DIR: &str = "wal";
 /// The file that says which node a data directory belongs to.
 pub const NODE_ID_FILE: &str = "node-id";
 
+/// The file that says which cluster a data directory belongs to (hex).
+pub const CLUSTER_ID_FILE: &str = "cluster-id";
+
+/// Writes `dir/name` so that it survives a power cut once this returns: a
+/// temporary file, fsync, rename, directory fsync.
+fn write_durably(dir: &Path, name: &str, contents: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Makes `dir` the data directory of node `id`: the first start writes the id
 /// (durably: temporary file, fsync, rename, directory fsync); every later start must
 /// give the same id. Starting node 2 on node 1's directory would make it a node that
@@ -120,13 +135,7 @@ pub fn claim_node_id(dir: &Path, id: NodeId) -> Result<(), OpenError> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)?;
-            let tmp = dir.join(format!("{NODE_ID_FILE}.{}.tmp", std::process::id()));
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(format!("{id}\n").as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(dir)?.sync_all()?;
+            write_durably(dir, NODE_ID_FILE, &format!("{id}\n"))?;
             Ok(())
         }
         Err(e) => Err(e.into()),
@@ -147,8 +156,12 @@ pub fn open(dir: &Path, config: LedgerConfig) -> Result<(SledLogStore, StateMach
             }
             other => OpenError::Sled(other),
         })?;
-    let log =
-        SledLogStore { log: db.open_tree("log")?, meta: db.open_tree("meta")?, db: db.clone() };
+    let log = SledLogStore {
+        log: db.open_tree("log")?,
+        meta: db.open_tree("meta")?,
+        db: db.clone(),
+        dir: dir.to_path_buf(),
+    };
     let audit = AuditStore { backend: AuditBackend::Sled(db.open_tree("audit")?) };
     let sm = StateMachine::open(Some(db), audit, SnapshotPlace::Dir(dir.to_path_buf()), config)?;
     Ok((log, sm))
@@ -199,6 +212,8 @@ pub struct SledLogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// The data directory (where `cluster-id` is kept).
+    dir: PathBuf,
 }
 
 const VOTE: &str = "vote";
@@ -222,14 +237,36 @@ impl SledLogStore {
         self.db.flush_async().await.map(|_| ())
     }
 
-    /// This node's cluster identity, as stored (0 until it is set or learned).
+    /// This node's cluster identity, as stored (0 until it is set or learned): the
+    /// `cluster-id` file (written durably), else sled's copy (a directory from before
+    /// the file existed, which then gets the file).
     pub fn identity(&self) -> Result<ClusterIdentity, ReadError> {
-        let id = match self.meta.get(CLUSTER_ID)? {
+        let path = self.dir.join(CLUSTER_ID_FILE);
+        let from_file = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(u64::from_str_radix(text.trim(), 16).map_err(|_| {
+                ReadError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} does not hold a cluster id: {:?}", path.display(), text.trim()),
+                ))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ReadError::Io(e)),
+        };
+        let from_sled = match self.meta.get(CLUSTER_ID)? {
             Some(bytes) => postcard::from_bytes(&bytes)?,
             None => 0,
         };
+        let id = match from_file {
+            Some(id) => id,
+            None if from_sled != 0 => {
+                write_durably(&self.dir, CLUSTER_ID_FILE, &format!("{from_sled:016x}\n"))
+                    .map_err(ReadError::Io)?;
+                from_sled
+            }
+            None => 0,
+        };
         Ok(ClusterIdentity {
-            meta: Some(self.meta.clone()),
+            meta: Some((self.meta.clone(), self.dir.clone())),
             current: Arc::new(std::sync::atomic::AtomicU64::new(id)),
         })
     }
@@ -369,9 +406,10 @@ pub fn new_cluster_id(salt: &impl std::hash::Hash) -> u64 {
 /// learned (and stored) by the others from the first message that carries it.
 #[derive(Clone, Debug)]
 pub struct ClusterIdentity {
-    /// Where it is stored; None in memory, where `current` itself is the durable
-    /// copy (shared with the simulated disk).
-    meta: Option<sled::Tree>,
+    /// Where it is stored (sled's meta tree and the data directory, whose
+    /// `cluster-id` file is the durable copy); None in memory, where `current`
+    /// itself is the durable copy (shared with the simulated disk).
+    meta: Option<(sled::Tree, PathBuf)>,
     current: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -393,7 +431,9 @@ impl ClusterIdentity {
             std::sync::atomic::Ordering::Acquire,
         ) {
             Ok(_) => {
-                if let Some(meta) = &self.meta {
+                if let Some((meta, dir)) = &self.meta {
+                    write_durably(dir, CLUSTER_ID_FILE, &format!("{id:016x}\n"))
+                        .map_err(sled::Error::Io)?;
                     meta.insert(CLUSTER_ID, encode(&id))?;
                     meta.flush()?;
                 }
@@ -567,6 +607,8 @@ pub enum ReadError {
     Sled(#[from] sled::Error),
     #[error("stored record does not decode: {0}")]
     Decode(#[from] postcard::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// The ledger state machine for openraft.
