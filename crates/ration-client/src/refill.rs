@@ -168,8 +168,9 @@ pub struct Sdk {
     tracked: Mutex<BTreeMap<(String, String), Tracked>>,
     pending: Mutex<Vec<Pending>>,
     ops_sent: std::sync::atomic::AtomicU64,
-    /// Local time of the last answer from the cluster (start time before any).
-    last_answer_ms: std::sync::atomic::AtomicU64,
+    /// Local time since which the cluster has not answered (the start of the
+    /// first round that got no answer); 0 while it answers.
+    unanswered_since_ms: std::sync::atomic::AtomicU64,
     /// Whether reserves are installed (an outage is under way).
     in_outage: std::sync::atomic::AtomicBool,
 }
@@ -178,7 +179,6 @@ impl Sdk {
     /// Starts the SDK and its refill task (on the current tokio runtime).
     pub fn start(config: SdkConfig, clock: Arc<CoarseClock>) -> Result<Arc<Self>, ClusterError> {
         let cluster = Arc::new(Cluster::new(config.cluster.clone())?);
-        let started = clock.now_ms();
         let sdk = Arc::new(Self {
             gateway: Gateway::new(clock),
             cluster,
@@ -186,7 +186,7 @@ impl Sdk {
             tracked: Mutex::new(BTreeMap::new()),
             pending: Mutex::new(Vec::new()),
             ops_sent: std::sync::atomic::AtomicU64::new(0),
-            last_answer_ms: std::sync::atomic::AtomicU64::new(started),
+            unanswered_since_ms: std::sync::atomic::AtomicU64::new(0),
             in_outage: std::sync::atomic::AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&sdk);
@@ -373,8 +373,10 @@ impl Sdk {
                 .map(|(k, _)| k.clone())
                 .collect();
         }
+        // Budgets read for this round's policies: keys under one parent share it.
+        let mut read = BTreeMap::new();
         for key in policies_needed {
-            self.learn_policy(&key).await;
+            self.learn_policy(&key, &mut read).await;
         }
         // An acquire the ledger would refuse as malformed (a bad budget name or
         // unit) is not sent: its key is quarantined, the others refill.
@@ -401,10 +403,9 @@ impl Sdk {
             self.ops_sent.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
             match self.cluster.batch(batch).await {
                 Ok(results) => {
-                    let answered = self.gateway.clock().now_ms();
-                    self.last_answer_ms.store(answered, std::sync::atomic::Ordering::Release);
+                    self.unanswered_since_ms.store(0, std::sync::atomic::Ordering::Release);
                     self.apply_results(chunk, results, ttl_ms);
-                    self.end_outage(answered);
+                    self.end_outage(self.gateway.clock().now_ms());
                 }
                 Err(ClusterError::Refused(status)) => {
                     // The whole call was refused (a malformed envelope: a bug on one
@@ -422,14 +423,25 @@ impl Sdk {
                     pending.extend(chunk);
                     pending.extend(ops.by_ref());
                     drop(pending);
-                    // Only silence counts as an outage: a refusal is an answer.
-                    let silent_ms = self.gateway.clock().now_ms().saturating_sub(
-                        self.last_answer_ms.load(std::sync::atomic::Ordering::Acquire),
-                    );
-                    let outage_ms =
-                        u64::try_from(self.config.outage_after.as_millis()).unwrap_or(0);
-                    if matches!(e, ClusterError::Unreachable { .. }) && silent_ms >= outage_ms {
-                        self.start_outage();
+                    // Only silence counts as an outage (a refusal is an answer), and
+                    // only once it has lasted `outage_after` since this SDK first
+                    // asked without an answer, however long it was idle before.
+                    if matches!(e, ClusterError::Unreachable { .. }) {
+                        let since = match self.unanswered_since_ms.compare_exchange(
+                            0,
+                            now.max(1),
+                            std::sync::atomic::Ordering::AcqRel,
+                            std::sync::atomic::Ordering::Acquire,
+                        ) {
+                            Ok(_) => now.max(1),
+                            Err(earlier) => earlier,
+                        };
+                        let silent_ms = self.gateway.clock().now_ms().saturating_sub(since);
+                        let outage_ms =
+                            u64::try_from(self.config.outage_after.as_millis()).unwrap_or(0);
+                        if silent_ms >= outage_ms {
+                            self.start_outage();
+                        }
                     }
                 }
             }
@@ -525,7 +537,11 @@ impl Sdk {
     /// chain and across its limits in the unit. Any limit in the unit without
     /// `static=` fails closed; otherwise the smallest declared amount. Unknown until
     /// the cluster answers for every budget of the chain, which means fail closed.
-    async fn learn_policy(&self, key: &(String, String)) {
+    async fn learn_policy(
+        &self,
+        key: &(String, String),
+        read: &mut BTreeMap<String, Option<v1::Budget>>,
+    ) {
         let mut chain = Vec::new();
         let mut at = 0;
         while let Some(i) = key.0[at..].find('/') {
@@ -536,7 +552,10 @@ impl Sdk {
         let mut smallest: Option<u64> = None;
         let mut closed = false;
         for path in chain {
-            let Some(budget) = self.cluster.get_budget(path).await else { return };
+            if !read.contains_key(path) {
+                read.insert(path.to_owned(), self.cluster.get_budget(path).await);
+            }
+            let Some(budget) = &read[path] else { return };
             for l in budget.limits.iter().filter_map(|l| l.limit.as_ref()) {
                 if l.unit != key.1 {
                     continue;
@@ -661,13 +680,13 @@ impl Sdk {
 
 /// Whether a refused acquire will be refused again however often it is sent (a
 /// malformed or unknown budget, a refusal by policy), as opposed to a cap that is
-/// reached or a node that is busy.
+/// reached, a node that is busy, or a precondition that may pass next round (a
+/// request id that fell out of the exactly-once window is FAILED_PRECONDITION).
 fn refused_for_good(code: i32) -> bool {
     matches!(
         tonic::Code::from(code),
         tonic::Code::InvalidArgument
             | tonic::Code::NotFound
-            | tonic::Code::FailedPrecondition
             | tonic::Code::PermissionDenied
             | tonic::Code::OutOfRange
     )

@@ -449,32 +449,9 @@ mod tests {
     }
 }
 
-/// Checks a member address as peers will dial it: `host:port`, a host name or IP
-/// address (IPv6 in brackets) and a port from 1 to 65535.
-pub fn check_peer_addr(addr: &str) -> Result<(), String> {
-    if addr.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0) {
-        return Ok(());
-    }
-    let bad = || {
-        format!("{addr:?} is not host:port (for example 10.0.0.5:50051 or ration-2.ration:50051)")
-    };
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    if port_ok && host_ok {
-        Ok(())
-    } else {
-        Err(bad())
-    }
-}
+/// Checks a member address as peers will dial it (kept beside the membership it
+/// guards, in `ration-store`, so offline tools check it too).
+pub use ration_store::check_peer_addr;
 
 #[cfg(test)]
 mod peer_addr_tests {

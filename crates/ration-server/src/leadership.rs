@@ -19,6 +19,9 @@ pub(crate) const MAX_PAUSE: Duration = Duration::from_millis(10_000);
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(3);
 /// How long a campaigning node keeps trying to win.
 const CAMPAIGN_DEADLINE: Duration = Duration::from_secs(8);
+/// How much longer than [`CAMPAIGN_DEADLINE`] the leader waits for the campaign's
+/// answer (a target that went silent cannot keep writes refused for longer).
+const CAMPAIGN_SLACK: Duration = Duration::from_secs(2);
 /// How often a campaigning node looks at how its election goes.
 const CAMPAIGN_POLL: Duration = Duration::from_millis(20);
 
@@ -129,7 +132,14 @@ impl Node {
             .long_calls
             .get(&target.addr)
             .map_err(|e| unreachable(tonic::Status::unavailable(e.to_string())))?;
-        let result = ClusterClient::new(channel).campaign(v1::CampaignRequest {}).await;
+        // Bounded by the target's own campaign deadline (plus slack), not by the
+        // long-call deadline: this leader refuses writes until the call ends.
+        let result = tokio::time::timeout(
+            CAMPAIGN_DEADLINE + CAMPAIGN_SLACK,
+            ClusterClient::new(channel).campaign(v1::CampaignRequest {}),
+        )
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the campaign did not end")));
         Ok(self
             .long_calls
             .forget_on_failure(&target.addr, result)

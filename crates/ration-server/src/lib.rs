@@ -370,6 +370,10 @@ async fn removal(node: &Node) -> Removed {
     let mut tick = tokio::time::interval(REMOVAL_PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next = 0usize;
+    // Whether this node has been a member since it started. A node restored from
+    // another cluster's snapshot and joining (`join`) holds a membership without
+    // itself until it is added: that is not a removal.
+    let mut was_member = node.config.join.is_none();
     loop {
         tick.tick().await;
         let (mine, peers, leader) = {
@@ -377,11 +381,17 @@ async fn removal(node: &Node) -> Removed {
             let m = m.borrow();
             let membership = m.membership_config.membership();
             let member = membership.get_node(&node.id).is_some();
+            was_member |= member;
             let mine = m.membership_config.log_id().as_ref().map_or(0, |l| l.index);
             // This node applied a membership without itself (it led the change
             // that removed it, or saw it committed before the leader let go).
             let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
-            if !member && membership.nodes().next().is_some() && mine > 0 && mine <= applied {
+            if was_member
+                && !member
+                && membership.nodes().next().is_some()
+                && mine > 0
+                && mine <= applied
+            {
                 return Removed { membership_index: mine, seen_on: node.id };
             }
             if m.state == ServerState::Leader || !member {

@@ -97,13 +97,13 @@ impl Proposer {
         Self { tx, room: Arc::new(Semaphore::new(limits.queue)), queue: limits.queue }
     }
 
-    /// Proposes commands together (in one entry, in order) and waits for their
-    /// outcomes: exactly one per command, in the same order.
     /// Whether nothing is queued or in flight (every accepted command answered).
     pub fn idle(&self) -> bool {
         self.room.available_permits() == self.queue
     }
 
+    /// Proposes commands together (in one entry, in order) and waits for their
+    /// outcomes: exactly one per command, in the same order.
     pub async fn propose(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
         let bytes = commands.iter().map(estimate_bytes).sum();
         let n = u32::try_from(commands.len()).unwrap_or(u32::MAX);

@@ -122,6 +122,9 @@ pub async fn restore_new_cluster(
     if id == 0 {
         return Err(bad("node id 0 is not allowed".into()));
     }
+    crate::check_peer_addr(addr).map_err(|e| {
+        OpenError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("addr: {e}")))
+    })?;
     inspect_snapshot(bytes).map_err(bad)?;
     let file = SnapshotFile::decode(bytes).map_err(bad)?;
     let body = SnapshotBody::decode(&file.data).map_err(bad)?;

@@ -97,6 +97,33 @@ pub async fn open_durable(
 /// Where the write-ahead log lives in a data directory.
 pub const WAL_DIR: &str = "wal";
 
+/// Checks a member address as peers will dial it: `host:port`, a host name or IP
+/// address (IPv6 in brackets) and a port from 1 to 65535.
+pub fn check_peer_addr(addr: &str) -> Result<(), String> {
+    if addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.port() != 0) {
+        return Ok(());
+    }
+    let bad = || {
+        format!("{addr:?} is not host:port (for example 10.0.0.5:50051 or ration-2.ration:50051)")
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if port_ok && host_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
 /// The file that says which node a data directory belongs to.
 pub const NODE_ID_FILE: &str = "node-id";
 

@@ -191,7 +191,13 @@ async fn snapshot_restores_into_a_new_node_that_rejoins() {
     cfg.initial_cluster = Vec::new();
     cfg.join = Some(c.addrs[&1].to_string());
     cfg.join_as = "voter".into();
+    // Supervised as rationd runs it: the restored directory's membership (the
+    // snapshot's) does not list node 4, which must not count as being removed.
     let node4 = ration_server::start(cfg, l4).await.unwrap();
+    let (stop4, stopped4) = tokio::sync::oneshot::channel::<()>();
+    let node4 = tokio::spawn(ration_server::supervise(node4, async move {
+        let _ = stopped4.await;
+    }));
     eventually("node 4 is a voter", Duration::from_secs(30), || async {
         let m = ctl_json(&eps, &["member", "list"]).await;
         m.as_array().unwrap().iter().any(|m| m["id"] == 4 && m["role"] == "voter")
@@ -215,7 +221,9 @@ async fn snapshot_restores_into_a_new_node_that_rejoins() {
     assert_eq!(b["limits"][0]["consumed"], 10 + 11 + 12 + 13 + 14 + 20);
     let verified = ctl_json(&[addr4], &["audit", "verify"]).await;
     assert_eq!(verified["from_genesis"], true);
-    node4.stop().await.unwrap();
+    assert!(!node4.is_finished(), "node 4 stopped on its own");
+    stop4.send(()).unwrap();
+    node4.await.unwrap().unwrap();
     c.shutdown().await;
 }
 
@@ -254,6 +262,27 @@ async fn a_lost_cluster_is_rebuilt_from_a_snapshot() {
     .await
     .unwrap_err();
     assert!(err.contains("--node-id") && err.contains("--addr"), "{err}");
+    // An address peers could not dial is refused, and nothing is written.
+    let bad = root.path().join("bad");
+    let err = ctl(
+        &[addr1],
+        &[
+            "snapshot",
+            "restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            bad.to_str().unwrap(),
+            "--new-cluster",
+            "--node-id",
+            "1",
+            "--addr",
+            "not-an-address",
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("is not host:port"), "{err}");
+    assert!(!bad.exists());
     let restored = ctl_json(
         &[addr1],
         &[

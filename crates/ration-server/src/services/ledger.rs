@@ -164,13 +164,28 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::BatchReply>, Status> {
         // Each operation succeeds or fails on its own, as the proto promises: the
         // valid ones are proposed, the invalid ones answered with their error in
-        // place. Only a malformed envelope refuses the whole call.
+        // place. Only a malformed envelope refuses the whole call. The conversion
+        // keeps each refusal in its place for the reply (converted once).
+        let refused: std::sync::Mutex<Vec<Option<Status>>> = std::sync::Mutex::default();
         self.write(
             req,
-            |r| Ok(to_core::batch(r)?.into_iter().filter_map(Result::ok).collect()),
-            |r, outcomes| {
-                let ops = to_core::batch(r)?;
-                let valid = ops.iter().filter(|o| o.is_ok()).count();
+            |r| {
+                let mut marks = refused.lock().unwrap_or_else(|p| p.into_inner());
+                let mut valid = Vec::with_capacity(r.ops.len());
+                for op in to_core::batch(r)? {
+                    match op {
+                        Ok(request) => {
+                            marks.push(None);
+                            valid.push(request);
+                        }
+                        Err(status) => marks.push(Some(status)),
+                    }
+                }
+                Ok(valid)
+            },
+            |_, outcomes| {
+                let marks = std::mem::take(&mut *refused.lock().unwrap_or_else(|p| p.into_inner()));
+                let valid = marks.iter().filter(|m| m.is_none()).count();
                 if outcomes.len() != valid {
                     return Err(Status::internal(format!(
                         "{valid} valid operations got {} outcomes",
@@ -178,14 +193,14 @@ impl v1::ledger_server::Ledger for LedgerService {
                     )));
                 }
                 let mut outcomes = outcomes.iter();
-                let results = ops
+                let results = marks
                     .iter()
-                    .map(|op| match op {
-                        Ok(_) => outcomes.next().map_or_else(
+                    .map(|mark| match mark {
+                        None => outcomes.next().map_or_else(
                             || to_proto::batch_error(&Status::internal("outcome missing")),
                             to_proto::batch_result,
                         ),
-                        Err(refused) => to_proto::batch_error(refused),
+                        Some(refused) => to_proto::batch_error(refused),
                     })
                     .collect();
                 Ok(v1::BatchReply { results })
