@@ -35,10 +35,13 @@ pub enum AuditKind {
     LeaseRefunded,
     /// A late final report came after the lease's window closed: nothing refunded.
     LateRelease,
+    /// A call cost more than its gateway could take from its leases; the excess
+    /// (`flow.consumed`) was counted as consumed without having been granted.
+    Overrun,
 }
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 9] = [
+    pub const ALL: [AuditKind; 10] = [
         AuditKind::BudgetCreated,
         AuditKind::BudgetUpdated,
         AuditKind::BudgetDeleted,
@@ -48,6 +51,7 @@ impl AuditKind {
         AuditKind::LeaseExpired,
         AuditKind::LeaseRefunded,
         AuditKind::LateRelease,
+        AuditKind::Overrun,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,12 +65,14 @@ impl AuditKind {
             AuditKind::LeaseExpired => "lease_expired",
             AuditKind::LeaseRefunded => "lease_refunded",
             AuditKind::LateRelease => "late_release",
+            AuditKind::Overrun => "overrun",
         }
     }
 }
 
-/// How allowance moved. Over all records: granted = consumed + returned +
-/// (charged - uncharged) + outstanding.
+/// How allowance moved. Over all records: granted + overruns = consumed + returned
+/// + (charged - uncharged) + outstanding, where overruns is the `consumed` of the
+/// [`AuditKind::Overrun`] records (spend that was never granted).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
     pub granted: u64,

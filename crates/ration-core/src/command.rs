@@ -115,7 +115,20 @@ pub struct Release {
     pub consumed_total: u64,
 }
 
-/// A mutating operation.
+/// A call on `budget` really cost `amount` of `unit` more than the gateway had
+/// reserved and could take from its leases: the excess is counted as consumed in
+/// every limit in that unit on the budget and its ancestors (in their current
+/// windows), and audited as an overrun. Nothing is refused for being over the cap:
+/// the spend already happened. A limit over its cap grants nothing until its window
+/// rolls over or its cap is raised.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overrun {
+    pub budget: BudgetPath,
+    pub unit: Unit,
+    pub amount: u64,
+}
+
+/// A mutating operation. New variants go at the end: the log stores their index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     CreateBudget(BudgetSpec),
@@ -132,6 +145,7 @@ pub enum Op {
     Acquire(Acquire),
     Report(Report),
     Release(Release),
+    Overrun(Overrun),
 }
 
 /// A client's request: exactly once per (client, request_id).
@@ -219,6 +233,12 @@ pub enum Reply {
         returned: u64,
         refunded: u64,
         late: bool,
+    },
+    /// An overrun was counted; `over_cap` when a limit it touched is now above its
+    /// cap (it grants nothing until its window rolls over or its cap is raised).
+    OverrunRecorded {
+        recorded: u64,
+        over_cap: bool,
     },
 }
 

@@ -4,10 +4,11 @@
 //! map, consumption in per-window buckets (no lazy rollover), outstanding and fair
 //! share recomputed by scanning every lease. After every entry it checks the ledger
 //! against it, and checks the invariants the brief demands:
-//! - consumed + outstanding <= cap for every budget, unit, window (ancestors
-//!   included, since spend on a descendant is counted in each ancestor's limits);
-//! - granted = consumed + returned + charged on expiry + outstanding, from the
-//!   ledger's totals and from the audit records;
+//! - consumed + outstanding <= cap + overruns for every budget, unit, window
+//!   (ancestors included, since spend on a descendant is counted in each ancestor's
+//!   limits), and nothing is granted while consumed + outstanding >= cap;
+//! - granted + overruns = consumed + returned + charged on expiry + outstanding,
+//!   from the ledger's totals and from the audit records;
 //! - a ledger restored from a snapshot midway, fed the same entries, stays equal to
 //!   the original, and so does one replayed from the first entry;
 //! - the audit chain verifies;
@@ -62,6 +63,7 @@ enum Cmd {
     Acquire { budget: usize, unit: usize, wanted: u64, min: u64, ttl_ms: u64, who: usize },
     Report { pick: usize, percent: u64, renew_ms: Option<u64>, foreign: bool },
     Release { pick: usize, percent: u64, foreign: bool },
+    Overrun { budget: usize, unit: usize, amount: u64, who: usize },
     Tick,
 }
 
@@ -109,6 +111,8 @@ fn cmd() -> impl Strategy<Value = Cmd> {
             .prop_map(|(pick, percent, renew_ms, foreign)| Cmd::Report { pick, percent, renew_ms, foreign }),
         4 => (any::<usize>(), 0u64..=120, prop::bool::weighted(0.05))
             .prop_map(|(pick, percent, foreign)| Cmd::Release { pick, percent, foreign }),
+        2 => (0..PATHS.len(), 0..UNITS.len(), prop_oneof![8 => 1u64..80, 1 => Just(0u64), 1 => Just(MAX_AMOUNT)], 0..PRINCIPALS.len())
+            .prop_map(|(budget, unit, amount, who)| Cmd::Overrun { budget, unit, amount, who }),
         1 => Just(Cmd::Tick),
     ]
 }
@@ -170,8 +174,10 @@ struct Model {
     next_generation: u64,
     budgets: BTreeMap<String, MBudget>,
     leases: BTreeMap<LeaseId, MLease>,
-    /// consumed per (generation, window start).
+    /// consumed per (generation, window start), overruns included.
     consumed: BTreeMap<(u64, u64), u64>,
+    /// overruns per (generation, window start).
+    overruns: BTreeMap<(u64, u64), u64>,
     windows_of: BTreeMap<u64, Window>,
     records: u64,
 }
@@ -219,6 +225,11 @@ impl Model {
     fn consumed_now(&self, generation: u64) -> u64 {
         let start = self.windows_of[&generation].bounds(self.now_ms).0;
         self.consumed.get(&(generation, start)).copied().unwrap_or(0)
+    }
+
+    fn overruns_now(&self, generation: u64) -> u64 {
+        let start = self.windows_of[&generation].bounds(self.now_ms).0;
+        self.overruns.get(&(generation, start)).copied().unwrap_or(0)
     }
 
     fn bucket(&mut self, generation: u64, start: u64) -> &mut u64 {
@@ -333,7 +344,7 @@ impl Model {
                     {
                         let in_use =
                             self.consumed_now(old.generation) + self.outstanding(old.generation);
-                        if new.cap < in_use {
+                        if new.cap + self.overruns_now(old.generation) < in_use {
                             return Err(LedgerError::CapBelowUsage {
                                 path: spec.path.clone(),
                                 unit: new.unit.clone(),
@@ -392,9 +403,9 @@ impl Model {
                 let mut counters = Vec::new();
                 for path in self.chain(a.budget.as_str()) {
                     for l in self.budgets[&path].limits.iter().filter(|l| l.unit == a.unit) {
-                        let available = l.cap
-                            - self.consumed_now(l.generation)
-                            - self.outstanding(l.generation);
+                        let available = l.cap.saturating_sub(
+                            self.consumed_now(l.generation) + self.outstanding(l.generation),
+                        );
                         if available < at_least {
                             return Err(LedgerError::Exhausted {
                                 path: p(&path),
@@ -518,6 +529,44 @@ impl Model {
                 self.leases.get_mut(&r.lease).unwrap().state = MState::Gone;
                 Ok((reply, 1))
             }
+            Op::Overrun(o) => {
+                ration_core::command::check_amount("amount", o.amount)?;
+                if o.amount == 0 {
+                    return Err(LedgerError::InvalidArgument {
+                        field: String::new(),
+                        reason: String::new(),
+                    });
+                }
+                if !self.budgets.contains_key(o.budget.as_str()) {
+                    return Err(LedgerError::BudgetNotFound { path: o.budget.clone() });
+                }
+                let mut touched = Vec::new();
+                for path in self.chain(o.budget.as_str()) {
+                    for l in self.budgets[&path].limits.iter().filter(|l| l.unit == o.unit) {
+                        if self.consumed_now(l.generation) + o.amount > 4 * MAX_AMOUNT {
+                            return Err(LedgerError::AmountTooLarge {
+                                field: String::new(),
+                                value: 0,
+                                max: 0,
+                            });
+                        }
+                        touched.push((l.generation, l.window.bounds(now).0, l.cap));
+                    }
+                }
+                if touched.is_empty() {
+                    return Err(LedgerError::NoLimitForUnit {
+                        path: o.budget.clone(),
+                        unit: o.unit.clone(),
+                    });
+                }
+                let mut over_cap = false;
+                for (generation, start, cap) in touched {
+                    *self.bucket(generation, start) += o.amount;
+                    *self.overruns.entry((generation, start)).or_insert(0) += o.amount;
+                    over_cap |= self.consumed_now(generation) + self.outstanding(generation) > cap;
+                }
+                Ok((Reply::OverrunRecorded { recorded: o.amount, over_cap }, 1))
+            }
         }
     }
 
@@ -543,16 +592,17 @@ impl Model {
             for (l, v) in b.limits.iter().zip(&view.limits) {
                 let consumed = self.consumed_now(l.generation);
                 let outstanding = self.outstanding(l.generation);
+                let overruns = self.overruns_now(l.generation);
                 prop_assert_eq!(
-                    (v.consumed, v.outstanding),
-                    (consumed, outstanding),
+                    (v.consumed, v.outstanding, v.overruns),
+                    (consumed, outstanding, overruns),
                     "{} {} per {}",
                     path,
                     l.unit,
                     l.window
                 );
                 prop_assert!(
-                    consumed + outstanding <= l.cap,
+                    consumed + outstanding <= l.cap + overruns,
                     "cap broken on {} {} per {}",
                     path,
                     l.unit,
@@ -673,6 +723,14 @@ impl Run {
                 let who = if *foreign { (l.principal + 1) % PRINCIPALS.len() } else { l.principal };
                 (who, Op::Release(Release { lease, consumed_total: total }))
             }
+            Cmd::Overrun { budget, unit, amount, who } => (
+                *who,
+                Op::Overrun(ration_core::command::Overrun {
+                    budget: p(PATHS[*budget]),
+                    unit: Unit::new(UNITS[*unit]).unwrap(),
+                    amount: *amount,
+                }),
+            ),
         })
     }
 
@@ -787,11 +845,17 @@ impl Run {
     fn check_conservation(&self) -> Result<(), TestCaseError> {
         let t = self.ledger.totals();
         let outstanding = self.ledger.outstanding_total();
-        prop_assert_eq!(t.granted + t.uncharged, t.consumed + t.returned + t.charged + outstanding);
+        prop_assert_eq!(
+            t.granted + t.uncharged + t.overrun,
+            t.consumed + t.returned + t.charged + outstanding
+        );
         let (mut granted, mut rest) = (0i128, 0i128);
         for r in self.log.records() {
             let f = r.entry.flow;
             granted += i128::from(f.granted);
+            if r.entry.kind == ration_core::AuditKind::Overrun {
+                granted += i128::from(f.consumed);
+            }
             rest += i128::from(f.consumed) + i128::from(f.returned) + i128::from(f.charged)
                 - i128::from(f.uncharged);
         }
@@ -849,6 +913,7 @@ struct Coverage {
     expired: u64,
     refunded: u64,
     late_after_window: u64,
+    overruns: u64,
     retries: u64,
     snapshots: u64,
 }
@@ -874,6 +939,7 @@ impl Coverage {
                 ration_core::AuditKind::LeaseExpired => self.expired += 1,
                 ration_core::AuditKind::LeaseRefunded => self.refunded += 1,
                 ration_core::AuditKind::LateRelease => self.late_after_window += 1,
+                ration_core::AuditKind::Overrun => self.overruns += 1,
                 _ => {}
             }
         }
@@ -943,7 +1009,11 @@ fn the_ledger_matches_the_model_and_keeps_its_invariants() {
     eprintln!("{c:#?}");
     // Every path the brief cares about was reached.
     assert!(
-        c.granted > 1000 && c.expired > 100 && c.refunded > 10 && c.late_after_window > 0,
+        c.granted > 1000
+            && c.expired > 100
+            && c.refunded > 10
+            && c.late_after_window > 0
+            && c.overruns > 10,
         "{c:?}"
     );
     assert!(c.retries > 100 && c.snapshots > 50, "{c:?}");

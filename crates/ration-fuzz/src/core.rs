@@ -291,6 +291,19 @@ impl Harness {
                 };
                 (Op::Release(Release { lease, consumed_total }), owner)
             }
+            13 => {
+                let amount = match input.u8() {
+                    0..=223 => 1 + u64::from(input.u8() % 50),
+                    224..=239 => MAX_AMOUNT,
+                    _ => *input.pick(&[0, MAX_AMOUNT + 1, u64::MAX]),
+                };
+                let overrun = ration_core::Overrun {
+                    budget: self.path(input, true),
+                    unit: name(input.pick_str(&UNITS)),
+                    amount,
+                };
+                (Op::Overrun(overrun), None)
+            }
             _ => {
                 // An earlier request, sent again exactly.
                 if self.sent.is_empty() {
@@ -481,13 +494,14 @@ impl Harness {
             for l in &v.limits {
                 let what = format!("entry {at}: {} {} per {}", v.path, l.spec.unit, l.spec.window);
                 let used = l.consumed.checked_add(l.outstanding);
-                let Some(used) = used.filter(|u| *u <= l.spec.cap) else {
+                let Some(used) = used.filter(|u| *u <= l.spec.cap.saturating_add(l.overruns)) else {
                     panic!(
-                        "{what}: consumed {} + outstanding {} > cap {}",
-                        l.consumed, l.outstanding, l.spec.cap
+                        "{what}: consumed {} + outstanding {} > cap {} + overruns {}",
+                        l.consumed, l.outstanding, l.spec.cap, l.overruns
                     );
                 };
-                assert_eq!(l.remaining, l.spec.cap - used, "{what}: remaining");
+                assert!(l.overruns <= l.consumed, "{what}: overruns are part of consumed");
+                assert_eq!(l.remaining, l.spec.cap.saturating_sub(used), "{what}: remaining");
                 assert!(
                     l.window_start_ms <= now && now < l.window_end_ms,
                     "{what}: window [{}, {}) does not hold now {now}",
@@ -502,7 +516,7 @@ impl Harness {
         let t = self.ledger.totals();
         let outstanding = self.ledger.outstanding_total();
         assert_eq!(
-            t.granted + t.uncharged,
+            t.granted + t.uncharged + t.overrun,
             t.consumed + t.returned + t.charged + outstanding,
             "entry {at}: conservation: {t:?}, outstanding {outstanding}"
         );

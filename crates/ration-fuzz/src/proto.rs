@@ -245,6 +245,14 @@ fn check_release(req: &Request, m: &v1::ReleaseRequest) {
     assert_eq!(r.consumed_total, amount_of(m.consumed_total));
 }
 
+fn check_overrun(req: &Request, m: &v1::OverrunRequest) {
+    check_meta(req, m.meta.as_ref());
+    let Op::Overrun(o) = &req.op else { panic!("overrun gave {req:?}") };
+    assert_eq!(o.budget.as_str(), m.budget);
+    assert_eq!(o.unit.as_str(), m.unit);
+    assert_eq!(o.amount, amount_of(m.amount));
+}
+
 fn check_reply(outcome: &Outcome) {
     let Ok(reply) = outcome else { return };
     match reply {
@@ -259,6 +267,10 @@ fn check_reply(outcome: &Outcome) {
         Reply::Released { .. } => {
             let r = convert::to_proto::release_reply(reply).expect("a release reply converts");
             assert!(r.returned >= 0 && r.refunded >= 0, "{r:?}");
+        }
+        Reply::OverrunRecorded { .. } => {
+            let r = convert::to_proto::overrun_reply(reply).expect("an overrun reply converts");
+            assert!(r.recorded > 0, "{r:?}");
         }
         other => panic!("a lease operation answered {other:?}"),
     }
@@ -295,6 +307,7 @@ fn batch(m: &v1::BatchRequest) {
             Some(v1::batch_op::Op::Acquire(a)) => check_acquire(req, a),
             Some(v1::batch_op::Op::Report(r)) => check_report(req, r),
             Some(v1::batch_op::Op::Release(r)) => check_release(req, r),
+            Some(v1::batch_op::Op::Overrun(o)) => check_overrun(req, o),
             None => panic!("batch accepted an empty op"),
         }
     }
@@ -505,6 +518,15 @@ fn release_request(input: &mut Input<'_>) -> v1::ReleaseRequest {
     }
 }
 
+fn overrun_request(input: &mut Input<'_>) -> v1::OverrunRequest {
+    v1::OverrunRequest {
+        meta: meta(input),
+        budget: string(input, &PATHS),
+        unit: string(input, &UNITS),
+        amount: amount(input),
+    }
+}
+
 fn kind_name(input: &mut Input<'_>) -> String {
     match input.u8() % 8 {
         7 => string(input, &["nope", "", "LeaseGranted"]),
@@ -658,7 +680,8 @@ fn synthesize(kind: usize, input: &mut Input<'_>) -> Vec<u8> {
                     op: match input.u8() % 8 {
                         0..=2 => Some(v1::batch_op::Op::Acquire(acquire_request(input))),
                         3..=4 => Some(v1::batch_op::Op::Report(report_request(input))),
-                        5..=6 => Some(v1::batch_op::Op::Release(release_request(input))),
+                        5 => Some(v1::batch_op::Op::Release(release_request(input))),
+                        6 => Some(v1::batch_op::Op::Overrun(overrun_request(input))),
                         _ => None,
                     },
                 })

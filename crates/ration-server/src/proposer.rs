@@ -131,6 +131,7 @@ fn estimate_bytes(c: &Command) -> usize {
             }
             Op::DeleteBudget { path, .. } => path.as_str().len() + 12,
             Op::Acquire(a) => a.budget.as_str().len() + a.unit.as_str().len() + 40,
+            Op::Overrun(o) => o.budget.as_str().len() + o.unit.as_str().len() + 24,
             Op::Report(_) | Op::Release(_) => 32,
         }
 }

@@ -66,7 +66,9 @@ impl Ledger {
             if let Some(old) = find_limit(&budget.limits, &new.unit, new.window) {
                 let (consumed, _, _) = old.effective(now);
                 let in_use = consumed.saturating_add(old.counter.outstanding);
-                if new.cap < in_use {
+                // After an overrun, usage may be above the old cap already: the new
+                // cap must still hold it, counting the overruns as the old one did.
+                if new.cap.saturating_add(old.overruns(now)) < in_use {
                     return Err(LedgerError::CapBelowUsage {
                         path: spec.path.clone(),
                         unit: new.unit.clone(),
@@ -146,6 +148,7 @@ impl Ledger {
             window_end_ms,
             consumed: 0,
             outstanding: 0,
+            overruns: 0,
             holders: BTreeMap::new(),
         };
         Limit { spec, counter }

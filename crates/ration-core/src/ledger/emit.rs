@@ -5,7 +5,7 @@ use crate::audit::{AuditEntry, AuditKind, AuditRecord, Balance, Flow, GENESIS};
 use crate::names::{BudgetPath, Principal};
 
 impl Ledger {
-    fn base_entry(
+    pub(super) fn base_entry(
         &self,
         index: u64,
         kind: AuditKind,
@@ -71,7 +71,7 @@ impl Ledger {
 
     /// Adds a record's flow to the totals, chains it and emits it.
     pub(super) fn record(&mut self, audit: &mut Vec<AuditRecord>, entry: AuditEntry) {
-        self.totals.add(&entry.flow);
+        self.totals.add_record(entry.kind, &entry.flow);
         audit.push(self.chain.seal(entry));
     }
 

@@ -2,7 +2,9 @@
 
 use super::{About, BudgetId, CounterRef, Ctx, Lease, Ledger};
 use crate::audit::{AuditKind, Balance, Flow};
-use crate::command::{check_amount, Acquire, Grant, Outcome, Release, Reply, Report};
+use crate::command::{
+    check_amount, Acquire, Grant, Outcome, Overrun, Release, Reply, Report, MAX_AMOUNT,
+};
 use crate::error::LedgerError;
 use crate::names::{LeaseId, Principal};
 
@@ -260,6 +262,68 @@ impl Ledger {
         Ok(Reply::Released { lease: r.lease, returned: 0, refunded: flow.returned, late: true })
     }
 
+    pub(super) fn overrun(&mut self, ctx: &mut Ctx<'_>, o: &Overrun) -> Outcome {
+        check_amount("amount", o.amount)?;
+        if o.amount == 0 {
+            return Err(invalid("amount", "must be at least 1".into()));
+        }
+        let leaf = self.budget_id(&o.budget)?;
+        let now = self.now_ms;
+        // Decide, touching nothing: every limit in the unit up the chain takes it.
+        let mut refs: Vec<(BudgetId, usize)> = Vec::new();
+        let mut at = Some(leaf);
+        while let Some(id) = at {
+            let budget = &self.budgets[&id];
+            for (i, limit) in
+                budget.limits.iter().enumerate().filter(|(_, l)| l.spec.unit == o.unit)
+            {
+                let (consumed, _, _) = limit.effective(now);
+                // Overruns pile up only until an operator notices; keep every sum
+                // far from overflowing.
+                let room = MAX_CONSUMED.saturating_sub(consumed);
+                if o.amount > room {
+                    return Err(LedgerError::AmountTooLarge {
+                        field: "amount".into(),
+                        value: o.amount,
+                        max: room,
+                    });
+                }
+                refs.push((id, i));
+            }
+            at = budget.parent;
+        }
+        if refs.is_empty() {
+            return Err(LedgerError::NoLimitForUnit {
+                path: o.budget.clone(),
+                unit: o.unit.clone(),
+            });
+        }
+        let mut balances = Vec::with_capacity(refs.len());
+        let mut over_cap = false;
+        for &(id, i) in &refs {
+            let budget = self.budget_mut(id);
+            let limit = &mut budget.limits[i];
+            limit.roll(now);
+            let c = &mut limit.counter;
+            c.consumed = c.consumed.checked_add(o.amount).expect("checked against MAX_CONSUMED");
+            c.overruns = c.overruns.checked_add(o.amount).expect("overruns <= consumed");
+            over_cap |= c.consumed.saturating_add(c.outstanding) > limit.spec.cap;
+            balances.push(limit.balance(&budget.path));
+        }
+        let mut entry = self.base_entry(
+            ctx.index,
+            AuditKind::Overrun,
+            o.budget.clone(),
+            ctx.principal.clone(),
+            now,
+        );
+        entry.unit = Some(o.unit.clone());
+        entry.flow = Flow { consumed: o.amount, ..Flow::default() };
+        entry.balances = balances;
+        self.record(ctx.audit, entry);
+        Ok(Reply::OverrunRecorded { recorded: o.amount, over_cap })
+    }
+
     /// Takes a live lease out: `consumed` more is settled and the rest of its
     /// outstanding allowance leaves the counters.
     /// Returns the lease and the balances after the change.
@@ -292,6 +356,10 @@ impl Ledger {
         (lease, balances)
     }
 }
+
+/// Most a limit may count as consumed in one window, overruns included: four times
+/// [`MAX_AMOUNT`], so sums of a few such figures stay far from `u64::MAX`.
+const MAX_CONSUMED: u64 = 4 * MAX_AMOUNT;
 
 fn invalid(field: &str, reason: String) -> LedgerError {
     LedgerError::InvalidArgument { field: field.into(), reason }

@@ -80,6 +80,11 @@ struct Counter {
     consumed: u64,
     /// Granted in live leases and not yet reported.
     outstanding: u64,
+    /// Reported overruns in this window (included in `consumed`): spend that was never
+    /// granted. `consumed + outstanding <= cap + overruns` always. Kept in the
+    /// snapshot's second section (see `snapshot`), so older snapshots still decode.
+    #[serde(skip)]
+    overruns: u64,
     /// Derived: live leases per holder, for the fair share.
     #[serde(skip)]
     holders: BTreeMap<Principal, u32>,
@@ -103,13 +108,20 @@ impl Limit {
         }
     }
 
+    /// Overruns counted in the window holding `now_ms`.
+    fn overruns(&self, now_ms: u64) -> u64 {
+        if now_ms < self.counter.window_end_ms {
+            self.counter.overruns
+        } else {
+            0
+        }
+    }
+
+    /// What may still be granted: nothing once consumed + outstanding reaches the cap
+    /// (after an overrun it may be above it).
     fn available(&self, now_ms: u64) -> u64 {
         let (consumed, _, _) = self.effective(now_ms);
-        self.spec
-            .cap
-            .checked_sub(consumed)
-            .and_then(|a| a.checked_sub(self.counter.outstanding))
-            .expect("invariant: consumed + outstanding <= cap")
+        self.spec.cap.saturating_sub(consumed.saturating_add(self.counter.outstanding))
     }
 
     fn roll(&mut self, now_ms: u64) {
@@ -121,6 +133,7 @@ impl Limit {
             c.window_start_ms = s;
             c.window_end_ms = e;
             c.consumed = 0;
+            c.overruns = 0;
         }
     }
 
@@ -187,8 +200,8 @@ struct ExpiredLease {
     counters: Vec<CounterRef>,
 }
 
-/// Lifetime allowance flows; `granted = consumed + returned + charged - uncharged +
-/// outstanding` always.
+/// Lifetime allowance flows; `granted + overrun = consumed + returned + charged -
+/// uncharged + outstanding` always.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
     pub granted: u128,
@@ -196,9 +209,20 @@ pub struct Totals {
     pub returned: u128,
     pub charged: u128,
     pub uncharged: u128,
+    /// Reported overruns (included in `consumed`). In the snapshot's second section.
+    #[serde(skip)]
+    pub overrun: u128,
 }
 
 impl Totals {
+    /// Adds one audit record's flow.
+    pub fn add_record(&mut self, kind: crate::audit::AuditKind, f: &Flow) {
+        if kind == crate::audit::AuditKind::Overrun {
+            self.overrun = self.overrun.saturating_add(f.consumed.into());
+        }
+        self.add(f);
+    }
+
     fn add(&mut self, f: &Flow) {
         self.granted = self.granted.saturating_add(f.granted.into());
         self.consumed = self.consumed.saturating_add(f.consumed.into());
@@ -225,6 +249,8 @@ pub struct LimitView {
     pub consumed: u64,
     pub outstanding: u64,
     pub remaining: u64,
+    /// Overruns counted in this window (part of `consumed`).
+    pub overruns: u64,
     /// Distinct principals holding live leases on it.
     pub holders: u64,
 }
@@ -355,6 +381,7 @@ impl Ledger {
             Op::Acquire(a) => self.acquire(&mut ctx, slot, a),
             Op::Report(r) => self.report(&mut ctx, r),
             Op::Release(r) => self.release(&mut ctx, r),
+            Op::Overrun(o) => self.overrun(&mut ctx, o),
         };
         self.dedup.remember(
             &req.client,

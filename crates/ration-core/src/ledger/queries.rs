@@ -93,6 +93,7 @@ impl Ledger {
                     consumed,
                     outstanding: l.counter.outstanding,
                     remaining: l.available(now),
+                    overruns: l.overruns(now),
                     holders: l.counter.holders.len() as u64,
                 }
             })

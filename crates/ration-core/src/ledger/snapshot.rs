@@ -69,7 +69,8 @@ pub enum InvariantError {
         held: u64,
     },
     #[error(
-        "{path} {unit} per {window}: consumed {consumed} + outstanding {outstanding} > cap {cap}"
+        "{path} {unit} per {window}: consumed {consumed} + outstanding {outstanding} > cap {cap} \
+         + overruns {overruns}"
     )]
     OverCap {
         path: BudgetPath,
@@ -78,6 +79,7 @@ pub enum InvariantError {
         consumed: u64,
         outstanding: u64,
         cap: u64,
+        overruns: u64,
     },
     #[error(
         "{path} {unit} per {window}: window closed with {outstanding} outstanding (window end \
@@ -92,12 +94,13 @@ pub enum InvariantError {
         now_ms: u64,
     },
     #[error(
-        "conservation: granted {granted} + uncharged {uncharged} != consumed {consumed} + \
-         returned {returned} + charged {charged} + outstanding {outstanding}"
+        "conservation: granted {granted} + uncharged {uncharged} + overrun {overrun} != consumed \
+         {consumed} + returned {returned} + charged {charged} + outstanding {outstanding}"
     )]
     Conservation {
         granted: u128,
         uncharged: u128,
+        overrun: u128,
         consumed: u128,
         returned: u128,
         charged: u128,
@@ -105,20 +108,59 @@ pub enum InvariantError {
     },
 }
 
+/// Snapshot layouts. V2 appends a section for what V1 did not hold (overruns), so a
+/// V1 snapshot still restores (with no overruns).
 #[derive(Serialize, Deserialize)]
-enum SnapshotFormat<L> {
+enum SnapshotFormat<L, X> {
     V1(L),
+    V2(L, X),
+}
+
+/// Only the first layout, for tests that write an older snapshot.
+#[cfg(test)]
+#[derive(Serialize)]
+pub(super) enum SnapshotFormatV1Only<L> {
+    V1(L),
+}
+
+/// The second section of a V2 snapshot.
+#[derive(Serialize, Deserialize, Default)]
+struct Overruns {
+    /// (counter id, overruns in its current window), for counters with any.
+    counters: Vec<(u64, u64)>,
+    total: u128,
 }
 
 impl Ledger {
     /// The whole state, deterministically encoded: equal states give equal bytes.
     pub fn snapshot(&self) -> Vec<u8> {
-        postcard::to_stdvec(&SnapshotFormat::V1(self)).expect("encoding into a Vec cannot fail")
+        let mut counters = Vec::new();
+        for b in self.budgets.values() {
+            for l in &b.limits {
+                if l.counter.overruns > 0 {
+                    counters.push((l.counter.id, l.counter.overruns));
+                }
+            }
+        }
+        let extra = Overruns { counters, total: self.totals.overrun };
+        postcard::to_stdvec(&SnapshotFormat::V2(self, extra))
+            .expect("encoding into a Vec cannot fail")
     }
 
     /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, and checks it.
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let SnapshotFormat::V1(mut ledger) = postcard::from_bytes::<SnapshotFormat<Ledger>>(bytes)?;
+        let (mut ledger, extra) =
+            match postcard::from_bytes::<SnapshotFormat<Ledger, Overruns>>(bytes)? {
+                SnapshotFormat::V1(ledger) => (ledger, Overruns::default()),
+                SnapshotFormat::V2(ledger, extra) => (ledger, extra),
+            };
+        ledger.totals.overrun = extra.total;
+        let overruns: BTreeMap<u64, u64> = extra.counters.into_iter().collect();
+        for b in ledger.budgets.values_mut() {
+            for l in &mut b.limits {
+                l.counter.overruns = overruns.get(&l.counter.id).copied().unwrap_or(0);
+            }
+        }
         let next_seq = ledger.chain_head().next_seq;
         if next_seq > MAX_AUDIT_SEQ {
             return Err(
@@ -268,7 +310,12 @@ impl Ledger {
                     });
                 }
                 let (consumed, _, _) = l.effective(self.now_ms);
-                if consumed.checked_add(c.outstanding).is_none_or(|used| used > l.spec.cap) {
+                let overruns = l.overruns(self.now_ms);
+                if c.overruns > c.consumed
+                    || consumed
+                        .checked_add(c.outstanding)
+                        .is_none_or(|used| used > l.spec.cap.saturating_add(overruns))
+                {
                     return Err(InvariantError::OverCap {
                         path: b.path.clone(),
                         unit: l.spec.unit.clone(),
@@ -276,6 +323,7 @@ impl Ledger {
                         consumed,
                         outstanding: c.outstanding,
                         cap: l.spec.cap,
+                        overruns,
                     });
                 }
                 if c.outstanding > 0 && self.now_ms >= c.window_end_ms {
@@ -297,10 +345,11 @@ impl Ledger {
             .saturating_add(t.returned)
             .saturating_add(t.charged)
             .saturating_add(outstanding);
-        if t.granted.saturating_add(t.uncharged) != rhs {
+        if t.granted.saturating_add(t.uncharged).saturating_add(t.overrun) != rhs {
             return Err(InvariantError::Conservation {
                 granted: t.granted,
                 uncharged: t.uncharged,
+                overrun: t.overrun,
                 consumed: t.consumed,
                 returned: t.returned,
                 charged: t.charged,

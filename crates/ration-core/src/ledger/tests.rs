@@ -623,3 +623,127 @@ fn the_ledger_has_limits() {
     h.grant("gw", acquire("t", 1, 1, 1_000));
     assert!(matches!(h.run("gw", acquire("t", 1, 1, 1_000)), Err(LedgerError::LedgerFull { .. })));
 }
+
+fn overrun(p: &str, amount: u64) -> Op {
+    Op::Overrun(crate::command::Overrun { budget: path(p), unit: unit("tokens"), amount })
+}
+
+#[test]
+fn an_overrun_is_counted_up_the_tree_audited_and_stops_grants_until_the_window_rolls() {
+    let mut h = H::tree();
+    // key-7: 300 a minute. A gateway leases all of it and spends it, then a call
+    // costs 40 more than it could take.
+    let g = h.grant("gw-1", acquire("acme/search/key-7", 300, 1, 10_000));
+    h.ok("gw-1", Op::Release(Release { lease: g.lease, consumed_total: 300 }));
+    let r = h.ok("gw-1", overrun("acme/search/key-7", 40));
+    assert_eq!(r, Reply::OverrunRecorded { recorded: 40, over_cap: true });
+    for p in ["acme", "acme/search", "acme/search/key-7"] {
+        assert_eq!(h.usage(p), (340, 0), "{p}: the ledger counts what was really spent");
+    }
+    let rec = h.log.records().last().unwrap();
+    assert_eq!(rec.entry.kind, AuditKind::Overrun);
+    assert_eq!(rec.entry.flow.consumed, 40);
+    assert_eq!(rec.entry.principal.as_str(), "gw-1");
+    assert_eq!(rec.entry.balances.len(), 3);
+    let view = h.ledger.budget(&path("acme/search/key-7")).unwrap();
+    assert_eq!((view.limits[0].overruns, view.limits[0].remaining), (40, 0));
+    // Over its cap, key-7 grants nothing; an ancestor with room is unaffected
+    // for its other children.
+    let err = h.run("gw-2", acquire("acme/search/key-7", 1, 1, 10_000)).unwrap_err();
+    assert!(matches!(err, LedgerError::Exhausted { available: 0, .. }), "{err}");
+    assert_eq!(h.grant("gw-2", acquire("acme/search", 10, 1, 10_000)).granted, 10);
+    let t = h.ledger.totals();
+    assert_eq!((t.overrun, t.consumed), (40, 340));
+    // The minute rolls: key-7 grants again, and its overrun figure starts over.
+    h.tick(MIN);
+    assert_eq!(h.grant("gw-2", acquire("acme/search/key-7", 5, 1, 10_000)).granted, 5);
+    let view = h.ledger.budget(&path("acme/search/key-7")).unwrap();
+    assert_eq!(view.limits[0].overruns, 0);
+    // Spend per window counts the overrun as spend.
+    let s =
+        spend(h.log.records(), &path("acme/search/key-7"), Window::utc(Period::Minute), None, None);
+    assert_eq!(
+        s.iter()
+            .filter(|r| r.budget.as_str() == "acme/search/key-7")
+            .map(|r| r.spent)
+            .sum::<i128>(),
+        340
+    );
+}
+
+#[test]
+fn an_overrun_below_the_cap_is_still_counted_and_overruns_are_bounded() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Lifetime)])));
+    let r = h.ok("gw", overrun("t", 30));
+    assert_eq!(r, Reply::OverrunRecorded { recorded: 30, over_cap: false });
+    assert_eq!(h.usage("t"), (30, 0));
+    assert_eq!(h.grant("gw", acquire("t", 100, 1, 10_000)).granted, 70);
+    // Refusals change nothing: zero, too large, unknown budget, no limit in the unit.
+    let before = h.ledger.totals();
+    assert!(matches!(h.run("gw", overrun("t", 0)), Err(LedgerError::InvalidArgument { .. })));
+    assert!(matches!(
+        h.run("gw", overrun("t", MAX_AMOUNT + 1)),
+        Err(LedgerError::AmountTooLarge { .. })
+    ));
+    assert!(matches!(h.run("gw", overrun("nope", 1)), Err(LedgerError::BudgetNotFound { .. })));
+    let other = Op::Overrun(crate::command::Overrun {
+        budget: path("t"),
+        unit: unit("usd_micros"),
+        amount: 1,
+    });
+    assert!(matches!(h.run("gw", other), Err(LedgerError::NoLimitForUnit { .. })));
+    assert_eq!(h.ledger.totals(), before);
+    // A lifetime limit piles overruns up only to a bound far from overflow.
+    for _ in 0..3 {
+        h.ok("gw", overrun("t", MAX_AMOUNT));
+    }
+    assert!(matches!(
+        h.run("gw", overrun("t", MAX_AMOUNT)),
+        Err(LedgerError::AmountTooLarge { .. })
+    ));
+}
+
+#[test]
+fn raising_the_cap_after_an_overrun_lets_grants_resume_and_lowering_it_is_checked() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Lifetime)])));
+    let g = h.grant("gw", acquire("t", 100, 1, 10_000));
+    h.ok("gw", Op::Release(Release { lease: g.lease, consumed_total: 100 }));
+    h.ok("gw", overrun("t", 25));
+    // A cap of 110 still counts the overrun as the old one did: allowed, grants nothing.
+    h.ok(
+        "ops",
+        Op::UpdateBudget {
+            spec: spec("t", vec![limit("tokens", 110, Period::Lifetime)]),
+            expected_version: 1,
+        },
+    );
+    assert!(h.run("gw", acquire("t", 1, 1, 10_000)).is_err());
+    h.ok(
+        "ops",
+        Op::UpdateBudget {
+            spec: spec("t", vec![limit("tokens", 200, Period::Lifetime)]),
+            expected_version: 2,
+        },
+    );
+    assert_eq!(h.grant("gw", acquire("t", 500, 1, 10_000)).granted, 75);
+}
+
+#[test]
+fn snapshots_keep_overruns_and_an_older_snapshot_still_restores() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Lifetime)])));
+    h.grant("gw", acquire("t", 50, 1, 10_000));
+    h.ok("gw", overrun("t", 70));
+    let restored = Ledger::restore(&h.ledger.snapshot()).unwrap();
+    assert_eq!(restored, h.ledger);
+    assert_eq!(restored.budget(&path("t")).unwrap().limits[0].overruns, 70);
+    assert_eq!(restored.totals().overrun, 70);
+    // A V1 snapshot (written before overruns existed) restores with none.
+    let mut plain = H::new();
+    plain.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Lifetime)])));
+    plain.grant("gw", acquire("t", 50, 1, 10_000));
+    let v1 = postcard::to_stdvec(&snapshot::SnapshotFormatV1Only::V1(&plain.ledger)).unwrap();
+    assert_eq!(Ledger::restore(&v1).unwrap(), plain.ledger);
+}

@@ -4,7 +4,7 @@
 use ration_core::audit::{AuditFilter, AuditKind, AuditRecord};
 use ration_core::{
     Acquire, BudgetPath, BudgetSpec, ClientId, FailPolicy, LeaseId, LedgerError, LimitSpec, Op,
-    Period, Principal, Release, Report, Request, Unit, Window,
+    Overrun, Period, Principal, Release, Report, Request, Unit, Window,
 };
 use tonic::Status;
 
@@ -160,6 +160,15 @@ pub fn release(r: &v1::ReleaseRequest) -> Result<Request, Status> {
     request(r.meta.as_ref(), op)
 }
 
+pub fn overrun(r: &v1::OverrunRequest) -> Result<Request, Status> {
+    let op = Op::Overrun(Overrun {
+        budget: path("budget", &r.budget)?,
+        unit: unit(&r.unit)?,
+        amount: amount("amount", r.amount)?,
+    });
+    request(r.meta.as_ref(), op)
+}
+
 /// Converts every operation of a batch; a malformed one fails the whole call, naming
 /// its position, before anything is proposed.
 /// A batch's operations, each converted on its own: the outer error refuses the
@@ -180,6 +189,7 @@ pub fn batch(r: &v1::BatchRequest) -> Result<Vec<Result<Request, Status>>, Statu
                 Some(v1::batch_op::Op::Acquire(a)) => acquire(a),
                 Some(v1::batch_op::Op::Report(rep)) => report(rep),
                 Some(v1::batch_op::Op::Release(rel)) => release(rel),
+                Some(v1::batch_op::Op::Overrun(o)) => overrun(o),
                 None => Err(missing("op")),
             };
             converted.map_err(|s| Status::new(s.code(), format!("ops[{i}]: {}", s.message())))

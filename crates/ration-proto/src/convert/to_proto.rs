@@ -102,6 +102,15 @@ pub fn release_reply(reply: &Reply) -> Result<v1::ReleaseReply, Status> {
     }
 }
 
+pub fn overrun_reply(reply: &Reply) -> Result<v1::OverrunReply, Status> {
+    match reply {
+        Reply::OverrunRecorded { recorded, over_cap } => {
+            Ok(v1::OverrunReply { recorded: to_i64(*recorded), over_cap: *over_cap })
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 pub fn budget(v: &BudgetView) -> v1::Budget {
     v1::Budget {
         path: v.path.to_string(),
@@ -117,6 +126,7 @@ pub fn budget(v: &BudgetView) -> v1::Budget {
                 outstanding: to_i64(l.outstanding),
                 remaining: to_i64(l.remaining),
                 holders: l.holders,
+                overruns: to_i64(l.overruns),
             })
             .collect(),
         children: v.children,
@@ -148,6 +158,9 @@ pub fn batch_result(outcome: &ration_core::Outcome) -> v1::BatchResult {
         }
         Ok(reply @ Reply::Reported { .. }) => {
             report_reply(reply).map(R::Report).unwrap_or_else(|s| op_error(&s))
+        }
+        Ok(reply @ Reply::OverrunRecorded { .. }) => {
+            overrun_reply(reply).map(R::Overrun).unwrap_or_else(|s| op_error(&s))
         }
         Ok(reply @ Reply::Released { .. }) => {
             release_reply(reply).map(R::Release).unwrap_or_else(|s| op_error(&s))

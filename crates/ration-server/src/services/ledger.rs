@@ -145,6 +145,19 @@ impl v1::ledger_server::Ledger for LedgerService {
         .await
     }
 
+    async fn report_overrun(
+        &self,
+        req: Request<v1::OverrunRequest>,
+    ) -> Result<Response<v1::OverrunReply>, Status> {
+        self.write(
+            req,
+            |r| Ok(vec![to_core::overrun(r)?]),
+            |_, outcomes| to_proto::overrun_reply(&only(outcomes)?),
+            on_leader!(LedgerClient, report_overrun),
+        )
+        .await
+    }
+
     async fn release(
         &self,
         req: Request<v1::ReleaseRequest>,
