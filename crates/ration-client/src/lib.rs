@@ -27,6 +27,9 @@ pub mod counters {
     pub const OUTAGES: &str = "ration_client_outages_total";
     /// Keys put in quarantine: the ledger refused their acquires as invalid.
     pub const QUARANTINED: &str = "ration_client_quarantined_keys_total";
+    /// Units calls used beyond what they reserved and the leases held: reported to
+    /// the ledger as overruns.
+    pub const OVERRUN_UNITS: &str = "ration_client_overrun_units_total";
 }
 
 /// A gateway's allowances by (budget path, unit), and its clock.
@@ -112,7 +115,8 @@ impl Gateway {
     pub fn reserve(&self, wants: &[(&str, &str, u64)]) -> Option<Reservation> {
         let wants: Vec<(Arc<Allowance>, u64)> =
             wants.iter().map(|(b, u, n)| (self.allowance(b, u), *n)).collect();
-        let r = Reservation::reserve(&wants, self.clock.now_ms());
+        let clock: Arc<dyn LocalClock> = self.clock.clone();
+        let r = Reservation::reserve(&wants, self.clock.now_ms()).map(|r| r.with_clock(clock));
         let name = if r.is_some() { counters::ADMITTED } else { counters::DENIED };
         metrics::counter!(name).increment(1);
         r

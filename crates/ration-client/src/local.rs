@@ -179,6 +179,10 @@ pub struct Allowance {
     stripes: [Stripe; STRIPES],
     /// Units asked for and refused: demand the refill side must also cover.
     denied_units: AtomicU64,
+    /// Overrun units not yet handed to the refill side (see [`Reservation::settle`]).
+    overruns_pending: AtomicU64,
+    /// Overrun units ever recorded here.
+    overruns_total: AtomicU64,
 }
 
 impl Allowance {
@@ -205,6 +209,58 @@ impl Allowance {
             }
         }
         amount == 0 || self.take_across(amount, now_ms).is_some()
+    }
+
+    /// Spends up to `amount` for good from live slots (as much as they hold) and
+    /// returns what it took. For use beyond a reservation: there is nothing to give
+    /// back, so a partial take is fine.
+    pub fn take_up_to(&self, amount: u64, now_ms: u64) -> u64 {
+        let mut need = amount;
+        for slot in 0..SLOTS {
+            if need == 0 {
+                break;
+            }
+            if !self.live(slot, now_ms) {
+                continue;
+            }
+            for stripe in &self.stripes {
+                if need == 0 {
+                    break;
+                }
+                let mut got = 0;
+                let _ =
+                    stripe.remaining[slot].fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                        got = r.min(need);
+                        (got > 0).then(|| r - got)
+                    });
+                need -= got;
+            }
+        }
+        amount - need
+    }
+
+    /// Records `units` spent beyond anything leased: the refill side reports them to
+    /// the ledger as an overrun.
+    pub fn record_overrun(&self, units: u64) {
+        if units > 0 {
+            self.overruns_pending.fetch_add(units, Ordering::AcqRel);
+            self.overruns_total.fetch_add(units, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the overrun units recorded since the last call (for the refill side).
+    pub fn take_overruns(&self) -> u64 {
+        self.overruns_pending.swap(0, Ordering::AcqRel)
+    }
+
+    /// Puts back overrun units that could not be reported.
+    pub fn restore_overruns(&self, units: u64) {
+        self.overruns_pending.fetch_add(units, Ordering::AcqRel);
+    }
+
+    /// Overrun units ever recorded on this allowance.
+    pub fn overruns_total(&self) -> u64 {
+        self.overruns_total.load(Ordering::Relaxed)
     }
 
     /// Units refused so far (a running total), so refill can size for unmet demand.
@@ -354,10 +410,21 @@ impl Allowance {
 /// A reservation for one call across one or more allowances. [`Reservation::settle`]
 /// keeps what the call really used and gives the rest back at once; dropping it
 /// unsettled gives everything back.
-#[derive(Debug)]
 pub struct Reservation {
     parts: Vec<(Arc<Allowance>, Taken)>,
     settled: bool,
+    /// The clock settling reads to take use beyond the reservation from live
+    /// leases; without one, all of it is an overrun.
+    clock: Option<Arc<dyn LocalClock>>,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("parts", &self.parts)
+            .field("settled", &self.settled)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Reservation {
@@ -368,12 +435,18 @@ impl Reservation {
             match allowance.try_take(*amount, now_ms) {
                 Some(t) => parts.push((allowance.clone(), t)),
                 None => {
-                    drop(Self { parts, settled: false });
+                    drop(Self { parts, settled: false, clock: None });
                     return None;
                 }
             }
         }
-        Some(Self { parts, settled: false })
+        Some(Self { parts, settled: false, clock: None })
+    }
+
+    /// Settling takes use beyond the reservation from leases live on `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn LocalClock>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// Units reserved from each allowance, in order.
@@ -381,17 +454,31 @@ impl Reservation {
         self.parts.iter().map(|(_, t)| t.units()).collect()
     }
 
-    /// Keeps `used[i]` of the i-th allowance's reservation and returns the rest.
-    /// Use beyond the reservation is not admitted: reserve the worst case (prompt +
-    /// max_tokens). Returns what was given back.
+    /// Keeps `used[i]` of the i-th allowance's reservation and returns the rest;
+    /// returns what was given back. A call that used more than was reserved (a price
+    /// known only afterwards) already happened: the excess is taken from the
+    /// allowance's live leases as far as they hold it, and the rest is recorded as
+    /// an overrun ([`Allowance::take_overruns`]), which the SDK reports to the
+    /// ledger. Nothing used is ever left out of the ledger.
     pub fn settle(mut self, used: &[u64]) -> Vec<u64> {
         self.settled = true;
+        let now = self.clock.as_ref().map(|c| c.now_ms());
         self.parts
             .iter()
             .enumerate()
             .map(|(i, (a, t))| {
-                let back = t.units().saturating_sub(used.get(i).copied().unwrap_or(0));
+                let used = used.get(i).copied().unwrap_or(0);
+                let back = t.units().saturating_sub(used);
                 a.give_back(t, back);
+                let excess = used.saturating_sub(t.units());
+                if excess > 0 {
+                    let taken = now.map_or(0, |now| a.take_up_to(excess, now));
+                    let over = excess - taken;
+                    if over > 0 {
+                        a.record_overrun(over);
+                        metrics::counter!(crate::counters::OVERRUN_UNITS).increment(over);
+                    }
+                }
                 back
             })
             .collect()
@@ -497,6 +584,33 @@ mod tests {
         assert_eq!(a.available(1), 588);
         assert!(Reservation::reserve(&[(a.clone(), 10), (b.clone(), 31)], 1).is_none());
         assert_eq!(a.available(1), 588);
+    }
+
+    #[test]
+    fn use_beyond_the_reservation_comes_from_the_leases_then_is_an_overrun() {
+        let clock = Arc::new(ManualClock::default());
+        clock.set(1);
+        let a = Arc::new(with_lease(100, 1000));
+        let r = Reservation::reserve(&[(a.clone(), 30)], 1).unwrap().with_clock(clock.clone());
+        // Used 50 of 30 reserved: 20 more comes from the lease.
+        assert_eq!(r.settle(&[50]), vec![0]);
+        assert_eq!((a.available(1), a.overruns_total()), (50, 0));
+        // Used 90 of 40 reserved with 10 left in the lease: 10 taken, 40 overrun.
+        let r = Reservation::reserve(&[(a.clone(), 40)], 1).unwrap().with_clock(clock.clone());
+        r.settle(&[90]);
+        assert_eq!((a.available(1), a.take_overruns()), (0, 40));
+        assert_eq!(a.take_overruns(), 0, "taken once");
+        assert_eq!(a.overruns_total(), 40);
+        // A lease past its local deadline is not spent from: all of it is overrun.
+        let b = Arc::new(with_lease(100, 10));
+        let r = Reservation::reserve(&[(b.clone(), 5)], 1).unwrap().with_clock(clock.clone());
+        clock.set(10);
+        r.settle(&[8]);
+        assert_eq!(b.take_overruns(), 3);
+        // Without a clock the excess is all overrun.
+        let c = Arc::new(with_lease(100, 1000));
+        Reservation::reserve(&[(c.clone(), 5)], 1).unwrap().settle(&[7]);
+        assert_eq!((c.available(1), c.take_overruns()), (95, 2));
     }
 
     #[test]

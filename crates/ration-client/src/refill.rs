@@ -278,6 +278,17 @@ impl Sdk {
                     }
                 }
                 t.leases = keep;
+                // Use beyond what calls reserved and the leases held: the ledger
+                // counts it as an overrun (sent again, same request id, until answered).
+                let over = t.allowance.take_overruns();
+                if over > 0 {
+                    ops.push(Pending {
+                        op: overrun(&self.cluster, key, over),
+                        key: key.clone(),
+                        sent_at_ms: now,
+                        reserve: false,
+                    });
+                }
                 // Demand rate: what was spent plus what was asked for and refused.
                 let spent = t.spent_retired + live_spent;
                 let denied = t.allowance.denied_units();
@@ -473,6 +484,14 @@ impl Sdk {
         // `Cluster::batch` returns exactly one result per operation, in order.
         assert_eq!(ops.len(), results.len(), "one result per operation");
         for (p, r) in ops.into_iter().zip(results) {
+            if let (Some(Op::Overrun(o)), Some(R::Error(e))) = (&p.op.op, &r.result) {
+                // The spend happened; only a budget that no longer exists (or a bad
+                // name) refuses it. Say so loudly: the ledger could not count it.
+                tracing::error!(
+                    budget = %o.budget, unit = %o.unit, amount = o.amount,
+                    "the ledger refused an overrun report: {}", e.message
+                );
+            }
             let Some(Op::Acquire(_)) = &p.op.op else { continue };
             let lease = match r.result {
                 Some(R::Lease(lease)) => lease,
@@ -632,6 +651,15 @@ impl Sdk {
         self.ops_sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Overrun units calls on (budget, unit) have recorded (see
+    /// [`Reservation::settle`]); the refill round reports them to the ledger.
+    pub fn gateway_overruns(&self, budget: &str, unit: &str) -> u64 {
+        let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        tracked
+            .get(&(budget.to_owned(), unit.to_owned()))
+            .map_or(0, |t| t.allowance.overruns_total())
+    }
+
     /// (leases held, units held now) for (budget, unit).
     pub fn held(&self, budget: &str, unit: &str) -> (usize, u64) {
         let now = self.gateway.clock().now_ms();
@@ -646,7 +674,11 @@ impl Sdk {
         let mut ops = Vec::new();
         {
             let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-            for t in tracked.values_mut() {
+            for (key, t) in tracked.iter_mut() {
+                let over = t.allowance.take_overruns();
+                if over > 0 {
+                    ops.push(overrun(&self.cluster, key, over));
+                }
                 if let Some(r) = t.reserve.take() {
                     let spent = match r.installed {
                         Some((slot, generation)) => r
@@ -708,6 +740,17 @@ fn acquire(
             wanted: units(wanted),
             min: units(min),
             ttl_ms: units(ttl_ms),
+        })),
+    }
+}
+
+fn overrun(cluster: &Cluster, key: &(String, String), units: u64) -> BatchOp {
+    BatchOp {
+        op: Some(Op::Overrun(v1::OverrunRequest {
+            meta: cluster.meta(),
+            budget: key.0.clone(),
+            unit: key.1.clone(),
+            amount: i64::try_from(units).unwrap_or(i64::MAX),
         })),
     }
 }

@@ -459,3 +459,104 @@ async fn the_strictest_policy_along_the_ancestor_chain_sizes_the_reserve() {
     assert_eq!(beyond("chain/leaf").await, 40);
     cluster.shutdown().await;
 }
+
+/// Calls whose real cost is known only afterwards (a dollar price, output tokens)
+/// settle above what they reserved, again and again, with default SDK settings,
+/// until the cap is reached. The excess comes from the leases when they hold it and
+/// is reported as an overrun when they do not: the ledger's consumed figure equals
+/// the sum of the real costs the gateways admitted, and stays within the cap plus
+/// the audited overruns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_above_the_reservation_is_counted_to_the_unit() {
+    const CAP: i64 = 200_000;
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "usd", CAP, None).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let endpoints: Vec<String> = cluster.addrs.values().map(|a| a.to_string()).collect();
+    let gateways: Vec<Arc<Sdk>> = (0..2)
+        .map(|i| {
+            Sdk::start(SdkConfig::new(endpoints.clone(), format!("gw-over-{i}")), clock.clone())
+                .unwrap()
+        })
+        .collect();
+    let real_total = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (g, sdk) in gateways.iter().enumerate() {
+        for worker in 0..2u64 {
+            let (sdk, real_total, calls) = (sdk.clone(), real_total.clone(), calls.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ (g as u64 * 31 + worker);
+                let mut refused_in_a_row = 0u32;
+                while started.elapsed() < Duration::from_secs(60) && refused_in_a_row < 400 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let estimate = 20 + x % 60;
+                    // Real cost: from half the estimate to three times it.
+                    let real = estimate / 2 + (x >> 20) % (estimate * 5 / 2 + 1);
+                    match sdk.reserve(&[("usd", "tokens", estimate)]) {
+                        Some(r) => {
+                            refused_in_a_row = 0;
+                            r.settle(&[real]);
+                            real_total.fetch_add(real, Ordering::Relaxed);
+                            calls.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => refused_in_a_row += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for sdk in &gateways {
+        // Every overrun and release reaches the ledger (retried with the same ids).
+        eventually("the gateway settles everything", Duration::from_secs(30), || async {
+            sdk.release_all().await.is_ok()
+        })
+        .await;
+    }
+    let real = real_total.load(Ordering::Relaxed) as i64;
+    let b = ledger(addr)
+        .get_budget(v1::GetBudgetRequest { path: "usd".into(), linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let l = &b.limits[0];
+    let overruns: u64 = gateways.iter().map(|s| s.gateway_overruns("usd", "tokens")).sum();
+    eprintln!(
+        "{} calls, real cost {real}, ledger consumed {} outstanding {} overruns {} (gateways \
+         recorded {overruns})",
+        calls.load(Ordering::Relaxed),
+        l.consumed,
+        l.outstanding,
+        l.overruns
+    );
+    assert!(calls.load(Ordering::Relaxed) > 1_000, "the test made calls");
+    assert!(l.overruns > 0, "some calls overran what the leases held");
+    assert_eq!(l.overruns as u64, overruns, "every recorded overrun reached the ledger");
+    assert_eq!(l.outstanding, 0);
+    assert_eq!(l.consumed, real, "the ledger's consumed figure is the sum of real costs");
+    assert!(l.consumed <= CAP + l.overruns, "consumed {} > cap + overruns", l.consumed);
+    // Each overrun is an audited record; their sum is the limit's overrun figure.
+    let records = ledger(addr)
+        .query_audit(v1::QueryAuditRequest {
+            kinds: vec!["overrun".into()],
+            limit: 1000,
+            linearizable: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let audited: i64 = records.iter().map(|r| r.flow.as_ref().unwrap().consumed).sum();
+    assert_eq!(audited, l.overruns, "the overrun records add up");
+    cluster.shutdown().await;
+}

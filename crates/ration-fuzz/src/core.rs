@@ -494,7 +494,8 @@ impl Harness {
             for l in &v.limits {
                 let what = format!("entry {at}: {} {} per {}", v.path, l.spec.unit, l.spec.window);
                 let used = l.consumed.checked_add(l.outstanding);
-                let Some(used) = used.filter(|u| *u <= l.spec.cap.saturating_add(l.overruns)) else {
+                let Some(used) = used.filter(|u| *u <= l.spec.cap.saturating_add(l.overruns))
+                else {
                     panic!(
                         "{what}: consumed {} + outstanding {} > cap {} + overruns {}",
                         l.consumed, l.outstanding, l.spec.cap, l.overruns

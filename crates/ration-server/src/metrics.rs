@@ -107,6 +107,8 @@ fn kind_label(kind: ErrorKind) -> &'static str {
 pub struct Metrics {
     grants: AtomicU64,
     granted_units: AtomicU64,
+    overruns: AtomicU64,
+    overrun_units: AtomicU64,
     /// Acquires refused, by refusal kind (index into `KINDS`).
     denials: [AtomicU64; KINDS.len()],
     proposals: AtomicU64,
@@ -121,6 +123,8 @@ impl Default for Metrics {
         Self {
             grants: AtomicU64::new(0),
             granted_units: AtomicU64::new(0),
+            overruns: AtomicU64::new(0),
+            overrun_units: AtomicU64::new(0),
             denials: Default::default(),
             proposals: AtomicU64::new(0),
             batch_commands: Histogram::new(BATCH_BOUNDS, 1.0),
@@ -137,6 +141,10 @@ impl Metrics {
         #[allow(clippy::cast_precision_loss)]
         self.batch_commands.observe(outcomes.len() as f64);
         for (acquire, outcome) in acquires.iter().zip(outcomes) {
+            if let Ok(Reply::OverrunRecorded { recorded, .. }) = outcome {
+                self.overruns.fetch_add(1, Relaxed);
+                self.overrun_units.fetch_add(*recorded, Relaxed);
+            }
             if !acquire {
                 continue;
             }
@@ -279,6 +287,20 @@ pub fn render(node: &Node) -> String {
     let _ = writeln!(out, "ration_grants_total {}", metrics.grants.load(Relaxed));
     header(&mut out, "ration_granted_units_total", "counter", "Units granted by this node.");
     let _ = writeln!(out, "ration_granted_units_total {}", metrics.granted_units.load(Relaxed));
+    header(
+        &mut out,
+        "ration_overruns_total",
+        "counter",
+        "Overruns this node recorded as leader: calls that cost more than their gateway held.",
+    );
+    let _ = writeln!(out, "ration_overruns_total {}", metrics.overruns.load(Relaxed));
+    header(
+        &mut out,
+        "ration_overrun_units_total",
+        "counter",
+        "Units of the overruns this node recorded as leader (counted as consumed).",
+    );
+    let _ = writeln!(out, "ration_overrun_units_total {}", metrics.overrun_units.load(Relaxed));
     header(&mut out, "ration_denials_total", "counter", "Acquires refused, by reason.");
     for (kind, count) in KINDS.iter().zip(&metrics.denials) {
         let _ = writeln!(
@@ -333,7 +355,8 @@ pub fn render(node: &Node) -> String {
         ("ration_budget_cap", "A limit's cap."),
         ("ration_budget_consumed", "Consumed in the limit's current window."),
         ("ration_budget_outstanding", "Granted in live leases, not yet settled."),
-        ("ration_budget_remaining", "cap - consumed - outstanding."),
+        ("ration_budget_remaining", "cap - consumed - outstanding (0 when over the cap)."),
+        ("ration_budget_overruns", "Overruns counted in the limit's current window."),
     ] {
         header(&mut out, name, "gauge", help);
         for b in &budget_views {
@@ -342,6 +365,7 @@ pub fn render(node: &Node) -> String {
                     "ration_budget_cap" => l.spec.cap,
                     "ration_budget_consumed" => l.consumed,
                     "ration_budget_outstanding" => l.outstanding,
+                    "ration_budget_overruns" => l.overruns,
                     _ => l.remaining,
                 };
                 let _ = writeln!(
