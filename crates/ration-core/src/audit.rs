@@ -70,9 +70,9 @@ impl AuditKind {
     }
 }
 
-/// How allowance moved. Over all records: granted + overruns = consumed + returned
-/// + (charged - uncharged) + outstanding, where overruns is the `consumed` of the
-/// [`AuditKind::Overrun`] records (spend that was never granted).
+/// How allowance moved. Over all records: granted + overruns = consumed +
+/// returned + (charged - uncharged) + outstanding, where overruns is the
+/// `consumed` of the [`AuditKind::Overrun`] records (spend never granted).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
     pub granted: u64,

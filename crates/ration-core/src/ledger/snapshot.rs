@@ -20,7 +20,13 @@ pub enum SnapshotError {
     #[error("snapshot does not decode: {0}")]
     Decode(#[from] postcard::Error),
     #[error("snapshot decodes but is inconsistent: {0}")]
-    Inconsistent(#[from] InvariantError),
+    Inconsistent(Box<InvariantError>),
+}
+
+impl From<InvariantError> for SnapshotError {
+    fn from(e: InvariantError) -> Self {
+        Self::Inconsistent(Box::new(e))
+    }
 }
 
 /// A broken ledger invariant, found by [`Ledger::check_invariants`] or while a
