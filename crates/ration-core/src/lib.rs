@@ -15,6 +15,7 @@
 //! - [`ledger`]: the state machine, its queries, snapshots and invariant checks.
 //! - [`audit`]: hash-chained audit records, queries, spend per window, verification.
 //! - [`error`]: typed refusals.
+//! - [`timebound`]: the bound on the time stamps a leader may give entries.
 
 // Overflow is a safety bug here: every sum must be checked, saturating or proven bounded.
 #![warn(clippy::arithmetic_side_effects)]
@@ -34,6 +35,7 @@ pub mod error;
 mod hashing;
 pub mod ledger;
 pub mod names;
+pub mod timebound;
 pub mod window;
 
 pub use audit::{AuditFilter, AuditKind, AuditLog, AuditRecord, ChainHead};

@@ -48,6 +48,15 @@ pub struct Config {
     pub proposal_queue: usize,
     /// The leader proposes a tick this often, so expiry happens with no writes.
     pub tick_ms: u64,
+    /// Most a leader's time stamps may differ from ledger time carried on by its own
+    /// monotonic clock: a wrong wall clock moves ledger time by at most this much
+    /// per leader change (ration_core::timebound).
+    pub clock_slack_ms: u64,
+    /// A leader whose wall clock is further than this from ledger time asks the
+    /// voters' clocks: ledger time catches up to a time a majority of them reached,
+    /// and a leader whose own clock is further than this from theirs hands
+    /// leadership over (logged, and counted in `ration_clock_step_downs_total`).
+    pub clock_tolerance_ms: u64,
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -98,6 +107,8 @@ impl Default for Config {
             batch_wait_us: 1000,
             proposal_queue: 65_536,
             tick_ms: 1000,
+            clock_slack_ms: 1000,
+            clock_tolerance_ms: 5000,
             // openraft 0.9 gives each AppendEntries RPC one heartbeat interval to
             // complete: it must carry a few large group-committed entries in time.
             heartbeat_ms: 250,
@@ -301,8 +312,18 @@ pub struct Args {
     /// `wal` (the default; durable against power loss) or `sled` (for comparison).
     #[arg(long, env = "RATION_LOG_STORE")]
     pub log_store: Option<String>,
+    /// The leader proposes a tick this often (ms), so leases expire and windows roll
+    /// over with no writes [default: 1000].
     #[arg(long, env = "RATION_TICK_MS")]
     pub tick_ms: Option<u64>,
+    /// Most a leader's wall clock may move ledger time beyond what its monotonic
+    /// clock measured, per leader change (ms) [default: 1000].
+    #[arg(long, env = "RATION_CLOCK_SLACK_MS")]
+    pub clock_slack_ms: Option<u64>,
+    /// A leader whose wall clock is further than this from ledger time and from the
+    /// voters' clocks hands leadership over (ms) [default: 5000].
+    #[arg(long, env = "RATION_CLOCK_TOLERANCE_MS")]
+    pub clock_tolerance_ms: Option<u64>,
     #[arg(long, env = "RATION_SNAPSHOT_AFTER_ENTRIES")]
     pub snapshot_after_entries: Option<u64>,
     #[arg(long, env = "RATION_BATCH_MAX_COMMANDS")]
@@ -337,6 +358,8 @@ impl Args {
             log_format,
             log_store,
             tick_ms,
+            clock_slack_ms,
+            clock_tolerance_ms,
             snapshot_after_entries,
             batch_max_commands,
             batch_wait_us,

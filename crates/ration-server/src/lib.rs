@@ -6,6 +6,7 @@
 
 pub mod config;
 mod leadership;
+mod ledger_time;
 pub mod metrics;
 pub mod network;
 pub mod proposer;
@@ -29,7 +30,7 @@ use tokio::task::JoinHandle;
 pub use config::Config;
 use network::{Channels, Network};
 use proposer::{BatchLimits, Proposer};
-pub use proposer::{Clock, ProposeError, SystemClock};
+pub use proposer::{Clock, OffsetClock, ProposeError, SystemClock};
 
 /// A running node's parts, shared by its services.
 pub struct Node {
@@ -58,6 +59,11 @@ pub struct Node {
     paused_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     /// Where `GET /metrics` is served (None when `metrics_listen` is off).
     pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The clock the leader stamps entries with.
+    clock: Arc<dyn Clock>,
+    /// This node's view of ledger time and the bound on its stamps (shared with the
+    /// proposer).
+    time: Arc<std::sync::Mutex<ration_core::timebound::TimeBound>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -589,7 +595,16 @@ where
         queue: config.proposal_queue,
     };
     let node_metrics = Arc::new(metrics::Metrics::default());
-    let proposer = Proposer::start(raft.clone(), clock, limits, node_metrics.clone());
+    let time = Arc::new(std::sync::Mutex::new(ration_core::timebound::TimeBound::new(
+        config.clock_slack_ms,
+        config.clock_tolerance_ms,
+    )));
+    let stamper = proposer::Stamper {
+        clock: clock.clone(),
+        bound: time.clone(),
+        ledger_now: reader.ledger_now(),
+    };
+    let proposer = Proposer::start(raft.clone(), stamper, limits, node_metrics.clone());
     let node = Arc::new(Node {
         id: config.node_id,
         addr: addr.clone(),
@@ -606,6 +621,8 @@ where
         transferring: std::sync::atomic::AtomicBool::new(false),
         paused_until: Arc::new(std::sync::Mutex::new(None)),
         metrics_addr: std::sync::OnceLock::new(),
+        clock,
+        time,
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -625,6 +642,7 @@ where
     tokio::spawn(watch_core(raft.clone(), core_tx));
     bootstrap(&node).await?;
     tokio::spawn(ticker(Arc::downgrade(&node), node.config.tick_ms));
+    tokio::spawn(ledger_time::keep(Arc::downgrade(&node)));
     tracing::info!(id = node.id, %addr, "node serving");
     Ok(NodeHandle { node, stop: Some(stop_tx), served, core: core_rx })
 }

@@ -109,6 +109,9 @@ pub struct Metrics {
     granted_units: AtomicU64,
     overruns: AtomicU64,
     overrun_units: AtomicU64,
+    clock_skew_ms: std::sync::atomic::AtomicI64,
+    clock_step_downs: AtomicU64,
+    ledger_time_rebases: AtomicU64,
     /// Acquires refused, by refusal kind (index into `KINDS`).
     denials: [AtomicU64; KINDS.len()],
     proposals: AtomicU64,
@@ -125,6 +128,9 @@ impl Default for Metrics {
             granted_units: AtomicU64::new(0),
             overruns: AtomicU64::new(0),
             overrun_units: AtomicU64::new(0),
+            clock_skew_ms: std::sync::atomic::AtomicI64::new(0),
+            clock_step_downs: AtomicU64::new(0),
+            ledger_time_rebases: AtomicU64::new(0),
             denials: Default::default(),
             proposals: AtomicU64::new(0),
             batch_commands: Histogram::new(BATCH_BOUNDS, 1.0),
@@ -134,6 +140,23 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn set_clock_skew(&self, ms: i64) {
+        self.clock_skew_ms.store(ms, Relaxed);
+    }
+
+    pub fn clock_stepped_down(&self) {
+        self.clock_step_downs.fetch_add(1, Relaxed);
+    }
+
+    pub fn ledger_time_rebased(&self) {
+        self.ledger_time_rebases.fetch_add(1, Relaxed);
+    }
+
+    /// Times this node handed leadership over because its clock was off.
+    pub fn clock_step_downs(&self) -> u64 {
+        self.clock_step_downs.load(Relaxed)
+    }
+
     /// Counts one proposed entry and the acquires it granted or refused.
     /// `acquires[i]` says whether command `i` of the entry was an acquire.
     pub fn proposed(&self, acquires: &[bool], outcomes: &[Outcome]) {
@@ -301,6 +324,31 @@ pub fn render(node: &Node) -> String {
         "Units of the overruns this node recorded as leader (counted as consumed).",
     );
     let _ = writeln!(out, "ration_overrun_units_total {}", metrics.overrun_units.load(Relaxed));
+    gauge(
+        &mut out,
+        "ration_clock_skew_ms",
+        "This node's wall clock minus its estimate of ledger time (ms).",
+        metrics.clock_skew_ms.load(Relaxed),
+    );
+    header(
+        &mut out,
+        "ration_clock_step_downs_total",
+        "counter",
+        "Times this node handed leadership over because its wall clock was off the voters'.",
+    );
+    let _ =
+        writeln!(out, "ration_clock_step_downs_total {}", metrics.clock_step_downs.load(Relaxed));
+    header(
+        &mut out,
+        "ration_ledger_time_rebases_total",
+        "counter",
+        "Times ledger time caught up with a majority of the voters' clocks (after an outage).",
+    );
+    let _ = writeln!(
+        out,
+        "ration_ledger_time_rebases_total {}",
+        metrics.ledger_time_rebases.load(Relaxed)
+    );
     header(&mut out, "ration_denials_total", "counter", "Acquires refused, by reason.");
     for (kind, count) in KINDS.iter().zip(&metrics.denials) {
         let _ = writeln!(

@@ -20,9 +20,22 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireErro
 
 use crate::metrics::Metrics;
 
-/// The ledger's only clock: the leader's time stamp for each entry.
+/// The ledger's only clock: the leader's time stamp for each entry, bounded by its
+/// monotonic clock (`ration_core::timebound`).
 pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// Wall-clock time, ms since the Unix epoch.
     fn now_ms(&self) -> u64;
+    /// Monotonic time, ms from an origin fixed for the process.
+    fn mono_ms(&self) -> u64 {
+        process_mono_ms()
+    }
+}
+
+/// Milliseconds since this process first asked.
+pub fn process_mono_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Wall-clock time.
@@ -35,6 +48,20 @@ impl Clock for SystemClock {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
+    }
+}
+
+/// The system clock with its wall time moved by a fixed offset: a node whose clock
+/// is wrong, for tests.
+#[derive(Debug)]
+pub struct OffsetClock {
+    pub offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl Clock for OffsetClock {
+    fn now_ms(&self) -> u64 {
+        let off = self.offset_ms.load(std::sync::atomic::Ordering::Relaxed);
+        SystemClock.now_ms().saturating_add_signed(off)
     }
 }
 
@@ -87,13 +114,13 @@ pub struct Proposer {
 impl Proposer {
     pub fn start(
         raft: Raft<TypeConfig>,
-        clock: Arc<dyn Clock>,
+        time: Stamper,
         limits: BatchLimits,
         metrics: Arc<Metrics>,
     ) -> Self {
         // The channel needs no bound of its own: every message holds permits.
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, clock, limits, rx, metrics));
+        tokio::spawn(run(raft, time, limits, rx, metrics));
         Self { tx, room: Arc::new(Semaphore::new(limits.queue)), queue: limits.queue }
     }
 
@@ -180,9 +207,27 @@ async fn write(
     }
 }
 
+/// What the proposer stamps entries with: the clock, the bound on ledger time, and
+/// where to read the ledger's time.
+#[derive(Clone, Debug)]
+pub struct Stamper {
+    pub clock: Arc<dyn Clock>,
+    pub bound: Arc<std::sync::Mutex<ration_core::timebound::TimeBound>>,
+    pub ledger_now: ration_store::LedgerNow,
+}
+
+impl Stamper {
+    /// The time stamp for an entry proposed now in `term`.
+    fn stamp(&self, term: u64) -> u64 {
+        let ledger_ms = self.ledger_now.get();
+        let (wall, mono) = (self.clock.now_ms(), self.clock.mono_ms());
+        self.bound.lock().unwrap_or_else(|p| p.into_inner()).stamp(term, wall, mono, ledger_ms)
+    }
+}
+
 async fn run(
     raft: Raft<TypeConfig>,
-    clock: Arc<dyn Clock>,
+    time: Stamper,
     limits: BatchLimits,
     mut rx: mpsc::UnboundedReceiver<Pending>,
     metrics: Arc<Metrics>,
@@ -221,7 +266,8 @@ async fn run(
             .iter()
             .map(|c| matches!(c, Command::Request(r) if matches!(r.op, Op::Acquire(_))))
             .collect();
-        let entry = Entry::V1(Batch { time_ms: clock.now_ms(), commands });
+        let term = raft.metrics().borrow().current_term;
+        let entry = Entry::V1(Batch { time_ms: time.stamp(term), commands });
         let Some(written) = write(&raft, entry).await else {
             let err = ProposeError::Unknown(
                 "leadership changed while the write was in flight".to_owned(),

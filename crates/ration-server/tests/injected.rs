@@ -25,8 +25,13 @@ type Net = Arc<Mutex<BTreeMap<String, mpsc::UnboundedSender<DuplexStream>>>>;
 #[derive(Debug)]
 struct TestClock(AtomicU64);
 
+/// Time as the test sets it: wall and monotonic move together (a correct clock).
 impl Clock for TestClock {
     fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn mono_ms(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }

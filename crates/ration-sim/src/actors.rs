@@ -150,6 +150,13 @@ impl ration_server::Clock for SimClock {
         let t = EPOCH_MS as i64 + elapsed + elapsed * self.drift_ppm / 1_000_000 + self.offset_ms;
         t.max(0) as u64
     }
+
+    /// Simulated time since the start, drifting like the wall clock (a monotonic
+    /// clock runs at the same rate; it has no offset and never steps).
+    fn mono_ms(&self) -> u64 {
+        let elapsed = turmoil::sim_elapsed().unwrap_or_default().as_millis() as i64;
+        (elapsed + elapsed * self.drift_ppm / 1_000_000).max(0) as u64
+    }
 }
 
 pub(crate) fn node_config(id: u64, voters: u64) -> Config {

@@ -178,7 +178,11 @@ pub fn open(dir: &Path, config: LedgerConfig) -> Result<(SledLogStore, StateMach
         .mode(sled::Mode::HighThroughput)
         .open()
         .map_err(|e| match e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+            // sled reports a held lock as an `Other` error wrapping the WouldBlock.
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock") =>
+            {
                 OpenError::Locked { dir: dir.to_path_buf() }
             }
             other => OpenError::Sled(other),
@@ -615,7 +619,23 @@ pub struct Reader {
     pub audit: AuditStore,
 }
 
+/// Reads the ledger time applied on this node, holding no storage (a task that
+/// outlives the node's storage by a moment does not keep it locked).
+#[derive(Clone, Debug)]
+pub struct LedgerNow(Arc<RwLock<AppliedState>>);
+
+impl LedgerNow {
+    pub fn get(&self) -> u64 {
+        self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()).ledger.now_ms()
+    }
+}
+
 impl Reader {
+    /// A handle on the applied ledger time only.
+    pub fn ledger_now(&self) -> LedgerNow {
+        LedgerNow(self.state.clone())
+    }
+
     /// The applied state; hold the guard briefly (it blocks apply).
     pub fn state(&self) -> RwLockReadGuard<'_, AppliedState> {
         self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -92,6 +92,26 @@ impl Cluster {
         self.nodes.insert(id, handle);
     }
 
+    /// Restarts node `id` with `clock` stamping its entries (a node whose clock is
+    /// wrong).
+    pub async fn restart_with_clock(
+        &mut self,
+        id: u64,
+        clock: std::sync::Arc<dyn ration_server::Clock>,
+    ) {
+        let l = rebind(self.addrs[&id]).await;
+        let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
+        let handle = ration_server::start_with(
+            self.config(id),
+            incoming,
+            ration_server::network::tcp_channels,
+            clock,
+        )
+        .await
+        .unwrap();
+        self.nodes.insert(id, handle);
+    }
+
     /// The addresses of the running nodes.
     pub fn running(&self) -> Vec<SocketAddr> {
         self.nodes.keys().map(|id| self.addrs[id]).collect()

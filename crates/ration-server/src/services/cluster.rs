@@ -41,15 +41,17 @@ impl ClusterService {
     fn status(&self, with_digest: bool) -> v1::StatusReply {
         let node = &self.node;
         let m = node.raft.metrics().borrow().clone();
-        let (digest, budgets, leases, applied) = {
+        let (digest, budgets, leases, applied, ledger_time_ms) = {
             let state = node.reader.state();
             (
                 if with_digest { state.ledger.digest().to_vec() } else { Vec::new() },
                 state.ledger.budget_count() as u64,
                 state.ledger.live_lease_count() as u64,
                 state.last_applied.map(|l| l.index).unwrap_or(0),
+                state.ledger.now_ms(),
             )
         };
+        let (wall_ms, clock_skew_ms) = node.clock_reading();
         let leader_addr = match node.leader() {
             crate::Leader::Me => node.addr.clone(),
             crate::Leader::Other { addr, .. } => addr,
@@ -72,6 +74,9 @@ impl ClusterService {
             data_bytes: ration_store::backup::dir_size(&node.config.data_dir),
             cluster_id: node.identity.get(),
             membership_index: m.membership_config.log_id().as_ref().map_or(0, |l| l.index),
+            wall_ms,
+            ledger_time_ms,
+            clock_skew_ms,
             ..Default::default()
         };
         reply.set_role(role(m.state));

@@ -1,0 +1,191 @@
+//! Ledger time is bounded (ration_core::timebound), with default settings:
+//! - a leader whose wall clock is 30 s or a year fast moves ledger time at most
+//!   `clock_slack_ms` ahead of real time (so no window rolls early by more), hands
+//!   leadership over, and ledger time then tracks real time again;
+//! - after the whole cluster was down (here: every clock a day ahead of the log's
+//!   time), ledger time catches up to the time a majority of the voters' clocks
+//!   agree on.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ration_proto::v1::{self, cluster_client::ClusterClient, Period};
+use ration_server::{Clock, Config, OffsetClock, SystemClock};
+use ration_testkit::inproc::Cluster;
+use ration_testkit::{channel, ledger, meta, status};
+
+const DAY_MS: i64 = 86_400_000;
+const YEAR_MS: i64 = 365 * DAY_MS;
+
+/// The test clusters' settings, with the leader's tick at its default (test
+/// clusters turn it off), as in production: ticks carry ledger time forward.
+fn production_ticks(c: &mut Config) {
+    c.tick_ms = Config::default().tick_ms;
+}
+
+fn wall_now() -> u64 {
+    SystemClock.now_ms()
+}
+
+/// The highest ledger time any running node reports.
+async fn ledger_time(cluster: &Cluster) -> u64 {
+    let mut t = 0;
+    for addr in cluster.running() {
+        if let Some(s) = status(addr).await {
+            t = t.max(s.ledger_time_ms);
+        }
+    }
+    t
+}
+
+async fn transfer_to(cluster: &Cluster, to: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leader = cluster.leader().await;
+        if leader == to {
+            return;
+        }
+        let r = ClusterClient::new(channel(cluster.addrs[&leader]))
+            .transfer_leader(v1::TransferLeaderRequest { to })
+            .await;
+        if r.is_ok_and(|s| s.into_inner().leader == Some(to)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "leadership did not move to node {to}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn a_fast_leader_is_bounded_and_steps_down(ahead_ms: i64) {
+    let mut cluster = Cluster::start(3, production_ticks).await;
+    let slack = Config::default().clock_slack_ms;
+    let leader = cluster.leader().await;
+    let limit = ration_testkit::limit("tokens", 1_000_000, Period::Minute);
+    ledger(cluster.addrs[&leader])
+        .create_budget(v1::CreateBudgetRequest {
+            meta: meta("clock", 1, "ops"),
+            path: "m".into(),
+            limits: vec![limit],
+        })
+        .await
+        .unwrap();
+    let fast = cluster.addrs.keys().copied().find(|id| *id != leader).unwrap();
+    cluster.stop(fast).await;
+    let clock = Arc::new(OffsetClock { offset_ms: AtomicI64::new(ahead_ms) });
+    cluster.restart_with_clock(fast, clock).await;
+    cluster.converged().await;
+    transfer_to(&cluster, fast).await;
+
+    // While it leads, and after: ledger time is never more than the slack ahead of
+    // real time (a window closes at most that early), however fast its clock.
+    let mut worst_ahead = i64::MIN;
+    let mut stepped_down_at = None;
+    let started = Instant::now();
+    let mut n = 2;
+    while started.elapsed() < Duration::from_secs(12) {
+        // Writes carry time stamps too, not only ticks.
+        let addr = cluster.addrs[&leader];
+        n += 1;
+        let _ = ledger(addr)
+            .acquire(v1::AcquireRequest {
+                meta: meta("clock", n, "gw"),
+                budget: "m".into(),
+                unit: "tokens".into(),
+                wanted: 1,
+                min: 1,
+                ttl_ms: 1000,
+            })
+            .await;
+        let ahead = ledger_time(&cluster).await as i64 - wall_now() as i64;
+        worst_ahead = worst_ahead.max(ahead);
+        let now_leader = cluster.leader().await;
+        if now_leader != fast && stepped_down_at.is_none() {
+            stepped_down_at = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "clock {ahead_ms} ms ahead: ledger time at most {worst_ahead} ms ahead of real time \
+         (slack {slack} ms); the fast leader handed over after {stepped_down_at:?}"
+    );
+    assert!(
+        worst_ahead <= slack as i64 + 20,
+        "ledger time ran {worst_ahead} ms ahead of real time; the slack is {slack} ms"
+    );
+    assert!(stepped_down_at.is_some(), "the leader with the wrong clock kept leading");
+    let steps = cluster.nodes[&fast].node.metrics.clock_step_downs();
+    assert!(steps >= 1, "its step-down is counted");
+    // Ledger time recovers: a few seconds on, it is within a second of real time.
+    let mut recovered = false;
+    for _ in 0..100 {
+        let t = ledger_time(&cluster).await as i64;
+        let real = wall_now() as i64;
+        if (t - real).abs() <= 1_100 && t - real <= slack as i64 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "ledger time did not come back to real time");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_thirty_seconds_fast_moves_ledger_time_by_the_slack_at_most() {
+    a_fast_leader_is_bounded_and_steps_down(30_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_a_year_fast_moves_ledger_time_by_the_slack_at_most() {
+    a_fast_leader_is_bounded_and_steps_down(YEAR_MS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_cluster_wide_outage_ledger_time_catches_up_with_the_voters_clocks() {
+    let mut cluster = Cluster::start(3, production_ticks).await;
+    let leader = cluster.leader().await;
+    let limit = ration_testkit::limit("tokens", 1_000, Period::Day);
+    ledger(cluster.addrs[&leader])
+        .create_budget(v1::CreateBudgetRequest {
+            meta: meta("clock", 1, "ops"),
+            path: "d".into(),
+            limits: vec![limit],
+        })
+        .await
+        .unwrap();
+    cluster.converged().await;
+    // Every node down; they come back "a day later": all their clocks agree.
+    let ids: Vec<u64> = cluster.addrs.keys().copied().collect();
+    for id in &ids {
+        cluster.stop(*id).await;
+    }
+    for id in &ids {
+        let clock = Arc::new(OffsetClock { offset_ms: AtomicI64::new(DAY_MS) });
+        cluster.restart_with_clock(*id, clock).await;
+    }
+    let started = Instant::now();
+    loop {
+        let t = ledger_time(&cluster).await as i64;
+        let day_later = wall_now() as i64 + DAY_MS;
+        if (t - day_later).abs() <= 1_100 {
+            eprintln!("ledger time caught up a day in {:?}", started.elapsed());
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "ledger time {t} did not catch up with the clocks ({day_later})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The day's window rolled: the budget is empty again in the new day.
+    let b = ledger(cluster.addrs[&cluster.leader().await])
+        .get_budget(v1::GetBudgetRequest { path: "d".into(), linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(b.limits[0].window_start_ms > wall_now(), "the window is tomorrow's: {b:?}");
+    cluster.shutdown().await;
+}
