@@ -4,7 +4,7 @@
 //! UTC), shifted by the budget's fixed offset. Pure integer arithmetic: no time zone
 //! database, no clock.
 
-// Calendar arithmetic works on times clamped to MAX_TIME_MS (< 2^48) and offsets
+// Calendar arithmetic works on times clamped to MAX_TIME_MS (2^62) and offsets
 // within a day, so no i64 expression here can overflow.
 #![allow(clippy::arithmetic_side_effects)]
 
@@ -14,8 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::LedgerError;
 
-/// Latest ledger time: 9999-12-31T23:59:59.999Z. Entry times beyond it are clamped.
-pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
+/// The end of ledger time: 2^62 ms after the epoch (about the year 146 million).
+/// Entry times beyond it are clamped. Leases expire by it at the latest, and the
+/// window holding it never closes (it ends at `MAX_TIME_MS + 1`), so windows and
+/// expiry work at every time a ledger can reach.
+pub const MAX_TIME_MS: u64 = 1 << 62;
 /// Largest fixed offset from UTC, in minutes (UTC+14:00 / UTC-14:00).
 pub const MAX_OFFSET_MINUTES: i16 = 14 * 60;
 
@@ -96,7 +99,7 @@ impl Window {
             return (0, u64::MAX);
         }
         let offset_ms = i64::from(self.offset_minutes) * MINUTE_MS;
-        // t <= MAX_TIME_MS < 2^48, so no i64 arithmetic below can overflow.
+        // t <= MAX_TIME_MS = 2^62, so no i64 arithmetic below can overflow.
         let local = clamp_time(t_ms) as i64 + offset_ms;
         let (start, end) = match self.period {
             Period::Minute => floor_to(local, MINUTE_MS),
@@ -115,7 +118,7 @@ impl Window {
             }
             Period::Lifetime => unreachable!("handled above"),
         };
-        (to_utc(start - offset_ms), to_utc(end - offset_ms))
+        (to_utc(start - offset_ms).min(MAX_TIME_MS), to_utc(end - offset_ms).min(MAX_TIME_MS + 1))
     }
 }
 
@@ -229,8 +232,12 @@ mod tests {
         let w = Window::with_offset(Period::Day, 600).unwrap();
         let (s, e) = w.bounds(0);
         assert!(s <= e);
-        let (s, e) = Window::utc(Period::Month).bounds(u64::MAX);
-        assert!(s <= MAX_TIME_MS && e > MAX_TIME_MS);
+        for period in [Period::Minute, Period::Hour, Period::Day, Period::Week, Period::Month] {
+            let (s, e) = Window::utc(period).bounds(u64::MAX);
+            assert!(s <= MAX_TIME_MS && e == MAX_TIME_MS + 1, "{period:?}: {s} {e}");
+            let (s, e) = Window::utc(period).bounds(MAX_TIME_MS - 1);
+            assert!(s <= MAX_TIME_MS - 1 && e > MAX_TIME_MS - 1);
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::command::{
 };
 use crate::error::LedgerError;
 use crate::names::{LeaseId, Principal};
+use crate::window::MAX_TIME_MS;
 
 impl Ledger {
     pub(super) fn acquire(&mut self, ctx: &mut Ctx<'_>, slot: usize, a: &Acquire) -> Outcome {
@@ -74,6 +75,15 @@ impl Ledger {
             });
         }
 
+        // Leases expire by the end of ledger time at the latest.
+        let expires_at_ms = now.saturating_add(a.ttl_ms).min(window_end_ms).min(MAX_TIME_MS);
+        if expires_at_ms <= now {
+            return Err(invalid(
+                "ttl_ms",
+                format!("ledger time is at its end ({MAX_TIME_MS}): no lease can be granted"),
+            ));
+        }
+
         // Commit.
         let mut counters = Vec::with_capacity(refs.len());
         let mut balances = Vec::with_capacity(refs.len());
@@ -94,7 +104,6 @@ impl Ledger {
             b.live_leases = b.live_leases.saturating_add(1);
         }
         let lease_id = LeaseId::from_position(ctx.index, slot);
-        let expires_at_ms = now.saturating_add(a.ttl_ms).min(window_end_ms);
         self.leases.insert(
             lease_id,
             Lease {
@@ -164,7 +173,9 @@ impl Ledger {
         let now = self.now_ms;
         let old_expiry = lease.expires_at_ms;
         let new_expiry = match r.renew_ttl_ms {
-            Some(ttl) => old_expiry.max(now.saturating_add(ttl).min(lease.window_end_ms)),
+            Some(ttl) => {
+                old_expiry.max(now.saturating_add(ttl).min(lease.window_end_ms).min(MAX_TIME_MS))
+            }
             None => old_expiry,
         };
         let (granted, counters) = (lease.granted, lease.counters.clone());

@@ -459,6 +459,33 @@ fn time_never_goes_back() {
 }
 
 #[test]
+fn leases_expire_and_windows_work_up_to_the_end_of_time() {
+    use crate::window::MAX_TIME_MS;
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("m", vec![limit("tokens", 100, Period::Minute)])));
+    h.ok("ops", Op::CreateBudget(spec("l", vec![limit("tokens", 100, Period::Lifetime)])));
+    // Far in the future (a year-9999 clock is no longer an end): minute windows still
+    // roll over, and leases still expire.
+    h.now = 253_402_300_799_999 + 7 * MIN;
+    h.tick(0);
+    let g = h.grant("gw", acquire("m", 50, 1, 5_000));
+    assert!(g.expires_at_ms > h.now && g.expires_at_ms <= h.now + 5_000, "{g:?}");
+    h.tick(MIN);
+    assert_eq!(h.usage("m"), (0, 0), "charged at expiry, then the minute rolled over");
+    // Just before the end of time: a lease is cut at the end, and expires there.
+    h.now = MAX_TIME_MS - 2_000;
+    h.tick(0);
+    let g = h.grant("gw", acquire("l", 40, 1, 3_600_000));
+    assert_eq!(g.expires_at_ms, MAX_TIME_MS);
+    h.now = u64::MAX;
+    h.tick(0);
+    assert_eq!(h.usage("l"), (40, 0), "the lease expired at the end of time and was charged");
+    // At the end, nothing more can be leased; the refusal says why.
+    let err = h.run("gw", acquire("l", 1, 1, 1_000)).unwrap_err();
+    assert!(err.to_string().contains("end"), "{err}");
+}
+
+#[test]
 #[should_panic(expected = "applied after")]
 fn indexes_must_increase() {
     let mut l = Ledger::default();
