@@ -58,6 +58,12 @@ pub struct Config {
     /// leadership over (logged, and counted in `ration_clock_step_downs_total`).
     pub clock_tolerance_ms: u64,
     pub heartbeat_ms: u64,
+    /// Deadline of one AppendEntries RPC (replication and heartbeats). 0 (the
+    /// default) means three quarters of `election_timeout_min_ms`. Upstream openraft
+    /// 0.9 used `heartbeat_ms`, so a busy or distant follower had every RPC cancelled
+    /// (third_party/openraft/RATION-PATCH.md). At least `heartbeat_ms`, below
+    /// `election_timeout_min_ms`.
+    pub replication_timeout_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// Deadline of every node-to-node RPC.
@@ -71,9 +77,9 @@ pub struct Config {
     /// Largest node-to-node message: a batch of up to `raft_max_entries_per_rpc`
     /// entries of up to about `batch_max_bytes` each must fit.
     pub peer_max_message_bytes: usize,
-    /// Most log entries in one AppendEntries RPC. Each RPC must complete within
-    /// `heartbeat_ms` (openraft 0.9's timeout for it), so keep this × the entry size
-    /// sendable and appendable in that time.
+    /// Most log entries in one AppendEntries RPC. Each RPC must complete within the
+    /// replication timeout, so keep this × the entry size sendable and appendable in
+    /// that time.
     pub raft_max_entries_per_rpc: u64,
     /// Snapshot chunk size for install.
     pub snapshot_chunk_bytes: usize,
@@ -109,9 +115,8 @@ impl Default for Config {
             tick_ms: 1000,
             clock_slack_ms: 1000,
             clock_tolerance_ms: 5000,
-            // openraft 0.9 gives each AppendEntries RPC one heartbeat interval to
-            // complete: it must carry a few large group-committed entries in time.
             heartbeat_ms: 250,
+            replication_timeout_ms: 0,
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
             rpc_timeout_ms: 2000,
@@ -220,6 +225,15 @@ impl Config {
                 "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into()
             );
         }
+        if self.replication_timeout_ms != 0
+            && (self.replication_timeout_ms < self.heartbeat_ms
+                || self.replication_timeout_ms >= self.election_timeout_min_ms)
+        {
+            return bad(format!(
+                "replication_timeout_ms {} must be 0 (automatic) or within heartbeat_ms {}..election_timeout_min_ms {}: a replication stream sends one RPC at a time, so a longer one would delay heartbeats past the election timeout",
+                self.replication_timeout_ms, self.heartbeat_ms, self.election_timeout_min_ms
+            ));
+        }
         if !matches!(self.log_store.as_str(), "wal" | "sled") {
             return bad(format!("log_store {:?} is not wal or sled", self.log_store));
         }
@@ -250,6 +264,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The AppendEntries deadline in force: `replication_timeout_ms`, or three
+    /// quarters of `election_timeout_min_ms` (at least `heartbeat_ms`) when it is 0.
+    pub fn replication_timeout(&self) -> u64 {
+        if self.replication_timeout_ms != 0 {
+            self.replication_timeout_ms
+        } else {
+            (self.election_timeout_min_ms.saturating_mul(3) / 4).max(self.heartbeat_ms)
+        }
     }
 
     /// Where to serve metrics: `None` when `metrics_listen` is `off`.
@@ -427,6 +451,18 @@ mod tests {
         std::fs::write(&path, "node_id = 2\nlisten_addr = \"x\"\n").unwrap();
         let err = Config::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn the_replication_timeout_is_automatic_or_between_heartbeat_and_election_timeout() {
+        let c = Config::default();
+        assert_eq!(c.replication_timeout(), 750, "3/4 of the 1,000 ms election timeout");
+        for (ms, ok) in [(0, true), (250, true), (999, true), (249, false), (1000, false)] {
+            let c = Config { replication_timeout_ms: ms, ..Config::default() };
+            assert_eq!(c.validate().is_ok(), ok, "replication_timeout_ms {ms}");
+        }
+        let c = Config { replication_timeout_ms: 400, ..Config::default() };
+        assert_eq!(c.replication_timeout(), 400);
     }
 
     #[test]

@@ -557,6 +557,7 @@ where
     let raft_config = openraft::Config {
         cluster_name: "ration".into(),
         heartbeat_interval: config.heartbeat_ms,
+        replication_timeout: config.replication_timeout(),
         election_timeout_min: config.election_timeout_min_ms,
         election_timeout_max: config.election_timeout_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),

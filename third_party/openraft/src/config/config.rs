@@ -134,6 +134,13 @@ pub struct Config {
     #[clap(long, default_value = "200")]
     pub install_snapshot_timeout: u64,
 
+    /// RATION-PATCH: the timeout of one AppendEntries RPC (log replication and
+    /// heartbeats), in milliseconds. `0` (the default) keeps upstream's behaviour: the
+    /// heartbeat interval. A longer timeout lets a busy or distant follower answer
+    /// while heartbeats stay frequent.
+    #[clap(long, default_value = "0")]
+    pub replication_timeout: u64,
+
     /// The timeout for sending a **non-last** snapshot segment, in milliseconds.
     ///
     /// It is disabled by default, by setting it to `0`.
@@ -255,6 +262,16 @@ impl Config {
     /// Generate a new random election timeout within the configured min & max.
     pub fn new_rand_election_timeout<RT: AsyncRuntime>(&self) -> u64 {
         RT::thread_rng().gen_range(self.election_timeout_min..self.election_timeout_max)
+    }
+
+    /// RATION-PATCH: the timeout of one AppendEntries RPC: `replication_timeout`, or
+    /// the heartbeat interval when it is 0.
+    pub fn replication_timeout(&self) -> Duration {
+        if self.replication_timeout > 0 {
+            Duration::from_millis(self.replication_timeout)
+        } else {
+            Duration::from_millis(self.heartbeat_interval)
+        }
     }
 
     /// Get the timeout for sending and installing the last snapshot segment.

@@ -445,14 +445,16 @@ where
         };
 
         // Send the payload.
+        // RATION-PATCH: the RPC's timeout is `replication_timeout` (upstream: always the
+        // heartbeat interval).
+        let the_timeout = self.config.replication_timeout();
         tracing::debug!(
             payload=%payload.summary(),
             now = debug(leader_time),
             "start sending append_entries, timeout: {:?}",
-            self.config.heartbeat_interval
+            the_timeout
         );
 
-        let the_timeout = Duration::from_millis(self.config.heartbeat_interval);
         let option = RPCOption::new(the_timeout);
         let res = C::timeout(the_timeout, self.network.append_entries(payload, option)).await;
 
