@@ -56,7 +56,15 @@ pub struct SdkConfig {
 /// Weight of the newest round's demand in the demand rate (an EWMA per round).
 const RATE_SMOOTHING: f64 = 0.3;
 
-/// Defaults of [`SdkConfig::new`].
+/// Defaults of [`SdkConfig::new`], sized from the cluster's defaults
+/// (`ration_server::Config`: heartbeat 250 ms, election timeout 1-2 s, replication
+/// timeout 750 ms). The longest a healthy gateway goes without an answer when the
+/// leader dies or stops answering is about: the election timeout (up to 2 s after
+/// the leader's last heartbeat) + one RPC deadline spent on the old leader (1 s) +
+/// a round's pause (0.2 s) + the new leader's first commit: call it 3.5 s, which is
+/// what the failover tests measure (`crates/rationd/tests/failover.rs`). Leases are
+/// topped up when what is held falls to half the horizon, so half the horizon must
+/// outlast that gap with room: 5 s. And a lease must outlive the horizon it stocks.
 pub mod defaults {
     use std::time::Duration;
 
@@ -64,15 +72,19 @@ pub mod defaults {
     pub const RPC_TIMEOUT: Duration = Duration::from_secs(1);
     /// Attempts per round across endpoints before the round gives up.
     pub const MAX_ATTEMPTS: u32 = 6;
+    /// The most one round's batch may take (attempts, leader discovery, backoff):
+    /// an election (2 s) and one RPC deadline, so a round that starts as the leader
+    /// dies still ends with the new one.
+    pub const ROUND_DEADLINE: Duration = Duration::from_secs(3);
     /// How often the refill task runs a round.
     pub const REFRESH: Duration = Duration::from_millis(200);
-    /// Validity asked for each lease.
-    pub const LEASE_TTL: Duration = Duration::from_secs(10);
+    /// Validity asked for each lease: twice the horizon.
+    pub const LEASE_TTL: Duration = Duration::from_secs(20);
     /// A lease stops being spent this long before the ledger's expiry.
     pub const MARGIN: Duration = Duration::from_secs(1);
-    /// Held allowance is refilled at half of this, so half of it must outlast an
-    /// RPC deadline, an election and a failover at the current spend rate.
-    pub const HORIZON: Duration = Duration::from_secs(4);
+    /// Held allowance is refilled at half of this, so half of it (5 s) must outlast
+    /// an RPC deadline, an election and a failover at the current spend rate.
+    pub const HORIZON: Duration = Duration::from_secs(10);
     /// What to ask for before any rate is known (units).
     pub const INITIAL_REQUEST: u64 = 100;
     /// The most one acquire asks for (units).
@@ -89,6 +101,7 @@ impl SdkConfig {
                 principal: principal.into(),
                 rpc_timeout: defaults::RPC_TIMEOUT,
                 max_attempts: defaults::MAX_ATTEMPTS,
+                round_deadline: defaults::ROUND_DEADLINE,
                 connector: None,
                 client_id: None,
             },
@@ -173,6 +186,8 @@ pub struct Sdk {
     unanswered_since_ms: std::sync::atomic::AtomicU64,
     /// Whether reserves are installed (an outage is under way).
     in_outage: std::sync::atomic::AtomicBool,
+    /// Local time the last round started (0: none yet).
+    last_round_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Sdk {
@@ -188,6 +203,7 @@ impl Sdk {
             ops_sent: std::sync::atomic::AtomicU64::new(0),
             unanswered_since_ms: std::sync::atomic::AtomicU64::new(0),
             in_outage: std::sync::atomic::AtomicBool::new(false),
+            last_round_ms: std::sync::atomic::AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&sdk);
         let every = sdk.config.refresh;
@@ -237,7 +253,22 @@ impl Sdk {
     pub async fn round(&self) {
         let now = self.gateway.clock().now_ms();
         let ttl_ms = u64::try_from(self.config.lease_ttl.as_millis()).unwrap_or(u64::MAX);
-        let dt_s = self.config.refresh.as_secs_f64().max(0.001);
+        // Demand is measured over the time since the last round really ran: a round
+        // that waited on a failover must not read seconds of spend as one period's.
+        let last = self.last_round_ms.swap(now.max(1), std::sync::atomic::Ordering::AcqRel);
+        let dt_s = if last == 0 {
+            self.config.refresh.as_secs_f64()
+        } else {
+            now.saturating_sub(last) as f64 / 1000.0
+        }
+        .max(self.config.refresh.as_secs_f64() / 2.0)
+        .max(0.001);
+        // A lease whose local deadline comes before the next rounds can replace it
+        // does not count as held: its successor is fetched while it is still spent.
+        let lookahead_ms = u64::try_from(
+            (self.config.cluster.round_deadline + self.config.refresh * 2).as_millis(),
+        )
+        .unwrap_or(u64::MAX);
         let mut ops: Vec<Pending> =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         // An acquire still waiting for its answer is re-sent, not doubled.
@@ -307,7 +338,7 @@ impl Sdk {
                 let target = target.max(self.config.initial_request).min(self.config.max_request);
                 // Surplus: leases not needed to cover the target go back now, so
                 // allowance is not stranded here while other gateways need it.
-                let mut held = t.allowance.available(now);
+                let mut held = t.allowance.available(now.saturating_add(lookahead_ms));
                 while t.leases.len() > 1 {
                     let slots = t.allowance.slots();
                     let Some((i, spare)) = t

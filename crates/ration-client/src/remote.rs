@@ -16,8 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 /// Why a round got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("no endpoint answered after {attempts} attempts: {last}")]
-    Unreachable { attempts: u32, last: String },
+    #[error("no endpoint answered after {attempts} attempts in {elapsed_ms} ms: {last}")]
+    Unreachable { attempts: u32, elapsed_ms: u64, last: String },
     #[error("the cluster refused the batch: {0}")]
     Refused(tonic::Status),
     #[error("bad endpoint {0}: {1}")]
@@ -44,6 +44,10 @@ pub struct ClusterConfig {
     pub rpc_timeout: Duration,
     /// Attempts per batch across endpoints before giving up for this round.
     pub max_attempts: u32,
+    /// The most one batch may take, all attempts, leader discovery and backoff
+    /// included; then the round gives up (its operations go again next round, with
+    /// the same request ids).
+    pub round_deadline: Duration,
     /// Makes the channel to an endpoint; `None`: lazy TCP. A simulation passes its
     /// own network here.
     pub connector: Option<Connector>,
@@ -136,18 +140,28 @@ impl Cluster {
         *self.channels[i].lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Sends one batch, failing over and retrying with the same request ids. After a
-    /// failure it asks the other endpoints who leads, so the next attempt goes
-    /// straight to a newly elected leader.
+    /// Sends one batch, failing over and retrying with the same request ids, for at
+    /// most `max_attempts` attempts and `round_deadline` in all. After a failure it
+    /// asks every endpoint at once who leads, so the next attempt goes straight to a
+    /// newly elected leader.
     pub async fn batch(&self, ops: Vec<BatchOp>) -> Result<Vec<BatchResult>, ClusterError> {
         let n = self.config.endpoints.len();
         let ops_len = ops.len();
         let request = v1::BatchRequest { ops };
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.config.round_deadline;
         let mut last = String::from("no attempt was made");
         let mut i = self.preferred.load(Ordering::Relaxed) % n;
-        for attempt in 0..self.config.max_attempts {
+        let mut attempts = 0;
+        while attempts < self.config.max_attempts && tokio::time::Instant::now() < deadline {
+            attempts += 1;
             let mut client = LedgerClient::new(self.channel(i));
-            match client.batch(request.clone()).await {
+            let answer = tokio::time::timeout_at(deadline, client.batch(request.clone()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(tonic::Status::deadline_exceeded("the round's deadline passed"))
+                });
+            match answer {
                 Ok(reply) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     let results = reply.into_inner().results;
@@ -163,19 +177,21 @@ impl Cluster {
                     last = s.to_string();
                     self.drop_channel(i);
                     let failed = i;
-                    self.discover_leader().await;
+                    let _ = tokio::time::timeout_at(deadline, self.discover_leader()).await;
                     i = self.preferred.load(Ordering::Relaxed) % n;
                     if i == failed {
                         i = (failed + 1) % n;
                     }
                     let backoff =
-                        RETRY_BACKOFF_BASE * (1u32 << attempt.min(RETRY_BACKOFF_MAX_DOUBLINGS));
-                    tokio::time::sleep(backoff).await;
+                        RETRY_BACKOFF_BASE * (1u32 << attempts.min(RETRY_BACKOFF_MAX_DOUBLINGS));
+                    tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + backoff))
+                        .await;
                 }
                 Err(s) => return Err(ClusterError::Refused(s)),
             }
         }
-        Err(ClusterError::Unreachable { attempts: self.config.max_attempts, last })
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Err(ClusterError::Unreachable { attempts, elapsed_ms, last })
     }
 
     /// Reads a budget from the first endpoint that answers (this node's applied
@@ -195,25 +211,41 @@ impl Cluster {
         None
     }
 
-    /// Asks the endpoints who leads, and prefers that endpoint from now on.
+    /// Asks every endpoint at once who leads (each within the RPC deadline), and
+    /// prefers that endpoint from now on: the first that says it leads, else the
+    /// leader the others name. A stopped or black-holed node costs one RPC deadline
+    /// in parallel with the others, not one per node in turn.
     pub async fn discover_leader(&self) {
+        let mut asks = tokio::task::JoinSet::new();
         for i in 0..self.config.endpoints.len() {
-            let Ok(status) = ClusterClient::new(self.channel(i))
-                .status(v1::StatusRequest { digest: false })
-                .await
-            else {
+            let channel = self.channel(i);
+            asks.spawn(async move {
+                let status = ClusterClient::new(channel)
+                    .status(v1::StatusRequest { digest: false })
+                    .await
+                    .map(tonic::Response::into_inner);
+                (i, status)
+            });
+        }
+        let mut named = None;
+        while let Some(answer) = asks.join_next().await {
+            let Ok((i, status)) = answer else { continue };
+            let Ok(status) = status else {
                 self.drop_channel(i);
                 continue;
             };
-            let status = status.into_inner();
             // Only a node that sees itself lead is sure; a follower's view may be stale.
             if rpc::is_leader(&status) {
                 self.preferred.store(i, Ordering::Relaxed);
+                asks.abort_all();
                 return;
             }
             if let Some(at) = self.config.endpoints.iter().position(|e| *e == status.leader_addr) {
-                self.preferred.store(at, Ordering::Relaxed);
+                named = Some(at);
             }
+        }
+        if let Some(at) = named {
+            self.preferred.store(at, Ordering::Relaxed);
         }
     }
 }
@@ -229,6 +261,7 @@ mod tests {
             principal: "gw".into(),
             rpc_timeout: Duration::from_secs(1),
             max_attempts: 1,
+            round_deadline: Duration::from_secs(1),
             connector: None,
             client_id: None,
         };

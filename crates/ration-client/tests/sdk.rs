@@ -35,17 +35,11 @@ async fn budget(
         .unwrap();
 }
 
+/// A gateway with every SDK setting at its default (sized for a failover:
+/// `ration_client::refill::defaults`).
 fn sdk(cluster: &Cluster, principal: &str, clock: &Arc<CoarseClock>) -> Arc<Sdk> {
     let endpoints = cluster.addrs.values().map(|a| a.to_string()).collect();
-    let mut config = SdkConfig::new(endpoints, principal);
-    config.refresh = Duration::from_millis(200);
-    // Leases sized to cover a failover: half the horizon (the runway left at the
-    // low-water mark, 5 s) outlasts stopping a leader, an election, RPC deadlines and
-    // retries, even on a loaded 2-core machine. The ttl leaves room to spend them.
-    config.horizon = Duration::from_secs(10);
-    config.lease_ttl = Duration::from_secs(20);
-    config.initial_request = 200;
-    Sdk::start(config, clock.clone()).unwrap()
+    Sdk::start(SdkConfig::new(endpoints, principal), clock.clone()).unwrap()
 }
 
 async fn consumed(addr: std::net::SocketAddr, path: &str) -> (i64, i64) {
