@@ -348,6 +348,20 @@ pub struct Args {
     /// voters' clocks hands leadership over (ms) [default: 5000].
     #[arg(long, env = "RATION_CLOCK_TOLERANCE_MS")]
     pub clock_tolerance_ms: Option<u64>,
+    /// The leader's heartbeat interval (ms) [default: 250].
+    #[arg(long, env = "RATION_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// A follower that hears no leader for a random time in [min, max) ms
+    /// campaigns [default: 1000].
+    #[arg(long, env = "RATION_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// See --election-timeout-min-ms [default: 2000].
+    #[arg(long, env = "RATION_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Deadline of one AppendEntries RPC (ms); 0: three quarters of the minimum
+    /// election timeout [default: 0].
+    #[arg(long, env = "RATION_REPLICATION_TIMEOUT_MS")]
+    pub replication_timeout_ms: Option<u64>,
     #[arg(long, env = "RATION_SNAPSHOT_AFTER_ENTRIES")]
     pub snapshot_after_entries: Option<u64>,
     #[arg(long, env = "RATION_BATCH_MAX_COMMANDS")]
@@ -384,6 +398,10 @@ impl Args {
             tick_ms,
             clock_slack_ms,
             clock_tolerance_ms,
+            heartbeat_ms,
+            election_timeout_min_ms,
+            election_timeout_max_ms,
+            replication_timeout_ms,
             snapshot_after_entries,
             batch_max_commands,
             batch_wait_us,

@@ -212,3 +212,153 @@ async fn with_default_settings_gateways_refuse_nothing_when_the_leader_is_killed
         assert!(*gap < FAULT_FOR.as_millis() as u64, "{fault}: no write at all: {line}");
     }
 }
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// The trade-off behind the election timeout default, measured (not run by
+/// `cargo test`; `scripts/failover-curve.sh` runs it per setting):
+/// `RATION_CURVE_ELECTION=min,max` (ms; heartbeat a quarter of min),
+/// `RATION_CURVE_KILLS` (default 20) SIGKILLs of the leader, each measured as the
+/// longest time without a successful write; then `RATION_CURVE_BUSY_SECS` (default
+/// 60) with every core busy (spinning threads beside the nodes) and no fault,
+/// counting leader changes (spurious elections). Prints one `curve:` line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: scripts/failover-curve.sh"]
+async fn election_timeout_curve() {
+    let election = std::env::var("RATION_CURVE_ELECTION").unwrap_or_else(|_| "1000,2000".into());
+    let (min, max) = election.split_once(',').expect("RATION_CURVE_ELECTION=min,max");
+    let (min, max): (u64, u64) = (min.parse().unwrap(), max.parse().unwrap());
+    let heartbeat = (min / 4).max(10);
+    let kills = env_u64("RATION_CURVE_KILLS").unwrap_or(20);
+    let busy_secs = env_u64("RATION_CURVE_BUSY_SECS").unwrap_or(60);
+    let root = tempfile::tempdir().unwrap();
+    let addrs = free_addrs(NODES);
+    let cluster = initial_cluster(&addrs);
+    let mut procs: Vec<Proc> = (0..NODES)
+        .map(|i| {
+            let mut p = Proc::new(
+                env!("CARGO_BIN_EXE_rationd"),
+                i as u64 + 1,
+                addrs[i],
+                root.path().join(format!("node-{}", i + 1)),
+                cluster.clone(),
+            );
+            p.args = [
+                "--heartbeat-ms".to_owned(),
+                heartbeat.to_string(),
+                "--election-timeout-min-ms".to_owned(),
+                min.to_string(),
+                "--election-timeout-max-ms".to_owned(),
+                max.to_string(),
+            ]
+            .to_vec();
+            p
+        })
+        .collect();
+    for p in &mut procs {
+        p.spawn();
+    }
+    ration_testkit::leader(&addrs).await;
+    create_lifetime_budget(&addrs, 1, "f", 1_000_000_000_000).await;
+    let started = Instant::now();
+    let ms = move || u64::try_from(started.elapsed().as_millis()).unwrap();
+    let writes: Writes = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = {
+        let (writes, stop, addrs) = (writes.clone(), stop.clone(), addrs.clone());
+        tokio::spawn(async move {
+            let mut id = 100;
+            let mut at = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                let addr = addrs[at % addrs.len()];
+                let mut client = v1::ledger_client::LedgerClient::new(channel_within(
+                    addr,
+                    Duration::from_millis(500),
+                ));
+                let r = client
+                    .acquire(v1::AcquireRequest {
+                        meta: meta("curve-probe", id, "probe"),
+                        budget: "f".into(),
+                        unit: "tokens".into(),
+                        wanted: 1,
+                        min: 1,
+                        ttl_ms: 1000,
+                    })
+                    .await;
+                match r {
+                    Ok(_) => writes.lock().unwrap().push(ms()),
+                    Err(_) => at += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut gaps = Vec::new();
+    for _ in 0..kills {
+        let victim = leader_index(&addrs).await;
+        let from = ms();
+        procs[victim].kill9();
+        // Wait for writes to resume, then a little more.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while writes.lock().unwrap().last().is_none_or(|t| *t <= from + 50) {
+            assert!(Instant::now() < deadline, "no write for 30 s after a kill");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let to = ms();
+        gaps.push(longest_gap(&writes.lock().unwrap(), from, to));
+        procs[victim].spawn();
+        // Back in the cluster before the next kill.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    gaps.sort_unstable();
+    // Busy machine: spinning threads on every core, no fault; count leader changes.
+    let terms = |addrs: Vec<SocketAddr>| async move {
+        let mut t = 0;
+        for a in addrs {
+            if let Some(s) = ration_testkit::status(a).await {
+                t = t.max(s.term);
+            }
+        }
+        t
+    };
+    let term_before = terms(addrs.clone()).await;
+    let spin = Arc::new(AtomicBool::new(true));
+    let hogs: Vec<_> = (0..4)
+        .map(|_| {
+            let spin = spin.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while spin.load(Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+                x
+            })
+        })
+        .collect();
+    let busy_from = ms();
+    tokio::time::sleep(Duration::from_secs(busy_secs)).await;
+    let busy_to = ms();
+    spin.store(false, Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    let term_after = terms(addrs.clone()).await;
+    let busy_gap = longest_gap(&writes.lock().unwrap(), busy_from, busy_to);
+    stop.store(true, Ordering::Relaxed);
+    probe.await.unwrap();
+    let pct = |p: usize| gaps[(gaps.len() * p / 100).min(gaps.len() - 1)];
+    eprintln!(
+        "curve: election {min}-{max} ms heartbeat {heartbeat} ms: {} kills, write gap p50 {} \
+         ms p90 {} ms max {} ms; busy {busy_secs} s: {} leader changes, longest write gap {} ms",
+        gaps.len(),
+        pct(50),
+        pct(90),
+        gaps.last().copied().unwrap_or(0),
+        term_after.saturating_sub(term_before),
+        busy_gap
+    );
+}
