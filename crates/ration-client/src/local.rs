@@ -215,6 +215,12 @@ impl Allowance {
     /// returns what it took. For use beyond a reservation: there is nothing to give
     /// back, so a partial take is fine.
     pub fn take_up_to(&self, amount: u64, now_ms: u64) -> u64 {
+        self.gather(amount, now_ms, |_| {})
+    }
+
+    /// Takes up to `amount` from every stripe of every live slot, telling `took`
+    /// each (slot, stripe, generation, units) taken; returns the total.
+    fn gather(&self, amount: u64, now_ms: u64, mut took: impl FnMut((u8, u8, u64, u64))) -> u64 {
         let mut need = amount;
         for slot in 0..SLOTS {
             if need == 0 {
@@ -223,7 +229,8 @@ impl Allowance {
             if !self.live(slot, now_ms) {
                 continue;
             }
-            for stripe in &self.stripes {
+            let generation = self.meta[slot].generation.load(Ordering::Acquire);
+            for (k, stripe) in self.stripes.iter().enumerate() {
                 if need == 0 {
                     break;
                 }
@@ -233,7 +240,10 @@ impl Allowance {
                         got = r.min(need);
                         (got > 0).then(|| r - got)
                     });
-                need -= got;
+                if got > 0 {
+                    took((slot as u8, k as u8, generation, got));
+                    need -= got;
+                }
             }
         }
         amount - need
@@ -251,11 +261,6 @@ impl Allowance {
     /// Takes the overrun units recorded since the last call (for the refill side).
     pub fn take_overruns(&self) -> u64 {
         self.overruns_pending.swap(0, Ordering::AcqRel)
-    }
-
-    /// Puts back overrun units that could not be reported.
-    pub fn restore_overruns(&self, units: u64) {
-        self.overruns_pending.fetch_add(units, Ordering::AcqRel);
     }
 
     /// Overrun units ever recorded on this allowance.
@@ -303,28 +308,7 @@ impl Allowance {
             return None;
         }
         let mut t = Taken::default();
-        let mut need = amount;
-        for slot in 0..SLOTS {
-            if !self.live(slot, now_ms) {
-                continue;
-            }
-            let generation = self.meta[slot].generation.load(Ordering::Acquire);
-            for (k, stripe) in self.stripes.iter().enumerate() {
-                if need == 0 {
-                    break;
-                }
-                let mut got = 0;
-                let _ =
-                    stripe.remaining[slot].fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                        got = r.min(need);
-                        (got > 0).then(|| r - got)
-                    });
-                if got > 0 {
-                    t.push((slot as u8, k as u8, generation, got));
-                    need -= got;
-                }
-            }
-        }
+        let need = amount - self.gather(amount, now_ms, |part| t.push(part));
         if need == 0 {
             Some(t)
         } else {
