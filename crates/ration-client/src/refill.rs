@@ -57,14 +57,14 @@ pub struct SdkConfig {
 const RATE_SMOOTHING: f64 = 0.3;
 
 /// Defaults of [`SdkConfig::new`], sized from the cluster's defaults
-/// (`ration_server::Config`: heartbeat 250 ms, election timeout 1-2 s, replication
-/// timeout 750 ms). The longest a healthy gateway goes without an answer when the
-/// leader dies or stops answering is about: the election timeout (up to 2 s after
-/// the leader's last heartbeat) + one RPC deadline spent on the old leader (1 s) +
-/// a round's pause (0.2 s) + the new leader's first commit: call it 3.5 s, which is
-/// what the failover tests measure (`crates/rationd/tests/failover.rs`). Leases are
-/// topped up when what is held falls to half the horizon, so half the horizon must
-/// outlast that gap with room: 5 s. And a lease must outlive the horizon it stocks.
+/// (`ration_server::Config`: election timeout 0.5-1 s, RPC deadline 2 s). The
+/// longest a healthy gateway goes without an answer when the leader dies or stops
+/// answering is about: the election (about 1.8 s measured after a SIGKILL; clusters
+/// configured for 1-2 s take 3.8 s) + one RPC deadline spent on the old leader (1 s)
+/// + a round's pause (0.2 s): call it 3-5 s (`crates/rationd/tests/failover.rs`
+/// measures it). Leases are topped up when what is held falls to half the horizon,
+/// so half the horizon must outlast that gap: 5 s, which also covers clusters
+/// configured for 1-2 s elections. And a lease must outlive the horizon it stocks.
 pub mod defaults {
     use std::time::Duration;
 
@@ -73,8 +73,8 @@ pub mod defaults {
     /// Attempts per round across endpoints before the round gives up.
     pub const MAX_ATTEMPTS: u32 = 6;
     /// The most one round's batch may take (attempts, leader discovery, backoff):
-    /// an election (2 s) and one RPC deadline, so a round that starts as the leader
-    /// dies still ends with the new one.
+    /// an election (up to 2 s, as clusters tuned for distant voters have it) and one
+    /// RPC deadline, so a round that starts as the leader dies ends with the new one.
     pub const ROUND_DEADLINE: Duration = Duration::from_secs(3);
     /// How often the refill task runs a round.
     pub const REFRESH: Duration = Duration::from_millis(200);

@@ -463,8 +463,8 @@ async fn health_and_reflection_answer_stock_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_catches_up_through_large_entries() {
-    // openraft 0.9 gives an AppendEntries RPC one heartbeat interval: with entries of
-    // about a megabyte (and a debug build), one entry per RPC and a longer interval.
+    // Entries of about a megabyte (and a debug build): one entry per RPC, and a
+    // replication timeout (3/4 of the election timeout) long enough to carry it.
     let mut cluster = Cluster::start(3, |c| {
         c.heartbeat_ms = 400;
         c.election_timeout_min_ms = 2000;

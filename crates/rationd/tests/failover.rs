@@ -53,9 +53,9 @@ async fn leader_index(addrs: &[SocketAddr]) -> usize {
     usize::try_from(id).unwrap() - 1
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_default_settings_gateways_refuse_nothing_when_the_leader_is_killed_stopped_or_shut_down(
-) {
+/// Three `rationd` processes with `args` (none: every setting at its default),
+/// started, with a leader and a budget `f` with room for everything.
+async fn start_nodes(args: &[String]) -> (tempfile::TempDir, Vec<SocketAddr>, Vec<Proc>) {
     let root = tempfile::tempdir().unwrap();
     let addrs = free_addrs(NODES);
     let cluster = initial_cluster(&addrs);
@@ -68,7 +68,7 @@ async fn with_default_settings_gateways_refuse_nothing_when_the_leader_is_killed
                 root.path().join(format!("node-{}", i + 1)),
                 cluster.clone(),
             );
-            p.args = Vec::new(); // every setting at its default
+            p.args = args.to_vec();
             p
         })
         .collect();
@@ -77,7 +77,52 @@ async fn with_default_settings_gateways_refuse_nothing_when_the_leader_is_killed
     }
     ration_testkit::leader(&addrs).await;
     create_lifetime_budget(&addrs, 1, "f", 1_000_000_000_000).await;
+    (root, addrs, procs)
+}
 
+/// Acquires once every `every` from whichever node answers (each call with its own
+/// request id and a `deadline`), recording when each succeeded (`ms`).
+fn spawn_probe(
+    addrs: Vec<SocketAddr>,
+    every: Duration,
+    deadline: Duration,
+    ms: impl Fn() -> u64 + Send + 'static,
+    stop: Arc<AtomicBool>,
+) -> (Writes, tokio::task::JoinHandle<()>) {
+    let writes: Writes = Arc::new(Mutex::new(Vec::new()));
+    let recorded = writes.clone();
+    let task = tokio::spawn(async move {
+        let mut id = 100;
+        let mut at = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            id += 1;
+            let addr = addrs[at % addrs.len()];
+            let mut client = v1::ledger_client::LedgerClient::new(channel_within(addr, deadline));
+            let r = client
+                .acquire(v1::AcquireRequest {
+                    meta: meta("failover-probe", id, "probe"),
+                    budget: "f".into(),
+                    unit: "tokens".into(),
+                    wanted: 1,
+                    min: 1,
+                    ttl_ms: 1000,
+                })
+                .await;
+            match r {
+                Ok(_) => recorded.lock().unwrap().push(ms()),
+                Err(_) => at += 1,
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    (writes, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_settings_gateways_refuse_nothing_when_the_leader_is_killed_stopped_or_shut_down(
+) {
+    // Every setting at its default.
+    let (_root, addrs, mut procs) = start_nodes(&[]).await;
     let started = Instant::now();
     let ms = move || u64::try_from(started.elapsed().as_millis()).unwrap();
     let clock = CoarseClock::new();
@@ -128,37 +173,13 @@ async fn with_default_settings_gateways_refuse_nothing_when_the_leader_is_killed
         .collect();
     // The probe: one acquire every 50 ms, to whichever node answers, each with its
     // own request id and a 1 s deadline.
-    let writes: Writes = Arc::new(Mutex::new(Vec::new()));
-    let probe = {
-        let (writes, stop, addrs) = (writes.clone(), stop.clone(), addrs.clone());
-        tokio::spawn(async move {
-            let mut id = 100;
-            let mut at = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                id += 1;
-                let addr = addrs[at % addrs.len()];
-                let mut client = v1::ledger_client::LedgerClient::new(channel_within(
-                    addr,
-                    Duration::from_secs(1),
-                ));
-                let r = client
-                    .acquire(v1::AcquireRequest {
-                        meta: meta("failover-probe", id, "probe"),
-                        budget: "f".into(),
-                        unit: "tokens".into(),
-                        wanted: 1,
-                        min: 1,
-                        ttl_ms: 1000,
-                    })
-                    .await;
-                match r {
-                    Ok(_) => writes.lock().unwrap().push(ms()),
-                    Err(_) => at += 1,
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let (writes, probe) = spawn_probe(
+        addrs.clone(),
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+        ms,
+        stop.clone(),
+    );
     tokio::time::sleep(SETTLE).await;
 
     let mut report = Vec::new();
@@ -233,69 +254,25 @@ async fn election_timeout_curve() {
     let heartbeat = (min / 4).max(10);
     let kills = env_u64("RATION_CURVE_KILLS").unwrap_or(20);
     let busy_secs = env_u64("RATION_CURVE_BUSY_SECS").unwrap_or(60);
-    let root = tempfile::tempdir().unwrap();
-    let addrs = free_addrs(NODES);
-    let cluster = initial_cluster(&addrs);
-    let mut procs: Vec<Proc> = (0..NODES)
-        .map(|i| {
-            let mut p = Proc::new(
-                env!("CARGO_BIN_EXE_rationd"),
-                i as u64 + 1,
-                addrs[i],
-                root.path().join(format!("node-{}", i + 1)),
-                cluster.clone(),
-            );
-            p.args = [
-                "--heartbeat-ms".to_owned(),
-                heartbeat.to_string(),
-                "--election-timeout-min-ms".to_owned(),
-                min.to_string(),
-                "--election-timeout-max-ms".to_owned(),
-                max.to_string(),
-            ]
-            .to_vec();
-            p
-        })
-        .collect();
-    for p in &mut procs {
-        p.spawn();
-    }
-    ration_testkit::leader(&addrs).await;
-    create_lifetime_budget(&addrs, 1, "f", 1_000_000_000_000).await;
+    let args = [
+        "--heartbeat-ms".to_owned(),
+        heartbeat.to_string(),
+        "--election-timeout-min-ms".to_owned(),
+        min.to_string(),
+        "--election-timeout-max-ms".to_owned(),
+        max.to_string(),
+    ];
+    let (_root, addrs, mut procs) = start_nodes(&args).await;
     let started = Instant::now();
     let ms = move || u64::try_from(started.elapsed().as_millis()).unwrap();
-    let writes: Writes = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let probe = {
-        let (writes, stop, addrs) = (writes.clone(), stop.clone(), addrs.clone());
-        tokio::spawn(async move {
-            let mut id = 100;
-            let mut at = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                id += 1;
-                let addr = addrs[at % addrs.len()];
-                let mut client = v1::ledger_client::LedgerClient::new(channel_within(
-                    addr,
-                    Duration::from_millis(500),
-                ));
-                let r = client
-                    .acquire(v1::AcquireRequest {
-                        meta: meta("curve-probe", id, "probe"),
-                        budget: "f".into(),
-                        unit: "tokens".into(),
-                        wanted: 1,
-                        min: 1,
-                        ttl_ms: 1000,
-                    })
-                    .await;
-                match r {
-                    Ok(_) => writes.lock().unwrap().push(ms()),
-                    Err(_) => at += 1,
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let (writes, probe) = spawn_probe(
+        addrs.clone(),
+        Duration::from_millis(20),
+        Duration::from_millis(500),
+        ms,
+        stop.clone(),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut gaps = Vec::new();
     for _ in 0..kills {
