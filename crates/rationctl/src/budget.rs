@@ -105,6 +105,8 @@ struct LimitOut {
     consumed: i64,
     outstanding: i64,
     remaining: i64,
+    /// Overruns counted in this window (part of consumed).
+    overruns: i64,
     holders: u64,
 }
 
@@ -140,6 +142,7 @@ fn budget_out(b: &v1::Budget) -> BudgetOut {
                     consumed: l.consumed,
                     outstanding: l.outstanding,
                     remaining: l.remaining,
+                    overruns: l.overruns,
                     holders: l.holders,
                 }
             })
@@ -147,7 +150,7 @@ fn budget_out(b: &v1::Budget) -> BudgetOut {
     }
 }
 
-const HEADER: [&str; 9] = [
+const HEADER: [&str; 10] = [
     "BUDGET",
     "UNIT",
     "WINDOW",
@@ -155,6 +158,7 @@ const HEADER: [&str; 9] = [
     "CONSUMED",
     "OUTSTANDING",
     "REMAINING",
+    "OVERRUNS",
     "LEASES",
     "WINDOW START",
 ];
@@ -163,6 +167,7 @@ fn rows(t: &mut Table, label: &str, b: &BudgetOut) {
     if b.limits.is_empty() {
         t.row(vec![
             label.to_owned(),
+            "-".into(),
             "-".into(),
             "-".into(),
             "-".into(),
@@ -182,6 +187,7 @@ fn rows(t: &mut Table, label: &str, b: &BudgetOut) {
             l.consumed.to_string(),
             l.outstanding.to_string(),
             l.remaining.to_string(),
+            l.overruns.to_string(),
             if i == 0 { b.live_leases.to_string() } else { String::new() },
             l.window_start.clone(),
         ]);
