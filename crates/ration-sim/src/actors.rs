@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Range, RangeInclusive};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,21 +18,38 @@ use ration_store::mem::MemDisk;
 
 use crate::faults::Fault;
 use crate::report::{Report, Tracer};
-use crate::{net, SimConfig, EPOCH_MS};
+use crate::{net, SimConfig};
 
 pub(crate) const ROOT: &str = "org";
 pub(crate) const LEAVES: [&str; 3] = ["org/a", "org/b", "org/c"];
 pub(crate) const PROBE_BUDGET: &str = "org/probe";
 /// The budget the liveness client acquires from after healing.
 const LIVE_BUDGET: &str = "live";
-const UNIT: &str = "tokens";
+pub(crate) const UNIT: &str = "tokens";
+/// The second unit of priced calls (`SimConfig::extended`): one per call, capped per
+/// minute on the root, so windows roll over during the run.
+pub(crate) const CALLS: &str = "calls";
+/// The root's cap of [`CALLS`] per minute.
+const CALLS_PER_MINUTE: u64 = 150;
+/// The root's emergency reserve per gateway (`static_allowance`, tokens), and the
+/// leaves' when they declare one (drawn per leaf): a gateway holds the smallest
+/// along its chain, and none if any limit on the chain fails closed.
+const ROOT_STATIC_ALLOWANCE: u64 = 100;
+const LEAF_STATIC_ALLOWANCE: RangeInclusive<u64> = 20..=60;
+/// The chance that a leaf declares a static allowance (is fail-static).
+const FAIL_STATIC_LEAF_PROBABILITY: f64 = 0.5;
 /// The cap of [`LIVE_BUDGET`].
 const LIVE_BUDGET_CAP_TOKENS: u64 = 1_000;
 
+/// The largest offset of a node's clock (either way), and of any clock's drift, in
+/// ppm: how far a node's clock may be from true time without a `clock_step` fault.
+pub(crate) const NODE_CLOCK_MAX_OFFSET_MS: i64 = 150;
+pub(crate) const CLOCK_MAX_DRIFT_PPM: i64 = 2000;
 /// Each node's clock is off by this much (drawn per node).
-const NODE_CLOCK_OFFSET_MS: RangeInclusive<i64> = -150..=150;
+const NODE_CLOCK_OFFSET_MS: RangeInclusive<i64> =
+    -NODE_CLOCK_MAX_OFFSET_MS..=NODE_CLOCK_MAX_OFFSET_MS;
 /// Each node's and gateway's clock drifts by this much (drawn per clock).
-const CLOCK_DRIFT_PPM: RangeInclusive<i64> = -2000..=2000;
+const CLOCK_DRIFT_PPM: RangeInclusive<i64> = -CLOCK_MAX_DRIFT_PPM..=CLOCK_MAX_DRIFT_PPM;
 /// A disk's fsync takes this long (drawn per disk; network disks under load are
 /// slow).
 const FSYNC_TIME_US: Range<u64> = 5_000..40_000;
@@ -62,13 +79,32 @@ const GATEWAY_CLOCK_TICK: Duration = Duration::from_millis(10);
 /// The gateways' SDK settings (`SdkConfig`).
 const SDK_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 const SDK_LEASE_TTL: Duration = Duration::from_secs(3);
+/// The lease TTL of gateways on fail-static leaves. The SDK renews its emergency
+/// reserve once half its validity is gone, and an outage is declared only after a
+/// round got no answer and `SDK_OUTAGE_AFTER` passed: with 3 s leases the reserve
+/// would always have passed its local deadline by then (1 s left at worst, against
+/// at least 1.2 s to declare an outage), so it could never be spent.
+const SDK_FAIL_STATIC_LEASE_TTL: Duration = Duration::from_secs(4);
 const SDK_MARGIN: Duration = Duration::from_millis(500);
+/// No answer from the cluster for this long is an outage (reserves become
+/// spendable).
+const SDK_OUTAGE_AFTER: Duration = Duration::from_millis(500);
 const SDK_HORIZON: Duration = Duration::from_secs(1);
 const SDK_INITIAL_REQUEST_UNITS: u64 = 20;
 /// A gateway spends this many units at a time (drawn per spend) ...
 const GATEWAY_SPEND_UNITS: RangeInclusive<u64> = 1..=8;
+/// With `SimConfig::extended`, this share of calls are priced: they reserve tokens
+/// and one call (`Sdk::reserve`), and settle their real cost, known only after the
+/// call ...
+const PRICED_CALL_PROBABILITY: f64 = 0.3;
+/// ... which is above the reservation this often, up to this many times it (the
+/// excess is taken from live leases, the rest reported as an overrun) ...
+const COST_ABOVE_RESERVATION_PROBABILITY: f64 = 0.3;
+const MAX_COST_FACTOR: u64 = 3;
 /// ... and waits this long between spends (drawn per spend).
 const GATEWAY_SPEND_GAP_MS: Range<u64> = 10..40;
+/// A gateway that stopped spending looks for the harness's shutdown this often.
+const GATEWAY_SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
 /// The probe's leases live this long.
 const PROBE_LEASE_TTL_MS: i64 = 2_000;
@@ -88,10 +124,34 @@ const LIVENESS_LEASE_TTL_MS: i64 = 60_000;
 /// What hosts share with the harness.
 #[derive(Default)]
 pub(crate) struct Shared {
+    /// Simulated wall-clock time at the start of the run (ms since 1970): true time
+    /// is this plus simulated elapsed time.
+    pub(crate) epoch_ms: AtomicU64,
     pub(crate) nodes: Mutex<BTreeMap<u64, Arc<Node>>>,
+    /// Ground truth: tokens the gateways admitted (real costs of priced calls, and
+    /// spend from emergency reserves, included), in total and by leaf budget.
     pub(crate) admitted: AtomicU64,
+    pub(crate) admitted_by_leaf: Mutex<BTreeMap<&'static str, u64>>,
+    /// Priced calls admitted (one [`CALLS`] each).
+    pub(crate) calls_admitted: AtomicU64,
+    /// Priced calls whose real cost was above their reservation, and by how much in
+    /// all.
+    pub(crate) settle_overruns: AtomicU64,
+    pub(crate) settle_overrun_units: AtomicU64,
+    /// Overrun units each gateway's SDK recorded (beyond what its leases held), by
+    /// gateway, published once it has stopped spending.
+    pub(crate) sdk_overruns: Mutex<BTreeMap<u64, u64>>,
+    /// Gateways that have stopped spending (their ground truth is final). They keep
+    /// running, so that what they still owe the ledger (releases, overruns) reaches it.
     pub(crate) gateways_done: AtomicU64,
     pub(crate) stop_spending: AtomicBool,
+    /// Leader wall clocks stepped ahead so far (`clock_step` faults).
+    pub(crate) forward_clock_steps: AtomicU64,
+    /// The gateways drop their SDKs (set once the ledger agrees with them).
+    pub(crate) shutdown: AtomicBool,
+    /// What the ledger counted consumed on the gateways' leaves when it agreed with
+    /// them (`checks::gateway_accounts`).
+    pub(crate) ledger_consumed: AtomicU64,
     pub(crate) probe: Mutex<ProbeLog>,
     /// Operator commands for the operator host to carry out.
     pub(crate) ops: Mutex<Vec<Fault>>,
@@ -137,17 +197,33 @@ pub(crate) fn addr(id: u64) -> String {
     format!("n{id}:{}", net::PORT)
 }
 
-/// A node's clock: simulated time, skewed and drifting.
+/// A node's clock: simulated time, skewed and drifting. Its wall clock can be
+/// stepped ([`SimClock::step`], a `clock_step` fault); its monotonic clock never is.
 #[derive(Debug)]
 pub(crate) struct SimClock {
-    pub(crate) offset_ms: i64,
-    pub(crate) drift_ppm: i64,
+    epoch_ms: u64,
+    offset_ms: AtomicI64,
+    drift_ppm: i64,
+}
+
+impl SimClock {
+    pub(crate) fn new(epoch_ms: u64, offset_ms: i64, drift_ppm: i64) -> Self {
+        Self { epoch_ms, offset_ms: AtomicI64::new(offset_ms), drift_ppm }
+    }
+
+    /// Steps the wall clock by `ms` (forward if positive); monotonic time is unchanged.
+    pub(crate) fn step(&self, ms: i64) {
+        self.offset_ms.fetch_add(ms, Relaxed);
+    }
 }
 
 impl ration_server::Clock for SimClock {
     fn now_ms(&self) -> u64 {
         let elapsed = turmoil::sim_elapsed().unwrap_or_default().as_millis() as i64;
-        let t = EPOCH_MS as i64 + elapsed + elapsed * self.drift_ppm / 1_000_000 + self.offset_ms;
+        let t = self.epoch_ms as i64
+            + elapsed
+            + elapsed * self.drift_ppm / 1_000_000
+            + self.offset_ms.load(Relaxed);
         t.max(0) as u64
     }
 
@@ -187,25 +263,26 @@ pub(crate) fn node_config(id: u64, voters: u64) -> Config {
 
 /// The voters and the spare (id `cfg.nodes + 1`), each on its own disk, with a
 /// clock skew and drift and an fsync time drawn from `rng` in id order. Returns
-/// the disks, by node id.
+/// the disks and the clocks, by node id.
 pub(crate) fn spawn_nodes(
     sim: &mut turmoil::Sim<'_>,
     cfg: &SimConfig,
     rng: &mut StdRng,
     shared: &Arc<Shared>,
-) -> BTreeMap<u64, MemDisk> {
+) -> (BTreeMap<u64, MemDisk>, BTreeMap<u64, Arc<SimClock>>) {
+    let epoch_ms = shared.epoch_ms.load(Relaxed);
     let mut disks = BTreeMap::new();
+    let mut clocks = BTreeMap::new();
     for id in 1..=cfg.nodes + 1 {
         let disk = if cfg.wal { MemDisk::with_wal() } else { MemDisk::default() };
         disks.insert(id, disk.clone());
-        let clock = Arc::new(SimClock {
-            offset_ms: rng.gen_range(NODE_CLOCK_OFFSET_MS),
-            drift_ppm: rng.gen_range(CLOCK_DRIFT_PPM),
-        });
+        let offset = rng.gen_range(NODE_CLOCK_OFFSET_MS);
+        let clock = Arc::new(SimClock::new(epoch_ms, offset, rng.gen_range(CLOCK_DRIFT_PPM)));
+        clocks.insert(id, clock.clone());
         let fsync = Duration::from_micros(rng.gen_range(FSYNC_TIME_US));
         spawn_node(sim, id, disk, fsync, clock, node_config(id, cfg.nodes), shared.clone());
     }
-    disks
+    (disks, clocks)
 }
 
 /// Starts node `id` as a simulated host on `disk`. Like a process under a
@@ -352,20 +429,109 @@ pub(crate) fn acquire_one(
     }
 }
 
+/// The budget tree of a run (drawn from the seed with `SimConfig::extended`).
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    /// The root's lifetime cap in tokens.
+    pub(crate) cap: u64,
+    /// Fail-static budgets and priced calls with a per-minute limit
+    /// (`SimConfig::extended`).
+    pub(crate) extended: bool,
+    /// Each leaf's static allowance in tokens, if it declares one (the root then
+    /// declares [`ROOT_STATIC_ALLOWANCE`]), in the order of [`LEAVES`].
+    pub(crate) leaf_static: [Option<u64>; LEAVES.len()],
+}
+
+impl Plan {
+    /// Lifetime caps only, every budget failing closed: the tree before issue 12.
+    pub(crate) fn plain(cap: u64) -> Self {
+        Self { cap, extended: false, leaf_static: [None; LEAVES.len()] }
+    }
+
+    pub(crate) fn draw(cfg: &SimConfig, rng: &mut StdRng) -> Self {
+        let mut plan = Self::plain(cfg.cap);
+        if cfg.extended {
+            plan.extended = true;
+            for s in &mut plan.leaf_static {
+                *s = rng
+                    .gen_bool(FAIL_STATIC_LEAF_PROBABILITY)
+                    .then(|| rng.gen_range(LEAF_STATIC_ALLOWANCE));
+            }
+        }
+        plan
+    }
+
+    /// Leaves whose gateways hold an emergency reserve.
+    pub(crate) fn fail_static_leaves(&self) -> u64 {
+        self.leaf_static.iter().filter(|s| s.is_some()).count() as u64
+    }
+
+    /// The SDK lease TTL of the gateways on `leaf`.
+    fn lease_ttl(&self, leaf: &str) -> Duration {
+        let i = LEAVES.iter().position(|l| *l == leaf).unwrap_or(0);
+        if self.leaf_static[i].is_some() {
+            SDK_FAIL_STATIC_LEASE_TTL
+        } else {
+            SDK_LEASE_TTL
+        }
+    }
+
+    /// The longest SDK lease TTL of any gateway: once this long has passed since the
+    /// gateways stopped spending, every lease they spent from has passed its local
+    /// deadline and (the cluster answering) been released.
+    pub(crate) fn longest_lease_ttl(&self) -> Duration {
+        LEAVES.iter().map(|l| self.lease_ttl(l)).max().unwrap_or(SDK_LEASE_TTL)
+    }
+
+    /// Each budget to create, with its limits, parents first.
+    fn budgets(&self) -> Vec<(String, Vec<v1::Limit>)> {
+        let limit =
+            |unit: &str, cap: u64, period: v1::Period, static_allowance: Option<u64>| v1::Limit {
+                unit: unit.into(),
+                cap: cap as i64,
+                window: Some(v1::Window { period: period as i32, offset_minutes: 0 }),
+                static_allowance: static_allowance.map(|a| a as i64),
+            };
+        let lifetime = v1::Period::Lifetime;
+        let mut root = vec![limit(
+            UNIT,
+            self.cap,
+            lifetime,
+            self.extended.then_some(ROOT_STATIC_ALLOWANCE.min(self.cap)),
+        )];
+        if self.extended {
+            root.push(limit(CALLS, CALLS_PER_MINUTE, v1::Period::Minute, None));
+        }
+        let mut budgets = vec![
+            (ROOT.to_owned(), root),
+            (LIVE_BUDGET.to_owned(), vec![limit(UNIT, LIVE_BUDGET_CAP_TOKENS, lifetime, None)]),
+        ];
+        for (leaf, static_allowance) in LEAVES.iter().zip(self.leaf_static) {
+            // The leaves together may spend more than the root: the root binds.
+            let cap = self.cap / 2;
+            let static_allowance = static_allowance.map(|a| a.min(cap));
+            budgets.push(((*leaf).to_owned(), vec![limit(UNIT, cap, lifetime, static_allowance)]));
+        }
+        budgets.push((PROBE_BUDGET.to_owned(), vec![limit(UNIT, self.cap / 10, lifetime, None)]));
+        budgets
+    }
+}
+
 /// The operator: creates the budgets, then carries out transfers and membership
 /// changes the harness queues (`Shared::ops`).
 pub(crate) fn spawn_operator(
     sim: &mut turmoil::Sim<'_>,
     cfg: &SimConfig,
+    plan: &Plan,
     shared: &Arc<Shared>,
     voters: &[String],
 ) {
     let shared = shared.clone();
     let endpoints = voters.to_vec();
-    let cap = cfg.cap;
+    let plan = plan.clone();
     let spare = cfg.nodes + 1;
     sim.client("operator", async move {
-        setup_budgets(&endpoints, cap).await?;
+        setup_budgets(&endpoints, &plan).await?;
         shared.live.store(true, Relaxed);
         loop {
             let next = shared.ops.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -378,11 +544,26 @@ pub(crate) fn spawn_operator(
     });
 }
 
+/// The host name of gateway `g`.
+pub(crate) fn gateway_host(g: u64) -> String {
+    format!("g{g}")
+}
+
+/// The leaf budget gateway `g` spends from.
+pub(crate) fn gateway_leaf(g: u64) -> &'static str {
+    LEAVES[(g as usize) % LEAVES.len()]
+}
+
 /// Gateway `g`: the real SDK, with its own skewed, drifting clock (drawn from
-/// `rng`), spending from one leaf until told to stop.
+/// `rng`), spending from one leaf until told to stop, counting what it admitted
+/// (the ground truth). With `plan.extended`, some calls are priced: they reserve
+/// tokens and a call, and settle a real cost that may be above the reservation.
+/// After it stops spending the SDK keeps running, so that every release and
+/// overrun it still owes reaches the ledger.
 pub(crate) fn spawn_gateway(
     sim: &mut turmoil::Sim<'_>,
     cfg: &SimConfig,
+    plan: &Plan,
     g: u64,
     rng: &mut StdRng,
     shared: &Arc<Shared>,
@@ -390,11 +571,13 @@ pub(crate) fn spawn_gateway(
 ) {
     let shared = shared.clone();
     let endpoints = voters.to_vec();
-    let leaf = LEAVES[(g as usize) % LEAVES.len()];
+    let leaf = gateway_leaf(g);
+    let priced = plan.extended;
+    let lease_ttl = plan.lease_ttl(leaf);
     let offset = rng.gen_range(GATEWAY_CLOCK_OFFSET_MS);
     let drift_ppm = rng.gen_range(CLOCK_DRIFT_PPM);
     let mut grng = StdRng::seed_from_u64(cfg.seed.wrapping_add(g).wrapping_mul(0x9e37_79b9));
-    sim.client(format!("g{g}"), async move {
+    sim.client(gateway_host(g), async move {
         while !shared.live.load(Relaxed) {
             tokio::time::sleep(LIVE_POLL_INTERVAL).await;
         }
@@ -414,20 +597,57 @@ pub(crate) fn spawn_gateway(
         config.cluster.client_id = Some(format!("gw-{g}"));
         config.cluster.rpc_timeout = CLIENT_RPC_TIMEOUT;
         config.refresh = SDK_REFRESH_INTERVAL;
-        config.lease_ttl = SDK_LEASE_TTL;
+        config.lease_ttl = lease_ttl;
         config.margin = SDK_MARGIN;
+        config.outage_after = SDK_OUTAGE_AFTER;
         config.horizon = SDK_HORIZON;
         config.initial_request = SDK_INITIAL_REQUEST_UNITS;
         let sdk = ration_client::Sdk::start(config, clock).map_err(|e| e.to_string())?;
         let handle = sdk.handle(leaf, UNIT);
+        let admit = |units: u64| {
+            shared.admitted.fetch_add(units, Relaxed);
+            *shared
+                .admitted_by_leaf
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(leaf)
+                .or_default() += units;
+        };
         while !shared.stop_spending.load(Relaxed) {
             let want = grng.gen_range(GATEWAY_SPEND_UNITS);
-            if handle.try_spend(want) {
-                shared.admitted.fetch_add(want, Relaxed);
+            if priced && grng.gen_bool(PRICED_CALL_PROBABILITY) {
+                // Reserved, called, and settled at once (nothing can retire a lease
+                // in between: the SDK's refill task runs on this host's runtime).
+                if let Some(r) = sdk.reserve(&[(leaf, UNIT, want), (leaf, CALLS, 1)]) {
+                    let cost = if grng.gen_bool(COST_ABOVE_RESERVATION_PROBABILITY) {
+                        grng.gen_range(want + 1..=want * MAX_COST_FACTOR)
+                    } else {
+                        grng.gen_range(1..=want)
+                    };
+                    r.settle(&[cost, 1]);
+                    admit(cost);
+                    shared.calls_admitted.fetch_add(1, Relaxed);
+                    if cost > want {
+                        shared.settle_overruns.fetch_add(1, Relaxed);
+                        shared.settle_overrun_units.fetch_add(cost - want, Relaxed);
+                    }
+                }
+            } else if handle.try_spend(want) {
+                admit(want);
             }
             tokio::time::sleep(Duration::from_millis(grng.gen_range(GATEWAY_SPEND_GAP_MS))).await;
         }
+        shared
+            .sdk_overruns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(g, sdk.gateway_overruns(leaf, UNIT));
         shared.gateways_done.fetch_add(1, Relaxed);
+        // The SDK keeps refilling and releasing until the harness has seen the ledger
+        // agree with the gateways.
+        while !shared.shutdown.load(Relaxed) {
+            tokio::time::sleep(GATEWAY_SHUTDOWN_POLL).await;
+        }
         drop(sdk);
         Ok(())
     });
@@ -525,26 +745,13 @@ pub(crate) fn spawn_liveness(sim: &mut turmoil::Sim<'_>, voters: &[String]) -> A
     live_ok
 }
 
-/// Creates the budget tree: the root with `cap`, leaves whose caps add up to more
+/// Creates the budget tree of `plan`: the root, leaves whose caps add up to more
 /// (so the root binds), the probe's budget and the liveness budget.
 pub(crate) async fn setup_budgets(
     endpoints: &[String],
-    cap: u64,
+    plan: &Plan,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let limit = |cap: u64| v1::Limit {
-        unit: UNIT.into(),
-        cap: cap as i64,
-        window: Some(v1::Window { period: v1::Period::Lifetime as i32, offset_minutes: 0 }),
-        static_allowance: None,
-    };
-    let mut budgets =
-        vec![(ROOT.to_owned(), cap), (LIVE_BUDGET.to_owned(), LIVE_BUDGET_CAP_TOKENS)];
-    for leaf in LEAVES {
-        // The leaves together may spend more than the root: the root binds.
-        budgets.push((leaf.to_owned(), cap / 2));
-    }
-    budgets.push((PROBE_BUDGET.to_owned(), cap / 10));
-    for (i, (path, cap)) in budgets.into_iter().enumerate() {
+    for (i, (path, limits)) in plan.budgets().into_iter().enumerate() {
         let req = v1::CreateBudgetRequest {
             meta: Some(v1::RequestMeta {
                 client_id: "operator".into(),
@@ -552,7 +759,7 @@ pub(crate) async fn setup_budgets(
                 principal: "operator".into(),
             }),
             path,
-            limits: vec![limit(cap)],
+            limits,
         };
         let mut done = false;
         for attempt in 0..SETUP_MAX_ATTEMPTS {

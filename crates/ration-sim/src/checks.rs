@@ -9,12 +9,22 @@ use std::sync::Arc;
 
 use openraft::{LogId, ServerState};
 use ration_core::audit::{verify_chain, AuditKind, ChainBreak, ChainHead};
+use ration_core::{BudgetPath, Ledger, Period};
 use ration_server::Node;
 use ration_store::mem::MemDisk;
 
-use crate::actors::{nodes, Shared};
+use crate::actors::{
+    node_config, nodes, Shared, CALLS, CLOCK_MAX_DRIFT_PPM, LEAVES, NODE_CLOCK_MAX_OFFSET_MS,
+    PROBE_BUDGET, ROOT, UNIT,
+};
 use crate::report::{Report, Trace};
-use crate::SimConfig;
+use crate::{SimConfig, SIM_TICK};
+
+/// Ledger time may be ahead of true time by the clock slack of the node config
+/// (what one leader with a wrong wall clock may add), plus what a correct node
+/// clock may be ahead ([`NODE_CLOCK_MAX_OFFSET_MS`], and its drift over the run),
+/// plus this (a check lands between simulation steps).
+const LEDGER_TIME_MARGIN_MS: i64 = 2 * SIM_TICK.as_millis() as i64;
 
 /// Why a check failed. Its message is what the failed run reports.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +62,48 @@ pub enum CheckError {
     /// An entry applied during the run is past the converged index.
     #[error("index {last} was applied during the run, but the converged cluster is at {applied}")]
     AppliedPastConverged { last: u64, applied: u64 },
-    /// The gateways admitted more than the root's cap.
-    #[error("gateways admitted {admitted} units, over the cap of {cap}")]
-    OverCap { admitted: u64, cap: u64 },
+    /// The gateways admitted more than the root's cap plus the overruns the ledger
+    /// counted on it.
+    #[error(
+        "gateways admitted {admitted} units, over the cap of {cap} plus {overruns} of overruns"
+    )]
+    OverCap { admitted: u64, cap: u64, overruns: u64 },
+    /// After healing, the ledger's consumed figure for a gateway leaf (every lease
+    /// released, every overrun reported) is not what its gateways admitted.
+    #[error("gateways admitted {admitted} units from {budget}, but the ledger counts {consumed} consumed ({outstanding} outstanding)")]
+    SpendMismatch { budget: String, admitted: u64, consumed: u64, outstanding: u64 },
+    /// After healing, the overruns the ledger counted on the root are not those the
+    /// gateways' SDKs recorded.
+    #[error("the gateways' SDKs recorded {recorded} units of overruns, but the ledger counts {ledger} on {budget}")]
+    OverrunsMismatch { budget: String, recorded: u64, ledger: u64 },
+    /// The gateways admitted more priced calls than the ledger counts consumed over
+    /// every window of the per-minute limit.
+    #[error(
+        "gateways admitted {admitted} {unit}, but the ledger's audit counts {ledger} consumed"
+    )]
+    CallsUnaccounted { unit: &'static str, admitted: u64, ledger: i128 },
+    /// A node's ledger time ran ahead of true (simulated) time by more than the
+    /// clock slack allows: one slack per leader wall clock stepped ahead so far
+    /// (at least one), plus what correct clocks may be ahead.
+    #[error("node {node}: ledger time {ledger_ms} is {ahead_ms} ms ahead of true time {true_ms} (at most {bound_ms} ms allowed after {forward_steps} forward clock steps)")]
+    LedgerTimeAhead {
+        node: u64,
+        ledger_ms: u64,
+        true_ms: u64,
+        ahead_ms: i64,
+        bound_ms: i64,
+        forward_steps: u64,
+    },
+    /// Ledger time went backwards: an entry at a higher index holds an earlier time.
+    #[error("ledger time went backwards: node {node} at index {index} has {ledger_ms}, but index {other_index} (node {other_node}) had {other_ms}")]
+    LedgerTimeBackwards {
+        node: u64,
+        index: u64,
+        ledger_ms: u64,
+        other_node: u64,
+        other_index: u64,
+        other_ms: u64,
+    },
     /// A probe request was granted more than once.
     #[error("{principal} was granted {} times: {leases:?}", .leases.len())]
     GrantedTwice { principal: String, leases: Vec<u64> },
@@ -76,6 +125,12 @@ pub enum CheckError {
 #[derive(Debug, Default)]
 pub struct Observed {
     committed: BTreeMap<u64, (LogId<u64>, u64)>,
+    /// Ledger time observed after each applied index: (time, node).
+    times: BTreeMap<u64, (u64, u64)>,
+    /// The most ledger time was seen ahead of true time, in ms.
+    max_ahead_ms: Option<i64>,
+    /// Whether ledger time was seen further ahead than one clock slack allows.
+    beyond_one_slack: bool,
 }
 
 impl Observed {
@@ -111,6 +166,49 @@ impl Observed {
             }
         }
         Ok(())
+    }
+
+    /// Records that `node`, at applied `index`, holds ledger time `ledger_ms`; an
+    /// error if ledger time is lower than at a lower index, or higher than at a
+    /// higher one (anywhere: replicas apply the same entries).
+    pub fn ledger_time(&mut self, node: u64, index: u64, ledger_ms: u64) -> Result<(), CheckError> {
+        let before = self.times.range(..=index).next_back().filter(|(_, (t, _))| *t > ledger_ms);
+        let after = self.times.range(index..).next().filter(|(_, (t, _))| *t < ledger_ms);
+        if let Some((other_index, (other_ms, other_node))) = before.or(after) {
+            return Err(CheckError::LedgerTimeBackwards {
+                node,
+                index,
+                ledger_ms,
+                other_node: *other_node,
+                other_index: *other_index,
+                other_ms: *other_ms,
+            });
+        }
+        self.times.insert(index, (ledger_ms, node));
+        Ok(())
+    }
+
+    /// Records how far ledger time was seen ahead of true time, and whether that is
+    /// more than one clock slack allows.
+    pub fn ahead(&mut self, ms: i64, beyond_one_slack: bool) {
+        self.max_ahead_ms = Some(self.max_ahead_ms.map_or(ms, |m| m.max(ms)));
+        self.beyond_one_slack |= beyond_one_slack;
+    }
+
+    /// Whether ledger time was ever seen further ahead than one clock slack allows
+    /// (legal after several leader clocks were stepped ahead).
+    pub fn beyond_one_slack(&self) -> bool {
+        self.beyond_one_slack
+    }
+
+    /// The most ledger time was seen ahead of true time (negative: behind), in ms.
+    pub fn max_ahead_ms(&self) -> Option<i64> {
+        self.max_ahead_ms
+    }
+
+    /// The latest ledger time observed.
+    pub fn ledger_time_max(&self) -> Option<u64> {
+        self.times.values().next_back().map(|(t, _)| *t)
     }
 
     /// The highest index observed committed.
@@ -156,16 +254,44 @@ pub(crate) fn log_ids_above_snapshot(
     }
 }
 
+/// The clock slack of the nodes (`clock_slack_ms`): how far one leader may move
+/// ledger time from where monotonic time puts it.
+pub(crate) fn clock_slack_ms() -> i64 {
+    node_config(1, 3).clock_slack_ms as i64
+}
+
+/// How far ledger time may be ahead of true time, `elapsed_ms` into a run in which
+/// `forward_steps` leader wall clocks were stepped ahead: the clock slack once per
+/// such step (at least once), plus what a correct node clock may be ahead (its
+/// offset and its drift so far), plus a margin. One slack per wrong clock is what
+/// the product promises ("a wrong clock moves ledger time by at most the slack per
+/// leader change"); a leader fixes its estimate of ledger time when its term
+/// starts, so a second fast clock in a later term can add a second slack (seed
+/// 5036: 1,734 ms ahead after two 30 s steps on two successive leaders).
+pub(crate) fn ledger_time_bound_ms(elapsed_ms: u64, forward_steps: u64) -> i64 {
+    clock_slack_ms() * forward_steps.max(1) as i64
+        + NODE_CLOCK_MAX_OFFSET_MS
+        + elapsed_ms as i64 * CLOCK_MAX_DRIFT_PPM / 1_000_000
+        + LEDGER_TIME_MARGIN_MS
+}
+
 /// Checked while the simulation runs, on every live node: the ledger's invariants
-/// (which include consumed + outstanding <= cap for every limit, and
-/// conservation); replicas at the same applied index hold the same state; and the
+/// (which include consumed + outstanding <= cap + overruns for every limit, and
+/// conservation); replicas at the same applied index hold the same state; the
 /// entries each replica applied (its last applied id, and the ids its disk holds
-/// up to it) agree with every other replica's (see [`Observed`]).
+/// up to it) agree with every other replica's (see [`Observed`]); and ledger time
+/// is never more than the clock slack ahead of true time (once per leader clock
+/// stepped ahead: [`ledger_time_bound_ms`]), and never goes backwards.
+/// `elapsed_ms`: simulated time since the run began.
 pub(crate) fn check_running(
     shared: &Shared,
     disks: &BTreeMap<u64, MemDisk>,
     observed: &mut Observed,
+    elapsed_ms: u64,
 ) -> Result<(), CheckError> {
+    let true_ms = shared.epoch_ms.load(Relaxed) + elapsed_ms;
+    let forward_steps = shared.forward_clock_steps.load(Relaxed);
+    let bound_ms = ledger_time_bound_ms(elapsed_ms, forward_steps);
     let mut digests: BTreeMap<u64, (u64, [u8; 32])> = BTreeMap::new();
     for (id, node) in nodes(shared) {
         let state = node.reader.state();
@@ -177,6 +303,7 @@ pub(crate) fn check_running(
         let last_applied = state.last_applied;
         let at = last_applied.map_or(0, |l| l.index);
         let digest = state.ledger.digest();
+        let ledger_ms = state.ledger.now_ms();
         drop(state);
         match digests.get(&at) {
             Some((other, d)) if *d != digest => {
@@ -185,6 +312,21 @@ pub(crate) fn check_running(
             _ => {
                 digests.insert(at, (id, digest));
             }
+        }
+        if ledger_ms > 0 {
+            let ahead_ms = ledger_ms as i64 - true_ms as i64;
+            observed.ahead(ahead_ms, ahead_ms > ledger_time_bound_ms(elapsed_ms, 1));
+            if ahead_ms > bound_ms {
+                return Err(CheckError::LedgerTimeAhead {
+                    node: id,
+                    ledger_ms,
+                    true_ms,
+                    ahead_ms,
+                    bound_ms,
+                    forward_steps,
+                });
+            }
+            observed.ledger_time(id, at, ledger_ms)?;
         }
         if let Some(last) = last_applied {
             observed.applied(id, last)?;
@@ -320,6 +462,9 @@ pub(crate) fn check_final(
         }
     }
     let (applied, _, audit) = reference.ok_or(CheckError::NoMemberRunning)?;
+    // Every member holds the same state now: read the figures from one of them.
+    let member =
+        &all.iter().find(|(id, _)| members.contains(id)).ok_or(CheckError::NoMemberRunning)?.1;
     // Committed entries are never lost: the converged cluster is at or past every
     // index ever applied, and every member's disk holds the committed entry at each
     // index it still has.
@@ -342,12 +487,68 @@ pub(crate) fn check_final(
     report.applied_index = applied;
     report.audit_records = audit;
 
-    // Ground truth: what gateways admitted never exceeds the root's cap.
+    // Ground truth: what gateways admitted (real costs, reserve spend included)
+    // never exceeds the root's cap plus the overruns the ledger counted on it; and,
+    // now that every lease is released and every overrun reported, it is what the
+    // ledger counts consumed.
     let admitted = shared.admitted.load(Relaxed);
     report.admitted = admitted;
-    if admitted > cfg.cap {
-        return Err(CheckError::OverCap { admitted, cap: cfg.cap });
+    let state = member.reader.state();
+    let root = lifetime(&state.ledger, ROOT);
+    drop(state);
+    report.overruns = root.overruns;
+    report.sdk_overruns =
+        shared.sdk_overruns.lock().unwrap_or_else(|p| p.into_inner()).values().sum();
+    if admitted > cfg.cap.saturating_add(root.overruns) {
+        return Err(CheckError::OverCap { admitted, cap: cfg.cap, overruns: root.overruns });
     }
+    // The ledger agreed with the gateways (`gateway_accounts`) before they shut
+    // down; since then their leases, unspent, may have expired and been charged,
+    // which only adds: no leaf may now count less than its gateways admitted.
+    report.ledger_consumed = shared.ledger_consumed.load(Relaxed);
+    let by_leaf = shared.admitted_by_leaf.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let state = member.reader.state();
+    for leaf in LEAVES {
+        let f = lifetime(&state.ledger, leaf);
+        let admitted = by_leaf.get(leaf).copied().unwrap_or(0);
+        if f.consumed < admitted {
+            return Err(CheckError::SpendMismatch {
+                budget: leaf.into(),
+                admitted,
+                consumed: f.consumed,
+                outstanding: f.outstanding,
+            });
+        }
+    }
+    drop(state);
+    // Priced calls: never more than the ledger counts consumed over every window of
+    // the per-minute limit (the audit's net spend in that unit: consumed, plus
+    // charged at expiry, less refunded). Not equal: a lease released after its
+    // window closed stays charged whole.
+    let calls = shared.calls_admitted.load(Relaxed);
+    report.calls_admitted = calls;
+    let ledger_calls: i128 = records
+        .iter()
+        .filter(|r| r.entry.unit.as_ref().is_some_and(|u| u.as_str() == CALLS))
+        .map(|r| r.entry.flow.net_spend())
+        .sum();
+    if i128::from(calls) > ledger_calls {
+        return Err(CheckError::CallsUnaccounted {
+            unit: CALLS,
+            admitted: calls,
+            ledger: ledger_calls,
+        });
+    }
+    for (k, v) in [
+        ("settle_overrun", shared.settle_overruns.load(Relaxed)),
+        ("settle_overrun_units", shared.settle_overrun_units.load(Relaxed)),
+        ("sdk_overrun_units", report.sdk_overruns),
+        ("priced_calls", calls),
+    ] {
+        report.events.insert(k, v);
+    }
+    report.ledger_ahead_max_ms = observed.max_ahead_ms().unwrap_or(0);
+    report.events.insert("ledger_time_beyond_one_slack", u64::from(observed.beyond_one_slack()));
 
     // Exactly once: each probe request granted at most once; every acknowledged
     // grant is in the log; unknown outcomes may be there or not, once at most.
@@ -380,6 +581,84 @@ pub(crate) fn check_final(
     report.probes_unknown = probe.unknown.len() as u64;
     report.probe_grants = probe.granted.len() as u64;
     trace.note(applied, &format!("{admitted}/{audit}/{}", probe.granted.len()));
+    Ok(())
+}
+
+/// A budget's figures in `unit`'s lifetime limit.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Figures {
+    pub(crate) consumed: u64,
+    pub(crate) outstanding: u64,
+    pub(crate) overruns: u64,
+}
+
+fn lifetime(ledger: &Ledger, path: &str) -> Figures {
+    let Ok(path) = BudgetPath::new(path) else { return Figures::default() };
+    ledger
+        .budget(&path)
+        .and_then(|b| {
+            b.limits
+                .iter()
+                .find(|l| {
+                    l.spec.unit.as_str() == UNIT && l.spec.window.period() == Period::Lifetime
+                })
+                .map(|l| Figures {
+                    consumed: l.consumed,
+                    outstanding: l.outstanding,
+                    overruns: l.overruns,
+                })
+        })
+        .unwrap_or_default()
+}
+
+/// The ledger agrees with the gateways, on the running node that has applied the
+/// most: each gateway leaf's lifetime consumed figure is what its gateways
+/// admitted (so the root's, less the probe's, is their total), and the overruns
+/// counted on the root are those the gateways' SDKs recorded. Holds once every
+/// lease they spent from is released and every overrun reported: after healing,
+/// with the SDKs running. Records the consumed figure (`Shared::ledger_consumed`).
+pub(crate) fn gateway_accounts(shared: &Shared) -> Result<(), CheckError> {
+    let all = nodes(shared);
+    let (_, node) = all
+        .iter()
+        .max_by_key(|(_, n)| n.reader.state().last_applied.map_or(0, |l| l.index))
+        .ok_or(CheckError::NoNodeRunning)?;
+    let state = node.reader.state();
+    let admitted = shared.admitted_by_leaf.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut consumed = 0;
+    for leaf in LEAVES {
+        let f = lifetime(&state.ledger, leaf);
+        let admitted = admitted.get(leaf).copied().unwrap_or(0);
+        if f.consumed != admitted {
+            return Err(CheckError::SpendMismatch {
+                budget: leaf.into(),
+                admitted,
+                consumed: f.consumed,
+                outstanding: f.outstanding,
+            });
+        }
+        consumed += f.consumed;
+    }
+    let (root, probe) = (lifetime(&state.ledger, ROOT), lifetime(&state.ledger, PROBE_BUDGET));
+    let total = shared.admitted.load(Relaxed);
+    if root.consumed.saturating_sub(probe.consumed) != total {
+        return Err(CheckError::SpendMismatch {
+            budget: format!("{ROOT} (less {PROBE_BUDGET})"),
+            admitted: total,
+            consumed: root.consumed.saturating_sub(probe.consumed),
+            outstanding: root.outstanding.saturating_sub(probe.outstanding),
+        });
+    }
+    let recorded: u64 =
+        shared.sdk_overruns.lock().unwrap_or_else(|p| p.into_inner()).values().sum();
+    if root.overruns != recorded {
+        return Err(CheckError::OverrunsMismatch {
+            budget: ROOT.into(),
+            recorded,
+            ledger: root.overruns,
+        });
+    }
+    shared.ledger_consumed.store(consumed, Relaxed);
     Ok(())
 }
 

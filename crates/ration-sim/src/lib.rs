@@ -7,10 +7,11 @@
 //! message latencies, openraft's election timeouts and tokio's scheduling choices.
 //!
 //! A run: 3 (or 5) nodes and a spare, gateways spending a budget tree through the
-//! SDK, a probe client retrying requests through random nodes, and an operator
-//! moving leadership and changing membership, under a seeded schedule of faults.
-//! Invariants are checked while it runs and after the faults are healed; a
-//! failure names the seed and the command that replays it.
+//! SDK (some of it fail-static, some calls priced above their reservation, one
+//! limit per minute), a probe client retrying requests through random nodes, and
+//! an operator moving leadership and changing membership, under a seeded schedule
+//! of faults. Invariants are checked while it runs and after the faults are
+//! healed; a failure names the seed and the command that replays it.
 
 pub mod net;
 pub mod scenario;
@@ -21,25 +22,34 @@ mod faults;
 mod report;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use ration_store::mem::MemDisk;
 
 pub use checks::{CheckError, Observed};
 pub use report::{replay_command, Failure, Report};
 
-use actors::{addr, host, Shared, Supervisor};
-use checks::{applied, check_final, check_running, converged, note_leaders};
+use actors::{addr, host, Plan, Shared, SimClock, Supervisor};
+use checks::{applied, check_final, check_running, converged, gateway_accounts, note_leaders};
 use faults::Chaos;
 use report::{Trace, Tracer};
 
 /// The simulation's wall clock starts here (2025-11-28T00:00:00Z), so runs are
-/// reproducible to the millisecond.
+/// reproducible to the millisecond. With `SimConfig::extended` it starts a little
+/// before the next minute instead (drawn per seed: [`WINDOW_ROLLOVER_AT_MS`]), so a
+/// per-minute window rolls over while faults are injected.
 const EPOCH_MS: u64 = 1_764_288_000_000;
+const MINUTE_MS: u64 = 60_000;
+/// With `SimConfig::extended`, the first minute boundary comes this long after the
+/// simulation starts (drawn per seed): the budgets are accepted after 1 to 3 s, and
+/// faults are injected for the 8 s after that.
+const WINDOW_ROLLOVER_AT_MS: Range<u64> = 3_000..8_000;
+
 /// How long faults are injected, unless configured (`SimConfig::chaos`).
 const DEFAULT_CHAOS: Duration = Duration::from_secs(8);
 /// The root budget's lifetime cap, unless configured (`SimConfig::cap`).
@@ -85,6 +95,12 @@ pub struct SimConfig {
     /// (tearing the last write half of the time). False: the in-memory log store
     /// the seeds before it ran on.
     pub wal: bool,
+    /// The faults and traffic of issue 12: flapping links, steps of a leader's wall
+    /// clock, gateways cut off from the cluster; fail-static budgets (emergency
+    /// reserves), priced calls whose real cost may be above their reservation
+    /// (overruns), and a per-minute limit whose window rolls over during the run.
+    /// False: the mix and the budget tree before them, for seeds found then.
+    pub extended: bool,
 }
 
 impl SimConfig {
@@ -98,6 +114,7 @@ impl SimConfig {
             faults: true,
             disk_failures: true,
             wal: true,
+            extended: true,
         }
     }
 }
@@ -109,43 +126,54 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     // which tests ran on other threads before (a seed replays in any process).
     ration_client::local::pin_thread_stripe(0);
     // `RATION_SIM_LOG=openraft=debug` (an env-filter) prints the nodes' own logs.
-    let _logs = std::env::var("RATION_SIM_LOG").ok().map(|filter| {
-        tracing::subscriber::set_default(
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-                .with_ansi(false)
-                .with_timer(SimTime)
-                .with_writer(std::io::stderr)
-                .finish(),
-        )
-    });
+    // The gateways' SDKs log their outages and emergency-reserve spend: counted.
+    let sdk_events = Arc::new(SdkEvents::default());
+    let _logs = tracing::subscriber::set_default(sdk_event_subscriber(&sdk_events));
     ration_store::runtime::seed_thread_rng(Some(cfg.seed));
     RUNNING_SEED.with(|s| s.set(Some((cfg.seed, cfg.nodes))));
-    let result = run_inner(cfg);
+    let result = run_inner(cfg, &sdk_events);
     RUNNING_SEED.with(|s| s.set(None));
     ration_store::runtime::seed_thread_rng(None);
     result
 }
 
-fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
-    // Set up, in this order (the seeded draws depend on it): the nodes, the
-    // operator, the gateways, the probe, the fault schedule.
+fn run_inner(cfg: &SimConfig, sdk_events: &Arc<SdkEvents>) -> Result<Report, Failure> {
+    // Set up, in this order (the seeded draws depend on it): the epoch and the
+    // budget tree, the nodes, the operator, the gateways, the probe, the fault
+    // schedule.
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ HARNESS_RNG_SALT);
-    let mut sim = build_sim(cfg);
+    let epoch_ms = if cfg.extended {
+        EPOCH_MS + MINUTE_MS - rng.gen_range(WINDOW_ROLLOVER_AT_MS)
+    } else {
+        EPOCH_MS
+    };
+    let plan = Plan::draw(cfg, &mut rng);
+    let mut sim = build_sim(cfg, epoch_ms);
     let shared = Arc::new(Shared::default());
-    let disks = actors::spawn_nodes(&mut sim, cfg, &mut rng, &shared);
+    shared.epoch_ms.store(epoch_ms, Relaxed);
+    let (disks, clocks) = actors::spawn_nodes(&mut sim, cfg, &mut rng, &shared);
     let voters: Vec<String> = (1..=cfg.nodes).map(addr).collect();
-    actors::spawn_operator(&mut sim, cfg, &shared, &voters);
+    actors::spawn_operator(&mut sim, cfg, &plan, &shared, &voters);
     for g in 0..cfg.gateways {
-        actors::spawn_gateway(&mut sim, cfg, g, &mut rng, &shared, &voters);
+        actors::spawn_gateway(&mut sim, cfg, &plan, g, &mut rng, &shared, &voters);
     }
     actors::spawn_probe(&mut sim, cfg, &shared, &voters);
     let mut chaos = Chaos::draw(cfg, &mut rng);
-    let mut h = Harness::new(cfg, sim, shared, disks, rng);
+    let mut h = Harness::new(cfg, sim, shared, disks, clocks, rng, sdk_events.clone());
+    h.accounts_after_stop_ms = plan.longest_lease_ttl().as_millis() as u64;
+    h.report.events.insert("fail_static_leaves", plan.fail_static_leaves());
+    h.tracer.event(
+        0,
+        format!(
+            "budgets: {plan:?}, epoch {epoch_ms} (a minute starts every 60 s from {})",
+            EPOCH_MS
+        ),
+    );
 
     // Run until the budgets exist, then inject faults for `cfg.chaos`.
     let started_chaos = h.wait_until_live()?;
     let chaos_ms = cfg.chaos.as_millis() as u64;
+    h.in_chaos = true;
     loop {
         let t = h.now_ms().saturating_sub(started_chaos);
         if t >= chaos_ms {
@@ -157,7 +185,9 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
 
     // Heal everything, stop spending, and let the cluster settle.
     chaos.heal_all(&mut h);
+    h.in_chaos = false;
     h.shared.stop_spending.store(true, Relaxed);
+    h.stopped_at = h.now_ms();
     let live_ok = actors::spawn_liveness(&mut h.sim, &voters);
     h.settle(&live_ok)?;
 
@@ -165,9 +195,9 @@ fn run_inner(cfg: &SimConfig) -> Result<Report, Failure> {
     h.finish()
 }
 
-fn build_sim<'a>(cfg: &SimConfig) -> turmoil::Sim<'a> {
+fn build_sim<'a>(cfg: &SimConfig, epoch_ms: u64) -> turmoil::Sim<'a> {
     turmoil::Builder::new()
-        .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
+        .epoch(UNIX_EPOCH + Duration::from_millis(epoch_ms))
         .simulation_duration(cfg.chaos + SIM_DURATION_AFTER_CHAOS)
         .tick_duration(SIM_TICK)
         .min_message_latency(MIN_MESSAGE_LATENCY)
@@ -184,6 +214,7 @@ struct Harness<'a> {
     sim: turmoil::Sim<'a>,
     shared: Arc<Shared>,
     disks: BTreeMap<u64, MemDisk>,
+    clocks: BTreeMap<u64, Arc<SimClock>>,
     rng: StdRng,
     report: Report,
     trace: Trace,
@@ -193,6 +224,18 @@ struct Harness<'a> {
     leaders_by_term: BTreeMap<u64, BTreeSet<u64>>,
     /// Steps taken since the budgets were accepted.
     steps: u64,
+    /// Whether faults are being injected.
+    in_chaos: bool,
+    /// When the gateways were told to stop spending (simulated ms).
+    stopped_at: u64,
+    /// After the gateways stop spending, the ledger must come to agree with what
+    /// they admitted (every lease they spent from released, every overrun
+    /// reported); not checked before this long (the longest SDK lease TTL), so that
+    /// every lease held when they stopped has passed its local deadline.
+    accounts_after_stop_ms: u64,
+    /// The latest minute (of ledger time) any node had reached, at the last check.
+    minute: Option<u64>,
+    sdk_events: Arc<SdkEvents>,
 }
 
 impl<'a> Harness<'a> {
@@ -201,7 +244,9 @@ impl<'a> Harness<'a> {
         sim: turmoil::Sim<'a>,
         shared: Arc<Shared>,
         disks: BTreeMap<u64, MemDisk>,
+        clocks: BTreeMap<u64, Arc<SimClock>>,
         rng: StdRng,
+        sdk_events: Arc<SdkEvents>,
     ) -> Self {
         let mut tracer = Tracer::from_env();
         tracer.event(
@@ -219,6 +264,7 @@ impl<'a> Harness<'a> {
             sim,
             shared,
             disks,
+            clocks,
             rng,
             report: Report { seed: cfg.seed, cap: cfg.cap, ..Report::default() },
             trace: Trace::default(),
@@ -227,6 +273,11 @@ impl<'a> Harness<'a> {
             observed: Observed::default(),
             leaders_by_term: BTreeMap::new(),
             steps: 0,
+            in_chaos: false,
+            stopped_at: 0,
+            accounts_after_stop_ms: 0,
+            minute: None,
+            sdk_events,
         }
     }
 
@@ -272,33 +323,70 @@ impl<'a> Harness<'a> {
         let now = self.now_ms();
         self.tracer.observe(now, &self.shared);
         if self.steps % CHECK_EVERY_STEPS == 0 {
-            check_running(&self.shared, &self.disks, &mut self.observed)
+            check_running(&self.shared, &self.disks, &mut self.observed, now)
                 .map_err(|e| self.fail(e))?;
             note_leaders(&self.shared, &mut self.leaders_by_term, &mut self.report);
+            self.note_rollover();
         }
         Ok(())
     }
 
-    /// Steps until the liveness grant was served, every gateway has stopped and
-    /// the cluster has converged; fails after `CONVERGENCE_TIMEOUT_MS`.
+    /// Counts the minute windows that rolled over (in ledger time, on the node
+    /// furthest ahead) while faults were injected.
+    fn note_rollover(&mut self) {
+        let Some(minute) = self.observed.ledger_time_max().map(|t| t / MINUTE_MS) else {
+            return;
+        };
+        if self.in_chaos && self.minute.is_some_and(|m| minute > m) {
+            *self.report.events.entry("window_rollover").or_default() +=
+                minute - self.minute.unwrap_or(minute);
+        }
+        self.minute = Some(minute);
+    }
+
+    /// Steps until the liveness grant was served, every gateway has stopped and the
+    /// ledger agrees with what the gateways admitted (`gateway_accounts`, checked
+    /// while their SDKs still run); then shuts the gateways down and steps until
+    /// the cluster has converged. Fails after `CONVERGENCE_TIMEOUT_MS`.
     fn settle(&mut self, live_ok: &AtomicBool) -> Result<(), Failure> {
         let deadline = self.now_ms() + CONVERGENCE_TIMEOUT_MS;
+        let mut agreed = false;
         loop {
             self.tick()?;
+            if !agreed
+                && live_ok.load(Relaxed)
+                && self.shared.gateways_done.load(Relaxed) == self.cfg.gateways
+                && self.now_ms() >= self.stopped_at + self.accounts_after_stop_ms
+                && gateway_accounts(&self.shared).is_ok()
+            {
+                // The SDKs have delivered all they owed. Shut them down, so that the
+                // cluster goes quiet and converges (their leases, all unspent now,
+                // will expire and be charged: a gateway that vanishes is charged
+                // whole, which the final check allows).
+                agreed = true;
+                self.shared.shutdown.store(true, Relaxed);
+                let now = self.now_ms();
+                self.tracer.event(now, "the ledger agrees with the gateways; they shut down");
+            }
             // Checked every step: the leader's ticks keep entries in flight part of the
             // time, so a coarser check could keep landing on one.
-            if live_ok.load(Relaxed)
-                && self.shared.gateways_done.load(Relaxed) == self.cfg.gateways
-                && converged(&self.shared)
-            {
+            if agreed && converged(&self.shared) {
                 return Ok(());
             }
             if self.now_ms() > deadline {
+                if !agreed {
+                    if let Err(e) = gateway_accounts(&self.shared) {
+                        return Err(self.fail(format!(
+                            "{e}, {} s after healing",
+                            CONVERGENCE_TIMEOUT_MS / 1000
+                        )));
+                    }
+                }
                 let hosts: Vec<(u64, bool)> = (1..=self.cfg.nodes + 1)
                     .map(|i| (i, self.sim.is_host_running(host(i))))
                     .collect();
                 return Err(self.fail(format!(
-                    "no convergence {} s after healing (liveness grant: {}, gateways done: {}/{}; hosts running: {:?}): {:#?}",
+                    "no convergence {} s after healing (liveness grant: {}, gateways done: {}/{}, ledger agreed with them: {agreed}; hosts running: {:?}): {:#?}",
                     CONVERGENCE_TIMEOUT_MS / 1000,
                     live_ok.load(Relaxed),
                     self.shared.gateways_done.load(Relaxed),
@@ -313,7 +401,10 @@ impl<'a> Harness<'a> {
     /// The final checks; the report.
     fn finish(mut self) -> Result<Report, Failure> {
         self.report.sim_ms = self.now_ms();
-        check_running(&self.shared, &self.disks, &mut self.observed).map_err(|e| self.fail(e))?;
+        let now = self.now_ms();
+        check_running(&self.shared, &self.disks, &mut self.observed, now)
+            .map_err(|e| self.fail(e))?;
+        self.sdk_events.add_to(&mut self.report);
         check_final(
             self.cfg,
             &self.shared,
@@ -326,6 +417,84 @@ impl<'a> Harness<'a> {
         self.report.trace = self.trace.finish(&self.report);
         self.tracer.event(self.report.sim_ms, format!("converged and checked: {:?}", self.report));
         Ok(self.report)
+    }
+}
+
+/// What the gateways' SDKs logged, counted: outages begun (no answer from the
+/// cluster for `outage_after`, so emergency reserves became spendable), and units
+/// spent from emergency reserves (reported when contact returned).
+#[derive(Debug, Default)]
+struct SdkEvents {
+    outages: AtomicU64,
+    reserve_spent: AtomicU64,
+}
+
+impl SdkEvents {
+    fn add_to(&self, report: &mut Report) {
+        report.events.insert("outage", self.outages.load(Relaxed));
+        report.events.insert("reserve_units_spent", self.reserve_spent.load(Relaxed));
+    }
+}
+
+/// The subscriber a run logs to: [`SdkEvents`] counts the SDK's warnings, and
+/// `RATION_SIM_LOG` (an env-filter) prints the nodes' own logs. Without
+/// `RATION_SIM_LOG` every other callsite is disabled: spans and events cost nothing.
+fn sdk_event_subscriber(events: &Arc<SdkEvents>) -> Box<dyn tracing::Subscriber + Send + Sync> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
+    let counted = tracing_subscriber::filter::Targets::new()
+        .with_target("ration_client", tracing::Level::WARN);
+    let counting = SdkEventLayer(events.clone()).with_filter(counted);
+    match std::env::var("RATION_SIM_LOG") {
+        Ok(filter) => Box::new(
+            tracing_subscriber::registry().with(counting).with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_timer(SimTime)
+                    .with_writer(std::io::stderr)
+                    .with_filter(tracing_subscriber::EnvFilter::new(filter)),
+            ),
+        ),
+        Err(_) => Box::new(tracing_subscriber::registry().with(counting)),
+    }
+}
+
+struct SdkEventLayer(Arc<SdkEvents>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SdkEventLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        #[derive(Default)]
+        struct Fields {
+            outage: bool,
+            spent: Option<u64>,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message"
+                    && format!("{value:?}").contains("emergency reserves may be spent")
+                {
+                    self.outage = true;
+                }
+            }
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                if field.name() == "spent" {
+                    self.spent = Some(value);
+                }
+            }
+            fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+                if field.name() == "spent" {
+                    self.spent = u64::try_from(value).ok();
+                }
+            }
+        }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        if f.outage {
+            self.0.outages.fetch_add(1, Relaxed);
+        }
+        if let Some(spent) = f.spent {
+            self.0.reserve_spent.fetch_add(spent, Relaxed);
+        }
     }
 }
 

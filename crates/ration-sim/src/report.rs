@@ -18,9 +18,26 @@ pub struct Report {
     pub seed: u64,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, u64>,
-    /// Units the gateways admitted in total (the ground truth of spend).
+    /// Units the gateways admitted in total (the ground truth of spend: real costs
+    /// of priced calls and spend from emergency reserves included).
     pub admitted: u64,
     pub cap: u64,
+    /// What the ledger counts consumed on the gateways' leaves at the end (equal to
+    /// `admitted`, or the run failed).
+    pub ledger_consumed: u64,
+    /// Overrun units the ledger counted on the root, and those the gateways' SDKs
+    /// recorded (equal, or the run failed).
+    pub overruns: u64,
+    pub sdk_overruns: u64,
+    /// Priced calls the gateways admitted.
+    pub calls_admitted: u64,
+    /// The most ledger time was seen ahead of true time, in ms (negative: behind).
+    pub ledger_ahead_max_ms: i64,
+    /// What the run's traffic and faults made happen, by kind: settles above the
+    /// reservation (and their excess units), SDK outages and emergency-reserve
+    /// spend, window rollovers under faults, clock steps by kind, fail-static
+    /// leaves.
+    pub events: BTreeMap<&'static str, u64>,
     /// Probe requests answered, and left unknown (timed out on every retry).
     pub probes_answered: u64,
     pub probes_unknown: u64,
@@ -54,12 +71,25 @@ pub struct Failure {
     pub nodes: u64,
     pub what: String,
     pub at_ms: u64,
+    /// The environment the replay needs for a configuration other than the
+    /// default (`RATION_SIM_WAL=0 ` and the like).
+    pub env: String,
 }
 
 impl Failure {
     /// `what` broke at `at_ms` of simulated time in the run of `cfg`.
     pub(crate) fn new(cfg: &SimConfig, at_ms: u64, what: impl std::fmt::Display) -> Self {
-        Self { seed: cfg.seed, nodes: cfg.nodes, what: what.to_string(), at_ms }
+        let mut env = String::new();
+        for (set, var) in [
+            (cfg.wal, "RATION_SIM_WAL"),
+            (cfg.disk_failures, "RATION_SIM_DISK_FAILURES"),
+            (cfg.extended, "RATION_SIM_EXTENDED"),
+        ] {
+            if !set {
+                env.push_str(&format!("{var}=0 "));
+            }
+        }
+        Self { seed: cfg.seed, nodes: cfg.nodes, what: what.to_string(), at_ms, env }
     }
 }
 
@@ -67,10 +97,11 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} failed at {} ms of simulated time: {}\nreplay: {}",
+            "seed {} failed at {} ms of simulated time: {}\nreplay: {}{}",
             self.seed,
             self.at_ms,
             self.what,
+            self.env,
             replay_command(self.seed, self.nodes)
         )
     }
@@ -112,7 +143,15 @@ impl Trace {
             r.sim_ms,
             &format!(
                 "{:?}",
-                (r.admitted, r.applied_index, r.audit_records, r.probe_grants, &r.faults)
+                (
+                    r.admitted,
+                    r.applied_index,
+                    r.audit_records,
+                    r.probe_grants,
+                    &r.faults,
+                    &r.events,
+                    r.ledger_ahead_max_ms,
+                )
             ),
         );
         self.0

@@ -15,7 +15,7 @@ use ration_proto::v1;
 use ration_store::mem::MemDisk;
 
 use crate::actors::{
-    acquire_one, addr, host, node_config, nodes, setup_budgets, spawn_node, Shared, SimClock,
+    acquire_one, addr, host, node_config, nodes, setup_budgets, spawn_node, Plan, Shared, SimClock,
     Supervisor, CLIENT_RPC_TIMEOUT, PROBE_BUDGET,
 };
 use crate::checks::{applied, check_running, converged, log_ids_above_snapshot};
@@ -39,6 +39,11 @@ const WRITER_MIN_GAP_MS: u64 = 10;
 const WRITER_GAP_SPREAD_MS: u64 = 20;
 /// A scenario's cluster must elect a leader and accept the budgets within this.
 const SETUP_TIMEOUT_MS: u64 = 20_000;
+
+// `two_fast_leaders_in_a_row`: how long the cluster runs before and after each
+// clock step, and how long a leader with a fast clock may take to hand over.
+const FAST_CLOCK_SETTLE_MS: u64 = 3_000;
+const FAST_LEADER_HANDOVER_TIMEOUT_MS: u64 = 5_000;
 
 // `higher_vote_during_a_slow_purge`: how slowly every disk purges, how many times
 // the race is tried at most, and how long each of its steps may wait.
@@ -86,12 +91,15 @@ pub struct ScenarioReport {
     pub applied: u64,
     /// Distinct committed entries cross-checked.
     pub entries_checked: u64,
+    /// The most ledger time was seen ahead of true time, in ms.
+    pub ledger_ahead_max_ms: i64,
 }
 
 struct Cluster<'a> {
     sim: turmoil::Sim<'a>,
     shared: Arc<Shared>,
     disks: BTreeMap<u64, MemDisk>,
+    clocks: BTreeMap<u64, Arc<SimClock>>,
     voters: u64,
     supervisor: Supervisor,
     tracer: Tracer,
@@ -125,11 +133,14 @@ impl Cluster<'_> {
             .rng_seed(seed)
             .build();
         let shared = Arc::new(Shared::default());
+        shared.epoch_ms.store(EPOCH_MS, Relaxed);
         let mut disks = BTreeMap::new();
+        let mut clocks = BTreeMap::new();
         for id in 1..=voters {
             let disk = MemDisk::default();
             disks.insert(id, disk.clone());
-            let clock = Arc::new(SimClock { offset_ms: 0, drift_ppm: 0 });
+            let clock = Arc::new(SimClock::new(EPOCH_MS, 0, 0));
+            clocks.insert(id, clock.clone());
             let mut config = node_config(id, voters);
             tweak(&mut config);
             spawn_node(&mut sim, id, disk, FSYNC_TIME, clock, config, shared.clone());
@@ -140,7 +151,7 @@ impl Cluster<'_> {
             let writes = writes.clone();
             let endpoints: Vec<String> = (1..=voters).map(addr).collect();
             sim.client("writer", async move {
-                setup_budgets(&endpoints, WRITER_CAP_TOKENS).await?;
+                setup_budgets(&endpoints, &Plan::plain(WRITER_CAP_TOKENS)).await?;
                 shared.live.store(true, Relaxed);
                 let mut request_id = 0u64;
                 let mut at = 0usize;
@@ -175,6 +186,7 @@ impl Cluster<'_> {
             sim,
             shared,
             disks,
+            clocks,
             voters,
             supervisor: Supervisor::default(),
             tracer: Tracer::from_env(),
@@ -203,7 +215,7 @@ impl Cluster<'_> {
         );
         self.tracer.observe(now, &self.shared);
         if self.steps % CHECK_EVERY_STEPS == 0 {
-            check_running(&self.shared, &self.disks, &mut self.observed)
+            check_running(&self.shared, &self.disks, &mut self.observed, now)
                 .map_err(|e| format!("at {now} ms: {e}"))?;
         }
         Ok(())
@@ -249,6 +261,18 @@ impl Cluster<'_> {
         self.tracer.event(now, format!("n{id}: links {}", if held { "held" } else { "released" }));
     }
 
+    /// Steps node `id`'s wall clock by `ms` (its monotonic clock does not move).
+    fn step_clock(&mut self, id: u64, ms: i64) {
+        if let Some(clock) = self.clocks.get(&id) {
+            clock.step(ms);
+            if ms > 0 {
+                self.shared.forward_clock_steps.fetch_add(1, Relaxed);
+            }
+        }
+        let now = self.now_ms();
+        self.tracer.event(now, format!("n{id}: wall clock stepped by {ms} ms"));
+    }
+
     /// Stops the writer, waits (at most 60 s) until every voter is up at the same
     /// applied index under one leader, and checks that committed entries agree.
     fn converge(mut self) -> Result<ScenarioReport, String> {
@@ -260,7 +284,9 @@ impl Cluster<'_> {
                 applied(&self.shared)
             ));
         }
-        check_running(&self.shared, &self.disks, &mut self.observed).map_err(|e| e.to_string())?;
+        let now = self.now_ms();
+        check_running(&self.shared, &self.disks, &mut self.observed, now)
+            .map_err(|e| e.to_string())?;
         let applied = nodes(&self.shared)
             .first()
             .and_then(|(_, n)| n.reader.state().last_applied.map(|l| l.index))
@@ -281,6 +307,7 @@ impl Cluster<'_> {
             sim_ms: self.now_ms(),
             applied,
             entries_checked: self.observed.len() as u64,
+            ledger_ahead_max_ms: self.observed.max_ahead_ms().unwrap_or(0),
             ..ScenarioReport::default()
         })
     }
@@ -471,6 +498,41 @@ pub fn forwarding_recovers_after_a_stalled_connection() -> Result<ScenarioReport
         )),
         None => Err("no write through the follower succeeded after the link was repaired".into()),
     }
+}
+
+/// Ledger time under two fast wall clocks in a row (found by soak seed 5036). The
+/// leader's wall clock jumps 30 s ahead: it stamps its estimate of ledger time plus
+/// the clock slack (1 s), sees its clock disagree with the voters' and hands
+/// leadership over. Its clock is repaired; 3 s later the new leader's clock jumps
+/// 30 s ahead too. The new leader fixed its estimate when its term began, from a
+/// ledger time then a slack ahead; its own clock's jump adds a second slack. The
+/// running checks allow one slack per forward step ([`crate::checks`]); the report
+/// says how far ahead ledger time got.
+pub fn two_fast_leaders_in_a_row() -> Result<ScenarioReport, String> {
+    const STEP_MS: i64 = 30_000;
+    let mut c = Cluster::new(13, 3, |_| {});
+    if !c.run_until(SETUP_TIMEOUT_MS, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
+        return Err("no leader accepted the budgets".into());
+    }
+    c.run_until(FAST_CLOCK_SETTLE_MS, |_| false)?;
+    let first = c.leader().ok_or("no leader")?;
+    c.step_clock(first, STEP_MS);
+    if !c.run_until(FAST_LEADER_HANDOVER_TIMEOUT_MS, |c| c.leader().is_some_and(|l| l != first))? {
+        return Err(format!("n{first} kept leading with its clock {STEP_MS} ms fast"));
+    }
+    c.step_clock(first, -STEP_MS);
+    c.run_until(FAST_CLOCK_SETTLE_MS, |_| false)?;
+    let second = c.leader().ok_or("no leader")?;
+    if second == first {
+        return Err(format!("n{first} leads again: the scenario needs a second leader"));
+    }
+    c.step_clock(second, STEP_MS);
+    c.run_until(FAST_LEADER_HANDOVER_TIMEOUT_MS, |c| c.leader().is_some_and(|l| l != second))?;
+    c.step_clock(second, -STEP_MS);
+    c.run_until(FAST_CLOCK_SETTLE_MS, |_| false)?;
+    let mut report = c.converge()?;
+    report.attempts = 2;
+    Ok(report)
 }
 
 /// Counts the patched openraft path's warning.
