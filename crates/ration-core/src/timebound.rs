@@ -46,14 +46,6 @@ impl TimeBound {
         Self { slack_ms, tolerance_ms, seen: None, base: None }
     }
 
-    pub fn slack_ms(&self) -> u64 {
-        self.slack_ms
-    }
-
-    pub fn tolerance_ms(&self) -> u64 {
-        self.tolerance_ms
-    }
-
     /// Ledger time `ledger_ms` was applied here, as seen at monotonic `mono_ms`.
     pub fn observe(&mut self, ledger_ms: u64, mono_ms: u64) {
         if self.seen.is_none_or(|(seen, _)| ledger_ms > seen) {
