@@ -38,6 +38,40 @@ fn role(state: ServerState) -> v1::Role {
 }
 
 impl ClusterService {
+    /// Finishes removing `remove` (this node among them, already demoted to a
+    /// learner) on the leader elected after this one steps down.
+    async fn finish_on_next_leader(
+        &self,
+        remove: Vec<u64>,
+    ) -> Result<Response<v1::MembershipReply>, Status> {
+        let patience = Duration::from_millis(4 * self.node.config.election_timeout_max_ms);
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match self.node.leader() {
+                crate::Leader::Other { addr, .. } => {
+                    let req = v1::ChangeMembershipRequest { voters: vec![], retain: false, remove };
+                    return forward::forward(
+                        &self.node,
+                        false,
+                        &addr,
+                        req,
+                        on_leader!(ClusterClient, change_membership),
+                    )
+                    .await;
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::unavailable(format!(
+                        "node {} left the voters, but no other leader was elected within {} ms \
+                         to remove it; retry the removal",
+                        self.node.id,
+                        patience.as_millis()
+                    )));
+                }
+                _ => tokio::time::sleep(LEARNER_CATCH_UP_POLL).await,
+            }
+        }
+    }
+
     fn status(&self, with_digest: bool) -> v1::StatusReply {
         let node = &self.node;
         let m = node.raft.metrics().borrow().clone();
@@ -241,6 +275,11 @@ impl v1::cluster_server::Cluster for ClusterService {
                         .change_membership(keep, true)
                         .await
                         .map_err(IntoStatus::into_status)?;
+                    if removed.contains(&self.node.id) {
+                        // This leader demoted itself and steps down once that commits;
+                        // the next leader removes it (now a learner) from the cluster.
+                        return self.finish_on_next_leader(removed.into_iter().collect()).await;
+                    }
                 }
                 openraft::ChangeMembers::RemoveNodes(removed)
             }
