@@ -105,6 +105,9 @@ pub const STRIPES: usize = 4;
 struct SlotMeta {
     /// Local time (ms) from which nothing may be spent; 0 = empty slot.
     deadline_ms: AtomicU64,
+    /// Local time (ms) before which nothing may be spent (a lease for the next
+    /// window, not open yet); 0 = open.
+    opens_ms: AtomicU64,
     /// Changes each time the slot is filled or retired, so a late give-back to a
     /// reused slot is dropped instead of crediting the wrong lease.
     generation: AtomicU64,
@@ -170,6 +173,7 @@ pub struct SlotState {
     pub generation: u64,
     pub remaining: u64,
     pub deadline_ms: u64,
+    pub opens_ms: u64,
 }
 
 /// One (budget, unit) on this gateway.
@@ -191,7 +195,9 @@ impl Allowance {
     }
 
     fn live(&self, slot: usize, now_ms: u64) -> bool {
-        self.meta[slot].deadline_ms.load(Ordering::Acquire) > now_ms
+        let meta = &self.meta[slot];
+        meta.deadline_ms.load(Ordering::Acquire) > now_ms
+            && meta.opens_ms.load(Ordering::Acquire) <= now_ms
     }
 
     /// Spends `amount` units for good (nothing to give back later). The hottest
@@ -352,6 +358,12 @@ impl Allowance {
     /// passed its deadline but was not retired yet is not reused: its leftover must
     /// be counted when it is retired.
     pub fn install(&self, units: u64, deadline_ms: u64) -> Option<SlotState> {
+        self.install_from(units, 0, deadline_ms)
+    }
+
+    /// [`Allowance::install`] for a lease spendable only from local time `opens_ms`
+    /// (0: at once).
+    pub fn install_from(&self, units: u64, opens_ms: u64, deadline_ms: u64) -> Option<SlotState> {
         let slot = (0..SLOTS).find(|&i| self.meta[i].deadline_ms.load(Ordering::Acquire) == 0)?;
         let meta = &self.meta[slot];
         // Close the slot first so no spender sees new units under the old deadline,
@@ -363,8 +375,9 @@ impl Allowance {
             let extra = if k == 0 { units % STRIPES as u64 } else { 0 };
             stripe.remaining[slot].store(share + extra, Ordering::Release);
         }
+        meta.opens_ms.store(opens_ms, Ordering::Release);
         meta.deadline_ms.store(deadline_ms, Ordering::Release);
-        Some(SlotState { slot, generation, remaining: units, deadline_ms })
+        Some(SlotState { slot, generation, remaining: units, deadline_ms, opens_ms })
     }
 
     /// Closes a slot (its lease is being released or has expired locally) and returns
@@ -387,6 +400,7 @@ impl Allowance {
             generation: self.meta[i].generation.load(Ordering::Acquire),
             remaining: self.slot_units(i),
             deadline_ms: self.meta[i].deadline_ms.load(Ordering::Acquire),
+            opens_ms: self.meta[i].opens_ms.load(Ordering::Acquire),
         })
     }
 }
@@ -504,6 +518,18 @@ mod tests {
         assert!(a.try_take(1, 999).is_some());
         assert!(a.try_take(1, 1000).is_none());
         assert_eq!(a.available(1000), 0);
+    }
+
+    #[test]
+    fn nothing_is_spent_before_a_slot_opens() {
+        let a = Allowance::new();
+        a.install_from(10, 500, 1_000).unwrap();
+        assert!(!a.try_spend(1, 499));
+        assert_eq!(a.available(499), 0);
+        assert_eq!(a.take_up_to(5, 499), 0);
+        assert!(a.try_spend(1, 500));
+        assert_eq!(a.available(999), 9);
+        assert!(!a.try_spend(1, 1_000));
     }
 
     #[test]

@@ -130,6 +130,18 @@ struct Held {
     generation: u64,
     granted: u64,
     deadline_ms: u64,
+    /// Local time a lease for the next window opens (0: open).
+    opens_ms: u64,
+}
+
+/// The next window boundary of a key's limits, as the latest grant told it.
+#[derive(Clone, Copy, Debug)]
+struct Boundary {
+    /// Ledger time of the boundary (a grant's `window_end_ms`).
+    ledger_ms: u64,
+    /// When it comes on the local clock, estimated late (from when the grant was
+    /// received): a lease for the next window is not spent before it.
+    local_ms: u64,
 }
 
 #[derive(Debug)]
@@ -147,6 +159,10 @@ struct Tracked {
     /// Until when (local ms) no acquire is sent for this key: the ledger refused
     /// one as invalid (or its budget does not exist). Every other key refills.
     quarantined_until: u64,
+    /// The next window boundary, from the grant with the latest one.
+    boundary: Option<Boundary>,
+    /// The boundary (ledger ms) a lease for the next window was last asked for.
+    next_asked: u64,
 }
 
 /// How long a key whose acquire the ledger refused waits before trying again.
@@ -237,6 +253,8 @@ impl Sdk {
             policy: None,
             reserve: None,
             quarantined_until: 0,
+            boundary: None,
+            next_asked: 0,
         });
         handle
     }
@@ -274,7 +292,7 @@ impl Sdk {
         // An acquire still waiting for its answer is re-sent, not doubled.
         let resent: std::collections::BTreeSet<(String, String)> = ops
             .iter()
-            .filter(|p| !p.reserve && matches!(p.op.op, Some(Op::Acquire(_))))
+            .filter(|p| !p.reserve && starts_at(&p.op).is_some_and(|s| s == 0))
             .map(|p| p.key.clone())
             .collect();
         let reserve_resent: std::collections::BTreeSet<(String, String)> =
@@ -339,7 +357,10 @@ impl Sdk {
                 // Surplus: leases not needed to cover the target go back now, so
                 // allowance is not stranded here while other gateways need it.
                 let mut held = t.allowance.available(now.saturating_add(lookahead_ms));
-                while t.leases.len() > 1 {
+                // While a lease for the next window waits to open, the current ones
+                // are spent until the boundary: none is surplus.
+                let opening = t.leases.iter().any(|l| l.opens_ms > now);
+                while t.leases.len() > 1 && !opening {
                     let slots = t.allowance.slots();
                     let Some((i, spare)) = t
                         .leases
@@ -363,16 +384,66 @@ impl Sdk {
                         reserve: false,
                     });
                 }
-                let free_slot = t.allowance.slots().iter().any(|s| s.deadline_ms == 0);
+                let mut free_slots =
+                    t.allowance.slots().iter().filter(|s| s.deadline_ms == 0).count();
                 let quarantined = now < t.quarantined_until;
-                if held < target / 2 + 1 && free_slot && !resent.contains(key) && !quarantined {
+                // A window boundary ahead (within the lookahead), not yet asked for.
+                let boundary = t.boundary.filter(|b| {
+                    b.ledger_ms > t.next_asked
+                        && now < b.local_ms
+                        && b.local_ms <= now.saturating_add(lookahead_ms)
+                });
+                // Before a boundary every lease ends there, and the next window's lease
+                // covers what comes after: what matters is what is held now.
+                if boundary.is_some() {
+                    held = t.allowance.available(now);
+                }
+                if held < target / 2 + 1 && free_slots > 0 && !resent.contains(key) && !quarantined
+                {
+                    free_slots -= 1;
                     let want = target.saturating_sub(held).max(1);
                     ops.push(Pending {
-                        op: acquire(&self.cluster, key, want, 1, ttl_ms),
+                        op: acquire(&self.cluster, key, want, 1, ttl_ms, 0),
                         key: key.clone(),
                         sent_at_ms: now,
                         reserve: false,
                     });
+                }
+                // A lease for the next window, asked for now, opens at the boundary,
+                // so the boundary (where every lease ends) is not a gap. Once per
+                // boundary. If every slot is taken, the lease holding least makes
+                // room (released with what was spent from it).
+                if let Some(b) = boundary.filter(|_| !quarantined && !outage) {
+                    if free_slots == 0 {
+                        let slots = t.allowance.slots();
+                        if let Some(i) =
+                            (0..t.leases.len()).min_by_key(|&i| slots[t.leases[i].slot].remaining)
+                        {
+                            let lease = t.leases.swap_remove(i);
+                            let left =
+                                t.allowance.retire(lease.slot, lease.generation).unwrap_or(0);
+                            let spent = lease.granted.saturating_sub(left);
+                            t.spent_retired += spent;
+                            ops.push(Pending {
+                                op: release(&self.cluster, lease.lease_id, spent),
+                                key: key.clone(),
+                                sent_at_ms: now,
+                                reserve: false,
+                            });
+                            free_slots = 1;
+                        }
+                    }
+                    if free_slots > 0 {
+                        t.next_asked = b.ledger_ms;
+                        // Valid for a full lease after it opens.
+                        let ttl = ttl_ms.saturating_add(b.local_ms - now);
+                        ops.push(Pending {
+                            op: acquire(&self.cluster, key, target.max(1), 1, ttl, b.ledger_ms),
+                            key: key.clone(),
+                            sent_at_ms: now,
+                            reserve: false,
+                        });
+                    }
                 }
                 // The emergency reserve: held (not spendable) while the cluster
                 // answers, renewed once half its validity is gone, returned when the
@@ -401,7 +472,7 @@ impl Sdk {
                         && !quarantined
                     {
                         ops.push(Pending {
-                            op: acquire(&self.cluster, key, wanted, wanted, ttl_ms),
+                            op: acquire(&self.cluster, key, wanted, wanted, ttl_ms, 0),
                             key: key.clone(),
                             sent_at_ms: now,
                             reserve: true,
@@ -446,7 +517,7 @@ impl Sdk {
             match self.cluster.batch(batch).await {
                 Ok(results) => {
                     self.unanswered_since_ms.store(0, std::sync::atomic::Ordering::Release);
-                    self.apply_results(chunk, results, ttl_ms);
+                    self.apply_results(chunk, results, now);
                     self.end_outage(self.gateway.clock().now_ms());
                 }
                 Err(ClusterError::Refused(status)) => {
@@ -507,8 +578,10 @@ impl Sdk {
         t.quarantined_until = now.saturating_add(ms);
     }
 
-    fn apply_results(&self, ops: Vec<Pending>, results: Vec<v1::BatchResult>, ttl_ms: u64) {
+    /// Installs what a batch sent at local time `sent` (this round's start) got.
+    fn apply_results(&self, ops: Vec<Pending>, results: Vec<v1::BatchResult>, sent: u64) {
         let margin_ms = u64::try_from(self.config.margin.as_millis()).unwrap_or(0);
+        let received = self.gateway.clock().now_ms();
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let mut leftovers = Vec::new();
         let mut quarantined = Vec::new();
@@ -523,9 +596,14 @@ impl Sdk {
                     "the ledger refused an overrun report: {}", e.message
                 );
             }
-            let Some(Op::Acquire(_)) = &p.op.op else { continue };
+            let Some(Op::Acquire(asked)) = &p.op.op else { continue };
+            let (ttl_ms, starts_at_ms) =
+                (u64::try_from(asked.ttl_ms).unwrap_or(0), asked.starts_at_ms);
             let lease = match r.result {
                 Some(R::Lease(lease)) => lease,
+                // A lease for the next window that is refused (a limit changed, the
+                // next window is leased out) is not a reason to stop refilling.
+                Some(R::Error(_)) if starts_at_ms > 0 => continue,
                 Some(R::Error(e)) if refused_for_good(e.code) => {
                     quarantined.push((p.key.clone(), e.message));
                     continue;
@@ -537,7 +615,31 @@ impl Sdk {
             // The local deadline counts from when the acquire was first sent, for the
             // validity the ledger granted (the ttl asked for, cut at the window's end).
             let granted_ttl = u64::try_from(lease.ttl_ms).unwrap_or(0).min(ttl_ms);
-            let deadline = p.sent_at_ms.saturating_add(granted_ttl.saturating_sub(margin_ms));
+            // A lease cut at its window's end is spent until the boundary (estimated
+            // early, from when it was asked for), where the next window's lease
+            // opens (estimated late): no gap, no overlap. Its leftover is charged by
+            // expiry at the boundary, and the release that follows gives the unspent
+            // part back to every limit whose window is still open. Any other lease
+            // stops `margin` early, so its release lands before its expiry.
+            let cut = lease.expires_at_ms == lease.window_end_ms;
+            let margin = if cut { 0 } else { margin_ms };
+            let deadline = p.sent_at_ms.saturating_add(granted_ttl.saturating_sub(margin));
+            // Ledger time when it was granted. A later ledger time comes, on the local
+            // clock, no earlier than that much after this batch was sent (the grant
+            // was stamped after), nor later than that much after it was answered.
+            let granted_at = lease.expires_at_ms.saturating_sub(granted_ttl);
+            let after = |from: u64, ledger_ms: u64| {
+                from.saturating_add(ledger_ms.saturating_sub(granted_at))
+            };
+            if t.boundary.is_none_or(|b| lease.window_end_ms > b.ledger_ms) {
+                let local_ms = after(received, lease.window_end_ms);
+                t.boundary = Some(Boundary { ledger_ms: lease.window_end_ms, local_ms });
+            }
+            // A lease for the next window opens at the boundary it was asked for,
+            // measured as the current leases' end is (from when the request was
+            // sent), so they hand over with no gap; the ledger counts all of it in
+            // the next window. Open at once if ledger time had reached it.
+            let opens = if starts_at_ms > granted_at { after(sent, starts_at_ms) } else { 0 };
             if p.reserve {
                 let lease = ReserveLease {
                     lease_id: lease.lease_id,
@@ -557,13 +659,14 @@ impl Sdk {
                 }
                 continue;
             }
-            match t.allowance.install(granted, deadline) {
+            match t.allowance.install_from(granted, opens, deadline) {
                 Some(st) => t.leases.push(Held {
                     lease_id: lease.lease_id,
                     slot: st.slot,
                     generation: st.generation,
                     granted,
                     deadline_ms: deadline,
+                    opens_ms: opens,
                 }),
                 // No room (cannot happen with one acquire in flight): give it back.
                 None => leftovers.push(Pending {
@@ -755,12 +858,21 @@ fn refused_for_good(code: i32) -> bool {
     )
 }
 
+/// The `starts_at_ms` of an acquire (0: an ordinary one); None for other operations.
+fn starts_at(op: &BatchOp) -> Option<u64> {
+    match &op.op {
+        Some(Op::Acquire(a)) => Some(a.starts_at_ms),
+        _ => None,
+    }
+}
+
 fn acquire(
     cluster: &Cluster,
     key: &(String, String),
     wanted: u64,
     min: u64,
     ttl_ms: u64,
+    starts_at_ms: u64,
 ) -> BatchOp {
     let units = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     BatchOp {
@@ -771,6 +883,7 @@ fn acquire(
             wanted: units(wanted),
             min: units(min),
             ttl_ms: units(ttl_ms),
+            starts_at_ms,
         })),
     }
 }

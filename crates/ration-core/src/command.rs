@@ -146,6 +146,20 @@ pub enum Op {
     Report(Report),
     Release(Release),
     Overrun(Overrun),
+    /// An acquire for the next window: see [`AcquireNext`].
+    AcquireNext(AcquireNext),
+}
+
+/// Acquire a lease that opens at `starts_at_ms`, the end of the current window of
+/// the limits it draws on: it is counted in the next window of each limit whose
+/// window ends then (in the current window of the others), and nothing may be spent
+/// from it before it opens. A gateway takes it shortly before a window boundary so
+/// the boundary is not a gap. If ledger time has already reached `starts_at_ms`, it
+/// is an ordinary acquire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquireNext {
+    pub acquire: Acquire,
+    pub starts_at_ms: u64,
 }
 
 /// A client's request: exactly once per (client, request_id).

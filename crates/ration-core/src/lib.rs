@@ -40,8 +40,8 @@ pub mod window;
 
 pub use audit::{AuditFilter, AuditKind, AuditLog, AuditRecord, ChainHead};
 pub use command::{
-    Acquire, Batch, BudgetSpec, Command, Entry, FailPolicy, Grant, LimitSpec, Op, Outcome, Overrun,
-    Release, Reply, Report, Request, MAX_AMOUNT,
+    Acquire, AcquireNext, Batch, BudgetSpec, Command, Entry, FailPolicy, Grant, LimitSpec, Op,
+    Outcome, Overrun, Release, Reply, Report, Request, MAX_AMOUNT,
 };
 pub use error::{ErrorKind, LedgerError};
 pub use ledger::{Applied, BudgetView, LeaseView, Ledger, LedgerConfig, LimitView, Totals};

@@ -57,13 +57,46 @@ struct LimitGen {
 
 #[derive(Clone, Debug)]
 enum Cmd {
-    Create { budget: usize, limits: Vec<LimitGen> },
-    Update { budget: usize, limits: Vec<LimitGen>, stale: bool },
-    Delete { budget: usize },
-    Acquire { budget: usize, unit: usize, wanted: u64, min: u64, ttl_ms: u64, who: usize },
-    Report { pick: usize, percent: u64, renew_ms: Option<u64>, foreign: bool },
-    Release { pick: usize, percent: u64, foreign: bool },
-    Overrun { budget: usize, unit: usize, amount: u64, who: usize },
+    Create {
+        budget: usize,
+        limits: Vec<LimitGen>,
+    },
+    Update {
+        budget: usize,
+        limits: Vec<LimitGen>,
+        stale: bool,
+    },
+    Delete {
+        budget: usize,
+    },
+    /// `next`: an acquire for the next window (0..=7 at the current window's end,
+    /// 8 a millisecond after it, 9 at ledger time now).
+    Acquire {
+        budget: usize,
+        unit: usize,
+        wanted: u64,
+        min: u64,
+        ttl_ms: u64,
+        who: usize,
+        next: Option<u8>,
+    },
+    Report {
+        pick: usize,
+        percent: u64,
+        renew_ms: Option<u64>,
+        foreign: bool,
+    },
+    Release {
+        pick: usize,
+        percent: u64,
+        foreign: bool,
+    },
+    Overrun {
+        budget: usize,
+        unit: usize,
+        amount: u64,
+        who: usize,
+    },
     Tick,
 }
 
@@ -100,11 +133,11 @@ fn cmd() -> impl Strategy<Value = Cmd> {
         1 => (0..PATHS.len(), limits, prop::bool::weighted(0.2))
             .prop_map(|(budget, limits, stale)| Cmd::Update { budget, limits, stale }),
         1 => (0..PATHS.len()).prop_map(|budget| Cmd::Delete { budget }),
-        8 => (0..PATHS.len(), 0..UNITS.len(), wanted, 0u64..=110, ttl, 0..PRINCIPALS.len()).prop_map(
+        8 => (0..PATHS.len(), 0..UNITS.len(), wanted, 0u64..=110, ttl, 0..PRINCIPALS.len(), prop::option::weighted(0.3, 0u8..10)).prop_map(
             // min is mostly a fraction of wanted; above 100% it is a bad argument.
-            |(budget, unit, wanted, min_percent, ttl_ms, who)| {
+            |(budget, unit, wanted, min_percent, ttl_ms, who, next)| {
                 let min = wanted * min_percent / 100;
-                Cmd::Acquire { budget, unit, wanted, min, ttl_ms, who }
+                Cmd::Acquire { budget, unit, wanted, min, ttl_ms, who, next }
             }
         ),
         4 => (any::<usize>(), 0u64..=120, prop::option::weighted(0.2, 1_000u64..60_000), prop::bool::weighted(0.05))
@@ -159,8 +192,10 @@ enum MState {
 struct MLease {
     principal: usize,
     budget: String,
-    /// (generation, window start at grant).
+    /// (generation, start of the window it draws on).
     counters: Vec<(u64, u64)>,
+    /// When a lease acquired for the next window opens.
+    opens_at: Option<u64>,
     granted: u64,
     reported: u64,
     expires_at_ms: u64,
@@ -206,20 +241,59 @@ impl Model {
         out
     }
 
-    fn outstanding(&self, generation: u64) -> u64 {
+    /// Unsettled allowance of live leases on the window of `generation` starting at
+    /// `start`.
+    fn outstanding_in(&self, generation: u64, start: u64) -> u64 {
         self.leases
             .values()
-            .filter(|l| l.state == MState::Live && l.counters.iter().any(|c| c.0 == generation))
+            .filter(|l| l.state == MState::Live && l.counters.contains(&(generation, start)))
             .map(|l| l.granted - l.reported)
             .sum()
     }
 
-    fn holders(&self, generation: u64) -> BTreeSet<usize> {
+    /// ... on the current window.
+    fn outstanding(&self, generation: u64) -> u64 {
+        self.outstanding_in(generation, self.windows_of[&generation].bounds(self.now_ms).0)
+    }
+
+    /// ... on the next window.
+    fn upcoming(&self, generation: u64) -> u64 {
+        self.outstanding_in(generation, self.windows_of[&generation].bounds(self.now_ms).1)
+    }
+
+    fn holders(&self, generation: u64, start: u64) -> BTreeSet<usize> {
         self.leases
             .values()
-            .filter(|l| l.state == MState::Live && l.counters.iter().any(|c| c.0 == generation))
+            .filter(|l| l.state == MState::Live && l.counters.contains(&(generation, start)))
             .map(|l| l.principal)
             .collect()
+    }
+
+    /// Whether the window a lease drew on (generation, window start) is still the
+    /// generation's current one, on a limit that still exists.
+    fn still_open(&self, c: &(u64, u64)) -> bool {
+        let exists = self.budgets.values().any(|b| b.limits.iter().any(|l| l.generation == c.0));
+        exists && self.windows_of[&c.0].bounds(self.now_ms).0 == c.1
+    }
+
+    /// Whether a live lease has not opened yet.
+    fn unopened(&self, l: &MLease) -> bool {
+        l.opens_at.is_some_and(|at| at > self.now_ms)
+    }
+
+    /// The earliest end of the current windows of the limits an acquire on
+    /// (budget, unit) would draw on.
+    fn next_start(&self, budget: &str, unit: &str) -> u64 {
+        let mut end = self.now_ms + 1_000;
+        if self.budgets.contains_key(budget) {
+            end = u64::MAX;
+            for path in self.chain(budget) {
+                for l in self.budgets[&path].limits.iter().filter(|l| l.unit.as_str() == unit) {
+                    end = end.min(l.window.bounds(self.now_ms).1);
+                }
+            }
+        }
+        end
     }
 
     fn consumed_now(&self, generation: u64) -> u64 {
@@ -344,7 +418,9 @@ impl Model {
                     {
                         let in_use =
                             self.consumed_now(old.generation) + self.outstanding(old.generation);
-                        if new.cap + self.overruns_now(old.generation) < in_use {
+                        if new.cap + self.overruns_now(old.generation) < in_use
+                            || new.cap < self.upcoming(old.generation)
+                        {
                             return Err(LedgerError::CapBelowUsage {
                                 path: spec.path.clone(),
                                 unit: new.unit.clone(),
@@ -381,85 +457,19 @@ impl Model {
                 self.budgets.remove(path.as_str());
                 Ok((Reply::BudgetDeleted, 1))
             }
-            Op::Acquire(a) => {
-                ration_core::command::check_amount("wanted", a.wanted)?;
-                ration_core::command::check_amount("min", a.min)?;
-                if a.wanted == 0
-                    || a.min > a.wanted
-                    || a.ttl_ms == 0
-                    || a.ttl_ms > LedgerConfig::default().max_lease_ttl_ms
-                {
-                    return Err(LedgerError::InvalidArgument {
-                        field: String::new(),
-                        reason: String::new(),
-                    });
-                }
-                if !self.budgets.contains_key(a.budget.as_str()) {
-                    return Err(LedgerError::BudgetNotFound { path: a.budget.clone() });
-                }
-                let at_least = a.min.max(1);
-                let mut grant = a.wanted;
-                let mut window_end = u64::MAX;
-                let mut counters = Vec::new();
-                for path in self.chain(a.budget.as_str()) {
-                    for l in self.budgets[&path].limits.iter().filter(|l| l.unit == a.unit) {
-                        let available = l.cap.saturating_sub(
-                            self.consumed_now(l.generation) + self.outstanding(l.generation),
-                        );
-                        if available < at_least {
-                            return Err(LedgerError::Exhausted {
-                                path: p(&path),
-                                unit: a.unit.clone(),
-                                window: l.window,
-                                available,
-                                min: at_least,
-                            });
-                        }
-                        let holders = self.holders(l.generation);
-                        let sharers = holders.len() as u64 + u64::from(!holders.contains(&who));
-                        let share = available.div_ceil(sharers);
-                        grant = grant.min(a.wanted.min(share).max(at_least).min(available));
-                        let (start, end) = l.window.bounds(now);
-                        window_end = window_end.min(end);
-                        counters.push((l.generation, start));
-                    }
-                }
-                if counters.is_empty() {
-                    return Err(LedgerError::NoLimitForUnit {
-                        path: a.budget.clone(),
-                        unit: a.unit.clone(),
-                    });
-                }
-                let expires_at_ms = (now + a.ttl_ms).min(window_end);
-                self.leases.insert(
-                    lease_id,
-                    MLease {
-                        principal: who,
-                        budget: a.budget.to_string(),
-                        counters,
-                        granted: grant,
-                        reported: 0,
-                        expires_at_ms,
-                        window_end_ms: window_end,
-                        state: MState::Live,
-                    },
-                );
-                Ok((
-                    Reply::Granted(ration_core::Grant {
-                        lease: lease_id,
-                        granted: grant,
-                        expires_at_ms,
-                        window_end_ms: window_end,
-                        ttl_ms: expires_at_ms - now,
-                    }),
-                    1,
-                ))
-            }
+            Op::Acquire(a) => self.acquire(lease_id, who, a, None),
+            Op::AcquireNext(a) => self.acquire(lease_id, who, &a.acquire, Some(a.starts_at_ms)),
             Op::Report(r) => {
                 ration_core::command::check_amount("consumed_delta", r.consumed_delta)?;
                 let l = self.lease_for(r.lease, who)?.clone();
                 if l.state != MState::Live {
                     return Err(LedgerError::LeaseExpired { lease: r.lease });
+                }
+                if self.unopened(&l) && r.consumed_delta > 0 {
+                    return Err(LedgerError::InvalidArgument {
+                        field: String::new(),
+                        reason: String::new(),
+                    });
                 }
                 if l.reported + r.consumed_delta > l.granted {
                     return Err(LedgerError::OverReport {
@@ -507,6 +517,12 @@ impl Model {
                         requested: 0,
                     });
                 }
+                if l.state == MState::Live && self.unopened(&l) && r.consumed_total > 0 {
+                    return Err(LedgerError::InvalidArgument {
+                        field: String::new(),
+                        reason: String::new(),
+                    });
+                }
                 let reply = if l.state == MState::Live {
                     for (generation, start) in &l.counters {
                         *self.bucket(*generation, *start) += r.consumed_total - l.reported;
@@ -517,10 +533,13 @@ impl Model {
                         refunded: 0,
                         late: false,
                     }
-                } else if now < l.window_end_ms {
+                } else if l.counters.iter().any(|c| self.still_open(c)) {
+                    // Every limit still in the window the lease drew on is refunded.
                     let refund = l.granted - r.consumed_total;
-                    for (generation, start) in &l.counters {
-                        *self.bucket(*generation, *start) -= refund;
+                    let open: Vec<(u64, u64)> =
+                        l.counters.iter().copied().filter(|c| self.still_open(c)).collect();
+                    for c in open {
+                        *self.bucket(c.0, c.1) -= refund;
                     }
                     Reply::Released { lease: r.lease, returned: 0, refunded: refund, late: true }
                 } else {
@@ -570,6 +589,110 @@ impl Model {
         }
     }
 
+    fn acquire(
+        &mut self,
+        lease_id: LeaseId,
+        who: usize,
+        a: &Acquire,
+        starts_at: Option<u64>,
+    ) -> Result<(Reply, u64), LedgerError> {
+        let now = self.now_ms;
+        ration_core::command::check_amount("wanted", a.wanted)?;
+        ration_core::command::check_amount("min", a.min)?;
+        let max_ttl = LedgerConfig::default().max_lease_ttl_ms;
+        if a.wanted == 0 || a.min > a.wanted || a.ttl_ms == 0 || a.ttl_ms > max_ttl {
+            return Err(LedgerError::InvalidArgument {
+                field: String::new(),
+                reason: String::new(),
+            });
+        }
+        if !self.budgets.contains_key(a.budget.as_str()) {
+            return Err(LedgerError::BudgetNotFound { path: a.budget.clone() });
+        }
+        let opens = starts_at.filter(|&s| s > now);
+        if opens.is_some_and(|s| s - now > max_ttl) {
+            return Err(LedgerError::InvalidArgument {
+                field: String::new(),
+                reason: String::new(),
+            });
+        }
+        let at_least = a.min.max(1);
+        let mut grant = a.wanted;
+        let mut window_end = u64::MAX;
+        let mut counters = Vec::new();
+        for path in self.chain(a.budget.as_str()) {
+            for l in self.budgets[&path].limits.iter().filter(|l| l.unit == a.unit) {
+                let (start, end) = l.window.bounds(now);
+                if opens.is_some_and(|s| s > end) {
+                    return Err(LedgerError::InvalidArgument {
+                        field: String::new(),
+                        reason: String::new(),
+                    });
+                }
+                // A lease opening when this window ends draws on the next one.
+                let (start, end, consumed) = if opens == Some(end) {
+                    (end, l.window.bounds(end).1, 0)
+                } else {
+                    (start, end, self.consumed_now(l.generation))
+                };
+                let available =
+                    l.cap.saturating_sub(consumed + self.outstanding_in(l.generation, start));
+                if available < at_least {
+                    return Err(LedgerError::Exhausted {
+                        path: p(&path),
+                        unit: a.unit.clone(),
+                        window: l.window,
+                        available,
+                        min: at_least,
+                    });
+                }
+                let holders = self.holders(l.generation, start);
+                let sharers = holders.len() as u64 + u64::from(!holders.contains(&who));
+                let share = available.div_ceil(sharers);
+                grant = grant.min(a.wanted.min(share).max(at_least).min(available));
+                window_end = window_end.min(end);
+                counters.push((l.generation, start));
+            }
+        }
+        if counters.is_empty() {
+            return Err(LedgerError::NoLimitForUnit {
+                path: a.budget.clone(),
+                unit: a.unit.clone(),
+            });
+        }
+        let expires_at_ms = (now + a.ttl_ms).min(window_end);
+        if opens.is_some_and(|s| expires_at_ms <= s) {
+            return Err(LedgerError::InvalidArgument {
+                field: String::new(),
+                reason: String::new(),
+            });
+        }
+        self.leases.insert(
+            lease_id,
+            MLease {
+                principal: who,
+                budget: a.budget.to_string(),
+                counters,
+                opens_at: opens,
+                granted: grant,
+                reported: 0,
+                expires_at_ms,
+                window_end_ms: window_end,
+                state: MState::Live,
+            },
+        );
+        Ok((
+            Reply::Granted(ration_core::Grant {
+                lease: lease_id,
+                granted: grant,
+                expires_at_ms,
+                window_end_ms: window_end,
+                ttl_ms: expires_at_ms - now,
+            }),
+            1,
+        ))
+    }
+
     fn lease_for(&self, id: LeaseId, who: usize) -> Result<&MLease, LedgerError> {
         match self.leases.get(&id) {
             Some(l) if l.state != MState::Gone && l.principal != who => {
@@ -593,9 +716,11 @@ impl Model {
                 let consumed = self.consumed_now(l.generation);
                 let outstanding = self.outstanding(l.generation);
                 let overruns = self.overruns_now(l.generation);
+                let upcoming = self.upcoming(l.generation);
+                prop_assert!(upcoming <= l.cap, "next window over its cap");
                 prop_assert_eq!(
-                    (v.consumed, v.outstanding, v.overruns),
-                    (consumed, outstanding, overruns),
+                    (v.consumed, v.outstanding, v.overruns, v.upcoming),
+                    (consumed, outstanding, overruns, upcoming),
                     "{} {} per {}",
                     path,
                     l.unit,
@@ -699,16 +824,28 @@ impl Run {
             Cmd::Delete { budget } => {
                 (ops, Op::DeleteBudget { path: p(PATHS[*budget]), expected_version: None })
             }
-            Cmd::Acquire { budget, unit, wanted, min, ttl_ms, who } => (
-                *who,
-                Op::Acquire(Acquire {
+            Cmd::Acquire { budget, unit, wanted, min, ttl_ms, who, next } => {
+                let acquire = Acquire {
                     budget: p(PATHS[*budget]),
                     unit: Unit::new(UNITS[*unit]).unwrap(),
                     wanted: *wanted,
                     min: *min,
                     ttl_ms: *ttl_ms,
-                }),
-            ),
+                };
+                let op = match next {
+                    None => Op::Acquire(acquire),
+                    Some(k) => {
+                        let end = self.model.next_start(PATHS[*budget], UNITS[*unit]);
+                        let starts_at_ms = match k {
+                            8 => end.saturating_add(1),
+                            9 => self.model.now_ms,
+                            _ => end,
+                        };
+                        Op::AcquireNext(ration_core::AcquireNext { acquire, starts_at_ms })
+                    }
+                };
+                (*who, op)
+            }
             Cmd::Report { pick, percent, renew_ms, foreign } => {
                 let (lease, l) =
                     self.pick_lease(*pick).unwrap_or((LeaseId::from_raw(7), MLease::dummy()));
@@ -892,6 +1029,7 @@ impl MLease {
             principal: 0,
             budget: String::new(),
             counters: vec![],
+            opens_at: None,
             granted: 3,
             reported: 0,
             expires_at_ms: 0,
@@ -909,6 +1047,8 @@ struct Coverage {
     entries: u64,
     commands: u64,
     granted: u64,
+    /// Grants of acquires for the next window.
+    granted_next: u64,
     refused: BTreeMap<String, u64>,
     expired: u64,
     refunded: u64,
@@ -923,8 +1063,12 @@ impl Coverage {
         self.cases += 1;
         self.entries += run.entries.len() as u64;
         self.commands += run.sent.len() as u64;
-        for (_, outcome) in &run.sent {
+        for (request, outcome) in &run.sent {
             match outcome {
+                Ok(Reply::Granted(_)) if matches!(request.op, Op::AcquireNext(_)) => {
+                    self.granted += 1;
+                    self.granted_next += 1;
+                }
                 Ok(Reply::Granted(_)) => self.granted += 1,
                 Ok(_) => {}
                 Err(e) => {
@@ -1010,6 +1154,7 @@ fn the_ledger_matches_the_model_and_keeps_its_invariants() {
     // Every path the brief cares about was reached.
     assert!(
         c.granted > 1000
+            && c.granted_next > 100
             && c.expired > 100
             && c.refunded > 10
             && c.late_after_window > 0
@@ -1053,6 +1198,7 @@ fn contention_on_one_tree_never_overshoots() {
                     min: (k % 3) as u64,
                     ttl_ms: 20_000,
                     who: k % 4,
+                    next: None,
                 },
                 2 => Cmd::Report { pick: i * 7 + k, percent: 50, renew_ms: None, foreign: false },
                 _ => Cmd::Release { pick: i * 13 + k, percent: 90, foreign: false },

@@ -259,7 +259,19 @@ impl Harness {
                 };
                 (Op::DeleteBudget { path, expected_version }, None)
             }
-            5..=8 => (Op::Acquire(self.acquire(input)), None),
+            5..=7 => (Op::Acquire(self.acquire(input)), None),
+            8 => {
+                // For the next window: mostly at the end of the current minute.
+                let now = self.ledger.now_ms();
+                let end = ration_core::Window::utc(ration_core::Period::Minute).bounds(now).1;
+                let starts_at_ms = match input.u8() % 4 {
+                    0 | 1 => end,
+                    2 => end.saturating_add(1),
+                    _ => now.saturating_add(u64::from(input.u16())),
+                };
+                let acquire = self.acquire(input);
+                (Op::AcquireNext(ration_core::AcquireNext { acquire, starts_at_ms }), None)
+            }
             9..=10 => {
                 let (lease, owner, granted, reported) = self.pick_lease(input);
                 let remaining = granted.saturating_sub(reported);

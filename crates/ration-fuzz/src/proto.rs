@@ -222,7 +222,11 @@ fn delete_budget(m: &v1::DeleteBudgetRequest) {
 
 fn check_acquire(req: &Request, m: &v1::AcquireRequest) {
     check_meta(req, m.meta.as_ref());
-    let Op::Acquire(a) = &req.op else { panic!("acquire gave {req:?}") };
+    let a = match &req.op {
+        Op::Acquire(a) if m.starts_at_ms == 0 => a,
+        Op::AcquireNext(n) if m.starts_at_ms == n.starts_at_ms && m.starts_at_ms > 0 => &n.acquire,
+        _ => panic!("acquire gave {req:?}"),
+    };
     assert_eq!(a.budget.as_str(), m.budget);
     assert_eq!(a.unit.as_str(), m.unit);
     assert_eq!(a.wanted, amount_of(m.wanted));
@@ -498,6 +502,7 @@ fn acquire_request(input: &mut Input<'_>) -> v1::AcquireRequest {
         wanted: amount(input),
         min: amount(input),
         ttl_ms: *input.pick(&[0, 1_000, 600_000, 3_600_001, -5, i64::MAX]),
+        starts_at_ms: *input.pick(&[0, 0, 0, 1, 1_764_340_260_000, u64::MAX]),
     }
 }
 

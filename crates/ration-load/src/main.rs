@@ -209,6 +209,7 @@ async fn worker(
                 wanted: 1000,
                 min: 1,
                 ttl_ms: 60_000,
+                starts_at_ms: 0,
             })
             .await;
         timed(&mut hist, t, acquired.is_ok());
@@ -296,6 +297,7 @@ async fn batch_worker(
                     wanted: 1000,
                     min: 1,
                     ttl_ms: 60_000,
+                    starts_at_ms: 0,
                 })
             })
             .collect();

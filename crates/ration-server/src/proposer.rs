@@ -157,7 +157,9 @@ fn estimate_bytes(c: &Command) -> usize {
                     + s.limits.iter().map(|l| l.unit.as_str().len() + 40).sum::<usize>()
             }
             Op::DeleteBudget { path, .. } => path.as_str().len() + 12,
-            Op::Acquire(a) => a.budget.as_str().len() + a.unit.as_str().len() + 40,
+            Op::Acquire(a) | Op::AcquireNext(ration_core::AcquireNext { acquire: a, .. }) => {
+                a.budget.as_str().len() + a.unit.as_str().len() + 48
+            }
             Op::Overrun(o) => o.budget.as_str().len() + o.unit.as_str().len() + 24,
             Op::Report(_) | Op::Release(_) => 32,
         }
@@ -264,7 +266,7 @@ async fn run(
         }
         let acquires: Vec<bool> = commands
             .iter()
-            .map(|c| matches!(c, Command::Request(r) if matches!(r.op, Op::Acquire(_))))
+            .map(|c| matches!(c, Command::Request(r) if matches!(r.op, Op::Acquire(_) | Op::AcquireNext(_))))
             .collect();
         let term = raft.metrics().borrow().current_term;
         let entry = Entry::V1(Batch { time_ms: time.stamp(term), commands });

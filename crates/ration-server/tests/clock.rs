@@ -97,6 +97,7 @@ async fn a_fast_leader_is_bounded_and_steps_down(ahead_ms: i64) {
                 wanted: 1,
                 min: 1,
                 ttl_ms: 1000,
+                starts_at_ms: 0,
             })
             .await;
         let ahead = ledger_time(&cluster).await as i64 - wall_now() as i64;

@@ -16,6 +16,7 @@ fn acquire(client: &str, request_id: u64, wanted: i64) -> v1::AcquireRequest {
         wanted,
         min: 1,
         ttl_ms: 600_000,
+        starts_at_ms: 0,
     }
 }
 
@@ -507,6 +508,7 @@ async fn a_follower_catches_up_through_large_entries() {
                             wanted: 10,
                             min: 1,
                             ttl_ms: 600_000,
+                            starts_at_ms: 0,
                         })),
                     }
                 })

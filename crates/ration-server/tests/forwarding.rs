@@ -16,6 +16,7 @@ fn acquire(request_id: u64) -> v1::AcquireRequest {
         wanted: 10,
         min: 1,
         ttl_ms: 600_000,
+        starts_at_ms: 0,
     }
 }
 

@@ -142,6 +142,7 @@ async fn three_nodes_run_over_an_injected_network_and_clock() {
             wanted: 40,
             min: 1,
             ttl_ms: 5000,
+            starts_at_ms: 0,
         })
         .await
         .unwrap()
@@ -162,6 +163,7 @@ async fn three_nodes_run_over_an_injected_network_and_clock() {
                 wanted: 1000,
                 min: 1000,
                 ttl_ms: 5000,
+                starts_at_ms: 0,
             })
             .await;
         let b = client

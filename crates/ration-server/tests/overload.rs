@@ -27,6 +27,7 @@ fn acquire(client: &str, request_id: u64) -> v1::BatchOp {
             wanted: 1,
             min: 1,
             ttl_ms: 600_000,
+            starts_at_ms: 0,
         })),
     }
 }

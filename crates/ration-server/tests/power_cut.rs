@@ -147,6 +147,7 @@ async fn acknowledged_writes_and_votes_survive_power_cuts() {
                     wanted: 1,
                     min: 1,
                     ttl_ms: 3_600_000,
+                    starts_at_ms: 0,
                 };
                 let lease = until_answered!(addrs, acquire, req).unwrap();
                 acked.lock().unwrap().insert((c, request_id), lease.lease_id);

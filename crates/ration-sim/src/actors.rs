@@ -426,6 +426,7 @@ pub(crate) fn acquire_one(
         wanted: 1,
         min: 1,
         ttl_ms,
+        starts_at_ms: 0,
     }
 }
 

@@ -120,12 +120,22 @@ impl Cluster<'_> {
     /// `voters` nodes with 10 ms fsyncs and exact clocks, and a writer that
     /// acquires through any node every 10-30 ms until told to stop.
     fn new(seed: u64, voters: u64, tweak: impl Fn(&mut ration_server::Config)) -> Self {
+        Self::new_for(seed, voters, SCENARIO_DURATION, tweak)
+    }
+
+    /// [`Cluster::new`] for a scenario that may run `duration` of simulated time.
+    fn new_for(
+        seed: u64,
+        voters: u64,
+        duration: Duration,
+        tweak: impl Fn(&mut ration_server::Config),
+    ) -> Self {
         // openraft's election timeouts too come from the seed: the scenario replays.
         ration_store::runtime::seed_thread_rng(Some(seed));
         ration_client::local::pin_thread_stripe(0);
         let mut sim = turmoil::Builder::new()
             .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
-            .simulation_duration(SCENARIO_DURATION)
+            .simulation_duration(duration)
             .tick_duration(SIM_TICK)
             .min_message_latency(MIN_MESSAGE_LATENCY)
             .max_message_latency(MAX_MESSAGE_LATENCY)
@@ -554,4 +564,144 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PatchedPath {
             self.0.fetch_add(1, Relaxed);
         }
     }
+}
+
+/// (admitted, refused) per minute of true time, by its start.
+type Minutes = BTreeMap<u64, (u64, u64)>;
+
+/// What [`per_minute_limit_across_boundaries`] saw, per minute of true time.
+#[derive(Clone, Debug, Default)]
+pub struct MinuteReport {
+    /// The scenario's cluster report.
+    pub cluster: ScenarioReport,
+    /// The per-minute cap.
+    pub cap: u64,
+    /// (minute start in ms since the epoch, admitted, refused) for each whole minute
+    /// spent at half the cap, then each whole minute spent at twice it.
+    pub below_cap: Vec<(u64, u64, u64)>,
+    pub above_cap: Vec<(u64, u64, u64)>,
+}
+
+/// A per-minute limit spent continuously across window boundaries by one gateway
+/// running the SDK with its default settings (only its transport is the
+/// simulation's): five minutes at half the cap, then three at 2.5 times it. Every call
+/// costs one unit; the gateway's clock is exact. The report says, per minute of
+/// true time, what was admitted and refused: below the cap nothing should be
+/// refused (the boundary is no gap: a lease for the next window is acquired before
+/// it opens); above it, refusals should come only once the minute's cap is spent,
+/// and no minute should admit more than the cap.
+pub fn per_minute_limit_across_boundaries() -> Result<MinuteReport, String> {
+    const BUDGET: &str = "minutely";
+    const UNIT_CALLS: &str = "calls";
+    const CAP: u64 = 12_000;
+    // One call every 10 ms is 6,000 a minute (half the cap); five every 10 ms is
+    // 30,000 (two and a half times it).
+    const GAP: Duration = Duration::from_millis(10);
+    const MINUTES: [u64; 2] = [5, 3];
+    const MINUTE_MS: u64 = 60_000;
+    let mut c = Cluster::new_for(17, 3, Duration::from_secs(15 * 60), |_| {});
+    if !c.run_until(SETUP_TIMEOUT_MS, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
+        return Err("no leader accepted the budgets".into());
+    }
+    // (true minute start, admitted, refused), per phase
+    let tally: Arc<std::sync::Mutex<[Minutes; 2]>> = Arc::default();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let tally = tally.clone();
+        let done = done.clone();
+        let endpoints: Vec<String> = (1..=c.voters).map(addr).collect();
+        c.sim.client("minute-gateway", async move {
+            let create = v1::CreateBudgetRequest {
+                meta: Some(v1::RequestMeta {
+                    client_id: "minute-operator".into(),
+                    request_id: 1,
+                    principal: "operator".into(),
+                }),
+                path: BUDGET.into(),
+                limits: vec![v1::Limit {
+                    unit: UNIT_CALLS.into(),
+                    cap: CAP as i64,
+                    window: Some(v1::Window {
+                        period: v1::Period::Minute as i32,
+                        offset_minutes: 0,
+                    }),
+                    static_allowance: None,
+                }],
+            };
+            let mut created = false;
+            for at in endpoints.iter().cycle().take(30) {
+                let mut l =
+                    v1::ledger_client::LedgerClient::new(net::channel(at, CLIENT_RPC_TIMEOUT));
+                match l.create_budget(create.clone()).await {
+                    Ok(_) => {
+                        created = true;
+                        break;
+                    }
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                        created = true;
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+            if !created {
+                return Err("could not create the per-minute budget".into());
+            }
+            let clock = ration_client::CoarseClock::new();
+            let ticking = clock.clone();
+            // True time: the epoch plus simulated time (the gateway's clock is exact).
+            let now_ms =
+                || EPOCH_MS + turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64;
+            tokio::spawn(async move {
+                loop {
+                    ticking.set_ms(now_ms());
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+            let mut config = ration_client::SdkConfig::new(endpoints, "minute-gw");
+            config.cluster.connector = Some(ration_client::Connector(Arc::new(|a: &str| {
+                net::channel(a, ration_client::refill::defaults::RPC_TIMEOUT)
+            })));
+            config.cluster.client_id = Some("minute-gw".into());
+            let sdk = ration_client::Sdk::start(config, clock).map_err(|e| e.to_string())?;
+            let handle = sdk.handle(BUDGET, UNIT_CALLS);
+            // Warm up until the next minute starts, then count whole minutes.
+            let first = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
+            for (phase, calls) in [(0usize, 1u64), (1, 5)] {
+                let start = if phase == 0 { first } else { first + MINUTES[0] * MINUTE_MS };
+                let end = start + MINUTES[phase] * MINUTE_MS;
+                loop {
+                    let now = now_ms();
+                    if now >= end {
+                        break;
+                    }
+                    for _ in 0..calls {
+                        let ok = handle.try_spend(1);
+                        if now >= start {
+                            let minute = now / MINUTE_MS * MINUTE_MS;
+                            let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                            let e = t[phase].entry(minute).or_default();
+                            if ok {
+                                e.0 += 1;
+                            } else {
+                                e.1 += 1;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(GAP).await;
+                }
+            }
+            done.store(true, Relaxed);
+            drop(sdk);
+            Ok(())
+        });
+    }
+    let limit = (MINUTES[0] + MINUTES[1] + 2) * MINUTE_MS;
+    if !c.run_until(limit, |_| done.load(Relaxed))? {
+        return Err("the gateway did not finish its minutes".into());
+    }
+    let cluster = c.converge()?;
+    let t = tally.lock().unwrap_or_else(|p| p.into_inner());
+    let rows = |m: &BTreeMap<u64, (u64, u64)>| m.iter().map(|(k, (a, r))| (*k, *a, *r)).collect();
+    Ok(MinuteReport { cluster, cap: CAP, below_cap: rows(&t[0]), above_cap: rows(&t[1]) })
 }

@@ -358,3 +358,36 @@ fn replay() {
         Err(f) => panic!("{f}"),
     }
 }
+
+#[test]
+fn scenario_per_minute_limit_across_boundaries() {
+    let r = scenario::per_minute_limit_across_boundaries().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("cap {} per minute", r.cap);
+    for (phase, rows) in [("half the cap", &r.below_cap), ("2.5x the cap", &r.above_cap)] {
+        for (minute, admitted, refused) in rows.iter() {
+            eprintln!("{phase}: minute {minute}: admitted {admitted}, refused {refused}");
+        }
+    }
+    // Five whole minutes below the cap (six boundaries crossed while spending at
+    // it), then three above it.
+    assert_eq!((r.below_cap.len(), r.above_cap.len()), (5, 3), "{r:?}");
+    for (minute, admitted, refused) in &r.below_cap {
+        assert_eq!(
+            *refused, 0,
+            "minute {minute} refused calls below the cap ({admitted} admitted)"
+        );
+    }
+    // The ledger holds each minute's window to the cap (the running checks). The
+    // next window's lease opens at the boundary as measured from when it was asked
+    // for, so in true time it may be spent up to one round trip early: a true-time
+    // minute may admit what is spent in 100 ms (50 calls here) above the cap.
+    for (minute, admitted, refused) in &r.above_cap {
+        assert!(*admitted <= r.cap + 50, "minute {minute} admitted {admitted}, above the cap");
+        // Refusals only once the minute's cap is really spent.
+        assert!(
+            *refused == 0 || *admitted >= r.cap,
+            "minute {minute} refused {refused} with only {admitted} of {} admitted",
+            r.cap
+        );
+    }
+}

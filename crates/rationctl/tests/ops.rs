@@ -47,6 +47,7 @@ async fn spend(addr: SocketAddr, client: &str, budget: &str, wanted: i64, used: 
             wanted,
             min: 1,
             ttl_ms: 60_000,
+            starts_at_ms: 0,
         })
         .await
         .unwrap()
@@ -597,6 +598,7 @@ async fn metrics_are_scraped_and_parsed() {
             wanted: 50,
             min: 50,
             ttl_ms: 60_000,
+            starts_at_ms: 0,
         })
         .await
         .unwrap()
@@ -610,6 +612,7 @@ async fn metrics_are_scraped_and_parsed() {
             wanted: 40,
             min: 40,
             ttl_ms: 60_000,
+            starts_at_ms: 0,
         })
         .await
         .unwrap_err();

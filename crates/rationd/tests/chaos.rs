@@ -343,6 +343,7 @@ async fn writer(
             wanted: 25,
             min: 1,
             ttl_ms: 30_000,
+            starts_at_ms: 0,
         };
         let asked = Instant::now();
         let answer = until_answered!(addrs, acquire, acquire);
@@ -631,6 +632,7 @@ async fn faults_on_real_processes_keep_the_cap_and_every_acknowledged_record() {
         wanted: 10,
         min: 10,
         ttl_ms: 60_000,
+        starts_at_ms: 0,
     };
     let fresh = until_answered!(proxied, acquire, fresh).expect("a fresh acquire after healing");
     assert_eq!(fresh.granted, 10);

@@ -106,6 +106,7 @@ fn spawn_probe(
                     wanted: 1,
                     min: 1,
                     ttl_ms: 1000,
+                    starts_at_ms: 0,
                 })
                 .await;
             match r {

@@ -45,6 +45,7 @@ async fn writer(addrs: Vec<SocketAddr>, stop: Arc<AtomicBool>, acked: Arc<Mutex<
             wanted: 25,
             min: 1,
             ttl_ms: 120_000,
+            starts_at_ms: 0,
         };
         let lease = match until_answered!(addrs, acquire, acquire) {
             Ok(l) => l,

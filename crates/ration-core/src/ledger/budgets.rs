@@ -68,7 +68,13 @@ impl Ledger {
                 let in_use = consumed.saturating_add(old.counter.outstanding);
                 // After an overrun, usage may be above the old cap already: the new
                 // cap must still hold it, counting the overruns as the old one did.
-                if new.cap.saturating_add(old.overruns(now)) < in_use {
+                // Leases already granted for the next window must fit as well.
+                let (in_use, over) = if new.cap < old.counter.upcoming {
+                    (old.counter.upcoming, 0)
+                } else {
+                    (in_use, old.overruns(now))
+                };
+                if new.cap.saturating_add(over) < in_use {
                     return Err(LedgerError::CapBelowUsage {
                         path: spec.path.clone(),
                         unit: new.unit.clone(),
@@ -150,6 +156,8 @@ impl Ledger {
             outstanding: 0,
             overruns: 0,
             holders: BTreeMap::new(),
+            upcoming: 0,
+            upcoming_holders: BTreeMap::new(),
         };
         Limit { spec, counter }
     }

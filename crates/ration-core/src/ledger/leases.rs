@@ -10,7 +10,15 @@ use crate::names::{LeaseId, Principal};
 use crate::window::MAX_TIME_MS;
 
 impl Ledger {
-    pub(super) fn acquire(&mut self, ctx: &mut Ctx<'_>, slot: usize, a: &Acquire) -> Outcome {
+    /// Grants a lease on `a.budget`; with `starts_at`, one for the next window that
+    /// opens then (see [`crate::AcquireNext`]).
+    pub(super) fn acquire(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        slot: usize,
+        a: &Acquire,
+        starts_at: Option<u64>,
+    ) -> Outcome {
         check_amount("wanted", a.wanted)?;
         check_amount("min", a.min)?;
         if a.wanted == 0 {
@@ -34,12 +42,26 @@ impl Ledger {
         let leaf = self.budget_id(&a.budget)?;
         let now = self.now_ms;
         let at_least = a.min.max(1);
+        // A start ledger time has already reached is an ordinary acquire.
+        let opens = starts_at.filter(|&s| s > now);
+        if let Some(s) = opens {
+            if s.saturating_sub(now) > self.config.max_lease_ttl_ms {
+                return Err(invalid(
+                    "starts_at_ms",
+                    format!(
+                        "{s} is more than the longest lease ({} ms) after ledger time {now}",
+                        self.config.max_lease_ttl_ms
+                    ),
+                ));
+            }
+        }
 
         // Decide, touching nothing: the grant is bounded by every limit in the unit on
         // the budget and its ancestors, and by each one's fair share.
         let mut grant = a.wanted;
         let mut window_end_ms = u64::MAX;
-        let mut refs: Vec<(BudgetId, usize)> = Vec::new();
+        // (budget, limit index, whether the lease draws on the limit's next window)
+        let mut refs: Vec<(BudgetId, usize, bool)> = Vec::new();
         let mut chain = Vec::new();
         let mut at = Some(leaf);
         while let Some(id) = at {
@@ -48,7 +70,29 @@ impl Ledger {
             for (i, limit) in
                 budget.limits.iter().enumerate().filter(|(_, l)| l.spec.unit == a.unit)
             {
-                let available = limit.available(now);
+                let (_, _, end) = limit.effective(now);
+                // A lease for the next window opens exactly when a window it draws
+                // on ends, and no earlier window ends before it opens.
+                let next = match opens {
+                    Some(s) if s > end => {
+                        return Err(invalid(
+                            "starts_at_ms",
+                            format!(
+                                "{s} is after the end ({end}) of the current {} window of {} \
+                                 {}: a lease opens at the end of the current window",
+                                limit.spec.window, budget.path, a.unit
+                            ),
+                        ))
+                    }
+                    Some(s) => s == end,
+                    None => false,
+                };
+                let (available, holders, ends) = if next {
+                    let next_end = limit.spec.window.bounds(end).1;
+                    (limit.available_next(), &limit.counter.upcoming_holders, next_end)
+                } else {
+                    (limit.available(now), &limit.counter.holders, end)
+                };
                 if available < at_least {
                     return Err(LedgerError::Exhausted {
                         path: budget.path.clone(),
@@ -58,13 +102,12 @@ impl Ledger {
                         min: at_least,
                     });
                 }
-                let holders = &limit.counter.holders;
                 let sharers = (holders.len() as u64)
                     .saturating_add(u64::from(!holders.contains_key(ctx.principal)));
                 let share = available.div_ceil(sharers);
                 grant = grant.min(a.wanted.min(share).max(at_least).min(available));
-                window_end_ms = window_end_ms.min(limit.effective(now).2);
-                refs.push((id, i));
+                window_end_ms = window_end_ms.min(ends);
+                refs.push((id, i, next));
             }
             at = budget.parent;
         }
@@ -83,21 +126,35 @@ impl Ledger {
                 format!("ledger time is at its end ({MAX_TIME_MS}): no lease can be granted"),
             ));
         }
+        if let Some(s) = opens.filter(|&s| expires_at_ms <= s) {
+            return Err(invalid(
+                "ttl_ms",
+                format!("{} would expire the lease before it opens at {s}", a.ttl_ms),
+            ));
+        }
 
         // Commit.
         let mut counters = Vec::with_capacity(refs.len());
         let mut balances = Vec::with_capacity(refs.len());
-        for &(id, i) in &refs {
+        for &(id, i, next) in &refs {
             let budget = self.budget_mut(id);
             let limit = &mut budget.limits[i];
             limit.roll(now);
             let c = &mut limit.counter;
-            c.outstanding =
-                c.outstanding.checked_add(grant).expect("invariant: outstanding <= cap");
-            let held = c.holders.entry(ctx.principal.clone()).or_insert(0);
+            let (outstanding, holders) = if next {
+                (&mut c.upcoming, &mut c.upcoming_holders)
+            } else {
+                (&mut c.outstanding, &mut c.holders)
+            };
+            *outstanding = outstanding.checked_add(grant).expect("invariant: outstanding <= cap");
+            let held = holders.entry(ctx.principal.clone()).or_insert(0);
             *held = held.saturating_add(1);
             counters.push(CounterRef { budget: id, counter: c.id });
-            balances.push(limit.balance(&budget.path));
+            balances.push(if next {
+                limit.upcoming_balance(&budget.path)
+            } else {
+                limit.balance(&budget.path)
+            });
         }
         for &id in &chain {
             let b = self.budget_mut(id);
@@ -120,6 +177,10 @@ impl Ledger {
             },
         );
         self.expiry.insert((expires_at_ms, lease_id));
+        if let Some(s) = opens {
+            self.opening.insert(lease_id, s);
+            self.openings.insert((s, lease_id));
+        }
         let flow = Flow { granted: grant, ..Flow::default() };
         let about =
             About { lease: lease_id, path: &a.budget, principal: ctx.principal, unit: &a.unit };
@@ -160,6 +221,7 @@ impl Ledger {
             }
         }
         let lease = self.live_lease(r.lease, ctx.principal)?;
+        self.check_open(r.lease, "consumed_delta", r.consumed_delta)?;
         let reported = lease
             .reported
             .checked_add(r.consumed_delta)
@@ -216,6 +278,7 @@ impl Ledger {
         match self.live_lease(r.lease, ctx.principal) {
             Ok(lease) => {
                 check_total(r.lease, lease.granted, lease.reported, r.consumed_total)?;
+                self.check_open(r.lease, "consumed_total", r.consumed_total)?;
                 let flow = Flow {
                     consumed: r.consumed_total.saturating_sub(lease.reported),
                     returned: lease.granted.saturating_sub(r.consumed_total),
@@ -249,9 +312,25 @@ impl Ledger {
         let e = self.expired.remove(&r.lease).expect("checked above");
         self.forget.remove(&(e.forget_at_ms, r.lease));
         let now = self.now_ms;
-        let (kind, flow, balances) = if now < e.window_end_ms {
-            let refund = e.granted.saturating_sub(r.consumed_total);
-            let balances = self.update_counters(&e.counters, |counter| {
+        // Each limit still in the window the lease expired in gets the unspent part
+        // of the charge back: all of them before the lease's window ends; after it,
+        // those with longer windows (a month above a minute), so their figures stay
+        // what gateways really spent. A limit's window is still that one while it
+        // started before the lease's window end (the lease expired by then).
+        let refund = e.granted.saturating_sub(r.consumed_total);
+        let open: Vec<CounterRef> = e
+            .counters
+            .iter()
+            .copied()
+            .filter(|c| {
+                self.budgets
+                    .get(&c.budget)
+                    .and_then(|b| b.limits.iter().find(|l| l.counter.id == c.counter))
+                    .is_some_and(|l| l.effective(now).1 < e.window_end_ms)
+            })
+            .collect();
+        let (kind, flow, balances) = if !open.is_empty() {
+            let balances = self.update_counters(&open, |counter| {
                 counter.consumed = counter
                     .consumed
                     .checked_sub(refund)
@@ -341,23 +420,44 @@ impl Ledger {
     pub(super) fn detach(&mut self, id: LeaseId, consumed: u64) -> (Lease, Vec<Balance>) {
         let lease = self.leases.remove(&id).expect("caller checked the lease is live");
         self.expiry.remove(&(lease.expires_at_ms, id));
+        let opens = self.opening.remove(&id);
+        if let Some(s) = opens {
+            self.openings.remove(&(s, id));
+            assert_eq!(consumed, 0, "invariant: nothing is spent from a lease before it opens");
+        }
         let unsettled =
             lease.granted.checked_sub(lease.reported).expect("invariant: reported <= granted");
-        let balances = self.update_counters(&lease.counters, |counter| {
-            counter.consumed =
-                counter.consumed.checked_add(consumed).expect("invariant: consumed <= cap");
-            counter.outstanding = counter
-                .outstanding
+        let mut balances = Vec::with_capacity(lease.counters.len());
+        for r in &lease.counters {
+            let Some(b) = self.budgets.get_mut(&r.budget) else { continue };
+            let Some(limit) = b.limits.iter_mut().find(|l| l.counter.id == r.counter) else {
+                continue;
+            };
+            let counter = &mut limit.counter;
+            let next = opens.is_some_and(|s| s >= counter.window_end_ms);
+            let (outstanding, holders) = if next {
+                (&mut counter.upcoming, &mut counter.upcoming_holders)
+            } else {
+                (&mut counter.outstanding, &mut counter.holders)
+            };
+            *outstanding = outstanding
                 .checked_sub(unsettled)
                 .expect("invariant: outstanding covers the lease");
-            match counter.holders.get_mut(&lease.principal) {
+            match holders.get_mut(&lease.principal) {
                 Some(n) if *n > 1 => *n = n.saturating_sub(1),
                 Some(_) => {
-                    counter.holders.remove(&lease.principal);
+                    holders.remove(&lease.principal);
                 }
                 None => panic!("invariant: a live lease's holder is counted"),
             }
-        });
+            counter.consumed =
+                counter.consumed.checked_add(consumed).expect("invariant: consumed <= cap");
+            balances.push(if next {
+                limit.upcoming_balance(&b.path)
+            } else {
+                limit.balance(&b.path)
+            });
+        }
         let mut at = Some(lease.budget);
         while let Some(id) = at {
             let b = self.budget_mut(id);
@@ -365,6 +465,23 @@ impl Ledger {
             at = b.parent;
         }
         (lease, balances)
+    }
+}
+
+impl Ledger {
+    /// Refuses spending `amount` (named `field`) from lease `id` before it opens.
+    fn check_open(&self, id: LeaseId, field: &str, amount: u64) -> Result<(), LedgerError> {
+        match self.opening.get(&id) {
+            Some(opens) if amount > 0 => Err(invalid(
+                field,
+                format!(
+                    "lease {id} opens at {opens} (ledger time is {}): nothing can be spent from \
+                     it before",
+                    self.now_ms
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -88,6 +88,15 @@ struct Counter {
     /// Derived: live leases per holder, for the fair share.
     #[serde(skip)]
     holders: BTreeMap<Principal, u32>,
+    /// Granted in live leases that open when this window ends (acquired for the
+    /// next window, see [`crate::AcquireNext`]), not yet reported: the next window's
+    /// outstanding. Its consumed is zero until it opens. `upcoming <= cap`. In the
+    /// snapshot's third section.
+    #[serde(skip)]
+    upcoming: u64,
+    /// Derived: live next-window leases per holder.
+    #[serde(skip)]
+    upcoming_holders: BTreeMap<Principal, u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,16 +133,44 @@ impl Limit {
         self.spec.cap.saturating_sub(consumed.saturating_add(self.counter.outstanding))
     }
 
+    /// What may still be granted in the window after the current one.
+    fn available_next(&self) -> u64 {
+        self.spec.cap.saturating_sub(self.counter.upcoming)
+    }
+
+    /// Moves the counter to the window holding `now_ms`, if that is a later one. The
+    /// next window's leases become the current window's.
     fn roll(&mut self, now_ms: u64) {
         let c = &mut self.counter;
         if now_ms >= c.window_end_ms {
-            // Leases never outlive their window, and expiry runs before any roll.
+            // Leases never outlive their window, and expiry runs before any roll;
+            // next-window leases open (and roll their counters) at the window's end.
             assert_eq!(c.outstanding, 0, "invariant: a window closes with nothing outstanding");
+            assert!(c.holders.is_empty(), "invariant: a window closes with no holders");
             let (s, e) = self.spec.window.bounds(now_ms);
+            if s == c.window_end_ms {
+                c.outstanding = std::mem::take(&mut c.upcoming);
+                c.holders = std::mem::take(&mut c.upcoming_holders);
+            } else {
+                assert_eq!(c.upcoming, 0, "invariant: next-window leases opened at its start");
+            }
             c.window_start_ms = s;
             c.window_end_ms = e;
             c.consumed = 0;
             c.overruns = 0;
+        }
+    }
+
+    /// The next window's figures, as an audit balance.
+    fn upcoming_balance(&self, budget: &BudgetPath) -> Balance {
+        Balance {
+            budget: budget.clone(),
+            unit: self.spec.unit.clone(),
+            window: self.spec.window,
+            window_start_ms: self.counter.window_end_ms,
+            cap: self.spec.cap,
+            consumed: 0,
+            outstanding: self.counter.upcoming,
         }
     }
 
@@ -253,6 +290,8 @@ pub struct LimitView {
     pub overruns: u64,
     /// Distinct principals holding live leases on it.
     pub holders: u64,
+    /// Granted in leases for the next window (they open when this one ends).
+    pub upcoming: u64,
 }
 
 /// A budget as queries see it.
@@ -277,6 +316,9 @@ pub struct LeaseView {
     pub acquired_ms: u64,
     pub expires_at_ms: u64,
     pub window_end_ms: u64,
+    /// When a lease acquired for the next window opens (nothing is spent from it
+    /// before); `None` once it is open.
+    pub opens_at_ms: Option<u64>,
 }
 
 /// The quota ledger.
@@ -299,6 +341,13 @@ pub struct Ledger {
     expiry: BTreeSet<(u64, LeaseId)>,
     #[serde(skip)]
     forget: BTreeSet<(u64, LeaseId)>,
+    /// Live leases acquired for the next window that have not opened yet, with the
+    /// time they open. In the snapshot's third section.
+    #[serde(skip)]
+    opening: BTreeMap<LeaseId, u64>,
+    /// Derived: `opening` in time order.
+    #[serde(skip)]
+    openings: BTreeSet<(u64, LeaseId)>,
 }
 
 impl Default for Ledger {
@@ -324,6 +373,8 @@ impl Ledger {
             by_path: BTreeMap::new(),
             expiry: BTreeSet::new(),
             forget: BTreeSet::new(),
+            opening: BTreeMap::new(),
+            openings: BTreeSet::new(),
         }
     }
 
@@ -378,7 +429,8 @@ impl Ledger {
             Op::DeleteBudget { path, expected_version } => {
                 self.delete_budget(&mut ctx, path, *expected_version)
             }
-            Op::Acquire(a) => self.acquire(&mut ctx, slot, a),
+            Op::Acquire(a) => self.acquire(&mut ctx, slot, a, None),
+            Op::AcquireNext(a) => self.acquire(&mut ctx, slot, &a.acquire, Some(a.starts_at_ms)),
             Op::Report(r) => self.report(&mut ctx, r),
             Op::Release(r) => self.release(&mut ctx, r),
             Op::Overrun(o) => self.overrun(&mut ctx, o),
@@ -424,11 +476,6 @@ impl Ledger {
             balances.push(limit.balance(&b.path));
         }
         balances
-    }
-
-    fn counter_mut(&mut self, r: CounterRef) -> Option<&mut Counter> {
-        let b = self.budgets.get_mut(&r.budget)?;
-        b.limits.iter_mut().map(|l| &mut l.counter).find(|c| c.id == r.counter)
     }
 }
 

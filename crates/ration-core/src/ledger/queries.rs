@@ -95,6 +95,7 @@ impl Ledger {
                     remaining: l.available(now),
                     overruns: l.overruns(now),
                     holders: l.counter.holders.len() as u64,
+                    upcoming: l.counter.upcoming,
                 }
             })
             .collect();
@@ -132,6 +133,7 @@ impl Ledger {
             acquired_ms: l.acquired_ms,
             expires_at_ms: l.expires_at_ms,
             window_end_ms: l.window_end_ms,
+            opens_at_ms: self.opening.get(&id).copied(),
         }
     }
 }

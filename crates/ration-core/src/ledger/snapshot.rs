@@ -60,6 +60,20 @@ pub enum InvariantError {
     LeasePathMismatch { lease: LeaseId, path: BudgetPath, budget: u64 },
     #[error("lease {lease} is on a missing budget (budget id {budget})")]
     LeaseOnMissingBudget { lease: LeaseId, budget: u64 },
+    #[error("budget {path} has a counter id ({counter}) in use twice or not yet issued")]
+    BadCounterId { path: BudgetPath, counter: u64 },
+    #[error("lease {lease} is listed as opening later but is not live")]
+    OpeningNotLive { lease: LeaseId },
+    #[error(
+        "lease {lease} opens at {opens_at_ms}, after the end ({window_end_ms}) of a window it \
+         draws on"
+    )]
+    OpensOffBoundary { lease: LeaseId, opens_at_ms: u64, window_end_ms: u64 },
+    #[error(
+        "lease {lease} opens at {opens_at_ms} but expires at {expires_at_ms}, reports spend, or \
+         should have opened (ledger time {now_ms})"
+    )]
+    ExpiresBeforeOpening { lease: LeaseId, opens_at_ms: u64, expires_at_ms: u64, now_ms: u64 },
     #[error("lease {lease} reported {reported} of {granted}")]
     OverReported { lease: LeaseId, reported: u64, granted: u64 },
     #[error(
@@ -87,6 +101,8 @@ pub enum InvariantError {
         cap: u64,
         overruns: u64,
     },
+    #[error("{path} {unit} per {window}: {upcoming} granted for the next window, cap {cap}")]
+    UpcomingOverCap { path: BudgetPath, unit: Unit, window: Window, upcoming: u64, cap: u64 },
     #[error(
         "{path} {unit} per {window}: window closed with {outstanding} outstanding (window end \
          {window_end_ms}, now {now_ms})"
@@ -114,12 +130,13 @@ pub enum InvariantError {
     },
 }
 
-/// Snapshot layouts. V2 appends a section for what V1 did not hold (overruns), so a
-/// V1 snapshot still restores (with no overruns).
+/// Snapshot layouts. Each version appends a section for what the one before did not
+/// hold (V2: overruns; V3: next-window leases), so older snapshots still restore.
 #[derive(Serialize, Deserialize)]
-enum SnapshotFormat<L, X> {
+enum SnapshotFormat<L, X, Y> {
     V1(L),
     V2(L, X),
+    V3(L, X, Y),
 }
 
 /// Only the first layout, for tests that write an older snapshot.
@@ -137,36 +154,55 @@ struct Overruns {
     total: u128,
 }
 
+/// The third section of a V3 snapshot.
+#[derive(Serialize, Deserialize, Default)]
+struct Upcoming {
+    /// (counter id, granted for its next window), for counters with any.
+    counters: Vec<(u64, u64)>,
+    /// (lease, when it opens), for live leases that have not opened.
+    opening: Vec<(LeaseId, u64)>,
+}
+
 impl Ledger {
     /// The whole state, deterministically encoded: equal states give equal bytes.
     pub fn snapshot(&self) -> Vec<u8> {
         let mut counters = Vec::new();
+        let mut upcoming = Vec::new();
         for b in self.budgets.values() {
             for l in &b.limits {
                 if l.counter.overruns > 0 {
                     counters.push((l.counter.id, l.counter.overruns));
                 }
+                if l.counter.upcoming > 0 {
+                    upcoming.push((l.counter.id, l.counter.upcoming));
+                }
             }
         }
         let extra = Overruns { counters, total: self.totals.overrun };
-        postcard::to_stdvec(&SnapshotFormat::V2(self, extra))
+        let opening = self.opening.iter().map(|(id, at)| (*id, *at)).collect();
+        let next = Upcoming { counters: upcoming, opening };
+        postcard::to_stdvec(&SnapshotFormat::V3(self, extra, next))
             .expect("encoding into a Vec cannot fail")
     }
 
     /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, and checks it.
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let (mut ledger, extra) =
-            match postcard::from_bytes::<SnapshotFormat<Ledger, Overruns>>(bytes)? {
-                SnapshotFormat::V1(ledger) => (ledger, Overruns::default()),
-                SnapshotFormat::V2(ledger, extra) => (ledger, extra),
+        let (mut ledger, extra, next) =
+            match postcard::from_bytes::<SnapshotFormat<Ledger, Overruns, Upcoming>>(bytes)? {
+                SnapshotFormat::V1(ledger) => (ledger, Overruns::default(), Upcoming::default()),
+                SnapshotFormat::V2(ledger, extra) => (ledger, extra, Upcoming::default()),
+                SnapshotFormat::V3(ledger, extra, next) => (ledger, extra, next),
             };
         ledger.totals.overrun = extra.total;
         let overruns: BTreeMap<u64, u64> = extra.counters.into_iter().collect();
+        let upcoming: BTreeMap<u64, u64> = next.counters.into_iter().collect();
         for b in ledger.budgets.values_mut() {
             for l in &mut b.limits {
                 l.counter.overruns = overruns.get(&l.counter.id).copied().unwrap_or(0);
+                l.counter.upcoming = upcoming.get(&l.counter.id).copied().unwrap_or(0);
             }
         }
+        ledger.opening = next.opening.into_iter().collect();
         let next_seq = ledger.chain_head().next_seq;
         if next_seq > MAX_AUDIT_SEQ {
             return Err(
@@ -195,6 +231,18 @@ impl Ledger {
                 });
             }
         }
+        // Counter ids are unique (leases find their counters by id).
+        let mut counter_ids = std::collections::BTreeSet::new();
+        for b in self.budgets.values() {
+            for l in &b.limits {
+                if !counter_ids.insert(l.counter.id) || l.counter.id >= self.next_counter_id {
+                    return Err(InvariantError::BadCounterId {
+                        path: b.path.clone(),
+                        counter: l.counter.id,
+                    });
+                }
+            }
+        }
         let ids: Vec<BudgetId> = self.budgets.keys().copied().collect();
         for id in &ids {
             let b = self.budget_mut(*id);
@@ -202,6 +250,7 @@ impl Ledger {
             b.live_leases = 0;
             for l in &mut b.limits {
                 l.counter.holders.clear();
+                l.counter.upcoming_holders.clear();
             }
         }
         for id in &ids {
@@ -229,10 +278,18 @@ impl Ledger {
             }
         }
         self.expiry.clear();
+        self.openings.clear();
+        for (id, at) in &self.opening {
+            if !self.leases.contains_key(id) {
+                return Err(InvariantError::OpeningNotLive { lease: *id });
+            }
+            self.openings.insert((*at, *id));
+        }
         let leases: Vec<(LeaseId, Lease)> =
             self.leases.iter().map(|(k, v)| (*k, v.clone())).collect();
         for (id, lease) in &leases {
             self.expiry.insert((lease.expires_at_ms, *id));
+            let opens = self.opening.get(id).copied();
             for c in &lease.counters {
                 // A counter may be gone (its limit was replaced by an update), but
                 // not its budget: budgets with live leases below them stay.
@@ -242,17 +299,40 @@ impl Ledger {
                         budget: c.budget,
                     });
                 }
-                let Some(counter) = self.counter_mut(*c) else { continue };
+                let Some(limit) = self
+                    .budgets
+                    .get_mut(&c.budget)
+                    .and_then(|b| b.limits.iter_mut().find(|l| l.counter.id == c.counter))
+                else {
+                    continue;
+                };
                 // Leases never outlive the window they draw on (a window must close
-                // with nothing outstanding).
-                if lease.expires_at_ms > counter.window_end_ms {
+                // with nothing outstanding); a lease that has not opened draws on the
+                // next window of a counter whose window ends when it opens.
+                let counter = &mut limit.counter;
+                let next = opens.is_some_and(|at| at >= counter.window_end_ms);
+                let window_end_ms = if next {
+                    if opens != Some(counter.window_end_ms) {
+                        return Err(InvariantError::OpensOffBoundary {
+                            lease: *id,
+                            opens_at_ms: opens.unwrap_or(0),
+                            window_end_ms: counter.window_end_ms,
+                        });
+                    }
+                    limit.spec.window.bounds(counter.window_end_ms).1
+                } else {
+                    counter.window_end_ms
+                };
+                if lease.expires_at_ms > window_end_ms {
                     return Err(InvariantError::LeaseOutlivesWindow {
                         lease: *id,
                         expires_at_ms: lease.expires_at_ms,
-                        window_end_ms: counter.window_end_ms,
+                        window_end_ms,
                     });
                 }
-                let n = counter.holders.entry(lease.principal.clone()).or_insert(0);
+                let holders =
+                    if next { &mut counter.upcoming_holders } else { &mut counter.holders };
+                let n = holders.entry(lease.principal.clone()).or_insert(0);
                 *n = n.saturating_add(1);
             }
             if self.budgets.get(&lease.budget).is_none_or(|b| b.path != lease.path) {
@@ -280,7 +360,15 @@ impl Ledger {
     /// equal to the live leases' unsettled allowance, leases inside their windows,
     /// and conservation. Tests call it after every step; restore calls it once.
     pub fn check_invariants(&self) -> Result<(), InvariantError> {
-        let mut outstanding: BTreeMap<u64, u64> = BTreeMap::new();
+        let window_ends: BTreeMap<(BudgetId, u64), u64> = self
+            .budgets
+            .iter()
+            .flat_map(|(id, b)| {
+                b.limits.iter().map(move |l| ((*id, l.counter.id), l.counter.window_end_ms))
+            })
+            .collect();
+        // (budget, counter id, whether the next window's) -> unsettled allowance
+        let mut outstanding: BTreeMap<(BudgetId, u64, bool), u64> = BTreeMap::new();
         for (id, l) in &self.leases {
             if l.reported > l.granted {
                 return Err(InvariantError::OverReported {
@@ -297,15 +385,52 @@ impl Ledger {
                     window_end_ms: l.window_end_ms,
                 });
             }
+            let opens = self.opening.get(id).copied();
+            if let Some(at) = opens {
+                if l.expires_at_ms <= at
+                    || l.reported > 0
+                    || at <= self.now_ms
+                    || at > crate::window::MAX_TIME_MS
+                {
+                    return Err(InvariantError::ExpiresBeforeOpening {
+                        lease: *id,
+                        opens_at_ms: at,
+                        expires_at_ms: l.expires_at_ms,
+                        now_ms: self.now_ms,
+                    });
+                }
+            }
             for c in &l.counters {
-                let o = outstanding.entry(c.counter).or_insert(0);
+                let next = opens
+                    .zip(window_ends.get(&(c.budget, c.counter)))
+                    .is_some_and(|(at, e)| at >= *e);
+                let o = outstanding.entry((c.budget, c.counter, next)).or_insert(0);
                 *o = o.saturating_add(l.granted.saturating_sub(l.reported));
             }
         }
-        for b in self.budgets.values() {
+        for (id, b) in &self.budgets {
             for l in &b.limits {
                 let c = &l.counter;
-                let held = outstanding.get(&c.id).copied().unwrap_or(0);
+                let held_next = outstanding.get(&(*id, c.id, true)).copied().unwrap_or(0);
+                if c.upcoming != held_next {
+                    return Err(InvariantError::OutstandingMismatch {
+                        path: b.path.clone(),
+                        unit: l.spec.unit.clone(),
+                        window: l.spec.window,
+                        outstanding: c.upcoming,
+                        held: held_next,
+                    });
+                }
+                if c.upcoming > l.spec.cap {
+                    return Err(InvariantError::UpcomingOverCap {
+                        path: b.path.clone(),
+                        unit: l.spec.unit.clone(),
+                        window: l.spec.window,
+                        upcoming: c.upcoming,
+                        cap: l.spec.cap,
+                    });
+                }
+                let held = outstanding.get(&(*id, c.id, false)).copied().unwrap_or(0);
                 if c.outstanding != held {
                     return Err(InvariantError::OutstandingMismatch {
                         path: b.path.clone(),
@@ -332,12 +457,12 @@ impl Ledger {
                         overruns,
                     });
                 }
-                if c.outstanding > 0 && self.now_ms >= c.window_end_ms {
+                if (c.outstanding > 0 || c.upcoming > 0) && self.now_ms >= c.window_end_ms {
                     return Err(InvariantError::ClosedWindowOutstanding {
                         path: b.path.clone(),
                         unit: l.spec.unit.clone(),
                         window: l.spec.window,
-                        outstanding: c.outstanding,
+                        outstanding: c.outstanding.saturating_add(c.upcoming),
                         window_end_ms: c.window_end_ms,
                         now_ms: self.now_ms,
                     });

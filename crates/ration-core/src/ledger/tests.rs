@@ -775,3 +775,93 @@ fn snapshots_keep_overruns_and_an_older_snapshot_still_restores() {
     let v1 = postcard::to_stdvec(&snapshot::SnapshotFormatV1Only::V1(&plain.ledger)).unwrap();
     assert_eq!(Ledger::restore(&v1).unwrap(), plain.ledger);
 }
+
+fn acquire_next(p: &str, wanted: u64, ttl_ms: u64, starts_at_ms: u64) -> Op {
+    Op::AcquireNext(crate::command::AcquireNext {
+        acquire: Acquire { budget: path(p), unit: unit("tokens"), wanted, min: 1, ttl_ms },
+        starts_at_ms,
+    })
+}
+
+#[test]
+fn a_lease_for_the_next_window_counts_there_and_opens_at_the_boundary() {
+    // key-7: 300 per minute; the minute ends at 14:31:00, 14.877 s after T0.
+    let mut h = H::tree();
+    let end = 1_764_340_260_000;
+    let now_lease = h.grant("gw-1", acquire("acme/search/key-7", 300, 1, 60_000));
+    assert_eq!(now_lease.granted, 300, "the whole minute is leased");
+    // The current minute has nothing left, but the next one has it all.
+    let refused = h.run("gw-2", acquire("acme/search/key-7", 10, 1, 60_000)).unwrap_err();
+    assert!(matches!(refused, LedgerError::Exhausted { .. }), "{refused:?}");
+    h.now = end - 2_000;
+    // A lease that would expire before it opens is refused.
+    let err = h.run("gw-1", acquire_next("acme/search/key-7", 200, 1_000, end)).unwrap_err();
+    assert!(matches!(err, LedgerError::InvalidArgument { ref field, .. } if field == "ttl_ms"));
+    let next = h.grant("gw-1", acquire_next("acme/search/key-7", 200, 20_000, end));
+    assert_eq!(next.granted, 200);
+    // It lives until the next minute ends at most.
+    assert_eq!(next.window_end_ms, end + MIN);
+    assert_eq!(next.expires_at_ms, h.now + 20_000);
+    let view = h.ledger.budget(&path("acme/search/key-7")).unwrap();
+    assert_eq!((view.limits[0].outstanding, view.limits[0].upcoming), (300, 200));
+    // The day and month limits above do not end at 14:31: it is in their current
+    // windows, beside the first lease (300 + 200 of the day's 500).
+    assert_eq!(h.usage("acme/search"), (0, 500));
+    assert_eq!(h.ledger.lease(next.lease).unwrap().opens_at_ms, Some(end));
+    // The grant's audit balance is the next minute's.
+    let granted = h.log.records().last().unwrap().entry.balances[0].clone();
+    assert_eq!((granted.window_start_ms, granted.consumed, granted.outstanding), (end, 0, 200));
+
+    // Nothing can be spent from it before it opens, and a bad start is refused.
+    let early = Op::Report(Report { lease: next.lease, consumed_delta: 1, renew_ttl_ms: None });
+    let err = h.run("gw-1", early).unwrap_err();
+    assert!(
+        matches!(err, LedgerError::InvalidArgument { ref field, .. } if field == "consumed_delta")
+    );
+    let err = h.run("gw-2", acquire_next("acme/search/key-7", 1, 20_000, end + 1)).unwrap_err();
+    assert!(
+        matches!(err, LedgerError::InvalidArgument { ref field, .. } if field == "starts_at_ms")
+    );
+
+    // A snapshot taken now restores the lease that has not opened.
+    let restored = Ledger::restore(&h.ledger.snapshot()).unwrap();
+    assert_eq!(restored.digest(), h.ledger.digest());
+    assert_eq!(restored.lease(next.lease).unwrap().opens_at_ms, Some(end));
+
+    // At the boundary the old lease expires (charged in full) and the new one opens:
+    // it is the new minute's outstanding, and spendable.
+    h.tick(2_000);
+    assert!(h.ledger.lease(now_lease.lease).is_none());
+    assert_eq!(h.ledger.lease(next.lease).unwrap().opens_at_ms, None);
+    let view = h.ledger.budget(&path("acme/search/key-7")).unwrap();
+    assert_eq!(view.limits[0].window_start_ms, end);
+    assert_eq!(
+        (view.limits[0].consumed, view.limits[0].outstanding, view.limits[0].upcoming),
+        (0, 200, 0)
+    );
+    h.ok("gw-1", Op::Report(Report { lease: next.lease, consumed_delta: 50, renew_ttl_ms: None }));
+    assert_eq!(h.usage("acme/search/key-7"), (50, 150));
+    // The restored copy, fed the same entry, agrees.
+    let mut restored = restored;
+    restored.apply(h.index - 1, &Entry::V1(Batch { time_ms: end, commands: vec![Command::Tick] }));
+    assert_eq!(restored.lease(next.lease).unwrap().opens_at_ms, None);
+}
+
+#[test]
+fn a_lease_for_the_next_window_released_before_it_opens_returns_everything() {
+    let mut h = H::tree();
+    let end = 1_764_340_260_000;
+    h.now = end - 1_000;
+    let next = h.grant("gw-1", acquire_next("acme/search/key-7", 100, 20_000, end));
+    let spent = Op::Release(Release { lease: next.lease, consumed_total: 1 });
+    assert!(h.run("gw-1", spent).is_err(), "nothing was spendable yet");
+    let r = h.ok("gw-1", Op::Release(Release { lease: next.lease, consumed_total: 0 }));
+    assert!(matches!(r, Reply::Released { returned: 100, .. }), "{r:?}");
+    let view = h.ledger.budget(&path("acme/search/key-7")).unwrap();
+    assert_eq!(view.limits[0].upcoming, 0);
+    h.tick(5_000);
+    assert_eq!(h.usage("acme/search/key-7"), (0, 0));
+    // Asking for a start ledger time has passed is an ordinary acquire.
+    let g = h.grant("gw-1", acquire_next("acme/search/key-7", 10, 20_000, end));
+    assert_eq!(h.ledger.lease(g.lease).unwrap().opens_at_ms, None);
+}

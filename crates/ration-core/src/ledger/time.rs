@@ -2,14 +2,28 @@
 
 use super::{About, ExpiredLease, Ledger};
 use crate::audit::{AuditKind, AuditRecord, Flow};
+use crate::names::LeaseId;
 
 impl Ledger {
     pub(super) fn housekeep(&mut self, index: u64, audit: &mut Vec<AuditRecord>) {
         let now = self.now_ms;
-        while let Some(&(expires_at_ms, id)) = self.expiry.first() {
-            if expires_at_ms > now {
-                break;
-            }
+        // Expiries and openings, in time order; at equal times expiries first (a
+        // window's leases expire at its end, when the next window's leases open).
+        loop {
+            let expiring = self.expiry.first().copied().filter(|&(t, _)| t <= now);
+            let opening = self.openings.first().copied().filter(|&(t, _)| t <= now);
+            let (expires_at_ms, id) = match (expiring, opening) {
+                (None, None) => break,
+                (Some(e), Some(o)) if o.0 < e.0 => {
+                    self.open(o.0, o.1);
+                    continue;
+                }
+                (None, Some(o)) => {
+                    self.open(o.0, o.1);
+                    continue;
+                }
+                (Some(e), _) => e,
+            };
             let charge = {
                 let l = &self.leases[&id];
                 l.granted.saturating_sub(l.reported)
@@ -62,5 +76,19 @@ impl Ledger {
             self.expired.remove(&id);
         }
         self.dedup.expire(now, self.config.dedup_idle_ms);
+    }
+
+    /// Lease `id`, acquired for the next window, opens at `at`: every counter whose
+    /// window ends then moves to the next window, where the lease is counted.
+    fn open(&mut self, at: u64, id: LeaseId) {
+        self.openings.remove(&(at, id));
+        self.opening.remove(&id);
+        let counters = self.leases[&id].counters.clone();
+        for r in counters {
+            let Some(b) = self.budgets.get_mut(&r.budget) else { continue };
+            if let Some(limit) = b.limits.iter_mut().find(|l| l.counter.id == r.counter) {
+                limit.roll(at);
+            }
+        }
     }
 }

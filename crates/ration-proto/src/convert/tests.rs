@@ -21,6 +21,7 @@ fn negative_and_malformed_input_is_refused_with_the_field() {
         wanted: -5,
         min: 0,
         ttl_ms: 1000,
+        starts_at_ms: 0,
     };
     let err = to_core::acquire(&bad).unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

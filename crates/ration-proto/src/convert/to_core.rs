@@ -133,13 +133,17 @@ pub fn delete_budget(r: &v1::DeleteBudgetRequest) -> Result<Request, Status> {
 }
 
 pub fn acquire(r: &v1::AcquireRequest) -> Result<Request, Status> {
-    let op = Op::Acquire(Acquire {
+    let acquire = Acquire {
         budget: path("budget", &r.budget)?,
         unit: unit(&r.unit)?,
         wanted: amount("wanted", r.wanted)?,
         min: amount("min", r.min)?,
         ttl_ms: amount("ttl_ms", r.ttl_ms)?,
-    });
+    };
+    let op = match r.starts_at_ms {
+        0 => Op::Acquire(acquire),
+        starts_at_ms => Op::AcquireNext(ration_core::AcquireNext { acquire, starts_at_ms }),
+    };
     request(r.meta.as_ref(), op)
 }
 

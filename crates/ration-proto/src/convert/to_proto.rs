@@ -127,6 +127,7 @@ pub fn budget(v: &BudgetView) -> v1::Budget {
                 remaining: to_i64(l.remaining),
                 holders: l.holders,
                 overruns: to_i64(l.overruns),
+                upcoming: to_i64(l.upcoming),
             })
             .collect(),
         children: v.children,
@@ -145,6 +146,7 @@ pub fn lease_info(v: &LeaseView) -> v1::LeaseInfo {
         acquired_ms: v.acquired_ms,
         expires_at_ms: v.expires_at_ms,
         window_end_ms: v.window_end_ms,
+        opens_at_ms: v.opens_at_ms.unwrap_or(0),
     }
 }
 
