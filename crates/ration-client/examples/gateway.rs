@@ -7,6 +7,10 @@
 //! curl -s localhost:8080/stats
 //! ```
 //!
+//! `--endpoints` takes every node of a cluster (`--help` lists the flags). It logs
+//! to stderr (`RUST_LOG` filters): when the ledger cannot be reached at start (it
+//! keeps trying), and when the cluster stops answering and answers again.
+//!
 //! It creates the budgets `demo` (1,000,000 tokens a day) and `demo/app` (100,000
 //! tokens a minute) if they do not exist. Each call reserves prompt + max_tokens on
 //! `demo/app`, "runs the model" (a random completion length), and settles the real
@@ -90,8 +94,50 @@ mod json {
     }
 }
 
-async fn ensure_budgets(endpoint: &str) -> anyhow::Result<()> {
-    let mut client = LedgerClient::connect(format!("http://{endpoint}")).await?;
+/// The gateway's flags.
+#[derive(clap::Parser, Debug)]
+#[command(about = "An example LLM gateway that admits each call through Ration's SDK")]
+struct Args {
+    /// The cluster's nodes (host:port, comma-separated); any of them will do.
+    #[arg(
+        long,
+        env = "RATION_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50051"
+    )]
+    endpoints: Vec<String>,
+    /// Where the gateway serves HTTP.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+}
+
+/// Creates the demo budgets through whichever endpoint answers; until one does,
+/// says so and tries again.
+async fn ensure_budgets(endpoints: &[String]) -> anyhow::Result<()> {
+    loop {
+        let mut last = None;
+        for endpoint in endpoints {
+            match create_budgets(endpoint).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(format!("{endpoint}: {e:#}")),
+            }
+        }
+        tracing::warn!(
+            "cannot reach the ledger at {} ({}); trying again in 2 s",
+            endpoints.join(","),
+            last.unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+async fn create_budgets(endpoint: &str) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))?
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await?;
+    let mut client = LedgerClient::new(channel);
     let limit = |cap, period: v1::Period| v1::Limit {
         unit: "tokens".into(),
         cap,
@@ -115,7 +161,7 @@ async fn ensure_budgets(endpoint: &str) -> anyhow::Result<()> {
             .create_budget(v1::CreateBudgetRequest { meta, path: path.into(), limits: vec![l] })
             .await
         {
-            Ok(_) => println!("created budget {path}"),
+            Ok(_) => tracing::info!("created budget {path}"),
             Err(s) if s.code() == tonic::Code::AlreadyExists => {}
             Err(s) => return Err(s.into()),
         }
@@ -125,12 +171,18 @@ async fn ensure_budgets(endpoint: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let endpoint = std::env::var("RATION_ENDPOINT").unwrap_or_else(|_| "127.0.0.1:50051".into());
-    let listen = std::env::var("GATEWAY_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
-    ensure_budgets(&endpoint).await?;
+    let args = <Args as clap::Parser>::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    ensure_budgets(&args.endpoints).await?;
     let clock = CoarseClock::new();
     clock.start_ticking();
-    let sdk = Sdk::start(SdkConfig::new(vec![endpoint.clone()], "gateway-example"), clock)?;
+    let sdk = Sdk::start(SdkConfig::new(args.endpoints.clone(), "gateway-example"), clock)?;
     sdk.handle(BUDGET, "tokens");
     let app = Arc::new(App {
         sdk,
@@ -143,8 +195,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/v1/complete", post(complete))
         .route("/stats", get(stats))
         .with_state(app);
-    let listener = tokio::net::TcpListener::bind(&listen).await?;
-    println!("gateway on http://{listen}, leasing from {endpoint}");
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    tracing::info!("gateway on http://{}, leasing from {}", args.listen, args.endpoints.join(","));
     axum::serve(listener, router).await?;
     Ok(())
 }

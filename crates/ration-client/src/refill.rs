@@ -516,7 +516,14 @@ impl Sdk {
             self.ops_sent.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
             match self.cluster.batch(batch).await {
                 Ok(results) => {
-                    self.unanswered_since_ms.store(0, std::sync::atomic::Ordering::Release);
+                    let since =
+                        self.unanswered_since_ms.swap(0, std::sync::atomic::Ordering::AcqRel);
+                    if since > 0 {
+                        tracing::info!(
+                            "the cluster answers again, after {} ms without an answer",
+                            self.gateway.clock().now_ms().saturating_sub(since)
+                        );
+                    }
                     self.apply_results(chunk, results, now);
                     self.end_outage(self.gateway.clock().now_ms());
                 }
@@ -530,7 +537,16 @@ impl Sdk {
                     self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(keep);
                 }
                 Err(e) => {
-                    tracing::warn!("refill round got no answer: {e}");
+                    // One WARN line when the cluster stops answering (and one INFO
+                    // line when it answers again), not one per round.
+                    if self.unanswered_since_ms.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                        tracing::warn!(
+                            "the cluster did not answer a refill round ({e}); leases are spent \
+                             until their deadlines, and rounds go on"
+                        );
+                    } else {
+                        tracing::debug!("refill round got no answer: {e}");
+                    }
                     metrics::counter!(counters::FAILOVERS).increment(1);
                     let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                     pending.extend(chunk);

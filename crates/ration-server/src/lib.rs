@@ -280,6 +280,49 @@ async fn watch_core(raft: Raft<TypeConfig>, report: watch::Sender<Option<CoreSto
     }
 }
 
+/// One INFO line for each change of leadership or membership this node sees: it
+/// became leader, another node leads now (a leader becoming known after an
+/// election), or the voters or learners changed. Ends with the metrics channel.
+async fn log_changes(raft: Raft<TypeConfig>, me: NodeId) {
+    let mut metrics = raft.metrics();
+    drop(raft);
+    let mut leader: Option<NodeId> = None;
+    let mut members: Option<(Vec<NodeId>, Vec<NodeId>)> = None;
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            if let Some(now) = m.current_leader.filter(|l| leader != Some(*l)) {
+                leader = Some(now);
+                if now == me {
+                    tracing::info!(term = m.current_term, "this node is now the leader");
+                } else {
+                    tracing::info!(
+                        leader = now,
+                        term = m.current_term,
+                        "node {now} is now the leader"
+                    );
+                }
+            }
+            let membership = m.membership_config.membership();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            let learners: Vec<NodeId> = membership.learner_ids().collect();
+            let seen = Some((voters, learners));
+            if members != seen {
+                let (voters, learners) = seen.clone().unwrap_or_default();
+                if members.is_some() {
+                    tracing::info!(?voters, ?learners, "membership changed");
+                } else {
+                    tracing::info!(?voters, ?learners, "membership");
+                }
+                members = seen;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs a node until `shutdown` resolves, or until its Raft core stops on its own.
 ///
 /// A stopped core is an error: the process should exit non-zero so that its
@@ -641,6 +684,7 @@ where
     let served = tokio::spawn(services::serve(node.clone(), incoming, stopped()));
     let (core_tx, core_rx) = watch::channel(None);
     tokio::spawn(watch_core(raft.clone(), core_tx));
+    tokio::spawn(log_changes(raft.clone(), node.id));
     bootstrap(&node).await?;
     tokio::spawn(ticker(Arc::downgrade(&node), node.config.tick_ms));
     tokio::spawn(ledger_time::keep(Arc::downgrade(&node)));

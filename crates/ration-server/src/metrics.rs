@@ -17,6 +17,10 @@ use ration_core::{ErrorKind, Outcome, Reply};
 
 use crate::Node;
 
+/// Log lines the binary held back as repeats (`rationd`'s log filter counts them
+/// here; /metrics exports them as `ration_log_lines_suppressed_total`).
+pub static LOG_LINES_SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+
 /// Per-budget series stop after this many budgets (a scrape must stay bounded); the
 /// `ration_budget_series_truncated` gauge says when they did.
 pub const MAX_BUDGET_SERIES: usize = 10_000;
@@ -366,6 +370,14 @@ pub fn render(node: &Node) -> String {
         header(&mut out, "ration_wal_bytes_total", "counter", "Bytes written to the Raft log.");
         let _ = writeln!(out, "ration_wal_bytes_total {}", wal.bytes.load(Relaxed));
     }
+    header(
+        &mut out,
+        "ration_log_lines_suppressed_total",
+        "counter",
+        "Repeated warning and error log lines held back.",
+    );
+    let _ =
+        writeln!(out, "ration_log_lines_suppressed_total {}", LOG_LINES_SUPPRESSED.load(Relaxed));
     header(&mut out, "ration_proposals_total", "counter", "Raft entries this node proposed.");
     let _ = writeln!(out, "ration_proposals_total {}", metrics.proposals.load(Relaxed));
     header(

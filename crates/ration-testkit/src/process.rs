@@ -24,6 +24,9 @@ pub struct Proc {
     pub child: Option<Child>,
     /// The stderr log of every incarnation, oldest first.
     pub logs: Vec<PathBuf>,
+    /// `RATION_LOG` for the node: None for `RATION_TEST_LOG` (default `warn`),
+    /// `Some("")` for rationd's own default filter.
+    pub log_filter: Option<String>,
 }
 
 impl Proc {
@@ -47,6 +50,7 @@ impl Proc {
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
             logs: Vec::new(),
+            log_filter: None,
         }
     }
 
@@ -63,9 +67,15 @@ impl Proc {
             cmd.args(["--advertise", &a.to_string()]);
         }
         // RATION_TEST_LOG (e.g. `info,openraft=info`) makes the nodes' logs verbose.
-        let filter = std::env::var("RATION_TEST_LOG").unwrap_or_else(|_| "warn".into());
-        let child =
-            cmd.env("RATION_LOG", filter).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        match &self.log_filter {
+            Some(f) if f.is_empty() => cmd.env_remove("RATION_LOG"),
+            Some(f) => cmd.env("RATION_LOG", f),
+            None => cmd.env(
+                "RATION_LOG",
+                std::env::var("RATION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+        };
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.child = Some(child);
     }
 

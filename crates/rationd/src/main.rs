@@ -5,6 +5,8 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod logs;
+
 use clap::Parser;
 use ration_server::config::Args;
 use tracing_subscriber::layer::SubscriberExt;
@@ -16,19 +18,25 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     // The OTLP exporter needs the runtime while it is built.
     let _entered = runtime.enter();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RATION_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+    let filter = tracing_subscriber::EnvFilter::new(logs::filter(
+        std::env::var("RATION_LOG").ok().as_deref(),
+    ));
     // Logs go to stderr (stdout stays free for output a script might read), with
-    // colour only when stderr is a terminal.
+    // colour only when stderr is a terminal, the node id on every line, and
+    // repeated warnings held back (`logs::Repeats`).
     use std::io::IsTerminal as _;
     let ansi = std::io::stderr().is_terminal();
-    let logs = if config.log_format == "json" {
-        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+    let json = config.log_format == "json";
+    let writer = logs::Tagged::new(config.node_id, json);
+    let repeats = logs::Repeats::default();
+    let logs = if json {
+        tracing_subscriber::fmt::layer().json().with_writer(writer).boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed()
+        tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi).boxed()
     };
+    let logs = logs.with_filter(filter).with_filter(repeats.clone());
     #[allow(unused_mut)] // the otel feature adds a layer
-    let mut layers = vec![logs.with_filter(filter).boxed()];
+    let mut layers = vec![logs.boxed()];
     #[cfg(feature = "otel")]
     let tracer = {
         let (layer, tracer) = otel::layer()?;
@@ -46,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         tracing::error!("panic: {info}; exiting so the node restarts from its log");
         std::process::exit(101);
     }));
+    runtime.spawn(logs::report_repeats(repeats));
     let result = runtime.block_on(ration_server::run(config, shutdown_signal()));
     #[cfg(feature = "otel")]
     if let Some(tracer) = tracer {

@@ -1550,7 +1550,10 @@ where
         };
 
         if Some(sender_vote) != my_vote.as_ref() {
-            tracing::warn!(
+            // RATION PATCH (third_party/openraft/RATION-PATCH.md): a reply that
+            // arrives after its election ended is normal (every start has one); at
+            // DEBUG, not WARN.
+            tracing::debug!(
                 "A message will be ignored because vote changed: msg sent by vote: {}; current my vote: {}; when ({})",
                 sender_vote,
                 my_vote.display(),
