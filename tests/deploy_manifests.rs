@@ -679,6 +679,29 @@ fn the_image_exposes_the_ports_it_listens_on() {
         "{file}: RATION_METRICS_LISTEN"
     );
     assert_eq!(exposed, BTreeSet::from([GRPC_PORT, METRICS_PORT]), "{file}: EXPOSE");
+
+    // The image carries the operator CLI beside the node.
+    assert!(text.contains("-p rationctl"), "{file}: rationctl is not built");
+    assert!(text.contains("/usr/local/bin/rationctl"), "{file}: rationctl is not installed");
+
+    // The documented bare `docker run` (the image's variables, no flags) is a valid
+    // configuration: on the wildcard address the node advertises its hostname.
+    let mut args = vec!["rationd".to_owned()];
+    for token in text.split_whitespace() {
+        let Some((name, value)) = token.strip_prefix("RATION_").and_then(|t| t.split_once('='))
+        else {
+            continue;
+        };
+        if name == "LOG" {
+            continue; // not a flag: the log filter
+        }
+        args.push(format!("--{}={}", name.to_lowercase().replace('_', "-"), value));
+    }
+    let config = <ration_server::config::Args as clap::Parser>::try_parse_from(&args)
+        .unwrap_or_else(|e| panic!("{file}: {args:?}: {e}"))
+        .into_config()
+        .unwrap_or_else(|e| panic!("{file}: the image's own settings are refused: {e}"));
+    assert!(config.advertise.is_some(), "{file}: nothing to advertise");
 }
 
 /// Values of `key: N` lines (trimmed) in `text`.

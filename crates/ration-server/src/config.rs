@@ -313,12 +313,18 @@ pub struct Args {
     /// TOML configuration file (see deploy/ration.example.toml).
     #[arg(long, env = "RATION_CONFIG")]
     pub config: Option<PathBuf>,
+    /// This node's id, unique in its cluster, at least 1 [default: 1].
     #[arg(long, env = "RATION_NODE_ID")]
     pub node_id: Option<u64>,
+    /// Where gRPC is served (clients, operators and peers): host:port, a hostname
+    /// resolved at start [default: 127.0.0.1:50051].
     #[arg(long, env = "RATION_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<String>,
+    /// The address peers and clients dial (host:port) [default: the listen address;
+    /// on a wildcard listen address, this machine's hostname and the listen port].
     #[arg(long, env = "RATION_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Where the Raft log, snapshots and node id are kept [default: ration-data].
     #[arg(long, env = "RATION_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Initial voters, comma separated: 1=127.0.0.1:50051,2=127.0.0.1:50052,...
@@ -335,6 +341,7 @@ pub struct Args {
     /// `new` (the default) or `existing`: never create a cluster.
     #[arg(long, env = "RATION_INITIAL_CLUSTER_STATE")]
     pub initial_cluster_state: Option<String>,
+    /// `text` (the default) or `json`, on stderr; the filter is RATION_LOG.
     #[arg(long, env = "RATION_LOG_FORMAT")]
     pub log_format: Option<String>,
     /// `wal` (the default; durable against power loss) or `sled` (for comparison).
@@ -366,13 +373,19 @@ pub struct Args {
     /// election timeout [default: 0].
     #[arg(long, env = "RATION_REPLICATION_TIMEOUT_MS")]
     pub replication_timeout_ms: Option<u64>,
+    /// Build a snapshot (and purge the log before it) after this many entries
+    /// [default: 20000].
     #[arg(long, env = "RATION_SNAPSHOT_AFTER_ENTRIES")]
     pub snapshot_after_entries: Option<u64>,
+    /// Most commands the leader groups into one log entry [default: 3072].
     #[arg(long, env = "RATION_BATCH_MAX_COMMANDS")]
     pub batch_max_commands: Option<usize>,
+    /// How long the leader waits for more commands before proposing a partial
+    /// entry (microseconds) [default: 1000].
     #[arg(long, env = "RATION_BATCH_WAIT_US")]
     pub batch_wait_us: Option<u64>,
-    /// Prometheus metrics address (host:port), or `off`.
+    /// Prometheus metrics, /livez and /readyz address (host:port), or `off`
+    /// [default: 127.0.0.1:9464].
     #[arg(long, env = "RATION_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
     /// Node id = the hostname's trailing ordinal + 1 (StatefulSet pod `ration-2` is 3).
@@ -392,9 +405,11 @@ impl Args {
                 if let Some(v) = self.$field { c.$field = v; }
             )*};
         }
+        if let Some(listen) = &self.listen {
+            c.listen = resolve("listen", listen)?;
+        }
         set!(
             node_id,
-            listen,
             data_dir,
             initial_cluster,
             log_format,
@@ -427,9 +442,26 @@ impl Args {
         if c.node_id_from_hostname {
             c.node_id = node_id_from_hostname(&hostname()?)?;
         }
+        // A wildcard listen address (a container) is dialled by this machine's name.
+        if c.advertise.is_none() && c.listen.ip().is_unspecified() {
+            c.advertise = Some(format!("{}:{}", hostname()?, c.listen.port()));
+        }
         c.validate()?;
         Ok(c)
     }
+}
+
+/// `host:port` as a socket address: an IP address as is, a hostname resolved (its
+/// first address).
+fn resolve(what: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs as _;
+    addr.to_socket_addrs()
+        .map_err(|e| ConfigError::Invalid(format!("{what} {addr:?} is not host:port: {e}")))?
+        .next()
+        .ok_or_else(|| ConfigError::Invalid(format!("{what} {addr:?} resolves to no address")))
 }
 
 /// This machine's hostname: `$HOSTNAME`, else the kernel's.
@@ -496,6 +528,19 @@ mod tests {
             Args::try_parse_from(["rationd", "--config", path.to_str().unwrap(), "--node-id", "3"])
                 .unwrap();
         assert_eq!(args.into_config().unwrap().node_id, 3);
+    }
+
+    #[test]
+    fn hostnames_are_addresses_and_a_wildcard_listen_advertises_the_hostname() {
+        let parse =
+            |a: &[&str]| Args::try_parse_from(["rationd"].iter().chain(a)).unwrap().into_config();
+        let c = parse(&["--listen", "localhost:50061"]).unwrap();
+        assert!(c.listen.ip().is_loopback() && c.listen.port() == 50061, "{}", c.listen);
+        let err = parse(&["--listen", "no-such-host.invalid:1"]).unwrap_err().to_string();
+        assert!(err.contains("listen") && err.contains("no-such-host.invalid"), "{err}");
+        // What `docker run` without flags gets: the image listens on 0.0.0.0.
+        let c = parse(&["--listen", "0.0.0.0:50051"]).unwrap();
+        assert_eq!(c.advertise_addr(), format!("{}:50051", hostname().unwrap()));
     }
 
     #[test]
