@@ -24,8 +24,47 @@ pub static LOG_LINES_SUPPRESSED: AtomicU64 = AtomicU64::new(0);
 /// Per-budget series stop after this many budgets (a scrape must stay bounded); the
 /// `ration_budget_series_truncated` gauge says when they did.
 pub const MAX_BUDGET_SERIES: usize = 10_000;
-/// Distinct RPC methods tracked; further ones are counted as `other`.
-const MAX_METHODS: usize = 64;
+/// Distinct RPC (method, code) pairs tracked; further ones are counted as `other`.
+const MAX_METHODS: usize = 256;
+/// Distinct label values (units; top-level budgets on denials) tracked; further
+/// ones are counted as `other`, so a scrape stays bounded.
+const MAX_LABEL_VALUES: usize = 256;
+
+/// What the metrics need of one command of an entry: for an acquire, its unit and
+/// top-level budget (the labels of grants and denials).
+pub type AcquireLabels = Option<(String, String)>;
+
+/// The name of a gRPC status code number, as Prometheus labels show it.
+fn code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        _ => "other",
+    }
+}
+
+/// Adds `n` to `map[key]`, or to `map["other"]` once the map holds
+/// [`MAX_LABEL_VALUES`] keys.
+fn bump<K: Ord + Clone>(map: &mut BTreeMap<K, u64>, key: K, other: K, n: u64) {
+    let key = if map.contains_key(&key) || map.len() < MAX_LABEL_VALUES { key } else { other };
+    let v = map.entry(key).or_insert(0);
+    *v = v.saturating_add(n);
+}
 
 /// A fixed-bucket histogram.
 #[derive(Debug)]
@@ -110,32 +149,33 @@ fn kind_label(kind: ErrorKind) -> &'static str {
 #[derive(Debug)]
 pub struct Metrics {
     grants: AtomicU64,
-    granted_units: AtomicU64,
+    /// Units granted, by unit.
+    granted_units: std::sync::Mutex<BTreeMap<String, u64>>,
     overruns: AtomicU64,
     overrun_units: AtomicU64,
     clock_skew_ms: std::sync::atomic::AtomicI64,
     clock_step_downs: AtomicU64,
     ledger_time_rebases: AtomicU64,
-    /// Acquires refused, by refusal kind (index into `KINDS`).
-    denials: [AtomicU64; KINDS.len()],
+    /// Acquires refused, by (refusal kind, top-level budget).
+    denials: std::sync::Mutex<BTreeMap<(&'static str, String), u64>>,
     proposals: AtomicU64,
     batch_commands: Histogram,
-    /// By gRPC method path; read-locked on the request path (written only the first
-    /// time a method is seen).
-    rpcs: RwLock<BTreeMap<String, Arc<Histogram>>>,
+    /// By (gRPC method path, status code); read-locked on the request path
+    /// (written only the first time a pair is seen).
+    rpcs: RwLock<BTreeMap<String, BTreeMap<&'static str, Arc<Histogram>>>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self {
             grants: AtomicU64::new(0),
-            granted_units: AtomicU64::new(0),
+            granted_units: std::sync::Mutex::default(),
             overruns: AtomicU64::new(0),
             overrun_units: AtomicU64::new(0),
             clock_skew_ms: std::sync::atomic::AtomicI64::new(0),
             clock_step_downs: AtomicU64::new(0),
             ledger_time_rebases: AtomicU64::new(0),
-            denials: Default::default(),
+            denials: std::sync::Mutex::default(),
             proposals: AtomicU64::new(0),
             batch_commands: Histogram::new(BATCH_BOUNDS, 1.0),
             rpcs: RwLock::new(BTreeMap::new()),
@@ -162,51 +202,75 @@ impl Metrics {
     }
 
     /// Counts one proposed entry and the acquires it granted or refused.
-    /// `acquires[i]` says whether command `i` of the entry was an acquire.
-    pub fn proposed(&self, acquires: &[bool], outcomes: &[Outcome]) {
+    /// `acquires[i]` labels command `i` of the entry if it was an acquire.
+    pub fn proposed(&self, acquires: &[AcquireLabels], outcomes: &[Outcome]) {
         self.proposals.fetch_add(1, Relaxed);
         #[allow(clippy::cast_precision_loss)]
         self.batch_commands.observe(outcomes.len() as f64);
+        let mut granted: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut denied: BTreeMap<(&'static str, &str), u64> = BTreeMap::new();
         for (acquire, outcome) in acquires.iter().zip(outcomes) {
             if let Ok(Reply::OverrunRecorded { recorded, .. }) = outcome {
                 self.overruns.fetch_add(1, Relaxed);
                 self.overrun_units.fetch_add(*recorded, Relaxed);
             }
-            if !acquire {
-                continue;
-            }
+            let Some((unit, budget)) = acquire else { continue };
             match outcome {
                 Ok(Reply::Granted(g)) => {
                     self.grants.fetch_add(1, Relaxed);
-                    self.granted_units.fetch_add(g.granted, Relaxed);
+                    let n = granted.entry(unit).or_insert(0);
+                    *n = n.saturating_add(g.granted);
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if let Some(i) = KINDS.iter().position(|k| *k == e.kind()) {
-                        if let Some(c) = self.denials.get(i) {
-                            c.fetch_add(1, Relaxed);
-                        }
+                    if let Some(k) = KINDS.iter().find(|k| **k == e.kind()) {
+                        let n = denied.entry((kind_label(*k), budget)).or_insert(0);
+                        *n = n.saturating_add(1);
                     }
                 }
             }
         }
+        if !granted.is_empty() {
+            let mut units = self.granted_units.lock().unwrap_or_else(|p| p.into_inner());
+            for (unit, n) in granted {
+                bump(&mut units, unit.to_owned(), "other".to_owned(), n);
+            }
+        }
+        if !denied.is_empty() {
+            let mut denials = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+            for ((reason, budget), n) in denied {
+                let other = (reason, "other".to_owned());
+                bump(&mut denials, (reason, budget.to_owned()), other, n);
+            }
+        }
     }
 
-    /// Records how long one RPC took to answer, by its gRPC method path.
-    pub fn rpc(&self, method: &str, took: Duration) {
-        self.rpc_histogram(method).observe(took.as_secs_f64());
+    /// Records how long one RPC took to answer, by its gRPC method path and status
+    /// code (a number, as in `grpc-status`).
+    pub fn rpc(&self, method: &str, code: i32, took: Duration) {
+        self.rpc_histogram(method, code_name(code)).observe(took.as_secs_f64());
     }
 
-    /// The latency histogram of a method: a read lock and no allocation once the
-    /// method has been seen.
-    fn rpc_histogram(&self, method: &str) -> Arc<Histogram> {
-        if let Some(h) = self.rpcs.read().unwrap_or_else(|p| p.into_inner()).get(method) {
+    /// The latency histogram of a (method, code): a read lock and no allocation
+    /// once the pair has been seen.
+    fn rpc_histogram(&self, method: &str, code: &'static str) -> Arc<Histogram> {
+        if let Some(h) = self
+            .rpcs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(method)
+            .and_then(|codes| codes.get(code))
+        {
             return h.clone();
         }
         let mut rpcs = self.rpcs.write().unwrap_or_else(|p| p.into_inner());
-        let key =
-            if rpcs.contains_key(method) || rpcs.len() < MAX_METHODS { method } else { "other" };
-        rpcs.entry(key.to_owned())
+        let pairs: usize = rpcs.values().map(BTreeMap::len).sum();
+        let known = rpcs.get(method).is_some_and(|codes| codes.contains_key(code));
+        let (method, code) =
+            if known || pairs < MAX_METHODS { (method, code) } else { ("other", "other") };
+        rpcs.entry(method.to_owned())
+            .or_default()
+            .entry(code)
             .or_insert_with(|| Arc::new(Histogram::new(LATENCY_BOUNDS, 1e6)))
             .clone()
     }
@@ -231,15 +295,20 @@ fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display
 pub fn render(node: &Node) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let m = node.raft.metrics().borrow().clone();
-    let (applied, budgets, leases, budget_views, total_budgets) = {
+    let (applied, budgets, leases, budget_views, total_budgets, ledger_now_ms) = {
         let state = node.reader.state();
-        let views = state.ledger.budgets(None, None, MAX_BUDGET_SERIES);
+        let views = if m.state == ServerState::Leader {
+            state.ledger.budgets(None, None, MAX_BUDGET_SERIES)
+        } else {
+            Vec::new()
+        };
         (
             state.last_applied.map_or(0, |l| l.index),
             state.ledger.budget_count(),
             state.ledger.live_lease_count(),
             views,
             state.ledger.budget_count(),
+            state.ledger.now_ms(),
         )
     };
     let commit = crate::commit_index(&m).unwrap_or(applied).max(applied);
@@ -251,6 +320,8 @@ pub fn render(node: &Node) -> String {
         node.id,
         label(&node.addr)
     );
+    header(&mut out, "ration_build_info", "gauge", "The rationd build: its version.");
+    let _ = writeln!(out, "ration_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
     gauge(&mut out, "ration_raft_term", "Current Raft term.", m.current_term);
     gauge(
         &mut out,
@@ -312,8 +383,15 @@ pub fn render(node: &Node) -> String {
     let metrics = &node.metrics;
     header(&mut out, "ration_grants_total", "counter", "Acquires granted by this node as leader.");
     let _ = writeln!(out, "ration_grants_total {}", metrics.grants.load(Relaxed));
-    header(&mut out, "ration_granted_units_total", "counter", "Units granted by this node.");
-    let _ = writeln!(out, "ration_granted_units_total {}", metrics.granted_units.load(Relaxed));
+    header(
+        &mut out,
+        "ration_granted_units_total",
+        "counter",
+        "Units granted by this node, by unit.",
+    );
+    for (unit, n) in metrics.granted_units.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "ration_granted_units_total{{unit=\"{}\"}} {n}", label(unit));
+    }
     header(
         &mut out,
         "ration_overruns_total",
@@ -353,13 +431,17 @@ pub fn render(node: &Node) -> String {
         "ration_ledger_time_rebases_total {}",
         metrics.ledger_time_rebases.load(Relaxed)
     );
-    header(&mut out, "ration_denials_total", "counter", "Acquires refused, by reason.");
-    for (kind, count) in KINDS.iter().zip(&metrics.denials) {
+    header(
+        &mut out,
+        "ration_denials_total",
+        "counter",
+        "Acquires refused by this node as leader, by reason and top-level budget.",
+    );
+    for ((reason, budget), n) in metrics.denials.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = writeln!(
             out,
-            "ration_denials_total{{reason=\"{}\"}} {}",
-            kind_label(*kind),
-            count.load(Relaxed)
+            "ration_denials_total{{reason=\"{reason}\",budget=\"{}\"}} {n}",
+            label(budget)
         );
     }
     if let Some(wal) = &node.wal {
@@ -391,20 +473,28 @@ pub fn render(node: &Node) -> String {
         &mut out,
         "ration_rpc_duration_seconds",
         "histogram",
-        "Time to answer each gRPC call, by method.",
+        "Time to answer each gRPC call, by method and status code (from the response \
+         headers: a streamed reply that fails after its first message counts as OK).",
     );
-    let rpcs: Vec<(String, Arc<Histogram>)> = {
+    let rpcs: Vec<(String, &'static str, Arc<Histogram>)> = {
         let rpcs = metrics.rpcs.read().unwrap_or_else(|p| p.into_inner());
-        rpcs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        rpcs.iter()
+            .flat_map(|(m, codes)| codes.iter().map(move |(c, h)| (m.clone(), *c, h.clone())))
+            .collect()
     };
-    for (method, h) in rpcs {
+    for (method, code, h) in rpcs {
         h.render(
             &mut out,
             "ration_rpc_duration_seconds",
-            &format!("method=\"{}\"", label(&method)),
+            &format!("method=\"{}\",code=\"{code}\"", label(&method)),
         );
     }
 
+    // Per-budget series come from the leader only, so a sum over nodes counts each
+    // budget once (every replica holds the same figures).
+    if m.state != ServerState::Leader {
+        return out;
+    }
     gauge(
         &mut out,
         "ration_budget_series_truncated",
@@ -417,16 +507,33 @@ pub fn render(node: &Node) -> String {
         ("ration_budget_outstanding", "Granted in live leases, not yet settled."),
         ("ration_budget_remaining", "cap - consumed - outstanding (0 when over the cap)."),
         ("ration_budget_overruns", "Overruns counted in the limit's current window."),
+        ("ration_budget_upcoming", "Granted in leases for the limit's next window."),
+        (
+            "ration_budget_window_end_timestamp_seconds",
+            "When the limit's current window ends (Unix time; no series for lifetime limits).",
+        ),
+        (
+            "ration_budget_window_remaining_seconds",
+            "Ledger time left in the limit's current window (no series for lifetime limits).",
+        ),
     ] {
         header(&mut out, name, "gauge", help);
         for b in &budget_views {
             for l in &b.limits {
+                let lifetime = l.spec.window.period() == ration_core::Period::Lifetime;
+                #[allow(clippy::cast_precision_loss)] // ms to seconds, for display
                 let value = match name {
-                    "ration_budget_cap" => l.spec.cap,
-                    "ration_budget_consumed" => l.consumed,
-                    "ration_budget_outstanding" => l.outstanding,
-                    "ration_budget_overruns" => l.overruns,
-                    _ => l.remaining,
+                    "ration_budget_cap" => l.spec.cap as f64,
+                    "ration_budget_consumed" => l.consumed as f64,
+                    "ration_budget_outstanding" => l.outstanding as f64,
+                    "ration_budget_overruns" => l.overruns as f64,
+                    "ration_budget_upcoming" => l.upcoming as f64,
+                    _ if lifetime => continue,
+                    "ration_budget_window_end_timestamp_seconds" => l.window_end_ms as f64 / 1000.0,
+                    "ration_budget_window_remaining_seconds" => {
+                        l.window_end_ms.saturating_sub(ledger_now_ms) as f64 / 1000.0
+                    }
+                    _ => l.remaining as f64,
                 };
                 let _ = writeln!(
                     out,
@@ -514,9 +621,9 @@ pub(crate) struct Timed<S> {
     metrics: Arc<Metrics>,
 }
 
-impl<S, B> tower::Service<axum::http::Request<B>> for Timed<S>
+impl<S, B, RB> tower::Service<axum::http::Request<B>> for Timed<S>
 where
-    S: tower::Service<axum::http::Request<B>>,
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<RB>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -532,12 +639,24 @@ where
     }
 
     fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
-        let histogram = self.metrics.rpc_histogram(req.uri().path());
+        let metrics = self.metrics.clone();
+        let method = req.uri().path().to_owned();
         let started = std::time::Instant::now();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let out = fut.await;
-            histogram.observe(started.elapsed().as_secs_f64());
+            // A refusal is a trailers-only reply: its status is in the headers. A
+            // reply with a body ends with its status in the trailers (OK here).
+            let code = match &out {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                Err(_) => 2,
+            };
+            metrics.rpc(&method, code, started.elapsed());
             out
         })
     }

@@ -264,9 +264,21 @@ async fn run(
             commands.extend(p.commands);
             _permits.push(p.permits);
         }
-        let acquires: Vec<bool> = commands
+        // Each acquire's unit and top-level budget, for the metrics' labels.
+        let acquires: Vec<crate::metrics::AcquireLabels> = commands
             .iter()
-            .map(|c| matches!(c, Command::Request(r) if matches!(r.op, Op::Acquire(_) | Op::AcquireNext(_))))
+            .map(|c| match c {
+                Command::Request(r) => match &r.op {
+                    Op::Acquire(a)
+                    | Op::AcquireNext(ration_core::AcquireNext { acquire: a, .. }) => {
+                        let path = a.budget.as_str();
+                        let top = path.split('/').next().unwrap_or(path);
+                        Some((a.unit.as_str().to_owned(), top.to_owned()))
+                    }
+                    _ => None,
+                },
+                Command::Tick => None,
+            })
             .collect();
         let term = raft.metrics().borrow().current_term;
         let entry = Entry::V1(Batch { time_ms: time.stamp(term), commands });

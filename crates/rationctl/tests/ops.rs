@@ -636,31 +636,51 @@ async fn metrics_are_scraped_and_parsed() {
         );
         let series =
             |name: &str| format!("{name}{{budget=\"acme\",unit=\"tokens\",window=\"day\"}}");
-        assert_eq!(m[&series("ration_budget_cap")], 100.0, "node {id}");
-        assert_eq!(m[&series("ration_budget_consumed")], 25.0, "node {id}");
-        assert_eq!(m[&series("ration_budget_outstanding")], 50.0, "node {id}");
-        assert_eq!(m[&series("ration_budget_remaining")], 25.0, "node {id}");
         assert_eq!(m["ration_live_leases"], 1.0);
+        assert_eq!(
+            m[&format!("ration_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))],
+            1.0
+        );
         if is_leader {
+            // Per-budget series come from the leader only.
+            assert_eq!(m[&series("ration_budget_cap")], 100.0, "node {id}");
+            assert_eq!(m[&series("ration_budget_consumed")], 25.0, "node {id}");
+            assert_eq!(m[&series("ration_budget_outstanding")], 50.0, "node {id}");
+            assert_eq!(m[&series("ration_budget_remaining")], 25.0, "node {id}");
+            assert_eq!(m[&series("ration_budget_upcoming")], 0.0, "node {id}");
+            let left = m[&series("ration_budget_window_remaining_seconds")];
+            assert!(left > 0.0 && left <= 86_400.0, "{left}");
+            assert!(m[&series("ration_budget_window_end_timestamp_seconds")] > 1.7e9);
             assert_eq!(m["ration_grants_total"], 2.0);
-            assert_eq!(m["ration_granted_units_total"], 110.0);
-            assert_eq!(m["ration_denials_total{reason=\"resource_exhausted\"}"], 1.0);
+            assert_eq!(m["ration_granted_units_total{unit=\"tokens\"}"], 110.0);
+            assert_eq!(
+                m["ration_denials_total{reason=\"resource_exhausted\",budget=\"acme\"}"],
+                1.0
+            );
             assert!(m["ration_proposal_batch_commands_count"] >= 4.0);
             assert_eq!(
                 m["ration_proposal_batch_commands_bucket{le=\"+Inf\"}"],
                 m["ration_proposal_batch_commands_count"]
             );
-            let acquires =
-                m["ration_rpc_duration_seconds_count{method=\"/ration.v1.Ledger/Acquire\"}"];
-            assert_eq!(acquires, 3.0);
+            // Timed by method and status: two grants and one refusal.
+            let acquire = |code: &str| {
+                format!("ration_rpc_duration_seconds_count{{method=\"/ration.v1.Ledger/Acquire\",code=\"{code}\"}}")
+            };
+            assert_eq!(m[&acquire("OK")], 2.0);
+            assert_eq!(m[&acquire("RESOURCE_EXHAUSTED")], 1.0);
             assert!(
-                m["ration_rpc_duration_seconds_sum{method=\"/ration.v1.Ledger/Acquire\"}"] > 0.0
+                m["ration_rpc_duration_seconds_sum{method=\"/ration.v1.Ledger/Acquire\",code=\"OK\"}"]
+                    > 0.0
             );
         } else {
+            assert!(
+                !m.contains_key(&series("ration_budget_cap")),
+                "node {id}: a follower's budget series"
+            );
             assert_eq!(m["ration_grants_total"], 0.0);
             // Followers answer the leader's replication calls.
             assert!(
-                m["ration_rpc_duration_seconds_count{method=\"/ration.v1.Raft/AppendEntries\"}"]
+                m["ration_rpc_duration_seconds_count{method=\"/ration.v1.Raft/AppendEntries\",code=\"OK\"}"]
                     >= 1.0
             );
         }
