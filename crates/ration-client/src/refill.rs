@@ -647,7 +647,10 @@ impl Sdk {
             let after = |from: u64, ledger_ms: u64| {
                 from.saturating_add(ledger_ms.saturating_sub(granted_at))
             };
-            if t.boundary.is_none_or(|b| lease.window_end_ms > b.ledger_ms) {
+            // (0: the lease's windows never end.)
+            if lease.window_end_ms > 0
+                && t.boundary.is_none_or(|b| lease.window_end_ms > b.ledger_ms)
+            {
                 let local_ms = after(received, lease.window_end_ms);
                 t.boundary = Some(Boundary { ledger_ms: lease.window_end_ms, local_ms });
             }

@@ -137,3 +137,26 @@ fn reads_convert_with_pages_bounded_and_fields_named() {
     let bad = v1::QueryAuditRequest { principal: " ".into(), ..audit };
     assert!(to_core::query_audit(&bad).unwrap_err().message().starts_with("principal"));
 }
+
+#[test]
+fn a_window_that_never_ends_has_no_end_in_the_api() {
+    let grant = |window_end_ms| {
+        let reply = Reply::Granted(ration_core::Grant {
+            lease: LeaseId::from_raw(7),
+            granted: 1,
+            expires_at_ms: 1_000,
+            window_end_ms,
+            ttl_ms: 1_000,
+        });
+        match to_proto::batch_result(&Ok(reply)).result {
+            Some(v1::batch_result::Result::Lease(l)) => l.window_end_ms,
+            other => panic!("{other:?}"),
+        }
+    };
+    // A lifetime window ends at u64::MAX in the ledger: 0 in the API.
+    assert_eq!(grant(u64::MAX), 0);
+    // Any window that ends, up to the end of ledger time, keeps its end.
+    assert_eq!(grant(60_000), 60_000);
+    let last = ration_core::window::MAX_TIME_MS + 1;
+    assert_eq!(grant(last), last);
+}

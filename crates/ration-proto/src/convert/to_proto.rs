@@ -71,7 +71,7 @@ pub fn lease(reply: &Reply) -> Result<v1::Lease, Status> {
                 lease_id: lease.raw(),
                 granted: to_i64(*granted),
                 expires_at_ms: *expires_at_ms,
-                window_end_ms: *window_end_ms,
+                window_end_ms: window_end(*window_end_ms),
                 ttl_ms: to_i64(*ttl_ms),
             })
         }
@@ -121,7 +121,7 @@ pub fn budget(v: &BudgetView) -> v1::Budget {
             .map(|l| v1::LimitStatus {
                 limit: Some(limit(&l.spec)),
                 window_start_ms: l.window_start_ms,
-                window_end_ms: l.window_end_ms,
+                window_end_ms: window_end(l.window_end_ms),
                 consumed: to_i64(l.consumed),
                 outstanding: to_i64(l.outstanding),
                 remaining: to_i64(l.remaining),
@@ -145,7 +145,7 @@ pub fn lease_info(v: &LeaseView) -> v1::LeaseInfo {
         reported: to_i64(v.reported),
         acquired_ms: v.acquired_ms,
         expires_at_ms: v.expires_at_ms,
-        window_end_ms: v.window_end_ms,
+        window_end_ms: window_end(v.window_end_ms),
         opens_at_ms: v.opens_at_ms.unwrap_or(0),
     }
 }
@@ -219,5 +219,16 @@ pub fn audit_record(r: &AuditRecord) -> v1::AuditRecord {
         prev_hash: e.prev_hash.to_vec(),
         hash: r.hash.to_vec(),
         limits: e.limits.iter().map(limit).collect(),
+    }
+}
+
+/// A window's end as the API gives it: 0 for a window that never ends (a lifetime
+/// limit, whose end the ledger keeps as `u64::MAX`), rather than a sentinel that
+/// reads as the year 292,278,994.
+fn window_end(ms: u64) -> u64 {
+    if ms > ration_core::window::MAX_TIME_MS.saturating_add(1) {
+        0
+    } else {
+        ms
     }
 }
