@@ -165,6 +165,28 @@ struct Tracked {
     next_asked: u64,
 }
 
+impl Tracked {
+    /// Takes `held` out of the allowance and returns its release, with what was
+    /// spent from it (counted as spent here too).
+    fn let_go(
+        &mut self,
+        held: &Held,
+        cluster: &Cluster,
+        key: &(String, String),
+        now: u64,
+    ) -> Pending {
+        let left = self.allowance.retire(held.slot, held.generation).unwrap_or(0);
+        let spent = held.granted.saturating_sub(left);
+        self.spent_retired += spent;
+        Pending {
+            op: release(cluster, held.lease_id, spent),
+            key: key.clone(),
+            sent_at_ms: now,
+            reserve: false,
+        }
+    }
+}
+
 /// How long a key whose acquire the ledger refused waits before trying again.
 const QUARANTINE: Duration = Duration::from_secs(30);
 
@@ -306,21 +328,13 @@ impl Sdk {
                 let slots = t.allowance.slots();
                 let mut live_spent = 0;
                 let mut keep = Vec::with_capacity(t.leases.len());
-                for held in t.leases.drain(..) {
+                for held in std::mem::take(&mut t.leases) {
                     let st = slots[held.slot];
                     if now >= held.deadline_ms
                         || st.remaining == 0
                         || st.generation != held.generation
                     {
-                        let left = t.allowance.retire(held.slot, held.generation).unwrap_or(0);
-                        let spent = held.granted.saturating_sub(left);
-                        t.spent_retired += spent;
-                        ops.push(Pending {
-                            op: release(&self.cluster, held.lease_id, spent),
-                            key: key.clone(),
-                            sent_at_ms: now,
-                            reserve: false,
-                        });
+                        ops.push(t.let_go(&held, &self.cluster, key, now));
                     } else {
                         live_spent += held.granted.saturating_sub(st.remaining);
                         keep.push(held);
@@ -373,16 +387,8 @@ impl Sdk {
                         break;
                     };
                     let lease = t.leases.swap_remove(i);
-                    let left = t.allowance.retire(lease.slot, lease.generation).unwrap_or(0);
-                    let spent = lease.granted.saturating_sub(left);
-                    t.spent_retired += spent;
                     held = held.saturating_sub(spare);
-                    ops.push(Pending {
-                        op: release(&self.cluster, lease.lease_id, spent),
-                        key: key.clone(),
-                        sent_at_ms: now,
-                        reserve: false,
-                    });
+                    ops.push(t.let_go(&lease, &self.cluster, key, now));
                 }
                 let mut free_slots =
                     t.allowance.slots().iter().filter(|s| s.deadline_ms == 0).count();
@@ -420,16 +426,7 @@ impl Sdk {
                             (0..t.leases.len()).min_by_key(|&i| slots[t.leases[i].slot].remaining)
                         {
                             let lease = t.leases.swap_remove(i);
-                            let left =
-                                t.allowance.retire(lease.slot, lease.generation).unwrap_or(0);
-                            let spent = lease.granted.saturating_sub(left);
-                            t.spent_retired += spent;
-                            ops.push(Pending {
-                                op: release(&self.cluster, lease.lease_id, spent),
-                                key: key.clone(),
-                                sent_at_ms: now,
-                                reserve: false,
-                            });
+                            ops.push(t.let_go(&lease, &self.cluster, key, now));
                             free_slots = 1;
                         }
                     }
