@@ -5,17 +5,20 @@
 //! trusts neither the node nor the file. An exported record carries every hashed
 //! field, so `audit verify --file` checks an export with no cluster at all.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context};
 use clap::Subcommand;
 use ration_core::audit::{verify_chain, AuditEntry, AuditRecord, Balance, ChainHead, Flow, Hash};
 use ration_core::{BudgetPath, LeaseId, LimitSpec, Principal, Unit};
+use ration_proto::v1::ledger_client::LedgerClient;
 use ration_proto::{convert, v1};
 use serde::{Deserialize, Serialize};
 
 use crate::output::{emit, Table};
+use tonic::transport::Channel;
+
 use crate::{describe, time, Ctx, FileFormat};
 
 /// Records asked for per page.
@@ -52,7 +55,22 @@ pub enum AuditCmd {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Every record (a contiguous run of the chain), as JSON Lines or CSV.
+    /// Every record (a contiguous run of the chain), as JSON Lines or CSV, ending
+    /// with a trailer.
+    ///
+    /// Each page of records comes from whichever endpoint answers: a page that
+    /// fails is asked of the other endpoints, for up to 5 rounds with a growing
+    /// pause between them, so a node going away mid-export does not stop it. A
+    /// finished export ends with a trailer line,
+    /// {"trailer":{"records":N,"first_seq":..,"last_seq":..,"chain_head":"<hex>"}}
+    /// (chain_head: the hash of the last record, the head of the chain when the
+    /// export ended; in CSV a row whose seq cell is `trailer` and whose next cell
+    /// holds that JSON), so `audit verify --file` tells a complete file from a
+    /// cut-off one. An export with --to-seq is an excerpt and has no trailer.
+    ///
+    /// If a page cannot be fetched from any endpoint, the export stops (exit
+    /// status 1) saying how many records it wrote: the file holds them and no
+    /// trailer (a prefix), and `--resume` continues it.
     Export {
         #[arg(long, value_enum, default_value = "jsonl")]
         format: FileFormat,
@@ -60,14 +78,32 @@ pub enum AuditCmd {
         #[arg(long)]
         out: Option<PathBuf>,
         /// First sequence number.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, conflicts_with = "resume")]
         from_seq: u64,
-        /// Stop before this sequence number.
+        /// Stop before this sequence number (an excerpt: no trailer).
         #[arg(long)]
         to_seq: Option<u64>,
+        /// Continue the export in --out after its last record: one that stopped
+        /// part way, or a complete one brought up to date (its trailer is
+        /// replaced). A missing or empty file is exported afresh; a broken one is
+        /// left alone.
+        #[arg(long, requires = "out")]
+        resume: bool,
     },
     /// Check the hash chain end to end, on the cluster or in an exported file, and
     /// say where it breaks.
+    ///
+    /// A file is complete when its records chain and it ends with a trailer whose
+    /// count, sequence numbers and chain head match them; a prefix when its records
+    /// chain but the trailer is missing, the last line is cut off, or the trailer
+    /// names more records than the file holds (the export did not finish); broken
+    /// when a record does not parse, does not chain or does not match its hash, or
+    /// the trailer disagrees with the records. With -o json the report (its
+    /// `status`: complete, prefix or broken) is printed in every case.
+    ///
+    /// Exit status: 0 complete (on the cluster: the chain verifies); 3 prefix;
+    /// 4 broken (a file, or the chain on the node); 1 nothing could be checked
+    /// (an unreadable file, no endpoint answered).
     Verify {
         /// An export to check instead of the cluster.
         #[arg(long)]
@@ -256,35 +292,289 @@ impl Exported {
     }
 }
 
-/// Reads an export (JSON Lines or CSV) back into core records.
-pub fn read_export(path: &std::path::Path, format: FileFormat) -> anyhow::Result<Vec<AuditRecord>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut records = Vec::new();
-    match format {
-        FileFormat::Jsonl => {
-            for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-                let line = line?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let e: Exported = serde_json::from_str(&line)
-                    .with_context(|| format!("{} line {}", path.display(), i + 1))?;
-                records.push(
-                    e.into_core().with_context(|| format!("{} line {}", path.display(), i + 1))?,
-                );
-            }
-        }
-        FileFormat::Csv => {
-            for (i, row) in csv::Reader::from_reader(file).deserialize::<CsvRow>().enumerate() {
-                let at = || format!("{} record {}", path.display(), i + 1);
-                let row = row.with_context(at)?;
-                records
-                    .push(Exported::from_csv(row).and_then(Exported::into_core).with_context(at)?);
-            }
+/// `audit verify`'s exit status for a file that is a prefix (an export that did not
+/// finish).
+pub const EXIT_PREFIX: i32 = 3;
+/// `audit verify`'s exit status for a broken file, or a chain on a node that does
+/// not verify.
+pub const EXIT_BROKEN: i32 = 4;
+
+/// What `audit verify --file` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileStatus {
+    /// The records chain and the trailer matches them.
+    Complete,
+    /// The records chain but the export did not finish: no trailer, a cut-off last
+    /// line, or a trailer that names more records than the file holds.
+    Prefix,
+    /// A record does not parse, chain or match its hash, or the trailer disagrees.
+    Broken,
+}
+
+/// The error `audit verify` ends with when a file is not complete (or the chain on
+/// a node is broken); it carries the exit status ([`exit_code`]).
+#[derive(Debug)]
+pub struct VerifyFailed {
+    pub status: FileStatus,
+    message: String,
+}
+
+impl VerifyFailed {
+    pub fn exit_code(&self) -> i32 {
+        match self.status {
+            FileStatus::Complete => 0,
+            FileStatus::Prefix => EXIT_PREFIX,
+            FileStatus::Broken => EXIT_BROKEN,
         }
     }
-    Ok(records)
+}
+
+impl std::fmt::Display for VerifyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for VerifyFailed {}
+
+/// The process exit status for an error [`crate::run`] returned: [`EXIT_PREFIX`] or
+/// [`EXIT_BROKEN`] when `audit verify` found a prefix or a broken chain, 1 for any
+/// other failure.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    e.downcast_ref::<VerifyFailed>().map_or(1, VerifyFailed::exit_code)
+}
+
+/// The last line of a finished export: what the file holds, so that a file cut
+/// short (or padded) is told apart from a complete one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    /// Records in the file.
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// Hex hash of the last record: the head of the chain when the export ended.
+    /// With no records: the genesis hash for an export from record 0, else none.
+    pub chain_head: Option<String>,
+}
+
+/// A trailer as a JSON Lines line: `{"trailer":{...}}` (a record has no such key).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrailerLine {
+    trailer: Trailer,
+}
+
+/// The `seq` cell of a CSV export's trailer row (the next cell holds the trailer as
+/// JSON, the others are empty).
+const CSV_TRAILER: &str = "trailer";
+
+/// An export read back: its records, its trailer, and what is wrong with its lines.
+#[derive(Debug, Default)]
+pub struct ExportFile {
+    pub records: Vec<AuditRecord>,
+    /// The trailer, and the byte offset where its line starts.
+    pub trailer: Option<(Trailer, u64)>,
+    /// The first line that is neither a record nor a trailer, or is out of place (a
+    /// record or a second trailer after the trailer): where, and why.
+    pub bad: Option<String>,
+    /// Where the last line starts, when it is cut off: the file does not end with a
+    /// newline and that line does not parse.
+    pub torn_at: Option<u64>,
+}
+
+/// What an export's records and trailer add up to.
+#[derive(Debug)]
+pub struct Finding {
+    pub status: FileStatus,
+    /// The head after the records that chain (every record, unless broken).
+    pub head: ChainHead,
+    /// Why the file is not complete.
+    pub problem: Option<String>,
+}
+
+/// One line (CSV: one row) of an export.
+struct Item {
+    at: u64,
+    label: String,
+    parsed: anyhow::Result<Line>,
+}
+
+enum Line {
+    Record(Box<AuditRecord>),
+    Trailer(Trailer),
+}
+
+impl ExportFile {
+    pub fn read(path: &std::path::Path, format: FileFormat) -> anyhow::Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Self::parse(&bytes, format))
+    }
+
+    /// Reads an export's bytes. Never fails: what does not parse is in `bad` or
+    /// `torn_at`.
+    pub fn parse(bytes: &[u8], format: FileFormat) -> Self {
+        let items = match format {
+            FileFormat::Jsonl => jsonl_items(bytes),
+            FileFormat::Csv => csv_items(bytes),
+        };
+        let ends_whole = bytes.last().is_none_or(|b| *b == b'\n');
+        let last = items.len().saturating_sub(1);
+        let mut file = Self::default();
+        for (k, item) in items.into_iter().enumerate() {
+            match item.parsed {
+                Err(_) if k == last && !ends_whole => file.torn_at = Some(item.at),
+                Err(e) => {
+                    file.bad = Some(format!("{}: {e:#}", item.label));
+                    break;
+                }
+                Ok(_) if file.trailer.is_some() => {
+                    file.bad = Some(format!("{} follows the trailer", item.label));
+                    break;
+                }
+                Ok(Line::Trailer(t)) => file.trailer = Some((t, item.at)),
+                Ok(Line::Record(r)) => file.records.push(*r),
+            }
+        }
+        file
+    }
+
+    /// Complete, a prefix or broken, and why.
+    pub fn check(&self) -> Finding {
+        use ration_core::audit::hex;
+        let mut head = start_of(self.records.first());
+        let found =
+            |status, head, problem: String| Finding { status, head, problem: Some(problem) };
+        for r in &self.records {
+            match verify_chain(std::iter::once(r), head) {
+                Ok(next) => head = next,
+                Err(b) => return found(FileStatus::Broken, head, b.to_string()),
+            }
+        }
+        if let Some(bad) = &self.bad {
+            return found(FileStatus::Broken, head, bad.clone());
+        }
+        let n = self.records.len() as u64;
+        let first = self.records.first().map(|r| r.entry.seq);
+        let last = self.records.last().map(|r| r.entry.seq);
+        let Some((t, _)) = &self.trailer else {
+            let why = if self.torn_at.is_some() {
+                "its last line is cut off and it has no trailer (the export did not finish)"
+            } else {
+                "it has no trailer (the export did not finish)"
+            };
+            return found(FileStatus::Prefix, head, why.into());
+        };
+        if self.torn_at.is_some() {
+            return found(FileStatus::Broken, head, "a cut-off line follows the trailer".into());
+        }
+        let head_hex = hex(&head.last_hash);
+        if t.records == n
+            && t.first_seq == first
+            && t.last_seq == last
+            && (n == 0 || t.chain_head.as_deref() == Some(head_hex.as_str()))
+        {
+            return Finding { status: FileStatus::Complete, head, problem: None };
+        }
+        let seqs = |f: Option<u64>, l: Option<u64>| match (f, l) {
+            (Some(f), Some(l)) => format!("seq {f}..={l}"),
+            _ => "no records".into(),
+        };
+        if t.records > n
+            && (n == 0 || t.first_seq == first)
+            && last.is_none_or(|l| t.last_seq.is_some_and(|tl| tl > l))
+        {
+            return found(
+                FileStatus::Prefix,
+                head,
+                format!(
+                    "its trailer names {} records ({}): the rest are missing",
+                    t.records,
+                    seqs(t.first_seq, t.last_seq)
+                ),
+            );
+        }
+        found(
+            FileStatus::Broken,
+            head,
+            format!(
+                "its trailer ({} records, {}, chain head {}) disagrees with its records ({n}, {}, \
+                 chain head {head_hex})",
+                t.records,
+                seqs(t.first_seq, t.last_seq),
+                t.chain_head.as_deref().unwrap_or("none"),
+                seqs(first, last),
+            ),
+        )
+    }
+}
+
+fn jsonl_items(bytes: &[u8]) -> Vec<Item> {
+    let mut items = Vec::new();
+    let mut at = 0u64;
+    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        let start = at;
+        at = at.saturating_add(line.len() as u64).saturating_add(1);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed = std::str::from_utf8(line).map_err(|_| anyhow!("not UTF-8")).and_then(|l| {
+            if let Ok(t) = serde_json::from_str::<TrailerLine>(l) {
+                return Ok(Line::Trailer(t.trailer));
+            }
+            let e: Exported = serde_json::from_str(l)?;
+            Ok(Line::Record(Box::new(e.into_core()?)))
+        });
+        items.push(Item { at: start, label: format!("line {}", i.saturating_add(1)), parsed });
+    }
+    items
+}
+
+fn csv_items(bytes: &[u8]) -> Vec<Item> {
+    let mut reader = csv::Reader::from_reader(bytes);
+    let headers = match reader.headers() {
+        Ok(h) => h.clone(),
+        Err(e) => return vec![Item { at: 0, label: "the header".into(), parsed: Err(e.into()) }],
+    };
+    let mut items = Vec::new();
+    let mut row = csv::StringRecord::new();
+    for k in 1u64.. {
+        let at = reader.position().byte();
+        let parsed = match reader.read_record(&mut row) {
+            Ok(false) => break,
+            Ok(true) if row.get(0) == Some(CSV_TRAILER) => {
+                serde_json::from_str(row.get(1).unwrap_or_default())
+                    .map(Line::Trailer)
+                    .context("a trailer row whose second cell is not the trailer")
+            }
+            Ok(true) => row
+                .deserialize::<CsvRow>(Some(&headers))
+                .map_err(anyhow::Error::from)
+                .and_then(Exported::from_csv)
+                .and_then(Exported::into_core)
+                .map(|r| Line::Record(Box::new(r))),
+            Err(e) => Err(e.into()),
+        };
+        items.push(Item { at, label: format!("record {k}"), parsed });
+        if reader.position().byte() <= at {
+            break;
+        }
+    }
+    items
+}
+
+/// Reads an export (JSON Lines or CSV) back into core records; its trailer, if it
+/// has one, is left out. Fails on a line that is neither.
+pub fn read_export(path: &std::path::Path, format: FileFormat) -> anyhow::Result<Vec<AuditRecord>> {
+    let file = ExportFile::read(path, format)?;
+    if let Some(bad) = file.bad {
+        return Err(anyhow!("{} {bad}", path.display()));
+    }
+    if file.torn_at.is_some() {
+        return Err(anyhow!("{}: its last line is cut off", path.display()));
+    }
+    Ok(file.records)
 }
 
 /// Writes records in `format`.
@@ -312,27 +602,58 @@ pub fn write_export(
     Ok(())
 }
 
-/// Pages through QueryAudit on one endpoint (the first that answers), handing each
-/// page of core records to `each`; stops when it returns false or records run out.
+/// Writes the trailer line that ends a finished export.
+pub fn write_trailer(
+    trailer: &Trailer,
+    format: FileFormat,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    match format {
+        FileFormat::Jsonl => {
+            serde_json::to_writer(&mut *out, &TrailerLine { trailer: trailer.clone() })?;
+            writeln!(out)?;
+        }
+        FileFormat::Csv => {
+            let json = serde_json::to_string(trailer)?;
+            let mut row = vec![CSV_TRAILER, json.as_str()];
+            row.resize(CSV_FIELDS.len(), "");
+            let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(&mut *out);
+            w.write_record(&row)?;
+            w.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// Rounds of attempts at one page of records; each round asks every endpoint.
+const PAGE_ROUNDS: u32 = 5;
+/// The pause before the second round, doubled before each round after it.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+const RETRY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Pages through QueryAudit, handing each page of core records to `each`; stops
+/// when it returns false or records run out. Returns the endpoint that answered the
+/// last page.
+///
+/// A page is asked of the endpoint that answered the one before; if that fails with
+/// a retryable status (the node is down or has no leader, the deadline passed), of
+/// the others in turn, for [`PAGE_ROUNDS`] rounds with a growing pause between
+/// them, always from the page's first sequence number. A linearizable request may
+/// be answered by any endpoint (each reads through the leader). Otherwise every
+/// page after the first comes from the node that answered the first: its own copy
+/// is what is being read, and a node further behind would end the run early.
 async fn pages(
     ctx: &Ctx,
     mut req: v1::QueryAuditRequest,
     mut each: impl FnMut(Vec<AuditRecord>) -> anyhow::Result<bool>,
 ) -> anyhow::Result<String> {
     req.limit = PAGE;
-    let first = req.clone();
-    let (mut reply, endpoint) = ctx
-        .first(|e| {
-            let req = first.clone();
-            async move {
-                let mut c =
-                    ctx.ledger(&e).map_err(|x| tonic::Status::unavailable(x.to_string()))?;
-                Ok((c.query_audit(req).await?.into_inner(), e))
-            }
-        })
-        .await?;
-    let mut client = ctx.ledger(&endpoint)?;
+    let mut clients = vec![None; ctx.endpoints.len()];
+    let mut at = None;
     loop {
+        let (reply, i) = page(ctx, &req, &mut clients, at).await?;
+        at = Some(i);
+        let endpoint = ctx.endpoints.get(i).cloned().unwrap_or_default();
         let records = reply
             .records
             .iter()
@@ -347,12 +668,74 @@ async fn pages(
             return Ok(endpoint);
         }
         req.from_seq = reply.next_seq;
-        reply = client
-            .query_audit(req.clone())
-            .await
-            .map_err(|s| anyhow!("{endpoint}: {}", describe(&s)))?
-            .into_inner();
     }
+}
+
+/// One page of [`pages`]: the reply and the index of the endpoint that gave it.
+async fn page(
+    ctx: &Ctx,
+    req: &v1::QueryAuditRequest,
+    clients: &mut [Option<LedgerClient<Channel>>],
+    at: Option<usize>,
+) -> anyhow::Result<(v1::QueryAuditReply, usize)> {
+    let n = clients.len();
+    let order: Vec<usize> = match at {
+        Some(i) if !req.linearizable => vec![i],
+        Some(i) => (0..n).map(|k| i.saturating_add(k) % n.max(1)).collect(),
+        None => (0..n).collect(),
+    };
+    let mut failures = Vec::new();
+    for round in 0..PAGE_ROUNDS {
+        if round > 0 {
+            let pause = time::backoff(round, RETRY_PAUSE, RETRY_PAUSE_MAX);
+            eprintln!(
+                "rationctl: no endpoint answered for audit records from seq {} ({}); round {} \
+                 of {PAGE_ROUNDS} in {} ms",
+                req.from_seq,
+                failures.join("; "),
+                round.saturating_add(1),
+                pause.as_millis()
+            );
+            tokio::time::sleep(pause).await;
+            failures.clear();
+        }
+        for &i in &order {
+            let (Some(endpoint), Some(slot)) = (ctx.endpoints.get(i), clients.get_mut(i)) else {
+                continue;
+            };
+            let client = match slot {
+                Some(c) => c.clone(),
+                None => match ctx.ledger(endpoint) {
+                    Ok(c) => slot.insert(c).clone(),
+                    Err(e) => {
+                        failures.push(format!("{endpoint}: {e:#}"));
+                        continue;
+                    }
+                },
+            };
+            match client.clone().query_audit(req.clone()).await {
+                Ok(reply) => return Ok((reply.into_inner(), i)),
+                Err(s) if ration_proto::rpc::retryable(&s) => {
+                    if at.is_some() && round == 0 {
+                        eprintln!(
+                            "rationctl: {endpoint} failed for audit records from seq {}: {}",
+                            req.from_seq,
+                            describe(&s)
+                        );
+                    }
+                    // A fresh connection next time.
+                    *slot = None;
+                    failures.push(format!("{endpoint}: {}", describe(&s)));
+                }
+                Err(s) => return Err(anyhow!("{endpoint}: {}", describe(&s))),
+            }
+        }
+    }
+    Err(anyhow!(
+        "no endpoint answered for audit records from seq {} in {PAGE_ROUNDS} rounds: {}",
+        req.from_seq,
+        failures.join("; ")
+    ))
 }
 
 fn request(filter: &Filter) -> anyhow::Result<v1::QueryAuditRequest> {
@@ -370,25 +753,363 @@ fn request(filter: &Filter) -> anyhow::Result<v1::QueryAuditRequest> {
     })
 }
 
+/// What an export has written so far (a resumed file's records included).
+#[derive(Debug, Default)]
+struct Progress {
+    records: u64,
+    first_seq: Option<u64>,
+    last: Option<(u64, Hash)>,
+}
+
+impl Progress {
+    fn add(&mut self, page: &[AuditRecord]) {
+        self.records = self.records.saturating_add(page.len() as u64);
+        if self.first_seq.is_none() {
+            self.first_seq = page.first().map(|r| r.entry.seq);
+        }
+        if let Some(r) = page.last() {
+            self.last = Some((r.entry.seq, r.hash));
+        }
+    }
+
+    fn trailer(&self, from_genesis: bool) -> Trailer {
+        let chain_head = match self.last {
+            Some((_, hash)) => Some(ration_core::audit::hex(&hash)),
+            None if from_genesis => Some(ration_core::audit::hex(&ration_core::audit::GENESIS)),
+            None => None,
+        };
+        Trailer {
+            records: self.records,
+            first_seq: self.first_seq,
+            last_seq: self.last.map(|(seq, _)| seq),
+            chain_head,
+        }
+    }
+
+    fn seqs(&self) -> String {
+        match (self.first_seq, self.last) {
+            (Some(first), Some((last, _))) => format!(" (seq {first}..={last})"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// An export file opened for `--resume`. At the first write it is cut back to the
+/// records it keeps (its trailer, or a cut-off last line, dropped), so a resume that
+/// writes nothing leaves the file as it was.
+#[derive(Debug)]
+struct Resumed {
+    file: std::fs::File,
+    keep: u64,
+    /// The kept part does not end with a newline: write one first.
+    newline: bool,
+    cut: bool,
+}
+
+impl Write for Resumed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.cut {
+            use std::io::Seek;
+            self.file.set_len(self.keep)?;
+            self.file.seek(std::io::SeekFrom::End(0))?;
+            if self.newline {
+                self.file.write_all(b"\n")?;
+            }
+            self.cut = true;
+        }
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Where `--resume` picks up `path`: what it holds, and the file to append to; None
+/// when there is nothing to keep (no file, or no records), so the export starts
+/// afresh.
+fn resume(
+    path: &std::path::Path,
+    format: FileFormat,
+) -> anyhow::Result<Option<(Progress, Resumed)>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let file = ExportFile::parse(&bytes, format);
+    if file.records.is_empty() && file.bad.is_none() {
+        return Ok(None);
+    }
+    let finding = file.check();
+    let problem = finding.problem.clone().unwrap_or_default();
+    match finding.status {
+        FileStatus::Broken => {
+            return Err(anyhow!(
+                "cannot resume {}: it is broken ({problem}); export to a new file",
+                path.display()
+            ))
+        }
+        FileStatus::Prefix if file.trailer.is_some() => {
+            return Err(anyhow!(
+                "cannot resume {}: {problem}; export to a new file",
+                path.display()
+            ))
+        }
+        _ => {}
+    }
+    let keep =
+        file.trailer.as_ref().map(|(_, at)| *at).or(file.torn_at).unwrap_or(bytes.len() as u64);
+    let newline = usize::try_from(keep)
+        .ok()
+        .and_then(|k| k.checked_sub(1))
+        .and_then(|i| bytes.get(i))
+        .is_some_and(|b| *b != b'\n');
+    let mut progress = Progress::default();
+    progress.add(&file.records);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Some((progress, Resumed { file: f, keep, newline, cut: false })))
+}
+
+/// `audit export`.
+async fn export(
+    ctx: &Ctx,
+    format: FileFormat,
+    file: Option<PathBuf>,
+    from_seq: u64,
+    to_seq: Option<u64>,
+    resume_file: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let kept = match &file {
+        Some(path) if resume_file => resume(path, format)?,
+        _ => None,
+    };
+    let resumed = kept.is_some();
+    let (mut progress, mut sink): (Progress, Box<dyn Write>) = match (kept, &file) {
+        (Some((progress, f)), _) => (progress, Box::new(std::io::BufWriter::new(f))),
+        (None, Some(path)) => (
+            Progress::default(),
+            Box::new(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("cannot create {}", path.display()))?,
+            )),
+        ),
+        (None, None) => (Progress::default(), Box::new(&mut *out)),
+    };
+    let start = progress.last.map_or(from_seq, |(seq, _)| seq.saturating_add(1));
+    // A resumed file's last record: the first one fetched must follow it.
+    let mut link = progress.last.map(|(seq, hash)| (seq.saturating_add(1), hash));
+    let mut header = !resumed;
+    let req = v1::QueryAuditRequest { from_seq: start, ..request(&Filter::empty())? };
+    let fetched = pages(ctx, req, |mut page| {
+        if let Some(to) = to_seq {
+            page.retain(|r| r.entry.seq < to);
+        }
+        let more =
+            to_seq.is_none_or(|to| page.last().is_some_and(|r| r.entry.seq.saturating_add(1) < to));
+        if let (Some((next, hash)), Some(r)) = (link.take(), page.first()) {
+            if r.entry.seq != next || r.entry.prev_hash != hash {
+                return Err(anyhow!(
+                    "record {} on the cluster does not follow the file's last record (seq {}): \
+                     they are not the same chain",
+                    r.entry.seq,
+                    next.saturating_sub(1)
+                ));
+            }
+        }
+        write_export(&page, format, &mut sink, header)?;
+        if !page.is_empty() {
+            header = false;
+        }
+        progress.add(&page);
+        Ok(more && !page.is_empty())
+    })
+    .await;
+    let dest = file.as_ref().map_or("standard output".into(), |p| p.display().to_string());
+    if let Err(e) = fetched {
+        sink.flush().with_context(|| format!("cannot write {dest}"))?;
+        drop(sink);
+        let how = match &file {
+            Some(path) => format!(
+                "`rationctl audit export --out {}{}{} --resume` continues it",
+                path.display(),
+                if format == FileFormat::Csv { " --format csv" } else { "" },
+                to_seq.map(|t| format!(" --to-seq {t}")).unwrap_or_default()
+            ),
+            None => format!(
+                "the rest starts at --from-seq {}",
+                progress.last.map_or(start, |(seq, _)| seq.saturating_add(1))
+            ),
+        };
+        return Err(e.context(format!(
+            "audit export stopped: {dest} holds {} records{} and no trailer, so it is a \
+             prefix; {how}",
+            progress.records,
+            progress.seqs()
+        )));
+    }
+    if format == FileFormat::Csv && header {
+        // No records: still write the header, so the file reads back.
+        let mut w = csv::Writer::from_writer(&mut sink);
+        w.write_record(CSV_FIELDS)?;
+        w.flush()?;
+    }
+    let trailer = progress.trailer(start == 0);
+    if to_seq.is_none() {
+        write_trailer(&trailer, format, &mut sink)?;
+    }
+    sink.flush().with_context(|| format!("cannot write {dest}"))?;
+    drop(sink);
+    if let Some(path) = file {
+        eprintln!(
+            "exported {} records{} to {}{}",
+            progress.records,
+            progress.seqs(),
+            path.display(),
+            match (to_seq, trailer.chain_head) {
+                (Some(_), _) => " (an excerpt, --to-seq: no trailer)".to_owned(),
+                (None, Some(head)) => format!(", chain head {head}"),
+                (None, None) => String::new(),
+            }
+        );
+    }
+    Ok(())
+}
+
 #[derive(Debug, Serialize)]
 struct Verified {
     source: String,
+    /// For a file: complete, prefix or broken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<FileStatus>,
     records: u64,
     first_seq: Option<u64>,
     last_seq: Option<u64>,
+    /// The head after the records that chain.
     head_hash: String,
     /// False when the run does not start at record 0, so its first link is taken
     /// on trust.
     from_genesis: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trailer: Option<Trailer>,
+    /// Why a file is not complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
+}
+
+/// `audit verify --file`.
+fn verify_file(
+    ctx: &Ctx,
+    path: &std::path::Path,
+    format: Option<FileFormat>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let format =
+        format.unwrap_or(if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+            FileFormat::Csv
+        } else {
+            FileFormat::Jsonl
+        });
+    let file = ExportFile::read(path, format)?;
+    let finding = file.check();
+    let first = file.records.first().map(|r| r.entry.seq);
+    let v = Verified {
+        source: path.display().to_string(),
+        status: Some(finding.status),
+        records: file.records.len() as u64,
+        first_seq: first,
+        last_seq: file.records.last().map(|r| r.entry.seq),
+        head_hash: ration_core::audit::hex(&finding.head.last_hash),
+        from_genesis: first.is_none_or(|s| s == 0),
+        trailer: file.trailer.map(|(t, _)| t),
+        problem: finding.problem.clone(),
+    };
+    if finding.status == FileStatus::Complete {
+        return emit(out, ctx.format, &v, |v| {
+            format!(
+                "OK: complete: {} records verified ({}), chain head {} as the trailer says{}\n",
+                v.records,
+                v.source,
+                v.head_hash,
+                if v.from_genesis {
+                    ""
+                } else {
+                    " (not from record 0: the first link is unchecked)"
+                }
+            )
+        });
+    }
+    // Scripts get the report; people get the one error line.
+    if ctx.format == crate::Format::Json {
+        emit(out, ctx.format, &v, |_| String::new())?;
+    }
+    let message = match finding.status {
+        FileStatus::Prefix => format!(
+            "{} is a prefix: its {} records chain, but {}",
+            path.display(),
+            v.records,
+            finding.problem.unwrap_or_default()
+        ),
+        _ => format!("{} is broken: {}", path.display(), finding.problem.unwrap_or_default()),
+    };
+    Err(VerifyFailed { status: finding.status, message }.into())
+}
+
+/// `audit verify` on the node that answers first: its own copy of the chain.
+async fn verify_node(ctx: &Ctx, out: &mut dyn Write) -> anyhow::Result<()> {
+    let mut head: Option<ChainHead> = None;
+    let mut first = None;
+    let mut last = None;
+    let mut count = 0u64;
+    let req = v1::QueryAuditRequest { linearizable: false, ..request(&Filter::empty())? };
+    let endpoint = pages(ctx, req, |page| {
+        let start = head.unwrap_or_else(|| start_of(page.first()));
+        head =
+            Some(verify_chain(&page, start).map_err(|b| VerifyFailed {
+                status: FileStatus::Broken,
+                message: b.to_string(),
+            })?);
+        first = first.or(page.first().map(|r| r.entry.seq));
+        last = page.last().map(|r| r.entry.seq);
+        count = count.saturating_add(page.len() as u64);
+        Ok(true)
+    })
+    .await?;
+    let v = Verified {
+        source: format!("node at {endpoint}"),
+        status: None,
+        records: count,
+        first_seq: first,
+        last_seq: last,
+        head_hash: ration_core::audit::hex(&head.unwrap_or_default().last_hash),
+        from_genesis: first.is_none_or(|s| s == 0),
+        trailer: None,
+        problem: None,
+    };
+    emit(out, ctx.format, &v, |v| {
+        format!(
+            "OK: {} records verified ({}), chain head {}{}\n",
+            v.records,
+            v.source,
+            v.head_hash,
+            if v.from_genesis { "" } else { " (not from record 0: the first link is unchecked)" }
+        )
+    })
 }
 
 #[derive(Debug, Serialize)]
 struct SpendOut {
     budget: String,
     unit: String,
-    window_start: String,
-    window_end: String,
-    spent: String,
+    window_start_ms: u64,
+    /// None: the window never ends (lifetime).
+    window_end_ms: Option<u64>,
+    /// A number (spend can be negative only if refunds outran charges in a window).
+    spent: i128,
 }
 
 pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -437,106 +1158,11 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
                 t.render()
             })
         }
-        AuditCmd::Export { format, out: file, from_seq, to_seq } => {
-            let mut sink: Box<dyn Write> = match &file {
-                Some(path) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(path)
-                        .with_context(|| format!("cannot create {}", path.display()))?,
-                )),
-                None => Box::new(&mut *out),
-            };
-            let mut written = 0u64;
-            let mut header = true;
-            let req = v1::QueryAuditRequest { from_seq, ..request(&Filter::empty())? };
-            pages(ctx, req, |mut page| {
-                if let Some(to) = to_seq {
-                    page.retain(|r| r.entry.seq < to);
-                }
-                let more =
-                    to_seq.is_none_or(|to| page.last().is_some_and(|r| r.entry.seq + 1 < to));
-                write_export(&page, format, &mut sink, header)?;
-                header = false;
-                written += page.len() as u64;
-                Ok(more && !page.is_empty())
-            })
-            .await?;
-            if format == FileFormat::Csv && header {
-                // No records: still write the header, so the file reads back.
-                let mut w = csv::Writer::from_writer(&mut sink);
-                w.write_record(CSV_FIELDS)?;
-                w.flush()?;
-            }
-            sink.flush()?;
-            drop(sink);
-            if let Some(path) = file {
-                eprintln!("exported {written} records to {}", path.display());
-            }
-            Ok(())
+        AuditCmd::Export { format, out: file, from_seq, to_seq, resume } => {
+            export(ctx, format, file, from_seq, to_seq, resume, out).await
         }
-        AuditCmd::Verify { file, format } => {
-            let (source, head, first, last, count) = match file {
-                Some(path) => {
-                    let format = format.unwrap_or(
-                        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
-                            FileFormat::Csv
-                        } else {
-                            FileFormat::Jsonl
-                        },
-                    );
-                    let records = read_export(&path, format)?;
-                    let start = start_of(records.first());
-                    let head = verify_chain(&records, start)
-                        .map_err(|b| anyhow!("{}: {b}", path.display()))?;
-                    (
-                        path.display().to_string(),
-                        head,
-                        records.first().map(|r| r.entry.seq),
-                        records.last().map(|r| r.entry.seq),
-                        records.len() as u64,
-                    )
-                }
-                None => {
-                    let mut head: Option<ChainHead> = None;
-                    let mut first = None;
-                    let mut last = None;
-                    let mut count = 0u64;
-                    // The endpoint's own copy: verify checks what that node stores.
-                    let req =
-                        v1::QueryAuditRequest { linearizable: false, ..request(&Filter::empty())? };
-                    let endpoint = pages(ctx, req, |page| {
-                        let start = head.unwrap_or_else(|| start_of(page.first()));
-                        head = Some(verify_chain(&page, start).map_err(|b| anyhow!("{b}"))?);
-                        first = first.or(page.first().map(|r| r.entry.seq));
-                        last = page.last().map(|r| r.entry.seq);
-                        count += page.len() as u64;
-                        Ok(true)
-                    })
-                    .await?;
-                    (format!("node at {endpoint}"), head.unwrap_or_default(), first, last, count)
-                }
-            };
-            let v = Verified {
-                source,
-                records: count,
-                first_seq: first,
-                last_seq: last,
-                head_hash: ration_core::audit::hex(&head.last_hash),
-                from_genesis: first.is_none_or(|s| s == 0),
-            };
-            emit(out, ctx.format, &v, |v| {
-                format!(
-                    "OK: {} records verified ({}), chain head {}{}\n",
-                    v.records,
-                    v.source,
-                    v.head_hash,
-                    if v.from_genesis {
-                        ""
-                    } else {
-                        " (not from record 0: the first link is unchecked)"
-                    }
-                )
-            })
-        }
+        AuditCmd::Verify { file: Some(path), format } => verify_file(ctx, &path, format, out),
+        AuditCmd::Verify { file: None, .. } => verify_node(ctx, out).await,
         AuditCmd::Spend { subtree, window, from, to } => {
             let now = time::now_ms();
             let path = convert::to_core::path("subtree", &subtree)
@@ -556,9 +1182,9 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
                 .map(|r| SpendOut {
                     budget: r.budget.to_string(),
                     unit: r.unit.to_string(),
-                    window_start: time::format_ms(r.window_start_ms),
-                    window_end: time::format_ms(r.window_end_ms),
-                    spent: r.spent.to_string(),
+                    window_start_ms: r.window_start_ms,
+                    window_end_ms: crate::output::time_ms(r.window_end_ms),
+                    spent: r.spent,
                 })
                 .collect();
             emit(out, ctx.format, &rows, |rows| {
@@ -567,9 +1193,9 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
                     t.row(vec![
                         r.budget.clone(),
                         r.unit.clone(),
-                        r.window_start.clone(),
-                        r.window_end.clone(),
-                        r.spent.clone(),
+                        time::format_ms(r.window_start_ms),
+                        crate::output::when(r.window_end_ms),
+                        r.spent.to_string(),
                     ]);
                 }
                 t.render()

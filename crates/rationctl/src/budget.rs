@@ -1,4 +1,10 @@
-//! `budget set|get|list|delete`.
+//! `budget set|get|list|delete` and `budget limit rm`.
+//!
+//! A limit is named by its unit and window (`tokens/day`, `usd_micros/month+05:30`):
+//! a budget holds at most one limit per name. `set` on an existing budget replaces
+//! the limits it names and keeps the others (`--replace-all`: the named limits are
+//! the whole set); it reads the budget first and writes with that version, so a
+//! change made in between is refused, not overwritten. Changes print as a diff.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -9,20 +15,24 @@ use ration_core::{Period, Window};
 use ration_proto::{convert, v1};
 use serde::Serialize;
 
-use crate::output::{emit, Table};
-use crate::{time, Ctx};
+use crate::output::{emit, time_ms, when, Table};
+use crate::Ctx;
 
 #[derive(Debug, Subcommand)]
 pub enum BudgetCmd {
-    /// Create a budget, or replace the limits of an existing one.
+    /// Create a budget, or set some of its limits (the others are kept).
     Set {
         /// Its path: `acme`, `acme/search`, ... (the parent must exist).
         path: String,
         /// A limit: UNIT=CAP/WINDOW[,static=N]. WINDOW is minute, hour, day, week,
         /// month or lifetime, optionally at a UTC offset (day+05:30). static=N lets
-        /// a gateway cut off from the cluster spend N (default: fail closed).
+        /// a gateway cut off from the cluster spend N (default: fail closed). On an
+        /// existing budget this replaces its UNIT/WINDOW limit, or adds one.
         #[arg(long = "limit", required = true)]
         limits: Vec<String>,
+        /// The limits given become the budget's only limits: any other is removed.
+        #[arg(long)]
+        replace_all: bool,
         /// Only update if the budget is at this version (optimistic concurrency).
         #[arg(long)]
         expected_version: Option<u64>,
@@ -38,6 +48,25 @@ pub enum BudgetCmd {
     /// Delete a leaf budget that has no live leases.
     Delete {
         path: String,
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
+    /// One limit of a budget (`budget limit rm acme usd_micros/month`).
+    #[command(subcommand)]
+    Limit(LimitCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LimitCmd {
+    /// Remove one limit of a budget, keeping the others.
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// The budget's path.
+        path: String,
+        /// The limit: UNIT/WINDOW, as in --limit without the cap (tokens/day,
+        /// usd_micros/month+05:30).
+        limit: String,
+        /// Only update if the budget is at this version.
         #[arg(long)]
         expected_version: Option<u64>,
     },
@@ -64,6 +93,15 @@ pub fn parse_limit(spec: &str) -> anyhow::Result<v1::Limit> {
         window: Some(convert::to_proto::window(parse_window(window.trim())?)),
         static_allowance,
     })
+}
+
+/// Parses `UNIT/WINDOW`, the name of a limit.
+pub fn parse_limit_name(spec: &str) -> anyhow::Result<(String, Window)> {
+    let (unit, window) = spec
+        .split_once('/')
+        .filter(|(u, _)| !u.trim().is_empty() && !u.contains('='))
+        .ok_or_else(|| anyhow!("bad limit {spec:?}: name it UNIT/WINDOW, e.g. tokens/day"))?;
+    Ok((unit.trim().to_owned(), parse_window(window.trim())?))
 }
 
 /// Parses `day`, `day+05:30`, `month-08:00`, ...
@@ -94,16 +132,178 @@ pub fn parse_window(s: &str) -> anyhow::Result<Window> {
     Window::with_offset(period, minutes).map_err(|e| anyhow!("{e}"))
 }
 
+// ----- limits as declared, and the diff between two sets of them -----
+
+/// A limit as declared: what `--limit` says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Spec {
+    unit: String,
+    window: Window,
+    cap: i64,
+    static_allowance: Option<i64>,
+}
+
+impl Spec {
+    fn from_proto(l: &v1::Limit) -> anyhow::Result<Self> {
+        let window = convert::to_core::window(l.window.as_ref())
+            .map_err(|s| anyhow!("limit on {}: {}", l.unit, s.message()))?;
+        Ok(Self { unit: l.unit.clone(), window, cap: l.cap, static_allowance: l.static_allowance })
+    }
+
+    fn to_proto(&self) -> v1::Limit {
+        v1::Limit {
+            unit: self.unit.clone(),
+            cap: self.cap,
+            window: Some(convert::to_proto::window(self.window)),
+            static_allowance: self.static_allowance,
+        }
+    }
+
+    /// What names it: at most one limit per (unit, window) on a budget.
+    fn key(&self) -> (String, Window) {
+        (self.unit.clone(), self.window)
+    }
+
+    /// `2000000/day,static=500`, as `--limit` takes it after `UNIT=`.
+    fn amount(&self) -> String {
+        match self.static_allowance {
+            None => format!("{}/{}", self.cap, self.window),
+            Some(n) => format!("{}/{},static={n}", self.cap, self.window),
+        }
+    }
+}
+
+/// The limits of a budget as the server holds them.
+fn specs(b: &v1::Budget) -> anyhow::Result<Vec<Spec>> {
+    b.limits.iter().map(|l| Spec::from_proto(&l.limit.clone().unwrap_or_default())).collect()
+}
+
+/// `current` with each of `named` replacing the limit of its name, or added after
+/// the others. A name given twice is refused.
+fn merge(current: &[Spec], named: &[Spec]) -> anyhow::Result<Vec<Spec>> {
+    let mut out = current.to_vec();
+    for (i, n) in named.iter().enumerate() {
+        if named.iter().take(i).any(|m| m.key() == n.key()) {
+            bail!("the limit {}/{} is given twice", n.unit, n.window);
+        }
+        match out.iter_mut().find(|o| o.key() == n.key()) {
+            Some(o) => *o = n.clone(),
+            None => out.push(n.clone()),
+        }
+    }
+    Ok(out)
+}
+
+/// What a limit says, in JSON.
+#[derive(Debug, Serialize)]
+struct SpecOut {
+    cap: i64,
+    on_unreachable: OnUnreachable,
+    static_allowance: Option<i64>,
+}
+
+impl From<&Spec> for SpecOut {
+    fn from(s: &Spec) -> Self {
+        Self {
+            cap: s.cap,
+            on_unreachable: OnUnreachable::of(s.static_allowance),
+            static_allowance: s.static_allowance,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum ChangeKind {
+    Added,
+    Changed,
+    Removed,
+}
+
+/// One line of a diff of limits.
+#[derive(Debug, Serialize)]
+struct ChangeOut {
+    change: ChangeKind,
+    unit: String,
+    window: String,
+    before: Option<SpecOut>,
+    after: Option<SpecOut>,
+    #[serde(skip)]
+    line: String,
+}
+
+/// The changes from `before` to `after`, by unit then window.
+fn diff(before: &[Spec], after: &[Spec]) -> Vec<ChangeOut> {
+    // Each name: its limit before and after.
+    type BeforeAfter<'a> = (Option<&'a Spec>, Option<&'a Spec>);
+    let mut both: BTreeMap<(String, Window), BeforeAfter<'_>> = BTreeMap::new();
+    for b in before {
+        both.entry(b.key()).or_default().0 = Some(b);
+    }
+    for a in after {
+        both.entry(a.key()).or_default().1 = Some(a);
+    }
+    both.into_iter()
+        .filter_map(|((unit, window), pair)| {
+            let (change, line) = match pair {
+                (None, Some(a)) => (ChangeKind::Added, format!("+ {unit} {}", a.amount())),
+                (Some(b), None) => (ChangeKind::Removed, format!("- {unit} {}", b.amount())),
+                (Some(b), Some(a)) if a != b => {
+                    (ChangeKind::Changed, format!("~ {unit} {} -> {}", b.amount(), a.amount()))
+                }
+                _ => return None,
+            };
+            Some(ChangeOut {
+                change,
+                unit,
+                window: window.to_string(),
+                before: pair.0.map(SpecOut::from),
+                after: pair.1.map(SpecOut::from),
+                line,
+            })
+        })
+        .collect()
+}
+
+// ----- budgets as printed -----
+
+/// What a cut-off gateway does once its leases are spent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum OnUnreachable {
+    /// Refuses every call.
+    FailClosed,
+    /// Admits up to `static_allowance` in all.
+    Static,
+}
+
+impl OnUnreachable {
+    fn of(static_allowance: Option<i64>) -> Self {
+        if static_allowance.is_some() {
+            Self::Static
+        } else {
+            Self::FailClosed
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct LimitOut {
     unit: String,
+    /// Its name as `--limit` takes it: `day`, `month+05:30`, `lifetime`.
     window: String,
     cap: i64,
+    on_unreachable: OnUnreachable,
+    /// What a cut-off gateway may spend (with `static`); null when failing closed.
     static_allowance: Option<i64>,
-    window_start: String,
-    window_end: String,
+    /// The current window, ms since the epoch; a lifetime window starts at 0 and
+    /// has no end (null).
+    window_start_ms: u64,
+    window_end_ms: Option<u64>,
     consumed: i64,
     outstanding: i64,
+    /// Granted in leases for the next window.
+    upcoming: i64,
     remaining: i64,
     /// Overruns counted in this window (part of consumed).
     overruns: i64,
@@ -119,79 +319,100 @@ struct BudgetOut {
     limits: Vec<LimitOut>,
 }
 
-fn budget_out(b: &v1::Budget) -> BudgetOut {
-    BudgetOut {
+fn budget_out(b: &v1::Budget) -> anyhow::Result<BudgetOut> {
+    let limits = b
+        .limits
+        .iter()
+        .map(|l| {
+            let spec = Spec::from_proto(&l.limit.clone().unwrap_or_default())
+                .map_err(|e| anyhow!("budget {} as sent by the server: {e}", b.path))?;
+            let lifetime = spec.window.period() == Period::Lifetime;
+            Ok(LimitOut {
+                window: spec.window.to_string(),
+                on_unreachable: OnUnreachable::of(spec.static_allowance),
+                unit: spec.unit,
+                cap: spec.cap,
+                static_allowance: spec.static_allowance,
+                window_start_ms: l.window_start_ms,
+                window_end_ms: if lifetime { None } else { time_ms(l.window_end_ms) },
+                consumed: l.consumed,
+                outstanding: l.outstanding,
+                upcoming: l.upcoming,
+                remaining: l.remaining,
+                overruns: l.overruns,
+                holders: l.holders,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(BudgetOut {
         path: b.path.clone(),
         version: b.version,
         children: b.children,
         live_leases: b.live_leases,
-        limits: b
-            .limits
-            .iter()
-            .map(|l| {
-                let spec = l.limit.clone().unwrap_or_default();
-                LimitOut {
-                    window: convert::to_core::window(spec.window.as_ref())
-                        .map(|w| w.to_string())
-                        .unwrap_or_else(|_| "?".into()),
-                    unit: spec.unit,
-                    cap: spec.cap,
-                    static_allowance: spec.static_allowance,
-                    window_start: time::format_ms(l.window_start_ms),
-                    window_end: time::format_ms(l.window_end_ms),
-                    consumed: l.consumed,
-                    outstanding: l.outstanding,
-                    remaining: l.remaining,
-                    overruns: l.overruns,
-                    holders: l.holders,
-                }
-            })
-            .collect(),
-    }
+        limits,
+    })
 }
 
-const HEADER: [&str; 10] = [
+const HEADER: [&str; 16] = [
     "BUDGET",
+    "VERSION",
+    "CHILDREN",
+    "LEASES",
     "UNIT",
     "WINDOW",
     "CAP",
+    "ON UNREACHABLE",
     "CONSUMED",
     "OUTSTANDING",
+    "UPCOMING",
     "REMAINING",
     "OVERRUNS",
-    "LEASES",
+    "HOLDERS",
     "WINDOW START",
+    "WINDOW END",
 ];
 
+/// A budget's rows: one per limit (the budget's own columns on the first).
 fn rows(t: &mut Table, label: &str, b: &BudgetOut) {
+    let own = [
+        label.to_owned(),
+        b.version.to_string(),
+        b.children.to_string(),
+        b.live_leases.to_string(),
+    ];
     if b.limits.is_empty() {
-        t.row(vec![
-            label.to_owned(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            b.live_leases.to_string(),
-            "-".into(),
-        ]);
+        let mut row = own.to_vec();
+        row.extend(std::iter::repeat_n("-".to_owned(), HEADER.len() - own.len()));
+        t.row(row);
     }
     for (i, l) in b.limits.iter().enumerate() {
-        t.row(vec![
-            if i == 0 { label.to_owned() } else { String::new() },
+        let mut row = if i == 0 { own.to_vec() } else { vec![String::new(); own.len()] };
+        let lifetime = l.window == Period::Lifetime.name();
+        row.extend([
             l.unit.clone(),
             l.window.clone(),
             l.cap.to_string(),
+            match l.static_allowance {
+                Some(n) => format!("static={n}"),
+                None => "fail_closed".to_owned(),
+            },
             l.consumed.to_string(),
             l.outstanding.to_string(),
+            l.upcoming.to_string(),
             l.remaining.to_string(),
             l.overruns.to_string(),
-            if i == 0 { b.live_leases.to_string() } else { String::new() },
-            l.window_start.clone(),
+            l.holders.to_string(),
+            if lifetime { "-".to_owned() } else { when(Some(l.window_start_ms)) },
+            when(l.window_end_ms),
         ]);
+        t.row(row);
     }
+}
+
+fn table(b: &BudgetOut) -> String {
+    let mut t = Table::new(&HEADER);
+    rows(&mut t, &b.path, b);
+    t.render()
 }
 
 /// The budgets as a tree: each under its parent, drawn with box characters.
@@ -233,46 +454,92 @@ fn tree(budgets: &Vec<BudgetOut>) -> String {
     t.render()
 }
 
+/// A budget after `set` or `limit rm`: the budget, the version it had (none if
+/// it was created) and what changed in its limits.
+#[derive(Debug, Serialize)]
+struct Written {
+    #[serde(flatten)]
+    budget: BudgetOut,
+    previous_version: Option<u64>,
+    changes: Vec<ChangeOut>,
+}
+
+fn written(w: &Written) -> String {
+    let mut s = match w.previous_version {
+        None => format!("budget {}: created at version {}\n", w.budget.path, w.budget.version),
+        Some(v) => format!("budget {}: version {v} -> {}\n", w.budget.path, w.budget.version),
+    };
+    if w.changes.is_empty() {
+        s.push_str("  (no limit changed)\n");
+    }
+    for c in &w.changes {
+        s.push_str(&c.line);
+        s.push('\n');
+    }
+    s.push('\n');
+    s.push_str(&table(&w.budget));
+    s
+}
+
+// ----- the commands -----
+
 pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Result<()> {
     match cmd {
-        BudgetCmd::Set { path, limits, expected_version } => {
-            let limits =
-                limits.iter().map(|l| parse_limit(l)).collect::<anyhow::Result<Vec<_>>>()?;
-            let current = get(ctx, &path).await?;
-            // One request id for the call, reused by every retry: exactly once.
-            let meta = ctx.meta();
-            let _: v1::BudgetChanged = match current {
+        BudgetCmd::Set { path, limits, replace_all, expected_version } => {
+            let named = limits
+                .iter()
+                .map(|l| parse_limit(l).and_then(|l| Spec::from_proto(&l)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            // Refuses a name given twice, also with --replace-all.
+            let mut after = merge(&[], &named)?;
+            let (before, previous) = match get(ctx, &path).await? {
                 None => {
-                    let req = v1::CreateBudgetRequest { meta, path: path.clone(), limits };
-                    ctx.on_ledger(&req, |mut c, r| async move { c.create_budget(r).await }).await?
+                    // One request id for the call, reused by every retry: exactly once.
+                    let req = v1::CreateBudgetRequest {
+                        meta: ctx.meta(),
+                        path: path.clone(),
+                        limits: after.iter().map(Spec::to_proto).collect(),
+                    };
+                    ctx.on_ledger(&req, |mut c, r| async move { c.create_budget(r).await })
+                        .await
+                        .map_err(|e| about(&path, e))?;
+                    (Vec::new(), None)
                 }
                 Some(b) => {
-                    let req = v1::UpdateBudgetRequest {
-                        meta,
-                        path: path.clone(),
-                        limits,
-                        expected_version: expected_version.unwrap_or(b.version),
-                    };
-                    ctx.on_ledger(&req, |mut c, r| async move { c.update_budget(r).await }).await?
+                    check_version(&b, expected_version)?;
+                    let before = specs(&b)?;
+                    if !replace_all {
+                        after = merge(&before, &named)?;
+                    }
+                    update(ctx, &b, &after).await?;
+                    (before, Some(b.version))
                 }
             };
-            let b = get(ctx, &path).await?.ok_or_else(|| anyhow!("budget {path} vanished"))?;
-            let b = budget_out(&b);
-            emit(out, ctx.format, &b, |b| {
-                let mut t = Table::new(&HEADER);
-                rows(&mut t, &format!("{} (version {})", b.path, b.version), b);
-                t.render()
-            })
+            print_written(ctx, out, &path, previous, diff(&before, &after)).await
+        }
+        BudgetCmd::Limit(LimitCmd::Rm { path, limit, expected_version }) => {
+            let (unit, window) = parse_limit_name(&limit)?;
+            let b =
+                get(ctx, &path).await?.ok_or_else(|| anyhow!("budget {path} does not exist"))?;
+            check_version(&b, expected_version)?;
+            let before = specs(&b)?;
+            let after: Vec<Spec> =
+                before.iter().filter(|s| s.key() != (unit.clone(), window)).cloned().collect();
+            if after.len() == before.len() {
+                let names: Vec<String> =
+                    before.iter().map(|s| format!("{}/{}", s.unit, s.window)).collect();
+                bail!(
+                    "budget {path} has no {unit}/{window} limit (its limits: {})",
+                    if names.is_empty() { "none".to_owned() } else { names.join(", ") }
+                );
+            }
+            update(ctx, &b, &after).await?;
+            print_written(ctx, out, &path, Some(b.version), diff(&before, &after)).await
         }
         BudgetCmd::Get { path } => {
             let b =
                 get(ctx, &path).await?.ok_or_else(|| anyhow!("budget {path} does not exist"))?;
-            let b = budget_out(&b);
-            emit(out, ctx.format, &b, |b| {
-                let mut t = Table::new(&HEADER);
-                rows(&mut t, &format!("{} (version {})", b.path, b.version), b);
-                t.render()
-            })
+            emit(out, ctx.format, &budget_out(&b)?, table)
         }
         BudgetCmd::List { subtree } => {
             let mut all = Vec::new();
@@ -290,16 +557,22 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
                         async move {
                             let mut c = ctx
                                 .ledger(&e)
-                                .map_err(|x| tonic::Status::unavailable(x.to_string()))?;
+                                .map_err(|x| tonic::Status::unavailable(format!("{x:#}")))?;
                             Ok(c.list_budgets(req).await?.into_inner())
                         }
                     })
-                    .await?;
+                    .await
+                    .map_err(|e| match &subtree {
+                        Some(s) => about(s, e),
+                        None => e,
+                    })?;
                 let n = page.budgets.len();
                 if let Some(last) = page.budgets.last() {
                     after = last.path.clone();
                 }
-                all.extend(page.budgets.iter().map(budget_out));
+                for b in &page.budgets {
+                    all.push(budget_out(b)?);
+                }
                 if n < 1000 {
                     break;
                 }
@@ -309,7 +582,9 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
         BudgetCmd::Delete { path, expected_version } => {
             let req =
                 v1::DeleteBudgetRequest { meta: ctx.meta(), path: path.clone(), expected_version };
-            ctx.on_ledger(&req, |mut c, r| async move { c.delete_budget(r).await }).await?;
+            ctx.on_ledger(&req, |mut c, r| async move { c.delete_budget(r).await })
+                .await
+                .map_err(|e| about(&path, e))?;
             #[derive(Serialize)]
             struct Deleted {
                 deleted: String,
@@ -321,24 +596,82 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
     }
 }
 
+/// Refuses to write `b` if the caller expected another version.
+fn check_version(b: &v1::Budget, expected: Option<u64>) -> anyhow::Result<()> {
+    match expected {
+        Some(v) if v != b.version => bail!(
+            "budget {} is at version {}, not the expected {v}; re-read it and retry",
+            b.path,
+            b.version
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Gives `b` the limits `limits`, if it is still at the version it was read at.
+async fn update(ctx: &Ctx, b: &v1::Budget, limits: &[Spec]) -> anyhow::Result<()> {
+    let req = v1::UpdateBudgetRequest {
+        meta: ctx.meta(),
+        path: b.path.clone(),
+        limits: limits.iter().map(Spec::to_proto).collect(),
+        expected_version: b.version,
+    };
+    ctx.on_ledger(&req, |mut c, r| async move { c.update_budget(r).await })
+        .await
+        .map_err(|e| about(&b.path, e))?;
+    Ok(())
+}
+
+/// Reads the budget back and prints it with what changed.
+async fn print_written(
+    ctx: &Ctx,
+    out: &mut dyn Write,
+    path: &str,
+    previous_version: Option<u64>,
+    changes: Vec<ChangeOut>,
+) -> anyhow::Result<()> {
+    let b = get(ctx, path).await?.ok_or_else(|| anyhow!("budget {path} vanished"))?;
+    let w = Written { budget: budget_out(&b)?, previous_version, changes };
+    emit(out, ctx.format, &w, written)
+}
+
 /// The budget at `path` (linearizable), or None.
 async fn get(ctx: &Ctx, path: &str) -> anyhow::Result<Option<v1::Budget>> {
     let req = v1::GetBudgetRequest { path: path.to_owned(), linearizable: true };
-    let found = ctx
-        .first(|e| {
-            let req = req.clone();
-            async move {
-                let mut c =
-                    ctx.ledger(&e).map_err(|x| tonic::Status::unavailable(x.to_string()))?;
-                match c.get_budget(req).await {
-                    Ok(b) => Ok(Some(b.into_inner())),
-                    Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-                    Err(s) => Err(s),
-                }
+    ctx.first(|e| {
+        let req = req.clone();
+        async move {
+            let mut c = ctx.ledger(&e).map_err(|x| tonic::Status::unavailable(format!("{x:#}")))?;
+            match c.get_budget(req).await {
+                Ok(b) => Ok(Some(b.into_inner())),
+                Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+                Err(s) => Err(s),
             }
+        }
+    })
+    .await
+    .map_err(|e| about(path, e))
+}
+
+/// An error about the budget at `path`, prefixed with `budget <path>: ` unless its
+/// message already names that budget (the server's usually do): said once.
+fn about(path: &str, e: anyhow::Error) -> anyhow::Error {
+    if names(&format!("{e:#}"), path) {
+        e
+    } else {
+        e.context(format!("budget {path}"))
+    }
+}
+
+/// Whether `text` mentions `path` as a whole path (not `acme` inside `acme/x`).
+fn names(text: &str, path: &str) -> bool {
+    let in_path = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '.');
+    !path.is_empty()
+        && text.match_indices(path).any(|(i, _)| {
+            let before = text.get(..i).and_then(|t| t.chars().next_back());
+            let after = text.get(i + path.len()..).and_then(|t| t.chars().next());
+            !before.is_some_and(in_path) && !after.is_some_and(in_path)
         })
-        .await?;
-    Ok(found)
 }
 
 #[cfg(test)]
@@ -353,5 +686,51 @@ mod tests {
         assert_eq!(parse_limit("usd=5/month-08:00").unwrap().window.unwrap().offset_minutes, -480);
         assert!(parse_limit("tokens=1000").unwrap_err().to_string().contains("UNIT=CAP/WINDOW"));
         assert!(parse_limit("tokens=1/fortnight").unwrap_err().to_string().contains("fortnight"));
+        let (unit, window) = parse_limit_name("usd_micros/month+05:30").unwrap();
+        assert_eq!((unit.as_str(), window.to_string().as_str()), ("usd_micros", "month+05:30"));
+        assert!(parse_limit_name("tokens=5/day").unwrap_err().to_string().contains("UNIT/WINDOW"));
+        assert!(parse_limit_name("tokens").is_err());
+    }
+
+    fn spec(s: &str) -> Spec {
+        Spec::from_proto(&parse_limit(s).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn set_replaces_only_the_limits_it_names() {
+        let before = [spec("tokens=1000/day"), spec("usd_micros=50/month")];
+        let after =
+            merge(&before, &[spec("tokens=2000/day,static=5"), spec("tokens=9/hour")]).unwrap();
+        assert_eq!(
+            after,
+            [spec("tokens=2000/day,static=5"), spec("usd_micros=50/month"), spec("tokens=9/hour")]
+        );
+        // day and day+05:30 are different windows.
+        assert_eq!(merge(&before, &[spec("tokens=1/day+05:30")]).unwrap().len(), 3);
+        let twice = merge(&[], &[spec("tokens=1/day"), spec("tokens=2/day")]).unwrap_err();
+        assert!(twice.to_string().contains("tokens/day is given twice"), "{twice}");
+
+        let lines: Vec<String> =
+            diff(&before, &[spec("tokens=2000/day,static=5"), spec("tokens=9/hour")])
+                .into_iter()
+                .map(|c| c.line)
+                .collect();
+        assert_eq!(
+            lines,
+            ["+ tokens 9/hour", "~ tokens 1000/day -> 2000/day,static=5", "- usd_micros 50/month",]
+        );
+        assert!(diff(&before, &before).is_empty());
+    }
+
+    #[test]
+    fn errors_name_their_budget_once() {
+        assert!(names("budget acme is at version 2", "acme"));
+        assert!(names("parent budget nowhere of nowhere/x does not exist", "nowhere/x"));
+        assert!(!names("budget acme/x does not exist", "acme"));
+        assert!(!names("invalid cap", "acme"));
+        let e = about("acme", anyhow!("INVALID_ARGUMENT: invalid cap"));
+        assert_eq!(format!("{e:#}"), "budget acme: INVALID_ARGUMENT: invalid cap");
+        let e = about("acme", anyhow!("ABORTED: budget acme is at version 2"));
+        assert_eq!(format!("{e:#}"), "ABORTED: budget acme is at version 2");
     }
 }

@@ -150,7 +150,7 @@ impl Ctx {
             async move {
                 match started {
                     Ok(fut) => Ok(fut.await?.into_inner()),
-                    Err(x) => Err(tonic::Status::unavailable(x.to_string())),
+                    Err(x) => Err(tonic::Status::unavailable(format!("{x:#}"))),
                 }
             }
         })
@@ -169,7 +169,7 @@ impl Ctx {
             async move {
                 match started {
                     Ok(fut) => Ok(fut.await?.into_inner()),
-                    Err(x) => Err(tonic::Status::unavailable(x.to_string())),
+                    Err(x) => Err(tonic::Status::unavailable(format!("{x:#}"))),
                 }
             }
         })
@@ -187,33 +187,89 @@ impl Ctx {
 
     /// Calls `f` on each endpoint in turn until one answers; UNAVAILABLE and
     /// DEADLINE_EXCEEDED move on to the next, anything else is the answer.
+    ///
+    /// A refusal is the cluster's answer, the same from every endpoint, so it is
+    /// reported without the endpoint (`ABORTED: budget acme is at version 2, ...`);
+    /// anything else names the endpoint it came from. When no endpoint answers, each
+    /// distinct cause is said once, after the endpoints that gave it.
     pub async fn first<T, F, Fut>(&self, mut f: F) -> anyhow::Result<T>
     where
         F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let mut errors = Vec::new();
+        // (cause, endpoints that gave it), in the order first seen.
+        let mut errors: Vec<(String, Vec<String>)> = Vec::new();
         for e in &self.endpoints {
             match f(e.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(s) if ration_proto::rpc::retryable(&s) => {
-                    errors.push(format!("{e}: {}", describe(&s)))
+                    let cause = describe(&s);
+                    match errors.iter_mut().find(|(c, _)| *c == cause) {
+                        Some((_, at)) => at.push(e.clone()),
+                        None => errors.push((cause, vec![e.clone()])),
+                    }
                 }
+                Err(s) if is_refusal(s.code()) => return Err(anyhow!(describe(&s))),
                 Err(s) => return Err(anyhow!("{e}: {}", describe(&s))),
             }
         }
-        Err(anyhow!("no endpoint answered: {}", errors.join("; ")))
+        let causes: Vec<String> =
+            errors.iter().map(|(cause, at)| format!("{}: {cause}", at.join(", "))).collect();
+        Err(anyhow!("no endpoint answered: {}", causes.join("; ")))
     }
 }
 
-/// A gRPC status as one readable line.
+/// Codes with which the ledger or the cluster refuses a request: the answer, not a
+/// failure to get one.
+fn is_refusal(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::ResourceExhausted
+            | Code::FailedPrecondition
+            | Code::Aborted
+            | Code::OutOfRange
+    )
+}
+
+/// A gRPC status as one line: its code as gRPC spells it, then its message
+/// (`FAILED_PRECONDITION: budget acme has 1 child budget(s); delete them first`).
 pub(crate) fn describe(s: &tonic::Status) -> String {
-    let code = format!("{:?}", s.code());
-    let message = s.message();
+    let code = code_name(s.code());
+    let message = s.message().trim();
     if message.is_empty() {
-        code
+        code.to_owned()
     } else {
-        format!("{message} ({code})")
+        format!("{code}: {message}")
+    }
+}
+
+/// The canonical name of a gRPC code (`FAILED_PRECONDITION`), as the README's table
+/// of status codes spells it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -1,5 +1,6 @@
-//! `rationctl`: runs one command; on failure prints `error: ...` and exits 1
-//! (2 for a command line clap refuses).
+//! `rationctl`: runs one command; on failure prints `error: ...` and exits 1 (2
+//! for a command line clap refuses; `audit verify`: 3 for a prefix, 4 for a broken
+//! file or chain).
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -12,6 +13,6 @@ async fn main() {
     if let Err(e) = rationctl::run_cli(cli, &mut out).await {
         drop(out);
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(rationctl::audit::exit_code(&e));
     }
 }

@@ -1,4 +1,16 @@
 //! Tables for people, JSON for scripts.
+//!
+//! JSON (`-o json`) follows one set of conventions, so a script reads every command
+//! the same way:
+//!
+//! - amounts, counts and versions are JSON numbers, never strings;
+//! - a time is an integer of milliseconds since the Unix epoch (UTC), in a field
+//!   whose name ends in `_ms` (what the protocol and the audit records carry); a time
+//!   that never comes, such as the end of a lifetime window, is `null` ([`time_ms`]).
+//!   Tables show times as RFC 3339 in UTC ([`when`]);
+//! - enum values are snake_case strings (`fail_closed`, `static`, `lease_granted`);
+//!   windows are their names as the command line takes them (`minute`, `day+05:30`,
+//!   `lifetime`).
 
 use std::io::Write;
 
@@ -71,6 +83,17 @@ pub(crate) fn emit<T: Serialize>(
     Ok(())
 }
 
+/// A time for JSON: ms since the epoch, or None (`null`) for one past every
+/// calendar window the ledger computes (the end of a lifetime window is `u64::MAX`).
+pub(crate) fn time_ms(ms: u64) -> Option<u64> {
+    (ms <= ration_core::window::MAX_TIME_MS).then_some(ms)
+}
+
+/// A time for people: RFC 3339 in UTC, or `never`.
+pub(crate) fn when(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "never".to_owned(), crate::time::format_ms)
+}
+
 /// A byte count for people: 1.5 MiB.
 pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -100,5 +123,9 @@ mod tests {
         assert_eq!(t.render(), "ID  ADDRESS\n1   127.0.0.1:1\n10  h:2\n");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(time_ms(86_400_000), Some(86_400_000));
+        assert_eq!(time_ms(u64::MAX), None);
+        assert_eq!(when(time_ms(0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(when(time_ms(u64::MAX)), "never");
     }
 }

@@ -14,6 +14,20 @@ pub fn format_ms(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
 }
 
+/// The pause before retry `round` (1, 2, ...): `base` doubled each round, at most
+/// `max` (and no pause before round 0, the first try).
+pub fn backoff(
+    round: u32,
+    base: std::time::Duration,
+    max: std::time::Duration,
+) -> std::time::Duration {
+    if round == 0 {
+        return std::time::Duration::ZERO;
+    }
+    let factor = 1u32.checked_shl(round.saturating_sub(1)).unwrap_or(u32::MAX);
+    base.saturating_mul(factor).min(max)
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -81,6 +95,15 @@ pub fn parse(s: &str, now_ms: u64) -> anyhow::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        use std::time::Duration;
+        let (base, max) = (Duration::from_millis(250), Duration::from_secs(2));
+        let pauses: Vec<u128> = (0..7).map(|r| backoff(r, base, max).as_millis()).collect();
+        assert_eq!(pauses, [0, 250, 500, 1000, 2000, 2000, 2000]);
+        assert_eq!(backoff(u32::MAX, base, max), max);
+    }
 
     #[test]
     fn times_parse_and_print() {

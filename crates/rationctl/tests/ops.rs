@@ -442,17 +442,22 @@ async fn budgets_and_the_audit_ledger() {
 
     // Spend per budget per window, rolled up the tree.
     let s = ctl_json(&eps, &["audit", "spend", "--subtree", "acme", "--window", "day"]).await;
-    let spent: BTreeMap<String, String> = s
+    // (Numbers as numbers, times as epoch ms.)
+    let spent: BTreeMap<String, i64> = s
         .as_array()
         .unwrap()
         .iter()
         .map(|r| {
-            (r["budget"].as_str().unwrap().to_owned(), r["spent"].as_str().unwrap().to_owned())
+            assert!(
+                r["window_start_ms"].as_u64().is_some() && r["window_end_ms"].as_u64().is_some(),
+                "{r}"
+            );
+            (r["budget"].as_str().unwrap().to_owned(), r["spent"].as_i64().unwrap())
         })
         .collect();
-    assert_eq!(spent["acme"], "100");
-    assert_eq!(spent["acme/chat"], "30");
-    assert_eq!(spent["acme/search"], "70");
+    assert_eq!(spent["acme"], 100);
+    assert_eq!(spent["acme/chat"], 30);
+    assert_eq!(spent["acme/search"], 70);
 
     // Export round-trips, in both formats, and verifies; the live chain verifies.
     // verify reads each node's own copy: let the followers apply everything first.

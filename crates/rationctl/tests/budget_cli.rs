@@ -1,0 +1,441 @@
+//! `rationctl budget ...` against real 3-node clusters (in-process nodes, real
+//! sockets): `set` changes only the limits it names and prints a diff,
+//! `--replace-all`, `limit rm`, every field in the table, the JSON conventions
+//! (numbers, ms times, snake_case, a lifetime window without an end), and errors
+//! from the server printed once by the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+
+use ration_proto::v1;
+use ration_testkit::inproc::Cluster;
+use ration_testkit::{ledger, meta};
+use serde_json::Value;
+
+/// Runs rationctl in-process against `endpoints`; Ok(stdout) or Err(message).
+async fn ctl(endpoints: &[SocketAddr], args: &[&str]) -> Result<String, String> {
+    let eps: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
+    let eps = eps.join(",");
+    let mut argv = vec!["rationctl", "--endpoints", &eps, "--timeout-ms", "5000"];
+    argv.extend_from_slice(args);
+    let mut out = Vec::new();
+    match rationctl::run(argv, &mut out).await {
+        Ok(()) => Ok(String::from_utf8(out).unwrap()),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+async fn ok(endpoints: &[SocketAddr], args: &[&str]) -> String {
+    ctl(endpoints, args).await.unwrap_or_else(|e| panic!("rationctl {args:?}: {e}"))
+}
+
+async fn json(endpoints: &[SocketAddr], args: &[&str]) -> Value {
+    let mut a = vec!["-o", "json"];
+    a.extend_from_slice(args);
+    let out = ok(endpoints, &a).await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("rationctl {args:?} printed {out}: {e}"))
+}
+
+fn all(c: &Cluster) -> Vec<SocketAddr> {
+    c.nodes.keys().map(|id| c.addrs[id]).collect()
+}
+
+/// The limits of a budget as (unit/window, cap, static allowance).
+fn limits(b: &Value) -> Vec<(String, i64, Option<i64>)> {
+    b["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                format!("{}/{}", l["unit"].as_str().unwrap(), l["window"].as_str().unwrap()),
+                l["cap"].as_i64().unwrap(),
+                l["static_allowance"].as_i64(),
+            )
+        })
+        .collect()
+}
+
+fn lim(name: &str, cap: i64, static_allowance: Option<i64>) -> (String, i64, Option<i64>) {
+    (name.to_owned(), cap, static_allowance)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn set_changes_only_the_limits_it_names_and_prints_the_diff() {
+    let c = Cluster::start(3, |_| {}).await;
+    c.leader().await;
+    let eps = all(&c);
+
+    // A new budget: set creates it, every limit an addition.
+    let out = ok(
+        &eps,
+        &[
+            "budget",
+            "set",
+            "acme",
+            "--limit",
+            "tokens=1000000/day",
+            "--limit",
+            "usd_micros=50000000/month",
+        ],
+    )
+    .await;
+    assert!(out.starts_with("budget acme: created at version 1\n"), "{out}");
+    assert!(out.contains("\n+ tokens 1000000/day\n+ usd_micros 50000000/month\n"), "{out}");
+
+    // Naming one limit changes that one and keeps the dollar limit.
+    let out = ok(&eps, &["budget", "set", "acme", "--limit", "tokens=2000000/day"]).await;
+    assert!(
+        out.starts_with("budget acme: version 1 -> 2\n~ tokens 1000000/day -> 2000000/day\n\n"),
+        "{out}"
+    );
+    assert!(!out.contains("- usd_micros"), "{out}");
+    let b = json(&eps, &["budget", "get", "acme"]).await;
+    assert_eq!(
+        limits(&b),
+        [lim("tokens/day", 2_000_000, None), lim("usd_micros/month", 50_000_000, None)]
+    );
+
+    // A new (unit, window) is added; day+05:30 is another window than day.
+    let out = ok(&eps, &["budget", "set", "acme", "--limit", "tokens=50000000/day+05:30"]).await;
+    assert!(out.contains("\n+ tokens 50000000/day+05:30\n"), "{out}");
+    assert_eq!(limits(&json(&eps, &["budget", "get", "acme"]).await).len(), 3);
+
+    // The diff in JSON: numbers, snake_case, before and after.
+    let w = json(
+        &eps,
+        &["budget", "set", "acme", "--limit", "usd_micros=60000000/month,static=1000000"],
+    )
+    .await;
+    assert_eq!((w["previous_version"].as_u64(), w["version"].as_u64()), (Some(3), Some(4)), "{w}");
+    let changes = w["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{w}");
+    let ch = &changes[0];
+    assert_eq!((ch["change"].as_str(), ch["unit"].as_str()), (Some("changed"), Some("usd_micros")));
+    assert_eq!(ch["window"], "month");
+    assert_eq!(ch["before"]["cap"], 50_000_000);
+    assert_eq!(ch["before"]["on_unreachable"], "fail_closed");
+    assert!(ch["before"]["static_allowance"].is_null());
+    assert_eq!(ch["after"]["cap"], 60_000_000);
+    assert_eq!(ch["after"]["on_unreachable"], "static");
+    assert_eq!(ch["after"]["static_allowance"], 1_000_000);
+    assert_eq!(w["limits"].as_array().unwrap().len(), 3, "{w}");
+
+    // Setting what is already there writes, and says nothing changed.
+    let out = ok(&eps, &["budget", "set", "acme", "--limit", "tokens=2000000/day"]).await;
+    assert!(out.starts_with("budget acme: version 4 -> 5\n  (no limit changed)\n"), "{out}");
+
+    // --replace-all: the named limits are the whole set (the old behaviour).
+    let out =
+        ok(&eps, &["budget", "set", "acme", "--limit", "tokens=3000000/day", "--replace-all"])
+            .await;
+    assert!(
+        out.contains(
+            "~ tokens 2000000/day -> 3000000/day\n\
+             - tokens 50000000/day+05:30\n\
+             - usd_micros 60000000/month,static=1000000\n"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        limits(&json(&eps, &["budget", "get", "acme"]).await),
+        [lim("tokens/day", 3_000_000, None)]
+    );
+
+    // limit rm: one limit goes, the others stay.
+    ok(
+        &eps,
+        &["budget", "set", "acme", "--limit", "usd_micros=5000/month", "--limit", "tokens=9/hour"],
+    )
+    .await;
+    let out = ok(&eps, &["budget", "limit", "rm", "acme", "usd_micros/month"]).await;
+    assert!(out.starts_with("budget acme: version 7 -> 8\n- usd_micros 5000/month\n"), "{out}");
+    assert_eq!(
+        limits(&json(&eps, &["budget", "get", "acme"]).await),
+        [lim("tokens/day", 3_000_000, None), lim("tokens/hour", 9, None)]
+    );
+    let w = json(&eps, &["budget", "limit", "remove", "acme", "tokens/hour"]).await;
+    assert_eq!(w["changes"][0]["change"], "removed", "{w}");
+    assert!(w["changes"][0]["after"].is_null(), "{w}");
+    // ... and refuses clearly when there is no such limit (nothing is written).
+    let err = ctl(&eps, &["budget", "limit", "rm", "acme", "usd_micros/month"]).await.unwrap_err();
+    assert_eq!(err, "budget acme has no usd_micros/month limit (its limits: tokens/day)");
+    let err = ctl(&eps, &["budget", "limit", "rm", "acme", "tokens/day+05:30"]).await.unwrap_err();
+    assert!(err.contains("has no tokens/day+05:30 limit"), "{err}");
+    let err = ctl(&eps, &["budget", "limit", "rm", "acme", "tokens=5/day"]).await.unwrap_err();
+    assert!(err.contains("UNIT/WINDOW"), "{err}");
+    let err = ctl(&eps, &["budget", "limit", "rm", "nope", "tokens/day"]).await.unwrap_err();
+    assert_eq!(err, "budget nope does not exist");
+    assert_eq!(json(&eps, &["budget", "get", "acme"]).await["version"], 9);
+
+    // A limit named twice is refused before anything is sent.
+    let err =
+        ctl(&eps, &["budget", "set", "acme", "--limit", "tokens=1/day", "--limit", "tokens=2/day"])
+            .await
+            .unwrap_err();
+    assert!(err.contains("tokens/day is given twice"), "{err}");
+    // A stale expected version is refused; nothing changes.
+    let err =
+        ctl(&eps, &["budget", "set", "acme", "--limit", "tokens=1/day", "--expected-version", "3"])
+            .await
+            .unwrap_err();
+    assert!(err.contains("budget acme is at version 9, not the expected 3"), "{err}");
+    let out = ok(
+        &eps,
+        &["budget", "set", "acme", "--limit", "tokens=4000000/day", "--expected-version", "9"],
+    )
+    .await;
+    assert!(out.starts_with("budget acme: version 9 -> 10\n"), "{out}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_table_and_json_show_every_field() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.addrs[&c.leader().await];
+    let eps = all(&c);
+    ok(
+        &eps,
+        &[
+            "budget",
+            "set",
+            "acme",
+            "--limit",
+            "tokens=1000/day+05:30,static=50",
+            "--limit",
+            "tokens=5000/lifetime",
+            "--limit",
+            "credits=100/minute",
+        ],
+    )
+    .await;
+    ok(&eps, &["budget", "set", "acme/search", "--limit", "tokens=400/hour"]).await;
+
+    // A held lease (outstanding, holders), an overrun, and a lease for the next
+    // minute (upcoming).
+    let mut l = ledger(leader);
+    let held = l
+        .acquire(v1::AcquireRequest {
+            meta: meta("gw-a", 1, "gw-a"),
+            budget: "acme/search".into(),
+            unit: "tokens".into(),
+            wanted: 30,
+            min: 1,
+            ttl_ms: 60_000,
+            starts_at_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.granted, 30);
+    l.report_overrun(v1::OverrunRequest {
+        meta: meta("gw-a", 2, "gw-a"),
+        budget: "acme".into(),
+        unit: "tokens".into(),
+        amount: 7,
+    })
+    .await
+    .unwrap();
+    let mut upcoming = 0;
+    for attempt in 0..5u64 {
+        let now = l
+            .acquire(v1::AcquireRequest {
+                meta: meta("gw-b", 1 + 2 * attempt, "gw-b"),
+                budget: "acme".into(),
+                unit: "credits".into(),
+                wanted: 1,
+                min: 1,
+                ttl_ms: 1_000,
+                starts_at_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let next = l
+            .acquire(v1::AcquireRequest {
+                meta: meta("gw-b", 2 + 2 * attempt, "gw-b"),
+                budget: "acme".into(),
+                unit: "credits".into(),
+                wanted: 10,
+                min: 1,
+                ttl_ms: 180_000,
+                starts_at_ms: now.window_end_ms,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let b = json(&eps, &["budget", "get", "acme"]).await;
+        let credits =
+            b["limits"].as_array().unwrap().iter().find(|l| l["unit"] == "credits").unwrap();
+        upcoming = credits["upcoming"].as_i64().unwrap();
+        if upcoming == next.granted {
+            break;
+        }
+        // The minute rolled over between the two: the second was an ordinary lease.
+    }
+    assert_eq!(upcoming, 10, "a lease for the next minute shows as upcoming");
+
+    // JSON: numbers as numbers, times in ms, snake_case enums, lifetime without end.
+    let b = json(&eps, &["budget", "get", "acme"]).await;
+    assert_eq!((b["version"].as_u64(), b["children"].as_u64()), (Some(1), Some(1)), "{b}");
+    assert!(b["live_leases"].as_u64().unwrap() >= 1, "{b}");
+    let by_window = |w: &str| {
+        b["limits"].as_array().unwrap().iter().find(|l| l["window"] == w).unwrap().clone()
+    };
+    for l in b["limits"].as_array().unwrap() {
+        for (k, v) in l.as_object().unwrap() {
+            match k.as_str() {
+                "unit" | "window" | "on_unreachable" => assert!(v.is_string(), "{k}: {v}"),
+                "static_allowance" | "window_end_ms" => {
+                    assert!(v.is_null() || v.is_u64(), "{k}: {v}")
+                }
+                _ => assert!(v.is_number(), "{k} is not a number: {v}"),
+            }
+        }
+    }
+    let day = by_window("day+05:30");
+    assert_eq!((day["cap"].as_i64(), day["on_unreachable"].as_str()), (Some(1000), Some("static")));
+    assert_eq!(day["static_allowance"], 50);
+    // The lease on acme/search counts on acme too; the overrun is consumed.
+    assert_eq!((day["outstanding"].as_i64(), day["holders"].as_u64()), (Some(30), Some(1)));
+    assert_eq!((day["overruns"].as_i64(), day["consumed"].as_i64()), (Some(7), Some(7)));
+    assert_eq!(day["remaining"], 1000 - 30 - 7);
+    let (start, end) =
+        (day["window_start_ms"].as_u64().unwrap(), day["window_end_ms"].as_u64().unwrap());
+    assert_eq!(end - start, 86_400_000);
+    // A day at UTC+05:30 starts at 18:30 UTC.
+    assert_eq!(start % 86_400_000, (18 * 60 + 30) * 60_000);
+    let life = by_window("lifetime");
+    assert_eq!(life["on_unreachable"], "fail_closed");
+    assert!(life["static_allowance"].is_null(), "{life}");
+    assert_eq!(life["window_start_ms"], 0);
+    assert!(life["window_end_ms"].is_null(), "{life}");
+    assert_eq!(by_window("minute")["upcoming"], 10);
+
+    // The table: every field, the static allowance, the windows.
+    let table = ok(&eps, &["budget", "get", "acme"]).await;
+    let lines: Vec<&str> = table.lines().collect();
+    for column in [
+        "BUDGET",
+        "VERSION",
+        "CHILDREN",
+        "LEASES",
+        "UNIT",
+        "WINDOW",
+        "CAP",
+        "ON UNREACHABLE",
+        "CONSUMED",
+        "OUTSTANDING",
+        "UPCOMING",
+        "REMAINING",
+        "OVERRUNS",
+        "HOLDERS",
+        "WINDOW START",
+        "WINDOW END",
+    ] {
+        assert!(lines[0].contains(column), "{table}");
+    }
+    let row = |w: &str| -> Vec<&str> {
+        lines
+            .iter()
+            .find(|l| l.split_whitespace().any(|c| c == w))
+            .unwrap()
+            .split_whitespace()
+            .collect()
+    };
+    let day = row("day+05:30");
+    assert!(day.contains(&"static=50") && day.contains(&"963") && day.contains(&"30"), "{table}");
+    assert!(day.iter().any(|c| c.ends_with("T18:30:00.000Z")), "{table}");
+    let life = row("lifetime");
+    assert!(life.contains(&"fail_closed") && life.ends_with(&["-", "never"]), "{table}");
+    assert!(row("minute").contains(&"10"), "{table}");
+    let tree = ok(&eps, &["budget", "list"]).await;
+    assert!(tree.contains("static=50") && tree.contains("└─ search"), "{tree}");
+    let listed = json(&eps, &["budget", "list"]).await;
+    let declared = |b: &Value| -> Vec<Value> {
+        b["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let keep = ["unit", "window", "cap", "on_unreachable", "static_allowance"];
+                keep.iter().map(|k| l[*k].clone()).collect()
+            })
+            .collect()
+    };
+    assert_eq!(declared(&listed[0]), declared(&b), "list and get agree");
+    c.shutdown().await;
+}
+
+/// Runs the real binary; (exit code, stdout, stderr).
+async fn rationctl(endpoints: String, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut argv = vec!["--endpoints".to_owned(), endpoints, "--timeout-ms".into(), "5000".into()];
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rationctl")).args(argv).output().unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_error_from_the_server_is_printed_once() {
+    let c = Cluster::start(3, |_| {}).await;
+    c.leader().await;
+    let eps: Vec<String> = all(&c).iter().map(|a| a.to_string()).collect();
+    let eps = eps.join(",");
+    let run = |args: &'static [&'static str]| rationctl(eps.clone(), args);
+    assert_eq!(run(&["budget", "set", "acme", "--limit", "tokens=10/day"]).await.0, Some(0));
+    assert_eq!(run(&["budget", "set", "acme/x", "--limit", "tokens=10/day"]).await.0, Some(0));
+
+    // One line: the code as gRPC spells it, then the server's message, once; the
+    // budget is named in front only when the message does not name it.
+    for (args, want) in [
+        (
+            &["budget", "delete", "acme"][..],
+            "error: FAILED_PRECONDITION: budget acme has 1 child budget(s); delete them first\n",
+        ),
+        (
+            &["budget", "delete", "acme/x", "--expected-version", "9"][..],
+            "error: ABORTED: budget acme/x is at version 1, not the expected 9; re-read it and retry\n",
+        ),
+        (
+            &["budget", "set", "acme", "--limit", "tokens=10/day,static=500"][..],
+            "error: budget acme: INVALID_ARGUMENT: invalid on_unreachable.static_allowance: \
+             static allowance 500 is above the cap 10 of tokens per day\n",
+        ),
+        (
+            &["budget", "set", "nowhere/x", "--limit", "tokens=1/day"][..],
+            "error: FAILED_PRECONDITION: parent budget nowhere of nowhere/x does not exist; \
+             create it first\n",
+        ),
+    ] {
+        let (code, stdout, stderr) = rationctl(eps.clone(), args).await;
+        assert_eq!((code, stdout.as_str(), stderr.as_str()), (Some(1), "", want), "{args:?}");
+    }
+
+    // No endpoint answers: each cause is said once, after the endpoints.
+    let dead: Vec<String> = (0..2)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        })
+        .collect();
+    let (code, _, stderr) = rationctl(dead.join(","), &["budget", "get", "acme"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.starts_with(&format!(
+            "error: budget acme: no endpoint answered: {}, {}: UNAVAILABLE: ",
+            dead[0], dead[1]
+        )),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("UNAVAILABLE").count(), 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    c.shutdown().await;
+}
