@@ -76,10 +76,7 @@ pub fn restore(dir: &Path, bytes: &[u8]) -> Result<SnapshotInfo, OpenError> {
     let info = inspect_snapshot(bytes)
         .map_err(|reason| OpenError::Snapshot { path: dir.join(SNAPSHOT_FILE), reason })?;
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        return Err(OpenError::Io(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            format!("{} is not empty: restore only into a new data directory", dir.display()),
-        )));
+        return Err(OpenError::NotEmpty { dir: dir.to_path_buf() });
     }
     std::fs::create_dir_all(dir)?;
     let tmp = crate::unique_tmp(dir);

@@ -205,6 +205,9 @@ pub enum OpenError {
     /// data directory's lock.
     #[error("{} is in use by another rationd (its lock is held)", dir.display())]
     Locked { dir: PathBuf },
+    /// A restore's target directory holds something already.
+    #[error("{} is not empty: restore only into a new data directory", dir.display())]
+    NotEmpty { dir: PathBuf },
     #[error("storage I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("sled: {0}")]

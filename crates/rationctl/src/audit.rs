@@ -32,10 +32,10 @@ pub struct Filter {
     /// Records of this gateway (or operator).
     #[arg(long)]
     principal: Option<String>,
-    /// Only these kinds (repeatable): lease_granted, lease_reported, lease_released,
-    /// lease_expired, lease_refunded, late_release, budget_created, budget_updated,
-    /// budget_deleted.
-    #[arg(long = "kind")]
+    /// Only these kinds (repeatable, or comma-separated): lease_granted,
+    /// lease_reported, lease_released, lease_expired, lease_refunded, late_release,
+    /// overrun, budget_created, budget_updated, budget_deleted.
+    #[arg(long = "kind", value_delimiter = ',')]
     kinds: Vec<String>,
     /// From this time on (RFC 3339 UTC, ms since the epoch, or -2h).
     #[arg(long, allow_hyphen_values = true)]
@@ -47,11 +47,11 @@ pub struct Filter {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
-    /// Records matching a filter, oldest first.
+    /// Records matching a filter, newest first, with how many matched.
     Query {
         #[command(flatten)]
         filter: Filter,
-        /// Most records to print (0: all).
+        /// Most records to print, the newest (0: all).
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
@@ -740,12 +740,25 @@ async fn page(
 
 fn request(filter: &Filter) -> anyhow::Result<v1::QueryAuditRequest> {
     let now = time::now_ms();
+    let from_ms = filter.from.as_deref().map(|t| time::parse(t, now)).transpose()?;
+    let to_ms = filter.to.as_deref().map(|t| time::parse(t, now)).transpose()?;
+    if let (Some(from), Some(to)) = (from_ms, to_ms) {
+        if from >= to {
+            return Err(anyhow!(
+                "--from {} ({}) is not before --to {} ({}): the range is empty",
+                filter.from.as_deref().unwrap_or_default(),
+                time::format_ms(from),
+                filter.to.as_deref().unwrap_or_default(),
+                time::format_ms(to)
+            ));
+        }
+    }
     Ok(v1::QueryAuditRequest {
         subtree: filter.subtree.clone().unwrap_or_default(),
         principal: filter.principal.clone().unwrap_or_default(),
         kinds: filter.kinds.clone(),
-        from_ms: filter.from.as_deref().map(|t| time::parse(t, now)).transpose()?,
-        to_ms: filter.to.as_deref().map(|t| time::parse(t, now)).transpose()?,
+        from_ms,
+        to_ms,
         from_seq: 0,
         limit: PAGE,
         // Through the leader: every acknowledged write is in the answer.
@@ -1115,17 +1128,28 @@ struct SpendOut {
 pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow::Result<()> {
     match cmd {
         AuditCmd::Query { filter, limit } => {
-            let mut found: Vec<AuditRecord> = Vec::new();
+            // The server pages oldest first: keep the newest `limit` while counting
+            // every match, then print newest first.
+            let mut found: std::collections::VecDeque<AuditRecord> =
+                std::collections::VecDeque::new();
+            let mut matched: u64 = 0;
             pages(ctx, request(&filter)?, |page| {
-                found.extend(page);
-                if limit > 0 && found.len() >= limit {
-                    found.truncate(limit);
-                    return Ok(false);
+                for r in page {
+                    matched = matched.saturating_add(1);
+                    found.push_back(r);
+                    if limit > 0 && found.len() > limit {
+                        found.pop_front();
+                    }
                 }
                 Ok(true)
             })
             .await?;
-            let rows: Vec<Exported> = found.iter().map(Exported::from_core).collect();
+            let rows: Vec<Exported> = found.iter().rev().map(Exported::from_core).collect();
+            let showing = format!(
+                "showing {} of {matched} matching records, newest first{}",
+                rows.len(),
+                if (rows.len() as u64) < matched { " (--limit 0 for all)" } else { "" }
+            );
             emit(out, ctx.format, &rows, |rows| {
                 let mut t = Table::new(&[
                     "SEQ",
@@ -1156,7 +1180,14 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
                     ]);
                 }
                 t.render()
-            })
+            })?;
+            // After the table; on stderr with JSON, so stdout stays the records alone.
+            if ctx.format == crate::Format::Json {
+                eprintln!("{showing}");
+            } else {
+                writeln!(out, "{showing}")?;
+            }
+            Ok(())
         }
         AuditCmd::Export { format, out: file, from_seq, to_seq, resume } => {
             export(ctx, format, file, from_seq, to_seq, resume, out).await

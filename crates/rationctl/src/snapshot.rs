@@ -135,7 +135,7 @@ pub async fn run(ctx: &Ctx, cmd: SnapshotCmd, out: &mut dyn Write) -> anyhow::Re
             let (info, cluster) =
                 ration_store::backup::restore_new_cluster(&data_dir, &bytes, id, &addr)
                     .await
-                    .with_context(|| format!("restoring into {}", data_dir.display()))?;
+                    .context("snapshot restore")?;
             let d = describe_snapshot(&file, bytes.len() as u64, &info);
             emit(out, ctx.format, &d, |d| {
                 format!(
@@ -150,8 +150,8 @@ pub async fn run(ctx: &Ctx, cmd: SnapshotCmd, out: &mut dyn Write) -> anyhow::Re
         }
         SnapshotCmd::Restore { file, data_dir, .. } => {
             let (bytes, _) = read(&file)?;
-            let info = ration_store::backup::restore(&data_dir, &bytes)
-                .with_context(|| format!("restoring into {}", data_dir.display()))?;
+            let info =
+                ration_store::backup::restore(&data_dir, &bytes).context("snapshot restore")?;
             let d = describe_snapshot(&file, bytes.len() as u64, &info);
             emit(out, ctx.format, &d, |d| {
                 format!(

@@ -182,6 +182,8 @@ async fn snapshot_restores_into_a_new_node_that_rejoins() {
     .await
     .unwrap_err();
     assert!(err.contains("not empty"), "{err}");
+    // Its cause said once: the directory appears once.
+    assert_eq!(err.matches(dir4.to_str().unwrap()).count(), 1, "{err}");
 
     let l4 = inproc::listener().await;
     let addr4 = l4.local_addr().unwrap();
@@ -439,6 +441,22 @@ async fn budgets_and_the_audit_ledger() {
     assert!(err.contains("unknown audit kind"), "{err}");
     let table = ctl(&eps, &["audit", "query"]).await.unwrap();
     assert!(table.contains("budget_created") && table.contains("lease_released"), "{table}");
+    assert!(table.contains("showing 9 of 9 matching records, newest first"), "{table}");
+    // Newest first, and how many were cut off.
+    let table = ctl(&eps, &["audit", "query", "--limit", "2"]).await.unwrap();
+    assert!(
+        table.contains("showing 2 of 9 matching records, newest first (--limit 0 for all)"),
+        "{table}"
+    );
+    let newest = ctl_json(&eps, &["audit", "query", "--limit", "2"]).await;
+    let seqs: Vec<u64> =
+        newest.as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [8, 7]);
+    // Kinds comma-separated; an empty time range is refused, not answered with nothing.
+    let q = ctl_json(&eps, &["audit", "query", "--kind", "lease_granted,lease_released"]).await;
+    assert_eq!(q.as_array().unwrap().len(), 4);
+    let err = ctl(&eps, &["audit", "query", "--from", "-24h", "--to", "-48h"]).await.unwrap_err();
+    assert!(err.contains("is not before --to") && err.contains("empty"), "{err}");
 
     // Spend per budget per window, rolled up the tree.
     let s = ctl_json(&eps, &["audit", "spend", "--subtree", "acme", "--window", "day"]).await;
@@ -466,8 +484,9 @@ async fn budgets_and_the_audit_ledger() {
     let n = live["records"].as_u64().unwrap();
     // 4 creates, 1 update, 2 grants, 2 releases.
     assert_eq!(n, 9, "{live}");
-    let all_records: Vec<Value> =
+    let mut all_records: Vec<Value> =
         ctl_json(&eps, &["audit", "query", "--limit", "0"]).await.as_array().unwrap().clone();
+    all_records.reverse(); // queries answer newest first; exports run oldest first
     assert_eq!(all_records.len() as u64, n);
     for (format, name) in [("jsonl", "audit.jsonl"), ("csv", "audit.csv")] {
         let path = c.dir.path().join(name);
