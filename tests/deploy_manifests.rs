@@ -823,3 +823,42 @@ fn the_helm_chart_uses_its_port_values() {
         }
     }
 }
+
+#[test]
+fn the_service_monitor_scrapes_the_metrics_port_of_the_client_service() {
+    let monitor = read("deploy/k8s/servicemonitor.yaml");
+    let manifests = read("deploy/k8s/ration.yaml");
+    // The Service its selector matches: every label it asks for, on one Service.
+    let wanted: Vec<String> = monitor
+        .split("matchLabels:")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take_while(|l| indent(l) >= 6 && l.contains(':'))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    assert!(!wanted.is_empty(), "the ServiceMonitor selects nothing");
+    let services: Vec<&str> =
+        manifests.split("\n---").filter(|d| d.contains("\nkind: Service\n")).collect();
+    let matched: Vec<&&str> =
+        services.iter().filter(|d| wanted.iter().all(|w| d.contains(w.as_str()))).collect();
+    assert_eq!(
+        matched.len(),
+        1,
+        "the ServiceMonitor's labels {wanted:?} match {} Services",
+        matched.len()
+    );
+    // It scrapes a port the Service has, by name, and that port is the metrics port.
+    let port = monitor.lines().find_map(|l| l.trim().strip_prefix("- port: ")).unwrap().trim();
+    let service = matched[0];
+    let at = service.find(&format!("- name: {port}")).unwrap_or_else(|| panic!("no port {port}"));
+    let number: u16 = service[at..]
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("port: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(number, METRICS_PORT);
+}
