@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, Context};
 use clap::Subcommand;
-use ration_core::audit::{verify_chain, AuditEntry, AuditRecord, Balance, ChainHead, Flow, Hash};
-use ration_core::{BudgetPath, LeaseId, LimitSpec, Principal, Unit};
+use ration_core::audit::{verify_chain, AuditEntry, AuditRecord, ChainHead, Flow, Hash};
+use ration_core::{BudgetPath, LeaseId, Principal, Unit};
 use ration_proto::v1::ledger_client::LedgerClient;
 use ration_proto::{convert, v1};
 use serde::{Deserialize, Serialize};
@@ -146,10 +146,141 @@ pub struct Exported {
     pub returned: u64,
     pub charged: u64,
     pub uncharged: u64,
-    pub balances: Vec<Balance>,
-    pub limits: Vec<LimitSpec>,
+    #[serde(deserialize_with = "spelled::balances")]
+    pub balances: Vec<spelled::Balance>,
+    #[serde(deserialize_with = "spelled::limits")]
+    pub limits: Vec<spelled::Limit>,
     pub prev_hash: String,
     pub hash: String,
+}
+
+/// Balances and limits as exported, spelled as the rest of rationctl's JSON is:
+/// windows by name (`day+05:30`), policies in snake_case (`fail_closed`, `static`
+/// with `static_allowance`). Files written before this spelling (the core types'
+/// own: `{"period":"Day",...}`, `"FailClosed"`) still read.
+pub mod spelled {
+    use ration_core::{BudgetPath, FailPolicy, LimitSpec, Unit, Window};
+    use serde::{Deserialize, Deserializer, Serialize};
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Balance {
+        pub budget: BudgetPath,
+        pub unit: Unit,
+        pub window: String,
+        pub window_start_ms: u64,
+        pub cap: u64,
+        pub consumed: u64,
+        pub outstanding: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Limit {
+        pub unit: Unit,
+        pub cap: u64,
+        pub window: String,
+        /// `fail_closed` or `static`.
+        pub on_unreachable: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub static_allowance: Option<u64>,
+    }
+
+    impl Balance {
+        pub fn from_core(b: &ration_core::audit::Balance) -> Self {
+            Self {
+                budget: b.budget.clone(),
+                unit: b.unit.clone(),
+                window: b.window.to_string(),
+                window_start_ms: b.window_start_ms,
+                cap: b.cap,
+                consumed: b.consumed,
+                outstanding: b.outstanding,
+            }
+        }
+
+        pub fn into_core(self) -> anyhow::Result<ration_core::audit::Balance> {
+            Ok(ration_core::audit::Balance {
+                budget: self.budget,
+                unit: self.unit,
+                window: window(&self.window)?,
+                window_start_ms: self.window_start_ms,
+                cap: self.cap,
+                consumed: self.consumed,
+                outstanding: self.outstanding,
+            })
+        }
+    }
+
+    impl Limit {
+        pub fn from_core(l: &LimitSpec) -> Self {
+            let (on_unreachable, static_allowance) = match l.on_unreachable {
+                FailPolicy::FailClosed => ("fail_closed", None),
+                FailPolicy::StaticAllowance { amount } => ("static", Some(amount)),
+            };
+            Self {
+                unit: l.unit.clone(),
+                cap: l.cap,
+                window: l.window.to_string(),
+                on_unreachable: on_unreachable.to_owned(),
+                static_allowance,
+            }
+        }
+
+        pub fn into_core(self) -> anyhow::Result<LimitSpec> {
+            let on_unreachable = match (self.on_unreachable.as_str(), self.static_allowance) {
+                ("fail_closed", None) => FailPolicy::FailClosed,
+                ("static", Some(amount)) => FailPolicy::StaticAllowance { amount },
+                (other, _) => anyhow::bail!(
+                    "on_unreachable {other:?} (static_allowance {:?}): use fail_closed, or \
+                     static with static_allowance",
+                    self.static_allowance
+                ),
+            };
+            Ok(LimitSpec {
+                unit: self.unit,
+                cap: self.cap,
+                window: window(&self.window)?,
+                on_unreachable,
+            })
+        }
+    }
+
+    fn window(name: &str) -> anyhow::Result<Window> {
+        crate::budget::parse_window(name)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum BalanceIn {
+        Spelled(Balance),
+        Core(ration_core::audit::Balance),
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum LimitIn {
+        Spelled(Limit),
+        Core(LimitSpec),
+    }
+
+    pub fn balances<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Balance>, D::Error> {
+        let v: Vec<BalanceIn> = Vec::deserialize(d)?;
+        Ok(v.into_iter()
+            .map(|b| match b {
+                BalanceIn::Spelled(b) => b,
+                BalanceIn::Core(b) => Balance::from_core(&b),
+            })
+            .collect())
+    }
+
+    pub fn limits<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Limit>, D::Error> {
+        let v: Vec<LimitIn> = Vec::deserialize(d)?;
+        Ok(v.into_iter()
+            .map(|l| match l {
+                LimitIn::Spelled(l) => l,
+                LimitIn::Core(l) => Limit::from_core(&l),
+            })
+            .collect())
+    }
 }
 
 /// The same in CSV: nested fields as JSON text in one cell.
@@ -202,8 +333,8 @@ impl Exported {
             returned: e.flow.returned,
             charged: e.flow.charged,
             uncharged: e.flow.uncharged,
-            balances: e.balances.clone(),
-            limits: e.limits.clone(),
+            balances: e.balances.iter().map(spelled::Balance::from_core).collect(),
+            limits: e.limits.iter().map(spelled::Limit::from_core).collect(),
             prev_hash: ration_core::audit::hex(&e.prev_hash),
             hash: ration_core::audit::hex(&r.hash),
         }
@@ -230,8 +361,18 @@ impl Exported {
                     charged: self.charged,
                     uncharged: self.uncharged,
                 },
-                balances: self.balances,
-                limits: self.limits,
+                balances: self
+                    .balances
+                    .into_iter()
+                    .map(spelled::Balance::into_core)
+                    .collect::<anyhow::Result<_>>()
+                    .context("balances")?,
+                limits: self
+                    .limits
+                    .into_iter()
+                    .map(spelled::Limit::into_core)
+                    .collect::<anyhow::Result<_>>()
+                    .context("limits")?,
                 prev_hash: unhex("prev_hash", &self.prev_hash)?,
             },
             hash: unhex("hash", &self.hash)?,
@@ -284,8 +425,10 @@ impl Exported {
             returned: r.returned,
             charged: r.charged,
             uncharged: r.uncharged,
-            balances: serde_json::from_str(&r.balances).context("balances")?,
-            limits: serde_json::from_str(&r.limits).context("limits")?,
+            balances: spelled::balances(&mut serde_json::Deserializer::from_str(&r.balances))
+                .context("balances")?,
+            limits: spelled::limits(&mut serde_json::Deserializer::from_str(&r.limits))
+                .context("limits")?,
             prev_hash: r.prev_hash,
             hash: r.hash,
         })
@@ -1270,5 +1413,50 @@ fn start_of(first: Option<&AuditRecord>) -> ChainHead {
 impl Filter {
     fn empty() -> Self {
         Self { subtree: None, principal: None, kinds: Vec::new(), from: None, to: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+    use super::*;
+
+    #[test]
+    fn exports_spell_windows_and_policies_as_the_cli_does_and_old_files_still_read() {
+        let mut ledger = ration_core::Ledger::default();
+        let spec = ration_core::BudgetSpec {
+            path: BudgetPath::new("acme").unwrap(),
+            limits: vec![ration_core::LimitSpec {
+                unit: Unit::new("tokens").unwrap(),
+                cap: 100,
+                window: ration_core::Window::with_offset(ration_core::Period::Day, 330).unwrap(),
+                on_unreachable: ration_core::FailPolicy::StaticAllowance { amount: 5 },
+            }],
+        };
+        let req = ration_core::Request {
+            client: ration_core::ClientId::new("ops").unwrap(),
+            request_id: 1,
+            principal: Principal::new("ops").unwrap(),
+            op: ration_core::Op::CreateBudget(spec),
+        };
+        let entry = ration_core::Entry::V1(ration_core::Batch {
+            time_ms: 1_764_340_245_123,
+            commands: vec![ration_core::Command::Request(req)],
+        });
+        let record = ledger.apply(1, &entry).audit.remove(0);
+        let exported = Exported::from_core(&record);
+        let line = serde_json::to_string(&exported).unwrap();
+        assert!(line.contains(r#""window":"day+05:30""#), "{line}");
+        assert!(line.contains(r#""on_unreachable":"static","static_allowance":5"#), "{line}");
+        let back: Exported = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.clone().into_core().unwrap(), record);
+        // The spelling of files exported before: the core types' own.
+        let mut old: serde_json::Value = serde_json::to_value(&exported).unwrap();
+        old["limits"] = serde_json::to_value(&record.entry.limits).unwrap();
+        old["balances"] = serde_json::to_value(&record.entry.balances).unwrap();
+        assert!(old.to_string().contains("StaticAllowance"), "{old}");
+        let read: Exported = serde_json::from_value(old).unwrap();
+        assert_eq!(read.into_core().unwrap(), record);
     }
 }
