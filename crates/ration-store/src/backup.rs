@@ -26,7 +26,11 @@ pub struct SnapshotInfo {
     pub members: Vec<(u64, String, bool)>,
     pub budgets: usize,
     pub live_leases: usize,
+    /// Length of the audit chain (records before the snapshot's chain head).
     pub audit_records: u64,
+    /// Sealed segments the snapshot lists (the history before its tail; they are
+    /// files of the data directory, not part of the snapshot).
+    pub audit_segments: usize,
     /// The ledger's state digest (equal on every replica at this index).
     pub digest: [u8; 32],
 }
@@ -43,7 +47,7 @@ pub fn current_snapshot(dir: &Path) -> Result<Option<Vec<u8>>, OpenError> {
 /// Decodes and checks a snapshot file's bytes.
 pub fn inspect_snapshot(bytes: &[u8]) -> Result<SnapshotInfo, String> {
     let file = SnapshotFile::decode(bytes)?;
-    let (state, records) = decode_body(&file.data)?;
+    let (state, manifest, _tail) = decode_body(&file.data)?;
     let last = file.meta.last_log_id;
     if last != state.last_applied {
         return Err(format!(
@@ -63,7 +67,8 @@ pub fn inspect_snapshot(bytes: &[u8]) -> Result<SnapshotInfo, String> {
             .collect(),
         budgets: state.ledger.budget_count(),
         live_leases: state.ledger.live_lease_count(),
-        audit_records: records.len() as u64,
+        audit_records: state.ledger.chain_head().next_seq,
+        audit_segments: manifest.len(),
         digest: state.ledger.digest(),
     })
 }
@@ -131,7 +136,8 @@ pub async fn restore_new_cluster(
         std::collections::BTreeMap::from([(id, openraft::BasicNode::new(addr))]),
     );
     let stored = openraft::StoredMembership::new(last, membership);
-    let rewritten = SnapshotFile::new(last, stored, body.ledger, body.audit).encode();
+    let rewritten =
+        SnapshotFile::new(last, stored, body.ledger, body.manifest, body.audit).encode();
     let info = restore(dir, &rewritten)?;
     crate::claim_node_id(dir, id)?;
     let (mut log, sm, identity) = crate::open_durable(dir, LedgerConfig::default()).await?;
@@ -168,5 +174,5 @@ pub fn snapshot_file_bytes(
     ledger: Vec<u8>,
     audit: Vec<ration_core::audit::AuditRecord>,
 ) -> Vec<u8> {
-    SnapshotFile::new(last, membership, ledger, audit).encode()
+    SnapshotFile::new(last, membership, ledger, Vec::new(), audit).encode()
 }

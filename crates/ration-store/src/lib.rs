@@ -61,10 +61,12 @@ openraft::declare_raft_types!(
         AsyncRuntime = runtime::RationRuntime,
 );
 
+pub mod audit_store;
 pub mod backup;
 pub mod framing;
 pub mod mem;
 pub mod runtime;
+pub mod segments;
 pub mod wal;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -76,9 +78,18 @@ pub async fn open_durable(
     dir: &Path,
     config: LedgerConfig,
 ) -> Result<(wal::WalLogStore, StateMachine, ClusterIdentity), OpenError> {
+    open_durable_with(dir, config, SealPolicy::default()).await
+}
+
+/// [`open_durable`] with a seal policy for the audit segments.
+pub async fn open_durable_with(
+    dir: &Path,
+    config: LedgerConfig,
+    policy: SealPolicy,
+) -> Result<(wal::WalLogStore, StateMachine, ClusterIdentity), OpenError> {
     let wal_dir = dir.join(WAL_DIR);
     let fresh = !wal_dir.exists();
-    let (sled_log, sm) = open(dir, config)?;
+    let (sled_log, sm) = open_with(dir, config, policy)?;
     let identity = sled_log.identity().map_err(|e| OpenError::Io(std::io::Error::other(e)))?;
     if fresh
         && (!sled_log.is_empty()
@@ -172,9 +183,27 @@ pub fn claim_node_id(dir: &Path, id: NodeId) -> Result<(), OpenError> {
 /// Opens (or creates) a node's storage in `dir` with the Raft log in sled:
 /// `dir/sled/` and `dir/snapshot.bin`.
 pub fn open(dir: &Path, config: LedgerConfig) -> Result<(SledLogStore, StateMachine), OpenError> {
+    open_with(dir, config, SealPolicy::default())
+}
+
+/// Where sealed audit segments live in a data directory.
+pub const AUDIT_DIR: &str = "audit";
+
+/// sled's page cache: it holds the log (`log_store = "sled"`) and the audit tail,
+/// both read mostly near their end; the default (1 GiB) would let RSS grow with
+/// them.
+const SLED_CACHE_BYTES: u64 = 64 << 20;
+
+/// [`open`] with a seal policy for the audit segments.
+pub fn open_with(
+    dir: &Path,
+    config: LedgerConfig,
+    policy: SealPolicy,
+) -> Result<(SledLogStore, StateMachine), OpenError> {
     std::fs::create_dir_all(dir)?;
     let db = sled::Config::new()
         .path(dir.join("sled"))
+        .cache_capacity(SLED_CACHE_BYTES)
         .mode(sled::Mode::HighThroughput)
         .open()
         .map_err(|e| match e {
@@ -193,7 +222,11 @@ pub fn open(dir: &Path, config: LedgerConfig) -> Result<(SledLogStore, StateMach
         db: db.clone(),
         dir: dir.to_path_buf(),
     };
-    let audit = AuditStore { backend: AuditBackend::Sled(db.open_tree("audit")?) };
+    let audit = AuditStore::new(
+        AuditBackend::Sled(db.open_tree("audit")?),
+        Some(dir.join(AUDIT_DIR)),
+        policy,
+    );
     let sm = StateMachine::open(Some(db), audit, SnapshotPlace::Dir(dir.to_path_buf()), config)?;
     Ok((log, sm))
 }
@@ -478,133 +511,6 @@ impl ClusterIdentity {
     }
 }
 
-// ----- the audit records -----
-
-/// Audit records in sled, in chunks: one key per applied batch of entries (the first
-/// record's sequence number), holding that batch's records in order. One sled write
-/// per apply call instead of one per record.
-#[derive(Clone, Debug)]
-pub struct AuditStore {
-    backend: AuditBackend,
-}
-
-#[derive(Clone, Debug)]
-enum AuditBackend {
-    Sled(sled::Tree),
-    /// Volatile, like unflushed sled writes: rebuilt from the snapshot and the log.
-    Mem(Arc<std::sync::Mutex<Vec<AuditRecord>>>),
-}
-
-/// Records per chunk when many are written at once (snapshot install).
-const AUDIT_CHUNK: usize = 4096;
-
-impl AuditStore {
-    fn decode(value: &[u8]) -> Result<Vec<AuditRecord>, ReadError> {
-        Ok(postcard::from_bytes(value)?)
-    }
-
-    fn mem(
-        records: &Arc<std::sync::Mutex<Vec<AuditRecord>>>,
-    ) -> std::sync::MutexGuard<'_, Vec<AuditRecord>> {
-        records.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn append(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
-        let tree = match &self.backend {
-            AuditBackend::Sled(tree) => tree,
-            AuditBackend::Mem(m) => {
-                Self::mem(m).extend_from_slice(records);
-                return Ok(());
-            }
-        };
-        if let Some(first) = records.first() {
-            tree.insert(index_key(first.entry.seq), encode(&records))?;
-        }
-        Ok(())
-    }
-
-    /// Records from sequence number `from`, in order, at most `limit`.
-    pub fn read(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
-        let tree = match &self.backend {
-            AuditBackend::Sled(tree) => tree,
-            AuditBackend::Mem(m) => {
-                let held = Self::mem(m);
-                let start = usize::try_from(from).unwrap_or(usize::MAX).min(held.len());
-                return Ok(held.iter().skip(start).take(limit).cloned().collect());
-            }
-        };
-        let mut out = Vec::new();
-        // The chunk holding `from` starts at or before it.
-        let start = match tree.range(..=index_key(from)).next_back() {
-            Some(item) => item?.0,
-            None => sled::IVec::from(&index_key(from)),
-        };
-        for item in tree.range(start..) {
-            let (_, value) = item?;
-            for record in Self::decode(&value)? {
-                if record.entry.seq >= from {
-                    if out.len() == limit {
-                        return Ok(out);
-                    }
-                    out.push(record);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Number of records held (they run from 0 without gaps).
-    pub fn len(&self) -> Result<u64, ReadError> {
-        let tree = match &self.backend {
-            AuditBackend::Sled(tree) => tree,
-            AuditBackend::Mem(m) => return Ok(Self::mem(m).len() as u64),
-        };
-        match tree.last()? {
-            Some((_, value)) => Ok(Self::decode(&value)?.last().map_or(0, |r| r.entry.seq + 1)),
-            None => Ok(0),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len().map_or(true, |n| n == 0)
-    }
-
-    /// Drops every record from sequence number `seq` on.
-    fn truncate_from(&self, seq: u64) -> Result<(), ReadError> {
-        let tree = match &self.backend {
-            AuditBackend::Sled(tree) => tree,
-            AuditBackend::Mem(m) => {
-                Self::mem(m).truncate(usize::try_from(seq).unwrap_or(usize::MAX));
-                return Ok(());
-            }
-        };
-        if let Some(item) = tree.range(..index_key(seq)).next_back() {
-            let (key, value) = item?;
-            let records = Self::decode(&value)?;
-            if records.last().is_some_and(|r| r.entry.seq >= seq) {
-                let kept: Vec<AuditRecord> =
-                    records.into_iter().filter(|r| r.entry.seq < seq).collect();
-                tree.insert(key, encode(&kept))?;
-            }
-        }
-        for key in tree.range(index_key(seq)..).keys() {
-            tree.remove(key?)?;
-        }
-        Ok(())
-    }
-
-    fn replace_all(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
-        match &self.backend {
-            AuditBackend::Sled(tree) => tree.clear()?,
-            AuditBackend::Mem(m) => Self::mem(m).clear(),
-        }
-        for chunk in records.chunks(AUDIT_CHUNK) {
-            self.append(chunk)?;
-        }
-        Ok(())
-    }
-}
-
 // ----- the state machine -----
 
 /// The applied state, shared with the services that read it.
@@ -659,7 +565,14 @@ pub enum ReadError {
     Decode(#[from] postcard::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A sealed segment this node lists but has not fetched from a peer yet.
+    #[error("audit records {first}..{end} are not on this node yet (it is fetching them from a peer); retry, or ask another node")]
+    Missing { first: u64, end: u64 },
 }
+
+pub use audit_store::{AuditStore, SealPolicy};
+use audit_store::AuditBackend;
+use segments::SegmentRef;
 
 /// The ledger state machine for openraft.
 #[derive(Debug)]
@@ -681,21 +594,28 @@ enum SnapshotPlace {
     Mem(mem::MemDisk),
 }
 
-/// A snapshot's content: the ledger and the audit records up to its chain head.
+/// A snapshot's content: the ledger, the manifest of sealed audit segments, and the
+/// audit records after them up to the ledger's chain head (the tail, fewer than
+/// the seal policy's minimum: the history itself is never in a snapshot).
 ///
-/// Encoded ([`SnapshotBody::encode`]) as three framed sections, each with its own
+/// Encoded ([`SnapshotBody::encode`]) as four framed sections, each with its own
 /// SHA-256 and the whole with a trailer hash (see [`framing`]): `head` (applied log
-/// id and membership), `ledg` (the ledger's own encoding), `audt` (the records).
-/// The body is what openraft ships to a follower, so an install checks it too.
+/// id and membership), `ledg` (the ledger's own encoding), `mani` (the segments:
+/// range, boundary hashes, digest, size), `audt` (the tail). The body is what
+/// openraft ships to a follower, so an install checks it too. A body of the older
+/// format (magic `RATNBODY`, no `mani`, every record in `audt`) still decodes.
 struct SnapshotBody {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
     ledger: Vec<u8>,
+    manifest: Vec<SegmentRef>,
     audit: Vec<AuditRecord>,
 }
 
-const BODY_MAGIC: &[u8; 8] = b"RATNBODY";
-const BODY_TAGS: [&[u8; 4]; 3] = [b"head", b"ledg", b"audt"];
+const BODY_MAGIC_V1: &[u8; 8] = b"RATNBODY";
+const BODY_TAGS_V1: [&[u8; 4]; 3] = [b"head", b"ledg", b"audt"];
+const BODY_MAGIC: &[u8; 8] = b"RATNBOD2";
+const BODY_TAGS: [&[u8; 4]; 4] = [b"head", b"ledg", b"mani", b"audt"];
 const FILE_MAGIC: &[u8; 8] = b"RATNSNAP";
 const FILE_TAGS: [&[u8; 4]; 2] = [b"meta", b"body"];
 
@@ -707,19 +627,37 @@ impl SnapshotBody {
             &[
                 (BODY_TAGS[0], &head),
                 (BODY_TAGS[1], &self.ledger),
-                (BODY_TAGS[2], &encode(&self.audit)),
+                (BODY_TAGS[2], &encode(&self.manifest)),
+                (BODY_TAGS[3], &encode(&self.audit)),
             ],
         )
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let section = |name: &str, e: postcard::Error| {
+            format!("snapshot body: section \"{name}\" does not decode: {e}")
+        };
+        if bytes.starts_with(BODY_MAGIC_V1) {
+            let parts = framing::unframe("snapshot body", BODY_MAGIC_V1, &BODY_TAGS_V1, bytes)
+                .map_err(|e| e.to_string())?;
+            let (last_applied, membership) =
+                postcard::from_bytes(parts[0]).map_err(|e| section("head", e))?;
+            let audit = postcard::from_bytes(parts[2]).map_err(|e| section("audt", e))?;
+            return Ok(Self {
+                last_applied,
+                membership,
+                ledger: parts[1].to_vec(),
+                manifest: Vec::new(),
+                audit,
+            });
+        }
         let parts = framing::unframe("snapshot body", BODY_MAGIC, &BODY_TAGS, bytes)
             .map_err(|e| e.to_string())?;
-        let (last_applied, membership) = postcard::from_bytes(parts[0])
-            .map_err(|e| format!("snapshot body: section \"head\" does not decode: {e}"))?;
-        let audit = postcard::from_bytes(parts[2])
-            .map_err(|e| format!("snapshot body: section \"audt\" does not decode: {e}"))?;
-        Ok(Self { last_applied, membership, ledger: parts[1].to_vec(), audit })
+        let (last_applied, membership) =
+            postcard::from_bytes(parts[0]).map_err(|e| section("head", e))?;
+        let manifest = postcard::from_bytes(parts[2]).map_err(|e| section("mani", e))?;
+        let audit = postcard::from_bytes(parts[3]).map_err(|e| section("audt", e))?;
+        Ok(Self { last_applied, membership, ledger: parts[1].to_vec(), manifest, audit })
     }
 }
 
@@ -731,17 +669,24 @@ struct SnapshotFile {
 }
 
 impl SnapshotFile {
-    /// The snapshot of `ledger` (its own encoding) and `audit` (its records up to
-    /// the chain head), applied up to `last`, under `membership`.
+    /// The snapshot of `ledger` (its own encoding), the sealed segments `manifest`
+    /// and `audit` (the records after them up to the chain head), applied up to
+    /// `last`, under `membership`.
     fn new(
         last: Option<LogId<NodeId>>,
         membership: StoredMembership<NodeId, BasicNode>,
         ledger: Vec<u8>,
+        manifest: Vec<SegmentRef>,
         audit: Vec<AuditRecord>,
     ) -> Self {
-        let data =
-            SnapshotBody { last_applied: last, membership: membership.clone(), ledger, audit }
-                .encode();
+        let data = SnapshotBody {
+            last_applied: last,
+            membership: membership.clone(),
+            ledger,
+            manifest,
+            audit,
+        }
+        .encode();
         let meta = SnapshotMeta {
             last_log_id: last,
             last_membership: membership,
@@ -777,36 +722,37 @@ impl StateMachine {
         config: LedgerConfig,
     ) -> Result<Self, OpenError> {
         let path = snapshots.path();
-        let mut from_snapshot = Vec::new();
-        let state = match snapshots.read()? {
-            Some(file) => {
-                let (state, records) = decode_body(&file.data)
-                    .map_err(|reason| OpenError::Snapshot { path: path.clone(), reason })?;
-                from_snapshot = records;
-                state
-            }
-            None => AppliedState {
-                ledger: Ledger::new(config),
-                last_applied: None,
-                membership: StoredMembership::default(),
-            },
+        let bad = |reason: String| OpenError::Snapshot { path: path.clone(), reason };
+        let (state, manifest, tail) = match snapshots.read()? {
+            Some(file) => decode_body(&file.data).map_err(bad)?,
+            None => (
+                AppliedState {
+                    ledger: Ledger::new(config),
+                    last_applied: None,
+                    membership: StoredMembership::default(),
+                },
+                Vec::new(),
+                Vec::new(),
+            ),
         };
+        // The segments are the snapshot's manifest: files it does not list (sealed
+        // by a build whose snapshot never got written) go; listed ones missing or
+        // damaged are fetched from peers.
+        audit.sealed_mut().adopt(manifest)?;
         // Records past the snapshot's chain head are regenerated, identically, when
-        // openraft re-applies the log after it.
+        // openraft re-applies the log after it. The tail up to it is the snapshot's.
         let head = state.ledger.chain_head().next_seq;
-        audit
-            .truncate_from(head)
-            .map_err(|e| OpenError::Snapshot { path: path.clone(), reason: e.to_string() })?;
-        // A crash while installing a snapshot can leave the tree short of the records
-        // the snapshot covers; the snapshot file has them all.
-        let held = audit
-            .len()
-            .map_err(|e| OpenError::Snapshot { path: path.clone(), reason: e.to_string() })?;
-        if held < head {
-            audit.replace_all(&from_snapshot)?;
-            if let Some(db) = &db {
-                db.flush()?;
-            }
+        let start = audit.sealed().end();
+        audit.truncate_from(head).map_err(|e| bad(e.to_string()))?;
+        let held = audit.read(start, 1).map_err(|e| bad(e.to_string()))?;
+        let intact = audit.len().map_err(|e| bad(e.to_string()))? == head
+            && (start == head || held.first().is_some_and(|r| r.entry.seq == start));
+        if !intact {
+            audit.replace_tail(&tail)?;
+        }
+        audit.drop_sealed_tail().map_err(|e| bad(e.to_string()))?;
+        if let Some(db) = &db {
+            db.flush()?;
         }
         Ok(Self {
             state: Arc::new(RwLock::new(state)),
@@ -825,16 +771,16 @@ impl StateMachine {
         self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Every audit record before `head`, exactly: apply writes a batch's records
-    /// before it releases the ledger, so every record up to a head read under the
-    /// lock is there; fewer means the store lost some, and is an error.
-    fn audit_until(&self, head: ChainHead) -> Result<Vec<AuditRecord>, String> {
-        let want = usize::try_from(head.next_seq).unwrap_or(usize::MAX);
-        let mut records = self.audit.read(0, want).map_err(|e| e.to_string())?;
+    /// The tail's records from `start` up to `head`, exactly: apply writes a
+    /// batch's records before it releases the ledger, so every record up to a head
+    /// read under the lock is there; fewer means the store lost some, and is an error.
+    fn audit_between(&self, start: u64, head: ChainHead) -> Result<Vec<AuditRecord>, String> {
+        let want = usize::try_from(head.next_seq - start).unwrap_or(usize::MAX);
+        let mut records = self.audit.read(start, want).map_err(|e| e.to_string())?;
         records.truncate(want);
         if records.len() != want {
             return Err(format!(
-                "the audit store holds {} records before the ledger's chain head at {}",
+                "the audit store holds {} records from {start} before the ledger's chain head at {}",
                 records.len(),
                 head.next_seq
             ));
@@ -909,12 +855,26 @@ fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotFile>, OpenError> {
     }
 }
 
+/// A snapshot body, decoded and checked: the state, the segment manifest, the tail.
+type DecodedBody = (AppliedState, Vec<SegmentRef>, Vec<AuditRecord>);
+
 /// Decodes and checks a snapshot body: the ledger restores and checks its
-/// invariants, and the audit records form a chain ending at the ledger's head.
-fn decode_body(data: &[u8]) -> Result<(AppliedState, Vec<AuditRecord>), String> {
+/// invariants, the manifest's segments are contiguous from 0 and chained, and the
+/// tail's records form a chain from the last segment to the ledger's head.
+fn decode_body(data: &[u8]) -> Result<DecodedBody, String> {
     let body = SnapshotBody::decode(data)?;
     let ledger = Ledger::restore(&body.ledger).map_err(|e| e.to_string())?;
-    let head = verify_chain(&body.audit, ChainHead::default()).map_err(|e| e.to_string())?;
+    let mut at = ChainHead::default();
+    for s in &body.manifest {
+        if s.first_seq != at.next_seq || s.prev_hash != at.last_hash || s.count == 0 {
+            return Err(format!(
+                "the segment manifest breaks at segment {}+{}: expected it to start at {:?}",
+                s.first_seq, s.count, at
+            ));
+        }
+        at = ChainHead { next_seq: s.end(), last_hash: s.last_hash };
+    }
+    let head = verify_chain(&body.audit, at).map_err(|e| e.to_string())?;
     if head != ledger.chain_head() {
         return Err(format!(
             "audit records end at {head:?} but the ledger's chain is at {:?}",
@@ -923,7 +883,7 @@ fn decode_body(data: &[u8]) -> Result<(AppliedState, Vec<AuditRecord>), String> 
     }
     let state =
         AppliedState { ledger, last_applied: body.last_applied, membership: body.membership };
-    Ok((state, body.audit))
+    Ok((state, body.manifest, body.audit))
 }
 
 fn snapshot_id(last: Option<LogId<NodeId>>) -> String {
@@ -946,16 +906,31 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 state.ledger.chain_head(),
             )
         };
+        // Seal the history into segments first (files written and synced, off the
+        // async workers): the snapshot then lists them and carries only the rest.
+        let store = self.audit.clone();
+        let sealed = tokio::task::spawn_blocking(move || store.seal_until(head.next_seq))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?;
+        let (manifest, start) = {
+            let s = self.audit.sealed();
+            (s.manifest.clone(), s.end())
+        };
         let audit = self
-            .audit_until(head)
+            .audit_between(start, head)
             .map_err(|e| StorageIOError::read_state_machine(&std::io::Error::other(e)))?;
-        let file = SnapshotFile::new(last_applied, membership, ledger, audit);
+        let file = SnapshotFile::new(last_applied, membership, ledger, manifest, audit);
         let meta = file.meta.clone();
-        // The audit records the snapshot covers must be durable before it is.
-        self.flush_audit().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         self.snapshots
             .persist(&file)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        if sealed > 0 {
+            // The snapshot lists the new segments: the tail's copies can go.
+            self.audit
+                .drop_sealed_tail()
+                .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?;
+        }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
     }
 }
@@ -1025,7 +1000,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let lock = self.snapshot_lock.clone();
         let _serialized = lock.lock().await;
         let data = snapshot.into_inner();
-        let (mut state, records) = decode_body(&data).map_err(|reason| {
+        let (mut state, manifest, tail) = decode_body(&data).map_err(|reason| {
             StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(reason))
         })?;
         state.last_applied = meta.last_log_id;
@@ -1036,7 +1011,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 &std::io::Error::other(e.to_string()),
             )
         };
-        self.audit.replace_all(&records).map_err(|e| write_err(&e))?;
+        // The segments this node has that the manifest lists stay; the others go,
+        // and the listed ones it lacks are fetched from peers in the background.
+        self.audit.sealed_mut().adopt(manifest).map_err(|e| write_err(&e))?;
+        self.audit.replace_tail(&tail).map_err(|e| write_err(&e))?;
         self.flush_audit().await.map_err(|e| write_err(&e))?;
         self.snapshots
             .persist(&SnapshotFile { meta: meta.clone(), data })

@@ -1,0 +1,457 @@
+//! Where a node keeps its audit records: sealed segments on disk (the history,
+//! immutable, see [`crate::segments`]) and the tail after them in sled (written on
+//! apply, unflushed, regenerated from the log after a crash).
+//!
+//! The segments a node holds are those its current snapshot's manifest lists. A
+//! segment the manifest lists and this node lacks (it installed a snapshot from a
+//! peer, or lost the file) is *missing*: reads that need it fail with
+//! [`ReadError::Missing`] until the node fetches it from a peer (the server's
+//! fetcher, `ration_server::audit_fetch`) and [`AuditStore::install_segment`] checks
+//! and keeps it.
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use ration_core::audit::{AuditFilter, AuditRecord, ChainHead, GENESIS};
+
+use crate::segments::{self, SegmentEncoder, SegmentFile, SegmentRef};
+use crate::{encode, index_key, ReadError};
+
+/// When a snapshot build seals the tail into segments: once the tail holds at least
+/// `min_records`, into segments of at most `max_records`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealPolicy {
+    pub min_records: u64,
+    pub max_records: u64,
+}
+
+impl Default for SealPolicy {
+    fn default() -> Self {
+        // About 20 MB and 300 MB of records: a snapshot carries at most the first,
+        // a data directory gains a file per the second.
+        Self { min_records: 65_536, max_records: 1_048_576 }
+    }
+}
+
+/// Audit records: segments, then the tail.
+#[derive(Clone, Debug)]
+pub struct AuditStore {
+    pub(crate) backend: AuditBackend,
+    pub(crate) sealed: Arc<RwLock<Sealed>>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum AuditBackend {
+    /// One key per applied batch of entries (its first record's sequence number),
+    /// holding that batch's records in order: one sled write per apply call.
+    Sled(sled::Tree),
+    /// Volatile, like unflushed sled writes: rebuilt from the snapshot and the log.
+    /// (The simulation's store; it never seals.)
+    Mem(Arc<std::sync::Mutex<Vec<AuditRecord>>>),
+}
+
+/// The sealed segments: what the manifest lists, and which of them are on disk.
+#[derive(Debug, Default)]
+pub struct Sealed {
+    /// `data_dir/audit/` (None in memory: nothing is ever sealed).
+    pub(crate) dir: Option<PathBuf>,
+    pub(crate) policy: Option<SealPolicy>,
+    /// Contiguous from sequence number 0.
+    pub(crate) manifest: Vec<SegmentRef>,
+    /// The listed segments present here, by first sequence number.
+    pub(crate) files: BTreeMap<u64, SegmentFile>,
+}
+
+impl Sealed {
+    /// The sequence number after the last sealed record.
+    pub fn end(&self) -> u64 {
+        self.manifest.last().map_or(0, SegmentRef::end)
+    }
+
+    /// Where the tail's chain starts.
+    pub fn tail_start(&self) -> ChainHead {
+        self.manifest.last().map_or(ChainHead::default(), |s| ChainHead {
+            next_seq: s.end(),
+            last_hash: s.last_hash,
+        })
+    }
+
+    fn find(&self, seq: u64) -> Option<&SegmentRef> {
+        let i = self.manifest.partition_point(|s| s.end() <= seq);
+        self.manifest.get(i).filter(|s| s.first_seq <= seq)
+    }
+
+    pub fn missing(&self) -> Vec<SegmentRef> {
+        self.manifest.iter().filter(|s| !self.files.contains_key(&s.first_seq)).cloned().collect()
+    }
+
+    /// Adopts `manifest` (a snapshot's): keeps the files it lists that are here and
+    /// intact, deletes every other segment file. Files that fail their check are
+    /// deleted too (and fetched again from a peer).
+    pub(crate) fn adopt(&mut self, manifest: Vec<SegmentRef>) -> std::io::Result<()> {
+        self.files.clear();
+        self.manifest = manifest;
+        let Some(dir) = self.dir.clone() else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(&dir)?;
+        let wanted: BTreeMap<String, &SegmentRef> =
+            self.manifest.iter().map(|s| (s.file_name(), s)).collect();
+        for item in std::fs::read_dir(&dir)? {
+            let path = item?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            match wanted.get(&name) {
+                Some(r) => match SegmentFile::open(&path, r) {
+                    Ok(f) => {
+                        self.files.insert(r.first_seq, f);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit segment damaged; it will be fetched from a peer");
+                        std::fs::remove_file(&path)?;
+                    }
+                },
+                None => std::fs::remove_file(&path)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Records per chunk when many are written at once (snapshot install, restart).
+const AUDIT_CHUNK: usize = 4096;
+
+impl AuditStore {
+    pub(crate) fn new(backend: AuditBackend, dir: Option<PathBuf>, policy: SealPolicy) -> Self {
+        let policy = dir.as_ref().map(|_| policy);
+        Self { backend, sealed: Arc::new(RwLock::new(Sealed { dir, policy, ..Sealed::default() })) }
+    }
+
+    pub(crate) fn sealed(&self) -> RwLockReadGuard<'_, Sealed> {
+        self.sealed.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn sealed_mut(&self) -> RwLockWriteGuard<'_, Sealed> {
+        self.sealed.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn decode(value: &[u8]) -> Result<Vec<AuditRecord>, ReadError> {
+        Ok(postcard::from_bytes(value)?)
+    }
+
+    fn mem(
+        records: &Arc<std::sync::Mutex<Vec<AuditRecord>>>,
+    ) -> std::sync::MutexGuard<'_, Vec<AuditRecord>> {
+        records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn append(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
+        let tree = match &self.backend {
+            AuditBackend::Sled(tree) => tree,
+            AuditBackend::Mem(m) => {
+                Self::mem(m).extend_from_slice(records);
+                return Ok(());
+            }
+        };
+        if let Some(first) = records.first() {
+            tree.insert(index_key(first.entry.seq), encode(&records))?;
+        }
+        Ok(())
+    }
+
+    /// Records from sequence number `from`, in order, at most `limit`: from the
+    /// segments, then the tail. Fails with [`ReadError::Missing`] on a segment this
+    /// node has not fetched yet.
+    pub fn read(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
+        let mut out = Vec::new();
+        let mut next = from;
+        let end = {
+            let sealed = self.sealed();
+            while out.len() < limit && next < sealed.end() {
+                let seg = sealed.find(next).expect("the manifest is contiguous from 0");
+                let file = sealed
+                    .files
+                    .get(&seg.first_seq)
+                    .ok_or(ReadError::Missing { first: seg.first_seq, end: seg.end() })?;
+                let got = file.read(next, limit - out.len())?;
+                if got.is_empty() {
+                    break;
+                }
+                next = got.last().map_or(next, |r| r.entry.seq + 1);
+                out.extend(got);
+            }
+            sealed.end()
+        };
+        if out.len() < limit {
+            out.extend(self.read_tail(next.max(end), limit - out.len())?);
+        }
+        Ok(out)
+    }
+
+    /// Records of the tail from `from`, at most `limit`.
+    fn read_tail(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
+        let tree = match &self.backend {
+            AuditBackend::Sled(tree) => tree,
+            AuditBackend::Mem(m) => {
+                let held = Self::mem(m);
+                let start = usize::try_from(from).unwrap_or(usize::MAX).min(held.len());
+                return Ok(held.iter().skip(start).take(limit).cloned().collect());
+            }
+        };
+        let mut out = Vec::new();
+        // The chunk holding `from` starts at or before it.
+        let start = match tree.range(..=index_key(from)).next_back() {
+            Some(item) => item?.0,
+            None => sled::IVec::from(&index_key(from)),
+        };
+        for item in tree.range(start..) {
+            let (_, value) = item?;
+            for record in Self::decode(&value)? {
+                if record.entry.seq >= from {
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                    out.push(record);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of records (they run from 0 without gaps, some perhaps missing here).
+    pub fn len(&self) -> Result<u64, ReadError> {
+        let sealed_end = self.sealed().end();
+        let tail = match &self.backend {
+            AuditBackend::Mem(m) => Self::mem(m).len() as u64,
+            AuditBackend::Sled(tree) => match tree.last()? {
+                Some((_, value)) => Self::decode(&value)?.last().map_or(0, |r| r.entry.seq + 1),
+                None => 0,
+            },
+        };
+        Ok(tail.max(sealed_end))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len().map_or(true, |n| n == 0)
+    }
+
+    /// Drops every record of the tail from sequence number `seq` on.
+    pub(crate) fn truncate_from(&self, seq: u64) -> Result<(), ReadError> {
+        let tree = match &self.backend {
+            AuditBackend::Sled(tree) => tree,
+            AuditBackend::Mem(m) => {
+                Self::mem(m).truncate(usize::try_from(seq).unwrap_or(usize::MAX));
+                return Ok(());
+            }
+        };
+        if let Some(item) = tree.range(..index_key(seq)).next_back() {
+            let (key, value) = item?;
+            let records = Self::decode(&value)?;
+            if records.last().is_some_and(|r| r.entry.seq >= seq) {
+                let kept: Vec<AuditRecord> =
+                    records.into_iter().filter(|r| r.entry.seq < seq).collect();
+                tree.insert(key, encode(&kept))?;
+            }
+        }
+        for key in tree.range(index_key(seq)..).keys() {
+            tree.remove(key?)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the tail with `records` (in memory: the whole list, which then
+    /// starts at 0 only if nothing is sealed, as in the simulation).
+    pub(crate) fn replace_tail(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
+        match &self.backend {
+            AuditBackend::Sled(tree) => tree.clear()?,
+            AuditBackend::Mem(m) => Self::mem(m).clear(),
+        }
+        for chunk in records.chunks(AUDIT_CHUNK) {
+            self.append(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the tail's chunks that lie wholly in sealed segments.
+    pub(crate) fn drop_sealed_tail(&self) -> Result<(), ReadError> {
+        let AuditBackend::Sled(tree) = &self.backend else {
+            return Ok(());
+        };
+        let end = self.sealed().end();
+        let keys: Vec<sled::IVec> =
+            tree.range(..index_key(end)).keys().collect::<Result<_, _>>()?;
+        for (i, key) in keys.iter().enumerate() {
+            let whole = match keys.get(i + 1) {
+                Some(_) => true,
+                None => tree
+                    .get(key)?
+                    .map(|v| Self::decode(&v))
+                    .transpose()?
+                    .and_then(|r| r.last().map(|r| r.entry.seq < end))
+                    .unwrap_or(true),
+            };
+            if whole {
+                tree.remove(key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the tail up to `head` into segments (files written and synced) once it
+    /// holds at least the policy's minimum. Returns how many segments it wrote.
+    pub(crate) fn seal_until(&self, head: u64) -> Result<usize, ReadError> {
+        let (dir, policy, mut start) = {
+            let sealed = self.sealed();
+            match (&sealed.dir, sealed.policy) {
+                (Some(dir), Some(p)) => (dir.clone(), p, sealed.tail_start()),
+                _ => return Ok(0),
+            }
+        };
+        let mut written = 0;
+        while head.saturating_sub(start.next_seq) >= policy.min_records {
+            let count = (head - start.next_seq).min(policy.max_records);
+            let r = self.write_segment(&dir, start, count)?;
+            start = ChainHead { next_seq: r.end(), last_hash: r.last_hash };
+            let file = SegmentFile::open(&dir.join(r.file_name()), &r)?;
+            let mut sealed = self.sealed_mut();
+            sealed.files.insert(r.first_seq, file);
+            sealed.manifest.push(r);
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    fn write_segment(&self, dir: &Path, start: ChainHead, count: u64) -> Result<SegmentRef, ReadError> {
+        std::fs::create_dir_all(dir)?;
+        let name = segments::segment_file_name(start.next_seq, count);
+        let mut result = None;
+        segments::write_file_durably(dir, &name, |f| {
+            let mut enc =
+                SegmentEncoder::new(BufWriter::with_capacity(1 << 20, f), start.next_seq, count, start.last_hash)?;
+            let mut next = start.next_seq;
+            let end = start.next_seq + count;
+            while next < end {
+                let chunk = self
+                    .read_tail(next, (end - next).min(AUDIT_CHUNK as u64) as usize)
+                    .map_err(std::io::Error::other)?;
+                if chunk.is_empty() {
+                    return Err(std::io::Error::other(format!(
+                        "the audit tail ends at {next}, before {end}"
+                    )));
+                }
+                for r in &chunk {
+                    enc.push(r)?;
+                }
+                next += chunk.len() as u64;
+            }
+            let (r, mut w) = enc.finish()?;
+            w.flush()?;
+            result = Some(r);
+            Ok(())
+        })?;
+        Ok(result.expect("written"))
+    }
+
+    /// The bytes of the segment `[first, first + count)` as this node would seal it,
+    /// produced from whatever holds those records here, handed to `out` in pieces
+    /// of about `chunk` bytes. Fails if this node lacks any of the records.
+    pub fn serve_segment(
+        &self,
+        first: u64,
+        count: u64,
+        chunk: usize,
+        mut out: impl FnMut(Vec<u8>) -> bool,
+    ) -> Result<SegmentRef, ReadError> {
+        let prev = if first == 0 {
+            GENESIS
+        } else {
+            let before = self.read(first - 1, 1)?;
+            match before.first() {
+                Some(r) if r.entry.seq == first - 1 => r.hash,
+                _ => return Err(ReadError::Missing { first: first - 1, end: first }),
+            }
+        };
+        let mut enc = SegmentEncoder::new(Vec::with_capacity(chunk + 4096), first, count, prev)?;
+        let end = first.checked_add(count).ok_or(ReadError::Missing { first, end: u64::MAX })?;
+        let mut next = first;
+        while next < end {
+            let got = self.read(next, (end - next).min(AUDIT_CHUNK as u64) as usize)?;
+            if got.is_empty() {
+                return Err(ReadError::Missing { first: next, end });
+            }
+            for r in &got {
+                enc.push(r)?;
+                if enc.out_mut().len() >= chunk {
+                    let piece = std::mem::take(enc.out_mut());
+                    if !out(piece) {
+                        return Err(ReadError::Io(std::io::Error::other("the receiver went away")));
+                    }
+                }
+            }
+            next += got.len() as u64;
+        }
+        let (r, rest) = enc.finish()?;
+        if !rest.is_empty() && !out(rest) {
+            return Err(ReadError::Io(std::io::Error::other("the receiver went away")));
+        }
+        Ok(r)
+    }
+
+    /// Keeps a fetched segment: checks the file at `tmp` is exactly `want` (digest,
+    /// chain, every record), then moves it into place. False if the manifest no
+    /// longer lists `want` (a newer snapshot was installed meanwhile).
+    pub fn install_segment(&self, tmp: &Path, want: &SegmentRef) -> Result<bool, ReadError> {
+        segments::verify_file(tmp, want)?;
+        let mut sealed = self.sealed_mut();
+        if !sealed.manifest.contains(want) {
+            std::fs::remove_file(tmp)?;
+            return Ok(false);
+        }
+        let dir = sealed.dir.clone().ok_or_else(|| std::io::Error::other("no segment directory"))?;
+        let path = dir.join(want.file_name());
+        std::fs::File::open(tmp)?.sync_all()?;
+        std::fs::rename(tmp, &path)?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        let file = SegmentFile::open(&path, want)?;
+        sealed.files.insert(want.first_seq, file);
+        Ok(true)
+    }
+
+    /// Where fetched segments are written before they are checked.
+    pub fn fetch_dir(&self) -> Option<PathBuf> {
+        self.sealed().dir.clone()
+    }
+
+    /// Segments listed but not held here.
+    pub fn missing(&self) -> Vec<SegmentRef> {
+        self.sealed().missing()
+    }
+
+    /// The first sequence number at or after `from` whose segment may hold a record
+    /// `filter` selects (`from` itself when it is in the tail): a query skips the
+    /// segments the zone maps exclude without reading them.
+    pub fn skip_to(&self, from: u64, filter: &AuditFilter) -> u64 {
+        let sealed = self.sealed();
+        let mut next = from;
+        while let Some(seg) = sealed.find(next) {
+            match sealed.files.get(&seg.first_seq) {
+                Some(f) if !f.footer.may_match(filter) => next = seg.end(),
+                _ => break,
+            }
+        }
+        next
+    }
+
+    /// (segments listed, missing, bytes of the present ones)
+    pub fn segment_counts(&self) -> (usize, usize, u64) {
+        let sealed = self.sealed();
+        let present: u64 = sealed
+            .manifest
+            .iter()
+            .filter(|s| sealed.files.contains_key(&s.first_seq))
+            .map(|s| s.bytes)
+            .sum();
+        (sealed.manifest.len(), sealed.manifest.len() - sealed.files.len(), present)
+    }
+}
