@@ -67,6 +67,12 @@ impl BudgetPath {
     }
 
     /// True if `self` is `ancestor` or lies below it.
+    /// The bounds, in path order, of this budget's strict descendants: `[p/, p0)`
+    /// (`0` follows `/`). Not valid paths themselves; only for ranges.
+    pub(crate) fn descendant_bounds(&self) -> (BudgetPath, BudgetPath) {
+        (Self(format!("{}/", self.0).into()), Self(format!("{}0", self.0).into()))
+    }
+
     pub fn is_within(&self, ancestor: &BudgetPath) -> bool {
         match self.0.strip_prefix(ancestor.as_str()) {
             Some(rest) => rest.is_empty() || rest.starts_with('/'),

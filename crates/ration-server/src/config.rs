@@ -72,6 +72,12 @@ pub struct Config {
     pub snapshot_after_entries: u64,
     /// Log entries kept after a snapshot (for lagging followers) before purging.
     pub keep_log_after_snapshot: u64,
+    /// A snapshot build seals the audit records after the last sealed segment into
+    /// segment files (`data_dir/audit/`) once there are at least this many; fewer
+    /// ride in the snapshot. Bounds the audit records a snapshot carries.
+    pub audit_segment_min_records: u64,
+    /// Most records in one audit segment file.
+    pub audit_segment_max_records: u64,
     /// Largest client gRPC message accepted or sent.
     pub max_message_bytes: usize,
     /// Largest node-to-node message: a batch of up to `raft_max_entries_per_rpc`
@@ -126,6 +132,9 @@ impl Default for Config {
             rpc_timeout_ms: 2000,
             snapshot_after_entries: 20_000,
             keep_log_after_snapshot: 5_000,
+            // About 20 MB and 300 MB of records at 300 bytes each.
+            audit_segment_min_records: 65_536,
+            audit_segment_max_records: 1_048_576,
             max_message_bytes: 8 << 20,
             peer_max_message_bytes: 64 << 20,
             raft_max_entries_per_rpc: 4,
@@ -215,6 +224,14 @@ impl Config {
             return bad(
                 "give initial_cluster (to form a cluster) or join (to join one), not both".into()
             );
+        }
+        if self.audit_segment_min_records == 0
+            || self.audit_segment_max_records < self.audit_segment_min_records
+        {
+            return bad(format!(
+                "audit segments: need 1 <= audit_segment_min_records ({}) <= audit_segment_max_records ({})",
+                self.audit_segment_min_records, self.audit_segment_max_records
+            ));
         }
         // One caller's batch may ride over the limit; the entry must still fit.
         let most =
@@ -377,6 +394,13 @@ pub struct Args {
     /// [default: 20000].
     #[arg(long, env = "RATION_SNAPSHOT_AFTER_ENTRIES")]
     pub snapshot_after_entries: Option<u64>,
+    /// Seal the audit records into a segment file once this many are not sealed
+    /// (fewer ride in the snapshot) [default: 65536].
+    #[arg(long, env = "RATION_AUDIT_SEGMENT_MIN_RECORDS")]
+    pub audit_segment_min_records: Option<u64>,
+    /// Most audit records in one segment file [default: 1048576].
+    #[arg(long, env = "RATION_AUDIT_SEGMENT_MAX_RECORDS")]
+    pub audit_segment_max_records: Option<u64>,
     /// Most commands the leader groups into one log entry [default: 3072].
     #[arg(long, env = "RATION_BATCH_MAX_COMMANDS")]
     pub batch_max_commands: Option<usize>,
@@ -422,6 +446,8 @@ impl Args {
             election_timeout_max_ms,
             replication_timeout_ms,
             snapshot_after_entries,
+            audit_segment_min_records,
+            audit_segment_max_records,
             batch_max_commands,
             batch_wait_us,
             metrics_listen,

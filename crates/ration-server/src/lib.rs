@@ -4,6 +4,7 @@
 //! stored in sled (ration-store), reached over tonic (ration-proto). `rationd` is a
 //! few lines over [`run`]; tests start nodes with [`start`].
 
+mod audit_fetch;
 pub mod config;
 mod leadership;
 mod ledger_time;
@@ -64,7 +65,15 @@ pub struct Node {
     /// This node's view of ledger time and the bound on its stamps (shared with the
     /// proposer).
     time: Arc<std::sync::Mutex<ration_core::timebound::TimeBound>>,
+    /// Audit segments this node is serving to peers (bounded).
+    pub(crate) segment_serving: Arc<tokio::sync::Semaphore>,
+    /// Heavy reads under way (audit queries, digests, snapshot saves), run on the
+    /// blocking pool: bounded so they cannot take the node's threads.
+    pub(crate) heavy_reads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Heavy reads a node runs at once; more are refused as overloaded.
+pub const HEAVY_READS_AT_ONCE: usize = 4;
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,6 +111,30 @@ pub enum Routed {
 }
 
 impl Node {
+    /// Runs a heavy read (`what`) on the blocking pool, off the async workers that
+    /// carry heartbeats and replication; at most [`HEAVY_READS_AT_ONCE`] at once,
+    /// and more are refused as overloaded (UNAVAILABLE with a retry delay).
+    pub(crate) async fn heavy<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tonic::Status> {
+        let permit = self.heavy_reads.clone().try_acquire_owned().map_err(|_| {
+            ration_proto::rpc::overloaded(
+                format!(
+                    "this node runs {HEAVY_READS_AT_ONCE} heavy reads at once ({what} refused); retry shortly"
+                ),
+                Duration::from_millis(500),
+            )
+        })?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f()
+        })
+        .await
+        .map_err(|e| tonic::Status::internal(format!("{what} failed: {e}")))
+    }
+
     /// The leader as this node knows it now.
     pub fn leader(&self) -> Leader {
         // Read in place, not cloned: every write asks this.
@@ -535,9 +568,13 @@ where
     config.validate()?;
     ration_store::claim_node_id(&config.data_dir, config.node_id)
         .context("checking which node the data directory belongs to")?;
+    let policy = ration_store::SealPolicy {
+        min_records: config.audit_segment_min_records,
+        max_records: config.audit_segment_max_records,
+    };
     if config.log_store == "sled" {
         let (log, sm, identity) = open_storage(&config, |dir, c| async move {
-            let (log, sm) = ration_store::open(&dir, c)?;
+            let (log, sm) = ration_store::open_with(&dir, c, policy)?;
             let identity = log
                 .identity()
                 .map_err(|e| ration_store::OpenError::Io(std::io::Error::other(e)))?;
@@ -547,9 +584,10 @@ where
         let storage = Storage { reader: sm.reader(), log, sm, identity, wal: None };
         return start_with_storage(config, storage, incoming, channels, clock).await;
     }
-    let (log, sm, identity) =
-        open_storage(&config, |dir, c| async move { ration_store::open_durable(&dir, c).await })
-            .await?;
+    let (log, sm, identity) = open_storage(&config, |dir, c| async move {
+        ration_store::open_durable_with(&dir, c, policy).await
+    })
+    .await?;
     let storage = Storage { reader: sm.reader(), wal: Some(log.stats()), log, sm, identity };
     start_with_storage(config, storage, incoming, channels, clock).await
 }
@@ -667,6 +705,8 @@ where
         metrics_addr: std::sync::OnceLock::new(),
         clock,
         time,
+        segment_serving: Arc::new(tokio::sync::Semaphore::new(2)),
+        heavy_reads: Arc::new(tokio::sync::Semaphore::new(HEAVY_READS_AT_ONCE)),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -688,6 +728,9 @@ where
     bootstrap(&node).await?;
     tokio::spawn(ticker(Arc::downgrade(&node), node.config.tick_ms));
     tokio::spawn(ledger_time::keep(Arc::downgrade(&node)));
+    if node.reader.audit.fetch_dir().is_some() {
+        tokio::spawn(audit_fetch::run(Arc::downgrade(&node)));
+    }
     tracing::info!(id = node.id, %addr, "node serving");
     Ok(NodeHandle { node, stop: Some(stop_tx), served, core: core_rx })
 }

@@ -163,6 +163,8 @@ pub struct Metrics {
     /// By (gRPC method path, status code); read-locked on the request path
     /// (written only the first time a pair is seen).
     rpcs: RwLock<BTreeMap<String, BTreeMap<&'static str, Arc<Histogram>>>>,
+    /// Audit segments fetched from peers (after a snapshot install).
+    pub audit_segments_fetched: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -178,6 +180,7 @@ impl Default for Metrics {
             denials: std::sync::Mutex::default(),
             proposals: AtomicU64::new(0),
             batch_commands: Histogram::new(BATCH_BOUNDS, 1.0),
+            audit_segments_fetched: AtomicU64::new(0),
             rpcs: RwLock::new(BTreeMap::new()),
         }
     }
@@ -379,8 +382,38 @@ pub fn render(node: &Node) -> String {
         "Audit records this node holds.",
         ration_store::audit_len(&node.reader),
     );
+    let (listed, missing, segment_bytes) = node.reader.audit.segment_counts();
+    gauge(
+        &mut out,
+        "ration_audit_segments",
+        "Sealed audit segments the current snapshot's manifest lists.",
+        listed,
+    );
+    gauge(
+        &mut out,
+        "ration_audit_segments_missing",
+        "Listed audit segments this node has not fetched from a peer yet.",
+        missing,
+    );
+    gauge(
+        &mut out,
+        "ration_audit_segment_bytes",
+        "Bytes of the audit segments this node holds.",
+        segment_bytes,
+    );
 
     let metrics = &node.metrics;
+    header(
+        &mut out,
+        "ration_audit_segments_fetched_total",
+        "counter",
+        "Audit segments fetched from peers and checked.",
+    );
+    let _ = writeln!(
+        out,
+        "ration_audit_segments_fetched_total {}",
+        metrics.audit_segments_fetched.load(Relaxed)
+    );
     header(&mut out, "ration_grants_total", "counter", "Acquires granted by this node as leader.");
     let _ = writeln!(out, "ration_grants_total {}", metrics.grants.load(Relaxed));
     header(

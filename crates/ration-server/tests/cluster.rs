@@ -140,6 +140,59 @@ async fn a_follower_behind_a_purged_log_catches_up_by_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_install_fetches_the_sealed_audit_history_from_peers() {
+    let mut cluster = Cluster::start(3, |c| {
+        c.snapshot_after_entries = 20;
+        c.keep_log_after_snapshot = 5;
+        c.audit_segment_min_records = 40;
+        c.audit_segment_max_records = 90;
+    })
+    .await;
+    let leader = cluster.leader().await;
+    create_tree(cluster.addrs[&leader]).await;
+    let lagging = *cluster.addrs.keys().find(|id| **id != leader).unwrap();
+    cluster.stop(lagging).await;
+    let mut client = ledger(cluster.addrs[&leader]);
+    for i in 0..400 {
+        client.acquire(acquire("gw-1-b", i + 1, 10)).await.unwrap();
+    }
+    let raft = cluster.nodes[&leader].node.raft.clone();
+    eventually("the leader purged its log past the lagging node", Duration::from_secs(20), || {
+        let purged = raft.metrics().borrow().purged.map(|l| l.index).unwrap_or(0);
+        async move { purged > 20 }
+    })
+    .await;
+    let reader = cluster.nodes[&leader].node.reader.clone();
+    eventually("the leader sealed segments", Duration::from_secs(20), || {
+        let listed = reader.audit.segment_counts().0;
+        async move { listed >= 2 }
+    })
+    .await;
+
+    cluster.restart(lagging).await;
+    cluster.converged().await;
+    let node = cluster.nodes[&lagging].node.clone();
+    assert!(node.raft.metrics().borrow().snapshot.is_some(), "it installed a snapshot");
+    eventually("the lagging node fetched every listed segment", Duration::from_secs(30), || {
+        let (listed, missing, _) = node.reader.audit.segment_counts();
+        async move { listed >= 2 && missing == 0 }
+    })
+    .await;
+    // The snapshot it holds carries the tail only, not the history.
+    let snap = ration_store::backup::current_snapshot(&node.config.data_dir).unwrap().unwrap();
+    let info = ration_store::backup::inspect_snapshot(&snap).unwrap();
+    assert!(info.audit_segments >= 2 && info.audit_records > 300, "{info:?}");
+    // Its whole audit chain, read from it alone, is the leader's, record for record.
+    let mine = ration_testkit::audit_records(cluster.addrs[&lagging]).await;
+    let theirs = ration_testkit::audit_records(cluster.addrs[&leader]).await;
+    assert!(mine.len() > 400);
+    assert_eq!(mine.len(), theirs.len());
+    assert!(mine.iter().zip(&theirs).all(|(a, b)| a.hash == b.hash && a.seq == b.seq));
+    assert!(node.metrics.audit_segments_fetched.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_leave_and_take_over_leadership() {
     let mut cluster = Cluster::start(3, |_| {}).await;
     cluster.leader().await;

@@ -322,13 +322,22 @@ impl AuditStore {
         Ok(written)
     }
 
-    fn write_segment(&self, dir: &Path, start: ChainHead, count: u64) -> Result<SegmentRef, ReadError> {
+    fn write_segment(
+        &self,
+        dir: &Path,
+        start: ChainHead,
+        count: u64,
+    ) -> Result<SegmentRef, ReadError> {
         std::fs::create_dir_all(dir)?;
         let name = segments::segment_file_name(start.next_seq, count);
         let mut result = None;
         segments::write_file_durably(dir, &name, |f| {
-            let mut enc =
-                SegmentEncoder::new(BufWriter::with_capacity(1 << 20, f), start.next_seq, count, start.last_hash)?;
+            let mut enc = SegmentEncoder::new(
+                BufWriter::with_capacity(1 << 20, f),
+                start.next_seq,
+                count,
+                start.last_hash,
+            )?;
             let mut next = start.next_seq;
             let end = start.next_seq + count;
             while next < end {
@@ -408,7 +417,8 @@ impl AuditStore {
             std::fs::remove_file(tmp)?;
             return Ok(false);
         }
-        let dir = sealed.dir.clone().ok_or_else(|| std::io::Error::other("no segment directory"))?;
+        let dir =
+            sealed.dir.clone().ok_or_else(|| std::io::Error::other("no segment directory"))?;
         let path = dir.join(want.file_name());
         std::fs::File::open(tmp)?.sync_all()?;
         std::fs::rename(tmp, &path)?;

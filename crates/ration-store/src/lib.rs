@@ -570,8 +570,8 @@ pub enum ReadError {
     Missing { first: u64, end: u64 },
 }
 
-pub use audit_store::{AuditStore, SealPolicy};
 use audit_store::AuditBackend;
+pub use audit_store::{AuditStore, SealPolicy};
 use segments::SegmentRef;
 
 /// The ledger state machine for openraft.

@@ -178,11 +178,8 @@ impl MemDisk {
         let image = self.lock().image.clone();
         let log =
             MemLogStore { disk: self.clone(), cache: Arc::new(Mutex::new(image)), fsync_delay };
-        let audit = AuditStore::new(
-            AuditBackend::Mem(Arc::default()),
-            None,
-            crate::SealPolicy::default(),
-        );
+        let audit =
+            AuditStore::new(AuditBackend::Mem(Arc::default()), None, crate::SealPolicy::default());
         let sm = StateMachine::open(None, audit, SnapshotPlace::Mem(self.clone()), config)?;
         let identity = ClusterIdentity { meta: None, current: self.cluster_id.clone() };
         Ok((log, sm, identity))

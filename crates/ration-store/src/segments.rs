@@ -313,7 +313,10 @@ impl SegmentFile {
         while out.len() < limit && seq < end {
             let record = read_record(&self.path, &mut f)?;
             if record.entry.seq != seq {
-                return Err(bad(&self.path, format!("record {} where {seq} belongs", record.entry.seq)));
+                return Err(bad(
+                    &self.path,
+                    format!("record {} where {seq} belongs", record.entry.seq),
+                ));
             }
             if skip > 0 {
                 skip -= 1;
@@ -382,7 +385,11 @@ pub fn verify_file(path: &Path, expect: &SegmentRef) -> std::io::Result<()> {
 }
 
 /// Writes `bytes` to `dir/name` durably: temporary file, fsync, rename, fsync dir.
-pub fn write_file_durably(dir: &Path, name: &str, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> std::io::Result<()> {
+pub fn write_file_durably(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp)?;
     write(&mut f)?;

@@ -156,8 +156,10 @@ fn budget_entries(from: u64, to: u64) -> Vec<Entry<TypeConfig>> {
     use ration_core::{Batch, BudgetPath, BudgetSpec, ClientId, Command, Op, Principal, Request};
     (from..to)
         .map(|i| {
-            let spec =
-                BudgetSpec { path: BudgetPath::new(format!("r{}/b{i}", i % 3)).unwrap(), limits: vec![] };
+            let spec = BudgetSpec {
+                path: BudgetPath::new(format!("r{}/b{i}", i % 3)).unwrap(),
+                limits: vec![],
+            };
             let req = Request {
                 client: ClientId::new("c").unwrap(),
                 request_id: i + 1,
@@ -198,7 +200,10 @@ async fn applied_store(dir: &Path, n: u64) -> StateMachine {
         .collect();
     let first = Entry {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
-        payload: EntryPayload::Normal(ration_core::Entry::V1(Batch { time_ms: 999, commands: roots })),
+        payload: EntryPayload::Normal(ration_core::Entry::V1(Batch {
+            time_ms: 999,
+            commands: roots,
+        })),
     };
     sm.apply(vec![first]).await.unwrap();
     sm.apply(budget_entries(1, n + 1)).await.unwrap();
@@ -254,10 +259,8 @@ async fn zone_maps_let_queries_skip_segments() {
     let dir = TempDir::new().unwrap();
     let mut sm = applied_store(dir.path(), 1_000).await;
     sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
-    let filter = |from_ms| ration_core::audit::AuditFilter {
-        from_ms: Some(from_ms),
-        ..Default::default()
-    };
+    let filter =
+        |from_ms| ration_core::audit::AuditFilter { from_ms: Some(from_ms), ..Default::default() };
     // Record i (i >= 3) has time 1000 + (i - 2): the first two segments end
     // before 1_700, the third ([500, 750)) reaches 1_747.
     assert_eq!(sm.audit.skip_to(0, &filter(1_700)), 500);

@@ -63,17 +63,29 @@ impl Ledger {
         limit: usize,
     ) -> Vec<BudgetView> {
         use std::ops::Bound;
-        let lower = match (start_after, subtree) {
-            // A page token before the subtree: start at the subtree.
-            (Some(after), Some(s)) if after < s => Bound::Included(s.clone()),
-            (Some(after), _) => Bound::Excluded(after.clone()),
-            (None, Some(s)) => Bound::Included(s.clone()),
-            (None, None) => Bound::Unbounded,
+        let after = |p: &BudgetPath| start_after.is_none_or(|a| p > a);
+        let Some(s) = subtree else {
+            let lower = start_after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.clone()));
+            return self
+                .by_path
+                .range((lower, Bound::Unbounded))
+                .take(limit)
+                .map(|(_, id)| self.view(&self.budgets[id]))
+                .collect();
         };
-        self.by_path
-            .range((lower, Bound::Unbounded))
-            .take_while(|(p, _)| subtree.is_none_or(|s| p.as_str().starts_with(s.as_str())))
-            .filter(|(p, _)| subtree.is_none_or(|s| p.is_within(s)))
+        // The subtree is the budget itself, then exactly the paths in [s/, s0): a
+        // page reads only what it returns, however many siblings share the prefix.
+        let (from, to) = s.descendant_bounds();
+        let own = self.by_path.get_key_value(s).filter(|(p, _)| after(p));
+        let rest = match start_after {
+            Some(a) if *a >= to => None,
+            Some(a) if *a >= from => {
+                Some(self.by_path.range((Bound::Excluded(a.clone()), Bound::Excluded(to))))
+            }
+            _ => Some(self.by_path.range((Bound::Included(from), Bound::Excluded(to)))),
+        };
+        own.into_iter()
+            .chain(rest.into_iter().flatten())
             .take(limit)
             .map(|(_, id)| self.view(&self.budgets[id]))
             .collect()

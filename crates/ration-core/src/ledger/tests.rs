@@ -865,3 +865,26 @@ fn a_lease_for_the_next_window_released_before_it_opens_returns_everything() {
     let g = h.grant("gw-1", acquire_next("acme/search/key-7", 10, 20_000, end));
     assert_eq!(h.ledger.lease(g.lease).unwrap().opens_at_ms, None);
 }
+
+#[test]
+fn a_subtree_listing_reads_only_the_subtree_whatever_its_siblings() {
+    let mut h = H::new();
+    for p in ["a", "a-x", "a.y", "ab", "a/b", "a/b/c", "a/z", "b"] {
+        let parent_missing =
+            p.contains('/') && h.ledger.budget(&path(p.rsplit_once('/').unwrap().0)).is_none();
+        assert!(!parent_missing, "{p}");
+        h.ok("ops", Op::CreateBudget(spec(p, vec![])));
+    }
+    let names =
+        |v: Vec<BudgetView>| v.iter().map(|b| b.path.as_str().to_owned()).collect::<Vec<_>>();
+    assert_eq!(names(h.ledger.budgets(Some(&path("a")), None, 100)), ["a", "a/b", "a/b/c", "a/z"]);
+    // Page by page, from every page token.
+    assert_eq!(names(h.ledger.budgets(Some(&path("a")), None, 1)), ["a"]);
+    assert_eq!(names(h.ledger.budgets(Some(&path("a")), Some(&path("a")), 2)), ["a/b", "a/b/c"]);
+    assert_eq!(names(h.ledger.budgets(Some(&path("a")), Some(&path("a/b/c")), 2)), ["a/z"]);
+    assert!(h.ledger.budgets(Some(&path("a")), Some(&path("a/z")), 2).is_empty());
+    // A token before the subtree starts at it; one after it ends the listing.
+    assert_eq!(names(h.ledger.budgets(Some(&path("a/b")), Some(&path("a")), 9)), ["a/b", "a/b/c"]);
+    assert!(h.ledger.budgets(Some(&path("a")), Some(&path("b")), 9).is_empty());
+    assert_eq!(h.ledger.budgets(None, Some(&path("a/z")), 9).len(), 2);
+}

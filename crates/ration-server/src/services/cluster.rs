@@ -150,12 +150,19 @@ impl v1::cluster_server::Cluster for ClusterService {
             .metrics(|m| m.snapshot.map(|s| s.index) >= applied, "snapshot built")
             .await
             .map_err(|e| Status::deadline_exceeded(format!("snapshot not built: {e}")))?;
-        let bytes = ration_store::backup::current_snapshot(&self.node.config.data_dir)
-            .map_err(|e| Status::internal(format!("reading the snapshot: {e}")))?
-            .ok_or_else(|| Status::internal("the snapshot file is missing"))?;
-        let info = ration_store::backup::inspect_snapshot(&bytes)
-            .map_err(|e| Status::internal(format!("the snapshot does not check: {e}")))?;
-        let sha256 = sha2::Sha256::digest(&bytes).to_vec();
+        let dir = self.node.config.data_dir.clone();
+        let (bytes, info, sha256) = self
+            .node
+            .heavy("a snapshot save", move || -> Result<_, Status> {
+                let bytes = ration_store::backup::current_snapshot(&dir)
+                    .map_err(|e| Status::internal(format!("reading the snapshot: {e}")))?
+                    .ok_or_else(|| Status::internal("the snapshot file is missing"))?;
+                let info = ration_store::backup::inspect_snapshot(&bytes)
+                    .map_err(|e| Status::internal(format!("the snapshot does not check: {e}")))?;
+                let sha256 = sha2::Sha256::digest(&bytes).to_vec();
+                Ok((bytes, info, sha256))
+            })
+            .await??;
         let bytes = std::sync::Arc::new(bytes);
         let total = bytes.len();
         let chunks = total.div_ceil(SNAPSHOT_CHUNK_BYTES).max(1);
@@ -302,7 +309,19 @@ impl v1::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusReply>, Status> {
-        Ok(Response::new(self.status(req.get_ref().digest)))
+        // The digest encodes the whole ledger, and the data size walks the data
+        // directory: both off the async workers (a digest counts as a heavy read).
+        let with_digest = req.get_ref().digest;
+        let me = ClusterService { node: self.node.clone() };
+        if with_digest {
+            return Ok(Response::new(
+                self.node.heavy("a status with a digest", move || me.status(true)).await?,
+            ));
+        }
+        tokio::task::spawn_blocking(move || me.status(false))
+            .await
+            .map(Response::new)
+            .map_err(|e| Status::internal(format!("status failed: {e}")))
     }
 
     async fn transfer_leader(

@@ -144,6 +144,10 @@ impl IntoStatus for TransferError {
 
 impl IntoStatus for ration_store::ReadError {
     fn into_status(self) -> Status {
-        Status::internal(self.to_string())
+        match self {
+            // Another node has them, or this one will soon: retryable.
+            ration_store::ReadError::Missing { .. } => Status::unavailable(self.to_string()),
+            other => Status::internal(other.to_string()),
+        }
     }
 }

@@ -10,6 +10,7 @@ use crate::Node;
 
 #[derive(Debug)]
 pub(super) struct RaftService {
+    // (see `fetch_audit_segment` for the segment server)
     pub(super) node: Arc<Node>,
 }
 
@@ -40,8 +41,61 @@ impl RaftService {
     }
 }
 
+/// Segments a node serves at once; each decodes and re-encodes its records.
+const SEGMENTS_SERVED_AT_ONCE: usize = 2;
+/// Bytes per chunk of a served segment.
+const SEGMENT_CHUNK_BYTES: usize = 1 << 20;
+
+type SegmentStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<v1::AuditSegmentChunk, Status>> + Send>,
+>;
+
 #[tonic::async_trait]
 impl v1::raft_server::Raft for RaftService {
+    type FetchAuditSegmentStream = SegmentStream;
+
+    async fn fetch_audit_segment(
+        &self,
+        req: Request<v1::FetchAuditSegmentRequest>,
+    ) -> Result<Response<SegmentStream>, Status> {
+        let r = req.into_inner();
+        let mine = self.node.identity.get();
+        if mine == 0 || r.cluster_id != mine {
+            return Err(Status::failed_precondition(format!(
+                "audit segment request from cluster {:x}, but this node belongs to cluster {mine:x}",
+                r.cluster_id
+            )));
+        }
+        if r.count == 0 || r.first_seq.checked_add(r.count).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "segment {}+{} is not a range of records",
+                r.first_seq, r.count
+            )));
+        }
+        let permit = self.node.segment_serving.clone().try_acquire_owned().map_err(|_| {
+            ration_proto::rpc::overloaded(
+                format!("this node serves {SEGMENTS_SERVED_AT_ONCE} audit segments at once; retry"),
+                std::time::Duration::from_secs(1),
+            )
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<v1::AuditSegmentChunk, Status>>(4);
+        let audit = self.node.reader.audit.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let sent = audit.serve_segment(r.first_seq, r.count, SEGMENT_CHUNK_BYTES, |data| {
+                tx.blocking_send(Ok(v1::AuditSegmentChunk { data })).is_ok()
+            });
+            if let Err(e) = sent {
+                let status = match e {
+                    ration_store::ReadError::Missing { .. } => Status::not_found(e.to_string()),
+                    other => Status::internal(other.to_string()),
+                };
+                let _ = tx.blocking_send(Err(status));
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn append_entries(
         &self,
         req: Request<v1::RaftPayload>,
