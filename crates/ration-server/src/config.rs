@@ -78,6 +78,10 @@ pub struct Config {
     pub audit_segment_min_records: u64,
     /// Most records in one audit segment file.
     pub audit_segment_max_records: u64,
+    /// Where segments older than `audit_archive_after_hours` of ledger time are
+    /// moved (off: they stay in `data_dir/audit/`). They stay readable there.
+    pub audit_archive_dir: Option<PathBuf>,
+    pub audit_archive_after_hours: u64,
     /// Largest client gRPC message accepted or sent.
     pub max_message_bytes: usize,
     /// Largest node-to-node message: a batch of up to `raft_max_entries_per_rpc`
@@ -135,6 +139,8 @@ impl Default for Config {
             // About 20 MB and 300 MB of records at 300 bytes each.
             audit_segment_min_records: 65_536,
             audit_segment_max_records: 1_048_576,
+            audit_archive_dir: None,
+            audit_archive_after_hours: 30 * 24,
             max_message_bytes: 8 << 20,
             peer_max_message_bytes: 64 << 20,
             raft_max_entries_per_rpc: 4,
@@ -401,6 +407,13 @@ pub struct Args {
     /// Most audit records in one segment file [default: 1048576].
     #[arg(long, env = "RATION_AUDIT_SEGMENT_MAX_RECORDS")]
     pub audit_segment_max_records: Option<u64>,
+    /// Move audit segments older than --audit-archive-after-hours here; they stay
+    /// readable [default: off].
+    #[arg(long, env = "RATION_AUDIT_ARCHIVE_DIR")]
+    pub audit_archive_dir: Option<PathBuf>,
+    /// Age (hours of ledger time) after which a segment is archived [default: 720].
+    #[arg(long, env = "RATION_AUDIT_ARCHIVE_AFTER_HOURS")]
+    pub audit_archive_after_hours: Option<u64>,
     /// Most commands the leader groups into one log entry [default: 3072].
     #[arg(long, env = "RATION_BATCH_MAX_COMMANDS")]
     pub batch_max_commands: Option<usize>,
@@ -448,6 +461,7 @@ impl Args {
             snapshot_after_entries,
             audit_segment_min_records,
             audit_segment_max_records,
+            audit_archive_after_hours,
             batch_max_commands,
             batch_wait_us,
             metrics_listen,
@@ -455,6 +469,9 @@ impl Args {
         );
         if self.node_id_from_hostname {
             c.node_id_from_hostname = true;
+        }
+        if self.audit_archive_dir.is_some() {
+            c.audit_archive_dir = self.audit_archive_dir;
         }
         if self.advertise.is_some() {
             c.advertise = self.advertise;

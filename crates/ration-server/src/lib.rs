@@ -571,21 +571,29 @@ where
     let policy = ration_store::SealPolicy {
         min_records: config.audit_segment_min_records,
         max_records: config.audit_segment_max_records,
+        archive: config.audit_archive_dir.clone().map(|dir| ration_store::ArchivePolicy {
+            dir,
+            after_ms: config.audit_archive_after_hours.saturating_mul(3_600_000),
+        }),
     };
     if config.log_store == "sled" {
-        let (log, sm, identity) = open_storage(&config, |dir, c| async move {
-            let (log, sm) = ration_store::open_with(&dir, c, policy)?;
-            let identity = log
-                .identity()
-                .map_err(|e| ration_store::OpenError::Io(std::io::Error::other(e)))?;
-            Ok((log, sm, identity))
+        let (log, sm, identity) = open_storage(&config, |dir, c| {
+            let sealing = policy.clone();
+            async move {
+                let (log, sm) = ration_store::open_with(&dir, c, sealing)?;
+                let identity = log
+                    .identity()
+                    .map_err(|e| ration_store::OpenError::Io(std::io::Error::other(e)))?;
+                Ok((log, sm, identity))
+            }
         })
         .await?;
         let storage = Storage { reader: sm.reader(), log, sm, identity, wal: None };
         return start_with_storage(config, storage, incoming, channels, clock).await;
     }
-    let (log, sm, identity) = open_storage(&config, |dir, c| async move {
-        ration_store::open_durable_with(&dir, c, policy).await
+    let (log, sm, identity) = open_storage(&config, |dir, c| {
+        let sealing = policy.clone();
+        async move { ration_store::open_durable_with(&dir, c, sealing).await }
     })
     .await?;
     let storage = Storage { reader: sm.reader(), wal: Some(log.stats()), log, sm, identity };

@@ -20,18 +20,30 @@ use crate::segments::{self, SegmentEncoder, SegmentFile, SegmentRef};
 use crate::{encode, index_key, ReadError};
 
 /// When a snapshot build seals the tail into segments: once the tail holds at least
-/// `min_records`, into segments of at most `max_records`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `min_records`, into segments of at most `max_records`; and where it moves the
+/// old ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SealPolicy {
     pub min_records: u64,
     pub max_records: u64,
+    pub archive: Option<ArchivePolicy>,
+}
+
+/// Segments whose newest record is older than `after_ms` of ledger time are moved
+/// from the data directory to `dir` at the next snapshot build. They stay listed
+/// and readable there (queries, exports, serving peers), and are never deleted by
+/// the node: the archive is append-only, so several nodes may share one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchivePolicy {
+    pub dir: PathBuf,
+    pub after_ms: u64,
 }
 
 impl Default for SealPolicy {
     fn default() -> Self {
         // About 20 MB and 300 MB of records: a snapshot carries at most the first,
         // a data directory gains a file per the second.
-        Self { min_records: 65_536, max_records: 1_048_576 }
+        Self { min_records: 65_536, max_records: 1_048_576, archive: None }
     }
 }
 
@@ -97,6 +109,20 @@ impl Sealed {
             return Ok(());
         };
         std::fs::create_dir_all(&dir)?;
+        // Archived segments first; a copy in the data directory wins.
+        if let Some(archive) = self.policy.as_ref().and_then(|p| p.archive.as_ref()) {
+            for r in &self.manifest {
+                let path = archive.dir.join(r.file_name());
+                if path.exists() {
+                    match SegmentFile::open(&path, r) {
+                        Ok(f) => {
+                            self.files.insert(r.first_seq, f);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "archived audit segment unusable"),
+                    }
+                }
+            }
+        }
         let wanted: BTreeMap<String, &SegmentRef> =
             self.manifest.iter().map(|s| (s.file_name(), s)).collect();
         for item in std::fs::read_dir(&dir)? {
@@ -303,8 +329,8 @@ impl AuditStore {
     pub(crate) fn seal_until(&self, head: u64) -> Result<usize, ReadError> {
         let (dir, policy, mut start) = {
             let sealed = self.sealed();
-            match (&sealed.dir, sealed.policy) {
-                (Some(dir), Some(p)) => (dir.clone(), p, sealed.tail_start()),
+            match (&sealed.dir, &sealed.policy) {
+                (Some(dir), Some(p)) => (dir.clone(), p.clone(), sealed.tail_start()),
                 _ => return Ok(0),
             }
         };
@@ -426,6 +452,63 @@ impl AuditStore {
         let file = SegmentFile::open(&path, want)?;
         sealed.files.insert(want.first_seq, file);
         Ok(true)
+    }
+
+    /// Moves the segments in the data directory whose newest record is older than
+    /// the archive policy's age at ledger time `now_ms` to the archive directory
+    /// (copied, synced, renamed into place, then removed here). Returns how many.
+    pub(crate) fn archive_old(&self, now_ms: u64) -> Result<usize, ReadError> {
+        let (dir, archive, old) = {
+            let sealed = self.sealed();
+            let (Some(dir), Some(archive)) =
+                (&sealed.dir, sealed.policy.as_ref().and_then(|p| p.archive.clone()))
+            else {
+                return Ok(0);
+            };
+            let cutoff = now_ms.saturating_sub(archive.after_ms);
+            let old: Vec<SegmentRef> = sealed
+                .manifest
+                .iter()
+                .filter(|r| {
+                    sealed.files.get(&r.first_seq).is_some_and(|f| {
+                        f.path.parent() == Some(dir.as_path()) && f.footer.max_time_ms < cutoff
+                    })
+                })
+                .cloned()
+                .collect();
+            (dir.clone(), archive, old)
+        };
+        if old.is_empty() {
+            return Ok(0);
+        }
+        std::fs::create_dir_all(&archive.dir)?;
+        for r in &old {
+            let name = r.file_name();
+            let target = archive.dir.join(&name);
+            let usable = target.exists() && SegmentFile::open(&target, r).is_ok();
+            if !usable {
+                let from = dir.join(&name);
+                segments::write_file_durably(&archive.dir, &name, |f| {
+                    std::io::copy(&mut std::fs::File::open(&from)?, f).map(|_| ())
+                })?;
+            }
+            let file = SegmentFile::open(&target, r)?;
+            self.sealed_mut().files.insert(r.first_seq, file);
+            std::fs::remove_file(dir.join(&name))?;
+        }
+        std::fs::File::open(&dir)?.sync_all()?;
+        Ok(old.len())
+    }
+
+    /// (segments in the data directory, segments in the archive)
+    pub fn placement(&self) -> (usize, usize) {
+        let sealed = self.sealed();
+        let here = sealed
+            .files
+            .values()
+            .filter(|f| sealed.dir.as_deref().is_some_and(|d| f.path.parent() == Some(d)))
+            .count();
+        (here, sealed.files.len() - here)
     }
 
     /// Where fetched segments are written before they are checked.

@@ -571,7 +571,7 @@ pub enum ReadError {
 }
 
 use audit_store::AuditBackend;
-pub use audit_store::{AuditStore, SealPolicy};
+pub use audit_store::{ArchivePolicy, AuditStore, SealPolicy};
 use segments::SegmentRef;
 
 /// The ledger state machine for openraft.
@@ -897,22 +897,27 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let lock = self.snapshot_lock.clone();
         let _serialized = lock.lock().await;
-        let (ledger, last_applied, membership, head) = {
+        let (ledger, last_applied, membership, head, now_ms) = {
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());
             (
                 state.ledger.snapshot(),
                 state.last_applied,
                 state.membership.clone(),
                 state.ledger.chain_head(),
+                state.ledger.now_ms(),
             )
         };
         // Seal the history into segments first (files written and synced, off the
         // async workers): the snapshot then lists them and carries only the rest.
         let store = self.audit.clone();
-        let sealed = tokio::task::spawn_blocking(move || store.seal_until(head.next_seq))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?;
+        let sealed = tokio::task::spawn_blocking(move || {
+            let n = store.seal_until(head.next_seq)?;
+            store.archive_old(now_ms)?;
+            Ok::<_, ReadError>(n)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?
+        .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?;
         let (manifest, start) = {
             let s = self.audit.sealed();
             (s.manifest.clone(), s.end())

@@ -179,12 +179,16 @@ fn budget_entries(from: u64, to: u64) -> Vec<Entry<TypeConfig>> {
 }
 
 // (budget_entries starts at index 2: index 1 creates the roots.)
-const SMALL: SealPolicy = SealPolicy { min_records: 100, max_records: 250 };
+const SMALL: SealPolicy = SealPolicy { min_records: 100, max_records: 250, archive: None };
 
 /// Parents `r0..r2` first, then `n` budgets under them: n + 3 records.
 async fn applied_store(dir: &Path, n: u64) -> StateMachine {
+    applied_store_with(dir, n, SMALL).await
+}
+
+async fn applied_store_with(dir: &Path, n: u64, policy: SealPolicy) -> StateMachine {
     use ration_core::{Batch, BudgetPath, BudgetSpec, ClientId, Command, Op, Principal, Request};
-    let (_log, mut sm) = open_with(dir, LedgerConfig::default(), SMALL).unwrap();
+    let (_log, mut sm) = open_with(dir, LedgerConfig::default(), policy).unwrap();
     let roots: Vec<Command> = (0..3)
         .map(|r| {
             Command::Request(Request {
@@ -334,4 +338,52 @@ async fn a_segment_sealed_without_its_snapshot_is_dropped_and_regenerated() {
     drop((log, sm));
     let sm = applied_store(dir.path(), 600).await;
     assert_eq!(all_records(&sm), all);
+}
+
+#[tokio::test]
+async fn old_segments_move_to_the_archive_and_stay_readable() {
+    let dir = TempDir::new().unwrap();
+    let archive = TempDir::new().unwrap();
+    let policy = SealPolicy {
+        archive: Some(ArchivePolicy { dir: archive.path().to_path_buf(), after_ms: 300 }),
+        ..SMALL
+    };
+    let mut sm = applied_store_with(dir.path(), 1_000, policy.clone()).await;
+    let before = all_records(&sm);
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    // Ledger time is 2_000 (the last record's); segments whose newest record is
+    // before 1_700 are archived: [0, 250) and [250, 500) (newest 1_497).
+    assert_eq!(sm.audit.placement(), (2, 2));
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(archive.path()).len(), 2);
+    assert_eq!(names(&dir.path().join(AUDIT_DIR)).len(), 2);
+    assert_eq!(all_records(&sm), before);
+    // Archived segments still verify, byte for byte, against the manifest.
+    let manifest = sm.audit.sealed().manifest.clone();
+    for r in &manifest[..2] {
+        segments::verify_file(&archive.path().join(r.file_name()), r).unwrap();
+    }
+    // A restart finds them in the archive; a peer can still be served from them.
+    drop(sm);
+    let (_log, sm) = open_with(dir.path(), LedgerConfig::default(), policy).unwrap();
+    assert_eq!(sm.audit.placement(), (2, 2));
+    assert!(sm.audit.missing().is_empty());
+    assert_eq!(all_records(&sm), before);
+    let mut served = Vec::new();
+    let r = sm
+        .audit
+        .serve_segment(0, 250, 4096, |b| {
+            served.extend(b);
+            true
+        })
+        .unwrap();
+    assert_eq!(r, manifest[0]);
+    assert_eq!(served, std::fs::read(archive.path().join(r.file_name())).unwrap());
 }
