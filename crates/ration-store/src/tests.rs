@@ -387,3 +387,39 @@ async fn old_segments_move_to_the_archive_and_stay_readable() {
     assert_eq!(r, manifest[0]);
     assert_eq!(served, std::fs::read(archive.path().join(r.file_name())).unwrap());
 }
+
+#[tokio::test]
+async fn a_restored_directory_gets_its_segments_copied_and_checked() {
+    let dir = TempDir::new().unwrap();
+    let mut sm = applied_store(dir.path(), 1_000).await;
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let all = all_records(&sm);
+    drop(sm);
+    let bytes = backup::current_snapshot(dir.path()).unwrap().unwrap();
+    let target = TempDir::new().unwrap();
+    let new = target.path().join("dr");
+    let (info, _) = backup::restore_new_cluster(&new, &bytes, 1, "127.0.0.1:1").await.unwrap();
+    assert_eq!(info.audit_segments, 4);
+    // A damaged source copy is refused, naming the file.
+    let source = TempDir::new().unwrap();
+    for e in std::fs::read_dir(dir.path().join(AUDIT_DIR)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), source.path().join(e.file_name())).unwrap();
+    }
+    let victim = std::fs::read_dir(source.path()).unwrap().next().unwrap().unwrap().path();
+    let good = std::fs::read(&victim).unwrap();
+    let mut bad = good.clone();
+    bad[100] ^= 0x10;
+    std::fs::write(&victim, &bad).unwrap();
+    let e = backup::copy_segments(&new, source.path()).unwrap_err();
+    assert!(e.to_string().contains("audit segment"), "{e}");
+    std::fs::write(&victim, &good).unwrap();
+    std::fs::remove_file(source.path().join(segments::segment_file_name(750, 250))).unwrap();
+    let done = backup::copy_segments(&new, source.path()).unwrap();
+    assert_eq!((done.copied, done.missing.clone()), (3, vec![(750, 250)]));
+    let (_log, sm) = open_with(&new, LedgerConfig::default(), SMALL).unwrap();
+    assert_eq!(sm.audit.missing().len(), 1);
+    assert!(matches!(sm.audit.read(750, 1), Err(ReadError::Missing { first: 750, end: 1_000 })));
+    assert_eq!(sm.audit.read(0, 750).unwrap(), all[..750].to_vec());
+    assert_eq!(sm.audit.read(1_000, 10).unwrap(), all[1_000..].to_vec());
+}

@@ -39,6 +39,13 @@ pub enum SnapshotCmd {
         /// With --new-cluster: the address it will serve on, as others dial it.
         #[arg(long, requires = "new_cluster")]
         addr: Option<String>,
+        /// Copy the audit segments the snapshot lists from this directory (an old
+        /// data directory's `audit/`, or the audit archive), each checked against
+        /// the snapshot's manifest. A snapshot carries only the records after its
+        /// last segment; a node that joins an existing cluster fetches missing
+        /// segments from its peers, but a new cluster has no peer to ask.
+        #[arg(long)]
+        audit_segments: Option<PathBuf>,
     },
     /// Check a snapshot file (ledger invariants, audit chain) and describe it.
     Status { file: PathBuf },
@@ -54,6 +61,13 @@ struct Described {
     budgets: usize,
     live_leases: usize,
     audit_records: u64,
+    /// Sealed segments the snapshot lists (files beside it, not in it).
+    audit_segments: usize,
+    /// With `restore --audit-segments`: how many were copied and which are missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segments_copied: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segments_missing: Option<Vec<String>>,
     state_digest: String,
 }
 
@@ -73,6 +87,9 @@ fn describe_snapshot(file: &std::path::Path, size: u64, info: &SnapshotInfo) -> 
         budgets: info.budgets,
         live_leases: info.live_leases,
         audit_records: info.audit_records,
+        audit_segments: info.audit_segments,
+        segments_copied: None,
+        segments_missing: None,
         state_digest: ration_core::audit::hex(&info.digest),
     }
 }
@@ -88,9 +105,17 @@ fn table(d: &Described) -> String {
         ("budgets", d.budgets.to_string()),
         ("live leases", d.live_leases.to_string()),
         ("audit records", d.audit_records.to_string()),
+        ("audit segments", d.audit_segments.to_string()),
         ("state digest", d.state_digest.clone()),
     ] {
         t.row(vec![k.to_owned(), v]);
+    }
+    if let Some(n) = d.segments_copied {
+        t.row(vec!["segments copied".into(), n.to_string()]);
+    }
+    if let Some(m) = &d.segments_missing {
+        let shown = if m.is_empty() { "none".to_owned() } else { m.join(", ") };
+        t.row(vec!["segments missing".into(), shown]);
     }
     t.render()
 }
@@ -129,14 +154,22 @@ pub async fn run(ctx: &Ctx, cmd: SnapshotCmd, out: &mut dyn Write) -> anyhow::Re
             })?;
             emit(out, ctx.format, &describe_snapshot(&file, size, &info), table)
         }
-        SnapshotCmd::Restore { file, data_dir, new_cluster: true, node_id, addr } => {
+        SnapshotCmd::Restore {
+            file,
+            data_dir,
+            new_cluster: true,
+            node_id,
+            addr,
+            audit_segments,
+        } => {
             let (bytes, _) = read(&file)?;
             let (id, addr) = (node_id.unwrap_or_default(), addr.unwrap_or_default());
             let (info, cluster) =
                 ration_store::backup::restore_new_cluster(&data_dir, &bytes, id, &addr)
                     .await
                     .context("snapshot restore")?;
-            let d = describe_snapshot(&file, bytes.len() as u64, &info);
+            let mut d = describe_snapshot(&file, bytes.len() as u64, &info);
+            copy_segments(&mut d, &data_dir, audit_segments.as_deref())?;
             emit(out, ctx.format, &d, |d| {
                 format!(
                     "{}restored into {} as node {id} ({addr}), the only voter of new cluster {cluster:016x}:\n\
@@ -148,11 +181,12 @@ pub async fn run(ctx: &Ctx, cmd: SnapshotCmd, out: &mut dyn Write) -> anyhow::Re
                 )
             })
         }
-        SnapshotCmd::Restore { file, data_dir, .. } => {
+        SnapshotCmd::Restore { file, data_dir, audit_segments, .. } => {
             let (bytes, _) = read(&file)?;
             let info =
                 ration_store::backup::restore(&data_dir, &bytes).context("snapshot restore")?;
-            let d = describe_snapshot(&file, bytes.len() as u64, &info);
+            let mut d = describe_snapshot(&file, bytes.len() as u64, &info);
+            copy_segments(&mut d, &data_dir, audit_segments.as_deref())?;
             emit(out, ctx.format, &d, |d| {
                 format!(
                     "{}restored into {}: start the node on it with --join <member address>\n",
@@ -166,6 +200,21 @@ pub async fn run(ctx: &Ctx, cmd: SnapshotCmd, out: &mut dyn Write) -> anyhow::Re
             emit(out, ctx.format, &describe_snapshot(&file, bytes.len() as u64, &info), table)
         }
     }
+}
+
+/// With `--audit-segments`: copies the listed segments into the restored directory.
+fn copy_segments(
+    d: &mut Described,
+    data_dir: &std::path::Path,
+    from: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let Some(from) = from else { return Ok(()) };
+    let done = ration_store::backup::copy_segments(data_dir, from)
+        .with_context(|| format!("copying audit segments from {}", from.display()))?;
+    d.segments_copied = Some(done.copied);
+    d.segments_missing =
+        Some(done.missing.iter().map(|(first, n)| format!("{first}..{}", first + n)).collect());
+    Ok(())
 }
 
 /// Writes the streamed chunks to `part`, checking the size and SHA-256 the server
