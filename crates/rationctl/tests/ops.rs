@@ -235,7 +235,13 @@ async fn snapshot_restores_into_a_new_node_that_rejoins() {
 /// voters from empty directories, and the ledger is the one that was saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_cluster_is_rebuilt_from_a_snapshot() {
-    let c = Cluster::start(3, |_| {}).await;
+    // Small audit segments, so the snapshot carries only a tail and the history is
+    // in segment files that the restore must bring along.
+    let c = Cluster::start(3, |cfg| {
+        cfg.audit_segment_min_records = 4;
+        cfg.audit_segment_max_records = 8;
+    })
+    .await;
     let leader = c.leader().await;
     let eps = all(&c);
     ctl(&eps, &["budget", "set", "acme", "--limit", "tokens=1000/day"]).await.unwrap();
@@ -245,6 +251,18 @@ async fn a_lost_cluster_is_rebuilt_from_a_snapshot() {
     let backups = tempfile::tempdir().unwrap();
     let file = backups.path().join("acme.snap");
     let saved = ctl_json(&eps, &["snapshot", "save", file.to_str().unwrap()]).await;
+    assert!(saved["audit_segments"].as_u64().unwrap() >= 1, "{saved}");
+    // The backup of the history: a copy of the audit segments of the node that
+    // built the snapshot (every file of each node's audit/ directory, as rsync would).
+    let segment_backup = backups.path().join("audit");
+    std::fs::create_dir_all(&segment_backup).unwrap();
+    for n in c.nodes.values() {
+        let dir = n.node.config.data_dir.join("audit");
+        for e in std::fs::read_dir(&dir).into_iter().flatten() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), segment_backup.join(e.file_name())).unwrap();
+        }
+    }
     let old_cluster = ration_testkit::status(c.addrs[&1]).await.unwrap().cluster_id;
     assert_ne!(old_cluster, 0);
     // Everything is lost: the nodes stop and their directories are deleted (the
@@ -299,10 +317,14 @@ async fn a_lost_cluster_is_rebuilt_from_a_snapshot() {
             "1",
             "--addr",
             &addr1.to_string(),
+            "--audit-segments",
+            segment_backup.to_str().unwrap(),
         ],
     )
     .await;
     assert_eq!(restored["state_digest"], saved["state_digest"]);
+    assert_eq!(restored["segments_copied"], saved["audit_segments"], "{restored}");
+    assert_eq!(restored["segments_missing"].as_array().unwrap().len(), 0, "{restored}");
     assert_eq!(restored["members"].as_array().unwrap().len(), 1, "{restored}");
 
     let start = |id: u64, addr: SocketAddr, dir: std::path::PathBuf, join: Option<String>| {
@@ -340,6 +362,22 @@ async fn a_lost_cluster_is_rebuilt_from_a_snapshot() {
     assert!(statuses.iter().all(|s| s.cluster_id == s1.cluster_id), "{statuses:?}");
     let b = ctl_json(&[addrs[2]], &["budget", "get", "acme"]).await;
     assert_eq!(b["limits"][0]["consumed"], 20 + 21 + 22 + 23 + 10);
+    // The joiners installed node 1's snapshot and fetched its segments: each holds
+    // the whole chain, record for record.
+    for id in 2..=3u64 {
+        let reader = nodes[&id].node.reader.clone();
+        eventually("the joiner fetched the audit segments", Duration::from_secs(30), || {
+            let missing = reader.audit.missing().len();
+            async move { missing == 0 }
+        })
+        .await;
+    }
+    let chain = ration_testkit::audit_records(addr1).await;
+    for addr in &addrs[1..] {
+        let theirs = ration_testkit::audit_records(*addr).await;
+        assert_eq!(theirs.len(), chain.len());
+        assert!(theirs.iter().zip(&chain).all(|(a, b)| a.hash == b.hash));
+    }
     for (_, n) in nodes {
         n.stop().await.unwrap();
     }
