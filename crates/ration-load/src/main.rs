@@ -61,6 +61,17 @@ struct Args {
     /// before the write-ahead log, which a power cut can undo), to compare them.
     #[arg(long, default_value = "wal")]
     log_store: String,
+    /// Prefix of the client ids this run writes under (workers `BASE-N`, budget
+    /// setup `BASE-admin`). Default: new each run (`load-<pid>-<time>`), so a second
+    /// run against the same cluster is not refused as a replay of the first.
+    #[arg(long)]
+    client_id_base: Option<String>,
+}
+
+impl Args {
+    fn client_id(&self, who: &str) -> String {
+        format!("{}-{who}", self.client_id_base.as_deref().unwrap_or("load"))
+    }
 }
 
 struct Nodes {
@@ -182,7 +193,7 @@ async fn worker(
     counters: Arc<Counters>,
 ) -> Histogram<u64> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    let client_id = format!("load-{worker_id}");
+    let client_id = args.client_id(&worker_id.to_string());
     let mut request_id = 0u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (worker_id as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
     let timed = |hist: &mut Histogram<u64>, started: Instant, ok: bool| {
@@ -255,7 +266,7 @@ async fn batch_worker(
     use v1::batch_op::Op;
     use v1::batch_result::Result as R;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    let client_id = format!("load-{worker_id}");
+    let client_id = args.client_id(&worker_id.to_string());
     let mut request_id = 0u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (worker_id as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
     let send = |ops: Vec<Op>, client: &mut LedgerClient<Channel>| {
@@ -350,13 +361,18 @@ fn record(hist: &mut Histogram<u64>, recording: &AtomicBool, elapsed: Duration) 
 async fn sdk_load(args: &Args, endpoints: &[String], leader: &str) -> anyhow::Result<()> {
     use ration_client::{CoarseClock, Sdk, SdkConfig};
     let mut admin = LedgerClient::new(channel(leader)?);
-    admin
+    match admin
         .create_budget(v1::CreateBudgetRequest {
-            meta: meta("load-admin", 1),
+            meta: meta(&args.client_id("admin"), 1),
             path: "sdk".into(),
             limits: lifetime(1_000_000_000_000_000),
         })
-        .await?;
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => return Err(s.into()),
+    }
     let clock = CoarseClock::new();
     clock.start_ticking();
     let sdks: Vec<Arc<Sdk>> = (0..args.gateways)
@@ -415,7 +431,15 @@ async fn sdk_load(args: &Args, endpoints: &[String], leader: &str) -> anyhow::Re
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Arc::new(Args::parse());
+    let mut args = Args::parse();
+    if args.client_id_base.is_none() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        args.client_id_base = Some(format!("load-{:x}-{nanos:x}", std::process::id()));
+    }
+    let args = Arc::new(args);
     let (_nodes, endpoints) = if args.endpoints.is_empty() {
         let rationd = match &args.rationd {
             Some(p) => p.clone(),
@@ -437,15 +461,27 @@ async fn main() -> anyhow::Result<()> {
         return sdk_load(&args, &endpoints, &leader).await;
     }
     let mut admin = LedgerClient::new(channel(&leader)?);
+    let admin_id = args.client_id("admin");
     let mut rid = 0;
     let mut create = |path: String, cap: i64| {
         rid += 1;
-        v1::CreateBudgetRequest { meta: meta("load-admin", rid), path, limits: lifetime(cap) }
+        v1::CreateBudgetRequest { meta: meta(&admin_id, rid), path, limits: lifetime(cap) }
     };
-    admin.create_budget(create("load".into(), 1_000_000_000_000_000)).await?;
-    for i in 0..args.budgets {
-        admin.create_budget(create(format!("load/k{i}"), 1_000_000_000_000)).await?;
+    // A budget left by an earlier run against the same cluster is used as it is.
+    let mut existed = 0usize;
+    let paths = std::iter::once(("load".to_string(), 1_000_000_000_000_000))
+        .chain((0..args.budgets).map(|i| (format!("load/k{i}"), 1_000_000_000_000)));
+    for (path, cap) in paths {
+        match admin.create_budget(create(path, cap)).await {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::AlreadyExists => existed += 1,
+            Err(s) => return Err(s.into()),
+        }
     }
+    if existed > 0 {
+        println!("{existed} budgets existed already (an earlier run); used as they are");
+    }
+    println!("client ids: {}-*", args.client_id_base.as_deref().unwrap_or("load"));
 
     let channels: Vec<Channel> =
         (0..args.connections.max(1)).map(|_| channel(&leader)).collect::<Result<_, _>>()?;
