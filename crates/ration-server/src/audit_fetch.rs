@@ -139,7 +139,7 @@ async fn fetch_from(
     let audit = node.reader.audit.clone();
     let want = want.clone();
     let tmp2 = tmp.clone();
-    let kept = tokio::task::spawn_blocking(move || audit.install_segment(&tmp2, &want))
+    let kept = ration_store::off_async(move || audit.install_segment(&tmp2, &want))
         .await
         .map_err(|e| e.to_string())?;
     if kept.is_err() {

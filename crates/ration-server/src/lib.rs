@@ -127,7 +127,7 @@ impl Node {
                 Duration::from_millis(500),
             )
         })?;
-        tokio::task::spawn_blocking(move || {
+        ration_store::off_async(move || {
             let _permit = permit;
             f()
         })

@@ -458,6 +458,21 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 }
 
+/// Runs blocking work (file writes, big encodes) off the async workers, on tokio's
+/// blocking pool. On a current-thread runtime (the deterministic simulation, unit
+/// tests) it runs inline instead: a pool thread finishing at a wall-clock moment
+/// would make a simulated run differ from its replay.
+pub async fn off_async<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::CurrentThread
+    {
+        return Ok(f());
+    }
+    tokio::task::spawn_blocking(f).await
+}
+
 /// An id no other cluster is likely to have: the time, the process and `salt` (say,
 /// the node's address and id) mixed by a hash. Never 0.
 pub fn new_cluster_id(salt: &impl std::hash::Hash) -> u64 {
@@ -910,7 +925,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // Seal the history into segments first (files written and synced, off the
         // async workers): the snapshot then lists them and carries only the rest.
         let store = self.audit.clone();
-        let sealed = tokio::task::spawn_blocking(move || {
+        let sealed = off_async(move || {
             let n = store.seal_until(head.next_seq)?;
             store.archive_old(now_ms)?;
             Ok::<_, ReadError>(n)

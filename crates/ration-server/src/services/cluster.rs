@@ -318,7 +318,7 @@ impl v1::cluster_server::Cluster for ClusterService {
                 self.node.heavy("a status with a digest", move || me.status(true)).await?,
             ));
         }
-        tokio::task::spawn_blocking(move || me.status(false))
+        ration_store::off_async(move || me.status(false))
             .await
             .map(Response::new)
             .map_err(|e| Status::internal(format!("status failed: {e}")))
