@@ -264,6 +264,14 @@ impl Allowance {
         }
     }
 
+    /// Puts back overrun units the ledger could not take yet (a per-principal limit
+    /// refused the report): the next round sends them again, with what came since.
+    pub fn return_overruns(&self, units: u64) {
+        if units > 0 {
+            self.overruns_pending.fetch_add(units, Ordering::AcqRel);
+        }
+    }
+
     /// Takes the overrun units recorded since the last call (for the refill side).
     pub fn take_overruns(&self) -> u64 {
         self.overruns_pending.swap(0, Ordering::AcqRel)

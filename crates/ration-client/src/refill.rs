@@ -602,6 +602,19 @@ impl Sdk {
         assert_eq!(ops.len(), results.len(), "one result per operation");
         for (p, r) in ops.into_iter().zip(results) {
             if let (Some(Op::Overrun(o)), Some(R::Error(e))) = (&p.op.op, &r.result) {
+                if e.code == tonic::Code::ResourceExhausted as i32 {
+                    // A per-principal limit (the exactly-once table holds this
+                    // principal's maximum): nothing was counted or remembered. The
+                    // spend happened, so it goes back to be sent again next round.
+                    tracing::warn!(
+                        budget = %o.budget, unit = %o.unit, amount = o.amount,
+                        "an overrun report waits for the ledger: {}", e.message
+                    );
+                    if let Some(t) = tracked.get(&p.key) {
+                        t.allowance.return_overruns(u64::try_from(o.amount).unwrap_or(0));
+                    }
+                    continue;
+                }
                 // The spend happened; only a budget that no longer exists (or a bad
                 // name) refuses it. Say so loudly: the ledger could not count it.
                 tracing::error!(

@@ -38,10 +38,13 @@ pub enum AuditKind {
     /// A call cost more than its gateway could take from its leases; the excess
     /// (`flow.consumed`) was counted as consumed without having been granted.
     Overrun,
+    /// The per-principal limits changed; the record's `limits` hold the new values
+    /// (unit = the limit's name, cap = its value), on budget path `_ration`.
+    LimitsChanged,
 }
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 10] = [
+    pub const ALL: [AuditKind; 11] = [
         AuditKind::BudgetCreated,
         AuditKind::BudgetUpdated,
         AuditKind::BudgetDeleted,
@@ -52,6 +55,7 @@ impl AuditKind {
         AuditKind::LeaseRefunded,
         AuditKind::LateRelease,
         AuditKind::Overrun,
+        AuditKind::LimitsChanged,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl AuditKind {
             AuditKind::LeaseRefunded => "lease_refunded",
             AuditKind::LateRelease => "late_release",
             AuditKind::Overrun => "overrun",
+            AuditKind::LimitsChanged => "limits_changed",
         }
     }
 }

@@ -148,6 +148,8 @@ pub enum Op {
     Overrun(Overrun),
     /// An acquire for the next window: see [`AcquireNext`].
     AcquireNext(AcquireNext),
+    /// Replace the per-principal limits (audited as `limits_changed`).
+    SetLimits(crate::ledger::PrincipalLimits),
 }
 
 /// Acquire a lease that opens at `starts_at_ms`, the end of the current window of
@@ -254,6 +256,8 @@ pub enum Reply {
         recorded: u64,
         over_cap: bool,
     },
+    /// The per-principal limits were replaced.
+    LimitsSet,
 }
 
 /// What a command produced: a reply or a refusal.

@@ -5,6 +5,10 @@
 //! its first result back; one below the window was forgotten and is refused rather
 //! than executed twice. A client idle for longer than the configured time is
 //! forgotten entirely, and so is the least recently seen one when the table is full.
+//!
+//! Each client is counted against the principal of its first request (its owner):
+//! its clients and remembered results count towards that principal's limits
+//! (`ledger::principals`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -12,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::Outcome;
 use crate::error::LedgerError;
-use crate::ledger::LedgerConfig;
-use crate::names::ClientId;
+use crate::ledger::{LedgerConfig, Principals};
+use crate::names::{ClientId, Principal};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Remembered {
@@ -44,6 +48,11 @@ pub(crate) struct Dedup {
     /// Derived: clients by the ledger time they were last seen.
     #[serde(skip)]
     by_last_seen: BTreeSet<(u64, ClientId)>,
+    /// The principal each client is counted against. In the snapshot's fourth
+    /// section (older snapshots have none: their clients count against nobody until
+    /// they are forgotten).
+    #[serde(skip)]
+    pub(crate) owners: BTreeMap<ClientId, Principal>,
 }
 
 impl Dedup {
@@ -77,19 +86,42 @@ impl Dedup {
         Seen::New
     }
 
+    /// The principal `client` is counted against, if the table holds it.
+    pub(crate) fn owner(&self, client: &ClientId) -> Option<&Principal> {
+        self.owners.get(client)
+    }
+
+    pub(crate) fn knows(&self, client: &ClientId) -> bool {
+        self.clients.contains_key(client)
+    }
+
+    /// Whether remembering one more result for `client` makes the table hold more
+    /// (a new client, or a window not yet full).
+    pub(crate) fn grows(&self, client: &ClientId, window: u32) -> bool {
+        self.clients.get(client).is_none_or(|c| c.results.len() < window as usize)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn remember(
         &mut self,
         client: &ClientId,
+        principal: &Principal,
         request_id: u64,
         fingerprint: u64,
         outcome: Outcome,
         now_ms: u64,
         config: &LedgerConfig,
+        principals: &mut Principals,
     ) {
         let c = match self.clients.get_mut(client) {
             Some(c) => c,
-            None => self.clients.entry(client.clone()).or_default(),
+            None => {
+                self.owners.insert(client.clone(), principal.clone());
+                principals.change(principal, |u| u.clients = u.clients.saturating_add(1));
+                self.clients.entry(client.clone()).or_default()
+            }
         };
+        let before = c.results.len();
         // Re-index only when the time moved: most requests share a time stamp.
         let reindex = c.results.is_empty() || c.last_seen_ms != now_ms;
         if reindex {
@@ -102,37 +134,68 @@ impl Dedup {
                 c.forgotten_up_to = Some(c.forgotten_up_to.map_or(evicted, |f| f.max(evicted)));
             }
         }
+        let after = c.results.len();
         if reindex {
             self.by_last_seen.insert((now_ms, client.clone()));
         }
+        if after != before {
+            if let Some(owner) = self.owners.get(client) {
+                principals.change(owner, |u| {
+                    u.outcomes =
+                        u.outcomes.saturating_add(after as u64).saturating_sub(before as u64)
+                });
+            }
+        }
         while self.clients.len() as u64 > config.max_dedup_clients {
-            if !self.forget_oldest() {
+            if !self.forget_oldest(principals) {
                 break;
             }
         }
     }
 
     /// Forgets clients not seen since `now_ms - idle_ms`.
-    pub(crate) fn expire(&mut self, now_ms: u64, idle_ms: u64) {
+    pub(crate) fn expire(&mut self, now_ms: u64, idle_ms: u64, principals: &mut Principals) {
         let cutoff = now_ms.saturating_sub(idle_ms);
         while self.by_last_seen.first().is_some_and(|(t, _)| *t < cutoff) {
-            self.forget_oldest();
+            self.forget_oldest(principals);
         }
     }
 
-    fn forget_oldest(&mut self) -> bool {
+    fn forget_oldest(&mut self, principals: &mut Principals) -> bool {
         match self.by_last_seen.pop_first() {
             Some((_, client)) => {
-                self.clients.remove(&client);
+                let results = self.clients.remove(&client).map_or(0, |c| c.results.len() as u64);
+                if let Some(owner) = self.owners.remove(&client) {
+                    principals.change(&owner, |u| {
+                        u.clients = u.clients.saturating_sub(1);
+                        u.outcomes = u.outcomes.saturating_sub(results);
+                    });
+                }
                 true
             }
             None => false,
         }
     }
 
-    pub(crate) fn rebuild(&mut self) {
+    /// Adds each owned client and its results to its owner's usage.
+    pub(crate) fn count_owned(&self, principals: &mut Principals) {
+        for (id, owner) in &self.owners {
+            let results = self.clients.get(id).map_or(0, |c| c.results.len() as u64);
+            principals.change(owner, |u| {
+                u.clients = u.clients.saturating_add(1);
+                u.outcomes = u.outcomes.saturating_add(results);
+            });
+        }
+    }
+
+    /// Rebuilds the derived indexes, and counts each owned client's results
+    /// against its owner (owners of clients no longer held are dropped).
+    pub(crate) fn rebuild(&mut self, principals: &mut Principals) {
         self.by_last_seen =
             self.clients.iter().map(|(id, c)| (c.last_seen_ms, id.clone())).collect();
+        let clients = &self.clients;
+        self.owners.retain(|id, _| clients.contains_key(id));
+        self.count_owned(principals);
     }
 
     pub(crate) fn clients(&self) -> usize {

@@ -73,6 +73,8 @@ pub enum LedgerError {
     RequestTooOld { client: String, request: u64, window: u32 },
     #[error("request {request} of client {client} was already used for a different command; use a new request id")]
     RequestIdReused { client: String, request: u64 },
+    #[error("principal {principal} holds its maximum of {max} {what}; retry when it holds fewer, or have an operator raise the limit (rationctl limits set)")]
+    PrincipalLimit { principal: String, what: String, max: u64 },
 }
 
 impl LedgerError {
@@ -95,7 +97,9 @@ impl LedgerError {
             | OverReport { .. }
             | ReleaseBelowReported { .. }
             | RequestTooOld { .. } => ErrorKind::FailedPrecondition,
-            Exhausted { .. } | LedgerFull { .. } => ErrorKind::ResourceExhausted,
+            Exhausted { .. } | LedgerFull { .. } | PrincipalLimit { .. } => {
+                ErrorKind::ResourceExhausted
+            }
             ForeignLease { .. } => ErrorKind::PermissionDenied,
             VersionMismatch { .. } => ErrorKind::Aborted,
         }

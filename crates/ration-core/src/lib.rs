@@ -44,6 +44,9 @@ pub use command::{
     Outcome, Overrun, Release, Reply, Report, Request, MAX_AMOUNT,
 };
 pub use error::{ErrorKind, LedgerError};
-pub use ledger::{Applied, BudgetView, LeaseView, Ledger, LedgerConfig, LimitView, Totals};
+pub use ledger::{
+    Applied, BudgetView, LeaseView, Ledger, LedgerConfig, LimitView, PrincipalLimits,
+    PrincipalUsage, Totals,
+};
 pub use names::{BudgetPath, ClientId, LeaseId, Principal, Unit};
 pub use window::{Period, Window};

@@ -548,6 +548,12 @@ impl Model {
                 self.leases.get_mut(&r.lease).unwrap().state = MState::Gone;
                 Ok((reply, 1))
             }
+            // Per-principal limits are tested in the ledger's unit tests; the model's
+            // load stays far below the defaults, so they never refuse here.
+            Op::SetLimits(l) => {
+                l.validate()?;
+                Ok((Reply::LimitsSet, 1))
+            }
             Op::Overrun(o) => {
                 ration_core::command::check_amount("amount", o.amount)?;
                 if o.amount == 0 {

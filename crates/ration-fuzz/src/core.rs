@@ -240,6 +240,22 @@ impl Harness {
             }
         }
         let (op, owner) = match kind {
+            // Now and then, small per-principal limits (or invalid ones), so the
+            // fuzzer drives principals into them.
+            0 if input.u8() % 4 == 0 => {
+                let mut one = || match input.u8() {
+                    0..=239 => 1 + u64::from(input.u8() % 12),
+                    240..=247 => 0,
+                    _ => u64::MAX,
+                };
+                let limits = ration_core::PrincipalLimits {
+                    clients: one(),
+                    outcomes: one(),
+                    live_leases: one(),
+                    budgets: one(),
+                };
+                (Op::SetLimits(limits), None)
+            }
             0 => return Command::Tick,
             1..=2 => (Op::CreateBudget(self.spec(input, false)), None),
             3 => {
@@ -597,7 +613,13 @@ impl Harness {
                 !refused_as_dup
             }
         };
-        if executed {
+        // A per-principal limit on the exactly-once table refuses before anything
+        // is remembered: the id stays unused.
+        let unremembered = matches!(
+            outcome,
+            Err(LedgerError::PrincipalLimit { what, .. }) if what == "clients" || what == "outcomes"
+        );
+        if executed && !unremembered {
             let remembered =
                 Remembered { request: request.clone(), outcome: outcome.clone(), at_ms: now };
             self.remembered.insert(key, remembered);

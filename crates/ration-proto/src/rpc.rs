@@ -13,6 +13,8 @@ use crate::v1;
 pub const DOMAIN: &str = "ration.v1";
 /// The `ErrorInfo.reason` of a node too busy to take the request now.
 pub const REASON_OVERLOADED: &str = "OVERLOADED";
+/// The `ErrorInfo.reason` of a request refused by a per-principal limit.
+pub const REASON_PRINCIPAL_LIMIT: &str = "PRINCIPAL_LIMIT";
 
 /// Whether a failed call may not have taken effect, so sending it again (with the
 /// same request id, which makes a write exactly-once) is the way to learn its
@@ -38,6 +40,15 @@ pub fn overloaded(message: impl Into<String>, retry_after: Duration) -> Status {
     let mut details = ErrorDetails::with_retry_info(Some(retry_after));
     details.set_error_info(REASON_OVERLOADED, DOMAIN, std::collections::HashMap::new());
     Status::with_error_details(Code::Unavailable, message, details)
+}
+
+/// Whether `s` refuses a request for a per-principal limit (RESOURCE_EXHAUSTED
+/// with an `ErrorInfo` whose reason is [`REASON_PRINCIPAL_LIMIT`]; its metadata
+/// names the `limit` and its `max`).
+pub fn is_principal_limit(s: &Status) -> bool {
+    s.code() == Code::ResourceExhausted
+        && s.get_details_error_info()
+            .is_some_and(|i| i.domain == DOMAIN && i.reason == REASON_PRINCIPAL_LIMIT)
 }
 
 /// Whether `s` is [`overloaded`]'s status.

@@ -162,6 +162,7 @@ fn estimate_bytes(c: &Command) -> usize {
             }
             Op::Overrun(o) => o.budget.as_str().len() + o.unit.as_str().len() + 24,
             Op::Report(_) | Op::Release(_) => 32,
+            Op::SetLimits(_) => 40,
         }
 }
 

@@ -11,6 +11,7 @@
 pub mod audit;
 mod budget;
 mod cluster;
+mod limits;
 mod output;
 mod snapshot;
 pub mod time;
@@ -29,7 +30,7 @@ pub use output::Format;
 #[command(
     name = "rationctl",
     version,
-    about = "Operate a Ration cluster: members, snapshots, budgets, audit"
+    about = "Operate a Ration cluster: members, snapshots, budgets, audit, limits"
 )]
 pub struct Cli {
     /// Cluster members to talk to, comma separated (host:port).
@@ -81,6 +82,9 @@ pub enum Noun {
     /// The audit ledger: query, export, verify, spend.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Per-principal limits: show them and who is near them; change them.
+    #[command(subcommand)]
+    Limits(limits::LimitsCmd),
 }
 
 /// What the commands share: endpoints, deadlines, the output format.
@@ -294,6 +298,7 @@ pub async fn run_cli(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<(
         Noun::Snapshot(c) => snapshot::run(&ctx, c, out).await,
         Noun::Budget(c) => budget::run(&ctx, c, out).await,
         Noun::Audit(c) => audit::run(&ctx, c, out).await,
+        Noun::Limits(c) => limits::run(&ctx, c, out).await,
     }
 }
 

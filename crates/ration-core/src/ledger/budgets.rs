@@ -12,6 +12,15 @@ use crate::window::Window;
 impl Ledger {
     pub(super) fn create_budget(&mut self, ctx: &mut Ctx<'_>, spec: &BudgetSpec) -> Outcome {
         spec.validate()?;
+        if spec.path.root() == super::LEDGER_PATH {
+            return Err(LedgerError::InvalidPath {
+                path: spec.path.to_string(),
+                reason: format!(
+                    "{} is reserved for the ledger's own audit records",
+                    super::LEDGER_PATH
+                ),
+            });
+        }
         if self.by_path.contains_key(&spec.path) {
             return Err(LedgerError::BudgetExists { path: spec.path.clone() });
         }
@@ -20,6 +29,9 @@ impl Ledger {
                 what: "budgets".into(),
                 max: self.config.max_budgets,
             });
+        }
+        if let Some(full) = self.principals.full(ctx.principal, "budgets") {
+            return Err(full);
         }
         let parent = match spec.path.parent() {
             None => None,
@@ -46,6 +58,8 @@ impl Ledger {
         };
         self.by_path.insert(spec.path.clone(), id);
         self.budgets.insert(id, budget);
+        self.principals.creators.insert(id, ctx.principal.clone());
+        self.principals.change(ctx.principal, |u| u.budgets = u.budgets.saturating_add(1));
         self.emit_budget(ctx, AuditKind::BudgetCreated, id);
         Ok(Reply::BudgetCreated { version: 1 })
     }
@@ -136,6 +150,9 @@ impl Ledger {
         }
         self.emit_budget(ctx, AuditKind::BudgetDeleted, id);
         let budget = self.budgets.remove(&id).expect("looked up above");
+        if let Some(creator) = self.principals.creators.remove(&id) {
+            self.principals.change(&creator, |u| u.budgets = u.budgets.saturating_sub(1));
+        }
         self.by_path.remove(&budget.path);
         if let Some(p) = budget.parent {
             let parent = self.budget_mut(p);

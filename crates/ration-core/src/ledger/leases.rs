@@ -39,6 +39,9 @@ impl Ledger {
                 max: self.config.max_live_leases,
             });
         }
+        if let Some(full) = self.principals.full(ctx.principal, "live_leases") {
+            return Err(full);
+        }
         let leaf = self.budget_id(&a.budget)?;
         let now = self.now_ms;
         let at_least = a.min.max(1);
@@ -161,6 +164,7 @@ impl Ledger {
             b.live_leases = b.live_leases.saturating_add(1);
         }
         let lease_id = LeaseId::from_position(ctx.index, slot);
+        self.principals.change(ctx.principal, |u| u.live_leases = u.live_leases.saturating_add(1));
         self.leases.insert(
             lease_id,
             Lease {
@@ -419,6 +423,8 @@ impl Ledger {
     /// Returns the lease and the balances after the change.
     pub(super) fn detach(&mut self, id: LeaseId, consumed: u64) -> (Lease, Vec<Balance>) {
         let lease = self.leases.remove(&id).expect("caller checked the lease is live");
+        self.principals
+            .change(&lease.principal, |u| u.live_leases = u.live_leases.saturating_sub(1));
         self.expiry.remove(&(lease.expires_at_ms, id));
         let opens = self.opening.remove(&id);
         if let Some(s) = opens {

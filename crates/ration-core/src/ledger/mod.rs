@@ -24,12 +24,15 @@ use crate::window::clamp_time;
 mod budgets;
 mod emit;
 mod leases;
+mod principals;
 mod queries;
 mod snapshot;
 #[cfg(test)]
 mod tests;
 mod time;
 
+pub(crate) use principals::Principals;
+pub use principals::{PrincipalLimits, PrincipalUsage, LEDGER_PATH, MAX_PRINCIPAL_LIMIT};
 pub use snapshot::{InvariantError, SnapshotError};
 
 /// Limits and retention times of a ledger. Part of the replicated state.
@@ -348,6 +351,9 @@ pub struct Ledger {
     /// Derived: `opening` in time order.
     #[serde(skip)]
     openings: BTreeSet<(u64, LeaseId)>,
+    /// Per-principal limits and usage. In the snapshot's fourth section.
+    #[serde(skip)]
+    principals: Principals,
 }
 
 impl Default for Ledger {
@@ -375,6 +381,7 @@ impl Ledger {
             forget: BTreeSet::new(),
             opening: BTreeMap::new(),
             openings: BTreeSet::new(),
+            principals: Principals::default(),
         }
     }
 
@@ -420,6 +427,10 @@ impl Ledger {
             Seen::Refused(err) => return Err(err),
             Seen::New => {}
         }
+        // Checked before anything is remembered: a refusal here leaves no trace.
+        if let Some(refusal) = self.admit(req) {
+            return Err(refusal);
+        }
         let mut ctx = Ctx { index, principal: &req.principal, audit };
         let outcome = match &req.op {
             Op::CreateBudget(spec) => self.create_budget(&mut ctx, spec),
@@ -434,16 +445,40 @@ impl Ledger {
             Op::Report(r) => self.report(&mut ctx, r),
             Op::Release(r) => self.release(&mut ctx, r),
             Op::Overrun(o) => self.overrun(&mut ctx, o),
+            Op::SetLimits(l) => self.set_limits(&mut ctx, l),
         };
         self.dedup.remember(
             &req.client,
+            &req.principal,
             req.request_id,
             fingerprint,
             outcome.clone(),
             self.now_ms,
             &self.config,
+            &mut self.principals,
         );
         outcome
+    }
+
+    /// The per-principal limits on the exactly-once table: a client new to it
+    /// counts against its principal's clients, and a result it would remember
+    /// against its owner's outcomes.
+    fn admit(&self, req: &Request) -> Option<LedgerError> {
+        let owner = match self.dedup.owner(&req.client) {
+            Some(owner) => owner,
+            // Held since before owners were recorded: counted against nobody.
+            None if self.dedup.knows(&req.client) => return None,
+            None => {
+                if let Some(full) = self.principals.full(&req.principal, "clients") {
+                    return Some(full);
+                }
+                &req.principal
+            }
+        };
+        if self.dedup.grows(&req.client, self.config.dedup_window) {
+            return self.principals.full(owner, "outcomes");
+        }
+        None
     }
 
     // ----- lookups -----

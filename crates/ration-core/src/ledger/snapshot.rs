@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{BudgetId, Lease, Ledger};
-use crate::names::{BudgetPath, LeaseId, Unit};
+use super::{BudgetId, Lease, Ledger, PrincipalLimits};
+use crate::names::{BudgetPath, ClientId, LeaseId, Principal, Unit};
 use crate::window::Window;
 
 /// The highest next audit sequence number a restored ledger may hold. Far below
@@ -34,6 +34,8 @@ impl From<InvariantError> for SnapshotError {
 /// internal ones.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvariantError {
+    #[error("per-principal usage does not match the state: {detail}")]
+    PrincipalUsage { detail: String },
     #[error("the audit sequence is exhausted: next sequence number {next_seq} is above {max}")]
     AuditSequenceExhausted { next_seq: u64, max: u64 },
     #[error("budget {path} appears twice (budget ids {first} and {second})")]
@@ -131,12 +133,14 @@ pub enum InvariantError {
 }
 
 /// Snapshot layouts. Each version appends a section for what the one before did not
-/// hold (V2: overruns; V3: next-window leases), so older snapshots still restore.
+/// hold (V2: overruns; V3: next-window leases; V4: per-principal limits), so older
+/// snapshots still restore.
 #[derive(Serialize, Deserialize)]
-enum SnapshotFormat<L, X, Y> {
+enum SnapshotFormat<L, X, Y, Z> {
     V1(L),
     V2(L, X),
     V3(L, X, Y),
+    V4(L, X, Y, Z),
 }
 
 /// Only the first layout, for tests that write an older snapshot.
@@ -152,6 +156,17 @@ struct Overruns {
     /// (counter id, overruns in its current window), for counters with any.
     counters: Vec<(u64, u64)>,
     total: u128,
+}
+
+/// The fourth section of a V4 snapshot. A snapshot without one restores with the
+/// default limits, and its budgets and clients count against nobody.
+#[derive(Serialize, Deserialize, Default)]
+struct PerPrincipal {
+    limits: PrincipalLimits,
+    /// (budget, the principal that created it).
+    creators: Vec<(BudgetId, Principal)>,
+    /// (client, the principal it counts against).
+    owners: Vec<(ClientId, Principal)>,
 }
 
 /// The third section of a V3 snapshot.
@@ -181,18 +196,35 @@ impl Ledger {
         let extra = Overruns { counters, total: self.totals.overrun };
         let opening = self.opening.iter().map(|(id, at)| (*id, *at)).collect();
         let next = Upcoming { counters: upcoming, opening };
-        postcard::to_stdvec(&SnapshotFormat::V3(self, extra, next))
+        let principals = PerPrincipal {
+            limits: self.principals.limits,
+            creators: self.principals.creators.iter().map(|(b, p)| (*b, p.clone())).collect(),
+            owners: self.dedup.owners.iter().map(|(c, p)| (c.clone(), p.clone())).collect(),
+        };
+        postcard::to_stdvec(&SnapshotFormat::V4(self, extra, next, principals))
             .expect("encoding into a Vec cannot fail")
     }
 
     /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, and checks it.
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let (mut ledger, extra, next) =
-            match postcard::from_bytes::<SnapshotFormat<Ledger, Overruns, Upcoming>>(bytes)? {
-                SnapshotFormat::V1(ledger) => (ledger, Overruns::default(), Upcoming::default()),
-                SnapshotFormat::V2(ledger, extra) => (ledger, extra, Upcoming::default()),
-                SnapshotFormat::V3(ledger, extra, next) => (ledger, extra, next),
-            };
+        type Format = SnapshotFormat<Ledger, Overruns, Upcoming, PerPrincipal>;
+        let (mut ledger, extra, next, principals) = match postcard::from_bytes::<Format>(bytes)? {
+            SnapshotFormat::V1(ledger) => {
+                (ledger, Overruns::default(), Upcoming::default(), PerPrincipal::default())
+            }
+            SnapshotFormat::V2(ledger, extra) => {
+                (ledger, extra, Upcoming::default(), PerPrincipal::default())
+            }
+            SnapshotFormat::V3(ledger, extra, next) => {
+                (ledger, extra, next, PerPrincipal::default())
+            }
+            SnapshotFormat::V4(ledger, extra, next, principals) => {
+                (ledger, extra, next, principals)
+            }
+        };
+        ledger.principals.limits = principals.limits;
+        ledger.principals.creators = principals.creators.into_iter().collect();
+        ledger.dedup.owners = principals.owners.into_iter().collect();
         ledger.totals.overrun = extra.total;
         let overruns: BTreeMap<u64, u64> = extra.counters.into_iter().collect();
         let upcoming: BTreeMap<u64, u64> = next.counters.into_iter().collect();
@@ -217,6 +249,30 @@ impl Ledger {
     /// SHA-256 of the snapshot: equal on replicas that applied the same entries.
     pub fn digest(&self) -> [u8; 32] {
         Sha256::digest(self.snapshot()).into()
+    }
+
+    /// The per-principal usage equals a recount from the leases, the budgets'
+    /// creators and the exactly-once table's owners.
+    fn check_principal_usage(&self) -> Result<(), InvariantError> {
+        let mut recount = super::Principals::default();
+        self.dedup.count_owned(&mut recount);
+        for l in self.leases.values() {
+            recount.change(&l.principal, |u| u.live_leases = u.live_leases.saturating_add(1));
+        }
+        for (id, p) in &self.principals.creators {
+            if !self.budgets.contains_key(id) {
+                return Err(InvariantError::PrincipalUsage {
+                    detail: format!("budget id {id} created by {p} does not exist"),
+                });
+            }
+            recount.change(p, |u| u.budgets = u.budgets.saturating_add(1));
+        }
+        if recount.usage != self.principals.usage {
+            return Err(InvariantError::PrincipalUsage {
+                detail: format!("held {:?}, recounted {:?}", self.principals.usage, recount.usage),
+            });
+        }
+        Ok(())
     }
 
     /// Recomputes every derived index from the primary state.
@@ -352,7 +408,18 @@ impl Ledger {
             }
         }
         self.forget = self.expired.iter().map(|(id, e)| (e.forget_at_ms, *id)).collect();
-        self.dedup.rebuild();
+        self.principals.usage.clear();
+        self.dedup.rebuild(&mut self.principals);
+        let budgets = &self.budgets;
+        self.principals.creators.retain(|id, _| budgets.contains_key(id));
+        let creators: Vec<Principal> = self.principals.creators.values().cloned().collect();
+        for p in &creators {
+            self.principals.change(p, |u| u.budgets = u.budgets.saturating_add(1));
+        }
+        let holders: Vec<Principal> = self.leases.values().map(|l| l.principal.clone()).collect();
+        for p in &holders {
+            self.principals.change(p, |u| u.live_leases = u.live_leases.saturating_add(1));
+        }
         Ok(())
     }
 
@@ -360,6 +427,7 @@ impl Ledger {
     /// equal to the live leases' unsettled allowance, leases inside their windows,
     /// and conservation. Tests call it after every step; restore calls it once.
     pub fn check_invariants(&self) -> Result<(), InvariantError> {
+        self.check_principal_usage()?;
         let window_ends: BTreeMap<(BudgetId, u64), u64> = self
             .budgets
             .iter()

@@ -773,7 +773,11 @@ fn snapshots_keep_overruns_and_an_older_snapshot_still_restores() {
     plain.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 100, Period::Lifetime)])));
     plain.grant("gw", acquire("t", 50, 1, 10_000));
     let v1 = postcard::to_stdvec(&snapshot::SnapshotFormatV1Only::V1(&plain.ledger)).unwrap();
-    assert_eq!(Ledger::restore(&v1).unwrap(), plain.ledger);
+    let mut old = Ledger::restore(&v1).unwrap();
+    // (Everything but the per-principal state, which a V1 snapshot lacks.)
+    old.dedup.owners = plain.ledger.dedup.owners.clone();
+    old.principals = plain.ledger.principals.clone();
+    assert_eq!(old, plain.ledger);
 }
 
 fn acquire_next(p: &str, wanted: u64, ttl_ms: u64, starts_at_ms: u64) -> Op {
@@ -887,4 +891,115 @@ fn a_subtree_listing_reads_only_the_subtree_whatever_its_siblings() {
     assert_eq!(names(h.ledger.budgets(Some(&path("a/b")), Some(&path("a")), 9)), ["a/b", "a/b/c"]);
     assert!(h.ledger.budgets(Some(&path("a")), Some(&path("b")), 9).is_empty());
     assert_eq!(h.ledger.budgets(None, Some(&path("a/z")), 9).len(), 2);
+}
+
+fn set_limits(clients: u64, outcomes: u64, live_leases: u64, budgets: u64) -> Op {
+    Op::SetLimits(PrincipalLimits { clients, outcomes, live_leases, budgets })
+}
+
+/// A request from `client` (a new client id per call when `client` is new).
+fn from_client(h: &mut H, client: &str, principal: &str, op: Op) -> Outcome {
+    h.request += 1;
+    let r = Request {
+        client: ClientId::new(client).unwrap(),
+        request_id: h.request,
+        principal: who(principal),
+        op,
+    };
+    h.entry(vec![Command::Request(r)]).remove(0)
+}
+
+fn principal_limit(o: &Outcome) -> Option<(String, u64)> {
+    match o {
+        Err(LedgerError::PrincipalLimit { what, max, .. }) => Some((what.clone(), *max)),
+        _ => None,
+    }
+}
+
+#[test]
+fn per_principal_limits_refuse_before_anything_is_remembered_and_spare_other_principals() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("t", vec![limit("tokens", 1_000_000, Period::Lifetime)])));
+    // The change is an audited command on the ledger's own path.
+    assert_eq!(h.ok("ops", set_limits(3, 6, 2, 2)), Reply::LimitsSet);
+    let rec = h.log.records().last().unwrap().clone();
+    assert_eq!(rec.entry.kind, AuditKind::LimitsChanged);
+    assert_eq!(rec.entry.budget.as_str(), LEDGER_PATH);
+    let named: Vec<(String, u64)> =
+        rec.entry.limits.iter().map(|l| (l.unit.to_string(), l.cap)).collect();
+    let want = [("clients", 3), ("outcomes", 6), ("live_leases", 2), ("budgets", 2)];
+    assert_eq!(named, want.map(|(n, v)| (n.to_owned(), v)));
+    assert_eq!(h.ledger.principal_limits().outcomes, 6);
+
+    // Live leases: the third lease of "gw" is refused (and that refusal is an
+    // ordinary, remembered outcome).
+    let g1 = h.grant("gw", acquire("t", 1, 1, 60_000)); // client gw-client
+    from_client(&mut h, "c2", "gw", acquire("t", 1, 1, 60_000)).unwrap();
+    let third = from_client(&mut h, "c3", "gw", acquire("t", 1, 1, 60_000));
+    assert_eq!(principal_limit(&third), Some(("live leases".into(), 2)), "{third:?}");
+    let u = h.ledger.principal_usage(&who("gw"));
+    assert_eq!((u.clients, u.outcomes, u.live_leases), (3, 3, 2), "{u:?}");
+
+    // Clients: a fourth client id of "gw" is refused, and nothing is remembered.
+    let before = h.ledger.dedup_size();
+    let refused = from_client(&mut h, "c4", "gw", acquire("t", 1, 1, 60_000));
+    assert_eq!(principal_limit(&refused), Some(("clients".into(), 3)), "{refused:?}");
+    assert_eq!(refused.unwrap_err().kind(), crate::ErrorKind::ResourceExhausted);
+    assert_eq!(h.ledger.dedup_size(), before, "a refused request is not remembered");
+    // Another principal is not affected.
+    from_client(&mut h, "o1", "other", acquire("t", 1, 1, 60_000)).unwrap();
+
+    // Outcomes: "gw" remembers 3; three more fill its 6, the next is refused.
+    h.ok("gw", Op::Release(Release { lease: g1.lease, consumed_total: 1 }));
+    h.grant("gw", acquire("t", 1, 1, 60_000));
+    assert!(principal_limit(&h.run("gw", acquire("t", 1, 1, 60_000))).is_some());
+    assert_eq!(h.ledger.principal_usage(&who("gw")).outcomes, 6);
+    let full = h.run("gw", acquire("t", 1, 1, 60_000));
+    assert_eq!(principal_limit(&full), Some(("outcomes".into(), 6)), "{full:?}");
+    assert_eq!(h.ledger.principal_usage(&who("gw")).outcomes, 6);
+
+    // Budgets created, counted until deleted; the ledger's own path is reserved.
+    let b = |p: &str| Op::CreateBudget(spec(p, vec![limit("tokens", 5, Period::Day)]));
+    h.ok("builder", b("b1"));
+    h.ok("builder", b("b2"));
+    assert_eq!(principal_limit(&h.run("builder", b("b3"))), Some(("budgets".into(), 2)));
+    h.ok("builder", Op::DeleteBudget { path: path("b2"), expected_version: None });
+    h.ok("builder", b("b3"));
+    assert!(matches!(h.run("ops", b(LEDGER_PATH)), Err(LedgerError::InvalidPath { .. })));
+
+    // Limits are checked: 0 or more than the maximum is refused.
+    assert!(matches!(
+        h.run("ops", set_limits(0, 1, 1, 1)),
+        Err(LedgerError::InvalidArgument { .. })
+    ));
+    let over = set_limits(1, MAX_PRINCIPAL_LIMIT + 1, 1, 1);
+    assert!(matches!(h.run("ops", over), Err(LedgerError::InvalidArgument { .. })));
+
+    // A snapshot keeps the limits, the creators and the owners, and restores the
+    // same usage (invariants recount it).
+    let restored = Ledger::restore(&h.ledger.snapshot()).unwrap();
+    assert_eq!(restored, h.ledger);
+    assert_eq!(restored.principal_usage(&who("builder")).budgets, 2);
+    assert_eq!(restored.principal_limits(), h.ledger.principal_limits());
+
+    // Raising a limit lets the principal go on at once.
+    h.ok("ops", set_limits(4, 100, 10, 10));
+    from_client(&mut h, "c4", "gw", acquire("t", 1, 1, 60_000)).unwrap();
+    // Idle clients are forgotten with what they counted, leases expire: nothing held.
+    h.tick(24 * 3_600_000 + 1);
+    assert_eq!(h.ledger.principal_usage(&who("gw")), PrincipalUsage::default());
+    assert!(h.ledger.top_principals(10).iter().all(|(p, _)| p.as_str() != "gw"));
+}
+
+#[test]
+fn a_snapshot_without_per_principal_state_restores_with_defaults() {
+    let mut h = H::tree();
+    h.grant("gw", acquire("acme", 1, 1, 60_000));
+    let v1 = postcard::to_stdvec(&snapshot::SnapshotFormatV1Only::V1(&h.ledger)).unwrap();
+    let old = Ledger::restore(&v1).unwrap();
+    assert_eq!(old.principal_limits(), PrincipalLimits::default());
+    // Leases count (they name their principal); budgets and clients of an older
+    // snapshot count against nobody.
+    let u = old.principal_usage(&who("gw"));
+    assert_eq!((u.live_leases, u.clients, u.budgets), (1, 0, 0));
 }

@@ -75,7 +75,7 @@ impl Ledger {
             self.forget.pop_first();
             self.expired.remove(&id);
         }
-        self.dedup.expire(now, self.config.dedup_idle_ms);
+        self.dedup.expire(now, self.config.dedup_idle_ms, &mut self.principals);
     }
 
     /// Lease `id`, acquired for the next window, opens at `at`: every counter whose

@@ -8,7 +8,7 @@ use ration_core::{
 };
 use tonic::Status;
 
-use super::{missing, DEFAULT_PAGE, MAX_BATCH_OPS, MAX_PAGE};
+use super::{missing, to_proto, DEFAULT_PAGE, MAX_BATCH_OPS, MAX_PAGE};
 use crate::v1;
 
 fn invalid(e: LedgerError) -> Status {
@@ -124,6 +124,28 @@ pub fn update_budget(r: &v1::UpdateBudgetRequest) -> Result<Request, Status> {
     let op =
         Op::UpdateBudget { spec: spec(&r.path, &r.limits)?, expected_version: r.expected_version };
     request(r.meta.as_ref(), op)
+}
+
+pub fn set_limits(r: &v1::SetLimitsRequest) -> Result<Request, Status> {
+    let l = r.limits.as_ref().ok_or_else(|| missing("limits"))?;
+    let limits = ration_core::PrincipalLimits {
+        clients: l.clients,
+        outcomes: l.outcomes,
+        live_leases: l.live_leases,
+        budgets: l.budgets,
+    };
+    limits.validate().map_err(|e| to_proto::status(&e))?;
+    request(r.meta.as_ref(), Op::SetLimits(limits))
+}
+
+/// The principal a `GetLimits` asks about (none: the fullest `top`, at most 100).
+pub fn get_limits(r: &v1::GetLimitsRequest) -> Result<(Option<Principal>, usize), Status> {
+    let principal = if r.principal.is_empty() {
+        None
+    } else {
+        Some(Principal::new(r.principal.as_str()).map_err(|e| to_proto::status(&e))?)
+    };
+    Ok((principal, (r.top as usize).min(100)))
 }
 
 pub fn delete_budget(r: &v1::DeleteBudgetRequest) -> Result<Request, Status> {

@@ -19,7 +19,41 @@ pub fn status(e: &LedgerError) -> Status {
         ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::Aborted => Code::Aborted,
     };
+    if let LedgerError::PrincipalLimit { what, max, .. } = e {
+        let mut details = tonic_types::ErrorDetails::new();
+        let metadata =
+            [("limit".to_owned(), what.replace(' ', "_")), ("max".to_owned(), max.to_string())];
+        details.set_error_info(
+            crate::rpc::REASON_PRINCIPAL_LIMIT,
+            crate::rpc::DOMAIN,
+            metadata.into_iter().collect::<std::collections::HashMap<_, _>>(),
+        );
+        return <Status as tonic_types::StatusExt>::with_error_details(
+            code,
+            e.to_string(),
+            details,
+        );
+    }
     Status::new(code, e.to_string())
+}
+
+pub fn principal_limits(l: &ration_core::PrincipalLimits) -> v1::PrincipalLimits {
+    v1::PrincipalLimits {
+        clients: l.clients,
+        outcomes: l.outcomes,
+        live_leases: l.live_leases,
+        budgets: l.budgets,
+    }
+}
+
+pub fn principal_usage(p: &str, u: &ration_core::PrincipalUsage) -> v1::PrincipalUsage {
+    v1::PrincipalUsage {
+        principal: p.to_owned(),
+        clients: u.clients,
+        outcomes: u.outcomes,
+        live_leases: u.live_leases,
+        budgets: u.budgets,
+    }
 }
 
 fn to_i64(value: u64) -> i64 {

@@ -223,6 +223,51 @@ impl v1::ledger_server::Ledger for LedgerService {
         .await
     }
 
+    async fn set_limits(
+        &self,
+        req: Request<v1::SetLimitsRequest>,
+    ) -> Result<Response<v1::LimitsReply>, Status> {
+        let node = self.node.clone();
+        self.write(
+            req,
+            |r| Ok(vec![to_core::set_limits(r)?]),
+            move |_, outcomes| {
+                only(outcomes)?;
+                let state = node.reader.state();
+                Ok(v1::LimitsReply {
+                    limits: Some(to_proto::principal_limits(&state.ledger.principal_limits())),
+                    usage: Vec::new(),
+                })
+            },
+            on_leader!(LedgerClient, set_limits),
+        )
+        .await
+    }
+
+    async fn get_limits(
+        &self,
+        req: Request<v1::GetLimitsRequest>,
+    ) -> Result<Response<v1::LimitsReply>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            return forward::to_leader(&self.node, req, on_leader!(LedgerClient, get_limits)).await;
+        }
+        let (principal, top) = to_core::get_limits(req.get_ref())?;
+        let state = self.node.reader.state();
+        let ledger = &state.ledger;
+        let usage = match principal {
+            Some(p) => vec![to_proto::principal_usage(p.as_str(), &ledger.principal_usage(&p))],
+            None => ledger
+                .top_principals(top)
+                .iter()
+                .map(|(p, u)| to_proto::principal_usage(p.as_str(), u))
+                .collect(),
+        };
+        Ok(Response::new(v1::LimitsReply {
+            limits: Some(to_proto::principal_limits(&ledger.principal_limits())),
+            usage,
+        }))
+    }
+
     async fn get_budget(
         &self,
         req: Request<v1::GetBudgetRequest>,
