@@ -554,3 +554,62 @@ async fn settling_above_the_reservation_is_counted_to_the_unit() {
     assert_eq!(audited, l.overruns, "the overrun records add up");
     cluster.shutdown().await;
 }
+
+async fn set_outcomes_limit(addr: std::net::SocketAddr, client: &str, outcomes: u64) {
+    ledger(addr)
+        .set_limits(v1::SetLimitsRequest {
+            meta: meta(client, 1, "ops"),
+            limits: Some(v1::PrincipalLimits {
+                clients: 100_000,
+                outcomes,
+                live_leases: 1_000_000,
+                budgets: 1_000_000,
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+/// A per-principal limit refuses a gateway's overrun report (the spend happened):
+/// the SDK keeps it and sends it again, and it reaches the ledger once the limit
+/// is raised. Nothing the gateway admitted is left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overrun_refused_by_a_principal_limit_is_kept_until_the_ledger_takes_it() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "p", 1_000_000, None).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let s = sdk(&cluster, "gw-held", &clock);
+    let h = s.handle("p", "tokens");
+    eventually("a lease is held", Duration::from_secs(20), || {
+        let ok = h.allowance().available(clock_now(&s)) >= 150;
+        async move { ok }
+    })
+    .await;
+    // From now on the gateway's principal may not have one more result remembered.
+    set_outcomes_limit(addr, "limits-admin-1", 1).await;
+    let r = s.reserve(&[("p", "tokens", 10)]).unwrap();
+    let available = h.allowance().available(clock_now(&s));
+    // A call that cost far more than its reservation and everything leased.
+    r.settle(&[available + 10 + 5_000]);
+    let over = s.gateway_overruns("p", "tokens");
+    assert!(over >= 5_000, "the gateway recorded the overrun ({over})");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let overruns = |b: v1::Budget| b.limits[0].overruns;
+    let get = || async {
+        ledger(addr)
+            .get_budget(v1::GetBudgetRequest { path: "p".into(), linearizable: true })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    assert_eq!(overruns(get().await), 0, "the limit refused the report");
+    // The operator raises the limit: the kept overrun lands, all of it.
+    set_outcomes_limit(addr, "limits-admin-2", 4_194_304).await;
+    eventually("the overrun reaches the ledger", Duration::from_secs(20), || async {
+        overruns(get().await) as u64 == over
+    })
+    .await;
+    cluster.shutdown().await;
+}

@@ -428,8 +428,11 @@ impl Ledger {
             Seen::New => {}
         }
         // Checked before anything is remembered: a refusal here leaves no trace.
-        if let Some(refusal) = self.admit(req) {
-            return Err(refusal);
+        // Never for SetLimits, so an operator held by a limit can still raise it.
+        if !matches!(req.op, Op::SetLimits(_)) {
+            if let Some(refusal) = self.admit(req) {
+                return Err(refusal);
+            }
         }
         let mut ctx = Ctx { index, principal: &req.principal, audit };
         let outcome = match &req.op {

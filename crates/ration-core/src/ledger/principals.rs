@@ -17,6 +17,8 @@
 //! Lowering a limit below what a principal holds refuses its new requests of that
 //! kind until it drops under the limit (clients idle for `dedup_idle_ms` are
 //! forgotten, leases settle or expire, budgets are deleted); nothing is evicted.
+//! `SetLimits` itself is never refused by them, so an operator they hold can still
+//! raise them.
 
 use std::collections::BTreeMap;
 

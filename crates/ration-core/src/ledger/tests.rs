@@ -982,8 +982,10 @@ fn per_principal_limits_refuse_before_anything_is_remembered_and_spare_other_pri
     assert_eq!(restored.principal_usage(&who("builder")).budgets, 2);
     assert_eq!(restored.principal_limits(), h.ledger.principal_limits());
 
-    // Raising a limit lets the principal go on at once.
-    h.ok("ops", set_limits(4, 100, 10, 10));
+    // Raising a limit lets the principal go on at once; a principal held by the
+    // limits can still change them.
+    assert!(principal_limit(&h.run("gw", acquire("t", 1, 1, 60_000))).is_some());
+    h.ok("gw", set_limits(4, 100, 10, 10));
     from_client(&mut h, "c4", "gw", acquire("t", 1, 1, 60_000)).unwrap();
     // Idle clients are forgotten with what they counted, leases expire: nothing held.
     h.tick(24 * 3_600_000 + 1);
