@@ -28,9 +28,8 @@
 # The new learner joins with `rationd --join <leader>` (the node adds itself as a
 # learner, the documented way to grow a cluster). `--learner-add rationctl` starts
 # it with `--initial-cluster-state existing` and adds it with `rationctl member add`
-# instead; on the current code that learner wrongly decides it was removed (and
-# exits) when it replays an earlier membership change without itself, e.g. the
-# previous phase's learner removal, so only phase 1 measures anything that way.
+# instead (before the fix in ration-server's `removal`, such a learner took the
+# previous phase's learner removal, replayed, for its own and exited).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

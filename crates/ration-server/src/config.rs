@@ -70,6 +70,13 @@ pub struct Config {
     pub rpc_timeout_ms: u64,
     /// Build a snapshot after this many log entries since the last one.
     pub snapshot_after_entries: u64,
+    /// Also build one once this many audit records are not sealed into segments
+    /// (0: off). Under load a log entry carries thousands of commands, so an
+    /// entry count alone lets the unsealed audit tail, the log and a restart's
+    /// replay grow to tens of millions of records between snapshots; this bounds
+    /// them by records. At least `audit_segment_min_records`. Only a node with
+    /// on-disk storage seals.
+    pub snapshot_after_audit_records: u64,
     /// Log entries kept after a snapshot (for lagging followers) before purging.
     pub keep_log_after_snapshot: u64,
     /// A snapshot build seals the audit records after the last sealed segment into
@@ -135,6 +142,9 @@ impl Default for Config {
             election_timeout_max_ms: 1000,
             rpc_timeout_ms: 2000,
             snapshot_after_entries: 20_000,
+            // About 600 MB of unsealed records at 300 bytes each; at 77k records/s
+            // (benches/README.md, soak) a snapshot every 27 s.
+            snapshot_after_audit_records: 2_097_152,
             keep_log_after_snapshot: 5_000,
             // About 20 MB and 300 MB of records at 300 bytes each.
             audit_segment_min_records: 65_536,
@@ -230,6 +240,15 @@ impl Config {
             return bad(
                 "give initial_cluster (to form a cluster) or join (to join one), not both".into()
             );
+        }
+        if self.snapshot_after_audit_records != 0
+            && self.snapshot_after_audit_records < self.audit_segment_min_records
+        {
+            return Err(ConfigError::Invalid(format!(
+                "snapshot_after_audit_records ({}) is below audit_segment_min_records ({}): \
+                 a snapshot would seal nothing; use 0 to turn it off",
+                self.snapshot_after_audit_records, self.audit_segment_min_records
+            )));
         }
         if self.audit_segment_min_records == 0
             || self.audit_segment_max_records < self.audit_segment_min_records
@@ -400,6 +419,10 @@ pub struct Args {
     /// [default: 20000].
     #[arg(long, env = "RATION_SNAPSHOT_AFTER_ENTRIES")]
     pub snapshot_after_entries: Option<u64>,
+    /// Also build a snapshot once this many audit records are not sealed into
+    /// segments; 0: off [default: 2097152].
+    #[arg(long, env = "RATION_SNAPSHOT_AFTER_AUDIT_RECORDS")]
+    pub snapshot_after_audit_records: Option<u64>,
     /// Seal the audit records into a segment file once this many are not sealed
     /// (fewer ride in the snapshot) [default: 65536].
     #[arg(long, env = "RATION_AUDIT_SEGMENT_MIN_RECORDS")]
@@ -459,6 +482,7 @@ impl Args {
             election_timeout_max_ms,
             replication_timeout_ms,
             snapshot_after_entries,
+            snapshot_after_audit_records,
             audit_segment_min_records,
             audit_segment_max_records,
             audit_archive_after_hours,

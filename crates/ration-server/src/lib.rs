@@ -452,10 +452,7 @@ async fn removal(node: &Node) -> Removed {
     let mut tick = tokio::time::interval(REMOVAL_PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next = 0usize;
-    // Whether this node has been a member since it started. A node restored from
-    // another cluster's snapshot and joining (`join`) holds a membership without
-    // itself until it is added: that is not a removal.
-    let mut was_member = node.config.join.is_none();
+    let mut listed = Listed::default();
     loop {
         tick.tick().await;
         let (mine, peers, leader) = {
@@ -463,17 +460,16 @@ async fn removal(node: &Node) -> Removed {
             let m = m.borrow();
             let membership = m.membership_config.membership();
             let member = membership.get_node(&node.id).is_some();
-            was_member |= member;
             let mine = m.membership_config.log_id().as_ref().map_or(0, |l| l.index);
-            // This node applied a membership without itself (it led the change
-            // that removed it, or saw it committed before the leader let go).
             let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
-            if was_member
-                && !member
-                && membership.nodes().next().is_some()
-                && mine > 0
-                && mine <= applied
-            {
+            let seen = Seen {
+                member,
+                index: mine,
+                applied,
+                any_members: membership.nodes().next().is_some(),
+                joining: node.config.join.is_some(),
+            };
+            if listed.removed_by(seen) {
                 return Removed { membership_index: mine, seen_on: node.id };
             }
             if m.state == ServerState::Leader || !member {
@@ -519,6 +515,98 @@ async fn removal(node: &Node) -> Removed {
         {
             return Removed { membership_index: peer.membership_index, seen_on: peer.id };
         }
+    }
+}
+
+/// What [`removal`] sees of this node's own membership at one look.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    /// This node is in the membership.
+    member: bool,
+    /// The membership's log index.
+    index: u64,
+    /// The last applied log index.
+    applied: u64,
+    any_members: bool,
+    /// Started with `--join` (it may hold another cluster's membership until added).
+    joining: bool,
+}
+
+/// The newest membership that listed this node, as far as it has seen.
+#[derive(Debug, Default)]
+struct Listed {
+    at: Option<u64>,
+    looked: bool,
+}
+
+impl Listed {
+    /// Whether this node applied a membership without itself that is newer than
+    /// the newest one that listed it (it led the change that removed it, or saw it
+    /// committed before the leader let go). A node catching up replays older
+    /// memberships without itself (one before it was added; a previous learner's
+    /// removal): those are not newer than one that listed it, or it was never
+    /// listed yet, and are not a removal.
+    fn removed_by(&mut self, s: Seen) -> bool {
+        if !std::mem::replace(&mut self.looked, true)
+            && !s.member
+            && !s.joining
+            && s.any_members
+            && s.index > 0
+        {
+            // At start, a node with state that holds a membership without itself
+            // applied its removal before it stopped. (A new node waiting to be
+            // added has no membership yet; a joining one may hold another
+            // cluster's.)
+            self.at = Some(0);
+        }
+        if s.member {
+            self.at = Some(self.at.map_or(s.index, |at| at.max(s.index)));
+            return false;
+        }
+        self.at.is_some_and(|at| s.index > at)
+            && s.any_members
+            && s.index > 0
+            && s.index <= s.applied
+    }
+}
+
+#[cfg(test)]
+mod removal_tests {
+    use super::{Listed, Seen};
+
+    fn seen(member: bool, index: u64) -> Seen {
+        Seen { member, index, applied: index, any_members: true, joining: false }
+    }
+
+    #[test]
+    fn a_new_node_replaying_older_memberships_without_itself_is_not_removed() {
+        // Node 5 starts empty, then replays the log: the first membership, a
+        // learner 4 added and removed, then itself added.
+        let mut l = Listed::default();
+        assert!(!l.removed_by(Seen { any_members: false, ..seen(false, 0) }));
+        for (member, index) in [(false, 1), (false, 20), (false, 30), (true, 40), (true, 41)] {
+            assert!(!l.removed_by(seen(member, index)), "at {index}");
+        }
+        // Then really removed.
+        assert!(l.removed_by(seen(false, 50)));
+    }
+
+    #[test]
+    fn a_member_whose_newer_membership_lacks_it_is_removed_only_once_applied() {
+        let mut l = Listed::default();
+        assert!(!l.removed_by(seen(true, 10)));
+        assert!(!l.removed_by(Seen { applied: 11, ..seen(false, 12) }), "not applied yet");
+        assert!(l.removed_by(seen(false, 12)));
+    }
+
+    #[test]
+    fn a_node_that_applied_its_removal_before_stopping_knows_at_start() {
+        let mut l = Listed::default();
+        assert!(l.removed_by(seen(false, 30)));
+        // A joining node holding another cluster's membership does not.
+        let mut j = Listed::default();
+        assert!(!j.removed_by(Seen { joining: true, ..seen(false, 30) }));
+        assert!(!j.removed_by(Seen { joining: true, ..seen(false, 31) }));
     }
 }
 
@@ -738,6 +826,10 @@ where
     tokio::spawn(ledger_time::keep(Arc::downgrade(&node)));
     if node.reader.audit.fetch_dir().is_some() {
         tokio::spawn(audit_fetch::run(Arc::downgrade(&node)));
+        tokio::spawn(snapshot_when_unsealed(
+            Arc::downgrade(&node),
+            node.config.snapshot_after_audit_records,
+        ));
     }
     tracing::info!(id = node.id, %addr, "node serving");
     Ok(NodeHandle { node, stop: Some(stop_tx), served, core: core_rx })
@@ -899,6 +991,49 @@ async fn ticker(node: std::sync::Weak<Node>, every_ms: u64) {
             if let Err(e) = node.proposer.propose(vec![Command::Tick]).await {
                 tracing::debug!("tick not proposed: {e}");
             }
+        }
+    }
+}
+
+/// How often [`snapshot_when_unsealed`] looks, and how long it lets a snapshot it
+/// asked for take before asking again.
+const UNSEALED_CHECK: Duration = Duration::from_secs(1);
+const SNAPSHOT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Asks for a snapshot once `after_records` audit records are not sealed: the
+/// build seals them into segments, and the log before it is purged. openraft's
+/// policy counts log entries only, and under load one entry carries thousands of
+/// commands. Every node does this for itself.
+async fn snapshot_when_unsealed(node: std::sync::Weak<Node>, after_records: u64) {
+    if after_records == 0 {
+        return;
+    }
+    let mut every = tokio::time::interval(UNSEALED_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (when asked, the sealed end then): wait for that build before asking again.
+    let mut asked: Option<(tokio::time::Instant, u64)> = None;
+    loop {
+        every.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.raft.metrics().borrow().state == ServerState::Shutdown {
+            return;
+        }
+        let sealed = node.reader.audit.sealed_end();
+        if let Some((at, then)) = asked {
+            if sealed == then && at.elapsed() < SNAPSHOT_PATIENCE {
+                continue;
+            }
+            asked = None;
+        }
+        let head = node.reader.state().ledger.chain_head().next_seq;
+        let unsealed = head.saturating_sub(sealed);
+        if unsealed < after_records {
+            continue;
+        }
+        tracing::debug!(unsealed, "audit records not sealed: building a snapshot");
+        match node.raft.trigger().snapshot().await {
+            Ok(()) => asked = Some((tokio::time::Instant::now(), sealed)),
+            Err(e) => tracing::warn!("could not start a snapshot: {e}"),
         }
     }
 }

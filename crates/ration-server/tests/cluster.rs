@@ -192,6 +192,48 @@ async fn a_snapshot_install_fetches_the_sealed_audit_history_from_peers() {
     cluster.shutdown().await;
 }
 
+/// Under load one log entry carries many commands, so the entry-count policy alone
+/// lets the unsealed audit tail grow without a snapshot: `snapshot_after_audit_records`
+/// makes every node build one (sealing the records) once that many are unsealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_snapshots_once_enough_audit_records_are_unsealed() {
+    let cluster = Cluster::start(3, |c| {
+        c.snapshot_after_entries = 1_000_000;
+        c.snapshot_after_audit_records = 150;
+        c.audit_segment_min_records = 40;
+        c.audit_segment_max_records = 90;
+    })
+    .await;
+    let leader = cluster.leader().await;
+    create_tree(cluster.addrs[&leader]).await;
+    let mut client = ledger(cluster.addrs[&leader]);
+    // 400 grants in 4 Batch calls: a handful of log entries.
+    for b in 0..4u64 {
+        let ops = (0..100u64)
+            .map(|i| v1::BatchOp {
+                op: Some(v1::batch_op::Op::Acquire(acquire("gw-batch", b * 100 + i + 1, 1))),
+            })
+            .collect();
+        let reply = client.batch(v1::BatchRequest { ops }).await.unwrap().into_inner();
+        assert!(reply
+            .results
+            .iter()
+            .all(|r| matches!(r.result, Some(v1::batch_result::Result::Lease(_)))));
+    }
+    let entries = cluster.nodes[&leader].node.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    assert!(entries < 100, "{entries} entries: far below the entry policy");
+    for (id, n) in &cluster.nodes {
+        let node = n.node.clone();
+        eventually(&format!("node {id} sealed its audit records"), Duration::from_secs(20), || {
+            let sealed = node.reader.audit.sealed_end();
+            let snapshot = node.raft.metrics().borrow().snapshot.is_some();
+            async move { snapshot && sealed >= 250 }
+        })
+        .await;
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_leave_and_take_over_leadership() {
     let mut cluster = Cluster::start(3, |_| {}).await;

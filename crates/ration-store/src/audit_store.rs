@@ -536,6 +536,12 @@ impl AuditStore {
         next
     }
 
+    /// The sequence number after the last sealed record: records from here on are
+    /// in the tail (and in the next snapshot).
+    pub fn sealed_end(&self) -> u64 {
+        self.sealed().end()
+    }
+
     /// (segments listed, missing, bytes of the present ones)
     pub fn segment_counts(&self) -> (usize, usize, u64) {
         let sealed = self.sealed();

@@ -128,6 +128,33 @@ async fn membership_changes_end_to_end() {
     node4.stop().await.unwrap();
     ctl(&eps, &["budget", "set", "after", "--limit", "tokens=5/day"]).await.unwrap();
 
+    // Node 5 is added the same way after node 4's removal: replaying the log, it
+    // applies memberships without itself (before it was added, node 4's removal)
+    // and must not take them for its own removal.
+    let l5 = inproc::listener().await;
+    let addr5 = l5.local_addr().unwrap();
+    let mut cfg = c.config(1);
+    cfg.node_id = 5;
+    cfg.listen = addr5;
+    cfg.data_dir = c.dir.path().join("node-5");
+    cfg.initial_cluster.push(format!("5={addr5}"));
+    let node5 = ration_server::start(cfg, l5).await.unwrap();
+    ctl_json(&eps, &["member", "add", "5", &addr5.to_string()]).await;
+    let mut eps5 = eps.clone();
+    eps5.push(addr5);
+    eventually("node 5 catches up", Duration::from_secs(20), || async {
+        let rows = ctl_json(&eps5, &["endpoint", "status"]).await;
+        rows.as_array().unwrap().iter().all(|r| r["lag"] == 0)
+            && rows.as_array().unwrap().len() == 4
+    })
+    .await;
+    // Past two removal probes, it still serves and is still a member.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rows = ctl_json(&[addr5], &["member", "list"]).await;
+    assert!(rows.as_array().unwrap().iter().any(|m| m["id"] == 5), "{rows}");
+    ctl_json(&eps, &["member", "remove", "5"]).await;
+    node5.stop().await.unwrap();
+
     // A dead endpoint: health says which, and fails.
     c.stop(3).await;
     let err = ctl(&eps, &["endpoint", "health"]).await.unwrap_err();
