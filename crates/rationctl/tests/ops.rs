@@ -61,6 +61,19 @@ async fn spend(addr: SocketAddr, client: &str, budget: &str, wanted: i64, used: 
     .unwrap();
 }
 
+/// A new node `id` that names the cluster but is not the lowest id, so it waits to
+/// be added (`member add`).
+async fn waiting_node(c: &Cluster, id: u64) -> (ration_server::NodeHandle, SocketAddr) {
+    let l = inproc::listener().await;
+    let addr = l.local_addr().unwrap();
+    let mut cfg = c.config(1);
+    cfg.node_id = id;
+    cfg.listen = addr;
+    cfg.data_dir = c.dir.path().join(format!("node-{id}"));
+    cfg.initial_cluster.push(format!("{id}={addr}"));
+    (ration_server::start(cfg, l).await.unwrap(), addr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn membership_changes_end_to_end() {
     let mut c = Cluster::start(3, |_| {}).await;
@@ -76,14 +89,7 @@ async fn membership_changes_end_to_end() {
     assert!(table.starts_with("ID") && table.contains("voter"), "{table}");
 
     // Node 4 names the cluster but is not the lowest id, so it waits to be added.
-    let l4 = inproc::listener().await;
-    let addr4 = l4.local_addr().unwrap();
-    let mut cfg = c.config(1);
-    cfg.node_id = 4;
-    cfg.listen = addr4;
-    cfg.data_dir = c.dir.path().join("node-4");
-    cfg.initial_cluster.push(format!("4={addr4}"));
-    let node4 = ration_server::start(cfg, l4).await.unwrap();
+    let (node4, addr4) = waiting_node(&c, 4).await;
 
     let added = ctl_json(&eps, &["member", "add", "4", &addr4.to_string()]).await;
     let four = added.as_array().unwrap().iter().find(|m| m["id"] == 4).unwrap().clone();
@@ -131,14 +137,7 @@ async fn membership_changes_end_to_end() {
     // Node 5 is added the same way after node 4's removal: replaying the log, it
     // applies memberships without itself (before it was added, node 4's removal)
     // and must not take them for its own removal.
-    let l5 = inproc::listener().await;
-    let addr5 = l5.local_addr().unwrap();
-    let mut cfg = c.config(1);
-    cfg.node_id = 5;
-    cfg.listen = addr5;
-    cfg.data_dir = c.dir.path().join("node-5");
-    cfg.initial_cluster.push(format!("5={addr5}"));
-    let node5 = ration_server::start(cfg, l5).await.unwrap();
+    let (node5, addr5) = waiting_node(&c, 5).await;
     ctl_json(&eps, &["member", "add", "5", &addr5.to_string()]).await;
     let mut eps5 = eps.clone();
     eps5.push(addr5);
