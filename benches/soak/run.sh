@@ -23,7 +23,7 @@
 # every node (e.g. `keep_log_after_snapshot = 100`, so that short phases also make
 # the learner install a snapshot); --keep keeps the work directory (logs, JSON).
 # Every process it started is stopped on exit, also on Ctrl-C. Needs bash, python3
-# (standard library), curl, du.
+# (standard library), curl, du. SOAK_NODE_LOG sets the nodes' RATION_LOG (default warn).
 #
 # The new learner joins with `rationd --join <leader>` (the node adds itself as a
 # learner, the documented way to grow a cluster). `--learner-add rationctl` starts
@@ -131,7 +131,7 @@ elapsed() { python3 -c "import sys; print('%.2f' % (float(sys.argv[2]) - float(s
 start_node() {
   local id=$1; shift
   mkdir -p "$WORK/node-$id"
-  RATION_LOG=warn "$RATIOND" --node-id "$id" --listen "$(addr_of "$id")" \
+  RATION_LOG="${SOAK_NODE_LOG:-warn}" "$RATIOND" --node-id "$id" --listen "$(addr_of "$id")" \
     --metrics-listen "127.0.0.1:$(mport_of "$id")" --data-dir "$WORK/node-$id" \
     ${NODE_CONFIG[@]+"${NODE_CONFIG[@]}"} "$@" \
     >>"$WORK/node-$id.log" 2>&1 &
