@@ -122,6 +122,9 @@ const BATCH_BOUNDS: &[f64] =
 const LATENCY_BOUNDS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// The per-principal limits, as `ration_principal_limit_refusals_total` labels them.
+const PRINCIPAL_LIMITS: [&str; 4] = ["clients", "outcomes", "live_leases", "budgets"];
+
 /// The kinds a refusal is labelled with.
 const KINDS: [ErrorKind; 7] = [
     ErrorKind::InvalidArgument,
@@ -153,6 +156,8 @@ pub struct Metrics {
     granted_units: std::sync::Mutex<BTreeMap<String, u64>>,
     overruns: AtomicU64,
     overrun_units: AtomicU64,
+    /// Requests refused by a per-principal limit, by limit (PRINCIPAL_LIMITS order).
+    principal_limit_refusals: [AtomicU64; 4],
     clock_skew_ms: std::sync::atomic::AtomicI64,
     clock_step_downs: AtomicU64,
     ledger_time_rebases: AtomicU64,
@@ -174,6 +179,7 @@ impl Default for Metrics {
             granted_units: std::sync::Mutex::default(),
             overruns: AtomicU64::new(0),
             overrun_units: AtomicU64::new(0),
+            principal_limit_refusals: Default::default(),
             clock_skew_ms: std::sync::atomic::AtomicI64::new(0),
             clock_step_downs: AtomicU64::new(0),
             ledger_time_rebases: AtomicU64::new(0),
@@ -212,6 +218,14 @@ impl Metrics {
         self.batch_commands.observe(outcomes.len() as f64);
         let mut granted: BTreeMap<&str, u64> = BTreeMap::new();
         let mut denied: BTreeMap<(&'static str, &str), u64> = BTreeMap::new();
+        for outcome in outcomes {
+            if let Err(ration_core::LedgerError::PrincipalLimit { what, .. }) = outcome {
+                if let Some(i) = PRINCIPAL_LIMITS.iter().position(|l| l.replace('_', " ") == *what)
+                {
+                    self.principal_limit_refusals[i].fetch_add(1, Relaxed);
+                }
+            }
+        }
         for (acquire, outcome) in acquires.iter().zip(outcomes) {
             if let Ok(Reply::OverrunRecorded { recorded, .. }) = outcome {
                 self.overruns.fetch_add(1, Relaxed);
@@ -464,6 +478,19 @@ pub fn render(node: &Node) -> String {
         "ration_ledger_time_rebases_total {}",
         metrics.ledger_time_rebases.load(Relaxed)
     );
+    header(
+        &mut out,
+        "ration_principal_limit_refusals_total",
+        "counter",
+        "Requests refused by a per-principal limit (rationctl limits show), by limit, on this node as leader.",
+    );
+    for (limit, n) in PRINCIPAL_LIMITS.iter().zip(&metrics.principal_limit_refusals) {
+        let _ = writeln!(
+            out,
+            "ration_principal_limit_refusals_total{{limit=\"{limit}\"}} {}",
+            n.load(Relaxed)
+        );
+    }
     header(
         &mut out,
         "ration_denials_total",

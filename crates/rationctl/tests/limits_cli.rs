@@ -39,6 +39,16 @@ fn acquire(client: &str, request_id: u64, principal: &str) -> v1::AcquireRequest
     }
 }
 
+/// GET /metrics over plain HTTP/1.0.
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn limits_are_shown_set_audited_and_refuse_with_a_clear_status() {
     let c = Cluster::start(3, |_| {}).await;
@@ -96,6 +106,20 @@ async fn limits_are_shown_set_audited_and_refuse_with_a_clear_status() {
             assert!(e.message.contains("maximum of 3 live leases"), "{e:?}");
         }
         other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // The leader counts the refusals by limit.
+    let maddr = *c.nodes[&leader].node.metrics_addr.get().expect("metrics are served");
+    let text = scrape(maddr).await;
+    for (limit, at_least) in [("clients", 1), ("live_leases", 1)] {
+        let line = format!("ration_principal_limit_refusals_total{{limit=\"{limit}\"}} ");
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line} in {text}"))
+            .parse()
+            .unwrap();
+        assert!(n >= at_least, "{line}{n}");
     }
 
     // Show says who holds what.
