@@ -36,6 +36,7 @@ use std::collections::BTreeMap;
 
 use ration_core::audit::{verify_chain, Flow};
 use ration_core::command::MAX_AMOUNT;
+use ration_core::ledger::Held;
 use ration_core::names::MAX_LEASE_INDEX;
 use ration_core::{
     Acquire, AuditRecord, Batch, BudgetPath, BudgetSpec, ChainHead, ClientId, Command, Entry,
@@ -617,7 +618,8 @@ impl Harness {
         // is remembered: the id stays unused.
         let unremembered = matches!(
             outcome,
-            Err(LedgerError::PrincipalLimit { what, .. }) if what == "clients" || what == "outcomes"
+            Err(LedgerError::PrincipalLimit { what, .. })
+                if *what == Held::Clients.phrase() || *what == Held::Outcomes.phrase()
         );
         if executed && !unremembered {
             let remembered =

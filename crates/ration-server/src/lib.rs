@@ -1010,21 +1010,27 @@ async fn snapshot_when_unsealed(node: std::sync::Weak<Node>, after_records: u64)
     }
     let mut every = tokio::time::interval(UNSEALED_CHECK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // (when asked, the sealed end then): wait for that build before asking again.
-    let mut asked: Option<(tokio::time::Instant, u64)> = None;
+    // (when asked, the snapshot then): wait for a newer snapshot before asking
+    // again (the build seals segments before it writes the snapshot).
+    let mut asked: Option<(tokio::time::Instant, Option<u64>)> = None;
     loop {
         every.tick().await;
         let Some(node) = node.upgrade() else { return };
-        if node.raft.metrics().borrow().state == ServerState::Shutdown {
+        let (state, snapshot) = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.snapshot.map(|l| l.index))
+        };
+        if state == ServerState::Shutdown {
             return;
         }
-        let sealed = node.reader.audit.sealed_end();
         if let Some((at, then)) = asked {
-            if sealed == then && at.elapsed() < SNAPSHOT_PATIENCE {
+            if snapshot == then && at.elapsed() < SNAPSHOT_PATIENCE {
                 continue;
             }
             asked = None;
         }
+        let sealed = node.reader.audit.sealed_end();
         let head = node.reader.state().ledger.chain_head().next_seq;
         let unsealed = head.saturating_sub(sealed);
         if unsealed < after_records {
@@ -1032,7 +1038,7 @@ async fn snapshot_when_unsealed(node: std::sync::Weak<Node>, after_records: u64)
         }
         tracing::debug!(unsealed, "audit records not sealed: building a snapshot");
         match node.raft.trigger().snapshot().await {
-            Ok(()) => asked = Some((tokio::time::Instant::now(), sealed)),
+            Ok(()) => asked = Some((tokio::time::Instant::now(), snapshot)),
             Err(e) => tracing::warn!("could not start a snapshot: {e}"),
         }
     }

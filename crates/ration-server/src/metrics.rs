@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::ServerState;
+use ration_core::ledger::Held;
 use ration_core::{ErrorKind, Outcome, Reply};
 
 use crate::Node;
@@ -122,9 +123,6 @@ const BATCH_BOUNDS: &[f64] =
 const LATENCY_BOUNDS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// The per-principal limits, as `ration_principal_limit_refusals_total` labels them.
-const PRINCIPAL_LIMITS: [&str; 4] = ["clients", "outcomes", "live_leases", "budgets"];
-
 /// The kinds a refusal is labelled with.
 const KINDS: [ErrorKind; 7] = [
     ErrorKind::InvalidArgument,
@@ -156,7 +154,7 @@ pub struct Metrics {
     granted_units: std::sync::Mutex<BTreeMap<String, u64>>,
     overruns: AtomicU64,
     overrun_units: AtomicU64,
-    /// Requests refused by a per-principal limit, by limit (PRINCIPAL_LIMITS order).
+    /// Requests refused by a per-principal limit, by limit (`Held::ALL` order).
     principal_limit_refusals: [AtomicU64; 4],
     clock_skew_ms: std::sync::atomic::AtomicI64,
     clock_step_downs: AtomicU64,
@@ -218,15 +216,12 @@ impl Metrics {
         self.batch_commands.observe(outcomes.len() as f64);
         let mut granted: BTreeMap<&str, u64> = BTreeMap::new();
         let mut denied: BTreeMap<(&'static str, &str), u64> = BTreeMap::new();
-        for outcome in outcomes {
+        for (acquire, outcome) in acquires.iter().zip(outcomes) {
             if let Err(ration_core::LedgerError::PrincipalLimit { what, .. }) = outcome {
-                if let Some(i) = PRINCIPAL_LIMITS.iter().position(|l| l.replace('_', " ") == *what)
-                {
+                if let Some(i) = Held::ALL.iter().position(|h| h.phrase() == *what) {
                     self.principal_limit_refusals[i].fetch_add(1, Relaxed);
                 }
             }
-        }
-        for (acquire, outcome) in acquires.iter().zip(outcomes) {
             if let Ok(Reply::OverrunRecorded { recorded, .. }) = outcome {
                 self.overruns.fetch_add(1, Relaxed);
                 self.overrun_units.fetch_add(*recorded, Relaxed);
@@ -484,10 +479,11 @@ pub fn render(node: &Node) -> String {
         "counter",
         "Requests refused by a per-principal limit (rationctl limits show), by limit, on this node as leader.",
     );
-    for (limit, n) in PRINCIPAL_LIMITS.iter().zip(&metrics.principal_limit_refusals) {
+    for (limit, n) in Held::ALL.iter().zip(&metrics.principal_limit_refusals) {
         let _ = writeln!(
             out,
-            "ration_principal_limit_refusals_total{{limit=\"{limit}\"}} {}",
+            "ration_principal_limit_refusals_total{{limit=\"{}\"}} {}",
+            limit.name(),
             n.load(Relaxed)
         );
     }

@@ -30,7 +30,7 @@ impl Ledger {
                 max: self.config.max_budgets,
             });
         }
-        if let Some(full) = self.principals.full(ctx.principal, "budgets") {
+        if let Some(full) = self.principals.full(ctx.principal, super::Held::Budgets) {
             return Err(full);
         }
         let parent = match spec.path.parent() {

@@ -39,7 +39,7 @@ impl Ledger {
                 max: self.config.max_live_leases,
             });
         }
-        if let Some(full) = self.principals.full(ctx.principal, "live_leases") {
+        if let Some(full) = self.principals.full(ctx.principal, super::Held::LiveLeases) {
             return Err(full);
         }
         let leaf = self.budget_id(&a.budget)?;

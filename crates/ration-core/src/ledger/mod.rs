@@ -32,7 +32,7 @@ mod tests;
 mod time;
 
 pub(crate) use principals::Principals;
-pub use principals::{PrincipalLimits, PrincipalUsage, LEDGER_PATH, MAX_PRINCIPAL_LIMIT};
+pub use principals::{Held, PrincipalLimits, PrincipalUsage, LEDGER_PATH, MAX_PRINCIPAL_LIMIT};
 pub use snapshot::{InvariantError, SnapshotError};
 
 /// Limits and retention times of a ledger. Part of the replicated state.
@@ -472,14 +472,14 @@ impl Ledger {
             // Held since before owners were recorded: counted against nobody.
             None if self.dedup.knows(&req.client) => return None,
             None => {
-                if let Some(full) = self.principals.full(&req.principal, "clients") {
+                if let Some(full) = self.principals.full(&req.principal, Held::Clients) {
                     return Some(full);
                 }
                 &req.principal
             }
         };
         if self.dedup.grows(&req.client, self.config.dedup_window) {
-            return self.principals.full(owner, "outcomes");
+            return self.principals.full(owner, Held::Outcomes);
         }
         None
     }

@@ -83,6 +83,37 @@ impl PrincipalLimits {
     }
 }
 
+/// One of the four things a principal's limits count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    Clients,
+    Outcomes,
+    LiveLeases,
+    Budgets,
+}
+
+impl Held {
+    pub const ALL: [Held; 4] = [Held::Clients, Held::Outcomes, Held::LiveLeases, Held::Budgets];
+
+    /// As the API, the metrics and the audit records name it (`live_leases`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Held::Clients => "clients",
+            Held::Outcomes => "outcomes",
+            Held::LiveLeases => "live_leases",
+            Held::Budgets => "budgets",
+        }
+    }
+
+    /// As a refusal's message says it (`live leases`).
+    pub fn phrase(self) -> &'static str {
+        match self {
+            Held::LiveLeases => "live leases",
+            other => other.name(),
+        }
+    }
+}
+
 /// What one principal holds now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrincipalUsage {
@@ -127,17 +158,18 @@ impl Principals {
         }
     }
 
-    pub(super) fn full(&self, p: &Principal, what: &'static str) -> Option<LedgerError> {
+    pub(super) fn full(&self, p: &Principal, what: Held) -> Option<LedgerError> {
         let u = self.usage(p);
+        let l = &self.limits;
         let (held, max) = match what {
-            "clients" => (u.clients, self.limits.clients),
-            "outcomes" => (u.outcomes, self.limits.outcomes),
-            "live_leases" => (u.live_leases, self.limits.live_leases),
-            _ => (u.budgets, self.limits.budgets),
+            Held::Clients => (u.clients, l.clients),
+            Held::Outcomes => (u.outcomes, l.outcomes),
+            Held::LiveLeases => (u.live_leases, l.live_leases),
+            Held::Budgets => (u.budgets, l.budgets),
         };
         (held >= max).then(|| LedgerError::PrincipalLimit {
             principal: p.to_string(),
-            what: what.replace('_', " "),
+            what: what.phrase().to_owned(),
             max,
         })
     }
