@@ -145,8 +145,8 @@ impl Sealed {
     }
 }
 
-/// Records per chunk when many are written at once (snapshot install, restart).
-const AUDIT_CHUNK: usize = 4096;
+/// Most records under one key of the tail, and per read when many are copied.
+pub(crate) const AUDIT_CHUNK: usize = 4096;
 
 impl AuditStore {
     pub(crate) fn new(backend: AuditBackend, dir: Option<PathBuf>, policy: SealPolicy) -> Self {
@@ -180,10 +180,14 @@ impl AuditStore {
                 return Ok(());
             }
         };
-        if let Some(first) = records.first() {
-            tree.insert(index_key(first.entry.seq), encode(&records))?;
+        // At most AUDIT_CHUNK records per key, however many one apply call brings
+        // (a restart re-applies the whole log after the snapshot in one call): a
+        // read of a few records then decodes a bounded value, not millions.
+        let mut batch = sled::Batch::default();
+        for chunk in records.chunks(AUDIT_CHUNK) {
+            batch.insert(&index_key(chunk[0].entry.seq), encode(&chunk));
         }
-        Ok(())
+        tree.apply_batch(batch)
     }
 
     /// Records from sequence number `from`, in order, at most `limit`: from the

@@ -56,6 +56,31 @@ fn audit_chunks_read_and_truncate_across_boundaries() {
     assert_eq!(sm.audit.len().unwrap(), 0);
 }
 
+#[test]
+fn one_large_apply_is_kept_in_bounded_chunks() {
+    // A restart re-applies everything after the snapshot in one call; a value per
+    // call made every later read of a few records decode all of them.
+    use crate::audit_store::{AuditBackend, AUDIT_CHUNK};
+    let dir = TempDir::new().unwrap();
+    let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
+    let n = AUDIT_CHUNK as u64 * 2 + 7;
+    let all = records(n);
+    sm.audit.append(&all).unwrap();
+    let AuditBackend::Sled(tree) = &sm.audit.backend else { panic!("a sled store") };
+    let sizes: Vec<usize> = tree
+        .iter()
+        .values()
+        .map(|v| postcard::from_bytes::<Vec<AuditRecord>>(&v.unwrap()).unwrap().len())
+        .collect();
+    assert_eq!(sizes, vec![AUDIT_CHUNK, AUDIT_CHUNK, 7]);
+    assert_eq!(sm.audit.len().unwrap(), n);
+    assert_eq!(sm.audit.read(0, usize::MAX).unwrap(), all);
+    let mid = AUDIT_CHUNK as u64 + 3;
+    assert_eq!(sm.audit.read(mid, 2).unwrap(), all[mid as usize..mid as usize + 2].to_vec());
+    sm.audit.truncate_from(mid).unwrap();
+    assert_eq!(sm.audit.read(0, usize::MAX).unwrap(), all[..mid as usize].to_vec());
+}
+
 /// A real snapshot file: a sled store that applied budget creations, then built.
 async fn built_snapshot(dir: &Path, budgets: u64) -> Vec<u8> {
     use ration_core::{Batch, BudgetPath, BudgetSpec, ClientId, Command, Op, Principal, Request};
