@@ -103,6 +103,7 @@ impl SdkConfig {
                 max_attempts: defaults::MAX_ATTEMPTS,
                 round_deadline: defaults::ROUND_DEADLINE,
                 connector: None,
+                tls: None,
                 client_id: None,
             },
             refresh: defaults::REFRESH,

@@ -51,6 +51,11 @@ pub struct ClusterConfig {
     /// Makes the channel to an endpoint; `None`: lazy TCP. A simulation passes its
     /// own network here.
     pub connector: Option<Connector>,
+    /// TLS to the cluster's client ports (`None`: plaintext): the CA the nodes'
+    /// certificates are signed by and, for client-certificate authentication, this
+    /// gateway's certificate naming `principal`
+    /// (`ration_tls::ClientTls::from_files`).
+    pub tls: Option<ration_tls::ClientTls>,
     /// The client id request ids are scoped to; `None`: one per incarnation (from
     /// the process id and the time). A simulation fixes it to replay exactly.
     pub client_id: Option<String>,
@@ -126,12 +131,17 @@ impl Cluster {
             *slot = Some(c.clone());
             return c;
         }
-        let c = Endpoint::from_shared(format!("http://{}", self.config.endpoints[i]))
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.config.endpoints[i]))
             .expect("checked in new")
             .connect_timeout(self.config.rpc_timeout)
             .timeout(self.config.rpc_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let c = match &self.config.tls {
+            Some(tls) => {
+                endpoint.connect_with_connector_lazy(ration_tls::Connector::new(tls.clone()))
+            }
+            None => endpoint.connect_lazy(),
+        };
         *slot = Some(c.clone());
         c
     }
@@ -263,6 +273,7 @@ mod tests {
             max_attempts: 1,
             round_deadline: Duration::from_secs(1),
             connector: None,
+            tls: None,
             client_id: None,
         };
         let err = Cluster::new(config).unwrap_err();

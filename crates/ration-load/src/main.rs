@@ -66,6 +66,14 @@ struct Args {
     /// run against the same cluster is not refused as a replay of the first.
     #[arg(long)]
     client_id_base: Option<String>,
+    /// TLS: the CA the nodes' certificates are signed by (with --cert and --key: a
+    /// client certificate naming principal `load`).
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
 }
 
 impl Args {
@@ -140,11 +148,17 @@ fn scrape(at: SocketAddr, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// TLS for every channel this run makes (set once from the flags).
+static TLS: std::sync::OnceLock<Option<ration_tls::ClientTls>> = std::sync::OnceLock::new();
+
 fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect_lazy())
+        .tcp_nodelay(true);
+    Ok(match TLS.get().and_then(Option::as_ref) {
+        Some(tls) => endpoint.connect_with_connector_lazy(ration_tls::Connector::new(tls.clone())),
+        None => endpoint.connect_lazy(),
+    })
 }
 
 async fn find_leader(endpoints: &[String]) -> anyhow::Result<String> {
@@ -376,7 +390,14 @@ async fn sdk_load(args: &Args, endpoints: &[String], leader: &str) -> anyhow::Re
     let clock = CoarseClock::new();
     clock.start_ticking();
     let sdks: Vec<Arc<Sdk>> = (0..args.gateways)
-        .map(|i| Sdk::start(SdkConfig::new(endpoints.to_vec(), format!("gw-{i}")), clock.clone()))
+        .map(|i| {
+            // With TLS every gateway here is the one principal the certificate names.
+            let tls = TLS.get().cloned().flatten();
+            let who = if tls.is_some() { "load".to_owned() } else { format!("gw-{i}") };
+            let mut config = SdkConfig::new(endpoints.to_vec(), who);
+            config.cluster.tls = tls;
+            Sdk::start(config, clock.clone())
+        })
         .collect::<Result<_, _>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     let recording = Arc::new(AtomicBool::new(false));
@@ -439,6 +460,18 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(0);
         args.client_id_base = Some(format!("load-{:x}-{nanos:x}", std::process::id()));
     }
+    let tls = match (&args.cacert, &args.cert, &args.key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => {
+            Some(ration_tls::ClientTls::from_files(&ration_tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            })?)
+        }
+        _ => bail!("give --cacert, --cert and --key together"),
+    };
+    let _ = TLS.set(tls);
     let args = Arc::new(args);
     let (_nodes, endpoints) = if args.endpoints.is_empty() {
         let rationd = match &args.rationd {

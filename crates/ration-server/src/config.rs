@@ -15,11 +15,29 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// This node's id in the cluster (unique, non-zero).
     pub node_id: u64,
-    /// Where clients and peers connect (one port serves both).
+    /// Where clients connect (and peers too, unless `peer_listen` is set).
     pub listen: SocketAddr,
-    /// The address peers and clients should use to reach this node; defaults to
-    /// `listen`.
+    /// The address clients should use to reach this node (and peers, unless
+    /// `peer_listen` is set); defaults to `listen`.
     pub advertise: Option<String>,
+    /// Where peers connect (Raft, calls forwarded to the leader, leadership
+    /// transfer), apart from clients. Unset: one port serves both, which only a
+    /// node without TLS may do. A member's address in the membership is its peer
+    /// address.
+    pub peer_listen: Option<SocketAddr>,
+    /// The address peers dial for this node's peer port; defaults to `peer_listen`.
+    pub peer_advertise: Option<String>,
+    /// TLS on both ports and when dialling peers: `ca` signs every certificate
+    /// accepted (clients and peers must present one), `cert`/`key` are this node's
+    /// (a node certificate: `spiffe://<domain>/ration/node/<id>`, with the hosts
+    /// it is dialled by). The files are reloaded when they change or on SIGHUP.
+    pub tls: Option<ration_tls::TlsFiles>,
+    /// Serve without TLS on an address other than loopback. Without TLS anyone
+    /// who reaches a port can rewrite the ledger; a node refuses to start that way
+    /// unless this says it is meant (a network you control end to end).
+    pub insecure: bool,
+    /// Serve gRPC server reflection on the client port.
+    pub reflection: bool,
     /// Where the Raft log, vote, snapshots and audit records live.
     pub data_dir: PathBuf,
     /// The initial voters, as `id=host:port`, this node included. Empty: a
@@ -119,6 +137,11 @@ impl Default for Config {
             node_id: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             advertise: None,
+            peer_listen: None,
+            peer_advertise: None,
+            tls: None,
+            insecure: false,
+            reflection: true,
             data_dir: PathBuf::from("ration-data"),
             initial_cluster: Vec::new(),
             join: None,
@@ -181,8 +204,23 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Where clients reach this node.
     pub fn advertise_addr(&self) -> String {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// Where peers reach this node: its address in the membership.
+    pub fn member_addr(&self) -> String {
+        match (&self.peer_advertise, self.peer_listen) {
+            (Some(a), _) => a.clone(),
+            (None, Some(l)) => l.to_string(),
+            (None, None) => self.advertise_addr(),
+        }
+    }
+
+    /// Whether clients and peers have separate ports.
+    pub fn split_ports(&self) -> bool {
+        self.peer_listen.is_some()
     }
 
     pub fn peers(&self) -> Result<Vec<Peer>, ConfigError> {
@@ -221,14 +259,54 @@ impl Config {
             ));
         }
         if let Some(me) = peers.iter().find(|p| p.id == self.node_id) {
-            if me.addr != self.advertise_addr() {
+            if me.addr != self.member_addr() {
+                let which = if self.split_ports() { "peer_advertise" } else { "advertise" };
                 return bad(format!(
-                    "initial_cluster names this node (id {}) at {} but it advertises {}: set advertise to the address peers use",
+                    "initial_cluster names this node (id {}) at {} but it advertises {} to peers: set {which} to the address peers use{}",
                     self.node_id,
                     me.addr,
-                    self.advertise_addr()
+                    self.member_addr(),
+                    if self.split_ports() { " (initial_cluster lists peer addresses)" } else { "" }
                 ));
             }
+        }
+        if self.peer_listen == Some(self.listen) {
+            return bad(format!(
+                "peer_listen {} is listen too: give peers another port",
+                self.listen
+            ));
+        }
+        if self.peer_advertise.is_none()
+            && self.peer_listen.is_some_and(|l| l.ip().is_unspecified())
+        {
+            return bad(
+                "peer_listen is a wildcard address: set peer_advertise to the address peers dial"
+                    .into(),
+            );
+        }
+        match (&self.tls, self.insecure) {
+            (Some(_), true) => {
+                return bad("insecure and tls are both set: choose one".into());
+            }
+            (Some(_), false) if self.peer_listen.is_none() => {
+                return bad("with tls, peers need a port of their own: set peer_listen (and give \
+                     initial_cluster the peer addresses)"
+                    .into());
+            }
+            (None, false) => {
+                let exposed = std::iter::once(self.listen)
+                    .chain(self.peer_listen)
+                    .find(|a| !a.ip().is_loopback());
+                if let Some(at) = exposed {
+                    return bad(format!(
+                        "{at} is not a loopback address and no tls is configured: anyone who \
+                         reaches it could rewrite the ledger. Give tls (ca, cert, key: \
+                         `rationctl certs dev` makes a development set), or set insecure \
+                         (--insecure) if this network is yours end to end"
+                    ));
+                }
+            }
+            _ => {}
         }
         if self.advertise.is_none() && self.listen.ip().is_unspecified() {
             return bad(format!(
@@ -366,6 +444,27 @@ pub struct Args {
     /// on a wildcard listen address, this machine's hostname and the listen port].
     #[arg(long, env = "RATION_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Where peers connect, apart from clients (required with TLS).
+    #[arg(long, env = "RATION_PEER_LISTEN")]
+    pub peer_listen: Option<String>,
+    /// The address peers dial for the peer port (default: --peer-listen).
+    #[arg(long, env = "RATION_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
+    /// The CA certificate (PEM) that signs every client and peer certificate.
+    #[arg(long, env = "RATION_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM; a node certificate).
+    #[arg(long, env = "RATION_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "RATION_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve without TLS on a non-loopback address (a network you control).
+    #[arg(long, env = "RATION_INSECURE")]
+    pub insecure: bool,
+    /// Do not serve gRPC server reflection.
+    #[arg(long, env = "RATION_NO_REFLECTION")]
+    pub no_reflection: bool,
     /// Where the Raft log, snapshots and node id are kept [default: ration-data].
     #[arg(long, env = "RATION_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -468,6 +567,29 @@ impl Args {
         if let Some(listen) = &self.listen {
             c.listen = resolve("listen", listen)?;
         }
+        if let Some(listen) = &self.peer_listen {
+            c.peer_listen = Some(resolve("peer_listen", listen)?);
+        }
+        if self.peer_advertise.is_some() {
+            c.peer_advertise = self.peer_advertise.clone();
+        }
+        match (self.tls_ca.clone(), self.tls_cert.clone(), self.tls_key.clone()) {
+            (Some(ca), Some(cert), Some(key)) => {
+                c.tls = Some(ration_tls::TlsFiles { ca, cert, key })
+            }
+            (None, None, None) => {}
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "give --tls-ca, --tls-cert and --tls-key together".into(),
+                ))
+            }
+        }
+        if self.insecure {
+            c.insecure = true;
+        }
+        if self.no_reflection {
+            c.reflection = false;
+        }
         set!(
             node_id,
             data_dir,
@@ -512,6 +634,11 @@ impl Args {
         // A wildcard listen address (a container) is dialled by this machine's name.
         if c.advertise.is_none() && c.listen.ip().is_unspecified() {
             c.advertise = Some(format!("{}:{}", hostname()?, c.listen.port()));
+        }
+        if let Some(peer) =
+            c.peer_listen.filter(|l| c.peer_advertise.is_none() && l.ip().is_unspecified())
+        {
+            c.peer_advertise = Some(format!("{}:{}", hostname()?, peer.port()));
         }
         c.validate()?;
         Ok(c)
@@ -605,9 +732,56 @@ mod tests {
         assert!(c.listen.ip().is_loopback() && c.listen.port() == 50061, "{}", c.listen);
         let err = parse(&["--listen", "no-such-host.invalid:1"]).unwrap_err().to_string();
         assert!(err.contains("listen") && err.contains("no-such-host.invalid"), "{err}");
-        // What `docker run` without flags gets: the image listens on 0.0.0.0.
-        let c = parse(&["--listen", "0.0.0.0:50051"]).unwrap();
+        // What `docker run --insecure` gets: the image listens on 0.0.0.0.
+        let c = parse(&["--listen", "0.0.0.0:50051", "--insecure"]).unwrap();
         assert_eq!(c.advertise_addr(), format!("{}:50051", hostname().unwrap()));
+    }
+
+    #[test]
+    fn a_node_reachable_from_elsewhere_needs_tls_or_says_it_is_insecure() {
+        let parse =
+            |a: &[&str]| Args::try_parse_from(["rationd"].iter().chain(a)).unwrap().into_config();
+        let err = parse(&["--listen", "0.0.0.0:50051"]).unwrap_err().to_string();
+        assert!(err.contains("no tls") && err.contains("--insecure"), "{err}");
+        let err = parse(&["--peer-listen", "0.0.0.0:50052"]).unwrap_err().to_string();
+        assert!(err.contains("no tls"), "{err}");
+        // Loopback stays as easy as ever.
+        parse(&[]).unwrap();
+        parse(&["--peer-listen", "127.0.0.1:50052"]).unwrap();
+        let tls = ["--tls-ca", "ca.pem", "--tls-cert", "n.pem", "--tls-key", "n-key.pem"];
+        let err = parse(&tls).unwrap_err().to_string();
+        assert!(err.contains("peer_listen"), "{err}");
+        let err = parse(&tls[..4]).unwrap_err().to_string();
+        assert!(err.contains("together"), "{err}");
+        let with_peer: Vec<&str> = tls
+            .iter()
+            .copied()
+            .chain(["--peer-listen", "0.0.0.0:50052", "--listen", "0.0.0.0:50051"])
+            .collect();
+        let c = parse(&with_peer).unwrap();
+        assert_eq!(c.member_addr(), format!("{}:50052", hostname().unwrap()));
+        let mut insecure = with_peer.clone();
+        insecure.push("--insecure");
+        assert!(parse(&insecure).unwrap_err().to_string().contains("both"));
+    }
+
+    #[test]
+    fn with_a_peer_port_the_membership_lists_peer_addresses() {
+        let c = Config {
+            peer_listen: Some("127.0.0.1:50052".parse().unwrap()),
+            initial_cluster: vec!["1=127.0.0.1:50051".into()],
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("peer_advertise") && err.contains("peer addresses"), "{err}");
+        let c = Config { initial_cluster: vec!["1=127.0.0.1:50052".into()], ..c };
+        c.validate().unwrap();
+        assert_eq!(
+            (c.advertise_addr().as_str(), c.member_addr().as_str()),
+            ("127.0.0.1:50051", "127.0.0.1:50052")
+        );
+        let c = Config { peer_listen: Some(c.listen), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("another port"));
     }
 
     #[test]
@@ -623,7 +797,11 @@ mod tests {
 
     #[test]
     fn advertised_addresses_must_be_dialable_and_consistent() {
-        let c = Config { listen: "0.0.0.0:50051".parse().unwrap(), ..Config::default() };
+        let c = Config {
+            listen: "0.0.0.0:50051".parse().unwrap(),
+            insecure: true,
+            ..Config::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("wildcard"));
         let c = Config { advertise: Some("db-1:50051".into()), ..c };
         c.validate().unwrap();

@@ -73,7 +73,12 @@ impl Node {
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         membership
             .nodes()
-            .map(|(id, n)| v1::Member { id: *id, addr: n.addr.clone(), voter: voters.contains(id) })
+            .map(|(id, n)| v1::Member {
+                id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+                client_addr: self.client_addr_of(*id, &n.addr),
+            })
             .collect()
     }
 

@@ -5,6 +5,7 @@
 //! few lines over [`run`]; tests start nodes with [`start`].
 
 mod audit_fetch;
+pub mod auth;
 pub mod config;
 mod leadership;
 mod ledger_time;
@@ -36,7 +37,16 @@ pub use proposer::{Clock, OffsetClock, ProposeError, SystemClock};
 /// A running node's parts, shared by its services.
 pub struct Node {
     pub id: NodeId,
+    /// Where peers reach this node: its address in the membership (its client
+    /// address too, unless the ports are separate).
     pub addr: String,
+    /// Where clients reach this node.
+    pub client_addr: String,
+    /// Other members' client addresses, as their Raft messages announce them
+    /// (bounded: only members are kept).
+    client_addrs: std::sync::Mutex<BTreeMap<NodeId, String>>,
+    /// This node's TLS material (None: plaintext).
+    pub tls: Option<Arc<ration_tls::Credentials>>,
     pub raft: Raft<TypeConfig>,
     pub reader: Reader,
     proposer: Proposer,
@@ -154,6 +164,40 @@ impl Node {
 
     pub fn is_leader(&self) -> bool {
         self.leader() == Leader::Me
+    }
+
+    /// Where clients reach member `id`: its announced client address, or its
+    /// member address while none is known (the same unless the ports are separate).
+    pub fn client_addr_of(&self, id: NodeId, member_addr: &str) -> String {
+        if id == self.id {
+            return self.client_addr.clone();
+        }
+        let known = self.client_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        known.get(&id).cloned().unwrap_or_else(|| member_addr.to_owned())
+    }
+
+    /// Notes the client address member `id` announced (ignored for non-members and
+    /// for addresses that are not host:port).
+    pub(crate) fn learn_client_addr(&self, id: NodeId, addr: &str) {
+        if id == self.id {
+            return;
+        }
+        let known = self.client_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        if known.get(&id).is_some_and(|a| a == addr) || ration_store::check_peer_addr(addr).is_err()
+        {
+            return;
+        }
+        drop(known);
+        let members: BTreeSet<NodeId> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().nodes().map(|(id, _)| *id).collect()
+        };
+        let mut known = self.client_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        known.retain(|id, _| members.contains(id));
+        if members.contains(&id) && known.get(&id).is_none_or(|a| a != addr) {
+            known.insert(id, addr.to_owned());
+        }
     }
 
     /// Liveness (`/livez`): the Raft core runs. Only a stopped core is fatal; a node
@@ -370,7 +414,16 @@ pub async fn run(
         .await
         .map_err(|e| in_use(e, "give each node its own --listen"))
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let handle = start(config, listener).await?;
+    let peer_listener = match config.peer_listen {
+        Some(at) => Some(
+            TcpListener::bind(at)
+                .await
+                .map_err(|e| in_use(e, "give each node its own --peer-listen"))
+                .with_context(|| format!("cannot listen for peers on {at}"))?,
+        ),
+        None => None,
+    };
+    let handle = start_split(config, listener, peer_listener).await?;
     supervise(handle, shutdown).await
 }
 
@@ -636,17 +689,81 @@ async fn hand_over(node: &Node) {
 
 /// Starts a node on `listener` and returns once it serves.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<NodeHandle> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    start_with(config, incoming, network::tcp_channels, Arc::new(SystemClock)).await
+    start_split(config, listener, None).await
+}
+
+/// Starts a node on real sockets: clients on `listener`, peers on `peer_listener`
+/// (required when the configuration sets `peer_listen`), with TLS on both when
+/// the configuration has it.
+pub async fn start_split(
+    config: Config,
+    listener: TcpListener,
+    peer_listener: Option<TcpListener>,
+) -> anyhow::Result<NodeHandle> {
+    config.validate()?;
+    if config.peer_listen.is_some() != peer_listener.is_some() {
+        anyhow::bail!("peer_listen and the peer listener given must go together");
+    }
+    let Some(files) = config.tls.clone() else {
+        let plain = |l: TcpListener| {
+            tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))
+        };
+        let ports = Ports { client: plain(listener), peer: peer_listener.map(plain) };
+        return start_with(config, ports, network::tcp_channels, Arc::new(SystemClock), None).await;
+    };
+    let tls = ration_tls::Credentials::load(files).context("loading the TLS files")?;
+    if tls.identity() != ration_tls::Identity::Node(config.node_id) {
+        anyhow::bail!(
+            "the TLS certificate {} names {}, but this is node {}: a node needs a certificate \
+             with the URI spiffe://<domain>/ration/node/{} among its subject alternative names",
+            tls.files().cert.display(),
+            tls.identity(),
+            config.node_id,
+            config.node_id
+        );
+    }
+    tls.watch(TLS_RELOAD_CHECK);
+    let limits = ration_tls::IncomingLimits::default();
+    let serve = |l: TcpListener, what| ration_tls::incoming(l, tls.clone(), limits, what);
+    let ports =
+        Ports { client: serve(listener, "client"), peer: peer_listener.map(|l| serve(l, "peer")) };
+    let dial = tls.clone();
+    start_with(
+        config,
+        ports,
+        move |timeout| network::tls_channels(timeout, dial.clone()),
+        Arc::new(SystemClock),
+        Some(tls),
+    )
+    .await
+}
+
+/// How often a node checks whether its TLS files changed.
+pub const TLS_RELOAD_CHECK: Duration = Duration::from_secs(10);
+
+/// The connections a node serves: clients', and peers' when they have a port of
+/// their own (else both arrive on `client`).
+#[derive(Debug)]
+pub struct Ports<I> {
+    pub client: I,
+    pub peer: Option<I>,
+}
+
+impl<I> Ports<I> {
+    /// One port for everyone.
+    pub fn shared(incoming: I) -> Self {
+        Self { client: incoming, peer: None }
+    }
 }
 
 /// [`start`] with the transport and the clock injected: `incoming` yields accepted
 /// connections, `channels` makes client channels to peers, `clock` stamps entries.
 pub async fn start_with<I, IO, IE>(
     config: Config,
-    incoming: I,
+    incoming: Ports<I>,
     channels: impl Fn(Duration) -> network::ChannelMaker,
     clock: Arc<dyn Clock>,
+    tls: Option<Arc<ration_tls::Credentials>>,
 ) -> anyhow::Result<NodeHandle>
 where
     I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
@@ -677,7 +794,7 @@ where
         })
         .await?;
         let storage = Storage { reader: sm.reader(), log, sm, identity, wal: None };
-        return start_with_storage(config, storage, incoming, channels, clock).await;
+        return start_with_storage(config, storage, incoming, channels, clock, tls).await;
     }
     let (log, sm, identity) = open_storage(&config, |dir, c| {
         let sealing = policy.clone();
@@ -685,7 +802,7 @@ where
     })
     .await?;
     let storage = Storage { reader: sm.reader(), wal: Some(log.stats()), log, sm, identity };
-    start_with_storage(config, storage, incoming, channels, clock).await
+    start_with_storage(config, storage, incoming, channels, clock, tls).await
 }
 
 /// A node's storage, opened: the Raft log store, the ledger state machine, a reader
@@ -707,9 +824,10 @@ pub struct Storage<L, S> {
 pub async fn start_with_storage<L, S, I, IO, IE>(
     config: Config,
     storage: Storage<L, S>,
-    incoming: I,
+    incoming: Ports<I>,
     channels: impl Fn(Duration) -> network::ChannelMaker,
     clock: Arc<dyn Clock>,
+    tls: Option<Arc<ration_tls::Credentials>>,
 ) -> anyhow::Result<NodeHandle>
 where
     L: openraft::storage::RaftLogStorage<TypeConfig>,
@@ -719,7 +837,10 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     config.validate()?;
-    let addr = config.advertise_addr();
+    if config.split_ports() != incoming.peer.is_some() {
+        anyhow::bail!("a node with peer_listen serves two ports; one without, one");
+    }
+    let addr = config.member_addr();
     // Bound before Raft starts, so a taken port fails the start cleanly.
     let metrics_listener = match config.metrics_addr()? {
         Some(at) => Some(
@@ -760,7 +881,11 @@ where
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config),
-        Network { channels: channels.clone(), identity: identity.clone() },
+        Network {
+            channels: channels.clone(),
+            identity: identity.clone(),
+            client_addr: config.advertise_addr(),
+        },
         log,
         sm,
     )
@@ -786,6 +911,9 @@ where
     let node = Arc::new(Node {
         id: config.node_id,
         addr: addr.clone(),
+        client_addr: config.advertise_addr(),
+        client_addrs: std::sync::Mutex::default(),
+        tls,
         raft: raft.clone(),
         reader,
         proposer,
@@ -817,7 +945,7 @@ where
         let _ = node.metrics_addr.set(bound);
         tracing::info!(%bound, "metrics served at /metrics");
     }
-    let served = tokio::spawn(services::serve(node.clone(), incoming, stopped()));
+    let served = tokio::spawn(services::serve(node.clone(), incoming, stopped));
     let (core_tx, core_rx) = watch::channel(None);
     tokio::spawn(watch_core(raft.clone(), core_tx));
     tokio::spawn(log_changes(raft.clone(), node.id));
@@ -831,11 +959,37 @@ where
             node.config.snapshot_after_audit_records,
         ));
     }
-    tracing::info!(id = node.id, %addr, "node serving");
+    if node.config.split_ports() {
+        tracing::info!(id = node.id, clients = %node.client_addr, peers = %addr, tls = node.tls.is_some(), "node serving");
+    } else {
+        tracing::info!(id = node.id, %addr, "node serving");
+    }
+    if node.tls.is_none() && node.config.insecure {
+        tokio::spawn(warn_insecure(Arc::downgrade(&node)));
+    }
     Ok(NodeHandle { node, stop: Some(stop_tx), served, core: core_rx })
 }
 
 /// How long opening storage waits for a lock held by a node still stopping.
+/// How often a node serving without TLS on a non-loopback address says so.
+const INSECURE_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs a warning every [`INSECURE_WARNING_EVERY`] while the node runs without TLS
+/// where others can reach it.
+async fn warn_insecure(node: std::sync::Weak<Node>) {
+    let mut tick = tokio::time::interval(INSECURE_WARNING_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        tracing::warn!(
+            clients = %node.client_addr,
+            peers = %node.addr,
+            "serving WITHOUT TLS (--insecure): anyone who reaches these ports can read and \
+             rewrite the ledger and take over the cluster"
+        );
+    }
+}
+
 const STORAGE_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Between two attempts to take the storage lock.
 const STORAGE_LOCK_RETRY: Duration = Duration::from_millis(100);

@@ -39,6 +39,20 @@ pub fn tcp_channels(timeout: Duration) -> ChannelMaker {
     })
 }
 
+/// Channels over TLS with this node's credentials (reloaded ones used for new
+/// connections): the peer's certificate must be signed by the CA and name the host
+/// dialled, and this node presents its own.
+pub fn tls_channels(timeout: Duration, tls: Arc<ration_tls::Credentials>) -> ChannelMaker {
+    Arc::new(move |addr: &str| {
+        let connector = ration_tls::Connector::new(ration_tls::ClientTls::Reloading(tls.clone()));
+        Ok(Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .connect_with_connector_lazy(connector))
+    })
+}
+
 /// A cache of channels by address, shared by the Raft network and the forwarder.
 #[derive(Clone)]
 pub struct Channels {
@@ -101,6 +115,8 @@ impl Channels {
 pub struct Network {
     pub channels: Channels,
     pub identity: ration_store::ClusterIdentity,
+    /// This node's client address, announced on every Raft message.
+    pub client_addr: String,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -112,6 +128,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             channels: self.channels.clone(),
             identity: self.identity.clone(),
+            client_addr: tonic::metadata::MetadataValue::try_from(self.client_addr.as_str()).ok(),
         }
     }
 }
@@ -123,6 +140,7 @@ pub struct Connection {
     addr: String,
     channels: Channels,
     identity: ration_store::ClusterIdentity,
+    client_addr: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -152,6 +170,9 @@ impl Connection {
         let mut request =
             tonic::Request::new(RaftPayload { data, cluster_id: self.identity.get() });
         request.set_timeout(deadline);
+        if let Some(addr) = &self.client_addr {
+            request.metadata_mut().insert(crate::auth::CLIENT_ADDR, addr.clone());
+        }
         let reply = match which {
             Rpc::Append => client.append_entries(request).await,
             Rpc::Vote => client.vote(request).await,

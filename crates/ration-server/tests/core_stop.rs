@@ -30,9 +30,10 @@ async fn a_node_whose_core_stops_is_reported_and_supervise_returns_an_error() {
     let handle = ration_server::start_with_storage(
         cfg,
         Storage { log, sm, reader, identity, wal: None },
-        incoming,
+        ration_server::Ports::shared(incoming),
         ration_server::network::tcp_channels,
         Arc::new(SystemClock),
+        None,
     )
     .await
     .unwrap();

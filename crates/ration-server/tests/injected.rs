@@ -94,7 +94,15 @@ async fn three_nodes_run_over_an_injected_network_and_clock() {
             Arc::new(move |addr: &str| Ok(dial(&net, addr)))
         };
         nodes.push(
-            ration_server::start_with(config, incoming, channels, clock.clone()).await.unwrap(),
+            ration_server::start_with(
+                config,
+                ration_server::Ports::shared(incoming),
+                channels,
+                clock.clone(),
+                None,
+            )
+            .await
+            .unwrap(),
         );
     }
 

@@ -85,9 +85,10 @@ async fn start(
     ration_server::start_with_storage(
         cfg,
         storage,
-        incoming,
+        ration_server::Ports::shared(incoming),
         ration_server::network::tcp_channels,
         Arc::new(SystemClock),
+        None,
     )
     .await
     .unwrap()

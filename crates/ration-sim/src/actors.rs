@@ -345,11 +345,12 @@ where
     let handle: NodeHandle = ration_server::start_with_storage(
         config,
         storage,
-        incoming,
+        ration_server::Ports::shared(incoming),
         |timeout| -> ration_server::network::ChannelMaker {
             Arc::new(move |a: &str| Ok(net::channel(a, timeout)))
         },
         clock,
+        None,
     )
     .await
     .map_err(|e| format!("node {id} start: {e:#}"))?;

@@ -103,9 +103,10 @@ impl Cluster {
         let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
         let handle = ration_server::start_with(
             self.config(id),
-            incoming,
+            ration_server::Ports::shared(incoming),
             ration_server::network::tcp_channels,
             clock,
+            None,
         )
         .await
         .unwrap();

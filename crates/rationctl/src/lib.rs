@@ -10,6 +10,7 @@
 
 pub mod audit;
 mod budget;
+mod certs;
 mod cluster;
 mod limits;
 mod output;
@@ -56,8 +57,19 @@ pub struct Cli {
     #[arg(long, global = true, env = "RATIONCTL_TIMEOUT_MS", default_value_t = 10_000)]
     pub timeout_ms: u64,
     /// Who budget changes are recorded as in the audit log (their principal).
-    #[arg(long, global = true, env = "RATIONCTL_OPERATOR", default_value = "rationctl")]
-    pub operator: String,
+    /// Default: the principal --cert names, else "rationctl". With a client
+    /// certificate the cluster refuses any other.
+    #[arg(long, global = true, env = "RATIONCTL_OPERATOR")]
+    pub operator: Option<String>,
+    /// The CA certificate (PEM) the cluster's certificates are signed by: talk TLS.
+    #[arg(long, global = true, env = "RATIONCTL_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), naming its principal (with --cacert, --key).
+    #[arg(long, global = true, env = "RATIONCTL_CERT")]
+    pub cert: Option<std::path::PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, global = true, env = "RATIONCTL_KEY")]
+    pub key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Noun,
 }
@@ -85,6 +97,9 @@ pub enum Noun {
     /// Per-principal limits: show them and who is near them; change them.
     #[command(subcommand)]
     Limits(limits::LimitsCmd),
+    /// TLS certificates: make a development CA and certificates.
+    #[command(subcommand)]
+    Certs(certs::CertsCmd),
 }
 
 /// What the commands share: endpoints, deadlines, the output format.
@@ -94,6 +109,7 @@ pub(crate) struct Ctx {
     pub timeout: Duration,
     pub format: Format,
     pub principal: String,
+    tls: Option<ration_tls::ClientTls>,
     client_id: String,
     next_request: std::sync::atomic::AtomicU64,
 }
@@ -103,6 +119,31 @@ impl Ctx {
         if cli.endpoints.is_empty() || cli.endpoints.iter().any(|e| e.trim().is_empty()) {
             return Err(anyhow!("--endpoints needs at least one host:port"));
         }
+        let (tls, certified) = match (&cli.cacert, &cli.cert, &cli.key) {
+            (None, None, None) => (None, None),
+            (Some(ca), None, None) => (Some(ration_tls::ClientTls::ca_only(ca)?), None),
+            (Some(ca), Some(cert), Some(key)) => {
+                let files =
+                    ration_tls::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
+                let who = ration_tls::identity_of(&ration_tls::read_certs(cert)?[0])
+                    .map_err(|e| anyhow!("{}: {e}", cert.display()))?;
+                (Some(ration_tls::ClientTls::from_files(&files)?), Some(who))
+            }
+            _ => {
+                return Err(anyhow!("give --cacert alone, or --cacert, --cert and --key together"))
+            }
+        };
+        let principal = match (&cli.operator, certified) {
+            (Some(p), _) => p.clone(),
+            (None, Some(ration_tls::Identity::Principal(p))) => p,
+            (None, Some(ration_tls::Identity::Node(id))) => {
+                return Err(anyhow!(
+                    "{} is node {id}'s certificate: rationctl needs a client certificate naming a principal",
+                    cli.cert.as_ref().map(|c| c.display().to_string()).unwrap_or_default()
+                ))
+            }
+            (None, None) => "rationctl".to_owned(),
+        };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -111,7 +152,8 @@ impl Ctx {
             endpoints: cli.endpoints.iter().map(|e| e.trim().to_owned()).collect(),
             timeout: Duration::from_millis(cli.timeout_ms.max(1)),
             format: cli.output,
-            principal: cli.operator.clone(),
+            principal,
+            tls,
             client_id: format!("rationctl:{:x}-{nanos:x}", std::process::id()),
             next_request: std::sync::atomic::AtomicU64::new(1),
         })
@@ -124,11 +166,16 @@ impl Ctx {
         } else {
             format!("http://{endpoint}")
         };
-        Ok(Endpoint::from_shared(uri)
+        let endpoint = Endpoint::from_shared(uri)
             .with_context(|| format!("bad endpoint {endpoint:?}"))?
             .connect_timeout(self.timeout)
-            .timeout(self.timeout)
-            .connect_lazy())
+            .timeout(self.timeout);
+        Ok(match &self.tls {
+            Some(tls) => {
+                endpoint.connect_with_connector_lazy(ration_tls::Connector::new(tls.clone()))
+            }
+            None => endpoint.connect_lazy(),
+        })
     }
 
     pub fn ledger(&self, endpoint: &str) -> anyhow::Result<LedgerClient<Channel>> {
@@ -299,6 +346,7 @@ pub async fn run_cli(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<(
         Noun::Budget(c) => budget::run(&ctx, c, out).await,
         Noun::Audit(c) => audit::run(&ctx, c, out).await,
         Noun::Limits(c) => limits::run(&ctx, c, out).await,
+        Noun::Certs(c) => certs::run(&ctx, c, out).await,
     }
 }
 

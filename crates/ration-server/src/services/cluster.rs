@@ -53,6 +53,7 @@ impl ClusterService {
                     return forward::forward(
                         &self.node,
                         false,
+                        None,
                         &addr,
                         req,
                         on_leader!(ClusterClient, change_membership),
@@ -87,13 +88,14 @@ impl ClusterService {
         };
         let (wall_ms, clock_skew_ms) = node.clock_reading();
         let leader_addr = match node.leader() {
-            crate::Leader::Me => node.addr.clone(),
-            crate::Leader::Other { addr, .. } => addr,
+            crate::Leader::Me => node.client_addr.clone(),
+            crate::Leader::Other { id, addr } => node.client_addr_of(id, &addr),
             crate::Leader::Unknown => String::new(),
         };
         let mut reply = v1::StatusReply {
             id: node.id,
-            addr: node.addr.clone(),
+            addr: node.client_addr.clone(),
+            peer_addr: node.addr.clone(),
             term: m.current_term,
             leader: m.current_leader,
             leader_addr,

@@ -56,10 +56,12 @@ pub(super) fn leader_addr(node: &Node) -> Result<String, Status> {
 }
 
 /// Sends `inner` (a request this node received, marked forwarded if
-/// `already_forwarded`) to the node at `addr` with `call`, and returns its answer.
+/// `already_forwarded`, from a client authenticated as `on_behalf`) to the node at
+/// `addr` with `call`, and returns its answer.
 pub(super) async fn forward<C, Req, Rep, Fut>(
     node: &Node,
     already_forwarded: bool,
+    on_behalf: Option<&str>,
     addr: &str,
     inner: Req,
     call: impl FnOnce(C, Request<Req>) -> Fut,
@@ -68,7 +70,7 @@ where
     C: Client,
     Fut: Future<Output = Result<Response<Rep>, Status>>,
 {
-    forward_on(node, &node.channels, already_forwarded, addr, inner, call).await
+    forward_on(node, &node.channels, already_forwarded, on_behalf, addr, inner, call).await
 }
 
 /// [`forward`] over `channels` (a call that waits on purpose uses the node's
@@ -77,6 +79,7 @@ async fn forward_on<C, Req, Rep, Fut>(
     node: &Node,
     channels: &crate::network::Channels,
     already_forwarded: bool,
+    on_behalf: Option<&str>,
     addr: &str,
     inner: Req,
     call: impl FnOnce(C, Request<Req>) -> Fut,
@@ -92,6 +95,13 @@ where
     let client = C::new(channel, node.config.max_message_bytes);
     let mut req = Request::new(inner);
     req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    // The leader takes the client's identity from this node's word, which it
+    // honours only on its peer port, from a member's certificate.
+    if let Some(p) = on_behalf {
+        let value = tonic::metadata::MetadataValue::try_from(p)
+            .map_err(|_| Status::invalid_argument(format!("principal {p:?} is not ASCII")))?;
+        req.metadata_mut().insert(crate::auth::ON_BEHALF_OF, value);
+    }
     let result = call(client, req).await;
     channels.forget_on_failure(addr, result)
 }
@@ -137,5 +147,6 @@ where
         return Err(second_hop());
     }
     let addr = leader_addr(node)?;
-    forward_on(node, channels, false, &addr, req.into_inner(), call).await
+    let caller = crate::auth::Caller::of(&req);
+    forward_on(node, channels, false, caller.principal(), &addr, req.into_inner(), call).await
 }

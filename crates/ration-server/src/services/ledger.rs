@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::forward;
 use super::IntoStatus;
+use crate::auth::Caller;
 use crate::{Node, Routed};
 
 /// Audit records read from storage per step of a `QueryAudit` scan.
@@ -51,15 +52,34 @@ impl LedgerService {
         Fut: std::future::Future<Output = Result<Response<Rep>, Status>>,
     {
         let already_forwarded = forward::was_forwarded(&req);
+        let caller = Caller::of(&req);
         let inner = req.into_inner();
-        let commands: Vec<Command> = convert(&inner)?.into_iter().map(Command::Request).collect();
+        let requests = convert(&inner)?;
+        // An authenticated client speaks only for itself.
+        if let Some(me) = caller.principal() {
+            if let Some(other) = requests.iter().find(|r| r.principal.as_str() != me) {
+                return Err(Status::permission_denied(format!(
+                    "the request names principal {:?}, but the caller is authenticated as {me:?}",
+                    other.principal.as_str()
+                )));
+            }
+        }
+        let commands: Vec<Command> = requests.into_iter().map(Command::Request).collect();
         if commands.is_empty() {
             return Ok(Response::new(reply(&inner, Vec::new())?));
         }
         match self.node.route(commands).await.map_err(IntoStatus::into_status)? {
             Routed::Done(outcomes) => Ok(Response::new(reply(&inner, outcomes)?)),
             Routed::Forward(addr) => {
-                forward::forward(&self.node, already_forwarded, &addr, inner, call).await
+                forward::forward(
+                    &self.node,
+                    already_forwarded,
+                    caller.principal(),
+                    &addr,
+                    inner,
+                    call,
+                )
+                .await
             }
         }
     }

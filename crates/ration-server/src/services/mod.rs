@@ -1,5 +1,6 @@
-//! The gRPC services a node serves on one port: Ledger (clients), Cluster
-//! (operators), Raft (peers), grpc.health.v1 and server reflection (v1 and v1alpha).
+//! The gRPC services a node serves: Ledger (clients), Cluster (operators), Raft
+//! (peers), grpc.health.v1 and server reflection (v1 and v1alpha), on one port or
+//! on a client port and a peer port (see [`serve`] and [`crate::auth`]).
 //!
 //! - `ledger`, `cluster`, `raft`: one module per service;
 //! - `forward`: the one path that sends a call on to the leader;
@@ -34,18 +35,22 @@ use tonic::Status;
 use crate::leadership::TransferError;
 use crate::{Node, ProposeError};
 
-/// Serves every service on the connections `incoming` yields: a TCP listener in
-/// production, a simulated network in tests.
-pub(crate) async fn serve<I, IO, IE>(
+/// Serves the services on the connections `ports` yields (TCP or TLS listeners in
+/// production, a simulated network in tests): with one port, everything there;
+/// with a peer port, Raft only there, and the client port without it. Each port
+/// is guarded by its [`crate::auth::Gate`].
+pub(crate) async fn serve<I, IO, IE, F>(
     node: Arc<Node>,
-    incoming: I,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    ports: crate::Ports<I>,
+    shutdown: impl Fn() -> F,
 ) -> anyhow::Result<()>
 where
     I: tokio_stream::Stream<Item = Result<IO, IE>>,
     IO: crate::Connection,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: Future<Output = ()> + Send + 'static,
 {
+    use crate::auth::{Gate, Port};
     let max = node.config.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     // Cluster (operations) serves from the start; the overall status ("") and
@@ -64,6 +69,7 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let reflection = node.config.reflection;
     let ledger = LedgerServer::new(ledger::LedgerService { node: node.clone() })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -74,16 +80,31 @@ where
     let raft = RaftServer::new(raft::RaftService { node: node.clone() })
         .max_decoding_message_size(peer_max)
         .max_encoding_message_size(peer_max);
-    tonic::transport::Server::builder()
-        .layer(crate::metrics::RpcTimer { metrics: node.metrics.clone() })
+    let timer = crate::metrics::RpcTimer { metrics: node.metrics.clone() };
+    let split = ports.peer.is_some();
+    let client = tonic::transport::Server::builder()
+        .layer(timer.clone())
+        .layer(Gate { port: if split { Port::Client } else { Port::Shared } })
+        .add_service(health_service.clone())
+        .add_optional_service(reflection.then_some(reflection_v1))
+        .add_optional_service(reflection.then_some(reflection_v1alpha))
+        .add_service(ledger.clone())
+        .add_service(cluster.clone())
+        .add_optional_service((!split).then(|| raft.clone()))
+        .serve_with_incoming_shutdown(ports.client, shutdown());
+    let Some(peer_incoming) = ports.peer else {
+        client.await?;
+        return Ok(());
+    };
+    let peer = tonic::transport::Server::builder()
+        .layer(timer)
+        .layer(Gate { port: Port::Peer })
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
         .add_service(ledger)
         .add_service(cluster)
         .add_service(raft)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(peer_incoming, shutdown());
+    tokio::try_join!(client, peer)?;
     Ok(())
 }
 

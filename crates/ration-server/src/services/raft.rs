@@ -3,9 +3,12 @@
 
 use std::sync::Arc;
 
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use ration_proto::v1;
+use ration_store::TypeConfig;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::Node;
 
 #[derive(Debug)]
@@ -16,11 +19,20 @@ pub(super) struct RaftService {
 
 impl RaftService {
     /// Refuses a message from another cluster; learns the cluster id from the first
-    /// message that carries one. Then decodes the payload.
+    /// message that carries one. Then decodes the payload, and refuses it if the
+    /// member it says it is from (`sender`) is not the one whose certificate sent
+    /// it: a member speaks only for itself. Notes the sender's client address.
     fn decode<T: serde::de::DeserializeOwned>(
         &self,
         req: Request<v1::RaftPayload>,
+        sender: impl FnOnce(&T) -> Option<u64>,
     ) -> Result<T, Status> {
+        let caller = Caller::of(&req);
+        let announced = req
+            .metadata()
+            .get(crate::auth::CLIENT_ADDR)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let payload = req.into_inner();
         let identity = &self.node.identity;
         let mine = identity.get();
@@ -30,9 +42,22 @@ impl RaftService {
                 payload.cluster_id
             )));
         }
+        let value: T = postcard::from_bytes(&payload.data)
+            .map_err(|e| Status::invalid_argument(format!("raft payload does not decode: {e}")))?;
+        let from = sender(&value);
+        if let Some(cert) = caller.node() {
+            if from != Some(cert) {
+                return Err(Status::permission_denied(format!(
+                    "node {cert}'s certificate cannot send a Raft message from {}",
+                    from.map_or("no node".to_owned(), |f| format!("node {f}"))
+                )));
+            }
+        }
         identity.adopt(payload.cluster_id).map_err(|e| Status::internal(e.to_string()))?;
-        postcard::from_bytes(&payload.data)
-            .map_err(|e| Status::invalid_argument(format!("raft payload does not decode: {e}")))
+        if let (Some(from), Some(addr)) = (from, announced) {
+            self.node.learn_client_addr(from, &addr);
+        }
+        Ok(value)
     }
 
     fn encode<T: serde::Serialize>(&self, value: &T) -> Result<Response<v1::RaftPayload>, Status> {
@@ -100,20 +125,26 @@ impl v1::raft_server::Raft for RaftService {
         &self,
         req: Request<v1::RaftPayload>,
     ) -> Result<Response<v1::RaftPayload>, Status> {
-        self.encode(&self.node.raft.append_entries(self.decode(req)?).await)
+        let rpc: AppendEntriesRequest<TypeConfig> = self
+            .decode(req, |r: &AppendEntriesRequest<TypeConfig>| r.vote.leader_id().voted_for())?;
+        self.encode(&self.node.raft.append_entries(rpc).await)
     }
 
     async fn vote(
         &self,
         req: Request<v1::RaftPayload>,
     ) -> Result<Response<v1::RaftPayload>, Status> {
-        self.encode(&self.node.raft.vote(self.decode(req)?).await)
+        let rpc: VoteRequest<u64> =
+            self.decode(req, |r: &VoteRequest<u64>| r.vote.leader_id().voted_for())?;
+        self.encode(&self.node.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(
         &self,
         req: Request<v1::RaftPayload>,
     ) -> Result<Response<v1::RaftPayload>, Status> {
-        self.encode(&self.node.raft.install_snapshot(self.decode(req)?).await)
+        let rpc: InstallSnapshotRequest<TypeConfig> = self
+            .decode(req, |r: &InstallSnapshotRequest<TypeConfig>| r.vote.leader_id().voted_for())?;
+        self.encode(&self.node.raft.install_snapshot(rpc).await)
     }
 }

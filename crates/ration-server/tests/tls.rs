@@ -1,0 +1,449 @@
+//! Real nodes with mutual TLS and separate client and peer ports: the cluster
+//! forms, clients are who their certificates say, and every way in without the
+//! right certificate is refused with a clear status and changes nothing.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ration_proto::v1::{
+    self, cluster_client::ClusterClient, ledger_client::LedgerClient, raft_client::RaftClient,
+};
+use ration_server::NodeHandle;
+use ration_testkit::inproc::{config, listener};
+use ration_tls::dev::{DevSet, Leaf};
+use ration_tls::{ClientTls, Connector, TlsFiles};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+struct TlsCluster {
+    dir: tempfile::TempDir,
+    set: DevSet,
+    clients: BTreeMap<u64, SocketAddr>,
+    peers: BTreeMap<u64, SocketAddr>,
+    nodes: BTreeMap<u64, NodeHandle>,
+}
+
+fn files<'a>(set: &'a DevSet, who: &str) -> &'a TlsFiles {
+    &set.principals.iter().find(|(p, _)| p == who).expect("a principal of the set").1
+}
+
+impl TlsCluster {
+    async fn start(n: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u64> = (1..=n).collect();
+        let set = ration_tls::dev::write_set(
+            &dir.path().join("certs"),
+            &ids,
+            &["127.0.0.1".into(), "localhost".into()],
+            &["gw".into(), "admin".into()],
+        )
+        .unwrap();
+        let mut listeners = BTreeMap::new();
+        for id in &ids {
+            listeners.insert(*id, (listener().await, listener().await));
+        }
+        let clients = listeners.iter().map(|(id, l)| (*id, l.0.local_addr().unwrap())).collect();
+        let peers = listeners.iter().map(|(id, l)| (*id, l.1.local_addr().unwrap())).collect();
+        let mut c = Self { dir, set, clients, peers, nodes: BTreeMap::new() };
+        for (id, (l, pl)) in listeners {
+            let handle = ration_server::start_split(c.config(id), l, Some(pl)).await.unwrap();
+            c.nodes.insert(id, handle);
+        }
+        c
+    }
+
+    fn config(&self, id: u64) -> ration_server::Config {
+        let cluster: Vec<(u64, SocketAddr)> = self.peers.iter().map(|(i, a)| (*i, *a)).collect();
+        let mut c =
+            config(id, self.clients[&id], self.dir.path().join(format!("node-{id}")), &cluster);
+        c.peer_listen = Some(self.peers[&id]);
+        c.tls = Some(self.set.nodes[(id - 1) as usize].1.clone());
+        c
+    }
+
+    fn as_principal(&self, who: &str) -> ClientTls {
+        ClientTls::from_files(files(&self.set, who)).unwrap()
+    }
+
+    fn as_node(&self, id: u64) -> ClientTls {
+        ClientTls::from_files(&self.set.nodes[(id - 1) as usize].1).unwrap()
+    }
+
+    /// The leader, once every node agrees on one (asked as `admin`).
+    async fn leader(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut seen = Vec::new();
+            for addr in self.clients.values() {
+                let s = ClusterClient::new(chan(self.as_principal("admin"), *addr))
+                    .status(v1::StatusRequest { digest: false })
+                    .await;
+                seen.push(s.ok().and_then(|s| s.into_inner().leader));
+            }
+            if let Some(Some(l)) = seen.first().copied() {
+                if seen.iter().all(|s| *s == Some(l)) {
+                    return l;
+                }
+            }
+            assert!(Instant::now() < deadline, "no agreed leader: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Each node's state digest, once all have applied the same index.
+    async fn digests(&self) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut st = Vec::new();
+            for addr in self.clients.values() {
+                let s = ClusterClient::new(chan(self.as_principal("admin"), *addr))
+                    .status(v1::StatusRequest { digest: true })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                st.push((s.applied_index, s.state_digest));
+            }
+            if st.iter().all(|s| s == &st[0]) {
+                return st.into_iter().map(|s| s.1).collect();
+            }
+            assert!(Instant::now() < deadline, "nodes did not converge");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        for (_, h) in std::mem::take(&mut self.nodes) {
+            h.stop().await.unwrap();
+        }
+    }
+}
+
+fn chan(tls: ClientTls, addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(Connector::new(tls))
+}
+
+fn plain(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect_lazy()
+}
+
+fn meta(client: &str, request_id: u64, principal: &str) -> Option<v1::RequestMeta> {
+    Some(v1::RequestMeta { client_id: client.into(), request_id, principal: principal.into() })
+}
+
+fn create(path: &str, request_id: u64, principal: &str) -> v1::CreateBudgetRequest {
+    v1::CreateBudgetRequest {
+        meta: meta(&format!("c-{principal}"), request_id, principal),
+        path: path.into(),
+        limits: vec![v1::Limit {
+            unit: "tokens".into(),
+            cap: 1000,
+            window: Some(v1::Window { period: v1::Period::Lifetime as i32, offset_minutes: 0 }),
+            static_allowance: None,
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_forms_over_mutual_tls_and_clients_are_who_their_certificates_say() {
+    let c = TlsCluster::start(3).await;
+    let leader = c.leader().await;
+    let follower = *c.clients.keys().find(|id| **id != leader).unwrap();
+
+    // Through a follower: forwarded to the leader over the peer port, with the
+    // client's identity.
+    let mut gw = LedgerClient::new(chan(c.as_principal("gw"), c.clients[&follower]));
+    gw.create_budget(create("tenant", 1, "gw")).await.unwrap();
+    let records = gw
+        .query_audit(v1::QueryAuditRequest { limit: 100, linearizable: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let made = records.iter().find(|r| r.budget == "tenant").expect("the creation is audited");
+    assert_eq!(made.principal, "gw");
+
+    // The follower tells clients where the leader's client port is.
+    let s = ClusterClient::new(chan(c.as_principal("admin"), c.clients[&follower]))
+        .status(v1::StatusRequest { digest: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        s.addr,
+        c.clients[&follower].to_string(),
+        "status of {follower} ({}): {s:?}; clients {:?} peers {:?}",
+        s.id,
+        c.clients,
+        c.peers
+    );
+    assert_eq!(s.peer_addr, c.peers[&follower].to_string(), "{s:?} {:?} {:?}", c.clients, c.peers);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = ClusterClient::new(chan(c.as_principal("admin"), c.clients[&follower]))
+            .status(v1::StatusRequest { digest: false })
+            .await
+            .unwrap()
+            .into_inner();
+        if s.leader_addr == c.clients[&leader].to_string() {
+            let m = s.members.iter().find(|m| m.id == leader).unwrap();
+            assert_eq!(m.addr, c.peers[&leader].to_string());
+            assert_eq!(m.client_addr, c.clients[&leader].to_string());
+            break;
+        }
+        assert!(Instant::now() < deadline, "leader_addr stays {}", s.leader_addr);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}
+
+/// With TLS 1.3 the server refuses a client certificate after the client has
+/// finished its side of the handshake, so the client sees either the server's
+/// alert or its own next write failing on the closed connection.
+/// (The node logs the reason either way: `TLS handshake refused: ...`.)
+const TLS_REFUSED_CERTIFICATE_REQUIRED: &[&str] =
+    &["received fatal alert: CertificateRequired", "broken pipe", "reset", "connection closed"];
+
+/// A call expected to be refused: its status code, and a message naming why.
+async fn refused<T: std::fmt::Debug>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    code: Option<Code>,
+    says: &[&str],
+) -> (String, String) {
+    let status = call.await.expect_err(what);
+    if let Some(code) = code {
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+    }
+    // A refused handshake reaches the client as a transport error whose source
+    // carries the server's TLS alert (`received fatal alert: UnknownCA`).
+    let source = std::error::Error::source(&status).map(|s| format!("{s:?}")).unwrap_or_default();
+    let msg = match source.find("received fatal alert") {
+        Some(at) => source[at..].split('"').next().unwrap_or_default().to_owned(),
+        None => status.message().to_owned(),
+    };
+    assert!(
+        says.iter().any(|w| msg.contains(w) || source.contains(w)),
+        "{what}: expected one of {says:?} in {msg:?} / {source}"
+    );
+    (format!("{:?}", status.code()), msg)
+}
+
+fn forged_append(leader: u64, term: u64) -> v1::RaftPayload {
+    use openraft::{CommittedLeaderId, LogId, Vote};
+    let rpc = openraft::raft::AppendEntriesRequest::<ration_store::TypeConfig> {
+        vote: Vote::new_committed(term, leader),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: Some(LogId::new(CommittedLeaderId::new(term, leader), 1_000_000)),
+    };
+    v1::RaftPayload { data: postcard::to_stdvec(&rpc).unwrap(), cluster_id: 0 }
+}
+
+fn forged_snapshot(leader: u64, term: u64) -> v1::RaftPayload {
+    use openraft::{SnapshotMeta, StoredMembership, Vote};
+    let rpc = openraft::raft::InstallSnapshotRequest::<ration_store::TypeConfig> {
+        vote: Vote::new_committed(term, leader),
+        meta: SnapshotMeta {
+            last_log_id: None,
+            last_membership: StoredMembership::default(),
+            snapshot_id: "forged".into(),
+        },
+        offset: 0,
+        data: vec![0; 16],
+        done: true,
+    };
+    v1::RaftPayload { data: postcard::to_stdvec(&rpc).unwrap(), cluster_id: 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_way_in_without_the_right_certificate_is_refused_and_changes_nothing() {
+    let c = TlsCluster::start(3).await;
+    let leader = c.leader().await;
+    let follower = *c.clients.keys().find(|id| **id != leader).unwrap();
+    LedgerClient::new(chan(c.as_principal("gw"), c.clients[&leader]))
+        .create_budget(create("tenant", 1, "gw"))
+        .await
+        .unwrap();
+    let before = c.digests().await;
+    let client = c.clients[&leader];
+    let peer = c.peers[&follower];
+    let mut table = Vec::new();
+
+    // No client certificate at all.
+    let ca_only = ClientTls::ca_only(&c.set.ca).unwrap();
+    let r = refused(
+        "no certificate",
+        LedgerClient::new(chan(ca_only, client)).create_budget(create("x", 1, "gw")),
+        None,
+        TLS_REFUSED_CERTIFICATE_REQUIRED,
+    )
+    .await;
+    table.push(("no client certificate", r));
+
+    // A certificate from another CA.
+    let other = tempfile::tempdir().unwrap();
+    let foreign_set = ration_tls::dev::write_set(other.path(), &[1], &[], &["gw".into()]).unwrap();
+    let foreign = ClientTls::from_files(&TlsFiles {
+        ca: c.set.ca.clone(),
+        ..files(&foreign_set, "gw").clone()
+    })
+    .unwrap();
+    let r = refused(
+        "another CA",
+        LedgerClient::new(chan(foreign, client)).create_budget(create("x", 1, "gw")),
+        None,
+        // The same CA name with another key: the signature does not verify.
+        &["received fatal alert: DecryptError", "broken pipe", "reset", "connection closed"],
+    )
+    .await;
+    table.push(("certificate from another CA", r));
+
+    // An expired certificate from the cluster's own CA.
+    let expired = {
+        let ca = &c.set.authority;
+        let now = time::OffsetDateTime::now_utc();
+        let leaf = Leaf {
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(1),
+            ..Leaf::principal("gw")
+        };
+        ca.issue(&leaf).unwrap().write(other.path(), "expired", &c.set.ca).unwrap()
+    };
+    let r = refused(
+        "expired",
+        LedgerClient::new(chan(ClientTls::from_files(&expired).unwrap(), client))
+            .create_budget(create("x", 1, "gw")),
+        None,
+        &["received fatal alert: CertificateExpired", "broken pipe", "reset", "connection closed"],
+    )
+    .await;
+    table.push(("expired certificate", r));
+    // The node still serves the right certificate: the refusals above were theirs.
+    LedgerClient::new(chan(c.as_principal("gw"), client))
+        .get_budget(v1::GetBudgetRequest { path: "tenant".into(), linearizable: true })
+        .await
+        .unwrap();
+
+    // Plaintext to a TLS port.
+    let r = refused(
+        "plaintext",
+        LedgerClient::new(plain(client)).create_budget(create("x", 1, "gw")),
+        None,
+        &[""],
+    )
+    .await;
+    table.push(("plaintext client", r));
+
+    // A node's certificate used as a client.
+    let r = refused(
+        "node certificate on the client port",
+        LedgerClient::new(chan(c.as_node(follower), client)).create_budget(create("x", 1, "gw")),
+        Some(Code::PermissionDenied),
+        &["peer port"],
+    )
+    .await;
+    table.push(("peer certificate used as a client", r));
+
+    // A client's certificate used as a peer, forging AppendEntries and
+    // InstallSnapshot at a higher term.
+    let r = refused(
+        "client certificate on the peer port (AppendEntries)",
+        RaftClient::new(chan(c.as_principal("gw"), peer)).append_entries(forged_append(leader, 99)),
+        Some(Code::PermissionDenied),
+        &["client port"],
+    )
+    .await;
+    table.push(("client certificate used as a peer (forged AppendEntries)", r));
+    let r = refused(
+        "client certificate on the peer port (InstallSnapshot)",
+        RaftClient::new(chan(c.as_principal("admin"), peer))
+            .install_snapshot(forged_snapshot(leader, 99)),
+        Some(Code::PermissionDenied),
+        &["client port"],
+    )
+    .await;
+    table.push(("forged InstallSnapshot from a client certificate", r));
+    // Raft is not served on the client port at all.
+    let r = refused(
+        "Raft on the client port",
+        RaftClient::new(chan(c.as_principal("gw"), client))
+            .install_snapshot(forged_snapshot(leader, 99)),
+        Some(Code::Unimplemented),
+        &[""],
+    )
+    .await;
+    table.push(("Raft call on the client port", r));
+    // A member speaks only for itself.
+    let other_member = *c.clients.keys().find(|id| **id != leader && **id != follower).unwrap();
+    let r = refused(
+        "a member forging the leader's AppendEntries",
+        RaftClient::new(chan(c.as_node(other_member), peer))
+            .append_entries(forged_append(leader, 99)),
+        Some(Code::PermissionDenied),
+        &["cannot send a Raft message from"],
+    )
+    .await;
+    table.push(("member forging another member's AppendEntries", r));
+    // Peer-only methods on the client port.
+    let r = refused(
+        "Campaign on the client port",
+        ClusterClient::new(chan(c.as_principal("admin"), client))
+            .campaign(v1::CampaignRequest::default()),
+        Some(Code::PermissionDenied),
+        &["peer port only"],
+    )
+    .await;
+    table.push(("Campaign on the client port", r));
+    // A client claiming another principal.
+    let r = refused(
+        "a request naming another principal",
+        LedgerClient::new(chan(c.as_principal("gw"), c.clients[&follower]))
+            .create_budget(create("y", 7, "admin")),
+        Some(Code::PermissionDenied),
+        &["authenticated as \"gw\""],
+    )
+    .await;
+    table.push(("request naming another principal", r));
+    // A client claiming a forwarded identity: the header counts only from members.
+    let mut req = tonic::Request::new(create("z", 8, "admin"));
+    req.metadata_mut().insert("x-ration-principal", "admin".parse().unwrap());
+    let r = refused(
+        "x-ration-principal from a client",
+        LedgerClient::new(chan(c.as_principal("gw"), client)).create_budget(req),
+        Some(Code::PermissionDenied),
+        &["authenticated as \"gw\""],
+    )
+    .await;
+    table.push(("client setting x-ration-principal", r));
+
+    let after = c.digests().await;
+    assert_eq!(before, after, "a refused call changed the ledger");
+    for (what, (code, msg)) in &table {
+        println!("| {what} | {code} | {msg} |");
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_refuses_to_start_with_another_nodes_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let set =
+        ration_tls::dev::write_set(&dir.path().join("certs"), &[1, 2], &["127.0.0.1".into()], &[])
+            .unwrap();
+    let (l, pl) = (listener().await, listener().await);
+    let mut cfg = config(1, l.local_addr().unwrap(), dir.path().join("n1"), &[]);
+    cfg.peer_listen = Some(pl.local_addr().unwrap());
+    cfg.tls = Some(set.nodes[1].1.clone());
+    let err = ration_server::start_split(cfg, l, Some(pl)).await.unwrap_err().to_string();
+    assert!(err.contains("names node 2, but this is node 1"), "{err}");
+}
