@@ -34,6 +34,7 @@ use ration_server::Config;
 /// The project's ports: gRPC (clients and peers) and Prometheus metrics.
 const GRPC_PORT: u16 = 50051;
 const METRICS_PORT: u16 = 9464;
+const PEER_PORT: u16 = 50052;
 /// Environment variables rationd reads that are not flags.
 const EXTRA_ENV: &[&str] = &["RATION_LOG"];
 
@@ -589,17 +590,24 @@ fn compose_nodes_form_a_cluster_on_the_published_ports() {
             _ => {}
         }
     }
+    // The nodes (the `certs` service only writes the certificates).
+    services.retain(|_, (env, _)| env.contains_key("RATION_NODE_ID"));
     assert!(services.len() >= 3, "{file}: found services {:?}", services.keys());
     let mut problems = Vec::new();
     let mut host_ports = BTreeSet::new();
     let mut voters = BTreeSet::new();
     for (name, (env, ports)) in &services {
         let listen = env.get("RATION_LISTEN").and_then(|l| port_of(l));
+        let peer = env.get("RATION_PEER_LISTEN").and_then(|l| port_of(l));
         let metrics = env.get("RATION_METRICS_LISTEN").and_then(|l| port_of(l));
-        if (listen, metrics) != (Some(GRPC_PORT), Some(METRICS_PORT)) {
+        if (listen, peer, metrics) != (Some(GRPC_PORT), Some(PEER_PORT), Some(METRICS_PORT)) {
             problems.push(format!(
-                "{name}: listens on {listen:?} and {metrics:?}, not {GRPC_PORT} and {METRICS_PORT}"
+                "{name}: listens on {listen:?}, {peer:?} and {metrics:?}, not {GRPC_PORT}, \
+                 {PEER_PORT} and {METRICS_PORT}"
             ));
+        }
+        if !env.contains_key("RATION_TLS_CERT") {
+            problems.push(format!("{name}: no TLS"));
         }
         let container: BTreeSet<u16> = ports.iter().filter_map(|p| port_of(p)).collect();
         if container != BTreeSet::from([GRPC_PORT, METRICS_PORT]) {
@@ -629,10 +637,10 @@ fn compose_nodes_form_a_cluster_on_the_published_ports() {
                 }
                 let own = c.peers().unwrap().into_iter().find(|p| p.id == c.node_id);
                 if let Some(own) = own {
-                    if own.addr != c.advertise_addr() || port_of(&own.addr) != Some(GRPC_PORT) {
+                    if own.addr != c.member_addr() || port_of(&own.addr) != Some(PEER_PORT) {
                         problems.push(format!(
-                            "{name}: advertises {} but the initial cluster says {}",
-                            c.advertise_addr(),
+                            "{name}: advertises {} to peers but the initial cluster says {}",
+                            c.member_addr(),
                             own.addr
                         ));
                     }
@@ -678,14 +686,17 @@ fn the_image_exposes_the_ports_it_listens_on() {
         Some(METRICS_PORT),
         "{file}: RATION_METRICS_LISTEN"
     );
-    assert_eq!(exposed, BTreeSet::from([GRPC_PORT, METRICS_PORT]), "{file}: EXPOSE");
+    assert_eq!(env_port("RATION_PEER_LISTEN"), Some(PEER_PORT), "{file}: RATION_PEER_LISTEN");
+    assert_eq!(exposed, BTreeSet::from([GRPC_PORT, PEER_PORT, METRICS_PORT]), "{file}: EXPOSE");
 
     // The image carries the operator CLI beside the node.
     assert!(text.contains("-p rationctl"), "{file}: rationctl is not built");
     assert!(text.contains("/usr/local/bin/rationctl"), "{file}: rationctl is not installed");
 
-    // The documented bare `docker run` (the image's variables, no flags) is a valid
-    // configuration: on the wildcard address the node advertises its hostname.
+    // A bare `docker run` (the image's variables, no flags) is refused: reachable
+    // from outside without TLS. With the TLS files (or --insecure, said out loud)
+    // it is a valid configuration: on the wildcard addresses the node advertises
+    // its hostname.
     let mut args = vec!["rationd".to_owned()];
     for token in text.split_whitespace() {
         let Some((name, value)) = token.strip_prefix("RATION_").and_then(|t| t.split_once('='))
@@ -697,11 +708,24 @@ fn the_image_exposes_the_ports_it_listens_on() {
         }
         args.push(format!("--{}={}", name.to_lowercase().replace('_', "-"), value));
     }
-    let config = <ration_server::config::Args as clap::Parser>::try_parse_from(&args)
-        .unwrap_or_else(|e| panic!("{file}: {args:?}: {e}"))
-        .into_config()
-        .unwrap_or_else(|e| panic!("{file}: the image's own settings are refused: {e}"));
-    assert!(config.advertise.is_some(), "{file}: nothing to advertise");
+    let parse = |args: &[String]| {
+        <ration_server::config::Args as clap::Parser>::try_parse_from(args)
+            .unwrap_or_else(|e| panic!("{file}: {args:?}: {e}"))
+            .into_config()
+    };
+    let bare = parse(&args).expect_err("a bare docker run without TLS must be refused");
+    assert!(bare.to_string().contains("no tls"), "{file}: {bare}");
+    for extra in [
+        vec!["--tls-ca=/certs/ca.pem", "--tls-cert=/certs/n.pem", "--tls-key=/certs/n-key.pem"],
+        vec!["--insecure"],
+    ] {
+        let mut with = args.clone();
+        with.extend(extra.iter().map(|a| (*a).to_owned()));
+        let config = parse(&with)
+            .unwrap_or_else(|e| panic!("{file}: the image's settings with {extra:?}: {e}"));
+        assert!(config.advertise.is_some(), "{file}: nothing to advertise");
+        assert!(config.peer_advertise.is_some(), "{file}: no peer address to advertise");
+    }
 }
 
 /// Values of `key: N` lines (trimmed) in `text`.
@@ -726,9 +750,14 @@ fn kubernetes_pods_form_a_cluster_on_their_container_ports() {
     // The ports the node listens on are its container ports and its probes' port.
     let flag_port = |flag: &str| args.iter().find_map(|a| a.strip_prefix(flag)).and_then(port_of);
     assert_eq!(flag_port("--listen="), Some(GRPC_PORT), "{file}: --listen");
+    assert_eq!(flag_port("--peer-listen="), Some(PEER_PORT), "{file}: --peer-listen");
     assert_eq!(flag_port("--metrics-listen="), Some(METRICS_PORT), "{file}: --metrics-listen");
     let container: BTreeSet<u16> = numbers_after(sts, "containerPort:").into_iter().collect();
-    assert_eq!(container, BTreeSet::from([GRPC_PORT, METRICS_PORT]), "{file}: containerPort");
+    assert_eq!(
+        container,
+        BTreeSet::from([GRPC_PORT, PEER_PORT, METRICS_PORT]),
+        "{file}: containerPort"
+    );
     // Probes as etcd's: liveness and startup on /livez, readiness on /readyz, on the
     // metrics port (the container port named `metrics`, which is METRICS_PORT).
     let lines: Vec<&str> = sts.lines().collect();
@@ -764,7 +793,7 @@ fn kubernetes_pods_form_a_cluster_on_their_container_ports() {
     for doc in docs.iter().filter(|d| d.contains("kind: Service\n")) {
         for port in numbers_after(doc, "port:") {
             assert!(
-                [GRPC_PORT, METRICS_PORT].contains(&port),
+                [GRPC_PORT, PEER_PORT, METRICS_PORT].contains(&port),
                 "{file}: a Service exposes port {port}"
             );
         }
@@ -782,8 +811,14 @@ fn kubernetes_pods_form_a_cluster_on_their_container_ports() {
         parsed.node_id = Some(node_id_from_hostname(&pod).unwrap());
         let config = parsed.into_config().unwrap_or_else(|e| panic!("{file}: pod {pod}: {e}"));
         let own = config.peers().unwrap().into_iter().find(|p| p.id == config.node_id).unwrap();
-        assert_eq!(own.addr, config.advertise_addr(), "{file}: pod {pod}");
-        assert_eq!(port_of(&own.addr), Some(GRPC_PORT));
+        assert_eq!(own.addr, config.member_addr(), "{file}: pod {pod}");
+        assert_eq!(port_of(&own.addr), Some(PEER_PORT));
+        assert_eq!(port_of(&config.advertise_addr()), Some(GRPC_PORT));
+        // Each pod reads its own certificate from the one Secret.
+        let tls = config.tls_files().unwrap_or_else(|| panic!("{file}: pod {pod}: no TLS"));
+        let id = config.node_id;
+        assert!(tls.cert.ends_with(format!("node-{id}.pem")), "{file}: pod {pod}: {tls:?}");
+        assert!(tls.key.ends_with(format!("node-{id}-key.pem")), "{file}: pod {pod}: {tls:?}");
         assert_eq!(
             config.peers().unwrap().len() as u64,
             replicas,

@@ -94,7 +94,7 @@ pub fn admit(
         return Ok(Caller::Unauthenticated);
     };
     let identity = peer.identity.as_ref().map_err(|why| {
-        Status::unauthenticated(format!("the client certificate is not usable here: it {why}"))
+        Status::unauthenticated(format!("TLS client authentication failed: {why}"))
     })?;
     match (port, identity) {
         (Port::Peer, Identity::Node(id)) => match on_behalf {

@@ -31,6 +31,8 @@ pub struct Config {
     /// accepted (clients and peers must present one), `cert`/`key` are this node's
     /// (a node certificate: `spiffe://<domain>/ration/node/<id>`, with the hosts
     /// it is dialled by). The files are reloaded when they change or on SIGHUP.
+    /// `{node_id}` in a path is replaced by this node's id (one Secret holding
+    /// every node's files serves a whole StatefulSet).
     pub tls: Option<ration_tls::TlsFiles>,
     /// Serve without TLS on an address other than loopback. Without TLS anyone
     /// who reaches a port can rewrite the ledger; a node refuses to start that way
@@ -216,6 +218,17 @@ impl Config {
             (None, Some(l)) => l.to_string(),
             (None, None) => self.advertise_addr(),
         }
+    }
+
+    /// The TLS files, `{node_id}` in their paths replaced by this node's id.
+    pub fn tls_files(&self) -> Option<ration_tls::TlsFiles> {
+        let id = self.node_id.to_string();
+        let expand = |p: &Path| PathBuf::from(p.to_string_lossy().replace("{node_id}", &id));
+        self.tls.as_ref().map(|t| ration_tls::TlsFiles {
+            ca: expand(&t.ca),
+            cert: expand(&t.cert),
+            key: expand(&t.key),
+        })
     }
 
     /// Whether clients and peers have separate ports.

@@ -2,8 +2,9 @@
 //!
 //! TLS for Ration's two listeners and its clients:
 //! - [`TlsFiles`] and [`Credentials`]: a CA, a certificate and its key, read from
-//!   PEM files and turned into rustls configurations that require (server) or
-//!   present (client) a certificate; [`Credentials::reload`] re-reads them, and
+//!   PEM files and turned into rustls configurations that ask for (server) or
+//!   present (client) a certificate, and [`Credentials::authenticate`], which
+//!   checks a client's certificate after the handshake; [`Credentials::reload`] re-reads them, and
 //!   [`Credentials::watch`] does so when the files change or on SIGHUP;
 //! - [`Identity`]: who a certificate names (a node, or a principal);
 //! - [`incoming`]: a TLS listener for tonic, handshakes off the accept loop;
@@ -24,9 +25,11 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig};
 use serde::{Deserialize, Serialize};
 
 pub use identity::{identity_of, Identity, NODE_PATH, PRINCIPAL_PATH};
@@ -112,15 +115,30 @@ impl Material {
         Ok(Self { roots, chain, key, identity })
     }
 
-    /// A server that requires a client certificate signed by the CA.
-    fn server(&self, files: &TlsFiles) -> Result<ServerConfig, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+    /// The verifier of client certificates: signed by the CA, valid now, for
+    /// client authentication.
+    fn verifier(&self, files: &TlsFiles) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .allow_unauthenticated()
             .build()
-            .map_err(|e| bad(&files.ca, e))?;
+            .map_err(|e| bad(&files.ca, e))
+    }
+
+    /// A server that asks for a client certificate and checks, during the
+    /// handshake, that the client holds its key; whether the certificate itself
+    /// is acceptable (`verifier`) is decided right after the handshake
+    /// ([`Credentials::authenticate`]), so that a refused client gets a gRPC
+    /// status saying why instead of a bare TLS alert that a TLS 1.3 client often
+    /// never reads.
+    fn server(
+        &self,
+        files: &TlsFiles,
+        verifier: Arc<dyn ClientCertVerifier>,
+    ) -> Result<ServerConfig, TlsError> {
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(Arc::new(Deferred(verifier)))
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| {
                 bad(&files.key, format!("does not go with {}: {e}", files.cert.display()))
@@ -154,8 +172,97 @@ fn stamp(files: &TlsFiles) -> Stamp {
         .collect()
 }
 
+/// Asks for a client certificate and checks the handshake's signatures (proof
+/// that the client holds the certificate's key) with the real verifier, but
+/// leaves the certificate's chain and validity to [`Credentials::authenticate`],
+/// after the handshake. A connection whose certificate fails that check is
+/// served nothing: every request on it is refused with the reason.
+#[derive(Debug)]
+struct Deferred(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for Deferred {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A certificate's validity bound, as RFC 3339.
+fn when(t: UnixTime) -> String {
+    let secs = i64::try_from(t.as_secs()).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{secs} s after the epoch"))
+}
+
+/// Why a client certificate is refused, in words.
+fn refusal(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::Expired => "is expired".into(),
+            C::ExpiredContext { not_after, .. } => {
+                format!("is expired (since {})", when(*not_after))
+            }
+            C::NotValidYet => "is not valid yet".into(),
+            C::NotValidYetContext { not_before, .. } => {
+                format!("is not valid yet (from {})", when(*not_before))
+            }
+            C::UnknownIssuer => "is not signed by the CA this node trusts".into(),
+            C::BadSignature => {
+                "is not signed by the CA this node trusts (its signature does not verify)".into()
+            }
+            C::Revoked => "is revoked".into(),
+            C::InvalidPurpose => "is not for client authentication (extended key usage)".into(),
+            C::BadEncoding => "does not decode".into(),
+            other => format!("is refused: {other:?}"),
+        },
+        other => format!("is refused: {other}"),
+    }
+}
+
 #[derive(Debug)]
 struct Current {
+    verifier: Arc<dyn ClientCertVerifier>,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     identity: Identity,
@@ -183,8 +290,10 @@ impl Credentials {
     fn build(files: &TlsFiles) -> Result<Current, TlsError> {
         let stamp = stamp(files);
         let m = Material::read(files)?;
+        let verifier = m.verifier(files)?;
         Ok(Current {
-            server: Arc::new(m.server(files)?),
+            server: Arc::new(m.server(files, verifier.clone())?),
+            verifier,
             client: Arc::new(m.client(files)?),
             identity: m.identity,
             stamp,
@@ -207,6 +316,22 @@ impl Credentials {
     /// For dialling (this party's certificate is presented).
     pub fn client_config(&self) -> Arc<ClientConfig> {
         self.current().client.clone()
+    }
+
+    /// Who a client that completed a handshake is: its certificate chain (leaf
+    /// first, as presented) checked against the CA and the time now, then the
+    /// identity the leaf names; or why it is refused, in words.
+    pub fn authenticate(&self, chain: Option<&[CertificateDer<'_>]>) -> Result<Identity, String> {
+        let Some([leaf, intermediates @ ..]) = chain else {
+            return Err("no client certificate was presented: this node requires one signed by \
+                        its CA"
+                .into());
+        };
+        let verifier = self.current().verifier.clone();
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(|e| format!("the client certificate {}", refusal(&e)))?;
+        identity_of(leaf).map_err(|e| format!("the client certificate {e}"))
     }
 
     /// Who this party's own certificate names.

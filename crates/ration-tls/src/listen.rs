@@ -16,10 +16,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{identity_of, Credentials, Identity};
+use crate::{Credentials, Identity};
 
-/// A connection whose handshake succeeded (the client's certificate verified
-/// against the CA), with who its certificate names.
+/// A connection whose handshake succeeded (the client proved it holds its
+/// certificate's key), with who that certificate names once checked against the
+/// CA, or why it was refused.
 #[derive(Debug)]
 pub struct Accepted {
     stream: TlsStream<TcpStream>,
@@ -31,7 +32,9 @@ pub struct Accepted {
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
-    /// Who the client's certificate names, or why it names no one.
+    /// Who the client's certificate names, or why it is refused (no certificate,
+    /// not signed by the CA, expired, naming no one): then every request on the
+    /// connection is refused with that reason.
     pub identity: Result<Identity, String>,
 }
 
@@ -138,16 +141,14 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+            let tls = tls.clone();
             let tx = tx.clone();
             let quiet = quiet.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let why = match tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let identity = match stream.get_ref().1.peer_certificates() {
-                            Some([leaf, ..]) => identity_of(leaf),
-                            _ => Err("no client certificate".to_owned()),
-                        };
+                        let identity = tls.authenticate(stream.get_ref().1.peer_certificates());
                         let info = PeerInfo { remote: Some(from), identity };
                         let _ = tx.send(Ok(Accepted { stream, info })).await;
                         return;

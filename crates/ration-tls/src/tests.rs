@@ -57,7 +57,7 @@ fn bad_files_are_named_in_the_error() {
 /// Serves TLS with `server` and returns the address and the accepted connections.
 async fn serve(
     server: Arc<Credentials>,
-) -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Identity>) {
+) -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Result<Identity, String>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut accepted = incoming(
@@ -69,7 +69,7 @@ async fn serve(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(stream)) = accepted.next().await {
-            let _ = tx.send(stream.info().identity.clone().unwrap());
+            let _ = tx.send(stream.info().identity.clone());
             // Keep the connection open until the client is done.
             tokio::spawn(async move {
                 let mut s = stream;
@@ -113,23 +113,30 @@ async fn mutual_tls_checks_both_sides_and_reloads() {
 
     // The right CA, the right host: the server sees the client's identity.
     dial(gw.clone(), &addr.to_string()).await.unwrap();
-    assert_eq!(seen.recv().await, Some(Identity::Principal("gw".into())));
+    assert_eq!(seen.recv().await, Some(Ok(Identity::Principal("gw".into()))));
     dial(gw.clone(), &format!("localhost:{}", addr.port())).await.unwrap();
-    assert_eq!(seen.recv().await, Some(Identity::Principal("gw".into())));
+    assert_eq!(seen.recv().await, Some(Ok(Identity::Principal("gw".into()))));
 
-    // A client from another CA is refused by the server.
+    // A client from another CA completes the handshake (it holds its key) but is
+    // refused, with the reason, for every request.
+    let refused = |got: Option<Result<Identity, String>>, why: &str| {
+        let err = got.expect("a connection").expect_err("refused");
+        assert!(err.contains(why), "{err}");
+    };
     let other_dir = TempDir::new().unwrap();
     let other = dev::write_set(other_dir.path(), &[], &[], &["gw".into()]).unwrap();
     let foreign =
         ClientTls::from_files(&TlsFiles { ca: set.ca.clone(), ..other.principals[0].1.clone() })
             .unwrap();
-    assert!(dial(foreign, &addr.to_string()).await.is_err());
+    dial(foreign, &addr.to_string()).await.unwrap();
+    refused(seen.recv().await, "not signed by the CA this node trusts");
     // A client that trusts another CA refuses the server.
     assert!(dial(ClientTls::from_files(&other.principals[0].1).unwrap(), &addr.to_string())
         .await
         .is_err());
     // No client certificate: refused.
-    assert!(dial(ClientTls::ca_only(&set.ca).unwrap(), &addr.to_string()).await.is_err());
+    dial(ClientTls::ca_only(&set.ca).unwrap(), &addr.to_string()).await.unwrap();
+    refused(seen.recv().await, "no client certificate");
     // An expired client certificate: refused.
     let ca = Ca::new("expiring").unwrap();
     let ca_dir = TempDir::new().unwrap();
@@ -149,8 +156,9 @@ async fn mutual_tls_checks_both_sides_and_reloads() {
         .unwrap()
         .write(ca_dir.path(), "node", &ca_path)
         .unwrap();
-    let (addr2, _seen2) = serve(Credentials::load(fresh_node).unwrap()).await;
-    assert!(dial(ClientTls::from_files(&expired).unwrap(), &addr2.to_string()).await.is_err());
+    let (addr2, mut seen2) = serve(Credentials::load(fresh_node).unwrap()).await;
+    dial(ClientTls::from_files(&expired).unwrap(), &addr2.to_string()).await.unwrap();
+    refused(seen2.recv().await, "is expired");
     // The server's certificate must name the host dialled.
     let elsewhere = Connector::new(gw.clone()).with_server_name("ration-9.example");
     let err = dial_as(elsewhere, &addr.to_string()).await.unwrap_err();
@@ -162,7 +170,8 @@ async fn mutual_tls_checks_both_sides_and_reloads() {
     std::fs::copy(&other.ca, &set.ca).unwrap();
     assert!(node.reload().is_ok());
     assert_eq!(node.reloads(), before + 1);
-    assert!(dial(gw, &addr.to_string()).await.is_err());
+    dial(gw, &addr.to_string()).await.unwrap();
+    refused(seen.recv().await, "not signed by the CA this node trusts");
     // A reload that fails keeps the old material.
     std::fs::write(&set.nodes[0].1.key, "not a key").unwrap();
     assert!(node.reload().is_err());

@@ -291,7 +291,22 @@ fn is_refusal(code: tonic::Code) -> bool {
 /// (`FAILED_PRECONDITION: budget acme has 1 child budget(s); delete them first`).
 pub(crate) fn describe(s: &tonic::Status) -> String {
     let code = code_name(s.code());
-    let message = s.message().trim();
+    let mut message = s.message().trim().to_owned();
+    // A transport error says why in its innermost cause (a refused TLS handshake:
+    // `received fatal alert: CertificateRequired`, `invalid peer certificate: ...`).
+    let mut cause = std::error::Error::source(s);
+    let mut innermost = None;
+    while let Some(c) = cause {
+        innermost = Some(c.to_string());
+        cause = c.source();
+    }
+    if let Some(why) = innermost.filter(|w| !message.contains(w.as_str())) {
+        let tls = ["alert", "certificate", "TLS", "tls"].iter().any(|k| why.contains(k));
+        message = format!(
+            "{message} ({why}{})",
+            if tls { "; check --cacert, --cert and --key" } else { "" }
+        );
+    }
     if message.is_empty() {
         code.to_owned()
     } else {

@@ -25,7 +25,7 @@ node id from that trailing ordinal (--node-id-from-hostname / node_id_from_hostn
 {{/* One pod's peer address: ration.peerAddr (list $ ordinal). */}}
 {{- define "ration.peerAddr" -}}
 {{- $root := index . 0 }}
-{{- printf "%s-%d.%s:%d" (include "ration.fullname" $root) (int (index . 1)) (include "ration.peers" $root) (int $root.Values.ports.grpc) }}
+{{- printf "%s-%d.%s:%d" (include "ration.fullname" $root) (int (index . 1)) (include "ration.peers" $root) (int $root.Values.ports.peer) }}
 {{- end }}
 
 {{- define "ration.chart" -}}
@@ -46,4 +46,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "ration.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The Secret with the TLS files. */}}
+{{- define "ration.tlsSecret" -}}
+{{- default (printf "%s-tls" (include "ration.fullname" .)) .Values.tls.secretName }}
 {{- end }}
