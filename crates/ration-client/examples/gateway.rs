@@ -109,15 +109,57 @@ struct Args {
     /// Where the gateway serves HTTP.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
+    /// TLS: the CA the cluster's certificates are signed by (with --cert, --key).
+    #[arg(long, env = "RATION_CACERT")]
+    cacert: Option<std::path::PathBuf>,
+    /// The gateway's client certificate; it leases and creates the demo budgets as
+    /// the principal the certificate names.
+    #[arg(long, env = "RATION_CERT")]
+    cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "RATION_KEY")]
+    key: Option<std::path::PathBuf>,
+}
+
+/// How the gateway reaches the cluster: TLS (if any) and the principal it acts as.
+#[derive(Clone, Debug)]
+struct Access {
+    tls: Option<ration_tls::ClientTls>,
+    /// Who creates the demo budgets, and who leases.
+    admin: String,
+    gateway: String,
+}
+
+impl Access {
+    fn of(args: &Args) -> anyhow::Result<Self> {
+        let (Some(ca), Some(cert), Some(key)) = (&args.cacert, &args.cert, &args.key) else {
+            if args.cacert.is_some() || args.cert.is_some() || args.key.is_some() {
+                anyhow::bail!("give --cacert, --cert and --key together");
+            }
+            return Ok(Self { tls: None, admin: "ops".into(), gateway: "gateway-example".into() });
+        };
+        let files = ration_tls::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
+        let who = match ration_tls::identity_of(&ration_tls::read_certs(cert)?[0]) {
+            Ok(ration_tls::Identity::Principal(p)) => p,
+            other => anyhow::bail!(
+                "{}: not a client certificate naming a principal: {other:?}",
+                cert.display()
+            ),
+        };
+        Ok(Self {
+            tls: Some(ration_tls::ClientTls::from_files(&files)?),
+            admin: who.clone(),
+            gateway: who,
+        })
+    }
 }
 
 /// Creates the demo budgets through whichever endpoint answers; until one does,
 /// says so and tries again.
-async fn ensure_budgets(endpoints: &[String]) -> anyhow::Result<()> {
+async fn ensure_budgets(endpoints: &[String], access: &Access) -> anyhow::Result<()> {
     loop {
         let mut last = None;
         for endpoint in endpoints {
-            match create_budgets(endpoint).await {
+            match create_budgets(endpoint, access).await {
                 Ok(()) => return Ok(()),
                 Err(e) => last = Some(format!("{endpoint}: {e:#}")),
             }
@@ -131,12 +173,16 @@ async fn ensure_budgets(endpoints: &[String]) -> anyhow::Result<()> {
     }
 }
 
-async fn create_budgets(endpoint: &str) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))?
+async fn create_budgets(endpoint: &str, access: &Access) -> anyhow::Result<()> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))?
         .connect_timeout(std::time::Duration::from_secs(1))
-        .timeout(std::time::Duration::from_secs(2))
-        .connect()
-        .await?;
+        .timeout(std::time::Duration::from_secs(2));
+    let channel = match &access.tls {
+        Some(tls) => {
+            endpoint.connect_with_connector(ration_tls::Connector::new(tls.clone())).await?
+        }
+        None => endpoint.connect().await?,
+    };
     let mut client = LedgerClient::new(channel);
     let limit = |cap, period: v1::Period| v1::Limit {
         unit: "tokens".into(),
@@ -155,7 +201,7 @@ async fn create_budgets(endpoint: &str) -> anyhow::Result<()> {
         let meta = Some(v1::RequestMeta {
             client_id: format!("gateway-example-{run}"),
             request_id: i as u64 + 1,
-            principal: "ops".into(),
+            principal: access.admin.clone(),
         });
         match client
             .create_budget(v1::CreateBudgetRequest { meta, path: path.into(), limits: vec![l] })
@@ -179,10 +225,13 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    ensure_budgets(&args.endpoints).await?;
+    let access = Access::of(&args)?;
+    ensure_budgets(&args.endpoints, &access).await?;
     let clock = CoarseClock::new();
     clock.start_ticking();
-    let sdk = Sdk::start(SdkConfig::new(args.endpoints.clone(), "gateway-example"), clock)?;
+    let mut config = SdkConfig::new(args.endpoints.clone(), access.gateway.clone());
+    config.cluster.tls = access.tls.clone();
+    let sdk = Sdk::start(config, clock)?;
     sdk.handle(BUDGET, "tokens");
     let app = Arc::new(App {
         sdk,

@@ -75,6 +75,8 @@ pub enum LedgerError {
     RequestIdReused { client: String, request: u64 },
     #[error("principal {principal} holds its maximum of {max} {what}; retry when it holds fewer, or have an operator raise the limit (rationctl limits set)")]
     PrincipalLimit { principal: String, what: String, max: u64 },
+    #[error("client id {client} belongs to another principal (requests are exactly-once per principal and client id); use a client id of your own")]
+    ForeignClient { client: String },
 }
 
 impl LedgerError {
@@ -100,7 +102,7 @@ impl LedgerError {
             Exhausted { .. } | LedgerFull { .. } | PrincipalLimit { .. } => {
                 ErrorKind::ResourceExhausted
             }
-            ForeignLease { .. } => ErrorKind::PermissionDenied,
+            ForeignLease { .. } | ForeignClient { .. } => ErrorKind::PermissionDenied,
             VersionMismatch { .. } => ErrorKind::Aborted,
         }
     }

@@ -961,6 +961,17 @@ impl Run {
             return Ok(());
         }
         let (request, first) = self.sent[pick % self.sent.len()].clone();
+        // Refusals that leave no trace (another principal's lease or client id, a
+        // per-principal limit) are not remembered by design: a retry is checked
+        // afresh and may be refused differently (the lease may be gone since).
+        if matches!(
+            first,
+            Err(LedgerError::ForeignLease { .. }
+                | LedgerError::ForeignClient { .. }
+                | LedgerError::PrincipalLimit { .. })
+        ) {
+            return Ok(());
+        }
         let mut idle = self.ledger.clone();
         idle.apply(
             self.index + 1,

@@ -578,9 +578,13 @@ impl Harness {
             now.saturating_sub(at_ms) >= self.config.dedup_idle_ms
                 || CLIENTS.len() as u64 > self.config.max_dedup_clients
         };
+        // Refused without running: an old or reused id, or a client id that
+        // belongs to another principal (checked before the exactly-once table).
         let refused_as_dup = matches!(
             outcome,
-            Err(LedgerError::RequestTooOld { .. } | LedgerError::RequestIdReused { .. })
+            Err(LedgerError::RequestTooOld { .. }
+                | LedgerError::RequestIdReused { .. }
+                | LedgerError::ForeignClient { .. })
         );
         let key = (request.client.clone(), request.request_id);
         let executed = match self.remembered.get(&key) {
@@ -614,12 +618,16 @@ impl Harness {
                 !refused_as_dup
             }
         };
-        // A per-principal limit on the exactly-once table refuses before anything
-        // is remembered: the id stays unused.
+        // A per-principal limit on the exactly-once table, and acting on another
+        // principal's client id or lease, refuse before anything is remembered:
+        // the id stays unused.
         let unremembered = matches!(
             outcome,
             Err(LedgerError::PrincipalLimit { what, .. })
                 if *what == Held::Clients.phrase() || *what == Held::Outcomes.phrase()
+        ) || matches!(
+            outcome,
+            Err(LedgerError::ForeignClient { .. } | LedgerError::ForeignLease { .. })
         );
         if executed && !unremembered {
             let remembered =

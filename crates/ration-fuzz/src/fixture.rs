@@ -60,7 +60,8 @@ fn build() -> Fixture {
     let mut req = |principal: &'static str, op: Op| {
         id = id.saturating_add(1);
         Command::Request(Request {
-            client: name::<ClientId>("fixture"),
+            // One client id per principal: a client id belongs to one principal.
+            client: ClientId::new(format!("fixture-{principal}")).expect("fixture names are valid"),
             request_id: id,
             principal: name::<Principal>(principal),
             op,

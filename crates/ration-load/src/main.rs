@@ -74,6 +74,10 @@ struct Args {
     cert: Option<PathBuf>,
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Start the nodes with mutual TLS (a development CA, peers on ports of their
+    /// own) and talk TLS to them: with the same flags otherwise, the cost of TLS.
+    #[arg(long)]
+    tls: bool,
 }
 
 impl Args {
@@ -99,30 +103,56 @@ impl Drop for Nodes {
 /// Started nodes: their gRPC endpoints, and where each serves `/metrics`.
 type Started = (Nodes, Vec<String>, Vec<SocketAddr>);
 
-fn start_nodes(rationd: PathBuf, log_store: &str) -> anyhow::Result<Started> {
+fn start_nodes(rationd: PathBuf, log_store: &str, tls: bool) -> anyhow::Result<Started> {
     let dir = tempfile::tempdir()?;
-    // Hold every listener until all six ports are chosen, so none repeats.
+    // Hold every listener until all nine ports are chosen, so none repeats.
     let listeners: Vec<std::net::TcpListener> =
-        (0..6).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+        (0..9).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let ports: Vec<SocketAddr> =
         listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
     drop(listeners);
-    let (addrs, metrics) = ports.split_at(3);
-    let cluster = addrs
+    let (addrs, rest) = ports.split_at(3);
+    let (metrics, peers) = rest.split_at(3);
+    // With TLS, peers get ports of their own (required), and the cluster lists them.
+    let members = if tls { peers } else { addrs };
+    let cluster = members
         .iter()
         .enumerate()
         .map(|(i, a)| format!("{}={a}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
+    let certs = if tls {
+        let set = ration_tls::dev::write_set(
+            &dir.path().join("certs"),
+            &[1, 2, 3],
+            &["127.0.0.1".into()],
+            &["load".into()],
+        )
+        .map_err(|e| anyhow::anyhow!("making certificates: {e}"))?;
+        let _ = TLS.set(Some(ration_tls::ClientTls::from_files(&set.principals[0].1)?));
+        Some(set)
+    } else {
+        None
+    };
     let mut children = Vec::new();
     for (i, a) in addrs.iter().enumerate() {
         let data = dir.path().join(format!("node-{}", i + 1));
+        let mut cmd = Command::new(&rationd);
+        cmd.args(["--node-id", &(i + 1).to_string(), "--listen", &a.to_string()])
+            .args(["--data-dir", &data.to_string_lossy(), "--initial-cluster", &cluster])
+            .args(["--metrics-listen", &metrics[i].to_string(), "--log-store", log_store]);
+        if let Some(set) = &certs {
+            let f = &set.nodes[i].1;
+            cmd.args(["--peer-listen", &peers[i].to_string()])
+                .arg("--tls-ca")
+                .arg(&f.ca)
+                .arg("--tls-cert")
+                .arg(&f.cert)
+                .arg("--tls-key")
+                .arg(&f.key);
+        }
         children.push(
-            Command::new(&rationd)
-                .args(["--node-id", &(i + 1).to_string(), "--listen", &a.to_string()])
-                .args(["--data-dir", &data.to_string_lossy(), "--initial-cluster", &cluster])
-                .args(["--metrics-listen", &metrics[i].to_string(), "--log-store", log_store])
-                .env("RATION_LOG", "warn")
+            cmd.env("RATION_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
                 .with_context(|| format!("starting {}", rationd.display()))?,
@@ -471,14 +501,19 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => bail!("give --cacert, --cert and --key together"),
     };
-    let _ = TLS.set(tls);
+    if args.tls && (tls.is_some() || !args.endpoints.is_empty()) {
+        bail!("--tls starts nodes with their own certificates: not with --endpoints or --cacert");
+    }
+    if !args.tls {
+        let _ = TLS.set(tls);
+    }
     let args = Arc::new(args);
     let (_nodes, endpoints) = if args.endpoints.is_empty() {
         let rationd = match &args.rationd {
             Some(p) => p.clone(),
             None => std::env::current_exe()?.with_file_name("rationd"),
         };
-        let (nodes, eps, metrics) = start_nodes(rationd, &args.log_store)?;
+        let (nodes, eps, metrics) = start_nodes(rationd, &args.log_store, args.tls)?;
         (Some((nodes, metrics)), eps)
     } else {
         (None, args.endpoints.clone())

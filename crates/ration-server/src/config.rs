@@ -128,6 +128,10 @@ pub struct Config {
     pub log_store: String,
     /// Prometheus metrics over HTTP (`GET /metrics`) on this address, or `off`.
     pub metrics_listen: String,
+    /// A file holding a token `GET /metrics` must present (`Authorization: Bearer
+    /// <token>`): the metrics name every tenant and its usage. The probes
+    /// (`/livez`, `/readyz`) stay open. Unset: no token.
+    pub metrics_token_file: Option<PathBuf>,
     /// Take `node_id` from the hostname's trailing ordinal plus one (`ration-0` is
     /// node 1): a Kubernetes StatefulSet's pods are named that way.
     pub node_id_from_hostname: bool,
@@ -182,6 +186,7 @@ impl Default for Config {
             snapshot_chunk_bytes: 1 << 20,
             log_format: "text".into(),
             metrics_listen: "127.0.0.1:9464".into(),
+            metrics_token_file: None,
             node_id_from_hostname: false,
         }
     }
@@ -426,6 +431,22 @@ impl Config {
         })
     }
 
+    /// The token `/metrics` requires, read from `metrics_token_file` (trimmed).
+    pub fn metrics_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.metrics_token_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let token = text.trim();
+        if token.len() < 16 {
+            return Err(ConfigError::Invalid(format!(
+                "{}: the metrics token has {} characters; use at least 16",
+                path.display(),
+                token.len()
+            )));
+        }
+        Ok(Some(token.to_owned()))
+    }
+
     pub fn rpc_timeout(&self) -> Duration {
         Duration::from_millis(self.rpc_timeout_ms)
     }
@@ -560,6 +581,9 @@ pub struct Args {
     /// [default: 127.0.0.1:9464].
     #[arg(long, env = "RATION_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// A file with the bearer token `GET /metrics` requires.
+    #[arg(long, env = "RATION_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
     /// Node id = the hostname's trailing ordinal + 1 (StatefulSet pod `ration-2` is 3).
     #[arg(long, env = "RATION_NODE_ID_FROM_HOSTNAME")]
     pub node_id_from_hostname: bool,
@@ -602,6 +626,9 @@ impl Args {
         }
         if self.no_reflection {
             c.reflection = false;
+        }
+        if self.metrics_token_file.is_some() {
+            c.metrics_token_file = self.metrics_token_file.clone();
         }
         set!(
             node_id,

@@ -841,7 +841,9 @@ where
         anyhow::bail!("a node with peer_listen serves two ports; one without, one");
     }
     let addr = config.member_addr();
-    // Bound before Raft starts, so a taken port fails the start cleanly.
+    // Read and bound before Raft starts, so a bad token file or a taken port fails
+    // the start cleanly.
+    let metrics_token = config.metrics_token().context("the metrics token")?;
     let metrics_listener = match config.metrics_addr()? {
         Some(at) => Some(
             TcpListener::bind(at)
@@ -941,7 +943,8 @@ where
         }
     };
     if let Some(listener) = metrics_listener {
-        let bound = metrics::serve(Arc::downgrade(&node), listener, stopped()).await?;
+        let bound =
+            metrics::serve(Arc::downgrade(&node), listener, metrics_token, stopped()).await?;
         let _ = node.metrics_addr.set(bound);
         tracing::info!(%bound, "metrics served at /metrics");
     }

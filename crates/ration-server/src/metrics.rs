@@ -606,12 +606,20 @@ pub fn render(node: &Node) -> String {
 
 /// Serves `GET /metrics` on `listener` (bound before Raft starts) until the node
 /// stops. Returns the bound address.
+/// Whether two secrets are equal, in time that does not depend on where they
+/// differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
 pub(crate) async fn serve(
     node: std::sync::Weak<Node>,
     listener: tokio::net::TcpListener,
+    token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<SocketAddr> {
     let bound = listener.local_addr()?;
+    let token = std::sync::Arc::new(token);
     let probe = |check: fn(&Node) -> Result<(), String>, node: std::sync::Weak<Node>| {
         move || {
             let node = node.clone();
@@ -632,9 +640,26 @@ pub(crate) async fn serve(
         .route("/readyz", axum::routing::get(probe(Node::readiness, node.clone())))
         .route(
             "/metrics",
-            axum::routing::get(move || {
+            axum::routing::get(move |headers: axum::http::HeaderMap| {
                 let node = node.clone();
+                let token = token.clone();
                 async move {
+                    if let Some(want) = token.as_deref() {
+                        let given = headers
+                            .get(axum::http::header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "))
+                            .unwrap_or_default();
+                        if !same_secret(given.as_bytes(), want.as_bytes()) {
+                            return (
+                                axum::http::StatusCode::UNAUTHORIZED,
+                                [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                                "/metrics needs the token (Authorization: Bearer <token>, \
+                                 metrics_token_file)\n"
+                                    .to_owned(),
+                            );
+                        }
+                    }
                     match node.upgrade() {
                         Some(node) => (
                             axum::http::StatusCode::OK,

@@ -14,8 +14,12 @@ use ration_testkit::{channel, eventually};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
 
 fn get(at: SocketAddr, path: &str) -> (u16, String) {
+    get_with(at, path, "")
+}
+
+fn get_with(at: SocketAddr, path: &str, headers: &str) -> (u16, String) {
     let mut conn = std::net::TcpStream::connect(at).unwrap();
-    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{headers}\r\n").as_bytes()).unwrap();
     let mut text = String::new();
     conn.read_to_string(&mut text).unwrap();
     let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -77,4 +81,36 @@ async fn a_node_without_quorum_is_alive_but_not_ready() {
     for h in handles {
         h.stop().await.unwrap();
     }
+}
+
+/// With a metrics token, `/metrics` (which names every tenant) answers only with
+/// the token; the probes stay open for kubelet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_require_a_token_while_probes_stay_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-metrics-token-0123\n").unwrap();
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let mut c = config(1, addr, dir.path().join("n1"), &[(1, addr)]);
+    c.metrics_token_file = Some(token_file.clone());
+    let node = ration_server::start(c.clone(), l).await.unwrap();
+    let at = *node.node.metrics_addr.get().unwrap();
+    eventually("ready", Duration::from_secs(10), || async { get(at, "/readyz").0 == 200 }).await;
+    assert_eq!(get(at, "/livez").0, 200);
+    let (code, body) = get(at, "/metrics");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("Bearer"), "{body}");
+    assert_eq!(get_with(at, "/metrics", "Authorization: Bearer wrong-token-0123456789\r\n").0, 401);
+    let (code, body) =
+        get_with(at, "/metrics", "Authorization: Bearer s3cret-metrics-token-0123\r\n");
+    assert_eq!(code, 200);
+    assert!(body.contains("ration_"), "{body}");
+    node.stop().await.unwrap();
+
+    // A token too short to be one is refused at start.
+    std::fs::write(&token_file, "short").unwrap();
+    let l = listener().await;
+    let err = ration_server::start(c, l).await.unwrap_err();
+    assert!(format!("{err:#}").contains("at least 16"), "{err:#}");
 }

@@ -262,6 +262,21 @@ async fn every_way_in_without_the_right_certificate_is_refused_and_changes_nothi
         .create_budget(create("tenant", 1, "gw"))
         .await
         .unwrap();
+    // A lease admin holds, for the lease test below.
+    let lease = LedgerClient::new(chan(c.as_principal("admin"), c.clients[&leader]))
+        .acquire(v1::AcquireRequest {
+            meta: meta("c-admin", 1, "admin"),
+            budget: "tenant".into(),
+            unit: "tokens".into(),
+            wanted: 10,
+            min: 1,
+            ttl_ms: 60_000,
+            starts_at_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease_id;
     let before = c.digests().await;
     let client = c.clients[&leader];
     let peer = c.peers[&follower];
@@ -414,6 +429,20 @@ async fn every_way_in_without_the_right_certificate_is_refused_and_changes_nothi
     .await;
     table.push(("client setting x-ration-principal", r));
 
+    // A gateway releasing another principal's lease (in its own name).
+    let r = refused(
+        "releasing another principal's lease",
+        LedgerClient::new(chan(c.as_principal("gw"), client)).release(v1::ReleaseRequest {
+            meta: meta("c-gw", 2, "gw"),
+            lease_id: lease,
+            consumed_total: 0,
+        }),
+        Some(Code::PermissionDenied),
+        &["principal"],
+    )
+    .await;
+    table.push(("gateway releasing another principal's lease", r));
+
     let after = c.digests().await;
     assert_eq!(before, after, "a refused call changed the ledger");
     for (what, (code, msg)) in &table {
@@ -434,4 +463,52 @@ async fn a_node_refuses_to_start_with_another_nodes_certificate() {
     cfg.tls = Some(set.nodes[1].1.clone());
     let err = ration_server::start_split(cfg, l, Some(pl)).await.unwrap_err().to_string();
     assert!(err.contains("names node 2, but this is node 1"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_reloads_its_certificates_on_sighup_without_restarting() {
+    let c = TlsCluster::start(1).await;
+    c.leader().await;
+    let addr = c.clients[&1];
+    let ask = |tls: ClientTls| async move {
+        ClusterClient::new(chan(tls, addr)).status(v1::StatusRequest { digest: false }).await
+    };
+    ask(c.as_principal("gw")).await.unwrap();
+
+    // Node 1's files replaced by ones from a new CA, as a rotation would.
+    let rotated = tempfile::tempdir().unwrap();
+    let new = ration_tls::dev::write_set(
+        rotated.path(),
+        &[1],
+        &["127.0.0.1".into(), "localhost".into()],
+        &["gw".into()],
+    )
+    .unwrap();
+    let mine = &c.set.nodes[0].1;
+    for (from, to) in
+        [(&new.ca, &mine.ca), (&new.nodes[0].1.cert, &mine.cert), (&new.nodes[0].1.key, &mine.key)]
+    {
+        std::fs::copy(from, to).unwrap();
+    }
+    let tls = c.nodes[&1].node.tls.clone().unwrap();
+    let before = tls.reloads();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tls.reloads() == before {
+        assert!(Instant::now() < deadline, "no reload within 10 s of SIGHUP");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // New connections use the new files: the old CA's client is refused (it does
+    // not trust the node's new certificate), the new CA's client is served.
+    let old = ask(c.as_principal("gw")).await.unwrap_err();
+    eprintln!("old CA's client after the rotation: {old:?}");
+    let fresh = ClientTls::from_files(&new.principals[0].1).unwrap();
+    let s = ask(fresh).await.unwrap().into_inner();
+    assert_eq!(s.id, 1);
+    assert_eq!(c.nodes[&1].node.tls.as_ref().unwrap().identity(), ration_tls::Identity::Node(1));
+    c.shutdown().await;
 }

@@ -257,6 +257,9 @@ pub(crate) fn node_config(id: u64, voters: u64) -> Config {
         keep_log_after_snapshot: 10,
         metrics_listen: "off".into(),
         batch_wait_us: 2000,
+        // The simulated network is plaintext (the issue allows it): say so, as a
+        // node on a non-loopback address must.
+        insecure: true,
         ..Config::default()
     }
 }

@@ -186,7 +186,7 @@ fn budget_entries(from: u64, to: u64) -> Vec<Entry<TypeConfig>> {
                 limits: vec![],
             };
             let req = Request {
-                client: ClientId::new("c").unwrap(),
+                client: ClientId::new(format!("c{}", i % 2)).unwrap(),
                 request_id: i + 1,
                 principal: Principal::new(format!("ops{}", i % 2)).unwrap(),
                 op: Op::CreateBudget(spec),

@@ -161,12 +161,18 @@ impl Rationd {
     /// Starts a single node on a free loopback port and waits until it accepts
     /// connections. A port taken between choosing and binding it is retried.
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Rationd::start`] with more flags.
+    fn start_with(extra: &[String]) -> Self {
         for _ in 0..3 {
             let data = tempfile::tempdir().unwrap();
             let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
             let log = data.path().join("rationd.log");
             let child = Command::new(env!("CARGO_BIN_EXE_rationd"))
                 .args(["--listen", &addr.to_string(), "--metrics-listen", "off"])
+                .args(extra)
                 .arg("--data-dir")
                 .arg(data.path().join("node"))
                 .env("RATION_LOG", "info")
@@ -230,5 +236,56 @@ fn python_grpcio_sees_health_and_reflection() {
         "python venv ready in {:.1} s, whole test {:.1} s",
         venv_time.as_secs_f64(),
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// A node serving mutual TLS (a client port and a peer port), checked by Python's
+/// grpcio with its own TLS stack: a client certificate is served, no certificate
+/// and a node certificate used as a client are refused with their statuses.
+#[test]
+fn python_grpcio_over_mutual_tls() {
+    let python = venv();
+    let certs = tempfile::tempdir().unwrap();
+    let set = ration_tls::dev::write_set(
+        certs.path(),
+        &[1],
+        &["127.0.0.1".into(), "localhost".into()],
+        &["gw".into()],
+    )
+    .unwrap();
+    let node_files = &set.nodes[0].1;
+    let gw = &set.principals[0].1;
+    let peer = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let node = Rationd::start_with(&[
+        "--peer-listen".into(),
+        peer.to_string(),
+        "--tls-ca".into(),
+        path(&node_files.ca),
+        "--tls-cert".into(),
+        path(&node_files.cert),
+        "--tls-key".into(),
+        path(&node_files.key),
+    ]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/tls_blackbox.py");
+    let ran = run(
+        Command::new(&python).arg(&script).arg(node.addr.to_string()).args([
+            path(&set.ca),
+            path(&gw.cert),
+            path(&gw.key),
+            path(&node_files.cert),
+            path(&node_files.key),
+        ]),
+        SCRIPT_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{e}\nrationd log:\n{}", node.log_text()));
+    eprintln!("{}", ran.output());
+    assert!(
+        ran.status.success(),
+        "tls_blackbox.py against rationd at {} failed ({}):\n{}\nrationd log:\n{}",
+        node.addr,
+        ran.status,
+        ran.output(),
+        node.log_text()
     );
 }

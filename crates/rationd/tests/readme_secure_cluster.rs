@@ -61,15 +61,22 @@ async fn the_readme_secured_cluster_starts_and_answers_as_written() {
     let usage = shell_block(&readme, heading, 1);
     let dir = tempfile::tempdir().unwrap();
 
-    // The fixed ports must be free (another test's connection may hold one for a
-    // moment as its local port).
+    // The fixed ports must be free for a listener as rationd binds it (tokio sets
+    // SO_REUSEADDR, so a closed connection's TIME_WAIT does not count); another
+    // test's client connection may hold one for a moment as its local port.
     let ports: Vec<u16> = (1..=3).flat_map(|i| [50070 + i, 50080 + i, 9470 + i]).collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while let Some(busy) =
-        ports.iter().find(|p| std::net::TcpListener::bind(("127.0.0.1", **p)).is_err())
-    {
-        assert!(Instant::now() < deadline, "port {busy} stayed in use for 20 s");
-        std::thread::sleep(Duration::from_millis(200));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut busy = None;
+        for p in &ports {
+            if tokio::net::TcpListener::bind(("127.0.0.1", *p)).await.is_err() {
+                busy = Some(*p);
+                break;
+            }
+        }
+        let Some(busy) = busy else { break };
+        assert!(Instant::now() < deadline, "port {busy} stayed in use for 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     let mut shell = Vec::new();

@@ -201,6 +201,15 @@ impl Ledger {
         }))
     }
 
+    /// Whether lease `id` (live, or expired and remembered) is another principal's.
+    /// Final once true: a lease's principal never changes.
+    pub fn owned_by_another(&self, id: LeaseId, principal: &Principal) -> bool {
+        match self.leases.get(&id) {
+            Some(l) => &l.principal != principal,
+            None => self.expired.get(&id).is_some_and(|e| &e.principal != principal),
+        }
+    }
+
     /// The live lease `id` of `principal`, or why not.
     fn live_lease(&self, id: LeaseId, principal: &Principal) -> Result<&Lease, LedgerError> {
         match self.leases.get(&id) {

@@ -421,6 +421,12 @@ impl Ledger {
         req: &Request,
         audit: &mut Vec<AuditRecord>,
     ) -> Outcome {
+        // Exactly once per (principal, client id): a client id belongs to the
+        // principal of its first remembered request, and another principal can
+        // neither replay its results nor burn its request ids.
+        if self.dedup.owner(&req.client).is_some_and(|owner| *owner != req.principal) {
+            return Err(LedgerError::ForeignClient { client: req.client.to_string() });
+        }
         let fingerprint = fingerprint(req);
         match self.dedup.check(&req.client, req.request_id, fingerprint, self.config.dedup_window) {
             Seen::Replay(outcome) => return outcome,
@@ -433,6 +439,17 @@ impl Ledger {
             if let Some(refusal) = self.admit(req) {
                 return Err(refusal);
             }
+        }
+        // Acting on another principal's lease leaves no trace either: the answer
+        // cannot change (a lease's principal never does), so nothing needs to be
+        // remembered for a retry, and a client cannot grow the table with them.
+        let lease = match &req.op {
+            Op::Report(r) => Some(r.lease),
+            Op::Release(r) => Some(r.lease),
+            _ => None,
+        };
+        if let Some(id) = lease.filter(|id| self.owned_by_another(*id, &req.principal)) {
+            return Err(LedgerError::ForeignLease { lease: id });
         }
         let mut ctx = Ctx { index, principal: &req.principal, audit };
         let outcome = match &req.op {

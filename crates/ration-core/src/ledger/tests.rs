@@ -292,8 +292,20 @@ fn bad_settlements_are_refused() {
     assert!(matches!(below, Err(LedgerError::ReleaseBelowReported { reported: 6, total: 5, .. })));
     let over = h.run("gw", Op::Release(Release { lease: g.lease, consumed_total: 11 }));
     assert!(matches!(over, Err(LedgerError::OverReport { .. })));
+    // Another principal's lease: refused, and not even remembered (the state moves
+    // as two empty entries would move it).
+    let mut expected = h.ledger.clone();
+    for i in 1..=2 {
+        expected.apply(h.index + i, &Entry::V1(Batch { time_ms: h.now, commands: vec![] }));
+    }
     let foreign = h.run("gw-other", Op::Release(Release { lease: g.lease, consumed_total: 6 }));
     assert_eq!(foreign, Err(LedgerError::ForeignLease { lease: g.lease }));
+    let foreign = h.run(
+        "gw-other",
+        Op::Report(Report { lease: g.lease, consumed_delta: 1, renew_ttl_ms: None }),
+    );
+    assert_eq!(foreign, Err(LedgerError::ForeignLease { lease: g.lease }));
+    assert_eq!(h.ledger.digest(), expected.digest(), "a refused foreign settlement left a trace");
     let unknown = LeaseId::from_raw(999_999);
     let err = h.run("gw", Op::Release(Release { lease: unknown, consumed_total: 0 }));
     assert_eq!(err, Err(LedgerError::LeaseNotFound { lease: unknown }));
@@ -420,6 +432,34 @@ fn a_retry_returns_the_first_result_and_changes_nothing() {
     h.ok("ops", Op::CreateBudget(spec("nope", vec![limit("tokens", 5, Period::Day)])));
     let e2 = h.entry(vec![Command::Request(bad)]).remove(0);
     assert_eq!(e1, e2);
+}
+
+#[test]
+fn a_client_id_is_exactly_once_per_principal() {
+    let mut h = H::tree();
+    let mine = h.req("gw", acquire("acme", 10, 1, 5_000));
+    let first = h.entry(vec![Command::Request(mine.clone())]).remove(0);
+    assert!(first.is_ok());
+    let mut expected = h.ledger.clone();
+    for i in 1..=2 {
+        expected.apply(h.index + i, &Entry::V1(Batch { time_ms: h.now, commands: vec![] }));
+    }
+    // Another principal with the same client id: neither the replay of gw's result
+    // (whatever it sends) nor a new request id.
+    for (request_id, op) in
+        [(mine.request_id, mine.op.clone()), (mine.request_id + 1, acquire("acme", 1, 1, 5_000))]
+    {
+        let theirs = Request { principal: who("intruder"), request_id, op, ..mine.clone() };
+        let err = h.entry(vec![Command::Request(theirs)]).remove(0).unwrap_err();
+        assert!(matches!(err, LedgerError::ForeignClient { .. }), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::PermissionDenied);
+        let said = err.to_string().replace(mine.client.as_str(), "");
+        assert!(!said.contains("gw"), "does not say whose it is: {err}");
+    }
+    // Nothing changed, and gw's retry still replays its own result.
+    assert_eq!(h.ledger.digest(), expected.digest());
+    let again = h.entry(vec![Command::Request(mine.clone())]).remove(0);
+    assert_eq!(first, again);
 }
 
 #[test]

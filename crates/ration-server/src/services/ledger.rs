@@ -84,6 +84,22 @@ impl LedgerService {
         }
     }
 
+    /// Refuses, without proposing anything, a Report or Release of a lease this
+    /// node knows to be another principal's (final: a lease's principal never
+    /// changes), so the log and the ledger do not move. A lease this node has not
+    /// applied yet goes to the ledger, which refuses it without remembering it.
+    fn not_anothers_lease(&self, request: &ration_core::Request) -> Result<(), Status> {
+        let id = match &request.op {
+            ration_core::Op::Report(r) => r.lease,
+            ration_core::Op::Release(r) => r.lease,
+            _ => return Ok(()),
+        };
+        if self.node.reader.state().ledger.owned_by_another(id, &request.principal) {
+            return Err(to_proto::status(&ration_core::LedgerError::ForeignLease { lease: id }));
+        }
+        Ok(())
+    }
+
     /// Read-index on the leader. Returns false if this node is not the leader (the
     /// read must then go to the leader).
     async fn linearize(&self) -> Result<bool, Status> {
@@ -158,7 +174,11 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::ReportReply>, Status> {
         self.write(
             req,
-            |r| Ok(vec![to_core::report(r)?]),
+            |r| {
+                let request = to_core::report(r)?;
+                self.not_anothers_lease(&request)?;
+                Ok(vec![request])
+            },
             |_, outcomes| to_proto::report_reply(&only(outcomes)?),
             on_leader!(LedgerClient, report),
         )
@@ -184,7 +204,11 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::ReleaseReply>, Status> {
         self.write(
             req,
-            |r| Ok(vec![to_core::release(r)?]),
+            |r| {
+                let request = to_core::release(r)?;
+                self.not_anothers_lease(&request)?;
+                Ok(vec![request])
+            },
             |_, outcomes| to_proto::release_reply(&only(outcomes)?),
             on_leader!(LedgerClient, release),
         )
