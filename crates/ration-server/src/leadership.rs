@@ -192,7 +192,6 @@ impl Node {
 
     /// Triggers elections here until this node leads, for at most a few seconds.
     pub(crate) async fn campaign(&self) -> Result<(), TransferError> {
-        use openraft::ServerState;
         let deadline = tokio::time::Instant::now() + CAMPAIGN_DEADLINE;
         let first = match self.leader() {
             Leader::Other { id, .. } => Some(id),
@@ -201,8 +200,10 @@ impl Node {
         // One election at a time: triggering another while votes are in flight
         // raises the term again and makes every answer to the last one stale (on a
         // loaded machine, where persisting a vote takes a while, none ever counts).
-        // Elect again only once this node is not a candidate any more, or after an
-        // election timeout as one (its own timer may be paused).
+        // Elect again only after an election timeout. Not sooner when this node does
+        // not look like a candidate: until its own vote is persisted its metrics
+        // still say follower, and re-electing then restarted the election every
+        // poll (a simulated run stayed leaderless for 5.6 s that way).
         let patience = Duration::from_millis(self.config.election_timeout_max_ms);
         let mut last: Option<tokio::time::Instant> = None;
         loop {
@@ -219,8 +220,7 @@ impl Node {
             if now > deadline {
                 return Err(TransferError::CampaignTimedOut);
             }
-            let candidate = self.raft.metrics().borrow().state == ServerState::Candidate;
-            if last.is_none_or(|t| !candidate || now.duration_since(t) >= patience) {
+            if last.is_none_or(|t| now.duration_since(t) >= patience) {
                 self.raft
                     .trigger()
                     .elect()

@@ -77,9 +77,9 @@ pub enum CheckError {
     #[error("the gateways' SDKs recorded {recorded} units of overruns, but the ledger counts {ledger} on {budget}")]
     OverrunsMismatch { budget: String, recorded: u64, ledger: u64 },
     /// The gateways admitted more priced calls than the ledger counts consumed over
-    /// every window of the per-minute limit.
+    /// every window of the per-minute limit plus what live leases still hold.
     #[error(
-        "gateways admitted {admitted} {unit}, but the ledger's audit counts {ledger} consumed"
+        "gateways admitted {admitted} {unit}, but the ledger's audit counts {ledger} consumed or outstanding"
     )]
     CallsUnaccounted { unit: &'static str, admitted: u64, ledger: i128 },
     /// A node's ledger time ran ahead of true (simulated) time by more than the
@@ -523,15 +523,33 @@ pub(crate) fn check_final(
     drop(state);
     // Priced calls: never more than the ledger counts consumed over every window of
     // the per-minute limit (the audit's net spend in that unit: consumed, plus
-    // charged at expiry, less refunded). Not equal: a lease released after its
-    // window closed stays charged whole.
+    // charged at expiry, less refunded), plus what is still outstanding on live
+    // leases: a gateway shut down while no leader was known (seed 29938155115: a
+    // leader transfer left the cluster leaderless for 5.6 s) leaves its leases to
+    // expire, and the ledger charges them whole then. Not equal: a lease released
+    // after its window closed stays charged whole.
     let calls = shared.calls_admitted.load(Relaxed);
     report.calls_admitted = calls;
+    let outstanding_calls: i128 = {
+        let state = member.reader.state();
+        BudgetPath::new(ROOT)
+            .ok()
+            .and_then(|root| state.ledger.budget(&root))
+            .map(|b| {
+                b.limits
+                    .iter()
+                    .filter(|l| l.spec.unit.as_str() == CALLS)
+                    .map(|l| i128::from(l.outstanding))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
     let ledger_calls: i128 = records
         .iter()
         .filter(|r| r.entry.unit.as_ref().is_some_and(|u| u.as_str() == CALLS))
         .map(|r| r.entry.flow.net_spend())
-        .sum();
+        .sum::<i128>()
+        + outstanding_calls;
     if i128::from(calls) > ledger_calls {
         return Err(CheckError::CallsUnaccounted {
             unit: CALLS,
