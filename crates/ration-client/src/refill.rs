@@ -104,6 +104,7 @@ impl SdkConfig {
                 round_deadline: defaults::ROUND_DEADLINE,
                 connector: None,
                 tls: None,
+                token: None,
                 client_id: None,
             },
             refresh: defaults::REFRESH,

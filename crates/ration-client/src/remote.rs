@@ -56,6 +56,10 @@ pub struct ClusterConfig {
     /// gateway's certificate naming `principal`
     /// (`ration_tls::ClientTls::from_files`).
     pub tls: Option<ration_tls::ClientTls>,
+    /// A bearer token (`rationctl token issue`) sent on every call, for a gateway
+    /// without a client certificate: with `tls` trusting the CA only
+    /// (`ClientTls::ca_only`), and `principal` the one the token names.
+    pub token: Option<String>,
     /// The client id request ids are scoped to; `None`: one per incarnation (from
     /// the process id and the time). A simulation fixes it to replay exactly.
     pub client_id: Option<String>,
@@ -90,6 +94,10 @@ impl Cluster {
             Endpoint::from_shared(format!("http://{e}"))
                 .map_err(|x| ClusterError::Endpoint(e.clone(), x.to_string()))?;
         }
+        if let Some(t) = &config.token {
+            ration_tls::token::WithToken::new((), Some(t))
+                .map_err(|x| ClusterError::Endpoint("(token)".into(), x))?;
+        }
         // One client id per incarnation: request ids restart from 1 with it.
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -121,7 +129,17 @@ impl Cluster {
         })
     }
 
-    fn channel(&self, i: usize) -> Channel {
+    /// The channel to endpoint `i`, sending the bearer token if there is one.
+    fn channel(&self, i: usize) -> ration_tls::token::WithToken<Channel> {
+        let channel = self.raw_channel(i);
+        match ration_tls::token::WithToken::new(channel.clone(), self.config.token.as_deref()) {
+            Ok(c) => c,
+            // Checked in `new`: a token is printable ASCII.
+            Err(_) => ration_tls::token::WithToken::new(channel, None).expect("no token"),
+        }
+    }
+
+    fn raw_channel(&self, i: usize) -> Channel {
         let mut slot = self.channels[i].lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = slot.as_ref() {
             return c.clone();
@@ -274,6 +292,7 @@ mod tests {
             round_deadline: Duration::from_secs(1),
             connector: None,
             tls: None,
+            token: None,
             client_id: None,
         };
         let err = Cluster::new(config).unwrap_err();

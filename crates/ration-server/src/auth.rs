@@ -15,6 +15,7 @@
 
 use std::task::{Context, Poll};
 
+use ration_tls::token::TokenKey;
 use ration_tls::{Identity, PeerInfo};
 use tonic::Status;
 
@@ -77,12 +78,16 @@ pub enum Port {
 /// Methods only members call, served on the peer port.
 const PEER_ONLY: [&str; 2] = ["/ration.v1.Cluster/Campaign", "/ration.v1.Cluster/PauseElections"];
 
-/// Decides who calls on `port`, or refuses the call.
+/// Decides who calls on `port`, or refuses the call. A client that presented no
+/// certificate may authenticate on the client port with a bearer token made with
+/// `tokens` (the node's token key, if it has one).
 pub fn admit(
     port: Port,
     path: &str,
     peer: Option<&PeerInfo>,
     on_behalf: Option<&str>,
+    bearer: Option<&str>,
+    tokens: Option<&TokenKey>,
 ) -> Result<Caller, Status> {
     if port == Port::Client && PEER_ONLY.contains(&path) {
         let method = path.rsplit('/').next().unwrap_or(path);
@@ -93,6 +98,17 @@ pub fn admit(
     let Some(peer) = peer else {
         return Ok(Caller::Unauthenticated);
     };
+    if let (false, Some(token), Port::Client) = (peer.presented, bearer, port) {
+        let Some(key) = tokens else {
+            return Err(Status::unauthenticated(
+                "this node accepts no bearer tokens (no token_key_file): present a client certificate",
+            ));
+        };
+        return key
+            .verify(token, ration_tls::token::unix_now())
+            .map(Caller::Principal)
+            .map_err(|why| Status::unauthenticated(format!("bearer token refused: {why}")));
+    }
     let identity = peer.identity.as_ref().map_err(|why| {
         Status::unauthenticated(format!("TLS client authentication failed: {why}"))
     })?;
@@ -119,12 +135,13 @@ pub fn admit(
 #[derive(Clone, Debug)]
 pub(crate) struct Gate {
     pub port: Port,
+    pub tokens: Option<std::sync::Arc<TokenKey>>,
 }
 
 impl<S> tower::Layer<S> for Gate {
     type Service = Gated<S>;
     fn layer(&self, inner: S) -> Gated<S> {
-        Gated { inner, port: self.port }
+        Gated { inner, port: self.port, tokens: self.tokens.clone() }
     }
 }
 
@@ -132,6 +149,7 @@ impl<S> tower::Layer<S> for Gate {
 pub(crate) struct Gated<S> {
     inner: S,
     port: Port,
+    tokens: Option<std::sync::Arc<TokenKey>>,
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for Gated<S>
@@ -153,11 +171,19 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let on_behalf =
             req.headers().get(ON_BEHALF_OF).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let bearer = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
         let admitted = admit(
             self.port,
             req.uri().path(),
             req.extensions().get::<PeerInfo>(),
             on_behalf.as_deref(),
+            bearer.as_deref(),
+            self.tokens.as_deref(),
         );
         match admitted {
             Ok(caller) => {
@@ -177,7 +203,16 @@ mod tests {
     use super::*;
 
     fn peer(identity: Result<Identity, String>) -> PeerInfo {
-        PeerInfo { remote: None, identity }
+        PeerInfo { remote: None, presented: identity.is_ok(), identity }
+    }
+
+    fn admit(
+        port: Port,
+        path: &str,
+        peer: Option<&PeerInfo>,
+        on_behalf: Option<&str>,
+    ) -> Result<Caller, Status> {
+        super::admit(port, path, peer, on_behalf, None, None)
     }
 
     #[test]
@@ -218,5 +253,43 @@ mod tests {
             Caller::Unauthenticated
         );
         assert!(admit(Port::Client, "/ration.v1.Cluster/PauseElections", None, None).is_err());
+    }
+
+    #[test]
+    fn a_client_without_a_certificate_may_bring_a_bearer_token() {
+        let key = TokenKey::from_bytes(&[1; 32]);
+        let none = PeerInfo {
+            remote: None,
+            presented: false,
+            identity: Err("no client certificate was presented".into()),
+        };
+        let acquire = "/ration.v1.Ledger/Acquire";
+        let token = key.issue("gw", ration_tls::token::unix_now() + 60);
+        let with = |t: Option<&str>, k: Option<&TokenKey>, port| {
+            super::admit(port, acquire, Some(&none), None, t, k)
+        };
+        assert_eq!(
+            with(Some(&token), Some(&key), Port::Client).unwrap(),
+            Caller::Principal("gw".into())
+        );
+        // Not on the peer port, not without a key, not a bad token, not no token.
+        assert_eq!(
+            with(Some(&token), Some(&key), Port::Peer).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let err = with(Some(&token), None, Port::Client).unwrap_err();
+        assert!(err.message().contains("no bearer tokens"), "{}", err.message());
+        let stale = key.issue("gw", 1);
+        let err = with(Some(&stale), Some(&key), Port::Client).unwrap_err();
+        assert!(err.message().contains("expired"), "{}", err.message());
+        assert_eq!(
+            with(None, Some(&key), Port::Client).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        // A presented certificate decides, token or not.
+        let gw = peer(Ok(Identity::Principal("cert-gw".into())));
+        let by_cert =
+            super::admit(Port::Client, acquire, Some(&gw), None, Some(&token), Some(&key));
+        assert_eq!(by_cert.unwrap(), Caller::Principal("cert-gw".into()));
     }
 }

@@ -34,6 +34,11 @@ pub struct Config {
     /// `{node_id}` in a path is replaced by this node's id (one Secret holding
     /// every node's files serves a whole StatefulSet).
     pub tls: Option<ration_tls::TlsFiles>,
+    /// A file holding the key bearer tokens are checked with (at least 32
+    /// bytes; `rationctl token issue` makes tokens with the same file). A client
+    /// without a certificate may then send `authorization: Bearer <token>` on the
+    /// client port. Only with tls: a token must not cross the network in clear.
+    pub token_key_file: Option<PathBuf>,
     /// Serve without TLS on an address other than loopback. Without TLS anyone
     /// who reaches a port can rewrite the ledger; a node refuses to start that way
     /// unless this says it is meant (a network you control end to end).
@@ -146,6 +151,7 @@ impl Default for Config {
             peer_listen: None,
             peer_advertise: None,
             tls: None,
+            token_key_file: None,
             insecure: false,
             reflection: true,
             data_dir: PathBuf::from("ration-data"),
@@ -299,6 +305,12 @@ impl Config {
         {
             return bad(
                 "peer_listen is a wildcard address: set peer_advertise to the address peers dial"
+                    .into(),
+            );
+        }
+        if self.token_key_file.is_some() && self.tls.is_none() {
+            return bad(
+                "token_key_file needs tls: a bearer token must not cross the network in clear"
                     .into(),
             );
         }
@@ -493,6 +505,9 @@ pub struct Args {
     /// This node's private key (PEM).
     #[arg(long, env = "RATION_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// The key bearer tokens are checked with (a file; needs TLS).
+    #[arg(long, env = "RATION_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<PathBuf>,
     /// Serve without TLS on a non-loopback address (a network you control).
     #[arg(long, env = "RATION_INSECURE")]
     pub insecure: bool,
@@ -623,6 +638,9 @@ impl Args {
         }
         if self.insecure {
             c.insecure = true;
+        }
+        if self.token_key_file.is_some() {
+            c.token_key_file = self.token_key_file.clone();
         }
         if self.no_reflection {
             c.reflection = false;
@@ -803,6 +821,12 @@ mod tests {
         let mut insecure = with_peer.clone();
         insecure.push("--insecure");
         assert!(parse(&insecure).unwrap_err().to_string().contains("both"));
+        // Bearer tokens only over TLS.
+        let err = parse(&["--token-key-file", "k"]).unwrap_err().to_string();
+        assert!(err.contains("token_key_file needs tls"), "{err}");
+        let mut tokens = with_peer.clone();
+        tokens.extend(["--token-key-file", "k"]);
+        parse(&tokens).unwrap();
     }
 
     #[test]

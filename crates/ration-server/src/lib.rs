@@ -47,6 +47,8 @@ pub struct Node {
     client_addrs: std::sync::Mutex<BTreeMap<NodeId, String>>,
     /// This node's TLS material (None: plaintext).
     pub tls: Option<Arc<ration_tls::Credentials>>,
+    /// The key bearer tokens are checked with (None: certificates only).
+    pub(crate) tokens: Option<Arc<ration_tls::token::TokenKey>>,
     pub raft: Raft<TypeConfig>,
     pub reader: Reader,
     proposer: Proposer,
@@ -844,6 +846,12 @@ where
     // Read and bound before Raft starts, so a bad token file or a taken port fails
     // the start cleanly.
     let metrics_token = config.metrics_token().context("the metrics token")?;
+    let tokens = match &config.token_key_file {
+        Some(path) => {
+            Some(Arc::new(ration_tls::token::TokenKey::load(path).context("the bearer token key")?))
+        }
+        None => None,
+    };
     let metrics_listener = match config.metrics_addr()? {
         Some(at) => Some(
             TcpListener::bind(at)
@@ -916,6 +924,7 @@ where
         client_addr: config.advertise_addr(),
         client_addrs: std::sync::Mutex::default(),
         tls,
+        tokens,
         raft: raft.clone(),
         reader,
         proposer,

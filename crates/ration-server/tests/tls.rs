@@ -14,6 +14,7 @@ use ration_proto::v1::{
 use ration_server::NodeHandle;
 use ration_testkit::inproc::{config, listener};
 use ration_tls::dev::{DevSet, Leaf};
+use ration_tls::token::{unix_now, TokenKey, WithToken};
 use ration_tls::{ClientTls, Connector, TlsFiles};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -47,6 +48,8 @@ impl TlsCluster {
         }
         let clients = listeners.iter().map(|(id, l)| (*id, l.0.local_addr().unwrap())).collect();
         let peers = listeners.iter().map(|(id, l)| (*id, l.1.local_addr().unwrap())).collect();
+        // Every node checks bearer tokens with one key.
+        std::fs::write(dir.path().join("token.key"), [b'k'; 48]).unwrap();
         let mut c = Self { dir, set, clients, peers, nodes: BTreeMap::new() };
         for (id, (l, pl)) in listeners {
             let handle = ration_server::start_split(c.config(id), l, Some(pl)).await.unwrap();
@@ -61,7 +64,17 @@ impl TlsCluster {
             config(id, self.clients[&id], self.dir.path().join(format!("node-{id}")), &cluster);
         c.peer_listen = Some(self.peers[&id]);
         c.tls = Some(self.set.nodes[(id - 1) as usize].1.clone());
+        c.token_key_file = Some(self.token_key_file());
         c
+    }
+
+    fn token_key_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("token.key")
+    }
+
+    /// A channel that trusts the CA, presents no certificate and sends `token`.
+    fn with_token(&self, token: &str, addr: SocketAddr) -> WithToken<Channel> {
+        WithToken::new(chan(ClientTls::ca_only(&self.set.ca).unwrap(), addr), Some(token)).unwrap()
     }
 
     fn as_principal(&self, who: &str) -> ClientTls {
@@ -510,5 +523,72 @@ async fn a_node_reloads_its_certificates_on_sighup_without_restarting() {
     let s = ask(fresh).await.unwrap().into_inner();
     assert_eq!(s.id, 1);
     assert_eq!(c.nodes[&1].node.tls.as_ref().unwrap().identity(), ration_tls::Identity::Node(1));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_without_a_certificate_authenticates_with_a_bearer_token() {
+    let c = TlsCluster::start(3).await;
+    let leader = c.leader().await;
+    let follower = *c.clients.keys().find(|id| **id != leader).unwrap();
+    let key = TokenKey::load(&c.token_key_file()).unwrap();
+    let token = key.issue("gw", unix_now() + 600);
+
+    // Through a follower: forwarded with the token's principal, audited as it.
+    LedgerClient::new(c.with_token(&token, c.clients[&follower]))
+        .create_budget(create("by-token", 1, "gw"))
+        .await
+        .unwrap();
+    let records = LedgerClient::new(c.with_token(&token, c.clients[&leader]))
+        .query_audit(v1::QueryAuditRequest { limit: 100, linearizable: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let made = records.iter().find(|r| r.budget == "by-token").expect("audited");
+    assert_eq!(made.principal, "gw");
+
+    let before = c.digests().await;
+    let client = c.clients[&leader];
+    let mut table = Vec::new();
+    let r = refused(
+        "a token for the wrong principal",
+        LedgerClient::new(c.with_token(&token, client)).create_budget(create("x", 2, "admin")),
+        Some(Code::PermissionDenied),
+        &["authenticated as \"gw\""],
+    )
+    .await;
+    table.push(("token for the wrong principal", r));
+    let r = refused(
+        "an expired token",
+        LedgerClient::new(c.with_token(&key.issue("gw", unix_now() - 1), client))
+            .create_budget(create("x", 3, "gw")),
+        Some(Code::Unauthenticated),
+        &["bearer token refused: the token expired"],
+    )
+    .await;
+    table.push(("expired token", r));
+    let forged = TokenKey::from_bytes(&[b'z'; 48]).issue("admin", unix_now() + 600);
+    let r = refused(
+        "a token made with another key",
+        LedgerClient::new(c.with_token(&forged, client)).create_budget(create("x", 4, "admin")),
+        Some(Code::Unauthenticated),
+        &["does not verify"],
+    )
+    .await;
+    table.push(("token made with another key", r));
+    let r = refused(
+        "a token on the peer port",
+        RaftClient::new(c.with_token(&token, c.peers[&follower]))
+            .append_entries(forged_append(leader, 99)),
+        Some(Code::Unauthenticated),
+        &["no client certificate"],
+    )
+    .await;
+    table.push(("token on the peer port (forged AppendEntries)", r));
+    assert_eq!(before, c.digests().await, "a refused call changed the ledger");
+    for (what, (code, msg)) in &table {
+        println!("| {what} | {code} | {msg} |");
+    }
     c.shutdown().await;
 }

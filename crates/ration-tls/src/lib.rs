@@ -10,7 +10,8 @@
 //! - [`incoming`]: a TLS listener for tonic, handshakes off the accept loop;
 //! - [`Connector`]: a TLS connector for tonic channels, verifying the server's
 //!   certificate against the address dialled;
-//! - [`dev`]: a development CA and certificates (rcgen), for tests and trials.
+//! - [`dev`]: a development CA and certificates (rcgen), for tests and trials;
+//! - [`token`]: bearer tokens for clients without a certificate.
 //!
 //! The crypto provider is ring's, named explicitly, so nothing depends on a
 //! process-wide default.
@@ -18,6 +19,7 @@
 pub mod dev;
 mod identity;
 mod listen;
+pub mod token;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;

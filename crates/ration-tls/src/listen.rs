@@ -32,6 +32,9 @@ pub struct Accepted {
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
+    /// Whether the client presented a certificate at all (one that did not may
+    /// still authenticate with a bearer token).
+    pub presented: bool,
     /// Who the client's certificate names, or why it is refused (no certificate,
     /// not signed by the CA, expired, naming no one): then every request on the
     /// connection is refused with that reason.
@@ -148,8 +151,10 @@ pub fn incoming(
                 let _permit = permit;
                 let why = match tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let identity = tls.authenticate(stream.get_ref().1.peer_certificates());
-                        let info = PeerInfo { remote: Some(from), identity };
+                        let certs = stream.get_ref().1.peer_certificates();
+                        let presented = certs.is_some_and(|c| !c.is_empty());
+                        let identity = tls.authenticate(certs);
+                        let info = PeerInfo { remote: Some(from), presented, identity };
                         let _ = tx.send(Ok(Accepted { stream, info })).await;
                         return;
                     }

@@ -17,7 +17,6 @@ use ration_proto::{convert, v1};
 use serde::{Deserialize, Serialize};
 
 use crate::output::{emit, Table};
-use tonic::transport::Channel;
 
 use crate::{describe, time, Ctx, FileFormat};
 
@@ -818,7 +817,7 @@ async fn pages(
 async fn page(
     ctx: &Ctx,
     req: &v1::QueryAuditRequest,
-    clients: &mut [Option<LedgerClient<Channel>>],
+    clients: &mut [Option<LedgerClient<crate::Chan>>],
     at: Option<usize>,
 ) -> anyhow::Result<(v1::QueryAuditReply, usize)> {
     let n = clients.len();

@@ -84,3 +84,58 @@ pub(crate) async fn run(
         t.render()
     })
 }
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Make a bearer token for a principal, signed with the cluster's token key
+    /// (the file every node reads as token_key_file). Prints the token.
+    Issue {
+        /// The key file.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Who the token authenticates.
+        #[arg(long)]
+        principal: String,
+        /// How long it is valid: seconds, or a number with s, m, h or d.
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+    },
+}
+
+/// Seconds in `ttl` (`90`, `90s`, `15m`, `12h`, `30d`).
+fn ttl_seconds(ttl: &str) -> anyhow::Result<u64> {
+    let t = ttl.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--ttl {ttl:?}: use 90, 90s, 15m, 12h or 30d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => anyhow::bail!("--ttl {ttl:?}: use 90, 90s, 15m, 12h or 30d"),
+    };
+    let secs = n.saturating_mul(scale);
+    if secs == 0 {
+        anyhow::bail!("--ttl must be positive");
+    }
+    Ok(secs)
+}
+
+pub(crate) fn token(ctx: &Ctx, cmd: TokenCmd, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let TokenCmd::Issue { key_file, principal, ttl } = cmd;
+    ration_core::Principal::new(principal.as_str())
+        .map_err(|e| anyhow::anyhow!("--principal: {e}"))?;
+    let key = ration_tls::token::TokenKey::load(&key_file)?;
+    let not_after = ration_tls::token::unix_now().saturating_add(ttl_seconds(&ttl)?);
+    let token = key.issue(&principal, not_after);
+    #[derive(Serialize)]
+    struct Issued {
+        principal: String,
+        not_after_unix: u64,
+        token: String,
+    }
+    let issued = Issued { principal, not_after_unix: not_after, token };
+    emit(out, ctx.format, &issued, |i| format!("{}\n", i.token))
+}

@@ -26,6 +26,21 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use output::Format;
 
+/// What rationctl calls through: a channel that adds the bearer token, if any.
+pub type Chan = ration_tls::token::WithToken<Channel>;
+
+/// The principal a token names (read without checking: only a node can check it).
+fn token_principal(token: &str) -> anyhow::Result<String> {
+    use base64::Engine;
+    let payload = token
+        .strip_prefix("ration1.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|p| String::from_utf8(p).ok())
+        .ok_or_else(|| anyhow!("--token is not a Ration token (ration1.…)"))?;
+    Ok(payload.split('\n').next().unwrap_or_default().to_owned())
+}
+
 /// Ration's operator CLI.
 #[derive(Debug, Parser)]
 #[command(
@@ -70,6 +85,10 @@ pub struct Cli {
     /// This client's private key (PEM).
     #[arg(long, global = true, env = "RATIONCTL_KEY")]
     pub key: Option<std::path::PathBuf>,
+    /// A bearer token (`rationctl token issue`) instead of a client certificate:
+    /// with --cacert, and the principal is the one the token names.
+    #[arg(long, global = true, env = "RATIONCTL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Noun,
 }
@@ -100,6 +119,9 @@ pub enum Noun {
     /// TLS certificates: make a development CA and certificates.
     #[command(subcommand)]
     Certs(certs::CertsCmd),
+    /// Bearer tokens for clients without a certificate: issue one.
+    #[command(subcommand)]
+    Token(certs::TokenCmd),
 }
 
 /// What the commands share: endpoints, deadlines, the output format.
@@ -110,6 +132,7 @@ pub(crate) struct Ctx {
     pub format: Format,
     pub principal: String,
     tls: Option<ration_tls::ClientTls>,
+    token: Option<String>,
     client_id: String,
     next_request: std::sync::atomic::AtomicU64,
 }
@@ -133,6 +156,17 @@ impl Ctx {
                 return Err(anyhow!("give --cacert alone, or --cacert, --cert and --key together"))
             }
         };
+        if cli.token.is_some() && (cli.cacert.is_none() || cli.cert.is_some()) {
+            return Err(anyhow!(
+                "--token goes with --cacert and instead of --cert/--key (a token must not cross the network in clear)"
+            ));
+        }
+        let token_principal = match &cli.token {
+            // The principal inside; the node checks the signature and expiry.
+            Some(t) => Some(token_principal(t)?),
+            None => None,
+        };
+        let certified = certified.or(token_principal.map(ration_tls::Identity::Principal));
         let principal = match (&cli.operator, certified) {
             (Some(p), _) => p.clone(),
             (None, Some(ration_tls::Identity::Principal(p))) => p,
@@ -154,13 +188,20 @@ impl Ctx {
             format: cli.output,
             principal,
             tls,
+            token: cli.token.clone(),
             client_id: format!("rationctl:{:x}-{nanos:x}", std::process::id()),
             next_request: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
-    /// A channel to one endpoint (connected lazily, with the RPC deadline).
-    pub fn channel(&self, endpoint: &str) -> anyhow::Result<Channel> {
+    /// A channel to one endpoint (connected lazily, with the RPC deadline), that
+    /// sends the bearer token if there is one.
+    pub fn channel(&self, endpoint: &str) -> anyhow::Result<Chan> {
+        ration_tls::token::WithToken::new(self.raw_channel(endpoint)?, self.token.as_deref())
+            .map_err(|e| anyhow!("--token: {e}"))
+    }
+
+    fn raw_channel(&self, endpoint: &str) -> anyhow::Result<Channel> {
         let uri = if endpoint.contains("://") {
             endpoint.to_owned()
         } else {
@@ -178,13 +219,13 @@ impl Ctx {
         })
     }
 
-    pub fn ledger(&self, endpoint: &str) -> anyhow::Result<LedgerClient<Channel>> {
+    pub fn ledger(&self, endpoint: &str) -> anyhow::Result<LedgerClient<Chan>> {
         Ok(LedgerClient::new(self.channel(endpoint)?)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20))
     }
 
-    pub fn cluster(&self, endpoint: &str) -> anyhow::Result<ClusterClient<Channel>> {
+    pub fn cluster(&self, endpoint: &str) -> anyhow::Result<ClusterClient<Chan>> {
         Ok(ClusterClient::new(self.channel(endpoint)?).max_decoding_message_size(64 << 20))
     }
 
@@ -193,7 +234,7 @@ impl Ctx {
     pub async fn on_ledger<Req, T, F, Fut>(&self, req: &Req, call: F) -> anyhow::Result<T>
     where
         Req: Clone,
-        F: Fn(LedgerClient<Channel>, Req) -> Fut,
+        F: Fn(LedgerClient<Chan>, Req) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.first(|e| {
@@ -212,7 +253,7 @@ impl Ctx {
     pub async fn on_cluster<Req, T, F, Fut>(&self, req: &Req, call: F) -> anyhow::Result<T>
     where
         Req: Clone,
-        F: Fn(ClusterClient<Channel>, Req) -> Fut,
+        F: Fn(ClusterClient<Chan>, Req) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.first(|e| {
@@ -362,6 +403,7 @@ pub async fn run_cli(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<(
         Noun::Audit(c) => audit::run(&ctx, c, out).await,
         Noun::Limits(c) => limits::run(&ctx, c, out).await,
         Noun::Certs(c) => certs::run(&ctx, c, out).await,
+        Noun::Token(c) => certs::token(&ctx, c, out),
     }
 }
 

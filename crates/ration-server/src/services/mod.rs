@@ -81,10 +81,14 @@ where
         .max_decoding_message_size(peer_max)
         .max_encoding_message_size(peer_max);
     let timer = crate::metrics::RpcTimer { metrics: node.metrics.clone() };
+    let tokens = node.tokens.clone();
     let split = ports.peer.is_some();
     let client = tonic::transport::Server::builder()
         .layer(timer.clone())
-        .layer(Gate { port: if split { Port::Client } else { Port::Shared } })
+        .layer(Gate {
+            port: if split { Port::Client } else { Port::Shared },
+            tokens: tokens.clone(),
+        })
         .add_service(health_service.clone())
         .add_optional_service(reflection.then_some(reflection_v1))
         .add_optional_service(reflection.then_some(reflection_v1alpha))
@@ -98,7 +102,7 @@ where
     };
     let peer = tonic::transport::Server::builder()
         .layer(timer)
-        .layer(Gate { port: Port::Peer })
+        .layer(Gate { port: Port::Peer, tokens })
         .add_service(health_service)
         .add_service(ledger)
         .add_service(cluster)
