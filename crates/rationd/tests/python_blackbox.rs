@@ -96,9 +96,16 @@ fn ready_venv(dir: &Path) -> Option<PathBuf> {
     ok.is_ok_and(|r| r.status.success()).then_some(python)
 }
 
+/// The venv, made once per test process: the tests here run in parallel threads,
+/// and two building it at once would collide on its partial directory.
+fn venv() -> PathBuf {
+    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VENV.get_or_init(make_venv).clone()
+}
+
 /// A venv with the pinned packages: reused if present, else built beside it and
 /// renamed into place, so an interrupted build is never mistaken for a ready one.
-fn venv() -> PathBuf {
+fn make_venv() -> PathBuf {
     require_python3();
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let dir = tmp.join("pyvenv");
