@@ -703,9 +703,6 @@ pub async fn start_split(
     peer_listener: Option<TcpListener>,
 ) -> anyhow::Result<NodeHandle> {
     config.validate()?;
-    if config.peer_listen.is_some() != peer_listener.is_some() {
-        anyhow::bail!("peer_listen and the peer listener given must go together");
-    }
     let Some(files) = config.tls_files() else {
         let plain = |l: TcpListener| {
             tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))

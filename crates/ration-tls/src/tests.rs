@@ -177,3 +177,23 @@ async fn mutual_tls_checks_both_sides_and_reloads() {
     assert!(node.reload().is_err());
     assert_eq!(node.identity(), Identity::Node(1));
 }
+
+#[tokio::test]
+async fn changed_files_are_reloaded_by_the_watcher() {
+    let dir = TempDir::new().unwrap();
+    let set = dev::write_set(dir.path(), &[1], &["127.0.0.1".into()], &[]).unwrap();
+    let node = Credentials::load(set.nodes[0].1.clone()).unwrap();
+    let _watcher = node.watch(Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(node.reloads(), 0, "unchanged files are not reloaded");
+    // A renewed certificate and key (same CA) written over the old files.
+    let renewed = set.authority.issue(&Leaf::node(1, &["127.0.0.1".into()])).unwrap();
+    std::fs::write(&set.nodes[0].1.cert, &renewed.cert_pem).unwrap();
+    std::fs::write(&set.nodes[0].1.key, &renewed.key_pem).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while node.reloads() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no reload within 5 s of the change");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(node.identity(), Identity::Node(1));
+}

@@ -212,12 +212,11 @@ impl Ledger {
 
     /// The live lease `id` of `principal`, or why not.
     fn live_lease(&self, id: LeaseId, principal: &Principal) -> Result<&Lease, LedgerError> {
+        if self.owned_by_another(id, principal) {
+            return Err(LedgerError::ForeignLease { lease: id });
+        }
         match self.leases.get(&id) {
-            Some(l) if &l.principal == principal => Ok(l),
-            Some(_) => Err(LedgerError::ForeignLease { lease: id }),
-            None if self.expired.get(&id).is_some_and(|e| &e.principal != principal) => {
-                Err(LedgerError::ForeignLease { lease: id })
-            }
+            Some(l) => Ok(l),
             None if self.expired.contains_key(&id) => Err(LedgerError::LeaseExpired { lease: id }),
             None => Err(LedgerError::LeaseNotFound { lease: id }),
         }
