@@ -259,10 +259,7 @@ fn bench(c: &mut Criterion, full: bool) {
                 f.index += 1;
                 let gateways: Vec<usize> = commands
                     .iter()
-                    .map(|c| match c {
-                        Command::Request(r) => r.principal.as_str()[3..].parse().unwrap(),
-                        Command::Tick => 0,
-                    })
+                    .map(|c| c.request().map_or(0, |r| r.principal.as_str()[3..].parse().unwrap()))
                     .collect();
                 let applied = f.ledger.apply(f.index, &Entry::V1(Batch { time_ms: T0, commands }));
                 for (o, g) in applied.outcomes.iter().zip(gateways) {

@@ -41,10 +41,15 @@ pub enum AuditKind {
     /// The per-principal limits changed; the record's `limits` hold the new values
     /// (unit = the limit's name, cap = its value), on budget path `_ration`.
     LimitsChanged,
+    /// A principal was given a role: the record's `principal` is the principal that
+    /// got it, `unit` the role, `budget` its scope (`_ration` for the whole ledger).
+    RoleGranted,
+    /// A role was taken back (fields as for [`AuditKind::RoleGranted`]).
+    RoleRevoked,
 }
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 11] = [
+    pub const ALL: [AuditKind; 13] = [
         AuditKind::BudgetCreated,
         AuditKind::BudgetUpdated,
         AuditKind::BudgetDeleted,
@@ -56,6 +61,8 @@ impl AuditKind {
         AuditKind::LateRelease,
         AuditKind::Overrun,
         AuditKind::LimitsChanged,
+        AuditKind::RoleGranted,
+        AuditKind::RoleRevoked,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +78,8 @@ impl AuditKind {
             AuditKind::LateRelease => "late_release",
             AuditKind::Overrun => "overrun",
             AuditKind::LimitsChanged => "limits_changed",
+            AuditKind::RoleGranted => "role_granted",
+            AuditKind::RoleRevoked => "role_revoked",
         }
     }
 }

@@ -150,6 +150,102 @@ pub enum Op {
     AcquireNext(AcquireNext),
     /// Replace the per-principal limits (audited as `limits_changed`).
     SetLimits(crate::ledger::PrincipalLimits),
+    /// Give a principal a role on a scope (audited as `role_granted`).
+    GrantRole(RoleGrant),
+    /// Take a role on a scope back from a principal (audited as `role_revoked`).
+    RevokeRole(RoleGrant),
+}
+
+/// What a principal may do, on the budgets of its scope (see [`crate::ledger`]'s
+/// `roles` module for the rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Everything: membership, leader transfer, snapshots, limits, roles, and what
+    /// the other roles may do. Only on the whole ledger.
+    Admin,
+    /// Create, update and delete budgets; read them.
+    Operator,
+    /// Read audit records, spend, budgets and leases.
+    Auditor,
+    /// Acquire, report, release and overrun on budgets; read them and its own leases.
+    Gateway,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Admin, Role::Operator, Role::Auditor, Role::Gateway];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Auditor => "auditor",
+            Role::Gateway => "gateway",
+        }
+    }
+
+    /// The role named `name`, or a refusal listing the names.
+    pub fn parse(name: &str) -> Result<Role, LedgerError> {
+        Role::ALL.into_iter().find(|r| r.name() == name).ok_or_else(|| {
+            LedgerError::InvalidArgument {
+                field: "role".into(),
+                reason: format!("{name:?} is not a role; use admin, operator, auditor or gateway"),
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The budgets a role applies to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    /// Every budget, and the ledger's own records (written `*`).
+    All,
+    /// This budget and every budget below it.
+    Subtree(BudgetPath),
+}
+
+impl Scope {
+    /// `*` for the whole ledger, else a budget path.
+    pub fn parse(text: &str) -> Result<Scope, LedgerError> {
+        match text {
+            "*" => Ok(Scope::All),
+            "" => Err(LedgerError::InvalidArgument {
+                field: "scope".into(),
+                reason: "empty; give a budget path, or * for the whole ledger".into(),
+            }),
+            path => BudgetPath::new(path).map(Scope::Subtree),
+        }
+    }
+
+    /// True if `path` lies in this scope.
+    pub fn covers(&self, path: &BudgetPath) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Subtree(top) => path.is_within(top),
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::All => f.write_str("*"),
+            Scope::Subtree(path) => write!(f, "{path}"),
+        }
+    }
+}
+
+/// One role of one principal on one scope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleGrant {
+    pub principal: Principal,
+    pub role: Role,
+    pub scope: Scope,
 }
 
 /// Acquire a lease that opens at `starts_at_ms`, the end of the current window of
@@ -179,7 +275,33 @@ pub struct Request {
 pub enum Command {
     /// Proposed by the leader so expiry and window rollover happen with no writes.
     Tick,
+    /// A request from a caller no one authenticated (a plaintext cluster): its
+    /// principal is whatever it says, and no role is checked.
     Request(Request),
+    /// A request whose principal the proposing node authenticated (TLS): applying
+    /// it checks the principal's roles first (see [`Authority`]).
+    Authenticated { request: Request, authority: Authority },
+}
+
+impl Command {
+    /// The client request this command carries, if any.
+    pub fn request(&self) -> Option<&Request> {
+        match self {
+            Command::Tick => None,
+            Command::Request(request) | Command::Authenticated { request, .. } => Some(request),
+        }
+    }
+}
+
+/// On what grounds an authenticated request may act.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Authority {
+    /// The roles the ledger holds for its principal, as of when it applies.
+    Roles,
+    /// Its principal is one of the proposing node's configured bootstrap admins
+    /// (`admins`): an admin whatever the ledger holds, so a new cluster can grant
+    /// its first roles.
+    BootstrapAdmin,
 }
 
 /// A group-committed batch: the leader's time stamp and the commands, in order.
@@ -258,6 +380,10 @@ pub enum Reply {
     },
     /// The per-principal limits were replaced.
     LimitsSet,
+    /// A role was granted or revoked; `changed` is false if it already was so.
+    RolesChanged {
+        changed: bool,
+    },
 }
 
 /// What a command produced: a reply or a refusal.

@@ -19,7 +19,8 @@ pub enum ErrorKind {
     FailedPrecondition,
     /// Not enough allowance, or a ledger limit is full (RESOURCE_EXHAUSTED).
     ResourceExhausted,
-    /// The lease belongs to another principal (PERMISSION_DENIED).
+    /// The lease belongs to another principal, or the principal lacks the role
+    /// (PERMISSION_DENIED).
     PermissionDenied,
     /// A concurrent change won (ABORTED): re-read and retry.
     Aborted,
@@ -77,6 +78,8 @@ pub enum LedgerError {
     PrincipalLimit { principal: String, what: String, max: u64 },
     #[error("client id {client} belongs to another principal (requests are exactly-once per principal and client id); use a client id of your own")]
     ForeignClient { client: String },
+    #[error("principal {principal} may not {action}: that needs {needs}; it holds {holds} (an admin grants roles with `rationctl role grant`)")]
+    NotAuthorized { principal: String, action: String, needs: String, holds: String },
 }
 
 impl LedgerError {
@@ -102,7 +105,9 @@ impl LedgerError {
             Exhausted { .. } | LedgerFull { .. } | PrincipalLimit { .. } => {
                 ErrorKind::ResourceExhausted
             }
-            ForeignLease { .. } | ForeignClient { .. } => ErrorKind::PermissionDenied,
+            ForeignLease { .. } | ForeignClient { .. } | NotAuthorized { .. } => {
+                ErrorKind::PermissionDenied
+            }
             VersionMismatch { .. } => ErrorKind::Aborted,
         }
     }

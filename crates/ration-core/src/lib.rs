@@ -40,12 +40,13 @@ pub mod window;
 
 pub use audit::{AuditFilter, AuditKind, AuditLog, AuditRecord, ChainHead};
 pub use command::{
-    Acquire, AcquireNext, Batch, BudgetSpec, Command, Entry, FailPolicy, Grant, LimitSpec, Op,
-    Outcome, Overrun, Release, Reply, Report, Request, MAX_AMOUNT,
+    Acquire, AcquireNext, Authority, Batch, BudgetSpec, Command, Entry, FailPolicy, Grant,
+    LimitSpec, Op, Outcome, Overrun, Release, Reply, Report, Request, Role, RoleGrant, Scope,
+    MAX_AMOUNT,
 };
 pub use error::{ErrorKind, LedgerError};
 pub use ledger::{
-    Applied, BudgetView, LeaseView, Ledger, LedgerConfig, LimitView, PrincipalLimits,
+    Action, Applied, BudgetView, LeaseView, Ledger, LedgerConfig, LimitView, PrincipalLimits,
     PrincipalUsage, Totals,
 };
 pub use names::{BudgetPath, ClientId, LeaseId, Principal, Unit};

@@ -592,6 +592,11 @@ impl Model {
                 }
                 Ok((Reply::OverrunRecorded { recorded: o.amount, over_cap }, 1))
             }
+            // Roles are tested in the ledger's unit tests and against real nodes;
+            // the model sends unauthenticated requests only.
+            Op::GrantRole(_) | Op::RevokeRole(_) => {
+                unreachable!("the model generates no role changes")
+            }
         }
     }
 

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditRecord, Balance, ChainHead, Flow};
-use crate::command::{Command, Entry, LimitSpec, Op, Outcome, Reply, Request};
+use crate::command::{Authority, Command, Entry, LimitSpec, Op, Outcome, Reply, Request};
 use crate::dedup::{Dedup, Seen};
 use crate::error::LedgerError;
 use crate::names::{BudgetPath, LeaseId, Principal, Unit, MAX_COMMANDS_PER_ENTRY, MAX_LEASE_INDEX};
@@ -26,6 +26,7 @@ mod emit;
 mod leases;
 mod principals;
 mod queries;
+mod roles;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,7 @@ mod time;
 
 pub(crate) use principals::Principals;
 pub use principals::{Held, PrincipalLimits, PrincipalUsage, LEDGER_PATH, MAX_PRINCIPAL_LIMIT};
+pub use roles::{Action, MAX_PRINCIPALS_WITH_ROLES, MAX_ROLES_PER_PRINCIPAL};
 pub use snapshot::{InvariantError, SnapshotError};
 
 /// Limits and retention times of a ledger. Part of the replicated state.
@@ -354,6 +356,9 @@ pub struct Ledger {
     /// Per-principal limits and usage. In the snapshot's fourth section.
     #[serde(skip)]
     principals: Principals,
+    /// Who holds which roles. In the snapshot's fifth section.
+    #[serde(skip)]
+    roles: roles::Roles,
 }
 
 impl Default for Ledger {
@@ -382,6 +387,7 @@ impl Ledger {
             opening: BTreeMap::new(),
             openings: BTreeSet::new(),
             principals: Principals::default(),
+            roles: roles::Roles::default(),
         }
     }
 
@@ -408,7 +414,10 @@ impl Ledger {
                     reason: format!("more than {MAX_COMMANDS_PER_ENTRY} commands in one entry"),
                 }),
                 Command::Tick => Ok(Reply::Ticked { now_ms: self.now_ms }),
-                Command::Request(request) => self.request(index, slot, request, &mut audit),
+                Command::Request(request) => self.request(index, slot, request, None, &mut audit),
+                Command::Authenticated { request, authority } => {
+                    self.request(index, slot, request, Some(*authority), &mut audit)
+                }
             })
             .collect();
         Applied { outcomes, audit }
@@ -419,6 +428,7 @@ impl Ledger {
         index: u64,
         slot: usize,
         req: &Request,
+        authority: Option<Authority>,
         audit: &mut Vec<AuditRecord>,
     ) -> Outcome {
         // Exactly once per (principal, client id): a client id belongs to the
@@ -433,6 +443,18 @@ impl Ledger {
             Seen::Refused(err) => return Err(err),
             Seen::New => {}
         }
+        // An authenticated principal needs the role for what it asks, as of now (a
+        // refusal leaves no trace: granting the role and retrying works). A report
+        // whose renewal it may no longer ask for is applied without the renewal.
+        let stripped;
+        let op = match authority.map(|a| self.authorize_request(req, a)).transpose()? {
+            Some(false) => {
+                let Op::Report(r) = &req.op else { unreachable!("only reports lose a part") };
+                stripped = Op::Report(crate::command::Report { renew_ttl_ms: None, ..r.clone() });
+                &stripped
+            }
+            _ => &req.op,
+        };
         // Checked before anything is remembered: a refusal here leaves no trace.
         // Never for SetLimits, so an operator held by a limit can still raise it.
         if !matches!(req.op, Op::SetLimits(_)) {
@@ -452,7 +474,7 @@ impl Ledger {
             return Err(LedgerError::ForeignLease { lease: id });
         }
         let mut ctx = Ctx { index, principal: &req.principal, audit };
-        let outcome = match &req.op {
+        let outcome = match op {
             Op::CreateBudget(spec) => self.create_budget(&mut ctx, spec),
             Op::UpdateBudget { spec, expected_version } => {
                 self.update_budget(&mut ctx, spec, *expected_version)
@@ -466,6 +488,8 @@ impl Ledger {
             Op::Release(r) => self.release(&mut ctx, r),
             Op::Overrun(o) => self.overrun(&mut ctx, o),
             Op::SetLimits(l) => self.set_limits(&mut ctx, l),
+            Op::GrantRole(g) => self.grant_role(&mut ctx, g),
+            Op::RevokeRole(g) => self.revoke_role(&mut ctx, g),
         };
         self.dedup.remember(
             &req.client,

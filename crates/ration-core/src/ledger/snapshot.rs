@@ -133,14 +133,15 @@ pub enum InvariantError {
 }
 
 /// Snapshot layouts. Each version appends a section for what the one before did not
-/// hold (V2: overruns; V3: next-window leases; V4: per-principal limits), so older
-/// snapshots still restore.
+/// hold (V2: overruns; V3: next-window leases; V4: per-principal limits; V5:
+/// roles), so older snapshots still restore.
 #[derive(Serialize, Deserialize)]
-enum SnapshotFormat<L, X, Y, Z> {
+enum SnapshotFormat<L, X, Y, Z, R> {
     V1(L),
     V2(L, X),
     V3(L, X, Y),
     V4(L, X, Y, Z),
+    V5(L, X, Y, Z, R),
 }
 
 /// Only the first layout, for tests that write an older snapshot.
@@ -168,6 +169,10 @@ struct PerPrincipal {
     /// (client, the principal it counts against).
     owners: Vec<(ClientId, Principal)>,
 }
+
+/// The fifth section of a V5 snapshot: (principal, role, scope), in order. A
+/// snapshot without one restores with no roles.
+type RolesSection = Vec<(Principal, crate::command::Role, crate::command::Scope)>;
 
 /// The third section of a V3 snapshot.
 #[derive(Serialize, Deserialize, Default)]
@@ -201,27 +206,37 @@ impl Ledger {
             creators: self.principals.creators.iter().map(|(b, p)| (*b, p.clone())).collect(),
             owners: self.dedup.owners.iter().map(|(c, p)| (c.clone(), p.clone())).collect(),
         };
-        postcard::to_stdvec(&SnapshotFormat::V4(self, extra, next, principals))
+        let roles = self.roles_section();
+        postcard::to_stdvec(&SnapshotFormat::V5(self, extra, next, principals, roles))
             .expect("encoding into a Vec cannot fail")
     }
 
     /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, and checks it.
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        type Format = SnapshotFormat<Ledger, Overruns, Upcoming, PerPrincipal>;
-        let (mut ledger, extra, next, principals) = match postcard::from_bytes::<Format>(bytes)? {
-            SnapshotFormat::V1(ledger) => {
-                (ledger, Overruns::default(), Upcoming::default(), PerPrincipal::default())
-            }
-            SnapshotFormat::V2(ledger, extra) => {
-                (ledger, extra, Upcoming::default(), PerPrincipal::default())
-            }
-            SnapshotFormat::V3(ledger, extra, next) => {
-                (ledger, extra, next, PerPrincipal::default())
-            }
-            SnapshotFormat::V4(ledger, extra, next, principals) => {
-                (ledger, extra, next, principals)
-            }
-        };
+        type Format = SnapshotFormat<Ledger, Overruns, Upcoming, PerPrincipal, RolesSection>;
+        let (mut ledger, extra, next, principals, roles) =
+            match postcard::from_bytes::<Format>(bytes)? {
+                SnapshotFormat::V1(ledger) => (
+                    ledger,
+                    Overruns::default(),
+                    Upcoming::default(),
+                    PerPrincipal::default(),
+                    Vec::new(),
+                ),
+                SnapshotFormat::V2(ledger, extra) => {
+                    (ledger, extra, Upcoming::default(), PerPrincipal::default(), Vec::new())
+                }
+                SnapshotFormat::V3(ledger, extra, next) => {
+                    (ledger, extra, next, PerPrincipal::default(), Vec::new())
+                }
+                SnapshotFormat::V4(ledger, extra, next, principals) => {
+                    (ledger, extra, next, principals, Vec::new())
+                }
+                SnapshotFormat::V5(ledger, extra, next, principals, roles) => {
+                    (ledger, extra, next, principals, roles)
+                }
+            };
+        ledger.restore_roles(roles);
         ledger.principals.limits = principals.limits;
         ledger.principals.creators = principals.creators.into_iter().collect();
         ledger.dedup.owners = principals.owners.into_iter().collect();

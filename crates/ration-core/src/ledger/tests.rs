@@ -2,7 +2,10 @@
 
 use super::*;
 use crate::audit::{spend, AuditFilter, AuditKind, AuditLog};
-use crate::command::{Acquire, Batch, BudgetSpec, FailPolicy, Grant, Release, Report, MAX_AMOUNT};
+use crate::command::{
+    Acquire, Batch, BudgetSpec, FailPolicy, Grant, Release, Report, Role, RoleGrant, Scope,
+    MAX_AMOUNT,
+};
 use crate::names::ClientId;
 use crate::window::{Period, Window};
 
@@ -1044,4 +1047,148 @@ fn a_snapshot_without_per_principal_state_restores_with_defaults() {
     // snapshot count against nobody.
     let u = old.principal_usage(&who("gw"));
     assert_eq!((u.live_leases, u.clients, u.budgets), (1, 0, 0));
+}
+
+// ----- roles -----
+
+fn role(principal: &str, r: Role, scope: &str) -> RoleGrant {
+    RoleGrant { principal: who(principal), role: r, scope: Scope::parse(scope).unwrap() }
+}
+
+/// Runs `op` as an authenticated `principal` (roles checked as it applies).
+fn as_principal(h: &mut H, principal: &str, op: Op) -> Outcome {
+    let request = h.req(principal, op);
+    h.entry(vec![Command::Authenticated { request, authority: Authority::Roles }]).remove(0)
+}
+
+fn as_bootstrap_admin(h: &mut H, principal: &str, op: Op) -> Outcome {
+    let request = h.req(principal, op);
+    h.entry(vec![Command::Authenticated { request, authority: Authority::BootstrapAdmin }])
+        .remove(0)
+}
+
+fn denied(o: &Outcome) -> bool {
+    matches!(o, Err(LedgerError::NotAuthorized { .. }))
+}
+
+#[test]
+fn authenticated_requests_are_denied_by_default_and_granted_by_scope() {
+    let mut h = H::tree();
+    h.ok("ops", Op::CreateBudget(spec("globex", vec![limit("tokens", 1000, Period::Month)])));
+    let state = |h: &H| (h.ledger.budgets(None, None, 100), h.log.len(), h.ledger.dedup_size());
+    let before = state(&h);
+    // No roles: nothing an authenticated principal asks is done, and nothing is kept.
+    let refused = as_principal(&mut h, "gw", acquire("acme/search", 10, 1, 60_000));
+    assert!(denied(&refused), "{refused:?}");
+    assert_eq!(refused.as_ref().unwrap_err().kind(), crate::ErrorKind::PermissionDenied);
+    let msg = refused.unwrap_err().to_string();
+    assert!(msg.contains("needs role gateway on acme/search") && msg.contains("no roles"), "{msg}");
+    let op = Op::CreateBudget(spec("acme/new", vec![]));
+    assert!(denied(&as_principal(&mut h, "gw", op)));
+    assert_eq!(before, state(&h), "a refusal changes nothing and is not remembered");
+
+    // Only an admin grants roles; a bootstrap admin is one whatever the ledger holds.
+    let g = Op::GrantRole(role("gw", Role::Gateway, "acme/search"));
+    assert!(denied(&as_principal(&mut h, "gw", g.clone())), "a principal cannot grant itself");
+    let changed = as_bootstrap_admin(&mut h, "root", g.clone()).unwrap();
+    assert_eq!(changed, Reply::RolesChanged { changed: true });
+    let rec = h.log.records().last().unwrap().entry.clone();
+    assert_eq!(rec.kind, AuditKind::RoleGranted);
+    assert_eq!((rec.principal.as_str(), rec.budget.as_str()), ("gw", "acme/search"));
+    assert_eq!(rec.unit.as_ref().map(Unit::as_str), Some("gateway"));
+    // Granting it again changes nothing and writes no record.
+    let n = h.log.len();
+    let again = as_bootstrap_admin(&mut h, "root", g).unwrap();
+    assert_eq!((again, h.log.len()), (Reply::RolesChanged { changed: false }, n));
+
+    // In scope (the subtree's root and below): granted. Outside: refused.
+    let g1 = match as_principal(&mut h, "gw", acquire("acme/search/key-7", 10, 1, 60_000)) {
+        Ok(Reply::Granted(g)) => g,
+        other => panic!("{other:?}"),
+    };
+    assert!(as_principal(&mut h, "gw", acquire("acme/search", 10, 1, 60_000)).is_ok());
+    assert!(denied(&as_principal(&mut h, "gw", acquire("acme", 10, 1, 60_000))));
+    assert!(denied(&as_principal(&mut h, "gw", acquire("globex", 10, 1, 60_000))));
+    // A gateway does not manage budgets, nor change limits.
+    let op = Op::UpdateBudget { spec: spec("acme/search", vec![]), expected_version: 1 };
+    assert!(denied(&as_principal(&mut h, "gw", op)));
+    assert!(denied(&as_principal(&mut h, "gw", set_limits(1, 1, 1, 1))));
+    // An operator on acme manages budgets there, and cannot acquire.
+    as_bootstrap_admin(&mut h, "root", Op::GrantRole(role("op", Role::Operator, "acme"))).unwrap();
+    let op = Op::CreateBudget(spec("acme/new", vec![limit("tokens", 5, Period::Day)]));
+    assert!(as_principal(&mut h, "op", op).is_ok());
+    assert!(denied(&as_principal(&mut h, "op", Op::CreateBudget(spec("globex/x", vec![])))));
+    assert!(denied(&as_principal(&mut h, "op", acquire("acme/new", 1, 1, 60_000))));
+    assert!(denied(&as_principal(&mut h, "op", Op::GrantRole(role("x", Role::Gateway, "acme")))));
+
+    // Revoked: new acquires are refused, but the lease it holds still reports and
+    // releases (spend that happened is recorded); a renewal is not granted.
+    let r = Op::RevokeRole(role("gw", Role::Gateway, "acme/search"));
+    assert_eq!(
+        as_bootstrap_admin(&mut h, "root", r).unwrap(),
+        Reply::RolesChanged { changed: true }
+    );
+    assert_eq!(h.log.records().last().unwrap().entry.kind, AuditKind::RoleRevoked);
+    assert!(h.ledger.roles_of(&who("gw")).is_empty());
+    assert!(denied(&as_principal(&mut h, "gw", acquire("acme/search/key-7", 10, 1, 60_000))));
+    h.tick(1_000);
+    let report =
+        Op::Report(Report { lease: g1.lease, consumed_delta: 4, renew_ttl_ms: Some(600_000) });
+    match as_principal(&mut h, "gw", report) {
+        Ok(Reply::Reported { expires_at_ms, .. }) => {
+            assert_eq!(expires_at_ms, g1.expires_at_ms, "a revoked gateway's lease is not renewed")
+        }
+        other => panic!("{other:?}"),
+    }
+    let release = Op::Release(Release { lease: g1.lease, consumed_total: 6 });
+    assert!(matches!(as_principal(&mut h, "gw", release), Ok(Reply::Released { .. })));
+    assert_eq!(h.usage("acme/search/key-7").0, 6);
+}
+
+#[test]
+fn admin_does_everything_and_only_on_the_whole_ledger() {
+    let mut h = H::tree();
+    let bad = as_bootstrap_admin(&mut h, "root", Op::GrantRole(role("a", Role::Admin, "acme")));
+    assert!(matches!(bad, Err(LedgerError::InvalidArgument { .. })), "{bad:?}");
+    let bad =
+        as_bootstrap_admin(&mut h, "root", Op::GrantRole(role("a", Role::Auditor, "_ration")));
+    assert!(matches!(bad, Err(LedgerError::InvalidArgument { .. })), "{bad:?}");
+    as_bootstrap_admin(&mut h, "root", Op::GrantRole(role("a", Role::Admin, "*"))).unwrap();
+    assert!(as_principal(&mut h, "a", set_limits(9, 9, 9, 9)).is_ok());
+    assert!(as_principal(&mut h, "a", acquire("acme", 1, 1, 60_000)).is_ok());
+    let grant = Op::GrantRole(role("b", Role::Auditor, "acme/search"));
+    assert!(as_principal(&mut h, "a", grant).is_ok());
+    let holds = |h: &H, p: &str| h.ledger.roles_of(&who(p));
+    assert_eq!(holds(&h, "b"), vec![(Role::Auditor, Scope::Subtree(path("acme/search")))]);
+    // Reads follow the same rule.
+    let l = &h.ledger;
+    let b = who("b");
+    assert!(l
+        .authorize(&b, Authority::Roles, Action::ReadAudit(Some(&path("acme/search/key-7"))))
+        .is_ok());
+    assert!(l.authorize(&b, Authority::Roles, Action::ReadAudit(Some(&path("acme")))).is_err());
+    assert!(l.authorize(&b, Authority::Roles, Action::ReadAudit(None)).is_err());
+    assert!(l.authorize(&b, Authority::Roles, Action::ReadBudget(&path("acme/search"))).is_ok());
+    assert!(l.authorize(&b, Authority::Roles, Action::Administer).is_err());
+    assert!(l.authorize(&who("a"), Authority::Roles, Action::Administer).is_ok());
+    // Unauthenticated requests (a plaintext cluster) are not checked at all.
+    assert!(h.run("nobody", acquire("acme", 1, 1, 60_000)).is_ok());
+}
+
+#[test]
+fn roles_survive_a_snapshot_and_are_bounded() {
+    let mut h = H::tree();
+    for i in 0..MAX_ROLES_PER_PRINCIPAL {
+        let g = Op::GrantRole(role("many", Role::Gateway, &format!("acme/k{i}")));
+        as_bootstrap_admin(&mut h, "root", g).unwrap();
+    }
+    let full = as_bootstrap_admin(&mut h, "root", Op::GrantRole(role("many", Role::Gateway, "zz")));
+    assert!(matches!(full, Err(LedgerError::LedgerFull { .. })), "{full:?}");
+    as_bootstrap_admin(&mut h, "root", Op::GrantRole(role("aud", Role::Auditor, "*"))).unwrap();
+    let restored = Ledger::restore(&h.ledger.snapshot()).unwrap();
+    assert_eq!(restored.digest(), h.ledger.digest());
+    assert_eq!(restored.roles_of(&who("many")).len(), MAX_ROLES_PER_PRINCIPAL);
+    assert_eq!(restored.roles_of(&who("aud")), vec![(Role::Auditor, Scope::All)]);
+    assert_eq!(restored.all_roles(None, 10).len(), 2);
+    assert_eq!(restored.all_roles(Some(&who("aud")), 10)[0].0, who("many"));
 }
