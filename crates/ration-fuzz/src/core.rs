@@ -564,7 +564,12 @@ impl Harness {
                 assert_eq!(outcome, &Ok(Reply::Ticked { now_ms: now }));
                 return;
             }
+            // Generated only as unauthenticated requests: roles are tested in the
+            // ledger's unit tests and against real nodes.
             Command::Request(r) => r,
+            Command::Authenticated { .. } => {
+                unreachable!("the fuzzer sends no authenticated requests")
+            }
         };
         if let Ok(Reply::Granted(g)) = outcome {
             assert!(g.expires_at_ms <= g.window_end_ms, "{g:?}");

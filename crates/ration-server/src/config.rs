@@ -45,6 +45,11 @@ pub struct Config {
     pub insecure: bool,
     /// Serve gRPC server reflection on the client port.
     pub reflection: bool,
+    /// Bootstrap admins: principals this node treats as role admin whatever roles
+    /// the ledger holds (with TLS; a plaintext node checks no roles), so a new
+    /// cluster can grant its first roles. Give every node the same list. Empty: only
+    /// principals the ledger holds as admin.
+    pub admins: Vec<String>,
     /// Where the Raft log, vote, snapshots and audit records live.
     pub data_dir: PathBuf,
     /// The initial voters, as `id=host:port`, this node included. Empty: a
@@ -154,6 +159,7 @@ impl Default for Config {
             token_key_file: None,
             insecure: false,
             reflection: true,
+            admins: vec!["admin".into()],
             data_dir: PathBuf::from("ration-data"),
             initial_cluster: Vec::new(),
             join: None,
@@ -272,6 +278,11 @@ impl Config {
         let peers = self.peers()?;
         if !peers.is_empty() && !peers.iter().any(|p| p.id == self.node_id) {
             return bad(format!("initial_cluster does not name this node (id {})", self.node_id));
+        }
+        if let Some(bad) =
+            self.admins.iter().find(|a| ration_core::Principal::new(a.as_str()).is_err())
+        {
+            return Err(ConfigError::Invalid(format!("admins: {bad:?} is not a valid principal")));
         }
         if !matches!(self.join_as.as_str(), "learner" | "voter") {
             return bad(format!("join_as {:?} is not learner or voter", self.join_as));
@@ -514,6 +525,10 @@ pub struct Args {
     /// Do not serve gRPC server reflection.
     #[arg(long, env = "RATION_NO_REFLECTION")]
     pub no_reflection: bool,
+    /// Bootstrap admins, comma-separated: principals treated as role admin whatever
+    /// the ledger holds (TLS only) [default: admin].
+    #[arg(long, env = "RATION_ADMINS", value_delimiter = ',')]
+    pub admins: Option<Vec<String>>,
     /// Where the Raft log, snapshots and node id are kept [default: ration-data].
     #[arg(long, env = "RATION_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -649,6 +664,7 @@ impl Args {
             c.metrics_token_file = self.metrics_token_file.clone();
         }
         set!(
+            admins,
             node_id,
             data_dir,
             initial_cluster,

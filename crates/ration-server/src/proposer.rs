@@ -148,7 +148,7 @@ impl Proposer {
 
 /// An upper estimate of a command's encoded size, without encoding it.
 fn estimate_bytes(c: &Command) -> usize {
-    let Command::Request(r) = c else { return 8 };
+    let Some(r) = c.request() else { return 8 };
     let names = r.client.as_str().len() + r.principal.as_str().len() + 48;
     names
         + match &r.op {
@@ -163,6 +163,9 @@ fn estimate_bytes(c: &Command) -> usize {
             Op::Overrun(o) => o.budget.as_str().len() + o.unit.as_str().len() + 24,
             Op::Report(_) | Op::Release(_) => 32,
             Op::SetLimits(_) => 40,
+            Op::GrantRole(g) | Op::RevokeRole(g) => {
+                g.principal.as_str().len() + g.scope.to_string().len() + 8
+            }
         }
 }
 
@@ -268,17 +271,13 @@ async fn run(
         // Each acquire's unit and top-level budget, for the metrics' labels.
         let acquires: Vec<crate::metrics::AcquireLabels> = commands
             .iter()
-            .map(|c| match c {
-                Command::Request(r) => match &r.op {
-                    Op::Acquire(a)
-                    | Op::AcquireNext(ration_core::AcquireNext { acquire: a, .. }) => {
-                        let path = a.budget.as_str();
-                        let top = path.split('/').next().unwrap_or(path);
-                        Some((a.unit.as_str().to_owned(), top.to_owned()))
-                    }
-                    _ => None,
-                },
-                Command::Tick => None,
+            .map(|c| match &c.request()?.op {
+                Op::Acquire(a) | Op::AcquireNext(ration_core::AcquireNext { acquire: a, .. }) => {
+                    let path = a.budget.as_str();
+                    let top = path.split('/').next().unwrap_or(path);
+                    Some((a.unit.as_str().to_owned(), top.to_owned()))
+                }
+                _ => None,
             })
             .collect();
         let term = raft.metrics().borrow().current_term;

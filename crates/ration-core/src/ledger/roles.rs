@@ -43,8 +43,8 @@ pub enum Action<'a> {
     ManageBudget(&'a BudgetPath),
     /// Acquire or renew allowance on this budget, or report an overrun on it.
     Spend(&'a BudgetPath),
-    /// Read this budget's limits and figures.
-    ReadBudget(&'a BudgetPath),
+    /// Read the limits and figures of this budget (`None`: of every budget).
+    ReadBudget(Option<&'a BudgetPath>),
     /// Read audit records and spend of a subtree (`None`: of the whole ledger,
     /// including its own records).
     ReadAudit(Option<&'a BudgetPath>),
@@ -59,7 +59,8 @@ impl Action<'_> {
         match self {
             Action::ManageBudget(p) => format!("create, update or delete budget {p}"),
             Action::Spend(p) => format!("acquire, renew or overrun on budget {p}"),
-            Action::ReadBudget(p) => format!("read budget {p}"),
+            Action::ReadBudget(Some(p)) => format!("read budget {p}"),
+            Action::ReadBudget(None) => "list every budget".into(),
             Action::ReadAudit(Some(p)) => format!("read the audit records of {p}"),
             Action::ReadAudit(None) => "read the audit records of the whole ledger".into(),
             Action::ReadLease(l) => format!("read lease {l}"),
@@ -121,14 +122,17 @@ impl Ledger {
                 (has(Role::Gateway, Some(p)), format!("role gateway on {p} or above it"))
             }
             Action::ReadBudget(p) => (
-                [Role::Operator, Role::Auditor, Role::Gateway].into_iter().any(|r| has(r, Some(p))),
-                format!("role operator, auditor or gateway on {p} or above it"),
+                [Role::Operator, Role::Auditor, Role::Gateway].into_iter().any(|r| has(r, p)),
+                match p {
+                    Some(p) => format!("role operator, auditor or gateway on {p} or above it"),
+                    None => "role operator, auditor or gateway on * (or name a subtree)".into(),
+                },
             ),
             Action::ReadAudit(p) => (
                 has(Role::Auditor, p),
                 match p {
                     Some(p) => format!("role auditor on {p} or above it"),
-                    None => "role auditor on *".into(),
+                    None => "role auditor on * (or name a subtree)".into(),
                 },
             ),
             Action::ReadLease(id) => match self.leases.get(&id) {
@@ -153,11 +157,12 @@ impl Ledger {
         })
     }
 
-    /// What `req` needs, checked as it applies with `authority`. `Ok(false)` for a
+    /// What `req` needs, checked as it applies with `authority` (and by a node
+    /// before it proposes, to refuse early). `Ok(false)` for a
     /// report whose renewal its principal may no longer ask for: the report is
     /// applied without it. A report or release of another principal's lease is
     /// refused elsewhere; of one's own needs no role.
-    pub(super) fn authorize_request(
+    pub fn authorize_request(
         &self,
         req: &Request,
         authority: Authority,

@@ -1168,7 +1168,9 @@ fn admin_does_everything_and_only_on_the_whole_ledger() {
         .is_ok());
     assert!(l.authorize(&b, Authority::Roles, Action::ReadAudit(Some(&path("acme")))).is_err());
     assert!(l.authorize(&b, Authority::Roles, Action::ReadAudit(None)).is_err());
-    assert!(l.authorize(&b, Authority::Roles, Action::ReadBudget(&path("acme/search"))).is_ok());
+    assert!(l
+        .authorize(&b, Authority::Roles, Action::ReadBudget(Some(&path("acme/search"))))
+        .is_ok());
     assert!(l.authorize(&b, Authority::Roles, Action::Administer).is_err());
     assert!(l.authorize(&who("a"), Authority::Roles, Action::Administer).is_ok());
     // Unauthenticated requests (a plaintext cluster) are not checked at all.

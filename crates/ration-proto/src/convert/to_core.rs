@@ -4,7 +4,7 @@
 use ration_core::audit::{AuditFilter, AuditKind, AuditRecord};
 use ration_core::{
     Acquire, BudgetPath, BudgetSpec, ClientId, FailPolicy, LeaseId, LedgerError, LimitSpec, Op,
-    Overrun, Period, Principal, Release, Report, Request, Unit, Window,
+    Overrun, Period, Principal, Release, Report, Request, Role, RoleGrant, Scope, Unit, Window,
 };
 use tonic::Status;
 
@@ -136,6 +136,46 @@ pub fn set_limits(r: &v1::SetLimitsRequest) -> Result<Request, Status> {
     };
     limits.validate().map_err(|e| to_proto::status(&e))?;
     request(r.meta.as_ref(), Op::SetLimits(limits))
+}
+
+/// A `GrantRole` (or, with `revoke`, a `RevokeRole`).
+pub fn role_change(r: &v1::RoleRequest, revoke: bool) -> Result<Request, Status> {
+    let grant = RoleGrant {
+        principal: Principal::new(r.subject.as_str())
+            .map_err(|e| Status::invalid_argument(format!("subject: {e}")))?,
+        role: Role::parse(&r.role).map_err(invalid)?,
+        scope: Scope::parse(&r.scope)
+            .map_err(|e| Status::invalid_argument(format!("scope: {e}")))?,
+    };
+    request(r.meta.as_ref(), if revoke { Op::RevokeRole(grant) } else { Op::GrantRole(grant) })
+}
+
+/// What a `ListRoles` asks for: one principal, or a page of them.
+#[derive(Debug)]
+pub struct RolesPage {
+    pub principal: Option<Principal>,
+    pub start_after: Option<Principal>,
+    pub limit: usize,
+}
+
+pub fn list_roles(r: &v1::ListRolesRequest) -> Result<RolesPage, Status> {
+    let name = |field: &str, text: &str| -> Result<Option<Principal>, Status> {
+        if text.is_empty() {
+            return Ok(None);
+        }
+        Principal::new(text)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+    };
+    let limit = match r.limit {
+        0 => DEFAULT_PAGE,
+        n => (n as usize).min(MAX_PAGE),
+    };
+    Ok(RolesPage {
+        principal: name("principal", &r.principal)?,
+        start_after: name("start_after", &r.start_after)?,
+        limit,
+    })
 }
 
 /// The principal a `GetLimits` asks about (none: the fullest `top`, at most 100).

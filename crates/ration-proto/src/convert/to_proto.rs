@@ -37,6 +37,31 @@ pub fn status(e: &LedgerError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// A principal's roles, as the proto lists them.
+pub fn role_scopes(roles: &[(ration_core::Role, ration_core::Scope)]) -> Vec<v1::RoleScope> {
+    roles
+        .iter()
+        .map(|(role, scope)| v1::RoleScope {
+            role: role.name().to_owned(),
+            scope: scope.to_string(),
+        })
+        .collect()
+}
+
+/// The reply to a role change: whether it changed anything, and the subject's
+/// roles after it.
+pub fn roles_reply(
+    reply: &Reply,
+    roles: &[(ration_core::Role, ration_core::Scope)],
+) -> Result<v1::RolesReply, Status> {
+    match reply {
+        Reply::RolesChanged { changed } => {
+            Ok(v1::RolesReply { changed: *changed, roles: role_scopes(roles) })
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 pub fn principal_limits(l: &ration_core::PrincipalLimits) -> v1::PrincipalLimits {
     v1::PrincipalLimits {
         clients: l.clients,

@@ -133,8 +133,9 @@ impl v1::cluster_server::Cluster for ClusterService {
 
     async fn save_snapshot(
         &self,
-        _req: Request<v1::SaveSnapshotRequest>,
+        req: Request<v1::SaveSnapshotRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        super::allow(&self.node, &crate::auth::Caller::of(&req), ration_core::Action::Administer)?;
         use sha2::Digest;
         let applied = self.node.reader.state().last_applied.map(|l| l.index);
         if applied.is_none() {
@@ -188,6 +189,7 @@ impl v1::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<v1::AddLearnerRequest>,
     ) -> Result<Response<v1::MembershipReply>, Status> {
+        super::allow(&self.node, &crate::auth::Caller::of(&req), ration_core::Action::Administer)?;
         if !self.node.is_leader() {
             return forward::long_to_leader(
                 &self.node,
@@ -236,6 +238,7 @@ impl v1::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<v1::ChangeMembershipRequest>,
     ) -> Result<Response<v1::MembershipReply>, Status> {
+        super::allow(&self.node, &crate::auth::Caller::of(&req), ration_core::Action::Administer)?;
         if !self.node.is_leader() {
             return forward::long_to_leader(
                 &self.node,
@@ -314,6 +317,14 @@ impl v1::cluster_server::Cluster for ClusterService {
         // The digest encodes the whole ledger, and the data size walks the data
         // directory: both off the async workers (a digest counts as a heavy read).
         let with_digest = req.get_ref().digest;
+        if with_digest {
+            // It holds off apply while it encodes the ledger: for admins only.
+            super::allow(
+                &self.node,
+                &crate::auth::Caller::of(&req),
+                ration_core::Action::Administer,
+            )?;
+        }
         let me = ClusterService { node: self.node.clone() };
         if with_digest {
             return Ok(Response::new(
@@ -330,6 +341,7 @@ impl v1::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<v1::TransferLeaderRequest>,
     ) -> Result<Response<v1::StatusReply>, Status> {
+        super::allow(&self.node, &crate::auth::Caller::of(&req), ration_core::Action::Administer)?;
         // The leader runs transfers (one at a time, with its view of who is caught up).
         if !self.node.is_leader() {
             return forward::long_to_leader(

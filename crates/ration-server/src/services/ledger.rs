@@ -55,16 +55,17 @@ impl LedgerService {
         let caller = Caller::of(&req);
         let inner = req.into_inner();
         let requests = convert(&inner)?;
-        // An authenticated client speaks only for itself.
-        if let Some(me) = caller.principal() {
-            if let Some(other) = requests.iter().find(|r| r.principal.as_str() != me) {
-                return Err(Status::permission_denied(format!(
-                    "the request names principal {:?}, but the caller is authenticated as {me:?}",
-                    other.principal.as_str()
-                )));
-            }
+        let authority = crate::auth::authority(&caller, &self.node.config.admins)?;
+        for request in &requests {
+            self.screen(&caller, request)?;
         }
-        let commands: Vec<Command> = requests.into_iter().map(Command::Request).collect();
+        let commands: Vec<Command> = requests
+            .into_iter()
+            .map(|request| match &authority {
+                Some((_, authority)) => Command::Authenticated { request, authority: *authority },
+                None => Command::Request(request),
+            })
+            .collect();
         if commands.is_empty() {
             return Ok(Response::new(reply(&inner, Vec::new())?));
         }
@@ -84,20 +85,69 @@ impl LedgerService {
         }
     }
 
-    /// Refuses, without proposing anything, a Report or Release of a lease this
-    /// node knows to be another principal's (final: a lease's principal never
-    /// changes), so the log and the ledger do not move. A lease this node has not
-    /// applied yet goes to the ledger, which refuses it without remembering it.
-    fn not_anothers_lease(&self, request: &ration_core::Request) -> Result<(), Status> {
+    /// Refuses, without proposing anything, what the ledger would refuse as the
+    /// caller's: a request naming another principal than the authenticated one; one
+    /// the caller's roles do not allow (as this node has applied them: the ledger
+    /// checks again in log order); a Report or Release of a lease this node knows
+    /// to be another principal's (final: a lease's principal never changes). So
+    /// the log and the ledger do not move. What this node has not applied yet goes
+    /// to the ledger, which refuses it without remembering it.
+    fn screen(&self, caller: &Caller, request: &ration_core::Request) -> Result<(), Status> {
+        if let Some(me) = caller.principal() {
+            if request.principal.as_str() != me {
+                return Err(Status::permission_denied(format!(
+                    "the request names principal {:?}, but the caller is authenticated as {me:?}",
+                    request.principal.as_str()
+                )));
+            }
+        }
+        let state = self.node.reader.state();
+        if let Some((_, authority)) = crate::auth::authority(caller, &self.node.config.admins)? {
+            state.ledger.authorize_request(request, authority).map_err(|e| to_proto::status(&e))?;
+        }
         let id = match &request.op {
             ration_core::Op::Report(r) => r.lease,
             ration_core::Op::Release(r) => r.lease,
             _ => return Ok(()),
         };
-        if self.node.reader.state().ledger.owned_by_another(id, &request.principal) {
+        if state.ledger.owned_by_another(id, &request.principal) {
             return Err(to_proto::status(&ration_core::LedgerError::ForeignLease { lease: id }));
         }
         Ok(())
+    }
+
+    /// GrantRole, or with `revoke` RevokeRole.
+    async fn role_change(
+        &self,
+        req: Request<v1::RoleRequest>,
+        revoke: bool,
+    ) -> Result<Response<v1::RolesReply>, Status> {
+        let node = self.node.clone();
+        let call = move |mut c: LedgerClient<Channel>, r| async move {
+            if revoke {
+                c.revoke_role(r).await
+            } else {
+                c.grant_role(r).await
+            }
+        };
+        self.write(
+            req,
+            |r| Ok(vec![to_core::role_change(r, revoke)?]),
+            move |r, outcomes| {
+                let reply = only(outcomes)?;
+                let subject = ration_core::Principal::new(r.subject.as_str())
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let roles = node.reader.state().ledger.roles_of(&subject);
+                to_proto::roles_reply(&reply, &roles)
+            },
+            call,
+        )
+        .await
+    }
+
+    /// Refuses `caller` a read its roles do not allow.
+    fn allow(&self, caller: &Caller, action: ration_core::Action<'_>) -> Result<(), Status> {
+        super::allow(&self.node, caller, action)
     }
 
     /// Read-index on the leader. Returns false if this node is not the leader (the
@@ -174,11 +224,7 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::ReportReply>, Status> {
         self.write(
             req,
-            |r| {
-                let request = to_core::report(r)?;
-                self.not_anothers_lease(&request)?;
-                Ok(vec![request])
-            },
+            |r| Ok(vec![to_core::report(r)?]),
             |_, outcomes| to_proto::report_reply(&only(outcomes)?),
             on_leader!(LedgerClient, report),
         )
@@ -204,11 +250,7 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::ReleaseReply>, Status> {
         self.write(
             req,
-            |r| {
-                let request = to_core::release(r)?;
-                self.not_anothers_lease(&request)?;
-                Ok(vec![request])
-            },
+            |r| Ok(vec![to_core::release(r)?]),
             |_, outcomes| to_proto::release_reply(&only(outcomes)?),
             on_leader!(LedgerClient, release),
         )
@@ -220,17 +262,19 @@ impl v1::ledger_server::Ledger for LedgerService {
         req: Request<v1::BatchRequest>,
     ) -> Result<Response<v1::BatchReply>, Status> {
         // Each operation succeeds or fails on its own, as the proto promises: the
-        // valid ones are proposed, the invalid ones answered with their error in
-        // place. Only a malformed envelope refuses the whole call. The conversion
+        // valid ones are proposed, the invalid ones (and those `screen` refuses: another
+        // principal's, not allowed by the caller's roles, another's lease) answered
+        // with their error in place. Only a malformed envelope refuses the whole call. The conversion
         // keeps each refusal in its place for the reply (converted once).
         let refused: std::sync::Mutex<Vec<Option<Status>>> = std::sync::Mutex::default();
+        let caller = Caller::of(&req);
         self.write(
             req,
             |r| {
                 let mut marks = refused.lock().unwrap_or_else(|p| p.into_inner());
                 let mut valid = Vec::with_capacity(r.ops.len());
                 for op in to_core::batch(r)? {
-                    match op {
+                    match op.and_then(|request| self.screen(&caller, &request).map(|()| request)) {
                         Ok(request) => {
                             marks.push(None);
                             valid.push(request);
@@ -296,6 +340,11 @@ impl v1::ledger_server::Ledger for LedgerService {
             return forward::to_leader(&self.node, req, on_leader!(LedgerClient, get_limits)).await;
         }
         let (principal, top) = to_core::get_limits(req.get_ref())?;
+        // One's own usage, or anyone's for an admin.
+        let caller = Caller::of(&req);
+        if principal.as_ref().is_none_or(|p| caller.principal() != Some(p.as_str())) {
+            self.allow(&caller, ration_core::Action::Administer)?;
+        }
         let state = self.node.reader.state();
         let ledger = &state.ledger;
         let usage = match principal {
@@ -320,6 +369,7 @@ impl v1::ledger_server::Ledger for LedgerService {
             return forward::to_leader(&self.node, req, on_leader!(LedgerClient, get_budget)).await;
         }
         let path = to_core::get_budget(req.get_ref())?;
+        self.allow(&Caller::of(&req), ration_core::Action::ReadBudget(Some(&path)))?;
         let state = self.node.reader.state();
         let view = state
             .ledger
@@ -337,6 +387,7 @@ impl v1::ledger_server::Ledger for LedgerService {
                 .await;
         }
         let page = to_core::list_budgets(req.get_ref())?;
+        self.allow(&Caller::of(&req), ration_core::Action::ReadBudget(page.subtree.as_ref()))?;
         let state = self.node.reader.state();
         let budgets =
             state.ledger.budgets(page.subtree.as_ref(), page.start_after.as_ref(), page.limit);
@@ -353,6 +404,7 @@ impl v1::ledger_server::Ledger for LedgerService {
             return forward::to_leader(&self.node, req, on_leader!(LedgerClient, get_lease)).await;
         }
         let id = to_core::get_lease(req.get_ref());
+        self.allow(&Caller::of(&req), ration_core::Action::ReadLease(id))?;
         let state = self.node.reader.state();
         let view = state
             .ledger
@@ -370,6 +422,10 @@ impl v1::ledger_server::Ledger for LedgerService {
                 .await;
         }
         let page = to_core::query_audit(req.get_ref())?;
+        self.allow(
+            &Caller::of(&req),
+            ration_core::Action::ReadAudit(page.filter.subtree.as_ref()),
+        )?;
         let audit = self.node.reader.audit.clone();
         let (records, next) = self
             .node
@@ -401,5 +457,48 @@ impl v1::ledger_server::Ledger for LedgerService {
             })
             .await??;
         Ok(Response::new(v1::QueryAuditReply { records, next_seq: next }))
+    }
+
+    async fn grant_role(
+        &self,
+        req: Request<v1::RoleRequest>,
+    ) -> Result<Response<v1::RolesReply>, Status> {
+        self.role_change(req, false).await
+    }
+
+    async fn revoke_role(
+        &self,
+        req: Request<v1::RoleRequest>,
+    ) -> Result<Response<v1::RolesReply>, Status> {
+        self.role_change(req, true).await
+    }
+
+    async fn list_roles(
+        &self,
+        req: Request<v1::ListRolesRequest>,
+    ) -> Result<Response<v1::ListRolesReply>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            return forward::to_leader(&self.node, req, on_leader!(LedgerClient, list_roles)).await;
+        }
+        let page = to_core::list_roles(req.get_ref())?;
+        // One's own roles, or anyone's for an admin.
+        let caller = Caller::of(&req);
+        if page.principal.as_ref().is_none_or(|p| caller.principal() != Some(p.as_str())) {
+            self.allow(&caller, ration_core::Action::Administer)?;
+        }
+        let state = self.node.reader.state();
+        let principals = match &page.principal {
+            Some(p) => vec![(p.clone(), state.ledger.roles_of(p))],
+            None => state.ledger.all_roles(page.start_after.as_ref(), page.limit),
+        };
+        Ok(Response::new(v1::ListRolesReply {
+            principals: principals
+                .iter()
+                .map(|(p, roles)| v1::PrincipalRoles {
+                    principal: p.to_string(),
+                    roles: to_proto::role_scopes(roles),
+                })
+                .collect(),
+        }))
     }
 }

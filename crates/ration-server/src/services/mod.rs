@@ -112,6 +112,23 @@ where
     Ok(())
 }
 
+/// Refuses `caller` what its roles do not let it do (as this node's applied
+/// ledger holds them), with PERMISSION_DENIED saying what it needs.
+pub(super) fn allow(
+    node: &Node,
+    caller: &crate::auth::Caller,
+    action: ration_core::Action<'_>,
+) -> Result<(), Status> {
+    let Some((principal, authority)) = crate::auth::authority(caller, &node.config.admins)? else {
+        return Ok(());
+    };
+    let state = node.reader.state();
+    state
+        .ledger
+        .authorize(&principal, authority, action)
+        .map_err(|e| ration_proto::convert::to_proto::status(&e))
+}
+
 /// How long an overloaded node asks clients to wait before retrying.
 const OVERLOAD_RETRY_AFTER: Duration = Duration::from_millis(50);
 
