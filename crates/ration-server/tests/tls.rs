@@ -39,7 +39,7 @@ impl TlsCluster {
             &dir.path().join("certs"),
             &ids,
             &["127.0.0.1".into(), "localhost".into()],
-            &["gw".into(), "admin".into()],
+            &["gw".into(), "admin".into(), "gw2".into(), "ops".into(), "aud".into()],
         )
         .unwrap();
         let mut listeners = BTreeMap::new();
@@ -127,6 +127,21 @@ impl TlsCluster {
         }
     }
 
+    /// `admin` (a bootstrap admin) grants, or with `revoke` takes back, a role.
+    async fn role(&self, node: u64, revoke: bool, subject: &str, role: &str, scope: &str) {
+        static REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
+        let request_id = REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut admin = LedgerClient::new(chan(self.as_principal("admin"), self.clients[&node]));
+        let req = v1::RoleRequest {
+            meta: meta("c-admin-roles", request_id, "admin"),
+            subject: subject.into(),
+            role: role.into(),
+            scope: scope.into(),
+        };
+        let reply = if revoke { admin.revoke_role(req).await } else { admin.grant_role(req).await };
+        assert!(reply.unwrap().into_inner().changed);
+    }
+
     async fn shutdown(mut self) {
         for (_, h) in std::mem::take(&mut self.nodes) {
             h.stop().await.unwrap();
@@ -173,11 +188,18 @@ async fn a_cluster_forms_over_mutual_tls_and_clients_are_who_their_certificates_
     let follower = *c.clients.keys().find(|id| **id != leader).unwrap();
 
     // Through a follower: forwarded to the leader over the peer port, with the
-    // client's identity.
+    // client's identity (roles granted through a follower too).
+    c.role(follower, false, "gw", "operator", "tenant").await;
+    c.role(follower, false, "gw", "auditor", "tenant").await;
     let mut gw = LedgerClient::new(chan(c.as_principal("gw"), c.clients[&follower]));
     gw.create_budget(create("tenant", 1, "gw")).await.unwrap();
     let records = gw
-        .query_audit(v1::QueryAuditRequest { limit: 100, linearizable: true, ..Default::default() })
+        .query_audit(v1::QueryAuditRequest {
+            limit: 100,
+            linearizable: true,
+            subtree: "tenant".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -271,10 +293,37 @@ async fn every_way_in_without_the_right_certificate_is_refused_and_changes_nothi
     let c = TlsCluster::start(3).await;
     let leader = c.leader().await;
     let follower = *c.clients.keys().find(|id| **id != leader).unwrap();
+    // Roles: gw runs "tenant" (operator and gateway there), ops is an operator
+    // everywhere, aud audits "tenant", gw2 was a gateway on "tenant" until revoked.
+    c.role(leader, false, "gw", "operator", "tenant").await;
+    c.role(leader, false, "gw", "gateway", "tenant").await;
+    c.role(leader, false, "ops", "operator", "*").await;
+    c.role(leader, false, "aud", "auditor", "tenant").await;
+    c.role(leader, false, "gw2", "gateway", "tenant").await;
     LedgerClient::new(chan(c.as_principal("gw"), c.clients[&leader]))
         .create_budget(create("tenant", 1, "gw"))
         .await
         .unwrap();
+    LedgerClient::new(chan(c.as_principal("ops"), c.clients[&leader]))
+        .create_budget(create("elsewhere", 1, "ops"))
+        .await
+        .unwrap();
+    let acquire = |principal: &str, request_id: u64, budget: &str| v1::AcquireRequest {
+        meta: meta(&format!("c-{principal}"), request_id, principal),
+        budget: budget.into(),
+        unit: "tokens".into(),
+        wanted: 10,
+        min: 1,
+        ttl_ms: 60_000,
+        starts_at_ms: 0,
+    };
+    let gw2 = LedgerClient::new(chan(c.as_principal("gw2"), c.clients[&leader]))
+        .acquire(acquire("gw2", 1, "tenant"))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease_id;
+    c.role(follower, true, "gw2", "gateway", "tenant").await;
     // A lease admin holds, for the lease test below.
     let lease = LedgerClient::new(chan(c.as_principal("admin"), c.clients[&leader]))
         .acquire(v1::AcquireRequest {
@@ -456,8 +505,149 @@ async fn every_way_in_without_the_right_certificate_is_refused_and_changes_nothi
     .await;
     table.push(("gateway releasing another principal's lease", r));
 
+    // Roles. A gateway acquiring outside its subtree, directly and in a Batch.
+    let r = refused(
+        "a gateway acquiring outside its subtree",
+        LedgerClient::new(chan(c.as_principal("gw"), c.clients[&follower])).acquire(acquire(
+            "gw",
+            3,
+            "elsewhere",
+        )),
+        Some(Code::PermissionDenied),
+        &["needs role gateway on elsewhere"],
+    )
+    .await;
+    table.push(("gateway acquiring outside its subtree", r));
+    let batch = LedgerClient::new(chan(c.as_principal("gw"), client))
+        .batch(v1::BatchRequest {
+            ops: vec![v1::BatchOp {
+                op: Some(v1::batch_op::Op::Acquire(acquire("gw", 4, "elsewhere"))),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::batch_result::Result::Error(e)) = &batch.results[0].result else {
+        panic!("refused in place: {batch:?}")
+    };
+    assert_eq!(e.code, Code::PermissionDenied as i32, "{e:?}");
+    assert!(e.message.contains("needs role gateway on elsewhere"), "{e:?}");
+    // A revoked gateway acquires nothing more.
+    let r = refused(
+        "a revoked gateway acquiring",
+        LedgerClient::new(chan(c.as_principal("gw2"), client)).acquire(acquire("gw2", 2, "tenant")),
+        Some(Code::PermissionDenied),
+        &["it holds no roles"],
+    )
+    .await;
+    table.push(("acquire after the gateway role was revoked", r));
+    // An operator changing membership, transferring leadership, saving a snapshot.
+    let r = refused(
+        "an operator changing membership",
+        ClusterClient::new(chan(c.as_principal("ops"), c.clients[&follower])).change_membership(
+            v1::ChangeMembershipRequest { voters: vec![leader], ..Default::default() },
+        ),
+        Some(Code::PermissionDenied),
+        &["needs role admin"],
+    )
+    .await;
+    table.push(("operator changing membership", r));
+    let r = refused(
+        "an operator adding a learner",
+        ClusterClient::new(chan(c.as_principal("ops"), client))
+            .add_learner(v1::AddLearnerRequest { id: 9, addr: "127.0.0.1:1".into() }),
+        Some(Code::PermissionDenied),
+        &["needs role admin"],
+    )
+    .await;
+    table.push(("operator adding a learner", r));
+    let r = refused(
+        "a gateway transferring leadership",
+        ClusterClient::new(chan(c.as_principal("gw"), client))
+            .transfer_leader(v1::TransferLeaderRequest { to: follower }),
+        Some(Code::PermissionDenied),
+        &["needs role admin"],
+    )
+    .await;
+    table.push(("gateway transferring leadership", r));
+    let r = refused(
+        "a gateway forcing a digest",
+        ClusterClient::new(chan(c.as_principal("gw"), client))
+            .status(v1::StatusRequest { digest: true }),
+        Some(Code::PermissionDenied),
+        &["needs role admin"],
+    )
+    .await;
+    table.push(("gateway asking for a state digest", r));
+    // An operator (not an admin) granting roles, raising limits.
+    let r = refused(
+        "an operator granting itself admin",
+        LedgerClient::new(chan(c.as_principal("ops"), client)).grant_role(v1::RoleRequest {
+            meta: meta("c-ops", 9, "ops"),
+            subject: "ops".into(),
+            role: "admin".into(),
+            scope: "*".into(),
+        }),
+        Some(Code::PermissionDenied),
+        &["needs role admin"],
+    )
+    .await;
+    table.push(("operator granting itself admin", r));
+    // A gateway creating a budget; reading another's lease; an auditor reading
+    // outside its subtree.
+    let r = refused(
+        "an auditor creating a budget",
+        LedgerClient::new(chan(c.as_principal("aud"), client))
+            .create_budget(create("tenant/x", 5, "aud")),
+        Some(Code::PermissionDenied),
+        &["needs role operator on tenant/x"],
+    )
+    .await;
+    table.push(("auditor creating a budget", r));
+    let r = refused(
+        "a gateway reading another's lease",
+        LedgerClient::new(chan(c.as_principal("gw"), client))
+            .get_lease(v1::GetLeaseRequest { lease_id: gw2, linearizable: false }),
+        Some(Code::PermissionDenied),
+        &["to hold the lease"],
+    )
+    .await;
+    table.push(("gateway reading another gateway's lease", r));
+    let r = refused(
+        "an auditor reading the whole ledger's audit",
+        LedgerClient::new(chan(c.as_principal("aud"), client))
+            .query_audit(v1::QueryAuditRequest { limit: 10, ..Default::default() }),
+        Some(Code::PermissionDenied),
+        &["needs role auditor on *"],
+    )
+    .await;
+    table.push(("auditor reading outside its subtree", r));
+    // What they may do still works (reads change nothing).
+    LedgerClient::new(chan(c.as_principal("aud"), client))
+        .query_audit(v1::QueryAuditRequest {
+            limit: 10,
+            subtree: "tenant".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    LedgerClient::new(chan(c.as_principal("aud"), client))
+        .get_lease(v1::GetLeaseRequest { lease_id: gw2, linearizable: false })
+        .await
+        .unwrap();
+
     let after = c.digests().await;
     assert_eq!(before, after, "a refused call changed the ledger");
+    // The revoked gateway still settles what it holds: spend that happened is
+    // recorded whatever its roles.
+    LedgerClient::new(chan(c.as_principal("gw2"), client))
+        .release(v1::ReleaseRequest {
+            meta: meta("c-gw2", 3, "gw2"),
+            lease_id: gw2,
+            consumed_total: 7,
+        })
+        .await
+        .unwrap();
     for (what, (code, msg)) in &table {
         println!("| {what} | {code} | {msg} |");
     }
@@ -535,11 +725,12 @@ async fn a_client_without_a_certificate_authenticates_with_a_bearer_token() {
     let token = key.issue("gw", unix_now() + 600);
 
     // Through a follower: forwarded with the token's principal, audited as it.
+    c.role(leader, false, "gw", "operator", "by-token").await;
     LedgerClient::new(c.with_token(&token, c.clients[&follower]))
         .create_budget(create("by-token", 1, "gw"))
         .await
         .unwrap();
-    let records = LedgerClient::new(c.with_token(&token, c.clients[&leader]))
+    let records = LedgerClient::new(chan(c.as_principal("admin"), c.clients[&leader]))
         .query_audit(v1::QueryAuditRequest { limit: 100, linearizable: true, ..Default::default() })
         .await
         .unwrap()

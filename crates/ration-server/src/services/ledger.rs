@@ -86,9 +86,9 @@ impl LedgerService {
     }
 
     /// Refuses, without proposing anything, what the ledger would refuse as the
-    /// caller's: a request naming another principal than the authenticated one; one
-    /// the caller's roles do not allow (as this node has applied them: the ledger
-    /// checks again in log order); a Report or Release of a lease this node knows
+    /// caller's: a request naming another principal than the authenticated one; on
+    /// the leader, one the caller's roles do not allow (as it has applied them: the
+    /// ledger checks again in log order); a Report or Release of a lease this node knows
     /// to be another principal's (final: a lease's principal never changes). So
     /// the log and the ledger do not move. What this node has not applied yet goes
     /// to the ledger, which refuses it without remembering it.
@@ -102,8 +102,16 @@ impl LedgerService {
             }
         }
         let state = self.node.reader.state();
-        if let Some((_, authority)) = crate::auth::authority(caller, &self.node.config.admins)? {
-            state.ledger.authorize_request(request, authority).map_err(|e| to_proto::status(&e))?;
+        // Roles only on the leader: a follower may not have applied a grant its
+        // caller already saw answered (the leader checks, and the ledger again).
+        match crate::auth::authority(caller, &self.node.config.admins)? {
+            Some((_, authority)) if self.node.is_leader() => {
+                state
+                    .ledger
+                    .authorize_request(request, authority)
+                    .map_err(|e| to_proto::status(&e))?;
+            }
+            _ => {}
         }
         let id = match &request.op {
             ration_core::Op::Report(r) => r.lease,
