@@ -14,6 +14,7 @@ mod certs;
 mod cluster;
 mod limits;
 mod output;
+mod role;
 mod snapshot;
 pub mod time;
 
@@ -116,6 +117,9 @@ pub enum Noun {
     /// Per-principal limits: show them and who is near them; change them.
     #[command(subcommand)]
     Limits(limits::LimitsCmd),
+    /// Roles: who may do what on which budgets (enforced with TLS).
+    #[command(subcommand)]
+    Role(role::RoleCmd),
     /// TLS certificates: make a development CA and certificates.
     #[command(subcommand)]
     Certs(certs::CertsCmd),
@@ -402,6 +406,7 @@ pub async fn run_cli(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<(
         Noun::Budget(c) => budget::run(&ctx, c, out).await,
         Noun::Audit(c) => audit::run(&ctx, c, out).await,
         Noun::Limits(c) => limits::run(&ctx, c, out).await,
+        Noun::Role(c) => role::run(&ctx, c, out).await,
         Noun::Certs(c) => certs::run(&ctx, c, out).await,
         Noun::Token(c) => certs::token(&ctx, c, out),
     }

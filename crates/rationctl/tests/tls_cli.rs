@@ -99,21 +99,66 @@ async fn rationctl_authenticates_by_certificate_or_by_token() {
     let issued: Value = serde_json::from_str(&issued).unwrap();
     let token = issued["token"].as_str().unwrap().to_owned();
     assert!(token.starts_with("ration1."), "{issued}");
-    ctl(&[
-        "--endpoints",
-        &endpoint,
-        "--cacert",
-        &ca,
-        "--token",
-        &token,
-        "budget",
-        "set",
-        "acme/gw",
-        "--limit",
-        "tokens=10/day",
-    ])
-    .await
-    .unwrap();
+    let as_gw = |args: &[&str]| {
+        let mut v = vec!["--endpoints", &endpoint, "--cacert", &ca, "--token", &token];
+        v.extend_from_slice(args);
+        v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>()
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ctl(&args).await
+    };
+    // gw holds no role yet: refused, and told what it needs.
+    let err =
+        run(as_gw(&["budget", "set", "acme/gw", "--limit", "tokens=10/day"])).await.unwrap_err();
+    assert!(err.contains("PERMISSION_DENIED") && err.contains("on acme/gw or above it"), "{err}");
+    // admin (a bootstrap admin) makes gw an operator of acme/gw.
+    let granted =
+        run(as_admin(&["role", "grant", "gw", "operator", "--scope", "acme/gw"])).await.unwrap();
+    assert!(granted.starts_with("changed") && granted.contains("acme/gw"), "{granted}");
+    let again =
+        run(as_admin(&["role", "grant", "gw", "operator", "--scope", "acme/gw"])).await.unwrap();
+    assert!(again.starts_with("unchanged"), "{again}");
+    run(as_gw(&["budget", "set", "acme/gw", "--limit", "tokens=10/day"])).await.unwrap();
+    // Only there; gw sees its own roles but not everyone's.
+    let err =
+        run(as_gw(&["budget", "set", "acme/other", "--limit", "tokens=10/day"])).await.unwrap_err();
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    let mine: Value =
+        serde_json::from_str(&run(as_gw(&["-o", "json", "role", "list", "gw"])).await.unwrap())
+            .unwrap();
+    assert_eq!(
+        mine,
+        serde_json::json!([{"principal": "gw", "role": "operator", "scope": "acme/gw"}])
+    );
+    let err = run(as_gw(&["role", "list"])).await.unwrap_err();
+    assert!(err.contains("needs role admin"), "{err}");
+    let err = run(as_gw(&["role", "grant", "gw", "admin", "--scope", "*"])).await.unwrap_err();
+    assert!(err.contains("needs role admin"), "{err}");
+    // admin revokes it: gw can no longer change the budget; both changes audited.
+    run(as_admin(&["role", "revoke", "gw", "operator", "--scope", "acme/gw"])).await.unwrap();
+    let err =
+        run(as_gw(&["budget", "set", "acme/gw", "--limit", "tokens=20/day"])).await.unwrap_err();
+    assert!(err.contains("PERMISSION_DENIED") && err.contains("no roles"), "{err}");
+    let all = run(as_admin(&["role", "list"])).await.unwrap();
+    assert!(!all.contains("gw"), "{all}");
+    let audited =
+        run(as_admin(&["-o", "json", "audit", "query", "--kind", "role_granted,role_revoked"]))
+            .await
+            .unwrap();
+    let audited: Value = serde_json::from_str(&audited).unwrap();
+    let changes: Vec<(String, String, String, String)> = audited["records"]
+        .as_array()
+        .or_else(|| audited.as_array())
+        .unwrap_or_else(|| panic!("{audited}"))
+        .iter()
+        .map(|r| {
+            let field = |f: &str| r[f].as_str().unwrap_or_default().to_owned();
+            (field("kind"), field("principal"), field("unit"), field("budget"))
+        })
+        .collect();
+    let change = |kind: &str| (kind.into(), "gw".into(), "operator".into(), "acme/gw".into());
+    assert_eq!(changes, vec![change("role_revoked"), change("role_granted")], "newest first");
 
     // Each change is audited under its authenticated principal.
     let args = as_admin(&["-o", "json", "audit", "query", "--kind", "budget_created"]);
