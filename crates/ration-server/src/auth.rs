@@ -198,6 +198,29 @@ where
     }
 }
 
+/// Whose roles decide what `caller` may do, and on what authority: `None` for a
+/// caller no one authenticated (a plaintext node checks no roles) and for a
+/// member acting for itself (members are trusted: ARCHITECTURE.md "Threat model").
+/// A principal in `admins` (the node's bootstrap admins) is an admin whatever the
+/// ledger holds.
+pub fn authority(
+    caller: &Caller,
+    admins: &[String],
+) -> Result<Option<(ration_core::Principal, ration_core::Authority)>, Status> {
+    let Some(name) = caller.principal() else { return Ok(None) };
+    let principal = ration_core::Principal::new(name).map_err(|e| {
+        Status::permission_denied(format!(
+            "the authenticated identity is not a usable principal: {e}"
+        ))
+    })?;
+    let authority = if admins.iter().any(|a| a == name) {
+        ration_core::Authority::BootstrapAdmin
+    } else {
+        ration_core::Authority::Roles
+    };
+    Ok(Some((principal, authority)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,27 +315,4 @@ mod tests {
             super::admit(Port::Client, acquire, Some(&gw), None, Some(&token), Some(&key));
         assert_eq!(by_cert.unwrap(), Caller::Principal("cert-gw".into()));
     }
-}
-
-/// Whose roles decide what `caller` may do, and on what authority: `None` for a
-/// caller no one authenticated (a plaintext node checks no roles) and for a
-/// member acting for itself (members are trusted: ARCHITECTURE.md "Threat model").
-/// A principal in `admins` (the node's bootstrap admins) is an admin whatever the
-/// ledger holds.
-pub fn authority(
-    caller: &Caller,
-    admins: &[String],
-) -> Result<Option<(ration_core::Principal, ration_core::Authority)>, Status> {
-    let Some(name) = caller.principal() else { return Ok(None) };
-    let principal = ration_core::Principal::new(name).map_err(|e| {
-        Status::permission_denied(format!(
-            "the authenticated identity is not a usable principal: {e}"
-        ))
-    })?;
-    let authority = if admins.iter().any(|a| a == name) {
-        ration_core::Authority::BootstrapAdmin
-    } else {
-        ration_core::Authority::Roles
-    };
-    Ok(Some((principal, authority)))
 }

@@ -282,7 +282,9 @@ impl Ctx {
     }
 
     /// Calls `f` on each endpoint in turn until one answers; UNAVAILABLE and
-    /// DEADLINE_EXCEEDED move on to the next, anything else is the answer.
+    /// DEADLINE_EXCEEDED move on to the next, anything else is the answer. While an
+    /// endpoint says no leader is known (an election: it ends within a second or
+    /// two), every endpoint is tried again after 200 ms, for at most 5 s.
     ///
     /// A refusal is the cluster's answer, the same from every endpoint, so it is
     /// reported without the endpoint (`ABORTED: budget acme is at version 2, ...`);
@@ -293,25 +295,55 @@ impl Ctx {
         F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        // (cause, endpoints that gave it), in the order first seen.
+        const ELECTION_WAIT: Duration = Duration::from_secs(5);
+        let started = std::time::Instant::now();
+        loop {
+            match self.each(&mut f).await {
+                Err((_, true)) if started.elapsed() < ELECTION_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err((errors, _)) => {
+                    let causes: Vec<String> = errors
+                        .iter()
+                        .map(|(cause, at)| format!("{}: {cause}", at.join(", ")))
+                        .collect();
+                    return Err(anyhow!("no endpoint answered: {}", causes.join("; ")));
+                }
+                Ok(answer) => return answer,
+            }
+        }
+    }
+
+    /// One round of [`Ctx::first`]: the answer, or each cause of no answer with the
+    /// endpoints that gave it (in the order first seen) and whether one of them
+    /// was an election.
+    #[allow(clippy::type_complexity)]
+    async fn each<T, F, Fut>(
+        &self,
+        f: &mut F,
+    ) -> Result<anyhow::Result<T>, (Vec<(String, Vec<String>)>, bool)>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
         let mut errors: Vec<(String, Vec<String>)> = Vec::new();
+        let mut election = false;
         for e in &self.endpoints {
             match f(e.clone()).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => return Ok(Ok(v)),
                 Err(s) if ration_proto::rpc::retryable(&s) => {
+                    election |= s.message().contains("no leader is known");
                     let cause = describe(&s);
                     match errors.iter_mut().find(|(c, _)| *c == cause) {
                         Some((_, at)) => at.push(e.clone()),
                         None => errors.push((cause, vec![e.clone()])),
                     }
                 }
-                Err(s) if is_refusal(s.code()) => return Err(anyhow!(describe(&s))),
-                Err(s) => return Err(anyhow!("{e}: {}", describe(&s))),
+                Err(s) if is_refusal(s.code()) => return Ok(Err(anyhow!(describe(&s)))),
+                Err(s) => return Ok(Err(anyhow!("{e}: {}", describe(&s)))),
             }
         }
-        let causes: Vec<String> =
-            errors.iter().map(|(cause, at)| format!("{}: {cause}", at.join(", "))).collect();
-        Err(anyhow!("no endpoint answered: {}", causes.join("; ")))
+        Err((errors, election))
     }
 }
 
