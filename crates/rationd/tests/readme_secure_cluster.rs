@@ -5,7 +5,9 @@
 //! relative paths taken from the block's working directory; the rest (ports,
 //! flags, files) runs in bash unchanged. The three nodes must form one cluster
 //! over mutual TLS; then the second block's `rationctl` commands must succeed as
-//! written, and a client without a certificate must be refused.
+//! written, `gw-eu` (granted the gateway role on `acme` there) must be able to
+//! acquire on `acme` but not create a budget, and a client without a certificate
+//! must be refused.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -102,7 +104,7 @@ async fn the_readme_secured_cluster_starts_and_answers_as_written() {
 
     // The usage block, as written, once the cluster answers it.
     let lines: Vec<&str> = usage.lines().filter(|l| l.starts_with(RATIONCTL)).collect();
-    assert_eq!(lines.len(), 2, "{usage}");
+    assert_eq!(lines.len(), 3, "{usage}");
     let deadline = Instant::now() + Duration::from_secs(60);
     let members = loop {
         match rationctl(dir.path(), lines[0]).await {
@@ -123,6 +125,45 @@ async fn the_readme_secured_cluster_starts_and_answers_as_written() {
     );
     let set = rationctl(dir.path(), lines[1]).await.unwrap();
     assert!(set.contains("acme"), "{set}");
+    let granted = rationctl(dir.path(), lines[2]).await.unwrap();
+    assert!(granted.contains("gateway") && granted.contains("acme"), "{granted}");
+
+    // gw-eu (the block's other certificate) may now spend on acme, and only that.
+    let as_gw = lines[0]
+        .replace("certs/admin.pem", "certs/gw-eu.pem")
+        .replace("certs/admin-key.pem", "certs/gw-eu-key.pem");
+    let as_gw = as_gw.strip_suffix(" member list").unwrap();
+    let certs = dir.path().join("certs");
+    let tls = ration_tls::ClientTls::from_files(&ration_tls::TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join("gw-eu.pem"),
+        key: certs.join("gw-eu-key.pem"),
+    })
+    .unwrap();
+    let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:50071")
+        .connect_with_connector_lazy(ration_tls::Connector::new(tls));
+    let lease = ration_proto::v1::ledger_client::LedgerClient::new(channel)
+        .acquire(ration_proto::v1::AcquireRequest {
+            meta: Some(ration_proto::v1::RequestMeta {
+                client_id: "readme-gw-eu".into(),
+                request_id: 1,
+                principal: "gw-eu".into(),
+            }),
+            budget: "acme".into(),
+            unit: "tokens".into(),
+            wanted: 1000,
+            min: 1,
+            ttl_ms: 60_000,
+            starts_at_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.granted, 1000, "{lease:?}");
+    let err = rationctl(dir.path(), &format!("{as_gw} budget set acme/x --limit tokens=1/day"))
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("PERMISSION_DENIED"), "{err:#}");
 
     // Without a client certificate the same command is refused.
     let no_cert = lines[0].split(" --cert").next().unwrap().to_owned() + " member list";
