@@ -113,7 +113,8 @@ struct Args {
     #[arg(long, env = "RATION_CACERT")]
     cacert: Option<std::path::PathBuf>,
     /// The gateway's client certificate; it leases and creates the demo budgets as
-    /// the principal the certificate names.
+    /// the principal the certificate names (which needs roles operator and gateway
+    /// on `demo`: `rationctl role grant`).
     #[arg(long, env = "RATION_CERT")]
     cert: Option<std::path::PathBuf>,
     #[arg(long, env = "RATION_KEY")]
@@ -154,14 +155,34 @@ impl Access {
 }
 
 /// Creates the demo budgets through whichever endpoint answers; until one does,
-/// says so and tries again.
+/// says so and tries again. A refusal (no certificate the cluster accepts, no
+/// role to create them) is final: it says why and gives up.
 async fn ensure_budgets(endpoints: &[String], access: &Access) -> anyhow::Result<()> {
     loop {
         let mut last = None;
         for endpoint in endpoints {
             match create_budgets(endpoint, access).await {
                 Ok(()) => return Ok(()),
-                Err(e) => last = Some(format!("{endpoint}: {e:#}")),
+                Err(e) => {
+                    if let Some(s) = e.downcast_ref::<tonic::Status>() {
+                        if matches!(
+                            s.code(),
+                            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                        ) {
+                            anyhow::bail!(
+                                "the ledger refused to create the demo budgets as {}: {:?}: {} \
+                                 (with TLS, that principal needs roles operator and gateway on \
+                                 demo: rationctl role grant {} operator --scope demo, and the \
+                                 same with gateway)",
+                                access.admin,
+                                s.code(),
+                                s.message(),
+                                access.admin
+                            );
+                        }
+                    }
+                    last = Some(format!("{endpoint}: {e:#}"));
+                }
             }
         }
         tracing::warn!(

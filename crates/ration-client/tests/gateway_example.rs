@@ -80,3 +80,122 @@ fn an_unreachable_ledger_is_logged() {
         started.elapsed()
     );
 }
+
+/// One POST to the gateway's /v1/complete; the HTTP status line and body.
+fn complete(addr: &str) -> std::io::Result<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "POST /v1/complete?prompt_tokens=10&max_tokens=20 HTTP/1.1\r\nHost: x\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The gateway with `--cacert --cert --key` against a node serving mutual TLS:
+/// without roles it says what it lacks and exits; once an admin has granted its
+/// principal operator and gateway on `demo`, it creates its budgets and admits calls.
+#[test]
+fn the_gateway_runs_over_mutual_tls_with_the_roles_it_needs() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let set = ration_tls::dev::write_set(
+        &dir.path().join("certs"),
+        &[1],
+        &["127.0.0.1".into()],
+        &["admin".into(), "gw-demo".into()],
+    )
+    .unwrap();
+    let (node, addr) = rt.block_on(async {
+        let (l, pl) =
+            (ration_testkit::inproc::listener().await, ration_testkit::inproc::listener().await);
+        let addr = l.local_addr().unwrap();
+        let mut cfg = ration_testkit::inproc::config(
+            1,
+            addr,
+            dir.path().join("n1"),
+            &[(1, pl.local_addr().unwrap())],
+        );
+        cfg.peer_listen = Some(pl.local_addr().unwrap());
+        cfg.tls = Some(set.nodes[0].1.clone());
+        (ration_server::start_split(cfg, l, Some(pl)).await.unwrap(), addr)
+    });
+    let gw = &set.principals.iter().find(|(p, _)| p == "gw-demo").unwrap().1;
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let start = || {
+        Command::new(gateway())
+            .args(["--endpoints", &addr.to_string(), "--listen", &free.to_string()])
+            .args(["--cacert", &path(&gw.ca), "--cert", &path(&gw.cert), "--key", &path(&gw.key)])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // No roles: refused, said, and the gateway exits (non-zero) instead of retrying.
+    let mut child = start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the gateway kept running without its roles");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut said = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains("PermissionDenied") && said.contains("rationctl role grant gw-demo"),
+        "{said}"
+    );
+
+    // An admin grants them; the gateway then admits calls.
+    let admin = &set.principals.iter().find(|(p, _)| p == "admin").unwrap().1;
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_with_connector_lazy(ration_tls::Connector::new(
+                ration_tls::ClientTls::from_files(admin).unwrap(),
+            ));
+        let mut ledger = ration_proto::v1::ledger_client::LedgerClient::new(channel);
+        for (i, role) in ["operator", "gateway"].into_iter().enumerate() {
+            ledger
+                .grant_role(ration_proto::v1::RoleRequest {
+                    meta: Some(ration_proto::v1::RequestMeta {
+                        client_id: "test-admin".into(),
+                        request_id: i as u64 + 1,
+                        principal: "admin".into(),
+                    }),
+                    subject: "gw-demo".into(),
+                    role: role.into(),
+                    scope: "demo".into(),
+                })
+                .await
+                .unwrap();
+        }
+    });
+    let mut child = start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        // The first call may be refused until the first lease arrives.
+        match complete(&free.to_string()) {
+            Ok(a) if a.starts_with("HTTP/1.1 200") => break a,
+            other => {
+                assert!(child.try_wait().unwrap().is_none(), "the gateway exited: {other:?}");
+                assert!(Instant::now() < deadline, "no call admitted within 60 s: {other:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert!(answer.contains("\"admitted\":1"), "{answer}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    rt.block_on(node.stop()).unwrap();
+}
