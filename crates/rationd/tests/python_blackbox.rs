@@ -13,7 +13,9 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
+
+use ration_testkit::python::{self, run};
 use std::time::{Duration, Instant};
 
 /// Pinned: the versions this test was written against.
@@ -25,135 +27,12 @@ const PACKAGES: &[&str] = &[
 ];
 /// What the venv must be able to import to count as ready.
 const IMPORTS: &str = "import grpc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.proto_reflection_descriptor_database";
-const PIP_ATTEMPTS: u32 = 3;
-const PIP_TIMEOUT: Duration = Duration::from_secs(300);
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A finished command: exit status and what it printed.
-struct Ran {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    fn output(&self) -> String {
-        format!("--- stdout\n{}--- stderr\n{}", self.stdout, self.stderr)
-    }
-}
-
-/// Runs `cmd` to completion, killing it after `limit`. Output goes through files so
-/// a chatty child never blocks on a full pipe.
-fn run(cmd: &mut Command, limit: Duration) -> Result<Ran, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = std::fs::read_to_string(&err).unwrap_or_default();
-            return Err(format!("{cmd:?} did not finish within {limit:?}\n{stderr}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Ok(Ran {
-        status,
-        stdout: std::fs::read_to_string(&out).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err).unwrap_or_default(),
-    })
-}
-
-/// Python 3 on PATH, or a failed test saying what is missing.
-fn require_python3() {
-    match run(Command::new("python3").arg("--version"), Duration::from_secs(30)) {
-        Ok(r) if r.status.success() => {}
-        Ok(r) => panic!("python3 --version failed: {}\n{}", r.status, r.output()),
-        Err(e) => panic!(
-            "this test needs python3 (with the venv module) on PATH; install Python 3 \
-             (e.g. apt-get install python3 python3-venv): {e}"
-        ),
-    }
-}
-
-/// The venv's interpreter, if the venv at `dir` has exactly our pins and imports.
-fn ready_venv(dir: &Path) -> Option<PathBuf> {
-    let python = dir.join("bin").join("python");
-    let stamp = std::fs::read_to_string(dir.join("ration-requirements.txt")).ok()?;
-    if stamp != PACKAGES.join("\n") {
-        return None;
-    }
-    let ok = run(Command::new(&python).args(["-c", IMPORTS]), Duration::from_secs(60));
-    ok.is_ok_and(|r| r.status.success()).then_some(python)
-}
-
-/// The venv, made once per test process: the tests here run in parallel threads,
-/// and two building it at once would collide on its partial directory.
+/// The venv, made once per test process.
 fn venv() -> PathBuf {
-    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    VENV.get_or_init(make_venv).clone()
-}
-
-/// A venv with the pinned packages: reused if present, else built beside it and
-/// renamed into place, so an interrupted build is never mistaken for a ready one.
-fn make_venv() -> PathBuf {
-    require_python3();
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let dir = tmp.join("pyvenv");
-    if let Some(python) = ready_venv(&dir) {
-        return python;
-    }
-    let partial = tmp.join(format!("pyvenv.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
-    let made =
-        run(Command::new("python3").args(["-m", "venv"]).arg(&partial), Duration::from_secs(180))
-            .unwrap_or_else(|e| panic!("python3 -m venv: {e}"));
-    assert!(
-        made.status.success(),
-        "python3 -m venv {} failed (on Debian/Ubuntu: apt-get install python3-venv)\n{}",
-        partial.display(),
-        made.output()
-    );
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let installed = run(
-            Command::new(partial.join("bin").join("python"))
-                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-                .args(["--no-input", "--timeout", "30", "--retries", "2"])
-                .args(PACKAGES),
-            PIP_TIMEOUT,
-        );
-        match installed {
-            Ok(r) if r.status.success() => break,
-            Ok(r) if attempt >= PIP_ATTEMPTS => {
-                panic!("pip install {PACKAGES:?} failed {attempt} times; last:\n{}", r.output())
-            }
-            Err(e) if attempt >= PIP_ATTEMPTS => {
-                panic!("pip install {PACKAGES:?} failed {attempt} times; last: {e}")
-            }
-            Ok(r) => eprintln!("pip install attempt {attempt} failed, retrying:\n{}", r.output()),
-            Err(e) => eprintln!("pip install attempt {attempt} failed, retrying: {e}"),
-        }
-        std::thread::sleep(Duration::from_secs(2 * u64::from(attempt)));
-    }
-    std::fs::write(partial.join("ration-requirements.txt"), PACKAGES.join("\n")).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    if std::fs::rename(&partial, &dir).is_err() {
-        // Another test run finished its venv first: use that one.
-        let _ = std::fs::remove_dir_all(&partial);
-    }
-    ready_venv(&dir)
-        .unwrap_or_else(|| panic!("the venv at {} does not import grpcio", dir.display()))
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyvenv");
+    python::venv(python::Venv { dir: &dir, packages: PACKAGES, check: IMPORTS })
 }
 
 /// A running `rationd`; killed (and reaped) when dropped, pass or fail.
