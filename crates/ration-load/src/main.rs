@@ -67,7 +67,8 @@ struct Args {
     #[arg(long)]
     client_id_base: Option<String>,
     /// TLS: the CA the nodes' certificates are signed by (with --cert and --key: a
-    /// client certificate naming principal `load`).
+    /// client certificate naming principal `load`, which needs roles operator and
+    /// gateway on what it uses, or to be a bootstrap admin).
     #[arg(long)]
     cacert: Option<PathBuf>,
     #[arg(long)]
@@ -76,6 +77,8 @@ struct Args {
     key: Option<PathBuf>,
     /// Start the nodes with mutual TLS (a development CA, peers on ports of their
     /// own) and talk TLS to them: with the same flags otherwise, the cost of TLS.
+    /// The bootstrap admin makes `load` an operator and a gateway on `*`, so roles
+    /// are checked as for any client.
     #[arg(long)]
     tls: bool,
 }
@@ -126,10 +129,11 @@ fn start_nodes(rationd: PathBuf, log_store: &str, tls: bool) -> anyhow::Result<S
             &dir.path().join("certs"),
             &[1, 2, 3],
             &["127.0.0.1".into()],
-            &["load".into()],
+            &["load".into(), "admin".into()],
         )
         .map_err(|e| anyhow::anyhow!("making certificates: {e}"))?;
         let _ = TLS.set(Some(ration_tls::ClientTls::from_files(&set.principals[0].1)?));
+        let _ = ADMIN_TLS.set(ration_tls::ClientTls::from_files(&set.principals[1].1)?);
         Some(set)
     } else {
         None
@@ -180,6 +184,35 @@ fn scrape(at: SocketAddr, name: &str) -> Option<f64> {
 
 /// TLS for every channel this run makes (set once from the flags).
 static TLS: std::sync::OnceLock<Option<ration_tls::ClientTls>> = std::sync::OnceLock::new();
+/// With `--tls`: the bootstrap admin's certificate, to grant `load` its roles.
+static ADMIN_TLS: std::sync::OnceLock<ration_tls::ClientTls> = std::sync::OnceLock::new();
+
+/// With `--tls`, roles are checked: the bootstrap admin makes `load` an operator
+/// and a gateway on `*`, so the run pays for the checks a real gateway does.
+async fn grant_load_roles(leader: &str) -> anyhow::Result<()> {
+    let Some(tls) = ADMIN_TLS.get() else { return Ok(()) };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?
+        .timeout(Duration::from_secs(5));
+    let mut admin = LedgerClient::new(
+        endpoint.connect_with_connector_lazy(ration_tls::Connector::new(tls.clone())),
+    );
+    for (i, role) in ["operator", "gateway"].into_iter().enumerate() {
+        admin
+            .grant_role(v1::RoleRequest {
+                meta: Some(v1::RequestMeta {
+                    client_id: format!("ration-load-admin-{}", std::process::id()),
+                    request_id: i as u64 + 1,
+                    principal: "admin".into(),
+                }),
+                subject: "load".into(),
+                role: role.into(),
+                scope: "*".into(),
+            })
+            .await
+            .with_context(|| format!("granting load the role {role}"))?;
+    }
+    Ok(())
+}
 
 fn channel(addr: &str) -> anyhow::Result<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
@@ -525,6 +558,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let leader = find_leader(&endpoints).await?;
     println!("cluster: {endpoints:?}, leader {leader}");
+    grant_load_roles(&leader).await?;
     if args.gateways > 0 {
         return sdk_load(&args, &endpoints, &leader).await;
     }
