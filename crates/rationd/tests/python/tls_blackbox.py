@@ -18,6 +18,7 @@ Checks, on the node's client port:
 """
 
 import sys
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -64,7 +65,15 @@ def main():
     with grpc.secure_channel(addr, gw) as ch:
         for service in ["", "ration.v1.Ledger"]:
             try:
-                status = health(ch, service).status
+                # "" and Ledger report SERVING once the node knows a leader (a single
+                # node elects itself within a second or so of starting).
+                deadline = time.monotonic() + 15
+                while True:
+                    status = health(ch, service).status
+                    serving = status == health_pb2.HealthCheckResponse.SERVING
+                    if serving or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
                 check(
                     status == health_pb2.HealthCheckResponse.SERVING,
                     f"with a client certificate, {service or '(server)'!r} is "
