@@ -726,6 +726,25 @@ fn the_image_exposes_the_ports_it_listens_on() {
         assert!(config.advertise.is_some(), "{file}: nothing to advertise");
         assert!(config.peer_advertise.is_some(), "{file}: no peer address to advertise");
     }
+
+    // Each `docker run` deploy/README.md documents: the image's settings plus the
+    // flags after the image name are a valid configuration.
+    let readme = read("deploy/README.md");
+    let runs: Vec<&str> =
+        readme.lines().filter(|l| l.trim_start().starts_with("docker run ")).collect();
+    assert!(runs.len() >= 2, "deploy/README.md documents no docker run: {runs:?}");
+    for run in runs {
+        let words: Vec<&str> = run.split_whitespace().collect();
+        let image = words
+            .iter()
+            .position(|w| w.starts_with("ration:"))
+            .unwrap_or_else(|| panic!("deploy/README.md: no image in {run:?}"));
+        let mut with = args.clone();
+        with.extend(words[image + 1..].iter().map(|w| (*w).to_owned()));
+        let config = parse(&with)
+            .unwrap_or_else(|e| panic!("deploy/README.md: {run:?} would not start: {e}"));
+        assert!(config.tls.is_some() || config.insecure, "{run}");
+    }
 }
 
 /// Values of `key: N` lines (trimmed) in `text`.
