@@ -7,9 +7,9 @@
 #
 #   scripts/check-alert-rules.sh
 #
-# tests/deploy_observability.rs runs the same two checks when promtool is installed
-# and checks, without it, that every metric the rules and the Grafana dashboard name
-# is one the code exports.
+# tests/deploy_observability.rs runs the same two checks (with promtool from PATH,
+# or unpacked from Debian's package without installing it), and checks that every
+# metric the rules and the Grafana dashboard name is one the code exports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v promtool >/dev/null 2>&1; then
