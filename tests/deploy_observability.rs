@@ -27,8 +27,9 @@ const DASHBOARD: &str = "deploy/grafana/ration-dashboard.json";
 const RULES: &str = "deploy/prometheus/ration-rules.yml";
 const RULE_TESTS: &str = "deploy/prometheus/ration-rules.test.yml";
 
-/// The alerts the rules must have (a snapshot-age alert waits for a metric).
+/// The alerts the rules must have.
 const REQUIRED_ALERTS: &[&str] = &[
+    "RationSnapshotStale",
     "RationNoLeader",
     "RationFollowerLag",
     "RationBudgetBurnRate",

@@ -383,6 +383,31 @@ pub fn render(node: &Node) -> String {
         "Voters in the current membership.",
         m.membership_config.membership().voter_ids().count(),
     );
+    // The snapshot: how far behind the log it is, and how old. Snapshots are taken
+    // every `snapshot_after_entries` entries; a node whose snapshot falls far
+    // behind keeps a growing log and replays it all on restart.
+    let snapshot_index = m.snapshot.map_or(0, |s| s.index);
+    gauge(
+        &mut out,
+        "ration_snapshot_last_index",
+        "Last log index the node's current snapshot covers (0: none yet).",
+        snapshot_index,
+    );
+    gauge(
+        &mut out,
+        "ration_snapshot_entries_behind",
+        "Log entries applied since the current snapshot.",
+        applied.saturating_sub(snapshot_index),
+    );
+    let written = ration_store::backup::current_snapshot_written_at(&node.config.data_dir)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    gauge(
+        &mut out,
+        "ration_snapshot_timestamp_seconds",
+        "When the current snapshot was written (built, installed or restored), Unix time; 0: none yet.",
+        written,
+    );
     gauge(&mut out, "ration_budgets", "Budgets in the ledger.", budgets);
     gauge(&mut out, "ration_live_leases", "Live leases in the ledger.", leases);
     gauge(

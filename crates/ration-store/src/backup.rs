@@ -44,6 +44,12 @@ pub fn current_snapshot(dir: &Path) -> Result<Option<Vec<u8>>, OpenError> {
     }
 }
 
+/// When the snapshot `dir` holds now was written (built here, installed from the
+/// leader, or restored), if there is one: the file's modification time.
+pub fn current_snapshot_written_at(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(dir.join(SNAPSHOT_FILE)).and_then(|m| m.modified()).ok()
+}
+
 /// Decodes and checks a snapshot file's bytes.
 pub fn inspect_snapshot(bytes: &[u8]) -> Result<SnapshotInfo, String> {
     let file = SnapshotFile::decode(bytes)?;

@@ -705,9 +705,18 @@ async fn metrics_are_scraped_and_parsed() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::ResourceExhausted);
+    // A snapshot on the node that answers first: its snapshot series move.
+    let snap = tempfile::tempdir().unwrap();
+    let file = snap.path().join("s.snap");
+    ctl(&eps, &["snapshot", "save", file.to_str().unwrap()]).await.unwrap();
     c.converged().await;
 
     let mut leaders = 0;
+    let mut snapshots = 0;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     for (id, handle) in &c.nodes {
         let addr = *handle.node.metrics_addr.get().expect("metrics are served");
         let m = parse_metrics(&scrape(addr).await);
@@ -725,6 +734,19 @@ async fn metrics_are_scraped_and_parsed() {
         let series =
             |name: &str| format!("{name}{{budget=\"acme\",unit=\"tokens\",window=\"day\"}}");
         assert_eq!(m["ration_live_leases"], 1.0);
+        let (snap_index, written) =
+            (m["ration_snapshot_last_index"], m["ration_snapshot_timestamp_seconds"]);
+        assert_eq!(
+            m["ration_snapshot_entries_behind"],
+            m["ration_raft_applied_index"] - snap_index,
+            "node {id}"
+        );
+        if snap_index > 0.0 {
+            snapshots += 1;
+            assert!((now - written).abs() < 120.0, "node {id}: snapshot written at {written}");
+        } else {
+            assert_eq!(written, 0.0, "node {id}");
+        }
         assert_eq!(
             m[&format!("ration_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))],
             1.0
@@ -774,5 +796,6 @@ async fn metrics_are_scraped_and_parsed() {
         }
     }
     assert_eq!(leaders, 1);
+    assert!(snapshots >= 1, "no node reports the snapshot it saved");
     c.shutdown().await;
 }
