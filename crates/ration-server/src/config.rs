@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// This node's id in the cluster (unique, non-zero).
     pub node_id: u64,
-    /// Where clients connect (and peers too, unless `peer_listen` is set).
+    /// Where clients connect (and peers too, unless `peer_listen` is set). In a
+    /// file, `host:port` with an IP address or a hostname (resolved when loaded).
+    #[serde(deserialize_with = "de_addr")]
     pub listen: SocketAddr,
     /// The address clients should use to reach this node (and peers, unless
     /// `peer_listen` is set); defaults to `listen`.
@@ -23,7 +25,8 @@ pub struct Config {
     /// Where peers connect (Raft, calls forwarded to the leader, leadership
     /// transfer), apart from clients. Unset: one port serves both, which only a
     /// node without TLS may do. A member's address in the membership is its peer
-    /// address.
+    /// address. A hostname is resolved, as for `listen`.
+    #[serde(deserialize_with = "de_opt_addr")]
     pub peer_listen: Option<SocketAddr>,
     /// The address peers dial for this node's peer port; defaults to `peer_listen`.
     pub peer_advertise: Option<String>,
@@ -446,12 +449,7 @@ impl Config {
         if self.metrics_listen == "off" {
             return Ok(None);
         }
-        self.metrics_listen.parse().map(Some).map_err(|_| {
-            ConfigError::Invalid(format!(
-                "metrics_listen {:?} is not host:port or off",
-                self.metrics_listen
-            ))
-        })
+        resolve("metrics_listen", &self.metrics_listen).map(Some)
     }
 
     /// The token `/metrics` requires, read from `metrics_token_file` (trimmed).
@@ -719,6 +717,18 @@ impl Args {
     }
 }
 
+/// `listen` in a file: `host:port`, a hostname resolved.
+fn de_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    resolve("listen", &text).map_err(serde::de::Error::custom)
+}
+
+/// `peer_listen` in a file: `host:port`, a hostname resolved.
+fn de_opt_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    resolve("peer_listen", &text).map(Some).map_err(serde::de::Error::custom)
+}
+
 /// `host:port` as a socket address: an IP address as is, a hostname resolved (its
 /// first address).
 fn resolve(what: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
@@ -809,6 +819,20 @@ mod tests {
         // What `docker run --insecure` gets: the image listens on 0.0.0.0.
         let c = parse(&["--listen", "0.0.0.0:50051", "--insecure"]).unwrap();
         assert_eq!(c.advertise_addr(), format!("{}:50051", hostname().unwrap()));
+        // Hostnames in the metrics address, and in a file's listen and peer_listen.
+        let c = parse(&["--metrics-listen", "localhost:9465"]).unwrap();
+        let m = c.metrics_addr().unwrap().unwrap();
+        assert!(m.ip().is_loopback() && m.port() == 9465, "{m}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listen = \"localhost:50071\"\npeer_listen = \"localhost:50072\"\n")
+            .unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert!(c.listen.ip().is_loopback() && c.listen.port() == 50071, "{}", c.listen);
+        assert_eq!(c.peer_listen.map(|p| p.port()), Some(50072));
+        std::fs::write(&path, "listen = \"no-such-host.invalid:1\"\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("no-such-host.invalid"), "{err}");
     }
 
     #[test]

@@ -713,10 +713,8 @@ async fn metrics_are_scraped_and_parsed() {
 
     let mut leaders = 0;
     let mut snapshots = 0;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     for (id, handle) in &c.nodes {
         let addr = *handle.node.metrics_addr.get().expect("metrics are served");
         let m = parse_metrics(&scrape(addr).await);
