@@ -32,8 +32,13 @@ const MAX_METHODS: usize = 256;
 const MAX_LABEL_VALUES: usize = 256;
 
 /// What the metrics need of one command of an entry: for an acquire, its unit and
-/// top-level budget (the labels of grants and denials).
-pub type AcquireLabels = Option<(String, String)>;
+/// top-level budget (the labels of grants and denials); for an overrun, its unit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandLabels {
+    Other,
+    Acquire { unit: String, top: String },
+    Overrun { unit: String },
+}
 
 /// The name of a gRPC status code number, as Prometheus labels show it.
 fn code_name(code: i32) -> &'static str {
@@ -153,7 +158,7 @@ pub struct Metrics {
     /// Units granted, by unit.
     granted_units: std::sync::Mutex<BTreeMap<String, u64>>,
     overruns: AtomicU64,
-    overrun_units: AtomicU64,
+    overrun_units: std::sync::Mutex<BTreeMap<String, u64>>,
     /// Requests refused by a per-principal limit, by limit (`Held::ALL` order).
     principal_limit_refusals: [AtomicU64; 4],
     clock_skew_ms: std::sync::atomic::AtomicI64,
@@ -176,7 +181,7 @@ impl Default for Metrics {
             grants: AtomicU64::new(0),
             granted_units: std::sync::Mutex::default(),
             overruns: AtomicU64::new(0),
-            overrun_units: AtomicU64::new(0),
+            overrun_units: std::sync::Mutex::default(),
             principal_limit_refusals: Default::default(),
             clock_skew_ms: std::sync::atomic::AtomicI64::new(0),
             clock_step_downs: AtomicU64::new(0),
@@ -208,15 +213,16 @@ impl Metrics {
         self.clock_step_downs.load(Relaxed)
     }
 
-    /// Counts one proposed entry and the acquires it granted or refused.
-    /// `acquires[i]` labels command `i` of the entry if it was an acquire.
-    pub fn proposed(&self, acquires: &[AcquireLabels], outcomes: &[Outcome]) {
+    /// Counts one proposed entry, the acquires it granted or refused and the
+    /// overruns it recorded. `labels[i]` labels command `i` of the entry.
+    pub fn proposed(&self, labels: &[CommandLabels], outcomes: &[Outcome]) {
         self.proposals.fetch_add(1, Relaxed);
         #[allow(clippy::cast_precision_loss)]
         self.batch_commands.observe(outcomes.len() as f64);
         let mut granted: BTreeMap<&str, u64> = BTreeMap::new();
         let mut denied: BTreeMap<(&'static str, &str), u64> = BTreeMap::new();
-        for (acquire, outcome) in acquires.iter().zip(outcomes) {
+        let mut overrun: BTreeMap<&str, u64> = BTreeMap::new();
+        for (labels, outcome) in labels.iter().zip(outcomes) {
             if let Err(ration_core::LedgerError::PrincipalLimit { what, .. }) = outcome {
                 if let Some(i) = Held::ALL.iter().position(|h| h.phrase() == *what) {
                     self.principal_limit_refusals[i].fetch_add(1, Relaxed);
@@ -224,9 +230,12 @@ impl Metrics {
             }
             if let Ok(Reply::OverrunRecorded { recorded, .. }) = outcome {
                 self.overruns.fetch_add(1, Relaxed);
-                self.overrun_units.fetch_add(*recorded, Relaxed);
+                if let CommandLabels::Overrun { unit } = labels {
+                    let n = overrun.entry(unit).or_insert(0);
+                    *n = n.saturating_add(*recorded);
+                }
             }
-            let Some((unit, budget)) = acquire else { continue };
+            let CommandLabels::Acquire { unit, top: budget } = labels else { continue };
             match outcome {
                 Ok(Reply::Granted(g)) => {
                     self.grants.fetch_add(1, Relaxed);
@@ -245,6 +254,12 @@ impl Metrics {
         if !granted.is_empty() {
             let mut units = self.granted_units.lock().unwrap_or_else(|p| p.into_inner());
             for (unit, n) in granted {
+                bump(&mut units, unit.to_owned(), "other".to_owned(), n);
+            }
+        }
+        if !overrun.is_empty() {
+            let mut units = self.overrun_units.lock().unwrap_or_else(|p| p.into_inner());
+            for (unit, n) in overrun {
                 bump(&mut units, unit.to_owned(), "other".to_owned(), n);
             }
         }
@@ -470,9 +485,11 @@ pub fn render(node: &Node) -> String {
         &mut out,
         "ration_overrun_units_total",
         "counter",
-        "Units of the overruns this node recorded as leader (counted as consumed).",
+        "Units of the overruns this node recorded as leader (counted as consumed), by unit.",
     );
-    let _ = writeln!(out, "ration_overrun_units_total {}", metrics.overrun_units.load(Relaxed));
+    for (unit, n) in metrics.overrun_units.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "ration_overrun_units_total{{unit=\"{}\"}} {n}", label(unit));
+    }
     gauge(
         &mut out,
         "ration_clock_skew_ms",

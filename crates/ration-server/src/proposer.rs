@@ -269,15 +269,19 @@ async fn run(
             _permits.push(p.permits);
         }
         // Each acquire's unit and top-level budget, for the metrics' labels.
-        let acquires: Vec<crate::metrics::AcquireLabels> = commands
+        let acquires: Vec<crate::metrics::CommandLabels> = commands
             .iter()
-            .map(|c| match &c.request()?.op {
-                Op::Acquire(a) | Op::AcquireNext(ration_core::AcquireNext { acquire: a, .. }) => {
-                    let path = a.budget.as_str();
-                    let top = path.split('/').next().unwrap_or(path);
-                    Some((a.unit.as_str().to_owned(), top.to_owned()))
+            .map(|c| match c.request().map(|r| &r.op) {
+                Some(
+                    Op::Acquire(a) | Op::AcquireNext(ration_core::AcquireNext { acquire: a, .. }),
+                ) => crate::metrics::CommandLabels::Acquire {
+                    unit: a.unit.as_str().to_owned(),
+                    top: a.budget.root().to_owned(),
+                },
+                Some(Op::Overrun(o)) => {
+                    crate::metrics::CommandLabels::Overrun { unit: o.unit.as_str().to_owned() }
                 }
-                _ => None,
+                _ => crate::metrics::CommandLabels::Other,
             })
             .collect();
         let term = raft.metrics().borrow().current_term;

@@ -705,6 +705,15 @@ async fn metrics_are_scraped_and_parsed() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::ResourceExhausted);
+    // An overrun of 5 tokens: counted as consumed, and by unit.
+    l.report_overrun(v1::OverrunRequest {
+        meta: meta("gw-d", 1, "gw-d"),
+        budget: "acme".into(),
+        unit: "tokens".into(),
+        amount: 5,
+    })
+    .await
+    .unwrap();
     // A snapshot on the node that answers first: its snapshot series move.
     let snap = tempfile::tempdir().unwrap();
     let file = snap.path().join("s.snap");
@@ -752,9 +761,11 @@ async fn metrics_are_scraped_and_parsed() {
         if is_leader {
             // Per-budget series come from the leader only.
             assert_eq!(m[&series("ration_budget_cap")], 100.0, "node {id}");
-            assert_eq!(m[&series("ration_budget_consumed")], 25.0, "node {id}");
+            assert_eq!(m[&series("ration_budget_consumed")], 30.0, "node {id}");
             assert_eq!(m[&series("ration_budget_outstanding")], 50.0, "node {id}");
-            assert_eq!(m[&series("ration_budget_remaining")], 25.0, "node {id}");
+            assert_eq!(m[&series("ration_budget_remaining")], 20.0, "node {id}");
+            assert_eq!(m["ration_overruns_total"], 1.0);
+            assert_eq!(m["ration_overrun_units_total{unit=\"tokens\"}"], 5.0);
             assert_eq!(m[&series("ration_budget_upcoming")], 0.0, "node {id}");
             let left = m[&series("ration_budget_window_remaining_seconds")];
             assert!(left > 0.0 && left <= 86_400.0, "{left}");
