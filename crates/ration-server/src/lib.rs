@@ -1031,6 +1031,10 @@ where
             {
                 tokio::time::sleep(STORAGE_LOCK_RETRY).await;
             }
+            // It names the directory itself.
+            Err(e @ ration_store::OpenError::Locked { .. }) => {
+                return Err(anyhow::Error::new(e).context("cannot open storage"))
+            }
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!("cannot open storage in {}", config.data_dir.display())

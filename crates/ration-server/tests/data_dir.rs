@@ -42,3 +42,25 @@ async fn a_data_directory_refuses_another_node_id() {
     assert_eq!(node.node.identity.get(), cluster);
     node.stop().await.unwrap();
 }
+
+/// A second node on a data directory another one holds is refused (after waiting
+/// a few seconds for a node that is still stopping), and the message says so once:
+/// the directory, that it is in use, no OS error code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_in_use_is_refused_once_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node-1");
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let node = ration_server::start(config(1, addr, data.clone(), &[(1, addr)]), l).await.unwrap();
+    let l2 = listener().await;
+    let addr2 = l2.local_addr().unwrap();
+    let err =
+        ration_server::start(config(1, addr2, data.clone(), &[(1, addr2)]), l2).await.unwrap_err();
+    let msg = format!("{err:#}");
+    let shown = data.display().to_string();
+    assert!(msg.contains("is in use by another rationd"), "{msg}");
+    assert_eq!(msg.matches(&shown).count(), 1, "the directory is named once: {msg}");
+    assert!(!msg.contains("WouldBlock") && !msg.contains("code: 11"), "{msg}");
+    node.stop().await.unwrap();
+}
