@@ -485,7 +485,7 @@ impl Config {
 #[derive(Debug, Parser)]
 #[command(name = "rationd", version, about = "Ration node: a Raft-replicated quota ledger")]
 pub struct Args {
-    /// TOML configuration file (see deploy/ration.example.toml).
+    /// TOML configuration file (see deploy/ration.example.toml); unset: defaults, environment and flags only.
     #[arg(long, env = "RATION_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's id, unique in its cluster, at least 1 [default: 1].
@@ -499,22 +499,22 @@ pub struct Args {
     /// on a wildcard listen address, this machine's hostname and the listen port].
     #[arg(long, env = "RATION_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Where peers connect, apart from clients (required with TLS).
+    /// Where peers connect, apart from clients (required with TLS); unset: the client port serves peers too.
     #[arg(long, env = "RATION_PEER_LISTEN")]
     pub peer_listen: Option<String>,
     /// The address peers dial for the peer port (default: --peer-listen).
     #[arg(long, env = "RATION_PEER_ADVERTISE")]
     pub peer_advertise: Option<String>,
-    /// The CA certificate (PEM) that signs every client and peer certificate.
+    /// The CA certificate (PEM) that signs every client and peer certificate; unset: no TLS.
     #[arg(long, env = "RATION_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// This node's certificate (PEM; a node certificate).
+    /// This node's certificate (PEM; a node certificate); unset: no TLS.
     #[arg(long, env = "RATION_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// This node's private key (PEM).
+    /// This node's private key (PEM); unset: no TLS.
     #[arg(long, env = "RATION_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// The key bearer tokens are checked with (a file; needs TLS).
+    /// The key bearer tokens are checked with (a file; needs TLS); unset: no tokens accepted.
     #[arg(long, env = "RATION_TOKEN_KEY_FILE")]
     pub token_key_file: Option<PathBuf>,
     /// Serve without TLS on a non-loopback address (a network you control).
@@ -530,11 +530,12 @@ pub struct Args {
     /// Where the Raft log, snapshots and node id are kept [default: ration-data].
     #[arg(long, env = "RATION_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Initial voters, comma separated: 1=127.0.0.1:50051,2=127.0.0.1:50052,...
+    /// Initial voters, comma separated: 1=127.0.0.1:50051,2=127.0.0.1:50052,...;
+    /// unset: this node alone (unless --join)
     #[arg(long, env = "RATION_INITIAL_CLUSTER", value_delimiter = ',')]
     pub initial_cluster: Option<Vec<String>>,
     /// Join an existing cluster through this member (host:port), as a learner
-    /// unless --join-as voter.
+    /// unless --join-as voter; unset: start with --initial-cluster.
     #[arg(long, env = "RATION_JOIN")]
     pub join: Option<String>,
     /// With --join: `learner` (default; an operator promotes it) or `voter` (it
@@ -609,7 +610,7 @@ pub struct Args {
     /// [default: 127.0.0.1:9464].
     #[arg(long, env = "RATION_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
-    /// A file with the bearer token `GET /metrics` requires.
+    /// A file with the bearer token `GET /metrics` requires; unset: no token.
     #[arg(long, env = "RATION_METRICS_TOKEN_FILE")]
     pub metrics_token_file: Option<PathBuf>,
     /// Node id = the hostname's trailing ordinal + 1 (StatefulSet pod `ration-2` is 3).
@@ -795,6 +796,32 @@ mod tests {
         }
         let c = Config { replication_timeout_ms: 400, ..Config::default() };
         assert_eq!(c.replication_timeout(), 400);
+    }
+
+    /// Every flag says what it is and, unless it is a switch or has no default
+    /// (unset means off), its default: `rationd --help` is the reference.
+    #[test]
+    fn every_flag_has_help_and_says_its_default() {
+        use clap::CommandFactory;
+        let cmd = Args::command();
+        let mut missing = Vec::new();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            let help = arg.get_long_help().or(arg.get_help()).map(ToString::to_string);
+            let Some(help) = help.filter(|h| !h.trim().is_empty()) else {
+                missing.push(format!("--{id}: no description"));
+                continue;
+            };
+            let switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+            let said = help.contains("default") || help.contains("Unset") || help.contains("unset");
+            if !switch && !said && arg.get_default_values().is_empty() {
+                missing.push(format!("--{id}: no default said ({help:?})"));
+            }
+        }
+        assert!(missing.is_empty(), "{missing:#?}");
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub enum AuditCmd {
     /// status 1) saying how many records it wrote: the file holds them and no
     /// trailer (a prefix), and `--resume` continues it.
     Export {
+        /// The file format: one JSON record per line, or CSV.
         #[arg(long, value_enum, default_value = "jsonl")]
         format: FileFormat,
         /// Write here instead of standard output.
@@ -880,21 +881,27 @@ async fn page(
     ))
 }
 
-fn request(filter: &Filter) -> anyhow::Result<v1::QueryAuditRequest> {
+/// `--from` and `--to` as ledger times (ms), refusing an empty range.
+fn time_range(from: Option<&str>, to: Option<&str>) -> anyhow::Result<(Option<u64>, Option<u64>)> {
     let now = time::now_ms();
-    let from_ms = filter.from.as_deref().map(|t| time::parse(t, now)).transpose()?;
-    let to_ms = filter.to.as_deref().map(|t| time::parse(t, now)).transpose()?;
-    if let (Some(from), Some(to)) = (from_ms, to_ms) {
-        if from >= to {
+    let from_ms = from.map(|t| time::parse(t, now)).transpose()?;
+    let to_ms = to.map(|t| time::parse(t, now)).transpose()?;
+    if let (Some(f), Some(t)) = (from_ms, to_ms) {
+        if f >= t {
             return Err(anyhow!(
                 "--from {} ({}) is not before --to {} ({}): the range is empty",
-                filter.from.as_deref().unwrap_or_default(),
-                time::format_ms(from),
-                filter.to.as_deref().unwrap_or_default(),
-                time::format_ms(to)
+                from.unwrap_or_default(),
+                time::format_ms(f),
+                to.unwrap_or_default(),
+                time::format_ms(t)
             ));
         }
     }
+    Ok((from_ms, to_ms))
+}
+
+fn request(filter: &Filter) -> anyhow::Result<v1::QueryAuditRequest> {
+    let (from_ms, to_ms) = time_range(filter.from.as_deref(), filter.to.as_deref())?;
     Ok(v1::QueryAuditRequest {
         subtree: filter.subtree.clone().unwrap_or_default(),
         principal: filter.principal.clone().unwrap_or_default(),
@@ -1337,12 +1344,10 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
         AuditCmd::Verify { file: Some(path), format } => verify_file(ctx, &path, format, out),
         AuditCmd::Verify { file: None, .. } => verify_node(ctx, out).await,
         AuditCmd::Spend { subtree, window, from, to } => {
-            let now = time::now_ms();
             let path = convert::to_core::path("subtree", &subtree)
                 .map_err(|s| anyhow!("{}", s.message()))?;
             let window = crate::budget::parse_window(&window)?;
-            let from = from.as_deref().map(|t| time::parse(t, now)).transpose()?;
-            let to = to.as_deref().map(|t| time::parse(t, now)).transpose()?;
+            let (from, to) = time_range(from.as_deref(), to.as_deref())?;
             let mut records = Vec::new();
             let filter = Filter { subtree: Some(subtree.clone()), ..Filter::empty() };
             pages(ctx, request(&filter)?, |page| {

@@ -38,7 +38,10 @@ pub enum BudgetCmd {
         expected_version: Option<u64>,
     },
     /// Show one budget with its limits' current windows.
-    Get { path: String },
+    Get {
+        /// The budget's path (`acme/search`).
+        path: String,
+    },
     /// List budgets as a tree, with consumed, outstanding and remaining per window.
     List {
         /// Only this budget and those below it.
@@ -47,7 +50,9 @@ pub enum BudgetCmd {
     },
     /// Delete a leaf budget that has no live leases.
     Delete {
+        /// The budget's path.
         path: String,
+        /// Delete only if the budget is still at this version (refused otherwise).
         #[arg(long)]
         expected_version: Option<u64>,
     },

@@ -24,11 +24,15 @@ pub enum MemberCmd {
     /// Make learners voters, in one membership change (promote two at once to go
     /// from an odd number of voters to the next odd number).
     Promote {
+        /// The learners' node ids.
         #[arg(required = true)]
         ids: Vec<u64>,
     },
     /// Remove a node (voter or learner) from the cluster.
-    Remove { id: u64 },
+    Remove {
+        /// The node's id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,7 +46,10 @@ pub enum EndpointCmd {
 #[derive(Debug, Subcommand)]
 pub enum LeaderCmd {
     /// Move leadership to a voter that has caught up.
-    Move { id: u64 },
+    Move {
+        /// The voter to take leadership.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Serialize)]

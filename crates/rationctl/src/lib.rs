@@ -454,6 +454,31 @@ pub enum FileFormat {
 
 #[cfg(test)]
 mod tests {
+
+    /// Every flag and argument of every subcommand says what it is (`--help`).
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no description)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&<super::Cli as clap::CommandFactory>::command(), "rationctl", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+    }
     #[test]
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;

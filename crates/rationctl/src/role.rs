@@ -23,8 +23,11 @@ pub enum RoleCmd {
     },
     /// Take a role on a scope back. Audited as `role_revoked`. Admin only.
     Revoke {
+        /// The principal.
         principal: String,
+        /// admin, operator, auditor or gateway.
         role: String,
+        /// The scope it was granted on: a budget path, or *.
         #[arg(long)]
         scope: String,
     },

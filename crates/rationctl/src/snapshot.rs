@@ -24,6 +24,7 @@ pub enum SnapshotCmd {
     /// Build a new node's data directory from a snapshot file (offline; no
     /// endpoint is contacted). Start the node on it with `--join <member>`.
     Restore {
+        /// The snapshot file (from `snapshot save`).
         file: PathBuf,
         /// The data directory to create; it must not exist or be empty.
         #[arg(long)]
@@ -48,7 +49,10 @@ pub enum SnapshotCmd {
         audit_segments: Option<PathBuf>,
     },
     /// Check a snapshot file (ledger invariants, audit chain) and describe it.
-    Status { file: PathBuf },
+    Status {
+        /// The snapshot file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Serialize)]

@@ -521,6 +521,10 @@ async fn budgets_and_the_audit_ledger() {
     assert_eq!(q.as_array().unwrap().len(), 4);
     let err = ctl(&eps, &["audit", "query", "--from", "-24h", "--to", "-48h"]).await.unwrap_err();
     assert!(err.contains("is not before --to") && err.contains("empty"), "{err}");
+    let err = ctl(&eps, &["audit", "spend", "--subtree", "acme", "--from", "-1h", "--to", "-2h"])
+        .await
+        .unwrap_err();
+    assert!(err.contains("is not before --to") && err.contains("empty"), "{err}");
 
     // Spend per budget per window, rolled up the tree.
     let s = ctl_json(&eps, &["audit", "spend", "--subtree", "acme", "--window", "day"]).await;
