@@ -361,7 +361,8 @@ async fn watch_core(raft: Raft<TypeConfig>, report: watch::Sender<Option<CoreSto
 
 /// One INFO line for each change of leadership or membership this node sees: it
 /// became leader, another node leads now (a leader becoming known after an
-/// election), or the voters or learners changed. Ends with the metrics channel.
+/// election), the leader is no longer known (an election begins), or the voters
+/// or learners changed. Ends with the metrics channel.
 async fn log_changes(raft: Raft<TypeConfig>, me: NodeId) {
     let mut metrics = raft.metrics();
     drop(raft);
@@ -370,6 +371,14 @@ async fn log_changes(raft: Raft<TypeConfig>, me: NodeId) {
     loop {
         {
             let m = metrics.borrow_and_update();
+            if let (None, Some(gone)) = (m.current_leader, leader) {
+                tracing::info!(
+                    leader = gone,
+                    term = m.current_term,
+                    "no leader known now (node {gone} led); an election follows"
+                );
+                leader = None;
+            }
             if let Some(now) = m.current_leader.filter(|l| leader != Some(*l)) {
                 leader = Some(now);
                 if now == me {
@@ -458,7 +467,7 @@ pub async fn supervise(
             handle.stop().await
         }
         removed = removal(&handle.node) => {
-            tracing::warn!(
+            tracing::info!(
                 id = handle.node.id,
                 membership_index = removed.membership_index,
                 seen_on = removed.seen_on,

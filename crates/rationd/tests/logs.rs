@@ -59,6 +59,7 @@ async fn logs_name_their_node_say_who_leads_and_do_not_flood() {
         assert!(!ls.is_empty(), "node {} logged nothing", n.id);
         for l in &ls {
             assert!(l.starts_with(&tag), "a line of node {} without its id: {l}", n.id);
+            assert!(!l.contains('\x1b'), "colour codes in a redirected log: {l:?}");
             assert!(
                 !l.contains(" WARN ") && !l.contains(" ERROR "),
                 "a clean start warned on node {}: {l}",

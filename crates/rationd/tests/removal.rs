@@ -54,7 +54,15 @@ async fn removed_nodes_stop_say_so_and_exit_zero() {
     let mut nodes: Vec<Proc> = (0..3)
         .map(|i| {
             let dir = root.path().join(format!("node-{}", i + 1));
-            Proc::new(env!("CARGO_BIN_EXE_rationd"), i as u64 + 1, addrs[i], dir, cluster.clone())
+            let mut p = Proc::new(
+                env!("CARGO_BIN_EXE_rationd"),
+                i as u64 + 1,
+                addrs[i],
+                dir,
+                cluster.clone(),
+            );
+            p.log_filter = Some(String::new()); // rationd's default: removal is an INFO line
+            p
         })
         .collect();
     for n in &mut nodes {
