@@ -649,7 +649,7 @@ impl Sdk {
             // expiry at the boundary, and the release that follows gives the unspent
             // part back to every limit whose window is still open. Any other lease
             // stops `margin` early, so its release lands before its expiry.
-            let cut = lease.expires_at_ms == lease.window_end_ms;
+            let cut = lease.window_end_ms == Some(lease.expires_at_ms);
             let margin = if cut { 0 } else { margin_ms };
             let deadline = p.sent_at_ms.saturating_add(granted_ttl.saturating_sub(margin));
             // Ledger time when it was granted. A later ledger time comes, on the local
@@ -659,12 +659,12 @@ impl Sdk {
             let after = |from: u64, ledger_ms: u64| {
                 from.saturating_add(ledger_ms.saturating_sub(granted_at))
             };
-            // (0: the lease's windows never end.)
-            if lease.window_end_ms > 0
-                && t.boundary.is_none_or(|b| lease.window_end_ms > b.ledger_ms)
+            // (None: the lease's windows never end.)
+            if let Some(end) =
+                lease.window_end_ms.filter(|e| t.boundary.is_none_or(|b| *e > b.ledger_ms))
             {
-                let local_ms = after(received, lease.window_end_ms);
-                t.boundary = Some(Boundary { ledger_ms: lease.window_end_ms, local_ms });
+                let local_ms = after(received, end);
+                t.boundary = Some(Boundary { ledger_ms: end, local_ms });
             }
             // A lease for the next window opens at the boundary it was asked for,
             // measured as the current leases' end is (from when the request was

@@ -339,7 +339,7 @@ fn budget_out(b: &v1::Budget) -> anyhow::Result<BudgetOut> {
                 cap: spec.cap,
                 static_allowance: spec.static_allowance,
                 window_start_ms: l.window_start_ms,
-                window_end_ms: if lifetime { None } else { time_ms(l.window_end_ms) },
+                window_end_ms: if lifetime { None } else { l.window_end_ms.and_then(time_ms) },
                 consumed: l.consumed,
                 outstanding: l.outstanding,
                 upcoming: l.upcoming,

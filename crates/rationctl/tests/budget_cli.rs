@@ -259,7 +259,7 @@ async fn the_table_and_json_show_every_field() {
                 wanted: 10,
                 min: 1,
                 ttl_ms: 180_000,
-                starts_at_ms: now.window_end_ms,
+                starts_at_ms: now.window_end_ms.unwrap(),
             })
             .await
             .unwrap()

@@ -281,13 +281,9 @@ pub fn audit_record(r: &AuditRecord) -> v1::AuditRecord {
     }
 }
 
-/// A window's end as the API gives it: 0 for a window that never ends (a lifetime
-/// limit, whose end the ledger keeps as `u64::MAX`), rather than a sentinel that
-/// reads as the year 292,278,994.
-fn window_end(ms: u64) -> u64 {
-    if ms > ration_core::window::MAX_TIME_MS.saturating_add(1) {
-        0
-    } else {
-        ms
-    }
+/// A window's end as the API gives it: absent for a window that never ends (a
+/// lifetime limit, whose end the ledger keeps as `u64::MAX`), rather than a
+/// sentinel that reads as the year 292,278,994.
+fn window_end(ms: u64) -> Option<u64> {
+    (ms <= ration_core::window::MAX_TIME_MS.saturating_add(1)).then_some(ms)
 }
