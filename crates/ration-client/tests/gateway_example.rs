@@ -98,7 +98,8 @@ fn complete(addr: &str) -> std::io::Result<String> {
 
 /// The gateway with `--cacert --cert --key` against a node serving mutual TLS:
 /// without roles it says what it lacks and exits; once an admin has granted its
-/// principal operator and gateway on `demo`, it creates its budgets and admits calls.
+/// principal operator and gateway on `demo`, it creates its budgets and admits
+/// calls; when the node then stops, it says once that the cluster does not answer.
 #[test]
 fn the_gateway_runs_over_mutual_tls_with_the_roles_it_needs() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -195,7 +196,29 @@ fn the_gateway_runs_over_mutual_tls_with_the_roles_it_needs() {
         }
     };
     assert!(answer.contains("\"admitted\":1"), "{answer}");
+
+    // The cluster goes silent mid-run: the gateway says so, once.
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stderr = child.stderr.take().unwrap();
+    let sink = said.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    rt.block_on(node.stop()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let silent = "the cluster did not answer a refill round";
+    while !said.lock().unwrap().contains(silent) {
+        assert!(Instant::now() < deadline, "nothing said: {}", said.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(said.lock().unwrap().matches(silent).count(), 1, "{}", said.lock().unwrap());
     child.kill().unwrap();
     child.wait().unwrap();
-    rt.block_on(node.stop()).unwrap();
 }
