@@ -1,5 +1,7 @@
 //! Local admission cost: `Handle::try_spend` on a lease that never runs out, on one
-//! thread and on two threads spending from the same allowance at once.
+//! thread and on two threads spending from the same allowance at once; and an LLM
+//! call's reserve + settle on two limits (tokens and dollars), by name
+//! (`Gateway::reserve`) and through a pre-resolved `Reserver`.
 //!
 //! `cargo bench -p ration-client --bench admission`
 
@@ -52,6 +54,14 @@ fn main() {
                 .reserve(&[("acme/search", "tokens", 4096), ("acme", "usd_micros", 300)])
                 .unwrap();
             black_box(r.settle(&[1000, 80]))
+        })
+    });
+    // The same call through a Reserver: pairs resolved once, nothing allocated.
+    let reserver = gw.reserver(&[("acme/search", "tokens"), ("acme", "usd_micros")]);
+    group.bench_function("reserver_reserve_settle_2_limits", |b| {
+        b.iter(|| {
+            let r = reserver.reserve(black_box(&[4096, 300])).unwrap();
+            r.settle(black_box(&[1000, 80]))
         })
     });
     group.finish();

@@ -69,6 +69,111 @@ impl Handle {
     }
 }
 
+/// Most (budget, unit) pairs one [`Reserver`] reserves on at once (an LLM call:
+/// tokens, dollars, requests).
+pub const MAX_LIMITS_PER_CALL: usize = 4;
+
+/// Pre-resolved (budget, unit) pairs for calls that reserve on several at once, as
+/// an LLM call does (prompt + max_tokens in tokens, its price in dollars): the
+/// allowances and counters are looked up once, here, so [`Reserver::reserve`] and
+/// [`Held::settle`] look nothing up by name and allocate nothing.
+#[derive(Clone)]
+pub struct Reserver {
+    allowances: Vec<Arc<Allowance>>,
+    clock: Arc<CoarseClock>,
+    admitted: metrics::Counter,
+    denied: metrics::Counter,
+    overrun: metrics::Counter,
+}
+
+impl std::fmt::Debug for Reserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reserver")
+            .field("allowances", &self.allowances.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reserver {
+    /// Reserves `amounts[i]` on the i-th pair, all or nothing (a missing amount is
+    /// 0). Nothing is spent until [`Held::settle`]; dropping the result unsettled
+    /// gives it all back.
+    #[inline]
+    pub fn reserve(&self, amounts: &[u64]) -> Option<Held<'_>> {
+        let now = self.clock.now_ms();
+        let mut held =
+            Held { by: self, taken: [Taken::default(); MAX_LIMITS_PER_CALL], settled: false };
+        for (i, allowance) in self.allowances.iter().enumerate() {
+            let amount = amounts.get(i).copied().unwrap_or(0);
+            match allowance.try_take(amount, now) {
+                Some(t) => held.taken[i] = t,
+                None => {
+                    // `held` gives back what it took so far when dropped.
+                    self.denied.increment(1);
+                    return None;
+                }
+            }
+        }
+        self.admitted.increment(1);
+        Some(held)
+    }
+}
+
+/// A reservation made by a [`Reserver`].
+pub struct Held<'a> {
+    by: &'a Reserver,
+    taken: [Taken; MAX_LIMITS_PER_CALL],
+    settled: bool,
+}
+
+impl std::fmt::Debug for Held<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("reserved", &self.reserved(0)).finish_non_exhaustive()
+    }
+}
+
+impl Held<'_> {
+    /// Units reserved on the i-th pair.
+    pub fn reserved(&self, i: usize) -> u64 {
+        self.taken.get(i).map_or(0, Taken::units)
+    }
+
+    /// Keeps `used[i]` of the i-th reservation and gives the rest back, as
+    /// [`Reservation::settle`] does: use beyond a reservation is taken from live
+    /// leases as far as they hold it, and the rest recorded as an overrun that the
+    /// SDK reports to the ledger. Nothing used is ever left out of the ledger.
+    #[inline]
+    pub fn settle(mut self, used: &[u64]) {
+        self.settled = true;
+        let mut now = None;
+        for (i, allowance) in self.by.allowances.iter().enumerate() {
+            let t = &self.taken[i];
+            let used = used.get(i).copied().unwrap_or(0);
+            let reserved = t.units();
+            allowance.give_back(t, reserved.saturating_sub(used));
+            let excess = used.saturating_sub(reserved);
+            if excess > 0 {
+                let now = *now.get_or_insert_with(|| self.by.clock.now_ms());
+                let over = excess - allowance.take_up_to(excess, now);
+                if over > 0 {
+                    allowance.record_overrun(over);
+                    self.by.overrun.increment(over);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            for (i, allowance) in self.by.allowances.iter().enumerate() {
+                allowance.give_back(&self.taken[i], self.taken[i].units());
+            }
+        }
+    }
+}
+
 impl Gateway {
     pub fn new(clock: Arc<CoarseClock>) -> Self {
         Self { clock, allowances: RwLock::new(BTreeMap::new()) }
@@ -105,6 +210,26 @@ impl Gateway {
         }
     }
 
+    /// A [`Reserver`] for these (budget, unit) pairs, in order; created empty on
+    /// first use. At most [`MAX_LIMITS_PER_CALL`] pairs.
+    ///
+    /// # Panics
+    /// With more than [`MAX_LIMITS_PER_CALL`] pairs.
+    pub fn reserver(&self, pairs: &[(&str, &str)]) -> Reserver {
+        assert!(
+            pairs.len() <= MAX_LIMITS_PER_CALL,
+            "a Reserver spans at most {MAX_LIMITS_PER_CALL} (budget, unit) pairs, not {}",
+            pairs.len()
+        );
+        Reserver {
+            allowances: pairs.iter().map(|(b, u)| self.allowance(b, u)).collect(),
+            clock: self.clock.clone(),
+            admitted: metrics::counter!(counters::ADMITTED),
+            denied: metrics::counter!(counters::DENIED),
+            overrun: metrics::counter!(counters::OVERRUN_UNITS),
+        }
+    }
+
     /// Admits a call costing `amount` of `unit` on `budget`.
     pub fn try_spend(&self, budget: &str, unit: &str, amount: u64) -> bool {
         self.handle(budget, unit).try_spend(amount)
@@ -135,5 +260,57 @@ impl Gateway {
     ) -> Option<local::SlotState> {
         let deadline = sent_at_ms.saturating_add(ttl_ms.saturating_sub(margin_ms));
         self.allowance(budget, unit).install(units, deadline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A gateway with `tokens` on acme/search and `dollars` on acme, both live.
+    fn gateway(tokens: u64, dollars: u64) -> Gateway {
+        let clock = CoarseClock::new();
+        clock.tick();
+        let gw = Gateway::new(clock);
+        gw.install_lease("acme/search", "tokens", tokens, 0, u64::MAX / 2, 0).unwrap();
+        gw.install_lease("acme", "usd_micros", dollars, 0, u64::MAX / 2, 0).unwrap();
+        gw
+    }
+
+    fn available(gw: &Gateway, budget: &str, unit: &str) -> u64 {
+        gw.allowance(budget, unit).available(gw.clock().now_ms())
+    }
+
+    #[test]
+    fn a_reserver_reserves_all_or_nothing_and_settles_as_a_reservation_does() {
+        let gw = gateway(5000, 400);
+        let r = gw.reserver(&[("acme/search", "tokens"), ("acme", "usd_micros")]);
+        // Reserved, then settled below the reservation: the rest goes back.
+        let held = r.reserve(&[4096, 300]).unwrap();
+        assert_eq!((held.reserved(0), held.reserved(1)), (4096, 300));
+        assert_eq!(available(&gw, "acme/search", "tokens"), 904);
+        held.settle(&[1000, 80]);
+        assert_eq!(available(&gw, "acme/search", "tokens"), 4000);
+        assert_eq!(available(&gw, "acme", "usd_micros"), 320);
+        // All or nothing: the dollars do not cover it, so no tokens stay taken.
+        assert!(r.reserve(&[100, 321]).is_none());
+        assert_eq!(available(&gw, "acme/search", "tokens"), 4000);
+        // Dropped unsettled: everything goes back.
+        drop(r.reserve(&[4000, 320]).unwrap());
+        assert_eq!(available(&gw, "acme", "usd_micros"), 320);
+        // Used beyond the reservation: taken from the leases as far as they hold,
+        // the rest recorded as an overrun for the ledger; nothing left out.
+        let held = r.reserve(&[10, 10]).unwrap();
+        held.settle(&[20, 400]);
+        assert_eq!(available(&gw, "acme/search", "tokens"), 3980);
+        assert_eq!(available(&gw, "acme", "usd_micros"), 0);
+        assert_eq!(gw.allowance("acme", "usd_micros").take_overruns(), 80);
+    }
+
+    #[test]
+    #[should_panic(expected = "at most 4")]
+    fn a_reserver_spans_a_bounded_number_of_pairs() {
+        let gw = gateway(1, 1);
+        let _ = gw.reserver(&[("a", "u"), ("b", "u"), ("c", "u"), ("d", "u"), ("e", "u")]);
     }
 }

@@ -283,6 +283,15 @@ impl Sdk {
         handle
     }
 
+    /// A [`crate::Reserver`] for these (budget, unit) pairs, which the refill task
+    /// keeps stocked: the allocation-free way to reserve on several at once.
+    pub fn reserver(&self, pairs: &[(&str, &str)]) -> crate::Reserver {
+        for (b, u) in pairs {
+            self.handle(b, u);
+        }
+        self.gateway.reserver(pairs)
+    }
+
     /// Reserves on several (budget, unit) pairs at once, all or nothing.
     pub fn reserve(&self, wants: &[(&str, &str, u64)]) -> Option<Reservation> {
         for (b, u, _) in wants {

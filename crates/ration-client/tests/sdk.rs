@@ -25,14 +25,14 @@ async fn budget(
 ) {
     let mut limit = ration_testkit::limit("tokens", cap, Period::Lifetime);
     limit.static_allowance = static_allowance;
-    ledger(addr)
-        .create_budget(v1::CreateBudgetRequest {
-            meta: meta("sdk-admin", id, "ops"),
-            path: path.into(),
-            limits: vec![limit],
-        })
-        .await
-        .unwrap();
+    let req = v1::CreateBudgetRequest {
+        meta: meta("sdk-admin", id, "ops"),
+        path: path.into(),
+        limits: vec![limit],
+    };
+    // Retried with its request id while the outcome is unknown (a leader change on
+    // a busy machine): exactly once.
+    ration_testkit::until_answered!([addr], create_budget, req).unwrap();
 }
 
 /// A gateway with every SDK setting at its default (sized for a failover:
