@@ -613,10 +613,14 @@ impl Sdk {
         assert_eq!(ops.len(), results.len(), "one result per operation");
         for (p, r) in ops.into_iter().zip(results) {
             if let (Some(Op::Overrun(o)), Some(R::Error(e))) = (&p.op.op, &r.result) {
-                if e.code == tonic::Code::ResourceExhausted as i32 {
+                if e.code == tonic::Code::ResourceExhausted as i32
+                    || e.code == tonic::Code::PermissionDenied as i32
+                {
                     // A per-principal limit (the exactly-once table holds this
-                    // principal's maximum): nothing was counted or remembered. The
-                    // spend happened, so it goes back to be sent again next round.
+                    // principal's maximum), or no role for it (revoked while it held
+                    // no lease there): nothing was counted or remembered. The spend
+                    // happened, so it goes back to be sent again next round (a sum
+                    // per allowance: bounded however long it waits).
                     tracing::warn!(
                         budget = %o.budget, unit = %o.unit, amount = o.amount,
                         "an overrun report waits for the ledger: {}", e.message

@@ -985,12 +985,37 @@ where
     if node.tls.is_none() && node.config.insecure {
         tokio::spawn(warn_insecure(Arc::downgrade(&node)));
     }
+    if node.tls.is_some() && !node.config.admins.is_empty() {
+        tokio::spawn(warn_bootstrap_admins(Arc::downgrade(&node)));
+    }
     Ok(NodeHandle { node, stop: Some(stop_tx), served, core: core_rx })
 }
 
-/// How long opening storage waits for a lock held by a node still stopping.
 /// How often a node serving without TLS on a non-loopback address says so.
 const INSECURE_WARNING_EVERY: Duration = Duration::from_secs(60);
+/// How often a node checks whether its bootstrap admins are still needed.
+const BOOTSTRAP_ADMINS_CHECK_EVERY: Duration = Duration::from_secs(3600);
+
+/// Once the ledger holds an admin of its own, the bootstrap admins (`admins`) are
+/// no longer needed to grant roles, and any certificate or token naming one is an
+/// admin no revoke can touch: says so every [`BOOTSTRAP_ADMINS_CHECK_EVERY`].
+async fn warn_bootstrap_admins(node: std::sync::Weak<Node>) {
+    let mut tick = tokio::time::interval(BOOTSTRAP_ADMINS_CHECK_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let admins = node.reader.state().ledger.holders_of(ration_core::Role::Admin);
+        if admins > 0 {
+            tracing::warn!(
+                bootstrap_admins = ?node.config.admins,
+                ledger_admins = admins,
+                "bootstrap admins are configured though the ledger holds {admins} admin(s) of \
+                 its own: a credential naming a bootstrap admin is an admin no revoke can \
+                 touch; set `admins = []` in every node's configuration"
+            );
+        }
+    }
+}
 
 /// Logs a warning every [`INSECURE_WARNING_EVERY`] while the node runs without TLS
 /// where others can reach it.
@@ -1008,6 +1033,7 @@ async fn warn_insecure(node: std::sync::Weak<Node>) {
     }
 }
 
+/// How long opening storage waits for a lock held by a node still stopping.
 const STORAGE_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Between two attempts to take the storage lock.
 const STORAGE_LOCK_RETRY: Duration = Duration::from_millis(100);

@@ -324,6 +324,11 @@ async fn every_way_in_without_the_right_certificate_is_refused_and_changes_nothi
         .into_inner()
         .lease_id;
     c.role(follower, true, "gw2", "gateway", "tenant").await;
+    // A budget below tenant with a lease on it, and ops auditing only that one.
+    let mut gw_at_leader = LedgerClient::new(chan(c.as_principal("gw"), c.clients[&leader]));
+    gw_at_leader.create_budget(create("tenant/sub", 2, "gw")).await.unwrap();
+    gw_at_leader.acquire(acquire("gw", 5, "tenant/sub")).await.unwrap();
+    c.role(leader, false, "ops", "auditor", "tenant/sub").await;
     // A lease admin holds, for the lease test below.
     let lease = LedgerClient::new(chan(c.as_principal("admin"), c.clients[&leader]))
         .acquire(v1::AcquireRequest {
@@ -608,8 +613,8 @@ async fn every_way_in_without_the_right_certificate_is_refused_and_changes_nothi
         "a gateway reading another's lease",
         LedgerClient::new(chan(c.as_principal("gw"), client))
             .get_lease(v1::GetLeaseRequest { lease_id: gw2, linearizable: false }),
-        Some(Code::PermissionDenied),
-        &["to hold the lease"],
+        Some(Code::NotFound),
+        &["is not live"],
     )
     .await;
     table.push(("gateway reading another gateway's lease", r));
@@ -635,6 +640,32 @@ async fn every_way_in_without_the_right_certificate_is_refused_and_changes_nothi
         .get_lease(v1::GetLeaseRequest { lease_id: gw2, linearizable: false })
         .await
         .unwrap();
+    // A scoped auditor sees records of its subtree without the figures of the
+    // budgets above it that the same change touched; one on tenant sees them.
+    let audit_as = |who: &'static str| {
+        let chan = chan(c.as_principal(who), client);
+        async move {
+            LedgerClient::new(chan)
+                .query_audit(v1::QueryAuditRequest {
+                    limit: 100,
+                    subtree: "tenant/sub".into(),
+                    kinds: vec!["lease_granted".into()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .records
+        }
+    };
+    let budgets = |records: &[v1::AuditRecord]| -> std::collections::BTreeSet<String> {
+        records.iter().flat_map(|r| r.balances.iter().map(|b| b.budget.clone())).collect()
+    };
+    let scoped = audit_as("ops").await;
+    assert_eq!(scoped.len(), 1, "{scoped:?}");
+    assert_eq!(budgets(&scoped), ["tenant/sub".to_owned()].into(), "{scoped:?}");
+    let wider = audit_as("aud").await;
+    assert_eq!(budgets(&wider), ["tenant".to_owned(), "tenant/sub".to_owned()].into());
 
     let after = c.digests().await;
     assert_eq!(before, after, "a refused call changed the ledger");

@@ -6,12 +6,15 @@
 //! The rules ([`Ledger::authorize`]):
 //! - `admin` (on `*` only) may do everything;
 //! - `operator` on a scope creates, updates and deletes budgets in it, and reads them;
-//! - `auditor` on a scope reads audit records, spend, budgets and leases in it (the
-//!   ledger's own records, such as role and limit changes, need `*`);
+//! - `auditor` on a scope reads audit records, spend, budgets and leases in it (a
+//!   role change on a subtree is a record of that subtree; the ledger's own
+//!   records, limit changes and roles on `*`, need `*`; figures of budgets above
+//!   the scope that a record's change touched are withheld, see `audit_scopes`);
 //! - `gateway` on a scope acquires, renews and overruns on budgets in it, and reads them;
 //! - a lease's holder reports on it, releases it and reads it whatever roles it
-//!   holds: spend that happened is always recorded. A report asking to renew a lease
-//!   renews it only while its holder is still a gateway on its budget;
+//!   holds, and reports overruns on the limit it draws on: spend that happened is
+//!   always recorded. A report asking to renew a lease renews it only while its
+//!   holder is still a gateway on its budget;
 //! - everything else is refused (default deny).
 //!
 //! Only requests a node authenticated are checked ([`crate::Command::Authenticated`]):
@@ -77,6 +80,11 @@ impl Ledger {
         self.roles.held.get(principal).map(|r| r.iter().cloned().collect()).unwrap_or_default()
     }
 
+    /// How many principals hold `role` (on any scope).
+    pub fn holders_of(&self, role: Role) -> usize {
+        self.roles.held.values().filter(|r| r.iter().any(|(held, _)| *held == role)).count()
+    }
+
     /// Every principal's roles, in principal order, from after `start_after`, at
     /// most `limit` principals.
     pub fn all_roles(
@@ -92,6 +100,30 @@ impl Ledger {
             .take(limit)
             .map(|(p, r)| (p.clone(), r.iter().cloned().collect()))
             .collect()
+    }
+
+    /// The subtrees whose figures `principal` may see in audit records: `None` for
+    /// all (an admin, an auditor on `*`, a bootstrap admin), else its auditor
+    /// scopes. A record's `balances` also show the ancestors its change touched;
+    /// those outside these scopes are withheld from a scoped auditor.
+    pub fn audit_scopes(
+        &self,
+        principal: &Principal,
+        authority: Authority,
+    ) -> Option<Vec<BudgetPath>> {
+        if authority == Authority::BootstrapAdmin {
+            return None;
+        }
+        let held = self.roles.held.get(principal)?;
+        let mut scopes = Vec::new();
+        for (role, scope) in held {
+            match (role, scope) {
+                (Role::Admin, _) | (Role::Auditor, Scope::All) => return None,
+                (Role::Auditor, Scope::Subtree(p)) => scopes.push(p.clone()),
+                _ => {}
+            }
+        }
+        Some(scopes)
     }
 
     /// Whether `principal`'s roles let it do `action` (a bootstrap admin may do
@@ -175,7 +207,14 @@ impl Ledger {
             Op::DeleteBudget { path, .. } => may(Action::ManageBudget(path))?,
             Op::Acquire(a) => may(Action::Spend(&a.budget))?,
             Op::AcquireNext(a) => may(Action::Spend(&a.acquire.budget))?,
-            Op::Overrun(o) => may(Action::Spend(&o.budget))?,
+            // An overrun is spend that already happened: a principal spending from
+            // that pool (a live lease on the nearest limit in the unit) may report
+            // it even after losing its role, so nothing spent is left out.
+            Op::Overrun(o) => {
+                if !self.spends_from(p, &o.budget, &o.unit) {
+                    may(Action::Spend(&o.budget))?;
+                }
+            }
             Op::Report(r) if r.renew_ttl_ms.is_some() => {
                 let renews =
                     self.leases.get(&r.lease).is_some_and(|l| may(Action::Spend(&l.path)).is_ok());
@@ -185,6 +224,21 @@ impl Ledger {
             Op::SetLimits(_) | Op::GrantRole(_) | Op::RevokeRole(_) => may(Action::Administer)?,
         }
         Ok(true)
+    }
+
+    /// Whether `principal` holds a live lease (open or for the next window) on the
+    /// limit in `unit` nearest `budget` (on it, or its closest ancestor with one).
+    fn spends_from(&self, principal: &Principal, budget: &BudgetPath, unit: &Unit) -> bool {
+        let mut at = self.by_path.get(budget).copied();
+        while let Some(id) = at {
+            let Some(b) = self.budgets.get(&id) else { return false };
+            if let Some(l) = b.limits.iter().find(|l| l.spec.unit == *unit) {
+                return l.counter.holders.contains_key(principal)
+                    || l.counter.upcoming_holders.contains_key(principal);
+            }
+            at = b.parent;
+        }
+        false
     }
 
     pub(super) fn grant_role(&mut self, ctx: &mut Ctx<'_>, grant: &RoleGrant) -> Outcome {
@@ -250,6 +304,27 @@ impl Ledger {
             }
         }
         out
+    }
+
+    /// Every grant is one `GrantRole` could have made, within the bounds.
+    pub(super) fn check_roles(&self) -> Result<(), super::InvariantError> {
+        let bad = |detail: String| Err(super::InvariantError::Roles { detail });
+        if self.roles.held.len() > MAX_PRINCIPALS_WITH_ROLES {
+            return bad(format!("{} principals hold roles", self.roles.held.len()));
+        }
+        for (principal, held) in &self.roles.held {
+            if held.is_empty() || held.len() > MAX_ROLES_PER_PRINCIPAL {
+                return bad(format!("{principal} holds {} roles", held.len()));
+            }
+            for (role, scope) in held {
+                let grant =
+                    RoleGrant { principal: principal.clone(), role: *role, scope: scope.clone() };
+                if let Err(e) = check_grant(&grant) {
+                    return bad(format!("{principal}: {e}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Restores the roles table from the snapshot's fifth section.

@@ -36,6 +36,8 @@ impl From<InvariantError> for SnapshotError {
 pub enum InvariantError {
     #[error("per-principal usage does not match the state: {detail}")]
     PrincipalUsage { detail: String },
+    #[error("the roles table is not one the ledger could hold: {detail}")]
+    Roles { detail: String },
     #[error("the audit sequence is exhausted: next sequence number {next_seq} is above {max}")]
     AuditSequenceExhausted { next_seq: u64, max: u64 },
     #[error("budget {path} appears twice (budget ids {first} and {second})")]
@@ -443,6 +445,7 @@ impl Ledger {
     /// and conservation. Tests call it after every step; restore calls it once.
     pub fn check_invariants(&self) -> Result<(), InvariantError> {
         self.check_principal_usage()?;
+        self.check_roles()?;
         let window_ends: BTreeMap<(BudgetId, u64), u64> = self
             .budgets
             .iter()

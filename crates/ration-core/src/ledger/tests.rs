@@ -1140,9 +1140,22 @@ fn authenticated_requests_are_denied_by_default_and_granted_by_scope() {
         }
         other => panic!("{other:?}"),
     }
+    // An overrun on the limit its lease draws on is spend that happened: recorded.
+    let overrun = |amount| {
+        Op::Overrun(crate::command::Overrun {
+            budget: path("acme/search/key-7"),
+            unit: unit("tokens"),
+            amount,
+        })
+    };
+    assert!(matches!(as_principal(&mut h, "gw", overrun(3)), Ok(Reply::OverrunRecorded { .. })));
+    // Someone holding neither a role nor a lease there cannot charge it.
+    assert!(denied(&as_principal(&mut h, "stranger", overrun(3))));
     let release = Op::Release(Release { lease: g1.lease, consumed_total: 6 });
     assert!(matches!(as_principal(&mut h, "gw", release), Ok(Reply::Released { .. })));
-    assert_eq!(h.usage("acme/search/key-7").0, 6);
+    assert_eq!(h.usage("acme/search/key-7").0, 9);
+    // Its lease settled, the revoked gateway can no longer report overruns there.
+    assert!(denied(&as_principal(&mut h, "gw", overrun(1))));
 }
 
 #[test]

@@ -412,7 +412,11 @@ impl v1::ledger_server::Ledger for LedgerService {
             return forward::to_leader(&self.node, req, on_leader!(LedgerClient, get_lease)).await;
         }
         let id = to_core::get_lease(req.get_ref());
-        self.allow(&Caller::of(&req), ration_core::Action::ReadLease(id))?;
+        // Another's lease reads as absent: lease ids are guessable, and a refusal
+        // would tell that it exists and where.
+        if self.allow(&Caller::of(&req), ration_core::Action::ReadLease(id)).is_err() {
+            return Err(Status::not_found(format!("lease {id} is not live")));
+        }
         let state = self.node.reader.state();
         let view = state
             .ledger
@@ -430,10 +434,12 @@ impl v1::ledger_server::Ledger for LedgerService {
                 .await;
         }
         let page = to_core::query_audit(req.get_ref())?;
-        self.allow(
-            &Caller::of(&req),
-            ration_core::Action::ReadAudit(page.filter.subtree.as_ref()),
-        )?;
+        let caller = Caller::of(&req);
+        self.allow(&caller, ration_core::Action::ReadAudit(page.filter.subtree.as_ref()))?;
+        // A scoped auditor does not see the figures of budgets above its scope that
+        // a record's change also touched.
+        let visible = crate::auth::authority(&caller, &self.node.config.admins)?
+            .and_then(|(p, authority)| self.node.reader.state().ledger.audit_scopes(&p, authority));
         let audit = self.node.reader.audit.clone();
         let (records, next) = self
             .node
@@ -454,7 +460,16 @@ impl v1::ledger_server::Ledger for LedgerService {
                         scanned += 1;
                         next = rec.entry.seq + 1;
                         if page.filter.matches(&rec) {
-                            records.push(to_proto::audit_record(&rec));
+                            let mut record = to_proto::audit_record(&rec);
+                            if let Some(scopes) = &visible {
+                                record.balances.retain(|b| {
+                                    scopes.iter().any(|s| {
+                                        ration_core::BudgetPath::new(b.budget.as_str())
+                                            .is_ok_and(|p| p.is_within(s))
+                                    })
+                                });
+                            }
+                            records.push(record);
                             if records.len() == page.limit {
                                 break;
                             }
