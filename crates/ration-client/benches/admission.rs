@@ -57,11 +57,11 @@ fn main() {
         })
     });
     // The same call through a Reserver: pairs resolved once, nothing allocated.
-    let reserver = gw.reserver(&[("acme/search", "tokens"), ("acme", "usd_micros")]);
+    let reserver = gw.reserver([("acme/search", "tokens"), ("acme", "usd_micros")]);
     group.bench_function("reserver_reserve_settle_2_limits", |b| {
         b.iter(|| {
-            let r = reserver.reserve(black_box(&[4096, 300])).unwrap();
-            r.settle(black_box(&[1000, 80]))
+            let r = reserver.reserve(black_box([4096, 300])).unwrap();
+            r.settle(black_box([1000, 80]))
         })
     });
     group.finish();

@@ -38,6 +38,8 @@ struct Call {
 
 struct App {
     sdk: Arc<Sdk>,
+    /// The budget's tokens, resolved once: each call reserves without lookups.
+    tokens_of: ration_client::Reserver<1>,
     admitted: AtomicU64,
     refused: AtomicU64,
     tokens: AtomicU64,
@@ -49,7 +51,7 @@ async fn complete(
     Query(call): Query<Call>,
 ) -> (StatusCode, Json<json::Value>) {
     let reserve = call.prompt_tokens.saturating_add(call.max_tokens);
-    let Some(reservation) = app.sdk.reserve(&[(BUDGET, "tokens", reserve)]) else {
+    let Some(reservation) = app.tokens_of.reserve([reserve]) else {
         app.refused.fetch_add(1, Ordering::Relaxed);
         return (StatusCode::TOO_MANY_REQUESTS, Json(json::refused(reserve)));
     };
@@ -57,7 +59,7 @@ async fn complete(
     let r = app.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed).rotate_left(17);
     let completion = if call.max_tokens == 0 { 0 } else { r % (call.max_tokens + 1) };
     let used = call.prompt_tokens + completion;
-    reservation.settle(&[used]);
+    reservation.settle([used]);
     app.admitted.fetch_add(1, Ordering::Relaxed);
     app.tokens.fetch_add(used, Ordering::Relaxed);
     (StatusCode::OK, Json(json::admitted(used, reserve - used)))
@@ -255,6 +257,7 @@ async fn main() -> anyhow::Result<()> {
     let sdk = Sdk::start(config, clock)?;
     sdk.handle(BUDGET, "tokens");
     let app = Arc::new(App {
+        tokens_of: sdk.reserver([(BUDGET, "tokens")]),
         sdk,
         admitted: AtomicU64::new(0),
         refused: AtomicU64::new(0),

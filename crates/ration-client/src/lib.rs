@@ -69,43 +69,34 @@ impl Handle {
     }
 }
 
-/// Most (budget, unit) pairs one [`Reserver`] reserves on at once (an LLM call:
-/// tokens, dollars, requests).
-pub const MAX_LIMITS_PER_CALL: usize = 4;
-
-/// Pre-resolved (budget, unit) pairs for calls that reserve on several at once, as
-/// an LLM call does (prompt + max_tokens in tokens, its price in dollars): the
+/// Pre-resolved (budget, unit) pairs for calls that reserve on `N` of them at once,
+/// as an LLM call does (prompt + max_tokens in tokens, its price in dollars): the
 /// allowances and counters are looked up once, here, so [`Reserver::reserve`] and
 /// [`Held::settle`] look nothing up by name and allocate nothing.
 #[derive(Clone)]
-pub struct Reserver {
-    allowances: Vec<Arc<Allowance>>,
+pub struct Reserver<const N: usize> {
+    allowances: [Arc<Allowance>; N],
     clock: Arc<CoarseClock>,
     admitted: metrics::Counter,
     denied: metrics::Counter,
     overrun: metrics::Counter,
 }
 
-impl std::fmt::Debug for Reserver {
+impl<const N: usize> std::fmt::Debug for Reserver<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reserver")
-            .field("allowances", &self.allowances.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Reserver").field("pairs", &N).finish_non_exhaustive()
     }
 }
 
-impl Reserver {
-    /// Reserves `amounts[i]` on the i-th pair, all or nothing (a missing amount is
-    /// 0). Nothing is spent until [`Held::settle`]; dropping the result unsettled
-    /// gives it all back.
+impl<const N: usize> Reserver<N> {
+    /// Reserves `amounts[i]` on the i-th pair, all or nothing. Nothing is spent
+    /// until [`Held::settle`]; dropping the result unsettled gives it all back.
     #[inline]
-    pub fn reserve(&self, amounts: &[u64]) -> Option<Held<'_>> {
+    pub fn reserve(&self, amounts: [u64; N]) -> Option<Held<'_, N>> {
         let now = self.clock.now_ms();
-        let mut held =
-            Held { by: self, taken: [Taken::default(); MAX_LIMITS_PER_CALL], settled: false };
+        let mut held = Held { by: self, taken: [Taken::default(); N], settled: false };
         for (i, allowance) in self.allowances.iter().enumerate() {
-            let amount = amounts.get(i).copied().unwrap_or(0);
-            match allowance.try_take(amount, now) {
+            match allowance.try_take(amounts[i], now) {
                 Some(t) => held.taken[i] = t,
                 None => {
                     // `held` gives back what it took so far when dropped.
@@ -120,19 +111,20 @@ impl Reserver {
 }
 
 /// A reservation made by a [`Reserver`].
-pub struct Held<'a> {
-    by: &'a Reserver,
-    taken: [Taken; MAX_LIMITS_PER_CALL],
+pub struct Held<'a, const N: usize> {
+    by: &'a Reserver<N>,
+    taken: [Taken; N],
     settled: bool,
 }
 
-impl std::fmt::Debug for Held<'_> {
+impl<const N: usize> std::fmt::Debug for Held<'_, N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Held").field("reserved", &self.reserved(0)).finish_non_exhaustive()
+        let reserved: [u64; N] = std::array::from_fn(|i| self.reserved(i));
+        f.debug_struct("Held").field("reserved", &reserved).finish_non_exhaustive()
     }
 }
 
-impl Held<'_> {
+impl<const N: usize> Held<'_, N> {
     /// Units reserved on the i-th pair.
     pub fn reserved(&self, i: usize) -> u64 {
         self.taken.get(i).map_or(0, Taken::units)
@@ -143,15 +135,14 @@ impl Held<'_> {
     /// leases as far as they hold it, and the rest recorded as an overrun that the
     /// SDK reports to the ledger. Nothing used is ever left out of the ledger.
     #[inline]
-    pub fn settle(mut self, used: &[u64]) {
+    pub fn settle(mut self, used: [u64; N]) {
         self.settled = true;
         let mut now = None;
         for (i, allowance) in self.by.allowances.iter().enumerate() {
             let t = &self.taken[i];
-            let used = used.get(i).copied().unwrap_or(0);
             let reserved = t.units();
-            allowance.give_back(t, reserved.saturating_sub(used));
-            let excess = used.saturating_sub(reserved);
+            allowance.give_back(t, reserved.saturating_sub(used[i]));
+            let excess = used[i].saturating_sub(reserved);
             if excess > 0 {
                 let now = *now.get_or_insert_with(|| self.by.clock.now_ms());
                 let over = excess - allowance.take_up_to(excess, now);
@@ -164,11 +155,11 @@ impl Held<'_> {
     }
 }
 
-impl Drop for Held<'_> {
+impl<const N: usize> Drop for Held<'_, N> {
     fn drop(&mut self) {
         if !self.settled {
-            for (i, allowance) in self.by.allowances.iter().enumerate() {
-                allowance.give_back(&self.taken[i], self.taken[i].units());
+            for (allowance, t) in self.by.allowances.iter().zip(&self.taken) {
+                allowance.give_back(t, t.units());
             }
         }
     }
@@ -210,19 +201,11 @@ impl Gateway {
         }
     }
 
-    /// A [`Reserver`] for these (budget, unit) pairs, in order; created empty on
-    /// first use. At most [`MAX_LIMITS_PER_CALL`] pairs.
-    ///
-    /// # Panics
-    /// With more than [`MAX_LIMITS_PER_CALL`] pairs.
-    pub fn reserver(&self, pairs: &[(&str, &str)]) -> Reserver {
-        assert!(
-            pairs.len() <= MAX_LIMITS_PER_CALL,
-            "a Reserver spans at most {MAX_LIMITS_PER_CALL} (budget, unit) pairs, not {}",
-            pairs.len()
-        );
+    /// A [`Reserver`] for these (budget, unit) pairs, in order; each allowance is
+    /// created empty on first use.
+    pub fn reserver<const N: usize>(&self, pairs: [(&str, &str); N]) -> Reserver<N> {
         Reserver {
-            allowances: pairs.iter().map(|(b, u)| self.allowance(b, u)).collect(),
+            allowances: pairs.map(|(b, u)| self.allowance(b, u)),
             clock: self.clock.clone(),
             admitted: metrics::counter!(counters::ADMITTED),
             denied: metrics::counter!(counters::DENIED),
@@ -284,33 +267,26 @@ mod tests {
     #[test]
     fn a_reserver_reserves_all_or_nothing_and_settles_as_a_reservation_does() {
         let gw = gateway(5000, 400);
-        let r = gw.reserver(&[("acme/search", "tokens"), ("acme", "usd_micros")]);
+        let r = gw.reserver([("acme/search", "tokens"), ("acme", "usd_micros")]);
         // Reserved, then settled below the reservation: the rest goes back.
-        let held = r.reserve(&[4096, 300]).unwrap();
+        let held = r.reserve([4096, 300]).unwrap();
         assert_eq!((held.reserved(0), held.reserved(1)), (4096, 300));
         assert_eq!(available(&gw, "acme/search", "tokens"), 904);
-        held.settle(&[1000, 80]);
+        held.settle([1000, 80]);
         assert_eq!(available(&gw, "acme/search", "tokens"), 4000);
         assert_eq!(available(&gw, "acme", "usd_micros"), 320);
         // All or nothing: the dollars do not cover it, so no tokens stay taken.
-        assert!(r.reserve(&[100, 321]).is_none());
+        assert!(r.reserve([100, 321]).is_none());
         assert_eq!(available(&gw, "acme/search", "tokens"), 4000);
         // Dropped unsettled: everything goes back.
-        drop(r.reserve(&[4000, 320]).unwrap());
+        drop(r.reserve([4000, 320]).unwrap());
         assert_eq!(available(&gw, "acme", "usd_micros"), 320);
         // Used beyond the reservation: taken from the leases as far as they hold,
         // the rest recorded as an overrun for the ledger; nothing left out.
-        let held = r.reserve(&[10, 10]).unwrap();
-        held.settle(&[20, 400]);
+        let held = r.reserve([10, 10]).unwrap();
+        held.settle([20, 400]);
         assert_eq!(available(&gw, "acme/search", "tokens"), 3980);
         assert_eq!(available(&gw, "acme", "usd_micros"), 0);
         assert_eq!(gw.allowance("acme", "usd_micros").take_overruns(), 80);
-    }
-
-    #[test]
-    #[should_panic(expected = "at most 4")]
-    fn a_reserver_spans_a_bounded_number_of_pairs() {
-        let gw = gateway(1, 1);
-        let _ = gw.reserver(&[("a", "u"), ("b", "u"), ("c", "u"), ("d", "u"), ("e", "u")]);
     }
 }

@@ -285,7 +285,7 @@ impl Sdk {
 
     /// A [`crate::Reserver`] for these (budget, unit) pairs, which the refill task
     /// keeps stocked: the allocation-free way to reserve on several at once.
-    pub fn reserver(&self, pairs: &[(&str, &str)]) -> crate::Reserver {
+    pub fn reserver<const N: usize>(&self, pairs: [(&str, &str); N]) -> crate::Reserver<N> {
         for (b, u) in pairs {
             self.handle(b, u);
         }
