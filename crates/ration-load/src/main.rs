@@ -259,6 +259,47 @@ fn lifetime(cap: i64) -> Vec<v1::Limit> {
 struct Counters {
     ops: AtomicU64,
     errors: AtomicU64,
+    /// Why operations failed: (code, message with numbers as N) -> count, at most
+    /// [`MAX_REASONS`] distinct ones (the rest under "other").
+    reasons: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// Most distinct failure reasons kept.
+const MAX_REASONS: usize = 16;
+
+impl Counters {
+    /// Counts one failed operation under its reason.
+    fn failed(&self, code: &str, message: &str) {
+        let mut why = format!("{code}: ");
+        let mut in_number = false;
+        for c in message.chars().take(160) {
+            if c.is_ascii_digit() {
+                if !in_number {
+                    why.push('N');
+                }
+                in_number = true;
+            } else {
+                in_number = false;
+                why.push(c);
+            }
+        }
+        let mut reasons = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if reasons.contains_key(&why) || reasons.len() < MAX_REASONS {
+            why
+        } else {
+            "other".to_owned()
+        };
+        *reasons.entry(key).or_insert(0) += 1;
+    }
+
+    /// The most frequent failure reasons, most frequent first.
+    fn top_reasons(&self, n: usize) -> Vec<(String, u64)> {
+        let reasons = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<(String, u64)> = reasons.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
 }
 
 async fn worker(
@@ -273,12 +314,13 @@ async fn worker(
     let client_id = args.client_id(&worker_id.to_string());
     let mut request_id = 0u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (worker_id as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-    let timed = |hist: &mut Histogram<u64>, started: Instant, ok: bool| {
+    let timed = |hist: &mut Histogram<u64>, started: Instant, err: Option<&tonic::Status>| {
         if recording.load(Ordering::Relaxed) {
             let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
             counters.ops.fetch_add(1, Ordering::Relaxed);
-            if !ok {
+            if let Some(e) = err {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
+                counters.failed(&format!("{:?}", e.code()), e.message());
             }
         }
     };
@@ -300,7 +342,7 @@ async fn worker(
                 starts_at_ms: 0,
             })
             .await;
-        timed(&mut hist, t, acquired.is_ok());
+        timed(&mut hist, t, acquired.as_ref().err());
         let Ok(lease) = acquired else { continue };
         let lease = lease.into_inner();
         for _ in 0..args.reports {
@@ -314,7 +356,7 @@ async fn worker(
                     renew_ttl_ms: None,
                 })
                 .await;
-            timed(&mut hist, t, r.is_ok());
+            timed(&mut hist, t, r.as_ref().err());
         }
         request_id += 1;
         let t = Instant::now();
@@ -325,7 +367,7 @@ async fn worker(
                 consumed_total: args.reports as i64,
             })
             .await;
-        timed(&mut hist, t, r.is_ok());
+        timed(&mut hist, t, r.as_ref().err());
     }
     hist
 }
@@ -358,6 +400,8 @@ async fn batch_worker(
             let t = Instant::now();
             let r = c.batch(req).await;
             let elapsed = t.elapsed();
+            let whole =
+                r.as_ref().err().map(|e| (format!("{:?}", e.code()), e.message().to_owned()));
             let results = r.map(|r| r.into_inner().results).unwrap_or_default();
             if recording.load(Ordering::Relaxed) {
                 counters.ops.fetch_add(n, Ordering::Relaxed);
@@ -367,6 +411,15 @@ async fn batch_worker(
                 counters
                     .errors
                     .fetch_add(bad + n.saturating_sub(results.len() as u64), Ordering::Relaxed);
+                for x in &results {
+                    if let Some(R::Error(e)) = &x.result {
+                        let code = tonic::Code::from_i32(e.code);
+                        counters.failed(&format!("{code:?}"), &e.message);
+                    }
+                }
+                if let Some((code, message)) = &whole {
+                    counters.failed(code, &format!("whole Batch: {message}"));
+                }
             }
             (elapsed, results)
         }
@@ -639,6 +692,9 @@ async fn main() -> anyhow::Result<()> {
         hist.max(),
         counters.errors.load(Ordering::Relaxed)
     );
+    for (why, n) in counters.top_reasons(5) {
+        println!("  {n} failed: {why}");
+    }
     println!(
         "raft entries applied: {entries} ({:.0}/s), {:.1} commands per entry",
         entries as f64 / elapsed,
@@ -657,4 +713,37 @@ async fn main() -> anyhow::Result<()> {
         _ => println!("log store {}: no write-ahead log counters", args.log_store),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::Counters;
+
+    #[test]
+    fn failures_are_counted_by_reason_with_numbers_folded() {
+        let c = Counters::default();
+        c.failed(
+            "ResourceExhausted",
+            "budget load/k1 is exhausted: 0 available, at least 1 wanted",
+        );
+        c.failed(
+            "ResourceExhausted",
+            "budget load/k22 is exhausted: 0 available, at least 1 wanted",
+        );
+        c.failed("InvalidArgument", "request 7 of client c was already used");
+        let top = c.top_reasons(5);
+        assert_eq!(
+            top[0],
+            (
+                "ResourceExhausted: budget load/kN is exhausted: N available, at least N wanted"
+                    .to_owned(),
+                2
+            )
+        );
+        assert_eq!(top.len(), 2);
+        for i in 0..40 {
+            c.failed("Internal", &format!("distinct reason {}", "x".repeat(i)));
+        }
+        assert!(c.reasons.lock().unwrap().len() <= super::MAX_REASONS + 1, "bounded");
+    }
 }
