@@ -96,13 +96,11 @@ impl<const N: usize> Reserver<N> {
         let now = self.clock.now_ms();
         let mut held = Held { by: self, taken: [Taken::default(); N], settled: false };
         for (i, allowance) in self.allowances.iter().enumerate() {
-            match allowance.try_take(amounts[i], now) {
-                Some(t) => held.taken[i] = t,
-                None => {
-                    // `held` gives back what it took so far when dropped.
-                    self.denied.increment(1);
-                    return None;
-                }
+            if !allowance.try_take_into(amounts[i], now, &mut held.taken[i]) {
+                // `held` gives back what it took so far when dropped (this part
+                // took nothing).
+                self.denied.increment(1);
+                return None;
             }
         }
         self.admitted.increment(1);
