@@ -712,6 +712,26 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => println!("log store {}: no write-ahead log counters", args.log_store),
     }
+    // The ledger's own figures for the root of every budget this run used: what is
+    // consumed and leased never exceeds the cap.
+    let root = admin
+        .get_budget(v1::GetBudgetRequest { path: "load".into(), linearizable: true })
+        .await?
+        .into_inner();
+    for l in &root.limits {
+        let cap = l.limit.as_ref().map_or(0, |x| x.cap);
+        if l.consumed.saturating_add(l.outstanding) > cap {
+            bail!(
+                "OVERSHOT: load holds {} consumed + {} outstanding, cap {cap}",
+                l.consumed,
+                l.outstanding
+            );
+        }
+        println!(
+            "cap held: load has {} consumed + {} outstanding, cap {cap} (the ledger's figures)",
+            l.consumed, l.outstanding
+        );
+    }
     Ok(())
 }
 
