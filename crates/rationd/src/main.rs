@@ -34,7 +34,12 @@ fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi).boxed()
     };
-    let logs = logs.with_filter(filter).with_filter(repeats.clone());
+    // One filter (the level filter, then the repeats), not one per layer: a span
+    // or event the level filter drops is then never recorded at all, where two
+    // nested per-layer filters had the registry keep every span of every library
+    // for the outer one (about 4% of a node's CPU with one operation per RPC).
+    use tracing_subscriber::filter::FilterExt as _;
+    let logs = logs.with_filter(filter.and(repeats.clone()));
     #[allow(unused_mut)] // the otel feature adds a layer
     let mut layers = vec![logs.boxed()];
     #[cfg(feature = "otel")]
