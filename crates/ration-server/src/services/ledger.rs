@@ -44,7 +44,7 @@ impl LedgerService {
     async fn write<Req, Rep, Fut>(
         &self,
         req: Request<Req>,
-        convert: impl FnOnce(&Req) -> Result<Vec<ration_core::Request>, Status>,
+        convert: impl FnOnce(&Req, &Screen<'_>) -> Result<Vec<ration_core::Request>, Status>,
         reply: impl FnOnce(&Req, Vec<Outcome>) -> Result<Rep, Status>,
         call: impl FnOnce(LedgerClient<Channel>, Request<Req>) -> Fut,
     ) -> Result<Response<Rep>, Status>
@@ -54,15 +54,14 @@ impl LedgerService {
         let already_forwarded = forward::was_forwarded(&req);
         let caller = Caller::of(&req);
         let inner = req.into_inner();
-        let requests = convert(&inner)?;
-        let authority = crate::auth::authority(&caller, &self.node.config.admins)?;
-        for request in &requests {
-            self.screen(&caller, request)?;
-        }
+        let authority = crate::auth::authority(&caller, &self.node.config.admins)?
+            .map(|(_, authority)| authority);
+        let screen = Screen { node: &self.node, caller: &caller, authority };
+        let requests = convert(&inner, &screen)?;
         let commands: Vec<Command> = requests
             .into_iter()
-            .map(|request| match &authority {
-                Some((_, authority)) => Command::Authenticated { request, authority: *authority },
+            .map(|request| match authority {
+                Some(authority) => Command::Authenticated { request, authority },
                 None => Command::Request(request),
             })
             .collect();
@@ -85,45 +84,6 @@ impl LedgerService {
         }
     }
 
-    /// Refuses, without proposing anything, what the ledger would refuse as the
-    /// caller's: a request naming another principal than the authenticated one; on
-    /// the leader, one the caller's roles do not allow (as it has applied them: the
-    /// ledger checks again in log order); a Report or Release of a lease this node knows
-    /// to be another principal's (final: a lease's principal never changes). So
-    /// the log and the ledger do not move. What this node has not applied yet goes
-    /// to the ledger, which refuses it without remembering it.
-    fn screen(&self, caller: &Caller, request: &ration_core::Request) -> Result<(), Status> {
-        if let Some(me) = caller.principal() {
-            if request.principal.as_str() != me {
-                return Err(Status::permission_denied(format!(
-                    "the request names principal {:?}, but the caller is authenticated as {me:?}",
-                    request.principal.as_str()
-                )));
-            }
-        }
-        let state = self.node.reader.state();
-        // Roles only on the leader: a follower may not have applied a grant its
-        // caller already saw answered (the leader checks, and the ledger again).
-        match crate::auth::authority(caller, &self.node.config.admins)? {
-            Some((_, authority)) if self.node.is_leader() => {
-                state
-                    .ledger
-                    .authorize_request(request, authority)
-                    .map_err(|e| to_proto::status(&e))?;
-            }
-            _ => {}
-        }
-        let id = match &request.op {
-            ration_core::Op::Report(r) => r.lease,
-            ration_core::Op::Release(r) => r.lease,
-            _ => return Ok(()),
-        };
-        if state.ledger.owned_by_another(id, &request.principal) {
-            return Err(to_proto::status(&ration_core::LedgerError::ForeignLease { lease: id }));
-        }
-        Ok(())
-    }
-
     /// GrantRole, or with `revoke` RevokeRole.
     async fn role_change(
         &self,
@@ -140,7 +100,7 @@ impl LedgerService {
         };
         self.write(
             req,
-            |r| Ok(vec![to_core::role_change(r, revoke)?]),
+            |r, screen| Ok(vec![screen.check(to_core::role_change(r, revoke)?)?]),
             move |r, outcomes| {
                 let reply = only(outcomes)?;
                 let subject = ration_core::Principal::new(r.subject.as_str())
@@ -172,6 +132,53 @@ impl LedgerService {
     }
 }
 
+/// What every write's requests pass before anything is proposed (see
+/// [`Screen::check`]): the caller, and the authority its requests carry.
+pub(super) struct Screen<'a> {
+    node: &'a Node,
+    caller: &'a Caller,
+    authority: Option<ration_core::Authority>,
+}
+
+impl Screen<'_> {
+    /// Refuses, without proposing anything, what the ledger would refuse as the
+    /// caller's: a request naming another principal than the authenticated one; on
+    /// the leader, one the caller's roles do not allow (as it has applied them: the
+    /// ledger checks again in log order); a Report or Release of a lease this node
+    /// knows to be another principal's (final: a lease's principal never changes).
+    /// So the log and the ledger do not move. What this node has not applied yet
+    /// goes to the ledger, which refuses it without remembering it.
+    fn check(&self, request: ration_core::Request) -> Result<ration_core::Request, Status> {
+        if let Some(me) = self.caller.principal() {
+            if request.principal.as_str() != me {
+                return Err(Status::permission_denied(format!(
+                    "the request names principal {:?}, but the caller is authenticated as {me:?}",
+                    request.principal.as_str()
+                )));
+            }
+        }
+        let state = self.node.reader.state();
+        // Roles only on the leader: a follower may not have applied a grant its
+        // caller already saw answered (the leader checks, and the ledger again).
+        if let Some(authority) = self.authority.filter(|_| self.node.is_leader()) {
+            state
+                .ledger
+                .authorize_request(&request, authority)
+                .map_err(|e| to_proto::status(&e))?;
+        }
+        let id = match &request.op {
+            ration_core::Op::Report(r) => r.lease,
+            ration_core::Op::Release(r) => r.lease,
+            _ => return Ok(request),
+        };
+        if state.ledger.owned_by_another(id, &request.principal) {
+            return Err(to_proto::status(&ration_core::LedgerError::ForeignLease { lease: id }));
+        }
+        drop(state);
+        Ok(request)
+    }
+}
+
 #[tonic::async_trait]
 impl v1::ledger_server::Ledger for LedgerService {
     async fn create_budget(
@@ -180,7 +187,7 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::BudgetChanged>, Status> {
         self.write(
             req,
-            |r| Ok(vec![to_core::create_budget(r)?]),
+            |r, screen| Ok(vec![screen.check(to_core::create_budget(r)?)?]),
             |r, outcomes| to_proto::budget_changed(&r.path, &only(outcomes)?),
             on_leader!(LedgerClient, create_budget),
         )
@@ -193,7 +200,7 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::BudgetChanged>, Status> {
         self.write(
             req,
-            |r| Ok(vec![to_core::update_budget(r)?]),
+            |r, screen| Ok(vec![screen.check(to_core::update_budget(r)?)?]),
             |r, outcomes| to_proto::budget_changed(&r.path, &only(outcomes)?),
             on_leader!(LedgerClient, update_budget),
         )
@@ -206,7 +213,7 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::BudgetChanged>, Status> {
         self.write(
             req,
-            |r| Ok(vec![to_core::delete_budget(r)?]),
+            |r, screen| Ok(vec![screen.check(to_core::delete_budget(r)?)?]),
             |r, outcomes| to_proto::budget_changed(&r.path, &only(outcomes)?),
             on_leader!(LedgerClient, delete_budget),
         )
@@ -219,7 +226,7 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::Lease>, Status> {
         self.write(
             req,
-            |r| Ok(vec![to_core::acquire(r)?]),
+            |r, screen| Ok(vec![screen.check(to_core::acquire(r)?)?]),
             |_, outcomes| to_proto::lease(&only(outcomes)?),
             on_leader!(LedgerClient, acquire),
         )
@@ -232,7 +239,7 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::ReportReply>, Status> {
         self.write(
             req,
-            |r| Ok(vec![to_core::report(r)?]),
+            |r, screen| Ok(vec![screen.check(to_core::report(r)?)?]),
             |_, outcomes| to_proto::report_reply(&only(outcomes)?),
             on_leader!(LedgerClient, report),
         )
@@ -245,7 +252,7 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::OverrunReply>, Status> {
         self.write(
             req,
-            |r| Ok(vec![to_core::overrun(r)?]),
+            |r, screen| Ok(vec![screen.check(to_core::overrun(r)?)?]),
             |_, outcomes| to_proto::overrun_reply(&only(outcomes)?),
             on_leader!(LedgerClient, report_overrun),
         )
@@ -258,7 +265,7 @@ impl v1::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<v1::ReleaseReply>, Status> {
         self.write(
             req,
-            |r| Ok(vec![to_core::release(r)?]),
+            |r, screen| Ok(vec![screen.check(to_core::release(r)?)?]),
             |_, outcomes| to_proto::release_reply(&only(outcomes)?),
             on_leader!(LedgerClient, release),
         )
@@ -275,14 +282,13 @@ impl v1::ledger_server::Ledger for LedgerService {
         // with their error in place. Only a malformed envelope refuses the whole call. The conversion
         // keeps each refusal in its place for the reply (converted once).
         let refused: std::sync::Mutex<Vec<Option<Status>>> = std::sync::Mutex::default();
-        let caller = Caller::of(&req);
         self.write(
             req,
-            |r| {
+            |r, screen| {
                 let mut marks = refused.lock().unwrap_or_else(|p| p.into_inner());
                 let mut valid = Vec::with_capacity(r.ops.len());
                 for op in to_core::batch(r)? {
-                    match op.and_then(|request| self.screen(&caller, &request).map(|()| request)) {
+                    match op.and_then(|request| screen.check(request)) {
                         Ok(request) => {
                             marks.push(None);
                             valid.push(request);
@@ -326,7 +332,7 @@ impl v1::ledger_server::Ledger for LedgerService {
         let node = self.node.clone();
         self.write(
             req,
-            |r| Ok(vec![to_core::set_limits(r)?]),
+            |r, screen| Ok(vec![screen.check(to_core::set_limits(r)?)?]),
             move |_, outcomes| {
                 only(outcomes)?;
                 let state = node.reader.state();
