@@ -468,12 +468,13 @@ impl v1::ledger_server::Ledger for LedgerService {
                         if page.filter.matches(&rec) {
                             let mut record = to_proto::audit_record(&rec);
                             if let Some(scopes) = &visible {
-                                record.balances.retain(|b| {
-                                    scopes.iter().any(|s| {
-                                        ration_core::BudgetPath::new(b.budget.as_str())
-                                            .is_ok_and(|p| p.is_within(s))
-                                    })
-                                });
+                                // The proto's balances are the record's, in order.
+                                let mut shown = rec
+                                    .entry
+                                    .balances
+                                    .iter()
+                                    .map(|b| scopes.iter().any(|s| b.budget.is_within(s)));
+                                record.balances.retain(|_| shown.next().unwrap_or(false));
                             }
                             records.push(record);
                             if records.len() == page.limit {
