@@ -135,19 +135,11 @@ impl<const N: usize> Held<'_, N> {
     #[inline]
     pub fn settle(mut self, used: [u64; N]) {
         self.settled = true;
-        let mut now = None;
         for (i, allowance) in self.by.allowances.iter().enumerate() {
-            let t = &self.taken[i];
-            let reserved = t.units();
-            allowance.give_back(t, reserved.saturating_sub(used[i]));
-            let excess = used[i].saturating_sub(reserved);
-            if excess > 0 {
-                let now = *now.get_or_insert_with(|| self.by.clock.now_ms());
-                let over = excess - allowance.take_up_to(excess, now);
-                if over > 0 {
-                    allowance.record_overrun(over);
-                    self.by.overrun.increment(over);
-                }
+            let clock = &self.by.clock;
+            let (_, over) = allowance.settle(&self.taken[i], used[i], || Some(clock.now_ms()));
+            if over > 0 {
+                self.by.overrun.increment(over);
             }
         }
     }

@@ -496,21 +496,40 @@ impl Reservation {
             .iter()
             .enumerate()
             .map(|(i, (a, t))| {
-                let used = used.get(i).copied().unwrap_or(0);
-                let back = t.units().saturating_sub(used);
-                a.give_back(t, back);
-                let excess = used.saturating_sub(t.units());
-                if excess > 0 {
-                    let taken = now.map_or(0, |now| a.take_up_to(excess, now));
-                    let over = excess - taken;
-                    if over > 0 {
-                        a.record_overrun(over);
-                        metrics::counter!(crate::counters::OVERRUN_UNITS).increment(over);
-                    }
+                let (back, over) = a.settle(t, used.get(i).copied().unwrap_or(0), || now);
+                if over > 0 {
+                    metrics::counter!(crate::counters::OVERRUN_UNITS).increment(over);
                 }
                 back
             })
             .collect()
+    }
+}
+
+impl Allowance {
+    /// Settles what `t` took: keeps `used` of it and gives the rest back. Use
+    /// beyond it already happened: it is taken from the leases live at `now()` (if
+    /// there is a clock) as far as they hold it, and the rest recorded as an
+    /// overrun ([`Allowance::take_overruns`]). Returns (given back, overrun).
+    pub(crate) fn settle(
+        &self,
+        t: &Taken,
+        used: u64,
+        now: impl FnOnce() -> Option<u64>,
+    ) -> (u64, u64) {
+        let reserved = t.units();
+        let back = reserved.saturating_sub(used);
+        self.give_back(t, back);
+        let excess = used.saturating_sub(reserved);
+        if excess == 0 {
+            return (back, 0);
+        }
+        let taken = now().map_or(0, |now| self.take_up_to(excess, now));
+        let over = excess - taken;
+        if over > 0 {
+            self.record_overrun(over);
+        }
+        (back, over)
     }
 }
 
