@@ -4,6 +4,11 @@
 //! By default it starts a 3-node cluster of `rationd` processes on loopback (the
 //! `rationd` binary next to this one), in a temporary directory, and stops it after.
 //! `--endpoints` targets a running cluster instead.
+//!
+//! `--wan` puts the started nodes in regions: a user-space proxy
+//! (`ration_testkit::proxy`) in front of each node delays every link by its one-way
+//! delay (with jitter and loss), this generator included (`c`). `--failovers N`
+//! then kills the leader N times and reports how long writes stopped each time.
 
 /// mimalloc: glibc malloc was a fifth of a node's CPU under load.
 #[global_allocator]
@@ -81,6 +86,20 @@ struct Args {
     /// are checked as for any client.
     #[arg(long)]
     tls: bool,
+    /// Regions for the started nodes: one-way delay per link, comma-separated
+    /// `A-B=DELAY[~JITTER][/LOSS%]` (ms, ms, percent), A and B node ids 1-3 or `c`
+    /// (this generator), symmetric; unlisted links have none. For example
+    /// `1-2=40,1-3=110,2-3=65,c-2=40,c-3=110` (this generator in node 1's region).
+    #[arg(long)]
+    wan: Option<String>,
+    /// Flags for every started node, space-separated (e.g. `--voter-rtt-ms 260`).
+    #[arg(long, allow_hyphen_values = true)]
+    node_args: Option<String>,
+    /// After the load: SIGKILL the leader this many times (restarting it once
+    /// writes resume) and report the time from each kill to the first write
+    /// through a survivor.
+    #[arg(long, default_value_t = 0)]
+    failovers: usize,
 }
 
 impl Args {
@@ -90,23 +109,83 @@ impl Args {
 }
 
 struct Nodes {
-    children: Vec<Child>,
+    children: Vec<Option<Child>>,
+    /// How to start each node again.
+    commands: Vec<(PathBuf, Vec<String>)>,
+    /// The proxies in front of the nodes, with `--wan`.
+    faults: Option<Arc<ration_testkit::proxy::Faults>>,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for c in &mut self.children {
+impl Nodes {
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let (bin, args) = &self.commands[i];
+        let child = Command::new(bin)
+            .args(args)
+            .env("RATION_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        if let Some(f) = &self.faults {
+            f.set_pid(i, Some(child.id()));
+        }
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(f) = &self.faults {
+            f.set_pid(i, None);
         }
     }
 }
 
-/// Started nodes: their gRPC endpoints, and where each serves `/metrics`.
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Started nodes: their gRPC endpoints (what clients and peers use), and where
+/// each serves `/metrics`.
 type Started = (Nodes, Vec<String>, Vec<SocketAddr>);
 
-fn start_nodes(rationd: PathBuf, log_store: &str, tls: bool) -> anyhow::Result<Started> {
+/// `--wan`: (source, destination, link) with nodes 0-2 and the client 3.
+fn parse_wan(spec: &str) -> anyhow::Result<Vec<(usize, usize, ration_testkit::proxy::Link)>> {
+    let end = |t: &str| -> anyhow::Result<usize> {
+        match t.trim() {
+            "c" => Ok(3),
+            n => match n.parse::<usize>() {
+                Ok(id @ 1..=3) => Ok(id - 1),
+                _ => bail!("--wan: {n:?} is not a node id 1-3 or c"),
+            },
+        }
+    };
+    let mut links = Vec::new();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (pair, link) =
+            part.split_once('=').with_context(|| format!("--wan: {part:?} is not A-B=LINK"))?;
+        let (a, b) = pair.split_once('-').with_context(|| format!("--wan: {pair:?} is not A-B"))?;
+        let (a, b) = (end(a)?, end(b)?);
+        if a == b {
+            bail!("--wan: {pair:?} links a node to itself");
+        }
+        let link = ration_testkit::proxy::Link::parse(link)
+            .map_err(|e| anyhow::anyhow!("--wan {pair}: {e}"))?;
+        links.push((a, b, link));
+        links.push((b, a, link));
+    }
+    Ok(links)
+}
+
+async fn start_nodes(rationd: PathBuf, args: &Args) -> anyhow::Result<Started> {
+    let tls = args.tls;
     let dir = tempfile::tempdir()?;
     // Hold every listener until all nine ports are chosen, so none repeats.
     let listeners: Vec<std::net::TcpListener> =
@@ -116,8 +195,28 @@ fn start_nodes(rationd: PathBuf, log_store: &str, tls: bool) -> anyhow::Result<S
     drop(listeners);
     let (addrs, rest) = ports.split_at(3);
     let (metrics, peers) = rest.split_at(3);
+    let faults = match &args.wan {
+        Some(spec) => {
+            let links = parse_wan(spec)?;
+            let faults = ration_testkit::proxy::Faults::start(addrs.to_vec()).await;
+            for (src, dst, link) in links {
+                // Both halves of a connection into dst pay its link's delay; the
+                // client's links are by destination only (index 3 = the client).
+                if dst < 3 {
+                    faults.set(src, dst, ration_testkit::proxy::Fault::Wan(link));
+                }
+            }
+            Some(faults)
+        }
+        None => None,
+    };
+    // Clients and peers use the proxies, when there are any.
+    let advertised: Vec<SocketAddr> = match &faults {
+        Some(f) => f.addrs.clone(),
+        None => addrs.to_vec(),
+    };
     // With TLS, peers get ports of their own (required), and the cluster lists them.
-    let members = if tls { peers } else { addrs };
+    let members = if tls { peers } else { &advertised[..] };
     let cluster = members
         .iter()
         .enumerate()
@@ -138,35 +237,45 @@ fn start_nodes(rationd: PathBuf, log_store: &str, tls: bool) -> anyhow::Result<S
     } else {
         None
     };
-    let mut children = Vec::new();
+    let extra: Vec<String> =
+        args.node_args.as_deref().unwrap_or("").split_whitespace().map(str::to_owned).collect();
+    let mut commands = Vec::new();
     for (i, a) in addrs.iter().enumerate() {
         let data = dir.path().join(format!("node-{}", i + 1));
-        let mut cmd = Command::new(&rationd);
-        cmd.args(["--node-id", &(i + 1).to_string(), "--listen", &a.to_string()])
-            .args(["--data-dir", &data.to_string_lossy(), "--initial-cluster", &cluster])
-            .args(["--metrics-listen", &metrics[i].to_string(), "--log-store", log_store]);
+        let mut cmd: Vec<String> = vec![
+            "--node-id".into(),
+            (i + 1).to_string(),
+            "--listen".into(),
+            a.to_string(),
+            "--data-dir".into(),
+            data.to_string_lossy().into_owned(),
+            "--initial-cluster".into(),
+            cluster.clone(),
+            "--metrics-listen".into(),
+            metrics[i].to_string(),
+            "--log-store".into(),
+            args.log_store.clone(),
+        ];
+        if faults.is_some() {
+            cmd.extend(["--advertise".into(), advertised[i].to_string()]);
+        }
         if let Some(set) = &certs {
             let f = &set.nodes[i].1;
-            cmd.args(["--peer-listen", &peers[i].to_string()])
-                .arg("--tls-ca")
-                .arg(&f.ca)
-                .arg("--tls-cert")
-                .arg(&f.cert)
-                .arg("--tls-key")
-                .arg(&f.key);
+            cmd.extend(["--peer-listen".into(), peers[i].to_string()]);
+            for (flag, path) in
+                [("--tls-ca", &f.ca), ("--tls-cert", &f.cert), ("--tls-key", &f.key)]
+            {
+                cmd.extend([flag.into(), path.to_string_lossy().into_owned()]);
+            }
         }
-        children.push(
-            cmd.env("RATION_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {}", rationd.display()))?,
-        );
+        cmd.extend(extra.iter().cloned());
+        commands.push((rationd.clone(), cmd));
     }
-    Ok((
-        Nodes { children, _dir: dir },
-        addrs.iter().map(|a| a.to_string()).collect(),
-        metrics.to_vec(),
-    ))
+    let mut nodes = Nodes { children: vec![None, None, None], commands, faults, _dir: dir };
+    for i in 0..3 {
+        nodes.spawn(i)?;
+    }
+    Ok((nodes, advertised.iter().map(|a| a.to_string()).collect(), metrics.to_vec()))
 }
 
 /// One counter from a node's `/metrics` (plain HTTP/1.0; None if absent).
@@ -593,13 +702,24 @@ async fn main() -> anyhow::Result<()> {
     if !args.tls {
         let _ = TLS.set(tls);
     }
+    if (args.wan.is_some() || args.failovers > 0 || args.node_args.is_some())
+        && !args.endpoints.is_empty()
+    {
+        bail!("--wan, --node-args and --failovers start the nodes: not with --endpoints");
+    }
+    if args.wan.is_some() && args.tls {
+        bail!("--wan proxies the nodes' one port: not with --tls (peers on ports of their own)");
+    }
     let args = Arc::new(args);
-    let (_nodes, endpoints) = if args.endpoints.is_empty() {
+    let (mut _nodes, endpoints) = if args.endpoints.is_empty() {
         let rationd = match &args.rationd {
             Some(p) => p.clone(),
             None => std::env::current_exe()?.with_file_name("rationd"),
         };
-        let (nodes, eps, metrics) = start_nodes(rationd, &args.log_store, args.tls)?;
+        let (nodes, eps, metrics) = start_nodes(rationd, &args).await?;
+        if let Some(spec) = &args.wan {
+            println!("regions (one-way delay per link, both ways): {spec}");
+        }
         (Some((nodes, metrics)), eps)
     } else {
         (None, args.endpoints.clone())
@@ -732,6 +852,68 @@ async fn main() -> anyhow::Result<()> {
             l.consumed, l.outstanding
         );
     }
+    if args.failovers > 0 {
+        if let Some((nodes, _)) = _nodes.as_mut() {
+            failovers(nodes, &endpoints, args.failovers).await?;
+        }
+    }
+    Ok(())
+}
+
+/// SIGKILLs the leader `n` times; each time, the time from the kill to the first
+/// write (an acquire) through a survivor, probed every 20 ms from this process
+/// (so at its distance from the nodes). The node is restarted once writes resume
+/// and given 3 s to catch up before the next kill.
+async fn failovers(nodes: &mut Nodes, endpoints: &[String], n: usize) -> anyhow::Result<()> {
+    let mut gaps = Vec::new();
+    let mut rid = 1u64 << 40;
+    for round in 0..n {
+        let leader = find_leader(endpoints).await?;
+        let victim = endpoints.iter().position(|e| *e == leader).context("leader unknown")?;
+        let survivors: Vec<&String> = endpoints.iter().filter(|e| **e != leader).collect();
+        let killed = Instant::now();
+        nodes.kill(victim);
+        let mut at = 0usize;
+        let gap = loop {
+            if killed.elapsed() > Duration::from_secs(60) {
+                bail!("failover {round}: no write through a survivor for 60 s");
+            }
+            rid += 1;
+            let target = survivors[at % survivors.len()];
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+                .timeout(Duration::from_millis(2000))
+                .connect_lazy();
+            let r = LedgerClient::new(ch)
+                .acquire(v1::AcquireRequest {
+                    meta: meta("load-failover-probe", rid),
+                    budget: "load".into(),
+                    unit: "tokens".into(),
+                    wanted: 1,
+                    min: 1,
+                    ttl_ms: 1000,
+                    starts_at_ms: 0,
+                })
+                .await;
+            match r {
+                Ok(_) => break killed.elapsed(),
+                Err(_) => at += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        println!("failover {}: first write {} ms after the SIGKILL", round + 1, gap.as_millis());
+        gaps.push(gap.as_millis());
+        nodes.spawn(victim)?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    gaps.sort_unstable();
+    let pct = |p: usize| gaps[(gaps.len() * p / 100).min(gaps.len() - 1)];
+    println!(
+        "failover: {} kills, kill to first write p50 {} ms, p90 {} ms, max {} ms",
+        gaps.len(),
+        pct(50),
+        pct(90),
+        gaps.last().copied().unwrap_or(0)
+    );
     Ok(())
 }
 

@@ -79,6 +79,10 @@ pub struct Config {
     /// Most commands queued or being proposed; beyond it callers get UNAVAILABLE
     /// with an "overloaded" detail (`ration_proto::rpc::is_overloaded`).
     pub proposal_queue: usize,
+    /// Most log entries proposed and not yet committed at once; while one is in
+    /// flight, the next is proposed only when full (benches/README.md, "Pipelined
+    /// proposals").
+    pub max_proposals_in_flight: usize,
     /// The leader proposes a tick this often, so expiry happens with no writes.
     pub tick_ms: u64,
     /// Most a leader's time stamps may differ from ledger time carried on by its own
@@ -90,13 +94,25 @@ pub struct Config {
     /// and a leader whose own clock is further than this from theirs hands
     /// leadership over (logged, and counted in `ration_clock_step_downs_total`).
     pub clock_tolerance_ms: u64,
+    /// The round trip (ms) between the two most distant voters this cluster is
+    /// sized for: 0 (the default) for one region. Every Raft timing below that is
+    /// left at 0 is derived from it ([`Config::timing`]): a cluster whose voters
+    /// are 300 ms apart sets `voter_rtt_ms = 300` and nothing else.
+    pub voter_rtt_ms: u64,
+    /// The leader's heartbeat interval (ms); 0: derived from `voter_rtt_ms`.
     pub heartbeat_ms: u64,
-    /// Deadline of one AppendEntries RPC (replication and heartbeats). 0 (the
-    /// default) means three quarters of `election_timeout_min_ms`. Upstream openraft
-    /// 0.9 used `heartbeat_ms`, so a busy or distant follower had every RPC cancelled
-    /// (third_party/openraft/RATION-PATCH.md). At least `heartbeat_ms`, below
-    /// `election_timeout_min_ms`.
+    /// Deadline of one AppendEntries RPC (replication and heartbeats; ms); 0:
+    /// derived from `voter_rtt_ms`. Upstream openraft 0.9 used the heartbeat
+    /// interval, so a busy or distant follower had every RPC cancelled
+    /// (third_party/openraft/RATION-PATCH.md).
     pub replication_timeout_ms: u64,
+    /// How long after hearing from its leader a follower refuses to vote for
+    /// another candidate, and waits beyond its election timeout before campaigning
+    /// (ms); 0: derived from `voter_rtt_ms`. Upstream openraft 0.9 used
+    /// `election_timeout_max_ms`, which made failover about twice as long.
+    pub leader_lease_ms: u64,
+    /// A follower that hears no leader for the lease plus a random time in
+    /// [min, max) ms campaigns; 0: derived from `voter_rtt_ms`.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// Deadline of every node-to-node RPC.
@@ -150,6 +166,52 @@ pub struct Config {
     pub node_id_from_hostname: bool,
 }
 
+/// Largest `voter_rtt_ms` taken into account (a minute).
+pub const MAX_VOTER_RTT_MS: u64 = 60_000;
+
+/// Raft's timings, as [`Config::timing`] resolves them (all in ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub replication_timeout_ms: u64,
+    pub leader_lease_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Timing {
+    /// The longest silence a follower sits out before it campaigns.
+    pub fn follower_patience_ms(&self) -> u64 {
+        self.leader_lease_ms.saturating_add(self.election_timeout_max_ms)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.heartbeat_ms == 0
+            || self.election_timeout_min_ms <= self.heartbeat_ms
+            || self.election_timeout_max_ms <= self.election_timeout_min_ms
+        {
+            return bad(format!(
+                "need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms, got {} < {} < {}",
+                self.heartbeat_ms, self.election_timeout_min_ms, self.election_timeout_max_ms
+            ));
+        }
+        // A replication stream sends one RPC at a time: a follower whose RPC timed
+        // out hears the next heartbeat up to deadline + heartbeat later, which must
+        // come before it campaigns (lease + the shortest election timeout).
+        let quiet = self.leader_lease_ms.saturating_add(self.election_timeout_min_ms);
+        if self.replication_timeout_ms < self.heartbeat_ms
+            || self.replication_timeout_ms.saturating_add(self.heartbeat_ms) >= quiet
+        {
+            return bad(format!(
+                "replication_timeout_ms {} must be at least heartbeat_ms {} and, plus heartbeat_ms, below leader_lease_ms + election_timeout_min_ms ({quiet}): a replication stream sends one RPC at a time, so a longer one would delay heartbeats past the election timeout",
+                self.replication_timeout_ms, self.heartbeat_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -173,17 +235,18 @@ impl Default for Config {
             batch_max_bytes: 1 << 20,
             batch_wait_us: 1000,
             proposal_queue: 65_536,
+            max_proposals_in_flight: 4,
             tick_ms: 1000,
             clock_slack_ms: 1000,
             clock_tolerance_ms: 5000,
-            // The trade-off is measured in benches/README.md ("Failover"): a leader's
-            // death costs about 1.8 s of writes here against 3.8 s at 1-2 s, with no
-            // spurious election on a busy machine at either; and the replication
-            // timeout (3/4 of 500 ms) still exceeds a 260 ms cross-region round trip.
-            heartbeat_ms: 125,
+            // All derived (Config::timing); the trade-off is measured in
+            // benches/README.md ("Failover").
+            voter_rtt_ms: 0,
+            heartbeat_ms: 0,
             replication_timeout_ms: 0,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
+            leader_lease_ms: 0,
+            election_timeout_min_ms: 0,
+            election_timeout_max_ms: 0,
             rpc_timeout_ms: 2000,
             snapshot_after_entries: 20_000,
             // About 600 MB of unsealed records at 300 bytes each; at 77k records/s
@@ -386,22 +449,7 @@ impl Config {
         if self.batch_max_commands == 0 || self.batch_max_commands > most {
             return bad(format!("batch_max_commands must be 1..={most}"));
         }
-        if self.election_timeout_min_ms <= self.heartbeat_ms
-            || self.election_timeout_max_ms <= self.election_timeout_min_ms
-        {
-            return bad(
-                "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into()
-            );
-        }
-        if self.replication_timeout_ms != 0
-            && (self.replication_timeout_ms < self.heartbeat_ms
-                || self.replication_timeout_ms >= self.election_timeout_min_ms)
-        {
-            return bad(format!(
-                "replication_timeout_ms {} must be 0 (automatic) or within heartbeat_ms {}..election_timeout_min_ms {}: a replication stream sends one RPC at a time, so a longer one would delay heartbeats past the election timeout",
-                self.replication_timeout_ms, self.heartbeat_ms, self.election_timeout_min_ms
-            ));
-        }
+        self.timing().check()?;
         if !matches!(self.log_store.as_str(), "wal" | "sled") {
             return bad(format!("log_store {:?} is not wal or sled", self.log_store));
         }
@@ -421,6 +469,12 @@ impl Config {
             ));
         }
         self.metrics_addr()?;
+        if self.max_proposals_in_flight == 0 || self.max_proposals_in_flight > 64 {
+            return bad(format!(
+                "max_proposals_in_flight {} must be 1..=64",
+                self.max_proposals_in_flight
+            ));
+        }
         if self.proposal_queue == 0 || self.tick_ms == 0 || self.rpc_timeout_ms == 0 {
             return bad("proposal_queue, tick_ms and rpc_timeout_ms must be positive".into());
         }
@@ -434,13 +488,25 @@ impl Config {
         Ok(())
     }
 
-    /// The AppendEntries deadline in force: `replication_timeout_ms`, or three
-    /// quarters of `election_timeout_min_ms` (at least `heartbeat_ms`) when it is 0.
-    pub fn replication_timeout(&self) -> u64 {
-        if self.replication_timeout_ms != 0 {
-            self.replication_timeout_ms
-        } else {
-            (self.election_timeout_min_ms.saturating_mul(3) / 4).max(self.heartbeat_ms)
+    /// The Raft timings in force: each `*_ms` field that is not 0, else derived
+    /// from `voter_rtt_ms` (R): heartbeat 100 + R/2, AppendEntries deadline
+    /// 350 + 2R, leader lease 200 + 2R, election timeout [300 + 2R, 500 + 3R).
+    /// With R = 0 a leader's death costs a write gap of under a second here, and a
+    /// follower waits 500-700 ms of silence (five heartbeats or more) before it
+    /// campaigns (benches/README.md, "Failover"); at R = 300 the deadline is 950 ms.
+    pub fn timing(&self) -> Timing {
+        let r = self.voter_rtt_ms.min(MAX_VOTER_RTT_MS);
+        let or = |set: u64, derived: u64| if set != 0 { set } else { derived };
+        let heartbeat_ms = or(self.heartbeat_ms, 100 + r / 2);
+        Timing {
+            heartbeat_ms,
+            replication_timeout_ms: or(
+                self.replication_timeout_ms,
+                (350 + 2 * r).max(heartbeat_ms),
+            ),
+            leader_lease_ms: or(self.leader_lease_ms, 200 + 2 * r),
+            election_timeout_min_ms: or(self.election_timeout_min_ms, 300 + 2 * r),
+            election_timeout_max_ms: or(self.election_timeout_max_ms, 500 + 3 * r),
         }
     }
 
@@ -563,18 +629,26 @@ pub struct Args {
     /// voters' clocks hands leadership over (ms) [default: 5000].
     #[arg(long, env = "RATION_CLOCK_TOLERANCE_MS")]
     pub clock_tolerance_ms: Option<u64>,
-    /// The leader's heartbeat interval (ms) [default: 125].
+    /// Round trip (ms) between the two most distant voters; every Raft timing left
+    /// at 0 is derived from it (0: one region) [default: 0].
+    #[arg(long, env = "RATION_VOTER_RTT_MS")]
+    pub voter_rtt_ms: Option<u64>,
+    /// The leader's heartbeat interval (ms); 0: 100 + voter_rtt_ms/2 [default: 0].
     #[arg(long, env = "RATION_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    /// A follower that hears no leader for a random time in [min, max) ms
-    /// campaigns [default: 500].
+    /// A follower that hears no leader for the lease plus a random time in
+    /// [min, max) ms campaigns; 0: 300 + 2 x voter_rtt_ms [default: 0].
     #[arg(long, env = "RATION_ELECTION_TIMEOUT_MIN_MS")]
     pub election_timeout_min_ms: Option<u64>,
-    /// See --election-timeout-min-ms [default: 1000].
+    /// See --election-timeout-min-ms; 0: 500 + 3 x voter_rtt_ms [default: 0].
     #[arg(long, env = "RATION_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
-    /// Deadline of one AppendEntries RPC (ms); 0: three quarters of the minimum
-    /// election timeout [default: 0].
+    /// How long after hearing from its leader a follower refuses other candidates
+    /// (ms); 0: 200 + 2 x voter_rtt_ms [default: 0].
+    #[arg(long, env = "RATION_LEADER_LEASE_MS")]
+    pub leader_lease_ms: Option<u64>,
+    /// Deadline of one AppendEntries RPC (ms); 0: 350 + 2 x voter_rtt_ms
+    /// [default: 0].
     #[arg(long, env = "RATION_REPLICATION_TIMEOUT_MS")]
     pub replication_timeout_ms: Option<u64>,
     /// Build a snapshot (and purge the log before it) after this many entries
@@ -599,6 +673,10 @@ pub struct Args {
     /// Age (hours of ledger time) after which a segment is archived [default: 720].
     #[arg(long, env = "RATION_AUDIT_ARCHIVE_AFTER_HOURS")]
     pub audit_archive_after_hours: Option<u64>,
+    /// Most log entries proposed and not yet committed at once; after the first,
+    /// only full entries are proposed [default: 4].
+    #[arg(long, env = "RATION_MAX_PROPOSALS_IN_FLIGHT")]
+    pub max_proposals_in_flight: Option<usize>,
     /// Most commands the leader groups into one log entry [default: 3072].
     #[arg(long, env = "RATION_BATCH_MAX_COMMANDS")]
     pub batch_max_commands: Option<usize>,
@@ -672,9 +750,11 @@ impl Args {
             tick_ms,
             clock_slack_ms,
             clock_tolerance_ms,
+            voter_rtt_ms,
             heartbeat_ms,
             election_timeout_min_ms,
             election_timeout_max_ms,
+            leader_lease_ms,
             replication_timeout_ms,
             snapshot_after_entries,
             snapshot_after_audit_records,
@@ -682,6 +762,7 @@ impl Args {
             audit_segment_max_records,
             audit_archive_after_hours,
             batch_max_commands,
+            max_proposals_in_flight,
             batch_wait_us,
             metrics_listen,
             initial_cluster_state
@@ -787,15 +868,46 @@ mod tests {
     }
 
     #[test]
-    fn the_replication_timeout_is_automatic_or_between_heartbeat_and_election_timeout() {
-        let c = Config::default();
-        assert_eq!(c.replication_timeout(), 375, "3/4 of the 500 ms election timeout");
-        for (ms, ok) in [(0, true), (125, true), (499, true), (124, false), (500, false)] {
-            let c = Config { replication_timeout_ms: ms, ..Config::default() };
-            assert_eq!(c.validate().is_ok(), ok, "replication_timeout_ms {ms}");
+    fn raft_timings_derive_from_the_voter_round_trip_unless_set() {
+        let t = Config::default().timing();
+        assert_eq!(
+            t,
+            Timing {
+                heartbeat_ms: 100,
+                replication_timeout_ms: 350,
+                leader_lease_ms: 200,
+                election_timeout_min_ms: 300,
+                election_timeout_max_ms: 500,
+            }
+        );
+        assert_eq!(t.follower_patience_ms(), 700);
+        let wan = Config { voter_rtt_ms: 300, ..Config::default() };
+        let t = wan.timing();
+        assert_eq!((t.heartbeat_ms, t.replication_timeout_ms, t.leader_lease_ms), (250, 950, 800));
+        assert_eq!((t.election_timeout_min_ms, t.election_timeout_max_ms), (900, 1400));
+        assert!(wan.validate().is_ok());
+        // Derived timings are valid at any round trip.
+        for r in [1, 50, 100, 260, 1000, 10_000] {
+            let c = Config { voter_rtt_ms: r, ..Config::default() };
+            assert!(c.validate().is_ok(), "voter_rtt_ms {r}");
         }
+        // An explicit value wins; the others stay derived.
         let c = Config { replication_timeout_ms: 400, ..Config::default() };
-        assert_eq!(c.replication_timeout(), 400);
+        assert_eq!(c.timing().replication_timeout_ms, 400);
+        assert_eq!(c.timing().heartbeat_ms, 100);
+        // The deadline plus a heartbeat must end before a follower campaigns
+        // (lease 200 + election 300 = 500 by default).
+        for (ms, ok) in [(100, true), (399, true), (400, false), (99, false)] {
+            let c = Config { replication_timeout_ms: ms, ..Config::default() };
+            let err = c.validate().err().map(|e| e.to_string()).unwrap_or_default();
+            assert_eq!(err.is_empty(), ok, "replication_timeout_ms {ms}: {err}");
+            if !ok {
+                assert!(err.contains("replication_timeout_ms"), "{err}");
+            }
+        }
+        let c = Config { election_timeout_min_ms: 600, ..Config::default() };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("600 < 500"), "{err}");
     }
 
     /// Every flag says what it is and, unless it is a switch or has no default

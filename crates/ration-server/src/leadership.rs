@@ -10,7 +10,7 @@ use ration_proto::v1::{self, cluster_client::ClusterClient};
 use crate::{Leader, Node, NodeId};
 
 /// How long the other voters hold off elections while the target campaigns,
-/// beyond openraft's leader lease (`election_timeout_max_ms`: a follower refuses to
+/// beyond openraft's leader lease (`Timing::leader_lease_ms`: a follower refuses to
 /// vote until that long after it last heard from the leader).
 const TRANSFER_PAUSE_MARGIN: Duration = Duration::from_millis(2000);
 /// Longest pause a `PauseElections` call may ask for.
@@ -109,7 +109,7 @@ impl Node {
             // would still depose this leader, leaving nobody to lead.
             self.fully_replicated(to, &target.addr).await?;
         }
-        let lease = Duration::from_millis(self.config.election_timeout_max_ms);
+        let lease = Duration::from_millis(self.config.timing().leader_lease_ms);
         let pause = u64::try_from((lease + TRANSFER_PAUSE_MARGIN).min(MAX_PAUSE).as_millis())
             .unwrap_or(u64::MAX);
         for m in members.iter().filter(|m| m.voter && m.id != to) {
@@ -204,7 +204,7 @@ impl Node {
         // not look like a candidate: until its own vote is persisted its metrics
         // still say follower, and re-electing then restarted the election every
         // poll (a simulated run stayed leaderless for 5.6 s that way).
-        let patience = Duration::from_millis(self.config.election_timeout_max_ms);
+        let patience = Duration::from_millis(self.config.timing().election_timeout_max_ms);
         let mut last: Option<tokio::time::Instant> = None;
         loop {
             match self.leader() {

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::Config;
+pub use config::{Config, Timing};
 use network::{Channels, Network};
 use proposer::{BatchLimits, Proposer};
 pub use proposer::{Clock, OffsetClock, ProposeError, SystemClock};
@@ -868,12 +868,14 @@ where
         None => None,
     };
     let Storage { log, sm, reader, identity, wal } = storage;
+    let timing = config.timing();
     let raft_config = openraft::Config {
         cluster_name: "ration".into(),
-        heartbeat_interval: config.heartbeat_ms,
-        replication_timeout: config.replication_timeout(),
-        election_timeout_min: config.election_timeout_min_ms,
-        election_timeout_max: config.election_timeout_max_ms,
+        heartbeat_interval: timing.heartbeat_ms,
+        replication_timeout: timing.replication_timeout_ms,
+        leader_lease: timing.leader_lease_ms,
+        election_timeout_min: timing.election_timeout_min_ms,
+        election_timeout_max: timing.election_timeout_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
         max_in_snapshot_log_to_keep: config.keep_log_after_snapshot,
         snapshot_max_chunk_size: config.snapshot_chunk_bytes as u64,
@@ -901,6 +903,8 @@ where
             channels: channels.clone(),
             identity: identity.clone(),
             client_addr: config.advertise_addr(),
+            rtt_warn: Duration::from_millis(timing.replication_timeout_ms / 2),
+            voter_rtt_ms: config.voter_rtt_ms,
         },
         log,
         sm,
@@ -912,6 +916,7 @@ where
         max_bytes: config.batch_max_bytes,
         wait: Duration::from_micros(config.batch_wait_us),
         queue: config.proposal_queue,
+        in_flight: config.max_proposals_in_flight,
     };
     let node_metrics = Arc::new(metrics::Metrics::default());
     let time = Arc::new(std::sync::Mutex::new(ration_core::timebound::TimeBound::new(

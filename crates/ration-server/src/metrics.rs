@@ -398,6 +398,21 @@ pub fn render(node: &Node) -> String {
         "Voters in the current membership.",
         m.membership_config.membership().voter_ids().count(),
     );
+    // Heartbeat round trips (the leader's view): what voter_rtt_ms should cover.
+    header(
+        &mut out,
+        "ration_peer_heartbeat_rtt_seconds",
+        "gauge",
+        "Last heartbeat round trip to each follower, measured while this node led.",
+    );
+    let rtts = node.channels.heartbeat_rtt.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for (peer, rtt) in rtts {
+        let _ = writeln!(
+            out,
+            "ration_peer_heartbeat_rtt_seconds{{peer=\"{peer}\"}} {}",
+            rtt.as_secs_f64()
+        );
+    }
     // The snapshot: how far behind the log it is, and how old. Snapshots are taken
     // every `snapshot_after_entries` entries; a node whose snapshot falls far
     // behind keeps a growing log and replays it all on restart.

@@ -25,6 +25,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+/// HTTP/2 flow-control windows of node-to-node channels and of both servers: at
+/// HTTP/2's 64 KiB default an AppendEntries or Batch of 1 MB to a node 300 ms away
+/// takes many round trips. A window lets a sender run ahead by that much, no more
+/// (what is received is bounded by the message size limits).
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// Makes a channel to an address. Production connects lazily over TCP.
 pub type ChannelMaker = Arc<dyn Fn(&str) -> Result<Channel, tonic::transport::Error> + Send + Sync>;
 
@@ -35,6 +42,8 @@ pub fn tcp_channels(timeout: Duration) -> ChannelMaker {
             .connect_timeout(timeout)
             .timeout(timeout)
             .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .connect_lazy())
     })
 }
@@ -49,6 +58,8 @@ pub fn tls_channels(timeout: Duration, tls: Arc<ration_tls::Credentials>) -> Cha
             .connect_timeout(timeout)
             .timeout(timeout)
             .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .connect_with_connector_lazy(connector))
     })
 }
@@ -60,6 +71,9 @@ pub struct Channels {
     cache: Arc<Mutex<BTreeMap<String, Channel>>>,
     pub timeout: Duration,
     pub max_message_bytes: usize,
+    /// The last heartbeat round trip to each peer this node led (an empty
+    /// AppendEntries: the network's round trip plus the follower's handling).
+    pub heartbeat_rtt: Arc<Mutex<BTreeMap<NodeId, Duration>>>,
 }
 
 impl std::fmt::Debug for Channels {
@@ -70,7 +84,13 @@ impl std::fmt::Debug for Channels {
 
 impl Channels {
     pub fn new(make: ChannelMaker, timeout: Duration, max_message_bytes: usize) -> Self {
-        Self { make, cache: Arc::new(Mutex::new(BTreeMap::new())), timeout, max_message_bytes }
+        Self {
+            make,
+            cache: Arc::new(Mutex::new(BTreeMap::new())),
+            timeout,
+            max_message_bytes,
+            heartbeat_rtt: Arc::new(Mutex::new(BTreeMap::new())),
+        }
     }
 
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
@@ -117,6 +137,11 @@ pub struct Network {
     pub identity: ration_store::ClusterIdentity,
     /// This node's client address, announced on every Raft message.
     pub client_addr: String,
+    /// A heartbeat round trip longer than this is logged: the timings were sized
+    /// for closer voters (half the AppendEntries deadline).
+    pub rtt_warn: Duration,
+    /// `voter_rtt_ms` in force, for that warning.
+    pub voter_rtt_ms: u64,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -129,6 +154,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             channels: self.channels.clone(),
             identity: self.identity.clone(),
             client_addr: tonic::metadata::MetadataValue::try_from(self.client_addr.as_str()).ok(),
+            rtt_warn: self.rtt_warn,
+            voter_rtt_ms: self.voter_rtt_ms,
         }
     }
 }
@@ -141,6 +168,8 @@ pub struct Connection {
     channels: Channels,
     identity: ration_store::ClusterIdentity,
     client_addr: Option<tonic::metadata::AsciiMetadataValue>,
+    rtt_warn: Duration,
+    voter_rtt_ms: u64,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -218,7 +247,32 @@ impl RaftNetwork<TypeConfig> for Connection {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let deadline = option.hard_ttl().min(self.channels.timeout);
-        self.call(Rpc::Append, &rpc, deadline).await
+        let heartbeat = rpc.entries.is_empty();
+        let sent = std::time::Instant::now();
+        let reply = self.call(Rpc::Append, &rpc, deadline).await;
+        if heartbeat && reply.is_ok() {
+            let rtt = sent.elapsed();
+            self.channels
+                .heartbeat_rtt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.target, rtt);
+            if rtt > self.rtt_warn {
+                tracing::warn!(
+                    peer = self.target,
+                    rtt_ms = rtt.as_millis(),
+                    "a heartbeat to node {} took {} ms round trip, more than half the \
+                     AppendEntries deadline ({} ms): Raft's timings are sized for voters \
+                     {} ms apart; set voter_rtt_ms (--voter-rtt-ms) to the slowest round \
+                     trip between voters on every node",
+                    self.target,
+                    rtt.as_millis(),
+                    deadline.as_millis(),
+                    self.voter_rtt_ms
+                );
+            }
+        }
+        reply
     }
 
     async fn install_snapshot(

@@ -251,6 +251,11 @@ pub(crate) fn node_config(id: u64, voters: u64) -> Config {
         heartbeat_ms: 100,
         election_timeout_min_ms: 600,
         election_timeout_max_ms: 1200,
+        // The lease and AppendEntries deadline these seeds were found with (before
+        // both were derived from voter_rtt_ms): upstream's lease, 3/4 of the minimum
+        // election timeout.
+        leader_lease_ms: 1200,
+        replication_timeout_ms: 450,
         rpc_timeout_ms: RPC_DEADLINE_MS,
         // Snapshots and log purges happen often, so catch-up by snapshot is exercised.
         snapshot_after_entries: 40,

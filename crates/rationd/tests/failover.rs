@@ -239,30 +239,22 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// The trade-off behind the election timeout default, measured (not run by
+/// The trade-off behind the Raft timing defaults, measured (not run by
 /// `cargo test`; `scripts/failover-curve.sh` runs it per setting):
-/// `RATION_CURVE_ELECTION=min,max` (ms; heartbeat a quarter of min),
-/// `RATION_CURVE_KILLS` (default 20) SIGKILLs of the leader, each measured as the
-/// longest time without a successful write; then `RATION_CURVE_BUSY_SECS` (default
-/// 60) with every core busy (spinning threads beside the nodes) and no fault,
-/// counting leader changes (spurious elections). Prints one `curve:` line.
+/// `RATION_CURVE_ARGS` (rationd timing flags, space-separated; empty: the
+/// defaults), `RATION_CURVE_KILLS` (default 20) SIGKILLs of the leader, each
+/// measured as the longest time without a successful write; then
+/// `RATION_CURVE_BUSY_SECS` (default 60) with every core busy (spinning threads
+/// beside the nodes) and no fault, counting leader changes (spurious elections).
+/// Prints one `curve:` line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: scripts/failover-curve.sh"]
 async fn election_timeout_curve() {
-    let election = std::env::var("RATION_CURVE_ELECTION").unwrap_or_else(|_| "1000,2000".into());
-    let (min, max) = election.split_once(',').expect("RATION_CURVE_ELECTION=min,max");
-    let (min, max): (u64, u64) = (min.parse().unwrap(), max.parse().unwrap());
-    let heartbeat = (min / 4).max(10);
+    let setting = std::env::var("RATION_CURVE_ARGS").unwrap_or_default();
+    let args: Vec<String> = setting.split_whitespace().map(str::to_owned).collect();
     let kills = env_u64("RATION_CURVE_KILLS").unwrap_or(20);
     let busy_secs = env_u64("RATION_CURVE_BUSY_SECS").unwrap_or(60);
-    let args = [
-        "--heartbeat-ms".to_owned(),
-        heartbeat.to_string(),
-        "--election-timeout-min-ms".to_owned(),
-        min.to_string(),
-        "--election-timeout-max-ms".to_owned(),
-        max.to_string(),
-    ];
+    let label = if setting.trim().is_empty() { "defaults".to_owned() } else { setting.clone() };
     let (_root, addrs, mut procs) = start_nodes(&args).await;
     let started = Instant::now();
     let ms = move || u64::try_from(started.elapsed().as_millis()).unwrap();
@@ -330,8 +322,8 @@ async fn election_timeout_curve() {
     probe.await.unwrap();
     let pct = |p: usize| gaps[(gaps.len() * p / 100).min(gaps.len() - 1)];
     eprintln!(
-        "curve: election {min}-{max} ms heartbeat {heartbeat} ms: {} kills, write gap p50 {} \
-         ms p90 {} ms max {} ms; busy {busy_secs} s: {} leader changes, longest write gap {} ms",
+        "curve: {label}: {} kills, write gap p50 {} ms p90 {} ms max {} ms; busy {busy_secs} s: \
+         {} leader changes, longest write gap {} ms",
         gaps.len(),
         pct(50),
         pct(90),

@@ -44,7 +44,7 @@ impl ClusterService {
         &self,
         remove: Vec<u64>,
     ) -> Result<Response<v1::MembershipReply>, Status> {
-        let patience = Duration::from_millis(4 * self.node.config.election_timeout_max_ms);
+        let patience = Duration::from_millis(4 * self.node.config.timing().follower_patience_ms());
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             match self.node.leader() {

@@ -83,7 +83,10 @@ where
     let timer = crate::metrics::RpcTimer { metrics: node.metrics.clone() };
     let tokens = node.tokens.clone();
     let split = ports.peer.is_some();
+    // Wide HTTP/2 windows (crate::network::STREAM_WINDOW): distant voters.
     let client = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(crate::network::STREAM_WINDOW))
+        .initial_connection_window_size(Some(crate::network::CONNECTION_WINDOW))
         .layer(timer.clone())
         .layer(Gate {
             port: if split { Port::Client } else { Port::Shared },
@@ -101,6 +104,8 @@ where
         return Ok(());
     };
     let peer = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(crate::network::STREAM_WINDOW))
+        .initial_connection_window_size(Some(crate::network::CONNECTION_WINDOW))
         .layer(timer)
         .layer(Gate { port: Port::Peer, tokens })
         .add_service(health_service)

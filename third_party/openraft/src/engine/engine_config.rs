@@ -53,7 +53,8 @@ impl<NID: NodeId> EngineConfig<NID> {
             timer_config: time_state::Config {
                 election_timeout,
                 smaller_log_timeout: Duration::from_millis(config.election_timeout_max * 2),
-                leader_lease: Duration::from_millis(config.election_timeout_max),
+                // RATION PATCH (third_party/openraft/RATION-PATCH.md): configurable.
+                leader_lease: config.leader_lease(),
             },
         }
     }
