@@ -737,20 +737,32 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut admin = LedgerClient::new(channel(&leader)?);
     let admin_id = args.client_id("admin");
-    let mut rid = 0;
-    let mut create = |path: String, cap: i64| {
-        rid += 1;
-        v1::CreateBudgetRequest { meta: meta(&admin_id, rid), path, limits: lifetime(cap) }
+    let create = |rid: u64, path: String, cap: i64| v1::CreateBudgetRequest {
+        meta: meta(&admin_id, rid),
+        path,
+        limits: lifetime(cap),
     };
     // A budget left by an earlier run against the same cluster is used as it is.
     let mut existed = 0usize;
-    let paths = std::iter::once(("load".to_string(), 1_000_000_000_000_000))
-        .chain((0..args.budgets).map(|i| (format!("load/k{i}"), 1_000_000_000_000)));
-    for (path, cap) in paths {
-        match admin.create_budget(create(path, cap)).await {
-            Ok(_) => {}
-            Err(s) if s.code() == tonic::Code::AlreadyExists => existed += 1,
-            Err(s) => return Err(s.into()),
+    let made = |r: Result<tonic::Response<v1::BudgetChanged>, tonic::Status>| match r {
+        Ok(_) => Ok(0),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(1),
+        Err(s) => Err(s),
+    };
+    existed += made(admin.create_budget(create(1, "load".into(), 1_000_000_000_000_000)).await)?;
+    // The children 64 at a time: one after another costs a round trip each, which
+    // between regions is minutes for a thousand budgets.
+    let mut next = 0usize;
+    while next < args.budgets {
+        let mut set = tokio::task::JoinSet::new();
+        for i in next..(next + 64).min(args.budgets) {
+            let mut c = admin.clone();
+            let req = create(i as u64 + 2, format!("load/k{i}"), 1_000_000_000_000);
+            set.spawn(async move { c.create_budget(req).await });
+        }
+        next = (next + 64).min(args.budgets);
+        while let Some(r) = set.join_next().await {
+            existed += made(r?)?;
         }
     }
     if existed > 0 {

@@ -79,6 +79,12 @@ pub struct Config {
     /// Most commands queued or being proposed; beyond it callers get UNAVAILABLE
     /// with an "overloaded" detail (`ration_proto::rpc::is_overloaded`).
     pub proposal_queue: usize,
+    /// Whether the leader sends each follower a heartbeat as soon as the committed
+    /// index advances (openraft's own behaviour). Off (the default), the committed
+    /// index rides on the next AppendEntries or heartbeat: with one RPC in flight
+    /// per follower, that heartbeat held the next entry back a round trip
+    /// (third_party/openraft/RATION-PATCH.md). File only.
+    pub commit_heartbeat: bool,
     /// Most log entries proposed and not yet committed at once; while one is in
     /// flight, the next is proposed only when full (benches/README.md, "Pipelined
     /// proposals").
@@ -236,6 +242,7 @@ impl Default for Config {
             batch_wait_us: 1000,
             proposal_queue: 65_536,
             max_proposals_in_flight: 4,
+            commit_heartbeat: false,
             tick_ms: 1000,
             clock_slack_ms: 1000,
             clock_tolerance_ms: 5000,

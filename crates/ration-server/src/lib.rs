@@ -874,6 +874,7 @@ where
         heartbeat_interval: timing.heartbeat_ms,
         replication_timeout: timing.replication_timeout_ms,
         leader_lease: timing.leader_lease_ms,
+        commit_heartbeat: config.commit_heartbeat,
         election_timeout_min: timing.election_timeout_min_ms,
         election_timeout_max: timing.election_timeout_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),

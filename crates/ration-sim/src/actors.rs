@@ -281,6 +281,7 @@ pub(crate) fn spawn_nodes(
     let epoch_ms = shared.epoch_ms.load(Relaxed);
     let mut disks = BTreeMap::new();
     let mut clocks = BTreeMap::new();
+    let regions = cfg.regions.then(|| Regions::draw(cfg));
     for id in 1..=cfg.nodes + 1 {
         let disk = if cfg.wal { MemDisk::with_wal() } else { MemDisk::default() };
         disks.insert(id, disk.clone());
@@ -288,9 +289,69 @@ pub(crate) fn spawn_nodes(
         let clock = Arc::new(SimClock::new(epoch_ms, offset, rng.gen_range(CLOCK_DRIFT_PPM)));
         clocks.insert(id, clock.clone());
         let fsync = Duration::from_micros(rng.gen_range(FSYNC_TIME_US));
-        spawn_node(sim, id, disk, fsync, clock, node_config(id, cfg.nodes), shared.clone());
+        let mut config = node_config(id, cfg.nodes);
+        config.commit_heartbeat = cfg.commit_heartbeat;
+        if let Some(layout) = &regions {
+            layout.apply(&mut config);
+        }
+        spawn_node(sim, id, disk, fsync, clock, config, shared.clone());
+    }
+    if let Some(layout) = &regions {
+        layout.install(sim);
     }
     (disks, clocks)
+}
+
+/// One-way latency between regions (ms) and its jitter, drawn per pair of nodes.
+const REGION_LATENCY_MS: RangeInclusive<u64> = 30..=150;
+const REGION_JITTER_MS: RangeInclusive<u64> = 0..=20;
+
+/// Where the nodes are ([`SimConfig::regions`]): a latency per pair of nodes.
+pub(crate) struct Regions {
+    /// (a, b, one-way ms, jitter ms), a < b.
+    links: Vec<(u64, u64, u64, u64)>,
+}
+
+impl Regions {
+    /// Drawn from its own generator (seeded from the run's seed), so a seed's other
+    /// draws are those it has without regions.
+    pub(crate) fn draw(cfg: &SimConfig) -> Self {
+        let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5245_4749_4f4e_5321);
+        let mut links = Vec::new();
+        for a in 1..=cfg.nodes + 1 {
+            for b in a + 1..=cfg.nodes + 1 {
+                links.push((
+                    a,
+                    b,
+                    rng.gen_range(REGION_LATENCY_MS),
+                    rng.gen_range(REGION_JITTER_MS),
+                ));
+            }
+        }
+        Self { links }
+    }
+
+    /// The slowest round trip between two nodes, jitter included.
+    pub(crate) fn max_rtt_ms(&self) -> u64 {
+        self.links.iter().map(|(_, _, d, j)| 2 * (d + j)).max().unwrap_or(0)
+    }
+
+    /// Timings derived from the slowest round trip, as an operator would set them.
+    fn apply(&self, config: &mut Config) {
+        config.voter_rtt_ms = self.max_rtt_ms();
+        config.heartbeat_ms = 0;
+        config.election_timeout_min_ms = 0;
+        config.election_timeout_max_ms = 0;
+        config.leader_lease_ms = 0;
+        config.replication_timeout_ms = 0;
+    }
+
+    fn install(&self, sim: &mut turmoil::Sim<'_>) {
+        for &(a, b, d, j) in &self.links {
+            sim.set_link_latency(host(a), host(b), Duration::from_millis(d));
+            sim.set_link_max_message_latency(host(a), host(b), Duration::from_millis(d + j));
+        }
+    }
 }
 
 /// Starts node `id` as a simulated host on `disk`. Like a process under a

@@ -101,6 +101,14 @@ pub struct SimConfig {
     /// (overruns), and a per-minute limit whose window rolls over during the run.
     /// False: the mix and the budget tree before them, for seeds found then.
     pub extended: bool,
+    /// Voters in regions (issue 22): every pair of nodes gets a one-way latency
+    /// drawn in 30-150 ms with up to 20 ms of jitter, and the nodes' Raft timings
+    /// are derived from the slowest round trip (`voter_rtt_ms`) instead of the
+    /// fixed ones the other seeds were found with. Gateways stay next to the nodes.
+    pub regions: bool,
+    /// The nodes' `commit_heartbeat` (a heartbeat at every commit, openraft's own
+    /// behaviour; off by default): on for seeds pinned before it was turned off.
+    pub commit_heartbeat: bool,
 }
 
 impl SimConfig {
@@ -115,6 +123,8 @@ impl SimConfig {
             disk_failures: true,
             wal: true,
             extended: true,
+            regions: false,
+            commit_heartbeat: false,
         }
     }
 }

@@ -353,8 +353,13 @@ pub fn higher_vote_during_a_slow_purge() -> Result<ScenarioReport, String> {
         logs,
     ));
     // Snapshots every 100 entries: a follower cut off right after a purge has time
-    // to campaign before the next purge passes its log.
-    let mut c = Cluster::new(10, 3, |config| config.snapshot_after_entries = 100);
+    // to campaign before the next purge passes its log. A heartbeat at every commit,
+    // as when the race was found: the replication streams' timing decides whether
+    // the race is reached within 12 tries.
+    let mut c = Cluster::new(10, 3, |config| {
+        config.snapshot_after_entries = 100;
+        config.commit_heartbeat = true;
+    });
     if !c.run_until(SETUP_TIMEOUT_MS, |c| c.shared.live.load(Relaxed) && c.leader().is_some())? {
         return Err("no leader accepted the budgets".into());
     }

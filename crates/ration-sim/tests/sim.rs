@@ -31,6 +31,8 @@ struct Totals {
     calls: u64,
     /// The most ledger time was seen ahead of true time in any run, in ms.
     ledger_ahead_max_ms: i64,
+    /// Runs whose voters were in regions (`SimConfig::regions`).
+    region_runs: u64,
 }
 
 impl Totals {
@@ -73,8 +75,13 @@ fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) 
         // `RATION_SIM_EXTENDED=0`: the fault mix and budgets before issue 12.
         let wal = std::env::var("RATION_SIM_WAL").map_or(true, |v| v != "0");
         let extended = std::env::var("RATION_SIM_EXTENDED").map_or(true, |v| v != "0");
-        match run(&SimConfig { nodes, wal, extended, ..SimConfig::new(seed) }) {
+        // `RATION_SIM_REGIONS=1`: voters in regions 30-150 ms apart (issue 22). Not
+        // in the default mix: most such seeds do not converge after healing yet
+        // (replication to a follower stalls); see ration-sim's README.
+        let regions = std::env::var("RATION_SIM_REGIONS").is_ok_and(|v| v == "1");
+        match run(&SimConfig { nodes, wal, extended, regions, ..SimConfig::new(seed) }) {
             Ok(r) => {
+                totals.region_runs += u64::from(regions);
                 if std::env::var_os("RATION_SIM_VERBOSE").is_some() {
                     eprintln!(
                         "seed {seed}: {:.1?} wall, {} ms simulated, applied {}, snapshot at {}, admitted {} (ledger {}, overruns {}), ledger time ahead at most {} ms, {:?}, {:?}, core stops {:?}",
@@ -100,7 +107,7 @@ fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) 
         }
     }
     eprintln!(
-        "{n} seeds ({nodes} voters) in {:.1?}: {} failed; faults {:?}; events {:?}; gateways admitted {} of {} cap in total ({} units of overruns counted by the ledger, {} priced calls); ledger time at most {} ms ahead of true time; {} crashes ({} unsynced bytes lost to power cuts); {} Raft cores stopped and were restarted; probe grants {}, unknown outcomes {}; runs with snapshots: {}; committed entries cross-checked: {}; terms with two leaders: {}",
+        "{n} seeds ({nodes} voters) in {:.1?}: {} failed; faults {:?}; events {:?}; gateways admitted {} of {} cap in total ({} units of overruns counted by the ledger, {} priced calls); ledger time at most {} ms ahead of true time; {} crashes ({} unsynced bytes lost to power cuts); {} Raft cores stopped and were restarted; probe grants {}, unknown outcomes {}; runs with snapshots: {}; committed entries cross-checked: {}; terms with two leaders: {}; runs with voters in regions 30-150 ms apart: {}",
         started.elapsed(),
         failures.len(),
         totals.faults,
@@ -118,6 +125,7 @@ fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) 
         totals.snapshotted,
         totals.checked,
         totals.shared_terms,
+        totals.region_runs,
     );
     (totals, failures)
 }
@@ -234,10 +242,13 @@ fn issue_10_seeds_pass() {
 /// such a term with `extended: false` (none of 600 seeds with the issue-12 mix,
 /// 1029936776000..1029936776600, has one). When a change moves schedules so that
 /// it no longer has such a term, find another the same way.
+/// Its nodes send a heartbeat at every commit, as all nodes did when it was found
+/// (`commit_heartbeat`; off since, which moved its schedule).
 #[test]
 fn two_leaders_in_one_term_pass_the_check() {
     let seed = 1_029_936_776_237;
-    let cfg = SimConfig { nodes: 5, extended: false, ..SimConfig::new(seed) };
+    let cfg =
+        SimConfig { nodes: 5, extended: false, commit_heartbeat: true, ..SimConfig::new(seed) };
     let r = run(&cfg).unwrap_or_else(|f| panic!("{f}"));
     eprintln!(
         "seed {seed}: terms with two leaders {}, applied {}",

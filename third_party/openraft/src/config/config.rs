@@ -141,6 +141,14 @@ pub struct Config {
     #[clap(long, default_value = "0")]
     pub replication_timeout: u64,
 
+    /// RATION-PATCH: whether a leader sends a follower a heartbeat as soon as the
+    /// committed index advances (upstream's behaviour, the default). A replication
+    /// stream has one RPC in flight, so that heartbeat makes the next entry wait a
+    /// round trip: with voters far apart, every commit then costs two. Off, the
+    /// committed index reaches followers with the next AppendEntries or heartbeat.
+    #[clap(long, default_value = "true", action = clap::ArgAction::Set)]
+    pub commit_heartbeat: bool,
+
     /// RATION-PATCH: the leader lease, in milliseconds: how long after hearing from
     /// a leader a follower refuses to vote for another candidate, and how much longer
     /// than its election timeout it waits before campaigning itself. `0` (the default)

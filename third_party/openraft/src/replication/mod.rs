@@ -682,7 +682,12 @@ where
                 self.committed = c;
 
                 // If there is no action, fill in an heartbeat action to send committed index.
-                if self.next_action.is_none() {
+                // RATION PATCH (third_party/openraft/RATION-PATCH.md): unless
+                // `commit_heartbeat` is off. One RPC is in flight per follower, so
+                // this heartbeat delays the next entry's AppendEntries by a whole
+                // round trip; off, the committed index rides on the next
+                // AppendEntries or heartbeat instead.
+                if self.next_action.is_none() && self.config.commit_heartbeat {
                     self.next_action = Some(Data::new_heartbeat());
                 }
             }
