@@ -866,7 +866,17 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.failovers > 0 {
         if let Some((nodes, _)) = _nodes.as_mut() {
-            failovers(nodes, &endpoints, args.failovers).await?;
+            // Half a second per attempt, plus two round trips on the slowest link.
+            let slowest = match &args.wan {
+                Some(spec) => parse_wan(spec)?
+                    .iter()
+                    .map(|(_, _, l)| l.delay + l.jitter)
+                    .max()
+                    .unwrap_or_default(),
+                None => Duration::ZERO,
+            };
+            let attempt = Duration::from_millis(500) + slowest * 4;
+            failovers(nodes, &endpoints, args.failovers, attempt).await?;
         }
     }
     Ok(())
@@ -874,15 +884,24 @@ async fn main() -> anyhow::Result<()> {
 
 /// SIGKILLs the leader `n` times; each time, the time from the kill to the first
 /// write (an acquire) through a survivor, probed every 20 ms from this process
-/// (so at its distance from the nodes). The node is restarted once writes resume
+/// (so at its distance from the nodes; each attempt has `attempt`, then the next
+/// survivor is tried). The node is restarted once writes resume
 /// and given 3 s to catch up before the next kill.
-async fn failovers(nodes: &mut Nodes, endpoints: &[String], n: usize) -> anyhow::Result<()> {
+async fn failovers(
+    nodes: &mut Nodes,
+    endpoints: &[String],
+    n: usize,
+    attempt: Duration,
+) -> anyhow::Result<()> {
     let mut gaps = Vec::new();
     let mut rid = 1u64 << 40;
+    let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.parse()).collect::<Result<_, _>>()?;
     for round in 0..n {
-        let leader = find_leader(endpoints).await?;
-        let victim = endpoints.iter().position(|e| *e == leader).context("leader unknown")?;
-        let survivors: Vec<&String> = endpoints.iter().filter(|e| **e != leader).collect();
+        // The leader every node agrees on (a restarted node may not know yet).
+        let id = ration_testkit::leader(&addrs).await;
+        let victim = usize::try_from(id)?.checked_sub(1).context("leader id 0")?;
+        let leader = &endpoints[victim];
+        let survivors: Vec<&String> = endpoints.iter().filter(|e| *e != leader).collect();
         let killed = Instant::now();
         nodes.kill(victim);
         let mut at = 0usize;
@@ -893,7 +912,7 @@ async fn failovers(nodes: &mut Nodes, endpoints: &[String], n: usize) -> anyhow:
             rid += 1;
             let target = survivors[at % survivors.len()];
             let ch = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
-                .timeout(Duration::from_millis(2000))
+                .timeout(attempt)
                 .connect_lazy();
             let r = LedgerClient::new(ch)
                 .acquire(v1::AcquireRequest {

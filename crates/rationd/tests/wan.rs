@@ -3,8 +3,8 @@
 //! nodes by 150 ms one way, so every Raft round trip costs 300 ms (about US East
 //! to Asia-Pacific). The client (this test) sits next to every node.
 //!
-//! With `--voter-rtt-ms 300` and nothing else, the cluster forms, commits, and
-//! keeps its leader while writers keep it busy. With openraft 0.9's own timing
+//! With `--voter-rtt-ms 300` and nothing else, the cluster forms, commits, serves
+//! linearizable reads, and keeps its leader while writers keep it busy. With openraft 0.9's own timing
 //! (the AppendEntries deadline equal to a 250 ms heartbeat: what Ration had before
 //! the deadline was decoupled) the same layout commits nothing, so the proxy does
 //! delay what it says.
@@ -129,6 +129,13 @@ async fn voters_300_ms_apart_form_commit_and_keep_their_leader_under_load() {
     client.acquire(acquire(2, "wan-probe", "w")).await.unwrap();
     let one = t.elapsed();
     assert!(one >= Duration::from_millis(2 * ONE_WAY_MS), "a commit took only {one:?}");
+    // A linearizable read: the leader confirms it still leads with a round of
+    // AppendEntries, which must be given more than a heartbeat interval.
+    let read = client
+        .get_budget(v1::GetBudgetRequest { path: "w".into(), linearizable: true })
+        .await
+        .unwrap_or_else(|s| panic!("a linearizable read at 300 ms RTT: {s:?}"));
+    assert_eq!(read.into_inner().path, "w");
 
     // 20 s of writers keeping the leader busy: every write commits, and the leader
     // stays (no election: the term does not move).

@@ -305,7 +305,10 @@ where
 
         let my_id = self.id.clone();
         let my_vote = self.engine.state.vote_ref().clone();
-        let ttl = Duration::from_millis(self.config.heartbeat_interval);
+        // RATION PATCH (third_party/openraft/RATION-PATCH.md): the replication
+        // timeout, like every other AppendEntries, not the heartbeat interval (which
+        // a round trip between regions exceeds: every linearizable read failed).
+        let ttl = self.config.replication_timeout();
         let eff_mem = self.engine.state.membership_state.effective().clone();
         let core_tx = self.tx_notify.clone();
 
