@@ -121,8 +121,14 @@ impl Faults {
     pub async fn start(targets: Vec<SocketAddr>) -> Arc<Self> {
         let n = targets.len();
         let mut listeners = Vec::new();
-        for _ in 0..n {
-            listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        while listeners.len() < n {
+            // Never a port a node is about to listen on (the caller picked those
+            // free a moment ago; the kernel may hand one out again).
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = l.local_addr().unwrap().port();
+            if !targets.iter().any(|t| t.port() == port) {
+                listeners.push(l);
+            }
         }
         let faults = Arc::new(Self {
             n,
