@@ -60,13 +60,13 @@ const RATE_SMOOTHING: f64 = 0.3;
 /// (`ration_server::Config::timing`: a follower campaigns after 0.5-0.7 s of
 /// silence, RPC deadline 2 s). The longest a healthy gateway goes without an answer
 /// when the leader dies or stops answering is about: the election (0.66 s p50
-/// measured after a SIGKILL in one region; clusters whose voters are 300 ms apart,
-/// `voter_rtt_ms = 300`, wait 1.7-2.2 s of silence), plus one RPC deadline spent on
-/// the old leader (1 s), plus a round's pause (0.2 s): call it 2-4 s
+/// measured after a SIGKILL in one region), plus one RPC deadline spent on the old
+/// leader (1 s), plus a round's pause (0.2 s): call it 2-4 s
 /// (`crates/rationd/tests/failover.rs` measures it). Leases are topped up when what
 /// is held falls to half the horizon, so half the horizon must outlast that gap:
-/// 5 s, which also covers the distant clusters. And a lease must outlive the
-/// horizon it stocks.
+/// 5 s. Not enough for voters 300 ms apart (`voter_rtt_ms = 300`): writes resumed
+/// 5.3 s after a SIGKILL there (benches/README.md, "Across regions"); such layouts
+/// need a longer horizon. And a lease must outlive the horizon it stocks.
 pub mod defaults {
     use std::time::Duration;
 
