@@ -7,11 +7,17 @@
 //!
 //! - every node observes the ledger time it applies, with the monotonic instant it
 //!   saw it; its estimate of ledger time "now" is that plus the monotonic time since;
-//! - when it starts leading a term, it fixes that estimate as its base; each stamp
-//!   is its wall clock clamped to `base + monotonic elapsed ± slack` (and never
-//!   below the ledger's time). So one leader moves ledger time at most `slack` away
-//!   from where monotonic time puts it, whatever its wall clock says, and ledger time
-//!   keeps flowing even if its wall clock stands still or runs slow;
+//! - when it starts leading a term, it fixes that estimate as its base, kept for the
+//!   whole term (a moment of not leading inside the term does not reset it); each
+//!   stamp is its wall clock clamped to `base + monotonic elapsed ± slack` (and
+//!   never below the ledger's time). So one leader moves ledger time at most `slack`
+//!   away from where monotonic time puts it, whatever its wall clock says, and
+//!   ledger time keeps flowing even if its wall clock stands still or runs slow;
+//! - a wall clock further than `tolerance` from the estimate is known to be wrong
+//!   (or the whole cluster was down: see below) and is not used at all: the stamp is
+//!   the estimate. So a clock stepped far ahead moves ledger time by nothing, and a
+//!   series of leaders can move it ahead only as far as their own clocks, each
+//!   within the tolerance, and by at most `slack` per term;
 //! - a leader whose wall clock is off its estimate by more than `tolerance` asks the
 //!   voters for their wall clocks: [`quorum_time`] is a time a majority of them have
 //!   reached. Ledger time may jump forward to it ([`TimeBound::rebase`]): this is how
@@ -37,13 +43,16 @@ pub struct TimeBound {
     tolerance_ms: u64,
     /// The largest ledger time seen, and the monotonic instant it was seen.
     seen: Option<(u64, u64)>,
-    /// Fixed when this node starts stamping for a term.
+    /// Fixed when this node starts stamping for a term; kept for that term.
     base: Option<Base>,
+    /// Whether this node is stamping (leading) now: only then does its estimate
+    /// come from `base`.
+    stamping: bool,
 }
 
 impl TimeBound {
     pub fn new(slack_ms: u64, tolerance_ms: u64) -> Self {
-        Self { slack_ms, tolerance_ms, seen: None, base: None }
+        Self { slack_ms, tolerance_ms, seen: None, base: None, stamping: false }
     }
 
     /// Ledger time `ledger_ms` was applied here, as seen at monotonic `mono_ms`.
@@ -56,7 +65,7 @@ impl TimeBound {
     /// Ledger time now, as this node's monotonic clock carries it on from the
     /// latest ledger time it saw (its leader base, if it is stamping).
     pub fn estimate(&self, mono_ms: u64) -> Option<u64> {
-        let (ledger, at) = match self.base {
+        let (ledger, at) = match self.base.filter(|_| self.stamping) {
             Some(b) => (b.ledger_ms, b.mono_ms),
             None => self.seen?,
         };
@@ -70,22 +79,33 @@ impl TimeBound {
         self.observe(ledger_ms, mono_ms);
         if ledger_ms == 0 {
             self.base = Some(Base { term, ledger_ms: wall_ms, mono_ms });
+            self.stamping = true;
             return wall_ms;
         }
         if self.base.is_none_or(|b| b.term != term) {
-            self.base = None;
+            self.stamping = false;
             let ledger = self.estimate(mono_ms).unwrap_or(ledger_ms).max(ledger_ms);
             self.base = Some(Base { term, ledger_ms: ledger, mono_ms });
         }
+        self.stamping = true;
         let est = self.estimate(mono_ms).unwrap_or(ledger_ms);
+        if wall_ms.abs_diff(est) > self.tolerance_ms {
+            // A wall clock this far off is not evidence of anything: ledger time
+            // flows with the monotonic clock until the voters' clocks say otherwise
+            // (`rebase`) or this node hands leadership over.
+            return est.max(ledger_ms);
+        }
         let lo = est.saturating_sub(self.slack_ms);
         let hi = est.saturating_add(self.slack_ms);
         wall_ms.clamp(lo, hi).max(ledger_ms)
     }
 
-    /// Stops stamping (no longer leader): the next term fixes a new base.
+    /// Stops stamping (not leading now). The term's base is kept: if this node
+    /// stamps again in the same term (its view of its own leadership can lag the
+    /// Raft core's), it continues from that base rather than from ledger time its
+    /// own stamps may have moved ahead; a later term fixes a new base.
     pub fn step_down(&mut self) {
-        self.base = None;
+        self.stamping = false;
     }
 
     /// How far `wall_ms` is from this node's estimate of ledger time (positive: the
@@ -107,7 +127,7 @@ impl TimeBound {
     /// moved. Never moves ledger time backwards.
     pub fn rebase(&mut self, quorum_ms: u64, mono_ms: u64) -> bool {
         let Some(est) = self.estimate(mono_ms) else { return false };
-        let Some(base) = self.base.as_mut() else { return false };
+        let Some(base) = self.base.as_mut().filter(|_| self.stamping) else { return false };
         if quorum_ms <= est.saturating_add(self.tolerance_ms) {
             return false;
         }
@@ -140,27 +160,65 @@ mod tests {
     const YEAR: u64 = 365 * 86_400_000;
 
     #[test]
-    fn a_fast_leader_moves_ledger_time_by_the_slack_at_most() {
+    fn a_clock_far_ahead_moves_ledger_time_by_nothing() {
         for ahead in [30_000, YEAR] {
             let mut b = TimeBound::new(1_000, 5_000);
             // A follower saw ledger time T at monotonic 100.
             b.observe(T, 100);
-            // Elected 2 s later, its wall clock `ahead` ms fast.
+            // Elected 2 s later, its wall clock `ahead` ms fast: beyond the
+            // tolerance, so it is not used; the stamp is the estimate.
             let s = b.stamp(7, T + 2_000 + ahead, 2_100, T);
-            assert_eq!(s, T + 2_000 + 1_000, "estimate + slack");
-            // A minute on, still at most the slack ahead of monotonic time.
+            assert_eq!(s, T + 2_000, "the estimate");
+            // A minute on, ledger time still flows with the monotonic clock.
             let s = b.stamp(7, T + 62_000 + ahead, 62_100, s);
-            assert_eq!(s, T + 63_000);
+            assert_eq!(s, T + 62_000);
             assert!(b.disagrees(b.skew_ms(T + 62_000 + ahead, 62_100).unwrap()));
         }
+    }
+
+    #[test]
+    fn a_clock_a_little_ahead_moves_ledger_time_by_the_slack_at_most() {
+        let mut b = TimeBound::new(1_000, 5_000);
+        b.observe(T, 100);
+        // 3 s fast: within the tolerance, so followed up to the slack.
+        assert_eq!(b.stamp(7, T + 2_000 + 3_000, 2_100, T), T + 3_000);
+        assert_eq!(b.stamp(7, T + 62_000 + 3_000, 62_100, T + 3_000), T + 63_000);
+        // 800 ms fast: followed exactly.
+        let mut b = TimeBound::new(1_000, 5_000);
+        b.observe(T, 100);
+        assert_eq!(b.stamp(7, T + 2_800, 2_100, T), T + 2_800);
+    }
+
+    #[test]
+    fn a_moment_of_not_leading_keeps_the_terms_base() {
+        // Soak seed 1029938618064 (5 voters): a leader whose own view of its
+        // leadership lagged its Raft core's stepped down for a moment inside its
+        // term; fixing a new base then, from ledger time its own stamps had moved a
+        // slack ahead, let one term move ledger time two slacks.
+        let mut b = TimeBound::new(1_000, 5_000);
+        b.observe(T, 0);
+        assert_eq!(b.stamp(4, T + 4_000, 1_000, T), T + 2_000, "estimate + slack");
+        b.step_down();
+        b.observe(T + 2_000, 1_100);
+        // Same term, 200 ms later: still one slack ahead of the term's base.
+        assert_eq!(b.stamp(4, T + 4_200, 1_200, T + 2_000), T + 2_200);
+        // A later term fixes its base from what was observed, so a clock within
+        // the tolerance adds one more slack per term (the documented bound).
+        b.step_down();
+        assert_eq!(b.stamp(6, T + 4_300, 1_300, T + 2_200), T + 3_200);
     }
 
     #[test]
     fn a_slow_or_stopped_wall_clock_does_not_freeze_ledger_time() {
         let mut b = TimeBound::new(1_000, 5_000);
         b.observe(T, 0);
-        assert_eq!(b.stamp(1, T - 60_000, 10_000, T), T + 9_000);
-        assert_eq!(b.stamp(1, T - 60_000, 20_000, T + 9_000), T + 19_000);
+        // A minute slow: beyond the tolerance, so not used at all.
+        assert_eq!(b.stamp(1, T - 60_000, 10_000, T), T + 10_000);
+        assert_eq!(b.stamp(1, T - 60_000, 20_000, T + 10_000), T + 20_000);
+        // Two seconds slow: followed down to the slack.
+        let mut b = TimeBound::new(1_000, 5_000);
+        b.observe(T, 0);
+        assert_eq!(b.stamp(1, T + 8_000, 10_000, T), T + 9_000);
     }
 
     #[test]
@@ -177,12 +235,12 @@ mod tests {
     fn each_term_fixes_a_new_base_from_what_was_observed() {
         let mut b = TimeBound::new(1_000, 5_000);
         b.observe(T, 0);
-        assert_eq!(b.stamp(1, T + 10_000, 0, T), T + 1_000);
+        assert_eq!(b.stamp(1, T + 3_000, 0, T), T + 1_000);
         b.step_down();
         // Another leader's entries carried ledger time to T + 5 s, seen at mono 5 s.
         b.observe(T + 5_000, 5_000);
         // Elected again at mono 8 s: the base is T + 8 s, so one more slack at most.
-        assert_eq!(b.stamp(2, T + 100_000, 8_000, T + 5_000), T + 9_000);
+        assert_eq!(b.stamp(2, T + 12_000, 8_000, T + 5_000), T + 9_000);
     }
 
     #[test]
@@ -198,13 +256,13 @@ mod tests {
         // Restarted: the log says T; the wall clocks say a day later.
         let day = 86_400_000;
         b.observe(T, 0);
-        assert_eq!(b.stamp(3, T + day, 0, T), T + 1_000);
+        assert_eq!(b.stamp(3, T + day, 0, T), T, "a clock this far off is not used");
         assert!(b.disagrees(b.skew_ms(T + day, 0).unwrap()));
         // Two of three voters agree on T + day; one is a year fast.
         let q = quorum_time(&[T + day, T + day + YEAR, T + day - 20], 3).unwrap();
         assert_eq!(q, T + day);
         assert!(b.rebase(q, 100));
-        assert_eq!(b.stamp(3, T + day + 100, 100, T + 1_000), T + day + 100);
+        assert_eq!(b.stamp(3, T + day + 100, 100, T), T + day + 100);
         assert!(!b.disagrees(b.skew_ms(T + day + 100, 100).unwrap()));
         // A quorum within the tolerance moves nothing.
         assert!(!b.rebase(T + day + 2_000, 100));

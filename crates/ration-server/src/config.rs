@@ -93,9 +93,10 @@ pub struct Config {
     pub tick_ms: u64,
     /// Most a leader's time stamps may differ from ledger time carried on by its own
     /// monotonic clock: a wrong wall clock moves ledger time by at most this much
-    /// per leader change (ration_core::timebound).
+    /// per leader term (ration_core::timebound).
     pub clock_slack_ms: u64,
-    /// A leader whose wall clock is further than this from ledger time asks the
+    /// A leader whose wall clock is further than this from ledger time does not
+    /// use it (its stamps follow its monotonic clock), and asks the
     /// voters' clocks: ledger time catches up to a time a majority of them reached,
     /// and a leader whose own clock is further than this from theirs hands
     /// leadership over (logged, and counted in `ration_clock_step_downs_total`).
@@ -105,6 +106,11 @@ pub struct Config {
     /// left at 0 is derived from it ([`Config::timing`]): a cluster whose voters
     /// are 300 ms apart sets `voter_rtt_ms = 300` and nothing else.
     pub voter_rtt_ms: u64,
+    /// Leader placement: a voter with a higher priority than the leader's takes
+    /// leadership once it has caught up (and again after a failover), so the leader
+    /// sits where most gateways are. 0 (the default): never asks. At most
+    /// [`MAX_LEADER_PRIORITY`].
+    pub leader_priority: u32,
     /// The leader's heartbeat interval (ms); 0: derived from `voter_rtt_ms`.
     pub heartbeat_ms: u64,
     /// Deadline of one AppendEntries RPC (replication and heartbeats; ms); 0:
@@ -171,6 +177,9 @@ pub struct Config {
     /// node 1): a Kubernetes StatefulSet's pods are named that way.
     pub node_id_from_hostname: bool,
 }
+
+/// Largest `leader_priority`.
+pub const MAX_LEADER_PRIORITY: u32 = 100;
 
 /// Largest `voter_rtt_ms` taken into account (a minute).
 pub const MAX_VOTER_RTT_MS: u64 = 60_000;
@@ -249,6 +258,7 @@ impl Default for Config {
             // All derived (Config::timing); the trade-off is measured in
             // benches/README.md ("Failover").
             voter_rtt_ms: 0,
+            leader_priority: 0,
             heartbeat_ms: 0,
             replication_timeout_ms: 0,
             leader_lease_ms: 0,
@@ -347,6 +357,12 @@ impl Config {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.node_id == 0 {
             return bad("node_id must be at least 1".into());
+        }
+        if self.leader_priority > MAX_LEADER_PRIORITY {
+            return bad(format!(
+                "leader_priority {} is above the maximum, {MAX_LEADER_PRIORITY}",
+                self.leader_priority
+            ));
         }
         let peers = self.peers()?;
         if !peers.is_empty() && !peers.iter().any(|p| p.id == self.node_id) {
@@ -629,7 +645,7 @@ pub struct Args {
     #[arg(long, env = "RATION_TICK_MS")]
     pub tick_ms: Option<u64>,
     /// Most a leader's wall clock may move ledger time beyond what its monotonic
-    /// clock measured, per leader change (ms) [default: 1000].
+    /// clock measured, per leader term (ms) [default: 1000].
     #[arg(long, env = "RATION_CLOCK_SLACK_MS")]
     pub clock_slack_ms: Option<u64>,
     /// A leader whose wall clock is further than this from ledger time and from the
@@ -640,6 +656,10 @@ pub struct Args {
     /// at 0 is derived from it (0: one region) [default: 0].
     #[arg(long, env = "RATION_VOTER_RTT_MS")]
     pub voter_rtt_ms: Option<u64>,
+    /// Leader placement: a voter with a higher priority than the leader's takes
+    /// leadership once caught up (0: never asks; at most 100) [default: 0].
+    #[arg(long, env = "RATION_LEADER_PRIORITY")]
+    pub leader_priority: Option<u32>,
     /// The leader's heartbeat interval (ms); 0: 100 + voter_rtt_ms/2 [default: 0].
     #[arg(long, env = "RATION_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -758,6 +778,7 @@ impl Args {
             clock_slack_ms,
             clock_tolerance_ms,
             voter_rtt_ms,
+            leader_priority,
             heartbeat_ms,
             election_timeout_min_ms,
             election_timeout_max_ms,

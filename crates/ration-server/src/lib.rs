@@ -11,6 +11,7 @@ mod leadership;
 mod ledger_time;
 pub mod metrics;
 pub mod network;
+mod placement;
 pub mod proposer;
 mod services;
 
@@ -976,6 +977,9 @@ where
     bootstrap(&node).await?;
     tokio::spawn(ticker(Arc::downgrade(&node), node.config.tick_ms));
     tokio::spawn(ledger_time::keep(Arc::downgrade(&node)));
+    if node.config.leader_priority > 0 {
+        tokio::spawn(placement::keep(Arc::downgrade(&node)));
+    }
     if node.reader.audit.fetch_dir().is_some() {
         tokio::spawn(audit_fetch::run(Arc::downgrade(&node)));
         tokio::spawn(snapshot_when_unsealed(

@@ -164,6 +164,8 @@ pub struct Metrics {
     clock_skew_ms: std::sync::atomic::AtomicI64,
     clock_step_downs: AtomicU64,
     ledger_time_rebases: AtomicU64,
+    placement_transfers: AtomicU64,
+    placement_failures: AtomicU64,
     /// Acquires refused, by (refusal kind, top-level budget).
     denials: std::sync::Mutex<BTreeMap<(&'static str, String), u64>>,
     proposals: AtomicU64,
@@ -186,6 +188,8 @@ impl Default for Metrics {
             clock_skew_ms: std::sync::atomic::AtomicI64::new(0),
             clock_step_downs: AtomicU64::new(0),
             ledger_time_rebases: AtomicU64::new(0),
+            placement_transfers: AtomicU64::new(0),
+            placement_failures: AtomicU64::new(0),
             denials: std::sync::Mutex::default(),
             proposals: AtomicU64::new(0),
             batch_commands: Histogram::new(BATCH_BOUNDS, 1.0),
@@ -206,6 +210,20 @@ impl Metrics {
 
     pub fn ledger_time_rebased(&self) {
         self.ledger_time_rebases.fetch_add(1, Relaxed);
+    }
+
+    /// A leader-placement request of this node ended: it took leadership or not.
+    pub fn placement_transfer(&self, took: bool) {
+        if took {
+            self.placement_transfers.fetch_add(1, Relaxed);
+        } else {
+            self.placement_failures.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Times this node took leadership for its leader priority.
+    pub fn placement_transfers(&self) -> u64 {
+        self.placement_transfers.load(Relaxed)
     }
 
     /// Times this node handed leadership over because its clock was off.
@@ -519,6 +537,22 @@ pub fn render(node: &Node) -> String {
     );
     let _ =
         writeln!(out, "ration_clock_step_downs_total {}", metrics.clock_step_downs.load(Relaxed));
+    header(
+        &mut out,
+        "ration_leader_placement_total",
+        "counter",
+        "Times this node asked for leadership because its leader_priority is higher than the leader's, by outcome.",
+    );
+    let _ = writeln!(
+        out,
+        "ration_leader_placement_total{{outcome=\"took\"}} {}",
+        metrics.placement_transfers.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "ration_leader_placement_total{{outcome=\"failed\"}} {}",
+        metrics.placement_failures.load(Relaxed)
+    );
     header(
         &mut out,
         "ration_ledger_time_rebases_total",

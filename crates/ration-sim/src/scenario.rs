@@ -516,13 +516,14 @@ pub fn forwarding_recovers_after_a_stalled_connection() -> Result<ScenarioReport
 }
 
 /// Ledger time under two fast wall clocks in a row (found by soak seed 5036). The
-/// leader's wall clock jumps 30 s ahead: it stamps its estimate of ledger time plus
-/// the clock slack (1 s), sees its clock disagree with the voters' and hands
-/// leadership over. Its clock is repaired; 3 s later the new leader's clock jumps
-/// 30 s ahead too. The new leader fixed its estimate when its term began, from a
-/// ledger time then a slack ahead; its own clock's jump adds a second slack. The
-/// running checks allow one slack per forward step ([`crate::checks`]); the report
-/// says how far ahead ledger time got.
+/// leader's wall clock jumps 30 s ahead, sees its clock disagree with the voters'
+/// and hands leadership over. Its clock is repaired; 3 s later the new leader's
+/// clock jumps 30 s ahead too. When seed 5036 was found, each such leader stamped
+/// its estimate plus the clock slack, and the second term's base started from
+/// ledger time the first had moved a slack ahead: two slacks. A clock beyond the
+/// tolerance is no longer used at all (`ration_core::timebound`), so neither moves
+/// ledger time ahead; the running checks still allow one slack per forward step
+/// ([`crate::checks`]), and the report says how far ahead ledger time got.
 pub fn two_fast_leaders_in_a_row() -> Result<ScenarioReport, String> {
     const STEP_MS: i64 = 30_000;
     let mut c = Cluster::new(13, 3, |_| {});

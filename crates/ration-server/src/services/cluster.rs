@@ -113,6 +113,7 @@ impl ClusterService {
             wall_ms,
             ledger_time_ms,
             clock_skew_ms,
+            leader_priority: node.config.leader_priority,
             ..Default::default()
         };
         reply.set_role(role(m.state));
