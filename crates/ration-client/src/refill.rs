@@ -233,6 +233,11 @@ pub struct Sdk {
 }
 
 impl Sdk {
+    /// The connection to the cluster (which member leads and which is nearest).
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
     /// Starts the SDK and its refill task (on the current tokio runtime).
     pub fn start(config: SdkConfig, clock: Arc<CoarseClock>) -> Result<Arc<Self>, ClusterError> {
         let cluster = Arc::new(Cluster::new(config.cluster.clone())?);
@@ -250,6 +255,11 @@ impl Sdk {
         let weak = Arc::downgrade(&sdk);
         let every = sdk.config.refresh;
         tokio::spawn(async move {
+            // Who leads, and which member is nearest, before the first round.
+            match weak.upgrade() {
+                Some(sdk) => sdk.cluster.measure().await,
+                None => return,
+            }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

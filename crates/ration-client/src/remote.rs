@@ -81,6 +81,9 @@ pub struct Cluster {
     config: ClusterConfig,
     channels: Vec<Mutex<Option<Channel>>>,
     preferred: AtomicUsize,
+    /// The round trip of each endpoint's last `Status` answer, in µs (`u64::MAX`:
+    /// none yet), measured by leader discovery; reads go to the nearest.
+    rtt_us: Vec<AtomicU64>,
     client_id: String,
     next_request: AtomicU64,
 }
@@ -107,10 +110,12 @@ impl Cluster {
             format!("{}:{:x}-{:x}", config.principal, std::process::id(), incarnation)
         });
         let channels = config.endpoints.iter().map(|_| Mutex::new(None)).collect();
+        let rtt_us = config.endpoints.iter().map(|_| AtomicU64::new(u64::MAX)).collect();
         Ok(Self {
             config,
             channels,
             preferred: AtomicUsize::new(0),
+            rtt_us,
             client_id,
             next_request: AtomicU64::new(1),
         })
@@ -222,11 +227,30 @@ impl Cluster {
         Err(ClusterError::Unreachable { attempts, elapsed_ms, last })
     }
 
-    /// Reads a budget from the first endpoint that answers (this node's applied
-    /// state, not linearizable); None if none answers or it does not exist.
+    /// The endpoint that answered leader discovery fastest (its last answer), if
+    /// any has answered: where reads go. In a cluster spread over regions, list
+    /// every member; the nearest is found, not configured.
+    pub fn nearest(&self) -> Option<usize> {
+        self.rtt_us
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.load(Ordering::Relaxed), i))
+            .filter(|(r, _)| *r != u64::MAX)
+            .min()
+            .map(|(_, i)| i)
+    }
+
+    /// The endpoint writes go to now (the leader, as last discovered).
+    pub fn preferred(&self) -> usize {
+        self.preferred.load(Ordering::Relaxed) % self.config.endpoints.len()
+    }
+
+    /// Reads a budget from the nearest endpoint that answers (its applied state,
+    /// not linearizable; the leader's if none was measured yet); None if none
+    /// answers or it does not exist.
     pub async fn get_budget(&self, path: &str) -> Option<v1::Budget> {
         let n = self.config.endpoints.len();
-        let start = self.preferred.load(Ordering::Relaxed);
+        let start = self.nearest().unwrap_or_else(|| self.preferred.load(Ordering::Relaxed));
         for k in 0..n {
             let i = (start + k) % n;
             let request = v1::GetBudgetRequest { path: path.to_owned(), linearizable: false };
@@ -239,29 +263,76 @@ impl Cluster {
         None
     }
 
+    /// Asks every endpoint at once who leads and waits for every answer (each
+    /// within the RPC deadline): the round trips for [`Cluster::nearest`], and the
+    /// leader preferred from now on, as [`Cluster::discover_leader`] finds it. The
+    /// SDK does this once when it starts, so its first batch goes straight to the
+    /// leader and its reads to the nearest member.
+    pub async fn measure(&self) {
+        let mut asks = tokio::task::JoinSet::new();
+        for i in 0..self.config.endpoints.len() {
+            let channel = self.channel(i);
+            asks.spawn(async move {
+                let sent = tokio::time::Instant::now();
+                let status = ClusterClient::new(channel)
+                    .status(v1::StatusRequest { digest: false })
+                    .await
+                    .map(tonic::Response::into_inner);
+                (i, status, sent.elapsed())
+            });
+        }
+        let (mut leader, mut named) = (None, None);
+        while let Some(answer) = asks.join_next().await {
+            let Ok((i, status, rtt)) = answer else { continue };
+            let Ok(status) = status else {
+                self.rtt_us[i].store(u64::MAX, Ordering::Relaxed);
+                self.drop_channel(i);
+                continue;
+            };
+            let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
+            self.rtt_us[i].store(us, Ordering::Relaxed);
+            if rpc::is_leader(&status) {
+                leader = Some(i);
+            } else if let Some(at) =
+                self.config.endpoints.iter().position(|e| *e == status.leader_addr)
+            {
+                named = Some(at);
+            }
+        }
+        if let Some(at) = leader.or(named) {
+            self.preferred.store(at, Ordering::Relaxed);
+        }
+    }
+
     /// Asks every endpoint at once who leads (each within the RPC deadline), and
     /// prefers that endpoint from now on: the first that says it leads, else the
     /// leader the others name. A stopped or black-holed node costs one RPC deadline
-    /// in parallel with the others, not one per node in turn.
+    /// in parallel with the others, not one per node in turn. Each answer's round
+    /// trip is noted ([`Cluster::nearest`]); the asks still out when the leader
+    /// answers are not waited for.
     pub async fn discover_leader(&self) {
         let mut asks = tokio::task::JoinSet::new();
         for i in 0..self.config.endpoints.len() {
             let channel = self.channel(i);
             asks.spawn(async move {
+                let sent = tokio::time::Instant::now();
                 let status = ClusterClient::new(channel)
                     .status(v1::StatusRequest { digest: false })
                     .await
                     .map(tonic::Response::into_inner);
-                (i, status)
+                (i, status, sent.elapsed())
             });
         }
         let mut named = None;
         while let Some(answer) = asks.join_next().await {
-            let Ok((i, status)) = answer else { continue };
+            let Ok((i, status, rtt)) = answer else { continue };
             let Ok(status) = status else {
+                self.rtt_us[i].store(u64::MAX, Ordering::Relaxed);
                 self.drop_channel(i);
                 continue;
             };
+            let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
+            self.rtt_us[i].store(us, Ordering::Relaxed);
             // Only a node that sees itself lead is sure; a follower's view may be stale.
             if rpc::is_leader(&status) {
                 self.preferred.store(i, Ordering::Relaxed);

@@ -613,3 +613,42 @@ async fn an_overrun_refused_by_a_principal_limit_is_kept_until_the_ledger_takes_
     .await;
     cluster.shutdown().await;
 }
+
+/// A gateway lists every member; two of them are 60 ms away (one way), one is
+/// near. The SDK finds the leader before its first round and reads from the
+/// nearest member, found by measuring, not configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_reads_from_the_nearest_member_and_writes_to_the_leader() {
+    use ration_testkit::proxy::{Fault, Faults, Link};
+    let cluster = Cluster::start(3, |_| {}).await;
+    let leader = cluster.leader().await;
+    let targets: Vec<std::net::SocketAddr> = cluster.addrs.values().copied().collect();
+    let proxies = Faults::start(targets.clone()).await;
+    // The near one is a follower, so nearest and leader differ.
+    let near = cluster.addrs.keys().position(|id| *id != leader).unwrap();
+    for dst in (0..targets.len()).filter(|d| *d != near) {
+        proxies.set(proxies.client(), dst, Fault::Wan(Link::delay_ms(60)));
+    }
+    budget(cluster.addrs[&leader], 1, "near", 1_000, None).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let endpoints = proxies.addrs.iter().map(|a| a.to_string()).collect();
+    let sdk = Sdk::start(SdkConfig::new(endpoints, "gw-near"), clock.clone()).unwrap();
+    let handle = sdk.handle("near", "tokens");
+    eventually("the gateway holds a lease", Duration::from_secs(20), || {
+        let spent = handle.try_spend(1);
+        async move { spent }
+    })
+    .await;
+    let leader_at = cluster.addrs.keys().position(|id| *id == leader).unwrap();
+    assert_eq!(sdk.cluster().nearest(), Some(near), "the member without the 60 ms link");
+    assert_eq!(sdk.cluster().preferred(), leader_at, "writes go to the leader");
+    // A read (the fail-static policy's) is answered from the nearest member.
+    let started = Instant::now();
+    let read = sdk.cluster().get_budget("near").await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(read.path, "near");
+    eprintln!("read from the nearest member in {took:?} (the others are 120 ms away)");
+    assert!(proxies.accepted[proxies.client()].load(Ordering::Relaxed) >= 3);
+    cluster.shutdown().await;
+}

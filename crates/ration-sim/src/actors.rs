@@ -336,8 +336,14 @@ impl Regions {
         self.links.iter().map(|(_, _, d, j)| 2 * (d + j)).max().unwrap_or(0)
     }
 
-    /// Timings derived from the slowest round trip, as an operator would set them.
+    /// Timings derived from the slowest round trip, as an operator would set them,
+    /// and the production tick (1 s). The other seeds tick every 250 ms; across
+    /// regions a follower learns that an entry committed up to a heartbeat and a
+    /// one-way trip after the leader does (about 0.8 s at the slowest layout), so
+    /// with an entry every 250 ms the replicas were never all at one index and the
+    /// final comparison never came, while the cluster kept committing.
     fn apply(&self, config: &mut Config) {
+        config.tick_ms = Config::default().tick_ms;
         config.voter_rtt_ms = self.max_rtt_ms();
         config.heartbeat_ms = 0;
         config.election_timeout_min_ms = 0;

@@ -89,6 +89,8 @@ impl Failure {
                 env.push_str(&format!("{var}=0 "));
             }
         }
+        // The scans decide regions per seed; say it either way so a replay matches.
+        env.push_str(if cfg.regions { "RATION_SIM_REGIONS=1 " } else { "RATION_SIM_REGIONS=0 " });
         Self { seed: cfg.seed, nodes: cfg.nodes, what: what.to_string(), at_ms, env }
     }
 }

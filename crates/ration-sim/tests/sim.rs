@@ -59,6 +59,17 @@ impl Totals {
     }
 }
 
+/// Whether a seed of the scans (and its replay) puts its voters in regions 30-150 ms
+/// apart (`SimConfig::regions`, issue 22): one seed in four, or every seed with
+/// `RATION_SIM_REGIONS=1`, none with `RATION_SIM_REGIONS=0`.
+fn regions_for(seed: u64) -> bool {
+    match std::env::var("RATION_SIM_REGIONS").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => seed % 4 == 1,
+    }
+}
+
 /// Runs `seeds` with `nodes` voters; prints a summary; returns the failures.
 fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) {
     let started = std::time::Instant::now();
@@ -75,10 +86,7 @@ fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) 
         // `RATION_SIM_EXTENDED=0`: the fault mix and budgets before issue 12.
         let wal = std::env::var("RATION_SIM_WAL").map_or(true, |v| v != "0");
         let extended = std::env::var("RATION_SIM_EXTENDED").map_or(true, |v| v != "0");
-        // `RATION_SIM_REGIONS=1`: voters in regions 30-150 ms apart (issue 22). Not
-        // in the default mix: most such seeds do not converge after healing yet
-        // (replication to a follower stalls); see ration-sim's README.
-        let regions = std::env::var("RATION_SIM_REGIONS").is_ok_and(|v| v == "1");
+        let regions = regions_for(seed);
         match run(&SimConfig { nodes, wal, extended, regions, ..SimConfig::new(seed) }) {
             Ok(r) => {
                 totals.region_runs += u64::from(regions);
@@ -157,6 +165,7 @@ fn many_seeds_keep_every_invariant() {
     );
     // The faults and traffic of issue 12 happened (unless RATION_SIM_EXTENDED=0).
     if std::env::var("RATION_SIM_EXTENDED").map_or(true, |v| v != "0") && n >= 100 {
+        assert!(totals.region_runs > 0, "no run had its voters in regions");
         for fault in ["flapping_links", "clock_step", "isolate_gateway"] {
             assert!(totals.faults.get(fault).copied().unwrap_or(0) > 0, "no {fault} fault");
         }
@@ -377,7 +386,9 @@ fn replay() {
     let disk_failures = std::env::var("RATION_SIM_DISK_FAILURES").map_or(true, |v| v != "0");
     let wal = std::env::var("RATION_SIM_WAL").map_or(true, |v| v != "0");
     let extended = std::env::var("RATION_SIM_EXTENDED").map_or(true, |v| v != "0");
-    match run(&SimConfig { nodes, disk_failures, wal, extended, ..SimConfig::new(seed) }) {
+    let regions = regions_for(seed);
+    let config = SimConfig { nodes, disk_failures, wal, extended, regions, ..SimConfig::new(seed) };
+    match run(&config) {
         Ok(r) => eprintln!("{r:#?}"),
         Err(f) => panic!("{f}"),
     }
