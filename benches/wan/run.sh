@@ -4,7 +4,8 @@
 # For each layout: batched throughput (256 x 12 and 256 x 48 in flight), one
 # operation per RPC (512 in flight), Raft entries per second, 20 SDK gateways
 # (decisions/s and cluster writes per 1,000), then leader SIGKILLs (kill to first
-# write through a survivor).
+# write through a survivor, with the 20 gateways deciding 10,000 calls/s each
+# through the kills: their refusals per kill).
 #
 # Usage: benches/wan/run.sh [LAYOUT ...]
 #   LAYOUT = NAME:WAN_SPEC[:NODE_ARGS], WAN_SPEC as ration-load --wan takes it.
@@ -52,5 +53,5 @@ for layout in "${layouts[@]}"; do
   want batch48 && run batch48 --duration-s "$secs" --batch 256 --concurrency 48
   want single && run single --duration-s "$secs" --concurrency 512
   want sdk && run sdk --duration-s "$secs" --gateways 20
-  want failover && run failover --batch 256 --concurrency 4 --duration-s 5 --failovers "$kills"
+  want failover && run failover --gateways 20 --gateway-rate 10000 --duration-s 5 --failovers "$kills"
 done

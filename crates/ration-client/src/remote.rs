@@ -84,6 +84,8 @@ pub struct Cluster {
     /// The round trip of each endpoint's last `Status` answer, in µs (`u64::MAX`:
     /// none yet), measured by leader discovery; reads go to the nearest.
     rtt_us: Vec<AtomicU64>,
+    /// The longest `failover_bound_ms` any member's `Status` gave (0: none yet).
+    failover_bound_ms: AtomicU64,
     client_id: String,
     next_request: AtomicU64,
 }
@@ -116,6 +118,7 @@ impl Cluster {
             channels,
             preferred: AtomicUsize::new(0),
             rtt_us,
+            failover_bound_ms: AtomicU64::new(0),
             client_id,
             next_request: AtomicU64::new(1),
         })
@@ -240,6 +243,16 @@ impl Cluster {
             .map(|(_, i)| i)
     }
 
+    /// The longest a failover should take, as the members' Raft timings say
+    /// (`Status.failover_bound_ms`); zero until a member has answered `Status`.
+    pub fn failover_bound(&self) -> Duration {
+        Duration::from_millis(self.failover_bound_ms.load(Ordering::Relaxed))
+    }
+
+    fn note_status(&self, status: &v1::StatusReply) {
+        self.failover_bound_ms.fetch_max(status.failover_bound_ms, Ordering::Relaxed);
+    }
+
     /// The endpoint writes go to now (the leader, as last discovered).
     pub fn preferred(&self) -> usize {
         self.preferred.load(Ordering::Relaxed) % self.config.endpoints.len()
@@ -291,6 +304,7 @@ impl Cluster {
             };
             let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
             self.rtt_us[i].store(us, Ordering::Relaxed);
+            self.note_status(&status);
             if rpc::is_leader(&status) {
                 leader = Some(i);
             } else if let Some(at) =
@@ -333,6 +347,7 @@ impl Cluster {
             };
             let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
             self.rtt_us[i].store(us, Ordering::Relaxed);
+            self.note_status(&status);
             // Only a node that sees itself lead is sure; a follower's view may be stale.
             if rpc::is_leader(&status) {
                 self.preferred.store(i, Ordering::Relaxed);

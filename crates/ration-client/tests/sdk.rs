@@ -643,6 +643,11 @@ async fn the_sdk_reads_from_the_nearest_member_and_writes_to_the_leader() {
     let leader_at = cluster.addrs.keys().position(|id| *id == leader).unwrap();
     assert_eq!(sdk.cluster().nearest(), Some(near), "the member without the 60 ms link");
     assert_eq!(sdk.cluster().preferred(), leader_at, "writes go to the leader");
+    // One region's timings (a failover bound of about a second, learned from
+    // Status): the configured horizon stands.
+    let bound = sdk.cluster().failover_bound();
+    assert!(bound > Duration::ZERO && bound < Duration::from_secs(2), "{bound:?}");
+    assert_eq!(sdk.horizon(), ration_client::refill::defaults::HORIZON);
     // A read (the fail-static policy's) is answered from the nearest member.
     let started = Instant::now();
     let read = sdk.cluster().get_budget("near").await.unwrap();

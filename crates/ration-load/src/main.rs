@@ -55,6 +55,10 @@ struct Args {
     /// stocked. Reports decisions per second and cluster writes per 1,000 decisions.
     #[arg(long, default_value_t = 0)]
     gateways: usize,
+    /// With --gateways: decisions per second per gateway (0: as fast as it can).
+    /// A paced rate leaves the cores to the nodes, e.g. for --failovers.
+    #[arg(long, default_value_t = 0)]
+    gateway_rate: u64,
     /// Operations per RPC through the Batch call; 0 sends one operation per RPC.
     #[arg(long, default_value_t = 0)]
     batch: usize,
@@ -97,7 +101,9 @@ struct Args {
     node_args: Option<String>,
     /// After the load: SIGKILL the leader this many times (restarting it once
     /// writes resume) and report the time from each kill to the first write
-    /// through a survivor.
+    /// through a survivor. With --gateways, the gateways keep deciding through
+    /// the kills and their refusals are reported per kill (the budget is far from
+    /// its cap, so every refusal is a failover gap their leases did not cover).
     #[arg(long, default_value_t = 0)]
     failovers: usize,
 }
@@ -596,8 +602,92 @@ fn record(hist: &mut Histogram<u64>, recording: &AtomicBool, elapsed: Duration) 
     }
 }
 
-/// End to end: SDK gateways decide locally and lease from the cluster.
-async fn sdk_load(args: &Args, endpoints: &[String], leader: &str) -> anyhow::Result<()> {
+/// SDK gateways deciding in this process, and what they decided.
+struct GatewayLoad {
+    sdks: Vec<Arc<ration_client::Sdk>>,
+    stop: Arc<AtomicBool>,
+    recording: Arc<AtomicBool>,
+    decisions: Arc<AtomicU64>,
+    admitted: Arc<AtomicU64>,
+    /// Refusals since the start, recording or not, and when they happened.
+    refused: Arc<Refusals>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Each gateway's handle and clock, to read what it holds.
+    handles: Vec<ration_client::Handle>,
+    clock: Arc<ration_client::CoarseClock>,
+}
+
+impl GatewayLoad {
+    /// What the gateways hold now, in seconds of spend at `rate` decisions/s each:
+    /// (least, median, most).
+    fn held_s(&self, rate: u64) -> (f64, f64, f64) {
+        use ration_client::local::LocalClock;
+        let now = self.clock.now_ms();
+        let mut held: Vec<u64> =
+            self.handles.iter().map(|h| h.allowance().available(now)).collect();
+        held.sort_unstable();
+        let s = |u: u64| u as f64 / rate.max(1) as f64;
+        match (held.first(), held.last()) {
+            (Some(a), Some(b)) => (s(*a), s(held[held.len() / 2]), s(*b)),
+            _ => (0.0, 0.0, 0.0),
+        }
+    }
+}
+
+/// The gateways' refusals: how many, and the first and last time one happened
+/// (ms since `base`; `u64::MAX` and 0 when none since the last `reset`).
+struct Refusals {
+    count: AtomicU64,
+    base: Instant,
+    first_ms: AtomicU64,
+    last_ms: AtomicU64,
+}
+
+impl Refusals {
+    fn new() -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            base: Instant::now(),
+            first_ms: AtomicU64::new(u64::MAX),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn add(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.count.fetch_add(n, Ordering::Relaxed);
+        let at = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.first_ms.fetch_min(at, Ordering::Relaxed);
+        self.last_ms.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// Forgets when refusals happened; returns the count so far.
+    fn reset(&self) -> u64 {
+        self.first_ms.store(u64::MAX, Ordering::Relaxed);
+        self.last_ms.store(0, Ordering::Relaxed);
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// (first, last) refusal since the last reset, relative to `since`.
+    fn span(&self, since: Instant) -> Option<(Duration, Duration)> {
+        let first = self.first_ms.load(Ordering::Relaxed);
+        if first == u64::MAX {
+            return None;
+        }
+        let at = |ms: u64| (self.base + Duration::from_millis(ms)).saturating_duration_since(since);
+        Some((at(first), at(self.last_ms.load(Ordering::Relaxed))))
+    }
+}
+
+/// Starts `args.gateways` SDK gateways with default settings, each deciding calls
+/// of one unit on budget `sdk` (a cap no run reaches) at `args.gateway_rate`.
+async fn start_gateways(
+    args: &Args,
+    endpoints: &[String],
+    leader: &str,
+) -> anyhow::Result<GatewayLoad> {
     use ration_client::{CoarseClock, Sdk, SdkConfig};
     let mut admin = LedgerClient::new(channel(leader)?);
     match admin
@@ -628,43 +718,63 @@ async fn sdk_load(args: &Args, endpoints: &[String], leader: &str) -> anyhow::Re
     let recording = Arc::new(AtomicBool::new(false));
     let decisions = Arc::new(AtomicU64::new(0));
     let admitted = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = sdks
+    let refused = Arc::new(Refusals::new());
+    // Paced: this many decisions every 10 ms.
+    let per_tick = args.gateway_rate.div_ceil(100);
+    let handles: Vec<ration_client::Handle> =
+        sdks.iter().map(|sdk| sdk.handle("sdk", "tokens")).collect();
+    let tasks = handles
         .iter()
-        .map(|sdk| {
-            let h = sdk.handle("sdk", "tokens");
-            let (stop, recording, decisions, admitted) =
-                (stop.clone(), recording.clone(), decisions.clone(), admitted.clone());
+        .map(|h| {
+            let h = h.clone();
+            let (stop, recording, decisions, admitted, refused) = (
+                stop.clone(),
+                recording.clone(),
+                decisions.clone(),
+                admitted.clone(),
+                refused.clone(),
+            );
             tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
                 while !stop.load(Ordering::Relaxed) {
+                    let n = if per_tick > 0 { per_tick } else { 1024 };
                     let (mut d, mut a) = (0u64, 0u64);
-                    for _ in 0..1024 {
+                    for _ in 0..n {
                         d += 1;
                         a += u64::from(h.try_spend(1));
                     }
+                    refused.add(d - a);
                     if recording.load(Ordering::Relaxed) {
                         decisions.fetch_add(d, Ordering::Relaxed);
                         admitted.fetch_add(a, Ordering::Relaxed);
                     }
-                    tokio::task::yield_now().await;
+                    if per_tick > 0 {
+                        tick.tick().await;
+                    } else {
+                        tokio::task::yield_now().await;
+                    }
                 }
             })
         })
         .collect();
+    Ok(GatewayLoad { sdks, stop, recording, decisions, admitted, refused, tasks, handles, clock })
+}
+
+/// End to end: SDK gateways decide locally and lease from the cluster.
+async fn sdk_load(args: &Args, load: &GatewayLoad) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
-    let ops_before: u64 = sdks.iter().map(|s| s.ops_sent()).sum();
-    recording.store(true, Ordering::Relaxed);
+    let ops_before: u64 = load.sdks.iter().map(|s| s.ops_sent()).sum();
+    let refused_before = load.refused.count.load(Ordering::Relaxed);
+    load.recording.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.duration_s)).await;
-    recording.store(false, Ordering::Relaxed);
+    load.recording.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    let ops: u64 = sdks.iter().map(|s| s.ops_sent()).sum::<u64>() - ops_before;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await?;
-    }
-    let (d, a) = (decisions.load(Ordering::Relaxed), admitted.load(Ordering::Relaxed));
+    let ops: u64 = load.sdks.iter().map(|s| s.ops_sent()).sum::<u64>() - ops_before;
+    let refused = load.refused.count.load(Ordering::Relaxed) - refused_before;
+    let (d, a) = (load.decisions.load(Ordering::Relaxed), load.admitted.load(Ordering::Relaxed));
     println!(
-        "{} gateways: {:.0} decisions/s ({:.0} admitted/s, {:.2}% admitted); cluster writes {} ({:.4} per 1,000 decisions)",
+        "{} gateways: {:.0} decisions/s ({:.0} admitted/s, {:.2}% admitted, {refused} refused); cluster writes {} ({:.4} per 1,000 decisions)",
         args.gateways,
         d as f64 / elapsed,
         a as f64 / elapsed,
@@ -672,6 +782,14 @@ async fn sdk_load(args: &Args, endpoints: &[String], leader: &str) -> anyhow::Re
         ops,
         1000.0 * ops as f64 / d.max(1) as f64
     );
+    if let Some(sdk) = load.sdks.first() {
+        println!(
+            "gateway leases: horizon {:?}, validity {:?} (the cluster's failover bound: {:?})",
+            sdk.horizon(),
+            sdk.lease_ttl(),
+            sdk.cluster().failover_bound()
+        );
+    }
     Ok(())
 }
 
@@ -733,7 +851,20 @@ async fn main() -> anyhow::Result<()> {
     println!("cluster: {endpoints:?}, leader {leader}");
     grant_load_roles(&leader).await?;
     if args.gateways > 0 {
-        return sdk_load(&args, &endpoints, &leader).await;
+        let load = start_gateways(&args, &endpoints, &leader).await?;
+        sdk_load(&args, &load).await?;
+        if args.failovers > 0 {
+            if let Some((nodes, _)) = _nodes.as_mut() {
+                let attempt = failover_attempt(&args)?;
+                let gateways = Some((&load, args.gateway_rate));
+                failovers(nodes, &endpoints, args.failovers, attempt, "sdk", gateways).await?;
+            }
+        }
+        load.stop.store(true, Ordering::Relaxed);
+        for t in load.tasks {
+            t.await?;
+        }
+        return Ok(());
     }
     let mut admin = LedgerClient::new(channel(&leader)?);
     let admin_id = args.client_id("admin");
@@ -866,34 +997,43 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.failovers > 0 {
         if let Some((nodes, _)) = _nodes.as_mut() {
-            // Half a second per attempt, plus two round trips on the slowest link.
-            let slowest = match &args.wan {
-                Some(spec) => parse_wan(spec)?
-                    .iter()
-                    .map(|(_, _, l)| l.delay + l.jitter)
-                    .max()
-                    .unwrap_or_default(),
-                None => Duration::ZERO,
-            };
-            let attempt = Duration::from_millis(500) + slowest * 4;
-            failovers(nodes, &endpoints, args.failovers, attempt).await?;
+            let attempt = failover_attempt(&args)?;
+            failovers(nodes, &endpoints, args.failovers, attempt, "load", None).await?;
         }
     }
     Ok(())
 }
 
+/// The deadline of one probe write during a failover: half a second, plus two
+/// round trips on the slowest link.
+fn failover_attempt(args: &Args) -> anyhow::Result<Duration> {
+    let slowest = match &args.wan {
+        Some(spec) => {
+            parse_wan(spec)?.iter().map(|(_, _, l)| l.delay + l.jitter).max().unwrap_or_default()
+        }
+        None => Duration::ZERO,
+    };
+    Ok(Duration::from_millis(500) + slowest * 4)
+}
+
 /// SIGKILLs the leader `n` times; each time, the time from the kill to the first
-/// write (an acquire) through a survivor, probed every 20 ms from this process
+/// write (an acquire on `budget`) through a survivor, probed every 20 ms from this process
 /// (so at its distance from the nodes; each attempt has `attempt`, then the next
 /// survivor is tried). The node is restarted once writes resume
-/// and given 3 s to catch up before the next kill.
+/// and given 3 s to catch up before the next kill. With `gateways` (and their
+/// paced rate), the refusals from each kill to the end of its 3 s are reported
+/// too, and what they held at the kill.
 async fn failovers(
     nodes: &mut Nodes,
     endpoints: &[String],
     n: usize,
     attempt: Duration,
+    budget: &str,
+    gateways: Option<(&GatewayLoad, u64)>,
 ) -> anyhow::Result<()> {
+    let refused = gateways.map(|(g, _)| &*g.refused);
     let mut gaps = Vec::new();
+    let mut refusals = Vec::new();
     let mut rid = 1u64 << 40;
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.parse()).collect::<Result<_, _>>()?;
     for round in 0..n {
@@ -902,6 +1042,15 @@ async fn failovers(
         let victim = usize::try_from(id)?.checked_sub(1).context("leader id 0")?;
         let leader = &endpoints[victim];
         let survivors: Vec<&String> = endpoints.iter().filter(|e| *e != leader).collect();
+        let refused_before = refused.map(Refusals::reset);
+        // What the gateways hold as the leader dies (with a paced rate).
+        let held = match gateways {
+            Some((g, rate)) if rate > 0 => {
+                let (least, median, most) = g.held_s(rate);
+                format!("; they held {least:.1} / {median:.1} / {most:.1} s of spend at the kill (least / median / most)")
+            }
+            _ => String::new(),
+        };
         let killed = Instant::now();
         nodes.kill(victim);
         let mut at = 0usize;
@@ -917,7 +1066,7 @@ async fn failovers(
             let r = LedgerClient::new(ch)
                 .acquire(v1::AcquireRequest {
                     meta: meta("load-failover-probe", rid),
-                    budget: "load".into(),
+                    budget: budget.into(),
                     unit: "tokens".into(),
                     wanted: 1,
                     min: 1,
@@ -931,10 +1080,31 @@ async fn failovers(
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        println!("failover {}: first write {} ms after the SIGKILL", round + 1, gap.as_millis());
         gaps.push(gap.as_millis());
         nodes.spawn(victim)?;
         tokio::time::sleep(Duration::from_secs(3)).await;
+        match (refused, refused_before) {
+            (Some(r), Some(before)) => {
+                let n = r.count.load(Ordering::Relaxed) - before;
+                refusals.push(n);
+                let when = match r.span(killed) {
+                    Some((a, b)) => {
+                        format!(" (from {} to {} ms after it)", a.as_millis(), b.as_millis())
+                    }
+                    None => String::new(),
+                };
+                println!(
+                    "failover {}: first write {} ms after the SIGKILL; gateways refused {n} calls{when}{held}",
+                    round + 1,
+                    gap.as_millis()
+                );
+            }
+            _ => println!(
+                "failover {}: first write {} ms after the SIGKILL",
+                round + 1,
+                gap.as_millis()
+            ),
+        }
     }
     gaps.sort_unstable();
     let pct = |p: usize| gaps[(gaps.len() * p / 100).min(gaps.len() - 1)];
@@ -945,6 +1115,14 @@ async fn failovers(
         pct(90),
         gaps.last().copied().unwrap_or(0)
     );
+    if refused.is_some() {
+        println!(
+            "failover: gateways refused {} calls in all ({} of {} kills had any)",
+            refusals.iter().sum::<u64>(),
+            refusals.iter().filter(|r| **r > 0).count(),
+            refusals.len()
+        );
+    }
     Ok(())
 }
 

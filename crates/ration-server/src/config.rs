@@ -513,7 +513,9 @@ impl Config {
 
     /// The Raft timings in force: each `*_ms` field that is not 0, else derived
     /// from `voter_rtt_ms` (R): heartbeat 100 + R/2, AppendEntries deadline
-    /// 350 + 2R, leader lease 200 + 2R, election timeout [300 + 2R, 500 + 3R).
+    /// 350 + 2R, leader lease 200 + 2R, election timeout [300 + 2R, 500 + 5R). The
+    /// range widens with R so that two survivors rarely time out within one trip
+    /// of each other (a split vote, which costs another election timeout).
     /// With R = 0 a leader's death costs a write gap of under a second here, and a
     /// follower waits 500-700 ms of silence (five heartbeats or more) before it
     /// campaigns (benches/README.md, "Failover"); at R = 300 the deadline is 950 ms.
@@ -529,8 +531,22 @@ impl Config {
             ),
             leader_lease_ms: or(self.leader_lease_ms, 200 + 2 * r),
             election_timeout_min_ms: or(self.election_timeout_min_ms, 300 + 2 * r),
-            election_timeout_max_ms: or(self.election_timeout_max_ms, 500 + 3 * r),
+            election_timeout_max_ms: or(self.election_timeout_max_ms, 500 + 5 * r),
         }
+    }
+
+    /// The longest a failover should take with these timings: a follower sits out
+    /// the leader lease and its election timeout; a split vote costs another
+    /// election timeout; the votes and the new leader's first commit take round
+    /// trips between voters. Lease + 2 x the longest election timeout + 4 x
+    /// `voter_rtt_ms`: 1.2 s in one region, 6 s for voters 300 ms apart. Served in
+    /// `Status.failover_bound_ms`; the SDK holds leases that outlast it.
+    pub fn failover_bound_ms(&self) -> u64 {
+        let t = self.timing();
+        let r = self.voter_rtt_ms.min(MAX_VOTER_RTT_MS);
+        t.leader_lease_ms
+            .saturating_add(t.election_timeout_max_ms.saturating_mul(2))
+            .saturating_add(r.saturating_mul(4))
     }
 
     /// Where to serve metrics: `None` when `metrics_listen` is `off`.
@@ -667,7 +683,7 @@ pub struct Args {
     /// [min, max) ms campaigns; 0: 300 + 2 x voter_rtt_ms [default: 0].
     #[arg(long, env = "RATION_ELECTION_TIMEOUT_MIN_MS")]
     pub election_timeout_min_ms: Option<u64>,
-    /// See --election-timeout-min-ms; 0: 500 + 3 x voter_rtt_ms [default: 0].
+    /// See --election-timeout-min-ms; 0: 500 + 5 x voter_rtt_ms [default: 0].
     #[arg(long, env = "RATION_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
     /// How long after hearing from its leader a follower refuses other candidates
@@ -909,10 +925,12 @@ mod tests {
             }
         );
         assert_eq!(t.follower_patience_ms(), 700);
+        assert_eq!(Config::default().failover_bound_ms(), 1_200);
+        assert_eq!(Config { voter_rtt_ms: 300, ..Config::default() }.failover_bound_ms(), 6_000);
         let wan = Config { voter_rtt_ms: 300, ..Config::default() };
         let t = wan.timing();
         assert_eq!((t.heartbeat_ms, t.replication_timeout_ms, t.leader_lease_ms), (250, 950, 800));
-        assert_eq!((t.election_timeout_min_ms, t.election_timeout_max_ms), (900, 1400));
+        assert_eq!((t.election_timeout_min_ms, t.election_timeout_max_ms), (900, 2000));
         assert!(wan.validate().is_ok());
         // Derived timings are valid at any round trip.
         for r in [1, 50, 100, 260, 1000, 10_000] {

@@ -114,6 +114,7 @@ impl ClusterService {
             ledger_time_ms,
             clock_skew_ms,
             leader_priority: node.config.leader_priority,
+            failover_bound_ms: node.config.failover_bound_ms(),
             ..Default::default()
         };
         reply.set_role(role(m.state));
