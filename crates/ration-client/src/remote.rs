@@ -279,9 +279,26 @@ impl Cluster {
     /// Asks every endpoint at once who leads and waits for every answer (each
     /// within the RPC deadline): the round trips for [`Cluster::nearest`], and the
     /// leader preferred from now on, as [`Cluster::discover_leader`] finds it. The
-    /// SDK does this once when it starts, so its first batch goes straight to the
+    /// SDK does this when it starts, so its first batch goes straight to the
     /// leader and its reads to the nearest member.
     pub async fn measure(&self) {
+        self.ask_who_leads(true).await;
+    }
+
+    /// Asks every endpoint at once who leads (each within the RPC deadline), and
+    /// prefers that endpoint from now on: the first that says it leads, else the
+    /// leader the others name. A stopped or black-holed node costs one RPC deadline
+    /// in parallel with the others, not one per node in turn. Each answer's round
+    /// trip is noted ([`Cluster::nearest`]); the asks still out when the leader
+    /// answers are not waited for.
+    pub async fn discover_leader(&self) {
+        self.ask_who_leads(false).await;
+    }
+
+    /// Every endpoint's `Status` at once: notes each answer's round trip and
+    /// failover bound, and prefers the leader (one that says it leads, else the one
+    /// the others name). Returns at the first leader unless `all`.
+    async fn ask_who_leads(&self, all: bool) {
         let mut asks = tokio::task::JoinSet::new();
         for i in 0..self.config.endpoints.len() {
             let channel = self.channel(i);
@@ -305,8 +322,13 @@ impl Cluster {
             let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
             self.rtt_us[i].store(us, Ordering::Relaxed);
             self.note_status(&status);
+            // Only a node that sees itself lead is sure; a follower's view may be stale.
             if rpc::is_leader(&status) {
                 leader = Some(i);
+                if !all {
+                    asks.abort_all();
+                    break;
+                }
             } else if let Some(at) =
                 self.config.endpoints.iter().position(|e| *e == status.leader_addr)
             {
@@ -314,51 +336,6 @@ impl Cluster {
             }
         }
         if let Some(at) = leader.or(named) {
-            self.preferred.store(at, Ordering::Relaxed);
-        }
-    }
-
-    /// Asks every endpoint at once who leads (each within the RPC deadline), and
-    /// prefers that endpoint from now on: the first that says it leads, else the
-    /// leader the others name. A stopped or black-holed node costs one RPC deadline
-    /// in parallel with the others, not one per node in turn. Each answer's round
-    /// trip is noted ([`Cluster::nearest`]); the asks still out when the leader
-    /// answers are not waited for.
-    pub async fn discover_leader(&self) {
-        let mut asks = tokio::task::JoinSet::new();
-        for i in 0..self.config.endpoints.len() {
-            let channel = self.channel(i);
-            asks.spawn(async move {
-                let sent = tokio::time::Instant::now();
-                let status = ClusterClient::new(channel)
-                    .status(v1::StatusRequest { digest: false })
-                    .await
-                    .map(tonic::Response::into_inner);
-                (i, status, sent.elapsed())
-            });
-        }
-        let mut named = None;
-        while let Some(answer) = asks.join_next().await {
-            let Ok((i, status, rtt)) = answer else { continue };
-            let Ok(status) = status else {
-                self.rtt_us[i].store(u64::MAX, Ordering::Relaxed);
-                self.drop_channel(i);
-                continue;
-            };
-            let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
-            self.rtt_us[i].store(us, Ordering::Relaxed);
-            self.note_status(&status);
-            // Only a node that sees itself lead is sure; a follower's view may be stale.
-            if rpc::is_leader(&status) {
-                self.preferred.store(i, Ordering::Relaxed);
-                asks.abort_all();
-                return;
-            }
-            if let Some(at) = self.config.endpoints.iter().position(|e| *e == status.leader_addr) {
-                named = Some(at);
-            }
-        }
-        if let Some(at) = named {
             self.preferred.store(at, Ordering::Relaxed);
         }
     }
