@@ -38,8 +38,9 @@ async fn the_preferred_node_leads_and_leads_again_after_a_failover() {
         }
     })
     .await;
+    // Node 3 may also win the first election by itself: the placement that
+    // matters is the one after its restart, below.
     let (_, first) = until_leads(&cluster, &[3], Duration::from_secs(30)).await;
-    assert!(took(&cluster, 3) >= 1, "node 3 took leadership by placement");
     // Status says who prefers what.
     let s = status(cluster.addrs[&3]).await.unwrap();
     assert_eq!(s.leader_priority, 10);
@@ -63,7 +64,13 @@ async fn the_preferred_node_leads_and_leads_again_after_a_failover() {
         "node 3 (priority 10) led {first:?} after start; after its restart (node {other} led \
          meanwhile) it led again {back:?} later"
     );
-    assert!(took(&cluster, 3) >= 1, "the restarted node took leadership by placement");
+    // A fresh process, and the leader alive: only placement makes it lead. Its
+    // count goes up once the transfer call returns, a moment after it leads.
+    let started = Instant::now();
+    while took(&cluster, 3) == 0 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(took(&cluster, 3), 1, "the restarted node took leadership by placement");
     // And it stays there: nobody else asks.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(cluster.leader().await, 3);
@@ -103,7 +110,9 @@ async fn equal_priorities_do_not_take_leadership_from_each_other() {
         assert_eq!(cluster.leader().await, leader, "leadership moved between equals");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // At most one placement transfer (none if node 2 or 3 won the first election),
+    // none between the equals.
     let total: u64 = [1, 2, 3].iter().map(|id| took(&cluster, *id)).sum();
-    assert_eq!(total, 1, "one placement transfer (from node 1), none between the equals");
+    assert!(total <= 1, "{total} placement transfers");
     cluster.shutdown().await;
 }
