@@ -7,7 +7,8 @@
 //! linearizable reads, and keeps its leader while writers keep it busy. With openraft 0.9's own timing
 //! (the AppendEntries deadline equal to a 250 ms heartbeat: what Ration had before
 //! the deadline was decoupled) the same layout commits nothing, so the proxy does
-//! delay what it says.
+//! delay what it says. With a deadline long enough to commit but under twice the
+//! round trip, the leader logs the warning that names `voter_rtt_ms`.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -219,4 +220,38 @@ async fn with_the_append_entries_deadline_at_the_heartbeat_voters_300_ms_apart_c
     .await;
     let formed = first_commit(&wan.addrs, Duration::from_secs(15)).await;
     assert_eq!(formed, None, "a write committed although every AppendEntries times out");
+}
+
+/// A cluster whose timings are too short for its distance, but not so short that
+/// nothing commits (AppendEntries deadline 500 ms, round trip 300 ms): it forms,
+/// and the leader warns that heartbeats take more than half the deadline, naming
+/// `voter_rtt_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_warns_when_heartbeats_take_more_than_half_the_deadline() {
+    let wan = start(&[
+        "--replication-timeout-ms",
+        "500",
+        "--leader-lease-ms",
+        "1000",
+        "--election-timeout-min-ms",
+        "1200",
+        "--election-timeout-max-ms",
+        "1600",
+    ])
+    .await;
+    let formed = first_commit(&wan.addrs, Duration::from_secs(60)).await;
+    assert!(formed.is_some(), "nothing committed; node 1 log:\n{}", wan.procs[0].log_tail(30));
+    let leader = ration_testkit::leader(&wan.addrs).await;
+    let proc = &wan.procs[usize::try_from(leader).unwrap() - 1];
+    let started = Instant::now();
+    let mut warned = false;
+    while !warned && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let log: String =
+            proc.logs.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect();
+        warned = log.contains("more than half the AppendEntries deadline (500 ms)")
+            && log.contains("set voter_rtt_ms");
+    }
+    eprintln!("warned {:?} after the first commit", started.elapsed());
+    assert!(warned, "no heartbeat warning in the leader's log:\n{}", proc.log_tail(20));
 }
