@@ -657,3 +657,31 @@ async fn the_sdk_reads_from_the_nearest_member_and_writes_to_the_leader() {
     assert!(proxies.accepted[proxies.client()].load(Ordering::Relaxed) >= 3);
     cluster.shutdown().await;
 }
+
+/// A cluster sized for voters 300 ms apart (`voter_rtt_ms = 300`, here on
+/// loopback, with the test kit's own lease and election timeouts) reports its
+/// failover bound in `Status`; a gateway with default settings raises its horizon
+/// so half of it outlasts the bound plus a 3 s round, and its lease validity to
+/// twice that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_sizes_its_leases_from_the_clusters_failover_bound() {
+    let cluster = Cluster::start(3, |c| c.voter_rtt_ms = 300).await;
+    let leader = cluster.leader().await;
+    budget(cluster.addrs[&leader], 1, "far", 1_000_000, None).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let sdk = sdk(&cluster, "gw-far", &clock);
+    let handle = sdk.handle("far", "tokens");
+    eventually("the gateway holds a lease", Duration::from_secs(20), || {
+        let spent = handle.try_spend(1);
+        async move { spent }
+    })
+    .await;
+    let bound = Duration::from_millis(cluster.config(1).failover_bound_ms());
+    assert_eq!(sdk.cluster().failover_bound(), bound);
+    let horizon = (bound + ration_client::refill::defaults::ROUND_DEADLINE) * 2;
+    assert!(horizon > ration_client::refill::defaults::HORIZON, "{horizon:?}");
+    assert_eq!(sdk.horizon(), horizon);
+    assert_eq!(sdk.lease_ttl(), horizon * 2);
+    cluster.shutdown().await;
+}

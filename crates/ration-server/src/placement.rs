@@ -69,7 +69,8 @@ impl Pace {
     }
 }
 
-/// Runs for the node's life (holding it weakly), if it has a priority.
+/// Runs for the node's life (holding it weakly); started only on a node with a
+/// priority (`leader_priority > 0`).
 pub(crate) async fn keep(node: Weak<Node>) {
     let mut every = tokio::time::interval(EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -79,9 +80,6 @@ pub(crate) async fn keep(node: Weak<Node>) {
         every.tick().await;
         let Some(node) = node.upgrade() else { return };
         let mine = node.config.leader_priority;
-        if mine == 0 {
-            return;
-        }
         let (state, applied) = {
             let m = node.raft.metrics();
             let m = m.borrow();
