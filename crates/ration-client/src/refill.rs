@@ -172,6 +172,9 @@ struct Tracked {
     boundary: Option<Boundary>,
     /// The boundary (ledger ms) a lease for the next window was last asked for.
     next_asked: u64,
+    /// Whether the ledger has answered an acquire for this key (a lease or a
+    /// refusal): until then, a refusal here only means "not asked yet".
+    answered: bool,
 }
 
 impl Tracked {
@@ -235,6 +238,10 @@ pub struct Sdk {
     in_outage: std::sync::atomic::AtomicBool,
     /// Local time the last round started (0: none yet).
     last_round_ms: std::sync::atomic::AtomicU64,
+    /// Starts a round now instead of at the next tick ([`Sdk::first_answer`]).
+    wake: Arc<tokio::sync::Notify>,
+    /// Rounds finished so far.
+    rounds: tokio::sync::watch::Sender<u64>,
 }
 
 impl Sdk {
@@ -256,9 +263,12 @@ impl Sdk {
             unanswered_since_ms: std::sync::atomic::AtomicU64::new(0),
             in_outage: std::sync::atomic::AtomicBool::new(false),
             last_round_ms: std::sync::atomic::AtomicU64::new(0),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            rounds: tokio::sync::watch::Sender::new(0),
         });
         let weak = Arc::downgrade(&sdk);
         let every = sdk.config.refresh;
+        let wake = sdk.wake.clone();
         tokio::spawn(async move {
             // Who leads, and which member is nearest, before the first round.
             match weak.upgrade() {
@@ -269,7 +279,10 @@ impl Sdk {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = wake.notified() => {}
+                }
                 let Some(sdk) = weak.upgrade() else { return };
                 // No member answered Status yet (a first connection between
                 // regions can outlast the RPC deadline): ask again, now and then,
@@ -279,6 +292,7 @@ impl Sdk {
                     measured = tokio::time::Instant::now();
                 }
                 sdk.round().await;
+                sdk.rounds.send_modify(|n| *n += 1);
             }
         });
         Ok(sdk)
@@ -304,8 +318,41 @@ impl Sdk {
             quarantined_until: 0,
             boundary: None,
             next_asked: 0,
+            answered: false,
         });
         handle
+    }
+
+    /// Waits, at most `within`, until the ledger has answered an acquire for each
+    /// of these (budget, unit) keys (tracked through [`Sdk::handle`] first),
+    /// starting a round at once rather than at the next tick. For a caller that
+    /// meets a key for the first time: its first call finds nothing held only
+    /// because nothing was asked yet. Returns whether every key was answered.
+    pub async fn first_answer(&self, keys: &[(&str, &str)], within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut rounds = self.rounds.subscribe();
+        loop {
+            let done = {
+                let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+                keys.iter().all(|(b, u)| {
+                    tracked.get(&((*b).to_owned(), (*u).to_owned())).is_none_or(|t| t.answered)
+                })
+            };
+            if done {
+                return true;
+            }
+            self.wake.notify_one();
+            rounds.borrow_and_update();
+            if tokio::time::timeout_at(deadline, rounds.changed()).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Whether the ledger has answered an acquire for (budget, unit).
+    pub fn answered(&self, budget: &str, unit: &str) -> bool {
+        let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        tracked.get(&(budget.to_owned(), unit.to_owned())).is_some_and(|t| t.answered)
     }
 
     /// A [`crate::Reserver`] for these (budget, unit) pairs, which the refill task
@@ -644,6 +691,7 @@ impl Sdk {
     fn quarantine(&self, key: &(String, String), now: u64, why: &str) {
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let Some(t) = tracked.get_mut(key) else { return };
+        t.answered = true;
         if now >= t.quarantined_until {
             tracing::warn!(
                 budget = %key.0, unit = %key.1,
@@ -692,6 +740,9 @@ impl Sdk {
                 );
             }
             let Some(Op::Acquire(asked)) = &p.op.op else { continue };
+            if let Some(t) = tracked.get_mut(&p.key) {
+                t.answered = true;
+            }
             let (ttl_ms, starts_at_ms) =
                 (u64::try_from(asked.ttl_ms).unwrap_or(0), asked.starts_at_ms);
             let lease = match r.result {

@@ -1,0 +1,123 @@
+//! Envoy's rate limit service (`envoy.service.ratelimit.v3.RateLimitService`):
+//! the one place that converts between Envoy's protobuf messages and the agent's
+//! types.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use ration_proto::v1;
+
+use crate::agent::{Agent, Decision, LimitView, Refusal};
+use crate::rules::Descriptor;
+
+/// Longest domain, descriptor key or value accepted, in bytes.
+pub const MAX_STRING_BYTES: usize = 1024;
+/// Most entries in one descriptor.
+pub const MAX_ENTRIES: usize = 16;
+
+/// The agent's descriptors from Envoy's, or what is wrong with them.
+pub fn descriptors(request: &RateLimitRequest) -> Result<Vec<Descriptor>, String> {
+    if request.domain.len() > MAX_STRING_BYTES {
+        return Err(format!("domain longer than {MAX_STRING_BYTES} bytes"));
+    }
+    request.descriptors.iter().enumerate().map(|(i, d)| descriptor(i, d)).collect()
+}
+
+fn descriptor(i: usize, d: &RateLimitDescriptor) -> Result<Descriptor, String> {
+    if d.entries.is_empty() {
+        return Err(format!("descriptor {i} has no entries"));
+    }
+    if d.entries.len() > MAX_ENTRIES {
+        return Err(format!(
+            "descriptor {i} has {} entries; at most {MAX_ENTRIES}",
+            d.entries.len()
+        ));
+    }
+    let mut entries = Vec::with_capacity(d.entries.len());
+    for e in &d.entries {
+        if e.key.len() > MAX_STRING_BYTES || e.value.len() > MAX_STRING_BYTES {
+            return Err(format!(
+                "descriptor {i}: a key or value longer than {MAX_STRING_BYTES} bytes"
+            ));
+        }
+        entries.push((e.key.clone(), e.value.clone()));
+    }
+    Ok(Descriptor { entries, hits: d.hits_addend.map(|h| h.value), negative: d.is_negative_hits })
+}
+
+/// Envoy's unit for a ledger window (a lifetime limit has none).
+pub fn unit(period: v1::Period) -> Unit {
+    match period {
+        v1::Period::Minute => Unit::Minute,
+        v1::Period::Hour => Unit::Hour,
+        v1::Period::Day => Unit::Day,
+        v1::Period::Week => Unit::Week,
+        v1::Period::Month => Unit::Month,
+        v1::Period::Lifetime | v1::Period::Unspecified => Unit::Unknown,
+    }
+}
+
+fn status(over: bool, limit: Option<LimitView>) -> DescriptorStatus {
+    let code = if over { Code::OverLimit } else { Code::Ok };
+    let Some(l) = limit else {
+        return DescriptorStatus { code: code as i32, ..DescriptorStatus::default() };
+    };
+    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    DescriptorStatus {
+        code: code as i32,
+        current_limit: Some(RateLimit {
+            name: String::new(),
+            requests_per_unit: clamp(l.cap),
+            unit: unit(l.period) as i32,
+        }),
+        limit_remaining: clamp(l.remaining),
+        duration_until_reset: l.reset_in.map(|d| envoy_types::pb::google::protobuf::Duration {
+            seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+        }),
+        quota: None,
+    }
+}
+
+/// Envoy's answer for a decision.
+pub fn response(d: &Decision) -> RateLimitResponse {
+    RateLimitResponse {
+        overall_code: if d.over { Code::OverLimit } else { Code::Ok } as i32,
+        statuses: d.statuses.iter().map(|s| status(s.over, s.limit)).collect(),
+        ..RateLimitResponse::default()
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone, Debug)]
+pub struct Service(pub Arc<Agent>);
+
+impl Service {
+    pub fn server(self) -> RateLimitServiceServer<Self> {
+        RateLimitServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitService for Service {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let descriptors = descriptors(&request).map_err(tonic::Status::invalid_argument)?;
+        match self.0.decide(&request.domain, &descriptors, u64::from(request.hits_addend)).await {
+            Ok(d) => Ok(tonic::Response::new(response(&d))),
+            Err(Refusal::Invalid(why)) => Err(tonic::Status::invalid_argument(why)),
+            Err(Refusal::Exhausted(why)) => Err(tonic::Status::resource_exhausted(why)),
+        }
+    }
+}

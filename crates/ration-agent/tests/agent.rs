@@ -1,0 +1,251 @@
+//! ration-agent against a real 3-node cluster on loopback, called as Envoy calls
+//! it: Envoy's `RateLimitService` over gRPC (a tonic client on `envoy-types`).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use ration_agent::agent::Limits;
+use ration_agent::config::Config;
+use ration_agent::rules::{RuleConfig, Rules};
+use ration_client::SdkConfig;
+use ration_proto::v1::{self, Period};
+use ration_testkit::inproc::Cluster;
+use ration_testkit::{eventually, ledger, meta};
+
+const RULES: &str = r#"
+[[rule]]
+domain = "llm"
+entries = [{ key = "api_key" }]
+budget = "acme/keys/{api_key}"
+unit = "tokens"
+correlate = "request_id"
+settle = "phase"
+
+[[rule]]
+domain = "llm"
+entries = [{ key = "team", value = "search" }]
+budget = "acme/search"
+unit = "requests"
+"#;
+
+fn rules() -> Rules {
+    #[derive(serde::Deserialize)]
+    struct F {
+        rule: Vec<RuleConfig>,
+    }
+    let f: F = toml::from_str(RULES).unwrap();
+    Rules::new(f.rule).unwrap()
+}
+
+async fn budget(addr: SocketAddr, id: u64, path: &str, limits: Vec<v1::Limit>) {
+    let req =
+        v1::CreateBudgetRequest { meta: meta("agent-admin", id, "ops"), path: path.into(), limits };
+    ration_testkit::until_answered!([addr], create_budget, req).unwrap();
+}
+
+/// An agent on real sockets, leasing from `cluster`; stopped by the sender.
+struct Agent {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Agent {
+    async fn start(cluster: &Cluster, principal: &str, limits: Limits) -> Self {
+        let endpoints = cluster.addrs.values().map(|a| a.to_string()).collect();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let config = Config {
+            listen: addr,
+            metrics_listen: http.local_addr().unwrap(),
+            sdk: SdkConfig::new(endpoints, principal),
+            limits,
+            rules: rules(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ration_agent::serve(config, grpc, http, None, async move {
+            let _ = rx.await;
+        }));
+        Self { addr, stop: Some(tx), task }
+    }
+
+    async fn client(&self) -> RateLimitServiceClient<tonic::transport::Channel> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        RateLimitServiceClient::new(ch)
+    }
+
+    /// Graceful stop: open reservations charged, leases released.
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn descriptor(entries: &[(&str, &str)], hits: Option<u64>) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry { key: (*k).into(), value: (*v).into() })
+            .collect(),
+        hits_addend: hits.map(|value| envoy_types::pb::google::protobuf::UInt64Value { value }),
+        ..RateLimitDescriptor::default()
+    }
+}
+
+async fn ask(
+    c: &mut RateLimitServiceClient<tonic::transport::Channel>,
+    descriptors: Vec<RateLimitDescriptor>,
+    hits: u32,
+) -> Result<RateLimitResponse, tonic::Status> {
+    c.should_rate_limit(RateLimitRequest { domain: "llm".into(), descriptors, hits_addend: hits })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// consumed + outstanding of the budget's first limit, read through the leader.
+async fn ledger_figures(cluster: &Cluster, path: &str) -> (i64, i64) {
+    let addr = cluster.addrs[&cluster.leader().await];
+    let b = ledger(addr)
+        .get_budget(v1::GetBudgetRequest { path: path.into(), linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+    (b.limits[0].consumed, b.limits[0].outstanding)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_keys_budget_admits_to_its_cap_then_answers_over_limit_with_its_window() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "acme", vec![ration_testkit::limit("tokens", 1_000_000, Period::Day)]).await;
+    budget(addr, 2, "acme/keys", vec![ration_testkit::limit("tokens", 1_000_000, Period::Day)])
+        .await;
+    budget(addr, 3, "acme/keys/k1", vec![ration_testkit::limit("tokens", 1_000, Period::Minute)])
+        .await;
+    let agent = Agent::start(&cluster, "agent-1", Limits::default()).await;
+    let mut c = agent.client().await;
+    // The first call for a budget waits for its first lease (no refusal because
+    // nothing was asked yet); three of 300 fit in 1,000, the fourth does not.
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let r = ask(&mut c, vec![descriptor(&[("api_key", "k1")], None)], 300).await.unwrap();
+        codes.push(r.overall_code);
+    }
+    assert_eq!(codes, [Code::Ok as i32, Code::Ok as i32, Code::Ok as i32, Code::OverLimit as i32]);
+    // The answer shows the budget's real window once the agent has read it.
+    eventually("the over-limit answer carries the limit", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let r = ask(&mut c, vec![descriptor(&[("api_key", "k1")], None)], 300).await.unwrap();
+            let s = &r.statuses[0];
+            let Some(l) = &s.current_limit else { return false };
+            assert_eq!(r.overall_code, Code::OverLimit as i32);
+            assert_eq!((l.requests_per_unit, l.unit), (1_000, Unit::Minute as i32));
+            assert_eq!(s.limit_remaining, 0);
+            let reset = s.duration_until_reset.unwrap();
+            assert!((0..=60).contains(&reset.seconds), "{reset:?}");
+            true
+        }
+    })
+    .await;
+    // Another key has no budget: refused (fail closed), not admitted. A value that
+    // would name another budget is refused too; an unmatched descriptor is not
+    // limited.
+    let r = ask(&mut c, vec![descriptor(&[("api_key", "nobody")], None)], 1).await.unwrap();
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    let r = ask(&mut c, vec![descriptor(&[("api_key", "k1/../k2")], None)], 1).await.unwrap();
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    let r = ask(&mut c, vec![descriptor(&[("route", "x")], None)], 1).await.unwrap();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    // A descriptor's own hits_addend of 0 checks without charging.
+    let r = ask(&mut c, vec![descriptor(&[("api_key", "k1")], Some(0))], 0).await.unwrap();
+    assert_eq!(r.overall_code, Code::Ok as i32, "100 tokens are still held");
+    // Bad requests get an error that says what is wrong.
+    let e = ask(&mut c, vec![], 1).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("descriptor"), "{}", e.message());
+    let e = ask(&mut c, vec![descriptor(&[], None)], 1).await.unwrap_err();
+    assert!(e.message().contains("no entries"), "{}", e.message());
+    agent.stop().await;
+    // Released on shutdown: the ledger counts exactly what was admitted.
+    assert_eq!(ledger_figures(&cluster, "acme/keys/k1").await, (900, 0));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reservation_is_settled_at_the_real_count_or_charged_whole_when_none_comes() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "acme", vec![ration_testkit::limit("tokens", 1_000_000, Period::Lifetime)])
+        .await;
+    budget(
+        addr,
+        2,
+        "acme/keys",
+        vec![ration_testkit::limit("tokens", 1_000_000, Period::Lifetime)],
+    )
+    .await;
+    budget(
+        addr,
+        3,
+        "acme/keys/k1",
+        vec![ration_testkit::limit("tokens", 100_000, Period::Lifetime)],
+    )
+    .await;
+    let limits =
+        Limits { settle_timeout: Duration::from_secs(2), max_pending: 3, ..Limits::default() };
+    let agent = Agent::start(&cluster, "agent-1", limits).await;
+    let mut c = agent.client().await;
+    let call = |id: &str, settle: bool| {
+        let mut e = vec![("api_key", "k1"), ("request_id", id)];
+        if settle {
+            e.push(("phase", "settle"));
+        }
+        e.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<Vec<_>>()
+    };
+    let d = |e: &Vec<(String, String)>, hits| {
+        descriptor(&e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>(), hits)
+    };
+    // r1: reserve 5,000 (max tokens), settle at 1,200 (the response's count).
+    let r = ask(&mut c, vec![d(&call("r1", false), Some(5_000))], 0).await.unwrap();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    ask(&mut c, vec![d(&call("r1", true), Some(1_200))], 0).await.unwrap();
+    // r2: reserve 3,000, never settled in time: charged 3,000; its late settle
+    // at 3,500 charges only the 500 beyond it (an overrun if no lease holds it).
+    ask(&mut c, vec![d(&call("r2", false), Some(3_000))], 0).await.unwrap();
+    // r3: a settle with no reservation here (another agent took the request
+    // path): its count is charged whole.
+    // r4: settled above its reservation: the excess is charged (from leases, or
+    // as an overrun).
+    ask(&mut c, vec![d(&call("r4", false), Some(100))], 0).await.unwrap();
+    ask(&mut c, vec![d(&call("r4", true), Some(400))], 0).await.unwrap();
+    ask(&mut c, vec![d(&call("r3", true), Some(700))], 0).await.unwrap();
+    // The pending bound: r2 and two more wait; a fourth is refused with a reason.
+    ask(&mut c, vec![d(&call("r5", false), Some(10))], 0).await.unwrap();
+    ask(&mut c, vec![d(&call("r6", false), Some(10))], 0).await.unwrap();
+    let e = ask(&mut c, vec![d(&call("r7", false), Some(10))], 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.message().contains("max_pending"), "{}", e.message());
+    ask(&mut c, vec![d(&call("r5", true), Some(10))], 0).await.unwrap();
+    ask(&mut c, vec![d(&call("r6", true), Some(0))], 0).await.unwrap();
+    // After the timeout (upkeep runs each second), r2 is charged whole.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    ask(&mut c, vec![d(&call("r2", true), Some(3_500))], 0).await.unwrap();
+    agent.stop().await;
+    let expected = 1_200 + 3_500 + 700 + 400 + 10;
+    assert_eq!(ledger_figures(&cluster, "acme/keys/k1").await, (expected, 0));
+    cluster.shutdown().await;
+}
