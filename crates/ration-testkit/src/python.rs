@@ -101,6 +101,17 @@ pub fn venv(v: Venv<'_>) -> PathBuf {
     made.entry(v.dir.to_path_buf()).or_insert_with(|| make(v)).clone()
 }
 
+/// As [`venv`], but an error (what failed) rather than a panic when it cannot be
+/// made: for a test that may skip when a package cannot be installed.
+pub fn try_venv(v: Venv<'_>) -> Result<PathBuf, String> {
+    std::panic::catch_unwind(|| venv(v)).map_err(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "making the venv failed".into())
+    })
+}
+
 fn make(v: Venv<'_>) -> PathBuf {
     require_python3();
     let dir = v.dir;
