@@ -60,6 +60,12 @@ pub struct Limits {
     pub cold_wait: Duration,
     /// The most descriptors in one call.
     pub max_descriptors: usize,
+    /// RLQS: how long a quota assignment holds without a newer one.
+    pub quota_ttl: Duration,
+    /// RLQS: a bucket with no requests for this long is abandoned.
+    pub quota_idle: Duration,
+    /// RLQS: the most buckets one Envoy's stream may have assigned.
+    pub max_buckets_per_stream: usize,
 }
 
 impl Default for Limits {
@@ -70,6 +76,9 @@ impl Default for Limits {
             max_budgets: 100_000,
             cold_wait: Duration::from_millis(500),
             max_descriptors: 64,
+            quota_ttl: Duration::from_secs(7),
+            quota_idle: Duration::from_secs(60),
+            max_buckets_per_stream: 10_000,
         }
     }
 }
@@ -108,7 +117,7 @@ pub enum Refusal {
     Exhausted(String),
 }
 
-type Key = (String, String);
+pub(crate) type Key = (String, String);
 
 /// Reservations charged by timeout: what each reserved, by correlation, and when
 /// each is forgotten.
@@ -160,6 +169,14 @@ impl Agent {
         })
     }
 
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     pub fn sdk(&self) -> &Arc<Sdk> {
         &self.sdk
     }
@@ -207,7 +224,7 @@ impl Agent {
     }
 
     /// Tracks (budget, unit) in the SDK, within the agent's bound on budgets.
-    fn track(&self, key: &Key) -> bool {
+    pub(crate) fn track(&self, key: &Key) -> bool {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         if keys.contains(key) {
             return true;
@@ -433,7 +450,7 @@ impl Agent {
 
     /// Charges units already used: from live leases as far as they hold, the rest
     /// recorded as an overrun for the ledger.
-    fn spend(&self, key: &Key, units: u64) {
+    pub(crate) fn spend(&self, key: &Key, units: u64) {
         let now = self.sdk.gateway().clock().now_ms();
         let handle = self.sdk.gateway().handle(&key.0, &key.1);
         let took = handle.allowance().take_up_to(units, now);

@@ -71,6 +71,12 @@ pub struct File {
     pub max_budgets: Option<usize>,
     /// How long a call for a budget met for the first time waits for a lease.
     pub cold_wait_ms: Option<u64>,
+    /// RLQS: how long an assignment holds without a newer one (whole seconds).
+    pub quota_ttl_s: Option<u64>,
+    /// RLQS: a bucket with no requests for this long is abandoned.
+    pub quota_idle_s: Option<u64>,
+    /// RLQS: the most buckets one Envoy may have assigned.
+    pub max_buckets_per_stream: Option<usize>,
     #[serde(default)]
     pub rule: Vec<RuleConfig>,
 }
@@ -173,7 +179,13 @@ impl Args {
             max_budgets: file.max_budgets.unwrap_or(d.max_budgets),
             cold_wait: file.cold_wait_ms.map_or(d.cold_wait, Duration::from_millis),
             max_descriptors: d.max_descriptors,
+            quota_ttl: file.quota_ttl_s.map_or(d.quota_ttl, Duration::from_secs),
+            quota_idle: file.quota_idle_s.map_or(d.quota_idle, Duration::from_secs),
+            max_buckets_per_stream: file.max_buckets_per_stream.unwrap_or(d.max_buckets_per_stream),
         };
+        if limits.quota_ttl.is_zero() {
+            bail!("quota_ttl_s must be at least 1 (Envoy reads it in whole seconds)");
+        }
         if limits.settle_timeout.is_zero() || limits.max_pending == 0 || limits.max_budgets == 0 {
             bail!("settle_timeout_ms, max_pending and max_budgets must be above 0");
         }

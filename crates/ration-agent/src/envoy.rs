@@ -15,7 +15,22 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use ration_proto::v1;
 
+use envoy_types::pb::envoy::r#type::v3::rate_limit_strategy::{BlanketRule, Strategy};
+use envoy_types::pb::envoy::r#type::v3::{RateLimitStrategy, TokenBucket};
+use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::{
+    AbandonAction, BucketAction as Action, QuotaAssignmentAction,
+};
+use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::BucketAction;
+use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::{
+    RateLimitQuotaService, RateLimitQuotaServiceServer,
+};
+use envoy_types::pb::envoy::service::rate_limit_quota::v3::{
+    BucketId, RateLimitQuotaResponse, RateLimitQuotaUsageReports,
+};
+use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+
 use crate::agent::{Agent, Decision, LimitView, Refusal};
+use crate::quota::{Answer, Assignment, QuotaStream, Usage};
 use crate::rules::Descriptor;
 
 /// Longest domain, descriptor key or value accepted, in bytes.
@@ -119,5 +134,134 @@ impl RateLimitService for Service {
             Err(Refusal::Invalid(why)) => Err(tonic::Status::invalid_argument(why)),
             Err(Refusal::Exhausted(why)) => Err(tonic::Status::resource_exhausted(why)),
         }
+    }
+}
+
+/// Most buckets in one usage report.
+pub const MAX_BUCKETS_PER_REPORT: usize = 10_000;
+
+/// The agent's usages from Envoy's report, or what is wrong with it.
+pub fn usages(report: &RateLimitQuotaUsageReports) -> Result<Vec<Usage>, String> {
+    if report.domain.is_empty() || report.domain.len() > MAX_STRING_BYTES {
+        return Err(format!("the domain must be 1 to {MAX_STRING_BYTES} bytes"));
+    }
+    if report.bucket_quota_usages.len() > MAX_BUCKETS_PER_REPORT {
+        return Err(format!("more than {MAX_BUCKETS_PER_REPORT} buckets in one report"));
+    }
+    report
+        .bucket_quota_usages
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let id = u.bucket_id.as_ref().map(|b| &b.bucket);
+            let Some(id) = id.filter(|b| !b.is_empty()) else {
+                return Err(format!("usage {i} has no bucket id"));
+            };
+            if id.len() > MAX_ENTRIES
+                || id.iter().any(|(k, v)| k.len() > MAX_STRING_BYTES || v.len() > MAX_STRING_BYTES)
+            {
+                return Err(format!("usage {i}: bucket id too large"));
+            }
+            Ok(Usage {
+                bucket: id.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                allowed: u.num_requests_allowed,
+                denied: u.num_requests_denied,
+            })
+        })
+        .collect()
+}
+
+fn seconds(d: std::time::Duration) -> PbDuration {
+    PbDuration { seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nanos: 0 }
+}
+
+/// Envoy's bucket action for an answer.
+pub fn bucket_action(a: &Answer) -> BucketAction {
+    let bucket_id =
+        Some(BucketId { bucket: a.bucket.iter().map(|(k, v)| (k.clone(), v.clone())).collect() });
+    let strategy = match a.assignment {
+        Assignment::Abandon => {
+            return BucketAction {
+                bucket_id,
+                bucket_action: Some(Action::AbandonAction(AbandonAction {})),
+            }
+        }
+        Assignment::Deny => Strategy::BlanketRule(BlanketRule::DenyAll as i32),
+        Assignment::Allow { per_second } => {
+            let n = u32::try_from(per_second).unwrap_or(u32::MAX);
+            Strategy::TokenBucket(TokenBucket {
+                max_tokens: n,
+                tokens_per_fill: Some(UInt32Value { value: n }),
+                // Whole seconds: Envoy 1.40 reads only the seconds.
+                fill_interval: Some(seconds(std::time::Duration::from_secs(1))),
+            })
+        }
+    };
+    BucketAction {
+        bucket_id,
+        bucket_action: Some(Action::QuotaAssignmentAction(QuotaAssignmentAction {
+            assignment_time_to_live: Some(seconds(a.ttl)),
+            rate_limit_strategy: Some(RateLimitStrategy { strategy: Some(strategy) }),
+        })),
+    }
+}
+
+/// The RLQS gRPC service: one [`QuotaStream`] per Envoy stream.
+#[derive(Clone, Debug)]
+pub struct Quota(pub Arc<Agent>);
+
+impl Quota {
+    pub fn server(self) -> RateLimitQuotaServiceServer<Self> {
+        RateLimitQuotaServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitQuotaService for Quota {
+    type StreamRateLimitQuotasStream =
+        tokio_stream::wrappers::ReceiverStream<Result<RateLimitQuotaResponse, tonic::Status>>;
+
+    async fn stream_rate_limit_quotas(
+        &self,
+        request: tonic::Request<tonic::Streaming<RateLimitQuotaUsageReports>>,
+    ) -> Result<tonic::Response<Self::StreamRateLimitQuotasStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let agent = self.0.clone();
+        tokio::spawn(async move {
+            let mut stream = QuotaStream::new(agent);
+            loop {
+                let report = match inbound.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!("an RLQS stream ended: {e}");
+                        break;
+                    }
+                };
+                let usages = match usages(&report) {
+                    Ok(u) => u,
+                    Err(why) => {
+                        let _ = tx.send(Err(tonic::Status::invalid_argument(why))).await;
+                        break;
+                    }
+                };
+                let answers = stream.report(&report.domain, usages).await;
+                let reply = RateLimitQuotaResponse {
+                    bucket_action: answers.iter().map(bucket_action).collect(),
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+            let charged = stream.close();
+            if charged > 0 {
+                tracing::info!(
+                    charged,
+                    "an RLQS stream ended; its buckets' exposure was charged whole"
+                );
+            }
+        });
+        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! - [`rules`]: which budget and unit a descriptor charges (pure);
 //! - [`agent`]: the decisions, reservations and their settling;
-//! - [`envoy`]: Envoy's `RateLimitService` and its protobuf conversions;
+//! - [`quota`]: Envoy's Rate Limit Quota Service (RLQS), stream by stream;
+//! - [`envoy`]: Envoy's two services and their protobuf conversions;
 //! - [`config`]: TOML, environment and flags;
 //! - [`prom`]: the metrics recorder behind `/metrics`.
 
@@ -16,6 +17,7 @@ pub mod agent;
 pub mod config;
 pub mod envoy;
 pub mod prom;
+pub mod quota;
 pub mod rules;
 
 use std::sync::Arc;
@@ -134,6 +136,7 @@ pub async fn serve(
             .concurrency_limit_per_connection(4096)
             .add_service(health_service)
             .add_service(envoy::Service(agent.clone()).server())
+            .add_service(envoy::Quota(agent.clone()).server())
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.wait_for(|s| *s).await;
             }),

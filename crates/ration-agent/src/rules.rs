@@ -12,6 +12,8 @@
 //! The first rule that matches wins; a descriptor no rule matches is not limited
 //! (as in envoyproxy/ratelimit), and counted.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 /// One entry of a rule: a key and the value it must have (`*`: any).
@@ -135,49 +137,83 @@ impl Rules {
 
     /// The budget and unit this descriptor charges, by the first rule matching it.
     pub fn resolve(&self, domain: &str, d: &Descriptor) -> Match {
-        'rules: for r in self.rules.iter().filter(|r| r.domain == domain) {
-            let mut correlation = None;
-            let mut settle = false;
-            let mut rest = Vec::with_capacity(d.entries.len());
-            for (k, v) in &d.entries {
-                if Some(k) == r.correlate.as_ref() {
-                    correlation = Some(v.clone());
-                } else if Some(k) == r.settle.as_ref() {
-                    settle = true;
-                } else {
-                    rest.push((k, v));
-                }
+        for r in self.rules.iter().filter(|r| r.domain == domain) {
+            if let Some(m) = matches(r, d) {
+                return m;
             }
-            if rest.len() != r.entries.len() {
-                continue;
-            }
-            for ((k, v), e) in rest.iter().zip(&r.entries) {
-                if **k != e.key || (e.value != "*" && **v != e.value) {
-                    continue 'rules;
-                }
-            }
-            let mut budget = r.budget.clone();
-            for ((k, v), e) in rest.iter().zip(&r.entries) {
-                let placeholder = format!("{{{}}}", e.key);
-                if !budget.contains(&placeholder) {
-                    continue;
-                }
-                if v.contains('/') || ration_core::names::BudgetPath::new((*v).clone()).is_err() {
-                    return Match::BadValue(format!(
-                        "the value of {k:?} cannot name a budget (1-64 of [A-Za-z0-9_.-])"
-                    ));
-                }
-                budget = budget.replace(&placeholder, v);
-            }
-            if let Err(e) = ration_core::names::BudgetPath::new(budget.clone()) {
-                return Match::BadValue(format!("budget {budget:?}: {e}"));
-            }
-            // A settle call without its correlation cannot find its reservation.
-            let settle = settle && correlation.is_some();
-            return Match::Target(Target { budget, unit: r.unit.clone(), correlation, settle });
         }
         Match::Unmatched
     }
+
+    /// The budget and unit an RLQS bucket charges: its id (an unordered map) holds
+    /// exactly the rule's entry keys, with matching values. Correlation and settle
+    /// keys have no meaning here.
+    pub fn resolve_bucket(&self, domain: &str, bucket: &BTreeMap<String, String>) -> Match {
+        for r in self.rules.iter().filter(|r| r.domain == domain) {
+            if bucket.len() != r.entries.len() {
+                continue;
+            }
+            let entries: Option<Vec<(String, String)>> = r
+                .entries
+                .iter()
+                .map(|e| bucket.get(&e.key).map(|v| (e.key.clone(), v.clone())))
+                .collect();
+            let Some(entries) = entries else { continue };
+            let d = Descriptor { entries, ..Descriptor::default() };
+            if let Some(m) = matches(r, &d) {
+                return match m {
+                    Match::Target(t) => {
+                        Match::Target(Target { correlation: None, settle: false, ..t })
+                    }
+                    other => other,
+                };
+            }
+        }
+        Match::Unmatched
+    }
+}
+
+/// How `d` matches rule `r`, if it does.
+fn matches(r: &RuleConfig, d: &Descriptor) -> Option<Match> {
+    let mut correlation = None;
+    let mut settle = false;
+    let mut rest = Vec::with_capacity(d.entries.len());
+    for (k, v) in &d.entries {
+        if Some(k) == r.correlate.as_ref() {
+            correlation = Some(v.clone());
+        } else if Some(k) == r.settle.as_ref() {
+            settle = true;
+        } else {
+            rest.push((k, v));
+        }
+    }
+    if rest.len() != r.entries.len() {
+        return None;
+    }
+    for ((k, v), e) in rest.iter().zip(&r.entries) {
+        if **k != e.key || (e.value != "*" && **v != e.value) {
+            return None;
+        }
+    }
+    let mut budget = r.budget.clone();
+    for ((k, v), e) in rest.iter().zip(&r.entries) {
+        let placeholder = format!("{{{}}}", e.key);
+        if !budget.contains(&placeholder) {
+            continue;
+        }
+        if v.contains('/') || ration_core::names::BudgetPath::new((*v).clone()).is_err() {
+            return Some(Match::BadValue(format!(
+                "the value of {k:?} cannot name a budget (1-64 of [A-Za-z0-9_.-])"
+            )));
+        }
+        budget = budget.replace(&placeholder, v);
+    }
+    if let Err(e) = ration_core::names::BudgetPath::new(budget.clone()) {
+        return Some(Match::BadValue(format!("budget {budget:?}: {e}")));
+    }
+    // A settle call without its correlation cannot find its reservation.
+    let settle = settle && correlation.is_some();
+    Some(Match::Target(Target { budget, unit: r.unit.clone(), correlation, settle }))
 }
 
 #[cfg(test)]
@@ -253,6 +289,19 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_bucket_id_matches_by_its_keys_in_any_order() {
+        let r = rules();
+        let b = |e: &[(&str, &str)]| -> BTreeMap<String, String> {
+            e.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+        };
+        let m = r.resolve_bucket("llm", &b(&[("api_key", "k-7")]));
+        assert!(matches!(&m, Match::Target(t) if t.budget == "acme/keys/k-7" && !t.settle));
+        assert!(matches!(r.resolve_bucket("llm", &b(&[("team", "search")])), Match::Target(_)));
+        assert_eq!(r.resolve_bucket("llm", &b(&[("api_key", "k"), ("x", "y")])), Match::Unmatched);
+        assert!(matches!(r.resolve_bucket("llm", &b(&[("api_key", "a/b")])), Match::BadValue(_)));
     }
 
     #[test]

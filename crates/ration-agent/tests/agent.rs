@@ -249,3 +249,114 @@ async fn a_reservation_is_settled_at_the_real_count_or_charged_whole_when_none_c
     assert_eq!(ledger_figures(&cluster, "acme/keys/k1").await, (expected, 0));
     cluster.shutdown().await;
 }
+
+/// One RLQS usage report line for bucket {team: <team>}.
+fn usage(
+    team: &str,
+    allowed: u64,
+    denied: u64,
+) -> envoy_types::pb::envoy::service::rate_limit_quota::v3::RateLimitQuotaUsageReports {
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_usage_reports::BucketQuotaUsage;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::{
+        BucketId, RateLimitQuotaUsageReports,
+    };
+    RateLimitQuotaUsageReports {
+        domain: "llm".into(),
+        bucket_quota_usages: vec![BucketQuotaUsage {
+            bucket_id: Some(BucketId { bucket: [("team".to_owned(), team.to_owned())].into() }),
+            time_elapsed: None,
+            num_requests_allowed: allowed,
+            num_requests_denied: denied,
+        }],
+    }
+}
+
+/// The token bucket's size in an RLQS answer, or None for a blanket rule.
+fn assigned(
+    r: &envoy_types::pb::envoy::service::rate_limit_quota::v3::RateLimitQuotaResponse,
+) -> Option<u32> {
+    use envoy_types::pb::envoy::r#type::v3::rate_limit_strategy::Strategy;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::BucketAction;
+    let Some(BucketAction::QuotaAssignmentAction(a)) = &r.bucket_action[0].bucket_action else {
+        panic!("not an assignment: {r:?}")
+    };
+    assert_eq!(a.assignment_time_to_live.unwrap().seconds, 7);
+    match a.rate_limit_strategy.as_ref().unwrap().strategy.as_ref().unwrap() {
+        Strategy::TokenBucket(t) => {
+            assert_eq!(t.tokens_per_fill.unwrap().value, t.max_tokens);
+            assert_eq!(t.fill_interval.unwrap().seconds, 1);
+            Some(t.max_tokens)
+        }
+        Strategy::BlanketRule(_) => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rlqs_assignments_are_backed_by_reserved_allowance_and_every_reported_request_is_charged() {
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_client::RateLimitQuotaServiceClient;
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    let req = |cap| vec![ration_testkit::limit("requests", cap, Period::Lifetime)];
+    budget(addr, 1, "acme", req(1_000_000)).await;
+    budget(addr, 2, "acme/search", req(100)).await;
+    let agent = Agent::start(&cluster, "agent-1", Limits::default()).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = RateLimitQuotaServiceClient::new(ch);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = c
+        .stream_rate_limit_quotas(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let report = |team: &str, allowed, denied| {
+        let tx = tx.clone();
+        let u = usage(team, allowed, denied);
+        async move { tx.send(u).await.unwrap() }
+    };
+    // team=t1 matches no rule (only team=search does): denied.
+    report("t1", 0, 1).await;
+    let r = answers.message().await.unwrap().unwrap();
+    assert_eq!(assigned(&r), None, "{r:?}");
+    // A bucket's first report: a small token bucket, its exposure (ten seconds
+    // of its rate) reserved from the agent's leases.
+    report("search", 0, 1).await;
+    let r = answers.message().await.unwrap().unwrap();
+    let f = assigned(&r).unwrap();
+    assert_eq!(f, 2, "{r:?}");
+    // High demand: the assignment grows only as far as the budget covers ten
+    // seconds of it.
+    report("search", 15, 5_000).await;
+    let r = answers.message().await.unwrap().unwrap();
+    let f = assigned(&r).unwrap();
+    assert!((1..=8).contains(&f), "{f}: ten seconds of it must fit in the 85 left");
+    // Envoy reports far more than it was assigned (a misbehaving Envoy): every
+    // request reported is charged, beyond the leases as an overrun, and the
+    // bucket is denied.
+    report("search", 5_000, 0).await;
+    let r = answers.message().await.unwrap().unwrap();
+    assert_eq!(assigned(&r), None, "{r:?}");
+    drop(tx);
+    agent.stop().await;
+    // Every request Envoy reported is in the ledger (overruns included); nothing
+    // is outstanding once the agent has stopped.
+    let leader = cluster.addrs[&cluster.leader().await];
+    let b = ledger(leader)
+        .get_budget(v1::GetBudgetRequest { path: "acme/search".into(), linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let l = &b.limits[0];
+    println!(
+        "rlqs: consumed {}, overruns {}, outstanding {}",
+        l.consumed, l.overruns, l.outstanding
+    );
+    assert!(l.consumed >= 5_015, "{l:?}");
+    assert!(l.overruns >= 4_900, "{l:?}");
+    assert_eq!(l.outstanding, 0);
+    cluster.shutdown().await;
+}

@@ -112,8 +112,36 @@ async fn get(port: u16, path: &str, headers: &[(&str, String)]) -> Option<Reply>
     }
     req += "\r\n";
     s.write_all(req.as_bytes()).await.ok()?;
+    // Read the head, then the body by its length (a server may keep the
+    // connection open after a local reply).
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk).await.ok()?;
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                let chunked = head.contains("transfer-encoding: chunked");
+                let body = &buf[end + 4..];
+                let done = match length {
+                    Some(len) => body.len() >= len,
+                    None if chunked => body.ends_with(b"0\r\n\r\n"),
+                    None => n == 0,
+                };
+                if done || n == 0 {
+                    return Some(());
+                }
+            } else if n == 0 {
+                return None;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.ok()??;
     let text = String::from_utf8_lossy(&buf);
     let head = text.split("\r\n\r\n").next()?;
     let mut lines = head.lines();
@@ -142,7 +170,7 @@ async fn upstream() -> (Arc<Upstream>, u16) {
             let header =
                 |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let used: u64 = header("x-use-tokens").and_then(|v| v.parse().ok()).unwrap_or(1);
-            let key = header("x-api-key").unwrap_or_default();
+            let key = header("x-api-key").or_else(|| header("x-team")).unwrap_or_default();
             *s.tokens.lock().unwrap().entry(key).or_default() += used;
             s.calls.fetch_add(1, Ordering::Relaxed);
             (
@@ -186,8 +214,20 @@ async fn agent(cluster: &Cluster, dir: &Path, name: &str) -> (Proc, u16) {
 
 /// Envoy with `deploy/envoy/envoy-ratelimit.yaml`, its ports changed.
 async fn envoy(bin: &Path, dir: &Path, name: &str, upstream: u16, agent: u16) -> (Proc, u16) {
+    envoy_with("envoy-ratelimit.yaml", bin, dir, name, upstream, agent).await
+}
+
+/// Envoy with `deploy/envoy/<file>`, its ports changed.
+async fn envoy_with(
+    file: &str,
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    upstream: u16,
+    agent: u16,
+) -> (Proc, u16) {
     let [listen, admin] = free_ports(2)[..] else { unreachable!() };
-    let config = std::fs::read_to_string(repo().join("deploy/envoy/envoy-ratelimit.yaml")).unwrap();
+    let config = std::fs::read_to_string(repo().join("deploy/envoy").join(file)).unwrap();
     let mut replaced = config.clone();
     for (from, to) in [(10000, listen), (9901, admin), (8000, upstream), (8081, agent)] {
         let (a, b) = (format!("port_value: {from} "), format!("port_value: {to} "));
@@ -210,11 +250,15 @@ async fn envoy(bin: &Path, dir: &Path, name: &str, upstream: u16, agent: u16) ->
 }
 
 async fn budget(cluster: &Cluster, id: u64, path: &str, cap: i64, period: Period) {
+    budget_in(cluster, id, path, "tokens", cap, period).await
+}
+
+async fn budget_in(cluster: &Cluster, id: u64, path: &str, unit: &str, cap: i64, period: Period) {
     let addr = cluster.addrs[&cluster.leader().await];
     let req = v1::CreateBudgetRequest {
         meta: meta("envoy-test", id, "ops"),
         path: path.into(),
-        limits: vec![ration_testkit::limit("tokens", cap, period)],
+        limits: vec![ration_testkit::limit(unit, cap, period)],
     };
     ration_testkit::until_answered!([addr], create_budget, req).unwrap();
 }
@@ -414,5 +458,73 @@ async fn killing_the_leader_mid_run_refuses_no_call() {
     let served = up.tokens.lock().unwrap().get("busy").copied().unwrap_or(0);
     agent.terminate();
     assert_eq!(figures(&cluster, "acme/keys/busy").await, (served as i64, 0));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rlqs_assignments_hold_a_request_budget_to_its_cap() {
+    let Some(bin) = envoy_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+
+    let cluster = Cluster::start(3, |_| {}).await;
+    budget_in(&cluster, 1, "acme", "requests", 1_000_000_000, Period::Lifetime).await;
+    budget_in(&cluster, 2, "acme/teams", "requests", 1_000_000_000, Period::Lifetime).await;
+    const CAP: u64 = 2_000;
+    budget_in(&cluster, 3, "acme/teams/t1", "requests", CAP as i64, Period::Day).await;
+    let (up, up_port) = upstream().await;
+    let (mut agent, agent_port) = agent(&cluster, dir.path(), "agent").await;
+    let (_envoy, port) =
+        envoy_with("envoy-rlqs.yaml", &bin, dir.path(), "envoy", up_port, agent_port).await;
+    // Eight clients for 16 s, each as fast as it can: far more than the cap.
+    let stop = Instant::now() + Duration::from_secs(16);
+    let team = |c: u64| async move {
+        let (mut ok, mut over, mut other) = (0u64, 0u64, 0u64);
+        let mut i = 0u64;
+        while Instant::now() < stop {
+            i += 1;
+            let h = vec![("x-team", "t1".to_owned()), ("x-request-id", format!("{c}-{i}"))];
+            let got = get(port, "/v1/chat", &h).await.map(|r| r.status);
+            match got {
+                Some(200) => ok += 1,
+                Some(429) => {
+                    over += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                _ => other += 1,
+            }
+        }
+        (ok, over, other)
+    };
+    let tasks: Vec<_> = (0..8).map(|c| tokio::spawn(team(c))).collect();
+    let (mut ok, mut over, mut other) = (0, 0, 0);
+    for t in tasks {
+        let (o, v, x) = t.await.unwrap();
+        (ok, over, other) = (ok + o, over + v, other + x);
+    }
+    let served = up.tokens.lock().unwrap().get("t1").copied().unwrap_or(0);
+    println!("rlqs: {ok} admitted, {over} refused (429), {other} other; {served} served on a cap of {CAP}");
+    assert_eq!(other, 0);
+    assert_eq!(served, ok);
+    assert!(served <= CAP, "Envoy admitted {served} requests on a cap of {CAP}");
+    // Envoy reports every 5 s and the agent reserves ten seconds of an
+    // assignment's rate: in 16 s, with three reports, a third of the cap or so.
+    assert!(served >= CAP / 4, "only {served} of {CAP} admitted");
+    // A team without a budget, and a request with no team, are refused.
+    let h = vec![("x-team", "t9".to_owned())];
+    for _ in 0..3 {
+        assert_eq!(get(port, "/", &h).await.unwrap().status, 429);
+    }
+    assert_eq!(get(port, "/", &[]).await.unwrap().status, 429);
+    // Graceful stop: Envoy's stream ends; what its buckets could still have
+    // admitted is charged whole, so the ledger counts at least what was served,
+    // and never more than the cap.
+    agent.terminate();
+    let (consumed, outstanding) = figures(&cluster, "acme/teams/t1").await;
+    println!("rlqs: the ledger counts {consumed} (served {served})");
+    assert_eq!(outstanding, 0);
+    assert!(
+        consumed >= served as i64 && consumed <= CAP as i64,
+        "consumed {consumed}, served {served}"
+    );
     cluster.shutdown().await;
 }
