@@ -1,6 +1,6 @@
 //! The deployment material in deploy/ agrees with the code: every `rationd` flag and
-//! `RATION_*` variable it uses exists, the example configuration loads, validates and
-//! names every key, the Helm ConfigMap writes only known keys, the per-node settings
+//! `RATION_*` variable it uses exists (`ration-agent`'s, in files named after it),
+//! the example configuration loads, validates and names every key, the Helm ConfigMap writes only known keys, the per-node settings
 //! form valid clusters, and the published ports are the configured ones.
 //!
 //! Which `--flag` tokens are `rationd` flags (the rule, for every file under deploy/):
@@ -85,7 +85,19 @@ struct Cli {
 }
 
 fn cli() -> Cli {
-    let mut cmd = Args::command();
+    let cli = cli_of(Args::command());
+    assert!(cli.flags.contains_key("initial-cluster") && cli.flags.contains_key("help"));
+    cli
+}
+
+/// What `ration-agent` accepts.
+fn agent_cli() -> Cli {
+    let cli = cli_of(ration_agent::config::Args::command());
+    assert!(cli.flags.contains_key("endpoints") && cli.env.contains_key("RATION_AGENT_LISTEN"));
+    cli
+}
+
+fn cli_of(mut cmd: clap::Command) -> Cli {
     cmd.build(); // adds --help and --version
     let mut cli = Cli { flags: BTreeMap::new(), env: BTreeMap::new() };
     for arg in cmd.get_arguments() {
@@ -95,7 +107,6 @@ fn cli() -> Cli {
             cli.env.insert(env.to_str().unwrap().to_owned(), long.to_owned());
         }
     }
-    assert!(cli.flags.contains_key("initial-cluster") && cli.flags.contains_key("help"));
     cli
 }
 
@@ -161,7 +172,19 @@ fn unquote(s: &str) -> &str {
 fn is_program(token: &str) -> bool {
     let t = unquote(token);
     let t = t.strip_prefix("ExecStart=").unwrap_or(t);
-    t.rsplit('/').next() == Some("rationd")
+    // `ration-agent` alone is also the agent's principal (`role grant ration-agent
+    // ...`): as a program it is named by its path.
+    match t.rsplit('/').next() {
+        Some("rationd") => true,
+        Some("ration-agent") => t.contains('/'),
+        _ => false,
+    }
+}
+
+/// Files about `ration-agent` (their path says so): their flags and variables are
+/// ration-agent's, not rationd's.
+fn is_agent_file(file: &str) -> bool {
+    file.contains("ration-agent")
 }
 
 fn indent(line: &str) -> usize {
@@ -350,15 +373,23 @@ fn invocations(files: &[(String, String)]) -> Vec<Invocation> {
 
 #[test]
 fn every_flag_and_variable_in_deploy_is_accepted_by_rationd() {
-    let cli = cli();
+    let (rationd, agent) = (cli(), agent_cli());
+    let cli_for = |file: &str| {
+        if is_agent_file(file) {
+            (&agent, "ration-agent")
+        } else {
+            (&rationd, "rationd")
+        }
+    };
     let files = deploy_files();
     let mut unknown = Vec::new();
     let mut checked: BTreeMap<String, usize> = BTreeMap::new();
     let mut check = |file: &str, line: usize, token: &str, unknown: &mut Vec<String>| {
         let Some(name) = flag_name(token) else { return };
         *checked.entry(file.to_owned()).or_default() += 1;
+        let (cli, program) = cli_for(file);
         if !cli.flags.contains_key(&name) {
-            unknown.push(format!("{file}:{line}: rationd has no flag --{name} (in {token:?})"));
+            unknown.push(format!("{file}:{line}: {program} has no flag --{name} (in {token:?})"));
         }
     };
     let invocations = invocations(&files);
@@ -376,9 +407,10 @@ fn every_flag_and_variable_in_deploy_is_accepted_by_rationd() {
     for (file, text) in &files {
         for (line, name) in env_names(text) {
             envs += 1;
+            let (cli, program) = cli_for(file);
             if !cli.env.contains_key(&name) && !EXTRA_ENV.contains(&name.as_str()) {
                 unknown
-                    .push(format!("{file}:{line}: rationd reads no environment variable {name}"));
+                    .push(format!("{file}:{line}: {program} reads no environment variable {name}"));
             }
         }
     }
@@ -394,9 +426,14 @@ fn every_flag_and_variable_in_deploy_is_accepted_by_rationd() {
         if inv.args.iter().any(|a| a.contains("{{")) {
             continue; // a Helm template: values are only known once rendered
         }
-        let argv = std::iter::once("rationd".to_owned()).chain(inv.args.iter().cloned());
-        if let Err(e) = Args::try_parse_from(argv) {
-            parse_errors.push(format!("{}:{}: rationd {:?}: {e}", inv.file, inv.line, inv.args));
+        let argv = std::iter::once("program".to_owned()).chain(inv.args.iter().cloned());
+        let parsed = if is_agent_file(&inv.file) {
+            ration_agent::config::Args::try_parse_from(argv).err()
+        } else {
+            Args::try_parse_from(argv).err()
+        };
+        if let Some(e) = parsed {
+            parse_errors.push(format!("{}:{}: {:?}: {e}", inv.file, inv.line, inv.args));
         }
     }
     assert!(parse_errors.is_empty(), "{}", parse_errors.join("\n"));
@@ -409,6 +446,8 @@ fn every_flag_and_variable_in_deploy_is_accepted_by_rationd() {
         "deploy/systemd/rationd.service",
         "deploy/ration.example.toml",
         "deploy/README.md",
+        "deploy/k8s/ration-agent.yaml",
+        "deploy/ration-agent.compose.yml",
     ] {
         assert!(
             checked.get(file).copied().unwrap_or(0) > 0,

@@ -6,6 +6,8 @@
 //! - Storage knows no gRPC: `ration-store` pulls in neither tonic nor `ration-proto`.
 //! - The gateway SDK knows no storage or consensus: `ration-client` pulls in neither
 //!   sled nor openraft.
+//! - The Envoy agent is a gateway: `ration-agent` reaches the cluster through the SDK
+//!   and pulls in neither the server, sled nor openraft.
 //!
 //! Each check reads `cargo tree -e <edges> -p <crate> --prefix none` and prints what
 //! it found (`--nocapture` shows it).
@@ -95,5 +97,15 @@ fn ration_client_knows_no_storage_or_consensus() {
         "normal",
         &["ration-client", "ration-proto", "tonic"],
         &["sled", "openraft"],
+    );
+}
+
+#[test]
+fn the_envoy_agent_is_a_gateway_over_the_sdk() {
+    check(
+        "ration-agent",
+        "normal",
+        &["ration-agent", "ration-client", "envoy-types", "tonic"],
+        &["ration-server", "ration-store", "sled", "openraft"],
     );
 }

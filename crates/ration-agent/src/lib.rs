@@ -61,10 +61,28 @@ pub async fn serve(
     prom: Option<Arc<Prom>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let agent = start(config)?;
+    serve_agent(agent, grpc, http, prom, shutdown).await
+}
+
+/// Starts the SDK (its clock and refill task) and the agent over it, on the
+/// current tokio runtime.
+pub fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     let clock = CoarseClock::new();
     clock.start_ticking();
     let sdk = Sdk::start(config.sdk, clock).context("starting the SDK")?;
-    let agent = Agent::new(sdk.clone(), config.rules, config.limits);
+    Ok(Agent::new(sdk, config.rules, config.limits))
+}
+
+/// [`serve`] for an agent already started ([`start`]).
+pub async fn serve_agent(
+    agent: Arc<Agent>,
+    grpc: TcpListener,
+    http: TcpListener,
+    prom: Option<Arc<Prom>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let sdk = agent.sdk().clone();
     tracing::info!(
         listen = %grpc.local_addr()?, metrics = %http.local_addr()?,
         principal = sdk.cluster().principal(),
