@@ -360,3 +360,102 @@ async fn rlqs_assignments_are_backed_by_reserved_allowance_and_every_reported_re
     assert_eq!(l.outstanding, 0);
     cluster.shutdown().await;
 }
+
+/// The agent over mutual TLS, configured as a user would (a file and flags): it
+/// leases as the principal its certificate names, which needs the role gateway
+/// on the budgets it charges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_mutual_tls_the_agent_leases_as_its_certificates_principal() {
+    use clap::Parser as _;
+    let dir = tempfile::tempdir().unwrap();
+    let set = ration_tls::dev::write_set(
+        &dir.path().join("certs"),
+        &[1],
+        &["127.0.0.1".into()],
+        &["admin".into(), "agent-eu".into(), "agent-us".into()],
+    )
+    .unwrap();
+    let (l, pl) =
+        (ration_testkit::inproc::listener().await, ration_testkit::inproc::listener().await);
+    let addr = l.local_addr().unwrap();
+    let mut cfg = ration_testkit::inproc::config(
+        1,
+        addr,
+        dir.path().join("n1"),
+        &[(1, pl.local_addr().unwrap())],
+    );
+    cfg.peer_listen = Some(pl.local_addr().unwrap());
+    cfg.tls = Some(set.nodes[0].1.clone());
+    let node = ration_server::start_split(cfg, l, Some(pl)).await.unwrap();
+    let files = |p: &str| set.principals.iter().find(|(n, _)| n == p).unwrap().1.clone();
+    let admin = files("admin");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector_lazy(ration_tls::Connector::new(
+            ration_tls::ClientTls::from_files(&admin).unwrap(),
+        ));
+    let mut ledger = v1::ledger_client::LedgerClient::new(channel);
+    let mut id = 0;
+    let mut meta = || {
+        id += 1;
+        meta("tls-admin", id, "admin")
+    };
+    for (path, cap) in [("acme", 1_000_000), ("acme/keys", 1_000_000), ("acme/keys/k1", 5_000)] {
+        let limits = vec![ration_testkit::limit("tokens", cap, Period::Day)];
+        let req = v1::CreateBudgetRequest { meta: meta(), path: path.into(), limits };
+        eventually("the budget is created", Duration::from_secs(20), || {
+            let (mut ledger, req) = (ledger.clone(), req.clone());
+            async move { ledger.create_budget(req).await.is_ok() }
+        })
+        .await;
+    }
+    ledger
+        .grant_role(v1::RoleRequest {
+            meta: meta(),
+            subject: "agent-eu".into(),
+            role: "gateway".into(),
+            scope: "acme".into(),
+        })
+        .await
+        .unwrap();
+    let config_file = dir.path().join("agent.toml");
+    std::fs::write(&config_file, RULES).unwrap();
+    let start = |who: &str| {
+        let f = files(who);
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let args = ration_agent::config::Args::try_parse_from([
+            "ration-agent".to_owned(),
+            format!("--config={}", path(&config_file)),
+            format!("--endpoints={addr}"),
+            format!("--cacert={}", path(&f.ca)),
+            format!("--cert={}", path(&f.cert)),
+            format!("--key={}", path(&f.key)),
+        ])
+        .unwrap();
+        args.into_config().unwrap()
+    };
+    let serve = |config: Config| async move {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = grpc.local_addr().unwrap();
+        tokio::spawn(ration_agent::serve(config, grpc, http, None, std::future::pending()));
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{at}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        RateLimitServiceClient::new(ch)
+    };
+    // The principal is the certificate's, not the default.
+    let eu = start("agent-eu");
+    assert_eq!(eu.sdk.cluster.principal, "agent-eu");
+    let mut eu = serve(eu).await;
+    let r = ask(&mut eu, vec![descriptor(&[("api_key", "k1")], Some(1_000))], 0).await.unwrap();
+    assert_eq!(r.overall_code, Code::Ok as i32, "{r:?}");
+    // Another agent without the role is refused by the ledger: OVER_LIMIT, never
+    // admitted.
+    let mut us = serve(start("agent-us")).await;
+    let r = ask(&mut us, vec![descriptor(&[("api_key", "k1")], Some(1_000))], 0).await.unwrap();
+    assert_eq!(r.overall_code, Code::OverLimit as i32, "{r:?}");
+    node.stop().await.unwrap();
+}
