@@ -1,9 +1,9 @@
 //! A small `metrics` recorder that keeps counters and gauges (the SDK's and the
 //! agent's) and renders them in Prometheus' text format. Histograms are not kept.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 
@@ -13,13 +13,11 @@ enum Kind {
     Gauge,
 }
 
-/// (name, rendered labels).
-type Series = (String, String);
-
-/// Counters and gauges by series.
+/// Counters and gauges by key (name and labels). Registering looks a key up under
+/// a read lock, with no formatting: the SDK registers some counters per call.
 #[derive(Debug, Default)]
 pub struct Prom {
-    series: Mutex<BTreeMap<Series, (Kind, Arc<AtomicU64>)>>,
+    series: RwLock<HashMap<Key, (Kind, Arc<AtomicU64>)>>,
     help: Mutex<BTreeMap<String, String>>,
 }
 
@@ -33,24 +31,37 @@ impl Prom {
     }
 
     fn series(&self, key: &Key, kind: Kind) -> Arc<AtomicU64> {
-        let labels: Vec<String> = key
-            .labels()
-            .map(|l| {
-                format!("{}=\"{}\"", l.key(), l.value().replace('\\', "\\\\").replace('"', "\\\""))
-            })
-            .collect();
-        let id = (key.name().to_owned(), labels.join(","));
-        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        series.entry(id).or_insert_with(|| (kind, Arc::new(AtomicU64::new(0)))).1.clone()
+        let found =
+            self.series.read().unwrap_or_else(|p| p.into_inner()).get(key).map(|s| s.1.clone());
+        if let Some(found) = found {
+            return found;
+        }
+        let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
+        series.entry(key.clone()).or_insert_with(|| (kind, Arc::new(AtomicU64::new(0)))).1.clone()
     }
 
     /// Everything, in Prometheus' text format.
     pub fn render(&self) -> String {
-        let series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let sorted: BTreeMap<(String, String), (Kind, u64)> = self
+            .series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(key, (kind, value))| {
+                let labels: Vec<String> = key
+                    .labels()
+                    .map(|l| {
+                        let v = l.value().replace('\\', "\\\\").replace('"', "\\\"");
+                        format!("{}=\"{v}\"", l.key())
+                    })
+                    .collect();
+                ((key.name().to_owned(), labels.join(",")), (*kind, value.load(Ordering::Relaxed)))
+            })
+            .collect();
         let help = self.help.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
         let mut last = "";
-        for ((name, labels), (kind, value)) in series.iter() {
+        for ((name, labels), (kind, v)) in sorted.iter() {
             if name != last {
                 if let Some(h) = help.get(name) {
                     out += &format!("# HELP {name} {h}\n");
@@ -59,9 +70,8 @@ impl Prom {
                 out += &format!("# TYPE {name} {t}\n");
                 last = name;
             }
-            let v = value.load(Ordering::Relaxed);
             let v =
-                if *kind == Kind::Gauge { f64::from_bits(v).to_string() } else { v.to_string() };
+                if *kind == Kind::Gauge { f64::from_bits(*v).to_string() } else { v.to_string() };
             if labels.is_empty() {
                 out += &format!("{name} {v}\n");
             } else {
@@ -98,5 +108,28 @@ impl Handle {
     fn describe(&self, key: KeyName, description: SharedString) {
         let mut help = self.0.help.lock().unwrap_or_else(|p| p.into_inner());
         help.insert(key.as_str().to_owned(), description.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_gauges_render_in_prometheus_text_format() {
+        let prom = Arc::new(Prom::default());
+        metrics::with_local_recorder(&Handle(prom.clone()), || {
+            metrics::describe_counter!("calls_total", "Calls answered.");
+            metrics::counter!("calls_total", "code" => "ok").increment(2);
+            metrics::counter!("calls_total", "code" => "ok").increment(1);
+            metrics::counter!("calls_total", "code" => "over \"x\"").increment(1);
+            metrics::gauge!("pending").set(2.5);
+        });
+        assert_eq!(
+            prom.render(),
+            "# HELP calls_total Calls answered.\n# TYPE calls_total counter\n\
+             calls_total{code=\"ok\"} 3\ncalls_total{code=\"over \\\"x\\\"\"} 1\n\
+             # TYPE pending gauge\npending 2.5\n"
+        );
     }
 }

@@ -195,6 +195,8 @@ fn rules() -> Rules {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The agent's metrics recorder, as ration-agent installs it.
+    let _prom = ration_agent::prom::Prom::install().map_err(anyhow::Error::msg)?;
     let cluster = Cluster::start(3, |_| {}).await;
     let leader = cluster.addrs[&cluster.leader().await];
     let endpoints: Vec<String> = cluster.addrs.values().map(|a| a.to_string()).collect();
