@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -458,4 +458,102 @@ async fn over_mutual_tls_the_agent_leases_as_its_certificates_principal() {
     let r = ask(&mut us, vec![descriptor(&[("api_key", "k1")], Some(1_000))], 0).await.unwrap();
     assert_eq!(r.overall_code, Code::OverLimit as i32, "{r:?}");
     node.stop().await.unwrap();
+}
+
+/// With every node gone, the agent admits from the leases it holds and then
+/// follows the budget's policy: a fail-closed budget refuses; one with a static
+/// allowance spends its emergency reserve (held while the cluster answered) and
+/// then refuses. Never open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_cluster_gone_the_agent_spends_its_leases_then_follows_the_fail_policy() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    let lim = |cap, st: Option<i64>| {
+        let mut l = ration_testkit::limit("tokens", cap, Period::Day);
+        l.static_allowance = st;
+        vec![l]
+    };
+    budget(addr, 1, "acme", lim(1_000_000, Some(500))).await;
+    budget(addr, 2, "acme/keys", lim(1_000_000, Some(500))).await;
+    budget(addr, 3, "acme/keys/closed", lim(100_000, None)).await;
+    budget(addr, 4, "acme/keys/static", lim(100_000, Some(300))).await;
+    let endpoints = cluster.addrs.values().map(|a| a.to_string()).collect();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = grpc.local_addr().unwrap();
+    let config = Config {
+        listen: at,
+        metrics_listen: http.local_addr().unwrap(),
+        sdk: SdkConfig::new(endpoints, "agent-1"),
+        limits: Limits::default(),
+        rules: rules(),
+    };
+    let agent = ration_agent::start(config).unwrap();
+    tokio::spawn(ration_agent::serve_agent(
+        agent.clone(),
+        grpc,
+        http,
+        None,
+        std::future::pending(),
+    ));
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{at}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = RateLimitServiceClient::new(ch);
+    let call = |key: &'static str| vec![descriptor(&[("api_key", key)], Some(10))];
+    // Both admit while the cluster answers; the static budget's reserve is held.
+    eventually("leases and the reserve are held", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let sdk = agent.sdk().clone();
+        async move {
+            for key in ["closed", "static"] {
+                let r = ask(&mut c, call(key), 0).await.unwrap();
+                assert_eq!(r.overall_code, Code::Ok as i32);
+            }
+            let b = ledger(addr)
+                .get_budget(v1::GetBudgetRequest {
+                    path: "acme/keys/static".into(),
+                    linearizable: false,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            // A lease, and the reserve's own lease.
+            sdk.held("acme/keys/closed", "tokens").0 > 0 && b.live_leases >= 2
+        }
+    })
+    .await;
+    let held = |key: &str| agent.sdk().held(&format!("acme/keys/{key}"), "tokens").1;
+    let (closed_held, static_held) = (held("closed"), held("static"));
+    for id in cluster.addrs.keys().copied().collect::<Vec<_>>() {
+        cluster.stop(id).await;
+    }
+    // Spend both until refused for good (nothing admitted for 8 s: past the SDK's
+    // outage detection); count what each admitted after the stop.
+    let mut admitted = [0u64; 2];
+    let mut last_ok = [Instant::now(); 2];
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while last_ok.iter().any(|t| t.elapsed() < Duration::from_secs(8)) {
+        assert!(Instant::now() < deadline, "still admitting: {admitted:?}");
+        for (i, key) in ["closed", "static"].into_iter().enumerate() {
+            let r = ask(&mut c, call(key), 0).await.unwrap();
+            if r.overall_code == Code::Ok as i32 {
+                admitted[i] += 10;
+                last_ok[i] = Instant::now();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "cluster gone: fail-closed admitted {} (held {closed_held}); static admitted {} \
+         (held {static_held}, reserve 300)",
+        admitted[0], admitted[1]
+    );
+    // Never more than the leases held, plus the reserve where there is one.
+    assert!(admitted[0] <= closed_held, "{admitted:?} {closed_held}");
+    assert!(admitted[1] <= static_held + 300, "{admitted:?} {static_held}");
+    // The reserve was spent: the static budget admitted past its leases.
+    assert!(admitted[1] > static_held, "{admitted:?} {static_held}");
 }

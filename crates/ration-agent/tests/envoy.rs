@@ -191,7 +191,13 @@ fn free_ports(n: usize) -> Vec<u16> {
 
 /// `ration-agent` with the example configuration, leasing from `cluster`.
 async fn agent(cluster: &Cluster, dir: &Path, name: &str) -> (Proc, u16) {
+    agent_on(cluster, dir, name, None).await
+}
+
+/// [`agent`] on a given gRPC port (where an Envoy already points).
+async fn agent_on(cluster: &Cluster, dir: &Path, name: &str, port: Option<u16>) -> (Proc, u16) {
     let [grpc, http] = free_ports(2)[..] else { unreachable!() };
+    let grpc = port.unwrap_or(grpc);
     let endpoints: Vec<String> = cluster.addrs.values().map(|a| a.to_string()).collect();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ration-agent"));
     cmd.arg("--config")
@@ -279,6 +285,19 @@ async fn figures(cluster: &Cluster, path: &str) -> (i64, i64) {
     (b.limits[0].consumed, b.limits[0].outstanding)
 }
 
+/// Waits (10 s at most) until a request gets `status`.
+async fn eventually_status(port: u16, headers: &[(&str, String)], status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(port, "/v1/chat", headers).await;
+        if r.as_ref().is_some_and(|r| r.status == status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {status}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn call(key: &str, id: u64, max: u64, used: u64) -> Vec<(&'static str, String)> {
     vec![
         ("x-api-key", key.to_owned()),
@@ -357,6 +376,13 @@ async fn envoy_admits_to_an_api_keys_cap_charges_the_reported_tokens_and_fails_c
     let r = get(port, "/v1/chat", &call("k2", 2, 10, 10)).await.unwrap();
     assert_eq!(r.status, 500, "{r:?}");
     assert_eq!(up.calls.load(Ordering::Relaxed), calls, "admitted with the agent down");
+    // The same when an agent is killed (SIGKILL) under Envoy: a new one on the
+    // same port admits, then dies; Envoy refuses until one is back.
+    let (mut again, _) = agent_on(&cluster, dir.path(), "agent-again", Some(agent_port)).await;
+    eventually_status(port, &call("k2", 3, 10, 10), 200).await;
+    again.kill9();
+    let r = get(port, "/v1/chat", &call("k2", 4, 10, 10)).await.unwrap();
+    assert_eq!(r.status, 500, "{r:?}");
     cluster.shutdown().await;
 }
 
