@@ -307,6 +307,13 @@ impl Agent {
                     reservation = self.sdk.reserve(&asks);
                 }
             }
+            if reservation.is_none() && wants.iter().any(|(_, k, n)| self.unleased(k) >= *n) {
+                // The leases ran dry (a burst) while the budget, as last read, still
+                // has room: wait for a refill round rather than refuse.
+                if self.sdk.refill_now(self.limits.cold_wait).await {
+                    reservation = self.sdk.reserve(&asks);
+                }
+            }
             if reservation.is_none() {
                 for (i, k, n) in &wants {
                     over[*i] = self.sdk.held(&k.0, &k.1).1 < *n;
@@ -548,6 +555,19 @@ impl Agent {
                     .map(|end| Duration::from_millis(end.saturating_sub(wall_ms))),
             })
             .min_by_key(|v| v.remaining)
+    }
+
+    /// What the ledger had not leased out of (budget, unit)'s tightest limit when
+    /// last read (0 if not read yet).
+    fn unleased(&self, key: &Key) -> u64 {
+        let info = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(b) = info.get(&key.0).and_then(|i| i.budget.as_ref()) else { return 0 };
+        b.limits
+            .iter()
+            .filter(|s| s.limit.as_ref().is_some_and(|l| l.unit == key.1))
+            .map(|s| u64::try_from(s.remaining).unwrap_or(0))
+            .min()
+            .unwrap_or(0)
     }
 
     /// Reads again the budgets answered for recently (at most `max` per call), and

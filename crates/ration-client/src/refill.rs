@@ -349,6 +349,27 @@ impl Sdk {
         }
     }
 
+    /// Starts a refill round now and waits, at most `within`, until one that
+    /// started after this call has finished (so it saw every refusal so far).
+    /// For a caller whose allowance ran dry while the budget still has room:
+    /// better a short wait than a refusal. Returns whether such a round finished.
+    pub async fn refill_now(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut rounds = self.rounds.subscribe();
+        let start = *rounds.borrow_and_update();
+        self.wake.notify_one();
+        // The round under way (if any) may have read demand before this call.
+        loop {
+            if *rounds.borrow_and_update() >= start + 2 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rounds.changed()).await.is_err() {
+                return false;
+            }
+            self.wake.notify_one();
+        }
+    }
+
     /// Whether the ledger has answered an acquire for (budget, unit).
     pub fn answered(&self, budget: &str, unit: &str) -> bool {
         let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
