@@ -148,6 +148,11 @@ pub struct Agent {
     expired: Mutex<Expired>,
     keys: Mutex<HashSet<Key>>,
     info: Mutex<BTreeMap<String, Info>>,
+    /// Set when the agent stops: RLQS streams deny every bucket and wait for
+    /// Envoy's last report, so what it admitted is charged exactly.
+    draining: tokio::sync::watch::Sender<bool>,
+    /// RLQS streams open.
+    streams: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Agent {
@@ -166,7 +171,24 @@ impl Agent {
             expired: Mutex::new((HashMap::new(), VecDeque::new())),
             keys: Mutex::new(HashSet::new()),
             info: Mutex::new(BTreeMap::new()),
+            draining: tokio::sync::watch::Sender::new(false),
+            streams: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Tells RLQS streams the agent is stopping ([`Agent::draining`]).
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Becomes true once [`Agent::drain`] is called.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// RLQS streams open (counted by [`crate::envoy::Quota`]).
+    pub fn streams(&self) -> &std::sync::atomic::AtomicUsize {
+        &self.streams
     }
 
     pub fn rules(&self) -> &Rules {

@@ -137,10 +137,16 @@ impl RateLimitService for Service {
     }
 }
 
+/// How long a stopping agent waits for Envoy's last RLQS report (Envoy 1.40
+/// reports every 5 s).
+pub const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(6);
+
 /// Most buckets in one usage report.
 pub const MAX_BUCKETS_PER_REPORT: usize = 10_000;
 
-/// The agent's usages from Envoy's report, or what is wrong with it.
+/// The agent's usages from Envoy's report, or what is wrong with it. A line
+/// without a bucket id, or with one too large, is skipped (and logged), not the
+/// whole report: ending the stream would charge every bucket's exposure whole.
 pub fn usages(report: &RateLimitQuotaUsageReports) -> Result<Vec<Usage>, String> {
     if report.domain.is_empty() || report.domain.len() > MAX_STRING_BYTES {
         return Err(format!("the domain must be 1 to {MAX_STRING_BYTES} bytes"));
@@ -148,27 +154,26 @@ pub fn usages(report: &RateLimitQuotaUsageReports) -> Result<Vec<Usage>, String>
     if report.bucket_quota_usages.len() > MAX_BUCKETS_PER_REPORT {
         return Err(format!("more than {MAX_BUCKETS_PER_REPORT} buckets in one report"));
     }
-    report
-        .bucket_quota_usages
-        .iter()
-        .enumerate()
-        .map(|(i, u)| {
-            let id = u.bucket_id.as_ref().map(|b| &b.bucket);
-            let Some(id) = id.filter(|b| !b.is_empty()) else {
-                return Err(format!("usage {i} has no bucket id"));
-            };
-            if id.len() > MAX_ENTRIES
-                || id.iter().any(|(k, v)| k.len() > MAX_STRING_BYTES || v.len() > MAX_STRING_BYTES)
-            {
-                return Err(format!("usage {i}: bucket id too large"));
-            }
-            Ok(Usage {
-                bucket: id.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                allowed: u.num_requests_allowed,
-                denied: u.num_requests_denied,
-            })
-        })
-        .collect()
+    let mut out = Vec::with_capacity(report.bucket_quota_usages.len());
+    for (i, u) in report.bucket_quota_usages.iter().enumerate() {
+        let id = u.bucket_id.as_ref().map(|b| &b.bucket).filter(|b| !b.is_empty());
+        let Some(id) = id else {
+            tracing::warn!(line = i, "an RLQS usage line without a bucket id: skipped");
+            continue;
+        };
+        if id.len() > MAX_ENTRIES
+            || id.iter().any(|(k, v)| k.len() > MAX_STRING_BYTES || v.len() > MAX_STRING_BYTES)
+        {
+            tracing::warn!(line = i, "an RLQS bucket id too large: skipped");
+            continue;
+        }
+        out.push(Usage {
+            bucket: id.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            allowed: u.num_requests_allowed,
+            denied: u.num_requests_denied,
+        });
+    }
+    Ok(out)
 }
 
 fn seconds(d: std::time::Duration) -> PbDuration {
@@ -228,16 +233,39 @@ impl RateLimitQuotaService for Quota {
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let agent = self.0.clone();
+        let mut draining = agent.draining();
+        agent.streams().fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tokio::spawn(async move {
-            let mut stream = QuotaStream::new(agent);
+            let mut stream = QuotaStream::new(agent.clone());
+            // Once draining: the time by which Envoy's next report must come.
+            let mut until: Option<tokio::time::Instant> = None;
             loop {
-                let report = match inbound.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!("an RLQS stream ended: {e}");
-                        break;
+                let report = tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            tracing::debug!("Envoy closed an RLQS stream");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!("an RLQS stream ended: {e}");
+                            break;
+                        }
+                    },
+                    _ = async { drop(draining.wait_for(|d| *d).await) }, if until.is_none() => {
+                        let answers = stream.drain();
+                        let reply = RateLimitQuotaResponse {
+                            bucket_action: answers.iter().map(bucket_action).collect(),
+                        };
+                        // Envoy reports every 5 s: wait for one more.
+                        until = Some(tokio::time::Instant::now() + DRAIN_WAIT);
+                        if !stream.exposed() || tx.send(Ok(reply)).await.is_err() {
+                            break;
+                        }
+                        continue;
                     }
+                    _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)),
+                        if until.is_some() => break,
                 };
                 let usages = match usages(&report) {
                     Ok(u) => u,
@@ -250,17 +278,16 @@ impl RateLimitQuotaService for Quota {
                 let reply = RateLimitQuotaResponse {
                     bucket_action: answers.iter().map(bucket_action).collect(),
                 };
-                if tx.send(Ok(reply)).await.is_err() {
+                if tx.send(Ok(reply)).await.is_err() || (until.is_some() && !stream.exposed()) {
                     break;
                 }
             }
             let charged = stream.close();
+            tracing::debug!(charged, "an RLQS stream ended");
             if charged > 0 {
-                tracing::info!(
-                    charged,
-                    "an RLQS stream ended; its buckets' exposure was charged whole"
-                );
+                tracing::info!(charged, "an RLQS stream ended; its buckets' exposure was charged whole");
             }
+            agent.streams().fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         });
         Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }

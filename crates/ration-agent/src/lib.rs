@@ -161,6 +161,14 @@ pub async fn serve_agent(
     );
 
     shutdown.await;
+    // RLQS streams deny every bucket and wait for Envoy's last report.
+    agent.drain();
+    let drained = tokio::time::Instant::now() + envoy::DRAIN_WAIT + Duration::from_secs(1);
+    while agent.streams().load(std::sync::atomic::Ordering::Acquire) > 0
+        && tokio::time::Instant::now() < drained
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tracing::info!("stopping: no new calls; charging open reservations and releasing leases");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;

@@ -25,7 +25,10 @@
 //! `F` follows the bucket's demand (allowed + denied per second, smoothed), ×1.25,
 //! rounded up to a power of two so that it rarely changes (Envoy keeps a bucket's
 //! tokens only while its assignment stays identical). A bucket without requests
-//! for `quota_idle` is abandoned and its exposure given back; a stream that ends
+//! for `quota_idle` is abandoned and its exposure given back. When the agent
+//! stops it denies every bucket and waits (up to a report interval and a second)
+//! for Envoy's next report, which says what was admitted before the denial
+//! arrived: charged exactly, the rest given back. A stream that ends otherwise
 //! charges every exposure it held whole, since what Envoy admitted since its last
 //! report is unknown (conservative: the ledger may count more than was used,
 //! never less).
@@ -93,6 +96,8 @@ struct Bucket {
 pub struct QuotaStream {
     agent: Arc<Agent>,
     buckets: HashMap<BTreeMap<String, String>, Bucket>,
+    /// The agent is stopping: every bucket is denied, nothing more reserved.
+    draining: bool,
 }
 
 impl std::fmt::Debug for QuotaStream {
@@ -109,7 +114,23 @@ const IN_FLIGHT_SECONDS: u64 = 3;
 
 impl QuotaStream {
     pub fn new(agent: Arc<Agent>) -> Self {
-        Self { agent, buckets: HashMap::new() }
+        Self { agent, buckets: HashMap::new(), draining: false }
+    }
+
+    /// The agent is stopping: every bucket is denied from now on (answers to send
+    /// at once). Exposure stays reserved until Envoy's next report says what it
+    /// admitted before the denial arrived ([`QuotaStream::report`] then charges it
+    /// and reserves nothing more).
+    pub fn drain(&mut self) -> Vec<Answer> {
+        self.draining = true;
+        let ttl = self.agent.limits().quota_ttl;
+        let buckets: Vec<_> = self.buckets.keys().cloned().collect();
+        buckets.into_iter().map(|b| self.answer(b, Assignment::Deny, ttl)).collect()
+    }
+
+    /// Whether any exposure is still reserved.
+    pub fn exposed(&self) -> bool {
+        self.buckets.values().any(|b| b.exposure.is_some())
     }
 
     /// The exposure of an assignment of `per_second` (see the module's docs).
@@ -179,8 +200,11 @@ impl QuotaStream {
             b.last_report = Some(now);
             let want = ((b.rate * 1.25).ceil() as u64).clamp(1, 1 << 24).next_power_of_two();
             let current = b.per_second;
-            let (per_second, exposure) =
-                assign(&self.agent, &key, want, current, ttl.as_secs().saturating_add(3)).await;
+            let (per_second, exposure) = if self.draining {
+                (0, None)
+            } else {
+                assign(&self.agent, &key, want, current, ttl.as_secs().saturating_add(3)).await
+            };
             tracing::debug!(
                 budget = %key.0, allowed = u.allowed, denied = u.denied, rate = b.rate, want,
                 per_second, exposure = exposure.as_ref().map_or(0, |x| x.reserved()[0]),

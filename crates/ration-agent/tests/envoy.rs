@@ -541,16 +541,20 @@ async fn rlqs_assignments_hold_a_request_budget_to_its_cap() {
         assert_eq!(get(port, "/", &h).await.unwrap().status, 429);
     }
     assert_eq!(get(port, "/", &[]).await.unwrap().status, 429);
-    // Graceful stop: Envoy's stream ends; what its buckets could still have
-    // admitted is charged whole, so the ledger counts at least what was served,
-    // and never more than the cap.
+    // Graceful stop: the agent denies every bucket, waits for Envoy's last
+    // report and charges what it says. The ledger counts at least what was
+    // served, never more than the cap; it may count more than was served: an
+    // assignment's exposure is reserved from a lease, and a lease whose local
+    // deadline passes while it holds one is charged whole (as the ledger charges
+    // an expired lease).
+    let stopping = Instant::now();
     agent.terminate();
     let (consumed, outstanding) = figures(&cluster, "acme/teams/t1").await;
-    println!("rlqs: the ledger counts {consumed} (served {served})");
-    assert_eq!(outstanding, 0);
-    assert!(
-        consumed >= served as i64 && consumed <= CAP as i64,
-        "consumed {consumed}, served {served}"
+    println!(
+        "rlqs: the ledger counts {consumed} (served {served}); the agent stopped in {:.1} s",
+        stopping.elapsed().as_secs_f64()
     );
+    assert_eq!(outstanding, 0);
+    assert!(served as i64 <= consumed && consumed <= CAP as i64, "{consumed} {served}");
     cluster.shutdown().await;
 }

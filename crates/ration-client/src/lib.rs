@@ -150,6 +150,7 @@ impl<const N: usize> Drop for Held<'_, N> {
         if !self.settled {
             for (allowance, t) in self.by.allowances.iter().zip(&self.taken) {
                 allowance.give_back(t, t.units());
+                allowance.unhold(t);
             }
         }
     }

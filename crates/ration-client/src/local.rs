@@ -118,6 +118,10 @@ struct SlotMeta {
 #[repr(align(128))]
 struct Stripe {
     remaining: [AtomicU64; SLOTS],
+    /// Units taken from this stripe's share of each slot by reservations not yet
+    /// settled: a lease run dry by reservations is not spent, and must not be
+    /// retired (which would count the reserved units as spent) until they settle.
+    reserved: [AtomicU64; SLOTS],
 }
 
 thread_local! {
@@ -187,6 +191,8 @@ pub struct SlotState {
     pub slot: usize,
     pub generation: u64,
     pub remaining: u64,
+    /// Units reservations hold from it, not settled yet.
+    pub reserved: u64,
     pub deadline_ms: u64,
     pub opens_ms: u64,
 }
@@ -329,10 +335,36 @@ impl Allowance {
                 .is_ok()
             {
                 t.push((slot as u8, k as u8, generation, amount));
+                self.hold(t);
                 return true;
             }
         }
-        self.take_across(amount, now_ms, t)
+        let took = self.take_across(amount, now_ms, t);
+        if took {
+            self.hold(t);
+        }
+        took
+    }
+
+    /// Counts what `t` took as reserved (until [`Allowance::unhold`]).
+    fn hold(&self, t: &Taken) {
+        for (slot, stripe, _, units) in t.parts() {
+            self.stripes[stripe as usize].reserved[slot as usize].fetch_add(units, Ordering::AcqRel);
+        }
+    }
+
+    /// `t` is settled or given back: its units are no longer reserved (in slots
+    /// still holding the same lease).
+    pub(crate) fn unhold(&self, t: &Taken) {
+        for (slot, stripe, generation, units) in t.parts() {
+            if self.meta[slot as usize].generation.load(Ordering::Acquire) == generation {
+                let _ = self.stripes[stripe as usize].reserved[slot as usize].fetch_update(
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                    |r| Some(r.saturating_sub(units)),
+                );
+            }
+        }
     }
 
     /// Slow path: gather `amount` from every stripe of every live slot into `t`, or
@@ -405,10 +437,11 @@ impl Allowance {
         for (k, stripe) in self.stripes.iter().enumerate() {
             let extra = if k == 0 { units % STRIPES as u64 } else { 0 };
             stripe.remaining[slot].store(share + extra, Ordering::Release);
+            stripe.reserved[slot].store(0, Ordering::Release);
         }
         meta.opens_ms.store(opens_ms, Ordering::Release);
         meta.deadline_ms.store(deadline_ms, Ordering::Release);
-        Some(SlotState { slot, generation, remaining: units, deadline_ms, opens_ms })
+        Some(SlotState { slot, generation, remaining: units, reserved: 0, deadline_ms, opens_ms })
     }
 
     /// Closes a slot (its lease is being released or has expired locally) and returns
@@ -421,6 +454,9 @@ impl Allowance {
         meta.deadline_ms.store(0, Ordering::Release);
         // Bump the generation so late give-backs are dropped, then empty it.
         meta.generation.fetch_add(1, Ordering::AcqRel);
+        for s in &self.stripes {
+            s.reserved[slot].store(0, Ordering::Release);
+        }
         Some(self.stripes.iter().map(|s| s.remaining[slot].swap(0, Ordering::AcqRel)).sum())
     }
 
@@ -430,6 +466,7 @@ impl Allowance {
             slot: i,
             generation: self.meta[i].generation.load(Ordering::Acquire),
             remaining: self.slot_units(i),
+            reserved: self.stripes.iter().map(|s| s.reserved[i].load(Ordering::Acquire)).sum(),
             deadline_ms: self.meta[i].deadline_ms.load(Ordering::Acquire),
             opens_ms: self.meta[i].opens_ms.load(Ordering::Acquire),
         })
@@ -520,6 +557,7 @@ impl Allowance {
         let reserved = t.units();
         let back = reserved.saturating_sub(used);
         self.give_back(t, back);
+        self.unhold(t);
         let excess = used.saturating_sub(reserved);
         if excess == 0 {
             return (back, 0);
@@ -538,6 +576,7 @@ impl Drop for Reservation {
         if !self.settled {
             for (a, t) in &self.parts {
                 a.give_back(t, t.units());
+                a.unhold(t);
             }
         }
     }
@@ -604,6 +643,32 @@ mod tests {
         a.install(3, 2000).unwrap();
         a.give_back(&t, 10);
         assert_eq!(a.available(1), 3);
+    }
+
+    #[test]
+    fn a_slot_run_dry_by_reservations_shows_them_until_they_settle() {
+        let a = with_lease(100, 1_000);
+        let clock: Arc<dyn LocalClock> = Arc::new(ManualClock::default());
+        let wants = [(Arc::new(a), 60)];
+        let r1 = Reservation::reserve(&wants, 0).unwrap().with_clock(clock.clone());
+        let r2 = Reservation::reserve(&[(wants[0].0.clone(), 40)], 0).unwrap();
+        let a = &wants[0].0;
+        // Dry, but not spent: 100 reserved.
+        assert_eq!((a.slots()[0].remaining, a.slots()[0].reserved), (0, 100));
+        r1.settle(&[10]);
+        assert_eq!((a.slots()[0].remaining, a.slots()[0].reserved), (50, 40));
+        drop(r2);
+        assert_eq!((a.slots()[0].remaining, a.slots()[0].reserved), (90, 0));
+        // Spending for good reserves nothing.
+        assert!(a.try_spend(5, 0));
+        assert_eq!(a.slots()[0].reserved, 0);
+        // Retiring forgets reservations: a late settle credits nothing.
+        let r3 = Reservation::reserve(&[(a.clone(), 85)], 0).unwrap();
+        let generation = a.slots()[0].generation;
+        assert_eq!(a.retire(0, generation), Some(0));
+        assert_eq!(a.slots()[0].reserved, 0);
+        r3.settle(&[0]);
+        assert_eq!((a.slots()[0].remaining, a.slots()[0].reserved), (0, 0));
     }
 
     #[test]

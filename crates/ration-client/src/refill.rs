@@ -457,8 +457,9 @@ impl Sdk {
                 let mut keep = Vec::with_capacity(t.leases.len());
                 for held in std::mem::take(&mut t.leases) {
                     let st = slots[held.slot];
+                    // Run dry by reservations not settled yet is not spent out.
                     if now >= held.deadline_ms
-                        || st.remaining == 0
+                        || (st.remaining == 0 && st.reserved == 0)
                         || st.generation != held.generation
                     {
                         ops.push(t.let_go(&held, &self.cluster, key, now));
@@ -513,6 +514,7 @@ impl Sdk {
                         .leases
                         .iter()
                         .enumerate()
+                        .filter(|(_, l)| slots[l.slot].reserved == 0)
                         .map(|(i, l)| (i, slots[l.slot].remaining))
                         .filter(|(_, r)| held.saturating_sub(*r) >= target)
                         .max_by_key(|(_, r)| *r)
