@@ -285,7 +285,10 @@ impl RateLimitQuotaService for Quota {
             let charged = stream.close();
             tracing::debug!(charged, "an RLQS stream ended");
             if charged > 0 {
-                tracing::info!(charged, "an RLQS stream ended; its buckets' exposure was charged whole");
+                tracing::info!(
+                    charged,
+                    "an RLQS stream ended; its buckets' exposure was charged whole"
+                );
             }
             agent.streams().fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         });

