@@ -55,8 +55,9 @@ pub struct Limits {
     pub max_pending: usize,
     /// The most (budget, unit) pairs the agent leases for.
     pub max_budgets: usize,
-    /// How long a call for a budget met for the first time waits for its first
-    /// lease (bounded by Envoy's own timeout for the call).
+    /// The longest a call waits for leases rather than refuse: a budget met for
+    /// the first time (its first lease), or leases run dry by a burst while the
+    /// budget has room (a refill round). Under Envoy's own timeout for the call.
     pub cold_wait: Duration,
     /// The most descriptors in one call.
     pub max_descriptors: usize,
@@ -317,6 +318,8 @@ impl Agent {
             let asks: Vec<(&str, &str, u64)> =
                 wants.iter().map(|(_, k, n)| (k.0.as_str(), k.1.as_str(), *n)).collect();
             reservation = self.sdk.reserve(&asks);
+            // Both waits below share one bound, under Envoy's timeout for the call.
+            let waited_until = tokio::time::Instant::now() + self.limits.cold_wait;
             if reservation.is_none() {
                 // A budget met for the first time holds nothing only because
                 // nothing was asked yet: wait (briefly) for its first answer.
@@ -332,7 +335,8 @@ impl Agent {
             if reservation.is_none() && wants.iter().any(|(_, k, n)| self.unleased(k) >= *n) {
                 // The leases ran dry (a burst) while the budget, as last read, still
                 // has room: wait for a refill round rather than refuse.
-                if self.sdk.refill_now(self.limits.cold_wait).await {
+                let left = waited_until.saturating_duration_since(tokio::time::Instant::now());
+                if !left.is_zero() && self.sdk.refill_now(left).await {
                     reservation = self.sdk.reserve(&asks);
                 }
             }

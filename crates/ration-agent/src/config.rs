@@ -69,7 +69,7 @@ pub struct File {
     pub settle_timeout_ms: Option<u64>,
     pub max_pending: Option<usize>,
     pub max_budgets: Option<usize>,
-    /// How long a call for a budget met for the first time waits for a lease.
+    /// The longest a call waits for leases rather than refuse (see `Limits`).
     pub cold_wait_ms: Option<u64>,
     /// RLQS: how long an assignment holds without a newer one (whole seconds).
     pub quota_ttl_s: Option<u64>,

@@ -199,6 +199,10 @@ impl Tracked {
     }
 }
 
+/// How long a lease past its local deadline is kept (not spendable) while calls
+/// that reserved from it have not settled: an LLM call can outlast a lease.
+const SETTLE_WAIT_MS: u64 = 600_000;
+
 /// How long a key whose acquire the ledger refused waits before trying again.
 const QUARANTINE: Duration = Duration::from_secs(30);
 
@@ -457,8 +461,16 @@ impl Sdk {
                 let mut keep = Vec::with_capacity(t.leases.len());
                 for held in std::mem::take(&mut t.leases) {
                     let st = slots[held.slot];
-                    // Run dry by reservations not settled yet is not spent out.
-                    if now >= held.deadline_ms
+                    // Run dry by reservations not settled yet is not spent out; and a
+                    // lease past its deadline (no longer spendable) is kept while
+                    // they settle, up to SETTLE_WAIT, so its release says what they
+                    // really used (the ledger charged it by expiry meanwhile, and
+                    // refunds the rest on this late release while its window is open).
+                    let expired = now >= held.deadline_ms;
+                    let settling = expired
+                        && st.reserved > 0
+                        && now < held.deadline_ms.saturating_add(SETTLE_WAIT_MS);
+                    if (expired && !settling)
                         || (st.remaining == 0 && st.reserved == 0)
                         || st.generation != held.generation
                     {

@@ -207,6 +207,40 @@ async fn reserve_then_settle_charges_exactly_what_was_used() {
     cluster.shutdown().await;
 }
 
+/// A call that outlasts the lease it reserved from (an LLM call of a minute) is
+/// charged what it used, not what it reserved: the SDK keeps the lease past its
+/// deadline (not spendable) until the call settles, then releases it late, and
+/// the ledger, which charged it by expiry, refunds the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_outlasts_its_lease_is_charged_what_it_used() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "long", 100_000, None).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let s = sdk(&cluster, "gw-long", &clock);
+    // Refused reservations are demand: the leases grow until one fits.
+    eventually("a lease holds 500", Duration::from_secs(20), || {
+        let ok = s.reserve(&[("long", "tokens", 500)]).is_some();
+        async move { ok }
+    })
+    .await;
+    let r = s.reserve(&[("long", "tokens", 500)]).unwrap();
+    // Past the validity of every lease held when it was reserved (and the
+    // ledger's expiry of it), renewed meanwhile by the refill rounds.
+    let ttl = s.lease_ttl();
+    tokio::time::sleep(ttl + Duration::from_secs(3)).await;
+    assert_eq!(r.settle(&[120]), vec![380]);
+    // The next rounds release the old lease with what was really spent.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.release_all().await.unwrap();
+    eventually("the late release is counted", Duration::from_secs(10), || async move {
+        consumed(addr, "long").await == (120, 0)
+    })
+    .await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_cluster_down_gateways_spend_their_leases_then_follow_the_policy() {
     let mut cluster = Cluster::start(3, |_| {}).await;

@@ -60,6 +60,12 @@ async fn logs_name_their_node_say_who_leads_and_do_not_flood() {
         for l in &ls {
             assert!(l.starts_with(&tag), "a line of node {} without its id: {l}", n.id);
             assert!(!l.contains('\x1b'), "colour codes in a redirected log: {l:?}");
+            // The nodes are started one after another: on a busy machine the first
+            // may ask for votes before the last listens (seen in CI). That refusal
+            // is the one error a clean start may log.
+            if l.contains("requesting vote") && l.contains("Connection refused") {
+                continue;
+            }
             assert!(
                 !l.contains(" WARN ") && !l.contains(" ERROR "),
                 "a clean start warned on node {}: {l}",
