@@ -60,7 +60,8 @@ struct Args {
     /// Admissions per second per gateway in the fan-in runs.
     #[arg(long, default_value_t = 200)]
     gateway_rate: u64,
-    /// Seconds per fan-in run.
+    /// Seconds per fan-in run: at least a lease's validity (20 s by default), or
+    /// the SDK gateways' renewals fall outside the count.
     #[arg(long, default_value_t = 20)]
     fanin_s: u64,
 }
