@@ -379,7 +379,13 @@ async fn over_mutual_tls_the_agent_leases_as_its_certificates_principal() {
         id += 1;
         meta("tls-admin", id, "admin")
     };
-    for (path, cap) in [("acme", 1_000_000), ("acme/keys", 1_000_000), ("acme/keys/k1", 5_000)] {
+    let budgets = [
+        ("acme", 1_000_000),
+        ("acme/keys", 1_000_000),
+        ("acme/keys/k1", 5_000),
+        ("acme/keys/k2", 5_000),
+    ];
+    for (path, cap) in budgets {
         let limits = vec![ration_testkit::limit("tokens", cap, Period::Day)];
         let req = v1::CreateBudgetRequest { meta: meta(), path: path.into(), limits };
         eventually("the budget is created", Duration::from_secs(20), || {
@@ -436,6 +442,38 @@ async fn over_mutual_tls_the_agent_leases_as_its_certificates_principal() {
     let mut us = serve(start("agent-us")).await;
     let r = ask(&mut us, vec![descriptor(&[("api_key", "k1")], Some(1_000))], 0).await.unwrap();
     assert_eq!(r.overall_code, Code::OverLimit as i32, "{r:?}");
+    // A bearer token instead of a certificate (trusting the CA only): the agent
+    // leases as the token's principal.
+    let key = ration_tls::token::TokenKey::load(&ration_testkit::inproc::token_key_file(
+        &dir.path().join("n1"),
+    ))
+    .unwrap();
+    let token = dir.path().join("agent.token");
+    std::fs::write(&token, key.issue("agent-tok", ration_tls::token::unix_now() + 600)).unwrap();
+    ledger
+        .grant_role(v1::RoleRequest {
+            meta: meta(),
+            subject: "agent-tok".into(),
+            role: "gateway".into(),
+            scope: "acme".into(),
+        })
+        .await
+        .unwrap();
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let config = ration_agent::config::Args::try_parse_from([
+        "ration-agent".to_owned(),
+        format!("--config={}", path(&config_file)),
+        format!("--endpoints={addr}"),
+        format!("--cacert={}", path(&files("agent-eu").ca)),
+        format!("--token-file={}", path(&token)),
+        "--principal=agent-tok".to_owned(),
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap();
+    let mut tok = serve(config).await;
+    let r = ask(&mut tok, vec![descriptor(&[("api_key", "k2")], Some(1_000))], 0).await.unwrap();
+    assert_eq!(r.overall_code, Code::Ok as i32, "{r:?}");
     node.stop().await.unwrap();
 }
 

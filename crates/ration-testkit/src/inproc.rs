@@ -11,14 +11,23 @@ use tokio::net::TcpListener;
 
 /// A single-node cluster serving mutual TLS with `node` (node 1's certificate and
 /// key), peers on a port of their own, data under `dir`; and its client address.
+/// It also takes bearer tokens made with the key in [`token_key_file`]`(&dir)`.
 pub async fn tls_node(dir: PathBuf, node: ration_tls::TlsFiles) -> (NodeHandle, SocketAddr) {
     let (l, pl) = (listener().await, listener().await);
     let addr = l.local_addr().expect("bound");
+    let key = token_key_file(&dir);
+    std::fs::write(&key, [b'k'; 48]).expect("the token key is written");
     let mut cfg = config(1, addr, dir, &[(1, pl.local_addr().expect("bound"))]);
     cfg.peer_listen = Some(pl.local_addr().expect("bound"));
     cfg.tls = Some(node);
+    cfg.token_key_file = Some(key);
     let node = ration_server::start_split(cfg, l, Some(pl)).await.expect("the node starts");
     (node, addr)
+}
+
+/// Where [`tls_node`] keeps the key its bearer tokens are checked with.
+pub fn token_key_file(dir: &std::path::Path) -> PathBuf {
+    dir.with_extension("token.key")
 }
 
 pub fn config(id: u64, addr: SocketAddr, dir: PathBuf, cluster: &[(u64, SocketAddr)]) -> Config {
