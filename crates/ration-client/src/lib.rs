@@ -149,8 +149,7 @@ impl<const N: usize> Drop for Held<'_, N> {
     fn drop(&mut self) {
         if !self.settled {
             for (allowance, t) in self.by.allowances.iter().zip(&self.taken) {
-                allowance.give_back(t, t.units());
-                allowance.unhold(t);
+                allowance.release(t, t.units());
             }
         }
     }

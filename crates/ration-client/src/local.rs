@@ -354,17 +354,24 @@ impl Allowance {
         }
     }
 
-    /// `t` is settled or given back: its units are no longer reserved (in slots
-    /// still holding the same lease).
-    pub(crate) fn unhold(&self, t: &Taken) {
-        for (slot, stripe, generation, units) in t.parts() {
-            if self.meta[slot as usize].generation.load(Ordering::Acquire) == generation {
-                let _ = self.stripes[stripe as usize].reserved[slot as usize].fetch_update(
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                    |r| Some(r.saturating_sub(units)),
-                );
+    /// Ends reservation `t`: gives `units` of it back (last parts first, as
+    /// [`Allowance::give_back`]) and stops counting all of it as reserved, in
+    /// slots still holding the same lease. One pass, one generation check a part.
+    pub(crate) fn release(&self, t: &Taken, units: u64) {
+        let mut left = units.min(t.units());
+        for (slot, stripe, generation, got) in t.parts().rev() {
+            let back = got.min(left);
+            left -= back;
+            if self.meta[slot as usize].generation.load(Ordering::Acquire) != generation {
+                continue;
             }
+            let s = &self.stripes[stripe as usize];
+            if back > 0 {
+                s.remaining[slot as usize].fetch_add(back, Ordering::AcqRel);
+            }
+            // Wrapping: a release racing a retire and reinstall may subtract from a
+            // counter reset to 0; `slots` reads the sum as signed and clamps at 0.
+            s.reserved[slot as usize].fetch_sub(got, Ordering::AcqRel);
         }
     }
 
@@ -467,7 +474,13 @@ impl Allowance {
             slot: i,
             generation: self.meta[i].generation.load(Ordering::Acquire),
             remaining: self.slot_units(i),
-            reserved: self.stripes.iter().map(|s| s.reserved[i].load(Ordering::Acquire)).sum(),
+            reserved: u64::try_from(
+                self.stripes
+                    .iter()
+                    .map(|s| s.reserved[i].load(Ordering::Acquire) as i64)
+                    .fold(0i64, i64::wrapping_add),
+            )
+            .unwrap_or(0),
             deadline_ms: self.meta[i].deadline_ms.load(Ordering::Acquire),
             opens_ms: self.meta[i].opens_ms.load(Ordering::Acquire),
         })
@@ -557,8 +570,7 @@ impl Allowance {
     ) -> (u64, u64) {
         let reserved = t.units();
         let back = reserved.saturating_sub(used);
-        self.give_back(t, back);
-        self.unhold(t);
+        self.release(t, back);
         let excess = used.saturating_sub(reserved);
         if excess == 0 {
             return (back, 0);
@@ -576,8 +588,7 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
             for (a, t) in &self.parts {
-                a.give_back(t, t.units());
-                a.unhold(t);
+                a.release(t, t.units());
             }
         }
     }
