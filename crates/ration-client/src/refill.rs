@@ -75,13 +75,15 @@ const RATE_SMOOTHING: f64 = 0.3;
 pub mod defaults {
     use std::time::Duration;
 
-    /// Deadline of one RPC (connect included).
+    /// Deadline of one RPC (connect included), raised by four round trips to the
+    /// slowest member the SDK measured (`Cluster::rpc_deadline`).
     pub const RPC_TIMEOUT: Duration = Duration::from_secs(1);
     /// Attempts per round across endpoints before the round gives up.
     pub const MAX_ATTEMPTS: u32 = 6;
     /// The most one round's batch may take (attempts, leader discovery, backoff):
     /// an election (up to 2 s, as clusters tuned for distant voters have it) and one
-    /// RPC deadline, so a round that starts as the leader dies ends with the new one.
+    /// RPC deadline, so a round that starts as the leader dies ends with the new one;
+    /// at least two RPC deadlines (`Cluster::round_deadline`).
     pub const ROUND_DEADLINE: Duration = Duration::from_secs(3);
     /// How often the refill task runs a round.
     pub const REFRESH: Duration = Duration::from_millis(200);
@@ -402,7 +404,7 @@ impl Sdk {
     /// half of what is held (the low-water mark) must outlast the longest failover
     /// (`Status.failover_bound_ms`) plus a round's deadline.
     pub fn horizon(&self) -> Duration {
-        let needed = (self.cluster.failover_bound() + self.config.cluster.round_deadline) * 2;
+        let needed = (self.cluster.failover_bound() + self.cluster.round_deadline()) * 2;
         self.config.horizon.max(needed)
     }
 
@@ -429,10 +431,9 @@ impl Sdk {
         .max(0.001);
         // A lease whose local deadline comes before the next rounds can replace it
         // does not count as held: its successor is fetched while it is still spent.
-        let lookahead_ms = u64::try_from(
-            (self.config.cluster.round_deadline + self.config.refresh * 2).as_millis(),
-        )
-        .unwrap_or(u64::MAX);
+        let lookahead_ms =
+            u64::try_from((self.cluster.round_deadline() + self.config.refresh * 2).as_millis())
+                .unwrap_or(u64::MAX);
         // Nor does one that would expire during a failover that starts now: a lease
         // is replaced while what is left of it still outlasts the longest failover
         // the cluster's timings allow (`Status.failover_bound_ms`), or a gateway

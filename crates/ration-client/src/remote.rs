@@ -34,6 +34,13 @@ pub enum ClusterError {
 const RETRY_BACKOFF_BASE: Duration = Duration::from_millis(20);
 /// The backoff stops doubling after this many attempts (20 ms << 4 = 320 ms).
 const RETRY_BACKOFF_MAX_DOUBLINGS: u32 = 4;
+/// An RPC's deadline grows by this many round trips to the slowest member that
+/// answered, over the configured `rpc_timeout`: a write sent to a follower far away
+/// takes a round trip to it, one on to the leader, one to commit and one waiting
+/// for the entry in flight, and a fresh connection one or two more.
+const RPC_DEADLINE_ROUND_TRIPS: u64 = 4;
+/// The round trip that growth counts at most (so at most 4 s is added).
+const RPC_DEADLINE_RTT_CAP: Duration = Duration::from_secs(1);
 
 /// Client-side identity and limits.
 #[derive(Clone, Debug)]
@@ -157,10 +164,10 @@ impl Cluster {
             *slot = Some(c.clone());
             return c;
         }
+        // Each call has the deadline [`Cluster::rpc_deadline`] gives when it is made.
         let endpoint = Endpoint::from_shared(format!("http://{}", self.config.endpoints[i]))
             .expect("checked in new")
-            .connect_timeout(self.config.rpc_timeout)
-            .timeout(self.config.rpc_timeout)
+            .connect_timeout(self.rpc_deadline())
             .tcp_nodelay(true);
         let c = match &self.config.tls {
             Some(tls) => {
@@ -185,18 +192,18 @@ impl Cluster {
         let ops_len = ops.len();
         let request = v1::BatchRequest { ops };
         let started = tokio::time::Instant::now();
-        let deadline = started + self.config.round_deadline;
+        let deadline = started + self.round_deadline();
         let mut last = String::from("no attempt was made");
         let mut i = self.preferred.load(Ordering::Relaxed) % n;
         let mut attempts = 0;
         while attempts < self.config.max_attempts && tokio::time::Instant::now() < deadline {
             attempts += 1;
             let mut client = LedgerClient::new(self.channel(i));
-            let answer = tokio::time::timeout_at(deadline, client.batch(request.clone()))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(tonic::Status::deadline_exceeded("the round's deadline passed"))
-                });
+            let until = deadline.min(tokio::time::Instant::now() + self.rpc_deadline());
+            let answer =
+                tokio::time::timeout_at(until, client.batch(request.clone())).await.unwrap_or_else(
+                    |_| Err(tonic::Status::deadline_exceeded("the RPC's deadline passed")),
+                );
             match answer {
                 Ok(reply) => {
                     self.preferred.store(i, Ordering::Relaxed);
@@ -243,6 +250,29 @@ impl Cluster {
             .map(|(_, i)| i)
     }
 
+    /// The deadline of one RPC: the configured `rpc_timeout` plus four round trips
+    /// to the slowest member that answered `Status` (each counted up to 1 s). One
+    /// region: the configured deadline, near enough. Members 300 ms apart: a write
+    /// forwarded by a follower, with its commit, takes 1.2 s and more on a fresh
+    /// connection, past a 1 s deadline that would fail it every time.
+    pub fn rpc_deadline(&self) -> Duration {
+        let slowest = self
+            .rtt_us
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .filter(|r| *r != u64::MAX)
+            .max()
+            .map_or(Duration::ZERO, Duration::from_micros)
+            .min(RPC_DEADLINE_RTT_CAP);
+        self.config.rpc_timeout + slowest * RPC_DEADLINE_ROUND_TRIPS as u32
+    }
+
+    /// The most one batch may take, every attempt included: the configured
+    /// `round_deadline`, or two RPC deadlines when that is longer.
+    pub fn round_deadline(&self) -> Duration {
+        self.config.round_deadline.max(self.rpc_deadline() * 2)
+    }
+
     /// The longest a failover should take, as the members' Raft timings say
     /// (`Status.failover_bound_ms`); zero until a member has answered `Status`.
     pub fn failover_bound(&self) -> Duration {
@@ -267,7 +297,11 @@ impl Cluster {
         for k in 0..n {
             let i = (start + k) % n;
             let request = v1::GetBudgetRequest { path: path.to_owned(), linearizable: false };
-            match LedgerClient::new(self.channel(i)).get_budget(request).await {
+            let mut client = LedgerClient::new(self.channel(i));
+            let answer = tokio::time::timeout(self.rpc_deadline(), client.get_budget(request))
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")));
+            match answer {
                 Ok(budget) => return Some(budget.into_inner()),
                 Err(s) if s.code() == tonic::Code::NotFound => return None,
                 Err(_) => self.drop_channel(i),
@@ -300,14 +334,19 @@ impl Cluster {
     /// the others name). Returns at the first leader unless `all`.
     async fn ask_who_leads(&self, all: bool) {
         let mut asks = tokio::task::JoinSet::new();
+        let within = self.rpc_deadline();
         for i in 0..self.config.endpoints.len() {
             let channel = self.channel(i);
             asks.spawn(async move {
                 let sent = tokio::time::Instant::now();
-                let status = ClusterClient::new(channel)
-                    .status(v1::StatusRequest { digest: false })
-                    .await
-                    .map(tonic::Response::into_inner);
+                let mut client = ClusterClient::new(channel);
+                let status = tokio::time::timeout(
+                    within,
+                    client.status(v1::StatusRequest { digest: false }),
+                )
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")))
+                .map(tonic::Response::into_inner);
                 (i, status, sent.elapsed())
             });
         }
@@ -360,5 +399,38 @@ mod tests {
         };
         let err = Cluster::new(config).unwrap_err();
         assert!(matches!(err, ClusterError::NoEndpoints), "{err}");
+    }
+
+    #[test]
+    fn the_rpc_deadline_grows_with_the_slowest_member_measured() {
+        let config = ClusterConfig {
+            endpoints: vec!["a:1".into(), "b:1".into(), "c:1".into()],
+            principal: "gw".into(),
+            rpc_timeout: Duration::from_secs(1),
+            max_attempts: 6,
+            round_deadline: Duration::from_secs(3),
+            connector: None,
+            tls: None,
+            token: None,
+            client_id: None,
+        };
+        let c = Cluster::new(config).unwrap();
+        // Nothing measured: the configured deadlines.
+        assert_eq!(
+            (c.rpc_deadline(), c.round_deadline()),
+            (Duration::from_secs(1), Duration::from_secs(3))
+        );
+        // One region: a millisecond away changes next to nothing.
+        c.rtt_us[0].store(1_000, Ordering::Relaxed);
+        assert_eq!(c.rpc_deadline(), Duration::from_millis(1_004));
+        assert_eq!(c.round_deadline(), Duration::from_secs(3));
+        // A member 300 ms away (one that never answered does not count): four of its
+        // round trips more, and a round fits two such attempts.
+        c.rtt_us[1].store(300_000, Ordering::Relaxed);
+        assert_eq!(c.rpc_deadline(), Duration::from_millis(2_200));
+        assert_eq!(c.round_deadline(), Duration::from_millis(4_400));
+        // A round trip counts at most 1 s.
+        c.rtt_us[2].store(5_000_000, Ordering::Relaxed);
+        assert_eq!(c.rpc_deadline(), Duration::from_secs(5));
     }
 }
