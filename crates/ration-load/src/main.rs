@@ -977,10 +977,20 @@ async fn main() -> anyhow::Result<()> {
     }
     // The ledger's own figures for the root of every budget this run used: what is
     // consumed and leased never exceeds the cap.
-    let root = admin
-        .get_budget(v1::GetBudgetRequest { path: "load".into(), linearizable: true })
-        .await?
-        .into_inner();
+    // A leader change under the load (a starved heartbeat on a saturated machine)
+    // leaves a moment with no leader: the read is retried for up to 10 s.
+    let mut tries = 0;
+    let root = loop {
+        let read = v1::GetBudgetRequest { path: "load".into(), linearizable: true };
+        match admin.get_budget(read).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && tries < 40 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    };
     for l in &root.limits {
         let cap = l.limit.as_ref().map_or(0, |x| x.cap);
         if l.consumed.saturating_add(l.outstanding) > cap {

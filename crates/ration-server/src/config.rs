@@ -87,7 +87,8 @@ pub struct Config {
     pub commit_heartbeat: bool,
     /// Most log entries proposed and not yet committed at once; while one is in
     /// flight, the next is proposed only when full (benches/README.md, "Pipelined
-    /// proposals").
+    /// proposals"). 0: derived from `voter_rtt_ms`
+    /// ([`Config::proposals_in_flight`]).
     pub max_proposals_in_flight: usize,
     /// The leader proposes a tick this often, so expiry happens with no writes.
     pub tick_ms: u64,
@@ -183,6 +184,8 @@ pub const MAX_LEADER_PRIORITY: u32 = 100;
 
 /// Largest `voter_rtt_ms` taken into account (a minute).
 pub const MAX_VOTER_RTT_MS: u64 = 60_000;
+/// Largest `max_proposals_in_flight`.
+pub const MAX_PROPOSALS_IN_FLIGHT: usize = 64;
 
 /// Raft's timings, as [`Config::timing`] resolves them (all in ms).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,7 +253,7 @@ impl Default for Config {
             batch_max_bytes: 1 << 20,
             batch_wait_us: 1000,
             proposal_queue: 65_536,
-            max_proposals_in_flight: 4,
+            max_proposals_in_flight: 0,
             commit_heartbeat: false,
             tick_ms: 1000,
             clock_slack_ms: 1000,
@@ -492,9 +495,9 @@ impl Config {
             ));
         }
         self.metrics_addr()?;
-        if self.max_proposals_in_flight == 0 || self.max_proposals_in_flight > 64 {
+        if self.max_proposals_in_flight > MAX_PROPOSALS_IN_FLIGHT {
             return bad(format!(
-                "max_proposals_in_flight {} must be 1..=64",
+                "max_proposals_in_flight {} must be 0 (derived) to {MAX_PROPOSALS_IN_FLIGHT}",
                 self.max_proposals_in_flight
             ));
         }
@@ -547,6 +550,20 @@ impl Config {
         t.leader_lease_ms
             .saturating_add(t.election_timeout_max_ms.saturating_mul(2))
             .saturating_add(r.saturating_mul(4))
+    }
+
+    /// Entries the proposer may have in flight: `max_proposals_in_flight`, or when
+    /// that is 0, 4 in one region plus one per 25 ms of `voter_rtt_ms`, at most 16
+    /// (8 at 100 ms, 16 from 300 ms). A commit between regions takes round trips,
+    /// and with four full entries in flight the cluster plateaued at 63-65k ops/s at
+    /// 100 ms RTT against 112-116k on loopback; with eight, 88k (benches/README.md,
+    /// "Batched throughput at 100 ms RTT against in-flight work").
+    pub fn proposals_in_flight(&self) -> usize {
+        if self.max_proposals_in_flight != 0 {
+            return self.max_proposals_in_flight;
+        }
+        let r = self.voter_rtt_ms.min(MAX_VOTER_RTT_MS);
+        (4 + usize::try_from(r / 25).unwrap_or(usize::MAX)).min(16)
     }
 
     /// Where to serve metrics: `None` when `metrics_listen` is `off`.
@@ -717,7 +734,8 @@ pub struct Args {
     #[arg(long, env = "RATION_AUDIT_ARCHIVE_AFTER_HOURS")]
     pub audit_archive_after_hours: Option<u64>,
     /// Most log entries proposed and not yet committed at once; after the first,
-    /// only full entries are proposed [default: 4].
+    /// only full entries are proposed [default: 0, derived from voter_rtt_ms: 4 in
+    /// one region, one more per 25 ms, at most 16].
     #[arg(long, env = "RATION_MAX_PROPOSALS_IN_FLIGHT")]
     pub max_proposals_in_flight: Option<usize>,
     /// Most commands the leader groups into one log entry [default: 3072].
@@ -927,6 +945,18 @@ mod tests {
         assert_eq!(t.follower_patience_ms(), 700);
         assert_eq!(Config::default().failover_bound_ms(), 1_200);
         assert_eq!(Config { voter_rtt_ms: 300, ..Config::default() }.failover_bound_ms(), 6_000);
+        let in_flight = |voter_rtt_ms, set| {
+            Config { voter_rtt_ms, max_proposals_in_flight: set, ..Config::default() }
+                .proposals_in_flight()
+        };
+        assert_eq!((in_flight(0, 0), in_flight(50, 0), in_flight(100, 0)), (4, 6, 8));
+        assert_eq!((in_flight(300, 0), in_flight(60_000, 0), in_flight(300, 2)), (16, 16, 2));
+        let too_many = Config { max_proposals_in_flight: 65, ..Config::default() };
+        assert!(too_many
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_proposals_in_flight 65"));
         let wan = Config { voter_rtt_ms: 300, ..Config::default() };
         let t = wan.timing();
         assert_eq!((t.heartbeat_ms, t.replication_timeout_ms, t.leader_lease_ms), (250, 950, 800));

@@ -918,7 +918,7 @@ where
         max_bytes: config.batch_max_bytes,
         wait: Duration::from_micros(config.batch_wait_us),
         queue: config.proposal_queue,
-        in_flight: config.max_proposals_in_flight,
+        in_flight: config.proposals_in_flight(),
     };
     let node_metrics = Arc::new(metrics::Metrics::default());
     let time = Arc::new(std::sync::Mutex::new(ration_core::timebound::TimeBound::new(
