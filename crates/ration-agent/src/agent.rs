@@ -332,13 +332,21 @@ impl Agent {
                     reservation = self.sdk.reserve(&asks);
                 }
             }
-            if reservation.is_none() && wants.iter().any(|(_, k, n)| self.unleased(k) >= *n) {
-                // The leases ran dry (a burst) while the budget, as last read, still
-                // has room: wait for a refill round rather than refuse.
+            // The leases ran dry (a burst, or the first calls while the leases are
+            // still sized from no demand) while every budget, as last read or not
+            // read yet, still has room: wait for refill rounds rather than refuse,
+            // for as long as the cluster answers them (in an outage a round brings
+            // nothing: the fail policy decides at once).
+            let room = |k: &Key, n: u64| self.unleased(k).is_none_or(|u| u >= n);
+            while reservation.is_none()
+                && self.sdk.answering()
+                && wants.iter().all(|(_, k, n)| room(k, *n))
+            {
                 let left = waited_until.saturating_duration_since(tokio::time::Instant::now());
-                if !left.is_zero() && self.sdk.refill_now(left).await {
-                    reservation = self.sdk.reserve(&asks);
+                if left.is_zero() || !self.sdk.refill_now(left).await {
+                    break;
                 }
+                reservation = self.sdk.reserve(&asks);
             }
             if reservation.is_none() {
                 for (i, k, n) in &wants {
@@ -584,16 +592,18 @@ impl Agent {
     }
 
     /// What the ledger had not leased out of (budget, unit)'s tightest limit when
-    /// last read (0 if not read yet).
-    fn unleased(&self, key: &Key) -> u64 {
+    /// last read (`None` if not read yet).
+    fn unleased(&self, key: &Key) -> Option<u64> {
         let info = self.info.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(b) = info.get(&key.0).and_then(|i| i.budget.as_ref()) else { return 0 };
-        b.limits
+        let b = info.get(&key.0).and_then(|i| i.budget.as_ref())?;
+        let tightest = b
+            .limits
             .iter()
             .filter(|s| s.limit.as_ref().is_some_and(|l| l.unit == key.1))
             .map(|s| u64::try_from(s.remaining).unwrap_or(0))
             .min()
-            .unwrap_or(0)
+            .unwrap_or(0);
+        Some(tightest)
     }
 
     /// Reads again the budgets answered for recently (at most `max` per call), and

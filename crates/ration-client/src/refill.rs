@@ -248,6 +248,11 @@ pub struct Sdk {
     wake: Arc<tokio::sync::Notify>,
     /// Rounds finished so far.
     rounds: tokio::sync::watch::Sender<u64>,
+    /// Held by a round from start to end, and by [`Sdk::release_all`], which
+    /// waits for the round under way (its grants are then held, and released).
+    round_gate: tokio::sync::Mutex<()>,
+    /// Set by [`Sdk::release_all`]: no round runs after it.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Sdk {
@@ -271,6 +276,8 @@ impl Sdk {
             last_round_ms: std::sync::atomic::AtomicU64::new(0),
             wake: Arc::new(tokio::sync::Notify::new()),
             rounds: tokio::sync::watch::Sender::new(0),
+            round_gate: tokio::sync::Mutex::new(()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&sdk);
         let every = sdk.config.refresh;
@@ -376,6 +383,12 @@ impl Sdk {
         }
     }
 
+    /// Whether the cluster answered the last round (false from the first round
+    /// that got no answer until one is answered again).
+    pub fn answering(&self) -> bool {
+        self.unanswered_since_ms.load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+
     /// Whether the ledger has answered an acquire for (budget, unit).
     pub fn answered(&self, budget: &str, unit: &str) -> bool {
         let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
@@ -416,6 +429,10 @@ impl Sdk {
 
     /// One refill round. Public so tests and benches can drive it directly.
     pub async fn round(&self) {
+        let _gate = self.round_gate.lock().await;
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let now = self.gateway.clock().now_ms();
         let ttl_ms = u64::try_from(self.lease_ttl().as_millis()).unwrap_or(u64::MAX);
         let horizon = self.horizon();
@@ -990,6 +1007,10 @@ impl Sdk {
 
     /// Releases every lease held (with what was spent), e.g. before shutdown.
     pub async fn release_all(&self) -> Result<(), ClusterError> {
+        // A round under way would install leases granted after this drained them,
+        // and nobody would release those: wait for it, and run no other.
+        let _gate = self.round_gate.lock().await;
+        self.stopped.store(true, std::sync::atomic::Ordering::Release);
         let mut ops = Vec::new();
         {
             let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
@@ -1023,7 +1044,22 @@ impl Sdk {
                 .map(|p| p.op),
         );
         if !ops.is_empty() {
-            self.cluster.batch(ops).await?;
+            // An acquire still unanswered is sent again with its request id: if the
+            // ledger granted it (the answer was lost), the grant comes back and is
+            // released unspent here rather than left to expire.
+            let granted: Vec<BatchOp> = self
+                .cluster
+                .batch(ops)
+                .await?
+                .iter()
+                .filter_map(|r| match &r.result {
+                    Some(R::Lease(lease)) => Some(release(&self.cluster, lease.lease_id, 0)),
+                    _ => None,
+                })
+                .collect();
+            if !granted.is_empty() {
+                self.cluster.batch(granted).await?;
+            }
         }
         Ok(())
     }
