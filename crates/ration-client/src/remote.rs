@@ -91,6 +91,10 @@ pub struct Cluster {
     /// The round trip of each endpoint's last `Status` answer, in µs (`u64::MAX`:
     /// none yet), measured by leader discovery; reads go to the nearest.
     rtt_us: Vec<AtomicU64>,
+    /// The fastest `Status` answer each endpoint ever gave, in µs (`u64::MAX`: none
+    /// yet): its distance. Load, a fresh connection or a link that just came back
+    /// only add to a round trip, so deadlines grow with this, not the last one.
+    floor_rtt_us: Vec<AtomicU64>,
     /// The longest `failover_bound_ms` any member's `Status` gave (0: none yet).
     failover_bound_ms: AtomicU64,
     client_id: String,
@@ -120,11 +124,13 @@ impl Cluster {
         });
         let channels = config.endpoints.iter().map(|_| Mutex::new(None)).collect();
         let rtt_us = config.endpoints.iter().map(|_| AtomicU64::new(u64::MAX)).collect();
+        let floor_rtt_us = config.endpoints.iter().map(|_| AtomicU64::new(u64::MAX)).collect();
         Ok(Self {
             config,
             channels,
             preferred: AtomicUsize::new(0),
             rtt_us,
+            floor_rtt_us,
             failover_bound_ms: AtomicU64::new(0),
             client_id,
             next_request: AtomicU64::new(1),
@@ -251,13 +257,16 @@ impl Cluster {
     }
 
     /// The deadline of one RPC: the configured `rpc_timeout` plus four round trips
-    /// to the slowest member that answered `Status` (each counted up to 1 s). One
-    /// region: the configured deadline, near enough. Members 300 ms apart: a write
-    /// forwarded by a follower, with its commit, takes 1.2 s and more on a fresh
-    /// connection, past a 1 s deadline that would fail it every time.
+    /// to the farthest member that answered `Status` (its fastest answer, counted up
+    /// to 1 s). One region: the configured deadline, near enough. Members 300 ms
+    /// apart: a write forwarded by a follower, with its commit, takes 1.2 s and more
+    /// on a fresh connection, past a 1 s deadline that would fail it every time.
+    /// Not the last answer: on a loaded machine, or just after a link came back, one
+    /// answer took seconds, and a deadline grown by it held a gateway's rounds on a
+    /// dead connection for 5 s and more.
     pub fn rpc_deadline(&self) -> Duration {
         let slowest = self
-            .rtt_us
+            .floor_rtt_us
             .iter()
             .map(|r| r.load(Ordering::Relaxed))
             .filter(|r| *r != u64::MAX)
@@ -360,6 +369,7 @@ impl Cluster {
             };
             let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
             self.rtt_us[i].store(us, Ordering::Relaxed);
+            self.floor_rtt_us[i].fetch_min(us, Ordering::Relaxed);
             self.note_status(&status);
             // Only a node that sees itself lead is sure; a follower's view may be stale.
             if rpc::is_leader(&status) {
@@ -402,7 +412,7 @@ mod tests {
     }
 
     #[test]
-    fn the_rpc_deadline_grows_with_the_slowest_member_measured() {
+    fn the_rpc_deadline_grows_with_the_farthest_member_not_the_slowest_answer() {
         let config = ClusterConfig {
             endpoints: vec!["a:1".into(), "b:1".into(), "c:1".into()],
             principal: "gw".into(),
@@ -421,16 +431,20 @@ mod tests {
             (Duration::from_secs(1), Duration::from_secs(3))
         );
         // One region: a millisecond away changes next to nothing.
-        c.rtt_us[0].store(1_000, Ordering::Relaxed);
+        c.floor_rtt_us[0].fetch_min(1_000, Ordering::Relaxed);
         assert_eq!(c.rpc_deadline(), Duration::from_millis(1_004));
         assert_eq!(c.round_deadline(), Duration::from_secs(3));
         // A member 300 ms away (one that never answered does not count): four of its
         // round trips more, and a round fits two such attempts.
-        c.rtt_us[1].store(300_000, Ordering::Relaxed);
+        c.floor_rtt_us[1].fetch_min(300_000, Ordering::Relaxed);
         assert_eq!(c.rpc_deadline(), Duration::from_millis(2_200));
         assert_eq!(c.round_deadline(), Duration::from_millis(4_400));
+        // A slow answer later (load, a fresh connection) does not stretch it: the
+        // fastest answer is the member's distance.
+        c.floor_rtt_us[1].fetch_min(3_000_000, Ordering::Relaxed);
+        assert_eq!(c.rpc_deadline(), Duration::from_millis(2_200));
         // A round trip counts at most 1 s.
-        c.rtt_us[2].store(5_000_000, Ordering::Relaxed);
+        c.floor_rtt_us[2].fetch_min(5_000_000, Ordering::Relaxed);
         assert_eq!(c.rpc_deadline(), Duration::from_secs(5));
     }
 }

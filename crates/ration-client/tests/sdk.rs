@@ -315,8 +315,9 @@ async fn with_the_cluster_down_gateways_spend_their_leases_then_follow_the_polic
 /// Gateways with DEFAULT settings spend a fail-static budget through a link that
 /// flaps (cut for 3 s, longer than `outage_after`, then up for 2 s, for 40 s) until
 /// the cap is reached. What they admitted, counted in the gateways and including
-/// what they spent from their emergency reserves, never exceeds the cap, and after
-/// healing it is exactly what the ledger counts as consumed.
+/// what they spent from their emergency reserves, never exceeds the cap; healed,
+/// they spend all of it but the reserves they hold (spendable only in an outage);
+/// and it is then exactly what the ledger counts as consumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_link_never_overruns_a_fail_static_budget() {
     use ration_testkit::proxy::{Fault, Faults};
@@ -371,7 +372,21 @@ async fn a_flapping_link_never_overruns_a_fail_static_budget() {
         );
     }
     faults.heal_all();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Healed, the gateways spend on until all that is left of the cap is what they
+    // hold as emergency reserves (spendable only in an outage): allowed a minute,
+    // since on a loaded machine the flapping left them far from it.
+    let spendable = (CAP - 4 * STATIC) as u64;
+    let healed = Instant::now();
+    while admitted.load(Ordering::Relaxed) < spendable && healed.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "healed: {} admitted {:.1} s after healing",
+        admitted.load(Ordering::Relaxed),
+        healed.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     for s in spenders {
         s.await.unwrap();
@@ -395,7 +410,11 @@ async fn a_flapping_link_never_overruns_a_fail_static_budget() {
         last.0, last.1
     );
     assert!(admitted <= CAP as u64, "admitted {admitted} > cap {CAP}");
-    assert!(admitted * 10 >= CAP as u64 * 9, "the cap was not approached: {admitted}");
+    assert!(
+        admitted >= spendable,
+        "the cap was not approached: {admitted} admitted, less than the cap less the \
+         gateways' reserves ({spendable})"
+    );
     assert_eq!(
         last.0 as u64, admitted,
         "the ledger's consumed figure differs from what was admitted"
