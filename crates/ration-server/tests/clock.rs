@@ -85,6 +85,7 @@ async fn leader_with_a_fast_clock(ahead_ms: i64) {
     // real time (a window closes at most that early), however fast its clock; not
     // ahead at all when the clock is beyond the tolerance.
     let mut worst_ahead = i64::MIN;
+    let mut followed = i64::MIN;
     let mut stepped_down_at = None;
     let started = Instant::now();
     let mut n = 2;
@@ -103,8 +104,19 @@ async fn leader_with_a_fast_clock(ahead_ms: i64) {
                 starts_at_ms: 0,
             })
             .await;
-        let ahead = ledger_time(&cluster).await as i64 - wall_now() as i64;
-        worst_ahead = worst_ahead.max(ahead);
+        // Each node's ledger time against real time just after its answer (never
+        // more than it really is ahead: the bounds above) and, from answers that
+        // came within 50 ms, just before the ask (at most 50 ms more than it is:
+        // whether the clock was followed, however slow a loaded machine answers).
+        for addr in cluster.running() {
+            let asked = wall_now() as i64;
+            let Some(s) = status(addr).await else { continue };
+            let answered = wall_now() as i64;
+            worst_ahead = worst_ahead.max(s.ledger_time_ms as i64 - answered);
+            if answered - asked <= 50 {
+                followed = followed.max(s.ledger_time_ms as i64 - asked);
+            }
+        }
         let now_leader = cluster.leader().await;
         if now_leader != fast && stepped_down_at.is_none() {
             stepped_down_at = Some(started.elapsed());
@@ -132,7 +144,10 @@ async fn leader_with_a_fast_clock(ahead_ms: i64) {
             worst_ahead <= slack as i64 + 20,
             "ledger time ran {worst_ahead} ms ahead of real time; the slack is {slack} ms"
         );
-        assert!(worst_ahead >= slack as i64 / 2, "the clock was followed: {worst_ahead} ms");
+        assert!(
+            followed >= slack as i64 / 2,
+            "the clock was followed: {followed} ms (from answers within 50 ms)"
+        );
         assert!(
             stepped_down_at.is_none(),
             "a clock within the tolerance is no reason to hand over"
