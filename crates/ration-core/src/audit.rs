@@ -46,10 +46,22 @@ pub enum AuditKind {
     RoleGranted,
     /// A role was taken back (fields as for [`AuditKind::RoleGranted`]).
     RoleRevoked,
+    /// A template was set on `budget` (the parent); `limits` are its limits.
+    TemplateSet,
+    /// The template on `budget` was removed.
+    TemplateDeleted,
+    /// `budget` was frozen: it grants nothing; `balances` show what its live leases
+    /// still hold.
+    BudgetFrozen,
+    /// `budget` was unfrozen.
+    BudgetUnfrozen,
+    /// A template's instance was idle with no spend in any open window, and was
+    /// deleted by the ledger (principal `_ration`); `balances` are its last figures.
+    InstanceExpired,
 }
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 13] = [
+    pub const ALL: [AuditKind; 18] = [
         AuditKind::BudgetCreated,
         AuditKind::BudgetUpdated,
         AuditKind::BudgetDeleted,
@@ -63,6 +75,11 @@ impl AuditKind {
         AuditKind::LimitsChanged,
         AuditKind::RoleGranted,
         AuditKind::RoleRevoked,
+        AuditKind::TemplateSet,
+        AuditKind::TemplateDeleted,
+        AuditKind::BudgetFrozen,
+        AuditKind::BudgetUnfrozen,
+        AuditKind::InstanceExpired,
     ];
 
     pub fn name(self) -> &'static str {
@@ -80,6 +97,11 @@ impl AuditKind {
             AuditKind::LimitsChanged => "limits_changed",
             AuditKind::RoleGranted => "role_granted",
             AuditKind::RoleRevoked => "role_revoked",
+            AuditKind::TemplateSet => "template_set",
+            AuditKind::TemplateDeleted => "template_deleted",
+            AuditKind::BudgetFrozen => "budget_frozen",
+            AuditKind::BudgetUnfrozen => "budget_unfrozen",
+            AuditKind::InstanceExpired => "instance_expired",
         }
     }
 }

@@ -13,6 +13,13 @@ use crate::window::Window;
 pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000_000;
 /// Most limits one budget may carry.
 pub const MAX_LIMITS_PER_BUDGET: usize = 16;
+/// Most instances one template may have (a template edit rewrites them all in one
+/// command, so this bounds that command's work).
+pub const MAX_TEMPLATE_INSTANCES: u64 = 100_000;
+/// Shortest idle time after which a template's instance may expire (0: never).
+pub const MIN_TEMPLATE_IDLE_MS: u64 = 1_000;
+/// Longest idle time a template may set (a leap year).
+pub const MAX_TEMPLATE_IDLE_MS: u64 = 366 * 24 * 3_600_000;
 
 /// What a gateway does with a limit when it cannot reach the cluster and its leases
 /// are spent.
@@ -75,6 +82,55 @@ impl BudgetSpec {
                     ),
                 });
             }
+        }
+        Ok(())
+    }
+}
+
+/// A template on `parent`: the first acquire or overrun on a direct child of
+/// `parent` that does not exist creates it with these limits, as part of the same
+/// command (audited as `budget_created`; a refused acquire creates nothing). The
+/// ledger applies commands one at a time, so gateways racing to create the same
+/// child create it once. Editing a template rewrites the limits of every instance
+/// it made, in the same command, checked as `UpdateBudget` checks each one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateSpec {
+    pub parent: BudgetPath,
+    pub limits: Vec<LimitSpec>,
+    /// At most this many instances at once: `1..=`[`MAX_TEMPLATE_INSTANCES`].
+    pub max_instances: u64,
+    /// An instance with no live lease for this long, whose windows hold no spend
+    /// (every window with spend in it has ended), is deleted (audited as
+    /// `instance_expired`; its records stay). 0: instances never expire; else
+    /// [`MIN_TEMPLATE_IDLE_MS`]`..=`[`MAX_TEMPLATE_IDLE_MS`].
+    pub idle_ms: u64,
+}
+
+impl TemplateSpec {
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        BudgetSpec { path: self.parent.clone(), limits: self.limits.clone() }.validate()?;
+        if self.limits.is_empty() {
+            return Err(LedgerError::InvalidArgument {
+                field: "limits".into(),
+                reason: "a template needs at least one limit".into(),
+            });
+        }
+        if self.max_instances == 0 || self.max_instances > MAX_TEMPLATE_INSTANCES {
+            return Err(LedgerError::InvalidArgument {
+                field: "max_instances".into(),
+                reason: format!("{} is outside 1..={MAX_TEMPLATE_INSTANCES}", self.max_instances),
+            });
+        }
+        if self.idle_ms != 0
+            && !(MIN_TEMPLATE_IDLE_MS..=MAX_TEMPLATE_IDLE_MS).contains(&self.idle_ms)
+        {
+            return Err(LedgerError::InvalidArgument {
+                field: "idle_ms".into(),
+                reason: format!(
+                    "{} is outside {MIN_TEMPLATE_IDLE_MS}..={MAX_TEMPLATE_IDLE_MS} (0: never expire)",
+                    self.idle_ms
+                ),
+            });
         }
         Ok(())
     }
@@ -154,6 +210,20 @@ pub enum Op {
     GrantRole(RoleGrant),
     /// Take a role on a scope back from a principal (audited as `role_revoked`).
     RevokeRole(RoleGrant),
+    /// Set or replace the template on a budget (audited as `template_set`).
+    SetTemplate(TemplateSpec),
+    /// Remove the template on a budget (audited as `template_deleted`); its
+    /// instances stay, as ordinary budgets that never expire.
+    DeleteTemplate {
+        parent: BudgetPath,
+    },
+    /// Freeze (or unfreeze) a budget: while it is frozen, no acquire on it or below
+    /// it is granted (audited as `budget_frozen` / `budget_unfrozen`). Leases
+    /// already granted stay spendable until they settle or expire.
+    Freeze {
+        path: BudgetPath,
+        frozen: bool,
+    },
 }
 
 /// What a principal may do, on the budgets of its scope (see [`crate::ledger`]'s
@@ -383,6 +453,22 @@ pub enum Reply {
     /// A role was granted or revoked; `changed` is false if it already was so.
     RolesChanged {
         changed: bool,
+    },
+    /// A template was set; `instances` of it were rewritten to its limits.
+    TemplateSet {
+        instances: u64,
+    },
+    /// A template was removed; its `instances` are now ordinary budgets.
+    TemplateDeleted {
+        instances: u64,
+    },
+    /// A budget was frozen or unfrozen (`changed` false if it already was so).
+    /// `held`: per unit, what live leases drawing on its limits hold unspent (the
+    /// most that can still be spent under it while it stays frozen, beyond
+    /// overruns reported for calls already admitted).
+    Frozen {
+        changed: bool,
+        held: Vec<(Unit, u64)>,
     },
 }
 

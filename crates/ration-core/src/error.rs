@@ -80,6 +80,12 @@ pub enum LedgerError {
     ForeignClient { client: String },
     #[error("principal {principal} may not {action}: that needs {needs}; it holds {holds} (an admin grants roles with `rationctl role grant`)")]
     NotAuthorized { principal: String, action: String, needs: String, holds: String },
+    #[error("budget {path} is frozen: it grants nothing until an operator unfreezes it (rationctl budget unfreeze {path})")]
+    Frozen { path: BudgetPath },
+    #[error("budget {path} has no template")]
+    TemplateNotFound { path: BudgetPath },
+    #[error("budget {path} has a template; delete the template first (rationctl budget template delete {path})")]
+    HasTemplate { path: BudgetPath },
 }
 
 impl LedgerError {
@@ -91,7 +97,9 @@ impl LedgerError {
             | InvalidArgument { .. }
             | AmountTooLarge { .. }
             | RequestIdReused { .. } => ErrorKind::InvalidArgument,
-            BudgetNotFound { .. } | LeaseNotFound { .. } => ErrorKind::NotFound,
+            BudgetNotFound { .. } | LeaseNotFound { .. } | TemplateNotFound { .. } => {
+                ErrorKind::NotFound
+            }
             BudgetExists { .. } => ErrorKind::AlreadyExists,
             ParentNotFound { .. }
             | HasChildren { .. }
@@ -101,7 +109,9 @@ impl LedgerError {
             | LeaseExpired { .. }
             | OverReport { .. }
             | ReleaseBelowReported { .. }
-            | RequestTooOld { .. } => ErrorKind::FailedPrecondition,
+            | RequestTooOld { .. }
+            | Frozen { .. }
+            | HasTemplate { .. } => ErrorKind::FailedPrecondition,
             Exhausted { .. } | LedgerFull { .. } | PrincipalLimit { .. } => {
                 ErrorKind::ResourceExhausted
             }

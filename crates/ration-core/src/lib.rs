@@ -42,12 +42,12 @@ pub use audit::{AuditFilter, AuditKind, AuditLog, AuditRecord, ChainHead};
 pub use command::{
     Acquire, AcquireNext, Authority, Batch, BudgetSpec, Command, Entry, FailPolicy, Grant,
     LimitSpec, Op, Outcome, Overrun, Release, Reply, Report, Request, Role, RoleGrant, Scope,
-    MAX_AMOUNT,
+    TemplateSpec, MAX_AMOUNT,
 };
 pub use error::{ErrorKind, LedgerError};
 pub use ledger::{
     Action, Applied, BudgetView, LeaseView, Ledger, LedgerConfig, LimitView, PrincipalLimits,
-    PrincipalUsage, Totals,
+    PrincipalUsage, TemplateView, Totals,
 };
 pub use names::{BudgetPath, ClientId, LeaseId, Principal, Unit};
 pub use window::{Period, Window};

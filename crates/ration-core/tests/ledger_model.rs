@@ -548,6 +548,11 @@ impl Model {
                 self.leases.get_mut(&r.lease).unwrap().state = MState::Gone;
                 Ok((reply, 1))
             }
+            // Templates and freezing are tested in the ledger's unit tests and the
+            // simulation; this model's workload never sends them.
+            Op::SetTemplate(_) | Op::DeleteTemplate { .. } | Op::Freeze { .. } => {
+                unreachable!("the model's workload sends no template or freeze")
+            }
             // Per-principal limits are tested in the ledger's unit tests; the model's
             // load stays far below the defaults, so they never refuse here.
             Op::SetLimits(l) => {

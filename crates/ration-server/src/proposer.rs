@@ -171,6 +171,14 @@ fn estimate_bytes(c: &Command) -> usize {
                     + s.limits.iter().map(|l| l.unit.as_str().len() + 40).sum::<usize>()
             }
             Op::DeleteBudget { path, .. } => path.as_str().len() + 12,
+            Op::SetTemplate(t) => {
+                t.parent.as_str().len()
+                    + 24
+                    + t.limits.iter().map(|l| l.unit.as_str().len() + 40).sum::<usize>()
+            }
+            Op::DeleteTemplate { parent: path } | Op::Freeze { path, .. } => {
+                path.as_str().len() + 8
+            }
             Op::Acquire(a) | Op::AcquireNext(ration_core::AcquireNext { acquire: a, .. }) => {
                 a.budget.as_str().len() + a.unit.as_str().len() + 48
             }

@@ -42,22 +42,7 @@ impl Ledger {
                 }
             },
         };
-        let limits = spec.limits.iter().map(|l| self.new_limit(l.clone())).collect();
-        let id = self.next_budget_id;
-        self.next_budget_id = id.checked_add(1).expect("budget id overflow");
-        if let Some(p) = parent {
-            self.budget_mut(p).children = self.budget_mut(p).children.saturating_add(1);
-        }
-        let budget = Budget {
-            path: spec.path.clone(),
-            parent,
-            version: 1,
-            limits,
-            children: 0,
-            live_leases: 0,
-        };
-        self.by_path.insert(spec.path.clone(), id);
-        self.budgets.insert(id, budget);
+        let id = self.insert_budget(spec.path.clone(), parent, spec.limits.clone());
         self.principals.creators.insert(id, ctx.principal.clone());
         self.principals.change(ctx.principal, |u| u.budgets = u.budgets.saturating_add(1));
         self.emit_budget(ctx, AuditKind::BudgetCreated, id);
@@ -72,11 +57,61 @@ impl Ledger {
     ) -> Outcome {
         spec.validate()?;
         let id = self.budget_id(&spec.path)?;
+        check_version(&self.budgets[&id], expected_version)?;
+        self.check_new_limits(id, &spec.limits)?;
+        let version = self.replace_limits(id, &spec.limits);
+        self.emit_budget(ctx, AuditKind::BudgetUpdated, id);
+        Ok(Reply::BudgetUpdated { version })
+    }
+
+    /// Inserts a budget (its parent, if any, exists) and returns its id.
+    pub(super) fn insert_budget(
+        &mut self,
+        path: BudgetPath,
+        parent: Option<super::BudgetId>,
+        limits: Vec<LimitSpec>,
+    ) -> super::BudgetId {
+        let limits = limits.into_iter().map(|l| self.new_limit(l)).collect();
+        let id = self.next_budget_id;
+        self.next_budget_id = id.checked_add(1).expect("budget id overflow");
+        if let Some(p) = parent {
+            self.budget_mut(p).children = self.budget_mut(p).children.saturating_add(1);
+        }
+        let budget =
+            Budget { path: path.clone(), parent, version: 1, limits, children: 0, live_leases: 0 };
+        self.by_path.insert(path, id);
+        self.budgets.insert(id, budget);
+        id
+    }
+
+    /// Removes a budget with no children and no live leases, and everything held
+    /// about it.
+    pub(super) fn remove_budget(&mut self, id: super::BudgetId) {
+        self.forget_instance(id);
+        self.frozen.remove(&id);
+        let budget = self.budgets.remove(&id).expect("the budget exists");
+        assert_eq!(budget.live_leases, 0, "invariant: a removed budget holds no lease");
+        assert_eq!(budget.children, 0, "invariant: a removed budget has no children");
+        if let Some(creator) = self.principals.creators.remove(&id) {
+            self.principals.change(&creator, |u| u.budgets = u.budgets.saturating_sub(1));
+        }
+        self.by_path.remove(&budget.path);
+        if let Some(p) = budget.parent {
+            let parent = self.budget_mut(p);
+            parent.children = parent.children.checked_sub(1).expect("invariant: child count");
+        }
+    }
+
+    /// Refuses `limits` for budget `id` if a kept limit's new cap is below what its
+    /// current window already holds.
+    pub(super) fn check_new_limits(
+        &self,
+        id: super::BudgetId,
+        limits: &[LimitSpec],
+    ) -> Result<(), LedgerError> {
         let now = self.now_ms;
         let budget = &self.budgets[&id];
-        check_version(budget, expected_version)?;
-        // Check every kept limit before changing anything.
-        for new in &spec.limits {
+        for new in limits {
             if let Some(old) = find_limit(&budget.limits, &new.unit, new.window) {
                 let (consumed, _, _) = old.effective(now);
                 let in_use = consumed.saturating_add(old.counter.outstanding);
@@ -90,7 +125,7 @@ impl Ledger {
                 };
                 if new.cap.saturating_add(over) < in_use {
                     return Err(LedgerError::CapBelowUsage {
-                        path: spec.path.clone(),
+                        path: budget.path.clone(),
                         unit: new.unit.clone(),
                         window: new.window,
                         cap: new.cap,
@@ -99,9 +134,15 @@ impl Ledger {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Replaces budget `id`'s limits (checked with [`Ledger::check_new_limits`]),
+    /// keeping the figures of each (unit, window) kept; returns its new version.
+    pub(super) fn replace_limits(&mut self, id: super::BudgetId, limits: &[LimitSpec]) -> u64 {
+        let now = self.now_ms;
         let mut old_limits = std::mem::take(&mut self.budget_mut(id).limits);
-        let limits = spec
-            .limits
+        let limits = limits
             .iter()
             .map(|new| {
                 match old_limits
@@ -123,9 +164,7 @@ impl Ledger {
         let budget = self.budget_mut(id);
         budget.limits = limits;
         budget.version = budget.version.saturating_add(1);
-        let version = budget.version;
-        self.emit_budget(ctx, AuditKind::BudgetUpdated, id);
-        Ok(Reply::BudgetUpdated { version })
+        budget.version
     }
 
     pub(super) fn delete_budget(
@@ -148,16 +187,11 @@ impl Ledger {
                 leases: budget.live_leases,
             });
         }
+        if self.templates.contains_key(&id) {
+            return Err(LedgerError::HasTemplate { path: path.clone() });
+        }
         self.emit_budget(ctx, AuditKind::BudgetDeleted, id);
-        let budget = self.budgets.remove(&id).expect("looked up above");
-        if let Some(creator) = self.principals.creators.remove(&id) {
-            self.principals.change(&creator, |u| u.budgets = u.budgets.saturating_sub(1));
-        }
-        self.by_path.remove(&budget.path);
-        if let Some(p) = budget.parent {
-            let parent = self.budget_mut(p);
-            parent.children = parent.children.checked_sub(1).expect("invariant: child count");
-        }
+        self.remove_budget(id);
         Ok(Reply::BudgetDeleted)
     }
 

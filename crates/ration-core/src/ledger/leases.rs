@@ -67,6 +67,9 @@ impl Ledger {
         let mut refs: Vec<(BudgetId, usize, bool)> = Vec::new();
         let mut chain = Vec::new();
         let mut at = Some(leaf);
+        if let Some(path) = self.frozen_at(leaf) {
+            return Err(LedgerError::Frozen { path: path.clone() });
+        }
         while let Some(id) = at {
             let budget = &self.budgets[&id];
             chain.push(id);
@@ -423,6 +426,7 @@ impl Ledger {
         entry.flow = Flow { consumed: o.amount, ..Flow::default() };
         entry.balances = balances;
         self.record(ctx.audit, entry);
+        self.touch_instance(leaf);
         Ok(Reply::OverrunRecorded { recorded: o.amount, over_cap })
     }
 
@@ -478,6 +482,7 @@ impl Ledger {
             b.live_leases = b.live_leases.checked_sub(1).expect("invariant: live lease count");
             at = b.parent;
         }
+        self.touch_instance(lease.budget);
         (lease, balances)
     }
 }

@@ -22,6 +22,7 @@ use crate::names::{BudgetPath, LeaseId, Principal, Unit, MAX_COMMANDS_PER_ENTRY,
 use crate::window::clamp_time;
 
 mod budgets;
+mod controls;
 mod emit;
 mod leases;
 mod principals;
@@ -32,6 +33,7 @@ mod snapshot;
 mod tests;
 mod time;
 
+pub use controls::TemplateView;
 pub(crate) use principals::Principals;
 pub use principals::{Held, PrincipalLimits, PrincipalUsage, LEDGER_PATH, MAX_PRINCIPAL_LIMIT};
 pub use roles::{Action, MAX_PRINCIPALS_WITH_ROLES, MAX_ROLES_PER_PRINCIPAL};
@@ -307,6 +309,12 @@ pub struct BudgetView {
     pub limits: Vec<LimitView>,
     pub children: u64,
     pub live_leases: u64,
+    /// Frozen: it grants nothing, nor does any budget below it.
+    pub frozen: bool,
+    /// Made by its parent's template (and expires when idle, if the template says so).
+    pub instance: bool,
+    /// The template on it, if any.
+    pub template: Option<TemplateView>,
 }
 
 /// A live lease as queries see it.
@@ -359,6 +367,18 @@ pub struct Ledger {
     /// Who holds which roles. In the snapshot's fifth section.
     #[serde(skip)]
     roles: roles::Roles,
+    /// Templates, by the budget they are on. In the snapshot's sixth section.
+    #[serde(skip)]
+    templates: BTreeMap<BudgetId, controls::Template>,
+    /// Budgets a template made. In the snapshot's sixth section.
+    #[serde(skip)]
+    instances: BTreeMap<BudgetId, controls::Instance>,
+    /// Derived: instances by when to look at them for expiry.
+    #[serde(skip)]
+    instance_due: BTreeSet<(u64, BudgetId)>,
+    /// Budgets that grant nothing on them or below them. In the sixth section.
+    #[serde(skip)]
+    frozen: BTreeSet<BudgetId>,
 }
 
 impl Default for Ledger {
@@ -388,6 +408,10 @@ impl Ledger {
             openings: BTreeSet::new(),
             principals: Principals::default(),
             roles: roles::Roles::default(),
+            templates: BTreeMap::new(),
+            instances: BTreeMap::new(),
+            instance_due: BTreeSet::new(),
+            frozen: BTreeSet::new(),
         }
     }
 
@@ -482,14 +506,21 @@ impl Ledger {
             Op::DeleteBudget { path, expected_version } => {
                 self.delete_budget(&mut ctx, path, *expected_version)
             }
-            Op::Acquire(a) => self.acquire(&mut ctx, slot, a, None),
-            Op::AcquireNext(a) => self.acquire(&mut ctx, slot, &a.acquire, Some(a.starts_at_ms)),
+            Op::Acquire(a) => {
+                self.with_instance(&mut ctx, &a.budget, |l, ctx| l.acquire(ctx, slot, a, None))
+            }
+            Op::AcquireNext(a) => self.with_instance(&mut ctx, &a.acquire.budget, |l, ctx| {
+                l.acquire(ctx, slot, &a.acquire, Some(a.starts_at_ms))
+            }),
             Op::Report(r) => self.report(&mut ctx, r),
             Op::Release(r) => self.release(&mut ctx, r),
-            Op::Overrun(o) => self.overrun(&mut ctx, o),
+            Op::Overrun(o) => self.with_instance(&mut ctx, &o.budget, |l, ctx| l.overrun(ctx, o)),
             Op::SetLimits(l) => self.set_limits(&mut ctx, l),
             Op::GrantRole(g) => self.grant_role(&mut ctx, g),
             Op::RevokeRole(g) => self.revoke_role(&mut ctx, g),
+            Op::SetTemplate(t) => self.set_template(&mut ctx, t),
+            Op::DeleteTemplate { parent } => self.delete_template(&mut ctx, parent),
+            Op::Freeze { path, frozen } => self.freeze(&mut ctx, path, *frozen),
         };
         self.dedup.remember(
             &req.client,

@@ -111,12 +111,16 @@ impl Ledger {
                 }
             })
             .collect();
+        let id = self.by_path.get(&b.path).copied();
         BudgetView {
             path: b.path.clone(),
             version: b.version,
             limits,
             children: b.children,
             live_leases: b.live_leases,
+            frozen: id.is_some_and(|id| self.frozen.contains(&id)),
+            instance: id.is_some_and(|id| self.instances.contains_key(&id)),
+            template: self.template(&b.path),
         }
     }
 

@@ -205,6 +205,9 @@ impl Ledger {
             Op::CreateBudget(spec) => may(Action::ManageBudget(&spec.path))?,
             Op::UpdateBudget { spec, .. } => may(Action::ManageBudget(&spec.path))?,
             Op::DeleteBudget { path, .. } => may(Action::ManageBudget(path))?,
+            Op::SetTemplate(t) => may(Action::ManageBudget(&t.parent))?,
+            Op::DeleteTemplate { parent } => may(Action::ManageBudget(parent))?,
+            Op::Freeze { path, .. } => may(Action::ManageBudget(path))?,
             Op::Acquire(a) => may(Action::Spend(&a.budget))?,
             Op::AcquireNext(a) => may(Action::Spend(&a.acquire.budget))?,
             // An overrun is spend that already happened: a principal spending from

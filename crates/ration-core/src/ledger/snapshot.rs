@@ -38,6 +38,8 @@ pub enum InvariantError {
     PrincipalUsage { detail: String },
     #[error("the roles table is not one the ledger could hold: {detail}")]
     Roles { detail: String },
+    #[error("the templates, instances or frozen budgets do not match the budgets: {detail}")]
+    Controls { detail: String },
     #[error("the audit sequence is exhausted: next sequence number {next_seq} is above {max}")]
     AuditSequenceExhausted { next_seq: u64, max: u64 },
     #[error("budget {path} appears twice (budget ids {first} and {second})")]
@@ -136,14 +138,27 @@ pub enum InvariantError {
 
 /// Snapshot layouts. Each version appends a section for what the one before did not
 /// hold (V2: overruns; V3: next-window leases; V4: per-principal limits; V5:
-/// roles), so older snapshots still restore.
+/// roles; V6: templates, instances and frozen budgets), so older snapshots still
+/// restore.
 #[derive(Serialize, Deserialize)]
-enum SnapshotFormat<L, X, Y, Z, R> {
+enum SnapshotFormat<L, X, Y, Z, R, C> {
     V1(L),
     V2(L, X),
     V3(L, X, Y),
     V4(L, X, Y, Z),
     V5(L, X, Y, Z, R),
+    V6(L, X, Y, Z, R, C),
+}
+
+/// The sixth section of a V6 snapshot. A snapshot without one restores with no
+/// templates and nothing frozen.
+#[derive(Serialize, Deserialize, Default)]
+struct Controls {
+    /// (budget, limits, max instances, idle ms), in budget id order.
+    templates: Vec<(BudgetId, Vec<crate::command::LimitSpec>, u64, u64)>,
+    /// (instance, when it is looked at next for expiry).
+    instances: Vec<(BudgetId, super::controls::Instance)>,
+    frozen: Vec<BudgetId>,
 }
 
 /// Only the first layout, for tests that write an older snapshot.
@@ -209,14 +224,24 @@ impl Ledger {
             owners: self.dedup.owners.iter().map(|(c, p)| (c.clone(), p.clone())).collect(),
         };
         let roles = self.roles_section();
-        postcard::to_stdvec(&SnapshotFormat::V5(self, extra, next, principals, roles))
+        let controls = Controls {
+            templates: self
+                .templates
+                .iter()
+                .map(|(id, t)| (*id, t.limits.clone(), t.max_instances, t.idle_ms))
+                .collect(),
+            instances: self.instances.iter().map(|(id, i)| (*id, *i)).collect(),
+            frozen: self.frozen.iter().copied().collect(),
+        };
+        postcard::to_stdvec(&SnapshotFormat::V6(self, extra, next, principals, roles, controls))
             .expect("encoding into a Vec cannot fail")
     }
 
     /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, and checks it.
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        type Format = SnapshotFormat<Ledger, Overruns, Upcoming, PerPrincipal, RolesSection>;
-        let (mut ledger, extra, next, principals, roles) =
+        type Format =
+            SnapshotFormat<Ledger, Overruns, Upcoming, PerPrincipal, RolesSection, Controls>;
+        let (mut ledger, extra, next, principals, roles, controls) =
             match postcard::from_bytes::<Format>(bytes)? {
                 SnapshotFormat::V1(ledger) => (
                     ledger,
@@ -224,20 +249,39 @@ impl Ledger {
                     Upcoming::default(),
                     PerPrincipal::default(),
                     Vec::new(),
+                    Controls::default(),
                 ),
-                SnapshotFormat::V2(ledger, extra) => {
-                    (ledger, extra, Upcoming::default(), PerPrincipal::default(), Vec::new())
-                }
+                SnapshotFormat::V2(ledger, extra) => (
+                    ledger,
+                    extra,
+                    Upcoming::default(),
+                    PerPrincipal::default(),
+                    Vec::new(),
+                    Controls::default(),
+                ),
                 SnapshotFormat::V3(ledger, extra, next) => {
-                    (ledger, extra, next, PerPrincipal::default(), Vec::new())
+                    (ledger, extra, next, PerPrincipal::default(), Vec::new(), Controls::default())
                 }
                 SnapshotFormat::V4(ledger, extra, next, principals) => {
-                    (ledger, extra, next, principals, Vec::new())
+                    (ledger, extra, next, principals, Vec::new(), Controls::default())
                 }
                 SnapshotFormat::V5(ledger, extra, next, principals, roles) => {
-                    (ledger, extra, next, principals, roles)
+                    (ledger, extra, next, principals, roles, Controls::default())
+                }
+                SnapshotFormat::V6(ledger, extra, next, principals, roles, controls) => {
+                    (ledger, extra, next, principals, roles, controls)
                 }
             };
+        ledger.templates = controls
+            .templates
+            .into_iter()
+            .map(|(id, limits, max_instances, idle_ms)| {
+                let members = std::collections::BTreeSet::new();
+                (id, super::controls::Template { limits, max_instances, idle_ms, members })
+            })
+            .collect();
+        ledger.instances = controls.instances.into_iter().collect();
+        ledger.frozen = controls.frozen.into_iter().collect();
         ledger.restore_roles(roles);
         ledger.principals.limits = principals.limits;
         ledger.principals.creators = principals.creators.into_iter().collect();
@@ -425,6 +469,7 @@ impl Ledger {
             }
         }
         self.forget = self.expired.iter().map(|(id, e)| (e.forget_at_ms, *id)).collect();
+        self.rebuild_controls().map_err(|detail| InvariantError::Controls { detail })?;
         self.principals.usage.clear();
         self.dedup.rebuild(&mut self.principals);
         let budgets = &self.budgets;
@@ -446,6 +491,7 @@ impl Ledger {
     pub fn check_invariants(&self) -> Result<(), InvariantError> {
         self.check_principal_usage()?;
         self.check_roles()?;
+        self.check_controls().map_err(|detail| InvariantError::Controls { detail })?;
         let window_ends: BTreeMap<(BudgetId, u64), u64> = self
             .budgets
             .iter()

@@ -1207,3 +1207,264 @@ fn roles_survive_a_snapshot_and_are_bounded() {
     assert_eq!(restored.all_roles(None, 10).len(), 2);
     assert_eq!(restored.all_roles(Some(&who("aud")), 10)[0].0, who("many"));
 }
+
+// ----- templates, instances and freezing -----
+
+fn template(parent: &str, limits: Vec<LimitSpec>, max_instances: u64, idle_ms: u64) -> Op {
+    Op::SetTemplate(crate::command::TemplateSpec {
+        parent: path(parent),
+        limits,
+        max_instances,
+        idle_ms,
+    })
+}
+
+/// acme (1000 tokens/month) with a template on acme/users: 100 tokens/day each.
+fn users(max_instances: u64, idle_ms: u64) -> H {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("acme", vec![limit("tokens", 1000, Period::Month)])));
+    h.ok("ops", Op::CreateBudget(spec("acme/users", vec![])));
+    let t = template("acme/users", vec![limit("tokens", 100, Period::Day)], max_instances, idle_ms);
+    h.ok("ops", t);
+    h
+}
+
+fn kinds_since(h: &H, from: usize) -> Vec<(AuditKind, String)> {
+    h.log.records()[from..].iter().map(|r| (r.entry.kind, r.entry.budget.to_string())).collect()
+}
+
+#[test]
+fn the_first_acquire_on_a_templated_child_creates_it_once_even_when_gateways_race() {
+    let mut h = users(10, 0);
+    let before = h.log.records().len();
+    // Three gateways ask for alice in one entry: one instance, three leases.
+    let reqs: Vec<Command> = ["gw-1", "gw-2", "gw-3"]
+        .iter()
+        .map(|g| Command::Request(h.req(g, acquire("acme/users/alice", 40, 1, MIN))))
+        .collect();
+    let outcomes = h.entry(reqs);
+    let granted: u64 = outcomes
+        .iter()
+        .map(|o| match o {
+            Ok(Reply::Granted(g)) => g.granted,
+            other => panic!("expected a grant, got {other:?}"),
+        })
+        .sum();
+    assert!(granted <= 100, "the instance's cap holds: {granted}");
+    let v = h.ledger.budget(&path("acme/users/alice")).unwrap();
+    assert!(v.instance && v.version == 1 && v.live_leases == 3);
+    assert_eq!(v.limits[0].spec.cap, 100);
+    assert_eq!(h.ledger.template(&path("acme/users")).unwrap().instances, 1);
+    let kinds = kinds_since(&h, before);
+    assert_eq!(kinds[0], (AuditKind::BudgetCreated, "acme/users/alice".into()));
+    assert_eq!(kinds.iter().filter(|k| k.0 == AuditKind::BudgetCreated).count(), 1);
+    assert_eq!(kinds.iter().filter(|k| k.0 == AuditKind::LeaseGranted).count(), 3);
+    // The creating gateway is the creation record's principal.
+    assert_eq!(h.log.records()[before].entry.principal.as_str(), "gw-1");
+    // Not a grandchild, and not a child of a budget without a template.
+    assert!(matches!(
+        h.run("gw-1", acquire("acme/users/alice/x", 1, 1, MIN)),
+        Err(LedgerError::BudgetNotFound { .. })
+    ));
+    assert!(matches!(
+        h.run("gw-1", acquire("acme/bob", 1, 1, MIN)),
+        Err(LedgerError::BudgetNotFound { .. })
+    ));
+}
+
+#[test]
+fn a_refused_acquire_on_a_templated_child_creates_nothing() {
+    let mut h = users(10, 0);
+    let head = h.ledger.chain_head();
+    let next_budget = h.ledger.next_budget_id;
+    // Refused by the acquire itself (more than the instance's cap at minimum).
+    let e = h.run("gw-1", acquire("acme/users/alice", 500, 500, MIN)).unwrap_err();
+    assert!(matches!(e, LedgerError::Exhausted { .. }), "{e}");
+    assert!(h.ledger.budget(&path("acme/users/alice")).is_none());
+    assert_eq!(h.ledger.chain_head(), head, "no record was kept");
+    assert_eq!(h.ledger.next_budget_id, next_budget);
+    assert_eq!(h.ledger.template(&path("acme/users")).unwrap().instances, 0);
+    // The same acquire within the cap creates it.
+    h.ok("gw-1", acquire("acme/users/alice", 100, 100, MIN));
+    assert!(h.ledger.is_instance(&path("acme/users/alice")));
+}
+
+#[test]
+fn a_template_bounds_its_instances() {
+    let mut h = users(2, 0);
+    h.ok("gw-1", acquire("acme/users/a", 1, 1, MIN));
+    h.ok("gw-1", acquire("acme/users/b", 1, 1, MIN));
+    let e = h.run("gw-1", acquire("acme/users/c", 1, 1, MIN)).unwrap_err();
+    assert!(
+        matches!(&e, LedgerError::LedgerFull { max: 2, what } if what.contains("acme/users")),
+        "{e}"
+    );
+    assert!(h.ledger.budget(&path("acme/users/c")).is_none());
+    // Existing instances still work; an operator deleting one makes room.
+    h.ok("gw-1", acquire("acme/users/a", 1, 1, MIN));
+    h.tick(MIN);
+    h.ok("ops", Op::DeleteBudget { path: path("acme/users/b"), expected_version: None });
+    h.ok("gw-1", acquire("acme/users/c", 1, 1, MIN));
+    assert_eq!(h.ledger.template(&path("acme/users")).unwrap().instances, 2);
+}
+
+#[test]
+fn editing_a_template_rewrites_every_instance_or_none() {
+    let mut h = users(10, 0);
+    let a = h.grant("gw-1", acquire("acme/users/a", 60, 60, MIN));
+    h.ok("gw-1", Op::Release(Release { lease: a.lease, consumed_total: 60 }));
+    h.ok("gw-1", acquire("acme/users/b", 10, 10, MIN));
+    // A cap below what a has spent today is refused, naming it; nothing changes.
+    let e = h
+        .run("ops", template("acme/users", vec![limit("tokens", 50, Period::Day)], 10, 0))
+        .unwrap_err();
+    assert!(
+        matches!(&e, LedgerError::CapBelowUsage { path: p, in_use: 60, .. } if p.as_str() == "acme/users/a"),
+        "{e}"
+    );
+    assert_eq!(h.ledger.budget(&path("acme/users/b")).unwrap().limits[0].spec.cap, 100);
+    // A cap that fits is applied to both, keeping their figures.
+    let r = h.ok("ops", template("acme/users", vec![limit("tokens", 70, Period::Day)], 10, 0));
+    assert_eq!(r, Reply::TemplateSet { instances: 2 });
+    let a = h.ledger.budget(&path("acme/users/a")).unwrap();
+    assert_eq!((a.version, a.limits[0].spec.cap, a.limits[0].consumed), (2, 70, 60));
+    assert_eq!(h.ledger.budget(&path("acme/users/b")).unwrap().limits[0].outstanding, 10);
+    let e = h.run("gw-1", acquire("acme/users/a", 20, 20, MIN)).unwrap_err();
+    assert!(matches!(e, LedgerError::Exhausted { available: 10, .. }), "{e}");
+    // New instances get the new limits.
+    h.ok("gw-1", acquire("acme/users/c", 1, 1, MIN));
+    assert_eq!(h.ledger.budget(&path("acme/users/c")).unwrap().limits[0].spec.cap, 70);
+}
+
+#[test]
+fn an_idle_instance_expires_only_once_its_spent_windows_have_ended() {
+    const HOUR: u64 = 60 * MIN;
+    let mut h = users(10, HOUR);
+    let g = h.grant("gw-1", acquire("acme/users/a", 30, 30, MIN));
+    h.ok("gw-1", Op::Release(Release { lease: g.lease, consumed_total: 30 }));
+    // An instance with nothing spent goes after an idle hour.
+    let g = h.grant("gw-1", acquire("acme/users/b", 5, 5, MIN));
+    h.ok("gw-1", Op::Release(Release { lease: g.lease, consumed_total: 0 }));
+    h.tick(HOUR + 1);
+    assert!(h.ledger.budget(&path("acme/users/b")).is_none(), "b held no spend");
+    // a spent 30 today: it stays until the day ends, so no one gets a fresh day.
+    assert_eq!(h.usage("acme/users/a"), (30, 0));
+    let day_end = Window::utc(Period::Day).bounds(h.now).1;
+    h.now = day_end - 1;
+    h.tick(0);
+    assert!(h.ledger.budget(&path("acme/users/a")).is_some());
+    let before = h.log.records().len();
+    h.tick(1);
+    assert!(h.ledger.budget(&path("acme/users/a")).is_none(), "its day ended");
+    let r = &h.log.records()[before];
+    assert_eq!((r.entry.kind, r.entry.principal.as_str()), (AuditKind::InstanceExpired, "_ration"));
+    assert_eq!(r.entry.balances[0].consumed, 30, "its last figures are kept in the record");
+    // The history stays: the month's spend on acme still counts it.
+    assert_eq!(h.usage("acme"), (30, 0));
+    assert_eq!(h.ledger.template(&path("acme/users")).unwrap().instances, 0);
+    // The next acquire makes it again, fresh.
+    h.ok("gw-1", acquire("acme/users/a", 1, 1, MIN));
+    assert_eq!(h.usage("acme/users/a"), (0, 1));
+}
+
+#[test]
+fn an_instance_with_a_live_lease_or_lifetime_spend_never_expires() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("runs", vec![])));
+    h.ok("ops", template("runs", vec![limit("tokens", 100, Period::Lifetime)], 10, 1_000));
+    let g = h.grant("gw-1", acquire("runs/r1", 10, 10, 3_600_000));
+    h.tick(10_000);
+    assert!(h.ledger.budget(&path("runs/r1")).is_some(), "a live lease keeps it");
+    h.ok("gw-1", Op::Release(Release { lease: g.lease, consumed_total: 4 }));
+    h.tick(10_000);
+    h.tick(365 * 24 * 3_600_000);
+    assert!(h.ledger.budget(&path("runs/r1")).is_some(), "lifetime spend keeps it");
+    assert_eq!(h.usage("runs/r1"), (4, 0));
+}
+
+#[test]
+fn a_frozen_budget_grants_nothing_below_it_until_unfrozen() {
+    let mut h = users(10, 0);
+    let g = h.grant("gw-1", acquire("acme/users/a", 40, 40, MIN));
+    let r = h.ok("ops", Op::Freeze { path: path("acme/users"), frozen: true });
+    // acme/users has no limit of its own: nothing is summed there.
+    assert_eq!(r, Reply::Frozen { changed: true, held: vec![] });
+    let r = h.ok("ops", Op::Freeze { path: path("acme"), frozen: true });
+    assert_eq!(r, Reply::Frozen { changed: true, held: vec![(unit("tokens"), 40)] });
+    assert!(h.ledger.budget(&path("acme")).unwrap().frozen);
+    for p in ["acme", "acme/users/a", "acme/users/new"] {
+        let e = h.run("gw-1", acquire(p, 1, 1, MIN)).unwrap_err();
+        assert!(matches!(&e, LedgerError::Frozen { .. }), "{p}: {e}");
+        assert_eq!(e.kind(), crate::error::ErrorKind::FailedPrecondition);
+    }
+    assert!(h.ledger.budget(&path("acme/users/new")).is_none());
+    // What was granted can still be reported, renewed and released.
+    h.ok("gw-1", Op::Report(Report { lease: g.lease, consumed_delta: 5, renew_ttl_ms: Some(MIN) }));
+    h.ok("gw-1", Op::Release(Release { lease: g.lease, consumed_total: 30 }));
+    let r = h.ok("ops", Op::Freeze { path: path("acme"), frozen: true });
+    assert_eq!(r, Reply::Frozen { changed: false, held: vec![(unit("tokens"), 0)] });
+    h.ok("ops", Op::Freeze { path: path("acme"), frozen: false });
+    let e = h.run("gw-1", acquire("acme/users/a", 1, 1, MIN)).unwrap_err();
+    assert!(matches!(&e, LedgerError::Frozen { path: p } if p.as_str() == "acme/users"), "{e}");
+    h.ok("ops", Op::Freeze { path: path("acme/users"), frozen: false });
+    h.ok("gw-1", acquire("acme/users/a", 1, 1, MIN));
+    let kinds: Vec<AuditKind> = h.log.records().iter().map(|r| r.entry.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == AuditKind::BudgetFrozen).count(), 2);
+    assert_eq!(kinds.iter().filter(|k| **k == AuditKind::BudgetUnfrozen).count(), 2);
+}
+
+#[test]
+fn templates_instances_and_freezes_survive_a_snapshot() {
+    let mut h = users(10, 60 * MIN);
+    h.ok("gw-1", acquire("acme/users/a", 1, 1, MIN));
+    h.ok("ops", Op::Freeze { path: path("acme/users/a"), frozen: true });
+    let bytes = h.ledger.snapshot();
+    let restored = Ledger::restore(&bytes).unwrap();
+    assert_eq!(restored.snapshot(), bytes);
+    assert!(restored.is_frozen(&path("acme/users/a")));
+    assert!(restored.is_instance(&path("acme/users/a")));
+    assert_eq!(restored.template(&path("acme/users")), h.ledger.template(&path("acme/users")));
+    h.ledger = restored;
+    // The restored ledger still expires it: a day after, the instance is gone.
+    h.ok("ops", Op::Freeze { path: path("acme/users/a"), frozen: false });
+    h.tick(2 * MIN);
+    h.tick(24 * 60 * MIN);
+    assert!(h.ledger.budget(&path("acme/users/a")).is_none());
+}
+
+#[test]
+fn a_template_keeps_its_budget_and_removing_it_keeps_its_instances() {
+    let mut h = users(10, 60 * MIN);
+    h.ok("gw-1", acquire("acme/users/a", 1, 1, MIN));
+    h.tick(2 * MIN);
+    let e = h.run("ops", Op::DeleteBudget { path: path("acme/users"), expected_version: None });
+    assert!(matches!(e, Err(LedgerError::HasChildren { .. })), "{e:?}");
+    let r = h.ok("ops", Op::DeleteTemplate { parent: path("acme/users") });
+    assert_eq!(r, Reply::TemplateDeleted { instances: 1 });
+    assert!(!h.ledger.is_instance(&path("acme/users/a")));
+    h.tick(25 * 60 * MIN);
+    assert!(h.ledger.budget(&path("acme/users/a")).is_some(), "ordinary budgets never expire");
+    assert!(matches!(
+        h.run("gw-1", acquire("acme/users/b", 1, 1, MIN)),
+        Err(LedgerError::BudgetNotFound { .. })
+    ));
+    assert!(matches!(
+        h.run("ops", Op::DeleteTemplate { parent: path("acme/users") }),
+        Err(LedgerError::TemplateNotFound { .. })
+    ));
+    // A budget with a template is not deleted under it.
+    h.ok("ops", Op::CreateBudget(spec("solo", vec![])));
+    h.ok("ops", template("solo", vec![limit("tokens", 1, Period::Day)], 1, 0));
+    let e = h.run("ops", Op::DeleteBudget { path: path("solo"), expected_version: None });
+    assert!(matches!(e, Err(LedgerError::HasTemplate { .. })), "{e:?}");
+    // Bad templates are refused with the field named.
+    for (bad, field) in [
+        (template("solo", vec![], 1, 0), "limits"),
+        (template("solo", vec![limit("tokens", 1, Period::Day)], 0, 0), "max_instances"),
+        (template("solo", vec![limit("tokens", 1, Period::Day)], 1, 5), "idle_ms"),
+        (template("solo", vec![limit("tokens", 1, Period::Day)], 100_001, 0), "max_instances"),
+    ] {
+        let e = h.run("ops", bad).unwrap_err();
+        assert!(matches!(&e, LedgerError::InvalidArgument { field: f, .. } if f == field), "{e}");
+    }
+}

@@ -76,6 +76,7 @@ impl Ledger {
             self.expired.remove(&id);
         }
         self.dedup.expire(now, self.config.dedup_idle_ms, &mut self.principals);
+        self.expire_instances(index, audit);
     }
 
     /// Lease `id`, acquired for the next window, opens at `at`: every counter whose
