@@ -892,6 +892,8 @@ impl Sdk {
     /// chain and across its limits in the unit. Any limit in the unit without
     /// `static=` fails closed; otherwise the smallest declared amount. Unknown until
     /// the cluster answers for every budget of the chain, which means fail closed.
+    /// A leaf its parent's template has not made yet counts with the template's
+    /// limits.
     async fn learn_policy(
         &self,
         key: &(String, String),
@@ -906,12 +908,26 @@ impl Sdk {
         chain.push(&key.0[..]);
         let mut smallest: Option<u64> = None;
         let mut closed = false;
+        let mut parent: Option<&str> = None;
         for path in chain {
             if !read.contains_key(path) {
                 read.insert(path.to_owned(), self.cluster.get_budget(path).await);
             }
-            let Some(budget) = &read[path] else { return };
-            for l in budget.limits.iter().filter_map(|l| l.limit.as_ref()) {
+            let limits: Vec<&v1::Limit> = match &read[path] {
+                Some(budget) => budget.limits.iter().filter_map(|l| l.limit.as_ref()).collect(),
+                // Not made yet by its parent's template: the first acquire makes it
+                // with the template's limits.
+                None => match parent
+                    .and_then(|p| read[p].as_ref())
+                    .and_then(|p| p.template.as_ref())
+                    .filter(|_| path == key.0)
+                {
+                    Some(t) => t.limits.iter().collect(),
+                    None => return,
+                },
+            };
+            parent = Some(path);
+            for l in limits {
                 if l.unit != key.1 {
                     continue;
                 }

@@ -738,3 +738,231 @@ async fn the_sdk_sizes_its_leases_from_the_clusters_failover_bound() {
     assert_eq!(sdk.lease_ttl(), horizon * 2);
     cluster.shutdown().await;
 }
+
+// ----- templates and freezing, with real gateways -----
+
+/// `acme` and `acme/users` (tokens, lifetime), and a template on `acme/users`
+/// giving each user `per_user` tokens a day.
+async fn users_tree(cluster: &Cluster, root_cap: i64, users_cap: i64, per_user: i64) {
+    let addrs: Vec<std::net::SocketAddr> = cluster.addrs.values().copied().collect();
+    budget(addrs[0], 1, "acme", root_cap, None).await;
+    budget(addrs[0], 2, "acme/users", users_cap, None).await;
+    let req = v1::SetTemplateRequest {
+        meta: meta("sdk-admin", 3, "ops"),
+        parent: "acme/users".into(),
+        limits: vec![ration_testkit::limit("tokens", per_user, Period::Day)],
+        max_instances: 1000,
+        idle_ms: 0,
+    };
+    ration_testkit::until_answered!(addrs, set_template, req).unwrap();
+}
+
+async fn audit(addr: std::net::SocketAddr, subtree: &str, kind: &str) -> Vec<v1::AuditRecord> {
+    let req = v1::QueryAuditRequest {
+        subtree: subtree.into(),
+        kinds: vec![kind.into()],
+        limit: 1000,
+        linearizable: true,
+        ..Default::default()
+    };
+    ledger(addr).query_audit(req).await.unwrap().into_inner().records
+}
+
+/// Spends `amount` per call on `user`'s budget in a loop until `stop`, adding what
+/// was admitted to `admitted[user]`; returns the last admission's time.
+fn spender(
+    handle: ration_client::Handle,
+    admitted: Arc<Vec<AtomicU64>>,
+    user: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Option<Instant>> {
+    tokio::spawn(async move {
+        let mut last = None;
+        let mut n = user as u64;
+        while !stop.load(Ordering::Relaxed) {
+            n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let amount = 1 + (n >> 33) % 8;
+            if handle.try_spend(amount) {
+                admitted[user].fetch_add(amount, Ordering::Relaxed);
+                last = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        last
+    })
+}
+
+/// Issue #20: 200 gateways (each an SDK with default settings) all start spending
+/// on 20 users that do not exist yet, in a different order each. The template
+/// makes each user's budget once, and the per-user and root caps hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_gateways_racing_on_new_users_make_one_budget_each_and_the_caps_hold() {
+    const USERS: usize = 20;
+    const PER_USER: i64 = 1_000;
+    // Below USERS * PER_USER: the root binds too.
+    const ROOT: i64 = 15_000;
+    let cluster = Cluster::start(3, |_| {}).await;
+    users_tree(&cluster, ROOT, ROOT, PER_USER).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let sdks: Vec<Arc<Sdk>> = (0..200).map(|i| sdk(&cluster, &format!("gw-{i}"), &clock)).collect();
+    let admitted: Arc<Vec<AtomicU64>> = Arc::new((0..USERS).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut spenders = Vec::new();
+    for (i, s) in sdks.iter().enumerate() {
+        // Each gateway spends on two users, picked so every user has 20 gateways.
+        for user in [i % USERS, (i * 7 + 3) % USERS] {
+            let h = s.handle(&format!("acme/users/u{user}"), "tokens");
+            spenders.push(spender(h, admitted.clone(), user, stop.clone()));
+        }
+    }
+    let total = |a: &Vec<AtomicU64>| a.iter().map(|x| x.load(Ordering::Relaxed)).sum::<u64>();
+    let started = Instant::now();
+    let (mut last, mut last_change) = (0, Instant::now());
+    while started.elapsed() < Duration::from_secs(60) {
+        let now = total(&admitted);
+        if last_change.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        if now != last {
+            (last, last_change) = (now, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in spenders {
+        s.await.unwrap();
+    }
+    for s in &sdks {
+        s.release_all().await.unwrap();
+    }
+    let addr = cluster.addrs[&cluster.leader().await];
+    let created = audit(addr, "acme/users", "budget_created").await;
+    let mut paths: Vec<&str> = created
+        .iter()
+        .map(|r| r.budget.as_str())
+        .filter(|p| p.starts_with("acme/users/"))
+        .collect();
+    paths.sort_unstable();
+    let before = paths.len();
+    paths.dedup();
+    assert_eq!(before, paths.len(), "a user's budget was created twice: {paths:?}");
+    assert_eq!(paths.len(), USERS, "one budget per user: {paths:?}");
+    let mut spent = 0;
+    for user in 0..USERS {
+        let path = format!("acme/users/u{user}");
+        let b = ledger(addr)
+            .get_budget(v1::GetBudgetRequest { path: path.clone(), linearizable: true })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(b.instance, "{path} was made by the template");
+        let (consumed, outstanding) = (b.limits[0].consumed, b.limits[0].outstanding);
+        let gave = admitted[user].load(Ordering::Relaxed);
+        assert!(gave <= PER_USER as u64, "{path}: admitted {gave} > its cap {PER_USER}");
+        assert_eq!(outstanding, 0, "{path}: every lease was released");
+        assert_eq!(consumed as u64, gave, "{path}: the ledger counts exactly what was admitted");
+        assert!(gave > 0, "{path}: nothing was admitted");
+        spent += gave;
+    }
+    let (root, _) = consumed(addr, "acme").await;
+    eprintln!("admitted {spent} across {USERS} users (root cap {ROOT}, per user {PER_USER})");
+    assert!(spent <= ROOT as u64, "admitted {spent} > root cap {ROOT}");
+    assert_eq!(root as u64, spent);
+    cluster.shutdown().await;
+}
+
+/// Issue #20: freezing a budget refuses new grants at once; what the gateways can
+/// still spend under it is what its live leases held when the freeze applied (the
+/// `budget_frozen` record's balance, and the reply's `held`). Unfreezing resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_stops_spending_within_what_live_leases_held() {
+    const USERS: usize = 5;
+    let cluster = Cluster::start(3, |_| {}).await;
+    users_tree(&cluster, 10_000_000, 10_000_000, 1_000_000).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let sdks: Vec<Arc<Sdk>> = (0..20).map(|i| sdk(&cluster, &format!("gw-{i}"), &clock)).collect();
+    let admitted: Arc<Vec<AtomicU64>> = Arc::new((0..USERS).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let spenders: Vec<_> = sdks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let h = s.handle(&format!("acme/users/u{}", i % USERS), "tokens");
+            spender(h, admitted.clone(), i % USERS, stop.clone())
+        })
+        .collect();
+    let total = |a: &Vec<AtomicU64>| a.iter().map(|x| x.load(Ordering::Relaxed)).sum::<u64>();
+    eventually("the gateways are spending", Duration::from_secs(30), || {
+        let n = total(&admitted);
+        async move { n > 20_000 }
+    })
+    .await;
+
+    let addrs: Vec<std::net::SocketAddr> = cluster.addrs.values().copied().collect();
+    let freeze = |frozen: bool, id: u64| v1::FreezeRequest {
+        meta: meta("sdk-admin", id, "ops"),
+        path: "acme/users".into(),
+        frozen,
+    };
+    let asked = Instant::now();
+    let before = total(&admitted);
+    let reply = ration_testkit::until_answered!(addrs, freeze_budget, freeze(true, 10)).unwrap();
+    let answered = Instant::now();
+    assert!(reply.changed);
+    let held = reply.held.iter().find(|h| h.unit == "tokens").unwrap().amount as u64;
+    // Spending goes on until the leases live at the freeze run out.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let frozen_total = total(&admitted);
+    stop.store(true, Ordering::Relaxed);
+    let mut last = None;
+    for s in spenders {
+        last = last.max(s.await.unwrap());
+    }
+    for s in &sdks {
+        s.release_all().await.unwrap();
+    }
+    let addr = cluster.addrs[&cluster.leader().await];
+    let record = audit(addr, "acme/users", "budget_frozen").await;
+    assert_eq!(record.len(), 1);
+    let at = record[0].balances.iter().find(|b| b.budget == "acme/users").unwrap().clone();
+    // Nothing was granted under it after the freeze applied.
+    let req = v1::QueryAuditRequest {
+        subtree: "acme/users".into(),
+        kinds: vec!["lease_granted".into()],
+        from_seq: record[0].seq + 1,
+        limit: 1000,
+        linearizable: true,
+        ..Default::default()
+    };
+    let granted = ledger(addr).query_audit(req).await.unwrap().into_inner().records;
+    assert!(granted.is_empty(), "granted after the freeze: {granted:?}");
+    assert_eq!(at.outstanding as u64, held, "the reply and the record agree");
+    let (final_consumed, outstanding) = consumed(addr, "acme/users").await;
+    assert_eq!(outstanding, 0);
+    assert_eq!(final_consumed as u64, frozen_total, "the ledger counts exactly what was admitted");
+    let after = final_consumed as u64 - at.consumed as u64;
+    let since_asked = frozen_total - before;
+    let last_ms = last.map_or(0, |t| t.saturating_duration_since(answered).as_millis());
+    eprintln!(
+        "freeze: {after} spent after it applied, bound {held} (live leases then); \
+         {since_asked} admitted after it was asked; the reply took {} ms; \
+         the last admission came {last_ms} ms after the reply",
+        answered.duration_since(asked).as_millis()
+    );
+    assert!(after <= held, "spent {after} after the freeze, above the {held} its leases held");
+
+    // Unfrozen, spending resumes.
+    let reply = ration_testkit::until_answered!(addrs, freeze_budget, freeze(false, 11)).unwrap();
+    assert!(reply.changed);
+    let s = sdk(&cluster, "gw-after", &clock);
+    let h = s.handle("acme/users/u0", "tokens");
+    eventually("spending resumes", Duration::from_secs(30), || {
+        let ok = h.try_spend(1);
+        async move { ok }
+    })
+    .await;
+    s.release_all().await.unwrap();
+    cluster.shutdown().await;
+}

@@ -1,4 +1,5 @@
-//! `budget set|get|list|delete` and `budget limit rm`.
+//! `budget set|get|list|delete|freeze|unfreeze`, `budget limit rm` and
+//! `budget template set|get|delete`.
 //!
 //! A limit is named by its unit and window (`tokens/day`, `usd_micros/month+05:30`):
 //! a budget holds at most one limit per name. `set` on an existing budget replaces
@@ -59,6 +60,71 @@ pub enum BudgetCmd {
     /// One limit of a budget (`budget limit rm acme usd_micros/month`).
     #[command(subcommand)]
     Limit(LimitCmd),
+    /// The template on a budget: one child budget per user, key or run, made by
+    /// the first acquire on it (`budget template set acme/users --limit ...`).
+    #[command(subcommand)]
+    Template(TemplateCmd),
+    /// Refuse every new grant on a budget and below it, at once, cluster-wide.
+    /// Leases already granted stay spendable until they settle or expire: the
+    /// reply says how much they hold. Audited as `budget_frozen`.
+    Freeze {
+        /// The budget's path.
+        path: String,
+    },
+    /// Grant again on a frozen budget. Audited as `budget_unfrozen`.
+    Unfreeze {
+        /// The budget's path.
+        path: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCmd {
+    /// Set (or replace) the template on PARENT. The first acquire on a missing
+    /// PARENT/NAME creates it with these limits; replacing the template rewrites
+    /// every instance's limits at once (refused, naming the instance, if one has
+    /// already used more than a new cap this window).
+    Set {
+        /// The budget the instances go under (`acme/users`).
+        parent: String,
+        /// A limit of each instance, as in `budget set` (tokens=100000/minute).
+        #[arg(long = "limit", required = true)]
+        limits: Vec<String>,
+        /// At most this many instances (1..=100000).
+        #[arg(long, default_value_t = 10_000)]
+        max_instances: u64,
+        /// Delete an instance idle this long whose windows with spend have all
+        /// ended (30s, 15m, 2h, 7d; `never` keeps them).
+        #[arg(long, default_value = "never")]
+        idle: String,
+    },
+    /// Show the template on PARENT.
+    Get { parent: String },
+    /// Remove the template on PARENT: its instances stay as ordinary budgets.
+    #[command(visible_alias = "rm")]
+    Delete { parent: String },
+}
+
+/// Parses `30s`, `15m`, `2h`, `7d`, a number of ms, or `never` (0).
+pub fn parse_idle(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    if s == "never" {
+        return Ok(0);
+    }
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let bad = || anyhow!("bad duration {s:?}: use 30s, 15m, 2h, 7d, or never");
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit {
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    Ok(n.saturating_mul(scale))
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,6 +388,57 @@ struct BudgetOut {
     children: u64,
     live_leases: u64,
     limits: Vec<LimitOut>,
+    /// It grants nothing, nor does any budget below it.
+    frozen: bool,
+    /// Made by its parent's template.
+    instance: bool,
+    template: Option<TemplateOut>,
+}
+
+#[derive(Debug, Serialize)]
+struct TemplateOut {
+    parent: String,
+    /// Each instance's limits, as `--limit` takes them.
+    limits: Vec<String>,
+    max_instances: u64,
+    /// 0: instances never expire.
+    idle_ms: u64,
+    instances: u64,
+}
+
+fn template_out(parent: &str, t: &v1::Template) -> anyhow::Result<TemplateOut> {
+    let limits = t
+        .limits
+        .iter()
+        .map(|l| {
+            let spec = Spec::from_proto(l)
+                .map_err(|e| anyhow!("template on {parent} as sent by the server: {e}"))?;
+            let mut text = format!("{}={}/{}", spec.unit, spec.cap, spec.window);
+            if let Some(n) = spec.static_allowance {
+                text.push_str(&format!(",static={n}"));
+            }
+            Ok(text)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(TemplateOut {
+        parent: parent.to_owned(),
+        limits,
+        max_instances: t.max_instances,
+        idle_ms: t.idle_ms,
+        instances: t.instances,
+    })
+}
+
+fn template_text(t: &TemplateOut) -> String {
+    let idle = if t.idle_ms == 0 { "never".to_owned() } else { crate::time::format_ms(t.idle_ms) };
+    format!(
+        "template on {}: {} each; {} of at most {} instances; idle instances expire: {}\n",
+        t.parent,
+        t.limits.join(" "),
+        t.instances,
+        t.max_instances,
+        idle
+    )
 }
 
 fn budget_out(b: &v1::Budget) -> anyhow::Result<BudgetOut> {
@@ -355,6 +472,9 @@ fn budget_out(b: &v1::Budget) -> anyhow::Result<BudgetOut> {
         children: b.children,
         live_leases: b.live_leases,
         limits,
+        frozen: b.frozen,
+        instance: b.instance,
+        template: b.template.as_ref().map(|t| template_out(&b.path, t)).transpose()?,
     })
 }
 
@@ -379,12 +499,14 @@ const HEADER: [&str; 16] = [
 
 /// A budget's rows: one per limit (the budget's own columns on the first).
 fn rows(t: &mut Table, label: &str, b: &BudgetOut) {
-    let own = [
-        label.to_owned(),
-        b.version.to_string(),
-        b.children.to_string(),
-        b.live_leases.to_string(),
-    ];
+    let mut label = label.to_owned();
+    if b.frozen {
+        label.push_str(" (frozen)");
+    }
+    if b.template.is_some() {
+        label.push_str(" (template)");
+    }
+    let own = [label, b.version.to_string(), b.children.to_string(), b.live_leases.to_string()];
     if b.limits.is_empty() {
         let mut row = own.to_vec();
         row.extend(std::iter::repeat_n("-".to_owned(), HEADER.len() - own.len()));
@@ -417,7 +539,14 @@ fn rows(t: &mut Table, label: &str, b: &BudgetOut) {
 fn table(b: &BudgetOut) -> String {
     let mut t = Table::new(&HEADER);
     rows(&mut t, &b.path, b);
-    t.render()
+    let mut s = t.render();
+    if b.instance {
+        s.push_str("made by its parent's template\n");
+    }
+    if let Some(template) = &b.template {
+        s.push_str(&template_text(template));
+    }
+    s
 }
 
 /// The budgets as a tree: each under its parent, drawn with box characters.
@@ -584,6 +713,49 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
             }
             emit(out, ctx.format, &all, tree)
         }
+        BudgetCmd::Template(TemplateCmd::Set { parent, limits, max_instances, idle }) => {
+            let limits = limits
+                .iter()
+                .map(|l| parse_limit(l).and_then(|l| Spec::from_proto(&l)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            merge(&[], &limits)?;
+            let req = v1::SetTemplateRequest {
+                meta: ctx.meta(),
+                parent: parent.clone(),
+                limits: limits.iter().map(Spec::to_proto).collect(),
+                max_instances,
+                idle_ms: parse_idle(&idle)?,
+            };
+            let r = ctx
+                .on_ledger(&req, |mut c, r| async move { c.set_template(r).await })
+                .await
+                .map_err(|e| about(&parent, e))?;
+            show_template(ctx, out, &parent, Some(r.instances)).await
+        }
+        BudgetCmd::Template(TemplateCmd::Get { parent }) => {
+            show_template(ctx, out, &parent, None).await
+        }
+        BudgetCmd::Template(TemplateCmd::Delete { parent }) => {
+            let req = v1::DeleteTemplateRequest { meta: ctx.meta(), parent: parent.clone() };
+            let r = ctx
+                .on_ledger(&req, |mut c, r| async move { c.delete_template(r).await })
+                .await
+                .map_err(|e| about(&parent, e))?;
+            #[derive(Serialize)]
+            struct Removed {
+                parent: String,
+                instances_kept: u64,
+            }
+            let removed = Removed { parent, instances_kept: r.instances };
+            emit(out, ctx.format, &removed, |r| {
+                format!(
+                    "template on {} removed; its {} instance(s) stay as ordinary budgets\n",
+                    r.parent, r.instances_kept
+                )
+            })
+        }
+        BudgetCmd::Freeze { path } => freeze(ctx, out, path, true).await,
+        BudgetCmd::Unfreeze { path } => freeze(ctx, out, path, false).await,
         BudgetCmd::Delete { path, expected_version } => {
             let req =
                 v1::DeleteBudgetRequest { meta: ctx.meta(), path: path.clone(), expected_version };
@@ -599,6 +771,71 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
             })
         }
     }
+}
+
+/// `budget freeze` (or, with `frozen` false, `unfreeze`).
+async fn freeze(ctx: &Ctx, out: &mut dyn Write, path: String, frozen: bool) -> anyhow::Result<()> {
+    let req = v1::FreezeRequest { meta: ctx.meta(), path: path.clone(), frozen };
+    let r = ctx
+        .on_ledger(&req, |mut c, r| async move { c.freeze_budget(r).await })
+        .await
+        .map_err(|e| about(&path, e))?;
+    #[derive(Serialize)]
+    struct FreezeOut {
+        path: String,
+        frozen: bool,
+        changed: bool,
+        /// Per unit: what live leases under it hold unspent.
+        held: BTreeMap<String, i64>,
+    }
+    let held = r.held.iter().map(|h| (h.unit.clone(), h.amount)).collect();
+    let o = FreezeOut { path, frozen, changed: r.changed, held };
+    emit(out, ctx.format, &o, |o| {
+        let state = if o.frozen { "frozen" } else { "unfrozen" };
+        let mut s = if o.changed {
+            format!("budget {}: {state}\n", o.path)
+        } else {
+            format!("budget {}: already {state}\n", o.path)
+        };
+        if o.frozen {
+            if o.held.is_empty() {
+                s.push_str("  (it has no limit of its own: leases under it are summed on the budgets whose limits they draw on)\n");
+            }
+            for (unit, amount) in &o.held {
+                s.push_str(&format!(
+                    "  live leases still hold {amount} {unit}: at most that can be spent under it until they settle or expire\n"
+                ));
+            }
+        }
+        s
+    })
+}
+
+/// Prints the template on `parent` (after a set, with how many instances it
+/// rewrote).
+async fn show_template(
+    ctx: &Ctx,
+    out: &mut dyn Write,
+    parent: &str,
+    rewritten: Option<u64>,
+) -> anyhow::Result<()> {
+    let b = get(ctx, parent).await?.ok_or_else(|| anyhow!("budget {parent} does not exist"))?;
+    let t = b.template.as_ref().ok_or_else(|| anyhow!("budget {parent} has no template"))?;
+    #[derive(Serialize)]
+    struct Shown {
+        #[serde(flatten)]
+        template: TemplateOut,
+        /// After `set`: instances whose limits were rewritten.
+        rewritten: Option<u64>,
+    }
+    let shown = Shown { template: template_out(parent, t)?, rewritten };
+    emit(out, ctx.format, &shown, |s| {
+        let mut text = template_text(&s.template);
+        if let Some(n) = s.rewritten {
+            text.push_str(&format!("  {n} instance(s) rewritten to these limits\n"));
+        }
+        text
+    })
 }
 
 /// Refuses to write `b` if the caller expected another version.

@@ -126,6 +126,24 @@ pub fn update_budget(r: &v1::UpdateBudgetRequest) -> Result<Request, Status> {
     request(r.meta.as_ref(), op)
 }
 
+pub fn set_template(r: &v1::SetTemplateRequest) -> Result<Request, Status> {
+    let op = Op::SetTemplate(ration_core::TemplateSpec {
+        parent: path("parent", &r.parent)?,
+        limits: r.limits.iter().map(limit).collect::<Result<_, _>>()?,
+        max_instances: r.max_instances,
+        idle_ms: r.idle_ms,
+    });
+    request(r.meta.as_ref(), op)
+}
+
+pub fn delete_template(r: &v1::DeleteTemplateRequest) -> Result<Request, Status> {
+    request(r.meta.as_ref(), Op::DeleteTemplate { parent: path("parent", &r.parent)? })
+}
+
+pub fn freeze(r: &v1::FreezeRequest) -> Result<Request, Status> {
+    request(r.meta.as_ref(), Op::Freeze { path: path("path", &r.path)?, frozen: r.frozen })
+}
+
 pub fn set_limits(r: &v1::SetLimitsRequest) -> Result<Request, Status> {
     let l = r.limits.as_ref().ok_or_else(|| missing("limits"))?;
     let limits = ration_core::PrincipalLimits {

@@ -191,6 +191,39 @@ pub fn budget(v: &BudgetView) -> v1::Budget {
             .collect(),
         children: v.children,
         live_leases: v.live_leases,
+        frozen: v.frozen,
+        instance: v.instance,
+        template: v.template.as_ref().map(|t| v1::Template {
+            limits: t.limits.iter().map(limit).collect(),
+            max_instances: t.max_instances,
+            idle_ms: t.idle_ms,
+            instances: t.instances,
+        }),
+    }
+}
+
+pub fn template_reply(parent: &str, reply: &Reply) -> Result<v1::TemplateReply, Status> {
+    match reply {
+        Reply::TemplateSet { instances } | Reply::TemplateDeleted { instances } => {
+            Ok(v1::TemplateReply { parent: parent.to_owned(), instances: *instances })
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn freeze_reply(reply: &Reply) -> Result<v1::FreezeReply, Status> {
+    match reply {
+        Reply::Frozen { changed, held } => Ok(v1::FreezeReply {
+            changed: *changed,
+            held: held
+                .iter()
+                .map(|(unit, amount)| v1::UnitAmount {
+                    unit: unit.to_string(),
+                    amount: to_i64(*amount),
+                })
+                .collect(),
+        }),
+        other => Err(unexpected(other)),
     }
 }
 

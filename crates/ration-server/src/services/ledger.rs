@@ -194,6 +194,45 @@ impl v1::ledger_server::Ledger for LedgerService {
         .await
     }
 
+    async fn set_template(
+        &self,
+        req: Request<v1::SetTemplateRequest>,
+    ) -> Result<Response<v1::TemplateReply>, Status> {
+        self.write(
+            req,
+            |r, screen| Ok(vec![screen.check(to_core::set_template(r)?)?]),
+            |r, outcomes| to_proto::template_reply(&r.parent, &only(outcomes)?),
+            on_leader!(LedgerClient, set_template),
+        )
+        .await
+    }
+
+    async fn delete_template(
+        &self,
+        req: Request<v1::DeleteTemplateRequest>,
+    ) -> Result<Response<v1::TemplateReply>, Status> {
+        self.write(
+            req,
+            |r, screen| Ok(vec![screen.check(to_core::delete_template(r)?)?]),
+            |r, outcomes| to_proto::template_reply(&r.parent, &only(outcomes)?),
+            on_leader!(LedgerClient, delete_template),
+        )
+        .await
+    }
+
+    async fn freeze_budget(
+        &self,
+        req: Request<v1::FreezeRequest>,
+    ) -> Result<Response<v1::FreezeReply>, Status> {
+        self.write(
+            req,
+            |r, screen| Ok(vec![screen.check(to_core::freeze(r)?)?]),
+            |_, outcomes| to_proto::freeze_reply(&only(outcomes)?),
+            on_leader!(LedgerClient, freeze_budget),
+        )
+        .await
+    }
+
     async fn update_budget(
         &self,
         req: Request<v1::UpdateBudgetRequest>,
