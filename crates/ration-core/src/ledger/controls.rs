@@ -221,7 +221,7 @@ impl Ledger {
             let mut ctx = Ctx { index, principal: &system, audit };
             self.emit_budget(&mut ctx, AuditKind::InstanceExpired, id);
             self.remove_budget(id);
-            expired += 1;
+            expired = expired.saturating_add(1);
         }
     }
 
