@@ -753,6 +753,7 @@ async fn users_tree(cluster: &Cluster, root_cap: i64, users_cap: i64, per_user: 
         limits: vec![ration_testkit::limit("tokens", per_user, Period::Day)],
         max_instances: 1000,
         idle_ms: 0,
+        ..Default::default()
     };
     ration_testkit::until_answered!(addrs, set_template, req).unwrap();
 }
@@ -964,5 +965,105 @@ async fn a_freeze_stops_spending_within_what_live_leases_held() {
     })
     .await;
     s.release_all().await.unwrap();
+    cluster.shutdown().await;
+}
+
+/// Issue #20: agent runs. `runs` has a template: 1,000 calls and 100,000 tokens
+/// per run, 6 s at most, and a runaway guard of 50 calls per 60 s. A run calling
+/// in a tight loop is halted in its first span, having spent at most the guard's
+/// 50 calls; a slow run is not halted and spends nothing past its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_run_is_halted_within_its_guard_and_no_run_outlives_its_duration() {
+    const GUARD: u64 = 50;
+    const DURATION_MS: u64 = 6_000;
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addrs: Vec<std::net::SocketAddr> = cluster.addrs.values().copied().collect();
+    budget(addrs[0], 1, "runs", 1_000_000, None).await;
+    let req = v1::SetTemplateRequest {
+        meta: meta("sdk-admin", 2, "ops"),
+        parent: "runs".into(),
+        limits: vec![
+            ration_testkit::limit("calls", 1_000, Period::Lifetime),
+            ration_testkit::limit("tokens", 100_000, Period::Lifetime),
+        ],
+        max_instances: 100,
+        idle_ms: 0,
+        max_duration_ms: DURATION_MS,
+        guards: vec![v1::Guard { unit: "calls".into(), max: GUARD as i64, per_ms: 60_000 }],
+    };
+    ration_testkit::until_answered!(addrs, set_template, req).unwrap();
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let s = sdk(&cluster, "gw-agents", &clock);
+    let runaway = s.reserver([("runs/loop", "calls"), ("runs/loop", "tokens")]);
+    let slow = s.reserver([("runs/slow", "calls"), ("runs/slow", "tokens")]);
+    let started = Instant::now();
+    let (mut loop_calls, mut slow_calls) = (0u64, 0u64);
+    let (mut first_slow, mut last_slow) = (None, None);
+    let mut next_slow = Instant::now();
+    // The loop calls as fast as it can (a 1 ms pause lets the SDK work); the slow
+    // run calls every 300 ms, 20 calls in its 6 s at most.
+    while started.elapsed() < Duration::from_millis(DURATION_MS + 4_000) {
+        if let Some(h) = runaway.reserve([1, 100]) {
+            h.settle([1, 80]);
+            loop_calls += 1;
+        }
+        if Instant::now() >= next_slow {
+            next_slow += Duration::from_millis(300);
+            if let Some(h) = slow.reserve([1, 100]) {
+                h.settle([1, 80]);
+                slow_calls += 1;
+                first_slow = first_slow.or(Some(Instant::now()));
+                last_slow = Some(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    s.release_all().await.unwrap();
+    let leader = cluster.addrs[&cluster.leader().await];
+    let halted = audit(leader, "runs", "run_halted").await;
+    assert_eq!(halted.len(), 1, "only the loop was halted: {halted:?}");
+    assert_eq!(halted[0].budget, "runs/loop");
+    let created = audit(leader, "runs/loop", "budget_created").await;
+    let halted_after = halted[0].time_ms.saturating_sub(created[0].time_ms);
+    let get = |path: &'static str| async move {
+        ledger(leader)
+            .get_budget(v1::GetBudgetRequest { path: path.into(), linearizable: true })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let run = get("runs/loop").await;
+    assert!(run.frozen && run.hold.contains("runaway guard"), "{run:?}");
+    let ledger_calls = run.limits[0].consumed as u64;
+    eprintln!(
+        "runaway: {loop_calls} calls admitted (guard {GUARD} per span), ledger {ledger_calls}; \
+         halted {halted_after} ms after it began. slow run: {slow_calls} calls"
+    );
+    assert!(loop_calls <= GUARD, "the runaway spent {loop_calls} > its guard {GUARD}");
+    assert_eq!(ledger_calls, loop_calls, "the ledger counts every admitted call");
+    assert_eq!(run.limits[1].consumed as u64, loop_calls * 80);
+    let slow_run = get("runs/slow").await;
+    assert!(!slow_run.frozen, "the slow run was not halted: {slow_run:?}");
+    assert_eq!(slow_run.limits[0].consumed as u64, slow_calls);
+    // Its leases ended with it: nothing was spent after its 6 s (measured from its
+    // first call, which came after the acquire that made it).
+    let lived = last_slow.unwrap().duration_since(first_slow.unwrap());
+    assert!(lived <= Duration::from_millis(DURATION_MS), "the slow run spent for {lived:?}");
+    assert!(slow_calls >= 5, "the slow run made only {slow_calls} calls");
+    let e = ledger(leader)
+        .acquire(v1::AcquireRequest {
+            meta: meta("late", 1, "gw-agents"),
+            budget: "runs/slow".into(),
+            unit: "calls".into(),
+            wanted: 1,
+            min: 1,
+            ttl_ms: 1_000,
+            starts_at_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("ended"), "{e}");
     cluster.shutdown().await;
 }

@@ -58,10 +58,16 @@ pub enum AuditKind {
     /// A template's instance was idle with no spend in any open window, and was
     /// deleted by the ledger (principal `_ration`); `balances` are its last figures.
     InstanceExpired,
+    /// A run's runaway guard tripped: spend counted in one of its spans reached
+    /// the guard's maximum, and the run is frozen (`principal`: whose spend it was;
+    /// `unit`: the guard's unit). `balances[0]` describes the guard: `cap` its
+    /// maximum, `window_start_ms` the start of the span, `consumed` the spend
+    /// counted in it, `outstanding` what was granted in it.
+    RunHalted,
 }
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 18] = [
+    pub const ALL: [AuditKind; 19] = [
         AuditKind::BudgetCreated,
         AuditKind::BudgetUpdated,
         AuditKind::BudgetDeleted,
@@ -80,6 +86,7 @@ impl AuditKind {
         AuditKind::BudgetFrozen,
         AuditKind::BudgetUnfrozen,
         AuditKind::InstanceExpired,
+        AuditKind::RunHalted,
     ];
 
     pub fn name(self) -> &'static str {
@@ -102,6 +109,7 @@ impl AuditKind {
             AuditKind::BudgetFrozen => "budget_frozen",
             AuditKind::BudgetUnfrozen => "budget_unfrozen",
             AuditKind::InstanceExpired => "instance_expired",
+            AuditKind::RunHalted => "run_halted",
         }
     }
 }

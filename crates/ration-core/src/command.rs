@@ -104,6 +104,27 @@ pub struct TemplateSpec {
     /// `instance_expired`; its records stay). 0: instances never expire; else
     /// [`MIN_TEMPLATE_IDLE_MS`]`..=`[`MAX_TEMPLATE_IDLE_MS`].
     pub idle_ms: u64,
+    /// An agent run's longest life: an instance grants nothing once this long has
+    /// passed since it was made, and no lease on it is valid past then (0: no end;
+    /// else up to [`MAX_TEMPLATE_IDLE_MS`]).
+    pub max_duration_ms: u64,
+    /// Runaway guards: what one `per_ms` span (spans follow each other from the
+    /// instance's creation) grants an instance in `unit` is capped at `max`, and
+    /// spend counted in one span that reaches `max` halts the instance (frozen,
+    /// with the guard as the reason, until an operator unfreezes it).
+    pub guards: Vec<Guard>,
+}
+
+/// Most runaway guards one template may carry.
+pub const MAX_GUARDS: usize = 8;
+
+/// A runaway guard of a template (see [`TemplateSpec::guards`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guard {
+    pub unit: Unit,
+    pub max: u64,
+    /// 1,000 ms up to [`MAX_TEMPLATE_IDLE_MS`].
+    pub per_ms: u64,
 }
 
 impl TemplateSpec {
@@ -120,6 +141,45 @@ impl TemplateSpec {
                 field: "max_instances".into(),
                 reason: format!("{} is outside 1..={MAX_TEMPLATE_INSTANCES}", self.max_instances),
             });
+        }
+        if self.max_duration_ms > MAX_TEMPLATE_IDLE_MS {
+            return Err(LedgerError::InvalidArgument {
+                field: "max_duration_ms".into(),
+                reason: format!(
+                    "{} is above {MAX_TEMPLATE_IDLE_MS} (0: runs never end)",
+                    self.max_duration_ms
+                ),
+            });
+        }
+        if self.guards.len() > MAX_GUARDS {
+            return Err(LedgerError::InvalidArgument {
+                field: "guards".into(),
+                reason: format!("{} guards given; at most {MAX_GUARDS}", self.guards.len()),
+            });
+        }
+        for (i, g) in self.guards.iter().enumerate() {
+            check_amount("guards.max", g.max)?;
+            if g.max == 0 {
+                return Err(LedgerError::InvalidArgument {
+                    field: "guards.max".into(),
+                    reason: "must be at least 1".into(),
+                });
+            }
+            if !(MIN_TEMPLATE_IDLE_MS..=MAX_TEMPLATE_IDLE_MS).contains(&g.per_ms) {
+                return Err(LedgerError::InvalidArgument {
+                    field: "guards.per_ms".into(),
+                    reason: format!(
+                        "{} is outside {MIN_TEMPLATE_IDLE_MS}..={MAX_TEMPLATE_IDLE_MS}",
+                        g.per_ms
+                    ),
+                });
+            }
+            if self.guards[..i].iter().any(|o| o.unit == g.unit && o.per_ms == g.per_ms) {
+                return Err(LedgerError::InvalidArgument {
+                    field: "guards".into(),
+                    reason: format!("two guards for {} per {} ms", g.unit, g.per_ms),
+                });
+            }
         }
         if self.idle_ms != 0
             && !(MIN_TEMPLATE_IDLE_MS..=MAX_TEMPLATE_IDLE_MS).contains(&self.idle_ms)

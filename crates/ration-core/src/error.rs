@@ -82,6 +82,14 @@ pub enum LedgerError {
     NotAuthorized { principal: String, action: String, needs: String, holds: String },
     #[error("budget {path} is frozen: it grants nothing until an operator unfreezes it (rationctl budget unfreeze {path})")]
     Frozen { path: BudgetPath },
+    #[error("run {path} was halted by its runaway guard: {reason}; an operator may resume it (rationctl budget unfreeze {path})")]
+    Halted { path: BudgetPath, reason: String },
+    #[error("run {path} was granted its guard's {max} {unit} for this {per_ms} ms span; more after {span_end_ms} (spending all of it halts the run)")]
+    GuardReached { path: BudgetPath, unit: Unit, max: u64, per_ms: u64, span_end_ms: u64 },
+    #[error(
+        "run {path} ended at {ended_at_ms} (its template's max duration); it grants nothing more"
+    )]
+    RunEnded { path: BudgetPath, ended_at_ms: u64 },
     #[error("budget {path} has no template")]
     TemplateNotFound { path: BudgetPath },
     #[error("budget {path} has a template; delete the template first (rationctl budget template delete {path})")]
@@ -111,8 +119,10 @@ impl LedgerError {
             | ReleaseBelowReported { .. }
             | RequestTooOld { .. }
             | Frozen { .. }
+            | Halted { .. }
+            | RunEnded { .. }
             | HasTemplate { .. } => ErrorKind::FailedPrecondition,
-            Exhausted { .. } | LedgerFull { .. } | PrincipalLimit { .. } => {
+            Exhausted { .. } | LedgerFull { .. } | PrincipalLimit { .. } | GuardReached { .. } => {
                 ErrorKind::ResourceExhausted
             }
             ForeignLease { .. } | ForeignClient { .. } | NotAuthorized { .. } => {

@@ -340,7 +340,7 @@ fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display
 pub fn render(node: &Node) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let m = node.raft.metrics().borrow().clone();
-    let (applied, budgets, leases, budget_views, total_budgets, ledger_now_ms) = {
+    let (applied, budgets, leases, budget_views, total_budgets, ledger_now_ms, holds) = {
         let state = node.reader.state();
         let views = if m.state == ServerState::Leader {
             state.ledger.budgets(None, None, MAX_BUDGET_SERIES)
@@ -354,6 +354,7 @@ pub fn render(node: &Node) -> String {
             views,
             state.ledger.budget_count(),
             state.ledger.now_ms(),
+            state.ledger.holds(),
         )
     };
     let commit = crate::commit_index(&m).unwrap_or(applied).max(applied);
@@ -458,6 +459,26 @@ pub fn render(node: &Node) -> String {
     );
     gauge(&mut out, "ration_budgets", "Budgets in the ledger.", budgets);
     gauge(&mut out, "ration_live_leases", "Live leases in the ledger.", leases);
+    let (frozen, halted, halted_total) = holds;
+    gauge(
+        &mut out,
+        "ration_budgets_frozen",
+        "Budgets an operator froze (they grant nothing, nor does any budget below them).",
+        frozen,
+    );
+    gauge(
+        &mut out,
+        "ration_runs_halted",
+        "Runs their runaway guard halted that are still halted (alert on any increase of ration_runs_halted_total).",
+        halted,
+    );
+    header(
+        &mut out,
+        "ration_runs_halted_total",
+        "counter",
+        "Runs halted by their runaway guard since the ledger began (replicated: equal on every node).",
+    );
+    let _ = writeln!(out, "ration_runs_halted_total {halted_total}");
     gauge(
         &mut out,
         "ration_audit_records",

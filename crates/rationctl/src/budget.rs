@@ -97,6 +97,15 @@ pub enum TemplateCmd {
         /// ended (30s, 15m, 2h, 7d; `never` keeps them).
         #[arg(long, default_value = "never")]
         idle: String,
+        /// For agent runs: an instance grants nothing once this long has passed
+        /// since it was made, and no lease on it is valid past then (`never`).
+        #[arg(long, default_value = "never")]
+        max_duration: String,
+        /// A runaway guard, UNIT=MAX/DURATION (calls=30/10s): an instance granted
+        /// MAX of UNIT within one DURATION span that asks for more is halted
+        /// (frozen; `budget unfreeze` resumes it). Repeat for more guards.
+        #[arg(long = "guard")]
+        guards: Vec<String>,
     },
     /// Show the template on PARENT.
     Get { parent: String },
@@ -105,13 +114,36 @@ pub enum TemplateCmd {
     Delete { parent: String },
 }
 
+/// `90000` ms as `90s`, `3600000` as `1h`: the largest unit that divides it.
+fn duration(ms: u64) -> String {
+    for (unit, scale) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms >= scale && ms % scale == 0 {
+            return format!("{}{unit}", ms / scale);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// Parses a guard, `UNIT=MAX/DURATION` (`calls=30/10s`).
+pub fn parse_guard(spec: &str) -> anyhow::Result<v1::Guard> {
+    let usage = || anyhow!("bad guard {spec:?}: use UNIT=MAX/DURATION, e.g. calls=30/10s");
+    let (unit, rest) = spec.split_once('=').ok_or_else(usage)?;
+    let (max, per) = rest.split_once('/').ok_or_else(usage)?;
+    let max: i64 = max.trim().parse().map_err(|_| usage())?;
+    let per_ms = parse_idle(per)?;
+    if per_ms == 0 {
+        return Err(usage());
+    }
+    Ok(v1::Guard { unit: unit.trim().to_owned(), max, per_ms })
+}
+
 /// Parses `30s`, `15m`, `2h`, `7d`, a number of ms, or `never` (0).
 pub fn parse_idle(s: &str) -> anyhow::Result<u64> {
     let s = s.trim();
     if s == "never" {
         return Ok(0);
     }
-    if let Ok(ms) = s.parse::<u64>() {
+    if let Ok(ms) = s.trim_end_matches("ms").parse::<u64>() {
         return Ok(ms);
     }
     let (n, unit) = s.split_at(s.len().saturating_sub(1));
@@ -390,6 +422,9 @@ struct BudgetOut {
     limits: Vec<LimitOut>,
     /// It grants nothing, nor does any budget below it.
     frozen: bool,
+    /// Why (an operator froze it, or the runaway guard that halted it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hold: Option<String>,
     /// Made by its parent's template.
     instance: bool,
     template: Option<TemplateOut>,
@@ -403,6 +438,10 @@ struct TemplateOut {
     max_instances: u64,
     /// 0: instances never expire.
     idle_ms: u64,
+    /// 0: runs never end.
+    max_duration_ms: u64,
+    /// Runaway guards, as `--guard` takes them.
+    guards: Vec<String>,
     instances: u64,
 }
 
@@ -425,20 +464,36 @@ fn template_out(parent: &str, t: &v1::Template) -> anyhow::Result<TemplateOut> {
         limits,
         max_instances: t.max_instances,
         idle_ms: t.idle_ms,
+        max_duration_ms: t.max_duration_ms,
+        guards: t
+            .guards
+            .iter()
+            .map(|g| format!("{}={}/{}", g.unit, g.max, duration(g.per_ms)))
+            .collect(),
         instances: t.instances,
     })
 }
 
 fn template_text(t: &TemplateOut) -> String {
-    let idle = if t.idle_ms == 0 { "never".to_owned() } else { crate::time::format_ms(t.idle_ms) };
-    format!(
+    let idle = if t.idle_ms == 0 { "never".to_owned() } else { duration(t.idle_ms) };
+    let mut s = format!(
         "template on {}: {} each; {} of at most {} instances; idle instances expire: {}\n",
         t.parent,
         t.limits.join(" "),
         t.instances,
         t.max_instances,
         idle
-    )
+    );
+    if t.max_duration_ms > 0 {
+        s.push_str(&format!(
+            "  each instance ends {} after it is made\n",
+            duration(t.max_duration_ms)
+        ));
+    }
+    for g in &t.guards {
+        s.push_str(&format!("  runaway guard: {g}\n"));
+    }
+    s
 }
 
 fn budget_out(b: &v1::Budget) -> anyhow::Result<BudgetOut> {
@@ -473,6 +528,7 @@ fn budget_out(b: &v1::Budget) -> anyhow::Result<BudgetOut> {
         live_leases: b.live_leases,
         limits,
         frozen: b.frozen,
+        hold: (!b.hold.is_empty()).then(|| b.hold.clone()),
         instance: b.instance,
         template: b.template.as_ref().map(|t| template_out(&b.path, t)).transpose()?,
     })
@@ -542,6 +598,9 @@ fn table(b: &BudgetOut) -> String {
     let mut s = t.render();
     if b.instance {
         s.push_str("made by its parent's template\n");
+    }
+    if let Some(hold) = &b.hold {
+        s.push_str(&format!("grants nothing: {hold}\n"));
     }
     if let Some(template) = &b.template {
         s.push_str(&template_text(template));
@@ -713,7 +772,14 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
             }
             emit(out, ctx.format, &all, tree)
         }
-        BudgetCmd::Template(TemplateCmd::Set { parent, limits, max_instances, idle }) => {
+        BudgetCmd::Template(TemplateCmd::Set {
+            parent,
+            limits,
+            max_instances,
+            idle,
+            max_duration,
+            guards,
+        }) => {
             let limits = limits
                 .iter()
                 .map(|l| parse_limit(l).and_then(|l| Spec::from_proto(&l)))
@@ -725,6 +791,8 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
                 limits: limits.iter().map(Spec::to_proto).collect(),
                 max_instances,
                 idle_ms: parse_idle(&idle)?,
+                max_duration_ms: parse_idle(&max_duration)?,
+                guards: guards.iter().map(|g| parse_guard(g)).collect::<anyhow::Result<_>>()?,
             };
             let r = ctx
                 .on_ledger(&req, |mut c, r| async move { c.set_template(r).await })

@@ -20,6 +20,13 @@
 //!   in the windows still open. A lifetime limit with spend keeps it forever.
 //! - A frozen budget grants nothing on it or below it (`Frozen`, checked on every
 //!   acquire); reports, releases, renewals and overruns still apply.
+//! - Agent runs: a template may give its instances a longest life (no grant after
+//!   it, no lease valid past it) and runaway guards. A guard caps what one span
+//!   grants in its unit at its maximum (`GuardReached`), and spend counted in one
+//!   span (reported, released, overrun or charged at expiry) that reaches the
+//!   maximum halts the run: it is frozen with the reason (`Halted`), audited as
+//!   `run_halted`, until an operator unfreezes it. So a run spends at most a
+//!   guard's maximum per span, and nothing is granted once it is halted.
 
 use std::collections::BTreeSet;
 
@@ -27,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{BudgetId, Ctx, Ledger, LEDGER_PATH};
 use crate::audit::{AuditKind, AuditRecord, ChainHead};
-use crate::command::{LimitSpec, Outcome, Reply, TemplateSpec};
+use crate::command::{Guard, LimitSpec, Outcome, Reply, TemplateSpec};
 use crate::error::LedgerError;
 use crate::names::{BudgetPath, Principal, Unit};
 use crate::window::MAX_TIME_MS;
@@ -41,14 +48,37 @@ pub(super) struct Template {
     pub(super) limits: Vec<LimitSpec>,
     pub(super) max_instances: u64,
     pub(super) idle_ms: u64,
+    pub(super) max_duration_ms: u64,
+    pub(super) guards: Vec<Guard>,
     /// Derived: the instances it made that still exist.
     pub(super) members: BTreeSet<BudgetId>,
 }
 
-/// A budget a template made: when to look at it next for expiry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A budget a template made: when to look at it next for expiry, when it was
+/// made, and what its guards' current spans granted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Instance {
     pub(super) due_ms: Option<u64>,
+    pub(super) created_ms: u64,
+    /// (unit, span length, span start, granted in the span, consumed in the span),
+    /// one per guard that granted or counted anything.
+    pub(super) spans: Vec<(Unit, u64, u64, u64, u64)>,
+}
+
+/// Why a budget grants nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum Hold {
+    /// An operator froze it.
+    Frozen,
+    /// Its runaway guard tripped.
+    Halted { reason: String },
+}
+
+/// What the guards say about an acquire: grant at most `room`, or nothing until
+/// the span that `guard` is in ends.
+pub(super) enum Guarded {
+    Room(u64),
+    Full { guard: Guard, span_end_ms: u64 },
 }
 
 /// A template as queries see it.
@@ -57,7 +87,24 @@ pub struct TemplateView {
     pub limits: Vec<LimitSpec>,
     pub max_instances: u64,
     pub idle_ms: u64,
+    pub max_duration_ms: u64,
+    pub guards: Vec<Guard>,
     pub instances: u64,
+}
+
+impl Instance {
+    /// (start, granted, consumed) of guard `g`'s span holding `now_ms`.
+    fn span(&self, g: &Guard, now_ms: u64) -> (u64, u64, u64) {
+        let since = now_ms.saturating_sub(self.created_ms);
+        let into = since.checked_rem(g.per_ms).unwrap_or(0);
+        let start = self.created_ms.saturating_add(since.saturating_sub(into));
+        let (granted, consumed) = self
+            .spans
+            .iter()
+            .find(|s| s.0 == g.unit && s.1 == g.per_ms && s.2 == start)
+            .map_or((0, 0), |s| (s.3, s.4));
+        (start, granted, consumed)
+    }
 }
 
 /// How to take back an instance a refused command created.
@@ -122,7 +169,8 @@ impl Ledger {
         if let Some(t) = self.templates.get_mut(&parent) {
             t.members.insert(id);
         }
-        self.instances.insert(id, Instance { due_ms: None });
+        let instance = Instance { due_ms: None, created_ms: self.now_ms, spans: Vec::new() };
+        self.instances.insert(id, instance);
         self.touch_instance(id);
         self.emit_budget(ctx, AuditKind::BudgetCreated, id);
         Ok(Some(undo))
@@ -202,14 +250,18 @@ impl Ledger {
                 self.schedule_instance(id, Some(now.saturating_add(idle_ms)));
                 continue;
             }
-            // The end of the last window that holds spend (or next-window grants).
-            let quiet = b
-                .limits
-                .iter()
-                .filter(|l| l.effective(now).0 > 0 || l.counter.upcoming > 0)
-                .map(|l| l.counter.window_end_ms.max(l.effective(now).2))
-                .max()
-                .unwrap_or(0);
+            // The end of the last window that holds spend (or next-window grants);
+            // a run that has ended grants nothing more, so its spend keeps nothing.
+            let quiet = if self.run_end(id).is_some_and(|end| end <= now) {
+                0
+            } else {
+                b.limits
+                    .iter()
+                    .filter(|l| l.effective(now).0 > 0 || l.counter.upcoming > 0)
+                    .map(|l| l.counter.window_end_ms.max(l.effective(now).2))
+                    .max()
+                    .unwrap_or(0)
+            };
             if quiet > MAX_TIME_MS {
                 continue; // a lifetime limit with spend: kept for good
             }
@@ -245,6 +297,8 @@ impl Ledger {
             limits: spec.limits.clone(),
             max_instances: spec.max_instances,
             idle_ms: spec.idle_ms,
+            max_duration_ms: spec.max_duration_ms,
+            guards: spec.guards.clone(),
             members: members.iter().copied().collect(),
         };
         let idle_changed =
@@ -276,7 +330,7 @@ impl Ledger {
             return Err(LedgerError::TemplateNotFound { path: parent.clone() });
         };
         for member in &template.members {
-            if let Some(Instance { due_ms: Some(due) }) = self.instances.remove(member) {
+            if let Some(Instance { due_ms: Some(due), .. }) = self.instances.remove(member) {
                 self.instance_due.remove(&(due, *member));
             }
         }
@@ -293,7 +347,11 @@ impl Ledger {
 
     pub(super) fn freeze(&mut self, ctx: &mut Ctx<'_>, path: &BudgetPath, frozen: bool) -> Outcome {
         let id = self.budget_id(path)?;
-        let changed = if frozen { self.frozen.insert(id) } else { self.frozen.remove(&id) };
+        let changed = if frozen {
+            self.frozen.insert(id, Hold::Frozen).is_none()
+        } else {
+            self.frozen.remove(&id).is_some()
+        };
         // Every live lease under the budget in a unit draws on each of its limits in
         // that unit: the largest such figure is what they hold.
         let mut held: Vec<(Unit, u64)> = Vec::new();
@@ -311,20 +369,156 @@ impl Ledger {
         Ok(Reply::Frozen { changed, held })
     }
 
-    /// The frozen budget among `id` and its ancestors, if any.
-    pub(super) fn frozen_at(&self, id: BudgetId) -> Option<&BudgetPath> {
+    /// Refuses an acquire on `id` if it or an ancestor is frozen or halted, or it
+    /// is a run that has ended.
+    pub(super) fn check_grants(&self, id: BudgetId) -> Result<(), LedgerError> {
+        if let Some(end) = self.run_end(id).filter(|&end| end <= self.now_ms) {
+            let path = self.budgets[&id].path.clone();
+            return Err(LedgerError::RunEnded { path, ended_at_ms: end });
+        }
         if self.frozen.is_empty() {
-            return None;
+            return Ok(());
         }
         let mut at = Some(id);
         while let Some(b) = at {
             let budget = &self.budgets[&b];
-            if self.frozen.contains(&b) {
-                return Some(&budget.path);
+            match self.frozen.get(&b) {
+                Some(Hold::Frozen) => {
+                    return Err(LedgerError::Frozen { path: budget.path.clone() })
+                }
+                Some(Hold::Halted { reason }) => {
+                    return Err(LedgerError::Halted {
+                        path: budget.path.clone(),
+                        reason: reason.clone(),
+                    })
+                }
+                None => {}
             }
             at = budget.parent;
         }
-        None
+        Ok(())
+    }
+
+    /// When run `id` ends (its template's max duration after it was made).
+    pub(super) fn run_end(&self, id: BudgetId) -> Option<u64> {
+        if self.instances.is_empty() {
+            return None;
+        }
+        let instance = self.instances.get(&id)?;
+        let template = self.templates.get(&self.budgets.get(&id)?.parent?)?;
+        (template.max_duration_ms > 0)
+            .then(|| instance.created_ms.saturating_add(template.max_duration_ms))
+    }
+
+    /// What the guards of instance `id` allow an acquire of `unit` now: the least
+    /// room their current spans have.
+    pub(super) fn guarded(&self, id: BudgetId, unit: &Unit, at_least: u64) -> Guarded {
+        let mut room = u64::MAX;
+        let Some(instance) = self.instances.get(&id) else { return Guarded::Room(room) };
+        let parent = self.budgets[&id].parent;
+        let Some(template) = parent.and_then(|p| self.templates.get(&p)) else {
+            return Guarded::Room(room);
+        };
+        for g in template.guards.iter().filter(|g| g.unit == *unit) {
+            let (start_ms, granted, _) = instance.span(g, self.now_ms);
+            let left = g.max.saturating_sub(granted);
+            if left < at_least {
+                let span_end_ms = start_ms.saturating_add(g.per_ms);
+                return Guarded::Full { guard: g.clone(), span_end_ms };
+            }
+            room = room.min(left);
+        }
+        Guarded::Room(room)
+    }
+
+    /// Counts `granted` (or, with `consumed`, spend) of `unit` in the current span of
+    /// each guard of instance `id`. Spend that reaches a guard's maximum within a
+    /// span halts the run (once): returns the guard and its span's figures.
+    pub(super) fn count_guarded(
+        &mut self,
+        id: BudgetId,
+        unit: &Unit,
+        amount: u64,
+        consumed: bool,
+    ) -> Option<(Guard, u64, u64, u64)> {
+        let now = self.now_ms;
+        let parent = self.budgets.get(&id).and_then(|b| b.parent)?;
+        let template = self.templates.get(&parent)?;
+        let instance = self.instances.get_mut(&id)?;
+        let mut tripped = None;
+        for g in template.guards.iter().filter(|g| g.unit == *unit) {
+            let (start, mut granted, mut spent) = instance.span(g, now);
+            if consumed {
+                spent = spent.saturating_add(amount);
+            } else {
+                granted = granted.saturating_add(amount);
+            }
+            match instance.spans.iter_mut().find(|s| s.0 == g.unit && s.1 == g.per_ms) {
+                Some(s) => (s.2, s.3, s.4) = (start, granted, spent),
+                None => instance.spans.push((g.unit.clone(), g.per_ms, start, granted, spent)),
+            }
+            if consumed && spent >= g.max && tripped.is_none() {
+                tripped = Some((g.clone(), start, granted, spent));
+            }
+        }
+        tripped.filter(|_| !self.frozen.contains_key(&id))
+    }
+
+    /// Counts spend on instance `id` against its guards, and halts it if one trips.
+    pub(super) fn guard_spend(
+        &mut self,
+        index: u64,
+        principal: &Principal,
+        audit: &mut Vec<AuditRecord>,
+        (id, unit, amount): (BudgetId, &Unit, u64),
+    ) {
+        if amount == 0 || self.instances.is_empty() {
+            return;
+        }
+        let Some((guard, start_ms, granted, spent)) = self.count_guarded(id, unit, amount, true)
+        else {
+            return;
+        };
+        let reason = format!(
+            "spent {spent} {} within {} ms of {start_ms} (its guard allows {}; granted {granted})",
+            guard.unit, guard.per_ms, guard.max
+        );
+        self.frozen.insert(id, Hold::Halted { reason });
+        self.halted_total = self.halted_total.saturating_add(1);
+        let path = self.budgets[&id].path.clone();
+        let mut entry = self.base_entry(
+            index,
+            AuditKind::RunHalted,
+            path.clone(),
+            principal.clone(),
+            self.now_ms,
+        );
+        entry.unit = Some(guard.unit.clone());
+        entry.balances = vec![crate::audit::Balance {
+            budget: path,
+            unit: guard.unit,
+            window: crate::window::Window::utc(crate::window::Period::Lifetime),
+            window_start_ms: start_ms,
+            cap: guard.max,
+            consumed: spent,
+            outstanding: granted,
+        }];
+        self.record(audit, entry);
+    }
+
+    /// (budgets frozen by an operator, runs halted now, runs halted ever).
+    pub fn holds(&self) -> (u64, u64, u64) {
+        let halted = self.frozen.values().filter(|h| matches!(h, Hold::Halted { .. })).count();
+        let frozen = self.frozen.len().saturating_sub(halted);
+        (frozen as u64, halted as u64, self.halted_total)
+    }
+
+    /// Why `path` grants nothing, if it is frozen or halted.
+    pub fn hold(&self, path: &BudgetPath) -> Option<String> {
+        match self.frozen.get(self.by_path.get(path)?)? {
+            Hold::Frozen => Some("frozen by an operator".into()),
+            Hold::Halted { reason } => Some(format!("halted by its runaway guard: {reason}")),
+        }
     }
 
     pub fn template(&self, parent: &BudgetPath) -> Option<TemplateView> {
@@ -333,12 +527,14 @@ impl Ledger {
             limits: t.limits.clone(),
             max_instances: t.max_instances,
             idle_ms: t.idle_ms,
+            max_duration_ms: t.max_duration_ms,
+            guards: t.guards.clone(),
             instances: t.members.len() as u64,
         })
     }
 
     pub fn is_frozen(&self, path: &BudgetPath) -> bool {
-        self.by_path.get(path).is_some_and(|id| self.frozen.contains(id))
+        self.by_path.get(path).is_some_and(|id| self.frozen.contains_key(id))
     }
 
     /// Whether `path` was made by a template that still holds it.
@@ -385,7 +581,7 @@ impl Ledger {
                 return Err(format!("a template is on budget id {id}, which does not exist"));
             }
         }
-        for id in &self.frozen {
+        for id in self.frozen.keys() {
             if !self.budgets.contains_key(id) {
                 return Err(format!("budget id {id} is frozen but does not exist"));
             }

@@ -59,17 +59,30 @@ impl Ledger {
             }
         }
 
+        self.check_grants(leaf)?;
+        // A run's runaway guards cap what one span grants (spend reaching one halts
+        // the run: see `guard_spend`).
+        let room = match self.guarded(leaf, &a.unit, at_least) {
+            super::controls::Guarded::Room(room) => room,
+            super::controls::Guarded::Full { guard, span_end_ms } => {
+                return Err(LedgerError::GuardReached {
+                    path: a.budget.clone(),
+                    unit: guard.unit,
+                    max: guard.max,
+                    per_ms: guard.per_ms,
+                    span_end_ms,
+                })
+            }
+        };
+        let run_end = self.run_end(leaf);
         // Decide, touching nothing: the grant is bounded by every limit in the unit on
         // the budget and its ancestors, and by each one's fair share.
-        let mut grant = a.wanted;
+        let mut grant = a.wanted.min(room);
         let mut window_end_ms = u64::MAX;
         // (budget, limit index, whether the lease draws on the limit's next window)
         let mut refs: Vec<(BudgetId, usize, bool)> = Vec::new();
         let mut chain = Vec::new();
         let mut at = Some(leaf);
-        if let Some(path) = self.frozen_at(leaf) {
-            return Err(LedgerError::Frozen { path: path.clone() });
-        }
         while let Some(id) = at {
             let budget = &self.budgets[&id];
             chain.push(id);
@@ -124,8 +137,12 @@ impl Ledger {
             });
         }
 
-        // Leases expire by the end of ledger time at the latest.
-        let expires_at_ms = now.saturating_add(a.ttl_ms).min(window_end_ms).min(MAX_TIME_MS);
+        // Leases expire by the end of ledger time at the latest, and by a run's end.
+        let expires_at_ms = now
+            .saturating_add(a.ttl_ms)
+            .min(window_end_ms)
+            .min(MAX_TIME_MS)
+            .min(run_end.unwrap_or(u64::MAX));
         if expires_at_ms <= now {
             return Err(invalid(
                 "ttl_ms",
@@ -166,6 +183,7 @@ impl Ledger {
             let b = self.budget_mut(id);
             b.live_leases = b.live_leases.saturating_add(1);
         }
+        self.count_guarded(leaf, &a.unit, grant, false);
         let lease_id = LeaseId::from_position(ctx.index, slot);
         self.principals.change(ctx.principal, |u| u.live_leases = u.live_leases.saturating_add(1));
         self.leases.insert(
@@ -256,7 +274,7 @@ impl Ledger {
             None => old_expiry,
         };
         let (granted, counters) = (lease.granted, lease.counters.clone());
-        let (path, unit) = (lease.path.clone(), lease.unit.clone());
+        let (path, unit, leaf) = (lease.path.clone(), lease.unit.clone(), lease.budget);
         let delta = r.consumed_delta;
         let balances = self.update_counters(&counters, |counter| {
             counter.consumed =
@@ -281,6 +299,7 @@ impl Ledger {
                 self.lease_entry(ctx.index, AuditKind::LeaseReported, about, flow, balances, now);
             self.record(ctx.audit, entry);
         }
+        self.guard_spend(ctx.index, ctx.principal, ctx.audit, (leaf, &unit, delta));
         Ok(Reply::Reported {
             lease: r.lease,
             unreported: granted.saturating_sub(reported),
@@ -309,6 +328,8 @@ impl Ledger {
                 let kind = AuditKind::LeaseReleased;
                 let entry = self.lease_entry(ctx.index, kind, about, flow, balances, self.now_ms);
                 self.record(ctx.audit, entry);
+                let spent = (lease.budget, &lease.unit, flow.consumed);
+                self.guard_spend(ctx.index, ctx.principal, ctx.audit, spent);
                 Ok(Reply::Released {
                     lease: r.lease,
                     returned: flow.returned,
@@ -427,6 +448,7 @@ impl Ledger {
         entry.balances = balances;
         self.record(ctx.audit, entry);
         self.touch_instance(leaf);
+        self.guard_spend(ctx.index, ctx.principal, ctx.audit, (leaf, &o.unit, o.amount));
         Ok(Reply::OverrunRecorded { recorded: o.amount, over_cap })
     }
 

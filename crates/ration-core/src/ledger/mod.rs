@@ -309,8 +309,11 @@ pub struct BudgetView {
     pub limits: Vec<LimitView>,
     pub children: u64,
     pub live_leases: u64,
-    /// Frozen: it grants nothing, nor does any budget below it.
+    /// Frozen (by an operator, or halted by a run's guard): it grants nothing, nor
+    /// does any budget below it.
     pub frozen: bool,
+    /// Why it is frozen.
+    pub hold: Option<String>,
     /// Made by its parent's template (and expires when idle, if the template says so).
     pub instance: bool,
     /// The template on it, if any.
@@ -376,9 +379,13 @@ pub struct Ledger {
     /// Derived: instances by when to look at them for expiry.
     #[serde(skip)]
     instance_due: BTreeSet<(u64, BudgetId)>,
-    /// Budgets that grant nothing on them or below them. In the sixth section.
+    /// Budgets that grant nothing on them or below them, and why. In the sixth
+    /// section.
     #[serde(skip)]
-    frozen: BTreeSet<BudgetId>,
+    frozen: BTreeMap<BudgetId, controls::Hold>,
+    /// Runs halted by their guards since the ledger began. In the sixth section.
+    #[serde(skip)]
+    halted_total: u64,
 }
 
 impl Default for Ledger {
@@ -411,7 +418,8 @@ impl Ledger {
             templates: BTreeMap::new(),
             instances: BTreeMap::new(),
             instance_due: BTreeSet::new(),
-            frozen: BTreeSet::new(),
+            frozen: BTreeMap::new(),
+            halted_total: 0,
         }
     }
 

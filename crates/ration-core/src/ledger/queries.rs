@@ -118,7 +118,8 @@ impl Ledger {
             limits,
             children: b.children,
             live_leases: b.live_leases,
-            frozen: id.is_some_and(|id| self.frozen.contains(&id)),
+            frozen: id.is_some_and(|id| self.frozen.contains_key(&id)),
+            hold: self.hold(&b.path),
             instance: id.is_some_and(|id| self.instances.contains_key(&id)),
             template: self.template(&b.path),
         }

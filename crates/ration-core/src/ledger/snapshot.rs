@@ -154,12 +154,16 @@ enum SnapshotFormat<L, X, Y, Z, R, C> {
 /// templates and nothing frozen.
 #[derive(Serialize, Deserialize, Default)]
 struct Controls {
-    /// (budget, limits, max instances, idle ms), in budget id order.
-    templates: Vec<(BudgetId, Vec<crate::command::LimitSpec>, u64, u64)>,
-    /// (instance, when it is looked at next for expiry).
+    /// (budget, limits, max instances, idle ms, max duration ms, guards), in budget
+    /// id order.
+    templates: Vec<TemplateSection>,
     instances: Vec<(BudgetId, super::controls::Instance)>,
-    frozen: Vec<BudgetId>,
+    frozen: Vec<(BudgetId, super::controls::Hold)>,
+    halted_total: u64,
 }
+
+type TemplateSection =
+    (BudgetId, Vec<crate::command::LimitSpec>, u64, u64, u64, Vec<crate::command::Guard>);
 
 /// Only the first layout, for tests that write an older snapshot.
 #[cfg(test)]
@@ -228,10 +232,14 @@ impl Ledger {
             templates: self
                 .templates
                 .iter()
-                .map(|(id, t)| (*id, t.limits.clone(), t.max_instances, t.idle_ms))
+                .map(|(id, t)| {
+                    let limits = t.limits.clone();
+                    (*id, limits, t.max_instances, t.idle_ms, t.max_duration_ms, t.guards.clone())
+                })
                 .collect(),
-            instances: self.instances.iter().map(|(id, i)| (*id, *i)).collect(),
-            frozen: self.frozen.iter().copied().collect(),
+            instances: self.instances.iter().map(|(id, i)| (*id, i.clone())).collect(),
+            frozen: self.frozen.iter().map(|(id, h)| (*id, h.clone())).collect(),
+            halted_total: self.halted_total,
         };
         postcard::to_stdvec(&SnapshotFormat::V6(self, extra, next, principals, roles, controls))
             .expect("encoding into a Vec cannot fail")
@@ -275,13 +283,22 @@ impl Ledger {
         ledger.templates = controls
             .templates
             .into_iter()
-            .map(|(id, limits, max_instances, idle_ms)| {
+            .map(|(id, limits, max_instances, idle_ms, max_duration_ms, guards)| {
                 let members = std::collections::BTreeSet::new();
-                (id, super::controls::Template { limits, max_instances, idle_ms, members })
+                let t = super::controls::Template {
+                    limits,
+                    max_instances,
+                    idle_ms,
+                    max_duration_ms,
+                    guards,
+                    members,
+                };
+                (id, t)
             })
             .collect();
         ledger.instances = controls.instances.into_iter().collect();
         ledger.frozen = controls.frozen.into_iter().collect();
+        ledger.halted_total = controls.halted_total;
         ledger.restore_roles(roles);
         ledger.principals.limits = principals.limits;
         ledger.principals.creators = principals.creators.into_iter().collect();

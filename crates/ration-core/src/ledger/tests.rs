@@ -1216,6 +1216,8 @@ fn template(parent: &str, limits: Vec<LimitSpec>, max_instances: u64, idle_ms: u
         limits,
         max_instances,
         idle_ms,
+        max_duration_ms: 0,
+        guards: Vec::new(),
     })
 }
 
@@ -1467,4 +1469,117 @@ fn a_template_keeps_its_budget_and_removing_it_keeps_its_instances() {
         let e = h.run("ops", bad).unwrap_err();
         assert!(matches!(&e, LedgerError::InvalidArgument { field: f, .. } if f == field), "{e}");
     }
+}
+
+/// runs (usd 1000 lifetime) with a run template: 500 usd and 100 calls each,
+/// runs last 10 minutes, guard: at most 10 calls per 10 s.
+fn runs(idle_ms: u64) -> H {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("runs", vec![limit("tokens", 1000, Period::Lifetime)])));
+    let t = crate::command::TemplateSpec {
+        parent: path("runs"),
+        limits: vec![limit("tokens", 500, Period::Lifetime), limit("calls", 100, Period::Lifetime)],
+        max_instances: 100,
+        idle_ms,
+        max_duration_ms: 10 * MIN,
+        guards: vec![crate::command::Guard { unit: unit("calls"), max: 10, per_ms: 10_000 }],
+    };
+    h.ok("ops", Op::SetTemplate(t));
+    h
+}
+
+fn calls(p: &str, wanted: u64, min: u64) -> Op {
+    Op::Acquire(Acquire { budget: path(p), unit: unit("calls"), wanted, min, ttl_ms: MIN })
+}
+
+#[test]
+fn a_runaway_guard_caps_each_span_and_halts_a_run_whose_spend_reaches_it() {
+    let mut h = runs(0);
+    let a = h.grant("gw-1", calls("runs/r1", 8, 1));
+    assert_eq!(a.granted, 8);
+    // The guard caps the span: 2 are left of 10, and asking is no offence.
+    let b = h.grant("gw-2", calls("runs/r1", 5, 1));
+    assert_eq!(b.granted, 2);
+    let e = h.run("gw-1", calls("runs/r1", 4, 1)).unwrap_err();
+    assert!(matches!(e, LedgerError::GuardReached { max: 10, .. }), "{e}");
+    assert_eq!(e.kind(), crate::error::ErrorKind::ResourceExhausted);
+    assert!(!h.ledger.is_frozen(&path("runs/r1")));
+    // Spend: 8 reported, then 2 released: 10 in the span reaches the guard.
+    h.ok("gw-1", Op::Report(Report { lease: a.lease, consumed_delta: 8, renew_ttl_ms: None }));
+    assert!(!h.ledger.is_frozen(&path("runs/r1")));
+    let before = h.log.records().len();
+    h.ok("gw-2", Op::Release(Release { lease: b.lease, consumed_total: 2 }));
+    let r = h.log.records().last().unwrap();
+    assert_eq!(h.log.records().len(), before + 2, "the release, then the halt");
+    assert_eq!((r.entry.kind, r.entry.principal.as_str()), (AuditKind::RunHalted, "gw-2"));
+    assert_eq!((r.entry.balances[0].cap, r.entry.balances[0].consumed), (10, 10));
+    assert_eq!(h.ledger.holds(), (0, 1, 1));
+    let v = h.ledger.budget(&path("runs/r1")).unwrap();
+    assert!(v.frozen && v.hold.as_deref().unwrap().contains("runaway guard"));
+    // Halted for every unit and gateway, also in a later span; settling still works.
+    h.tick(10_000);
+    for op in [calls("runs/r1", 1, 1), acquire("runs/r1", 1, 1, MIN)] {
+        let e = h.run("gw-3", op).unwrap_err();
+        assert!(
+            matches!(&e, LedgerError::Halted { reason, .. } if reason.contains("spent 10 calls")),
+            "{e}"
+        );
+    }
+    h.ok("gw-1", Op::Release(Release { lease: a.lease, consumed_total: 8 }));
+    // Other runs are untouched; an operator can resume it, in a new span.
+    h.ok("gw-1", calls("runs/r2", 1, 1));
+    h.ok("ops", Op::Freeze { path: path("runs/r1"), frozen: false });
+    assert_eq!(h.grant("gw-1", calls("runs/r1", 20, 1)).granted, 10, "a new span");
+    assert_eq!(h.ledger.holds(), (0, 0, 1));
+    // A snapshot keeps the spans and the count.
+    let restored = Ledger::restore(&h.ledger.snapshot()).unwrap();
+    assert_eq!(restored.holds(), (0, 0, 1));
+    assert_eq!(restored.snapshot(), h.ledger.snapshot());
+}
+
+#[test]
+fn spend_charged_at_expiry_or_overrun_counts_against_a_guard() {
+    let mut h = runs(0);
+    h.grant("gw-1", calls("runs/r1", 10, 1));
+    h.tick(MIN);
+    // The lease expired unreported: its 10 were charged, and that is spend.
+    let v = h.ledger.budget(&path("runs/r1")).unwrap();
+    assert!(v.frozen, "{:?}", v.hold);
+    let mut h = runs(0);
+    h.grant("gw-1", calls("runs/r2", 1, 1));
+    let o = Op::Overrun(crate::command::Overrun {
+        budget: path("runs/r2"),
+        unit: unit("calls"),
+        amount: 10,
+    });
+    h.ok("gw-1", o);
+    assert!(h.ledger.is_frozen(&path("runs/r2")));
+    // A run that was never made by an overrun is made, and halted, by it.
+    let o = Op::Overrun(crate::command::Overrun {
+        budget: path("runs/r3"),
+        unit: unit("calls"),
+        amount: 11,
+    });
+    h.ok("gw-1", o);
+    assert!(h.ledger.is_frozen(&path("runs/r3")) && h.ledger.is_instance(&path("runs/r3")));
+}
+
+#[test]
+fn a_run_grants_nothing_past_its_max_duration_and_then_expires() {
+    let mut h = runs(MIN);
+    let g = h.grant("gw-1", acquire("runs/r1", 100, 1, 3_600_000));
+    assert!(g.expires_at_ms <= T0 + 10 * MIN, "a lease never outlives its run");
+    h.now += 9 * MIN;
+    let g2 = h.grant("gw-1", acquire("runs/r1", 10, 1, MIN));
+    assert_eq!(g2.expires_at_ms, T0 + 10 * MIN, "cut at the run's end");
+    h.ok("gw-1", Op::Release(Release { lease: g2.lease, consumed_total: 10 }));
+    h.now += MIN;
+    let e = h.run("gw-1", acquire("runs/r1", 1, 1, MIN)).unwrap_err();
+    assert!(matches!(e, LedgerError::RunEnded { ended_at_ms, .. } if ended_at_ms == T0 + 10 * MIN));
+    // Its first lease expired at the end and was charged; with nothing live, the
+    // ended run is deleted after an idle minute although its limits are lifetime.
+    assert_eq!(h.usage("runs/r1"), (110, 0));
+    h.tick(MIN + 1);
+    assert!(h.ledger.budget(&path("runs/r1")).is_none());
+    assert_eq!(h.usage("runs"), (110, 0), "the parent keeps the run's spend");
 }

@@ -52,6 +52,8 @@ impl Ledger {
             let kind = AuditKind::LeaseExpired;
             let entry = self.lease_entry(index, kind, about, flow, balances, effective);
             self.record(audit, entry);
+            let spent = (lease.budget, &lease.unit, flow.charged);
+            self.guard_spend(index, &lease.principal, audit, spent);
             let forget_at_ms = expires_at_ms.saturating_add(self.config.expired_retention_ms);
             self.expired.insert(
                 id,

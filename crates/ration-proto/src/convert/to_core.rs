@@ -132,6 +132,18 @@ pub fn set_template(r: &v1::SetTemplateRequest) -> Result<Request, Status> {
         limits: r.limits.iter().map(limit).collect::<Result<_, _>>()?,
         max_instances: r.max_instances,
         idle_ms: r.idle_ms,
+        max_duration_ms: r.max_duration_ms,
+        guards: r
+            .guards
+            .iter()
+            .map(|g| {
+                Ok(ration_core::command::Guard {
+                    unit: unit(&g.unit)?,
+                    max: amount("guards.max", g.max)?,
+                    per_ms: g.per_ms,
+                })
+            })
+            .collect::<Result<_, Status>>()?,
     });
     request(r.meta.as_ref(), op)
 }

@@ -198,7 +198,18 @@ pub fn budget(v: &BudgetView) -> v1::Budget {
             max_instances: t.max_instances,
             idle_ms: t.idle_ms,
             instances: t.instances,
+            max_duration_ms: t.max_duration_ms,
+            guards: t
+                .guards
+                .iter()
+                .map(|g| v1::Guard {
+                    unit: g.unit.to_string(),
+                    max: to_i64(g.max),
+                    per_ms: g.per_ms,
+                })
+                .collect(),
         }),
+        hold: v.hold.clone().unwrap_or_default(),
     }
 }
 
