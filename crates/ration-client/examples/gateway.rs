@@ -15,6 +15,14 @@
 //! tokens a minute) if they do not exist. Each call reserves prompt + max_tokens on
 //! `demo/app`, "runs the model" (a random completion length), and settles the real
 //! count: the rest returns to the local allowance at once.
+//!
+//! A call may name a user or an agent run: `&user=alice` spends on
+//! `<--users>/alice` (default `demo/users/alice`), `&run=r-42` on `<--runs>/r-42`
+//! (default `demo/runs/r-42`). Such a call reserves tokens and their price in
+//! `usd_micros` (`--usd-micros-per-token`), and a run's call also one unit of
+//! `calls`. The budgets are made by the templates an operator puts on the parents
+//! (`rationctl budget template set`): the first call for a new user or run makes
+//! its budget.
 
 #![allow(clippy::unwrap_used)]
 
@@ -34,10 +42,17 @@ const BUDGET: &str = "demo/app";
 struct Call {
     prompt_tokens: u64,
     max_tokens: u64,
+    /// Spend on this user's budget (made by the template on `--users`).
+    user: Option<String>,
+    /// Spend on this agent run's budget (made by the template on `--runs`).
+    run: Option<String>,
 }
 
 struct App {
     sdk: Arc<Sdk>,
+    users: String,
+    runs: String,
+    usd_micros_per_token: u64,
     /// The budget's tokens, resolved once: each call reserves without lookups.
     tokens_of: ration_client::Reserver<1>,
     admitted: AtomicU64,
@@ -51,6 +66,15 @@ async fn complete(
     Query(call): Query<Call>,
 ) -> (StatusCode, Json<json::Value>) {
     let reserve = call.prompt_tokens.saturating_add(call.max_tokens);
+    let named = match (&call.user, &call.run) {
+        (Some(user), None) => Some((format!("{}/{user}", app.users), false)),
+        (None, Some(run)) => Some((format!("{}/{run}", app.runs), true)),
+        (None, None) => None,
+        (Some(_), Some(_)) => return (StatusCode::BAD_REQUEST, Json(json::bad())),
+    };
+    if let Some((budget, run)) = named {
+        return complete_for(&app, &call, &budget, run, reserve).await;
+    }
     let Some(reservation) = app.tokens_of.reserve([reserve]) else {
         app.refused.fetch_add(1, Ordering::Relaxed);
         return (StatusCode::TOO_MANY_REQUESTS, Json(json::refused(reserve)));
@@ -60,6 +84,36 @@ async fn complete(
     let completion = if call.max_tokens == 0 { 0 } else { r % (call.max_tokens + 1) };
     let used = call.prompt_tokens + completion;
     reservation.settle([used]);
+    app.admitted.fetch_add(1, Ordering::Relaxed);
+    app.tokens.fetch_add(used, Ordering::Relaxed);
+    (StatusCode::OK, Json(json::admitted(used, reserve - used)))
+}
+
+/// A call on a user's or a run's budget: tokens and their price, and for a run one
+/// call; all or nothing.
+async fn complete_for(
+    app: &App,
+    call: &Call,
+    budget: &str,
+    run: bool,
+    reserve: u64,
+) -> (StatusCode, Json<json::Value>) {
+    let price = |tokens: u64| tokens.saturating_mul(app.usd_micros_per_token);
+    let mut wants = vec![(budget, "tokens", reserve), (budget, "usd_micros", price(reserve))];
+    if run {
+        wants.push((budget, "calls", 1));
+    }
+    // A new user's or run's first call waits for its first lease (its budget is
+    // made by that acquire).
+    let first = std::time::Duration::from_secs(2);
+    let Some(reservation) = app.sdk.reserve_waiting(&wants, first).await else {
+        app.refused.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::TOO_MANY_REQUESTS, Json(json::refused(reserve)));
+    };
+    let r = app.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed).rotate_left(17);
+    let completion = if call.max_tokens == 0 { 0 } else { r % (call.max_tokens + 1) };
+    let used = call.prompt_tokens + completion;
+    reservation.settle(&[used, price(used), 1]);
     app.admitted.fetch_add(1, Ordering::Relaxed);
     app.tokens.fetch_add(used, Ordering::Relaxed);
     (StatusCode::OK, Json(json::admitted(used, reserve - used)))
@@ -79,6 +133,9 @@ async fn stats(State(app): State<Arc<App>>) -> Json<json::Value> {
 /// Replies as flat JSON objects.
 mod json {
     pub type Value = std::collections::BTreeMap<&'static str, u64>;
+    pub fn bad() -> Value {
+        Value::from([("admitted", 0), ("bad_request", 1)])
+    }
     pub fn refused(reserve: u64) -> Value {
         Value::from([("admitted", 0), ("wanted", reserve)])
     }
@@ -121,6 +178,15 @@ struct Args {
     cert: Option<std::path::PathBuf>,
     #[arg(long, env = "RATION_KEY")]
     key: Option<std::path::PathBuf>,
+    /// Where `&user=NAME` calls spend: NAME's budget under this parent.
+    #[arg(long, default_value = "demo/users")]
+    users: String,
+    /// Where `&run=ID` calls spend: the run's budget under this parent.
+    #[arg(long, default_value = "demo/runs")]
+    runs: String,
+    /// The price a user's or run's call is charged in usd_micros per token.
+    #[arg(long, default_value_t = 2)]
+    usd_micros_per_token: u64,
 }
 
 /// How the gateway reaches the cluster: TLS (if any) and the principal it acts as.
@@ -259,6 +325,9 @@ async fn main() -> anyhow::Result<()> {
     let app = Arc::new(App {
         tokens_of: sdk.reserver([(BUDGET, "tokens")]),
         sdk,
+        users: args.users.clone(),
+        runs: args.runs.clone(),
+        usd_micros_per_token: args.usd_micros_per_token,
         admitted: AtomicU64::new(0),
         refused: AtomicU64::new(0),
         tokens: AtomicU64::new(0),

@@ -412,6 +412,34 @@ impl Sdk {
         self.gateway.reserve(wants)
     }
 
+    /// As [`Sdk::reserve`], but a pair the ledger has not answered yet (a budget
+    /// first used now, such as a new user's or run's, made by a template on its
+    /// first acquire) is waited for, up to `wait`: a first call is not refused only
+    /// because no lease was asked for before it. Once every pair was answered, it
+    /// tries for at most five refill periods more (the first lease is sized before
+    /// any demand is known; the refusal counts as demand for the next).
+    pub async fn reserve_waiting(
+        &self,
+        wants: &[(&str, &str, u64)],
+        wait: Duration,
+    ) -> Option<Reservation> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut answered_by: Option<tokio::time::Instant> = None;
+        loop {
+            if let Some(r) = self.reserve(wants) {
+                return Some(r);
+            }
+            let now = tokio::time::Instant::now();
+            if answered_by.is_none() && wants.iter().all(|(b, u, _)| self.answered(b, u)) {
+                answered_by = Some(now + self.config.refresh * 5);
+            }
+            if now >= deadline || answered_by.is_some_and(|by| now >= by) {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// How much spend to hold: the configured horizon, or more when the cluster's
     /// Raft timings say a failover may take longer (voters in distant regions):
     /// half of what is held (the low-water mark) must outlast the longest failover

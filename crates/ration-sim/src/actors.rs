@@ -517,16 +517,20 @@ pub(crate) struct Plan {
     /// Each leaf's static allowance in tokens, if it declares one (the root then
     /// declares [`ROOT_STATIC_ALLOWANCE`]), in the order of [`LEAVES`].
     pub(crate) leaf_static: [Option<u64>; LEAVES.len()],
+    /// The leaves without a static allowance are made by a template on the root
+    /// (`SimConfig::templates`).
+    pub(crate) templated: bool,
 }
 
 impl Plan {
     /// Lifetime caps only, every budget failing closed: the tree before issue 12.
     pub(crate) fn plain(cap: u64) -> Self {
-        Self { cap, extended: false, leaf_static: [None; LEAVES.len()] }
+        Self { cap, extended: false, leaf_static: [None; LEAVES.len()], templated: false }
     }
 
     pub(crate) fn draw(cfg: &SimConfig, rng: &mut StdRng) -> Self {
         let mut plan = Self::plain(cfg.cap);
+        plan.templated = cfg.templates;
         if cfg.extended {
             plan.extended = true;
             for s in &mut plan.leaf_static {
@@ -560,6 +564,36 @@ impl Plan {
         LEAVES.iter().map(|l| self.lease_ttl(l)).max().unwrap_or(SDK_LEASE_TTL)
     }
 
+    /// The leaves the root's template makes.
+    pub(crate) fn templated_leaves(&self) -> Vec<&'static str> {
+        LEAVES
+            .iter()
+            .zip(self.leaf_static)
+            .filter(|(_, s)| self.templated && s.is_none())
+            .map(|(l, _)| *l)
+            .collect()
+    }
+
+    /// The root's template, if the plan has one: each leaf it makes gets what a
+    /// created leaf failing closed gets.
+    fn template(&self) -> Option<v1::SetTemplateRequest> {
+        let limit = v1::Limit {
+            unit: UNIT.into(),
+            cap: (self.cap / 2) as i64,
+            window: Some(v1::Window { period: v1::Period::Lifetime as i32, offset_minutes: 0 }),
+            static_allowance: None,
+        };
+        self.templated.then(|| v1::SetTemplateRequest {
+            meta: None,
+            parent: ROOT.into(),
+            limits: vec![limit],
+            max_instances: LEAVES.len() as u64,
+            idle_ms: 0,
+            max_duration_ms: 0,
+            guards: Vec::new(),
+        })
+    }
+
     /// Each budget to create, with its limits, parents first.
     fn budgets(&self) -> Vec<(String, Vec<v1::Limit>)> {
         let limit =
@@ -584,6 +618,9 @@ impl Plan {
             (LIVE_BUDGET.to_owned(), vec![limit(UNIT, LIVE_BUDGET_CAP_TOKENS, lifetime, None)]),
         ];
         for (leaf, static_allowance) in LEAVES.iter().zip(self.leaf_static) {
+            if self.templated && static_allowance.is_none() {
+                continue; // made by the root's template
+            }
             // The leaves together may spend more than the root: the root binds.
             let cap = self.cap / 2;
             let static_allowance = static_allowance.map(|a| a.min(cap));
@@ -828,7 +865,34 @@ pub(crate) async fn setup_budgets(
     endpoints: &[String],
     plan: &Plan,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let meta = |request_id: u64| {
+        Some(v1::RequestMeta {
+            client_id: "operator".into(),
+            request_id,
+            principal: "operator".into(),
+        })
+    };
     for (i, (path, limits)) in plan.budgets().into_iter().enumerate() {
+        // The template goes on the root before any leaf could be asked for.
+        if i == 1 {
+            if let Some(mut t) = plan.template() {
+                t.meta = meta(1_000);
+                let mut done = false;
+                for attempt in 0..SETUP_MAX_ATTEMPTS {
+                    let at = &endpoints[attempt % endpoints.len()];
+                    let mut c =
+                        v1::ledger_client::LedgerClient::new(net::channel(at, CLIENT_RPC_TIMEOUT));
+                    if c.set_template(t.clone()).await.is_ok() {
+                        done = true;
+                        break;
+                    }
+                    tokio::time::sleep(SETUP_RETRY_INTERVAL).await;
+                }
+                if !done {
+                    return Err("could not set the root's template".into());
+                }
+            }
+        }
         let req = v1::CreateBudgetRequest {
             meta: Some(v1::RequestMeta {
                 client_id: "operator".into(),

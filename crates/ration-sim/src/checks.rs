@@ -72,6 +72,10 @@ pub enum CheckError {
     /// released, every overrun reported) is not what its gateways admitted.
     #[error("gateways admitted {admitted} units from {budget}, but the ledger counts {consumed} consumed ({outstanding} outstanding)")]
     SpendMismatch { budget: String, admitted: u64, consumed: u64, outstanding: u64 },
+    /// A leaf the root's template makes was made more than once, or exists without
+    /// being an instance of it.
+    #[error("leaf {budget}, made by the root's template: created {created} time(s), instance: {instance}")]
+    Template { budget: String, created: usize, instance: bool },
     /// After healing, the overruns the ledger counted on the root are not those the
     /// gateways' SDKs recorded.
     #[error("the gateways' SDKs recorded {recorded} units of overruns, but the ledger counts {ledger} on {budget}")]
@@ -413,6 +417,7 @@ pub(crate) fn applied(shared: &Shared) -> Vec<String> {
 /// in the rest of `report`.
 pub(crate) fn check_final(
     cfg: &SimConfig,
+    templated: &[&'static str],
     shared: &Shared,
     disks: &BTreeMap<u64, MemDisk>,
     observed: &Observed,
@@ -520,6 +525,21 @@ pub(crate) fn check_final(
                 consumed: f.consumed,
                 outstanding: f.outstanding,
             });
+        }
+    }
+    // Leaves made by the root's template: made once each (gateways raced for them
+    // under faults), and still instances of it.
+    for leaf in templated {
+        let created = records
+            .iter()
+            .filter(|r| {
+                r.entry.kind == AuditKind::BudgetCreated && r.entry.budget.as_str() == *leaf
+            })
+            .count();
+        let exists = BudgetPath::new(*leaf).is_ok_and(|p| state.ledger.budget(&p).is_some());
+        let instance = BudgetPath::new(*leaf).is_ok_and(|p| state.ledger.is_instance(&p));
+        if created != usize::from(exists) || exists != instance {
+            return Err(CheckError::Template { budget: (*leaf).into(), created, instance });
         }
     }
     drop(state);

@@ -70,6 +70,17 @@ fn regions_for(seed: u64) -> bool {
     }
 }
 
+/// Whether a seed of the scans (and its replay) has its fail-closed leaves made by a
+/// template on the root (`SimConfig::templates`, issue 20): one seed in two, or
+/// every seed with `RATION_SIM_TEMPLATES=1`, none with `RATION_SIM_TEMPLATES=0`.
+fn templates_for(seed: u64) -> bool {
+    match std::env::var("RATION_SIM_TEMPLATES").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => seed % 2 == 0,
+    }
+}
+
 /// Runs `seeds` with `nodes` voters; prints a summary; returns the failures.
 fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) {
     let started = std::time::Instant::now();
@@ -87,7 +98,8 @@ fn run_seeds(seeds: std::ops::Range<u64>, nodes: u64) -> (Totals, Vec<Failure>) 
         let wal = std::env::var("RATION_SIM_WAL").map_or(true, |v| v != "0");
         let extended = std::env::var("RATION_SIM_EXTENDED").map_or(true, |v| v != "0");
         let regions = regions_for(seed);
-        match run(&SimConfig { nodes, wal, extended, regions, ..SimConfig::new(seed) }) {
+        let templates = templates_for(seed);
+        match run(&SimConfig { nodes, wal, extended, regions, templates, ..SimConfig::new(seed) }) {
             Ok(r) => {
                 totals.region_runs += u64::from(regions);
                 if std::env::var_os("RATION_SIM_VERBOSE").is_some() {
@@ -387,7 +399,16 @@ fn replay() {
     let wal = std::env::var("RATION_SIM_WAL").map_or(true, |v| v != "0");
     let extended = std::env::var("RATION_SIM_EXTENDED").map_or(true, |v| v != "0");
     let regions = regions_for(seed);
-    let config = SimConfig { nodes, disk_failures, wal, extended, regions, ..SimConfig::new(seed) };
+    let templates = templates_for(seed);
+    let config = SimConfig {
+        nodes,
+        disk_failures,
+        wal,
+        extended,
+        regions,
+        templates,
+        ..SimConfig::new(seed)
+    };
     match run(&config) {
         Ok(r) => eprintln!("{r:#?}"),
         Err(f) => panic!("{f}"),
