@@ -76,7 +76,7 @@ pub fn unit(period: v1::Period) -> Unit {
         v1::Period::Day => Unit::Day,
         v1::Period::Week => Unit::Week,
         v1::Period::Month => Unit::Month,
-        v1::Period::Lifetime | v1::Period::Unspecified => Unit::Unknown,
+        v1::Period::Lifetime | v1::Period::Concurrent | v1::Period::Unspecified => Unit::Unknown,
     }
 }
 

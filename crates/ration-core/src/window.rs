@@ -37,6 +37,12 @@ pub enum Period {
     Month,
     /// Never rolls over.
     Lifetime,
+    /// Units in flight: a limit on how many units live leases hold at once. It
+    /// never rolls over and counts nothing as consumed: what a lease held comes
+    /// back when it is released, whatever it reports, or when it expires (a
+    /// crashed gateway's units come back then). For calls in flight, one lease per
+    /// call (`Sdk::slot`).
+    Concurrent,
 }
 
 impl Period {
@@ -48,6 +54,7 @@ impl Period {
             Period::Week => "week",
             Period::Month => "month",
             Period::Lifetime => "lifetime",
+            Period::Concurrent => "concurrent",
         }
     }
 }
@@ -75,10 +82,10 @@ impl Window {
                 ),
             });
         }
-        if period == Period::Lifetime && offset_minutes != 0 {
+        if matches!(period, Period::Lifetime | Period::Concurrent) && offset_minutes != 0 {
             return Err(LedgerError::InvalidArgument {
                 field: "window.offset_minutes".into(),
-                reason: "a lifetime window takes no offset".into(),
+                reason: format!("a {} window takes no offset", period.name()),
             });
         }
         Ok(Self { period, offset_minutes })
@@ -95,7 +102,7 @@ impl Window {
     /// The window instance holding `t_ms`: `[start, end)`. A lifetime window is
     /// `[0, u64::MAX)`.
     pub fn bounds(self, t_ms: u64) -> (u64, u64) {
-        if self.period == Period::Lifetime {
+        if matches!(self.period, Period::Lifetime | Period::Concurrent) {
             return (0, u64::MAX);
         }
         let offset_ms = i64::from(self.offset_minutes) * MINUTE_MS;
@@ -116,7 +123,7 @@ impl Window {
                 let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
                 (days_from_civil(y, m, 1) * DAY_MS, days_from_civil(ny, nm, 1) * DAY_MS)
             }
-            Period::Lifetime => unreachable!("handled above"),
+            Period::Lifetime | Period::Concurrent => unreachable!("handled above"),
         };
         (to_utc(start - offset_ms).min(MAX_TIME_MS), to_utc(end - offset_ms).min(MAX_TIME_MS + 1))
     }

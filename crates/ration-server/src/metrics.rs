@@ -682,13 +682,16 @@ pub fn render(node: &Node) -> String {
         ),
         (
             "ration_budget_window_remaining_seconds",
-            "Ledger time left in the limit's current window (no series for lifetime limits).",
+            "Ledger time left in the limit's current window (no series for lifetime or concurrent limits).",
         ),
     ] {
         header(&mut out, name, "gauge", help);
         for b in &budget_views {
             for l in &b.limits {
-                let lifetime = l.spec.window.period() == ration_core::Period::Lifetime;
+                let lifetime = matches!(
+                    l.spec.window.period(),
+                    ration_core::Period::Lifetime | ration_core::Period::Concurrent
+                );
                 #[allow(clippy::cast_precision_loss)] // ms to seconds, for display
                 let value = match name {
                     "ration_budget_cap" => l.spec.cap as f64,

@@ -26,7 +26,8 @@ pub enum BudgetCmd {
         /// Its path: `acme`, `acme/search`, ... (the parent must exist).
         path: String,
         /// A limit: UNIT=CAP/WINDOW[,static=N]. WINDOW is minute, hour, day, week,
-        /// month or lifetime, optionally at a UTC offset (day+05:30). static=N lets
+        /// month, lifetime or concurrent (units in flight), optionally at a UTC
+        /// offset (day+05:30). static=N lets
         /// a gateway cut off from the cluster spend N (default: fail closed). On an
         /// existing budget this replaces its UNIT/WINDOW limit, or adds one.
         #[arg(long = "limit", required = true)]
@@ -218,7 +219,8 @@ pub fn parse_window(s: &str) -> anyhow::Result<Window> {
         "week" => Period::Week,
         "month" => Period::Month,
         "lifetime" => Period::Lifetime,
-        _ => bail!("unknown window {name:?}: use minute, hour, day, week, month or lifetime"),
+        "concurrent" => Period::Concurrent,
+        _ => bail!("unknown window {name:?}: use minute, hour, day, week, month, lifetime or concurrent"),
     };
     let minutes = if offset.is_empty() {
         0
@@ -503,7 +505,7 @@ fn budget_out(b: &v1::Budget) -> anyhow::Result<BudgetOut> {
         .map(|l| {
             let spec = Spec::from_proto(&l.limit.clone().unwrap_or_default())
                 .map_err(|e| anyhow!("budget {} as sent by the server: {e}", b.path))?;
-            let lifetime = spec.window.period() == Period::Lifetime;
+            let lifetime = matches!(spec.window.period(), Period::Lifetime | Period::Concurrent);
             Ok(LimitOut {
                 window: spec.window.to_string(),
                 on_unreachable: OnUnreachable::of(spec.static_allowance),
@@ -570,7 +572,8 @@ fn rows(t: &mut Table, label: &str, b: &BudgetOut) {
     }
     for (i, l) in b.limits.iter().enumerate() {
         let mut row = if i == 0 { own.to_vec() } else { vec![String::new(); own.len()] };
-        let lifetime = l.window == Period::Lifetime.name();
+        let lifetime =
+            l.window == Period::Lifetime.name() || l.window == Period::Concurrent.name();
         row.extend([
             l.unit.clone(),
             l.window.clone(),

@@ -276,9 +276,12 @@ impl Ledger {
         let (granted, counters) = (lease.granted, lease.counters.clone());
         let (path, unit, leaf) = (lease.path.clone(), lease.unit.clone(), lease.budget);
         let delta = r.consumed_delta;
-        let balances = self.update_counters(&counters, |counter| {
-            counter.consumed =
-                counter.consumed.checked_add(delta).expect("invariant: consumed <= cap");
+        let balances = self.update_counters(&counters, |spec, counter| {
+            // Units in flight come back as they are spent: nothing is consumed.
+            if super::counts_spend(spec) {
+                counter.consumed =
+                    counter.consumed.checked_add(delta).expect("invariant: consumed <= cap");
+            }
             counter.outstanding = counter
                 .outstanding
                 .checked_sub(delta)
@@ -362,11 +365,11 @@ impl Ledger {
                 self.budgets
                     .get(&c.budget)
                     .and_then(|b| b.limits.iter().find(|l| l.counter.id == c.counter))
-                    .is_some_and(|l| l.effective(now).1 < e.window_end_ms)
+                    .is_some_and(|l| l.counts_spend() && l.effective(now).1 < e.window_end_ms)
             })
             .collect();
         let (kind, flow, balances) = if !open.is_empty() {
-            let balances = self.update_counters(&open, |counter| {
+            let balances = self.update_counters(&open, |_, counter| {
                 counter.consumed = counter
                     .consumed
                     .checked_sub(refund)
@@ -400,8 +403,12 @@ impl Ledger {
         let mut at = Some(leaf);
         while let Some(id) = at {
             let budget = &self.budgets[&id];
-            for (i, limit) in
-                budget.limits.iter().enumerate().filter(|(_, l)| l.spec.unit == o.unit)
+            // An overrun is spend: a limit on units in flight does not count it.
+            for (i, limit) in budget
+                .limits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.spec.unit == o.unit && l.counts_spend())
             {
                 let (consumed, _, _) = limit.effective(now);
                 // Overruns pile up only until an operator notices; keep every sum
@@ -490,8 +497,10 @@ impl Ledger {
                 }
                 None => panic!("invariant: a live lease's holder is counted"),
             }
-            counter.consumed =
-                counter.consumed.checked_add(consumed).expect("invariant: consumed <= cap");
+            if super::counts_spend(&limit.spec) {
+                counter.consumed =
+                    counter.consumed.checked_add(consumed).expect("invariant: consumed <= cap");
+            }
             balances.push(if next {
                 limit.upcoming_balance(&b.path)
             } else {

@@ -113,6 +113,13 @@ struct Limit {
 }
 
 impl Limit {
+    /// Whether spend counts as consumed in it: not in a limit on units in flight
+    /// ([`crate::Period::Concurrent`]), where what a lease held comes back when it
+    /// ends.
+    fn counts_spend(&self) -> bool {
+        counts_spend(&self.spec)
+    }
+
     /// (consumed, window start, window end) as of `now_ms`, rolling over lazily.
     fn effective(&self, now_ms: u64) -> (u64, u64, u64) {
         let c = &self.counter;
@@ -582,7 +589,7 @@ impl Ledger {
     fn update_counters(
         &mut self,
         counters: &[CounterRef],
-        mut change: impl FnMut(&mut Counter),
+        mut change: impl FnMut(&LimitSpec, &mut Counter),
     ) -> Vec<Balance> {
         let mut balances = Vec::with_capacity(counters.len());
         for r in counters {
@@ -590,11 +597,16 @@ impl Ledger {
             let Some(limit) = b.limits.iter_mut().find(|l| l.counter.id == r.counter) else {
                 continue;
             };
-            change(&mut limit.counter);
+            change(&limit.spec, &mut limit.counter);
             balances.push(limit.balance(&b.path));
         }
         balances
     }
+}
+
+/// Whether spend counts as consumed in a limit (see [`Limit::counts_spend`]).
+fn counts_spend(spec: &LimitSpec) -> bool {
+    spec.window.period() != crate::window::Period::Concurrent
 }
 
 /// Which lease an audit record is about.

@@ -1583,3 +1583,50 @@ fn a_run_grants_nothing_past_its_max_duration_and_then_expires() {
     assert!(h.ledger.budget(&path("runs/r1")).is_none());
     assert_eq!(h.usage("runs"), (110, 0), "the parent keeps the run's spend");
 }
+
+#[test]
+fn a_concurrent_limit_holds_units_in_flight_and_gets_them_back_however_a_lease_ends() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("org", vec![limit("calls", 100, Period::Lifetime)])));
+    h.ok("ops", Op::CreateBudget(spec("org/run", vec![limit("calls", 3, Period::Concurrent)])));
+    let slot = |h: &mut H, gw: &str| h.run(gw, calls("org/run", 1, 1));
+    let a = match slot(&mut h, "gw-1").unwrap() {
+        Reply::Granted(g) => g,
+        other => panic!("{other:?}"),
+    };
+    let b = match slot(&mut h, "gw-2").unwrap() {
+        Reply::Granted(g) => g,
+        other => panic!("{other:?}"),
+    };
+    slot(&mut h, "gw-3").unwrap();
+    let e = slot(&mut h, "gw-4").unwrap_err();
+    assert!(matches!(e, LedgerError::Exhausted { available: 0, .. }), "{e}");
+    // A call that ended: its unit comes back, and it counts once on the lifetime limit.
+    h.ok("gw-1", Op::Release(Release { lease: a.lease, consumed_total: 1 }));
+    let run = h.ledger.budget(&path("org/run")).unwrap();
+    assert_eq!((run.limits[0].consumed, run.limits[0].outstanding), (0, 2));
+    assert_eq!(h.usage("org"), (1, 2));
+    slot(&mut h, "gw-4").unwrap();
+    // Reported spend frees nothing early: the unit is held until the lease ends...
+    h.ok("gw-2", Op::Report(Report { lease: b.lease, consumed_delta: 1, renew_ttl_ms: None }));
+    let run = h.ledger.budget(&path("org/run")).unwrap();
+    assert_eq!((run.limits[0].consumed, run.limits[0].outstanding), (0, 2));
+    // ... and a crashed gateway's leases come back at expiry, charged only where
+    // spend counts.
+    h.tick(MIN);
+    let run = h.ledger.budget(&path("org/run")).unwrap();
+    assert_eq!((run.limits[0].consumed, run.limits[0].outstanding, run.limits[0].remaining), (0, 0, 3));
+    assert_eq!(h.usage("org"), (4, 0), "1 released, 1 reported and 2 charged at expiry");
+    // A late release refunds only where the expiry charged.
+    h.ok("gw-2", Op::Release(Release { lease: b.lease, consumed_total: 1 }));
+    assert_eq!(h.ledger.budget(&path("org/run")).unwrap().limits[0].consumed, 0);
+    // An overrun is spend: counted on the lifetime limit, not on the one in flight.
+    let o = |p: &str| {
+        Op::Overrun(crate::command::Overrun { budget: path(p), unit: unit("calls"), amount: 2 })
+    };
+    h.ok("gw-1", o("org/run"));
+    assert_eq!(h.ledger.budget(&path("org/run")).unwrap().limits[0].consumed, 0);
+    h.ok("ops", Op::CreateBudget(spec("solo", vec![limit("calls", 3, Period::Concurrent)])));
+    assert!(matches!(h.run("gw-1", o("solo")), Err(LedgerError::NoLimitForUnit { .. })));
+    assert!(Window::with_offset(Period::Concurrent, 60).is_err());
+}

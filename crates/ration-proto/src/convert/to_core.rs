@@ -78,9 +78,10 @@ pub fn window(w: Option<&v1::Window>) -> Result<Window, Status> {
         Ok(v1::Period::Week) => Period::Week,
         Ok(v1::Period::Month) => Period::Month,
         Ok(v1::Period::Lifetime) => Period::Lifetime,
+        Ok(v1::Period::Concurrent) => Period::Concurrent,
         Ok(v1::Period::Unspecified) | Err(_) => {
             return Err(Status::invalid_argument(format!(
-                "limit.window.period {} is not one of minute, hour, day, week, month, lifetime",
+                "limit.window.period {} is not one of minute, hour, day, week, month, lifetime, concurrent",
                 w.period
             )))
         }

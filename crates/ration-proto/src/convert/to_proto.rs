@@ -94,6 +94,7 @@ pub fn window(w: Window) -> v1::Window {
         Period::Week => v1::Period::Week,
         Period::Month => v1::Period::Month,
         Period::Lifetime => v1::Period::Lifetime,
+        Period::Concurrent => v1::Period::Concurrent,
     };
     v1::Window { period: period as i32, offset_minutes: i32::from(w.offset_minutes()) }
 }
