@@ -7,9 +7,11 @@
 pub mod local;
 pub mod refill;
 pub mod remote;
+pub mod slot;
 
 pub use refill::{Sdk, SdkConfig, Unreachable};
 pub use remote::{Cluster, ClusterConfig, ClusterError, Connector};
+pub use slot::{Slot, SlotError};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};

@@ -1067,3 +1067,119 @@ async fn a_runaway_run_is_halted_within_its_guard_and_no_run_outlives_its_durati
     assert!(e.message().contains("ended"), "{e}");
     cluster.shutdown().await;
 }
+
+/// Issue #20: a limit on calls in flight. 500 callers on 5 gateways take a slot
+/// per call (`Sdk::slot`) on a budget allowing 10 calls in flight. Two gateways
+/// crash part way (their callers abandon the slots they hold, unreleased). At no
+/// moment are more than 10 calls in flight, the crashed gateways' slots come back
+/// when their leases expire, and every call counts once on the lifetime limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_never_exceed_the_limit_through_gateway_crashes() {
+    const N: u64 = 10;
+    const CALLERS: u64 = 500;
+    const MAX_CALL: Duration = Duration::from_secs(2);
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addrs: Vec<std::net::SocketAddr> = cluster.addrs.values().copied().collect();
+    let req = v1::CreateBudgetRequest {
+        meta: meta("sdk-admin", 1, "ops"),
+        path: "agents".into(),
+        limits: vec![
+            ration_testkit::limit("calls", 1_000_000, Period::Lifetime),
+            ration_testkit::limit("calls", N as i64, Period::Concurrent),
+        ],
+    };
+    ration_testkit::until_answered!(addrs, create_budget, req).unwrap();
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let sdks: Vec<Arc<Sdk>> = (0..5).map(|i| sdk(&cluster, &format!("gw-{i}"), &clock)).collect();
+    let crashed: Arc<Vec<AtomicBool>> = Arc::new((0..5).map(|_| AtomicBool::new(false)).collect());
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let by_gateway: Arc<Vec<AtomicU64>> = Arc::new((0..5).map(|_| AtomicU64::new(0)).collect());
+    let most = Arc::new(AtomicU64::new(0));
+    let (calls, abandoned) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let gw = (i % 5) as usize;
+            let s = sdks[gw].clone();
+            let (crashed, in_flight, most) = (crashed.clone(), in_flight.clone(), most.clone());
+            let by_gateway = by_gateway.clone();
+            let (calls, abandoned, stop) = (calls.clone(), abandoned.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = i;
+                while !stop.load(Ordering::Relaxed) && !crashed[gw].load(Ordering::Relaxed) {
+                    n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let Ok(slot) = s.slot("agents", "calls", MAX_CALL).await else {
+                        // Refused (all in flight) or no answer: try again later.
+                        tokio::time::sleep(Duration::from_millis(200 + (n >> 33) % 300)).await;
+                        continue;
+                    };
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    by_gateway[gw].fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20 + (n >> 40) % 60)).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    by_gateway[gw].fetch_sub(1, Ordering::SeqCst);
+                    if crashed[gw].load(Ordering::Relaxed) {
+                        // The gateway died mid-call: nothing is released.
+                        slot.abandon();
+                        abandoned.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    if slot.end(1).await.is_ok() {
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    // Each crash comes while the gateway has calls in flight.
+    for (gw, after) in [(0, 3), (1, 1)] {
+        tokio::time::sleep(Duration::from_secs(after)).await;
+        eventually("the gateway has a call in flight", Duration::from_secs(30), || {
+            let busy = by_gateway[gw].load(Ordering::SeqCst) > 0;
+            if busy {
+                crashed[gw].store(true, Ordering::Relaxed);
+            }
+            async move { busy }
+        })
+        .await;
+    }
+    // The crashed gateways' slots expire within MAX_CALL; then the survivors fill
+    // every slot again.
+    tokio::time::sleep(MAX_CALL + Duration::from_secs(1)).await;
+    most.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let recovered = most.load(Ordering::SeqCst);
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let leader = cluster.addrs[&cluster.leader().await];
+    let b = ledger(leader)
+        .get_budget(v1::GetBudgetRequest { path: "agents".into(), linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let (lifetime, concurrent) = (&b.limits[0], &b.limits[1]);
+    let overall = most.load(Ordering::SeqCst).max(recovered);
+    eprintln!(
+        "calls in flight: at most {overall} (limit {N}), {recovered} after the crashes; \
+         {} calls ended, {} abandoned by crashed gateways; ledger: {} consumed, \
+         {} in flight now",
+        calls.load(Ordering::Relaxed),
+        abandoned.load(Ordering::Relaxed),
+        lifetime.consumed,
+        concurrent.outstanding
+    );
+    assert!(overall <= N, "{overall} calls were in flight at once, above {N}");
+    assert_eq!(recovered, N, "the crashed gateways' slots came back");
+    assert!(abandoned.load(Ordering::Relaxed) > 0, "a crash abandoned no slot");
+    assert_eq!(concurrent.consumed, 0);
+    assert!(concurrent.outstanding as u64 <= N);
+    // Every ended call counted once; an abandoned one counts its unit at expiry.
+    let ended = calls.load(Ordering::Relaxed);
+    let counted = lifetime.consumed as u64;
+    assert!(counted >= ended && counted <= ended + abandoned.load(Ordering::Relaxed) + N);
+    cluster.shutdown().await;
+}

@@ -220,7 +220,9 @@ pub fn parse_window(s: &str) -> anyhow::Result<Window> {
         "month" => Period::Month,
         "lifetime" => Period::Lifetime,
         "concurrent" => Period::Concurrent,
-        _ => bail!("unknown window {name:?}: use minute, hour, day, week, month, lifetime or concurrent"),
+        _ => bail!(
+            "unknown window {name:?}: use minute, hour, day, week, month, lifetime or concurrent"
+        ),
     };
     let minutes = if offset.is_empty() {
         0
@@ -572,8 +574,7 @@ fn rows(t: &mut Table, label: &str, b: &BudgetOut) {
     }
     for (i, l) in b.limits.iter().enumerate() {
         let mut row = if i == 0 { own.to_vec() } else { vec![String::new(); own.len()] };
-        let lifetime =
-            l.window == Period::Lifetime.name() || l.window == Period::Concurrent.name();
+        let lifetime = l.window == Period::Lifetime.name() || l.window == Period::Concurrent.name();
         row.extend([
             l.unit.clone(),
             l.window.clone(),

@@ -1615,7 +1615,10 @@ fn a_concurrent_limit_holds_units_in_flight_and_gets_them_back_however_a_lease_e
     // spend counts.
     h.tick(MIN);
     let run = h.ledger.budget(&path("org/run")).unwrap();
-    assert_eq!((run.limits[0].consumed, run.limits[0].outstanding, run.limits[0].remaining), (0, 0, 3));
+    assert_eq!(
+        (run.limits[0].consumed, run.limits[0].outstanding, run.limits[0].remaining),
+        (0, 0, 3)
+    );
     assert_eq!(h.usage("org"), (4, 0), "1 released, 1 reported and 2 charged at expiry");
     // A late release refunds only where the expiry charged.
     h.ok("gw-2", Op::Release(Release { lease: b.lease, consumed_total: 1 }));
