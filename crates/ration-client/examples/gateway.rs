@@ -20,7 +20,9 @@
 //! `<--users>/alice` (default `demo/users/alice`), `&run=r-42` on `<--runs>/r-42`
 //! (default `demo/runs/r-42`). Such a call reserves tokens and their price in
 //! `usd_micros` (`--usd-micros-per-token`), and a run's call also one unit of
-//! `calls`. The budgets are made by the templates an operator puts on the parents
+//! `calls`; with `--run-in-flight-unit UNIT` a run's call also holds one UNIT slot
+//! at the ledger while it runs (`Sdk::slot`). The budgets are made by the
+//! templates an operator puts on the parents
 //! (`rationctl budget template set`): the first call for a new user or run makes
 //! its budget.
 
@@ -52,6 +54,7 @@ struct App {
     sdk: Arc<Sdk>,
     users: String,
     runs: String,
+    run_in_flight_unit: Option<String>,
     usd_micros_per_token: u64,
     /// The budget's tokens, resolved once: each call reserves without lookups.
     tokens_of: ration_client::Reserver<1>,
@@ -98,6 +101,19 @@ async fn complete_for(
     run: bool,
     reserve: u64,
 ) -> (StatusCode, Json<json::Value>) {
+    // A run's calls in flight: one slot held at the ledger for the call.
+    let slot = match (&app.run_in_flight_unit, run) {
+        (Some(unit), true) => {
+            match app.sdk.slot(budget, unit, std::time::Duration::from_secs(60)).await {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    app.refused.fetch_add(1, Ordering::Relaxed);
+                    return (StatusCode::TOO_MANY_REQUESTS, Json(json::refused(reserve)));
+                }
+            }
+        }
+        _ => None,
+    };
     let price = |tokens: u64| tokens.saturating_mul(app.usd_micros_per_token);
     let mut wants = vec![(budget, "tokens", reserve), (budget, "usd_micros", price(reserve))];
     if run {
@@ -114,6 +130,9 @@ async fn complete_for(
     let completion = if call.max_tokens == 0 { 0 } else { r % (call.max_tokens + 1) };
     let used = call.prompt_tokens + completion;
     reservation.settle(&[used, price(used), 1]);
+    if let Some(slot) = slot {
+        let _ = slot.end(1).await;
+    }
     app.admitted.fetch_add(1, Ordering::Relaxed);
     app.tokens.fetch_add(used, Ordering::Relaxed);
     (StatusCode::OK, Json(json::admitted(used, reserve - used)))
@@ -184,6 +203,10 @@ struct Args {
     /// Where `&run=ID` calls spend: the run's budget under this parent.
     #[arg(long, default_value = "demo/runs")]
     runs: String,
+    /// Hold one slot of this unit on a run's budget for each of its calls (the
+    /// run's template limits it with UNIT=N/concurrent: at most N calls in flight).
+    #[arg(long)]
+    run_in_flight_unit: Option<String>,
     /// The price a user's or run's call is charged in usd_micros per token.
     #[arg(long, default_value_t = 2)]
     usd_micros_per_token: u64,
@@ -327,6 +350,7 @@ async fn main() -> anyhow::Result<()> {
         sdk,
         users: args.users.clone(),
         runs: args.runs.clone(),
+        run_in_flight_unit: args.run_in_flight_unit.clone(),
         usd_micros_per_token: args.usd_micros_per_token,
         admitted: AtomicU64::new(0),
         refused: AtomicU64::new(0),
