@@ -159,7 +159,30 @@ pub(crate) struct Shared {
     /// Nodes whose Raft core stopped on its own, with the reason, not yet seen by
     /// the supervisor.
     pub(crate) core_stops: Mutex<Vec<(u64, String)>>,
+    /// Agents (`SimConfig::templates`): tokens the runaway run admitted; calls in
+    /// flight on the slot run now, the most ever, and the calls that ended.
+    pub(crate) run_admitted: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) most_in_flight: AtomicU64,
+    pub(crate) slot_calls: AtomicU64,
 }
+
+/// The agents' budget (`SimConfig::templates`): a template makes each run.
+pub(crate) const AGENTS: &str = "agents";
+/// The run that calls in a tight loop, and the run whose calls hold slots.
+pub(crate) const RUNAWAY_RUN: &str = "agents/runaway";
+pub(crate) const SLOT_RUN: &str = "agents/slots";
+/// Each run: this many tokens for life, and this many calls in flight.
+pub(crate) const RUN_TOKENS: u64 = 3_000;
+pub(crate) const RUN_IN_FLIGHT: u64 = 3;
+/// The runaway guard: at most this many tokens per span of this length.
+pub(crate) const RUN_GUARD_TOKENS: u64 = 400;
+pub(crate) const RUN_GUARD_SPAN_MS: u64 = 5_000;
+/// The unit of calls in flight, and how long a slot is taken for.
+pub(crate) const IN_FLIGHT: &str = "inflight";
+const SLOT_MAX_CALL: Duration = Duration::from_secs(2);
+/// Callers taking slots on the slot run.
+const SLOT_CALLERS: u64 = 8;
 
 #[derive(Default, Debug)]
 pub(crate) struct ProbeLog {
@@ -627,7 +650,37 @@ impl Plan {
             budgets.push(((*leaf).to_owned(), vec![limit(UNIT, cap, lifetime, static_allowance)]));
         }
         budgets.push((PROBE_BUDGET.to_owned(), vec![limit(UNIT, self.cap / 10, lifetime, None)]));
+        if self.templated {
+            budgets.push((AGENTS.to_owned(), vec![limit(UNIT, 4 * RUN_TOKENS, lifetime, None)]));
+        }
         budgets
+    }
+
+    /// The agents' run template (`SimConfig::templates`): a lifetime token cap,
+    /// calls in flight, and a runaway guard.
+    fn run_template(&self) -> Option<v1::SetTemplateRequest> {
+        let limit = |unit: &str, cap: u64, period: v1::Period| v1::Limit {
+            unit: unit.into(),
+            cap: cap as i64,
+            window: Some(v1::Window { period: period as i32, offset_minutes: 0 }),
+            static_allowance: None,
+        };
+        self.templated.then(|| v1::SetTemplateRequest {
+            meta: None,
+            parent: AGENTS.into(),
+            limits: vec![
+                limit(UNIT, RUN_TOKENS, v1::Period::Lifetime),
+                limit(IN_FLIGHT, RUN_IN_FLIGHT, v1::Period::Concurrent),
+            ],
+            max_instances: 10,
+            idle_ms: 0,
+            max_duration_ms: 0,
+            guards: vec![v1::Guard {
+                unit: UNIT.into(),
+                max: RUN_GUARD_TOKENS as i64,
+                per_ms: RUN_GUARD_SPAN_MS,
+            }],
+        })
     }
 }
 
@@ -759,6 +812,87 @@ pub(crate) fn spawn_gateway(
         shared.gateways_done.fetch_add(1, Relaxed);
         // The SDK keeps refilling and releasing until the harness has seen the ledger
         // agree with the gateways.
+        while !shared.shutdown.load(Relaxed) {
+            tokio::time::sleep(GATEWAY_SHUTDOWN_POLL).await;
+        }
+        drop(sdk);
+        Ok(())
+    });
+}
+
+/// The agents (`SimConfig::templates`): one SDK spending on a run in a tight loop
+/// (its guard must halt it), and callers holding one slot per call on another run
+/// (at most [`RUN_IN_FLIGHT`] calls in flight, whatever the faults).
+pub(crate) fn spawn_agents(
+    sim: &mut turmoil::Sim<'_>,
+    cfg: &SimConfig,
+    shared: &Arc<Shared>,
+    voters: &[String],
+) {
+    let shared = shared.clone();
+    let endpoints = voters.to_vec();
+    let mut arng = StdRng::seed_from_u64(cfg.seed ^ 0xa9e7);
+    sim.client("agents", async move {
+        while !shared.live.load(Relaxed) {
+            tokio::time::sleep(LIVE_POLL_INTERVAL).await;
+        }
+        let clock = ration_client::CoarseClock::new();
+        let ticking = clock.clone();
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            loop {
+                ticking.set_ms(started.elapsed().as_millis() as u64);
+                tokio::time::sleep(GATEWAY_CLOCK_TICK).await;
+            }
+        });
+        let mut config = ration_client::SdkConfig::new(endpoints, "agents");
+        config.cluster.connector =
+            Some(ration_client::Connector(Arc::new(|a: &str| net::channel(a, CLIENT_RPC_TIMEOUT))));
+        config.cluster.client_id = Some("agents".into());
+        config.cluster.rpc_timeout = CLIENT_RPC_TIMEOUT;
+        config.refresh = SDK_REFRESH_INTERVAL;
+        config.lease_ttl = SDK_LEASE_TTL;
+        config.margin = SDK_MARGIN;
+        config.outage_after = SDK_OUTAGE_AFTER;
+        config.horizon = SDK_HORIZON;
+        config.initial_request = SDK_INITIAL_REQUEST_UNITS;
+        let sdk = ration_client::Sdk::start(config, clock).map_err(|e| e.to_string())?;
+        let callers: Vec<_> = (0..SLOT_CALLERS)
+            .map(|i| {
+                let (sdk, shared) = (sdk.clone(), shared.clone());
+                let mut crng = StdRng::seed_from_u64(arng.gen::<u64>() ^ i);
+                tokio::spawn(async move {
+                    while !shared.stop_spending.load(Relaxed) {
+                        match sdk.slot(SLOT_RUN, IN_FLIGHT, SLOT_MAX_CALL).await {
+                            Ok(slot) => {
+                                let now = shared.in_flight.fetch_add(1, Relaxed) + 1;
+                                shared.most_in_flight.fetch_max(now, Relaxed);
+                                let call = crng.gen_range(20..200);
+                                tokio::time::sleep(Duration::from_millis(call)).await;
+                                shared.in_flight.fetch_sub(1, Relaxed);
+                                if slot.end(1).await.is_ok() {
+                                    shared.slot_calls.fetch_add(1, Relaxed);
+                                }
+                            }
+                            Err(_) => {
+                                let pause = crng.gen_range(50..150);
+                                tokio::time::sleep(Duration::from_millis(pause)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let handle = sdk.handle(RUNAWAY_RUN, UNIT);
+        while !shared.stop_spending.load(Relaxed) {
+            if handle.try_spend(5) {
+                shared.run_admitted.fetch_add(5, Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for c in callers {
+            let _ = c.await;
+        }
         while !shared.shutdown.load(Relaxed) {
             tokio::time::sleep(GATEWAY_SHUTDOWN_POLL).await;
         }
@@ -921,6 +1055,18 @@ pub(crate) async fn setup_budgets(
         if !done {
             return Err("could not create the budgets".into());
         }
+    }
+    if let Some(mut t) = plan.run_template() {
+        t.meta = meta(1_001);
+        for attempt in 0..SETUP_MAX_ATTEMPTS {
+            let at = &endpoints[attempt % endpoints.len()];
+            let mut c = v1::ledger_client::LedgerClient::new(net::channel(at, CLIENT_RPC_TIMEOUT));
+            if c.set_template(t.clone()).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(SETUP_RETRY_INTERVAL).await;
+        }
+        return Err("could not set the agents' template".into());
     }
     Ok(())
 }

@@ -76,6 +76,9 @@ pub enum CheckError {
     /// being an instance of it.
     #[error("leaf {budget}, made by the root's template: created {created} time(s), instance: {instance}")]
     Template { budget: String, created: usize, instance: bool },
+    /// The agents' runs broke a bound: calls in flight, a guard, a halt.
+    #[error("agents: {detail}")]
+    Agents { detail: String },
     /// After healing, the overruns the ledger counted on the root are not those the
     /// gateways' SDKs recorded.
     #[error("the gateways' SDKs recorded {recorded} units of overruns, but the ledger counts {ledger} on {budget}")]
@@ -543,6 +546,9 @@ pub(crate) fn check_final(
         }
     }
     drop(state);
+    if !templated.is_empty() {
+        check_agents(shared, &records, report)?;
+    }
     // Priced calls: never more than the ledger counts consumed over every window of
     // the per-minute limit (the audit's net spend in that unit: consumed, plus
     // charged at expiry, less refunded), plus what is still outstanding on live
@@ -630,6 +636,64 @@ pub(crate) struct Figures {
     pub(crate) consumed: u64,
     pub(crate) outstanding: u64,
     pub(crate) overruns: u64,
+}
+
+/// The agents' runs (`SimConfig::templates`): calls in flight never above the
+/// limit; the runaway run never granted more than its guard per span, nor more
+/// than its lifetime cap, nor anything after its halt.
+fn check_agents(
+    shared: &Shared,
+    records: &[ration_core::AuditRecord],
+    report: &mut Report,
+) -> Result<(), CheckError> {
+    use crate::actors::{
+        RUNAWAY_RUN, RUN_GUARD_SPAN_MS, RUN_GUARD_TOKENS, RUN_IN_FLIGHT, RUN_TOKENS,
+    };
+    let most = shared.most_in_flight.load(Relaxed);
+    report.events.insert("most_calls_in_flight", most);
+    report.events.insert("slot_calls", shared.slot_calls.load(Relaxed));
+    if most > RUN_IN_FLIGHT {
+        return Err(CheckError::Agents {
+            detail: format!("{most} calls were in flight at once; the limit is {RUN_IN_FLIGHT}"),
+        });
+    }
+    let admitted = shared.run_admitted.load(Relaxed);
+    report.events.insert("runaway_admitted", admitted);
+    if admitted > RUN_TOKENS {
+        return Err(CheckError::Agents {
+            detail: format!("the runaway run admitted {admitted} > its cap {RUN_TOKENS}"),
+        });
+    }
+    let on_run = |r: &&ration_core::AuditRecord| r.entry.budget.as_str() == RUNAWAY_RUN;
+    let Some(created) =
+        records.iter().filter(on_run).find(|r| r.entry.kind == AuditKind::BudgetCreated)
+    else {
+        return Ok(()); // never made (no acquire got through)
+    };
+    let created_ms = created.entry.time_ms;
+    let halted = records.iter().filter(on_run).find(|r| r.entry.kind == AuditKind::RunHalted);
+    report.events.insert("runs_halted", u64::from(halted.is_some()));
+    let mut by_span: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in records.iter().filter(on_run).filter(|r| r.entry.kind == AuditKind::LeaseGranted) {
+        if let Some(h) = halted.filter(|h| r.entry.seq > h.entry.seq) {
+            return Err(CheckError::Agents {
+                detail: format!(
+                    "lease granted (record {}) after the halt (record {})",
+                    r.entry.seq, h.entry.seq
+                ),
+            });
+        }
+        let span = r.entry.time_ms.saturating_sub(created_ms) / RUN_GUARD_SPAN_MS;
+        *by_span.entry(span).or_default() += r.entry.flow.granted;
+    }
+    if let Some((span, granted)) = by_span.iter().find(|(_, g)| **g > RUN_GUARD_TOKENS) {
+        return Err(CheckError::Agents {
+            detail: format!(
+                "span {span} of the runaway run granted {granted} > its guard {RUN_GUARD_TOKENS}"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn lifetime(ledger: &Ledger, path: &str) -> Figures {

@@ -175,6 +175,9 @@ fn run_inner(cfg: &SimConfig, sdk_events: &Arc<SdkEvents>) -> Result<Report, Fai
         actors::spawn_gateway(&mut sim, cfg, &plan, g, &mut rng, &shared, &voters);
     }
     actors::spawn_probe(&mut sim, cfg, &shared, &voters);
+    if plan.templated {
+        actors::spawn_agents(&mut sim, cfg, &shared, &voters);
+    }
     let mut chaos = Chaos::draw(cfg, &mut rng);
     let mut h = Harness::new(cfg, sim, shared, disks, clocks, rng, sdk_events.clone());
     h.accounts_after_stop_ms = plan.longest_lease_ttl().as_millis() as u64;
