@@ -315,6 +315,12 @@ impl Sdk {
         &self.gateway
     }
 
+    /// How long before a lease's expiry (by its ttl, on this clock) it stops being
+    /// spent.
+    pub fn lease_margin(&self) -> Duration {
+        self.config.margin
+    }
+
     /// A handle to spend from (budget, unit); the refill task keeps it stocked.
     pub fn handle(&self, budget: &str, unit: &str) -> Handle {
         let handle = self.gateway.handle(budget, unit);

@@ -6,8 +6,11 @@
 //! acquired when the call starts (one round trip, exactly once through retries)
 //! and released when it ends. The ledger holds at most the limit's cap of them at
 //! once, whatever the gateways do; a crashed gateway's slots come back when their
-//! leases expire, `max_call` after they were taken. A call that outlives its
-//! `max_call` has no slot any more at the ledger: give the longest a call may take.
+//! leases expire. The lease asked for covers `max_call` from when the answer
+//! arrives: its ttl is `max_call` plus the most one round may take (its answer
+//! comes within that, or not at all) plus the SDK's margin (ledger time may run
+//! ahead of this clock by that much). A call that outlives `max_call` has no slot
+//! any more at the ledger: give the longest a call may take.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,14 +37,24 @@ pub enum SlotError {
     /// back when its lease expires.
     #[error(transparent)]
     Unreachable(#[from] ClusterError),
+    /// The answer came too late for the lease to cover `max_call` from now (this
+    /// host stalled): the slot was given back.
+    #[error("the slot was granted too late to cover a call of {max_call_ms} ms; given back")]
+    Late { max_call_ms: u64 },
 }
 
-/// One unit of a limit on units in flight, held for one call. End it with
+/// One unit of a limit on units in flight, held for one call (until at least
+/// [`Slot::deadline_ms`]; a crashed gateway's comes back at the ledger when its
+/// lease expires, `max_call` plus a round's deadline plus the margin after it was
+/// asked for). End it with
 /// [`Slot::end`]; dropped without it, it is released in the background.
 #[derive(Debug)]
 pub struct Slot {
     sdk: Arc<Sdk>,
     lease_id: u64,
+    /// On the SDK's clock: the call must end by then (its lease is valid at the
+    /// ledger until at least then).
+    deadline_ms: u64,
     ended: bool,
 }
 
@@ -49,6 +62,12 @@ impl Slot {
     /// The lease holding the unit.
     pub fn lease_id(&self) -> u64 {
         self.lease_id
+    }
+
+    /// When, on the SDK's clock (`Sdk::gateway().clock()`), the slot stops being
+    /// held at the ledger: at least `max_call` after it was handed out.
+    pub fn deadline_ms(&self) -> u64 {
+        self.deadline_ms
     }
 
     /// The call ended: the unit goes back. `used` is counted as consumed on the
@@ -112,7 +131,15 @@ impl Sdk {
         unit: &str,
         max_call: Duration,
     ) -> Result<Slot, SlotError> {
-        let ttl_ms = i64::try_from(max_call.as_millis()).unwrap_or(i64::MAX).max(1);
+        use crate::local::LocalClock;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let margin_ms = ms(self.lease_margin());
+        let max_call_ms = ms(max_call).max(1);
+        let ttl = max_call_ms
+            .saturating_add(ms(self.cluster().round_deadline()))
+            .saturating_add(margin_ms);
+        let ttl_ms = i64::try_from(ttl).unwrap_or(i64::MAX);
+        let sent = self.gateway().clock().now_ms();
         let op = BatchOp {
             op: Some(Op::Acquire(v1::AcquireRequest {
                 meta: self.cluster().meta(),
@@ -127,7 +154,16 @@ impl Sdk {
         let results = self.cluster().batch(vec![op]).await?;
         match results.into_iter().next().and_then(|r| r.result) {
             Some(R::Lease(lease)) => {
-                Ok(Slot { sdk: self.clone(), lease_id: lease.lease_id, ended: false })
+                // Valid from when it was granted, which is after it was sent.
+                let granted_ttl = u64::try_from(lease.ttl_ms).unwrap_or(0).min(ttl);
+                let deadline_ms = sent.saturating_add(granted_ttl.saturating_sub(margin_ms));
+                let slot =
+                    Slot { sdk: self.clone(), lease_id: lease.lease_id, deadline_ms, ended: false };
+                if self.gateway().clock().now_ms().saturating_add(max_call_ms) > deadline_ms {
+                    let _ = slot.end(0).await;
+                    return Err(SlotError::Late { max_call_ms });
+                }
+                Ok(slot)
             }
             Some(R::Error(e)) => {
                 Err(SlotError::Refused { code: tonic::Code::from(e.code), message: e.message })

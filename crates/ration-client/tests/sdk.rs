@@ -1145,9 +1145,10 @@ async fn calls_in_flight_never_exceed_the_limit_through_gateway_crashes() {
         })
         .await;
     }
-    // The crashed gateways' slots expire within MAX_CALL; then the survivors fill
-    // every slot again.
-    tokio::time::sleep(MAX_CALL + Duration::from_secs(1)).await;
+    // The crashed gateways' slots expire within their ttl (MAX_CALL, a round's
+    // deadline and the margin); then the survivors fill every slot again.
+    let ttl = MAX_CALL + sdks[0].cluster().round_deadline() + sdks[0].lease_margin();
+    tokio::time::sleep(ttl + Duration::from_secs(1)).await;
     most.store(0, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let recovered = most.load(Ordering::SeqCst);
