@@ -439,3 +439,95 @@ async fn an_error_from_the_server_is_printed_once() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     c.shutdown().await;
 }
+
+/// Issue #20: `budget template set|get|delete`, `budget freeze|unfreeze`, the
+/// `concurrent` window, and how a budget shows a template, an instance and a hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn templates_and_freezes_are_set_shown_and_removed() {
+    let c = Cluster::start(3, |_| {}).await;
+    let eps = all(&c);
+    ok(&eps, &["budget", "set", "acme", "--limit", "usd_micros=1000000/month"]).await;
+    let t = json(
+        &eps,
+        &[
+            "budget",
+            "template",
+            "set",
+            "acme",
+            "--limit",
+            "tokens=100/minute",
+            "--limit",
+            "inflight=2/concurrent",
+            "--max-instances",
+            "50",
+            "--idle",
+            "2h",
+            "--max-duration",
+            "30m",
+            "--guard",
+            "tokens=40/10s",
+        ],
+    )
+    .await;
+    assert_eq!(t["limits"], serde_json::json!(["tokens=100/minute", "inflight=2/concurrent"]));
+    assert_eq!((t["max_instances"].as_u64(), t["idle_ms"].as_u64()), (Some(50), Some(7_200_000)));
+    assert_eq!(t["max_duration_ms"].as_u64(), Some(1_800_000));
+    assert_eq!(t["guards"], serde_json::json!(["tokens=40/10s"]));
+    assert_eq!((t["instances"].as_u64(), t["rewritten"].as_u64()), (Some(0), Some(0)));
+    // The first acquire on acme/alice makes it.
+    let addr = c.addrs[&c.leader().await];
+    ledger(addr)
+        .acquire(v1::AcquireRequest {
+            meta: meta("cli-test", 1, "gw"),
+            budget: "acme/alice".into(),
+            unit: "tokens".into(),
+            wanted: 10,
+            min: 1,
+            ttl_ms: 60_000,
+            starts_at_ms: 0,
+        })
+        .await
+        .unwrap();
+    let b = json(&eps, &["budget", "get", "acme/alice"]).await;
+    assert_eq!(b["instance"], true);
+    assert_eq!(limits(&b), [lim("tokens/minute", 100, None), lim("inflight/concurrent", 2, None)]);
+    assert_eq!(b["limits"][1]["window_end_ms"], Value::Null, "units in flight never roll");
+    let text = ok(&eps, &["budget", "get", "acme"]).await;
+    assert!(
+        text.contains("acme (template)") && text.contains("1 of at most 50 instances"),
+        "{text}"
+    );
+    assert!(text.contains("runaway guard: tokens=40/10s"), "{text}");
+    // Freeze: said once, with what live leases hold; unfreeze.
+    let f = json(&eps, &["budget", "freeze", "acme/alice"]).await;
+    assert_eq!((f["frozen"].as_bool(), f["changed"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(f["held"]["tokens"].as_i64(), Some(10));
+    let text = ok(&eps, &["budget", "freeze", "acme/alice"]).await;
+    assert!(text.contains("already frozen"), "{text}");
+    let b = json(&eps, &["budget", "get", "acme/alice"]).await;
+    assert_eq!(
+        (b["frozen"].as_bool(), b["hold"].as_str()),
+        (Some(true), Some("frozen by an operator"))
+    );
+    ok(&eps, &["budget", "unfreeze", "acme/alice"]).await;
+    // Bad input: a clear error, naming the field.
+    let e = ctl(
+        &eps,
+        &["budget", "template", "set", "acme", "--limit", "t=1/day", "--max-instances", "0"],
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("INVALID_ARGUMENT") && e.contains("max_instances"), "{e}");
+    let e =
+        ctl(&eps, &["budget", "template", "set", "acme", "--limit", "t=1/day", "--guard", "t=5"])
+            .await
+            .unwrap_err();
+    assert!(e.contains("bad guard"), "{e}");
+    let e = ctl(&eps, &["budget", "delete", "acme"]).await.unwrap_err();
+    assert!(e.contains("FAILED_PRECONDITION"), "{e}");
+    let d = json(&eps, &["budget", "template", "delete", "acme"]).await;
+    assert_eq!(d["instances_kept"].as_u64(), Some(1));
+    let e = ctl(&eps, &["budget", "template", "get", "acme"]).await.unwrap_err();
+    assert!(e.contains("has no template"), "{e}");
+    c.shutdown().await;
+}
