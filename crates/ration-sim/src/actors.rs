@@ -758,17 +758,7 @@ pub(crate) fn spawn_gateway(
                 tokio::time::sleep(GATEWAY_CLOCK_TICK).await;
             }
         });
-        let mut config = ration_client::SdkConfig::new(endpoints, format!("gw-{g}"));
-        config.cluster.connector =
-            Some(ration_client::Connector(Arc::new(|a: &str| net::channel(a, CLIENT_RPC_TIMEOUT))));
-        config.cluster.client_id = Some(format!("gw-{g}"));
-        config.cluster.rpc_timeout = CLIENT_RPC_TIMEOUT;
-        config.refresh = SDK_REFRESH_INTERVAL;
-        config.lease_ttl = lease_ttl;
-        config.margin = SDK_MARGIN;
-        config.outage_after = SDK_OUTAGE_AFTER;
-        config.horizon = SDK_HORIZON;
-        config.initial_request = SDK_INITIAL_REQUEST_UNITS;
+        let config = sdk_config(endpoints, &format!("gw-{g}"), lease_ttl);
         let sdk = ration_client::Sdk::start(config, clock).map_err(|e| e.to_string())?;
         let handle = sdk.handle(leaf, UNIT);
         let admit = |units: u64| {
@@ -820,6 +810,22 @@ pub(crate) fn spawn_gateway(
     });
 }
 
+/// The simulation's SDK settings, for principal and client id `name`.
+fn sdk_config(endpoints: Vec<String>, name: &str, lease_ttl: Duration) -> ration_client::SdkConfig {
+    let mut config = ration_client::SdkConfig::new(endpoints, name);
+    config.cluster.connector =
+        Some(ration_client::Connector(Arc::new(|a: &str| net::channel(a, CLIENT_RPC_TIMEOUT))));
+    config.cluster.client_id = Some(name.to_owned());
+    config.cluster.rpc_timeout = CLIENT_RPC_TIMEOUT;
+    config.refresh = SDK_REFRESH_INTERVAL;
+    config.lease_ttl = lease_ttl;
+    config.margin = SDK_MARGIN;
+    config.outage_after = SDK_OUTAGE_AFTER;
+    config.horizon = SDK_HORIZON;
+    config.initial_request = SDK_INITIAL_REQUEST_UNITS;
+    config
+}
+
 /// The agents (`SimConfig::templates`): one SDK spending on a run in a tight loop
 /// (its guard must halt it), and callers holding one slot per call on another run
 /// (at most [`RUN_IN_FLIGHT`] calls in flight, whatever the faults).
@@ -845,17 +851,7 @@ pub(crate) fn spawn_agents(
                 tokio::time::sleep(GATEWAY_CLOCK_TICK).await;
             }
         });
-        let mut config = ration_client::SdkConfig::new(endpoints, "agents");
-        config.cluster.connector =
-            Some(ration_client::Connector(Arc::new(|a: &str| net::channel(a, CLIENT_RPC_TIMEOUT))));
-        config.cluster.client_id = Some("agents".into());
-        config.cluster.rpc_timeout = CLIENT_RPC_TIMEOUT;
-        config.refresh = SDK_REFRESH_INTERVAL;
-        config.lease_ttl = SDK_LEASE_TTL;
-        config.margin = SDK_MARGIN;
-        config.outage_after = SDK_OUTAGE_AFTER;
-        config.horizon = SDK_HORIZON;
-        config.initial_request = SDK_INITIAL_REQUEST_UNITS;
+        let config = sdk_config(endpoints, "agents", SDK_LEASE_TTL);
         let sdk = ration_client::Sdk::start(config, clock).map_err(|e| e.to_string())?;
         let callers: Vec<_> = (0..SLOT_CALLERS)
             .map(|i| {
