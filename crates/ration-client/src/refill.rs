@@ -207,6 +207,11 @@ const SETTLE_WAIT_MS: u64 = 600_000;
 
 /// How long a key whose acquire the ledger refused waits before trying again.
 const QUARANTINE: Duration = Duration::from_secs(30);
+/// How long a key whose acquire was refused on a precondition (its budget frozen,
+/// its run halted or ended, no limit in its unit) is not asked for: the refusal is
+/// replicated and remembered, so asking every round would load the cluster for
+/// nothing; an unfreeze is seen within this much.
+const PAUSE_ON_PRECONDITION: Duration = Duration::from_secs(1);
 
 /// A lease held back for outages: not spendable until installed.
 #[derive(Debug)]
@@ -839,6 +844,13 @@ impl Sdk {
                 Some(R::Error(_)) if starts_at_ms > 0 => continue,
                 Some(R::Error(e)) if refused_for_good(e.code) => {
                     quarantined.push((p.key.clone(), e.message));
+                    continue;
+                }
+                Some(R::Error(e)) if e.code == tonic::Code::FailedPrecondition as i32 => {
+                    if let Some(t) = tracked.get_mut(&p.key) {
+                        let ms = u64::try_from(PAUSE_ON_PRECONDITION.as_millis()).unwrap_or(0);
+                        t.quarantined_until = t.quarantined_until.max(received.saturating_add(ms));
+                    }
                     continue;
                 }
                 _ => continue,

@@ -109,10 +109,16 @@ pub enum TemplateCmd {
         guards: Vec<String>,
     },
     /// Show the template on PARENT.
-    Get { parent: String },
+    Get {
+        /// The budget the template is on.
+        parent: String,
+    },
     /// Remove the template on PARENT: its instances stay as ordinary budgets.
     #[command(visible_alias = "rm")]
-    Delete { parent: String },
+    Delete {
+        /// The budget the template is on.
+        parent: String,
+    },
 }
 
 /// `90000` ms as `90s`, `3600000` as `1h`: the largest unit that divides it.
