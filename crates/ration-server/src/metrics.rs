@@ -670,12 +670,12 @@ pub fn render(node: &Node) -> String {
         u8::from(total_budgets > budget_views.len()),
     );
     for (name, help) in [
-        ("ration_budget_cap", "A limit's cap."),
-        ("ration_budget_consumed", "Consumed in the limit's current window."),
-        ("ration_budget_outstanding", "Granted in live leases, not yet settled."),
-        ("ration_budget_remaining", "cap - consumed - outstanding (0 when over the cap)."),
-        ("ration_budget_overruns", "Overruns counted in the limit's current window."),
-        ("ration_budget_upcoming", "Granted in leases for the limit's next window."),
+        ("ration_budget_cap", "A limit's cap, in its unit (unit=\"usd_micros\": millionths of a US dollar, so value / 1e6 is dollars)."),
+        ("ration_budget_consumed", "Consumed in the limit's current window, in its unit (usd_micros / 1e6 = dollars)."),
+        ("ration_budget_outstanding", "Granted in live leases, not yet settled, in the limit's unit (usd_micros / 1e6 = dollars)."),
+        ("ration_budget_remaining", "cap - consumed - outstanding (0 when over the cap), in the limit's unit (usd_micros / 1e6 = dollars)."),
+        ("ration_budget_overruns", "Overruns counted in the limit's current window, in its unit (usd_micros / 1e6 = dollars)."),
+        ("ration_budget_upcoming", "Granted in leases for the limit's next window, in its unit (usd_micros / 1e6 = dollars)."),
         (
             "ration_budget_window_end_timestamp_seconds",
             "When the limit's current window ends (Unix time; no series for lifetime limits).",

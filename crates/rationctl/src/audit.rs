@@ -16,7 +16,7 @@ use ration_proto::v1::ledger_client::LedgerClient;
 use ration_proto::{convert, v1};
 use serde::{Deserialize, Serialize};
 
-use crate::output::{emit, Table};
+use crate::output::{amount, emit, Table};
 
 use crate::{describe, time, Ctx, FileFormat};
 
@@ -1314,18 +1314,19 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
                     "CHARGED",
                 ]);
                 for r in rows {
+                    let unit = r.unit.as_ref().map(|u| u.to_string()).unwrap_or_default();
                     t.row(vec![
                         r.seq.to_string(),
                         time::format_ms(r.time_ms),
                         r.kind.clone(),
                         r.budget.to_string(),
                         r.principal.to_string(),
-                        r.unit.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+                        unit.clone(),
                         r.lease.map(|l| l.raw().to_string()).unwrap_or_default(),
-                        r.granted.to_string(),
-                        r.consumed.to_string(),
-                        r.returned.to_string(),
-                        (i128::from(r.charged) - i128::from(r.uncharged)).to_string(),
+                        amount(&unit, r.granted),
+                        amount(&unit, r.consumed),
+                        amount(&unit, r.returned),
+                        amount(&unit, i128::from(r.charged) - i128::from(r.uncharged)),
                     ]);
                 }
                 t.render()
@@ -1373,7 +1374,7 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
                         r.unit.clone(),
                         time::format_ms(r.window_start_ms),
                         crate::output::when(r.window_end_ms),
-                        r.spent.to_string(),
+                        amount(r.unit.as_str(), r.spent),
                     ]);
                 }
                 t.render()

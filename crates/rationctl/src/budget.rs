@@ -16,7 +16,7 @@ use ration_core::{Period, Window};
 use ration_proto::{convert, v1};
 use serde::Serialize;
 
-use crate::output::{emit, time_ms, when, Table};
+use crate::output::{amount, emit, time_ms, when, Table};
 use crate::Ctx;
 
 #[derive(Debug, Subcommand)]
@@ -584,16 +584,16 @@ fn rows(t: &mut Table, label: &str, b: &BudgetOut) {
         row.extend([
             l.unit.clone(),
             l.window.clone(),
-            l.cap.to_string(),
+            amount(&l.unit, l.cap),
             match l.static_allowance {
-                Some(n) => format!("static={n}"),
+                Some(n) => format!("static={}", amount(&l.unit, n)),
                 None => "fail_closed".to_owned(),
             },
-            l.consumed.to_string(),
-            l.outstanding.to_string(),
-            l.upcoming.to_string(),
-            l.remaining.to_string(),
-            l.overruns.to_string(),
+            amount(&l.unit, l.consumed),
+            amount(&l.unit, l.outstanding),
+            amount(&l.unit, l.upcoming),
+            amount(&l.unit, l.remaining),
+            amount(&l.unit, l.overruns),
             l.holders.to_string(),
             if lifetime { "-".to_owned() } else { when(Some(l.window_start_ms)) },
             when(l.window_end_ms),

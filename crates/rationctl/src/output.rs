@@ -129,3 +129,48 @@ mod tests {
         assert_eq!(when(time_ms(u64::MAX)), "never");
     }
 }
+
+/// The unit whose amounts are millionths of a US dollar.
+pub const USD_MICROS: &str = "usd_micros";
+
+/// An amount as a table shows it: `usd_micros` as dollars (`$1,234.50`, with more
+/// decimals, up to six, when cents do not say it all), any other unit as it is.
+/// JSON output keeps the integers.
+pub fn amount(unit: &str, value: impl Into<i128>) -> String {
+    let value: i128 = value.into();
+    if unit != USD_MICROS {
+        return value.to_string();
+    }
+    let sign = if value < 0 { "-" } else { "" };
+    let micros = value.unsigned_abs();
+    let (dollars, rest) = (micros / 1_000_000, micros % 1_000_000);
+    let digits = dollars.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    let mut fraction = format!("{rest:06}");
+    while fraction.len() > 2 && fraction.ends_with('0') {
+        fraction.pop();
+    }
+    format!("{sign}${grouped}.{fraction}")
+}
+
+#[cfg(test)]
+mod money_tests {
+    use super::amount;
+
+    #[test]
+    fn usd_micros_show_as_dollars_and_other_units_as_they_are() {
+        assert_eq!(amount("usd_micros", 50_000_000i64), "$50.00");
+        assert_eq!(amount("usd_micros", 100_000_000_000i64), "$100,000.00");
+        assert_eq!(amount("usd_micros", 1_022i64), "$0.001022");
+        assert_eq!(amount("usd_micros", 1_234_567_890i64), "$1,234.56789");
+        assert_eq!(amount("usd_micros", 0i64), "$0.00");
+        assert_eq!(amount("usd_micros", -2_500_000i64), "-$2.50");
+        assert_eq!(amount("tokens", 1_000_000i64), "1000000");
+    }
+}

@@ -497,6 +497,10 @@ async fn templates_and_freezes_are_set_shown_and_removed() {
         text.contains("acme (template)") && text.contains("1 of at most 50 instances"),
         "{text}"
     );
+    // Money as money in tables (usd_micros=1000000 is one dollar); JSON keeps integers.
+    assert!(text.contains("usd_micros  month   $1.00"), "{text}");
+    let j = json(&eps, &["budget", "get", "acme"]).await;
+    assert_eq!(j["limits"][0]["cap"].as_i64(), Some(1_000_000));
     assert!(text.contains("runaway guard: tokens=40/10s"), "{text}");
     // Freeze: said once, with what live leases hold; unfreeze.
     let f = json(&eps, &["budget", "freeze", "acme/alice"]).await;
