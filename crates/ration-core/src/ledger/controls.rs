@@ -441,6 +441,9 @@ impl Ledger {
         amount: u64,
         consumed: bool,
     ) -> Option<(Guard, u64, u64, u64)> {
+        if self.instances.is_empty() {
+            return None;
+        }
         let now = self.now_ms;
         let parent = self.budgets.get(&id).and_then(|b| b.parent)?;
         let template = self.templates.get(&parent)?;
