@@ -28,7 +28,7 @@
 //!   `run_halted`, until an operator unfreezes it. So a run spends at most a
 //!   guard's maximum per span, and nothing is granted once it is halted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -518,14 +518,22 @@ impl Ledger {
 
     /// Why `path` grants nothing, if it is frozen or halted.
     pub fn hold(&self, path: &BudgetPath) -> Option<String> {
-        match self.frozen.get(self.by_path.get(path)?)? {
+        self.hold_of(*self.by_path.get(path)?)
+    }
+
+    pub(super) fn hold_of(&self, id: BudgetId) -> Option<String> {
+        match self.frozen.get(&id)? {
             Hold::Frozen => Some("frozen by an operator".into()),
             Hold::Halted { reason } => Some(format!("halted by its runaway guard: {reason}")),
         }
     }
 
     pub fn template(&self, parent: &BudgetPath) -> Option<TemplateView> {
-        let t = self.templates.get(self.by_path.get(parent)?)?;
+        self.template_of(*self.by_path.get(parent)?)
+    }
+
+    pub(super) fn template_of(&self, id: BudgetId) -> Option<TemplateView> {
+        let t = self.templates.get(&id)?;
         Some(TemplateView {
             limits: t.limits.clone(),
             max_instances: t.max_instances,
@@ -549,36 +557,24 @@ impl Ledger {
     /// budget is a child of a template's budget, and no template is over its bound
     /// except after an edit lowered it.
     pub(super) fn check_controls(&self) -> Result<(), String> {
-        let mut copy = self.clone_controls();
-        copy.rebuild_controls()?;
+        let (members, due) = self.derive_controls()?;
         for (id, t) in &self.templates {
-            if copy.templates[id].members != t.members {
+            if members.get(id) != Some(&t.members) {
                 return Err(format!("the members of the template on budget id {id} are stale"));
             }
         }
-        if copy.instance_due != self.instance_due {
+        if due != self.instance_due {
             return Err("the instance expiry index is stale".into());
         }
         Ok(())
     }
 
-    /// A ledger holding only the budgets' tree and the controls, for checks.
-    fn clone_controls(&self) -> Ledger {
-        let mut copy = Ledger::new(self.config.clone());
-        copy.budgets = self.budgets.clone();
-        copy.templates = self.templates.clone();
-        copy.instances = self.instances.clone();
-        copy.frozen = self.frozen.clone();
-        copy
-    }
-
-    /// Rebuilds the templates' members and the due index from the instances, and
-    /// checks that every template, instance and frozen budget exists.
-    pub(super) fn rebuild_controls(&mut self) -> Result<(), String> {
-        self.instance_due.clear();
-        for t in self.templates.values_mut() {
-            t.members.clear();
-        }
+    /// Each template's members and the expiry index, as the instances imply them;
+    /// or what does not exist that should.
+    #[allow(clippy::type_complexity)]
+    fn derive_controls(
+        &self,
+    ) -> Result<(BTreeMap<BudgetId, BTreeSet<BudgetId>>, BTreeSet<(u64, BudgetId)>), String> {
         for id in self.templates.keys() {
             if !self.budgets.contains_key(id) {
                 return Err(format!("a template is on budget id {id}, which does not exist"));
@@ -589,16 +585,32 @@ impl Ledger {
                 return Err(format!("budget id {id} is frozen but does not exist"));
             }
         }
+        let mut members: BTreeMap<BudgetId, BTreeSet<BudgetId>> =
+            self.templates.keys().map(|id| (*id, BTreeSet::new())).collect();
+        let mut due = BTreeSet::new();
         for (id, instance) in &self.instances {
             let parent = self.budgets.get(id).and_then(|b| b.parent);
-            let Some(t) = parent.and_then(|p| self.templates.get_mut(&p)) else {
+            let Some(m) = parent.and_then(|p| members.get_mut(&p)) else {
                 return Err(format!("budget id {id} is an instance of no template"));
             };
-            t.members.insert(*id);
-            if let Some(due) = instance.due_ms {
-                self.instance_due.insert((due, *id));
+            m.insert(*id);
+            if let Some(at) = instance.due_ms {
+                due.insert((at, *id));
             }
         }
+        Ok((members, due))
+    }
+
+    /// Rebuilds the templates' members and the due index from the instances, and
+    /// checks that every template, instance and frozen budget exists.
+    pub(super) fn rebuild_controls(&mut self) -> Result<(), String> {
+        let (members, due) = self.derive_controls()?;
+        for (id, m) in members {
+            if let Some(t) = self.templates.get_mut(&id) {
+                t.members = m;
+            }
+        }
+        self.instance_due = due;
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! Read-only accessors and the views queries return.
 
-use super::{Budget, BudgetView, Lease, LeaseView, Ledger, LedgerConfig, LimitView, Totals};
+use super::{BudgetId, BudgetView, Lease, LeaseView, Ledger, LedgerConfig, LimitView, Totals};
 use crate::audit::ChainHead;
 use crate::names::{BudgetPath, LeaseId, Principal};
 
@@ -51,7 +51,7 @@ impl Ledger {
     }
 
     pub fn budget(&self, path: &BudgetPath) -> Option<BudgetView> {
-        self.by_path.get(path).map(|id| self.view(&self.budgets[id]))
+        self.by_path.get(path).map(|id| self.view(*id))
     }
 
     /// Budgets at or below `subtree` (all if `None`), in path order, after
@@ -70,7 +70,7 @@ impl Ledger {
                 .by_path
                 .range((lower, Bound::Unbounded))
                 .take(limit)
-                .map(|(_, id)| self.view(&self.budgets[id]))
+                .map(|(_, id)| self.view(*id))
                 .collect();
         };
         // The subtree is the budget itself, then exactly the paths in [s/, s0): a
@@ -87,11 +87,12 @@ impl Ledger {
         own.into_iter()
             .chain(rest.into_iter().flatten())
             .take(limit)
-            .map(|(_, id)| self.view(&self.budgets[id]))
+            .map(|(_, id)| self.view(*id))
             .collect()
     }
 
-    fn view(&self, b: &Budget) -> BudgetView {
+    fn view(&self, id: BudgetId) -> BudgetView {
+        let b = &self.budgets[&id];
         let now = self.now_ms;
         let limits = b
             .limits
@@ -111,17 +112,16 @@ impl Ledger {
                 }
             })
             .collect();
-        let id = self.by_path.get(&b.path).copied();
         BudgetView {
             path: b.path.clone(),
             version: b.version,
             limits,
             children: b.children,
             live_leases: b.live_leases,
-            frozen: id.is_some_and(|id| self.frozen.contains_key(&id)),
-            hold: self.hold(&b.path),
-            instance: id.is_some_and(|id| self.instances.contains_key(&id)),
-            template: self.template(&b.path),
+            frozen: self.frozen.contains_key(&id),
+            hold: self.hold_of(id),
+            instance: self.instances.contains_key(&id),
+            template: self.template_of(id),
         }
     }
 
