@@ -314,6 +314,7 @@ async fn create_budgets(endpoint: &str, access: &Access) -> anyhow::Result<()> {
             client_id: format!("gateway-example-{run}"),
             request_id: i as u64 + 1,
             principal: access.admin.clone(),
+            ..Default::default()
         });
         match client
             .create_budget(v1::CreateBudgetRequest { meta, path: path.into(), limits: vec![l] })

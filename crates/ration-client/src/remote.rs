@@ -147,6 +147,7 @@ impl Cluster {
             client_id: self.client_id.clone(),
             request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
             principal: self.config.principal.clone(),
+            ..Default::default()
         })
     }
 

@@ -161,6 +161,7 @@ fn the_gateway_runs_over_mutual_tls_with_the_roles_it_needs() {
                         client_id: "test-admin".into(),
                         request_id: i as u64 + 1,
                         principal: "admin".into(),
+                        ..Default::default()
                     }),
                     subject: "gw-demo".into(),
                     role: role.into(),

@@ -10,8 +10,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::LimitSpec;
-use crate::names::{BudgetPath, LeaseId, Principal, Unit};
+use crate::command::{BudgetOptions, LimitSpec, Price, UsageLine};
+use crate::names::{BudgetPath, ClientId, LeaseId, Principal, Unit};
 use crate::window::Window;
 
 /// A SHA-256 digest.
@@ -19,6 +19,7 @@ pub type Hash = [u8; 32];
 /// The `prev_hash` of the first record.
 pub const GENESIS: Hash = [0; 32];
 const DOMAIN: &[u8] = b"ration-audit-v1\0";
+const DOMAIN_V2: &[u8] = b"ration-audit-v2\0";
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -64,10 +65,23 @@ pub enum AuditKind {
     /// maximum, `window_start_ms` the start of the span, `consumed` the spend
     /// counted in it, `outstanding` what was granted in it.
     RunHalted,
+    /// A model's price got a new version: `detail` holds it.
+    PriceSet,
+    /// A budget's thresholds or shadow mode changed: `detail` holds the new options.
+    OptionsSet,
+    /// Spend in a limit's window reached a threshold of its cap: `unit` and
+    /// `balances[0]` are the limit's, `detail` the threshold. Once per threshold per
+    /// window; delivered to the webhook.
+    ThresholdCrossed,
+    /// A shadow budget's cap would have refused an acquire that was granted
+    /// (`lease`): `balances[0]` is the limit as it was, `detail` what was asked.
+    ShadowRefusal,
+    /// One call, recorded for the audit trail with its trace id (`detail`).
+    CallRecorded,
 }
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 19] = [
+    pub const ALL: [AuditKind; 24] = [
         AuditKind::BudgetCreated,
         AuditKind::BudgetUpdated,
         AuditKind::BudgetDeleted,
@@ -87,6 +101,11 @@ impl AuditKind {
         AuditKind::BudgetUnfrozen,
         AuditKind::InstanceExpired,
         AuditKind::RunHalted,
+        AuditKind::PriceSet,
+        AuditKind::OptionsSet,
+        AuditKind::ThresholdCrossed,
+        AuditKind::ShadowRefusal,
+        AuditKind::CallRecorded,
     ];
 
     pub fn name(self) -> &'static str {
@@ -110,6 +129,11 @@ impl AuditKind {
             AuditKind::BudgetUnfrozen => "budget_unfrozen",
             AuditKind::InstanceExpired => "instance_expired",
             AuditKind::RunHalted => "run_halted",
+            AuditKind::PriceSet => "price_set",
+            AuditKind::OptionsSet => "options_set",
+            AuditKind::ThresholdCrossed => "threshold_crossed",
+            AuditKind::ShadowRefusal => "shadow_refusal",
+            AuditKind::CallRecorded => "call_recorded",
         }
     }
 }
@@ -175,6 +199,115 @@ pub struct AuditEntry {
     /// The budget's limits after a budget change.
     pub limits: Vec<LimitSpec>,
     pub prev_hash: Hash,
+    /// The request that caused it (none for what the ledger does on its own:
+    /// expiries, instance expiry, thresholds crossed by an expiry).
+    pub cause: Option<Cause>,
+    /// What a kind of record says beyond the fields above.
+    pub detail: Option<Detail>,
+}
+
+/// The request behind a record: its client id and request id (exactly-once keys),
+/// and what the caller attached to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cause {
+    pub client: ClientId,
+    pub request_id: u64,
+    pub trace: Option<String>,
+    /// Subtotals per (model, price version) of what a settlement paid for.
+    pub usage: Vec<UsageLine>,
+}
+
+/// The part of a record only some kinds have.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Detail {
+    /// A price version (`price_set`): the model, its version number, when it takes
+    /// effect, and the price.
+    Price { model: String, version: u32, effective_from_ms: u64, price: Price },
+    /// New options (`options_set`).
+    Options(BudgetOptions),
+    /// The threshold crossed (`threshold_crossed`), in percent of the cap.
+    Threshold { percent: u32 },
+    /// What a shadow budget's cap would have refused (`shadow_refusal`): the
+    /// acquire asked for at least `min`, and the limit had `available`.
+    WouldRefuse { min: u64, available: u64 },
+    /// A recorded call (`call_recorded`).
+    Call { trace: String, usage: UsageLine },
+}
+
+/// The layout of a record before causes and details (audit format 1): a record with
+/// neither is hashed as this, so chains written before them still verify.
+#[derive(Serialize, Deserialize)]
+struct LegacyEntry {
+    seq: u64,
+    log_index: u64,
+    time_ms: u64,
+    effective_ms: u64,
+    kind: AuditKind,
+    budget: BudgetPath,
+    principal: Principal,
+    unit: Option<Unit>,
+    lease: Option<LeaseId>,
+    flow: Flow,
+    balances: Vec<Balance>,
+    limits: Vec<LimitSpec>,
+    prev_hash: Hash,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LegacyRecord {
+    entry: LegacyEntry,
+    hash: Hash,
+}
+
+impl From<LegacyRecord> for AuditRecord {
+    fn from(r: LegacyRecord) -> Self {
+        let e = r.entry;
+        AuditRecord {
+            entry: AuditEntry {
+                seq: e.seq,
+                log_index: e.log_index,
+                time_ms: e.time_ms,
+                effective_ms: e.effective_ms,
+                kind: e.kind,
+                budget: e.budget,
+                principal: e.principal,
+                unit: e.unit,
+                lease: e.lease,
+                flow: e.flow,
+                balances: e.balances,
+                limits: e.limits,
+                prev_hash: e.prev_hash,
+                cause: None,
+                detail: None,
+            },
+            hash: r.hash,
+        }
+    }
+}
+
+/// Decodes one record written in either audit format (postcard). The current
+/// format holds two more fields than format 1, so format-1 bytes run out (or leave
+/// bytes over) when read as the current one, and the fallback takes over; either
+/// way every byte must be used.
+pub fn decode_record(bytes: &[u8]) -> Result<AuditRecord, postcard::Error> {
+    exact::<AuditRecord>(bytes)
+        .or_else(|e| exact::<LegacyRecord>(bytes).map(Into::into).map_err(|_| e))
+}
+
+/// Decodes a list of records (a postcard `Vec`) written in either audit format.
+pub fn decode_records(bytes: &[u8]) -> Result<Vec<AuditRecord>, postcard::Error> {
+    exact::<Vec<AuditRecord>>(bytes).or_else(|e| {
+        exact::<Vec<LegacyRecord>>(bytes)
+            .map(|v| v.into_iter().map(Into::into).collect())
+            .map_err(|_| e)
+    })
+}
+
+fn exact<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    match postcard::take_from_bytes::<T>(bytes)? {
+        (value, []) => Ok(value),
+        _ => Err(postcard::Error::DeserializeBadEncoding),
+    }
 }
 
 /// A record: its content and the hash that chains it.
@@ -187,7 +320,36 @@ pub struct AuditRecord {
 impl AuditEntry {
     /// SHA-256 over a domain tag and the canonical (postcard) encoding.
     pub fn compute_hash(&self) -> Hash {
-        crate::hashing::sha256_of(DOMAIN, self)
+        if self.cause.is_none() && self.detail.is_none() {
+            // Hashed as format 1 (see `LegacyEntry`), field for field.
+            return crate::hashing::sha256_of(
+                DOMAIN,
+                &(
+                    self.seq,
+                    self.log_index,
+                    self.time_ms,
+                    self.effective_ms,
+                    self.kind,
+                    &self.budget,
+                    &self.principal,
+                    &self.unit,
+                    &self.lease,
+                    &self.flow,
+                    &self.balances,
+                    &self.limits,
+                    &self.prev_hash,
+                ),
+            );
+        }
+        crate::hashing::sha256_of(DOMAIN_V2, self)
+    }
+
+    /// The trace id it carries: its cause's, or a recorded call's.
+    pub fn trace(&self) -> Option<&str> {
+        match &self.detail {
+            Some(Detail::Call { trace, .. }) => Some(trace),
+            _ => self.cause.as_ref().and_then(|c| c.trace.as_deref()),
+        }
     }
 }
 
@@ -288,6 +450,10 @@ pub struct AuditFilter {
     /// Ledger time range `[from_ms, to_ms)` on `time_ms`.
     pub from_ms: Option<u64>,
     pub to_ms: Option<u64>,
+    /// Records carrying this trace id (see [`AuditEntry::trace`]).
+    pub trace: Option<String>,
+    /// Records caused by this client id.
+    pub client: Option<ClientId>,
 }
 
 impl AuditFilter {
@@ -298,6 +464,8 @@ impl AuditFilter {
             && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
             && self.from_ms.is_none_or(|t| e.time_ms >= t)
             && self.to_ms.is_none_or(|t| e.time_ms < t)
+            && self.trace.as_deref().is_none_or(|t| e.trace() == Some(t))
+            && self.client.as_ref().is_none_or(|c| e.cause.as_ref().is_some_and(|x| &x.client == c))
     }
 }
 

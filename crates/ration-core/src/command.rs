@@ -284,6 +284,226 @@ pub enum Op {
         path: BudgetPath,
         frozen: bool,
     },
+    /// Add a version to a model's price (audited as `price_set`). See [`PriceSpec`].
+    SetPrice(PriceSpec),
+    /// Replace a budget's alert thresholds and shadow mode (audited as
+    /// `options_set`). See [`BudgetOptions`].
+    SetOptions {
+        path: BudgetPath,
+        options: BudgetOptions,
+    },
+    /// Run `op` with `note` attached: every audit record `op` causes carries the
+    /// note's trace id and usage lines (see [`Annotation`]). `op` may not be
+    /// `Annotated` itself.
+    Annotated {
+        note: Annotation,
+        op: Box<Op>,
+    },
+    /// Record one call for the audit trail (audited as `call_recorded`): what it
+    /// used and cost, at which price version, under which trace id. It moves no
+    /// allowance (the call was paid from a lease); it is how an auditor finds a call
+    /// by its trace id.
+    RecordCall(CallRecord),
+}
+
+/// Longest model name, trace id or usage-line model.
+pub const MAX_LABEL_LEN: usize = 128;
+/// Most versions the price book keeps per model (the oldest go first).
+pub const MAX_PRICE_VERSIONS: usize = 64;
+/// Most models in the price book.
+pub const MAX_MODELS: usize = 4096;
+/// Most thresholds one budget may have.
+pub const MAX_THRESHOLDS: usize = 8;
+/// Most usage lines one command may carry.
+pub const MAX_USAGE_LINES: usize = 32;
+
+/// What a model costs, in `usd_micros` per million tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+}
+
+/// Prices are capped so that a call of up to 2^32 tokens of each kind costs at
+/// most [`MAX_AMOUNT`]: 10^12 usd_micros (a million dollars) per million tokens.
+pub const MAX_PRICE_PER_MTOK: u64 = 1_000_000_000_000;
+
+impl Price {
+    /// The cost in `usd_micros` of `input` (uncached) input tokens, `cached` cached
+    /// input tokens and `output` output tokens, rounded up to the next usd_micro.
+    pub fn cost(&self, input: u64, cached: u64, output: u64) -> u64 {
+        let micro_millionths = u128::from(input)
+            .saturating_mul(self.input.into())
+            .saturating_add(u128::from(cached).saturating_mul(self.cached_input.into()))
+            .saturating_add(u128::from(output).saturating_mul(self.output.into()));
+        let cost = micro_millionths.div_ceil(1_000_000);
+        u64::try_from(cost).unwrap_or(u64::MAX).min(MAX_AMOUNT)
+    }
+}
+
+/// One version of a model's price: in force from `effective_from_ms` (ledger
+/// time) until the next version's. Versions of a model are numbered from 1 and
+/// must come in effective-time order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceSpec {
+    pub model: String,
+    pub price: Price,
+    /// 0: from the ledger time the command applies at.
+    pub effective_from_ms: u64,
+}
+
+impl PriceSpec {
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        check_label("model", &self.model)?;
+        for (field, v) in [
+            ("price.input", self.price.input),
+            ("price.cached_input", self.price.cached_input),
+            ("price.output", self.price.output),
+        ] {
+            if v > MAX_PRICE_PER_MTOK {
+                return Err(LedgerError::AmountTooLarge {
+                    field: field.into(),
+                    value: v,
+                    max: MAX_PRICE_PER_MTOK,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A budget's alert thresholds and shadow mode.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetOptions {
+    /// Percentages of each limit's cap (1..=1000, each once). When spend in a
+    /// window reaches one, the ledger emits one `threshold_crossed` record for it,
+    /// once per window.
+    pub thresholds_pct: Vec<u32>,
+    /// The budget's own caps refuse nothing: an acquire they would have refused is
+    /// granted and recorded (`shadow_refusal`). Its ancestors' caps still apply, and
+    /// its spend counts in their figures.
+    pub shadow: bool,
+}
+
+impl BudgetOptions {
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        if self.thresholds_pct.len() > MAX_THRESHOLDS {
+            return Err(LedgerError::InvalidArgument {
+                field: "thresholds_pct".into(),
+                reason: format!(
+                    "{} thresholds given; at most {MAX_THRESHOLDS}",
+                    self.thresholds_pct.len()
+                ),
+            });
+        }
+        for (i, t) in self.thresholds_pct.iter().enumerate() {
+            if !(1..=1000).contains(t) {
+                return Err(LedgerError::InvalidArgument {
+                    field: "thresholds_pct".into(),
+                    reason: format!("{t} is outside 1..=1000 (percent of the cap)"),
+                });
+            }
+            if self.thresholds_pct[..i].contains(t) {
+                return Err(LedgerError::InvalidArgument {
+                    field: "thresholds_pct".into(),
+                    reason: format!("{t}% is given twice"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Spend on one model at one price version, as a gateway settles it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageLine {
+    pub model: String,
+    pub price_version: u32,
+    pub calls: u64,
+    pub input_tokens: u64,
+    pub cached_tokens: u64,
+    pub output_tokens: u64,
+    /// What these tokens cost at that version, in usd_micros.
+    pub cost_usd_micros: u64,
+}
+
+/// What a caller attaches to a command: a trace id (a W3C `traceparent`, a run id,
+/// a request id of its own) and, on a settlement, subtotals per (model, price
+/// version) of the calls it settles.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Annotation {
+    pub trace: Option<String>,
+    pub usage: Vec<UsageLine>,
+}
+
+impl Annotation {
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        if let Some(t) = &self.trace {
+            check_label("trace", t)?;
+        }
+        if self.usage.len() > MAX_USAGE_LINES {
+            return Err(LedgerError::InvalidArgument {
+                field: "usage".into(),
+                reason: format!(
+                    "{} usage lines given; at most {MAX_USAGE_LINES}",
+                    self.usage.len()
+                ),
+            });
+        }
+        for u in &self.usage {
+            u.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl UsageLine {
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        check_label("usage.model", &self.model)?;
+        for (field, v) in [
+            ("usage.calls", self.calls),
+            ("usage.input_tokens", self.input_tokens),
+            ("usage.cached_tokens", self.cached_tokens),
+            ("usage.output_tokens", self.output_tokens),
+            ("usage.cost_usd_micros", self.cost_usd_micros),
+        ] {
+            check_amount(field, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// One call, for the audit trail (see [`Op::RecordCall`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    pub budget: BudgetPath,
+    pub trace: String,
+    pub usage: UsageLine,
+}
+
+/// Refuses an empty, over-long or non-printable label (model name, trace id).
+pub fn check_label(field: &str, value: &str) -> Result<(), LedgerError> {
+    let reason = if value.is_empty() {
+        "is empty".to_string()
+    } else if value.len() > MAX_LABEL_LEN {
+        format!("is {} bytes; at most {MAX_LABEL_LEN}", value.len())
+    } else if !value.chars().all(|c| c.is_ascii_graphic()) {
+        "may hold only printable ASCII without spaces".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(LedgerError::InvalidArgument { field: field.into(), reason })
+}
+
+impl Op {
+    /// The operation an [`Op::Annotated`] wraps, or `self`.
+    pub fn inner(&self) -> &Op {
+        match self {
+            Op::Annotated { op, .. } => op,
+            op => op,
+        }
+    }
 }
 
 /// What a principal may do, on the budgets of its scope (see [`crate::ledger`]'s
@@ -411,13 +631,17 @@ pub enum Command {
     /// A request whose principal the proposing node authenticated (TLS): applying
     /// it checks the principal's roles first (see [`Authority`]).
     Authenticated { request: Request, authority: Authority },
+    /// Proposed by the leader once it has delivered every notice (webhook) for the
+    /// audit records before sequence number `upto_seq`: the cursor a new leader
+    /// resumes from. It never moves back.
+    AckNotices { upto_seq: u64 },
 }
 
 impl Command {
     /// The client request this command carries, if any.
     pub fn request(&self) -> Option<&Request> {
         match self {
-            Command::Tick => None,
+            Command::Tick | Command::AckNotices { .. } => None,
             Command::Request(request) | Command::Authenticated { request, .. } => Some(request),
         }
     }
@@ -529,6 +753,20 @@ pub enum Reply {
     Frozen {
         changed: bool,
         held: Vec<(Unit, u64)>,
+    },
+    /// A price version was added: the model's `version`, in force from
+    /// `effective_from_ms`.
+    PriceSet {
+        version: u32,
+        effective_from_ms: u64,
+    },
+    /// A budget's options were replaced.
+    OptionsSet,
+    /// A call was recorded.
+    CallRecorded,
+    /// The webhook cursor is now at `acked_seq` (see [`Command::AckNotices`]).
+    NoticesAcked {
+        acked_seq: u64,
     },
 }
 

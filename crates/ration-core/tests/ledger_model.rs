@@ -550,7 +550,13 @@ impl Model {
             }
             // Templates and freezing are tested in the ledger's unit tests and the
             // simulation; this model's workload never sends them.
-            Op::SetTemplate(_) | Op::DeleteTemplate { .. } | Op::Freeze { .. } => {
+            Op::SetTemplate(_)
+            | Op::DeleteTemplate { .. }
+            | Op::Freeze { .. }
+            | Op::SetPrice(_)
+            | Op::SetOptions { .. }
+            | Op::Annotated { .. }
+            | Op::RecordCall(_) => {
                 unreachable!("the model's workload sends no template or freeze")
             }
             // Per-principal limits are tested in the ledger's unit tests; the model's

@@ -449,6 +449,7 @@ fn meta(input: &mut Input<'_>) -> Option<v1::RequestMeta> {
         client_id: string(input, &CLIENTS),
         request_id: u64::from(input.u8()),
         principal: string(input, &PRINCIPALS),
+        ..Default::default()
     })
 }
 
@@ -676,6 +677,8 @@ fn synthesize(kind: usize, input: &mut Input<'_>) -> Vec<u8> {
             from_seq: u64::from(input.u8() % 16),
             limit: *input.pick(&[0, 1, 3, 5000]),
             linearizable: input.bool(),
+            trace: if input.bool() { String::new() } else { string(input, &PRINCIPALS) },
+            client_id: if input.bool() { String::new() } else { string(input, &PRINCIPALS) },
         }
         .encode_to_vec(),
         10 => {

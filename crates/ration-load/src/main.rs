@@ -318,6 +318,7 @@ async fn grant_load_roles(leader: &str) -> anyhow::Result<()> {
                     client_id: format!("ration-load-admin-{}", std::process::id()),
                     request_id: i as u64 + 1,
                     principal: "admin".into(),
+                    ..Default::default()
                 }),
                 subject: "load".into(),
                 role: role.into(),
@@ -358,7 +359,12 @@ async fn find_leader(endpoints: &[String]) -> anyhow::Result<String> {
 }
 
 fn meta(client: &str, request_id: u64) -> Option<v1::RequestMeta> {
-    Some(v1::RequestMeta { client_id: client.into(), request_id, principal: "load".into() })
+    Some(v1::RequestMeta {
+        client_id: client.into(),
+        request_id,
+        principal: "load".into(),
+        ..Default::default()
+    })
 }
 
 fn lifetime(cap: i64) -> Vec<v1::Limit> {

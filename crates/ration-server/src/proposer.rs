@@ -164,31 +164,47 @@ impl Proposer {
 fn estimate_bytes(c: &Command) -> usize {
     let Some(r) = c.request() else { return 8 };
     let names = r.client.as_str().len() + r.principal.as_str().len() + 48;
-    names
-        + match &r.op {
-            Op::CreateBudget(s) | Op::UpdateBudget { spec: s, .. } => {
-                s.path.as_str().len()
-                    + s.limits.iter().map(|l| l.unit.as_str().len() + 40).sum::<usize>()
-            }
-            Op::DeleteBudget { path, .. } => path.as_str().len() + 12,
-            Op::SetTemplate(t) => {
-                t.parent.as_str().len()
-                    + 24
-                    + t.limits.iter().map(|l| l.unit.as_str().len() + 40).sum::<usize>()
-            }
-            Op::DeleteTemplate { parent: path } | Op::Freeze { path, .. } => {
-                path.as_str().len() + 8
-            }
-            Op::Acquire(a) | Op::AcquireNext(ration_core::AcquireNext { acquire: a, .. }) => {
-                a.budget.as_str().len() + a.unit.as_str().len() + 48
-            }
-            Op::Overrun(o) => o.budget.as_str().len() + o.unit.as_str().len() + 24,
-            Op::Report(_) | Op::Release(_) => 32,
-            Op::SetLimits(_) => 40,
-            Op::GrantRole(g) | Op::RevokeRole(g) => {
-                g.principal.as_str().len() + g.scope.to_string().len() + 8
-            }
+    names + op_bytes(&r.op)
+}
+
+fn op_bytes(op: &Op) -> usize {
+    match op {
+        Op::CreateBudget(s) | Op::UpdateBudget { spec: s, .. } => {
+            s.path.as_str().len()
+                + s.limits.iter().map(|l| l.unit.as_str().len() + 40).sum::<usize>()
         }
+        Op::DeleteBudget { path, .. } => path.as_str().len() + 12,
+        Op::SetTemplate(t) => {
+            t.parent.as_str().len()
+                + 24
+                + t.limits.iter().map(|l| l.unit.as_str().len() + 40).sum::<usize>()
+        }
+        Op::DeleteTemplate { parent: path } | Op::Freeze { path, .. } => path.as_str().len() + 8,
+        Op::Acquire(a) | Op::AcquireNext(ration_core::AcquireNext { acquire: a, .. }) => {
+            a.budget.as_str().len() + a.unit.as_str().len() + 48
+        }
+        Op::Overrun(o) => o.budget.as_str().len() + o.unit.as_str().len() + 24,
+        Op::Report(_) | Op::Release(_) => 32,
+        Op::SetLimits(_) => 40,
+        Op::GrantRole(g) | Op::RevokeRole(g) => {
+            g.principal.as_str().len() + g.scope.to_string().len() + 8
+        }
+        Op::SetPrice(p) => p.model.len() + 40,
+        Op::SetOptions { path, options } => {
+            path.as_str().len() + 8 + 4 * options.thresholds_pct.len()
+        }
+        Op::RecordCall(c) => c.budget.as_str().len() + c.trace.len() + usage_bytes(&c.usage),
+        Op::Annotated { note, op } => {
+            note.trace.as_ref().map_or(0, String::len)
+                + note.usage.iter().map(usage_bytes).sum::<usize>()
+                + 8
+                + op_bytes(op)
+        }
+    }
+}
+
+fn usage_bytes(u: &ration_core::command::UsageLine) -> usize {
+    u.model.len() + 64
 }
 
 /// What the proposer stamps entries with: the clock, the bound on ledger time, and

@@ -127,7 +127,12 @@ async fn three_nodes_run_over_an_injected_network_and_clock() {
     let follower = if leader == 1 { "mem-2" } else { "mem-1" };
     let mut client = LedgerClient::new(dial(&net, follower));
     let meta = |id| {
-        Some(v1::RequestMeta { client_id: "sim".into(), request_id: id, principal: "gw".into() })
+        Some(v1::RequestMeta {
+            client_id: "sim".into(),
+            request_id: id,
+            principal: "gw".into(),
+            ..Default::default()
+        })
     };
     client
         .create_budget(v1::CreateBudgetRequest {

@@ -15,7 +15,12 @@ const OPS: usize = 1024;
 const CALLERS: usize = 24;
 
 fn meta(client: &str, request_id: u64) -> Option<v1::RequestMeta> {
-    Some(v1::RequestMeta { client_id: client.into(), request_id, principal: "gw".into() })
+    Some(v1::RequestMeta {
+        client_id: client.into(),
+        request_id,
+        principal: "gw".into(),
+        ..Default::default()
+    })
 }
 
 fn acquire(client: &str, request_id: u64) -> v1::BatchOp {

@@ -165,7 +165,12 @@ fn plain(addr: SocketAddr) -> Channel {
 }
 
 fn meta(client: &str, request_id: u64, principal: &str) -> Option<v1::RequestMeta> {
-    Some(v1::RequestMeta { client_id: client.into(), request_id, principal: principal.into() })
+    Some(v1::RequestMeta {
+        client_id: client.into(),
+        request_id,
+        principal: principal.into(),
+        ..Default::default()
+    })
 }
 
 fn create(path: &str, request_id: u64, principal: &str) -> v1::CreateBudgetRequest {

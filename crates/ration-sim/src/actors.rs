@@ -519,6 +519,7 @@ pub(crate) fn acquire_one(
             client_id: client.into(),
             request_id,
             principal: principal.into(),
+            ..Default::default()
         }),
         budget: budget.into(),
         unit: UNIT.into(),
@@ -1000,6 +1001,7 @@ pub(crate) async fn setup_budgets(
             client_id: "operator".into(),
             request_id,
             principal: "operator".into(),
+            ..Default::default()
         })
     };
     for (i, (path, limits)) in plan.budgets().into_iter().enumerate() {
@@ -1028,6 +1030,7 @@ pub(crate) async fn setup_budgets(
                 client_id: "operator".into(),
                 request_id: i as u64 + 1,
                 principal: "operator".into(),
+                ..Default::default()
             }),
             path,
             limits,

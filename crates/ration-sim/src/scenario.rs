@@ -622,6 +622,7 @@ pub fn per_minute_limit_across_boundaries() -> Result<MinuteReport, String> {
                     client_id: "minute-operator".into(),
                     request_id: 1,
                     principal: "operator".into(),
+                    ..Default::default()
                 }),
                 path: BUDGET.into(),
                 limits: vec![v1::Limit {

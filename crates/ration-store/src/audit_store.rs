@@ -163,7 +163,7 @@ impl AuditStore {
     }
 
     fn decode(value: &[u8]) -> Result<Vec<AuditRecord>, ReadError> {
-        Ok(postcard::from_bytes(value)?)
+        Ok(ration_core::audit::decode_records(value)?)
     }
 
     fn mem(

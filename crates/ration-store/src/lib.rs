@@ -657,7 +657,8 @@ impl SnapshotBody {
                 .map_err(|e| e.to_string())?;
             let (last_applied, membership) =
                 postcard::from_bytes(parts[0]).map_err(|e| section("head", e))?;
-            let audit = postcard::from_bytes(parts[2]).map_err(|e| section("audt", e))?;
+            let audit =
+                ration_core::audit::decode_records(parts[2]).map_err(|e| section("audt", e))?;
             return Ok(Self {
                 last_applied,
                 membership,
@@ -671,7 +672,7 @@ impl SnapshotBody {
         let (last_applied, membership) =
             postcard::from_bytes(parts[0]).map_err(|e| section("head", e))?;
         let manifest = postcard::from_bytes(parts[2]).map_err(|e| section("mani", e))?;
-        let audit = postcard::from_bytes(parts[3]).map_err(|e| section("audt", e))?;
+        let audit = ration_core::audit::decode_records(parts[3]).map_err(|e| section("audt", e))?;
         Ok(Self { last_applied, membership, ledger: parts[1].to_vec(), manifest, audit })
     }
 }

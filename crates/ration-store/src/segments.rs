@@ -352,7 +352,8 @@ fn read_record(path: &Path, r: &mut impl Read) -> std::io::Result<AuditRecord> {
     }
     let mut buf = vec![0u8; len as usize];
     r.read_exact(&mut buf)?;
-    postcard::from_bytes(&buf).map_err(|e| bad(path, format!("record does not decode: {e}")))
+    ration_core::audit::decode_record(&buf)
+        .map_err(|e| bad(path, format!("record does not decode: {e}")))
 }
 
 /// Reads the whole file at `path` and checks it is exactly the segment `expect`

@@ -157,7 +157,12 @@ where
 
 /// Request metadata: exactly-once client and request id, and the principal.
 pub fn meta(client: &str, request_id: u64, principal: &str) -> Option<v1::RequestMeta> {
-    Some(v1::RequestMeta { client_id: client.into(), request_id, principal: principal.into() })
+    Some(v1::RequestMeta {
+        client_id: client.into(),
+        request_id,
+        principal: principal.into(),
+        ..Default::default()
+    })
 }
 
 /// A limit of `cap` per `period`, failing closed.

@@ -33,9 +33,18 @@ pub struct Filter {
     principal: Option<String>,
     /// Only these kinds (repeatable, or comma-separated): lease_granted,
     /// lease_reported, lease_released, lease_expired, lease_refunded, late_release,
-    /// overrun, budget_created, budget_updated, budget_deleted.
+    /// overrun, budget_created, budget_updated, budget_deleted, threshold_crossed,
+    /// shadow_refusal, call_recorded, price_set, options_set (and the rest
+    /// `QueryAudit` lists).
     #[arg(long = "kind", value_delimiter = ',')]
     kinds: Vec<String>,
+    /// Records carrying this trace id: those its requests caused, and its
+    /// recorded calls.
+    #[arg(long)]
+    trace: Option<String>,
+    /// Records caused by requests of this client id.
+    #[arg(long = "client-id")]
+    client: Option<String>,
     /// From this time on (RFC 3339 UTC, ms since the epoch, or -2h).
     #[arg(long, allow_hyphen_values = true)]
     from: Option<String>,
@@ -152,6 +161,12 @@ pub struct Exported {
     pub limits: Vec<spelled::Limit>,
     pub prev_hash: String,
     pub hash: String,
+    /// The request behind it: client id, request id, trace id, usage lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<ration_core::audit::Cause>,
+    /// What a price, options, threshold, shadow-refusal or call record says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<ration_core::audit::Detail>,
 }
 
 /// Balances and limits as exported, spelled as the rest of rationctl's JSON is:
@@ -304,6 +319,10 @@ struct CsvRow {
     limits: String,
     prev_hash: String,
     hash: String,
+    #[serde(default)]
+    cause: String,
+    #[serde(default)]
+    detail: String,
 }
 
 fn unhex(field: &str, s: &str) -> anyhow::Result<Hash> {
@@ -337,6 +356,8 @@ impl Exported {
             limits: e.limits.iter().map(spelled::Limit::from_core).collect(),
             prev_hash: ration_core::audit::hex(&e.prev_hash),
             hash: ration_core::audit::hex(&r.hash),
+            cause: e.cause.clone(),
+            detail: e.detail.clone(),
         }
     }
 
@@ -374,6 +395,8 @@ impl Exported {
                     .collect::<anyhow::Result<_>>()
                     .context("limits")?,
                 prev_hash: unhex("prev_hash", &self.prev_hash)?,
+                cause: self.cause,
+                detail: self.detail,
             },
             hash: unhex("hash", &self.hash)?,
         })
@@ -399,6 +422,14 @@ impl Exported {
             limits: serde_json::to_string(&self.limits)?,
             prev_hash: self.prev_hash.clone(),
             hash: self.hash.clone(),
+            cause: match &self.cause {
+                Some(c) => serde_json::to_string(c)?,
+                None => String::new(),
+            },
+            detail: match &self.detail {
+                Some(d) => serde_json::to_string(d)?,
+                None => String::new(),
+            },
         })
     }
 
@@ -431,6 +462,14 @@ impl Exported {
                 .context("limits")?,
             prev_hash: r.prev_hash,
             hash: r.hash,
+            cause: (!r.cause.is_empty())
+                .then(|| serde_json::from_str(&r.cause))
+                .transpose()
+                .context("cause")?,
+            detail: (!r.detail.is_empty())
+                .then(|| serde_json::from_str(&r.detail))
+                .transpose()
+                .context("detail")?,
         })
     }
 }
@@ -912,6 +951,8 @@ fn request(filter: &Filter) -> anyhow::Result<v1::QueryAuditRequest> {
         limit: PAGE,
         // Through the leader: every acknowledged write is in the answer.
         linearizable: true,
+        trace: filter.trace.clone().unwrap_or_default(),
+        client_id: filter.client.clone().unwrap_or_default(),
     })
 }
 
@@ -1417,7 +1458,15 @@ fn start_of(first: Option<&AuditRecord>) -> ChainHead {
 
 impl Filter {
     fn empty() -> Self {
-        Self { subtree: None, principal: None, kinds: Vec::new(), from: None, to: None }
+        Self {
+            subtree: None,
+            principal: None,
+            kinds: Vec::new(),
+            from: None,
+            to: None,
+            trace: None,
+            client: None,
+        }
     }
 }
 

@@ -278,6 +278,7 @@ impl Ctx {
             client_id: self.client_id.clone(),
             request_id: self.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             principal: self.principal.clone(),
+            ..Default::default()
         })
     }
 

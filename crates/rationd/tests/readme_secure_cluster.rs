@@ -148,6 +148,7 @@ async fn the_readme_secured_cluster_starts_and_answers_as_written() {
                 client_id: "readme-gw-eu".into(),
                 request_id: 1,
                 principal: "gw-eu".into(),
+                ..Default::default()
             }),
             budget: "acme".into(),
             unit: "tokens".into(),

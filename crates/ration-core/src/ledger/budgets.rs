@@ -89,7 +89,9 @@ impl Ledger {
     pub(super) fn remove_budget(&mut self, id: super::BudgetId) {
         self.forget_instance(id);
         self.frozen.remove(&id);
+        self.vis.options.remove(&id);
         let budget = self.budgets.remove(&id).expect("the budget exists");
+        self.unwatch(budget.limits.iter().map(|l| l.counter.id));
         assert_eq!(budget.live_leases, 0, "invariant: a removed budget holds no lease");
         assert_eq!(budget.children, 0, "invariant: a removed budget has no children");
         if let Some(creator) = self.principals.creators.remove(&id) {
@@ -161,6 +163,7 @@ impl Ledger {
                 }
             })
             .collect();
+        self.unwatch(old_limits.iter().map(|l| l.counter.id));
         let budget = self.budget_mut(id);
         budget.limits = limits;
         budget.version = budget.version.saturating_add(1);

@@ -27,6 +27,8 @@ impl Ledger {
             balances: Vec::new(),
             limits: Vec::new(),
             prev_hash: GENESIS,
+            cause: None,
+            detail: None,
         }
     }
 
@@ -72,6 +74,10 @@ impl Ledger {
     /// Adds a record's flow to the totals, chains it and emits it.
     pub(super) fn record(&mut self, audit: &mut Vec<AuditRecord>, entry: AuditEntry) {
         self.totals.add_record(entry.kind, &entry.flow);
+        let mut entry = entry;
+        if entry.cause.is_none() {
+            entry.cause.clone_from(&self.cause);
+        }
         audit.push(self.chain.seal(entry));
     }
 

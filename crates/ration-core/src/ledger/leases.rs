@@ -81,6 +81,8 @@ impl Ledger {
         let mut window_end_ms = u64::MAX;
         // (budget, limit index, whether the lease draws on the limit's next window)
         let mut refs: Vec<(BudgetId, usize, bool)> = Vec::new();
+        // Shadow limits that would have refused: (budget, limit index, available).
+        let mut shadowed: Vec<(BudgetId, usize, u64)> = Vec::new();
         let mut chain = Vec::new();
         let mut at = Some(leaf);
         while let Some(id) = at {
@@ -112,6 +114,33 @@ impl Ledger {
                 } else {
                     (limit.available(now), &limit.counter.holders, end)
                 };
+                if self.is_shadow(id) {
+                    // Its caps refuse nothing and bound nothing (beyond keeping its
+                    // figures under MAX_AMOUNT); what they would have refused is
+                    // recorded.
+                    let used = if next {
+                        limit.counter.upcoming
+                    } else {
+                        limit.effective(now).0.saturating_add(limit.counter.outstanding)
+                    };
+                    let headroom = MAX_AMOUNT.saturating_sub(used);
+                    if headroom < at_least {
+                        return Err(LedgerError::Exhausted {
+                            path: budget.path.clone(),
+                            unit: a.unit.clone(),
+                            window: limit.spec.window,
+                            available: headroom,
+                            min: at_least,
+                        });
+                    }
+                    grant = grant.min(headroom);
+                    if available < at_least {
+                        shadowed.push((id, i, available));
+                    }
+                    window_end_ms = window_end_ms.min(ends);
+                    refs.push((id, i, next));
+                    continue;
+                }
                 if available < at_least {
                     return Err(LedgerError::Exhausted {
                         path: budget.path.clone(),
@@ -157,6 +186,12 @@ impl Ledger {
         }
 
         // Commit.
+        let lease_id = LeaseId::from_position(ctx.index, slot);
+        for (id, i, available) in shadowed {
+            let b = &self.budgets[&id];
+            let balance = b.limits[i].balance(&b.path);
+            self.shadow_refusal(ctx, id, lease_id, balance, at_least, available);
+        }
         let mut counters = Vec::with_capacity(refs.len());
         let mut balances = Vec::with_capacity(refs.len());
         for &(id, i, next) in &refs {
@@ -184,7 +219,6 @@ impl Ledger {
             b.live_leases = b.live_leases.saturating_add(1);
         }
         self.count_guarded(leaf, &a.unit, grant, false);
-        let lease_id = LeaseId::from_position(ctx.index, slot);
         self.principals.change(ctx.principal, |u| u.live_leases = u.live_leases.saturating_add(1));
         self.leases.insert(
             lease_id,

@@ -32,12 +32,14 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 mod time;
+mod visibility;
 
 pub use controls::TemplateView;
 pub(crate) use principals::Principals;
 pub use principals::{Held, PrincipalLimits, PrincipalUsage, LEDGER_PATH, MAX_PRINCIPAL_LIMIT};
 pub use roles::{Action, MAX_PRINCIPALS_WITH_ROLES, MAX_ROLES_PER_PRINCIPAL};
 pub use snapshot::{InvariantError, SnapshotError};
+pub use visibility::{Forecast, PriceVersion, RATE_BUCKET_MS};
 
 /// Limits and retention times of a ledger. Part of the replicated state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,6 +308,9 @@ pub struct LimitView {
     pub holders: u64,
     /// Granted in leases for the next window (they open when this one ends).
     pub upcoming: u64,
+    /// The highest alert threshold (percent of the cap) spend has reached in this
+    /// window.
+    pub threshold_reached_pct: Option<u32>,
 }
 
 /// A budget as queries see it.
@@ -325,6 +330,10 @@ pub struct BudgetView {
     pub instance: bool,
     /// The template on it, if any.
     pub template: Option<TemplateView>,
+    /// Its alert thresholds and shadow mode, if set.
+    pub options: Option<crate::command::BudgetOptions>,
+    /// In shadow mode: acquires its caps would have refused.
+    pub shadow_refusals: u64,
 }
 
 /// A live lease as queries see it.
@@ -393,6 +402,14 @@ pub struct Ledger {
     /// Runs halted by their guards since the ledger began. In the sixth section.
     #[serde(skip)]
     halted_total: u64,
+    /// The price book, budget options, what is watched of each counter, the
+    /// webhook cursor. In the seventh section.
+    #[serde(skip)]
+    vis: visibility::Visibility,
+    /// The cause of the request being applied (none between requests), which
+    /// every record it emits carries.
+    #[serde(skip)]
+    cause: Option<crate::audit::Cause>,
 }
 
 impl Default for Ledger {
@@ -427,6 +444,8 @@ impl Ledger {
             instance_due: BTreeSet::new(),
             frozen: BTreeMap::new(),
             halted_total: 0,
+            vis: visibility::Visibility::default(),
+            cause: None,
         }
     }
 
@@ -443,6 +462,7 @@ impl Ledger {
         self.now_ms = self.now_ms.max(clamp_time(batch.time_ms));
         let mut audit = Vec::new();
         self.housekeep(index, &mut audit);
+        self.observe(index, &mut audit, 0);
         let outcomes = batch
             .commands
             .iter()
@@ -457,6 +477,7 @@ impl Ledger {
                 Command::Authenticated { request, authority } => {
                     self.request(index, slot, request, Some(*authority), &mut audit)
                 }
+                Command::AckNotices { upto_seq } => self.ack_notices(*upto_seq),
             })
             .collect();
         Applied { outcomes, audit }
@@ -488,15 +509,17 @@ impl Ledger {
         let stripped;
         let op = match authority.map(|a| self.authorize_request(req, a)).transpose()? {
             Some(false) => {
-                let Op::Report(r) = &req.op else { unreachable!("only reports lose a part") };
+                let Op::Report(r) = req.op.inner() else {
+                    unreachable!("only reports lose a part")
+                };
                 stripped = Op::Report(crate::command::Report { renew_ttl_ms: None, ..r.clone() });
                 &stripped
             }
-            _ => &req.op,
+            _ => req.op.inner(),
         };
         // Checked before anything is remembered: a refusal here leaves no trace.
         // Never for SetLimits, so an operator held by a limit can still raise it.
-        if !matches!(req.op, Op::SetLimits(_)) {
+        if !matches!(req.op.inner(), Op::SetLimits(_)) {
             if let Some(refusal) = self.admit(req) {
                 return Err(refusal);
             }
@@ -504,7 +527,7 @@ impl Ledger {
         // Acting on another principal's lease leaves no trace either: the answer
         // cannot change (a lease's principal never does), so nothing needs to be
         // remembered for a retry, and a client cannot grow the table with them.
-        let lease = match &req.op {
+        let lease = match req.op.inner() {
             Op::Report(r) => Some(r.lease),
             Op::Release(r) => Some(r.lease),
             _ => None,
@@ -512,8 +535,53 @@ impl Ledger {
         if let Some(id) = lease.filter(|id| self.owned_by_another(*id, &req.principal)) {
             return Err(LedgerError::ForeignLease { lease: id });
         }
-        let mut ctx = Ctx { index, principal: &req.principal, audit };
-        let outcome = match op {
+        let outcome = match &req.op {
+            Op::Annotated { note, op: inner } => match (note.validate(), inner.as_ref()) {
+                (Err(e), _) => Err(e),
+                (_, Op::Annotated { .. }) => Err(LedgerError::InvalidArgument {
+                    field: "op".into(),
+                    reason: "an annotated operation may not be annotated again".into(),
+                }),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        };
+        let outcome = match outcome {
+            Err(e) => Err(e),
+            Ok(()) => {
+                self.cause = Some(visibility::cause_of(req));
+                let start = audit.len();
+                let outcome = self.dispatch(index, slot, &req.principal, op, audit);
+                if outcome.is_ok() {
+                    self.observe(index, audit, start);
+                }
+                self.cause = None;
+                outcome
+            }
+        };
+        self.dedup.remember(
+            &req.client,
+            &req.principal,
+            req.request_id,
+            fingerprint,
+            outcome.clone(),
+            self.now_ms,
+            &self.config,
+            &mut self.principals,
+        );
+        outcome
+    }
+
+    fn dispatch(
+        &mut self,
+        index: u64,
+        slot: usize,
+        principal: &Principal,
+        op: &Op,
+        audit: &mut Vec<AuditRecord>,
+    ) -> Outcome {
+        let mut ctx = Ctx { index, principal, audit };
+        match op {
             Op::CreateBudget(spec) => self.create_budget(&mut ctx, spec),
             Op::UpdateBudget { spec, expected_version } => {
                 self.update_budget(&mut ctx, spec, *expected_version)
@@ -536,18 +604,11 @@ impl Ledger {
             Op::SetTemplate(t) => self.set_template(&mut ctx, t),
             Op::DeleteTemplate { parent } => self.delete_template(&mut ctx, parent),
             Op::Freeze { path, frozen } => self.freeze(&mut ctx, path, *frozen),
-        };
-        self.dedup.remember(
-            &req.client,
-            &req.principal,
-            req.request_id,
-            fingerprint,
-            outcome.clone(),
-            self.now_ms,
-            &self.config,
-            &mut self.principals,
-        );
-        outcome
+            Op::SetPrice(p) => self.set_price(&mut ctx, p),
+            Op::SetOptions { path, options } => self.set_options(&mut ctx, path, options),
+            Op::RecordCall(c) => self.record_call(&mut ctx, c),
+            Op::Annotated { .. } => unreachable!("unwrapped by `request`"),
+        }
     }
 
     /// The per-principal limits on the exactly-once table: a client new to it

@@ -109,6 +109,7 @@ impl Ledger {
                     overruns: l.overruns(now),
                     holders: l.counter.holders.len() as u64,
                     upcoming: l.counter.upcoming,
+                    threshold_reached_pct: self.reached_pct(id, l),
                 }
             })
             .collect();
@@ -122,6 +123,11 @@ impl Ledger {
             hold: self.hold_of(id),
             instance: self.instances.contains_key(&id),
             template: self.template_of(id),
+            options: self.vis.options.get(&id).map(|o| crate::command::BudgetOptions {
+                thresholds_pct: o.thresholds_pct.clone(),
+                shadow: o.shadow,
+            }),
+            shadow_refusals: self.vis.options.get(&id).map_or(0, |o| o.would_refuse),
         }
     }
 

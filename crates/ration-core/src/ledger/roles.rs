@@ -201,7 +201,7 @@ impl Ledger {
     ) -> Result<bool, LedgerError> {
         let p = &req.principal;
         let may = |action| self.authorize(p, authority, action);
-        match &req.op {
+        match req.op.inner() {
             Op::CreateBudget(spec) => may(Action::ManageBudget(&spec.path))?,
             Op::UpdateBudget { spec, .. } => may(Action::ManageBudget(&spec.path))?,
             Op::DeleteBudget { path, .. } => may(Action::ManageBudget(path))?,
@@ -225,6 +225,14 @@ impl Ledger {
             }
             Op::Report(_) | Op::Release(_) => {}
             Op::SetLimits(_) | Op::GrantRole(_) | Op::RevokeRole(_) => may(Action::Administer)?,
+            Op::SetPrice(_) => {
+                let book = BudgetPath::new(super::LEDGER_PATH).expect("the ledger's path is valid");
+                may(Action::ManageBudget(&book))?
+            }
+            Op::SetOptions { path, .. } => may(Action::ManageBudget(path))?,
+            Op::RecordCall(c) => may(Action::Spend(&c.budget))?,
+            // Nested annotations are refused when applied; nothing to authorize.
+            Op::Annotated { .. } => {}
         }
         Ok(true)
     }

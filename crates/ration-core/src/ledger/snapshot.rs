@@ -138,16 +138,18 @@ pub enum InvariantError {
 
 /// Snapshot layouts. Each version appends a section for what the one before did not
 /// hold (V2: overruns; V3: next-window leases; V4: per-principal limits; V5:
-/// roles; V6: templates, instances and frozen budgets), so older snapshots still
+/// roles; V6: templates, instances and frozen budgets; V7: the price book, budget
+/// options, burn rates and the webhook cursor), so older snapshots still
 /// restore.
 #[derive(Serialize, Deserialize)]
-enum SnapshotFormat<L, X, Y, Z, R, C> {
+enum SnapshotFormat<L, X, Y, Z, R, C, V> {
     V1(L),
     V2(L, X),
     V3(L, X, Y),
     V4(L, X, Y, Z),
     V5(L, X, Y, Z, R),
     V6(L, X, Y, Z, R, C),
+    V7(L, X, Y, Z, R, C, V),
 }
 
 /// The sixth section of a V6 snapshot. A snapshot without one restores with no
@@ -241,14 +243,25 @@ impl Ledger {
             frozen: self.frozen.iter().map(|(id, h)| (*id, h.clone())).collect(),
             halted_total: self.halted_total,
         };
-        postcard::to_stdvec(&SnapshotFormat::V6(self, extra, next, principals, roles, controls))
-            .expect("encoding into a Vec cannot fail")
+        let vis = &self.vis;
+        postcard::to_stdvec(&SnapshotFormat::V7(
+            self, extra, next, principals, roles, controls, vis,
+        ))
+        .expect("encoding into a Vec cannot fail")
     }
 
     /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, and checks it.
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        type Format =
-            SnapshotFormat<Ledger, Overruns, Upcoming, PerPrincipal, RolesSection, Controls>;
+        type Format = SnapshotFormat<
+            Ledger,
+            Overruns,
+            Upcoming,
+            PerPrincipal,
+            RolesSection,
+            Controls,
+            super::visibility::Visibility,
+        >;
+        let mut vis = super::visibility::Visibility::default();
         let (mut ledger, extra, next, principals, roles, controls) =
             match postcard::from_bytes::<Format>(bytes)? {
                 SnapshotFormat::V1(ledger) => (
@@ -279,7 +292,12 @@ impl Ledger {
                 SnapshotFormat::V6(ledger, extra, next, principals, roles, controls) => {
                     (ledger, extra, next, principals, roles, controls)
                 }
+                SnapshotFormat::V7(ledger, extra, next, principals, roles, controls, v) => {
+                    vis = v;
+                    (ledger, extra, next, principals, roles, controls)
+                }
             };
+        ledger.vis = vis;
         ledger.templates = controls
             .templates
             .into_iter()
@@ -509,6 +527,7 @@ impl Ledger {
         self.check_principal_usage()?;
         self.check_roles()?;
         self.check_controls().map_err(|detail| InvariantError::Controls { detail })?;
+        self.check_visibility().map_err(|detail| InvariantError::Controls { detail })?;
         let window_ends: BTreeMap<(BudgetId, u64), u64> = self
             .budgets
             .iter()
@@ -570,7 +589,8 @@ impl Ledger {
                         held: held_next,
                     });
                 }
-                if c.upcoming > l.spec.cap {
+                let shadow = self.is_shadow(*id);
+                if c.upcoming > l.spec.cap && !shadow {
                     return Err(InvariantError::UpcomingOverCap {
                         path: b.path.clone(),
                         unit: l.spec.unit.clone(),
@@ -592,9 +612,11 @@ impl Ledger {
                 let (consumed, _, _) = l.effective(self.now_ms);
                 let overruns = l.overruns(self.now_ms);
                 if c.overruns > c.consumed
-                    || consumed
-                        .checked_add(c.outstanding)
-                        .is_none_or(|used| used > l.spec.cap.saturating_add(overruns))
+                    || consumed.checked_add(c.outstanding).is_none_or(|used| {
+                        used > l.spec.cap.saturating_add(overruns)
+                            && !(shadow
+                                && used <= crate::command::MAX_AMOUNT.saturating_add(overruns))
+                    })
                 {
                     return Err(InvariantError::OverCap {
                         path: b.path.clone(),

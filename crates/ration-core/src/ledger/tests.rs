@@ -1633,3 +1633,301 @@ fn a_concurrent_limit_holds_units_in_flight_and_gets_them_back_however_a_lease_e
     assert!(matches!(h.run("gw-1", o("solo")), Err(LedgerError::NoLimitForUnit { .. })));
     assert!(Window::with_offset(Period::Concurrent, 60).is_err());
 }
+
+// ----- money and visibility -----
+
+fn price(model: &str, input: u64, output: u64, effective_from_ms: u64) -> Op {
+    Op::SetPrice(crate::command::PriceSpec {
+        model: model.into(),
+        price: crate::command::Price { input, cached_input: input / 10, output },
+        effective_from_ms,
+    })
+}
+
+fn options(p: &str, thresholds_pct: Vec<u32>, shadow: bool) -> Op {
+    Op::SetOptions {
+        path: path(p),
+        options: crate::command::BudgetOptions { thresholds_pct, shadow },
+    }
+}
+
+fn spend_now(h: &mut H, p: &str, amount: u64) {
+    let g = h.grant("gw", acquire(p, amount, amount, 60_000));
+    h.ok("gw", Op::Release(Release { lease: g.lease, consumed_total: amount }));
+}
+
+fn details(h: &H, from: usize, kind: AuditKind) -> Vec<crate::audit::Detail> {
+    h.log.records()[from..]
+        .iter()
+        .filter(|r| r.entry.kind == kind)
+        .filter_map(|r| r.entry.detail.clone())
+        .collect()
+}
+
+#[test]
+fn prices_are_versioned_in_effective_order_and_audited() {
+    let mut h = H::new();
+    assert_eq!(
+        h.ok("ops", price("gpt-x", 2_500_000, 10_000_000, 0)),
+        Reply::PriceSet { version: 1, effective_from_ms: T0 }
+    );
+    h.tick(1_000);
+    let later = T0 + 60_000;
+    assert_eq!(
+        h.ok("ops", price("gpt-x", 1_250_000, 5_000_000, later)),
+        Reply::PriceSet { version: 2, effective_from_ms: later }
+    );
+    // Out of order, bad names and absurd prices are refused.
+    assert!(h.run("ops", price("gpt-x", 1, 1, T0 + 30_000)).is_err());
+    assert!(h.run("ops", price("bad model", 1, 1, 0)).is_err());
+    assert!(h.run("ops", price("gpt-y", crate::command::MAX_PRICE_PER_MTOK + 1, 1, 0)).is_err());
+    let at = |t| h.ledger.price_at("gpt-x", t).map(|v| v.version);
+    assert_eq!((at(T0 - 1), at(T0), at(later - 1), at(later)), (None, Some(1), Some(1), Some(2)));
+    // 1,000 input and 500 output tokens at version 1: 2,500 + 5,000 usd_micros.
+    let v1 = h.ledger.price_at("gpt-x", T0).unwrap().price;
+    assert_eq!(v1.cost(1_000, 0, 500), 7_500);
+    assert_eq!(v1.cost(1, 0, 0), 3, "rounded up to the next usd_micro");
+    let sets = details(&h, 0, AuditKind::PriceSet);
+    assert_eq!(sets.len(), 2);
+    // A snapshot keeps the book.
+    let restored = Ledger::restore(&h.ledger.snapshot()).unwrap();
+    assert_eq!(restored, h.ledger);
+}
+
+#[test]
+fn thresholds_are_crossed_once_per_window_on_every_spend_path() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("team", vec![limit("tokens", 1_000, Period::Minute)])));
+    h.ok("ops", options("team", vec![80, 50, 100], false));
+    let from = h.log.len();
+    spend_now(&mut h, "team", 400);
+    assert!(details(&h, from, AuditKind::ThresholdCrossed).is_empty());
+    spend_now(&mut h, "team", 450); // 85%: crosses 50 and 80 in one command
+    let crossed = details(&h, from, AuditKind::ThresholdCrossed);
+    assert_eq!(
+        crossed,
+        vec![
+            crate::audit::Detail::Threshold { percent: 50 },
+            crate::audit::Detail::Threshold { percent: 80 }
+        ]
+    );
+    assert_eq!(
+        h.ledger.threshold_reached(&path("team"), &unit("tokens"), Window::utc(Period::Minute)),
+        Some(80)
+    );
+    // The record names the request that caused it.
+    let rec =
+        h.log.records().iter().rev().find(|r| r.entry.kind == AuditKind::ThresholdCrossed).unwrap();
+    assert_eq!(rec.entry.cause.as_ref().unwrap().client.as_str(), "gw-client");
+    spend_now(&mut h, "team", 10);
+    assert_eq!(details(&h, from, AuditKind::ThresholdCrossed).len(), 2, "no repeat");
+    // An expiry charge crosses 100% (no request behind it: no cause).
+    let g = h.grant("gw", acquire("team", 140, 140, 1_000));
+    h.tick(1_500);
+    let last =
+        h.log.records().iter().rev().find(|r| r.entry.kind == AuditKind::ThresholdCrossed).unwrap();
+    assert_eq!(last.entry.detail, Some(crate::audit::Detail::Threshold { percent: 100 }));
+    assert!(last.entry.cause.is_none());
+    let _ = g;
+    // A new window crosses them again.
+    h.tick(MIN);
+    let from = h.log.len();
+    spend_now(&mut h, "team", 600);
+    assert_eq!(details(&h, from, AuditKind::ThresholdCrossed).len(), 1);
+    assert_eq!(h.ledger.visibility_totals().0, 4);
+    // An overrun counts too.
+    let from = h.log.len();
+    h.ok("gw", overrun("team", 500));
+    assert_eq!(details(&h, from, AuditKind::ThresholdCrossed).len(), 2);
+    let restored = Ledger::restore(&h.ledger.snapshot()).unwrap();
+    assert_eq!(restored, h.ledger);
+}
+
+#[test]
+fn a_shadow_budget_refuses_nothing_records_what_it_would_have_and_its_parent_still_holds() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("org", vec![limit("tokens", 1_000, Period::Day)])));
+    h.ok("ops", Op::CreateBudget(spec("org/new", vec![limit("tokens", 100, Period::Day)])));
+    h.ok("ops", options("org/new", vec![], true));
+    let from = h.log.len();
+    // Its cap (100) does not bound the grant; the parent's (1,000) does.
+    let g = h.grant("gw", acquire("org/new", 300, 300, 60_000));
+    assert_eq!(g.granted, 300);
+    let refusals = details(&h, from, AuditKind::ShadowRefusal);
+    assert_eq!(refusals, vec![crate::audit::Detail::WouldRefuse { min: 300, available: 100 }]);
+    let g2 = h.grant("gw", acquire("org/new", 600, 600, 60_000));
+    assert_eq!(g2.granted, 600);
+    assert_eq!(details(&h, from, AuditKind::ShadowRefusal).len(), 2);
+    // The parent's cap refuses as always.
+    assert!(matches!(
+        h.run("gw", acquire("org/new", 200, 200, 60_000)),
+        Err(LedgerError::Exhausted { .. })
+    ));
+    assert_eq!(h.ledger.options(&path("org/new")), Some((vec![], true, 2)));
+    h.ok("gw", Op::Release(Release { lease: g.lease, consumed_total: 300 }));
+    h.ok("gw", Op::Release(Release { lease: g2.lease, consumed_total: 600 }));
+    assert_eq!(h.usage("org"), (900, 0));
+    assert_eq!(h.usage("org/new"), (900, 0));
+    // Enforcing it now would break its cap: refused with the figures.
+    let err = h.run("ops", options("org/new", vec![], false)).unwrap_err();
+    assert!(err.to_string().contains("holds 900"), "{err}");
+    let restored = Ledger::restore(&h.ledger.snapshot()).unwrap();
+    assert_eq!(restored, h.ledger);
+    // Next day it can be enforced.
+    h.tick(24 * 60 * MIN);
+    h.ok("ops", options("org/new", vec![], false));
+    assert!(h.run("gw", acquire("org/new", 200, 200, 60_000)).is_err());
+}
+
+#[test]
+fn annotated_commands_carry_their_trace_and_usage_and_calls_are_found_by_trace() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("runs", vec![limit("usd_micros", 1_000_000, Period::Day)])));
+    let line = crate::command::UsageLine {
+        model: "gpt-x".into(),
+        price_version: 1,
+        calls: 1,
+        input_tokens: 1_000,
+        cached_tokens: 0,
+        output_tokens: 500,
+        cost_usd_micros: 7_500,
+    };
+    let note = crate::command::Annotation { trace: Some("run-42".into()), usage: vec![] };
+    let acq = Op::Acquire(Acquire {
+        budget: path("runs"),
+        unit: unit("usd_micros"),
+        wanted: 10_000,
+        min: 1,
+        ttl_ms: 60_000,
+    });
+    let g = match h.ok("gw", Op::Annotated { note: note.clone(), op: Box::new(acq) }) {
+        Reply::Granted(g) => g,
+        other => panic!("{other:?}"),
+    };
+    h.ok(
+        "gw",
+        Op::RecordCall(crate::command::CallRecord {
+            budget: path("runs"),
+            trace: "run-42".into(),
+            usage: line.clone(),
+        }),
+    );
+    let settle = crate::command::Annotation { trace: None, usage: vec![line.clone()] };
+    h.ok(
+        "gw",
+        Op::Annotated {
+            note: settle,
+            op: Box::new(Op::Release(Release { lease: g.lease, consumed_total: 7_500 })),
+        },
+    );
+    let filter = AuditFilter { trace: Some("run-42".into()), ..AuditFilter::default() };
+    let kinds: Vec<AuditKind> = h.log.query(&filter).map(|r| r.entry.kind).collect();
+    assert_eq!(kinds, vec![AuditKind::LeaseGranted, AuditKind::CallRecorded]);
+    let released =
+        h.log.records().iter().find(|r| r.entry.kind == AuditKind::LeaseReleased).unwrap();
+    let cause = released.entry.cause.as_ref().unwrap();
+    assert_eq!((cause.client.as_str(), cause.usage.clone()), ("gw-client", vec![line]));
+    // Every record of a request names its client and request id.
+    assert!(h.log.records().iter().all(|r| r.entry.cause.is_some()));
+    // Nested annotations and bad traces are refused.
+    let nested = Op::Annotated {
+        note: note.clone(),
+        op: Box::new(Op::Annotated { note, op: Box::new(overrun("runs", 1)) }),
+    };
+    assert!(h.run("gw", nested).is_err());
+    let bad = crate::command::Annotation { trace: Some("has space".into()), usage: vec![] };
+    assert!(h.run("gw", Op::Annotated { note: bad, op: Box::new(overrun("runs", 1)) }).is_err());
+    h.log.verify().unwrap();
+}
+
+#[test]
+fn a_record_without_a_cause_hashes_as_the_first_audit_format_and_both_formats_decode() {
+    let mut h = H::tree();
+    let g = h.grant("gw-1", acquire("acme/search/key-7", 100, 1, 1_000));
+    h.tick(2_000); // expiry: a record with no cause
+    let _ = g;
+    let expired =
+        h.log.records().iter().find(|r| r.entry.kind == AuditKind::LeaseExpired).unwrap().clone();
+    assert!(expired.entry.cause.is_none());
+    // Written in format 1 (no cause, no detail), it decodes and keeps its hash.
+    let e = &expired.entry;
+    let legacy = postcard::to_stdvec(&(
+        (
+            e.seq,
+            e.log_index,
+            e.time_ms,
+            e.effective_ms,
+            e.kind,
+            &e.budget,
+            &e.principal,
+            &e.unit,
+            &e.lease,
+            &e.flow,
+            &e.balances,
+            &e.limits,
+            &e.prev_hash,
+        ),
+        expired.hash,
+    ))
+    .unwrap();
+    let decoded = crate::audit::decode_record(&legacy).unwrap();
+    assert_eq!(decoded, expired);
+    assert_eq!(decoded.entry.compute_hash(), expired.hash);
+    let current = postcard::to_stdvec(&h.log.records().to_vec()).unwrap();
+    assert_eq!(crate::audit::decode_records(&current).unwrap(), h.log.records());
+    // A list of format-1 records (as a sled value or a snapshot section holds it).
+    let mut list = vec![2u8];
+    list.extend_from_slice(&legacy);
+    list.extend_from_slice(&legacy);
+    assert_eq!(crate::audit::decode_records(&list).unwrap(), vec![expired.clone(), expired]);
+    assert!(crate::audit::decode_records(&legacy[..legacy.len() - 1]).is_err());
+}
+
+#[test]
+fn the_burn_rate_follows_a_steady_load_and_projects_exhaustion() {
+    let mut h = H::new();
+    h.ok("ops", Op::CreateBudget(spec("team", vec![limit("tokens", 1_000_000, Period::Day)])));
+    // 100 tokens every 500 ms: 200 tokens/s.
+    for _ in 0..120 {
+        spend_now(&mut h, "team", 100);
+        h.tick(500);
+    }
+    let f = &h.ledger.forecast(&path("team")).unwrap()[0];
+    assert!((f.rate_per_s - 200.0).abs() / 200.0 < 0.06, "rate {}", f.rate_per_s);
+    let remaining_s = (f.cap - f.consumed) as f64 / 200.0;
+    let projected = f.exhausts_at_ms.unwrap() as f64;
+    let truth = h.ledger.now_ms() as f64 + remaining_s * 1000.0;
+    assert!((projected - truth).abs() / (remaining_s * 1000.0) < 0.06);
+    // Idle for two buckets: no rate, no projection.
+    h.tick(2 * RATE_BUCKET_MS + 1);
+    let f = &h.ledger.forecast(&path("team")).unwrap()[0];
+    assert_eq!((f.rate_per_s, f.exhausts_at_ms), (0.0, None));
+}
+
+#[test]
+fn notices_are_acknowledged_forward_only_and_within_the_chain() {
+    let mut h = H::tree();
+    let end = h.ledger.chain_head().next_seq;
+    h.index += 1;
+    let applied = h.ledger.apply(
+        h.index,
+        &Entry::V1(Batch {
+            time_ms: h.now,
+            commands: vec![
+                Command::AckNotices { upto_seq: 2 },
+                Command::AckNotices { upto_seq: 1 },
+                Command::AckNotices { upto_seq: end + 100 },
+            ],
+        }),
+    );
+    let acked: Vec<u64> = applied
+        .outcomes
+        .iter()
+        .map(|o| match o {
+            Ok(Reply::NoticesAcked { acked_seq }) => *acked_seq,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(acked, vec![2, 2, end]);
+    h.ledger.check_invariants().unwrap();
+}

@@ -9,7 +9,12 @@ use super::{to_core, to_proto};
 use crate::v1;
 
 fn meta() -> Option<v1::RequestMeta> {
-    Some(v1::RequestMeta { client_id: "c".into(), request_id: 1, principal: "gw".into() })
+    Some(v1::RequestMeta {
+        client_id: "c".into(),
+        request_id: 1,
+        principal: "gw".into(),
+        ..Default::default()
+    })
 }
 
 #[test]
@@ -85,10 +90,73 @@ fn audit_records_round_trip_exactly() {
     let Ok(Reply::Granted(grant)) = &applied.outcomes[1] else { panic!("{applied:?}") };
     records.extend(applied.audit);
     let release = Release { lease: grant.lease, consumed_total: 7 };
-    let second =
-        Entry::V1(Batch { time_ms: 1_000_001, commands: vec![req(3, Op::Release(release))] });
-    records.extend(ledger.apply(3, &second).audit);
-    assert_eq!(records.len(), 3);
+    use ration_core::command::{
+        Annotation, BudgetOptions, CallRecord, Price, PriceSpec, UsageLine,
+    };
+    let line = UsageLine {
+        model: "gpt-x".into(),
+        price_version: 1,
+        calls: 2,
+        input_tokens: 5,
+        cached_tokens: 1,
+        output_tokens: 1,
+        cost_usd_micros: 7,
+    };
+    let price = Price { input: 1_000_000, cached_input: 100_000, output: 2_000_000 };
+    let commands = vec![
+        req(3, Op::SetPrice(PriceSpec { model: "gpt-x".into(), price, effective_from_ms: 0 })),
+        req(
+            4,
+            Op::SetOptions {
+                path: BudgetPath::new("acme").unwrap(),
+                options: BudgetOptions { thresholds_pct: vec![5, 90], shadow: true },
+            },
+        ),
+        req(
+            5,
+            Op::Annotated {
+                note: Annotation { trace: Some("00-abc-01".into()), usage: vec![line.clone()] },
+                op: Box::new(Op::Release(release)),
+            },
+        ),
+        req(
+            6,
+            Op::RecordCall(CallRecord {
+                budget: BudgetPath::new("acme").unwrap(),
+                trace: "00-abc-01".into(),
+                usage: line,
+            }),
+        ),
+        req(
+            7,
+            Op::Acquire(Acquire {
+                budget: BudgetPath::new("acme").unwrap(),
+                unit: Unit::new("tokens").unwrap(),
+                wanted: 200,
+                min: 200,
+                ttl_ms: 5_000,
+            }),
+        ),
+    ];
+    let second = Entry::V1(Batch { time_ms: 1_000_001, commands });
+    let applied = ledger.apply(3, &second);
+    assert!(applied.outcomes.iter().all(Result::is_ok), "{:?}", applied.outcomes);
+    records.extend(applied.audit);
+    let kinds: Vec<&str> = records.iter().map(|r| r.entry.kind.name()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "budget_created",
+            "lease_granted",
+            "price_set",
+            "options_set",
+            "lease_released",
+            "threshold_crossed",
+            "call_recorded",
+            "shadow_refusal",
+            "lease_granted"
+        ]
+    );
     for r in &records {
         assert_eq!(&to_core::audit_record(&to_proto::audit_record(r)).unwrap(), r);
     }

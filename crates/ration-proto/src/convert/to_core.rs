@@ -66,7 +66,92 @@ fn meta(meta: Option<&v1::RequestMeta>) -> Result<(ClientId, u64, Principal), St
 
 fn request(m: Option<&v1::RequestMeta>, op: Op) -> Result<Request, Status> {
     let (client, request_id, principal) = meta(m)?;
+    let op = match m {
+        Some(m) if !m.trace.is_empty() || !m.usage.is_empty() => {
+            let note = ration_core::command::Annotation {
+                trace: (!m.trace.is_empty()).then(|| m.trace.clone()),
+                usage: m.usage.iter().map(usage_line).collect::<Result<_, _>>()?,
+            };
+            note.validate().map_err(|e| Status::invalid_argument(format!("meta: {e}")))?;
+            Op::Annotated { note, op: Box::new(op) }
+        }
+        _ => op,
+    };
     Ok(Request { client, request_id, principal, op })
+}
+
+pub fn usage_line(u: &v1::UsageLine) -> Result<ration_core::command::UsageLine, Status> {
+    let line = ration_core::command::UsageLine {
+        model: u.model.clone(),
+        price_version: u.price_version,
+        calls: amount("usage.calls", u.calls)?,
+        input_tokens: amount("usage.input_tokens", u.input_tokens)?,
+        cached_tokens: amount("usage.cached_tokens", u.cached_tokens)?,
+        output_tokens: amount("usage.output_tokens", u.output_tokens)?,
+        cost_usd_micros: amount("usage.cost_usd_micros", u.cost_usd_micros)?,
+    };
+    line.validate().map_err(invalid)?;
+    Ok(line)
+}
+
+pub fn price(p: Option<&v1::Price>) -> Result<ration_core::command::Price, Status> {
+    let p = p.ok_or_else(|| missing("price"))?;
+    Ok(ration_core::command::Price {
+        input: amount("price.input", p.input)?,
+        cached_input: amount("price.cached_input", p.cached_input)?,
+        output: amount("price.output", p.output)?,
+    })
+}
+
+pub fn set_price(r: &v1::SetPriceRequest) -> Result<Request, Status> {
+    let spec = ration_core::command::PriceSpec {
+        model: r.model.clone(),
+        price: price(r.price.as_ref())?,
+        effective_from_ms: r.effective_from_ms,
+    };
+    spec.validate().map_err(|e| to_proto::status(&e))?;
+    request(r.meta.as_ref(), Op::SetPrice(spec))
+}
+
+/// The model a price-book read asks for (`None`: every model).
+pub fn list_prices(r: &v1::ListPricesRequest) -> Result<Option<String>, Status> {
+    if r.model.is_empty() {
+        return Ok(None);
+    }
+    ration_core::command::check_label("model", &r.model).map_err(invalid)?;
+    Ok(Some(r.model.clone()))
+}
+
+pub fn budget_options(
+    o: Option<&v1::BudgetOptions>,
+) -> Result<ration_core::command::BudgetOptions, Status> {
+    let o = o.cloned().unwrap_or_default();
+    let options =
+        ration_core::command::BudgetOptions { thresholds_pct: o.thresholds_pct, shadow: o.shadow };
+    options.validate().map_err(invalid)?;
+    Ok(options)
+}
+
+pub fn set_budget_options(r: &v1::SetBudgetOptionsRequest) -> Result<Request, Status> {
+    let op = Op::SetOptions {
+        path: path("path", &r.path)?,
+        options: budget_options(r.options.as_ref())?,
+    };
+    request(r.meta.as_ref(), op)
+}
+
+pub fn record_call(r: &v1::RecordCallRequest) -> Result<Request, Status> {
+    ration_core::command::check_label("trace", &r.trace).map_err(invalid)?;
+    let call = ration_core::command::CallRecord {
+        budget: path("budget", &r.budget)?,
+        trace: r.trace.clone(),
+        usage: usage_line(r.usage.as_ref().ok_or_else(|| missing("usage"))?)?,
+    };
+    request(r.meta.as_ref(), Op::RecordCall(call))
+}
+
+pub fn forecast(r: &v1::ForecastRequest) -> Result<BudgetPath, Status> {
+    path("path", &r.path)
 }
 
 pub fn window(w: Option<&v1::Window>) -> Result<Window, Status> {
@@ -340,6 +425,15 @@ pub fn query_audit(r: &v1::QueryAuditRequest) -> Result<AuditPage, Status> {
         kinds: r.kinds.iter().map(|k| audit_kind(k)).collect::<Result<_, _>>()?,
         from_ms: r.from_ms,
         to_ms: r.to_ms,
+        trace: (!r.trace.is_empty())
+            .then(|| {
+                ration_core::command::check_label("trace", &r.trace).map_err(invalid)?;
+                Ok::<_, Status>(r.trace.clone())
+            })
+            .transpose()?,
+        client: (!r.client_id.is_empty())
+            .then(|| ClientId::new(r.client_id.as_str()).map_err(invalid))
+            .transpose()?,
     };
     Ok(AuditPage { filter, from_seq: r.from_seq, limit: page(r.limit) })
 }
@@ -400,6 +494,48 @@ pub fn audit_record(r: &v1::AuditRecord) -> Result<AuditRecord, Status> {
         balances,
         limits: r.limits.iter().map(limit).collect::<Result<_, _>>()?,
         prev_hash: hash("prev_hash", &r.prev_hash)?,
+        cause: r
+            .cause
+            .as_ref()
+            .map(|c| {
+                Ok::<_, Status>(ration_core::audit::Cause {
+                    client: ClientId::new(c.client_id.as_str()).map_err(invalid)?,
+                    request_id: c.request_id,
+                    trace: c.trace.clone(),
+                    usage: c.usage.iter().map(usage_line).collect::<Result<_, _>>()?,
+                })
+            })
+            .transpose()?,
+        detail: r.detail.as_ref().and_then(|d| d.detail.as_ref()).map(detail).transpose()?,
     };
     Ok(AuditRecord { entry, hash: hash("hash", &r.hash)? })
+}
+
+fn detail(d: &v1::audit_detail::Detail) -> Result<ration_core::audit::Detail, Status> {
+    use ration_core::audit::Detail;
+    use v1::audit_detail::Detail as D;
+    Ok(match d {
+        D::Price(p) => {
+            let v = p.version.as_ref().ok_or_else(|| missing("detail.price.version"))?;
+            Detail::Price {
+                model: p.model.clone(),
+                version: v.version,
+                effective_from_ms: v.effective_from_ms,
+                price: price(v.price.as_ref())?,
+            }
+        }
+        D::Options(o) => Detail::Options(ration_core::command::BudgetOptions {
+            thresholds_pct: o.thresholds_pct.clone(),
+            shadow: o.shadow,
+        }),
+        D::ThresholdPct(percent) => Detail::Threshold { percent: *percent },
+        D::WouldRefuse(w) => Detail::WouldRefuse {
+            min: amount("detail.would_refuse.min", w.min)?,
+            available: amount("detail.would_refuse.available", w.available)?,
+        },
+        D::Call(c) => Detail::Call {
+            trace: c.trace.clone(),
+            usage: usage_line(c.usage.as_ref().ok_or_else(|| missing("detail.call.usage"))?)?,
+        },
+    })
 }

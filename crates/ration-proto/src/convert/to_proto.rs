@@ -188,6 +188,7 @@ pub fn budget(v: &BudgetView) -> v1::Budget {
                 holders: l.holders,
                 overruns: to_i64(l.overruns),
                 upcoming: to_i64(l.upcoming),
+                threshold_reached_pct: l.threshold_reached_pct.unwrap_or(0),
             })
             .collect(),
         children: v.children,
@@ -211,6 +212,100 @@ pub fn budget(v: &BudgetView) -> v1::Budget {
                 .collect(),
         }),
         hold: v.hold.clone().unwrap_or_default(),
+        options: v.options.as_ref().map(budget_options),
+        shadow_refusals: v.shadow_refusals,
+    }
+}
+
+pub fn budget_options(o: &ration_core::command::BudgetOptions) -> v1::BudgetOptions {
+    v1::BudgetOptions { thresholds_pct: o.thresholds_pct.clone(), shadow: o.shadow }
+}
+
+pub fn price(p: &ration_core::command::Price) -> v1::Price {
+    v1::Price {
+        input: to_i64(p.input),
+        cached_input: to_i64(p.cached_input),
+        output: to_i64(p.output),
+    }
+}
+
+pub fn usage_line(u: &ration_core::command::UsageLine) -> v1::UsageLine {
+    v1::UsageLine {
+        model: u.model.clone(),
+        price_version: u.price_version,
+        calls: to_i64(u.calls),
+        input_tokens: to_i64(u.input_tokens),
+        cached_tokens: to_i64(u.cached_tokens),
+        output_tokens: to_i64(u.output_tokens),
+        cost_usd_micros: to_i64(u.cost_usd_micros),
+    }
+}
+
+pub fn price_reply(model: &str, reply: &Reply) -> Result<v1::PriceReply, Status> {
+    match reply {
+        Reply::PriceSet { version, effective_from_ms } => Ok(v1::PriceReply {
+            model: model.to_owned(),
+            version: *version,
+            effective_from_ms: *effective_from_ms,
+        }),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn price_version(v: &ration_core::ledger::PriceVersion) -> v1::PriceVersion {
+    v1::PriceVersion {
+        version: v.version,
+        effective_from_ms: v.effective_from_ms,
+        price: Some(price(&v.price)),
+        set_at_ms: v.set_at_ms,
+    }
+}
+
+pub fn model_prices(
+    model: &str,
+    versions: &[ration_core::ledger::PriceVersion],
+) -> v1::ModelPrices {
+    v1::ModelPrices {
+        model: model.to_owned(),
+        versions: versions.iter().map(price_version).collect(),
+    }
+}
+
+pub fn options_reply(path: &str, reply: &Reply) -> Result<v1::BudgetOptionsReply, Status> {
+    match reply {
+        Reply::OptionsSet => Ok(v1::BudgetOptionsReply { path: path.to_owned() }),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn record_call_reply(reply: &Reply) -> Result<v1::RecordCallReply, Status> {
+    match reply {
+        Reply::CallRecorded => Ok(v1::RecordCallReply {}),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn forecast(
+    path: &str,
+    now_ms: u64,
+    limits: &[ration_core::ledger::Forecast],
+) -> v1::ForecastReply {
+    v1::ForecastReply {
+        path: path.to_owned(),
+        now_ms,
+        limits: limits
+            .iter()
+            .map(|f| v1::LimitForecast {
+                unit: f.unit.to_string(),
+                window: Some(window(f.window)),
+                window_start_ms: f.window_start_ms,
+                window_end_ms: window_end(f.window_end_ms),
+                cap: to_i64(f.cap),
+                consumed: to_i64(f.consumed),
+                rate_per_s: f.rate_per_s,
+                exhausts_at_ms: f.exhausts_at_ms,
+            })
+            .collect(),
     }
 }
 
@@ -323,6 +418,39 @@ pub fn audit_record(r: &AuditRecord) -> v1::AuditRecord {
         prev_hash: e.prev_hash.to_vec(),
         hash: r.hash.to_vec(),
         limits: e.limits.iter().map(limit).collect(),
+        cause: e.cause.as_ref().map(|c| v1::Cause {
+            client_id: c.client.to_string(),
+            request_id: c.request_id,
+            trace: c.trace.clone(),
+            usage: c.usage.iter().map(usage_line).collect(),
+        }),
+        detail: e.detail.as_ref().map(|d| v1::AuditDetail { detail: Some(detail(d)) }),
+    }
+}
+
+fn detail(d: &ration_core::audit::Detail) -> v1::audit_detail::Detail {
+    use ration_core::audit::Detail;
+    use v1::audit_detail::Detail as D;
+    match d {
+        Detail::Price { model, version, effective_from_ms, price: p } => {
+            D::Price(v1::PriceDetail {
+                model: model.clone(),
+                version: Some(v1::PriceVersion {
+                    version: *version,
+                    effective_from_ms: *effective_from_ms,
+                    price: Some(price(p)),
+                    set_at_ms: 0,
+                }),
+            })
+        }
+        Detail::Options(o) => D::Options(budget_options(o)),
+        Detail::Threshold { percent } => D::ThresholdPct(*percent),
+        Detail::WouldRefuse { min, available } => {
+            D::WouldRefuse(v1::WouldRefuse { min: to_i64(*min), available: to_i64(*available) })
+        }
+        Detail::Call { trace, usage } => {
+            D::Call(v1::CallDetail { trace: trace.clone(), usage: Some(usage_line(usage)) })
+        }
     }
 }
 

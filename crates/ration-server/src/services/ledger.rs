@@ -233,6 +233,81 @@ impl v1::ledger_server::Ledger for LedgerService {
         .await
     }
 
+    async fn set_price(
+        &self,
+        req: Request<v1::SetPriceRequest>,
+    ) -> Result<Response<v1::PriceReply>, Status> {
+        self.write(
+            req,
+            |r, screen| Ok(vec![screen.check(to_core::set_price(r)?)?]),
+            |r, outcomes| to_proto::price_reply(&r.model, &only(outcomes)?),
+            on_leader!(LedgerClient, set_price),
+        )
+        .await
+    }
+
+    async fn list_prices(
+        &self,
+        req: Request<v1::ListPricesRequest>,
+    ) -> Result<Response<v1::ListPricesReply>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            return forward::to_leader(&self.node, req, on_leader!(LedgerClient, list_prices))
+                .await;
+        }
+        let model = to_core::list_prices(req.get_ref())?;
+        // The price book is read by every gateway to price its reservations: any
+        // caller the node accepts (with TLS, an authenticated one) may read it, with
+        // no role needed.
+        let state = self.node.reader.state();
+        let models = state
+            .ledger
+            .prices()
+            .filter(|(m, _)| model.as_deref().is_none_or(|x| x == *m))
+            .map(|(m, v)| to_proto::model_prices(m, v))
+            .collect();
+        Ok(Response::new(v1::ListPricesReply { models, now_ms: state.ledger.now_ms() }))
+    }
+
+    async fn set_budget_options(
+        &self,
+        req: Request<v1::SetBudgetOptionsRequest>,
+    ) -> Result<Response<v1::BudgetOptionsReply>, Status> {
+        self.write(
+            req,
+            |r, screen| Ok(vec![screen.check(to_core::set_budget_options(r)?)?]),
+            |r, outcomes| to_proto::options_reply(&r.path, &only(outcomes)?),
+            on_leader!(LedgerClient, set_budget_options),
+        )
+        .await
+    }
+
+    async fn record_call(
+        &self,
+        req: Request<v1::RecordCallRequest>,
+    ) -> Result<Response<v1::RecordCallReply>, Status> {
+        self.write(
+            req,
+            |r, screen| Ok(vec![screen.check(to_core::record_call(r)?)?]),
+            |_, outcomes| to_proto::record_call_reply(&only(outcomes)?),
+            on_leader!(LedgerClient, record_call),
+        )
+        .await
+    }
+
+    async fn forecast(
+        &self,
+        req: Request<v1::ForecastRequest>,
+    ) -> Result<Response<v1::ForecastReply>, Status> {
+        if req.get_ref().linearizable && !self.linearize().await? {
+            return forward::to_leader(&self.node, req, on_leader!(LedgerClient, forecast)).await;
+        }
+        let path = to_core::forecast(req.get_ref())?;
+        self.allow(&Caller::of(&req), ration_core::Action::ReadBudget(Some(&path)))?;
+        let state = self.node.reader.state();
+        let limits = state.ledger.forecast(&path).map_err(|e| to_proto::status(&e))?;
+        Ok(Response::new(to_proto::forecast(path.as_str(), state.ledger.now_ms(), &limits)))
+    }
+
     async fn update_budget(
         &self,
         req: Request<v1::UpdateBudgetRequest>,
