@@ -177,6 +177,13 @@ pub struct Config {
     /// Take `node_id` from the hostname's trailing ordinal plus one (`ration-0` is
     /// node 1): a Kubernetes StatefulSet's pods are named that way.
     pub node_id_from_hostname: bool,
+    /// Where the leader POSTs alert notices (`threshold_crossed` records), as
+    /// `http://host:port/path`: at least once, with an `Idempotency-Key` and an
+    /// HMAC-SHA256 signature (`crate::webhooks`). Give every node the same. Unset:
+    /// no webhooks.
+    pub webhook_url: Option<String>,
+    /// A file holding the webhook signing secret (at least 16 bytes, trimmed).
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 /// Largest `leader_priority`.
@@ -285,6 +292,8 @@ impl Default for Config {
             log_format: "text".into(),
             metrics_listen: "127.0.0.1:9464".into(),
             metrics_token_file: None,
+            webhook_url: None,
+            webhook_secret_file: None,
             node_id_from_hostname: false,
         }
     }
@@ -590,6 +599,29 @@ impl Config {
         Ok(Some(token.to_owned()))
     }
 
+    /// Where and how to deliver webhooks, with the secret read from its file.
+    pub fn webhook(&self) -> Result<Option<crate::webhooks::WebhookTarget>, ConfigError> {
+        let Some(url) = &self.webhook_url else {
+            if self.webhook_secret_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "webhook_secret_file is set but webhook_url is not".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let Some(path) = &self.webhook_secret_file else {
+            return Err(ConfigError::Invalid(
+                "webhook_url needs webhook_secret_file (the key notices are signed with)".into(),
+            ));
+        };
+        let text = std::fs::read(path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let secret = text.trim_ascii().to_vec();
+        crate::webhooks::WebhookTarget::parse(url, secret)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))
+    }
+
     pub fn rpc_timeout(&self) -> Duration {
         Duration::from_millis(self.rpc_timeout_ms)
     }
@@ -752,6 +784,13 @@ pub struct Args {
     /// A file with the bearer token `GET /metrics` requires; unset: no token.
     #[arg(long, env = "RATION_METRICS_TOKEN_FILE")]
     pub metrics_token_file: Option<PathBuf>,
+    /// POST alert notices (thresholds crossed) here: http://host:port/path
+    /// [default: off].
+    #[arg(long, env = "RATION_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// A file with the secret webhook bodies are signed with (HMAC-SHA256).
+    #[arg(long, env = "RATION_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
     /// Node id = the hostname's trailing ordinal + 1 (StatefulSet pod `ration-2` is 3).
     #[arg(long, env = "RATION_NODE_ID_FROM_HOSTNAME")]
     pub node_id_from_hostname: bool,
@@ -800,6 +839,12 @@ impl Args {
         }
         if self.metrics_token_file.is_some() {
             c.metrics_token_file = self.metrics_token_file.clone();
+        }
+        if self.webhook_url.is_some() {
+            c.webhook_url = self.webhook_url.clone();
+        }
+        if self.webhook_secret_file.is_some() {
+            c.webhook_secret_file = self.webhook_secret_file.clone();
         }
         set!(
             admins,

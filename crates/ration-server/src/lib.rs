@@ -14,6 +14,7 @@ pub mod network;
 mod placement;
 pub mod proposer;
 mod services;
+pub mod webhooks;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -853,6 +854,7 @@ where
     // Read and bound before Raft starts, so a bad token file or a taken port fails
     // the start cleanly.
     let metrics_token = config.metrics_token().context("the metrics token")?;
+    let webhook = config.webhook().context("the webhook")?;
     let tokens = match &config.token_key_file {
         Some(path) => {
             Some(Arc::new(ration_tls::token::TokenKey::load(path).context("the bearer token key")?))
@@ -976,6 +978,9 @@ where
     tokio::spawn(log_changes(raft.clone(), node.id));
     bootstrap(&node).await?;
     tokio::spawn(ticker(Arc::downgrade(&node), node.config.tick_ms));
+    if let Some(target) = webhook {
+        tokio::spawn(webhooks::run(Arc::downgrade(&node), target));
+    }
     tokio::spawn(ledger_time::keep(Arc::downgrade(&node)));
     if node.config.leader_priority > 0 {
         tokio::spawn(placement::keep(Arc::downgrade(&node)));

@@ -175,6 +175,11 @@ pub struct Metrics {
     rpcs: RwLock<BTreeMap<String, BTreeMap<&'static str, Arc<Histogram>>>>,
     /// Audit segments fetched from peers (after a snapshot install).
     pub audit_segments_fetched: AtomicU64,
+    /// Webhook POSTs answered 2xx, and attempts that failed.
+    pub webhook_delivered: AtomicU64,
+    pub webhook_failed: AtomicU64,
+    /// Audit records after the webhook cursor, as the leader last looked.
+    pub webhook_backlog: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -194,6 +199,9 @@ impl Default for Metrics {
             proposals: AtomicU64::new(0),
             batch_commands: Histogram::new(BATCH_BOUNDS, 1.0),
             audit_segments_fetched: AtomicU64::new(0),
+            webhook_delivered: AtomicU64::new(0),
+            webhook_failed: AtomicU64::new(0),
+            webhook_backlog: AtomicU64::new(0),
             rpcs: RwLock::new(BTreeMap::new()),
         }
     }
@@ -339,14 +347,25 @@ fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display
 /// The whole exposition text for `node`.
 pub fn render(node: &Node) -> String {
     let mut out = String::with_capacity(16 * 1024);
+    let visibility;
     let m = node.raft.metrics().borrow().clone();
     let (applied, budgets, leases, budget_views, total_budgets, ledger_now_ms, holds) = {
         let state = node.reader.state();
-        let views = if m.state == ServerState::Leader {
-            state.ledger.budgets(None, None, MAX_BUDGET_SERIES)
-        } else {
-            Vec::new()
-        };
+        let views: Vec<(ration_core::BudgetView, Vec<ration_core::ledger::Forecast>)> =
+            if m.state == ServerState::Leader {
+                state
+                    .ledger
+                    .budgets(None, None, MAX_BUDGET_SERIES)
+                    .into_iter()
+                    .map(|v| {
+                        let f = state.ledger.forecast(&v.path).unwrap_or_default();
+                        (v, f)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        visibility = state.ledger.visibility_totals();
         (
             state.last_applied.map_or(0, |l| l.index),
             state.ledger.budget_count(),
@@ -479,6 +498,43 @@ pub fn render(node: &Node) -> String {
         "Runs halted by their runaway guard since the ledger began (replicated: equal on every node).",
     );
     let _ = writeln!(out, "ration_runs_halted_total {halted_total}");
+    let (crossings, shadow_refusals) = visibility;
+    header(
+        &mut out,
+        "ration_thresholds_crossed_total",
+        "counter",
+        "Alert thresholds spend reached (threshold_crossed records) since the ledger began (replicated).",
+    );
+    let _ = writeln!(out, "ration_thresholds_crossed_total {crossings}");
+    header(
+        &mut out,
+        "ration_shadow_refusals_total",
+        "counter",
+        "Acquires a shadow budget's caps would have refused, granted and recorded (replicated).",
+    );
+    let _ = writeln!(out, "ration_shadow_refusals_total {shadow_refusals}");
+    header(
+        &mut out,
+        "ration_webhook_deliveries_total",
+        "counter",
+        "Webhook POSTs this node made as leader, by result (failed attempts are retried).",
+    );
+    let _ = writeln!(
+        out,
+        "ration_webhook_deliveries_total{{result=\"ok\"}} {}",
+        node.metrics.webhook_delivered.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "ration_webhook_deliveries_total{{result=\"failed\"}} {}",
+        node.metrics.webhook_failed.load(Relaxed)
+    );
+    gauge(
+        &mut out,
+        "ration_webhook_backlog_records",
+        "Audit records after the webhook cursor, as this node last looked as leader.",
+        node.metrics.webhook_backlog.load(Relaxed),
+    );
     gauge(
         &mut out,
         "ration_audit_records",
@@ -686,7 +742,7 @@ pub fn render(node: &Node) -> String {
         ),
     ] {
         header(&mut out, name, "gauge", help);
-        for b in &budget_views {
+        for (b, _) in &budget_views {
             for l in &b.limits {
                 let lifetime = matches!(
                     l.spec.window.period(),
@@ -714,6 +770,61 @@ pub fn render(node: &Node) -> String {
                     l.spec.window
                 );
             }
+        }
+    }
+    for (name, help) in [
+        (
+            "ration_budget_burn_rate_per_second",
+            "Spend per second in the limit over the last 10 to 20 s of ledger time (usd_micros / 1e6 = dollars).",
+        ),
+        (
+            "ration_budget_exhaustion_seconds",
+            "Seconds until spend reaches the limit's cap at the current burn rate (no series when the window ends first or nothing is spent); 0: reached.",
+        ),
+        (
+            "ration_budget_threshold_reached_percent",
+            "The highest alert threshold spend has reached in the limit's current window (no series: none).",
+        ),
+    ] {
+        header(&mut out, name, "gauge", help);
+        for (b, forecasts) in &budget_views {
+            for (l, f) in b.limits.iter().zip(forecasts) {
+                #[allow(clippy::cast_precision_loss)] // ms to seconds, for display
+                let value = match name {
+                    "ration_budget_burn_rate_per_second" => f.rate_per_s,
+                    "ration_budget_exhaustion_seconds" => match f.exhausts_at_ms {
+                        Some(at) => at.saturating_sub(ledger_now_ms) as f64 / 1000.0,
+                        None => continue,
+                    },
+                    _ => match l.threshold_reached_pct {
+                        Some(p) => f64::from(p),
+                        None => continue,
+                    },
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{budget=\"{}\",unit=\"{}\",window=\"{}\"}} {value}",
+                    label(b.path.as_str()),
+                    label(l.spec.unit.as_str()),
+                    l.spec.window
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
+        "ration_budget_shadow_refusals_total",
+        "counter",
+        "Acquires a shadow budget's caps would have refused since it was made shadow (no series for other budgets).",
+    );
+    for (b, _) in &budget_views {
+        if b.options.as_ref().is_some_and(|o| o.shadow) {
+            let _ = writeln!(
+                out,
+                "ration_budget_shadow_refusals_total{{budget=\"{}\"}} {}",
+                label(b.path.as_str()),
+                b.shadow_refusals
+            );
         }
     }
     out

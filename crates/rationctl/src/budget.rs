@@ -77,6 +77,28 @@ pub enum BudgetCmd {
         /// The budget's path.
         path: String,
     },
+    /// Replace a budget's alert thresholds and shadow mode (no flags: clear both).
+    /// When spend in a limit's window reaches a threshold, one `threshold_crossed`
+    /// record is written (and POSTed to the cluster's webhook), once per window.
+    /// In shadow mode the budget's own caps refuse nothing: what they would have
+    /// refused is granted and recorded (`shadow_refusal`), and its ancestors' caps
+    /// still apply. Audited as `options_set`.
+    Options {
+        /// The budget's path.
+        path: String,
+        /// Percent of each limit's cap (repeatable or comma-separated: 50,80,100).
+        #[arg(long = "threshold", value_delimiter = ',')]
+        thresholds: Vec<u32>,
+        /// Shadow mode: record would-be refusals instead of refusing.
+        #[arg(long)]
+        shadow: bool,
+    },
+    /// Each limit's burn rate (over the last 10 to 20 s) and when spend reaches its
+    /// cap at that rate.
+    Forecast {
+        /// The budget's path.
+        path: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -438,6 +460,13 @@ struct BudgetOut {
     /// Made by its parent's template.
     instance: bool,
     template: Option<TemplateOut>,
+    /// Alert thresholds, percent of each cap.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    thresholds_pct: Vec<u32>,
+    /// Shadow mode: its caps refuse nothing; would-be refusals are recorded.
+    shadow: bool,
+    /// In shadow mode: acquires its caps would have refused.
+    shadow_refusals: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -541,6 +570,9 @@ fn budget_out(b: &v1::Budget) -> anyhow::Result<BudgetOut> {
         hold: (!b.hold.is_empty()).then(|| b.hold.clone()),
         instance: b.instance,
         template: b.template.as_ref().map(|t| template_out(&b.path, t)).transpose()?,
+        thresholds_pct: b.options.as_ref().map(|o| o.thresholds_pct.clone()).unwrap_or_default(),
+        shadow: b.options.as_ref().is_some_and(|o| o.shadow),
+        shadow_refusals: b.shadow_refusals,
     })
 }
 
@@ -611,6 +643,16 @@ fn table(b: &BudgetOut) -> String {
     }
     if let Some(hold) = &b.hold {
         s.push_str(&format!("grants nothing: {hold}\n"));
+    }
+    if !b.thresholds_pct.is_empty() {
+        let t: Vec<String> = b.thresholds_pct.iter().map(|t| format!("{t}%")).collect();
+        s.push_str(&format!("alert thresholds: {}\n", t.join(", ")));
+    }
+    if b.shadow {
+        s.push_str(&format!(
+            "shadow mode: its caps refuse nothing ({} acquires they would have refused)\n",
+            b.shadow_refusals
+        ));
     }
     if let Some(template) = &b.template {
         s.push_str(&template_text(template));
@@ -833,6 +875,33 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
             })
         }
         BudgetCmd::Freeze { path } => freeze(ctx, out, path, true).await,
+        BudgetCmd::Options { path, thresholds, shadow } => {
+            let req = v1::SetBudgetOptionsRequest {
+                meta: ctx.meta(),
+                path: path.clone(),
+                options: Some(v1::BudgetOptions { thresholds_pct: thresholds.clone(), shadow }),
+            };
+            ctx.on_ledger(&req, |mut c, r| async move { c.set_budget_options(r).await })
+                .await
+                .map_err(|e| about(&path, e))?;
+            #[derive(Serialize)]
+            struct OptionsOut {
+                path: String,
+                thresholds_pct: Vec<u32>,
+                shadow: bool,
+            }
+            let o = OptionsOut { path, thresholds_pct: thresholds, shadow };
+            emit(out, ctx.format, &o, |o| {
+                let t: Vec<String> = o.thresholds_pct.iter().map(|t| format!("{t}%")).collect();
+                format!(
+                    "budget {}: thresholds {}; shadow mode {}\n",
+                    o.path,
+                    if t.is_empty() { "none".into() } else { t.join(", ") },
+                    if o.shadow { "on" } else { "off" }
+                )
+            })
+        }
+        BudgetCmd::Forecast { path } => forecast(ctx, out, path).await,
         BudgetCmd::Unfreeze { path } => freeze(ctx, out, path, false).await,
         BudgetCmd::Delete { path, expected_version } => {
             let req =
@@ -849,6 +918,78 @@ pub async fn run(ctx: &Ctx, cmd: BudgetCmd, out: &mut dyn Write) -> anyhow::Resu
             })
         }
     }
+}
+
+/// `budget forecast`.
+async fn forecast(ctx: &Ctx, out: &mut dyn Write, path: String) -> anyhow::Result<()> {
+    let req = v1::ForecastRequest { path: path.clone(), linearizable: true };
+    let r = ctx
+        .on_ledger(&req, |mut c, r| async move { c.forecast(r).await })
+        .await
+        .map_err(|e| about(&path, e))?;
+    #[derive(Serialize)]
+    struct LimitOut {
+        unit: String,
+        window: String,
+        cap: i64,
+        consumed: i64,
+        rate_per_s: f64,
+        /// When spend reaches the cap at that rate (ms since the epoch); null: not
+        /// in this window.
+        exhausts_at_ms: Option<u64>,
+        window_end_ms: Option<u64>,
+    }
+    #[derive(Serialize)]
+    struct ForecastOut {
+        path: String,
+        now_ms: u64,
+        limits: Vec<LimitOut>,
+    }
+    let limits = r
+        .limits
+        .iter()
+        .map(|l| LimitOut {
+            unit: l.unit.clone(),
+            window: l
+                .window
+                .as_ref()
+                .and_then(|w| convert::to_core::window(Some(w)).ok())
+                .map_or_else(String::new, |w| w.to_string()),
+            cap: l.cap,
+            consumed: l.consumed,
+            rate_per_s: l.rate_per_s,
+            exhausts_at_ms: l.exhausts_at_ms,
+            window_end_ms: l.window_end_ms,
+        })
+        .collect();
+    let o = ForecastOut { path, now_ms: r.now_ms, limits };
+    emit(out, ctx.format, &o, |o| {
+        let mut t = Table::new(&["UNIT", "WINDOW", "CONSUMED", "CAP", "RATE/S", "REACHES CAP"]);
+        for l in &o.limits {
+            let reaches = match l.exhausts_at_ms {
+                Some(at) if at <= o.now_ms => "reached".to_owned(),
+                #[allow(clippy::cast_precision_loss)]
+                Some(at) => format!(
+                    "{} (in {:.0} s)",
+                    crate::time::format_ms(at),
+                    at.saturating_sub(o.now_ms) as f64 / 1000.0
+                ),
+                None if l.rate_per_s > 0.0 => "not this window".to_owned(),
+                None => "no spend lately".to_owned(),
+            };
+            #[allow(clippy::cast_possible_truncation)]
+            let rate = amount(&l.unit, l.rate_per_s.round() as i64);
+            t.row(vec![
+                l.unit.clone(),
+                l.window.clone(),
+                amount(&l.unit, l.consumed),
+                amount(&l.unit, l.cap),
+                rate,
+                reaches,
+            ]);
+        }
+        format!("budget {}\n{}", o.path, t.render())
+    })
 }
 
 /// `budget freeze` (or, with `frozen` false, `unfreeze`).

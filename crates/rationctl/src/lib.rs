@@ -14,6 +14,7 @@ mod certs;
 mod cluster;
 mod limits;
 mod output;
+mod price;
 mod role;
 mod snapshot;
 pub mod time;
@@ -114,6 +115,9 @@ pub enum Noun {
     /// The audit ledger: query, export, verify, spend.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// The price book: model prices in versions (`price set`, `list`, `history`).
+    #[command(subcommand)]
+    Price(price::PriceCmd),
     /// Per-principal limits: show them and who is near them; change them.
     #[command(subcommand)]
     Limits(limits::LimitsCmd),
@@ -439,6 +443,7 @@ pub async fn run_cli(cli: Cli, out: &mut dyn std::io::Write) -> anyhow::Result<(
         Noun::Budget(c) => budget::run(&ctx, c, out).await,
         Noun::Audit(c) => audit::run(&ctx, c, out).await,
         Noun::Limits(c) => limits::run(&ctx, c, out).await,
+        Noun::Price(c) => price::run(&ctx, c, out).await,
         Noun::Role(c) => role::run(&ctx, c, out).await,
         Noun::Certs(c) => certs::run(&ctx, c, out).await,
         Noun::Token(c) => certs::token(&ctx, c, out),
