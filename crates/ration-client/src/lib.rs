@@ -5,10 +5,12 @@
 //! ([`refill`]) through one `Batch` RPC per round ([`remote`]).
 
 pub mod local;
+pub mod pricing;
 pub mod refill;
 pub mod remote;
 pub mod slot;
 
+pub use pricing::{CallError, CallReservation, CallSpec, Charged, TokenUsage};
 pub use refill::{Sdk, SdkConfig, Unreachable};
 pub use remote::{Cluster, ClusterConfig, ClusterError, Connector};
 pub use slot::{Slot, SlotError};

@@ -258,6 +258,13 @@ pub struct Sdk {
     round_gate: tokio::sync::Mutex<()>,
     /// Set by [`Sdk::release_all`]: no round runs after it.
     stopped: std::sync::atomic::AtomicBool,
+    /// The price book, as last read ([`crate::pricing`]).
+    prices: std::sync::RwLock<crate::pricing::PriceBook>,
+    /// Set while a price-book read runs.
+    pricing: std::sync::atomic::AtomicBool,
+    /// Per budget: subtotals per (model, price version) of calls settled since its
+    /// last `usd_micros` release, which the next one carries.
+    usage: Mutex<BTreeMap<String, Vec<ration_core::command::UsageLine>>>,
 }
 
 impl Sdk {
@@ -283,6 +290,9 @@ impl Sdk {
             rounds: tokio::sync::watch::Sender::new(0),
             round_gate: tokio::sync::Mutex::new(()),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            prices: std::sync::RwLock::default(),
+            pricing: std::sync::atomic::AtomicBool::new(false),
+            usage: Mutex::new(BTreeMap::new()),
         });
         let weak = Arc::downgrade(&sdk);
         let every = sdk.config.refresh;
@@ -309,6 +319,7 @@ impl Sdk {
                     sdk.cluster.measure().await;
                     measured = tokio::time::Instant::now();
                 }
+                sdk.refresh_prices_now_and_then();
                 sdk.round().await;
                 sdk.rounds.send_modify(|n| *n += 1);
             }
@@ -318,6 +329,61 @@ impl Sdk {
 
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
+    }
+
+    pub(crate) fn prices(&self) -> std::sync::RwLockReadGuard<'_, crate::pricing::PriceBook> {
+        self.prices.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn prices_mut(&self) -> std::sync::RwLockWriteGuard<'_, crate::pricing::PriceBook> {
+        self.prices.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the price book in the background when it is older than
+    /// [`crate::pricing::PRICE_REFRESH`] (one read at a time).
+    fn refresh_prices_now_and_then(self: &Arc<Self>) {
+        let age = crate::pricing::wall_ms().saturating_sub(self.prices().fetched_at_ms);
+        let every = u64::try_from(crate::pricing::PRICE_REFRESH.as_millis()).unwrap_or(u64::MAX);
+        if age < every || self.pricing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let sdk = self.clone();
+        tokio::spawn(async move {
+            sdk.refresh_prices().await;
+            sdk.pricing.store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
+
+    /// Adds a settled call's usage to `budget`'s subtotals for its next release.
+    pub(crate) fn add_usage(&self, budget: &str, line: &ration_core::command::UsageLine) {
+        let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        crate::pricing::add_line(usage.entry(budget.to_owned()).or_default(), line);
+    }
+
+    /// Queues a `call_recorded` record for the next round (re-sent with the same
+    /// request id until the ledger answers).
+    pub(crate) fn record_call(
+        &self,
+        budget: &str,
+        trace: &str,
+        line: &ration_core::command::UsageLine,
+    ) {
+        let op = BatchOp {
+            op: Some(Op::RecordCall(v1::RecordCallRequest {
+                meta: self.cluster.meta(),
+                budget: budget.to_owned(),
+                trace: trace.to_owned(),
+                usage: Some(crate::pricing::to_proto(line)),
+            })),
+        };
+        let key = (budget.to_owned(), crate::pricing::USD_MICROS.to_owned());
+        let now = self.gateway.clock().now_ms();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(Pending {
+            op,
+            key,
+            sent_at_ms: now,
+            reserve: false,
+        });
     }
 
     /// How long before a lease's expiry (by its ttl, on this clock) it stops being
@@ -531,7 +597,21 @@ impl Sdk {
                         || (st.remaining == 0 && st.reserved == 0)
                         || st.generation != held.generation
                     {
-                        ops.push(t.let_go(&held, &self.cluster, key, now));
+                        let mut op = t.let_go(&held, &self.cluster, key, now);
+                        if key.1 == crate::pricing::USD_MICROS {
+                            let lines = self
+                                .usage
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&key.0)
+                                .unwrap_or_default();
+                            if let Some(Op::Release(r)) = &mut op.op.op {
+                                if let Some(m) = &mut r.meta {
+                                    m.usage = lines.iter().map(crate::pricing::to_proto).collect();
+                                }
+                            }
+                        }
+                        ops.push(op);
                     } else {
                         live_spent += held.granted.saturating_sub(st.remaining);
                         keep.push(held);

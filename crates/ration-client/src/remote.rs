@@ -320,6 +320,26 @@ impl Cluster {
         None
     }
 
+    /// Reads the price book from the nearest endpoint that answers; None if none
+    /// does.
+    pub async fn list_prices(&self) -> Option<v1::ListPricesReply> {
+        let n = self.config.endpoints.len();
+        let start = self.nearest().unwrap_or_else(|| self.preferred.load(Ordering::Relaxed));
+        for k in 0..n {
+            let i = (start + k) % n;
+            let request = v1::ListPricesRequest { model: String::new(), linearizable: false };
+            let mut client = LedgerClient::new(self.channel(i));
+            let answer = tokio::time::timeout(self.rpc_deadline(), client.list_prices(request))
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")));
+            match answer {
+                Ok(reply) => return Some(reply.into_inner()),
+                Err(_) => self.drop_channel(i),
+            }
+        }
+        None
+    }
+
     /// Asks every endpoint at once who leads and waits for every answer (each
     /// within the RPC deadline): the round trips for [`Cluster::nearest`], and the
     /// leader preferred from now on, as [`Cluster::discover_leader`] finds it. The

@@ -312,6 +312,15 @@ fn batch(m: &v1::BatchRequest) {
             Some(v1::batch_op::Op::Report(r)) => check_report(req, r),
             Some(v1::batch_op::Op::Release(r)) => check_release(req, r),
             Some(v1::batch_op::Op::Overrun(o)) => check_overrun(req, o),
+            Some(v1::batch_op::Op::RecordCall(c)) => {
+                let ration_core::Op::RecordCall(call) = req.op.inner() else {
+                    panic!("a record_call converted to {:?}", req.op)
+                };
+                assert_eq!(
+                    (call.budget.as_str(), call.trace.as_str()),
+                    (c.budget.as_str(), c.trace.as_str())
+                );
+            }
             None => panic!("batch accepted an empty op"),
         }
     }

@@ -86,7 +86,7 @@ fn versions(m: &v1::ModelPrices, now_ms: u64) -> Vec<VersionOut> {
     m.versions
         .iter()
         .map(|v| {
-            let p = v.price.clone().unwrap_or_default();
+            let p = v.price.unwrap_or_default();
             VersionOut {
                 model: m.model.clone(),
                 version: v.version,

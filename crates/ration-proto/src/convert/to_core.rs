@@ -372,6 +372,7 @@ pub fn batch(r: &v1::BatchRequest) -> Result<Vec<Result<Request, Status>>, Statu
                 Some(v1::batch_op::Op::Report(rep)) => report(rep),
                 Some(v1::batch_op::Op::Release(rel)) => release(rel),
                 Some(v1::batch_op::Op::Overrun(o)) => overrun(o),
+                Some(v1::batch_op::Op::RecordCall(c)) => record_call(c),
                 None => Err(missing("op")),
             };
             converted.map_err(|s| Status::new(s.code(), format!("ops[{i}]: {}", s.message())))

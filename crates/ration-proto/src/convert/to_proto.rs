@@ -366,6 +366,7 @@ pub fn batch_result(outcome: &ration_core::Outcome) -> v1::BatchResult {
         Ok(reply @ Reply::Released { .. }) => {
             release_reply(reply).map(R::Release).unwrap_or_else(|s| op_error(&s))
         }
+        Ok(Reply::CallRecorded) => R::RecordCall(v1::RecordCallReply {}),
         Ok(other) => op_error(&unexpected(other)),
     };
     v1::BatchResult { result: Some(result) }
