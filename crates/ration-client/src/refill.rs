@@ -354,6 +354,24 @@ impl Sdk {
         });
     }
 
+    /// For a `usd_micros` key: moves the budget's usage subtotals onto `op` (a
+    /// release or an overrun), which carries them to the ledger exactly once.
+    fn attach_usage(&self, key: &(String, String), op: &mut BatchOp) {
+        if key.1 != crate::pricing::USD_MICROS {
+            return;
+        }
+        let meta = match &mut op.op {
+            Some(Op::Release(r)) => &mut r.meta,
+            Some(Op::Overrun(o)) => &mut o.meta,
+            _ => return,
+        };
+        let Some(meta) = meta else { return };
+        let lines = self.usage.lock().unwrap_or_else(|p| p.into_inner()).remove(&key.0);
+        if let Some(lines) = lines {
+            meta.usage.extend(lines.iter().map(crate::pricing::to_proto));
+        }
+    }
+
     /// Adds a settled call's usage to `budget`'s subtotals for its next release.
     pub(crate) fn add_usage(&self, budget: &str, line: &ration_core::command::UsageLine) {
         let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
@@ -598,19 +616,7 @@ impl Sdk {
                         || st.generation != held.generation
                     {
                         let mut op = t.let_go(&held, &self.cluster, key, now);
-                        if key.1 == crate::pricing::USD_MICROS {
-                            let lines = self
-                                .usage
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .remove(&key.0)
-                                .unwrap_or_default();
-                            if let Some(Op::Release(r)) = &mut op.op.op {
-                                if let Some(m) = &mut r.meta {
-                                    m.usage = lines.iter().map(crate::pricing::to_proto).collect();
-                                }
-                            }
-                        }
+                        self.attach_usage(key, &mut op.op);
                         ops.push(op);
                     } else {
                         live_spent += held.granted.saturating_sub(st.remaining);
@@ -622,12 +628,9 @@ impl Sdk {
                 // counts it as an overrun (sent again, same request id, until answered).
                 let over = t.allowance.take_overruns();
                 if over > 0 {
-                    ops.push(Pending {
-                        op: overrun(&self.cluster, key, over),
-                        key: key.clone(),
-                        sent_at_ms: now,
-                        reserve: false,
-                    });
+                    let mut op = overrun(&self.cluster, key, over);
+                    self.attach_usage(key, &mut op);
+                    ops.push(Pending { op, key: key.clone(), sent_at_ms: now, reserve: false });
                 }
                 // Demand rate: what was spent plus what was asked for and refused.
                 let spent = t.spent_retired + live_spent;
@@ -1159,7 +1162,9 @@ impl Sdk {
             for (key, t) in tracked.iter_mut() {
                 let over = t.allowance.take_overruns();
                 if over > 0 {
-                    ops.push(overrun(&self.cluster, key, over));
+                    let mut op = overrun(&self.cluster, key, over);
+                    self.attach_usage(key, &mut op);
+                    ops.push(op);
                 }
                 if let Some(r) = t.reserve.take() {
                     let spent = match r.installed {
@@ -1172,11 +1177,10 @@ impl Sdk {
                 }
                 for held in t.leases.drain(..) {
                     let left = t.allowance.retire(held.slot, held.generation).unwrap_or(0);
-                    ops.push(release(
-                        &self.cluster,
-                        held.lease_id,
-                        held.granted.saturating_sub(left),
-                    ));
+                    let mut op =
+                        release(&self.cluster, held.lease_id, held.granted.saturating_sub(left));
+                    self.attach_usage(key, &mut op);
+                    ops.push(op);
                 }
             }
         }

@@ -313,7 +313,7 @@ pub const MAX_PRICE_VERSIONS: usize = 64;
 /// Most models in the price book.
 pub const MAX_MODELS: usize = 4096;
 /// Most thresholds one budget may have.
-pub const MAX_THRESHOLDS: usize = 8;
+pub const MAX_THRESHOLDS: usize = 16;
 /// Most usage lines one command may carry.
 pub const MAX_USAGE_LINES: usize = 32;
 

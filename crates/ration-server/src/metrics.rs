@@ -775,7 +775,7 @@ pub fn render(node: &Node) -> String {
     for (name, help) in [
         (
             "ration_budget_burn_rate_per_second",
-            "Spend per second in the limit over the last 10 to 20 s of ledger time (usd_micros / 1e6 = dollars).",
+            "Spend per second in the limit over the last 60 to 120 s of ledger time (usd_micros / 1e6 = dollars).",
         ),
         (
             "ration_budget_exhaustion_seconds",

@@ -278,3 +278,31 @@ pub(crate) async fn run(node: Weak<Node>, target: WebhookTarget) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_as_rfc_4231_gives_it() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn urls_and_secrets_are_checked() {
+        let s = || b"0123456789abcdef".to_vec();
+        let t = WebhookTarget::parse("http://127.0.0.1:9000/hooks/ration?x=1", s()).unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.path.as_str()),
+            ("127.0.0.1:9000", "/hooks/ration?x=1")
+        );
+        assert_eq!(WebhookTarget::parse("http://h:1", s()).unwrap().path, "/");
+        assert!(WebhookTarget::parse("https://h:1/", s()).unwrap_err().contains("https"));
+        assert!(WebhookTarget::parse("http://h/", s()).unwrap_err().contains("host:port"));
+        assert!(WebhookTarget::parse("http://h:1/", b"short".to_vec()).unwrap_err().contains("16"));
+    }
+}

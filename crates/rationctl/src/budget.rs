@@ -93,7 +93,7 @@ pub enum BudgetCmd {
         #[arg(long)]
         shadow: bool,
     },
-    /// Each limit's burn rate (over the last 10 to 20 s) and when spend reaches its
+    /// Each limit's burn rate (over the last 60 to 120 s) and when spend reaches its
     /// cap at that rate.
     Forecast {
         /// The budget's path.

@@ -19,7 +19,7 @@ use crate::names::{BudgetPath, Principal, Unit};
 use crate::window::Window;
 
 /// Burn rates are measured over the last one to two buckets of this length.
-pub const RATE_BUCKET_MS: u64 = 10_000;
+pub const RATE_BUCKET_MS: u64 = 60_000;
 
 /// One version of a model's price.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,7 +102,8 @@ pub struct Forecast {
     pub window_end_ms: u64,
     pub cap: u64,
     pub consumed: u64,
-    /// Spend per second over the last 10 to 20 s of ledger time.
+    /// Spend per second over the last 60 to 120 s of ledger time (since spend was
+    /// first seen, if later), as gateways settle it.
     pub rate_per_s: f64,
     /// When spend reaches the cap at that rate; `None` if the rate is zero or the
     /// window ends first. Equal to now if it already has.
@@ -337,6 +338,9 @@ impl Ledger {
         }
         let counter = limit.counter.id;
         let now = self.now_ms;
+        // The first settlement seen is only a baseline: it holds spend from before
+        // `since_ms`, which would inflate the rate.
+        let first = !self.vis.watch.contains_key(&counter);
         let w = self.vis.watch.entry(counter).or_insert_with(|| Watch {
             window_start_ms: balance.window_start_ms,
             since_ms: now,
@@ -351,7 +355,9 @@ impl Ledger {
             balance.consumed
         };
         w.consumed = balance.consumed;
-        w.add(effective_ms.max(now.saturating_sub(RATE_BUCKET_MS)), delta);
+        if !first {
+            w.add(effective_ms.max(now.saturating_sub(RATE_BUCKET_MS)), delta);
+        }
         let Some(o) = self.vis.options.get(&id) else { return };
         let reached = level(&o.thresholds_pct, balance.consumed, balance.cap);
         if reached <= w.crossed {
