@@ -408,20 +408,21 @@ async fn webhooks_deliver_every_threshold_crossing_through_a_leader_kill() {
         async move { done }
     })
     .await;
-    let r = received.lock().unwrap();
-    assert!(r.posts.iter().all(|p| p.2), "every signature verifies");
-    for (key, body, _) in &r.posts {
-        assert!(body.contains(&format!("\"id\":\"{key}\"")), "{body}");
+    {
+        let r = received.lock().unwrap();
+        assert!(r.posts.iter().all(|p| p.2), "every signature verifies");
+        for (key, body, _) in &r.posts {
+            assert!(body.contains(&format!("\"id\":\"{key}\"")), "{body}");
+        }
+        let distinct: BTreeSet<&String> = r.posts.iter().map(|p| &p.0).collect();
+        eprintln!(
+            "webhooks: {} crossings, {} POSTs received ({} before the kill, {} redelivered), 1 refused and retried",
+            keys.len(),
+            r.posts.len(),
+            before_kill,
+            r.posts.len() - distinct.len()
+        );
     }
-    let distinct: BTreeSet<&String> = r.posts.iter().map(|p| &p.0).collect();
-    eprintln!(
-        "webhooks: {} crossings, {} POSTs received ({} before the kill, {} redelivered), 1 refused and retried",
-        keys.len(),
-        r.posts.len(),
-        before_kill,
-        r.posts.len() - distinct.len()
-    );
-    drop(r);
     cluster.shutdown().await;
 }
 
