@@ -1304,6 +1304,49 @@ async fn verify_node(ctx: &Ctx, out: &mut dyn Write) -> anyhow::Result<()> {
     })
 }
 
+/// What caused a record, for the table: the client and request id, its trace,
+/// and what its kind adds (a threshold, a recorded call's cost, a price).
+fn cause_text(r: &Exported) -> String {
+    use ration_core::audit::Detail;
+    let mut parts = Vec::new();
+    match &r.detail {
+        Some(Detail::Threshold { percent }) => parts.push(format!("{percent}% reached")),
+        Some(Detail::Call { trace, usage }) => parts.push(format!(
+            "call {trace}: {} v{} {}+{}+{} tokens {}",
+            usage.model,
+            usage.price_version,
+            usage.input_tokens,
+            usage.cached_tokens,
+            usage.output_tokens,
+            amount(crate::output::USD_MICROS, usage.cost_usd_micros)
+        )),
+        Some(Detail::WouldRefuse { min, available }) => {
+            parts.push(format!("shadow: would refuse {min} ({available} left)"))
+        }
+        Some(Detail::Price { model, version, .. }) => parts.push(format!("{model} v{version}")),
+        Some(Detail::Options(o)) => {
+            parts.push(format!("thresholds {:?} shadow {}", o.thresholds_pct, o.shadow))
+        }
+        None => {}
+    }
+    if let Some(c) = &r.cause {
+        if let Some(t) = &c.trace {
+            parts.push(format!("trace {t}"));
+        }
+        for u in &c.usage {
+            parts.push(format!(
+                "{} v{}: {} calls {}",
+                u.model,
+                u.price_version,
+                u.calls,
+                amount(crate::output::USD_MICROS, u.cost_usd_micros)
+            ));
+        }
+        parts.push(format!("{}#{}", c.client, c.request_id));
+    }
+    parts.join("; ")
+}
+
 #[derive(Debug, Serialize)]
 struct SpendOut {
     budget: String,
@@ -1353,6 +1396,7 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
                     "CONSUMED",
                     "RETURNED",
                     "CHARGED",
+                    "CAUSE",
                 ]);
                 for r in rows {
                     let unit = r.unit.as_ref().map(|u| u.to_string()).unwrap_or_default();
@@ -1368,6 +1412,7 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
                         amount(&unit, r.consumed),
                         amount(&unit, r.returned),
                         amount(&unit, i128::from(r.charged) - i128::from(r.uncharged)),
+                        cause_text(r),
                     ]);
                 }
                 t.render()

@@ -14,21 +14,22 @@ use crate::{time, Ctx};
 #[derive(Debug, Subcommand)]
 pub enum PriceCmd {
     /// Add a version of MODEL's price, in US dollars per million tokens
-    /// (`price set gpt-4o --input 2.50 --cached-input 1.25 --output 10`). Calls
+    /// (`price set gpt-4o --input-price 2.50 --cached-price 1.25 --output-price
+    /// 10`). Calls
     /// reserved from when it takes effect are charged at it. Audited as
     /// `price_set`.
     Set {
         /// The model's name, as gateways name it.
         model: String,
         /// Dollars per million (uncached) input tokens.
-        #[arg(long)]
+        #[arg(long = "input-price")]
         input: String,
         /// Dollars per million cached input tokens [default: the input price].
-        #[arg(long)]
+        #[arg(long = "cached-price")]
         cached_input: Option<String>,
         /// Dollars per million output tokens.
-        #[arg(long)]
-        output: String,
+        #[arg(long = "output-price")]
+        output_price: String,
         /// When it takes effect (RFC 3339 UTC, ms since the epoch, +2h); not before
         /// the model's latest version. Default: now.
         #[arg(long, allow_hyphen_values = true)]
@@ -126,13 +127,13 @@ fn table(rows: &[VersionOut], now_ms: u64) -> String {
 
 pub async fn run(ctx: &Ctx, cmd: PriceCmd, out: &mut dyn Write) -> anyhow::Result<()> {
     match cmd {
-        PriceCmd::Set { model, input, cached_input, output, effective_from } => {
-            let input = parse_dollars("input", &input)?;
+        PriceCmd::Set { model, input, cached_input, output_price, effective_from } => {
+            let input = parse_dollars("input-price", &input)?;
             let cached_input = match cached_input {
-                Some(c) => parse_dollars("cached-input", &c)?,
+                Some(c) => parse_dollars("cached-price", &c)?,
                 None => input,
             };
-            let output = parse_dollars("output", &output)?;
+            let output = parse_dollars("output-price", &output_price)?;
             let effective_from_ms =
                 effective_from.map(|t| time::parse(&t, time::now_ms())).transpose()?.unwrap_or(0);
             let req = v1::SetPriceRequest {

@@ -535,3 +535,129 @@ async fn templates_and_freezes_are_set_shown_and_removed() {
     assert!(e.contains("has no template"), "{e}");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prices_options_forecasts_and_traces_from_the_command_line() {
+    let c = Cluster::start(3, |_| {}).await;
+    let eps = all(&c);
+    // Prices in dollars per million tokens; versions in order.
+    let v1 =
+        json(&eps, &["price", "set", "gpt-x", "--input-price", "2.50", "--output-price", "10"])
+            .await;
+    assert_eq!(v1["version"], 1);
+    let later =
+        (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            + 3_600_000)
+            .to_string();
+    let v2 = json(
+        &eps,
+        &[
+            "price",
+            "set",
+            "gpt-x",
+            "--input-price",
+            "1.25",
+            "--cached-price",
+            "0.125",
+            "--output-price",
+            "5",
+            "--effective-from",
+            &later,
+        ],
+    )
+    .await;
+    assert_eq!(v2["version"], 2);
+    let list = json(&eps, &["price", "list"]).await;
+    let rows = list.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "the version in force and the one to come: {list}");
+    assert_eq!(
+        (rows[0]["input"].as_i64(), rows[0]["in_force"].as_bool()),
+        (Some(2_500_000), Some(true))
+    );
+    assert_eq!(rows[0]["cached_input"], 2_500_000, "cached input defaults to the input price");
+    let table = ok(&eps, &["-o", "table", "price", "history", "gpt-x"]).await;
+    assert!(
+        table.contains("$2.50") && table.contains("$0.125") && table.contains("upcoming"),
+        "{table}"
+    );
+    // Out of order, bad amounts and unknown models are refused with the reason.
+    let past = ctl(
+        &eps,
+        &[
+            "price",
+            "set",
+            "gpt-x",
+            "--input-price",
+            "1",
+            "--output-price",
+            "1",
+            "--effective-from",
+            "1000",
+        ],
+    )
+    .await;
+    assert!(past.unwrap_err().contains("versions take effect in order"));
+    let err2 =
+        ctl(&eps, &["price", "set", "gpt-x", "--input-price", "1.0000001", "--output-price", "1"])
+            .await;
+    assert!(err2.unwrap_err().contains("six decimals"));
+    assert!(ctl(&eps, &["price", "history", "nope"]).await.unwrap_err().contains("no price"));
+
+    // Thresholds and shadow mode; shown by budget get.
+    ok(&eps, &["budget", "set", "team", "--limit", "tokens=1000/day"]).await;
+    let o = json(
+        &eps,
+        &["budget", "options", "team", "--threshold", "50,80", "--threshold", "100", "--shadow"],
+    )
+    .await;
+    assert_eq!(o["thresholds_pct"], serde_json::json!([50, 80, 100]));
+    let b = json(&eps, &["budget", "get", "team"]).await;
+    assert_eq!(
+        (b["thresholds_pct"].clone(), b["shadow"].clone()),
+        (serde_json::json!([50, 80, 100]), serde_json::json!(true))
+    );
+    let t = ok(&eps, &["-o", "table", "budget", "get", "team"]).await;
+    assert!(t.contains("alert thresholds: 50%, 80%, 100%") && t.contains("shadow mode"), "{t}");
+    let bad = ctl(&eps, &["budget", "options", "team", "--threshold", "0"]).await.unwrap_err();
+    assert!(bad.contains("thresholds_pct"), "{bad}");
+    ok(&eps, &["budget", "options", "team"]).await;
+    assert_eq!(json(&eps, &["budget", "get", "team"]).await["shadow"], false);
+
+    // A forecast with no spend yet.
+    let f = json(&eps, &["budget", "forecast", "team"]).await;
+    assert_eq!(f["limits"][0]["rate_per_s"], 0.0);
+    assert!(f["limits"][0]["exhausts_at_ms"].is_null());
+    let t = ok(&eps, &["-o", "table", "budget", "forecast", "team"]).await;
+    assert!(t.contains("no spend lately"), "{t}");
+
+    // Audit records by trace id and client id.
+    let mut l = ration_testkit::ledger(eps[0]);
+    l.record_call(ration_proto::v1::RecordCallRequest {
+        meta: ration_testkit::meta("agent-7", 1, "gw"),
+        budget: "team".into(),
+        trace: "run-42".into(),
+        usage: Some(ration_proto::v1::UsageLine {
+            model: "gpt-x".into(),
+            price_version: 1,
+            calls: 1,
+            input_tokens: 10,
+            cached_tokens: 0,
+            output_tokens: 5,
+            cost_usd_micros: 75,
+        }),
+    })
+    .await
+    .unwrap();
+    let q = json(&eps, &["audit", "query", "--trace", "run-42"]).await;
+    let records = q.as_array().unwrap_or_else(|| panic!("{q}"));
+    assert_eq!(records.len(), 1, "{q}");
+    assert_eq!(records[0]["kind"], "call_recorded");
+    let by_client = json(&eps, &["audit", "query", "--client-id", "agent-7"]).await;
+    assert_eq!(by_client.as_array().unwrap().len(), 1, "{by_client}");
+    let t = ok(&eps, &["-o", "table", "audit", "query", "--trace", "run-42"]).await;
+    assert!(
+        t.contains("call run-42: gpt-x v1 10+0+5 tokens $0.000075") && t.contains("agent-7#1"),
+        "{t}"
+    );
+    c.shutdown().await;
+}
