@@ -36,6 +36,7 @@ const REQUIRED_ALERTS: &[&str] = &[
     "RationBudgetNearCap",
     "RationClockSkew",
     "RationOverruns",
+    "RationBudgetExhaustionSoon",
 ];
 
 /// The repository: this package is its `tests/` directory.

@@ -48,6 +48,12 @@ struct Call {
     user: Option<String>,
     /// Spend on this agent run's budget (made by the template on `--runs`).
     run: Option<String>,
+    /// Price the call from the cluster's price book (`rationctl price set`): its
+    /// tokens and their price at the version in force, settled at that version.
+    model: Option<String>,
+    /// A trace id: the call is recorded in the audit ledger under it (a run's
+    /// calls are, under the run id, without one).
+    trace: Option<String>,
 }
 
 struct App {
@@ -114,6 +120,13 @@ async fn complete_for(
         }
         _ => None,
     };
+    if let Some(model) = &call.model {
+        let r = priced(app, call, budget, run, model).await;
+        if let Some(slot) = slot {
+            let _ = slot.end(1).await;
+        }
+        return r;
+    }
     let price = |tokens: u64| tokens.saturating_mul(app.usd_micros_per_token);
     let mut wants = vec![(budget, "tokens", reserve), (budget, "usd_micros", price(reserve))];
     if run {
@@ -136,6 +149,53 @@ async fn complete_for(
     app.admitted.fetch_add(1, Ordering::Relaxed);
     app.tokens.fetch_add(used, Ordering::Relaxed);
     (StatusCode::OK, Json(json::admitted(used, reserve - used)))
+}
+
+/// A call priced from the price book: tokens and dollars (and a run's call), all
+/// or nothing; charged at the version in force when it was reserved.
+async fn priced(
+    app: &App,
+    call: &Call,
+    budget: &str,
+    run: bool,
+    model: &str,
+) -> (StatusCode, Json<json::Value>) {
+    let reserve = call.prompt_tokens.saturating_add(call.max_tokens);
+    let run_id = run.then(|| budget.rsplit('/').next().unwrap_or_default().to_owned());
+    let spec = ration_client::CallSpec {
+        model: model.to_owned(),
+        prompt_tokens: call.prompt_tokens,
+        max_tokens: call.max_tokens,
+        tokens: true,
+        trace: call.trace.clone().or(run_id),
+        extra: if run { vec![("calls".to_owned(), 1)] } else { Vec::new() },
+    };
+    let first = std::time::Duration::from_secs(2);
+    let reservation = match app.sdk.reserve_call_waiting(budget, spec, first).await {
+        Ok(r) => r,
+        Err(ration_client::CallError::NoPrice(_)) => {
+            app.refused.fetch_add(1, Ordering::Relaxed);
+            return (StatusCode::BAD_REQUEST, Json(json::bad()));
+        }
+        Err(_) => {
+            app.refused.fetch_add(1, Ordering::Relaxed);
+            return (StatusCode::TOO_MANY_REQUESTS, Json(json::refused(reserve)));
+        }
+    };
+    let r = app.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed).rotate_left(17);
+    let completion = if call.max_tokens == 0 { 0 } else { r % (call.max_tokens + 1) };
+    let charged = reservation.settle(ration_client::TokenUsage {
+        input: call.prompt_tokens,
+        cached: 0,
+        output: completion,
+    });
+    let used = call.prompt_tokens + completion;
+    app.admitted.fetch_add(1, Ordering::Relaxed);
+    app.tokens.fetch_add(used, Ordering::Relaxed);
+    let mut reply = json::admitted(used, reserve - used);
+    reply.insert("cost_usd_micros", charged.cost_usd_micros);
+    reply.insert("price_version", u64::from(charged.price_version));
+    (StatusCode::OK, Json(reply))
 }
 
 async fn stats(State(app): State<Arc<App>>) -> Json<json::Value> {

@@ -106,6 +106,9 @@ pub struct CallSpec {
     /// A trace id (a W3C traceparent, a run id): the call is recorded in the audit
     /// ledger under it when settled.
     pub trace: Option<String>,
+    /// Other (unit, amount) pairs the call takes on the budget, settled as
+    /// reserved (one `calls` for an agent run's call).
+    pub extra: Vec<(String, u64)>,
 }
 
 /// What a call really used.
@@ -165,11 +168,13 @@ impl CallReservation {
         let cost = self.price.price.cost(used.input, used.cached, used.output);
         let tokens = used.input.saturating_add(used.cached).saturating_add(used.output);
         if let Some(r) = self.reservation.take() {
+            let mut used_all = Vec::with_capacity(2 + self.spec.extra.len());
             if self.spec.tokens {
-                r.settle(&[tokens, cost]);
-            } else {
-                r.settle(&[cost]);
+                used_all.push(tokens);
             }
+            used_all.push(cost);
+            used_all.extend(self.spec.extra.iter().map(|(_, n)| *n));
+            r.settle(&used_all);
         }
         let line = UsageLine {
             model: self.spec.model.clone(),
@@ -247,24 +252,63 @@ impl Sdk {
         budget: &str,
         call: CallSpec,
     ) -> Result<CallReservation, CallError> {
+        let (price, usd, wants) = self.call_wants(&call)?;
+        let wants: Vec<(&str, &str, u64)> =
+            wants.iter().map(|(u, n)| (budget, u.as_str(), *n)).collect();
+        let reservation = self.reserve(&wants).ok_or(CallError::Refused)?;
+        Ok(self.call_reservation(budget, call, price, usd, reservation))
+    }
+
+    /// As [`Sdk::reserve_call`], but a budget the ledger has not answered for yet
+    /// (a new user's or run's, made by a template on its first acquire) is waited
+    /// for, as [`Sdk::reserve_waiting`] waits.
+    pub async fn reserve_call_waiting(
+        self: &Arc<Self>,
+        budget: &str,
+        call: CallSpec,
+        wait: Duration,
+    ) -> Result<CallReservation, CallError> {
+        let (price, usd, wants) = self.call_wants(&call)?;
+        let wants: Vec<(&str, &str, u64)> =
+            wants.iter().map(|(u, n)| (budget, u.as_str(), *n)).collect();
+        let reservation = self.reserve_waiting(&wants, wait).await.ok_or(CallError::Refused)?;
+        Ok(self.call_reservation(budget, call, price, usd, reservation))
+    }
+
+    /// The price in force, what it makes the call cost at most, and the (unit,
+    /// amount) pairs to reserve, in the order [`CallReservation::settle`] settles.
+    fn call_wants(
+        &self,
+        call: &CallSpec,
+    ) -> Result<(PriceVersion, u64, Vec<(String, u64)>), CallError> {
         let price =
             self.price(&call.model).ok_or_else(|| CallError::NoPrice(call.model.clone()))?;
         let usd = price.price.cost(call.prompt_tokens, 0, call.max_tokens);
-        let tokens = call.prompt_tokens.saturating_add(call.max_tokens);
-        let reservation = if call.tokens {
-            self.reserve(&[(budget, TOKENS, tokens), (budget, USD_MICROS, usd)])
-        } else {
-            self.reserve(&[(budget, USD_MICROS, usd)])
+        let mut wants = Vec::with_capacity(2 + call.extra.len());
+        if call.tokens {
+            wants.push((TOKENS.to_owned(), call.prompt_tokens.saturating_add(call.max_tokens)));
         }
-        .ok_or(CallError::Refused)?;
-        Ok(CallReservation {
+        wants.push((USD_MICROS.to_owned(), usd));
+        wants.extend(call.extra.iter().cloned());
+        Ok((price, usd, wants))
+    }
+
+    fn call_reservation(
+        self: &Arc<Self>,
+        budget: &str,
+        call: CallSpec,
+        price: PriceVersion,
+        usd: u64,
+        reservation: Reservation,
+    ) -> CallReservation {
+        CallReservation {
             sdk: self.clone(),
             budget: budget.to_owned(),
             spec: call,
             price,
             reserved_usd: usd,
             reservation: Some(reservation),
-        })
+        }
     }
 }
 

@@ -117,6 +117,7 @@ async fn a_price_change_mid_run_charges_each_call_at_the_version_it_was_reserved
         max_tokens: 500,
         tokens: true,
         trace,
+        extra: Vec::new(),
     };
     let used = TokenUsage { input: 800, cached: 200, output: 300 };
     // Every gateway holds leases before the run.

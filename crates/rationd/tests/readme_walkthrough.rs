@@ -54,11 +54,12 @@ impl Drop for Gateway {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_readme_walkthrough_runs_as_written() {
+/// Runs the ```sh block of README section `heading` against a fresh node, with the
+/// substitutions the module's doc lists, and returns its stdout (after checking
+/// it succeeded).
+async fn walkthrough(heading: &str) -> String {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
-    let heading = "## Give 2,000 employees 100k tokens per minute and 50 USD per month";
     let block = shell_block(&readme, heading);
     let rationctl = build("rationctl", "--bin", "rationctl");
     let gateway = build("ration-client", "--example", "gateway");
@@ -125,6 +126,14 @@ async fn the_readme_walkthrough_runs_as_written() {
         "the walkthrough failed ({}):\n{stdout}\n{stderr}\ngateway:\n{gateway_log}",
         out.status
     );
+    drop(proc);
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_walkthrough_runs_as_written() {
+    let stdout =
+        walkthrough("## Give 2,000 employees 100k tokens per minute and 50 USD per month").await;
 
     // What the README says each step shows.
     let has = |s: &str| assert!(stdout.contains(s), "no {s:?} in:\n{stdout}");
@@ -146,4 +155,39 @@ async fn the_readme_walkthrough_runs_as_written() {
     has("budget acme/users: frozen");
     has("live leases still hold");
     has("budget acme/users: unfrozen");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_money_walkthrough_runs_as_written() {
+    let stdout =
+        walkthrough("## Price calls in dollars, warn before a cap, and trace every call").await;
+    let has = |s: &str| assert!(stdout.contains(s), "no {s:?} in:\n{stdout}");
+    has("gpt-x: version 1 in force from");
+    // The first calls were admitted, charged at version 1: 1,000 prompt tokens at
+    // $2.50 a million is 2,500 usd_micros, plus the completion at $10 a million.
+    let priced: Vec<&str> = stdout.lines().filter(|l| l.contains("\"price_version\":1")).collect();
+    assert!(priced.len() >= 3, "calls charged at version 1:\n{stdout}");
+    for l in &priced {
+        let charged: u64 = field(l, "charged");
+        let cost: u64 = field(l, "cost_usd_micros");
+        assert_eq!(cost, 2_500 + (charged - 1_000) * 10, "{l}");
+    }
+    // Refused once team's day cap was reached (shadow mode on team/new-app refuses nothing).
+    assert!(stdout.contains("{\"admitted\":0,"), "the team's cap refused some:\n{stdout}");
+    has("gpt-x: version 2 in force from");
+    has("superseded");
+    // The traced call.
+    has("call req-3: gpt-x v1 1000+0+");
+    has("50% reached");
+    has("80% reached");
+    has("shadow: would refuse");
+    has("shadow mode: its caps refuse nothing (");
+    has("REACHES CAP");
+}
+
+/// A number field of a flat JSON object line.
+fn field(line: &str, name: &str) -> u64 {
+    let at = line.find(&format!("\"{name}\":")).unwrap_or_else(|| panic!("no {name} in {line}"));
+    let rest = &line[at + name.len() + 3..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())].parse().unwrap()
 }
