@@ -51,6 +51,9 @@ pub struct SdkConfig {
     /// How long without an answer from any member counts as an outage, when a
     /// budget's emergency reserve may be spent.
     pub outage_after: Duration,
+    /// How often a live lease's settled spend is reported (`Report`), if it grew;
+    /// zero: only when the lease is released.
+    pub report_every: Duration,
 }
 
 /// How often the SDK asks every member's `Status` again while none has answered.
@@ -100,6 +103,10 @@ pub mod defaults {
     pub const MAX_REQUEST: u64 = 1 << 40;
     /// No answer from any member for this long is an outage.
     pub const OUTAGE_AFTER: Duration = Duration::from_secs(2);
+    /// A live lease's settled spend is reported at most this often (so alert
+    /// thresholds, burn rates and webhooks follow spend within seconds, not only
+    /// when a lease settles).
+    pub const REPORT_EVERY: Duration = Duration::from_secs(2);
 }
 
 impl SdkConfig {
@@ -123,6 +130,7 @@ impl SdkConfig {
             initial_request: defaults::INITIAL_REQUEST,
             max_request: defaults::MAX_REQUEST,
             outage_after: defaults::OUTAGE_AFTER,
+            report_every: defaults::REPORT_EVERY,
         }
     }
 }
@@ -143,6 +151,9 @@ struct Held {
     deadline_ms: u64,
     /// Local time a lease for the next window opens (0: open).
     opens_ms: u64,
+    /// Settled spend already reported, and when (local ms).
+    reported: u64,
+    reported_at_ms: u64,
 }
 
 /// The next window boundary of a key's limits, as the latest grant told it.
@@ -581,6 +592,7 @@ impl Sdk {
         let renew_ms = lookahead_ms.saturating_add(
             u64::try_from(self.cluster.failover_bound().as_millis()).unwrap_or(u64::MAX),
         );
+        let report_every_ms = u64::try_from(self.config.report_every.as_millis()).unwrap_or(0);
         let mut ops: Vec<Pending> =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         // An acquire still waiting for its answer is re-sent, not doubled.
@@ -620,6 +632,24 @@ impl Sdk {
                         ops.push(op);
                     } else {
                         live_spent += held.granted.saturating_sub(st.remaining);
+                        let mut held = held;
+                        // Settled spend (what reservations still hold may come back).
+                        let settled =
+                            held.granted.saturating_sub(st.remaining).saturating_sub(st.reserved);
+                        if report_every_ms > 0
+                            && now >= held.opens_ms
+                            && settled > held.reported
+                            && now.saturating_sub(held.reported_at_ms) >= report_every_ms
+                        {
+                            ops.push(Pending {
+                                op: report(&self.cluster, held.lease_id, settled - held.reported),
+                                key: key.clone(),
+                                sent_at_ms: now,
+                                reserve: false,
+                            });
+                            held.reported = settled;
+                            held.reported_at_ms = now;
+                        }
                         keep.push(held);
                     }
                 }
@@ -998,6 +1028,8 @@ impl Sdk {
                     granted,
                     deadline_ms: deadline,
                     opens_ms: opens,
+                    reported: 0,
+                    reported_at_ms: received,
                 }),
                 // No room (cannot happen with one acquire in flight): give it back.
                 None => leftovers.push(Pending {
@@ -1262,6 +1294,17 @@ fn overrun(cluster: &Cluster, key: &(String, String), units: u64) -> BatchOp {
             budget: key.0.clone(),
             unit: key.1.clone(),
             amount: i64::try_from(units).unwrap_or(i64::MAX),
+        })),
+    }
+}
+
+fn report(cluster: &Cluster, lease_id: u64, delta: u64) -> BatchOp {
+    BatchOp {
+        op: Some(Op::Report(v1::ReportRequest {
+            meta: cluster.meta(),
+            lease_id,
+            consumed_delta: i64::try_from(delta).unwrap_or(i64::MAX),
+            renew_ttl_ms: None,
         })),
     }
 }

@@ -73,8 +73,9 @@ pub enum AuditKind {
     /// `balances[0]` are the limit's, `detail` the threshold. Once per threshold per
     /// window; delivered to the webhook.
     ThresholdCrossed,
-    /// A shadow budget's cap would have refused an acquire that was granted
-    /// (`lease`): `balances[0]` is the limit as it was, `detail` what was asked.
+    /// A shadow budget's cap would have refused (or cut) an acquire that was
+    /// granted (`lease`): `balances[0]` is the limit as it was, `detail` what was
+    /// granted and what the cap had left.
     ShadowRefusal,
     /// One call, recorded for the audit trail with its trace id (`detail`).
     CallRecorded,
@@ -228,8 +229,9 @@ pub enum Detail {
     /// The threshold crossed (`threshold_crossed`), in percent of the cap.
     Threshold { percent: u32 },
     /// What a shadow budget's cap would have refused (`shadow_refusal`): the
-    /// acquire asked for at least `min`, and the limit had `available`.
-    WouldRefuse { min: u64, available: u64 },
+    /// acquire was granted `granted`, and the limit had only `available` left
+    /// (0 when it would have refused the acquire outright).
+    WouldRefuse { granted: u64, available: u64 },
     /// A recorded call (`call_recorded`).
     Call { trace: String, usage: UsageLine },
 }

@@ -788,7 +788,8 @@ pub struct Args {
     /// [default: off].
     #[arg(long, env = "RATION_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
-    /// A file with the secret webhook bodies are signed with (HMAC-SHA256).
+    /// A file with the secret webhook bodies are signed with (HMAC-SHA256), at
+    /// least 16 bytes [default: none; needed with --webhook-url].
     #[arg(long, env = "RATION_WEBHOOK_SECRET_FILE")]
     pub webhook_secret_file: Option<PathBuf>,
     /// Node id = the hostname's trailing ordinal + 1 (StatefulSet pod `ration-2` is 3).

@@ -1320,8 +1320,8 @@ fn cause_text(r: &Exported) -> String {
             usage.output_tokens,
             amount(crate::output::USD_MICROS, usage.cost_usd_micros)
         )),
-        Some(Detail::WouldRefuse { min, available }) => {
-            parts.push(format!("shadow: would refuse {min} ({available} left)"))
+        Some(Detail::WouldRefuse { granted, available }) => {
+            parts.push(format!("shadow: granted {granted}, its cap had {available} left"))
         }
         Some(Detail::Price { model, version, .. }) => parts.push(format!("{model} v{version}")),
         Some(Detail::Options(o)) => {

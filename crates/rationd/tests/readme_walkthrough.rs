@@ -180,7 +180,7 @@ async fn the_money_walkthrough_runs_as_written() {
     has("call req-3: gpt-x v1 1000+0+");
     has("50% reached");
     has("80% reached");
-    has("shadow: would refuse");
+    has("shadow: granted ");
     has("shadow mode: its caps refuse nothing (");
     has("REACHES CAP");
 }

@@ -81,7 +81,8 @@ impl Ledger {
         let mut window_end_ms = u64::MAX;
         // (budget, limit index, whether the lease draws on the limit's next window)
         let mut refs: Vec<(BudgetId, usize, bool)> = Vec::new();
-        // Shadow limits that would have refused: (budget, limit index, available).
+        // Shadow limits: (budget, limit index, available), recorded if the grant
+        // goes past what they had left.
         let mut shadowed: Vec<(BudgetId, usize, u64)> = Vec::new();
         let mut chain = Vec::new();
         let mut at = Some(leaf);
@@ -134,9 +135,7 @@ impl Ledger {
                         });
                     }
                     grant = grant.min(headroom);
-                    if available < at_least {
-                        shadowed.push((id, i, available));
-                    }
+                    shadowed.push((id, i, available));
                     window_end_ms = window_end_ms.min(ends);
                     refs.push((id, i, next));
                     continue;
@@ -187,10 +186,10 @@ impl Ledger {
 
         // Commit.
         let lease_id = LeaseId::from_position(ctx.index, slot);
-        for (id, i, available) in shadowed {
+        for (id, i, available) in shadowed.into_iter().filter(|s| s.2 < grant) {
             let b = &self.budgets[&id];
             let balance = b.limits[i].balance(&b.path);
-            self.shadow_refusal(ctx, id, lease_id, balance, at_least, available);
+            self.shadow_refusal(ctx, id, lease_id, balance, grant, available);
         }
         let mut counters = Vec::with_capacity(refs.len());
         let mut balances = Vec::with_capacity(refs.len());

@@ -1754,7 +1754,7 @@ fn a_shadow_budget_refuses_nothing_records_what_it_would_have_and_its_parent_sti
     let g = h.grant("gw", acquire("org/new", 300, 300, 60_000));
     assert_eq!(g.granted, 300);
     let refusals = details(&h, from, AuditKind::ShadowRefusal);
-    assert_eq!(refusals, vec![crate::audit::Detail::WouldRefuse { min: 300, available: 100 }]);
+    assert_eq!(refusals, vec![crate::audit::Detail::WouldRefuse { granted: 300, available: 100 }]);
     let g2 = h.grant("gw", acquire("org/new", 600, 600, 60_000));
     assert_eq!(g2.granted, 600);
     assert_eq!(details(&h, from, AuditKind::ShadowRefusal).len(), 2);

@@ -263,14 +263,14 @@ impl Ledger {
         !self.vis.options.is_empty() && self.vis.options.get(&id).is_some_and(|o| o.shadow)
     }
 
-    /// Records that a shadow budget's limit would have refused an acquire.
+    /// Records that a shadow budget's limit would have refused (or cut) a grant.
     pub(super) fn shadow_refusal(
         &mut self,
         ctx: &mut Ctx<'_>,
         id: BudgetId,
         lease: crate::names::LeaseId,
         balance: Balance,
-        min: u64,
+        granted: u64,
         available: u64,
     ) {
         if let Some(o) = self.vis.options.get_mut(&id) {
@@ -287,7 +287,7 @@ impl Ledger {
         entry.unit = Some(balance.unit.clone());
         entry.lease = Some(lease);
         entry.balances = vec![balance];
-        entry.detail = Some(Detail::WouldRefuse { min, available });
+        entry.detail = Some(Detail::WouldRefuse { granted, available });
         self.record(ctx.audit, entry);
     }
 

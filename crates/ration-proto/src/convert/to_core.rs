@@ -531,7 +531,7 @@ fn detail(d: &v1::audit_detail::Detail) -> Result<ration_core::audit::Detail, St
         }),
         D::ThresholdPct(percent) => Detail::Threshold { percent: *percent },
         D::WouldRefuse(w) => Detail::WouldRefuse {
-            min: amount("detail.would_refuse.min", w.min)?,
+            granted: amount("detail.would_refuse.granted", w.granted)?,
             available: amount("detail.would_refuse.available", w.available)?,
         },
         D::Call(c) => Detail::Call {

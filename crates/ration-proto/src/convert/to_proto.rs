@@ -446,9 +446,10 @@ fn detail(d: &ration_core::audit::Detail) -> v1::audit_detail::Detail {
         }
         Detail::Options(o) => D::Options(budget_options(o)),
         Detail::Threshold { percent } => D::ThresholdPct(*percent),
-        Detail::WouldRefuse { min, available } => {
-            D::WouldRefuse(v1::WouldRefuse { min: to_i64(*min), available: to_i64(*available) })
-        }
+        Detail::WouldRefuse { granted, available } => D::WouldRefuse(v1::WouldRefuse {
+            granted: to_i64(*granted),
+            available: to_i64(*available),
+        }),
         Detail::Call { trace, usage } => {
             D::Call(v1::CallDetail { trace: trace.clone(), usage: Some(usage_line(usage)) })
         }
