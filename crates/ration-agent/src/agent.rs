@@ -44,6 +44,9 @@ pub mod counters {
     pub const CLUSTER_OPS: &str = "ration_agent_cluster_ops_total";
     /// Calls refused because a limit of the agent itself was reached (`what`).
     pub const AGENT_LIMITS: &str = "ration_agent_limit_refusals_total";
+    /// Priced descriptors refused or left unpriced: their model has no price in
+    /// force in the price book.
+    pub const NO_PRICE: &str = "ration_agent_no_price_total";
 }
 
 /// The agent's limits and timings.
@@ -128,8 +131,14 @@ type Expired = (HashMap<String, Vec<(Key, u64)>>, VecDeque<(Instant, String)>);
 struct Pending {
     reservation: Reservation,
     keys: Vec<Key>,
+    /// Per key, for a priced one: the model, which price, and the version the
+    /// reservation was priced at (its settle is charged at it).
+    prices: Vec<Option<Priced>>,
     deadline: Instant,
 }
+
+/// A priced descriptor's model, token kind and price version.
+type Priced = (String, crate::rules::TokenKind, ration_client::pricing::PriceVersion);
 
 /// A budget's state as last read from the cluster.
 struct Info {
@@ -275,8 +284,10 @@ impl Agent {
         matched: &[Match],
         request_hits: u64,
     ) -> Result<Decision, Refusal> {
-        // (descriptor index, key, hits) of what this call charges.
+        // (descriptor index, key, units) of what this call charges, and for a
+        // priced descriptor its tokens and price.
         let mut wants: Vec<(usize, Key, u64)> = Vec::new();
+        let mut prices: Vec<(u64, Option<Priced>)> = Vec::new();
         let mut checks: Vec<(usize, Key)> = Vec::new();
         let mut over = vec![false; descriptors.len()];
         let mut correlation: Option<String> = None;
@@ -290,7 +301,7 @@ impl Agent {
                     tracing::debug!("descriptor refused: {why}");
                     over[i] = true;
                 }
-                Match::Target(Target { budget, unit, correlation: c, .. }) => {
+                Match::Target(Target { budget, unit, correlation: c, priced, .. }) => {
                     let key = (budget.clone(), unit.clone());
                     if !self.track(&key) {
                         over[i] = true;
@@ -304,7 +315,24 @@ impl Agent {
                     } else if hits == 0 {
                         checks.push((i, key));
                     } else {
-                        wants.push((i, key, hits));
+                        let (units, price) = match priced {
+                            None => (hits, None),
+                            Some((model, kind)) => match self.sdk.price(model) {
+                                Some(v) => {
+                                    (kind.cost(&v.price, hits), Some((model.clone(), *kind, v)))
+                                }
+                                None => {
+                                    metrics::counter!(counters::NO_PRICE).increment(1);
+                                    tracing::debug!(
+                                        "descriptor refused: model {model} has no price"
+                                    );
+                                    over[i] = true;
+                                    continue;
+                                }
+                            },
+                        };
+                        wants.push((i, key, units));
+                        prices.push((hits, price));
                         if correlation.is_none() {
                             correlation.clone_from(c);
                         }
@@ -368,13 +396,21 @@ impl Agent {
             // Refused: Envoy does not forward the call, so nothing is charged (the
             // reservation, dropped, gives everything back).
             (Some(reservation), _) if any_over => drop(reservation),
-            (Some(reservation), Some(c)) => {
-                self.keep(c, reservation, wants.iter().map(|w| w.1.clone()))?
-            }
+            (Some(reservation), Some(c)) => self.keep(
+                c,
+                reservation,
+                wants.iter().map(|w| w.1.clone()),
+                prices.into_iter().map(|p| p.1).collect(),
+            )?,
             // Nothing to wait for: spent now.
             (Some(reservation), None) => {
                 let used: Vec<u64> = wants.iter().map(|w| w.2).collect();
                 reservation.settle(&used);
+                for ((_, key, units), (tokens, price)) in wants.iter().zip(&prices) {
+                    if let Some(p) = price {
+                        self.note_usage(&key.0, p, *tokens, *units);
+                    }
+                }
             }
             (None, _) => {}
         }
@@ -398,6 +434,7 @@ impl Agent {
         correlation: String,
         reservation: Reservation,
         keys: impl Iterator<Item = Key>,
+        prices: Vec<Option<Priced>>,
     ) -> Result<(), Refusal> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if pending.len() >= self.limits.max_pending && !pending.contains_key(&correlation) {
@@ -414,6 +451,7 @@ impl Agent {
         let entry = Pending {
             reservation,
             keys: keys.collect(),
+            prices,
             deadline: Instant::now() + self.limits.settle_timeout,
         };
         // The same request id twice (a retried request): the earlier reservation
@@ -429,8 +467,10 @@ impl Agent {
     /// The stream-done call: settle the reservation its correlation names at the
     /// real count. Always answered OK (Envoy does not act on it).
     fn settle(&self, descriptors: &[Descriptor], matched: &[Match], request_hits: u64) -> Decision {
-        // Hits by correlation, then by key, in the call's order.
-        let mut by: BTreeMap<Option<String>, Vec<(Key, u64)>> = BTreeMap::new();
+        // Hits by correlation, then by key, in the call's order (with a priced
+        // descriptor's model and price kind).
+        type Used = (Key, u64, Option<(String, crate::rules::TokenKind)>);
+        let mut by: BTreeMap<Option<String>, Vec<Used>> = BTreeMap::new();
         for (d, m) in descriptors.iter().zip(matched) {
             if let Match::Target(t) = m {
                 let key = (t.budget.clone(), t.unit.clone());
@@ -439,7 +479,7 @@ impl Agent {
                 }
                 let hits = if d.negative { 0 } else { d.hits.unwrap_or(request_hits) };
                 let c = if t.settle { t.correlation.clone() } else { None };
-                by.entry(c).or_default().push((key, hits));
+                by.entry(c).or_default().push((key, hits, t.priced.clone()));
             }
         }
         for (correlation, used) in by {
@@ -448,12 +488,38 @@ impl Agent {
                 .and_then(|c| self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(c));
             if let Some(p) = found {
                 let reserved = p.reservation.reserved();
-                // A key the settle does not name keeps its whole reservation.
+                // A key the settle does not name keeps its whole reservation; a
+                // priced one is charged at the version it was reserved at.
+                // Each named count settles one reserved descriptor: the first not
+                // yet settled with the same key and, for a priced one, the same
+                // model and kind (a call's input and output tokens may charge
+                // one budget).
+                let mut taken = vec![false; used.len()];
                 let amounts: Vec<u64> = p
                     .keys
                     .iter()
                     .zip(&reserved)
-                    .map(|(k, r)| used.iter().find(|(u, _)| u == k).map_or(*r, |(_, n)| *n))
+                    .zip(&p.prices)
+                    .map(|((k, r), price)| {
+                        let want = price.as_ref().map(|(m, kind, _)| (m.clone(), *kind));
+                        let Some(at) = used
+                            .iter()
+                            .enumerate()
+                            .position(|(i, (u, _, pr))| !taken[i] && u == k && *pr == want)
+                        else {
+                            return *r;
+                        };
+                        taken[at] = true;
+                        let n = &used[at].1;
+                        match price {
+                            None => *n,
+                            Some(pr) => {
+                                let units = pr.1.cost(&pr.2.price, *n);
+                                self.note_usage(&k.0, pr, *n, units);
+                                units
+                            }
+                        }
+                    })
                     .collect();
                 let total: u64 = amounts.iter().sum();
                 metrics::counter!(counters::SETTLED_UNITS).increment(total);
@@ -461,16 +527,38 @@ impl Agent {
                 continue;
             }
             // Charged whole by timeout: only what was used beyond it is charged.
-            let timed_out = correlation
+            let mut timed_out = correlation
                 .as_ref()
                 .and_then(|c| self.expired.lock().unwrap_or_else(|p| p.into_inner()).0.remove(c));
             if correlation.is_some() && timed_out.is_none() {
                 metrics::counter!(counters::UNRESERVED_SETTLES).increment(1);
             }
-            for (key, n) in used {
+            for (key, tokens, priced) in used {
+                // Unreserved here: priced at the version in force now.
+                let n = match &priced {
+                    None => tokens,
+                    Some((model, kind)) => match self.sdk.price(model) {
+                        Some(v) => {
+                            let units = kind.cost(&v.price, tokens);
+                            self.note_usage(&key.0, &(model.clone(), *kind, v), tokens, units);
+                            units
+                        }
+                        None => {
+                            metrics::counter!(counters::NO_PRICE).increment(1);
+                            tracing::error!(
+                                "a stream-done call for model {model} on {} cannot be priced: \
+                                 no price in force; its {tokens} tokens are not charged",
+                                key.0
+                            );
+                            continue;
+                        }
+                    },
+                };
+                // Each reserved descriptor counts once (in order: a call's input
+                // and output tokens may charge one budget).
                 let already = timed_out
-                    .as_ref()
-                    .and_then(|t| t.iter().find(|(k, _)| *k == key).map(|(_, r)| *r))
+                    .as_mut()
+                    .and_then(|t| t.iter().position(|(k, _)| *k == key).map(|i| t.remove(i).1))
                     .unwrap_or(0);
                 let extra = n.saturating_sub(already);
                 if extra > 0 {
@@ -487,6 +575,23 @@ impl Agent {
             })
             .collect();
         Decision { over: false, statuses }
+    }
+
+    /// Adds a priced charge to its budget's usage subtotals (a call is counted on
+    /// its output tokens' descriptor).
+    fn note_usage(&self, budget: &str, p: &Priced, tokens: u64, cost: u64) {
+        use crate::rules::TokenKind;
+        let (model, kind, v) = p;
+        let line = ration_core::command::UsageLine {
+            model: model.clone(),
+            price_version: v.version,
+            calls: u64::from(*kind == TokenKind::Output),
+            input_tokens: if *kind == TokenKind::Input { tokens } else { 0 },
+            cached_tokens: if *kind == TokenKind::CachedInput { tokens } else { 0 },
+            output_tokens: if *kind == TokenKind::Output { tokens } else { 0 },
+            cost_usd_micros: cost,
+        };
+        self.sdk.add_usage(budget, &line);
     }
 
     /// Charges units already used: from live leases as far as they hold, the rest

@@ -44,6 +44,44 @@ pub struct RuleConfig {
     pub correlate: Option<String>,
     #[serde(default)]
     pub settle: Option<String>,
+    /// Price the hits from the cluster's price book: the entry (one of `entries`)
+    /// whose value names the model. The hits are tokens of kind `price_tokens`, and
+    /// the rule's unit must be `usd_micros`: a reservation is priced at the version
+    /// in force when it is made, and settled at that version.
+    #[serde(default)]
+    pub price_model: Option<String>,
+    /// `input`, `cached_input` or `output`: which of the model's prices the hits
+    /// are charged at.
+    #[serde(default)]
+    pub price_tokens: Option<String>,
+}
+
+/// Which of a model's prices a priced descriptor's tokens are charged at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    Input,
+    CachedInput,
+    Output,
+}
+
+impl TokenKind {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "input" => Some(Self::Input),
+            "cached_input" => Some(Self::CachedInput),
+            "output" => Some(Self::Output),
+            _ => None,
+        }
+    }
+
+    /// What `tokens` of this kind cost at `price`, in usd_micros (rounded up).
+    pub fn cost(self, price: &ration_core::command::Price, tokens: u64) -> u64 {
+        match self {
+            Self::Input => price.cost(tokens, 0, 0),
+            Self::CachedInput => price.cost(0, tokens, 0),
+            Self::Output => price.cost(0, 0, tokens),
+        }
+    }
 }
 
 /// A descriptor as the agent reads it (converted from Envoy's, `crate::envoy`).
@@ -65,6 +103,8 @@ pub struct Target {
     pub correlation: Option<String>,
     /// Whether this is the stream-done call that settles a reservation.
     pub settle: bool,
+    /// A priced rule's model (the entry's value) and which price applies.
+    pub priced: Option<(String, TokenKind)>,
 }
 
 /// How a descriptor matched.
@@ -112,6 +152,26 @@ impl Rules {
             }
             if r.settle.is_some() && r.correlate.is_none() {
                 return Err(format!("{at}: a settle key needs a correlate key"));
+            }
+            match (&r.price_model, &r.price_tokens) {
+                (None, None) => {}
+                (Some(m), Some(t)) => {
+                    if !r.entries.iter().any(|e| &e.key == m) {
+                        return Err(format!("{at}: price_model {m:?} is not one of its entries"));
+                    }
+                    if TokenKind::parse(t).is_none() {
+                        return Err(format!(
+                            "{at}: price_tokens {t:?} is not input, cached_input or output"
+                        ));
+                    }
+                    if r.unit != "usd_micros" {
+                        return Err(format!(
+                            "{at}: a priced rule charges usd_micros, not {:?}",
+                            r.unit
+                        ));
+                    }
+                }
+                _ => return Err(format!("{at}: give price_model and price_tokens together")),
             }
             // Every placeholder names a wildcard entry; the rest must be a path.
             let mut sample = r.budget.clone();
@@ -213,7 +273,14 @@ fn matches(r: &RuleConfig, d: &Descriptor) -> Option<Match> {
     }
     // A settle call without its correlation cannot find its reservation.
     let settle = settle && correlation.is_some();
-    Some(Match::Target(Target { budget, unit: r.unit.clone(), correlation, settle }))
+    let priced = match (&r.price_model, r.price_tokens.as_deref().and_then(TokenKind::parse)) {
+        (Some(m), Some(kind)) => {
+            let model = rest.iter().find(|(k, _)| *k == m).map(|(_, v)| (*v).clone())?;
+            Some((model, kind))
+        }
+        _ => None,
+    };
+    Some(Match::Target(Target { budget, unit: r.unit.clone(), correlation, settle, priced }))
 }
 
 #[cfg(test)]
@@ -262,6 +329,7 @@ mod tests {
                 unit: "tokens".into(),
                 correlation: Some("r1".into()),
                 settle: false,
+                priced: None,
             })
         );
         let m = r.resolve("llm", &d(&[("api_key", "k-7"), ("request_id", "r1"), ("phase", "x")]));
@@ -313,8 +381,26 @@ mod tests {
             unit: unit.into(),
             correlate: None,
             settle: None,
+            price_model: None,
+            price_tokens: None,
         };
         assert!(Rules::new(vec![rule("a/{k}", "tokens")]).is_ok());
+        // A priced rule: its model is one of its entries, its unit usd_micros.
+        let priced = |model: &str, tokens: Option<&str>, unit: &str| RuleConfig {
+            price_model: Some(model.into()),
+            price_tokens: tokens.map(Into::into),
+            ..rule("a/{k}", unit)
+        };
+        assert!(Rules::new(vec![priced("k", Some("output"), "usd_micros")]).is_ok());
+        for (bad, why) in [
+            (priced("m", Some("output"), "usd_micros"), "not one of its entries"),
+            (priced("k", Some("words"), "usd_micros"), "not input, cached_input or output"),
+            (priced("k", Some("input"), "tokens"), "charges usd_micros"),
+            (priced("k", None, "usd_micros"), "together"),
+        ] {
+            let e = Rules::new(vec![bad]).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
         let e = Rules::new(vec![rule("a/{nope}", "tokens")]).unwrap_err();
         assert!(e.contains("placeholder"), "{e}");
         let e = Rules::new(vec![rule("a//b", "tokens")]).unwrap_err();

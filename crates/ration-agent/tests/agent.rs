@@ -34,6 +34,26 @@ domain = "llm"
 entries = [{ key = "team", value = "search" }]
 budget = "acme/search"
 unit = "requests"
+
+[[rule]]
+domain = "llm"
+entries = [{ key = "user" }, { key = "model" }, { key = "tokens", value = "input" }]
+budget = "acme/users/{user}"
+unit = "usd_micros"
+correlate = "request_id"
+settle = "phase"
+price_model = "model"
+price_tokens = "input"
+
+[[rule]]
+domain = "llm"
+entries = [{ key = "user" }, { key = "model" }, { key = "tokens", value = "output" }]
+budget = "acme/users/{user}"
+unit = "usd_micros"
+correlate = "request_id"
+settle = "phase"
+price_model = "model"
+price_tokens = "output"
 "#;
 
 fn rules() -> Rules {
@@ -573,4 +593,95 @@ async fn with_the_cluster_gone_the_agent_spends_its_leases_then_follows_the_fail
     assert!(admitted[1] <= static_held + 300, "{admitted:?} {static_held}");
     // The reserve was spent: the static budget admitted past its leases.
     assert!(admitted[1] > static_held, "{admitted:?} {static_held}");
+}
+
+/// A priced rule turns (model, prompt tokens, max tokens) into a dollar
+/// reservation from the price book, and settles the real counts at the version
+/// the call was reserved at, even when a new version took effect in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn priced_rules_reserve_dollars_at_the_version_in_force_and_settle_at_it() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    let usd = |cap| vec![ration_testkit::limit("usd_micros", cap, Period::Lifetime)];
+    budget(addr, 1, "acme", usd(1_000_000_000)).await;
+    budget(addr, 2, "acme/users", usd(1_000_000_000)).await;
+    budget(addr, 3, "acme/users/u1", usd(1_000_000)).await;
+    let set_price = |id: u64, input: i64, output: i64| v1::SetPriceRequest {
+        meta: meta("agent-admin", id, "ops"),
+        model: "gpt-x".into(),
+        price: Some(v1::Price { input, cached_input: input, output }),
+        effective_from_ms: 0,
+    };
+    // $1 and $2 per million input and output tokens: 1 and 2 usd_micros a token.
+    ration_testkit::until_answered!([addr], set_price, set_price(4, 1_000_000, 2_000_000)).unwrap();
+    let call = |id: &str, settle: bool, kind: &str, n: u64| {
+        let mut e = vec![("user", "u1"), ("model", "gpt-x"), ("tokens", kind), ("request_id", id)];
+        if settle {
+            e.push(("phase", "settle"));
+        }
+        descriptor(&e, Some(n))
+    };
+    let agent = Agent::start(&cluster, "agent-1", Limits::default()).await;
+    let mut c = agent.client().await;
+    // r1: 1,000 prompt tokens and at most 500 output: 2,000 usd_micros reserved at
+    // version 1 (the agent may need a moment to read the book: refused until then).
+    eventually("r1 is admitted once the agent has the price", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            let r = ask(
+                &mut c,
+                vec![call("r1", false, "input", 1_000), call("r1", false, "output", 500)],
+                0,
+            )
+            .await
+            .unwrap();
+            r.overall_code == Code::Ok as i32
+        }
+    })
+    .await;
+    // The price doubles; r1 settles after it, at version 1: 1,000 + 300 x 2.
+    ration_testkit::until_answered!([addr], set_price, set_price(5, 2_000_000, 4_000_000)).unwrap();
+    ask(&mut c, vec![call("r1", true, "input", 1_000), call("r1", true, "output", 300)], 0)
+        .await
+        .unwrap();
+    // An unknown model is refused, not charged.
+    let unknown = descriptor(
+        &[("user", "u1"), ("model", "nope"), ("tokens", "output"), ("request_id", "r9")],
+        Some(10),
+    );
+    let r = ask(&mut c, vec![unknown], 0).await.unwrap();
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    agent.stop().await;
+    // A new agent reads version 2: r2 is charged 2 x 1,000 + 4 x 300.
+    let agent = Agent::start(&cluster, "agent-2", Limits::default()).await;
+    let mut c = agent.client().await;
+    eventually("r2 is admitted", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            let r = ask(
+                &mut c,
+                vec![call("r2", false, "input", 1_000), call("r2", false, "output", 500)],
+                0,
+            )
+            .await
+            .unwrap();
+            r.overall_code == Code::Ok as i32
+        }
+    })
+    .await;
+    ask(&mut c, vec![call("r2", true, "input", 1_000), call("r2", true, "output", 300)], 0)
+        .await
+        .unwrap();
+    agent.stop().await;
+    assert_eq!(ledger_figures(&cluster, "acme/users/u1").await, (1_600 + 3_200, 0));
+    // The releases carry the subtotals per (model, version).
+    let mut lines = std::collections::BTreeMap::new();
+    for r in ration_testkit::audit_records(addr).await {
+        for u in r.cause.map(|c| c.usage).unwrap_or_default() {
+            let e = lines.entry(u.price_version).or_insert((0, 0));
+            *e = (e.0 + u.calls, e.1 + u.cost_usd_micros);
+        }
+    }
+    assert_eq!(lines, std::collections::BTreeMap::from([(1, (1, 1_600)), (2, (1, 3_200))]));
+    cluster.shutdown().await;
 }

@@ -27,7 +27,8 @@ use ration_proto::v1;
 use crate::refill::Sdk;
 use crate::Reservation;
 
-/// How often the refill task reads the price book again.
+/// How often the refill task reads the price book again (within a second when a
+/// model was asked for that it does not hold).
 pub const PRICE_REFRESH: Duration = Duration::from_secs(30);
 /// The unit dollars are counted in.
 pub const USD_MICROS: &str = "usd_micros";
@@ -92,6 +93,10 @@ impl PriceBook {
         self.models.get(model)?.iter().find(|v| v.version == version).copied()
     }
 }
+
+/// The price a call is reserved at, what it costs at most, and the (unit,
+/// amount) pairs reserved.
+type CallWants = (PriceVersion, u64, Vec<(String, u64)>);
 
 /// An LLM call to reserve for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -239,9 +244,14 @@ impl Sdk {
         }
     }
 
-    /// The version of `model`'s price in force now, as last read.
+    /// The version of `model`'s price in force now, as last read. A model the
+    /// book does not hold has the book read again within a second.
     pub fn price(&self, model: &str) -> Option<PriceVersion> {
-        self.prices().at(model, wall_ms())
+        let found = self.prices().at(model, wall_ms());
+        if found.is_none() {
+            self.price_missed.store(true, std::sync::atomic::Ordering::Release);
+        }
+        found
     }
 
     /// Reserves for an LLM call on `budget`: `prompt + max_tokens` tokens (if
@@ -280,7 +290,7 @@ impl Sdk {
     fn call_wants(
         &self,
         call: &CallSpec,
-    ) -> Result<(PriceVersion, u64, Vec<(String, u64)>), CallError> {
+    ) -> Result<CallWants, CallError> {
         let price =
             self.price(&call.model).ok_or_else(|| CallError::NoPrice(call.model.clone()))?;
         let usd = price.price.cost(call.prompt_tokens, 0, call.max_tokens);

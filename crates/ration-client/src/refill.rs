@@ -273,6 +273,9 @@ pub struct Sdk {
     prices: std::sync::RwLock<crate::pricing::PriceBook>,
     /// Set while a price-book read runs.
     pricing: std::sync::atomic::AtomicBool,
+    /// A model was asked for that the book does not hold: read it again within a
+    /// second rather than at the next 30 s refresh.
+    pub(crate) price_missed: std::sync::atomic::AtomicBool,
     /// Per budget: subtotals per (model, price version) of calls settled since its
     /// last `usd_micros` release, which the next one carries.
     usage: Mutex<BTreeMap<String, Vec<ration_core::command::UsageLine>>>,
@@ -303,6 +306,7 @@ impl Sdk {
             stopped: std::sync::atomic::AtomicBool::new(false),
             prices: std::sync::RwLock::default(),
             pricing: std::sync::atomic::AtomicBool::new(false),
+            price_missed: std::sync::atomic::AtomicBool::new(false),
             usage: Mutex::new(BTreeMap::new()),
         });
         let weak = Arc::downgrade(&sdk);
@@ -354,10 +358,15 @@ impl Sdk {
     /// [`crate::pricing::PRICE_REFRESH`] (one read at a time).
     fn refresh_prices_now_and_then(self: &Arc<Self>) {
         let age = crate::pricing::wall_ms().saturating_sub(self.prices().fetched_at_ms);
-        let every = u64::try_from(crate::pricing::PRICE_REFRESH.as_millis()).unwrap_or(u64::MAX);
+        let every = if self.price_missed.load(std::sync::atomic::Ordering::Acquire) {
+            1_000
+        } else {
+            u64::try_from(crate::pricing::PRICE_REFRESH.as_millis()).unwrap_or(u64::MAX)
+        };
         if age < every || self.pricing.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
+        self.price_missed.store(false, std::sync::atomic::Ordering::Release);
         let sdk = self.clone();
         tokio::spawn(async move {
             sdk.refresh_prices().await;
@@ -383,8 +392,10 @@ impl Sdk {
         }
     }
 
-    /// Adds a settled call's usage to `budget`'s subtotals for its next release.
-    pub(crate) fn add_usage(&self, budget: &str, line: &ration_core::command::UsageLine) {
+    /// Adds a settled call's usage to `budget`'s subtotals per (model, price
+    /// version), which the next release (or overrun) of its `usd_micros` lease
+    /// carries to the ledger.
+    pub fn add_usage(&self, budget: &str, line: &ration_core::command::UsageLine) {
         let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         crate::pricing::add_line(usage.entry(budget.to_owned()).or_default(), line);
     }

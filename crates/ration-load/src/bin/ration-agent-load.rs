@@ -189,6 +189,8 @@ fn rules() -> Rules {
         unit: "tokens".into(),
         correlate: None,
         settle: None,
+        price_model: None,
+        price_tokens: None,
     }])
     .expect("valid rule")
 }
