@@ -287,10 +287,7 @@ impl Sdk {
 
     /// The price in force, what it makes the call cost at most, and the (unit,
     /// amount) pairs to reserve, in the order [`CallReservation::settle`] settles.
-    fn call_wants(
-        &self,
-        call: &CallSpec,
-    ) -> Result<CallWants, CallError> {
+    fn call_wants(&self, call: &CallSpec) -> Result<CallWants, CallError> {
         let price =
             self.price(&call.model).ok_or_else(|| CallError::NoPrice(call.model.clone()))?;
         let usd = price.price.cost(call.prompt_tokens, 0, call.max_tokens);

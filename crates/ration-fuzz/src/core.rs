@@ -257,6 +257,25 @@ impl Harness {
                 };
                 (Op::SetLimits(limits), None)
             }
+            // Now and then, alert thresholds or shadow mode on a budget (a shadow
+            // budget's caps bound nothing, and its ancestors' must still hold),
+            // or the webhook cursor moving.
+            0 if input.u8() % 3 == 0 => {
+                if input.u8() % 4 == 0 {
+                    return Command::AckNotices { upto_seq: u64::from(input.u16()) };
+                }
+                let thresholds_pct = match input.u8() % 4 {
+                    0 => Vec::new(),
+                    1 => vec![50, 100],
+                    2 => vec![1 + u32::from(input.u8()) * 4, 100],
+                    _ => vec![0, 1001],
+                };
+                let options = ration_core::command::BudgetOptions {
+                    thresholds_pct,
+                    shadow: input.u8() % 2 == 0,
+                };
+                (Op::SetOptions { path: self.path(input, true), options }, None)
+            }
             0 => return Command::Tick,
             1..=2 => (Op::CreateBudget(self.spec(input, false)), None),
             3 => {
@@ -276,7 +295,19 @@ impl Harness {
                 };
                 (Op::DeleteBudget { path, expected_version }, None)
             }
-            5..=7 => (Op::Acquire(self.acquire(input)), None),
+            5..=7 => {
+                let acquire = Op::Acquire(self.acquire(input));
+                if input.u8() % 8 == 0 {
+                    // With a trace: its records carry it; the outcome is the same.
+                    let note = ration_core::command::Annotation {
+                        trace: Some("trace-1".into()),
+                        usage: Vec::new(),
+                    };
+                    (Op::Annotated { note, op: Box::new(acquire) }, None)
+                } else {
+                    (acquire, None)
+                }
+            }
             8 => {
                 // For the next window: mostly at the end of the current minute.
                 let now = self.ledger.now_ms();
@@ -520,11 +551,13 @@ impl Harness {
         let views = self.ledger.budgets(None, None, usize::MAX);
         assert_eq!(views.len(), self.ledger.budget_count(), "entry {at}: budget count");
         for v in &views {
+            // A shadow budget's own caps bound nothing (its ancestors' do).
+            let shadow = v.options.as_ref().is_some_and(|o| o.shadow);
             for l in &v.limits {
                 let what = format!("entry {at}: {} {} per {}", v.path, l.spec.unit, l.spec.window);
                 let used = l.consumed.checked_add(l.outstanding);
-                let Some(used) = used.filter(|u| *u <= l.spec.cap.saturating_add(l.overruns))
-                else {
+                let bound = if shadow { MAX_AMOUNT } else { l.spec.cap };
+                let Some(used) = used.filter(|u| *u <= bound.saturating_add(l.overruns)) else {
                     panic!(
                         "{what}: consumed {} + outstanding {} > cap {} + overruns {}",
                         l.consumed, l.outstanding, l.spec.cap, l.overruns
