@@ -287,6 +287,18 @@ impl From<LegacyRecord> for AuditRecord {
     }
 }
 
+/// Encodes one record (postcard) so that a record with neither cause nor detail
+/// has exactly format 1's bytes: a segment of such records is the same file
+/// whichever version writes it (its digest, in a snapshot's manifest, stays
+/// true). [`decode_record`] reads both.
+pub fn encode_record(r: &AuditRecord) -> Vec<u8> {
+    let encoded = match r.entry.format_1() {
+        Some(fields) => postcard::to_allocvec(&(fields, &r.hash)),
+        None => postcard::to_allocvec(r),
+    };
+    encoded.expect("encoding into a Vec cannot fail")
+}
+
 /// Decodes one record written in either audit format (postcard). The current
 /// format holds two more fields than format 1, so format-1 bytes run out (or leave
 /// bytes over) when read as the current one, and the fallback takes over; either
@@ -322,28 +334,48 @@ pub struct AuditRecord {
 impl AuditEntry {
     /// SHA-256 over a domain tag and the canonical (postcard) encoding.
     pub fn compute_hash(&self) -> Hash {
-        if self.cause.is_none() && self.detail.is_none() {
+        if let Some(fields) = self.format_1() {
             // Hashed as format 1 (see `LegacyEntry`), field for field.
-            return crate::hashing::sha256_of(
-                DOMAIN,
-                &(
-                    self.seq,
-                    self.log_index,
-                    self.time_ms,
-                    self.effective_ms,
-                    self.kind,
-                    &self.budget,
-                    &self.principal,
-                    &self.unit,
-                    &self.lease,
-                    &self.flow,
-                    &self.balances,
-                    &self.limits,
-                    &self.prev_hash,
-                ),
-            );
+            return crate::hashing::sha256_of(DOMAIN, &fields);
         }
         crate::hashing::sha256_of(DOMAIN_V2, self)
+    }
+
+    /// The fields of a record with neither cause nor detail, in format 1's layout
+    /// (`LegacyEntry`); None for any other.
+    #[allow(clippy::type_complexity)]
+    fn format_1(
+        &self,
+    ) -> Option<(
+        u64,
+        u64,
+        u64,
+        u64,
+        AuditKind,
+        &BudgetPath,
+        &Principal,
+        &Option<Unit>,
+        &Option<LeaseId>,
+        &Flow,
+        &Vec<Balance>,
+        &Vec<LimitSpec>,
+        &Hash,
+    )> {
+        (self.cause.is_none() && self.detail.is_none()).then_some((
+            self.seq,
+            self.log_index,
+            self.time_ms,
+            self.effective_ms,
+            self.kind,
+            &self.budget,
+            &self.principal,
+            &self.unit,
+            &self.lease,
+            &self.flow,
+            &self.balances,
+            &self.limits,
+            &self.prev_hash,
+        ))
     }
 
     /// The trace id it carries: its cause's, or a recorded call's.

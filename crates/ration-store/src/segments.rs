@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! "RATNAUDS" | version u32 | first_seq u64 | count u64 | prev_hash [32]
-//! records: (len u32, postcard(AuditRecord)) * count
+//! records: (len u32, postcard(AuditRecord)) * count (a record with neither cause
+//!          nor detail in audit format 1's layout: `ration_core::audit::encode_record`)
 //! footer: postcard(Footer) | footer_len u32
 //! digest: SHA-256 of every byte before it
 //! ```
@@ -188,7 +189,9 @@ impl<W: Write> SegmentEncoder<W> {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         self.footer.note(index, self.written, record);
         self.buf.clear();
-        let encoded = postcard::to_allocvec(record).map_err(std::io::Error::other)?;
+        // Format 1's bytes for a record without a cause or detail: the file is the
+        // same whichever version writes it.
+        let encoded = ration_core::audit::encode_record(record);
         self.buf.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(&encoded);
         let buf = std::mem::take(&mut self.buf);

@@ -1870,6 +1870,12 @@ fn a_record_without_a_cause_hashes_as_the_first_audit_format_and_both_formats_de
         expired.hash,
     ))
     .unwrap();
+    // Written by this version, such a record has exactly format 1's bytes.
+    assert_eq!(crate::audit::encode_record(&expired), legacy);
+    for r in h.log.records() {
+        assert_eq!(&crate::audit::decode_record(&crate::audit::encode_record(r)).unwrap(), r);
+    }
+    assert!(h.log.records().iter().any(|r| r.entry.cause.is_some()));
     let decoded = crate::audit::decode_record(&legacy).unwrap();
     assert_eq!(decoded, expired);
     assert_eq!(decoded.entry.compute_hash(), expired.hash);
