@@ -154,6 +154,8 @@ struct Held {
     /// Settled spend already reported, and when (local ms).
     reported: u64,
     reported_at_ms: u64,
+    /// The window boundary (ledger ms) the lease is cut at, if it is.
+    cut_at: Option<u64>,
 }
 
 /// The next window boundary of a key's limits, as the latest grant told it.
@@ -1011,7 +1013,24 @@ impl Sdk {
             // measured as the current leases' end is (from when the request was
             // sent), so they hand over with no gap; the ledger counts all of it in
             // the next window. Open at once if ledger time had reached it.
-            let opens = if starts_at_ms > granted_at { after(sent, starts_at_ms) } else { 0 };
+            let mut opens = if starts_at_ms > granted_at { after(sent, starts_at_ms) } else { 0 };
+            // Each estimate of the boundary on the local clock is off by its own
+            // request's one-way delay: the current leases' end (early) and this
+            // one's opening (late) may leave a gap of the difference, where calls
+            // would be refused below the cap. Open no later than the current
+            // leases cut at this boundary end (each lease still counts in its own
+            // window at the ledger).
+            if opens > 0 {
+                if let Some(end) = t
+                    .leases
+                    .iter()
+                    .filter(|l| l.cut_at == Some(starts_at_ms))
+                    .map(|l| l.deadline_ms)
+                    .min()
+                {
+                    opens = opens.min(end);
+                }
+            }
             if p.reserve {
                 let lease = ReserveLease {
                     lease_id: lease.lease_id,
@@ -1041,6 +1060,7 @@ impl Sdk {
                     opens_ms: opens,
                     reported: 0,
                     reported_at_ms: received,
+                    cut_at: if cut { lease.window_end_ms } else { None },
                 }),
                 // No room (cannot happen with one acquire in flight): give it back.
                 None => leftovers.push(Pending {
