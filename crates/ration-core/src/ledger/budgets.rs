@@ -91,7 +91,6 @@ impl Ledger {
         self.frozen.remove(&id);
         self.vis.options.remove(&id);
         let budget = self.budgets.remove(&id).expect("the budget exists");
-        self.unwatch(budget.limits.iter().map(|l| l.counter.id));
         assert_eq!(budget.live_leases, 0, "invariant: a removed budget holds no lease");
         assert_eq!(budget.children, 0, "invariant: a removed budget has no children");
         if let Some(creator) = self.principals.creators.remove(&id) {
@@ -163,7 +162,6 @@ impl Ledger {
                 }
             })
             .collect();
-        self.unwatch(old_limits.iter().map(|l| l.counter.id));
         let budget = self.budget_mut(id);
         budget.limits = limits;
         budget.version = budget.version.saturating_add(1);
@@ -212,6 +210,7 @@ impl Ledger {
             holders: BTreeMap::new(),
             upcoming: 0,
             upcoming_holders: BTreeMap::new(),
+            watch: None,
         };
         Limit { spec, counter }
     }

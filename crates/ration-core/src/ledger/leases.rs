@@ -309,6 +309,9 @@ impl Ledger {
         let (granted, counters) = (lease.granted, lease.counters.clone());
         let (path, unit, leaf) = (lease.path.clone(), lease.unit.clone(), lease.budget);
         let delta = r.consumed_delta;
+        if delta > 0 {
+            self.note_spent(&counters, ctx.principal);
+        }
         let balances = self.update_counters(&counters, |spec, counter| {
             // Units in flight come back as they are spent: nothing is consumed.
             if super::counts_spend(spec) {
@@ -402,6 +405,7 @@ impl Ledger {
             })
             .collect();
         let (kind, flow, balances) = if !open.is_empty() {
+            self.note_spent(&open, ctx.principal);
             let balances = self.update_counters(&open, |_, counter| {
                 counter.consumed = counter
                     .consumed
@@ -467,6 +471,12 @@ impl Ledger {
         let mut balances = Vec::with_capacity(refs.len());
         let mut over_cap = false;
         for &(id, i) in &refs {
+            let counter = self.budgets[&id].limits[i].counter.id;
+            self.spent.push(super::visibility::Spent {
+                budget: id,
+                counter,
+                principal: ctx.principal.clone(),
+            });
             let budget = self.budget_mut(id);
             let limit = &mut budget.limits[i];
             limit.roll(now);
@@ -547,6 +557,9 @@ impl Ledger {
             at = b.parent;
         }
         self.touch_instance(lease.budget);
+        if consumed > 0 {
+            self.note_spent(&lease.counters, &lease.principal);
+        }
         (lease, balances)
     }
 }

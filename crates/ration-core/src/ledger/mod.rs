@@ -106,6 +106,10 @@ struct Counter {
     /// Derived: live next-window leases per holder.
     #[serde(skip)]
     upcoming_holders: BTreeMap<Principal, u32>,
+    /// Thresholds crossed and burn rate (`visibility`), once spend is seen. In the
+    /// snapshot's seventh section.
+    #[serde(skip)]
+    watch: Option<Box<visibility::Watch>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -410,6 +414,10 @@ pub struct Ledger {
     /// every record it emits carries.
     #[serde(skip)]
     cause: Option<crate::audit::Cause>,
+    /// Counters whose spend changed in the command being applied, for `observe`
+    /// (empty between commands).
+    #[serde(skip)]
+    spent: Vec<visibility::Spent>,
 }
 
 impl Default for Ledger {
@@ -446,6 +454,7 @@ impl Ledger {
             halted_total: 0,
             vis: visibility::Visibility::default(),
             cause: None,
+            spent: Vec::new(),
         }
     }
 
@@ -462,7 +471,7 @@ impl Ledger {
         self.now_ms = self.now_ms.max(clamp_time(batch.time_ms));
         let mut audit = Vec::new();
         self.housekeep(index, &mut audit);
-        self.observe(index, &mut audit, 0);
+        self.observe(index, &mut audit);
         let outcomes = batch
             .commands
             .iter()
@@ -550,11 +559,11 @@ impl Ledger {
             Err(e) => Err(e),
             Ok(()) => {
                 self.cause = Some(visibility::cause_of(req));
-                let start = audit.len();
                 let outcome = self.dispatch(index, slot, &req.principal, op, audit);
                 if outcome.is_ok() {
-                    self.observe(index, audit, start);
+                    self.observe(index, audit);
                 }
+                self.spent.clear();
                 self.cause = None;
                 outcome
             }

@@ -243,9 +243,9 @@ impl Ledger {
             frozen: self.frozen.iter().map(|(id, h)| (*id, h.clone())).collect(),
             halted_total: self.halted_total,
         };
-        let vis = &self.vis;
+        let vis = super::visibility::Visibility { watch: self.watches(), ..self.vis.clone() };
         postcard::to_stdvec(&SnapshotFormat::V7(
-            self, extra, next, principals, roles, controls, vis,
+            self, extra, next, principals, roles, controls, &vis,
         ))
         .expect("encoding into a Vec cannot fail")
     }
@@ -297,6 +297,7 @@ impl Ledger {
                     (ledger, extra, next, principals, roles, controls)
                 }
             };
+        let watches = std::mem::take(&mut vis.watch);
         ledger.vis = vis;
         ledger.templates = controls
             .templates
@@ -331,6 +332,7 @@ impl Ledger {
             }
         }
         ledger.opening = next.opening.into_iter().collect();
+        ledger.restore_watches(watches).map_err(|detail| InvariantError::Controls { detail })?;
         let next_seq = ledger.chain_head().next_seq;
         if next_seq > MAX_AUDIT_SEQ {
             return Err(

@@ -1,11 +1,10 @@
 //! Money and visibility: the price book, budget options (alert thresholds and
 //! shadow mode), recorded calls, burn rates and forecasts, and the webhook cursor.
 //!
-//! Thresholds and burn rates watch what the other operations do rather than being
-//! wired into each: after every command (and after housekeeping), [`Ledger::observe`]
-//! reads the balances of the spend records it emitted, so every path that counts
-//! spend (reports, releases, expiry charges, late refunds, overruns) is covered
-//! by the same code.
+//! Thresholds and burn rates are computed in one place: every path that changes a
+//! counter's spend (reports, releases, expiry charges, late refunds, overruns)
+//! notes the counter (`note_spent`), and after every command (and after
+//! housekeeping) [`Ledger::observe`] looks at each noted counter once.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,9 +40,17 @@ pub(super) struct Options {
     pub would_refuse: u64,
 }
 
-/// What the ledger watches of one counter: the spend it last saw (to turn
-/// balances into deltas), the thresholds crossed in that window, and the burn
-/// rate's two buckets.
+/// A counter whose spend a command changed, and whose spend it was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Spent {
+    pub budget: BudgetId,
+    pub counter: u64,
+    pub principal: Principal,
+}
+
+/// What the ledger watches of one counter (kept in the counter): the spend it
+/// last saw (to turn figures into deltas), the thresholds crossed in that window,
+/// and the burn rate's two buckets.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Watch {
     window_start_ms: u64,
@@ -115,7 +122,7 @@ pub struct Forecast {
 pub(super) struct Visibility {
     pub prices: std::collections::BTreeMap<String, Vec<PriceVersion>>,
     pub options: std::collections::BTreeMap<BudgetId, Options>,
-    /// By counter id.
+    /// By counter id. Only in the snapshot: in memory each counter holds its own.
     pub watch: std::collections::BTreeMap<u64, Watch>,
     pub crossings_total: u64,
     pub shadow_refusals_total: u64,
@@ -214,14 +221,13 @@ impl Ledger {
             o.shadow = options.shadow;
         }
         // Thresholds already reached in the current windows are not announced again.
-        for l in &self.budgets[&id].limits {
-            if let Some(w) = self.vis.watch.get_mut(&l.counter.id) {
-                let level = self
-                    .vis
-                    .options
-                    .get(&id)
-                    .map_or(0, |o| level(&o.thresholds_pct, w.consumed, l.spec.cap));
-                w.crossed = level;
+        let thresholds = self.vis.options.get(&id).map(|o| o.thresholds_pct.clone());
+        if let Some(b) = self.budgets.get_mut(&id) {
+            for l in &mut b.limits {
+                let cap = l.spec.cap;
+                if let Some(w) = l.counter.watch.as_deref_mut() {
+                    w.crossed = thresholds.as_ref().map_or(0, |t| level(t, w.consumed, cap));
+                }
             }
         }
         let mut entry = self.base_entry(
@@ -291,75 +297,69 @@ impl Ledger {
         self.record(ctx.audit, entry);
     }
 
-    /// Reads the spend records in `audit[from..]`: moves burn rates, and emits a
-    /// `threshold_crossed` record for each threshold spend reached.
-    pub(super) fn observe(&mut self, index: u64, audit: &mut Vec<AuditRecord>, from: usize) {
-        let end = audit.len();
-        let mut seen: Vec<(Balance, Principal, u64)> = Vec::new();
-        for r in audit.get(from..end).unwrap_or_default() {
-            let e = &r.entry;
-            if matches!(
-                e.kind,
-                AuditKind::LeaseReported
-                    | AuditKind::LeaseReleased
-                    | AuditKind::LeaseExpired
-                    | AuditKind::LeaseRefunded
-                    | AuditKind::LateRelease
-                    | AuditKind::Overrun
-            ) {
-                for b in &e.balances {
-                    seen.push((b.clone(), e.principal.clone(), e.effective_ms));
-                }
-            }
-        }
-        for (balance, principal, effective_ms) in seen {
-            self.watch_balance(index, audit, balance, principal, effective_ms);
+    /// Notes that the spend of `counters` changed, by `principal`'s command.
+    pub(super) fn note_spent(&mut self, counters: &[super::CounterRef], principal: &Principal) {
+        for c in counters {
+            self.spent.push(Spent {
+                budget: c.budget,
+                counter: c.counter,
+                principal: principal.clone(),
+            });
         }
     }
 
-    fn watch_balance(
-        &mut self,
-        index: u64,
-        audit: &mut Vec<AuditRecord>,
-        balance: Balance,
-        principal: Principal,
-        effective_ms: u64,
-    ) {
-        let Some(&id) = self.by_path.get(&balance.budget) else { return };
-        let Some(limit) = self.budgets[&id]
-            .limits
-            .iter()
-            .find(|l| l.spec.unit == balance.unit && l.spec.window == balance.window)
-        else {
-            return;
-        };
-        if !limit.counts_spend() || limit.counter.window_start_ms != balance.window_start_ms {
+    /// Looks at each counter whose spend the command changed: moves its burn rate,
+    /// and emits a `threshold_crossed` record for each threshold its spend reached.
+    pub(super) fn observe(&mut self, index: u64, audit: &mut Vec<AuditRecord>) {
+        if self.spent.is_empty() {
             return;
         }
-        let counter = limit.counter.id;
+        let mut spent = std::mem::take(&mut self.spent);
+        for s in spent.drain(..) {
+            self.watch_counter(index, audit, s);
+        }
+        self.spent = spent;
+    }
+
+    fn watch_counter(&mut self, index: u64, audit: &mut Vec<AuditRecord>, s: Spent) {
         let now = self.now_ms;
-        // The first settlement seen is only a baseline: it holds spend from before
-        // `since_ms`, which would inflate the rate.
-        let first = !self.vis.watch.contains_key(&counter);
-        let w = self.vis.watch.entry(counter).or_insert_with(|| Watch {
-            window_start_ms: balance.window_start_ms,
-            since_ms: now,
-            bucket: now / RATE_BUCKET_MS,
-            ..Watch::default()
-        });
-        let delta = if w.window_start_ms == balance.window_start_ms {
-            balance.consumed.saturating_sub(w.consumed)
-        } else {
-            w.window_start_ms = balance.window_start_ms;
-            w.crossed = 0;
-            balance.consumed
+        let Some(b) = self.budgets.get_mut(&s.budget) else { return };
+        let Some(limit) = b.limits.iter_mut().find(|l| l.counter.id == s.counter) else {
+            return;
         };
-        w.consumed = balance.consumed;
-        if !first {
-            w.add(effective_ms.max(now.saturating_sub(RATE_BUCKET_MS)), delta);
+        if !limit.counts_spend() {
+            return;
         }
-        let Some(o) = self.vis.options.get(&id) else { return };
-        let reached = level(&o.thresholds_pct, balance.consumed, balance.cap);
+        let cap = limit.spec.cap;
+        let c = &mut limit.counter;
+        let (consumed, window_start_ms) = (c.consumed, c.window_start_ms);
+        // The first spend seen is only a baseline: it holds spend from before
+        // `since_ms`, which would inflate the rate.
+        let first = c.watch.is_none();
+        let w = c.watch.get_or_insert_with(|| {
+            Box::new(Watch {
+                window_start_ms,
+                since_ms: now,
+                bucket: now / RATE_BUCKET_MS,
+                ..Watch::default()
+            })
+        });
+        let delta = if w.window_start_ms == window_start_ms {
+            consumed.saturating_sub(w.consumed)
+        } else {
+            w.window_start_ms = window_start_ms;
+            w.crossed = 0;
+            consumed
+        };
+        w.consumed = consumed;
+        if !first {
+            w.add(now, delta);
+        }
+        let Some(o) = self.vis.options.get(&s.budget) else { return };
+        if o.thresholds_pct.is_empty() {
+            return;
+        }
+        let reached = level(&o.thresholds_pct, consumed, cap);
         if reached <= w.crossed {
             return;
         }
@@ -367,14 +367,15 @@ impl Ledger {
         w.crossed = reached;
         let crossed: Vec<u32> =
             o.thresholds_pct.get(from..reached as usize).unwrap_or_default().to_vec();
+        let balance = limit.balance(&b.path);
         for percent in crossed {
             self.vis.crossings_total = self.vis.crossings_total.saturating_add(1);
             let mut entry = self.base_entry(
                 index,
                 AuditKind::ThresholdCrossed,
                 balance.budget.clone(),
-                principal.clone(),
-                effective_ms,
+                s.principal.clone(),
+                now,
             );
             entry.unit = Some(balance.unit.clone());
             entry.balances = vec![balance.clone()];
@@ -383,13 +384,29 @@ impl Ledger {
         }
     }
 
-    /// Drops what is watched of counters `budget id` no longer has.
-    pub(super) fn unwatch(&mut self, counters: impl IntoIterator<Item = u64>) {
-        if self.vis.watch.is_empty() {
-            return;
+    /// The burn-rate state of every counter, by counter id (the snapshot's form).
+    pub(super) fn watches(&self) -> std::collections::BTreeMap<u64, Watch> {
+        self.budgets
+            .values()
+            .flat_map(|b| b.limits.iter())
+            .filter_map(|l| l.counter.watch.as_ref().map(|w| (l.counter.id, (**w).clone())))
+            .collect()
+    }
+
+    /// Gives each counter its burn-rate state from a snapshot; refuses one kept
+    /// for a counter that does not exist.
+    pub(super) fn restore_watches(
+        &mut self,
+        mut watches: std::collections::BTreeMap<u64, Watch>,
+    ) -> Result<(), String> {
+        for b in self.budgets.values_mut() {
+            for l in &mut b.limits {
+                l.counter.watch = watches.remove(&l.counter.id).map(Box::new);
+            }
         }
-        for c in counters {
-            self.vis.watch.remove(&c);
+        match watches.keys().next() {
+            Some(c) => Err(format!("a burn rate is kept for counter {c}, which does not exist")),
+            None => Ok(()),
         }
     }
 
@@ -400,11 +417,7 @@ impl Ledger {
             return Err(format!("options held for budget id {id}, which does not exist"));
         }
         if !self.vis.watch.is_empty() {
-            let counters: std::collections::BTreeSet<u64> =
-                self.budgets.values().flat_map(|b| b.limits.iter().map(|l| l.counter.id)).collect();
-            if let Some(c) = self.vis.watch.keys().find(|c| !counters.contains(c)) {
-                return Err(format!("a burn rate is kept for counter {c}, which does not exist"));
-            }
+            return Err("burn rates are kept outside their counters".into());
         }
         if self.vis.prices.len() > MAX_MODELS {
             return Err(format!("{} models in the price book", self.vis.prices.len()));
@@ -460,7 +473,7 @@ impl Ledger {
     /// The highest threshold reached in the current window of limit `l` of budget `id`.
     pub(super) fn reached_pct(&self, id: BudgetId, l: &super::Limit) -> Option<u32> {
         let o = self.vis.options.get(&id)?;
-        let w = self.vis.watch.get(&l.counter.id)?;
+        let w = l.counter.watch.as_ref()?;
         if w.window_start_ms != l.effective(self.now_ms).1 || w.crossed == 0 {
             return None;
         }
@@ -487,8 +500,7 @@ impl Ledger {
             .iter()
             .map(|l| {
                 let (consumed, start, end) = l.effective(now);
-                let (amount, span) =
-                    self.vis.watch.get(&l.counter.id).map_or((0, 0), |w| w.recent(now));
+                let (amount, span) = l.counter.watch.as_ref().map_or((0, 0), |w| w.recent(now));
                 let rate_per_s = if span == 0 { 0.0 } else { amount as f64 * 1000.0 / span as f64 };
                 let remaining = l.spec.cap.saturating_sub(consumed);
                 let exhausts_at_ms = if remaining == 0 {
