@@ -73,6 +73,33 @@ async fn query(cluster: &Cluster, req: v1::QueryAuditRequest) -> Vec<v1::AuditRe
     }
 }
 
+/// Lets the spenders run until admissions stop for 4 s (the caps are reached) or
+/// `within` passes, then stops them and releases every gateway's leases.
+async fn spend_until_refused(
+    admitted: &AtomicU64,
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    gateways: &[Arc<Sdk>],
+    within: Duration,
+) {
+    let (mut last, mut since) = (0, Instant::now());
+    let started = Instant::now();
+    while since.elapsed() < Duration::from_secs(4) && started.elapsed() < within {
+        let a = admitted.load(Ordering::Relaxed);
+        if a != last {
+            (last, since) = (a, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for g in gateways {
+        g.release_all().await.unwrap();
+    }
+}
+
 /// What the gateways charged, by price version: (calls, cost).
 type Tally = Arc<Mutex<BTreeMap<u32, (u64, u64)>>>;
 
@@ -360,22 +387,7 @@ async fn webhooks_deliver_every_threshold_crossing_through_a_leader_kill() {
     let new_leader = cluster.leader().await;
     assert_ne!(new_leader, leader);
     // Spend the rest, until admissions stop.
-    let (mut last, mut since) = (0, Instant::now());
-    let started = Instant::now();
-    while since.elapsed() < Duration::from_secs(4) && started.elapsed() < Duration::from_secs(120) {
-        let a = admitted.load(Ordering::Relaxed);
-        if a != last {
-            (last, since) = (a, Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    for g in &gateways {
-        g.release_all().await.unwrap();
-    }
+    spend_until_refused(&admitted, &stop, tasks, &gateways, Duration::from_secs(120)).await;
     // Every crossing is one record.
     let crossings = query(
         &cluster,
@@ -459,22 +471,7 @@ async fn shadow_mode_refuses_nothing_its_parent_holds_and_forecasts_follow_a_ste
             }
         }));
     }
-    let (mut last, mut since) = (0, Instant::now());
-    let started = Instant::now();
-    while since.elapsed() < Duration::from_secs(4) && started.elapsed() < Duration::from_secs(90) {
-        let a = admitted.load(Ordering::Relaxed);
-        if a != last {
-            (last, since) = (a, Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    for g in &gateways {
-        g.release_all().await.unwrap();
-    }
+    spend_until_refused(&admitted, &stop, tasks, &gateways, Duration::from_secs(90)).await;
     let admitted = admitted.load(Ordering::Relaxed);
     let shadow = get_budget(&cluster, "p/new").await;
     let parent = get_budget(&cluster, "p").await;
