@@ -1469,7 +1469,7 @@ pub(crate) async fn run(ctx: &Ctx, cmd: AuditCmd, out: &mut dyn Write) -> anyhow
     }
 }
 
-const CSV_FIELDS: [&str; 18] = [
+const CSV_FIELDS: [&str; 20] = [
     "seq",
     "log_index",
     "time_ms",
@@ -1488,6 +1488,8 @@ const CSV_FIELDS: [&str; 18] = [
     "limits",
     "prev_hash",
     "hash",
+    "cause",
+    "detail",
 ];
 
 /// Where verification of a run starts: the genesis head for record 0, otherwise
