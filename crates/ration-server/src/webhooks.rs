@@ -161,6 +161,8 @@ pub(crate) async fn run(node: Weak<Node>, target: WebhookTarget) {
     // Where this leader has delivered up to (None: not leading).
     let mut cursor: Option<u64> = None;
     let mut acked_proposed = 0u64;
+    // Delivered since the last acknowledgement this leader proposed: owed one.
+    let mut owed = false;
     let mut every = tokio::time::interval(POLL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -170,7 +172,8 @@ pub(crate) async fn run(node: Weak<Node>, target: WebhookTarget) {
             return;
         }
         if !n.is_leader() {
-            cursor = None;
+            // A later term starts from the replicated cursor.
+            (cursor, acked_proposed, owed) = (None, 0, false);
             continue;
         }
         let (acked, head) = {
@@ -222,7 +225,6 @@ pub(crate) async fn run(node: Weak<Node>, target: WebhookTarget) {
         };
         drop(n);
         let mut delivered_to = from;
-        let mut sent_any = false;
         let mut lost_lead = false;
         for r in records {
             let Some(body) = body(&r) else {
@@ -258,10 +260,10 @@ pub(crate) async fn run(node: Weak<Node>, target: WebhookTarget) {
                 break;
             }
             delivered_to = r.entry.seq + 1;
-            sent_any = true;
+            owed = true;
         }
         if lost_lead {
-            cursor = None;
+            (cursor, acked_proposed, owed) = (None, 0, false);
             continue;
         }
         let done = next.max(delivered_to);
@@ -269,11 +271,12 @@ pub(crate) async fn run(node: Weak<Node>, target: WebhookTarget) {
         let Some(n) = node.upgrade() else { return };
         // Acknowledge when something was delivered, or when the cursor moved far:
         // one small entry, not one per poll.
-        if done > acked_proposed && (sent_any || done.saturating_sub(acked) >= 10_000) {
+        if done > acked_proposed && (owed || done.saturating_sub(acked) >= 10_000) {
             if let Err(e) = n.proposer.propose(vec![Command::AckNotices { upto_seq: done }]).await {
                 tracing::debug!("webhooks: acknowledgement not proposed: {e}");
             } else {
                 acked_proposed = done;
+                owed = false;
             }
         }
     }
