@@ -472,11 +472,7 @@ impl Ledger {
         let mut over_cap = false;
         for &(id, i) in &refs {
             let counter = self.budgets[&id].limits[i].counter.id;
-            self.spent.push(super::visibility::Spent {
-                budget: id,
-                counter,
-                principal: ctx.principal.clone(),
-            });
+            self.note_spent(&[CounterRef { budget: id, counter }], ctx.principal);
             let budget = self.budget_mut(id);
             let limit = &mut budget.limits[i];
             limit.roll(now);

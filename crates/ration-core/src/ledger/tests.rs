@@ -1711,10 +1711,8 @@ fn thresholds_are_crossed_once_per_window_on_every_spend_path() {
             crate::audit::Detail::Threshold { percent: 80 }
         ]
     );
-    assert_eq!(
-        h.ledger.threshold_reached(&path("team"), &unit("tokens"), Window::utc(Period::Minute)),
-        Some(80)
-    );
+    let view = h.ledger.budget(&path("team")).unwrap();
+    assert_eq!(view.limits[0].threshold_reached_pct, Some(80));
     // The record names the request that caused it.
     let rec =
         h.log.records().iter().rev().find(|r| r.entry.kind == AuditKind::ThresholdCrossed).unwrap();
@@ -1763,7 +1761,9 @@ fn a_shadow_budget_refuses_nothing_records_what_it_would_have_and_its_parent_sti
         h.run("gw", acquire("org/new", 200, 200, 60_000)),
         Err(LedgerError::Exhausted { .. })
     ));
-    assert_eq!(h.ledger.options(&path("org/new")), Some((vec![], true, 2)));
+    let view = h.ledger.budget(&path("org/new")).unwrap();
+    let shadow_on = crate::command::BudgetOptions { thresholds_pct: vec![], shadow: true };
+    assert_eq!((view.options, view.shadow_refusals), (Some(shadow_on), 2));
     h.ok("gw", Op::Release(Release { lease: g.lease, consumed_total: 300 }));
     h.ok("gw", Op::Release(Release { lease: g2.lease, consumed_total: 600 }));
     assert_eq!(h.usage("org"), (900, 0));

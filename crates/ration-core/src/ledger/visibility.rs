@@ -453,23 +453,6 @@ impl Ledger {
         self.vis.prices.get(model)?.iter().rev().find(|v| v.effective_from_ms <= at_ms)
     }
 
-    /// (thresholds ascending, shadow, acquires its caps would have refused).
-    pub fn options(&self, path: &BudgetPath) -> Option<(Vec<u32>, bool, u64)> {
-        let id = self.by_path.get(path)?;
-        self.vis.options.get(id).map(|o| (o.thresholds_pct.clone(), o.shadow, o.would_refuse))
-    }
-
-    /// The highest threshold spend has reached in the current window of `path`'s
-    /// limit on (`unit`, `window`), if any.
-    pub fn threshold_reached(&self, path: &BudgetPath, unit: &Unit, window: Window) -> Option<u32> {
-        let id = self.by_path.get(path)?;
-        let l = self.budgets[id]
-            .limits
-            .iter()
-            .find(|l| &l.spec.unit == unit && l.spec.window == window)?;
-        self.reached_pct(*id, l)
-    }
-
     /// The highest threshold reached in the current window of limit `l` of budget `id`.
     pub(super) fn reached_pct(&self, id: BudgetId, l: &super::Limit) -> Option<u32> {
         let o = self.vis.options.get(&id)?;
