@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::Outcome;
 use crate::error::LedgerError;
+use crate::index::HashIndex;
 use crate::ledger::{LedgerConfig, Principals};
 use crate::names::{ClientId, Principal};
 
@@ -44,7 +45,7 @@ pub(crate) enum Seen {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Dedup {
-    clients: BTreeMap<ClientId, ClientRequests>,
+    clients: HashIndex<ClientId, ClientRequests>,
     /// Derived: clients by the ledger time they were last seen.
     #[serde(skip)]
     by_last_seen: BTreeSet<(u64, ClientId)>,
@@ -52,7 +53,7 @@ pub(crate) struct Dedup {
     /// section (older snapshots have none: their clients count against nobody until
     /// they are forgotten).
     #[serde(skip)]
-    pub(crate) owners: BTreeMap<ClientId, Principal>,
+    pub(crate) owners: HashIndex<ClientId, Principal>,
 }
 
 impl Dedup {
@@ -66,6 +67,14 @@ impl Dedup {
         let Some(c) = self.clients.get(client) else {
             return Seen::New;
         };
+        // Clients number their requests upwards: an id above every remembered and
+        // forgotten one is new, found at the window's end, in the nodes the last
+        // insert touched.
+        let above_forgotten = c.forgotten_up_to.is_none_or(|f| request_id > f);
+        if above_forgotten && c.results.last_key_value().is_some_and(|(last, _)| request_id > *last)
+        {
+            return Seen::New;
+        }
         if let Some(r) = c.results.get(&request_id) {
             return if r.fingerprint == fingerprint {
                 Seen::Replay(r.outcome.clone())
@@ -179,7 +188,7 @@ impl Dedup {
 
     /// Adds each owned client and its results to its owner's usage.
     pub(crate) fn count_owned(&self, principals: &mut Principals) {
-        for (id, owner) in &self.owners {
+        for (id, owner) in self.owners.values_any_order_keyed() {
             let results = self.clients.get(id).map_or(0, |c| c.results.len() as u64);
             principals.change(owner, |u| {
                 u.clients = u.clients.saturating_add(1);
@@ -191,8 +200,11 @@ impl Dedup {
     /// Rebuilds the derived indexes, and counts each owned client's results
     /// against its owner (owners of clients no longer held are dropped).
     pub(crate) fn rebuild(&mut self, principals: &mut Principals) {
-        self.by_last_seen =
-            self.clients.iter().map(|(id, c)| (c.last_seen_ms, id.clone())).collect();
+        self.by_last_seen = self
+            .clients
+            .values_any_order_keyed()
+            .map(|(id, c)| (c.last_seen_ms, id.clone()))
+            .collect();
         let clients = &self.clients;
         self.owners.retain(|id, _| clients.contains_key(id));
         self.count_owned(principals);
@@ -203,6 +215,6 @@ impl Dedup {
     }
 
     pub(crate) fn remembered(&self) -> usize {
-        self.clients.values().map(|c| c.results.len()).sum()
+        self.clients.values_any_order().map(|c| c.results.len()).sum()
     }
 }

@@ -3,10 +3,13 @@
 //! The quota ledger of Ration as a pure, deterministic state machine.
 //!
 //! Architecture invariant: this crate knows nothing about protobuf, sled, tokio or
-//! openraft. It reads no clock, draws no random numbers, does no I/O, and iterates
-//! no hash map in anything that reaches state or output. `Ledger::apply(index,
-//! entry)` is a function of the state and the entry alone, so every replica that
-//! applies the same log holds the same bytes (`Ledger::digest`). A test of the
+//! openraft. It reads no clock, does no I/O, and iterates no hash map in hash
+//! order. Its one random draw is the seed of the hashed indexes
+//! (`index::HashIndex`), which decides where entries sit in
+//! memory, never what a lookup answers or the order anything is walked or written
+//! in. `Ledger::apply(index, entry)` is a function of the state and the entry
+//! alone, so every replica that applies the same log holds the same bytes
+//! (`Ledger::digest`). A test of the
 //! workspace (`tests/layering.rs`) fails if the dependency tree grows an I/O crate.
 //!
 //! - [`names`]: validated budget paths, units, client ids, principals, lease ids.
@@ -33,6 +36,7 @@ pub mod command;
 mod dedup;
 pub mod error;
 mod hashing;
+mod index;
 pub mod ledger;
 pub mod names;
 pub mod timebound;

@@ -1,6 +1,6 @@
 //! Creating, updating and deleting budgets.
 
-use std::collections::BTreeMap;
+use crate::index::HashIndex;
 
 use super::{Budget, Counter, Ctx, Ledger, Limit};
 use crate::audit::AuditKind;
@@ -79,6 +79,7 @@ impl Ledger {
         }
         let budget =
             Budget { path: path.clone(), parent, version: 1, limits, children: 0, live_leases: 0 };
+        self.paths.insert(path.clone());
         self.by_path.insert(path, id);
         self.budgets.insert(id, budget);
         id
@@ -97,6 +98,7 @@ impl Ledger {
             self.principals.change(&creator, |u| u.budgets = u.budgets.saturating_sub(1));
         }
         self.by_path.remove(&budget.path);
+        self.paths.remove(&budget.path);
         if let Some(p) = budget.parent {
             let parent = self.budget_mut(p);
             parent.children = parent.children.checked_sub(1).expect("invariant: child count");
@@ -207,9 +209,9 @@ impl Ledger {
             consumed: 0,
             outstanding: 0,
             overruns: 0,
-            holders: BTreeMap::new(),
+            holders: HashIndex::new(),
             upcoming: 0,
-            upcoming_holders: BTreeMap::new(),
+            upcoming_holders: HashIndex::new(),
             watch: None,
         };
         Limit { spec, counter }

@@ -181,6 +181,7 @@ impl Ledger {
         let budget = self.budgets.remove(&undo.id).expect("the instance was just created");
         assert_eq!(budget.live_leases, 0, "a refused command leaves no lease");
         self.by_path.remove(&budget.path);
+        self.paths.remove(&budget.path);
         if let Some(p) = budget.parent {
             let parent = self.budget_mut(p);
             parent.children = parent.children.checked_sub(1).expect("invariant: child count");

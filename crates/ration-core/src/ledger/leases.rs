@@ -1,6 +1,6 @@
 //! Leases: acquiring, reporting on and releasing them (late ones too).
 
-use super::{About, BudgetId, CounterRef, Ctx, Lease, Ledger};
+use super::{About, Budget, BudgetId, CounterRef, Ctx, Lease, Ledger};
 use crate::audit::{AuditKind, Balance, Flow};
 use crate::command::{
     check_amount, Acquire, Grant, Outcome, Overrun, Release, Reply, Report, MAX_AMOUNT,
@@ -193,30 +193,33 @@ impl Ledger {
         }
         let mut counters = Vec::with_capacity(refs.len());
         let mut balances = Vec::with_capacity(refs.len());
-        for &(id, i, next) in &refs {
-            let budget = self.budget_mut(id);
-            let limit = &mut budget.limits[i];
-            limit.roll(now);
-            let c = &mut limit.counter;
-            let (outstanding, holders) = if next {
-                (&mut c.upcoming, &mut c.upcoming_holders)
-            } else {
-                (&mut c.outstanding, &mut c.holders)
-            };
-            *outstanding = outstanding.checked_add(grant).expect("invariant: outstanding <= cap");
-            let held = holders.entry(ctx.principal.clone()).or_insert(0);
-            *held = held.saturating_add(1);
-            counters.push(CounterRef { budget: id, counter: c.id });
-            balances.push(if next {
-                limit.upcoming_balance(&budget.path)
-            } else {
-                limit.balance(&budget.path)
-            });
-        }
+        // One lookup per budget up the chain: `refs` is in chain order.
+        let mut refs = refs.iter().peekable();
         for &id in &chain {
-            let b = self.budget_mut(id);
-            b.live_leases = b.live_leases.saturating_add(1);
+            let budget = self.budget_mut(id);
+            budget.live_leases = budget.live_leases.saturating_add(1);
+            while let Some(&(_, i, next)) = refs.next_if(|r| r.0 == id) {
+                let limit = &mut budget.limits[i];
+                limit.roll(now);
+                let c = &mut limit.counter;
+                let (outstanding, holders) = if next {
+                    (&mut c.upcoming, &mut c.upcoming_holders)
+                } else {
+                    (&mut c.outstanding, &mut c.holders)
+                };
+                *outstanding =
+                    outstanding.checked_add(grant).expect("invariant: outstanding <= cap");
+                let held = holders.entry(ctx.principal.clone()).or_insert(0);
+                *held = held.saturating_add(1);
+                counters.push(CounterRef { budget: id, counter: c.id });
+                balances.push(if next {
+                    limit.upcoming_balance(&budget.path)
+                } else {
+                    limit.balance(&budget.path)
+                });
+            }
         }
+        assert!(refs.next().is_none(), "invariant: a grant's limits are on its budget's chain");
         self.count_guarded(leaf, &a.unit, grant, false);
         self.principals.change(ctx.principal, |u| u.live_leases = u.live_leases.saturating_add(1));
         self.leases.insert(
@@ -514,10 +517,9 @@ impl Ledger {
         let unsettled =
             lease.granted.checked_sub(lease.reported).expect("invariant: reported <= granted");
         let mut balances = Vec::with_capacity(lease.counters.len());
-        for r in &lease.counters {
-            let Some(b) = self.budgets.get_mut(&r.budget) else { continue };
+        let settle = |b: &mut Budget, r: &CounterRef, balances: &mut Vec<Balance>| {
             let Some(limit) = b.limits.iter_mut().find(|l| l.counter.id == r.counter) else {
-                continue;
+                return; // its limit was replaced by an update
             };
             let counter = &mut limit.counter;
             let next = opens.is_some_and(|s| s >= counter.window_end_ms);
@@ -545,12 +547,23 @@ impl Ledger {
             } else {
                 limit.balance(&b.path)
             });
-        }
+        };
+        // One lookup per budget up the chain: a lease's counters are in chain order.
+        let mut rest = lease.counters.iter().peekable();
         let mut at = Some(lease.budget);
         while let Some(id) = at {
-            let b = self.budget_mut(id);
+            let b = self.budgets.get_mut(&id).expect("invariant: budget ids in use resolve");
             b.live_leases = b.live_leases.checked_sub(1).expect("invariant: live lease count");
+            while let Some(r) = rest.next_if(|r| r.budget == id) {
+                settle(b, r, &mut balances);
+            }
             at = b.parent;
+        }
+        // Acquire makes none out of chain order; settled one by one if one were.
+        for r in rest {
+            if let Some(b) = self.budgets.get_mut(&r.budget) {
+                settle(b, r, &mut balances);
+            }
         }
         self.touch_instance(lease.budget);
         if consumed > 0 {

@@ -18,6 +18,7 @@ use crate::audit::{AuditRecord, Balance, ChainHead, Flow};
 use crate::command::{Authority, Command, Entry, LimitSpec, Op, Outcome, Reply, Request};
 use crate::dedup::{Dedup, Seen};
 use crate::error::LedgerError;
+use crate::index::{HashIndex, IdIndex};
 use crate::names::{BudgetPath, LeaseId, Principal, Unit, MAX_COMMANDS_PER_ENTRY, MAX_LEASE_INDEX};
 use crate::window::clamp_time;
 
@@ -96,7 +97,7 @@ struct Counter {
     overruns: u64,
     /// Derived: live leases per holder, for the fair share.
     #[serde(skip)]
-    holders: BTreeMap<Principal, u32>,
+    holders: HashIndex<Principal, u32>,
     /// Granted in live leases that open when this window ends (acquired for the
     /// next window, see [`crate::AcquireNext`]), not yet reported: the next window's
     /// outstanding. Its consumed is zero until it opens. `upcoming <= cap`. In the
@@ -105,7 +106,7 @@ struct Counter {
     upcoming: u64,
     /// Derived: live next-window leases per holder.
     #[serde(skip)]
-    upcoming_holders: BTreeMap<Principal, u32>,
+    upcoming_holders: HashIndex<Principal, u32>,
     /// Thresholds crossed and burn rate (`visibility`), once spend is seen. In the
     /// snapshot's seventh section.
     #[serde(skip)]
@@ -365,14 +366,18 @@ pub struct Ledger {
     now_ms: u64,
     next_budget_id: BudgetId,
     next_counter_id: u64,
-    budgets: BTreeMap<BudgetId, Budget>,
-    leases: BTreeMap<LeaseId, Lease>,
+    budgets: IdIndex<BudgetId, Budget>,
+    leases: IdIndex<LeaseId, Lease>,
     expired: BTreeMap<LeaseId, ExpiredLease>,
     dedup: Dedup,
     totals: Totals,
     chain: ChainHead,
+    /// Derived: budget ids by path, hashed (point lookups, once or twice per request).
     #[serde(skip)]
-    by_path: BTreeMap<BudgetPath, BudgetId>,
+    by_path: HashIndex<BudgetPath, BudgetId>,
+    /// Derived: the same paths in order, for listing.
+    #[serde(skip)]
+    paths: BTreeSet<BudgetPath>,
     #[serde(skip)]
     expiry: BTreeSet<(u64, LeaseId)>,
     #[serde(skip)]
@@ -434,13 +439,14 @@ impl Ledger {
             now_ms: 0,
             next_budget_id: 1,
             next_counter_id: 1,
-            budgets: BTreeMap::new(),
-            leases: BTreeMap::new(),
+            budgets: IdIndex::new(),
+            leases: IdIndex::new(),
             expired: BTreeMap::new(),
             dedup: Dedup::default(),
             totals: Totals::default(),
             chain: ChainHead::default(),
-            by_path: BTreeMap::new(),
+            by_path: HashIndex::new(),
+            paths: BTreeSet::new(),
             expiry: BTreeSet::new(),
             forget: BTreeSet::new(),
             opening: BTreeMap::new(),

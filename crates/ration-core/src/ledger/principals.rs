@@ -138,7 +138,7 @@ pub(crate) struct Principals {
     pub(super) creators: BTreeMap<BudgetId, Principal>,
     /// Derived (rebuilt on restore): usage per principal; principals holding
     /// nothing are absent, so the map is bounded by what the ledger holds.
-    pub(super) usage: BTreeMap<Principal, PrincipalUsage>,
+    pub(super) usage: crate::index::HashIndex<Principal, PrincipalUsage>,
 }
 
 impl Principals {
@@ -190,7 +190,7 @@ impl Ledger {
     /// operators looking for who fills the ledger.
     pub fn top_principals(&self, n: usize) -> Vec<(Principal, PrincipalUsage)> {
         let mut all: Vec<(Principal, PrincipalUsage)> =
-            self.principals.usage.iter().map(|(p, u)| (p.clone(), *u)).collect();
+            self.principals.usage.values_any_order_keyed().map(|(p, u)| (p.clone(), *u)).collect();
         let weight = |u: &PrincipalUsage| {
             let l = &self.principals.limits;
             // The fullest of the four, as a fraction of its limit (in millionths).

@@ -47,7 +47,10 @@ impl Ledger {
 
     /// Sum of unsettled allowance over all live leases.
     pub fn outstanding_total(&self) -> u128 {
-        self.leases.values().map(|l| u128::from(l.granted.saturating_sub(l.reported))).sum()
+        self.leases
+            .values_any_order()
+            .map(|l| u128::from(l.granted.saturating_sub(l.reported)))
+            .sum()
     }
 
     pub fn budget(&self, path: &BudgetPath) -> Option<BudgetView> {
@@ -67,27 +70,27 @@ impl Ledger {
         let Some(s) = subtree else {
             let lower = start_after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.clone()));
             return self
-                .by_path
+                .paths
                 .range((lower, Bound::Unbounded))
                 .take(limit)
-                .map(|(_, id)| self.view(*id))
+                .map(|p| self.view(self.by_path[p]))
                 .collect();
         };
         // The subtree is the budget itself, then exactly the paths in [s/, s0): a
         // page reads only what it returns, however many siblings share the prefix.
         let (from, to) = s.descendant_bounds();
-        let own = self.by_path.get_key_value(s).filter(|(p, _)| after(p));
+        let own = self.paths.get(s).filter(|p| after(p));
         let rest = match start_after {
             Some(a) if *a >= to => None,
             Some(a) if *a >= from => {
-                Some(self.by_path.range((Bound::Excluded(a.clone()), Bound::Excluded(to))))
+                Some(self.paths.range((Bound::Excluded(a.clone()), Bound::Excluded(to))))
             }
-            _ => Some(self.by_path.range((Bound::Included(from), Bound::Excluded(to)))),
+            _ => Some(self.paths.range((Bound::Included(from), Bound::Excluded(to)))),
         };
         own.into_iter()
             .chain(rest.into_iter().flatten())
             .take(limit)
-            .map(|(_, id)| self.view(*id))
+            .map(|p| self.view(self.by_path[p]))
             .collect()
     }
 
@@ -138,7 +141,8 @@ impl Ledger {
     /// Live leases, optionally of one principal, in id order, at most `limit`.
     pub fn leases(&self, principal: Option<&Principal>, limit: usize) -> Vec<LeaseView> {
         self.leases
-            .iter()
+            .sorted()
+            .into_iter()
             .filter(|(_, l)| principal.is_none_or(|p| &l.principal == p))
             .take(limit)
             .map(|(id, l)| self.lease_view(*id, l))

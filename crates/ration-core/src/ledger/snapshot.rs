@@ -211,7 +211,7 @@ impl Ledger {
     pub fn snapshot(&self) -> Vec<u8> {
         let mut counters = Vec::new();
         let mut upcoming = Vec::new();
-        for b in self.budgets.values() {
+        for (_, b) in self.budgets.sorted() {
             for l in &b.limits {
                 if l.counter.overruns > 0 {
                     counters.push((l.counter.id, l.counter.overruns));
@@ -227,7 +227,13 @@ impl Ledger {
         let principals = PerPrincipal {
             limits: self.principals.limits,
             creators: self.principals.creators.iter().map(|(b, p)| (*b, p.clone())).collect(),
-            owners: self.dedup.owners.iter().map(|(c, p)| (c.clone(), p.clone())).collect(),
+            owners: self
+                .dedup
+                .owners
+                .sorted()
+                .into_iter()
+                .map(|(c, p)| (c.clone(), p.clone()))
+                .collect(),
         };
         let roles = self.roles_section();
         let controls = Controls {
@@ -325,7 +331,7 @@ impl Ledger {
         ledger.totals.overrun = extra.total;
         let overruns: BTreeMap<u64, u64> = extra.counters.into_iter().collect();
         let upcoming: BTreeMap<u64, u64> = next.counters.into_iter().collect();
-        for b in ledger.budgets.values_mut() {
+        for b in ledger.budgets.values_any_order_mut() {
             for l in &mut b.limits {
                 l.counter.overruns = overruns.get(&l.counter.id).copied().unwrap_or(0);
                 l.counter.upcoming = upcoming.get(&l.counter.id).copied().unwrap_or(0);
@@ -354,7 +360,7 @@ impl Ledger {
     fn check_principal_usage(&self) -> Result<(), InvariantError> {
         let mut recount = super::Principals::default();
         self.dedup.count_owned(&mut recount);
-        for l in self.leases.values() {
+        for l in self.leases.values_any_order() {
             recount.change(&l.principal, |u| u.live_leases = u.live_leases.saturating_add(1));
         }
         for (id, p) in &self.principals.creators {
@@ -376,7 +382,9 @@ impl Ledger {
     /// Recomputes every derived index from the primary state.
     fn rebuild(&mut self) -> Result<(), InvariantError> {
         self.by_path.clear();
-        for (&id, b) in &self.budgets {
+        self.paths.clear();
+        for (&id, b) in self.budgets.sorted() {
+            self.paths.insert(b.path.clone());
             if let Some(first) = self.by_path.insert(b.path.clone(), id) {
                 return Err(InvariantError::DuplicateBudgetPath {
                     path: b.path.clone(),
@@ -387,7 +395,7 @@ impl Ledger {
         }
         // Counter ids are unique (leases find their counters by id).
         let mut counter_ids = std::collections::BTreeSet::new();
-        for b in self.budgets.values() {
+        for (_, b) in self.budgets.sorted() {
             for l in &b.limits {
                 if !counter_ids.insert(l.counter.id) || l.counter.id >= self.next_counter_id {
                     return Err(InvariantError::BadCounterId {
@@ -397,7 +405,7 @@ impl Ledger {
                 }
             }
         }
-        let ids: Vec<BudgetId> = self.budgets.keys().copied().collect();
+        let ids: Vec<BudgetId> = self.budgets.sorted_keys();
         for id in &ids {
             let b = self.budget_mut(*id);
             b.children = 0;
@@ -440,7 +448,7 @@ impl Ledger {
             self.openings.insert((*at, *id));
         }
         let leases: Vec<(LeaseId, Lease)> =
-            self.leases.iter().map(|(k, v)| (*k, v.clone())).collect();
+            self.leases.sorted().into_iter().map(|(k, v)| (*k, v.clone())).collect();
         for (id, lease) in &leases {
             self.expiry.insert((lease.expires_at_ms, *id));
             let opens = self.opening.get(id).copied();
@@ -515,7 +523,8 @@ impl Ledger {
         for p in &creators {
             self.principals.change(p, |u| u.budgets = u.budgets.saturating_add(1));
         }
-        let holders: Vec<Principal> = self.leases.values().map(|l| l.principal.clone()).collect();
+        let holders: Vec<Principal> =
+            self.leases.values_any_order().map(|l| l.principal.clone()).collect();
         for p in &holders {
             self.principals.change(p, |u| u.live_leases = u.live_leases.saturating_add(1));
         }
@@ -532,14 +541,14 @@ impl Ledger {
         self.check_visibility().map_err(|detail| InvariantError::Controls { detail })?;
         let window_ends: BTreeMap<(BudgetId, u64), u64> = self
             .budgets
-            .iter()
+            .values_any_order_keyed()
             .flat_map(|(id, b)| {
                 b.limits.iter().map(move |l| ((*id, l.counter.id), l.counter.window_end_ms))
             })
             .collect();
         // (budget, counter id, whether the next window's) -> unsettled allowance
         let mut outstanding: BTreeMap<(BudgetId, u64, bool), u64> = BTreeMap::new();
-        for (id, l) in &self.leases {
+        for (id, l) in self.leases.sorted() {
             if l.reported > l.granted {
                 return Err(InvariantError::OverReported {
                     lease: *id,
@@ -578,7 +587,7 @@ impl Ledger {
                 *o = o.saturating_add(l.granted.saturating_sub(l.reported));
             }
         }
-        for (id, b) in &self.budgets {
+        for (id, b) in self.budgets.sorted() {
             for l in &b.limits {
                 let c = &l.counter;
                 let held_next = outstanding.get(&(*id, c.id, true)).copied().unwrap_or(0);

@@ -387,7 +387,7 @@ impl Ledger {
     /// The burn-rate state of every counter, by counter id (the snapshot's form).
     pub(super) fn watches(&self) -> std::collections::BTreeMap<u64, Watch> {
         self.budgets
-            .values()
+            .values_any_order()
             .flat_map(|b| b.limits.iter())
             .filter_map(|l| l.counter.watch.as_ref().map(|w| (l.counter.id, (**w).clone())))
             .collect()
@@ -399,7 +399,7 @@ impl Ledger {
         &mut self,
         mut watches: std::collections::BTreeMap<u64, Watch>,
     ) -> Result<(), String> {
-        for b in self.budgets.values_mut() {
+        for b in self.budgets.values_any_order_mut() {
             for l in &mut b.limits {
                 l.counter.watch = watches.remove(&l.counter.id).map(Box::new);
             }
