@@ -10,7 +10,7 @@
 //! its clients and remembered results count towards that principal's limits
 //! (`ledger::principals`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +32,75 @@ struct ClientRequests {
     /// Request ids at or below this were evicted from the window.
     forgotten_up_to: Option<u64>,
     last_seen_ms: u64,
-    results: BTreeMap<u64, Remembered>,
+    results: Recent,
+}
+
+/// A client's remembered results in request id order. Clients number their
+/// requests upwards, so the window moves up: new ids go on the back and the
+/// oldest come off the front, each touching one end of a contiguous buffer
+/// (a B-tree of results this size touched a node chain at both ends and shifted
+/// a leaf's values on every eviction). Serialized as the map it replaced, byte for
+/// byte.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Recent(VecDeque<(u64, Remembered)>);
+
+impl Recent {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn first_id(&self) -> Option<u64> {
+        self.0.front().map(|e| e.0)
+    }
+
+    fn last_id(&self) -> Option<u64> {
+        self.0.back().map(|e| e.0)
+    }
+
+    fn get(&self, id: u64) -> Option<&Remembered> {
+        let i = self.0.binary_search_by_key(&id, |e| e.0).ok()?;
+        self.0.get(i).map(|e| &e.1)
+    }
+
+    /// Inserts in order (on the back, unless the id arrived late); an id already
+    /// held has its result replaced.
+    fn insert(&mut self, id: u64, remembered: Remembered) {
+        if self.last_id().is_none_or(|last| id > last) {
+            self.0.push_back((id, remembered));
+            return;
+        }
+        match self.0.binary_search_by_key(&id, |e| e.0) {
+            Ok(i) => {
+                if let Some(e) = self.0.get_mut(i) {
+                    e.1 = remembered;
+                }
+            }
+            Err(i) => self.0.insert(i, (id, remembered)),
+        }
+    }
+
+    /// Removes the lowest id, and returns it.
+    fn pop_first(&mut self) -> Option<u64> {
+        self.0.pop_front().map(|e| e.0)
+    }
+}
+
+impl Serialize for Recent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(id, r)| (id, r)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Recent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // As the map did: any order in, sorted out, the last of a repeated id kept.
+        let map = BTreeMap::<u64, Remembered>::deserialize(deserializer)?;
+        Ok(Self(map.into_iter().collect()))
+    }
 }
 
 /// What the table says about a request.
@@ -71,11 +139,10 @@ impl Dedup {
         // forgotten one is new, found at the window's end, in the nodes the last
         // insert touched.
         let above_forgotten = c.forgotten_up_to.is_none_or(|f| request_id > f);
-        if above_forgotten && c.results.last_key_value().is_some_and(|(last, _)| request_id > *last)
-        {
+        if above_forgotten && c.results.last_id().is_some_and(|last| request_id > last) {
             return Seen::New;
         }
-        if let Some(r) = c.results.get(&request_id) {
+        if let Some(r) = c.results.get(request_id) {
             return if r.fingerprint == fingerprint {
                 Seen::Replay(r.outcome.clone())
             } else {
@@ -137,11 +204,23 @@ impl Dedup {
             self.by_last_seen.remove(&(c.last_seen_ms, client.clone()));
             c.last_seen_ms = now_ms;
         }
-        c.results.insert(request_id, Remembered { fingerprint, outcome });
-        while c.results.len() > config.dedup_window as usize {
-            if let Some((evicted, _)) = c.results.pop_first() {
-                c.forgotten_up_to = Some(c.forgotten_up_to.map_or(evicted, |f| f.max(evicted)));
-            }
+        // The window keeps the `dedup_window` highest ids of those held and this
+        // one; the rest are forgotten. Room is made before the insert, so the
+        // window's storage never grows past its size.
+        let window = config.dedup_window as usize;
+        let mut new = Some((request_id, Remembered { fingerprint, outcome }));
+        while c.results.len().saturating_add(usize::from(new.is_some())) > window {
+            let evicted = match (c.results.first_id(), &new) {
+                (Some(first), Some((id, _))) if *id < first => new.take().map(|n| n.0),
+                (Some(_), _) => c.results.pop_first(),
+                (None, Some(_)) => new.take().map(|n| n.0),
+                (None, None) => None,
+            };
+            let Some(evicted) = evicted else { break };
+            c.forgotten_up_to = Some(c.forgotten_up_to.map_or(evicted, |f| f.max(evicted)));
+        }
+        if let Some((id, remembered)) = new {
+            c.results.insert(id, remembered);
         }
         let after = c.results.len();
         if reindex {
@@ -216,5 +295,94 @@ impl Dedup {
 
     pub(crate) fn remembered(&self) -> usize {
         self.clients.values_any_order().map(|c| c.results.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Reply;
+
+    fn remembered(id: u64) -> Remembered {
+        Remembered { fingerprint: id.wrapping_mul(31), outcome: Ok(Reply::Ticked { now_ms: id }) }
+    }
+
+    /// The table as it was kept before `Recent`: a map, the lowest ids evicted
+    /// after each insert.
+    #[derive(Default)]
+    struct Model {
+        results: BTreeMap<u64, Remembered>,
+        forgotten_up_to: Option<u64>,
+    }
+
+    #[test]
+    fn the_window_keeps_and_forgets_what_the_map_did_and_encodes_as_it() {
+        let config = LedgerConfig { dedup_window: 8, ..LedgerConfig::default() };
+        let client = ClientId::new("c").unwrap();
+        let principal = Principal::new("p").unwrap();
+        let mut principals = Principals::default();
+        let mut dedup = Dedup::default();
+        let mut model = Model::default();
+        // Mostly rising ids, some late, some far below the window.
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = 100u64;
+        for step in 0..5_000u64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let id = match rng % 10 {
+                0..=5 => {
+                    next += 1 + rng % 3;
+                    next
+                }
+                6..=8 => next.saturating_sub(rng % 12),
+                _ => next.saturating_sub(rng % 40),
+            };
+            let seen = dedup.check(&client, id, id.wrapping_mul(31), 8);
+            let model_seen = match model.results.get(&id) {
+                Some(_) => "replay",
+                None if model.forgotten_up_to.is_some_and(|f| id <= f) => "too old",
+                None => "new",
+            };
+            let got = match seen {
+                Seen::Replay(_) => "replay",
+                Seen::Refused(LedgerError::RequestTooOld { .. }) => "too old",
+                Seen::Refused(e) => panic!("step {step}: {e}"),
+                Seen::New => "new",
+            };
+            assert_eq!(got, model_seen, "step {step}, id {id}");
+            if got != "new" {
+                continue;
+            }
+            let outcome = remembered(id).outcome;
+            dedup.remember(
+                &client,
+                &principal,
+                id,
+                id.wrapping_mul(31),
+                outcome,
+                step,
+                &config,
+                &mut principals,
+            );
+            model.results.insert(id, remembered(id));
+            while model.results.len() > 8 {
+                let (evicted, _) = model.results.pop_first().unwrap();
+                model.forgotten_up_to =
+                    Some(model.forgotten_up_to.map_or(evicted, |f| f.max(evicted)));
+            }
+            let c = &dedup.clients[&client];
+            assert_eq!(c.forgotten_up_to, model.forgotten_up_to, "step {step}");
+            let held: Vec<u64> = c.results.0.iter().map(|e| e.0).collect();
+            let expected: Vec<u64> = model.results.keys().copied().collect();
+            assert_eq!(held, expected, "step {step}");
+            assert!(c.results.0.capacity() <= 8, "the window's storage stays its size");
+            // Byte for byte the map's encoding, and back.
+            let bytes = postcard::to_stdvec(&c.results).unwrap();
+            assert_eq!(bytes, postcard::to_stdvec(&model.results).unwrap());
+            let back: Recent = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(back, c.results);
+        }
+        assert!(model.forgotten_up_to.is_some(), "the run evicted");
     }
 }
