@@ -71,7 +71,8 @@ impl Ledger {
         parent: Option<super::BudgetId>,
         limits: Vec<LimitSpec>,
     ) -> super::BudgetId {
-        let limits = limits.into_iter().map(|l| self.new_limit(l)).collect();
+        let mut limits: Vec<Limit> = limits.into_iter().map(|l| self.new_limit(l)).collect();
+        self.share_units(parent, &mut limits);
         let id = self.next_budget_id;
         self.next_budget_id = id.checked_add(1).expect("budget id overflow");
         if let Some(p) = parent {
@@ -164,6 +165,8 @@ impl Ledger {
                 }
             })
             .collect();
+        let mut limits: Vec<Limit> = limits;
+        self.share_units(self.budgets[&id].parent, &mut limits);
         let budget = self.budget_mut(id);
         budget.limits = limits;
         budget.version = budget.version.saturating_add(1);
@@ -196,6 +199,18 @@ impl Ledger {
         self.emit_budget(ctx, AuditKind::BudgetDeleted, id);
         self.remove_budget(id);
         Ok(Reply::BudgetDeleted)
+    }
+
+    /// Points each limit's unit at the same name held by a limit of `parent`, so
+    /// a tree's limits share one copy of each unit name: less memory, and the
+    /// name an acquire compares against up the chain is one already in cache.
+    pub(super) fn share_units(&self, parent: Option<super::BudgetId>, limits: &mut [Limit]) {
+        let Some(parent) = parent.and_then(|p| self.budgets.get(&p)) else { return };
+        for l in limits {
+            if let Some(p) = parent.limits.iter().find(|p| p.spec.unit == l.spec.unit) {
+                l.spec.unit = p.spec.unit.clone();
+            }
+        }
     }
 
     fn new_limit(&mut self, spec: LimitSpec) -> Limit {

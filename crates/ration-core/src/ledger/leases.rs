@@ -193,11 +193,15 @@ impl Ledger {
         }
         let mut counters = Vec::with_capacity(refs.len());
         let mut balances = Vec::with_capacity(refs.len());
-        // One lookup per budget up the chain: `refs` is in chain order.
+        // One lookup per budget up the chain: `refs` is in chain order. The lease
+        // keeps the budget's own copy of its path and the limit's of its unit
+        // (equal to the request's), not one more copy each.
+        let (mut path, mut unit) = (None, None);
         let mut refs = refs.iter().peekable();
         for &id in &chain {
             let budget = self.budget_mut(id);
             budget.live_leases = budget.live_leases.saturating_add(1);
+            path.get_or_insert_with(|| budget.path.clone());
             while let Some(&(_, i, next)) = refs.next_if(|r| r.0 == id) {
                 let limit = &mut budget.limits[i];
                 limit.roll(now);
@@ -212,6 +216,7 @@ impl Ledger {
                 let held = holders.entry(ctx.principal.clone()).or_insert(0);
                 *held = held.saturating_add(1);
                 counters.push(CounterRef { budget: id, counter: c.id });
+                unit.get_or_insert_with(|| limit.spec.unit.clone());
                 balances.push(if next {
                     limit.upcoming_balance(&budget.path)
                 } else {
@@ -227,8 +232,8 @@ impl Ledger {
             Lease {
                 principal: ctx.principal.clone(),
                 budget: leaf,
-                path: a.budget.clone(),
-                unit: a.unit.clone(),
+                path: path.unwrap_or_else(|| a.budget.clone()),
+                unit: unit.unwrap_or_else(|| a.unit.clone()),
                 granted: grant,
                 reported: 0,
                 acquired_ms: now,

@@ -439,6 +439,13 @@ impl Ledger {
                 (None, Some(_)) => return Err(InvariantError::ParentLinkMissing { path }),
             }
         }
+        // Parents have lower ids than their children (a parent exists before its
+        // children are made), so in id order each parent shares first.
+        for id in &ids {
+            let mut limits = std::mem::take(&mut self.budget_mut(*id).limits);
+            self.share_units(self.budgets[id].parent, &mut limits);
+            self.budget_mut(*id).limits = limits;
+        }
         self.expiry.clear();
         self.openings.clear();
         for (id, at) in &self.opening {
