@@ -31,7 +31,8 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "== round $round: $which"
     # Criterion keeps its history under the current directory: run each build
     # from its own, so neither compares itself with the other.
-    (cd "$(dirname "$bin")" && "$bin" --bench --warm-up-time 2 --measurement-time "$MEASURE_S" --noplot 2>&1) |
-      grep -E '^memory|^snapshot|^[a-z_0-9]+ *$|^[a-z_0-9]+ +time:|^ +time:' | grep -v '%' || true
+    mkdir -p "$WORK/run-$which"
+    (cd "$WORK/run-$which" && "$bin" --bench --warm-up-time 2 --measurement-time "$MEASURE_S" --noplot 2>&1) |
+      grep -E '^ledger:|^memory|^snapshot|^[A-Za-z_0-9/]+ *$|^[A-Za-z_0-9/]+ +time:|^ +time:' | grep -v '%' || true
   done
 done
