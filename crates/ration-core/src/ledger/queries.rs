@@ -140,13 +140,20 @@ impl Ledger {
 
     /// Live leases, optionally of one principal, in id order, at most `limit`.
     pub fn leases(&self, principal: Option<&Principal>, limit: usize) -> Vec<LeaseView> {
-        self.leases
-            .sorted()
-            .into_iter()
+        // The `limit` lowest ids, without sorting them all: one pass to pick them.
+        let mut picked: Vec<(&LeaseId, &Lease)> = self
+            .leases
+            .values_any_order_keyed()
             .filter(|(_, l)| principal.is_none_or(|p| &l.principal == p))
-            .take(limit)
-            .map(|(id, l)| self.lease_view(*id, l))
-            .collect()
+            .collect();
+        if picked.len() > limit {
+            if let Some(last) = limit.checked_sub(1) {
+                picked.select_nth_unstable_by_key(last, |(id, _)| **id);
+            }
+            picked.truncate(limit);
+        }
+        picked.sort_unstable_by_key(|(id, _)| **id);
+        picked.into_iter().map(|(id, l)| self.lease_view(*id, l)).collect()
     }
 
     fn lease_view(&self, id: LeaseId, l: &Lease) -> LeaseView {

@@ -1937,3 +1937,27 @@ fn notices_are_acknowledged_forward_only_and_within_the_chain() {
     assert_eq!(acked, vec![2, 2, end]);
     h.ledger.check_invariants().unwrap();
 }
+
+#[test]
+fn leases_are_listed_lowest_id_first_up_to_the_limit() {
+    let mut h = H::tree();
+    let mut ids = Vec::new();
+    for (i, who) in ["gw-1", "gw-2", "gw-1", "gw-3", "gw-1", "gw-2"].iter().enumerate() {
+        // One per entry, so each lease id is a new log index.
+        let g = h.grant(who, acquire("acme/search/key-7", 10 + i as u64, 1, 10_000));
+        ids.push((g.lease, *who));
+    }
+    ids.sort();
+    let listed = |h: &H, p: Option<&str>, n: usize| -> Vec<LeaseId> {
+        h.ledger.leases(p.map(who).as_ref(), n).iter().map(|l| l.lease).collect()
+    };
+    let all: Vec<LeaseId> = ids.iter().map(|(l, _)| *l).collect();
+    assert_eq!(listed(&h, None, usize::MAX), all);
+    assert_eq!(listed(&h, None, 6), all);
+    assert_eq!(listed(&h, None, 2), all[..2]);
+    assert_eq!(listed(&h, None, 0), Vec::<LeaseId>::new());
+    let gw1: Vec<LeaseId> = ids.iter().filter(|(_, w)| *w == "gw-1").map(|(l, _)| *l).collect();
+    assert_eq!(listed(&h, Some("gw-1"), 2), gw1[..2]);
+    assert_eq!(listed(&h, Some("gw-1"), 10), gw1);
+    assert_eq!(listed(&h, Some("gw-9"), 10), Vec::<LeaseId>::new());
+}
