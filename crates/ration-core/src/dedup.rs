@@ -33,6 +33,12 @@ struct ClientRequests {
     forgotten_up_to: Option<u64>,
     last_seen_ms: u64,
     results: Recent,
+    /// The principal this client is counted against (its owner), kept beside its
+    /// results so one lookup finds both. Written to the snapshot's fourth section,
+    /// not with the results (older snapshots have none: their clients count
+    /// against nobody until they are forgotten).
+    #[serde(skip)]
+    owner: Option<Principal>,
 }
 
 /// A client's remembered results in request id order. Clients number their
@@ -117,11 +123,6 @@ pub(crate) struct Dedup {
     /// Derived: clients by the ledger time they were last seen.
     #[serde(skip)]
     by_last_seen: BTreeSet<(u64, ClientId)>,
-    /// The principal each client is counted against. In the snapshot's fourth
-    /// section (older snapshots have none: their clients count against nobody until
-    /// they are forgotten).
-    #[serde(skip)]
-    pub(crate) owners: HashIndex<ClientId, Principal>,
 }
 
 impl Dedup {
@@ -164,7 +165,26 @@ impl Dedup {
 
     /// The principal `client` is counted against, if the table holds it.
     pub(crate) fn owner(&self, client: &ClientId) -> Option<&Principal> {
-        self.owners.get(client)
+        self.clients.get(client)?.owner.as_ref()
+    }
+
+    /// Each owned client's owner, in client order (the snapshot's form).
+    pub(crate) fn owners(&self) -> Vec<(ClientId, Principal)> {
+        self.clients
+            .sorted()
+            .into_iter()
+            .filter_map(|(id, c)| Some((id.clone(), c.owner.clone()?)))
+            .collect()
+    }
+
+    /// Gives the clients held their owners from a snapshot (owners of clients not
+    /// held are dropped).
+    pub(crate) fn set_owners(&mut self, owners: Vec<(ClientId, Principal)>) {
+        for (id, owner) in owners {
+            if let Some(c) = self.clients.get_mut(&id) {
+                c.owner = Some(owner);
+            }
+        }
     }
 
     pub(crate) fn knows(&self, client: &ClientId) -> bool {
@@ -192,9 +212,9 @@ impl Dedup {
         let c = match self.clients.get_mut(client) {
             Some(c) => c,
             None => {
-                self.owners.insert(client.clone(), principal.clone());
                 principals.change(principal, |u| u.clients = u.clients.saturating_add(1));
-                self.clients.entry(client.clone()).or_default()
+                let new = ClientRequests { owner: Some(principal.clone()), ..Default::default() };
+                self.clients.entry(client.clone()).or_insert(new)
             }
         };
         let before = c.results.len();
@@ -227,7 +247,7 @@ impl Dedup {
             self.by_last_seen.insert((now_ms, client.clone()));
         }
         if after != before {
-            if let Some(owner) = self.owners.get(client) {
+            if let Some(owner) = &c.owner {
                 principals.change(owner, |u| {
                     u.outcomes =
                         u.outcomes.saturating_add(after as u64).saturating_sub(before as u64)
@@ -252,8 +272,9 @@ impl Dedup {
     fn forget_oldest(&mut self, principals: &mut Principals) -> bool {
         match self.by_last_seen.pop_first() {
             Some((_, client)) => {
-                let results = self.clients.remove(&client).map_or(0, |c| c.results.len() as u64);
-                if let Some(owner) = self.owners.remove(&client) {
+                let removed = self.clients.remove(&client);
+                let results = removed.as_ref().map_or(0, |c| c.results.len() as u64);
+                if let Some(owner) = removed.and_then(|c| c.owner) {
                     principals.change(&owner, |u| {
                         u.clients = u.clients.saturating_sub(1);
                         u.outcomes = u.outcomes.saturating_sub(results);
@@ -267,8 +288,9 @@ impl Dedup {
 
     /// Adds each owned client and its results to its owner's usage.
     pub(crate) fn count_owned(&self, principals: &mut Principals) {
-        for (id, owner) in self.owners.values_any_order_keyed() {
-            let results = self.clients.get(id).map_or(0, |c| c.results.len() as u64);
+        for c in self.clients.values_any_order() {
+            let Some(owner) = &c.owner else { continue };
+            let results = c.results.len() as u64;
             principals.change(owner, |u| {
                 u.clients = u.clients.saturating_add(1);
                 u.outcomes = u.outcomes.saturating_add(results);
@@ -277,15 +299,13 @@ impl Dedup {
     }
 
     /// Rebuilds the derived indexes, and counts each owned client's results
-    /// against its owner (owners of clients no longer held are dropped).
+    /// against its owner.
     pub(crate) fn rebuild(&mut self, principals: &mut Principals) {
         self.by_last_seen = self
             .clients
             .values_any_order_keyed()
             .map(|(id, c)| (c.last_seen_ms, id.clone()))
             .collect();
-        let clients = &self.clients;
-        self.owners.retain(|id, _| clients.contains_key(id));
         self.count_owned(principals);
     }
 

@@ -244,13 +244,6 @@ impl<K: Hash + Eq + Ord, V, S: BuildHasher + Default> HashIndex<K, V, S> {
     }
 }
 
-impl<K: Hash + Eq + Ord, V, S: BuildHasher> HashIndex<K, V, S> {
-    /// Keeps the entries `keep` says to, deciding each entry alone.
-    pub(crate) fn retain(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
-        self.0.retain(keep);
-    }
-}
-
 impl<K: Hash + Eq, V, S: BuildHasher + Default> FromIterator<(K, V)> for HashIndex<K, V, S> {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut map = HashMap::with_hasher(S::default());

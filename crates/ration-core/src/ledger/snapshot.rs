@@ -227,13 +227,7 @@ impl Ledger {
         let principals = PerPrincipal {
             limits: self.principals.limits,
             creators: self.principals.creators.iter().map(|(b, p)| (*b, p.clone())).collect(),
-            owners: self
-                .dedup
-                .owners
-                .sorted()
-                .into_iter()
-                .map(|(c, p)| (c.clone(), p.clone()))
-                .collect(),
+            owners: self.dedup.owners(),
         };
         let roles = self.roles_section();
         let controls = Controls {
@@ -327,7 +321,7 @@ impl Ledger {
         ledger.restore_roles(roles);
         ledger.principals.limits = principals.limits;
         ledger.principals.creators = principals.creators.into_iter().collect();
-        ledger.dedup.owners = principals.owners.into_iter().collect();
+        ledger.dedup.set_owners(principals.owners);
         ledger.totals.overrun = extra.total;
         let overruns: BTreeMap<u64, u64> = extra.counters.into_iter().collect();
         let upcoming: BTreeMap<u64, u64> = next.counters.into_iter().collect();
