@@ -98,7 +98,8 @@ impl<const N: usize> Reserver<N> {
     #[inline]
     pub fn reserve(&self, amounts: [u64; N]) -> Option<Held<'_, N>> {
         let now = self.clock.now_ms();
-        let mut held = Held { by: self, taken: [Taken::default(); N], settled: false };
+        let mut held =
+            Held { by: self, taken: std::array::from_fn(|_| Taken::default()), settled: false };
         for (i, allowance) in self.allowances.iter().enumerate() {
             if !allowance.try_take_into(amounts[i], now, &mut held.taken[i]) {
                 // `held` gives back what it took so far when dropped (this part
