@@ -145,7 +145,7 @@ pub fn pin_thread_stripe(stripe: usize) {
 
 /// One part of a take: the cell (slot * STRIPES + stripe), the slot's lease
 /// generation and the units.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Part {
     cell: u8,
     generation: u64,
@@ -160,41 +160,34 @@ struct Part {
 /// copying them was a sixth of a two-limit reservation's time).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Taken {
-    first: Part,
+    first: Option<Part>,
     more: Vec<Part>,
-    len: u8,
 }
 
 impl Taken {
     /// Total units taken.
     pub fn units(&self) -> u64 {
-        match self.len {
-            0 => 0,
-            _ => self.more.iter().fold(self.first.units, |sum, p| sum.saturating_add(p.units)),
-        }
+        self.parts().fold(0, |sum, p| sum.saturating_add(p.3))
     }
 
     /// Forgets every part (keeping the `Vec`'s room).
     fn clear(&mut self) {
-        self.len = 0;
+        self.first = None;
         self.more.clear();
     }
 
     fn push(&mut self, (slot, stripe, generation, units): (u8, u8, u64, u64)) {
         let part = Part { cell: slot * STRIPES as u8 + stripe, generation, units };
-        if self.len == 0 {
-            self.first = part;
-        } else {
-            self.more.push(part);
+        match self.first {
+            None => self.first = Some(part),
+            Some(_) => self.more.push(part),
         }
-        self.len += 1;
     }
 
     /// The parts, as (slot, stripe, generation, units).
     fn parts(&self) -> impl DoubleEndedIterator<Item = (u8, u8, u64, u64)> + '_ {
-        let first = (self.len > 0).then_some(&self.first);
-        first
-            .into_iter()
+        self.first
+            .iter()
             .chain(&self.more)
             .map(|p| (p.cell / STRIPES as u8, p.cell % STRIPES as u8, p.generation, p.units))
     }
@@ -790,6 +783,9 @@ mod tests {
         let wants = [(Arc::new(a), 14)];
         let r = Reservation::reserve(&wants, 1).unwrap();
         let a = &wants[0].0;
+        // Small enough to move by value cheaply (the parts past the first are not
+        // inline).
+        assert!(std::mem::size_of::<Taken>() <= 64);
         assert_eq!(r.reserved(), vec![14]);
         assert_eq!(a.slots().iter().map(|s| s.reserved).sum::<u64>(), 14);
         assert_eq!(a.available(1), 2);

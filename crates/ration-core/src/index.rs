@@ -8,9 +8,10 @@
 //! serialized in key order, as a map, byte for byte as the `BTreeMap` it replaces
 //! (snapshots and their digests do not change). Names are hashed under a key
 //! drawn once per process; it changes where entries sit, never what a lookup
-//! answers, so it is not replicated state, and a key nobody outside the process
-//! knows keeps names a client picks (principals, client ids, template instances)
-//! from being chosen to collide. Ids the ledger assigns are hashed without one.
+//! answers, so it is not replicated state. The key is secret to the process so
+//! that a client cannot work out offline which names it picks (principals, client
+//! ids, template instances) collide; how well the hash resists that is not tested.
+//! Ids the ledger assigns are hashed without one.
 
 use std::borrow::Borrow;
 use std::collections::hash_map::{Entry, HashMap};
@@ -52,8 +53,8 @@ fn fold(a: u64, b: u64) -> u64 {
 
 /// A keyed multiply-and-fold hash of a name, 8 bytes per step. Names are short
 /// (a path, a principal, a client id: tens of bytes), where SipHash's setup and
-/// finish cost more than the bytes; the key, secret to the process, is what keeps
-/// a client from picking names that collide.
+/// finish cost more than the bytes. The key is secret to the process (see the
+/// module documentation).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct NameHasher {
     state: u64,
