@@ -62,6 +62,10 @@ struct Args {
     /// Operations per RPC through the Batch call; 0 sends one operation per RPC.
     #[arg(long, default_value_t = 0)]
     batch: usize,
+    /// With --batch 0: send each operation as one message on a Pipeline call (one
+    /// call per connection, shared by its workers) instead of an RPC of its own.
+    #[arg(long)]
+    pipeline: bool,
     #[arg(long, default_value_t = 3)]
     warmup_s: u64,
     #[arg(long, default_value_t = 15)]
@@ -423,14 +427,93 @@ impl Counters {
     }
 }
 
+/// How a single-operation worker sends each operation: an RPC of its own, or a
+/// message on a shared Pipeline call.
+#[derive(Clone)]
+enum OneOp {
+    Unary(LedgerClient<Channel>),
+    Pipelined(Arc<Pipe>),
+}
+
+impl OneOp {
+    async fn run(
+        &mut self,
+        op: v1::batch_op::Op,
+    ) -> Result<v1::batch_result::Result, tonic::Status> {
+        use v1::batch_op::Op;
+        use v1::batch_result::Result as R;
+        match self {
+            Self::Unary(client) => match op {
+                Op::Acquire(a) => client.acquire(a).await.map(|r| R::Lease(r.into_inner())),
+                Op::Report(r) => client.report(r).await.map(|r| R::Report(r.into_inner())),
+                Op::Release(r) => client.release(r).await.map(|r| R::Release(r.into_inner())),
+                other => Err(tonic::Status::unimplemented(format!("not sent alone: {other:?}"))),
+            },
+            Self::Pipelined(pipe) => match pipe.run(op).await? {
+                R::Error(e) => Err(tonic::Status::new(tonic::Code::from_i32(e.code), e.message)),
+                other => Ok(other),
+            },
+        }
+    }
+}
+
+/// One Pipeline call shared by many workers: each operation gets a tag, and the
+/// reader hands each result to the worker waiting on its tag.
+struct Pipe {
+    send: tokio::sync::mpsc::Sender<v1::PipelineOp>,
+    waiting: std::sync::Mutex<
+        std::collections::HashMap<u64, tokio::sync::oneshot::Sender<v1::batch_result::Result>>,
+    >,
+    next_tag: AtomicU64,
+}
+
+impl Pipe {
+    async fn open(mut client: LedgerClient<Channel>) -> anyhow::Result<Arc<Pipe>> {
+        let (send, ops) = tokio::sync::mpsc::channel(1024);
+        let pipe =
+            Arc::new(Pipe { send, waiting: Default::default(), next_tag: AtomicU64::new(0) });
+        let ops = tokio_stream::wrappers::ReceiverStream::new(ops);
+        let mut results = client.pipeline(ops).await?.into_inner();
+        let reader = Arc::downgrade(&pipe);
+        tokio::spawn(async move {
+            // Until the call ends; then the workers waiting get an error (their
+            // senders are dropped with the map).
+            while let Ok(Some(r)) = results.message().await {
+                let Some(pipe) = reader.upgrade() else { return };
+                let waiter = pipe.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.tag);
+                if let (Some(w), Some(result)) = (waiter, r.result.and_then(|x| x.result)) {
+                    let _ = w.send(result);
+                }
+            }
+            if let Some(pipe) = reader.upgrade() {
+                pipe.waiting.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
+        });
+        Ok(pipe)
+    }
+
+    async fn run(&self, op: v1::batch_op::Op) -> Result<v1::batch_result::Result, tonic::Status> {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).insert(tag, tx);
+        let op = v1::PipelineOp { tag, op: Some(v1::BatchOp { op: Some(op) }) };
+        if self.send.send(op).await.is_err() {
+            return Err(tonic::Status::unavailable("the pipeline call ended"));
+        }
+        rx.await.map_err(|_| tonic::Status::unavailable("the pipeline call ended unanswered"))
+    }
+}
+
 async fn worker(
     worker_id: usize,
-    mut client: LedgerClient<Channel>,
+    mut client: OneOp,
     args: Arc<Args>,
     recording: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
 ) -> Histogram<u64> {
+    use v1::batch_op::Op;
+    use v1::batch_result::Result as R;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let client_id = args.client_id(&worker_id.to_string());
     let mut request_id = 0u64;
@@ -453,7 +536,7 @@ async fn worker(
         request_id += 1;
         let t = Instant::now();
         let acquired = client
-            .acquire(v1::AcquireRequest {
+            .run(Op::Acquire(v1::AcquireRequest {
                 meta: meta(&client_id, request_id),
                 budget,
                 unit: "tokens".into(),
@@ -461,32 +544,34 @@ async fn worker(
                 min: 1,
                 ttl_ms: 60_000,
                 starts_at_ms: 0,
-            })
+            }))
             .await;
         timed(&mut hist, t, acquired.as_ref().err());
-        let Ok(lease) = acquired else { continue };
-        let lease = lease.into_inner();
+        let lease_id = match acquired {
+            Ok(R::Lease(lease)) => lease.lease_id,
+            _ => continue,
+        };
         for _ in 0..args.reports {
             request_id += 1;
             let t = Instant::now();
             let r = client
-                .report(v1::ReportRequest {
+                .run(Op::Report(v1::ReportRequest {
                     meta: meta(&client_id, request_id),
-                    lease_id: lease.lease_id,
+                    lease_id,
                     consumed_delta: 1,
                     renew_ttl_ms: None,
-                })
+                }))
                 .await;
             timed(&mut hist, t, r.as_ref().err());
         }
         request_id += 1;
         let t = Instant::now();
         let r = client
-            .release(v1::ReleaseRequest {
+            .run(Op::Release(v1::ReleaseRequest {
                 meta: meta(&client_id, request_id),
-                lease_id: lease.lease_id,
+                lease_id,
                 consumed_total: args.reports as i64,
-            })
+            }))
             .await;
         timed(&mut hist, t, r.as_ref().err());
     }
@@ -912,14 +997,24 @@ async fn main() -> anyhow::Result<()> {
     let recording = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
+    // With --pipeline, one Pipeline call per connection, shared by its workers.
+    let mut pipes = Vec::new();
+    if args.pipeline {
+        for c in &channels {
+            pipes.push(Pipe::open(LedgerClient::new(c.clone())).await?);
+        }
+    }
     let workers: Vec<_> = (0..args.concurrency)
         .map(|w| {
             let client = LedgerClient::new(channels[w % channels.len()].clone());
             let (a, r, s, c) = (args.clone(), recording.clone(), stop.clone(), counters.clone());
             if args.batch > 0 {
                 tokio::spawn(batch_worker(w, client, a, r, s, c))
+            } else if args.pipeline {
+                let one = OneOp::Pipelined(pipes[w % pipes.len()].clone());
+                tokio::spawn(worker(w, one, a, r, s, c))
             } else {
-                tokio::spawn(worker(w, client, a, r, s, c))
+                tokio::spawn(worker(w, OneOp::Unary(client), a, r, s, c))
             }
         })
         .collect();
@@ -948,8 +1043,10 @@ async fn main() -> anyhow::Result<()> {
     let entries = status_after.applied_index.saturating_sub(status_before.applied_index);
     let per = if args.batch > 0 {
         format!("per RPC of up to {} ops", args.batch)
+    } else if args.pipeline {
+        format!("per op (one op per message on {} Pipeline calls)", pipes.len())
     } else {
-        "per op".into()
+        "per op (one op per RPC)".into()
     };
     println!(
         "{} ops in {:.1} s: {:.0} ops/s; latency {per}: p50 {} us, p99 {} us, max {} us; {} errors",

@@ -246,6 +246,69 @@ async fn a_cluster_forms_over_mutual_tls_and_clients_are_who_their_certificates_
     c.shutdown().await;
 }
 
+/// The next result of a Pipeline call: its tag and what it holds.
+async fn next(
+    results: &mut tonic::Streaming<v1::PipelineResult>,
+) -> (u64, v1::batch_result::Result) {
+    let r = results.message().await.unwrap().unwrap();
+    (r.tag, r.result.unwrap().result.unwrap())
+}
+
+/// A Pipeline call is authenticated once, as it opens (the client's certificate),
+/// and each operation is checked as it runs: a principal other than the
+/// certificate's, or a budget outside the caller's roles, refuses that operation
+/// alone, and a role revoked while the call is open refuses the operations after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_acts_as_its_certificate_says_operation_by_operation() {
+    use v1::{batch_op::Op, batch_result::Result as R};
+    let c = TlsCluster::start(3).await;
+    let leader = c.leader().await;
+    c.role(leader, false, "gw", "operator", "tenant").await;
+    c.role(leader, false, "gw", "gateway", "tenant").await;
+    let mut gw = LedgerClient::new(chan(c.as_principal("gw"), c.clients[&leader]));
+    gw.create_budget(create("tenant", 1, "gw")).await.unwrap();
+    let acquire = |budget: &str, request_id: u64, principal: &str| v1::PipelineOp {
+        tag: request_id,
+        op: Some(v1::BatchOp {
+            op: Some(Op::Acquire(v1::AcquireRequest {
+                meta: meta(&format!("c-pipe-{principal}"), request_id, principal),
+                budget: budget.into(),
+                unit: "tokens".into(),
+                wanted: 10,
+                min: 1,
+                ttl_ms: 60_000,
+                starts_at_ms: 0,
+            })),
+        }),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut results =
+        gw.pipeline(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tx.send(acquire("tenant", 1, "gw")).await.unwrap();
+    let (tag, r) = next(&mut results).await;
+    assert!(tag == 1 && matches!(r, R::Lease(_)), "{tag} {r:?}");
+    // Naming another principal than the certificate's.
+    tx.send(acquire("tenant", 2, "admin")).await.unwrap();
+    let (tag, r) = next(&mut results).await;
+    let R::Error(e) = r else { panic!("{r:?}") };
+    assert_eq!((tag, e.code), (2, Code::PermissionDenied as i32), "{e:?}");
+    // Outside its roles.
+    tx.send(acquire("elsewhere", 3, "gw")).await.unwrap();
+    let (tag, r) = next(&mut results).await;
+    let R::Error(e) = r else { panic!("{r:?}") };
+    assert_eq!((tag, e.code), (3, Code::PermissionDenied as i32), "{e:?}");
+    assert!(e.message.contains("elsewhere"), "{}", e.message);
+    // The role revoked while the call stays open: the next operation is refused.
+    c.role(leader, true, "gw", "gateway", "tenant").await;
+    tx.send(acquire("tenant", 4, "gw")).await.unwrap();
+    let (tag, r) = next(&mut results).await;
+    let R::Error(e) = r else { panic!("{r:?}") };
+    assert_eq!((tag, e.code), (4, Code::PermissionDenied as i32), "{e:?}");
+    drop(tx);
+    assert!(results.message().await.unwrap().is_none(), "the call ends with OK");
+    c.shutdown().await;
+}
+
 /// A call expected to be refused: its status code, and a message naming why.
 async fn refused<T: std::fmt::Debug>(
     what: &str,

@@ -23,7 +23,7 @@ const AUDIT_SCAN_CHUNK: usize = 4096;
 /// Most audit records one `QueryAudit` call examines, matching or not.
 const AUDIT_MAX_SCANNED: usize = 1 << 20;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct LedgerService {
     pub(super) node: Arc<Node>,
 }
@@ -111,6 +111,28 @@ impl LedgerService {
             call,
         )
         .await
+    }
+
+    /// One operation of a Pipeline call, run as a Batch of one by `caller`: its
+    /// result, or the status the whole Batch failed with as its error.
+    async fn pipelined(&self, op: Option<v1::BatchOp>, caller: Caller) -> v1::BatchResult {
+        use v1::batch_result::Result as R;
+        let mut req = Request::new(v1::BatchRequest { ops: vec![op.unwrap_or_default()] });
+        req.extensions_mut().insert(caller);
+        let mut result = match v1::ledger_server::Ledger::batch(self, req).await {
+            Ok(reply) => reply.into_inner().results.into_iter().next().unwrap_or_else(|| {
+                to_proto::batch_error(&Status::internal("a batch of one had no result"))
+            }),
+            Err(status) => to_proto::batch_error(&status),
+        };
+        // The Batch conversion names the operation's place; in a pipeline the tag
+        // does.
+        if let Some(R::Error(e)) = &mut result.result {
+            if let Some(rest) = e.message.strip_prefix("ops[0]: ") {
+                e.message = rest.to_owned();
+            }
+        }
+        result
     }
 
     /// Refuses `caller` a read its roles do not allow.
@@ -437,6 +459,26 @@ impl v1::ledger_server::Ledger for LedgerService {
             on_leader!(LedgerClient, batch),
         )
         .await
+    }
+
+    type PipelineStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::PipelineResult, Status>> + Send>,
+    >;
+
+    async fn pipeline(
+        &self,
+        req: Request<tonic::Streaming<v1::PipelineOp>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        // Authenticated once, as the call opens (the Gate layer); each operation's
+        // roles are checked as it runs.
+        let caller = Caller::of(&req);
+        let service = self.clone();
+        let results =
+            super::pipeline::drive(req.into_inner(), super::pipeline::MAX_IN_FLIGHT, move |op| {
+                let (service, caller) = (service.clone(), caller.clone());
+                async move { service.pipelined(op, caller).await }
+            });
+        Ok(Response::new(Box::pin(results)))
     }
 
     async fn set_limits(

@@ -4,6 +4,7 @@
 //!
 //! - `ledger`, `cluster`, `raft`: one module per service;
 //! - `forward`: the one path that sends a call on to the leader;
+//! - `pipeline`: the Pipeline call's driver (operations as they arrive, bounded);
 //! - `health`: readiness;
 //! - this module: serving, and the one conversion from the node's internal errors
 //!   to gRPC statuses (ledger refusals convert in `ration_proto::convert`).
@@ -20,6 +21,7 @@ mod cluster;
 mod forward;
 mod health;
 mod ledger;
+mod pipeline;
 mod raft;
 
 use std::future::Future;
