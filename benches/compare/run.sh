@@ -2,8 +2,9 @@
 # Side by side (issue #18): the same "debit if enough remains" workload against
 #   - etcd, 3 members on loopback, one key per client, a txn on mod_revision;
 #   - Redis, one node, a Lua debit script, appendonly with appendfsync always;
-#   - Ration, 3 nodes (ration-load: Batch of 256, 12 in flight; and one operation
-#     per RPC, 512 in flight), its Raft log synced (the default `wal` store),
+#   - Ration, 3 nodes (ration-load: Batch of 256, 12 in flight; one operation
+#     per RPC, 512 in flight; one operation per message on 8 Pipeline calls, 1,024
+#     in flight), its Raft log synced (the default `wal` store),
 # interleaved over ROUNDS rounds so drift hits all alike, 64 clients for etcd and
 # Redis. Prints a Markdown table (ops/s, p50, p99 of each RPC: a Ration Batch RPC
 # carries 256 debits; ratios to Redis and etcd) and writes
@@ -14,7 +15,7 @@
 # minus the debits that succeeded; Ration's ledger figures (consumed + leased) must
 # stay within the cap.
 #
-#   benches/compare/run.sh                        # 2 rounds of 10 s (about 4 min)
+#   benches/compare/run.sh                        # 2 rounds of 10 s (about 5 min)
 #   ROUNDS=3 SECONDS_PER_RUN=20 benches/compare/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -82,6 +83,7 @@ run() { # name command...
 for ROUND in $(seq 1 "$ROUNDS"); do
   run "ration-batch" "$BIN/ration-load" --warmup-s 2 --duration-s "$DUR" --batch 256 --concurrency 12
   run "ration-single" "$BIN/ration-load" --warmup-s 2 --duration-s "$DUR" --concurrency 512
+  run "ration-pipeline" "$BIN/ration-load" --warmup-s 2 --duration-s "$DUR" --concurrency 1024 --pipeline
   [ "$HAVE_REDIS" = 1 ] && run "redis-lua-always" "$BIN/ration-compare" --system redis \
     --endpoint 127.0.0.1:26379 --duration-s "$DUR" --prefix "r$ROUND"
   [ "$HAVE_ETCD" = 1 ] && run "etcd-txn" "$BIN/ration-compare" --system etcd \
