@@ -148,6 +148,46 @@ impl Sealed {
 /// Most records under one key of the tail, and per read when many are copied.
 pub(crate) const AUDIT_CHUNK: usize = 4096;
 
+/// Most encoded bytes under one key of the tail (a single larger record stands
+/// alone). sled writes anything it logs above a quarter of its 512 KiB segment
+/// (128 KiB) as a file of its own, and that includes a whole leaf when it splits
+/// or is rewritten: a leaf holds up to 17 values. With values of 64 KiB or more
+/// (up to 4,096 records each, as before), the node created a file per apply call
+/// and per split (`open` was 9 % of a node's CPU under load); 17 values of 7 KiB
+/// stay below the threshold.
+pub(crate) const AUDIT_VALUE_BYTES: usize = 7 * 1024;
+
+/// `records` as values of at most [`AUDIT_CHUNK`] records and, past the first
+/// record, [`AUDIT_VALUE_BYTES`] bytes: (first sequence number, value). Each value
+/// is the postcard encoding of its records as a `Vec`, built from their encodings
+/// one by one (the length prefix, then the records).
+pub(crate) fn audit_values(records: &[AuditRecord]) -> Vec<(u64, Vec<u8>)> {
+    fn value(count: usize, body: &[u8]) -> Vec<u8> {
+        let mut v = postcard::to_extend(&(count as u64), Vec::with_capacity(body.len() + 10))
+            .expect("encoding into a Vec cannot fail");
+        v.extend_from_slice(body);
+        v
+    }
+    let mut out = Vec::new();
+    let mut body = Vec::new();
+    let mut start = 0;
+    for (i, record) in records.iter().enumerate() {
+        let before = body.len();
+        body = postcard::to_extend(record, body).expect("encoding into a Vec cannot fail");
+        let held = i - start;
+        // The value adds the count before the records: at most 10 bytes.
+        if held > 0 && (body.len() + 10 > AUDIT_VALUE_BYTES || held == AUDIT_CHUNK) {
+            out.push((records[start].entry.seq, value(held, &body[..before])));
+            body.drain(..before);
+            start = i;
+        }
+    }
+    if start < records.len() {
+        out.push((records[start].entry.seq, value(records.len() - start, &body)));
+    }
+    out
+}
+
 impl AuditStore {
     pub(crate) fn new(backend: AuditBackend, dir: Option<PathBuf>, policy: SealPolicy) -> Self {
         let policy = dir.as_ref().map(|_| policy);
@@ -180,12 +220,13 @@ impl AuditStore {
                 return Ok(());
             }
         };
-        // At most AUDIT_CHUNK records per key, however many one apply call brings
-        // (a restart re-applies the whole log after the snapshot in one call): a
-        // read of a few records then decodes a bounded value, not millions.
+        // At most AUDIT_CHUNK records and AUDIT_VALUE_BYTES per key, however many
+        // one apply call brings (a restart re-applies the whole log after the
+        // snapshot in one call): a read of a few records then decodes a bounded
+        // value, not millions, and sled keeps every value in its log.
         let mut batch = sled::Batch::default();
-        for chunk in records.chunks(AUDIT_CHUNK) {
-            batch.insert(&index_key(chunk[0].entry.seq), encode(&chunk));
+        for (first, value) in audit_values(records) {
+            batch.insert(&index_key(first), value);
         }
         tree.apply_batch(batch)
     }

@@ -60,25 +60,62 @@ fn audit_chunks_read_and_truncate_across_boundaries() {
 fn one_large_apply_is_kept_in_bounded_chunks() {
     // A restart re-applies everything after the snapshot in one call; a value per
     // call made every later read of a few records decode all of them.
-    use crate::audit_store::{AuditBackend, AUDIT_CHUNK};
+    // Values also stay below sled's threshold for writing a value as a file of
+    // its own.
+    use crate::audit_store::{AuditBackend, AUDIT_CHUNK, AUDIT_VALUE_BYTES};
     let dir = TempDir::new().unwrap();
     let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
     let n = AUDIT_CHUNK as u64 * 2 + 7;
     let all = records(n);
     sm.audit.append(&all).unwrap();
     let AuditBackend::Sled(tree) = &sm.audit.backend else { panic!("a sled store") };
-    let sizes: Vec<usize> = tree
-        .iter()
-        .values()
-        .map(|v| postcard::from_bytes::<Vec<AuditRecord>>(&v.unwrap()).unwrap().len())
-        .collect();
-    assert_eq!(sizes, vec![AUDIT_CHUNK, AUDIT_CHUNK, 7]);
+    let mut seen = 0;
+    for kv in tree.iter() {
+        let (key, value) = kv.unwrap();
+        let held = postcard::from_bytes::<Vec<AuditRecord>>(&value).unwrap();
+        assert!(held.len() <= AUDIT_CHUNK && value.len() <= AUDIT_VALUE_BYTES, "{}", value.len());
+        // Full, but for the last: one more record would have gone over.
+        if seen + held.len() < all.len() {
+            let more = crate::encode(&&all[seen..=seen + held.len()]);
+            assert!(more.len() > AUDIT_VALUE_BYTES - 10 || held.len() == AUDIT_CHUNK);
+        }
+        assert_eq!(crate::key_index(&key), seen as u64, "keyed by its first record");
+        assert_eq!(value.to_vec(), crate::encode(&&all[seen..seen + held.len()]));
+        seen += held.len();
+    }
+    assert_eq!(seen, all.len());
     assert_eq!(sm.audit.len().unwrap(), n);
     assert_eq!(sm.audit.read(0, usize::MAX).unwrap(), all);
     let mid = AUDIT_CHUNK as u64 + 3;
     assert_eq!(sm.audit.read(mid, 2).unwrap(), all[mid as usize..mid as usize + 2].to_vec());
     sm.audit.truncate_from(mid).unwrap();
     assert_eq!(sm.audit.read(0, usize::MAX).unwrap(), all[..mid as usize].to_vec());
+}
+
+#[test]
+fn a_record_larger_than_a_value_stands_alone() {
+    use crate::audit_store::{audit_values, AUDIT_VALUE_BYTES};
+    let mut all = records(5);
+    // A record far larger than a value (the encoder does not check that records
+    // are real).
+    let balance = ration_core::audit::Balance {
+        budget: all[2].entry.budget.clone(),
+        unit: ration_core::Unit::new("tokens").unwrap(),
+        window: ration_core::Window::utc(ration_core::Period::Month),
+        window_start_ms: 1,
+        cap: 1 << 40,
+        consumed: 1 << 30,
+        outstanding: 1 << 20,
+    };
+    all[2].entry.balances = vec![balance; AUDIT_VALUE_BYTES / 16];
+    assert!(crate::encode(&all[2]).len() > AUDIT_VALUE_BYTES);
+    let values = audit_values(&all);
+    let counts: Vec<usize> = values
+        .iter()
+        .map(|(_, v)| postcard::from_bytes::<Vec<AuditRecord>>(v).unwrap().len())
+        .collect();
+    assert_eq!(counts, vec![2, 1, 2]);
+    assert_eq!(values.iter().map(|(first, _)| *first).collect::<Vec<_>>(), vec![0, 2, 3]);
 }
 
 /// A real snapshot file: a sled store that applied budget creations, then built.
