@@ -28,7 +28,7 @@ struct Remembered {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct ClientRequests {
+pub(crate) struct ClientRequests {
     /// Request ids at or below this were evicted from the window.
     forgotten_up_to: Option<u64>,
     last_seen_ms: u64,
@@ -125,7 +125,26 @@ pub(crate) struct Dedup {
     by_last_seen: BTreeSet<(u64, ClientId)>,
 }
 
+impl ClientRequests {
+    /// The principal this client is counted against, if recorded.
+    pub(crate) fn owner(&self) -> Option<&Principal> {
+        self.owner.as_ref()
+    }
+
+    /// Whether remembering one more result makes its window hold more.
+    pub(crate) fn grows(&self, window: u32) -> bool {
+        self.results.len() < window as usize
+    }
+}
+
 impl Dedup {
+    /// What the table holds for `client`: one lookup serves a request's owner
+    /// check, its replay check and its admission.
+    pub(crate) fn client(&self, client: &ClientId) -> Option<&ClientRequests> {
+        self.clients.get(client)
+    }
+
+    #[cfg(test)]
     pub(crate) fn check(
         &self,
         client: &ClientId,
@@ -133,7 +152,18 @@ impl Dedup {
         fingerprint: u64,
         window: u32,
     ) -> Seen {
-        let Some(c) = self.clients.get(client) else {
+        Self::check_in(self.clients.get(client), client, request_id, fingerprint, window)
+    }
+
+    /// Whether `request_id` of `client` (held as `held`) is new, a replay, or refused.
+    pub(crate) fn check_in(
+        held: Option<&ClientRequests>,
+        client: &ClientId,
+        request_id: u64,
+        fingerprint: u64,
+        window: u32,
+    ) -> Seen {
+        let Some(c) = held else {
             return Seen::New;
         };
         // Clients number their requests upwards: an id above every remembered and
@@ -163,11 +193,6 @@ impl Dedup {
         Seen::New
     }
 
-    /// The principal `client` is counted against, if the table holds it.
-    pub(crate) fn owner(&self, client: &ClientId) -> Option<&Principal> {
-        self.clients.get(client)?.owner.as_ref()
-    }
-
     /// Each owned client's owner, in client order (the snapshot's form).
     pub(crate) fn owners(&self) -> Vec<(ClientId, Principal)> {
         self.clients
@@ -185,16 +210,6 @@ impl Dedup {
                 c.owner = Some(owner);
             }
         }
-    }
-
-    pub(crate) fn knows(&self, client: &ClientId) -> bool {
-        self.clients.contains_key(client)
-    }
-
-    /// Whether remembering one more result for `client` makes the table hold more
-    /// (a new client, or a window not yet full).
-    pub(crate) fn grows(&self, client: &ClientId, window: u32) -> bool {
-        self.clients.get(client).is_none_or(|c| c.results.len() < window as usize)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditRecord, Balance, ChainHead, Flow};
 use crate::command::{Authority, Command, Entry, LimitSpec, Op, Outcome, Reply, Request};
-use crate::dedup::{Dedup, Seen};
+use crate::dedup::{ClientRequests, Dedup, Seen};
 use crate::error::LedgerError;
 use crate::index::{HashIndex, IdIndex};
 use crate::names::{BudgetPath, LeaseId, Principal, Unit, MAX_COMMANDS_PER_ENTRY, MAX_LEASE_INDEX};
@@ -509,11 +509,15 @@ impl Ledger {
         // Exactly once per (principal, client id): a client id belongs to the
         // principal of its first remembered request, and another principal can
         // neither replay its results nor burn its request ids.
-        if self.dedup.owner(&req.client).is_some_and(|owner| *owner != req.principal) {
+        // One lookup of the client serves the owner check, the replay check and
+        // admission (`admit`, below).
+        let held = self.dedup.client(&req.client);
+        if held.and_then(|c| c.owner()).is_some_and(|owner| *owner != req.principal) {
             return Err(LedgerError::ForeignClient { client: req.client.to_string() });
         }
         let fingerprint = fingerprint(req);
-        match self.dedup.check(&req.client, req.request_id, fingerprint, self.config.dedup_window) {
+        let window = self.config.dedup_window;
+        match Dedup::check_in(held, &req.client, req.request_id, fingerprint, window) {
             Seen::Replay(outcome) => return outcome,
             Seen::Refused(err) => return Err(err),
             Seen::New => {}
@@ -535,7 +539,7 @@ impl Ledger {
         // Checked before anything is remembered: a refusal here leaves no trace.
         // Never for SetLimits, so an operator held by a limit can still raise it.
         if !matches!(req.op.inner(), Op::SetLimits(_)) {
-            if let Some(refusal) = self.admit(req) {
+            if let Some(refusal) = self.admit(req, held) {
                 return Err(refusal);
             }
         }
@@ -629,19 +633,19 @@ impl Ledger {
     /// The per-principal limits on the exactly-once table: a client new to it
     /// counts against its principal's clients, and a result it would remember
     /// against its owner's outcomes.
-    fn admit(&self, req: &Request) -> Option<LedgerError> {
-        let owner = match self.dedup.owner(&req.client) {
-            Some(owner) => owner,
+    fn admit(&self, req: &Request, held: Option<&ClientRequests>) -> Option<LedgerError> {
+        let owner = match (held, held.and_then(|c| c.owner())) {
+            (_, Some(owner)) => owner,
             // Held since before owners were recorded: counted against nobody.
-            None if self.dedup.knows(&req.client) => return None,
-            None => {
+            (Some(_), None) => return None,
+            (None, None) => {
                 if let Some(full) = self.principals.full(&req.principal, Held::Clients) {
                     return Some(full);
                 }
                 &req.principal
             }
         };
-        if self.dedup.grows(&req.client, self.config.dedup_window) {
+        if held.is_none_or(|c| c.grows(self.config.dedup_window)) {
             return self.principals.full(owner, Held::Outcomes);
         }
         None
