@@ -166,6 +166,15 @@ impl<K: Hash + Eq + Ord, V, S: BuildHasher + Default> HashIndex<K, V, S> {
         self.0.get(key)
     }
 
+    /// The key held equal to `key`, with its value.
+    pub(crate) fn get_key_value<Q>(&self, key: &Q) -> Option<(&K, &V)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.0.get_key_value(key)
+    }
+
     pub(crate) fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
     where
         K: Borrow<Q>,

@@ -163,9 +163,25 @@ fn check_id(id: &str) -> Option<String> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[derive(Clone, Eq, PartialOrd, Ord, Deserialize)]
         #[serde(try_from = "String")]
         pub struct $name(Arc<str>);
+
+        /// Equal names are equal strings; two copies of one name (the ledger
+        /// hands out its own copy of a principal it holds, see
+        /// `Principals::canonical`) compare without reading the text.
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+            }
+        }
+
+        /// As the text's hash (what the derived one was), so equal names hash alike.
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.0.hash(state)
+            }
+        }
 
         impl $name {
             pub fn new(id: impl Into<String>) -> Result<Self, LedgerError> {
@@ -181,6 +197,13 @@ macro_rules! id_type {
 
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+
+            /// Whether both are the same copy of the name (not only equal).
+            #[cfg(test)]
+            #[allow(dead_code)] // for principals only
+            pub(crate) fn same_copy(&self, other: &Self) -> bool {
+                Arc::ptr_eq(&self.0, &other.0)
             }
         }
     };

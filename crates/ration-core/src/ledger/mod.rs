@@ -512,7 +512,10 @@ impl Ledger {
         // One lookup of the client serves the owner check, the replay check and
         // admission (`admit`, below).
         let held = self.dedup.client(&req.client);
-        if held.and_then(|c| c.owner()).is_some_and(|owner| *owner != req.principal) {
+        // The request acts through the ledger's own copy of its principal, when it
+        // holds one (`Principals::canonical`): same text, cheaper comparisons.
+        let principal = self.principals.canonical(&req.principal).unwrap_or(&req.principal).clone();
+        if held.and_then(|c| c.owner()).is_some_and(|owner| *owner != principal) {
             return Err(LedgerError::ForeignClient { client: req.client.to_string() });
         }
         let fingerprint = fingerprint(req);
@@ -551,7 +554,7 @@ impl Ledger {
             Op::Release(r) => Some(r.lease),
             _ => None,
         };
-        if let Some(id) = lease.filter(|id| self.owned_by_another(*id, &req.principal)) {
+        if let Some(id) = lease.filter(|id| self.owned_by_another(*id, &principal)) {
             return Err(LedgerError::ForeignLease { lease: id });
         }
         let outcome = match &req.op {
@@ -569,7 +572,7 @@ impl Ledger {
             Err(e) => Err(e),
             Ok(()) => {
                 self.cause = Some(visibility::cause_of(req));
-                let outcome = self.dispatch(index, slot, &req.principal, op, audit);
+                let outcome = self.dispatch(index, slot, &principal, op, audit);
                 if outcome.is_ok() {
                     self.observe(index, audit);
                 }
@@ -580,7 +583,7 @@ impl Ledger {
         };
         self.dedup.remember(
             &req.client,
-            &req.principal,
+            &principal,
             req.request_id,
             fingerprint,
             outcome.clone(),

@@ -142,6 +142,14 @@ pub(crate) struct Principals {
 }
 
 impl Principals {
+    /// The ledger's own copy of `p`, if it holds anything. A request acts through
+    /// it, so what the request stores (a lease's principal, a counter's holder, a
+    /// client's owner) shares it, and later comparisons with it do not read the
+    /// text (a cache miss per comparison at a million budgets).
+    pub(crate) fn canonical(&self, p: &Principal) -> Option<&Principal> {
+        self.usage.get_key_value(p).map(|(k, _)| k)
+    }
+
     pub(super) fn usage(&self, p: &Principal) -> PrincipalUsage {
         self.usage.get(p).copied().unwrap_or_default()
     }

@@ -529,6 +529,14 @@ impl Ledger {
         for p in &holders {
             self.principals.change(p, |u| u.live_leases = u.live_leases.saturating_add(1));
         }
+        // Live leases hold the ledger's copy of their principal, as when acquired
+        // (`Principals::canonical`; the same text either way).
+        let principals = &self.principals;
+        for lease in self.leases.values_any_order_mut() {
+            if let Some(p) = principals.canonical(&lease.principal) {
+                lease.principal = p.clone();
+            }
+        }
         Ok(())
     }
 

@@ -1961,3 +1961,30 @@ fn leases_are_listed_lowest_id_first_up_to_the_limit() {
     assert_eq!(listed(&h, Some("gw-1"), 10), gw1);
     assert_eq!(listed(&h, Some("gw-9"), 10), Vec::<LeaseId>::new());
 }
+
+/// A request acts through the ledger's own copy of its principal: what it stores
+/// (a lease's principal, a client's owner) shares that copy; leases do after a restore too,
+/// so comparing them does not read the text. Copies of one name made apart are
+/// still equal and hash alike.
+#[test]
+fn leases_share_the_ledgers_copy_of_their_principal() {
+    use std::hash::BuildHasher;
+    let apart = (who("gw"), who("gw"));
+    assert_eq!(apart.0, apart.1);
+    let s = std::collections::hash_map::RandomState::new();
+    assert_eq!(s.hash_one(&apart.0), s.hash_one(&apart.1));
+    assert_ne!(who("gw"), who("gx"));
+
+    let mut h = H::tree();
+    let first = h.grant("gw", acquire("acme/search", 10, 1, MIN)).lease;
+    let second = h.grant("gw", acquire("acme/search/key-7", 10, 1, MIN)).lease;
+    let shared = |l: &Ledger| {
+        let key = l.principals.canonical(&who("gw")).unwrap().clone();
+        let lease = |id| l.leases.get(&id).unwrap().principal.clone();
+        assert!(key.same_copy(&lease(first)) && key.same_copy(&lease(second)));
+    };
+    shared(&h.ledger);
+    let restored = Ledger::restore(&h.ledger.snapshot()).unwrap();
+    shared(&restored);
+    assert_eq!(restored, h.ledger);
+}
