@@ -186,3 +186,30 @@ async fn truncation_and_purges_survive_reopening_and_free_segments() {
     assert_eq!(state.last_purged_log_id, Some(log_id(2, 5)));
     assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(2, 1)));
 }
+
+/// Writing an entry reads back only its log id, from the start of its encoding:
+/// the same id a whole decode finds, for every kind of payload.
+#[test]
+fn an_entrys_log_id_is_read_from_its_start() {
+    use ration_core::{Batch, Command};
+    let normal = Entry::<TypeConfig> {
+        log_id: LogId::new(CommittedLeaderId::new(7, 3), 1_000_000_007),
+        payload: EntryPayload::Normal(ration_core::Entry::V1(Batch {
+            time_ms: 1_764_340_245_123,
+            commands: vec![Command::Tick],
+        })),
+    };
+    let membership = Entry::<TypeConfig> {
+        log_id: log_id(u64::MAX, 2),
+        payload: EntryPayload::Membership(openraft::Membership::new(
+            vec![std::collections::BTreeSet::from([1, 2, 3])],
+            None,
+        )),
+    };
+    for entry in [blank(1, 0), blank(300, 1 << 40), normal, membership] {
+        let bytes = crate::encode(&entry);
+        assert_eq!(entry_log_id(&bytes).unwrap(), entry.log_id);
+        let whole: Entry<TypeConfig> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(entry_log_id(&bytes).unwrap(), whole.log_id);
+    }
+}
