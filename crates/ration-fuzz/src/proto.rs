@@ -421,7 +421,7 @@ fn raft_payload(m: &v1::RaftPayload) {
         for entry in &req.entries {
             if let EntryPayload::Normal(e) = &entry.payload {
                 let back = Entry::decode(&e.encode()).expect("a log entry re-encodes");
-                assert_eq!(&back, e);
+                assert_eq!(&back, &**e);
             }
         }
     }
@@ -606,7 +606,7 @@ fn raft_data(input: &mut Input<'_>) -> Vec<u8> {
                             let commands = convert::to_core::acquire(&m)
                                 .map(|r| vec![Command::Request(r), Command::Tick])
                                 .unwrap_or_default();
-                            EntryPayload::Normal(Entry::V1(Batch { time_ms: T0, commands }))
+                            EntryPayload::Normal(Entry::V1(Batch { time_ms: T0, commands }).into())
                         }
                     };
                     openraft::Entry::<TypeConfig> {

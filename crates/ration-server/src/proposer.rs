@@ -365,7 +365,8 @@ async fn propose(
         let m = watch.borrow_and_update();
         (m.state == openraft::ServerState::Leader, m.current_term)
     };
-    let entry = Entry::V1(Batch { time_ms: time.stamp(term), commands });
+    let entry: ration_store::SharedEntry =
+        Entry::V1(Batch { time_ms: time.stamp(term), commands }).into();
     if !leading {
         // Not leading: openraft answers at once (ForwardToLeader, with a hint).
         let written = raft.client_write(entry).await.map_err(|e| match e {

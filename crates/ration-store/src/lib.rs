@@ -51,10 +51,41 @@ pub struct Response {
     pub outcomes: Vec<Outcome>,
 }
 
+/// A ledger entry as openraft carries it: shared, so the copies openraft makes
+/// (the log's cache of recent entries, replication, apply) cost a reference
+/// count, not a copy of every command. Encoded exactly as the entry itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedEntry(pub std::sync::Arc<ration_core::Entry>);
+
+impl From<ration_core::Entry> for SharedEntry {
+    fn from(entry: ration_core::Entry) -> Self {
+        Self(std::sync::Arc::new(entry))
+    }
+}
+
+impl std::ops::Deref for SharedEntry {
+    type Target = ration_core::Entry;
+    fn deref(&self) -> &ration_core::Entry {
+        &self.0
+    }
+}
+
+impl Serialize for SharedEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ration_core::Entry::deserialize(d).map(Self::from)
+    }
+}
+
 openraft::declare_raft_types!(
     /// Ration's openraft types: the replicated data is the versioned ledger entry.
     pub TypeConfig:
-        D = ration_core::Entry,
+        D = SharedEntry,
         R = Response,
         NodeId = NodeId,
         Node = BasicNode,

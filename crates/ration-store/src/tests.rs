@@ -138,7 +138,7 @@ async fn built_snapshot(dir: &Path, budgets: u64) -> Vec<u8> {
             });
             Entry {
                 log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i + 1),
-                payload: EntryPayload::Normal(batch),
+                payload: EntryPayload::Normal(batch.into()),
             }
         })
         .collect();
@@ -234,7 +234,7 @@ fn budget_entries(from: u64, to: u64) -> Vec<Entry<TypeConfig>> {
             });
             Entry {
                 log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i + 1),
-                payload: EntryPayload::Normal(batch),
+                payload: EntryPayload::Normal(batch.into()),
             }
         })
         .collect()
@@ -266,10 +266,9 @@ async fn applied_store_with(dir: &Path, n: u64, policy: SealPolicy) -> StateMach
         .collect();
     let first = Entry {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
-        payload: EntryPayload::Normal(ration_core::Entry::V1(Batch {
-            time_ms: 999,
-            commands: roots,
-        })),
+        payload: EntryPayload::Normal(
+            ration_core::Entry::V1(Batch { time_ms: 999, commands: roots }).into(),
+        ),
     };
     sm.apply(vec![first]).await.unwrap();
     sm.apply(budget_entries(1, n + 1)).await.unwrap();

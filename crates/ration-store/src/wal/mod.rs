@@ -117,10 +117,22 @@ struct Inner {
     /// Segments no entry needs any more, to delete once the purge record that
     /// emptied them is synced.
     doomed: Vec<u64>,
+    /// The last entries appended, at most [`RECENT_ENTRIES`], as they were
+    /// appended: openraft reads each entry back to replicate it and to apply it,
+    /// and each read from the file decoded the whole entry again. An entry leaves
+    /// when the index drops or replaces it; a read uses it only if its log id is
+    /// the index's.
+    recent: BTreeMap<u64, Entry<TypeConfig>>,
 }
+
+/// Most entries [`Inner::recent`] keeps: more than the entries one replication
+/// round or one apply call reads under load (entries hold at most 1 MiB of
+/// commands, shared with openraft's own copies).
+const RECENT_ENTRIES: usize = 64;
 
 impl Inner {
     fn drop_from(&mut self, first: u64) {
+        drop(self.recent.split_off(&first));
         let gone = self.index.split_off(&first);
         for loc in gone.values() {
             self.unref(loc.seg);
@@ -128,6 +140,7 @@ impl Inner {
     }
 
     fn drop_through(&mut self, last: u64) {
+        self.recent = self.recent.split_off(&last.saturating_add(1));
         let keep = self.index.split_off(&last.saturating_add(1));
         let gone = std::mem::replace(&mut self.index, keep);
         for loc in gone.values() {
@@ -145,6 +158,7 @@ impl Inner {
     /// openraft removes conflicting entries itself (a truncate record) and may
     /// append an entry the log already holds.
     fn insert(&mut self, loc: Loc) {
+        self.recent.remove(&loc.log_id.index);
         if let Some(old) = self.index.insert(loc.log_id.index, loc) {
             self.unref(old.seg);
         }
@@ -391,11 +405,21 @@ impl WalLogStore {
         &self,
         entries: impl IntoIterator<Item = Entry<TypeConfig>>,
     ) -> io::Result<()> {
-        let records: Vec<(u8, Vec<u8>)> =
-            entries.into_iter().map(|e| (KIND_ENTRY, encode(&e))).collect();
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let records: Vec<(u8, Vec<u8>)> = entries.iter().map(|e| (KIND_ENTRY, encode(e))).collect();
         let n = records.len() as u64;
         self.write_durably(&records).await?;
         self.stats.entries.fetch_add(n, Ordering::Relaxed);
+        let mut inner = self.lock();
+        for entry in entries {
+            let index = entry.log_id.index;
+            if inner.index.get(&index).is_some_and(|loc| loc.log_id == entry.log_id) {
+                inner.recent.insert(index, entry);
+            }
+        }
+        while inner.recent.len() > RECENT_ENTRIES {
+            inner.recent.pop_first();
+        }
         Ok(())
     }
 
@@ -538,8 +562,19 @@ impl RaftLogReader<TypeConfig> for WalLogStore {
             Bound::Excluded(i) => Bound::Excluded(*i),
             Bound::Unbounded => Bound::Unbounded,
         };
-        let locs: Vec<Loc> = self.lock().index.range((start, end)).map(|(_, l)| *l).collect();
-        if let (Some(first), Some(last)) = (locs.first(), locs.last()) {
+        // Each with its entry when the recent ones hold it under the same log id.
+        let locs: Vec<(Loc, Option<Entry<TypeConfig>>)> = {
+            let inner = self.lock();
+            inner
+                .index
+                .range((start, end))
+                .map(|(i, l)| {
+                    let held = inner.recent.get(i).filter(|e| e.log_id == l.log_id).cloned();
+                    (*l, held)
+                })
+                .collect()
+        };
+        if let (Some((first, _)), Some((last, _))) = (locs.first(), locs.last()) {
             let span = last.log_id.index - first.log_id.index + 1;
             if span != locs.len() as u64 {
                 let e = io::Error::other(format!(
@@ -552,7 +587,11 @@ impl RaftLogReader<TypeConfig> for WalLogStore {
             }
         }
         let mut entries = Vec::with_capacity(locs.len());
-        for loc in locs {
+        for (loc, held) in locs {
+            if let Some(entry) = held {
+                entries.push(entry);
+                continue;
+            }
             let bytes = self
                 .fs
                 .read_at(&segment_name(loc.seg), loc.offset, loc.len as usize)

@@ -194,10 +194,13 @@ fn an_entrys_log_id_is_read_from_its_start() {
     use ration_core::{Batch, Command};
     let normal = Entry::<TypeConfig> {
         log_id: LogId::new(CommittedLeaderId::new(7, 3), 1_000_000_007),
-        payload: EntryPayload::Normal(ration_core::Entry::V1(Batch {
-            time_ms: 1_764_340_245_123,
-            commands: vec![Command::Tick],
-        })),
+        payload: EntryPayload::Normal(
+            ration_core::Entry::V1(Batch {
+                time_ms: 1_764_340_245_123,
+                commands: vec![Command::Tick],
+            })
+            .into(),
+        ),
     };
     let membership = Entry::<TypeConfig> {
         log_id: log_id(u64::MAX, 2),
@@ -212,4 +215,49 @@ fn an_entrys_log_id_is_read_from_its_start() {
         let whole: Entry<TypeConfig> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(entry_log_id(&bytes).unwrap(), whole.log_id);
     }
+}
+
+fn normal(term: u64, index: u64) -> Entry<TypeConfig> {
+    let batch = ration_core::Batch { time_ms: index, commands: vec![ration_core::Command::Tick] };
+    let entry = ration_core::Entry::V1(batch);
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(entry.into()) }
+}
+
+fn shared(e: &Entry<TypeConfig>) -> &crate::SharedEntry {
+    match &e.payload {
+        EntryPayload::Normal(d) => d,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The last entries appended are read back as they were appended (the same shared
+/// entry, not decoded from the file again), at most `RECENT_ENTRIES` of them, and
+/// reads follow truncation, replacement and purges as the file does.
+#[tokio::test]
+async fn recent_entries_are_read_back_from_memory_and_follow_the_index() {
+    let fs = MemFs::new();
+    let mut log = WalLogStore::open(fs.clone()).await.unwrap();
+    let first: Vec<_> = (1..=6).map(|i| normal(1, i)).collect();
+    append(&mut log, first.clone()).await.unwrap();
+    let read = log.try_get_log_entries(1..=6).await.unwrap();
+    for (a, b) in read.iter().zip(&first) {
+        assert!(Arc::ptr_eq(&shared(a).0, &shared(b).0), "entry {} from memory", a.log_id);
+    }
+    // Truncated and replaced: the replacement is read, never the old entry.
+    log.truncate(log_id(1, 5)).await.unwrap();
+    append(&mut log, vec![normal(2, 5)]).await.unwrap();
+    append(&mut log, vec![normal(3, 3)]).await.unwrap();
+    let ids: Vec<_> = log.try_get_log_entries(..).await.unwrap().iter().map(|e| e.log_id).collect();
+    assert_eq!(ids, vec![log_id(1, 1), log_id(1, 2), log_id(3, 3), log_id(1, 4), log_id(2, 5)]);
+    log.purge(log_id(1, 2)).await.unwrap();
+    assert_eq!(indexes(&mut log).await, vec![3, 4, 5]);
+    // Past the bound, the oldest are read from the file again: equal, not shared.
+    let more: Vec<_> = (6..=(5 + RECENT_ENTRIES as u64)).map(|i| normal(3, i)).collect();
+    append(&mut log, more).await.unwrap();
+    let all = log.try_get_log_entries(..).await.unwrap();
+    assert_eq!(all.len(), 3 + RECENT_ENTRIES);
+    assert_eq!(all[1].log_id, log_id(1, 4));
+    assert_eq!(shared(&all[1]), shared(&first[3]));
+    assert!(!Arc::ptr_eq(&shared(&all[1]).0, &shared(&first[3]).0), "read from the file");
+    assert_eq!(log.lock().recent.len(), RECENT_ENTRIES);
 }
