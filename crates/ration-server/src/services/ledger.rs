@@ -54,9 +54,29 @@ impl LedgerService {
         let already_forwarded = forward::was_forwarded(&req);
         let caller = Caller::of(&req);
         let inner = req.into_inner();
-        let authority = crate::auth::authority(&caller, &self.node.config.admins)?
+        self.write_as(&caller, already_forwarded, inner, convert, reply, call)
+            .await
+            .map(Response::new)
+    }
+
+    /// [`Self::write`] for a request already taken apart: who calls, whether a
+    /// member forwarded it, and the message (a Pipeline call's operations come
+    /// this way, without a gRPC request of their own).
+    async fn write_as<Req, Rep, Fut>(
+        &self,
+        caller: &Caller,
+        already_forwarded: bool,
+        inner: Req,
+        convert: impl FnOnce(&Req, &Screen<'_>) -> Result<Vec<ration_core::Request>, Status>,
+        reply: impl FnOnce(&Req, Vec<Outcome>) -> Result<Rep, Status>,
+        call: impl FnOnce(LedgerClient<Channel>, Request<Req>) -> Fut,
+    ) -> Result<Rep, Status>
+    where
+        Fut: std::future::Future<Output = Result<Response<Rep>, Status>>,
+    {
+        let authority = crate::auth::authority(caller, &self.node.config.admins)?
             .map(|(_, authority)| authority);
-        let screen = Screen { node: &self.node, caller: &caller, authority };
+        let screen = Screen { node: &self.node, caller, authority };
         let requests = convert(&inner, &screen)?;
         let commands: Vec<Command> = requests
             .into_iter()
@@ -66,21 +86,20 @@ impl LedgerService {
             })
             .collect();
         if commands.is_empty() {
-            return Ok(Response::new(reply(&inner, Vec::new())?));
+            return reply(&inner, Vec::new());
         }
         match self.node.route(commands).await.map_err(IntoStatus::into_status)? {
-            Routed::Done(outcomes) => Ok(Response::new(reply(&inner, outcomes)?)),
-            Routed::Forward(addr) => {
-                forward::forward(
-                    &self.node,
-                    already_forwarded,
-                    caller.principal(),
-                    &addr,
-                    inner,
-                    call,
-                )
-                .await
-            }
+            Routed::Done(outcomes) => reply(&inner, outcomes),
+            Routed::Forward(addr) => forward::forward(
+                &self.node,
+                already_forwarded,
+                caller.principal(),
+                &addr,
+                inner,
+                call,
+            )
+            .await
+            .map(Response::into_inner),
         }
     }
 
@@ -113,14 +132,71 @@ impl LedgerService {
         .await
     }
 
+    /// A Batch call's work, for the call and for each Pipeline operation.
+    async fn batch_as(
+        &self,
+        caller: &Caller,
+        already_forwarded: bool,
+        req: v1::BatchRequest,
+    ) -> Result<v1::BatchReply, Status> {
+        // Each operation succeeds or fails on its own, as the proto promises: the
+        // valid ones are proposed, the invalid ones (and those `screen` refuses: another
+        // principal's, not allowed by the caller's roles, another's lease) answered
+        // with their error in place. Only a malformed envelope refuses the whole call. The conversion
+        // keeps each refusal in its place for the reply (converted once).
+        let refused: std::sync::Mutex<Vec<Option<Status>>> = std::sync::Mutex::default();
+        self.write_as(
+            caller,
+            already_forwarded,
+            req,
+            |r, screen| {
+                let mut marks = refused.lock().unwrap_or_else(|p| p.into_inner());
+                let mut valid = Vec::with_capacity(r.ops.len());
+                for op in to_core::batch(r)? {
+                    match op.and_then(|request| screen.check(request)) {
+                        Ok(request) => {
+                            marks.push(None);
+                            valid.push(request);
+                        }
+                        Err(status) => marks.push(Some(status)),
+                    }
+                }
+                Ok(valid)
+            },
+            |_, outcomes| {
+                let marks = std::mem::take(&mut *refused.lock().unwrap_or_else(|p| p.into_inner()));
+                let valid = marks.iter().filter(|m| m.is_none()).count();
+                if outcomes.len() != valid {
+                    return Err(Status::internal(format!(
+                        "{valid} valid operations got {} outcomes",
+                        outcomes.len()
+                    )));
+                }
+                let mut outcomes = outcomes.iter();
+                let results = marks
+                    .iter()
+                    .map(|mark| match mark {
+                        None => outcomes.next().map_or_else(
+                            || to_proto::batch_error(&Status::internal("outcome missing")),
+                            to_proto::batch_result,
+                        ),
+                        Some(refused) => to_proto::batch_error(refused),
+                    })
+                    .collect();
+                Ok(v1::BatchReply { results })
+            },
+            on_leader!(LedgerClient, batch),
+        )
+        .await
+    }
+
     /// One operation of a Pipeline call, run as a Batch of one by `caller`: its
     /// result, or the status the whole Batch failed with as its error.
     async fn pipelined(&self, op: Option<v1::BatchOp>, caller: Caller) -> v1::BatchResult {
         use v1::batch_result::Result as R;
-        let mut req = Request::new(v1::BatchRequest { ops: vec![op.unwrap_or_default()] });
-        req.extensions_mut().insert(caller);
-        let mut result = match v1::ledger_server::Ledger::batch(self, req).await {
-            Ok(reply) => reply.into_inner().results.into_iter().next().unwrap_or_else(|| {
+        let req = v1::BatchRequest { ops: vec![op.unwrap_or_default()] };
+        let mut result = match self.batch_as(&caller, false, req).await {
+            Ok(reply) => reply.results.into_iter().next().unwrap_or_else(|| {
                 to_proto::batch_error(&Status::internal("a batch of one had no result"))
             }),
             Err(status) => to_proto::batch_error(&status),
@@ -412,53 +488,9 @@ impl v1::ledger_server::Ledger for LedgerService {
         &self,
         req: Request<v1::BatchRequest>,
     ) -> Result<Response<v1::BatchReply>, Status> {
-        // Each operation succeeds or fails on its own, as the proto promises: the
-        // valid ones are proposed, the invalid ones (and those `screen` refuses: another
-        // principal's, not allowed by the caller's roles, another's lease) answered
-        // with their error in place. Only a malformed envelope refuses the whole call. The conversion
-        // keeps each refusal in its place for the reply (converted once).
-        let refused: std::sync::Mutex<Vec<Option<Status>>> = std::sync::Mutex::default();
-        self.write(
-            req,
-            |r, screen| {
-                let mut marks = refused.lock().unwrap_or_else(|p| p.into_inner());
-                let mut valid = Vec::with_capacity(r.ops.len());
-                for op in to_core::batch(r)? {
-                    match op.and_then(|request| screen.check(request)) {
-                        Ok(request) => {
-                            marks.push(None);
-                            valid.push(request);
-                        }
-                        Err(status) => marks.push(Some(status)),
-                    }
-                }
-                Ok(valid)
-            },
-            |_, outcomes| {
-                let marks = std::mem::take(&mut *refused.lock().unwrap_or_else(|p| p.into_inner()));
-                let valid = marks.iter().filter(|m| m.is_none()).count();
-                if outcomes.len() != valid {
-                    return Err(Status::internal(format!(
-                        "{valid} valid operations got {} outcomes",
-                        outcomes.len()
-                    )));
-                }
-                let mut outcomes = outcomes.iter();
-                let results = marks
-                    .iter()
-                    .map(|mark| match mark {
-                        None => outcomes.next().map_or_else(
-                            || to_proto::batch_error(&Status::internal("outcome missing")),
-                            to_proto::batch_result,
-                        ),
-                        Some(refused) => to_proto::batch_error(refused),
-                    })
-                    .collect();
-                Ok(v1::BatchReply { results })
-            },
-            on_leader!(LedgerClient, batch),
-        )
-        .await
+        let already_forwarded = forward::was_forwarded(&req);
+        let caller = Caller::of(&req);
+        self.batch_as(&caller, already_forwarded, req.into_inner()).await.map(Response::new)
     }
 
     type PipelineStream = std::pin::Pin<
