@@ -47,6 +47,18 @@ async fn pipeline(addr: std::net::SocketAddr, ops: Vec<(u64, Option<Op>)>) -> BT
     by_tag
 }
 
+/// Budget `acme`: 1,000 tokens a day.
+async fn create_acme(addr: std::net::SocketAddr) {
+    ledger(addr)
+        .create_budget(v1::CreateBudgetRequest {
+            meta: meta("ops", 1, "ops"),
+            path: "acme".into(),
+            limits: vec![limit("tokens", 1_000, Period::Day)],
+        })
+        .await
+        .unwrap();
+}
+
 fn error(r: &R) -> (i32, &str) {
     match r {
         R::Error(e) => (e.code, e.message.as_str()),
@@ -59,14 +71,7 @@ async fn a_pipeline_answers_every_operation_once_and_holds_the_cap() {
     let cluster = Cluster::start(3, |_| {}).await;
     let leader = cluster.leader().await;
     let addr = cluster.addrs[&leader];
-    ledger(addr)
-        .create_budget(v1::CreateBudgetRequest {
-            meta: meta("ops", 1, "ops"),
-            path: "acme".into(),
-            limits: vec![limit("tokens", 1_000, Period::Day)],
-        })
-        .await
-        .unwrap();
+    create_acme(addr).await;
 
     // 3,000 acquires of 10 on a cap of 1,000 (three times the in-flight bound),
     // an empty operation and a malformed one.
@@ -160,14 +165,7 @@ async fn a_pipeline_through_a_follower_forwards_each_operation() {
     let cluster = Cluster::start(3, |_| {}).await;
     let leader = cluster.leader().await;
     let follower = cluster.addrs[cluster.addrs.keys().find(|id| **id != leader).unwrap()];
-    ledger(follower)
-        .create_budget(v1::CreateBudgetRequest {
-            meta: meta("ops", 1, "ops"),
-            path: "acme".into(),
-            limits: vec![limit("tokens", 1_000, Period::Day)],
-        })
-        .await
-        .unwrap();
+    create_acme(follower).await;
     let ops = (1..=50).map(|r| (r, Some(acquire("acme", r)))).collect();
     let results = pipeline(follower, ops).await;
     let leases: std::collections::BTreeSet<u64> = results

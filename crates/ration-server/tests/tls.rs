@@ -173,6 +173,19 @@ fn meta(client: &str, request_id: u64, principal: &str) -> Option<v1::RequestMet
     })
 }
 
+/// An acquire of 10 tokens on `budget` by `principal` (client `c-<principal>`).
+fn acquire(principal: &str, request_id: u64, budget: &str) -> v1::AcquireRequest {
+    v1::AcquireRequest {
+        meta: meta(&format!("c-{principal}"), request_id, principal),
+        budget: budget.into(),
+        unit: "tokens".into(),
+        wanted: 10,
+        min: 1,
+        ttl_ms: 60_000,
+        starts_at_ms: 0,
+    }
+}
+
 fn create(path: &str, request_id: u64, principal: &str) -> v1::CreateBudgetRequest {
     v1::CreateBudgetRequest {
         meta: meta(&format!("c-{principal}"), request_id, principal),
@@ -267,43 +280,33 @@ async fn a_pipeline_acts_as_its_certificate_says_operation_by_operation() {
     c.role(leader, false, "gw", "gateway", "tenant").await;
     let mut gw = LedgerClient::new(chan(c.as_principal("gw"), c.clients[&leader]));
     gw.create_budget(create("tenant", 1, "gw")).await.unwrap();
-    let acquire = |budget: &str, request_id: u64, principal: &str| v1::PipelineOp {
+    let op = |budget: &str, request_id: u64, principal: &str| v1::PipelineOp {
         tag: request_id,
-        op: Some(v1::BatchOp {
-            op: Some(Op::Acquire(v1::AcquireRequest {
-                meta: meta(&format!("c-pipe-{principal}"), request_id, principal),
-                budget: budget.into(),
-                unit: "tokens".into(),
-                wanted: 10,
-                min: 1,
-                ttl_ms: 60_000,
-                starts_at_ms: 0,
-            })),
-        }),
+        op: Some(v1::BatchOp { op: Some(Op::Acquire(acquire(principal, request_id, budget))) }),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let mut results =
         gw.pipeline(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    tx.send(acquire("tenant", 1, "gw")).await.unwrap();
+    tx.send(op("tenant", 101, "gw")).await.unwrap();
     let (tag, r) = next(&mut results).await;
-    assert!(tag == 1 && matches!(r, R::Lease(_)), "{tag} {r:?}");
+    assert!(tag == 101 && matches!(r, R::Lease(_)), "{tag} {r:?}");
     // Naming another principal than the certificate's.
-    tx.send(acquire("tenant", 2, "admin")).await.unwrap();
+    tx.send(op("tenant", 102, "admin")).await.unwrap();
     let (tag, r) = next(&mut results).await;
     let R::Error(e) = r else { panic!("{r:?}") };
-    assert_eq!((tag, e.code), (2, Code::PermissionDenied as i32), "{e:?}");
+    assert_eq!((tag, e.code), (102, Code::PermissionDenied as i32), "{e:?}");
     // Outside its roles.
-    tx.send(acquire("elsewhere", 3, "gw")).await.unwrap();
+    tx.send(op("elsewhere", 103, "gw")).await.unwrap();
     let (tag, r) = next(&mut results).await;
     let R::Error(e) = r else { panic!("{r:?}") };
-    assert_eq!((tag, e.code), (3, Code::PermissionDenied as i32), "{e:?}");
+    assert_eq!((tag, e.code), (103, Code::PermissionDenied as i32), "{e:?}");
     assert!(e.message.contains("elsewhere"), "{}", e.message);
     // The role revoked while the call stays open: the next operation is refused.
     c.role(leader, true, "gw", "gateway", "tenant").await;
-    tx.send(acquire("tenant", 4, "gw")).await.unwrap();
+    tx.send(op("tenant", 104, "gw")).await.unwrap();
     let (tag, r) = next(&mut results).await;
     let R::Error(e) = r else { panic!("{r:?}") };
-    assert_eq!((tag, e.code), (4, Code::PermissionDenied as i32), "{e:?}");
+    assert_eq!((tag, e.code), (104, Code::PermissionDenied as i32), "{e:?}");
     drop(tx);
     assert!(results.message().await.unwrap().is_none(), "the call ends with OK");
     c.shutdown().await;
@@ -376,15 +379,6 @@ async fn every_way_in_without_the_right_certificate_is_refused_and_changes_nothi
         .create_budget(create("elsewhere", 1, "ops"))
         .await
         .unwrap();
-    let acquire = |principal: &str, request_id: u64, budget: &str| v1::AcquireRequest {
-        meta: meta(&format!("c-{principal}"), request_id, principal),
-        budget: budget.into(),
-        unit: "tokens".into(),
-        wanted: 10,
-        min: 1,
-        ttl_ms: 60_000,
-        starts_at_ms: 0,
-    };
     let gw2 = LedgerClient::new(chan(c.as_principal("gw2"), c.clients[&leader]))
         .acquire(acquire("gw2", 1, "tenant"))
         .await
