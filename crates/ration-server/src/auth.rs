@@ -89,6 +89,37 @@ pub fn admit(
     bearer: Option<&str>,
     tokens: Option<&TokenKey>,
 ) -> Result<Caller, Status> {
+    admit_until(port, path, peer, on_behalf, bearer, tokens).map(|(caller, _)| caller)
+}
+
+/// The expiry (Unix seconds) of the bearer token a call was admitted with, in its
+/// extensions: a call that outlives it (a Pipeline stream) refuses what comes after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenExpiry(pub u64);
+
+impl TokenExpiry {
+    /// Refuses work once the token has expired, with how long ago.
+    pub fn check(&self, now: u64) -> Result<(), Status> {
+        if now > self.0 {
+            return Err(Status::unauthenticated(format!(
+                "the bearer token this call was opened with expired {} s ago: open a new \
+                 call with a fresh token",
+                now - self.0
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// [`admit`], with the expiry of the bearer token that authenticated the caller.
+fn admit_until(
+    port: Port,
+    path: &str,
+    peer: Option<&PeerInfo>,
+    on_behalf: Option<&str>,
+    bearer: Option<&str>,
+    tokens: Option<&TokenKey>,
+) -> Result<(Caller, Option<TokenExpiry>), Status> {
     if port == Port::Client && PEER_ONLY.contains(&path) {
         let method = path.rsplit('/').next().unwrap_or(path);
         return Err(Status::permission_denied(format!(
@@ -96,7 +127,7 @@ pub fn admit(
         )));
     }
     let Some(peer) = peer else {
-        return Ok(Caller::Unauthenticated);
+        return Ok((Caller::Unauthenticated, None));
     };
     if let (false, Some(token), Port::Client) = (peer.presented, bearer, port) {
         let Some(key) = tokens else {
@@ -105,14 +136,14 @@ pub fn admit(
             ));
         };
         return key
-            .verify(token, ration_tls::token::unix_now())
-            .map(Caller::Principal)
+            .verify_until(token, ration_tls::token::unix_now())
+            .map(|(p, until)| (Caller::Principal(p), Some(TokenExpiry(until))))
             .map_err(|why| Status::unauthenticated(format!("bearer token refused: {why}")));
     }
     let identity = peer.identity.as_ref().map_err(|why| {
         Status::unauthenticated(format!("TLS client authentication failed: {why}"))
     })?;
-    match (port, identity) {
+    let caller = match (port, identity) {
         (Port::Peer, Identity::Node(id)) => match on_behalf {
             Some(p) => Ok(Caller::Forwarded { by: *id, principal: p.to_owned() }),
             None => Ok(Caller::Node(*id)),
@@ -128,7 +159,8 @@ pub fn admit(
                  naming a principal"
             )))
         }
-    }
+    };
+    caller.map(|c| (c, None))
 }
 
 /// The tower layer applying [`admit`] to every request on a port.
@@ -177,7 +209,7 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_owned);
-        let admitted = admit(
+        let admitted = admit_until(
             self.port,
             req.uri().path(),
             req.extensions().get::<PeerInfo>(),
@@ -186,8 +218,11 @@ where
             self.tokens.as_deref(),
         );
         match admitted {
-            Ok(caller) => {
+            Ok((caller, expiry)) => {
                 req.extensions_mut().insert(caller);
+                if let Some(expiry) = expiry {
+                    req.extensions_mut().insert(expiry);
+                }
                 Box::pin(self.inner.call(req))
             }
             Err(status) => {
@@ -287,7 +322,8 @@ mod tests {
             identity: Err("no client certificate was presented".into()),
         };
         let acquire = "/ration.v1.Ledger/Acquire";
-        let token = key.issue("gw", ration_tls::token::unix_now() + 60);
+        let until = ration_tls::token::unix_now() + 60;
+        let token = key.issue("gw", until);
         let with = |t: Option<&str>, k: Option<&TokenKey>, port| {
             super::admit(port, acquire, Some(&none), None, t, k)
         };
@@ -314,5 +350,17 @@ mod tests {
         let by_cert =
             super::admit(Port::Client, acquire, Some(&gw), None, Some(&token), Some(&key));
         assert_eq!(by_cert.unwrap(), Caller::Principal("cert-gw".into()));
+        // A token's expiry goes with the call (a stream checks it as it goes); a
+        // certificate's call carries none.
+        let (_, expiry) =
+            super::admit_until(Port::Client, acquire, Some(&none), None, Some(&token), Some(&key))
+                .unwrap();
+        assert_eq!(expiry, Some(super::TokenExpiry(until)));
+        assert!(expiry.unwrap().check(until).is_ok());
+        let late = expiry.unwrap().check(until + 3).unwrap_err();
+        assert_eq!(late.code(), tonic::Code::Unauthenticated);
+        assert!(late.message().contains("expired 3 s ago"), "{}", late.message());
+        let by_cert = super::admit_until(Port::Client, acquire, Some(&gw), None, None, Some(&key));
+        assert_eq!(by_cert.unwrap().1, None);
     }
 }

@@ -809,6 +809,53 @@ async fn a_node_reloads_its_certificates_on_sighup_without_restarting() {
     c.shutdown().await;
 }
 
+/// A Pipeline call opened with a bearer token serves it until the token expires,
+/// then refuses each further operation (UNAUTHENTICATED, saying so) without
+/// running it: a stream does not outlive the token it was opened with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_opened_with_a_bearer_token_stops_when_the_token_expires() {
+    use v1::{batch_op::Op, batch_result::Result as R};
+    let c = TlsCluster::start(3).await;
+    let leader = c.leader().await;
+    c.role(leader, false, "gw", "operator", "tenant").await;
+    c.role(leader, false, "gw", "gateway", "tenant").await;
+    LedgerClient::new(chan(c.as_principal("gw"), c.clients[&leader]))
+        .create_budget(create("tenant", 1, "gw"))
+        .await
+        .unwrap();
+    let key = TokenKey::load(&c.token_key_file()).unwrap();
+    let until = unix_now() + 2;
+    let mut gw = LedgerClient::new(c.with_token(&key.issue("gw", until), c.clients[&leader]));
+    let op = |request_id: u64| v1::PipelineOp {
+        tag: request_id,
+        op: Some(v1::BatchOp { op: Some(Op::Acquire(acquire("gw", request_id, "tenant"))) }),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut results =
+        gw.pipeline(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tx.send(op(201)).await.unwrap();
+    let (tag, r) = next(&mut results).await;
+    assert!(tag == 201 && matches!(r, R::Lease(_)), "{tag} {r:?}");
+    while unix_now() <= until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tx.send(op(202)).await.unwrap();
+    let (tag, r) = next(&mut results).await;
+    let R::Error(e) = r else { panic!("{r:?}") };
+    assert_eq!((tag, e.code), (202, Code::Unauthenticated as i32), "{e:?}");
+    assert!(e.message.contains("bearer token this call was opened with expired"), "{}", e.message);
+    drop(tx);
+    assert!(results.message().await.unwrap().is_none(), "the call ends with OK");
+    // The refused operation was never run: only the first lease exists.
+    let leases = LedgerClient::new(chan(c.as_principal("admin"), c.clients[&leader]))
+        .get_budget(v1::GetBudgetRequest { path: "tenant".into(), linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(leases.live_leases, 1, "{leases:?}");
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_without_a_certificate_authenticates_with_a_bearer_token() {
     let c = TlsCluster::start(3).await;

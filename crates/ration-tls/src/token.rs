@@ -76,6 +76,12 @@ impl TokenKey {
     /// The principal a token names, if it was made with this key and has not
     /// expired at `now` (Unix seconds); or why not, in words.
     pub fn verify(&self, token: &str, now: u64) -> Result<String, String> {
+        self.verify_until(token, now).map(|(principal, _)| principal)
+    }
+
+    /// As [`TokenKey::verify`], with the token's expiry (Unix seconds): a call that
+    /// outlives its token (a stream) checks it again as it goes.
+    pub fn verify_until(&self, token: &str, now: u64) -> Result<(String, u64), String> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(format!("the token is longer than {MAX_TOKEN_BYTES} bytes"));
         }
@@ -99,7 +105,7 @@ impl TokenKey {
         if principal.is_empty() {
             return Err("the token names no principal".into());
         }
-        Ok(principal.to_owned())
+        Ok((principal.to_owned(), not_after))
     }
 }
 

@@ -502,13 +502,21 @@ impl v1::ledger_server::Ledger for LedgerService {
         req: Request<tonic::Streaming<v1::PipelineOp>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
         // Authenticated once, as the call opens (the Gate layer); each operation's
-        // roles are checked as it runs.
+        // roles are checked as it runs, and so is the expiry of the bearer token the
+        // call was opened with, if any.
         let caller = Caller::of(&req);
+        let expiry = req.extensions().get::<crate::auth::TokenExpiry>().copied();
         let service = self.clone();
         let results =
             super::pipeline::drive(req.into_inner(), super::pipeline::MAX_IN_FLIGHT, move |op| {
                 let (service, caller) = (service.clone(), caller.clone());
-                async move { service.pipelined(op, caller).await }
+                async move {
+                    let expired = expiry.map(|e| e.check(ration_tls::token::unix_now()));
+                    if let Some(Err(status)) = expired {
+                        return to_proto::batch_error(&status);
+                    }
+                    service.pipelined(op, caller).await
+                }
             });
         Ok(Response::new(Box::pin(results)))
     }
