@@ -73,11 +73,8 @@ impl Hasher for NameHasher {
             word.copy_from_slice(w);
             self.state = fold(self.state ^ u64::from_le_bytes(word), self.key);
         }
-        let rest = words.remainder();
         // The length goes in with the last word, so "ab" and "ab\0" differ.
-        let mut word = [0u8; 8];
-        word[..rest.len()].copy_from_slice(rest);
-        let tail = u64::from_le_bytes(word) ^ ((bytes.len() as u64) << 56);
+        let tail = tail_word(words.remainder()) ^ ((bytes.len() as u64) << 56);
         self.state = fold(self.state ^ tail, self.key);
     }
 
@@ -91,6 +88,28 @@ impl Hasher for NameHasher {
 
     fn write_usize(&mut self, n: usize) {
         self.write_u64(n as u64);
+    }
+}
+
+/// The last 0 to 7 bytes of a name as a little-endian word, zero above them:
+/// what copying them into a zeroed `[u8; 8]` gives, without the copy of a length
+/// known only at run time (a call to `memcpy` per name). Overlapping fixed-size
+/// reads put each byte at its own place; where they overlap, they agree.
+fn tail_word(rest: &[u8]) -> u64 {
+    let n = rest.len();
+    debug_assert!(n < 8);
+    let byte = |i: usize| u64::from(rest[i]) << (8 * i);
+    match n {
+        0 => 0,
+        1..=3 => byte(0) | byte(n / 2) | byte(n - 1),
+        _ => {
+            let word = |at: usize| {
+                let mut w = [0u8; 4];
+                w.copy_from_slice(&rest[at..at + 4]);
+                u64::from(u32::from_le_bytes(w))
+            };
+            word(0) | (word(n - 4) << (8 * (n - 4)))
+        }
     }
 }
 
@@ -342,6 +361,19 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn a_names_tail_word_is_its_bytes_zero_padded() {
+        let bytes: Vec<u8> = (1..=7u8).map(|b| b.wrapping_mul(37) | 0x80).collect();
+        for n in 0..8 {
+            for start in 0..(bytes.len() - n + 1) {
+                let rest = &bytes[start..start + n];
+                let mut padded = [0u8; 8];
+                padded[..n].copy_from_slice(rest);
+                assert_eq!(tail_word(rest), u64::from_le_bytes(padded), "{rest:?}");
+            }
+        }
+    }
 
     #[test]
     fn names_hash_by_content_and_length() {

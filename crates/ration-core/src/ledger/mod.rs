@@ -475,7 +475,9 @@ impl Ledger {
         self.last_index = index;
         let Entry::V1(batch) = entry;
         self.now_ms = self.now_ms.max(clamp_time(batch.time_ms));
-        let mut audit = Vec::new();
+        // Most commands emit a record: room for one each, so the records (hundreds of
+        // bytes apiece) are not copied as the vector doubles.
+        let mut audit = Vec::with_capacity(batch.commands.len());
         self.housekeep(index, &mut audit);
         self.observe(index, &mut audit);
         let outcomes = batch
