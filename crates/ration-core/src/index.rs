@@ -98,18 +98,18 @@ impl Hasher for NameHasher {
 fn tail_word(rest: &[u8]) -> u64 {
     let n = rest.len();
     debug_assert!(n < 8);
-    let byte = |i: usize| u64::from(rest[i]) << (8 * i);
+    // Byte `i` of the word: shifted by 8 * i (at most 56 for a tail).
+    let at = |i: usize| (i.wrapping_mul(8) & 63) as u32;
+    let byte = |i: usize| rest.get(i).map_or(0, |b| u64::from(*b) << at(i));
+    let word = |i: usize| {
+        rest.get(i..i.wrapping_add(4))
+            .and_then(|w| <[u8; 4]>::try_from(w).ok())
+            .map_or(0, |w| u64::from(u32::from_le_bytes(w)) << at(i))
+    };
     match n {
         0 => 0,
-        1..=3 => byte(0) | byte(n / 2) | byte(n - 1),
-        _ => {
-            let word = |at: usize| {
-                let mut w = [0u8; 4];
-                w.copy_from_slice(&rest[at..at + 4]);
-                u64::from(u32::from_le_bytes(w))
-            };
-            word(0) | (word(n - 4) << (8 * (n - 4)))
-        }
+        1..=3 => byte(0) | byte(n / 2) | byte(n.wrapping_sub(1)),
+        _ => word(0) | word(n.wrapping_sub(4)),
     }
 }
 
