@@ -78,20 +78,6 @@ pub enum Port {
 /// Methods only members call, served on the peer port.
 const PEER_ONLY: [&str; 2] = ["/ration.v1.Cluster/Campaign", "/ration.v1.Cluster/PauseElections"];
 
-/// Decides who calls on `port`, or refuses the call. A client that presented no
-/// certificate may authenticate on the client port with a bearer token made with
-/// `tokens` (the node's token key, if it has one).
-pub fn admit(
-    port: Port,
-    path: &str,
-    peer: Option<&PeerInfo>,
-    on_behalf: Option<&str>,
-    bearer: Option<&str>,
-    tokens: Option<&TokenKey>,
-) -> Result<Caller, Status> {
-    admit_until(port, path, peer, on_behalf, bearer, tokens).map(|(caller, _)| caller)
-}
-
 /// The expiry (Unix seconds) of the bearer token a call was admitted with, in its
 /// extensions: a call that outlives it (a Pipeline stream) refuses what comes after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,8 +97,11 @@ impl TokenExpiry {
     }
 }
 
-/// [`admit`], with the expiry of the bearer token that authenticated the caller.
-fn admit_until(
+/// Decides who calls on `port`, or refuses the call; with the expiry of the bearer
+/// token that authenticated the caller, if one did. A client that presented no
+/// certificate may authenticate on the client port with a bearer token made with
+/// `tokens` (the node's token key, if it has one).
+pub fn admit(
     port: Port,
     path: &str,
     peer: Option<&PeerInfo>,
@@ -209,7 +198,7 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_owned);
-        let admitted = admit_until(
+        let admitted = admit(
             self.port,
             req.uri().path(),
             req.extensions().get::<PeerInfo>(),
@@ -270,7 +259,7 @@ mod tests {
         peer: Option<&PeerInfo>,
         on_behalf: Option<&str>,
     ) -> Result<Caller, Status> {
-        super::admit(port, path, peer, on_behalf, None, None)
+        super::admit(port, path, peer, on_behalf, None, None).map(|(caller, _)| caller)
     }
 
     #[test]
@@ -325,7 +314,7 @@ mod tests {
         let until = ration_tls::token::unix_now() + 60;
         let token = key.issue("gw", until);
         let with = |t: Option<&str>, k: Option<&TokenKey>, port| {
-            super::admit(port, acquire, Some(&none), None, t, k)
+            super::admit(port, acquire, Some(&none), None, t, k).map(|(caller, _)| caller)
         };
         assert_eq!(
             with(Some(&token), Some(&key), Port::Client).unwrap(),
@@ -349,18 +338,18 @@ mod tests {
         let gw = peer(Ok(Identity::Principal("cert-gw".into())));
         let by_cert =
             super::admit(Port::Client, acquire, Some(&gw), None, Some(&token), Some(&key));
-        assert_eq!(by_cert.unwrap(), Caller::Principal("cert-gw".into()));
+        assert_eq!(by_cert.unwrap().0, Caller::Principal("cert-gw".into()));
         // A token's expiry goes with the call (a stream checks it as it goes); a
         // certificate's call carries none.
         let (_, expiry) =
-            super::admit_until(Port::Client, acquire, Some(&none), None, Some(&token), Some(&key))
+            super::admit(Port::Client, acquire, Some(&none), None, Some(&token), Some(&key))
                 .unwrap();
         assert_eq!(expiry, Some(super::TokenExpiry(until)));
         assert!(expiry.unwrap().check(until).is_ok());
         let late = expiry.unwrap().check(until + 3).unwrap_err();
         assert_eq!(late.code(), tonic::Code::Unauthenticated);
         assert!(late.message().contains("expired 3 s ago"), "{}", late.message());
-        let by_cert = super::admit_until(Port::Client, acquire, Some(&gw), None, None, Some(&key));
+        let by_cert = super::admit(Port::Client, acquire, Some(&gw), None, None, Some(&key));
         assert_eq!(by_cert.unwrap().1, None);
     }
 }
