@@ -498,6 +498,7 @@ impl Pipe {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner()).insert(tag, tx);
         let op = v1::PipelineOp { tag, op: Some(v1::BatchOp { op: Some(op) }) };
         if self.send.send(op).await.is_err() {
+            self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&tag);
             return Err(tonic::Status::unavailable("the pipeline call ended"));
         }
         rx.await.map_err(|_| tonic::Status::unavailable("the pipeline call ended unanswered"))
@@ -918,6 +919,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.wan.is_some() && args.tls {
         bail!("--wan proxies the nodes' one port: not with --tls (peers on ports of their own)");
+    }
+    if args.pipeline && args.batch > 0 {
+        bail!("--pipeline sends one operation per message: not with --batch");
     }
     let args = Arc::new(args);
     let (mut _nodes, endpoints) = if args.endpoints.is_empty() {

@@ -1,6 +1,7 @@
 //! The Pipeline call on a real 3-node cluster: every operation answered once by
 //! its tag, the cap held, refusals per operation, exactly once across calls, and
-//! operations through a follower forwarded one by one.
+//! operations through a follower forwarded one by one, an oversized message ending
+//! the call alone.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -182,5 +183,43 @@ async fn a_pipeline_through_a_follower_forwards_each_operation() {
         .unwrap()
         .into_inner();
     assert_eq!(budget.limits[0].outstanding, 500);
+    cluster.shutdown().await;
+}
+
+/// A message above the node's message limit ends the call with OUT_OF_RANGE,
+/// saying so; what was answered before stands, the oversized operation is not
+/// run, and a new call works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_ends_the_call_and_nothing_else() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let leader = cluster.addrs[&cluster.leader().await];
+    create_acme(leader).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut results = ledger(leader).pipeline(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let send = |tag: u64, budget: String| v1::PipelineOp {
+        tag,
+        op: Some(v1::BatchOp { op: Some(acquire(&budget, tag)) }),
+    };
+    tx.send(send(1, "acme".into())).await.unwrap();
+    let first = results.message().await.unwrap().unwrap();
+    assert!(matches!(first.result.and_then(|r| r.result), Some(R::Lease(_))), "tag 1 granted");
+    // Above the default max_message_bytes (8 MiB).
+    tx.send(send(2, "a".repeat(9 << 20))).await.unwrap();
+    let status = results.message().await.expect_err("the call ends with an error");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("too large"), "{}", status.message());
+    drop(tx);
+
+    let budget = || async {
+        ledger(leader)
+            .get_budget(v1::GetBudgetRequest { path: "acme".into(), linearizable: true })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    assert_eq!(budget().await.limits[0].outstanding, 10, "only tag 1 was run");
+    let results = pipeline(leader, vec![(3, Some(acquire("acme", 3)))]).await;
+    assert!(matches!(results[&3], R::Lease(_)), "{results:?}");
+    assert_eq!(budget().await.limits[0].outstanding, 20);
     cluster.shutdown().await;
 }
