@@ -1,6 +1,5 @@
 //! Creating, updating and deleting budgets.
 
-use crate::index::HashIndex;
 
 use super::{Budget, Counter, Ctx, Ledger, Limit};
 use crate::audit::AuditKind;
@@ -224,9 +223,9 @@ impl Ledger {
             consumed: 0,
             outstanding: 0,
             overruns: 0,
-            holders: HashIndex::new(),
+            holders: super::holders::Holders::default(),
             upcoming: 0,
-            upcoming_holders: HashIndex::new(),
+            upcoming_holders: super::holders::Holders::default(),
             watch: None,
         };
         Limit { spec, counter }

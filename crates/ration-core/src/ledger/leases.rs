@@ -150,7 +150,7 @@ impl Ledger {
                     });
                 }
                 let sharers = (holders.len() as u64)
-                    .saturating_add(u64::from(!holders.contains_key(ctx.principal)));
+                    .saturating_add(u64::from(!holders.contains(ctx.principal)));
                 let share = available.div_ceil(sharers);
                 grant = grant.min(a.wanted.min(share).max(at_least).min(available));
                 window_end_ms = window_end_ms.min(ends);
@@ -213,8 +213,7 @@ impl Ledger {
                 };
                 *outstanding =
                     outstanding.checked_add(grant).expect("invariant: outstanding <= cap");
-                let held = holders.entry(ctx.principal.clone()).or_insert(0);
-                *held = held.saturating_add(1);
+                holders.add(ctx.principal);
                 counters.push(CounterRef { budget: id, counter: c.id });
                 unit.get_or_insert_with(|| limit.spec.unit.clone());
                 balances.push(if next {
@@ -541,13 +540,10 @@ impl Ledger {
             *outstanding = outstanding
                 .checked_sub(unsettled)
                 .expect("invariant: outstanding covers the lease");
-            match holders.get_mut(&lease.principal) {
-                Some(n) if *n > 1 => *n = n.saturating_sub(1),
-                Some(_) => {
-                    holders.remove(&lease.principal);
-                }
-                None => panic!("invariant: a live lease's holder is counted"),
-            }
+            assert!(
+                holders.remove_one(&lease.principal),
+                "invariant: a live lease's holder is counted"
+            );
             if super::counts_spend(&limit.spec) {
                 counter.consumed =
                     counter.consumed.checked_add(consumed).expect("invariant: consumed <= cap");

@@ -25,6 +25,7 @@ use crate::window::clamp_time;
 mod budgets;
 mod controls;
 mod emit;
+mod holders;
 mod leases;
 mod principals;
 mod queries;
@@ -97,7 +98,7 @@ struct Counter {
     overruns: u64,
     /// Derived: live leases per holder, for the fair share.
     #[serde(skip)]
-    holders: HashIndex<Principal, u32>,
+    holders: holders::Holders,
     /// Granted in live leases that open when this window ends (acquired for the
     /// next window, see [`crate::AcquireNext`]), not yet reported: the next window's
     /// outstanding. Its consumed is zero until it opens. `upcoming <= cap`. In the
@@ -106,7 +107,7 @@ struct Counter {
     upcoming: u64,
     /// Derived: live next-window leases per holder.
     #[serde(skip)]
-    upcoming_holders: HashIndex<Principal, u32>,
+    upcoming_holders: holders::Holders,
     /// Thresholds crossed and burn rate (`visibility`), once spend is seen. In the
     /// snapshot's seventh section.
     #[serde(skip)]

@@ -244,8 +244,8 @@ impl Ledger {
         while let Some(id) = at {
             let Some(b) = self.budgets.get(&id) else { return false };
             if let Some(l) = b.limits.iter().find(|l| l.spec.unit == *unit) {
-                return l.counter.holders.contains_key(principal)
-                    || l.counter.upcoming_holders.contains_key(principal);
+                return l.counter.holders.contains(principal)
+                    || l.counter.upcoming_holders.contains(principal);
             }
             at = b.parent;
         }

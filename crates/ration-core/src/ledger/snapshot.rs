@@ -405,8 +405,8 @@ impl Ledger {
             b.children = 0;
             b.live_leases = 0;
             for l in &mut b.limits {
-                l.counter.holders.clear();
-                l.counter.upcoming_holders.clear();
+                l.counter.holders = Default::default();
+                l.counter.upcoming_holders = Default::default();
             }
         }
         for id in &ids {
@@ -495,8 +495,7 @@ impl Ledger {
                 }
                 let holders =
                     if next { &mut counter.upcoming_holders } else { &mut counter.holders };
-                let n = holders.entry(lease.principal.clone()).or_insert(0);
-                *n = n.saturating_add(1);
+                holders.add(&lease.principal);
             }
             if self.budgets.get(&lease.budget).is_none_or(|b| b.path != lease.path) {
                 return Err(InvariantError::LeasePathMismatch {
