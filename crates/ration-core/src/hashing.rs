@@ -8,24 +8,29 @@ use sha2::{Digest, Sha256};
 /// Gathers the encoding in a block-sized buffer on the stack and hands the hasher
 /// whole blocks: postcard writes a value field by field, a few bytes at a time, and
 /// each `update` call has its own bookkeeping.
-struct HashFlavor {
+/// The buffer is the caller's: postcard takes the flavor by value and hands it
+/// back, and a buffer inside it would be copied each way.
+struct HashFlavor<'a> {
     hasher: Sha256,
-    buf: [u8; BUF],
+    buf: &'a mut [u8; BUF],
     len: usize,
 }
 
-const BUF: usize = 256;
+/// Big enough that a typical audit record (about 200 bytes) goes to the hasher in
+/// one call.
+const BUF: usize = 512;
 
-impl HashFlavor {
+impl HashFlavor<'_> {
     fn flush(&mut self) {
         self.hasher.update(&self.buf[..self.len]);
         self.len = 0;
     }
 }
 
-impl Flavor for HashFlavor {
+impl Flavor for HashFlavor<'_> {
     type Output = Sha256;
 
+    #[inline(always)]
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
         if self.len == BUF {
             self.flush();
@@ -35,10 +40,11 @@ impl Flavor for HashFlavor {
         Ok(())
     }
 
+    #[inline(always)]
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
         let end = self.len.saturating_add(data.len());
         if end <= BUF {
-            self.buf[self.len..end].copy_from_slice(data);
+            copy_small(&mut self.buf[self.len..end], data);
             self.len = end;
         } else {
             self.flush();
@@ -58,11 +64,49 @@ impl Flavor for HashFlavor {
     }
 }
 
+/// `dst.copy_from_slice(src)`. Most of what postcard writes is a few bytes at a
+/// time (a varint, a short name), where `copy_from_slice` of a length known only
+/// at run time is a call to `memcpy` each: up to 16 bytes are copied with
+/// fixed-size moves instead, two overlapping ones that agree where they overlap.
+fn copy_small(dst: &mut [u8], src: &[u8]) {
+    fn two<const N: usize>(dst: &mut [u8], src: &[u8]) {
+        let n = src.len();
+        let (head, tail) = (n.min(N), n.saturating_sub(N));
+        if let (Some(d), Some(s)) = (dst.get_mut(..head), src.get(..head)) {
+            if let (Ok(d), Ok(s)) = (<&mut [u8; N]>::try_from(d), <&[u8; N]>::try_from(s)) {
+                *d = *s;
+            }
+        }
+        if let (Some(d), Some(s)) = (dst.get_mut(tail..), src.get(tail..)) {
+            if let (Ok(d), Ok(s)) = (<&mut [u8; N]>::try_from(d), <&[u8; N]>::try_from(s)) {
+                *d = *s;
+            }
+        }
+    }
+    debug_assert_eq!(dst.len(), src.len());
+    match src.len() {
+        0 => {}
+        // A loop here would be turned back into a call to `memcpy`.
+        n @ 1..=3 => {
+            for i in [0, n / 2, n.wrapping_sub(1)] {
+                if let (Some(d), Some(s)) = (dst.get_mut(i), src.get(i)) {
+                    *d = *s;
+                }
+            }
+        }
+        4..=7 => two::<4>(dst, src),
+        8..=16 => two::<8>(dst, src),
+        _ => dst.copy_from_slice(src),
+    }
+}
+
 /// SHA-256 of `domain` followed by the postcard encoding of `value`.
 pub(crate) fn sha256_of<T: Serialize + ?Sized>(domain: &[u8], value: &T) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    hasher.update(domain);
-    let flavor = HashFlavor { hasher, buf: [0; BUF], len: 0 };
+    // The domain goes in the buffer with the encoding: the hasher copies what does
+    // not fill a block into its own buffer, once per call.
+    let mut buf = [0; BUF];
+    let mut flavor = HashFlavor { hasher: Sha256::new(), buf: &mut buf, len: 0 };
+    flavor.try_extend(domain).expect("hashing never fails to accept bytes");
     postcard::serialize_with_flavor(value, flavor)
         .expect("hashing never fails to accept bytes")
         .finalize()
@@ -72,6 +116,16 @@ pub(crate) fn sha256_of<T: Serialize + ?Sized>(domain: &[u8], value: &T) -> [u8;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_small_slices_exactly() {
+        let src: Vec<u8> = (1..=40).collect();
+        for n in 0..=40 {
+            let mut dst = vec![0u8; n];
+            copy_small(&mut dst, &src[..n]);
+            assert_eq!(dst, &src[..n], "{n} bytes");
+        }
+    }
 
     #[test]
     fn streams_the_same_bytes_as_the_encoding() {

@@ -1,6 +1,5 @@
 //! Creating, updating and deleting budgets.
 
-
 use super::{Budget, Counter, Ctx, Ledger, Limit};
 use crate::audit::AuditKind;
 use crate::command::{BudgetSpec, LimitSpec, Outcome, Reply};
