@@ -148,10 +148,10 @@ async fn leader_with_a_fast_clock(ahead_ms: i64) {
             followed >= slack as i64 / 2,
             "the clock was followed: {followed} ms (from answers within 50 ms)"
         );
-        assert!(
-            stepped_down_at.is_none(),
-            "a clock within the tolerance is no reason to hand over"
-        );
+        // Leadership may still move on a loaded machine (an election timeout): what
+        // must not happen is a step-down for the clock's sake.
+        let steps = cluster.nodes[&fast].node.metrics.clock_step_downs();
+        assert_eq!(steps, 0, "a clock within the tolerance is no reason to hand over");
     }
     // Ledger time recovers: a few seconds on, it is within a second of real time.
     let mut recovered = false;
