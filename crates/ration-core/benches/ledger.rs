@@ -291,6 +291,14 @@ fn bench(c: &mut Criterion, full: bool) {
     group.bench_function("hash_one_grant_record", |b| {
         b.iter(|| black_box(&record.entry).compute_hash())
     });
+    // Encoding the whole record (what the node's audit store writes): postcard's
+    // own encoder into a vector, the baseline, against the project's.
+    group.bench_function("encode_one_grant_record_postcard", |b| {
+        b.iter(|| postcard::to_stdvec(black_box(&record)).unwrap())
+    });
+    group.bench_function("encode_one_grant_record", |b| {
+        b.iter(|| ration_core::encode(black_box(&record)))
+    });
     group.finish();
     f.borrow().ledger.check_invariants().unwrap();
 }

@@ -292,11 +292,10 @@ impl From<LegacyRecord> for AuditRecord {
 /// whichever version writes it (its digest, in a snapshot's manifest, stays
 /// true). [`decode_record`] reads both.
 pub fn encode_record(r: &AuditRecord) -> Vec<u8> {
-    let encoded = match r.entry.format_1() {
-        Some(fields) => postcard::to_allocvec(&(fields, &r.hash)),
-        None => postcard::to_allocvec(r),
-    };
-    encoded.expect("encoding into a Vec cannot fail")
+    match r.entry.format_1() {
+        Some(fields) => crate::encode(&(fields, &r.hash)),
+        None => crate::encode(r),
+    }
 }
 
 /// Decodes one record written in either audit format (postcard). The current

@@ -676,7 +676,7 @@ pub enum Entry {
 
 impl Entry {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("encoding an entry into a Vec cannot fail")
+        crate::encode(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {

@@ -163,8 +163,7 @@ pub(crate) const AUDIT_VALUE_BYTES: usize = 7 * 1024;
 /// one by one (the length prefix, then the records).
 pub(crate) fn audit_values(records: &[AuditRecord]) -> Vec<(u64, Vec<u8>)> {
     fn value(count: usize, body: &[u8]) -> Vec<u8> {
-        let mut v = postcard::to_extend(&(count as u64), Vec::with_capacity(body.len() + 10))
-            .expect("encoding into a Vec cannot fail");
+        let mut v = ration_core::encode_onto(&(count as u64), Vec::with_capacity(body.len() + 10));
         v.extend_from_slice(body);
         v
     }
@@ -173,7 +172,7 @@ pub(crate) fn audit_values(records: &[AuditRecord]) -> Vec<(u64, Vec<u8>)> {
     let mut start = 0;
     for (i, record) in records.iter().enumerate() {
         let before = body.len();
-        body = postcard::to_extend(record, body).expect("encoding into a Vec cannot fail");
+        body = ration_core::encode_onto(record, body);
         let held = i - start;
         // The value adds the count before the records: at most 10 bytes.
         if held > 0 && (body.len() + 10 > AUDIT_VALUE_BYTES || held == AUDIT_CHUNK) {

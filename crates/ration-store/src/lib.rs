@@ -286,7 +286,7 @@ pub enum OpenError {
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("encoding into a Vec cannot fail")
+    ration_core::encode(value)
 }
 
 fn index_key(index: u64) -> [u8; 8] {

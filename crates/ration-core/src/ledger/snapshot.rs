@@ -244,10 +244,7 @@ impl Ledger {
             halted_total: self.halted_total,
         };
         let vis = super::visibility::Visibility { watch: self.watches(), ..self.vis.clone() };
-        postcard::to_stdvec(&SnapshotFormat::V7(
-            self, extra, next, principals, roles, controls, &vis,
-        ))
-        .expect("encoding into a Vec cannot fail")
+        crate::encode(&SnapshotFormat::V7(self, extra, next, principals, roles, controls, &vis))
     }
 
     /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, and checks it.

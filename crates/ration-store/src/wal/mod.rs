@@ -85,7 +85,7 @@ fn record(kind: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("encoding into a Vec cannot fail")
+    ration_core::encode(value)
 }
 
 /// Why the log could not be opened.
