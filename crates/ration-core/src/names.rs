@@ -28,17 +28,16 @@ pub const MAX_ID_BYTES: usize = 128;
 ///
 /// Segments are 1 to 64 bytes of `[A-Za-z0-9_.-]`, not `.` or `..`, joined by `/`;
 /// at most 8 segments and 256 bytes in all.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BudgetPath(Arc<str>);
 
 impl BudgetPath {
     /// Checks `path` and builds it.
-    pub fn new(path: impl Into<String>) -> Result<Self, LedgerError> {
-        let path = path.into();
-        match check_path(&path) {
+    pub fn new(path: impl AsRef<str>) -> Result<Self, LedgerError> {
+        let path = path.as_ref();
+        match check_path(path) {
             Ok(()) => Ok(Self(path.into())),
-            Err(reason) => Err(LedgerError::InvalidPath { path: truncate(&path), reason }),
+            Err(reason) => Err(LedgerError::InvalidPath { path: truncate(path), reason }),
         }
     }
 
@@ -115,13 +114,12 @@ fn check_path(path: &str) -> Result<(), String> {
 /// A unit: a named integer quantity such as `tokens`, `usd_micros` or `requests`.
 ///
 /// 1 to 32 bytes of `[a-z0-9_]`, starting with a letter.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Unit(Arc<str>);
 
 impl Unit {
-    pub fn new(unit: impl Into<String>) -> Result<Self, LedgerError> {
-        let unit = unit.into();
+    pub fn new(unit: impl AsRef<str>) -> Result<Self, LedgerError> {
+        let unit = unit.as_ref();
         let reason = if unit.is_empty() {
             Some("a unit name must not be empty".to_owned())
         } else if unit.len() > MAX_UNIT_BYTES {
@@ -136,7 +134,7 @@ impl Unit {
         };
         match reason {
             None => Ok(Self(unit.into())),
-            Some(reason) => Err(LedgerError::InvalidUnit { unit: truncate(&unit), reason }),
+            Some(reason) => Err(LedgerError::InvalidUnit { unit: truncate(unit), reason }),
         }
     }
 
@@ -163,8 +161,7 @@ fn check_id(id: &str) -> Option<String> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Eq, PartialOrd, Ord, Deserialize)]
-        #[serde(try_from = "String")]
+        #[derive(Clone, Eq, PartialOrd, Ord)]
         pub struct $name(Arc<str>);
 
         /// Equal names are equal strings; two copies of one name (the ledger
@@ -184,13 +181,13 @@ macro_rules! id_type {
         }
 
         impl $name {
-            pub fn new(id: impl Into<String>) -> Result<Self, LedgerError> {
-                let id = id.into();
-                match check_id(&id) {
+            pub fn new(id: impl AsRef<str>) -> Result<Self, LedgerError> {
+                let id = id.as_ref();
+                match check_id(id) {
                     None => Ok(Self(id.into())),
                     Some(reason) => Err(LedgerError::InvalidArgument {
                         field: $what.into(),
-                        reason: format!("{:?} {reason}", truncate(&id)),
+                        reason: format!("{:?} {reason}", truncate(id)),
                     }),
                 }
             }
@@ -234,6 +231,24 @@ macro_rules! string_impls {
             type Error = LedgerError;
             fn try_from(value: &str) -> Result<Self, Self::Error> {
                 Self::new(value)
+            }
+        }
+        // Read from a string, checked as `new` checks it: borrowed where the format
+        // lends it (postcard from a buffer), so the name costs one allocation, not
+        // a `String` and then the shared copy.
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Text;
+                impl serde::de::Visitor<'_> for Text {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a string")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        $name::new(v).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(Text)
             }
         }
         // Serialized as a plain string, without the clone serde's `into` would make.
@@ -366,7 +381,36 @@ mod tests {
     #[test]
     fn bad_names_are_refused_when_decoded() {
         let bytes = postcard::to_stdvec(&"a//b".to_owned()).unwrap();
-        assert!(postcard::from_bytes::<BudgetPath>(&bytes).is_err());
+        let err = postcard::from_bytes::<BudgetPath>(&bytes).unwrap_err();
+        assert!(matches!(err, postcard::Error::SerdeDeCustom), "{err:?}");
+        let bytes = postcard::to_stdvec(&"Tokens".to_owned()).unwrap();
+        assert!(postcard::from_bytes::<Unit>(&bytes).is_err(), "a unit is lower case");
+        for bad in ["", "x y"] {
+            let bytes = postcard::to_stdvec(&bad.to_owned()).unwrap();
+            assert!(postcard::from_bytes::<Unit>(&bytes).is_err(), "unit {bad:?}");
+            assert!(postcard::from_bytes::<Principal>(&bytes).is_err(), "principal {bad:?}");
+            assert!(postcard::from_bytes::<ClientId>(&bytes).is_err(), "client {bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_decode_from_borrowed_and_owned_text_alike() {
+        // postcard lends the text from its buffer; a reader-driven format hands
+        // over a transient one. Both give the name the text spells, checked.
+        let bytes = postcard::to_stdvec(&("acme/search", "tokens", "gw-1", "c-1")).unwrap();
+        let decoded: (BudgetPath, Unit, Principal, ClientId) =
+            postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(decoded.0, BudgetPath::new("acme/search").unwrap());
+        assert_eq!(decoded.1, Unit::new("tokens").unwrap());
+        assert_eq!(decoded.2, Principal::new("gw-1").unwrap());
+        assert_eq!(decoded.3, ClientId::new("c-1").unwrap());
+        let mut seq = postcard::to_stdvec(&decoded).unwrap();
+        assert_eq!(seq, bytes, "encoded as the plain strings they came from");
+        seq.clear();
+        let owned: (BudgetPath, Unit) =
+            postcard::from_io((&b"\x0bacme/search\x06tokens"[..], &mut [0u8; 64][..])).unwrap().0;
+        assert_eq!(owned.0.as_str(), "acme/search");
+        assert_eq!(owned.1.as_str(), "tokens");
     }
 
     #[test]
