@@ -138,19 +138,23 @@ pub(crate) fn sha256_of<T: Serialize + ?Sized>(domain: &[u8], value: &T) -> [u8;
 /// `postcard::to_extend` gives, in fewer calls (see [`Buffered`]). Fails only
 /// where postcard's would: a value whose `Serialize` fails (a sequence of unknown
 /// length, say).
-pub fn try_encode_onto<T: Serialize + ?Sized>(
-    value: &T,
-    out: Vec<u8>,
-) -> postcard::Result<Vec<u8>> {
+fn encode_into<T: Serialize + ?Sized>(value: &T, out: Vec<u8>) -> postcard::Result<Vec<u8>> {
     let mut buf = [0; BUF];
     let flavor = Buffered { sink: out, buf: &mut buf, len: 0 };
     postcard::serialize_with_flavor(value, flavor)
 }
 
-/// [`try_encode_onto`] for values whose encoding cannot fail (the ledger's own
-/// types: every length is known).
+/// The postcard encoding of `value` (the bytes `postcard::to_stdvec` gives), or
+/// why its `Serialize` failed: for values from outside the ledger (openraft's
+/// messages).
+pub fn try_encode<T: Serialize + ?Sized>(value: &T) -> postcard::Result<Vec<u8>> {
+    encode_into(value, Vec::new())
+}
+
+/// `out` followed by the postcard encoding of `value`, for values whose encoding
+/// cannot fail (the ledger's own types: every length is known).
 pub fn encode_onto<T: Serialize + ?Sized>(value: &T, out: Vec<u8>) -> Vec<u8> {
-    try_encode_onto(value, out).expect("encoding into a Vec cannot fail")
+    encode_into(value, out).expect("encoding into a Vec cannot fail")
 }
 
 /// The postcard encoding of `value`: the bytes `postcard::to_stdvec` gives.
@@ -183,6 +187,7 @@ mod tests {
         ] {
             let expected = postcard::to_stdvec(&value).unwrap();
             assert_eq!(encode(&value), expected);
+            assert_eq!(try_encode(&value).unwrap(), expected);
             let onto = encode_onto(&value, b"head".to_vec());
             assert_eq!(&onto[..4], b"head");
             assert_eq!(&onto[4..], &expected[..]);

@@ -49,7 +49,7 @@ pub use command::{
     TemplateSpec, MAX_AMOUNT,
 };
 pub use error::{ErrorKind, LedgerError};
-pub use hashing::{encode, encode_onto, try_encode_onto};
+pub use hashing::{encode, encode_onto, try_encode};
 pub use ledger::{
     Action, Applied, BudgetView, LeaseView, Ledger, LedgerConfig, LimitView, PrincipalLimits,
     PrincipalUsage, TemplateView, Totals,

@@ -404,9 +404,8 @@ mod tests {
         assert_eq!(decoded.1, Unit::new("tokens").unwrap());
         assert_eq!(decoded.2, Principal::new("gw-1").unwrap());
         assert_eq!(decoded.3, ClientId::new("c-1").unwrap());
-        let mut seq = postcard::to_stdvec(&decoded).unwrap();
-        assert_eq!(seq, bytes, "encoded as the plain strings they came from");
-        seq.clear();
+        let again = postcard::to_stdvec(&decoded).unwrap();
+        assert_eq!(again, bytes, "encoded as the plain strings they came from");
         let owned: (BudgetPath, Unit) =
             postcard::from_io((&b"\x0bacme/search\x06tokens"[..], &mut [0u8; 64][..])).unwrap().0;
         assert_eq!(owned.0.as_str(), "acme/search");

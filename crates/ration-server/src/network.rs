@@ -194,8 +194,8 @@ impl Connection {
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(self.channels.max_message_bytes)
             .max_encoding_message_size(self.channels.max_message_bytes);
-        let data = ration_core::try_encode_onto(rpc, Vec::new())
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let data =
+            ration_core::try_encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request =
             tonic::Request::new(RaftPayload { data, cluster_id: self.identity.get() });
         request.set_timeout(deadline);

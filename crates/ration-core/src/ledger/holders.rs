@@ -57,10 +57,9 @@ impl Holders {
         match self {
             Holders::None => *self = Holders::One(principal.clone(), 1),
             Holders::One(p, n) if p == principal => *n = n.saturating_add(1),
-            Holders::One(..) => {
-                let Holders::One(p, n) = std::mem::take(self) else { unreachable!() };
+            Holders::One(p, n) => {
                 let mut m = HashIndex::new();
-                m.insert(p, n);
+                m.insert(p.clone(), *n);
                 m.insert(principal.clone(), 1);
                 *self = Holders::Many(m);
             }

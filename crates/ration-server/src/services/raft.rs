@@ -61,8 +61,7 @@ impl RaftService {
     }
 
     fn encode<T: serde::Serialize>(&self, value: &T) -> Result<Response<v1::RaftPayload>, Status> {
-        let data = ration_core::try_encode_onto(value, Vec::new())
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let data = ration_core::try_encode(value).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::RaftPayload { data, cluster_id: self.node.identity.get() }))
     }
 }
