@@ -12,7 +12,7 @@
 //! what was reserved and held is an overrun the SDK reports to the ledger: never
 //! left out of the ledger.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,7 +156,6 @@ pub struct Agent {
     /// Reservations charged by timeout, by correlation: what was reserved, so a
     /// late settle charges only the rest. Dropped `settle_timeout` later.
     expired: Mutex<Expired>,
-    keys: Mutex<HashSet<Key>>,
     info: Mutex<BTreeMap<String, Info>>,
     /// Set when the agent stops: RLQS streams deny every bucket and wait for
     /// Envoy's last report, so what it admitted is charged exactly.
@@ -179,7 +178,6 @@ impl Agent {
             limits,
             pending: Mutex::new(HashMap::new()),
             expired: Mutex::new((HashMap::new(), VecDeque::new())),
-            keys: Mutex::new(HashSet::new()),
             info: Mutex::new(BTreeMap::new()),
             draining: tokio::sync::watch::Sender::new(false),
             streams: std::sync::atomic::AtomicUsize::new(0),
@@ -255,13 +253,10 @@ impl Agent {
         Ok(decision)
     }
 
-    /// Tracks (budget, unit) in the SDK, within the agent's bound on budgets.
+    /// Tracks (budget, unit) in the SDK, within the agent's bound on budgets (the
+    /// pairs the SDK keeps stocked: it forgets those unused for its `idle_after`).
     pub(crate) fn track(&self, key: &Key) -> bool {
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if keys.contains(key) {
-            return true;
-        }
-        if keys.len() >= self.limits.max_budgets {
+        if self.sdk.handle_within(&key.0, &key.1, self.limits.max_budgets).is_none() {
             metrics::counter!(counters::AGENT_LIMITS, "what" => "max_budgets").increment(1);
             tracing::warn!(
                 budget = %key.0, unit = %key.1,
@@ -270,9 +265,6 @@ impl Agent {
             );
             return false;
         }
-        keys.insert(key.clone());
-        drop(keys);
-        self.sdk.handle(&key.0, &key.1);
         true
     }
 
@@ -598,7 +590,9 @@ impl Agent {
     /// recorded as an overrun for the ledger.
     pub(crate) fn spend(&self, key: &Key, units: u64) {
         let now = self.sdk.gateway().clock().now_ms();
-        let handle = self.sdk.gateway().handle(&key.0, &key.1);
+        // Through the SDK, so the pair is tracked (stocked, and its overrun
+        // reported) even if it was forgotten since the call reserved.
+        let handle = self.sdk.handle(&key.0, &key.1);
         let took = handle.allowance().take_up_to(units, now);
         if took < units {
             handle.allowance().record_overrun(units - took);

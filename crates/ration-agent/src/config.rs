@@ -69,6 +69,10 @@ pub struct File {
     pub settle_timeout_ms: Option<u64>,
     pub max_pending: Option<usize>,
     pub max_budgets: Option<usize>,
+    /// A (budget, unit) pair no call has used for this long, and no reservation
+    /// holds, is forgotten: its leases go back to the ledger and it stops
+    /// counting towards `max_budgets`. 0: never.
+    pub budget_idle_s: Option<u64>,
     /// The longest a call waits for leases rather than refuse (see `Limits`).
     pub cold_wait_ms: Option<u64>,
     /// RLQS: how long an assignment holds without a newer one (whole seconds).
@@ -172,6 +176,9 @@ impl Args {
         let mut sdk = SdkConfig::new(endpoints, principal);
         sdk.cluster.tls = tls;
         sdk.cluster.token = token;
+        if let Some(s) = file.budget_idle_s {
+            sdk.idle_after = Duration::from_secs(s);
+        }
         let d = Limits::default();
         let limits = Limits {
             settle_timeout: file.settle_timeout_ms.map_or(d.settle_timeout, Duration::from_millis),

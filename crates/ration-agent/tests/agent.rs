@@ -80,14 +80,28 @@ struct Agent {
 
 impl Agent {
     async fn start(cluster: &Cluster, principal: &str, limits: Limits) -> Self {
+        Self::start_with(cluster, principal, limits, None).await
+    }
+
+    /// As `start`, with the SDK forgetting pairs idle for `idle_after`.
+    async fn start_with(
+        cluster: &Cluster,
+        principal: &str,
+        limits: Limits,
+        idle_after: Option<Duration>,
+    ) -> Self {
         let endpoints = cluster.addrs.values().map(|a| a.to_string()).collect();
+        let mut sdk = SdkConfig::new(endpoints, principal);
+        if let Some(idle) = idle_after {
+            sdk.idle_after = idle;
+        }
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
         let config = Config {
             listen: addr,
             metrics_listen: http.local_addr().unwrap(),
-            sdk: SdkConfig::new(endpoints, principal),
+            sdk,
             limits,
             rules: rules(),
         };
@@ -683,5 +697,53 @@ async fn priced_rules_reserve_dollars_at_the_version_in_force_and_settle_at_it()
         }
     }
     assert_eq!(lines, std::collections::BTreeMap::from([(1, (1, 1_600)), (2, (1, 3_200))]));
+    cluster.shutdown().await;
+}
+
+/// `max_budgets` bounds the pairs in use, not every pair ever met: a budget no
+/// call used for the SDK's `idle_after` (and no reservation holds) is forgotten,
+/// its leases go back to the ledger with what was spent, and a new budget takes
+/// its place. (A gateway meeting a new API key, user or run now and then would
+/// otherwise refuse every new one once it had met `max_budgets`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_budgets_are_forgotten_and_make_room_under_max_budgets() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    let big = || vec![ration_testkit::limit("tokens", 1_000_000, Period::Lifetime)];
+    budget(addr, 1, "acme", big()).await;
+    budget(addr, 2, "acme/keys", big()).await;
+    for (i, k) in ["k1", "k2", "k3"].iter().enumerate() {
+        let limits = vec![ration_testkit::limit("tokens", 10_000, Period::Lifetime)];
+        budget(addr, 3 + i as u64, &format!("acme/keys/{k}"), limits).await;
+    }
+    let limits = Limits { max_budgets: 2, ..Limits::default() };
+    let agent =
+        Agent::start_with(&cluster, "agent-idle", limits, Some(Duration::from_secs(1))).await;
+    let mut c = agent.client().await;
+    let call = |key: &'static str| vec![descriptor(&[("api_key", key)], None)];
+    for k in ["k1", "k2"] {
+        let r = ask(&mut c, call(k), 300).await.unwrap();
+        assert_eq!(r.overall_code, Code::Ok as i32, "{k}");
+    }
+    // Two pairs in use: a third budget is refused, with nothing charged.
+    let r = ask(&mut c, call("k3"), 300).await.unwrap();
+    assert_eq!(r.overall_code, Code::OverLimit as i32, "the third budget waits for room");
+    // Once k1 and k2 have gone unused for a second, k3 is admitted.
+    eventually("an idle budget makes room", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { ask(&mut c, call("k3"), 300).await.unwrap().overall_code == Code::Ok as i32 }
+    })
+    .await;
+    // The forgotten pairs' leases are back, with exactly what was admitted.
+    for k in ["k1", "k2"] {
+        let path = format!("acme/keys/{k}");
+        eventually(&format!("{path} released"), Duration::from_secs(10), || {
+            let (cluster, path) = (&cluster, path.clone());
+            async move { ledger_figures(cluster, &path).await == (300, 0) }
+        })
+        .await;
+    }
+    agent.stop().await;
+    assert_eq!(ledger_figures(&cluster, "acme/keys/k3").await, (300, 0));
     cluster.shutdown().await;
 }

@@ -34,6 +34,9 @@ pub mod counters {
     /// Units calls used beyond what they reserved and the leases held: reported to
     /// the ledger as overruns.
     pub const OVERRUN_UNITS: &str = "ration_client_overrun_units_total";
+    /// (budget, unit) pairs forgotten: nothing held them and they went unused
+    /// for `SdkConfig::idle_after`; their leases went back to the ledger.
+    pub const FORGOTTEN: &str = "ration_client_forgotten_keys_total";
 }
 
 /// A gateway's allowances by (budget path, unit), and its clock.
@@ -183,6 +186,32 @@ impl Gateway {
                 .or_default()
                 .clone(),
         }
+    }
+
+    /// Forgets (budget, unit) if nothing outside this map and the caller holds
+    /// `allowance` (no handle, reserver or reservation): nothing can spend from it
+    /// any more, and a later use creates a new, empty one. Returns whether it was
+    /// forgotten.
+    pub(crate) fn forget_unheld(&self, key: &(String, String), allowance: &Arc<Allowance>) -> bool {
+        let mut map = self.allowances.write().unwrap_or_else(|p| p.into_inner());
+        // Clones are made under the read lock, so under the write lock the count
+        // is exact: one here, one the caller's.
+        let unheld = map.get(key).is_some_and(|a| Arc::ptr_eq(a, allowance))
+            && Arc::strong_count(allowance) == 2;
+        if unheld {
+            map.remove(key);
+        }
+        unheld
+    }
+
+    /// How many (budget, unit) pairs have an allowance.
+    pub fn len(&self) -> usize {
+        self.allowances.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no (budget, unit) pair has an allowance.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The handle for (budget, unit), created empty on first use.

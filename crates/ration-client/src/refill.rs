@@ -54,6 +54,11 @@ pub struct SdkConfig {
     /// How often a live lease's settled spend is reported (`Report`), if it grew;
     /// zero: only when the lease is released.
     pub report_every: Duration,
+    /// A (budget, unit) pair nothing holds (no [`Handle`], [`crate::Reserver`] or
+    /// reservation), unused for this long, is forgotten: its leases go back to
+    /// the ledger with what was spent, and its memory is freed; a later use starts
+    /// it again, empty. Zero: never forgotten.
+    pub idle_after: Duration,
 }
 
 /// How often the SDK asks every member's `Status` again while none has answered.
@@ -107,6 +112,10 @@ pub mod defaults {
     /// thresholds, burn rates and webhooks follow spend within seconds, not only
     /// when a lease settles).
     pub const REPORT_EVERY: Duration = Duration::from_secs(2);
+    /// A pair nothing holds is forgotten after this long unused: a gateway that
+    /// meets a new user or run every second holds at most about 300 pairs more
+    /// than it uses, and returns their leases rather than strand them.
+    pub const IDLE_AFTER: Duration = Duration::from_secs(300);
 }
 
 impl SdkConfig {
@@ -131,6 +140,7 @@ impl SdkConfig {
             max_request: defaults::MAX_REQUEST,
             outage_after: defaults::OUTAGE_AFTER,
             report_every: defaults::REPORT_EVERY,
+            idle_after: defaults::IDLE_AFTER,
         }
     }
 }
@@ -190,6 +200,8 @@ struct Tracked {
     /// Whether the ledger has answered an acquire for this key (a lease or a
     /// refusal): until then, a refusal here only means "not asked yet".
     answered: bool,
+    /// Local time it was last looked up ([`Sdk::handle`]) or had demand.
+    last_used_ms: u64,
 }
 
 impl Tracked {
@@ -255,6 +267,8 @@ pub struct Sdk {
     tracked: Mutex<BTreeMap<(String, String), Tracked>>,
     pending: Mutex<Vec<Pending>>,
     ops_sent: std::sync::atomic::AtomicU64,
+    /// Pairs forgotten so far (`SdkConfig::idle_after`).
+    forgotten: std::sync::atomic::AtomicU64,
     /// Local time since which the cluster has not answered (the start of the
     /// first round that got no answer); 0 while it answers.
     unanswered_since_ms: std::sync::atomic::AtomicU64,
@@ -299,6 +313,7 @@ impl Sdk {
             tracked: Mutex::new(BTreeMap::new()),
             pending: Mutex::new(Vec::new()),
             ops_sent: std::sync::atomic::AtomicU64::new(0),
+            forgotten: std::sync::atomic::AtomicU64::new(0),
             unanswered_since_ms: std::sync::atomic::AtomicU64::new(0),
             in_outage: std::sync::atomic::AtomicBool::new(false),
             last_round_ms: std::sync::atomic::AtomicU64::new(0),
@@ -394,6 +409,12 @@ impl Sdk {
         }
     }
 
+    /// Whether usage subtotals wait for `key`'s next release (a `usd_micros` key).
+    fn usage_waits(&self, key: &(String, String)) -> bool {
+        key.1 == crate::pricing::USD_MICROS
+            && self.usage.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&key.0)
+    }
+
     /// Adds a settled call's usage to `budget`'s subtotals per (model, price
     /// version), which the next release (or overrun) of its `usd_micros` lease
     /// carries to the ledger.
@@ -434,11 +455,38 @@ impl Sdk {
         self.config.margin
     }
 
-    /// A handle to spend from (budget, unit); the refill task keeps it stocked.
+    /// A handle to spend from (budget, unit); the refill task keeps it stocked
+    /// for as long as it is held, and for `idle_after` after the last lookup.
     pub fn handle(&self, budget: &str, unit: &str) -> Handle {
         let handle = self.gateway.handle(budget, unit);
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-        tracked.entry((budget.to_owned(), unit.to_owned())).or_insert_with(|| Tracked {
+        self.track(&mut tracked, budget, unit, &handle);
+        handle
+    }
+
+    /// As [`Sdk::handle`], unless (budget, unit) is not tracked yet and `max`
+    /// pairs already are: then None, and nothing is tracked.
+    pub fn handle_within(&self, budget: &str, unit: &str, max: usize) -> Option<Handle> {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (budget.to_owned(), unit.to_owned());
+        if tracked.len() >= max && !tracked.contains_key(&key) {
+            return None;
+        }
+        // (The refill round takes these two locks in this order too.)
+        let handle = self.gateway.handle(budget, unit);
+        self.track(&mut tracked, budget, unit, &handle);
+        Some(handle)
+    }
+
+    fn track(
+        &self,
+        tracked: &mut BTreeMap<(String, String), Tracked>,
+        budget: &str,
+        unit: &str,
+        handle: &Handle,
+    ) {
+        let now = self.gateway.clock().now_ms();
+        let t = tracked.entry((budget.to_owned(), unit.to_owned())).or_insert_with(|| Tracked {
             allowance: handle.allowance().clone(),
             leases: Vec::new(),
             spent_seen: 0,
@@ -451,8 +499,23 @@ impl Sdk {
             boundary: None,
             next_asked: 0,
             answered: false,
+            last_used_ms: now,
         });
-        handle
+        // The gateway's allowance and the tracked one are the same: a pair is
+        // forgotten from both at once, under this lock (`Sdk::round`).
+        debug_assert!(Arc::ptr_eq(&t.allowance, handle.allowance()));
+        t.last_used_ms = t.last_used_ms.max(now);
+    }
+
+    /// (budget, unit) pairs forgotten so far: nothing held them and they went
+    /// unused for `idle_after`.
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many (budget, unit) pairs the SDK keeps stocked.
+    pub fn tracked_len(&self) -> usize {
+        self.tracked.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Waits, at most `within`, until the ledger has answered an acquire for each
@@ -517,17 +580,17 @@ impl Sdk {
     /// A [`crate::Reserver`] for these (budget, unit) pairs, which the refill task
     /// keeps stocked: the allocation-free way to reserve on several at once.
     pub fn reserver<const N: usize>(&self, pairs: [(&str, &str); N]) -> crate::Reserver<N> {
-        for (b, u) in pairs {
-            self.handle(b, u);
-        }
+        // The handles hold the tracked allowances until the reserver does, so an
+        // idle pair is not forgotten in between (the reserver would then hold an
+        // allowance nobody refills).
+        let _held = pairs.map(|(b, u)| self.handle(b, u));
         self.gateway.reserver(pairs)
     }
 
     /// Reserves on several (budget, unit) pairs at once, all or nothing.
     pub fn reserve(&self, wants: &[(&str, &str, u64)]) -> Option<Reservation> {
-        for (b, u, _) in wants {
-            self.handle(b, u);
-        }
+        // As in `reserver`: held until the reservation holds them.
+        let _held: Vec<Handle> = wants.iter().map(|(b, u, _)| self.handle(b, u)).collect();
         self.gateway.reserve(wants)
     }
 
@@ -616,6 +679,12 @@ impl Sdk {
             .collect();
         let reserve_resent: std::collections::BTreeSet<(String, String)> =
             ops.iter().filter(|p| p.reserve).map(|p| p.key.clone()).collect();
+        // Keys with a request still unanswered are not forgotten (an answer, such
+        // as an overrun to send again, would find no allowance).
+        let busy: std::collections::BTreeSet<(String, String)> =
+            ops.iter().map(|p| p.key.clone()).collect();
+        let idle_ms = u64::try_from(self.config.idle_after.as_millis()).unwrap_or(u64::MAX);
+        let mut forgotten = Vec::new();
         let outage = self.in_outage.load(std::sync::atomic::Ordering::Acquire);
         let policies_needed: Vec<(String, String)>;
         {
@@ -683,6 +752,48 @@ impl Sdk {
                 let delta = demand as f64 / dt_s;
                 t.spent_seen = spent;
                 t.denied_seen = denied;
+                if demand > 0 {
+                    t.last_used_ms = t.last_used_ms.max(now);
+                }
+                if idle_ms > 0
+                    && over == 0
+                    && !outage
+                    && now.saturating_sub(t.last_used_ms) >= idle_ms
+                    && now >= t.quarantined_until
+                    && !busy.contains(key)
+                    && !self.usage_waits(key)
+                    && self.gateway.forget_unheld(key, &t.allowance)
+                {
+                    // Nothing holds it, so nothing spends from it any more: its
+                    // leases go back with what was spent from them, and use beyond
+                    // them recorded since the overruns were taken above (by a
+                    // reservation settled meanwhile) is reported.
+                    let late = t.allowance.take_overruns();
+                    if late > 0 {
+                        let mut op = overrun(&self.cluster, key, late);
+                        self.attach_usage(key, &mut op);
+                        ops.push(Pending { op, key: key.clone(), sent_at_ms: now, reserve: false });
+                    }
+                    for held in std::mem::take(&mut t.leases) {
+                        let mut op = t.let_go(&held, &self.cluster, key, now);
+                        self.attach_usage(key, &mut op.op);
+                        ops.push(op);
+                    }
+                    if let Some(r) = t.reserve.take() {
+                        let spent = r.installed.map_or(0, |(slot, generation)| {
+                            r.granted
+                                .saturating_sub(t.allowance.retire(slot, generation).unwrap_or(0))
+                        });
+                        ops.push(Pending {
+                            op: release(&self.cluster, r.lease_id, spent),
+                            key: key.clone(),
+                            sent_at_ms: now,
+                            reserve: false,
+                        });
+                    }
+                    forgotten.push(key.clone());
+                    continue;
+                }
                 t.rate_per_s = if t.rate_per_s == 0.0 {
                     delta
                 } else {
@@ -806,6 +917,16 @@ impl Sdk {
                         });
                     }
                 }
+            }
+            // Forgotten under the same lock: `Sdk::handle` tracks a pair again
+            // with the allowance the gateway now has (a new one).
+            for key in &forgotten {
+                tracked.remove(key);
+            }
+            if !forgotten.is_empty() {
+                let n = forgotten.len() as u64;
+                self.forgotten.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!(counters::FORGOTTEN).increment(n);
             }
             policies_needed = tracked
                 .iter()
@@ -945,8 +1066,12 @@ impl Sdk {
                         budget = %o.budget, unit = %o.unit, amount = o.amount,
                         "an overrun report waits for the ledger: {}", e.message
                     );
-                    if let Some(t) = tracked.get(&p.key) {
-                        t.allowance.return_overruns(u64::try_from(o.amount).unwrap_or(0));
+                    match tracked.get(&p.key) {
+                        Some(t) => {
+                            t.allowance.return_overruns(u64::try_from(o.amount).unwrap_or(0))
+                        }
+                        // Its pair was forgotten: sent again as it is.
+                        None => leftovers.push(p),
                     }
                     continue;
                 }

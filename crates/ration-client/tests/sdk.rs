@@ -1184,3 +1184,91 @@ async fn calls_in_flight_never_exceed_the_limit_through_gateway_crashes() {
     assert!(counted >= ended && counted <= ended + abandoned.load(Ordering::Relaxed) + N);
     cluster.shutdown().await;
 }
+
+/// A gateway that meets many budgets (a user's, a run's) keeps only those in use:
+/// a pair nothing holds (no handle, reserver or reservation), unused for
+/// `idle_after`, is forgotten, and its leases go back to the ledger with exactly
+/// what was spent, overruns included. A held handle or an open reservation keeps
+/// its pair, and a forgotten pair used again is stocked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pairs_are_forgotten_and_their_leases_go_back_with_what_was_spent() {
+    const N: usize = 20;
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    for i in 0..N {
+        budget(addr, i as u64 + 1, &format!("idle-{i}"), 100_000, None).await;
+    }
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let endpoints = cluster.addrs.values().map(|a| a.to_string()).collect();
+    let mut config = SdkConfig::new(endpoints, "gw-idle");
+    config.idle_after = Duration::from_secs(2);
+    let s = Sdk::start(config, clock.clone()).unwrap();
+    // Each pair spends once; the first uses far beyond what it reserved and
+    // what its leases hold (an overrun, reported to the ledger). One pair stays
+    // held by a handle, another by an open reservation.
+    let mut used = [0i64; N];
+    let mut handle = None;
+    let mut open = None;
+    for (i, u) in used.iter_mut().enumerate() {
+        let path = format!("idle-{i}");
+        let r = s.reserve_waiting(&[(&path, "tokens", 10)], Duration::from_secs(20)).await;
+        let r = r.unwrap_or_else(|| panic!("{path}: no lease"));
+        if i == 2 {
+            open = Some(r);
+            continue;
+        }
+        let spent = if i == 0 { 10 + s.held(&path, "tokens").1 + 1_000 } else { 3 + i as u64 };
+        r.settle(&[spent]);
+        *u = spent as i64;
+        if i == 0 {
+            assert!(s.gateway_overruns(&path, "tokens") >= 1_000, "the first pair overran");
+        }
+        if i == 1 {
+            handle = Some(s.handle(&path, "tokens"));
+        }
+    }
+    let (handle, open) = (handle.unwrap(), open.unwrap());
+    eventually("unheld pairs are forgotten", Duration::from_secs(30), || {
+        let n = (s.tracked_len(), s.gateway().len());
+        async move { n == (2, 2) }
+    })
+    .await;
+    for (i, u) in used.iter().enumerate().skip(3) {
+        let path = format!("idle-{i}");
+        eventually(&format!("{path}: its leases are back"), Duration::from_secs(10), || {
+            let path = path.clone();
+            async move { consumed(addr, &path).await == (*u, 0) }
+        })
+        .await;
+    }
+    eventually("idle-0: its overrun is counted", Duration::from_secs(10), || {
+        let u = used[0];
+        async move { consumed(addr, "idle-0").await == (u, 0) }
+    })
+    .await;
+    // The held pairs still hold leases, and still spend from them.
+    assert!(consumed(addr, "idle-1").await.1 > 0, "a held pair keeps its lease");
+    assert!(handle.try_spend(1));
+    open.settle(&[4]);
+    drop(handle);
+    eventually("released pairs are forgotten in turn", Duration::from_secs(30), || {
+        let n = (s.tracked_len(), s.gateway().len());
+        async move { n == (0, 0) }
+    })
+    .await;
+    eventually("idle-1 and idle-2: exactly what was spent", Duration::from_secs(10), || {
+        let (one, two) = (used[1] + 1, used[2] + 4);
+        async move {
+            consumed(addr, "idle-1").await == (one, 0) && consumed(addr, "idle-2").await == (two, 0)
+        }
+    })
+    .await;
+    // Used again: stocked again, from nothing.
+    let r = s.reserve_waiting(&[("idle-3", "tokens", 10)], Duration::from_secs(20)).await;
+    r.expect("a forgotten pair is stocked again when used").settle(&[10]);
+    assert_eq!(s.tracked_len(), 1);
+    s.release_all().await.unwrap();
+    assert_eq!(consumed(addr, "idle-3").await, (used[3] + 10, 0));
+    cluster.shutdown().await;
+}

@@ -91,6 +91,10 @@ const SDK_MARGIN: Duration = Duration::from_millis(500);
 const SDK_OUTAGE_AFTER: Duration = Duration::from_millis(500);
 const SDK_HORIZON: Duration = Duration::from_secs(1);
 const SDK_INITIAL_REQUEST_UNITS: u64 = 20;
+/// A pair nothing holds is forgotten after this long unused: a gateway's calls
+/// pair (`CALLS`, reserved only by priced calls, with no handle held) is forgotten
+/// and stocked again many times a run, under every fault.
+const SDK_IDLE_AFTER: Duration = Duration::from_millis(50);
 /// A gateway spends this many units at a time (drawn per spend) ...
 const GATEWAY_SPEND_UNITS: RangeInclusive<u64> = 1..=8;
 /// With `SimConfig::extended`, this share of calls are priced: they reserve tokens
@@ -134,6 +138,8 @@ pub(crate) struct Shared {
     pub(crate) admitted_by_leaf: Mutex<BTreeMap<&'static str, u64>>,
     /// Priced calls admitted (one [`CALLS`] each).
     pub(crate) calls_admitted: AtomicU64,
+    /// Pairs the gateways' SDKs forgot (idle, nothing holding them).
+    pub(crate) sdk_forgotten: AtomicU64,
     /// Priced calls whose real cost was above their reservation, and by how much in
     /// all.
     pub(crate) settle_overruns: AtomicU64,
@@ -800,6 +806,7 @@ pub(crate) fn spawn_gateway(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(g, sdk.gateway_overruns(leaf, UNIT));
+        shared.sdk_forgotten.fetch_add(sdk.forgotten(), Relaxed);
         shared.gateways_done.fetch_add(1, Relaxed);
         // The SDK keeps refilling and releasing until the harness has seen the ledger
         // agree with the gateways.
@@ -824,6 +831,7 @@ fn sdk_config(endpoints: Vec<String>, name: &str, lease_ttl: Duration) -> ration
     config.outage_after = SDK_OUTAGE_AFTER;
     config.horizon = SDK_HORIZON;
     config.initial_request = SDK_INITIAL_REQUEST_UNITS;
+    config.idle_after = SDK_IDLE_AFTER;
     config
 }
 

@@ -590,6 +590,7 @@ pub(crate) fn check_final(
         ("settle_overrun_units", shared.settle_overrun_units.load(Relaxed)),
         ("sdk_overrun_units", report.sdk_overruns),
         ("priced_calls", calls),
+        ("sdk_forgotten_pairs", shared.sdk_forgotten.load(Relaxed)),
     ] {
         report.events.insert(k, v);
     }

@@ -188,6 +188,11 @@ fn many_seeds_keep_every_invariant() {
             totals.events
         );
         assert!(
+            event("sdk_forgotten_pairs") > 0,
+            "no gateway forgot an idle pair: {:?}",
+            totals.events
+        );
+        assert!(
             event("reserve_units_spent") > 0,
             "no emergency reserve spent: {:?}",
             totals.events
