@@ -1,6 +1,7 @@
 //! Where a node keeps its audit records: sealed segments on disk (the history,
-//! immutable, see [`crate::segments`]) and the tail after them in sled (written on
-//! apply, unflushed, regenerated from the log after a crash).
+//! immutable, see [`crate::segments`]) and the tail after them in a file of its own
+//! ([`crate::tail`]: written on apply, unflushed, regenerated from the log after a
+//! crash).
 //!
 //! The segments a node holds are those its current snapshot's manifest lists. A
 //! segment the manifest lists and this node lacks (it installed a snapshot from a
@@ -17,7 +18,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use ration_core::audit::{AuditFilter, AuditRecord, ChainHead, GENESIS};
 
 use crate::segments::{self, SegmentEncoder, SegmentFile, SegmentRef};
-use crate::{encode, index_key, ReadError};
+use crate::ReadError;
 
 /// When a snapshot build seals the tail into segments: once the tail holds at least
 /// `min_records`, into segments of at most `max_records`; and where it moves the
@@ -56,9 +57,8 @@ pub struct AuditStore {
 
 #[derive(Clone, Debug)]
 pub(crate) enum AuditBackend {
-    /// One key per applied batch of entries (its first record's sequence number),
-    /// holding that batch's records in order: one sled write per apply call.
-    Sled(sled::Tree),
+    /// An append-only file of chunks: one write per apply call.
+    File(Arc<crate::tail::FileTail>),
     /// Volatile, like unflushed sled writes: rebuilt from the snapshot and the log.
     /// (The simulation's store; it never seals.)
     Mem(Arc<std::sync::Mutex<Vec<AuditRecord>>>),
@@ -145,47 +145,15 @@ impl Sealed {
     }
 }
 
-/// Most records under one key of the tail, and per read when many are copied.
+/// Most records in one chunk of the tail, and per read when many are copied.
 pub(crate) const AUDIT_CHUNK: usize = 4096;
 
-/// Most encoded bytes under one key of the tail (a single larger record stands
-/// alone). sled writes anything it logs above a quarter of its 512 KiB segment
-/// (128 KiB) as a file of its own, and that includes a whole leaf when it splits
-/// or is rewritten: a leaf holds up to 17 values. With values of 64 KiB or more
-/// (up to 4,096 records each, as before), the node created a file per apply call
-/// and per split (`open` was 9 % of a node's CPU under load); 17 values of 7 KiB
-/// stay below the threshold.
+/// Most encoded bytes of records in one chunk of the tail past its first record (a
+/// single larger record stands alone): a read of a few records decodes about
+/// this much. (It was sled's limit, when the tail was a sled tree: sled writes a
+/// value above a quarter of its 512 KiB segment as a file of its own, and a leaf
+/// of 17 values is logged whole when it splits.)
 pub(crate) const AUDIT_VALUE_BYTES: usize = 7 * 1024;
-
-/// `records` as values of at most [`AUDIT_CHUNK`] records and, past the first
-/// record, [`AUDIT_VALUE_BYTES`] bytes: (first sequence number, value). Each value
-/// is the postcard encoding of its records as a `Vec`, built from their encodings
-/// one by one (the length prefix, then the records).
-pub(crate) fn audit_values(records: &[AuditRecord]) -> Vec<(u64, Vec<u8>)> {
-    fn value(count: usize, body: &[u8]) -> Vec<u8> {
-        let mut v = ration_core::encode_onto(&(count as u64), Vec::with_capacity(body.len() + 10));
-        v.extend_from_slice(body);
-        v
-    }
-    let mut out = Vec::new();
-    let mut body = Vec::new();
-    let mut start = 0;
-    for (i, record) in records.iter().enumerate() {
-        let before = body.len();
-        body = ration_core::encode_onto(record, body);
-        let held = i - start;
-        // The value adds the count before the records: at most 10 bytes.
-        if held > 0 && (body.len() + 10 > AUDIT_VALUE_BYTES || held == AUDIT_CHUNK) {
-            out.push((records[start].entry.seq, value(held, &body[..before])));
-            body.drain(..before);
-            start = i;
-        }
-    }
-    if start < records.len() {
-        out.push((records[start].entry.seq, value(records.len() - start, &body)));
-    }
-    out
-}
 
 impl AuditStore {
     pub(crate) fn new(backend: AuditBackend, dir: Option<PathBuf>, policy: SealPolicy) -> Self {
@@ -201,33 +169,30 @@ impl AuditStore {
         self.sealed.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn decode(value: &[u8]) -> Result<Vec<AuditRecord>, ReadError> {
-        Ok(ration_core::audit::decode_records(value)?)
-    }
-
     fn mem(
         records: &Arc<std::sync::Mutex<Vec<AuditRecord>>>,
     ) -> std::sync::MutexGuard<'_, Vec<AuditRecord>> {
         records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn append(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
-        let tree = match &self.backend {
-            AuditBackend::Sled(tree) => tree,
+    pub(crate) fn append(&self, records: &[AuditRecord]) -> std::io::Result<()> {
+        match &self.backend {
+            // In bounded chunks however many one apply call brings (a restart
+            // re-applies the whole log after the snapshot in one call).
+            AuditBackend::File(tail) => tail.append(records),
             AuditBackend::Mem(m) => {
                 Self::mem(m).extend_from_slice(records);
-                return Ok(());
+                Ok(())
             }
-        };
-        // At most AUDIT_CHUNK records and AUDIT_VALUE_BYTES per key, however many
-        // one apply call brings (a restart re-applies the whole log after the
-        // snapshot in one call): a read of a few records then decodes a bounded
-        // value, not millions, and sled keeps every value in its log.
-        let mut batch = sled::Batch::default();
-        for (first, value) in audit_values(records) {
-            batch.insert(&index_key(first), value);
         }
-        tree.apply_batch(batch)
+    }
+
+    /// Makes the tail durable (after a restore, or an installed snapshot).
+    pub(crate) fn sync(&self) -> std::io::Result<()> {
+        match &self.backend {
+            AuditBackend::File(tail) => tail.sync(),
+            AuditBackend::Mem(_) => Ok(()),
+        }
     }
 
     /// Records from sequence number `from`, in order, at most `limit`: from the
@@ -261,32 +226,14 @@ impl AuditStore {
 
     /// Records of the tail from `from`, at most `limit`.
     fn read_tail(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
-        let tree = match &self.backend {
-            AuditBackend::Sled(tree) => tree,
+        match &self.backend {
+            AuditBackend::File(tail) => tail.read(from, limit),
             AuditBackend::Mem(m) => {
                 let held = Self::mem(m);
                 let start = usize::try_from(from).unwrap_or(usize::MAX).min(held.len());
-                return Ok(held.iter().skip(start).take(limit).cloned().collect());
-            }
-        };
-        let mut out = Vec::new();
-        // The chunk holding `from` starts at or before it.
-        let start = match tree.range(..=index_key(from)).next_back() {
-            Some(item) => item?.0,
-            None => sled::IVec::from(&index_key(from)),
-        };
-        for item in tree.range(start..) {
-            let (_, value) = item?;
-            for record in Self::decode(&value)? {
-                if record.entry.seq >= from {
-                    if out.len() == limit {
-                        return Ok(out);
-                    }
-                    out.push(record);
-                }
+                Ok(held.iter().skip(start).take(limit).cloned().collect())
             }
         }
-        Ok(out)
     }
 
     /// Number of records (they run from 0 without gaps, some perhaps missing here).
@@ -294,10 +241,7 @@ impl AuditStore {
         let sealed_end = self.sealed().end();
         let tail = match &self.backend {
             AuditBackend::Mem(m) => Self::mem(m).len() as u64,
-            AuditBackend::Sled(tree) => match tree.last()? {
-                Some((_, value)) => Self::decode(&value)?.last().map_or(0, |r| r.entry.seq + 1),
-                None => 0,
-            },
+            AuditBackend::File(tail) => tail.end(),
         };
         Ok(tail.max(sealed_end))
     }
@@ -308,64 +252,36 @@ impl AuditStore {
 
     /// Drops every record of the tail from sequence number `seq` on.
     pub(crate) fn truncate_from(&self, seq: u64) -> Result<(), ReadError> {
-        let tree = match &self.backend {
-            AuditBackend::Sled(tree) => tree,
+        match &self.backend {
+            AuditBackend::File(tail) => tail.truncate_from(seq),
             AuditBackend::Mem(m) => {
                 Self::mem(m).truncate(usize::try_from(seq).unwrap_or(usize::MAX));
-                return Ok(());
-            }
-        };
-        if let Some(item) = tree.range(..index_key(seq)).next_back() {
-            let (key, value) = item?;
-            let records = Self::decode(&value)?;
-            if records.last().is_some_and(|r| r.entry.seq >= seq) {
-                let kept: Vec<AuditRecord> =
-                    records.into_iter().filter(|r| r.entry.seq < seq).collect();
-                tree.insert(key, encode(&kept))?;
+                Ok(())
             }
         }
-        for key in tree.range(index_key(seq)..).keys() {
-            tree.remove(key?)?;
-        }
-        Ok(())
     }
 
     /// Replaces the tail with `records` (in memory: the whole list, which then
     /// starts at 0 only if nothing is sealed, as in the simulation).
-    pub(crate) fn replace_tail(&self, records: &[AuditRecord]) -> Result<(), sled::Error> {
+    pub(crate) fn replace_tail(&self, records: &[AuditRecord]) -> std::io::Result<()> {
         match &self.backend {
-            AuditBackend::Sled(tree) => tree.clear()?,
-            AuditBackend::Mem(m) => Self::mem(m).clear(),
+            AuditBackend::File(tail) => tail.replace(records),
+            AuditBackend::Mem(m) => {
+                let mut held = Self::mem(m);
+                held.clear();
+                held.extend_from_slice(records);
+                Ok(())
+            }
         }
-        for chunk in records.chunks(AUDIT_CHUNK) {
-            self.append(chunk)?;
-        }
-        Ok(())
     }
 
     /// Drops the tail's chunks that lie wholly in sealed segments.
     pub(crate) fn drop_sealed_tail(&self) -> Result<(), ReadError> {
-        let AuditBackend::Sled(tree) = &self.backend else {
+        let AuditBackend::File(tail) = &self.backend else {
             return Ok(());
         };
         let end = self.sealed().end();
-        let keys: Vec<sled::IVec> =
-            tree.range(..index_key(end)).keys().collect::<Result<_, _>>()?;
-        for (i, key) in keys.iter().enumerate() {
-            let whole = match keys.get(i + 1) {
-                Some(_) => true,
-                None => tree
-                    .get(key)?
-                    .map(|v| Self::decode(&v))
-                    .transpose()?
-                    .and_then(|r| r.last().map(|r| r.entry.seq < end))
-                    .unwrap_or(true),
-            };
-            if whole {
-                tree.remove(key)?;
-            }
-        }
-        Ok(())
+        Ok(tail.drop_before(end)?)
     }
 
     /// Seals the tail up to `head` into segments (files written and synced) once it

@@ -96,7 +96,7 @@ pub fn restore(dir: &Path, bytes: &[u8]) -> Result<SnapshotInfo, OpenError> {
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
     std::fs::File::open(dir)?.sync_all()?;
-    // Opening the store writes the snapshot's audit records into sled and flushes.
+    // Opening the store writes the snapshot's audit records into the tail and syncs.
     let (log, sm) = open(dir, LedgerConfig::default())?;
     if read_snapshot_file(&dir.join(SNAPSHOT_FILE))?.is_none() {
         return Err(OpenError::Snapshot {

@@ -9,7 +9,8 @@
 //!   durability point of the whole ledger. ([`SledLogStore`], the same in sled, whose
 //!   flush is not power-safe, remains for comparison: `log_store = "sled"`.)
 //! - [`StateMachine`] keeps the ledger (`ration_core::Ledger`) in memory and writes
-//!   each applied entry's audit records to a sled tree, unflushed. A snapshot is the
+//!   each applied entry's audit records to the audit tail's file ([`tail`]),
+//!   unflushed. A snapshot is the
 //!   ledger's deterministic encoding plus the audit records, written to a file with
 //!   fsync and an atomic rename. After a restart the state machine starts from the
 //!   last snapshot and openraft re-applies the committed log after it.
@@ -98,6 +99,7 @@ pub mod framing;
 pub mod mem;
 pub mod runtime;
 pub mod segments;
+mod tail;
 pub mod wal;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -219,10 +221,12 @@ pub fn open(dir: &Path, config: LedgerConfig) -> Result<(SledLogStore, StateMach
 
 /// Where sealed audit segments live in a data directory.
 pub const AUDIT_DIR: &str = "audit";
+/// The audit tail's file in the data directory ([`tail`]).
+pub const AUDIT_TAIL_FILE: &str = "audit-tail";
 
-/// sled's page cache: it holds the log (`log_store = "sled"`) and the audit tail,
-/// both read mostly near their end; the default (1 GiB) would let RSS grow with
-/// them.
+/// sled's page cache: it holds the log (`log_store = "sled"`), read mostly near
+/// its end, and the node's metadata; the default (1 GiB) would let RSS grow with
+/// the log.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
 
 /// [`open`] with a seal policy for the audit segments.
@@ -253,11 +257,14 @@ pub fn open_with(
         db: db.clone(),
         dir: dir.to_path_buf(),
     };
-    let audit = AuditStore::new(
-        AuditBackend::Sled(db.open_tree("audit")?),
-        Some(dir.join(AUDIT_DIR)),
-        policy,
-    );
+    // The audit tail was a sled tree before it had a file of its own: what it
+    // held is regenerated from the snapshot and the log (`StateMachine::open`).
+    if db.tree_names().iter().any(|n| n.as_ref() == b"audit") {
+        db.drop_tree("audit")?;
+    }
+    let tail = tail::FileTail::open(&dir.join(AUDIT_TAIL_FILE))?;
+    let audit =
+        AuditStore::new(AuditBackend::File(Arc::new(tail)), Some(dir.join(AUDIT_DIR)), policy);
     let sm = StateMachine::open(Some(db), audit, SnapshotPlace::Dir(dir.to_path_buf()), config)?;
     Ok((log, sm))
 }
@@ -796,6 +803,7 @@ impl StateMachine {
             && (start == head || held.first().is_some_and(|r| r.entry.seq == start));
         if !intact {
             audit.replace_tail(&tail)?;
+            audit.sync()?;
         }
         audit.drop_sealed_tail().map_err(|e| bad(e.to_string()))?;
         if let Some(db) = &db {
@@ -836,11 +844,9 @@ impl StateMachine {
     }
 
     /// Flushes the audit records written so far (a no-op in memory).
-    async fn flush_audit(&self) -> Result<(), sled::Error> {
-        match &self.db {
-            Some(db) => db.flush_async().await.map(|_| ()),
-            None => Ok(()),
-        }
+    async fn flush_audit(&self) -> std::io::Result<()> {
+        let audit = self.audit.clone();
+        off_async(move || audit.sync()).await.map_err(std::io::Error::other)?
     }
 }
 

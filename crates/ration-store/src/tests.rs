@@ -56,32 +56,37 @@ fn audit_chunks_read_and_truncate_across_boundaries() {
     assert_eq!(sm.audit.len().unwrap(), 0);
 }
 
+/// The file tail of a store opened in `dir`.
+fn file_tail(sm: &StateMachine) -> &crate::tail::FileTail {
+    let crate::audit_store::AuditBackend::File(tail) = &sm.audit.backend else {
+        panic!("a store on disk has a file tail")
+    };
+    tail
+}
+
 #[test]
 fn one_large_apply_is_kept_in_bounded_chunks() {
-    // A restart re-applies everything after the snapshot in one call; a value per
+    // A restart re-applies everything after the snapshot in one call; a chunk per
     // call made every later read of a few records decode all of them.
-    // Values also stay below sled's threshold for writing a value as a file of
-    // its own.
-    use crate::audit_store::{AuditBackend, AUDIT_CHUNK, AUDIT_VALUE_BYTES};
+    use crate::audit_store::{AUDIT_CHUNK, AUDIT_VALUE_BYTES};
     let dir = TempDir::new().unwrap();
     let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
     let n = AUDIT_CHUNK as u64 * 2 + 7;
     let all = records(n);
     sm.audit.append(&all).unwrap();
-    let AuditBackend::Sled(tree) = &sm.audit.backend else { panic!("a sled store") };
     let mut seen = 0;
-    for kv in tree.iter() {
-        let (key, value) = kv.unwrap();
-        let held = postcard::from_bytes::<Vec<AuditRecord>>(&value).unwrap();
-        assert!(held.len() <= AUDIT_CHUNK && value.len() <= AUDIT_VALUE_BYTES, "{}", value.len());
+    for (first, end, len) in file_tail(&sm).chunks() {
+        let held = (end - first) as usize;
+        assert_eq!(first, seen as u64, "chunks are contiguous");
+        let bytes: usize = all[seen..seen + held].iter().map(|r| crate::encode(r).len()).sum();
+        assert_eq!(len, bytes, "a chunk holds its records' encodings back to back");
+        assert!(held <= AUDIT_CHUNK && len <= AUDIT_VALUE_BYTES, "{len}");
         // Full, but for the last: one more record would have gone over.
-        if seen + held.len() < all.len() {
-            let more = crate::encode(&&all[seen..=seen + held.len()]);
-            assert!(more.len() > AUDIT_VALUE_BYTES - 10 || held.len() == AUDIT_CHUNK);
+        if seen + held < all.len() {
+            let more = len + crate::encode(&all[seen + held]).len();
+            assert!(more > AUDIT_VALUE_BYTES || held == AUDIT_CHUNK);
         }
-        assert_eq!(crate::key_index(&key), seen as u64, "keyed by its first record");
-        assert_eq!(value.to_vec(), crate::encode(&&all[seen..seen + held.len()]));
-        seen += held.len();
+        seen += held;
     }
     assert_eq!(seen, all.len());
     assert_eq!(sm.audit.len().unwrap(), n);
@@ -90,13 +95,14 @@ fn one_large_apply_is_kept_in_bounded_chunks() {
     assert_eq!(sm.audit.read(mid, 2).unwrap(), all[mid as usize..mid as usize + 2].to_vec());
     sm.audit.truncate_from(mid).unwrap();
     assert_eq!(sm.audit.read(0, usize::MAX).unwrap(), all[..mid as usize].to_vec());
+    assert_eq!(sm.audit.len().unwrap(), mid);
 }
 
 #[test]
-fn a_record_larger_than_a_value_stands_alone() {
-    use crate::audit_store::{audit_values, AUDIT_VALUE_BYTES};
+fn a_record_larger_than_a_chunk_stands_alone() {
+    use crate::audit_store::AUDIT_VALUE_BYTES;
     let mut all = records(5);
-    // A record far larger than a value (the encoder does not check that records
+    // A record far larger than a chunk (the encoder does not check that records
     // are real).
     let balance = ration_core::audit::Balance {
         budget: all[2].entry.budget.clone(),
@@ -109,13 +115,103 @@ fn a_record_larger_than_a_value_stands_alone() {
     };
     all[2].entry.balances = vec![balance; AUDIT_VALUE_BYTES / 16];
     assert!(crate::encode(&all[2]).len() > AUDIT_VALUE_BYTES);
-    let values = audit_values(&all);
-    let counts: Vec<usize> = values
-        .iter()
-        .map(|(_, v)| postcard::from_bytes::<Vec<AuditRecord>>(v).unwrap().len())
-        .collect();
-    assert_eq!(counts, vec![2, 1, 2]);
-    assert_eq!(values.iter().map(|(first, _)| *first).collect::<Vec<_>>(), vec![0, 2, 3]);
+    let dir = TempDir::new().unwrap();
+    let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
+    sm.audit.append(&all).unwrap();
+    let chunks: Vec<(u64, u64)> = file_tail(&sm).chunks().iter().map(|c| (c.0, c.1)).collect();
+    assert_eq!(chunks, vec![(0, 2), (2, 3), (3, 5)]);
+    assert_eq!(sm.audit.read(0, usize::MAX).unwrap(), all);
+}
+
+/// The tail survives a restart as written; a crash that tore its last write, or
+/// damage anywhere, cuts it at the last intact chunk before (the rest is
+/// regenerated from the log); sealed chunks are dropped without moving the rest.
+#[test]
+fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
+    use crate::tail::FileTail;
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("tail");
+    let all = records(300);
+    let tail = FileTail::open(&path).unwrap();
+    for chunk in all.chunks(40) {
+        tail.append(chunk).unwrap();
+    }
+    let chunks = tail.chunks();
+    assert!(chunks.len() >= 8, "{chunks:?}");
+    drop(tail);
+    let tail = FileTail::open(&path).unwrap();
+    assert_eq!(tail.chunks(), chunks, "reopened as written");
+    assert_eq!(tail.read(0, usize::MAX).unwrap(), all);
+    drop(tail);
+    // A torn last write: the last chunk is cut short.
+    let size = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(size - 3).unwrap();
+    let tail = FileTail::open(&path).unwrap();
+    let (last_first, _, _) = *chunks.last().unwrap();
+    assert_eq!(tail.end(), last_first, "the torn chunk is gone, the rest kept");
+    assert_eq!(tail.read(0, usize::MAX).unwrap(), all[..last_first as usize].to_vec());
+    // Appending goes on from there.
+    tail.append(&all[last_first as usize..]).unwrap();
+    assert_eq!(tail.read(0, usize::MAX).unwrap(), all);
+    drop(tail);
+    // A flipped byte in the fourth chunk: cut before it, even though later
+    // chunks are intact.
+    let bytes = std::fs::read(&path).unwrap();
+    let mut damaged = bytes.clone();
+    let tail = FileTail::open(&path).unwrap();
+    let fourth = tail.chunks()[3];
+    drop(tail);
+    let at = bytes.len() - 1; // somewhere in the last chunk first
+    damaged[at] ^= 0x40;
+    std::fs::write(&path, &damaged).unwrap();
+    let tail = FileTail::open(&path).unwrap();
+    assert!(tail.end() < 300);
+    drop(tail);
+    std::fs::write(&path, &bytes).unwrap();
+    let offset_of_fourth = {
+        // The fourth chunk starts after the first three (headers of 24 bytes).
+        let tail = FileTail::open(&path).unwrap();
+        let c = tail.chunks();
+        drop(tail);
+        c[..3].iter().map(|(_, _, len)| 24 + len).sum::<usize>()
+    };
+    let mut damaged = bytes.clone();
+    damaged[offset_of_fourth + 30] ^= 0x01;
+    std::fs::write(&path, &damaged).unwrap();
+    let tail = FileTail::open(&path).unwrap();
+    assert_eq!(tail.end(), fourth.0, "cut at the damaged chunk");
+    assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, offset_of_fourth);
+    tail.append(&all[fourth.0 as usize..]).unwrap();
+    // Dropping what segments hold: the chunks wholly before 150 go, the rest stay
+    // readable (in a new file), and appends go on.
+    tail.drop_before(150).unwrap();
+    let first = tail.chunks()[0];
+    assert!(first.0 <= 150 && first.1 > 150, "{first:?}");
+    assert_eq!(tail.read(first.0, usize::MAX).unwrap(), all[first.0 as usize..].to_vec());
+    assert!(tail.read(0, 1).unwrap()[0].entry.seq == first.0);
+    let more = records(302);
+    tail.append(&more[300..]).unwrap();
+    assert_eq!(tail.end(), 302);
+    drop(tail);
+    let tail = FileTail::open(&path).unwrap();
+    assert_eq!(tail.read(first.0, usize::MAX).unwrap(), more[first.0 as usize..].to_vec());
+    tail.drop_before(400).unwrap();
+    assert_eq!((tail.end(), tail.chunks().len()), (0, 0));
+}
+
+#[test]
+fn an_old_data_directory_moves_its_tail_out_of_sled() {
+    // A store written when the tail was a sled tree: opening it drops the tree,
+    // and the snapshot's tail takes its place (the log regenerates the rest).
+    let dir = TempDir::new().unwrap();
+    {
+        let db = sled::open(dir.path().join("sled")).unwrap();
+        db.open_tree("audit").unwrap().insert(b"x", b"y").unwrap();
+        db.flush().unwrap();
+    }
+    let (log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
+    assert!(!log.db.tree_names().iter().any(|n| n.as_ref() == b"audit"));
+    assert_eq!(sm.audit.len().unwrap(), 0);
 }
 
 /// A real snapshot file: a sled store that applied budget creations, then built.
