@@ -466,9 +466,10 @@ impl Agent {
         for (d, m) in descriptors.iter().zip(matched) {
             if let Match::Target(t) = m {
                 let key = (t.budget.clone(), t.unit.clone());
-                if !self.track(&key) {
-                    continue;
-                }
+                // What a settle charges was used already: it is counted whatever
+                // the bound on budgets (which refuses new calls, not spend), even
+                // for a pair forgotten since the call reserved.
+                self.sdk.handle(&key.0, &key.1);
                 let hits = if d.negative { 0 } else { d.hits.unwrap_or(request_hits) };
                 let c = if t.settle { t.correlation.clone() } else { None };
                 by.entry(c).or_default().push((key, hits, t.priced.clone()));

@@ -747,3 +747,30 @@ async fn idle_budgets_are_forgotten_and_make_room_under_max_budgets() {
     assert_eq!(ledger_figures(&cluster, "acme/keys/k3").await, (300, 0));
     cluster.shutdown().await;
 }
+
+/// The bound on budgets refuses new calls, not spend: a settle on a budget the
+/// agent does not lease for (the call reserved through another agent, or its
+/// pair was forgotten since) is charged even when `max_budgets` pairs are in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settle_is_charged_even_at_max_budgets() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    let big = || vec![ration_testkit::limit("tokens", 1_000_000, Period::Lifetime)];
+    budget(addr, 1, "acme", big()).await;
+    budget(addr, 2, "acme/keys", big()).await;
+    budget(addr, 3, "acme/keys/k1", big()).await;
+    budget(addr, 4, "acme/keys/k2", big()).await;
+    let limits = Limits { max_budgets: 1, ..Limits::default() };
+    let agent = Agent::start(&cluster, "agent-bound", limits).await;
+    let mut c = agent.client().await;
+    let r = ask(&mut c, vec![descriptor(&[("api_key", "k1")], None)], 300).await.unwrap();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    let r = ask(&mut c, vec![descriptor(&[("api_key", "k2")], None)], 300).await.unwrap();
+    assert_eq!(r.overall_code, Code::OverLimit as i32, "a new call beyond the bound is refused");
+    let settle = [("api_key", "k2"), ("request_id", "elsewhere"), ("phase", "settle")];
+    ask(&mut c, vec![descriptor(&settle, Some(700))], 0).await.unwrap();
+    agent.stop().await;
+    assert_eq!(ledger_figures(&cluster, "acme/keys/k2").await, (700, 0));
+    assert_eq!(ledger_figures(&cluster, "acme/keys/k1").await, (300, 0));
+    cluster.shutdown().await;
+}

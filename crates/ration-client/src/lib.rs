@@ -199,6 +199,10 @@ impl Gateway {
         let unheld = map.get(key).is_some_and(|a| Arc::ptr_eq(a, allowance))
             && Arc::strong_count(allowance) == 2;
         if unheld {
+            // The count is read relaxed: this makes everything the last holder did
+            // before dropping its clone (a spend, an overrun) visible to the caller,
+            // as `Arc::get_mut` does.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
             map.remove(key);
         }
         unheld

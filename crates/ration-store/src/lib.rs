@@ -984,9 +984,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .persist(&file)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         if sealed > 0 {
-            // The snapshot lists the new segments: the tail's copies can go.
-            self.audit
-                .drop_sealed_tail()
+            // The snapshot lists the new segments: the tail's copies can go (what
+            // follows them is copied to a new file, off the async workers).
+            let store = self.audit.clone();
+            off_async(move || store.drop_sealed_tail())
+                .await
+                .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?
                 .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?;
         }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })

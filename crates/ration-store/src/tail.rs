@@ -17,8 +17,9 @@
 //! CRC, or does not continue the one before.
 //!
 //! An index of every chunk (first record, offset, end) is kept in memory: one
-//! entry per about a hundred records, for a tail the snapshot builds keep bounded
-//! (`SealPolicy`).
+//! entry per apply call, or per about a hundred records for calls that bring
+//! more, for a tail the snapshot builds keep bounded (`SealPolicy`,
+//! `snapshot_after_entries`).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
