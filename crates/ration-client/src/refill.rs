@@ -460,7 +460,7 @@ impl Sdk {
     pub fn handle(&self, budget: &str, unit: &str) -> Handle {
         let handle = self.gateway.handle(budget, unit);
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-        self.track(&mut tracked, budget, unit, &handle);
+        self.track(&mut tracked, (budget.to_owned(), unit.to_owned()), &handle);
         handle
     }
 
@@ -474,19 +474,18 @@ impl Sdk {
         }
         // (The refill round takes these two locks in this order too.)
         let handle = self.gateway.handle(budget, unit);
-        self.track(&mut tracked, budget, unit, &handle);
+        self.track(&mut tracked, key, &handle);
         Some(handle)
     }
 
     fn track(
         &self,
         tracked: &mut BTreeMap<(String, String), Tracked>,
-        budget: &str,
-        unit: &str,
+        key: (String, String),
         handle: &Handle,
     ) {
         let now = self.gateway.clock().now_ms();
-        let t = tracked.entry((budget.to_owned(), unit.to_owned())).or_insert_with(|| Tracked {
+        let t = tracked.entry(key).or_insert_with(|| Tracked {
             allowance: handle.allowance().clone(),
             leases: Vec::new(),
             spent_seen: 0,

@@ -188,7 +188,8 @@ impl FileTail {
         }
     }
 
-    /// The records of each chunk in `raw` (first sequence number, bytes).
+    /// Decodes a chunk's records (numbered `first..end`) onto `out`, with their
+    /// sequence numbers.
     fn decode(
         first: u64,
         end: u64,
