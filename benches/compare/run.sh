@@ -4,7 +4,9 @@
 #   - Redis, one node, a Lua debit script, appendonly with appendfsync always;
 #   - Ration, 3 nodes (ration-load: Batch of 256, 12 in flight; one operation
 #     per RPC, 512 in flight; one operation per message on 8 Pipeline calls, 1,024
-#     in flight), its Raft log synced (the default `wal` store),
+#     in flight), its Raft log synced (the default `wal` store), and the same
+#     three workloads against one Ration node alone (`-1node`: like for like with
+#     the single Redis, which is not replicated either),
 # interleaved over ROUNDS rounds so drift hits all alike, 64 clients for etcd and
 # Redis. Prints a Markdown table (ops/s, p50, p99 of each RPC: a Ration Batch RPC
 # carries 256 debits; ratios to Redis and etcd) and writes
@@ -84,6 +86,11 @@ for ROUND in $(seq 1 "$ROUNDS"); do
   run "ration-batch" "$BIN/ration-load" --warmup-s 2 --duration-s "$DUR" --batch 256 --concurrency 12
   run "ration-single" "$BIN/ration-load" --warmup-s 2 --duration-s "$DUR" --concurrency 512
   run "ration-pipeline" "$BIN/ration-load" --warmup-s 2 --duration-s "$DUR" --concurrency 1024 --pipeline
+  # Like for like with Redis (one node, not replicated): Ration on one node, its
+  # log synced as in the cluster.
+  run "ration-batch-1node" "$BIN/ration-load" --nodes 1 --warmup-s 2 --duration-s "$DUR" --batch 256 --concurrency 12
+  run "ration-single-1node" "$BIN/ration-load" --nodes 1 --warmup-s 2 --duration-s "$DUR" --concurrency 512
+  run "ration-pipeline-1node" "$BIN/ration-load" --nodes 1 --warmup-s 2 --duration-s "$DUR" --concurrency 1024 --pipeline
   [ "$HAVE_REDIS" = 1 ] && run "redis-lua-always" "$BIN/ration-compare" --system redis \
     --endpoint 127.0.0.1:26379 --duration-s "$DUR" --prefix "r$ROUND"
   [ "$HAVE_ETCD" = 1 ] && run "etcd-txn" "$BIN/ration-compare" --system etcd \

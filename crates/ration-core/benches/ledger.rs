@@ -48,12 +48,12 @@ fn live_bytes() -> isize {
 
 const T0: u64 = 1_764_340_245_123;
 const PER_ENTRY: usize = 1024;
-const GATEWAYS: usize = 1000;
-
 struct Sizes {
     roots: usize,
     children: usize,
     leases: usize,
+    /// Clients (each with its exactly-once window) the leases are spread over.
+    gateways: usize,
 }
 
 struct Fixture {
@@ -101,7 +101,7 @@ impl Fixture {
     }
 
     fn acquire(&mut self) -> (usize, Op) {
-        let gateway = self.next_random() as usize % GATEWAYS;
+        let gateway = self.next_random() as usize % self.sizes.gateways;
         let op = Op::Acquire(Acquire {
             budget: self.random_leaf(),
             unit: Unit::new("tokens").unwrap(),
@@ -170,9 +170,9 @@ impl Fixture {
 
 fn bench(c: &mut Criterion, full: bool) {
     let sizes = if full {
-        Sizes { roots: 1000, children: 999, leases: 100_000 }
+        Sizes { roots: 1000, children: 999, leases: 100_000, gateways: 1000 }
     } else {
-        Sizes { roots: 10, children: 99, leases: 1_000 }
+        Sizes { roots: 10, children: 99, leases: 1_000, gateways: 1000 }
     };
     let (budgets, leases) = (sizes.roots * (sizes.children + 1), sizes.leases);
     let started = std::time::Instant::now();
@@ -215,6 +215,58 @@ fn bench(c: &mut Criterion, full: bool) {
     });
     drop(baseline);
 
+    apply_benches(&mut group, &f);
+    group.finish();
+
+    // The same commands on a ledger small enough to stay in the CPU's caches (100
+    // budgets, 1,000 leases, 8 clients): against the figures above, how much of a
+    // command's cost is the memory a million budgets spread over.
+    {
+        let (small, _, _) =
+            Fixture::build(Sizes { roots: 10, children: 9, leases: 1_000, gateways: 8 });
+        let small = std::cell::RefCell::new(small);
+        let mut group = c.benchmark_group("ledger_in_cache_100_budgets_1k_leases");
+        group.throughput(Throughput::Elements(PER_ENTRY as u64));
+        group.sample_size(if full { 30 } else { 10 });
+        apply_benches(&mut group, &small);
+        group.finish();
+        small.borrow().ledger.check_invariants().unwrap();
+    }
+
+    // Building the hash of one record: a grant's, as the acquires above make
+    // (two balances, a cause). In cache: what hashing costs beside the lookups.
+    let record = {
+        let f = &mut *f.borrow_mut();
+        let (g, op) = f.acquire();
+        let command = f.request(g, op);
+        f.index += 1;
+        let applied =
+            f.ledger.apply(f.index, &Entry::V1(Batch { time_ms: T0, commands: vec![command] }));
+        applied.audit.into_iter().next().unwrap()
+    };
+    assert_eq!(record.entry.compute_hash(), record.hash);
+    let mut group = c.benchmark_group("audit");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("hash_one_grant_record", |b| {
+        b.iter(|| black_box(&record.entry).compute_hash())
+    });
+    // Encoding the whole record (what the node's audit store writes): postcard's
+    // own encoder into a vector, the baseline, against the project's.
+    group.bench_function("encode_one_grant_record_postcard", |b| {
+        b.iter(|| postcard::to_stdvec(black_box(&record)).unwrap())
+    });
+    group.bench_function("encode_one_grant_record", |b| {
+        b.iter(|| ration_core::encode(black_box(&record)))
+    });
+    group.finish();
+    f.borrow().ledger.check_invariants().unwrap();
+}
+
+/// Reports, and acquires with releases, applied in entries of 1,024 to `f`.
+fn apply_benches(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    f: &std::cell::RefCell<Fixture>,
+) {
     // Report 1 token on 1024 random live leases per entry.
     group.bench_function("report_x1024", |b| {
         b.iter_batched(
@@ -272,35 +324,6 @@ fn bench(c: &mut Criterion, full: bool) {
             BatchSize::LargeInput,
         )
     });
-    group.finish();
-
-    // Building the hash of one record: a grant's, as the acquires above make
-    // (two balances, a cause). In cache: what hashing costs beside the lookups.
-    let record = {
-        let f = &mut *f.borrow_mut();
-        let (g, op) = f.acquire();
-        let command = f.request(g, op);
-        f.index += 1;
-        let applied =
-            f.ledger.apply(f.index, &Entry::V1(Batch { time_ms: T0, commands: vec![command] }));
-        applied.audit.into_iter().next().unwrap()
-    };
-    assert_eq!(record.entry.compute_hash(), record.hash);
-    let mut group = c.benchmark_group("audit");
-    group.throughput(Throughput::Elements(1));
-    group.bench_function("hash_one_grant_record", |b| {
-        b.iter(|| black_box(&record.entry).compute_hash())
-    });
-    // Encoding the whole record (what the node's audit store writes): postcard's
-    // own encoder into a vector, the baseline, against the project's.
-    group.bench_function("encode_one_grant_record_postcard", |b| {
-        b.iter(|| postcard::to_stdvec(black_box(&record)).unwrap())
-    });
-    group.bench_function("encode_one_grant_record", |b| {
-        b.iter(|| ration_core::encode(black_box(&record)))
-    });
-    group.finish();
-    f.borrow().ledger.check_invariants().unwrap();
 }
 
 fn main() {

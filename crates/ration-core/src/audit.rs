@@ -292,10 +292,46 @@ impl From<LegacyRecord> for AuditRecord {
 /// whichever version writes it (its digest, in a snapshot's manifest, stays
 /// true). [`decode_record`] reads both.
 pub fn encode_record(r: &AuditRecord) -> Vec<u8> {
+    encode_record_onto(r, Vec::new())
+}
+
+/// [`encode_record`]'s bytes appended to `out`.
+pub fn encode_record_onto(r: &AuditRecord, out: Vec<u8>) -> Vec<u8> {
     match r.entry.format_1() {
-        Some(fields) => crate::encode(&(fields, &r.hash)),
-        None => crate::encode(r),
+        Some(fields) => crate::encode_onto(&(fields, &r.hash), out),
+        None => crate::encode_onto(r, out),
     }
+}
+
+/// The leading fields of a record, read from its encoding (either audit format:
+/// both begin with these) without decoding the rest: what a segment's footer
+/// indexes and the chain's order needs when records are copied as bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub struct RecordHead<'a> {
+    pub seq: u64,
+    pub log_index: u64,
+    pub time_ms: u64,
+    pub effective_ms: u64,
+    pub kind: AuditKind,
+    pub budget: &'a str,
+    pub principal: &'a str,
+}
+
+impl RecordHead<'_> {
+    /// The budget path's root segment (as [`BudgetPath::root`]).
+    pub fn root(&self) -> &str {
+        self.budget.split('/').next().unwrap_or(self.budget)
+    }
+}
+
+/// An encoded record's leading fields and its hash (its last 32 bytes: a record
+/// encodes as its entry, then the hash as 32 plain bytes).
+pub fn record_head(bytes: &[u8]) -> Result<(RecordHead<'_>, Hash), postcard::Error> {
+    let (head, _) = postcard::take_from_bytes::<RecordHead<'_>>(bytes)?;
+    let at = bytes.len().checked_sub(32).ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&bytes[at..]);
+    Ok((head, hash))
 }
 
 /// Decodes one record written in either audit format (postcard). The current

@@ -32,12 +32,17 @@ use tonic::transport::Channel;
 #[derive(Debug, Parser)]
 #[command(name = "ration-load", about = "Drive load against a Ration cluster")]
 struct Args {
-    /// Target a running cluster (comma-separated host:port); otherwise start 3 nodes.
+    /// Target a running cluster (comma-separated host:port); otherwise start --nodes nodes.
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
     /// The rationd binary to start (default: next to this executable).
     #[arg(long)]
     rationd: Option<PathBuf>,
+    /// Nodes to start (without --endpoints): 3 (the default), or 1 for a node alone,
+    /// unreplicated, its log synced as in a cluster (like for like with a single
+    /// Redis or a single database).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+    nodes: u8,
     /// Requests in flight.
     #[arg(long, default_value_t = 512)]
     concurrency: usize,
@@ -197,14 +202,15 @@ fn parse_wan(spec: &str) -> anyhow::Result<Vec<(usize, usize, ration_testkit::pr
 async fn start_nodes(rationd: PathBuf, args: &Args) -> anyhow::Result<Started> {
     let tls = args.tls;
     let dir = tempfile::tempdir()?;
-    // Hold every listener until all nine ports are chosen, so none repeats.
+    let n = usize::from(args.nodes);
+    // Hold every listener until all ports are chosen, so none repeats.
     let listeners: Vec<std::net::TcpListener> =
-        (0..9).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+        (0..3 * n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let ports: Vec<SocketAddr> =
         listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
     drop(listeners);
-    let (addrs, rest) = ports.split_at(3);
-    let (metrics, peers) = rest.split_at(3);
+    let (addrs, rest) = ports.split_at(n);
+    let (metrics, peers) = rest.split_at(n);
     let faults = match &args.wan {
         Some(spec) => {
             let links = parse_wan(spec)?;
@@ -281,8 +287,8 @@ async fn start_nodes(rationd: PathBuf, args: &Args) -> anyhow::Result<Started> {
         cmd.extend(extra.iter().cloned());
         commands.push((rationd.clone(), cmd));
     }
-    let mut nodes = Nodes { children: vec![None, None, None], commands, faults, _dir: dir };
-    for i in 0..3 {
+    let mut nodes = Nodes { children: (0..n).map(|_| None).collect(), commands, faults, _dir: dir };
+    for i in 0..n {
         nodes.spawn(i)?;
     }
     Ok((nodes, advertised.iter().map(|a| a.to_string()).collect(), metrics.to_vec()))
@@ -919,6 +925,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.wan.is_some() && args.tls {
         bail!("--wan proxies the nodes' one port: not with --tls (peers on ports of their own)");
+    }
+    if args.nodes != 3 && (args.wan.is_some() || args.failovers > 0 || !args.endpoints.is_empty()) {
+        bail!("--nodes 1 starts a node alone: not with --wan, --failovers or --endpoints");
     }
     if args.pipeline && args.batch > 0 {
         bail!("--pipeline sends one operation per message: not with --batch");

@@ -326,6 +326,37 @@ impl AuditStore {
             )?;
             let mut next = start.next_seq;
             let end = start.next_seq + count;
+            // From the file: each record's bytes are copied as the tail holds them.
+            if let AuditBackend::File(tail) = &self.backend {
+                while next < end {
+                    let before = next;
+                    let want = (end - next).min(AUDIT_CHUNK as u64) as usize;
+                    let raw = tail.read_raw(next, want)?;
+                    if raw.is_empty() {
+                        return Err(std::io::Error::other(format!(
+                            "the audit tail ends at {next}, before {end}"
+                        )));
+                    }
+                    for (first, chunk_end, bytes) in &raw {
+                        for framed in crate::tail::Framed::new(*first, *chunk_end, bytes) {
+                            let (seq, framed) = framed.map_err(std::io::Error::other)?;
+                            if seq < next {
+                                continue;
+                            }
+                            if seq >= end {
+                                break;
+                            }
+                            enc.push_framed(framed)?;
+                            next = seq + 1;
+                        }
+                    }
+                    if next == before {
+                        return Err(std::io::Error::other(format!(
+                            "the audit tail has no record {next}"
+                        )));
+                    }
+                }
+            }
             while next < end {
                 let chunk = self
                     .read_tail(next, (end - next).min(AUDIT_CHUNK as u64) as usize)

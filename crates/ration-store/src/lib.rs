@@ -222,7 +222,10 @@ pub fn open(dir: &Path, config: LedgerConfig) -> Result<(SledLogStore, StateMach
 /// Where sealed audit segments live in a data directory.
 pub const AUDIT_DIR: &str = "audit";
 /// The audit tail's file in the data directory ([`tail`]).
-pub const AUDIT_TAIL_FILE: &str = "audit-tail";
+pub const AUDIT_TAIL_FILE: &str = "audit-tail-v2";
+/// The tail file before each record was framed with its length: removed on open,
+/// and what it held regenerated from the snapshot and the log.
+const OLD_AUDIT_TAIL_FILE: &str = "audit-tail";
 
 /// sled's page cache: it holds the log (`log_store = "sled"`), read mostly near
 /// its end, and the node's metadata; the default (1 GiB) would let RSS grow with
@@ -261,6 +264,10 @@ pub fn open_with(
     // held is regenerated from the snapshot and the log (`StateMachine::open`).
     if db.tree_names().iter().any(|n| n.as_ref() == b"audit") {
         db.drop_tree("audit")?;
+    }
+    match std::fs::remove_file(dir.join(OLD_AUDIT_TAIL_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
     }
     let tail = tail::FileTail::open(&dir.join(AUDIT_TAIL_FILE))?;
     let audit =

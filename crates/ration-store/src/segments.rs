@@ -97,20 +97,19 @@ impl Footer {
         true
     }
 
-    fn note(&mut self, index: u64, offset: u64, record: &AuditRecord) {
-        let e = &record.entry;
+    fn note(&mut self, index: u64, offset: u64, time_ms: u64, root: &str, principal: &str) {
         if index % OFFSET_EVERY == 0 {
             self.offsets.push(offset);
         }
         if index == 0 {
-            self.min_time_ms = e.time_ms;
-            self.max_time_ms = e.time_ms;
+            self.min_time_ms = time_ms;
+            self.max_time_ms = time_ms;
         } else {
-            self.min_time_ms = self.min_time_ms.min(e.time_ms);
-            self.max_time_ms = self.max_time_ms.max(e.time_ms);
+            self.min_time_ms = self.min_time_ms.min(time_ms);
+            self.max_time_ms = self.max_time_ms.max(time_ms);
         }
-        add_capped(&mut self.roots, e.budget.root());
-        add_capped(&mut self.principals, e.principal.as_str());
+        add_capped(&mut self.roots, root);
+        add_capped(&mut self.principals, principal);
     }
 }
 
@@ -187,7 +186,8 @@ impl<W: Write> SegmentEncoder<W> {
         }
         self.next = verify_chain(std::iter::once(record), self.next)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        self.footer.note(index, self.written, record);
+        let e = &record.entry;
+        self.footer.note(index, self.written, e.time_ms, e.budget.root(), e.principal.as_str());
         self.buf.clear();
         // Format 1's bytes for a record without a cause or detail: the file is the
         // same whichever version writes it.
@@ -198,6 +198,39 @@ impl<W: Write> SegmentEncoder<W> {
         let r = self.put(&buf);
         self.buf = buf;
         r
+    }
+
+    /// Appends the next record as the bytes a segment holds for it,
+    /// `[length u32][encode_record]` (as the audit tail keeps them), without
+    /// decoding it: its sequence number must continue the segment, and its own
+    /// hash becomes the chain's head. Its content is not hashed again here: the
+    /// bytes are the tail's, whose chunks carry a CRC, and were encoded from the
+    /// record apply hashed (`rationctl audit verify` recomputes every hash).
+    pub fn push_framed(&mut self, framed: &[u8]) -> std::io::Result<()> {
+        let index = self.next.next_seq - self.first_seq;
+        let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+        let len = framed
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .filter(|&n| n + 4 == framed.len())
+            .ok_or_else(|| bad("a framed audit record's length does not match it".into()))?;
+        let (head, hash) = ration_core::audit::record_head(&framed[4..4 + len])
+            .map_err(|e| bad(format!("an audit record's leading fields do not decode: {e}")))?;
+        if index >= self.count {
+            return Err(std::io::Error::other(format!(
+                "segment from {} holds {} records; record {} is past it",
+                self.first_seq, self.count, head.seq
+            )));
+        }
+        if head.seq != self.next.next_seq {
+            return Err(bad(format!(
+                "expected audit record {}, found {}",
+                self.next.next_seq, head.seq
+            )));
+        }
+        self.footer.note(index, self.written, head.time_ms, head.root(), head.principal);
+        self.next = ChainHead { next_seq: head.seq + 1, last_hash: hash };
+        self.put(framed)
     }
 
     /// The output so far (a server drains its buffer between records).

@@ -9,8 +9,12 @@
 //! load that was about a fifth of a node's CPU (benches/README.md, session 23).
 //!
 //! A chunk is `[len u32][crc32 u32][first u64][end u64][records]` (little-endian):
-//! `len` bytes of records, the postcard encodings of the records numbered
-//! `first..end` back to back; the CRC covers `first`, `end` and the records.
+//! `len` bytes of records, those numbered `first..end` back to back, each as
+//! `[length u32][its encoding]` with the encoding a sealed segment holds
+//! (`ration_core::audit::encode_record`), so sealing copies a record's bytes
+//! without decoding it (`AuditStore::seal_until`); the CRC covers `first`, `end`
+//! and the records. The file before this framing (`audit-tail`, bare encodings) is
+//! removed on open and regenerated like a lost tail.
 //! Nothing here is synced: like sled's unflushed writes, what a crash loses is
 //! regenerated from the snapshot and the log (`StateMachine::open`). Opening reads
 //! the chunks in order and cuts the file at the first one that is torn, fails its
@@ -51,6 +55,48 @@ struct Inner {
     bytes: u64,
     /// By first sequence number; contiguous (each starts where the one before ends).
     chunks: BTreeMap<u64, Chunk>,
+}
+
+/// A chunk's records one by one: (sequence number, `[length u32][encoding]`).
+pub(crate) struct Framed<'a> {
+    seq: u64,
+    end: u64,
+    rest: &'a [u8],
+}
+
+impl<'a> Framed<'a> {
+    pub(crate) fn new(first: u64, end: u64, bytes: &'a [u8]) -> Self {
+        Self { seq: first, end, rest: bytes }
+    }
+}
+
+impl<'a> Iterator for Framed<'a> {
+    type Item = Result<(u64, &'a [u8]), ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.seq >= self.end {
+            return None;
+        }
+        let short = || {
+            ReadError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "an audit tail chunk ends inside a record",
+            ))
+        };
+        if self.rest.len() < 4 {
+            self.seq = self.end;
+            return Some(Err(short()));
+        }
+        let n = u32_at(self.rest, 0) as usize;
+        let Some(framed) = self.rest.get(..4 + n) else {
+            self.seq = self.end;
+            return Some(Err(short()));
+        };
+        self.rest = &self.rest[4 + n..];
+        let seq = self.seq;
+        self.seq += 1;
+        Some(Ok((seq, framed)))
+    }
 }
 
 /// The tail file and its index.
@@ -152,7 +198,10 @@ impl FileTail {
         };
         for (i, record) in records.iter().enumerate() {
             let before = buf.len();
-            buf = ration_core::encode_onto(record, buf);
+            buf.extend_from_slice(&[0; 4]);
+            buf = ration_core::audit::encode_record_onto(record, buf);
+            let n = u32::try_from(buf.len() - before - 4).map_err(std::io::Error::other)?;
+            buf[before..before + 4].copy_from_slice(&n.to_le_bytes());
             let held = i - start;
             // Full: this record goes to a new chunk (a record larger than a chunk
             // stands alone).
@@ -196,35 +245,42 @@ impl FileTail {
         bytes: &[u8],
         out: &mut Vec<(u64, AuditRecord)>,
     ) -> Result<(), ReadError> {
-        let mut rest = bytes;
-        for seq in first..end {
-            let (record, more) = postcard::take_from_bytes::<AuditRecord>(rest)?;
-            out.push((seq, record));
-            rest = more;
+        for framed in Framed::new(first, end, bytes) {
+            let (seq, framed) = framed?;
+            out.push((seq, ration_core::audit::decode_record(&framed[4..])?));
         }
         Ok(())
+    }
+
+    /// The chunks holding records from `from` on, enough for `limit` of them:
+    /// (first, end, the records' framed bytes), copied under the lock.
+    pub(crate) fn read_raw(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> std::io::Result<Vec<(u64, u64, Vec<u8>)>> {
+        let mut raw: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+        let inner = self.read_inner();
+        let Some(start) = Self::chunk_from(&inner, from) else {
+            return Ok(raw);
+        };
+        let mut wanted = 0u64;
+        for (&first, c) in inner.chunks.range(start..) {
+            if wanted >= limit as u64 {
+                break;
+            }
+            let mut bytes = vec![0u8; c.len as usize];
+            inner.file.read_exact_at(&mut bytes, c.offset + HEADER as u64)?;
+            wanted += c.end - first.max(from);
+            raw.push((first, c.end, bytes));
+        }
+        Ok(raw)
     }
 
     /// Records from `from`, in order, at most `limit`. The bytes are copied under
     /// the lock and decoded after it, so an apply waits for a copy at most.
     pub(crate) fn read(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
-        let mut raw: Vec<(u64, u64, Vec<u8>)> = Vec::new();
-        {
-            let inner = self.read_inner();
-            let Some(start) = Self::chunk_from(&inner, from) else {
-                return Ok(Vec::new());
-            };
-            let mut wanted = 0u64;
-            for (&first, c) in inner.chunks.range(start..) {
-                if wanted >= limit as u64 {
-                    break;
-                }
-                let mut bytes = vec![0u8; c.len as usize];
-                inner.file.read_exact_at(&mut bytes, c.offset + HEADER as u64)?;
-                wanted += c.end - first.max(from);
-                raw.push((first, c.end, bytes));
-            }
-        }
+        let raw = self.read_raw(from, limit)?;
         let mut out = Vec::new();
         let mut decoded = Vec::new();
         for (first, end, bytes) in raw {

@@ -78,12 +78,13 @@ fn one_large_apply_is_kept_in_bounded_chunks() {
     for (first, end, len) in file_tail(&sm).chunks() {
         let held = (end - first) as usize;
         assert_eq!(first, seen as u64, "chunks are contiguous");
-        let bytes: usize = all[seen..seen + held].iter().map(|r| crate::encode(r).len()).sum();
-        assert_eq!(len, bytes, "a chunk holds its records' encodings back to back");
+        let framed = |r: &AuditRecord| 4 + ration_core::audit::encode_record(r).len();
+        let bytes: usize = all[seen..seen + held].iter().map(framed).sum();
+        assert_eq!(len, bytes, "a chunk holds its records, each framed with its length");
         assert!(held <= AUDIT_CHUNK && len <= AUDIT_VALUE_BYTES, "{len}");
         // Full, but for the last: one more record would have gone over.
         if seen + held < all.len() {
-            let more = len + crate::encode(&all[seen + held]).len();
+            let more = len + framed(&all[seen + held]);
             assert!(more > AUDIT_VALUE_BYTES || held == AUDIT_CHUNK);
         }
         seen += held;
@@ -579,4 +580,55 @@ async fn a_restored_directory_gets_its_segments_copied_and_checked() {
     assert!(matches!(sm.audit.read(750, 1), Err(ReadError::Missing { first: 750, end: 1_000 })));
     assert_eq!(sm.audit.read(0, 750).unwrap(), all[..750].to_vec());
     assert_eq!(sm.audit.read(1_000, 10).unwrap(), all[1_000..].to_vec());
+}
+
+#[tokio::test]
+async fn sealing_copies_the_tails_bytes_into_the_segment_a_peer_would_serve() {
+    use crate::segments::{segment_file_name, SegmentEncoder};
+    let dir = TempDir::new().unwrap();
+    let sm = applied_store(dir.path(), 600).await;
+    let all = all_records(&sm);
+    // Sealed from the tail file's bytes, without decoding the records.
+    assert_eq!(sm.audit.seal_until(603).unwrap(), 3);
+    let mut prev = ration_core::audit::GENESIS;
+    for first in [0u64, 250, 500] {
+        let count = if first == 500 { 103 } else { 250 };
+        let sealed =
+            std::fs::read(dir.path().join(AUDIT_DIR).join(segment_file_name(first, count)))
+                .unwrap();
+        // The same segment encoded from the decoded records, as a peer serving
+        // it from records it holds would: byte for byte the same file.
+        let mut enc = SegmentEncoder::new(Vec::new(), first, count, prev).unwrap();
+        for r in &all[first as usize..(first + count) as usize] {
+            enc.push(r).unwrap();
+        }
+        let (r, encoded) = enc.finish().unwrap();
+        assert_eq!(sealed, encoded, "segment from {first}");
+        prev = r.last_hash;
+    }
+    assert_eq!(prev, all[602].hash);
+    assert_eq!(all_records(&sm), all);
+    // Framing that lies about its length, or a record out of order, is refused.
+    let mut enc = SegmentEncoder::new(Vec::new(), 0, 10, ration_core::audit::GENESIS).unwrap();
+    let mut framed = Vec::new();
+    framed.extend_from_slice(&[0; 4]);
+    let framed = ration_core::audit::encode_record_onto(&all[1], framed);
+    let n = (framed.len() - 4) as u32;
+    let mut wrong = framed.clone();
+    wrong[..4].copy_from_slice(&(n + 1).to_le_bytes());
+    assert!(enc.push_framed(&wrong).is_err());
+    let mut right = framed;
+    right[..4].copy_from_slice(&n.to_le_bytes());
+    let e = enc.push_framed(&right).unwrap_err();
+    assert!(e.to_string().contains("expected audit record 0, found 1"), "{e}");
+}
+
+#[tokio::test]
+async fn the_tail_file_before_framed_records_is_removed_on_open() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(dir.path().join(OLD_AUDIT_TAIL_FILE), b"records in the old framing").unwrap();
+    let sm = applied_store(dir.path(), 10).await;
+    assert!(!dir.path().join(OLD_AUDIT_TAIL_FILE).exists());
+    assert!(dir.path().join(AUDIT_TAIL_FILE).exists());
+    assert_eq!(all_records(&sm).len(), 13);
 }

@@ -1874,7 +1874,28 @@ fn a_record_without_a_cause_hashes_as_the_first_audit_format_and_both_formats_de
     assert_eq!(crate::audit::encode_record(&expired), legacy);
     for r in h.log.records() {
         assert_eq!(&crate::audit::decode_record(&crate::audit::encode_record(r)).unwrap(), r);
+        // The leading fields and the hash read from the bytes alone, in both formats.
+        let bytes = crate::audit::encode_record(r);
+        let (head, hash) = crate::audit::record_head(&bytes).unwrap();
+        let e = &r.entry;
+        assert_eq!(
+            (head.seq, head.log_index, head.time_ms, head.effective_ms, head.kind),
+            (e.seq, e.log_index, e.time_ms, e.effective_ms, e.kind)
+        );
+        assert_eq!(
+            (head.budget, head.root(), head.principal),
+            (e.budget.as_str(), e.budget.root(), e.principal.as_str())
+        );
+        assert_eq!(hash, r.hash);
+        let onto = crate::audit::encode_record_onto(r, vec![7]);
+        assert_eq!((onto[0], &onto[1..]), (7, &bytes[..]));
     }
+    let (head, hash) = crate::audit::record_head(&legacy).unwrap();
+    assert_eq!(
+        (head.seq, head.kind, hash),
+        (expired.entry.seq, AuditKind::LeaseExpired, expired.hash)
+    );
+    assert!(crate::audit::record_head(&legacy[..20]).is_err());
     assert!(h.log.records().iter().any(|r| r.entry.cause.is_some()));
     let decoded = crate::audit::decode_record(&legacy).unwrap();
     assert_eq!(decoded, expired);
