@@ -175,13 +175,13 @@ impl AuditStore {
         records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn append(&self, records: &[AuditRecord]) -> std::io::Result<()> {
+    pub(crate) fn append(&self, records: Vec<AuditRecord>) -> std::io::Result<()> {
         match &self.backend {
             // In bounded chunks however many one apply call brings (a restart
             // re-applies the whole log after the snapshot in one call).
             AuditBackend::File(tail) => tail.append(records),
             AuditBackend::Mem(m) => {
-                Self::mem(m).extend_from_slice(records);
+                Self::mem(m).extend(records);
                 Ok(())
             }
         }
@@ -241,7 +241,7 @@ impl AuditStore {
         let sealed_end = self.sealed().end();
         let tail = match &self.backend {
             AuditBackend::Mem(m) => Self::mem(m).len() as u64,
-            AuditBackend::File(tail) => tail.end(),
+            AuditBackend::File(tail) => tail.end()?,
         };
         Ok(tail.max(sealed_end))
     }

@@ -1036,11 +1036,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        // Written before the ledger is released, so a snapshot builder that reads the
-        // chain head under the lock always finds every record up to it. Not flushed:
-        // audit records can be regenerated from the log, and a snapshot flushes them
-        // before it is written.
-        let written = self.audit.append(&records);
+        // Handed to the tail before the ledger is released, so a snapshot builder
+        // that reads the chain head under the lock always finds every record up to
+        // it (reads of the tail wait for what was handed to its writer thread). Not
+        // flushed: audit records can be regenerated from the log, and a snapshot
+        // flushes them before it is written.
+        let written = self.audit.append(records);
         drop(state);
         written.map_err(|e| StorageIOError::write_state_machine(&e))?;
         Ok(responses)

@@ -29,7 +29,9 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
 
 use ration_core::audit::AuditRecord;
 
@@ -99,11 +101,31 @@ impl<'a> Iterator for Framed<'a> {
     }
 }
 
-/// The tail file and its index.
+/// The tail file and its index, and the thread that writes what applies hand it.
 #[derive(Debug)]
 pub(crate) struct FileTail {
     path: PathBuf,
+    shared: Arc<Shared>,
+    /// To the writer; taken (closing the channel) when the tail is dropped.
+    to_writer: Mutex<Option<SyncSender<Vec<AuditRecord>>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
     inner: RwLock<Inner>,
+    pending: Mutex<Pending>,
+    written: Condvar,
+}
+
+/// Appends handed to the writer, and how many it has done.
+#[derive(Debug, Default)]
+struct Pending {
+    queued: u64,
+    written: u64,
+    /// The first failed write: every later call fails with it (the tail would
+    /// otherwise miss records).
+    failed: Option<String>,
 }
 
 fn crc(framed: &[u8]) -> u32 {
@@ -162,23 +184,84 @@ impl FileTail {
             );
             file.set_len(at)?;
         }
-        Ok(Self { path: path.to_path_buf(), inner: RwLock::new(Inner { file, bytes: at, chunks }) })
+        let shared = Arc::new(Shared {
+            inner: RwLock::new(Inner { file, bytes: at, chunks }),
+            pending: Mutex::new(Pending::default()),
+            written: Condvar::new(),
+        });
+        // One apply's records waiting while the writer does the one before: an
+        // apply that finds both taken waits for the writer.
+        let (to_writer, from_applies) = sync_channel::<Vec<AuditRecord>>(1);
+        let writing = shared.clone();
+        let writer =
+            std::thread::Builder::new().name("ration-audit-tail".into()).spawn(move || {
+                for records in from_applies {
+                    let result = Self::append_to(&mut writing.write_inner(), &records);
+                    drop(records);
+                    let mut p = writing.pending();
+                    p.written += 1;
+                    if let Err(e) = result {
+                        p.failed.get_or_insert_with(|| format!("writing the audit tail: {e}"));
+                    }
+                    writing.written.notify_all();
+                }
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            shared,
+            to_writer: Mutex::new(Some(to_writer)),
+            writer: Mutex::new(Some(writer)),
+        })
     }
 
-    fn read_inner(&self) -> RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    /// The file and its index, once every append handed over so far is written.
+    fn read_inner(&self) -> std::io::Result<RwLockReadGuard<'_, Inner>> {
+        self.settle()?;
+        Ok(self.shared.inner.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn write_inner(&self) -> RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    fn write_inner(&self) -> std::io::Result<RwLockWriteGuard<'_, Inner>> {
+        self.settle()?;
+        Ok(self.shared.write_inner())
+    }
+
+    /// Waits until the writer has written every append handed to it.
+    fn settle(&self) -> std::io::Result<()> {
+        let mut p = self.shared.pending();
+        while p.written < p.queued {
+            p = self.shared.written.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        match &p.failed {
+            Some(e) => Err(std::io::Error::other(e.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Appends `records` (numbered consecutively) at the end, in one write.
-    pub(crate) fn append(&self, records: &[AuditRecord]) -> std::io::Result<()> {
+    ///
+    /// The encoding and the write are done by the tail's writer thread, so an apply
+    /// returns without waiting for them: every other call here waits for what was
+    /// handed over before it (reads see every record appended before them). A
+    /// failed write fails every later call, this one's next append included.
+    pub(crate) fn append(&self, records: Vec<AuditRecord>) -> std::io::Result<()> {
+        if let Some(e) = &self.shared.pending().failed {
+            return Err(std::io::Error::other(e.clone()));
+        }
         if records.is_empty() {
             return Ok(());
         }
-        Self::append_to(&mut self.write_inner(), records)
+        let to_writer = self.to_writer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(to_writer) = to_writer.as_ref() else {
+            return Err(std::io::Error::other("the audit tail is closed"));
+        };
+        self.shared.pending().queued += 1;
+        if to_writer.send(records).is_err() {
+            let mut p = self.shared.pending();
+            p.queued -= 1;
+            p.failed.get_or_insert_with(|| "the audit tail's writer stopped".into());
+            return Err(std::io::Error::other("the audit tail's writer stopped"));
+        }
+        Ok(())
     }
 
     fn append_to(inner: &mut Inner, records: &[AuditRecord]) -> std::io::Result<()> {
@@ -260,7 +343,7 @@ impl FileTail {
         limit: usize,
     ) -> std::io::Result<Vec<(u64, u64, Vec<u8>)>> {
         let mut raw: Vec<(u64, u64, Vec<u8>)> = Vec::new();
-        let inner = self.read_inner();
+        let inner = self.read_inner()?;
         let Some(start) = Self::chunk_from(&inner, from) else {
             return Ok(raw);
         };
@@ -299,13 +382,13 @@ impl FileTail {
     }
 
     /// The sequence number after the last record (0 if there is none).
-    pub(crate) fn end(&self) -> u64 {
-        self.read_inner().chunks.last_key_value().map_or(0, |(_, c)| c.end)
+    pub(crate) fn end(&self) -> std::io::Result<u64> {
+        Ok(self.read_inner()?.chunks.last_key_value().map_or(0, |(_, c)| c.end))
     }
 
     /// Drops every record from `seq` on.
     pub(crate) fn truncate_from(&self, seq: u64) -> Result<(), ReadError> {
-        let mut inner = self.write_inner();
+        let mut inner = self.write_inner()?;
         let Some(first) = Self::chunk_from(&inner, seq) else {
             return Ok(());
         };
@@ -329,7 +412,7 @@ impl FileTail {
 
     /// Replaces every record with `records`.
     pub(crate) fn replace(&self, records: &[AuditRecord]) -> std::io::Result<()> {
-        let mut inner = self.write_inner();
+        let mut inner = self.write_inner()?;
         inner.file.set_len(0)?;
         inner.bytes = 0;
         inner.chunks.clear();
@@ -342,7 +425,7 @@ impl FileTail {
     /// Drops the chunks wholly before `seq` (sealed into segments): what follows
     /// them is copied to a new file that takes this one's place.
     pub(crate) fn drop_before(&self, seq: u64) -> std::io::Result<()> {
-        let mut inner = self.write_inner();
+        let mut inner = self.write_inner()?;
         let Some((&keep, kept)) = inner.chunks.iter().find(|(_, c)| c.end > seq) else {
             inner.file.set_len(0)?;
             inner.bytes = 0;
@@ -375,12 +458,34 @@ impl FileTail {
 
     /// Makes what was written durable (a restore, or an installed snapshot).
     pub(crate) fn sync(&self) -> std::io::Result<()> {
-        self.read_inner().file.sync_data()
+        self.read_inner()?.file.sync_data()
     }
 
     /// (first sequence number, end, length of its records) of every chunk.
     #[cfg(test)]
     pub(crate) fn chunks(&self) -> Vec<(u64, u64, usize)> {
-        self.read_inner().chunks.iter().map(|(&f, c)| (f, c.end, c.len as usize)).collect()
+        let inner = self.read_inner().unwrap();
+        inner.chunks.iter().map(|(&f, c)| (f, c.end, c.len as usize)).collect()
+    }
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_inner(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for FileTail {
+    /// Closes the writer's channel and waits for it to finish what it was handed,
+    /// so the file is whole before anything opens it again.
+    fn drop(&mut self) {
+        drop(self.to_writer.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(writer) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = writer.join();
+        }
     }
 }

@@ -43,7 +43,7 @@ fn audit_chunks_read_and_truncate_across_boundaries() {
     let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
     let all = records(10);
     for chunk in [&all[0..3], &all[3..4], &all[4..10]] {
-        sm.audit.append(chunk).unwrap();
+        sm.audit.append(chunk.to_vec()).unwrap();
     }
     assert_eq!(sm.audit.len().unwrap(), 10);
     assert_eq!(sm.audit.read(2, 5).unwrap(), all[2..7].to_vec());
@@ -73,7 +73,7 @@ fn one_large_apply_is_kept_in_bounded_chunks() {
     let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
     let n = AUDIT_CHUNK as u64 * 2 + 7;
     let all = records(n);
-    sm.audit.append(&all).unwrap();
+    sm.audit.append(all.clone()).unwrap();
     let mut seen = 0;
     for (first, end, len) in file_tail(&sm).chunks() {
         let held = (end - first) as usize;
@@ -118,7 +118,7 @@ fn a_record_larger_than_a_chunk_stands_alone() {
     assert!(crate::encode(&all[2]).len() > AUDIT_VALUE_BYTES);
     let dir = TempDir::new().unwrap();
     let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
-    sm.audit.append(&all).unwrap();
+    sm.audit.append(all.clone()).unwrap();
     let chunks: Vec<(u64, u64)> = file_tail(&sm).chunks().iter().map(|c| (c.0, c.1)).collect();
     assert_eq!(chunks, vec![(0, 2), (2, 3), (3, 5)]);
     assert_eq!(sm.audit.read(0, usize::MAX).unwrap(), all);
@@ -135,7 +135,7 @@ fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
     let all = records(300);
     let tail = FileTail::open(&path).unwrap();
     for chunk in all.chunks(40) {
-        tail.append(chunk).unwrap();
+        tail.append(chunk.to_vec()).unwrap();
     }
     let chunks = tail.chunks();
     assert!(chunks.len() >= 8, "{chunks:?}");
@@ -149,10 +149,10 @@ fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(size - 3).unwrap();
     let tail = FileTail::open(&path).unwrap();
     let (last_first, _, _) = *chunks.last().unwrap();
-    assert_eq!(tail.end(), last_first, "the torn chunk is gone, the rest kept");
+    assert_eq!(tail.end().unwrap(), last_first, "the torn chunk is gone, the rest kept");
     assert_eq!(tail.read(0, usize::MAX).unwrap(), all[..last_first as usize].to_vec());
     // Appending goes on from there.
-    tail.append(&all[last_first as usize..]).unwrap();
+    tail.append(all[last_first as usize..].to_vec()).unwrap();
     assert_eq!(tail.read(0, usize::MAX).unwrap(), all);
     drop(tail);
     // A flipped byte in the fourth chunk: cut before it, even though later
@@ -166,7 +166,7 @@ fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
     damaged[at] ^= 0x40;
     std::fs::write(&path, &damaged).unwrap();
     let tail = FileTail::open(&path).unwrap();
-    assert!(tail.end() < 300);
+    assert!(tail.end().unwrap() < 300);
     drop(tail);
     std::fs::write(&path, &bytes).unwrap();
     let offset_of_fourth = {
@@ -180,9 +180,9 @@ fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
     damaged[offset_of_fourth + 30] ^= 0x01;
     std::fs::write(&path, &damaged).unwrap();
     let tail = FileTail::open(&path).unwrap();
-    assert_eq!(tail.end(), fourth.0, "cut at the damaged chunk");
+    assert_eq!(tail.end().unwrap(), fourth.0, "cut at the damaged chunk");
     assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, offset_of_fourth);
-    tail.append(&all[fourth.0 as usize..]).unwrap();
+    tail.append(all[fourth.0 as usize..].to_vec()).unwrap();
     // Dropping what segments hold: the chunks wholly before 150 go, the rest stay
     // readable (in a new file), and appends go on.
     tail.drop_before(150).unwrap();
@@ -191,13 +191,13 @@ fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
     assert_eq!(tail.read(first.0, usize::MAX).unwrap(), all[first.0 as usize..].to_vec());
     assert!(tail.read(0, 1).unwrap()[0].entry.seq == first.0);
     let more = records(302);
-    tail.append(&more[300..]).unwrap();
-    assert_eq!(tail.end(), 302);
+    tail.append(more[300..].to_vec()).unwrap();
+    assert_eq!(tail.end().unwrap(), 302);
     drop(tail);
     let tail = FileTail::open(&path).unwrap();
     assert_eq!(tail.read(first.0, usize::MAX).unwrap(), more[first.0 as usize..].to_vec());
     tail.drop_before(400).unwrap();
-    assert_eq!((tail.end(), tail.chunks().len()), (0, 0));
+    assert_eq!((tail.end().unwrap(), tail.chunks().len()), (0, 0));
 }
 
 #[test]
@@ -631,4 +631,34 @@ async fn the_tail_file_before_framed_records_is_removed_on_open() {
     assert!(!dir.path().join(OLD_AUDIT_TAIL_FILE).exists());
     assert!(dir.path().join(AUDIT_TAIL_FILE).exists());
     assert_eq!(all_records(&sm).len(), 13);
+}
+
+/// Appends are written by the tail's own thread: whatever reads the tail next
+/// (its end, its records, a cut, a seal) sees every record appended before it.
+#[test]
+fn every_read_of_the_tail_sees_what_was_appended_before_it() {
+    use crate::tail::FileTail;
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("tail");
+    let all = records(400);
+    let tail = FileTail::open(&path).unwrap();
+    for (i, r) in all.iter().enumerate() {
+        tail.append(vec![r.clone()]).unwrap();
+        assert_eq!(tail.end().unwrap(), i as u64 + 1);
+        assert_eq!(tail.read(i as u64, 1).unwrap(), vec![r.clone()]);
+        if i % 50 == 49 {
+            // A cut right behind appends, and appends right behind a cut.
+            tail.truncate_from(i as u64).unwrap();
+            assert_eq!(tail.end().unwrap(), i as u64);
+            tail.append(vec![r.clone()]).unwrap();
+        }
+    }
+    let more = records(410);
+    tail.append(more[400..].to_vec()).unwrap();
+    drop(tail);
+    // Dropping the tail waits for its writer: reopened, the file is whole, the
+    // last append included.
+    let tail = FileTail::open(&path).unwrap();
+    assert_eq!(tail.end().unwrap(), 410);
+    assert_eq!(tail.read(0, usize::MAX).unwrap(), more);
 }
