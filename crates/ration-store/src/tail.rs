@@ -196,12 +196,20 @@ impl FileTail {
         let writer =
             std::thread::Builder::new().name("ration-audit-tail".into()).spawn(move || {
                 for records in from_applies {
-                    let result = Self::append_to(&mut writing.write_inner(), &records);
+                    // A panic here must not leave readers waiting for this write.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        Self::append_to(&mut writing.write_inner(), &records)
+                    }));
                     drop(records);
                     let mut p = writing.pending();
                     p.written += 1;
-                    if let Err(e) = result {
-                        p.failed.get_or_insert_with(|| format!("writing the audit tail: {e}"));
+                    let failed = match result {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(format!("writing the audit tail: {e}")),
+                        Err(_) => Some("writing the audit tail panicked".to_owned()),
+                    };
+                    if let Some(f) = failed {
+                        p.failed.get_or_insert(f);
                     }
                     writing.written.notify_all();
                 }
