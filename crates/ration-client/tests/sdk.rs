@@ -1272,3 +1272,54 @@ async fn idle_pairs_are_forgotten_and_their_leases_go_back_with_what_was_spent()
     assert_eq!(consumed(addr, "idle-3").await, (used[3] + 10, 0));
     cluster.shutdown().await;
 }
+
+/// A pair holding an emergency reserve (a fail-static budget) is forgotten like
+/// any other once idle: its reserve lease goes back to the ledger with its other
+/// leases, nothing outstanding is left behind, and used again it is stocked
+/// again, reserve included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_pair_gives_its_emergency_reserve_back() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    // A cap far above what the leases take: a lease may take all that remains of
+    // a small cap, and the reserve then waits for it to come back.
+    budget(addr, 1, "static-idle", 10_000_000, Some(50)).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let endpoints = cluster.addrs.values().map(|a| a.to_string()).collect();
+    let mut config = SdkConfig::new(endpoints, "gw-reserve-idle");
+    config.idle_after = Duration::from_secs(2);
+    let s = Sdk::start(config, clock.clone()).unwrap();
+    let r = s.reserve_waiting(&[("static-idle", "tokens", 10)], Duration::from_secs(20)).await;
+    r.expect("a lease").settle(&[7]);
+    // The reserve is held: 50 outstanding beyond what the leases hold unspent.
+    eventually("the reserve is held", Duration::from_secs(20), || async {
+        let unspent = s.held("static-idle", "tokens").1 as i64;
+        consumed(addr, "static-idle").await.1 >= 50 + unspent
+    })
+    .await;
+    eventually("the idle pair is forgotten", Duration::from_secs(30), || {
+        let n = (s.tracked_len(), s.gateway().len());
+        async move { n == (0, 0) }
+    })
+    .await;
+    assert!(s.forgotten() >= 1);
+    eventually("its leases and its reserve are back", Duration::from_secs(10), || async {
+        consumed(addr, "static-idle").await == (7, 0)
+    })
+    .await;
+    // Used again: leases and a reserve again (held by a handle meanwhile, so it is
+    // not forgotten again while this looks).
+    let held = s.handle("static-idle", "tokens");
+    let r = s.reserve_waiting(&[("static-idle", "tokens", 10)], Duration::from_secs(20)).await;
+    r.expect("a forgotten pair is stocked again when used").settle(&[5]);
+    eventually("the reserve is held again", Duration::from_secs(20), || async {
+        let unspent = s.held("static-idle", "tokens").1 as i64;
+        consumed(addr, "static-idle").await.1 >= 50 + unspent
+    })
+    .await;
+    drop(held);
+    s.release_all().await.unwrap();
+    assert_eq!(consumed(addr, "static-idle").await, (12, 0));
+    cluster.shutdown().await;
+}
