@@ -926,6 +926,9 @@ async fn main() -> anyhow::Result<()> {
     if args.wan.is_some() && args.tls {
         bail!("--wan proxies the nodes' one port: not with --tls (peers on ports of their own)");
     }
+    if args.nodes == 2 {
+        bail!("--nodes is 3 (a cluster) or 1 (a node alone), not 2");
+    }
     if args.nodes != 3 && (args.wan.is_some() || args.failovers > 0 || !args.endpoints.is_empty()) {
         bail!("--nodes 1 starts a node alone: not with --wan, --failovers or --endpoints");
     }

@@ -339,7 +339,7 @@ impl AuditStore {
                     }
                     for (first, chunk_end, bytes) in &raw {
                         for framed in crate::tail::Framed::new(*first, *chunk_end, bytes) {
-                            let (seq, framed) = framed.map_err(std::io::Error::other)?;
+                            let (seq, framed) = framed?;
                             if seq < next {
                                 continue;
                             }

@@ -60,6 +60,18 @@ impl SegmentRef {
     }
 }
 
+/// Appends `record` to `out` as a segment holds it (and the audit tail keeps it):
+/// `[length u32][encode_record]`. Format 1's bytes for a record without a cause or
+/// detail, so the file is the same whichever version writes it.
+pub fn frame_record_onto(record: &AuditRecord, mut out: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out = ration_core::audit::encode_record_onto(record, out);
+    let n = u32::try_from(out.len() - at - 4).map_err(std::io::Error::other)?;
+    out[at..at + 4].copy_from_slice(&n.to_le_bytes());
+    Ok(out)
+}
+
 pub fn segment_file_name(first: u64, count: u64) -> String {
     format!("seg-{first:020}-{count:010}.aud")
 }
@@ -188,13 +200,9 @@ impl<W: Write> SegmentEncoder<W> {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let e = &record.entry;
         self.footer.note(index, self.written, e.time_ms, e.budget.root(), e.principal.as_str());
-        self.buf.clear();
-        // Format 1's bytes for a record without a cause or detail: the file is the
-        // same whichever version writes it.
-        let encoded = ration_core::audit::encode_record(record);
-        self.buf.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(&encoded);
-        let buf = std::mem::take(&mut self.buf);
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf = frame_record_onto(record, buf)?;
         let r = self.put(&buf);
         self.buf = buf;
         r

@@ -73,17 +73,17 @@ impl<'a> Framed<'a> {
 }
 
 impl<'a> Iterator for Framed<'a> {
-    type Item = Result<(u64, &'a [u8]), ReadError>;
+    type Item = std::io::Result<(u64, &'a [u8])>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.seq >= self.end {
             return None;
         }
         let short = || {
-            ReadError::Io(std::io::Error::new(
+            std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "an audit tail chunk ends inside a record",
-            ))
+            )
         };
         if self.rest.len() < 4 {
             self.seq = self.end;
@@ -289,10 +289,7 @@ impl FileTail {
         };
         for (i, record) in records.iter().enumerate() {
             let before = buf.len();
-            buf.extend_from_slice(&[0; 4]);
-            buf = ration_core::audit::encode_record_onto(record, buf);
-            let n = u32::try_from(buf.len() - before - 4).map_err(std::io::Error::other)?;
-            buf[before..before + 4].copy_from_slice(&n.to_le_bytes());
+            buf = crate::segments::frame_record_onto(record, buf)?;
             let held = i - start;
             // Full: this record goes to a new chunk (a record larger than a chunk
             // stands alone).
