@@ -190,6 +190,9 @@ struct Tracked {
     policy: Option<Unreachable>,
     /// The emergency reserve lease, if the policy asks for one and it is held.
     reserve: Option<ReserveLease>,
+    /// The ledger refused the reserve (what remains of a cap is leased out): said
+    /// once, when it starts, and again when the reserve is held.
+    reserve_short: bool,
     /// Until when (local ms) no acquire is sent for this key: the ledger refused
     /// one as invalid (or its budget does not exist). Every other key refills.
     quarantined_until: u64,
@@ -269,6 +272,8 @@ pub struct Sdk {
     ops_sent: std::sync::atomic::AtomicU64,
     /// Pairs forgotten so far (`SdkConfig::idle_after`).
     forgotten: std::sync::atomic::AtomicU64,
+    /// Emergency reserve acquires the ledger refused for want of allowance.
+    reserves_refused: std::sync::atomic::AtomicU64,
     /// Local time since which the cluster has not answered (the start of the
     /// first round that got no answer); 0 while it answers.
     unanswered_since_ms: std::sync::atomic::AtomicU64,
@@ -314,6 +319,7 @@ impl Sdk {
             pending: Mutex::new(Vec::new()),
             ops_sent: std::sync::atomic::AtomicU64::new(0),
             forgotten: std::sync::atomic::AtomicU64::new(0),
+            reserves_refused: std::sync::atomic::AtomicU64::new(0),
             unanswered_since_ms: std::sync::atomic::AtomicU64::new(0),
             in_outage: std::sync::atomic::AtomicBool::new(false),
             last_round_ms: std::sync::atomic::AtomicU64::new(0),
@@ -494,6 +500,7 @@ impl Sdk {
             rate_per_s: 0.0,
             policy: None,
             reserve: None,
+            reserve_short: false,
             quarantined_until: 0,
             boundary: None,
             next_asked: 0,
@@ -510,6 +517,21 @@ impl Sdk {
     /// unused for `idle_after`.
     pub fn forgotten(&self) -> u64 {
         self.forgotten.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Emergency reserve acquires the ledger refused so far because not enough of
+    /// the cap was left (other gateways' or this one's leases held it).
+    pub fn reserves_refused(&self) -> u64 {
+        self.reserves_refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Units of emergency reserve held for (budget, unit): 0 if none.
+    pub fn reserve_held(&self, budget: &str, unit: &str) -> u64 {
+        let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        tracked
+            .get(&(budget.to_owned(), unit.to_owned()))
+            .and_then(|t| t.reserve.as_ref())
+            .map_or(0, |r| r.granted)
     }
 
     /// How many (budget, unit) pairs the SDK keeps stocked.
@@ -833,6 +855,56 @@ impl Sdk {
                 let mut free_slots =
                     t.allowance.slots().iter().filter(|s| s.deadline_ms == 0).count();
                 let quarantined = now < t.quarantined_until;
+                // The emergency reserve: held (not spendable) while the cluster
+                // answers, renewed once half its validity is gone, returned when the
+                // policy no longer asks for it. Left alone during an outage. Asked
+                // for before this round's leases (a batch applies in order): a lease
+                // asked for first could take all that remains of a small cap.
+                if !outage {
+                    let wanted = match t.policy {
+                        Some(Unreachable::StaticAllowance(units)) if units > 0 => units,
+                        _ => 0,
+                    };
+                    let stale = t.reserve.as_ref().is_some_and(|r| {
+                        r.granted != wanted || now.saturating_add(ttl_ms / 2) >= r.deadline_ms
+                    });
+                    if stale {
+                        if let Some(r) = t.reserve.take() {
+                            ops.push(Pending {
+                                op: release(&self.cluster, r.lease_id, 0),
+                                key: key.clone(),
+                                sent_at_ms: now,
+                                reserve: false,
+                            });
+                        }
+                    }
+                    if wanted > 0
+                        && t.reserve.is_none()
+                        && !reserve_resent.contains(key)
+                        && !quarantined
+                    {
+                        // Refused last time for want of allowance: if this gateway's
+                        // own open leases hold what the reserve needs, the ones
+                        // holding most go back first (released in this batch, ahead
+                        // of the reserve; the leases asked for after it get the
+                        // rest). A policy learned late (a budget not yet readable
+                        // where the SDK asked) lets a first lease take all of a small
+                        // cap. Leases that calls hold reservations on are kept.
+                        if t.reserve_short
+                            && Self::make_room(t, wanted, now, &self.cluster, key, &mut ops)
+                        {
+                            held = t.allowance.available(now.saturating_add(renew));
+                            free_slots =
+                                t.allowance.slots().iter().filter(|s| s.deadline_ms == 0).count();
+                        }
+                        ops.push(Pending {
+                            op: acquire(&self.cluster, key, wanted, wanted, ttl_ms, 0),
+                            key: key.clone(),
+                            sent_at_ms: now,
+                            reserve: true,
+                        });
+                    }
+                }
                 // A window boundary ahead (within the lookahead), not yet asked for.
                 let boundary = t.boundary.filter(|b| {
                     b.ledger_ms > t.next_asked
@@ -882,40 +954,6 @@ impl Sdk {
                         });
                     }
                 }
-                // The emergency reserve: held (not spendable) while the cluster
-                // answers, renewed once half its validity is gone, returned when the
-                // policy no longer asks for it. Left alone during an outage.
-                if !outage {
-                    let wanted = match t.policy {
-                        Some(Unreachable::StaticAllowance(units)) if units > 0 => units,
-                        _ => 0,
-                    };
-                    let stale = t.reserve.as_ref().is_some_and(|r| {
-                        r.granted != wanted || now.saturating_add(ttl_ms / 2) >= r.deadline_ms
-                    });
-                    if stale {
-                        if let Some(r) = t.reserve.take() {
-                            ops.push(Pending {
-                                op: release(&self.cluster, r.lease_id, 0),
-                                key: key.clone(),
-                                sent_at_ms: now,
-                                reserve: false,
-                            });
-                        }
-                    }
-                    if wanted > 0
-                        && t.reserve.is_none()
-                        && !reserve_resent.contains(key)
-                        && !quarantined
-                    {
-                        ops.push(Pending {
-                            op: acquire(&self.cluster, key, wanted, wanted, ttl_ms, 0),
-                            key: key.clone(),
-                            sent_at_ms: now,
-                            reserve: true,
-                        });
-                    }
-                }
             }
             // Forgotten under the same lock: `Sdk::handle` tracks a pair again
             // with the allowance the gateway now has (a new one).
@@ -935,8 +973,37 @@ impl Sdk {
         }
         // Budgets read for this round's policies: keys under one parent share it.
         let mut read = BTreeMap::new();
-        for key in policies_needed {
-            self.learn_policy(&key, &mut read).await;
+        for key in &policies_needed {
+            self.learn_policy(key, &mut read).await;
+        }
+        // A policy learned just now that asks for a reserve: asked for ahead of this
+        // round's lease for the key (the first lease is asked for before the policy
+        // is known, and could otherwise take all that remains of a small cap).
+        if !policies_needed.is_empty() && !outage {
+            let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+            let mut first: Vec<Pending> = Vec::new();
+            for key in &policies_needed {
+                let Some(t) = tracked.get(key) else { continue };
+                let wanted = match t.policy {
+                    Some(Unreachable::StaticAllowance(units)) if units > 0 => units,
+                    _ => continue,
+                };
+                if t.reserve.is_some() || reserve_resent.contains(key) || now < t.quarantined_until
+                {
+                    continue;
+                }
+                first.push(Pending {
+                    op: acquire(&self.cluster, key, wanted, wanted, ttl_ms, 0),
+                    key: key.clone(),
+                    sent_at_ms: now,
+                    reserve: true,
+                });
+            }
+            drop(tracked);
+            if !first.is_empty() {
+                first.append(&mut ops);
+                ops = first;
+            }
         }
         // An acquire the ledger would refuse as malformed (a bad budget name or
         // unit) is not sent: its key is quarantined, the others refill.
@@ -1042,6 +1109,39 @@ impl Sdk {
         t.quarantined_until = now.saturating_add(ms);
     }
 
+    /// Releases `t`'s open leases that no call holds a reservation on, most
+    /// remaining first, until `wanted` units are freed, if together they hold that
+    /// much (otherwise none: releasing them would not make room by itself). Returns
+    /// whether any was released.
+    fn make_room(
+        t: &mut Tracked,
+        wanted: u64,
+        now: u64,
+        cluster: &Cluster,
+        key: &(String, String),
+        ops: &mut Vec<Pending>,
+    ) -> bool {
+        let slots = t.allowance.slots();
+        let free = |l: &Held| slots[l.slot].reserved == 0 && l.opens_ms <= now;
+        let own: u64 = t.leases.iter().filter(|l| free(l)).map(|l| slots[l.slot].remaining).sum();
+        if own < wanted {
+            return false;
+        }
+        let mut freed = 0u64;
+        while freed < wanted {
+            let Some(i) = (0..t.leases.len())
+                .filter(|&i| free(&t.leases[i]))
+                .max_by_key(|&i| slots[t.leases[i].slot].remaining)
+            else {
+                break;
+            };
+            let lease = t.leases.swap_remove(i);
+            freed = freed.saturating_add(slots[lease.slot].remaining);
+            ops.push(t.let_go(&lease, cluster, key, now));
+        }
+        true
+    }
+
     /// Installs what a batch sent at local time `sent` (this round's start) got.
     fn apply_results(&self, ops: Vec<Pending>, results: Vec<v1::BatchResult>, sent: u64) {
         let margin_ms = u64::try_from(self.config.margin.as_millis()).unwrap_or(0);
@@ -1094,6 +1194,24 @@ impl Sdk {
                 Some(R::Error(_)) if starts_at_ms > 0 => continue,
                 Some(R::Error(e)) if refused_for_good(e.code) => {
                     quarantined.push((p.key.clone(), e.message));
+                    continue;
+                }
+                Some(R::Error(e))
+                    if p.reserve && e.code == tonic::Code::ResourceExhausted as i32 =>
+                {
+                    // Not enough left of the cap for the reserve (other leases hold
+                    // it): asked for again every round, said once.
+                    self.reserves_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics::counter!(counters::RESERVES_REFUSED).increment(1);
+                    if let Some(t) = tracked.get_mut(&p.key).filter(|t| !t.reserve_short) {
+                        t.reserve_short = true;
+                        tracing::warn!(
+                            budget = %p.key.0, unit = %p.key.1,
+                            "no emergency reserve is held: the ledger refused it ({}); \
+                             asked for again every round",
+                            e.message
+                        );
+                    }
                     continue;
                 }
                 Some(R::Error(e)) if e.code == tonic::Code::FailedPrecondition as i32 => {
@@ -1164,6 +1282,12 @@ impl Sdk {
                 };
                 // One reserve at a time: a second (an answer to a re-sent acquire
                 // after a renewal) goes back at once.
+                if std::mem::take(&mut t.reserve_short) {
+                    tracing::info!(
+                        budget = %p.key.0, unit = %p.key.1,
+                        "the emergency reserve is held again ({granted} units)"
+                    );
+                }
                 match t.reserve {
                     None => t.reserve = Some(lease),
                     Some(_) => leftovers.push(Pending {
@@ -1471,5 +1595,75 @@ fn release(cluster: &Cluster, lease_id: u64, spent: u64) -> BatchOp {
             lease_id,
             consumed_total: i64::try_from(spent).unwrap_or(i64::MAX),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+    use super::*;
+
+    /// A refused reserve makes room from the gateway's own leases: the ones holding
+    /// most go first, leases a call holds a reservation on stay, and nothing goes
+    /// back unless the free leases together hold the reserve.
+    #[tokio::test]
+    async fn room_for_a_reserve_comes_from_the_leases_holding_most() {
+        let cluster = Cluster::new(SdkConfig::new(vec!["127.0.0.1:1".into()], "gw").cluster)
+            .expect("a lazy cluster");
+        let allowance = Arc::new(crate::Allowance::new());
+        let mut t = Tracked {
+            allowance: allowance.clone(),
+            leases: Vec::new(),
+            spent_seen: 0,
+            spent_retired: 0,
+            denied_seen: 0,
+            rate_per_s: 0.0,
+            policy: Some(Unreachable::StaticAllowance(20)),
+            reserve: None,
+            reserve_short: true,
+            quarantined_until: 0,
+            boundary: None,
+            next_asked: 0,
+            answered: true,
+            last_used_ms: 0,
+        };
+        for (id, units) in [(1, 30), (2, 25), (3, 10)] {
+            let st = allowance.install_from(units, 0, 1_000_000).unwrap();
+            t.leases.push(Held {
+                lease_id: id,
+                slot: st.slot,
+                generation: st.generation,
+                granted: units,
+                deadline_ms: 1_000_000,
+                opens_ms: 0,
+                reported: 0,
+                reported_at_ms: 0,
+                cut_at: None,
+            });
+        }
+        // A call holds 5 of the first lease: that lease stays.
+        let call = allowance.try_take(5, 1).unwrap();
+        let key = ("b".to_owned(), "tokens".to_owned());
+        let released = |ops: &[Pending]| -> Vec<(u64, i64)> {
+            ops.iter()
+                .map(|p| match &p.op.op {
+                    Some(Op::Release(r)) => (r.lease_id, r.consumed_total),
+                    other => panic!("not a release: {other:?}"),
+                })
+                .collect()
+        };
+        // The free leases hold 35: not enough for 40, so none goes back.
+        let mut ops = Vec::new();
+        assert!(!Sdk::make_room(&mut t, 40, 1, &cluster, &key, &mut ops));
+        assert!(ops.is_empty());
+        assert_eq!(t.leases.len(), 3);
+        // 20: the lease holding 25 goes back (nothing spent from it), the rest stay.
+        assert!(Sdk::make_room(&mut t, 20, 1, &cluster, &key, &mut ops));
+        assert_eq!(released(&ops), vec![(2, 0)]);
+        let mut kept: Vec<u64> = t.leases.iter().map(|l| l.lease_id).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![1, 3]);
+        assert_eq!(allowance.available(1), 25 + 10);
+        drop(call);
     }
 }

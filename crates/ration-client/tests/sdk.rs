@@ -1326,3 +1326,47 @@ async fn a_forgotten_pair_gives_its_emergency_reserve_back() {
     assert_eq!(consumed(addr, "static-idle").await, (12, 0));
     cluster.shutdown().await;
 }
+
+/// A gateway's first lease is asked for before its policy is known; on a small cap
+/// it could take all that remains and leave no room for the emergency reserve the
+/// policy asks for. The reserve is asked for ahead of the leases; a second gateway
+/// that finds the cap leased out is refused its reserve, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_emergency_reserve_comes_before_leases_on_a_small_cap() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    // The SDK's first lease asks for 100 (`SdkConfig::initial_request`): all of it.
+    budget(addr, 1, "static-small", 100, Some(40)).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let endpoints: Vec<String> = cluster.addrs.values().map(|a| a.to_string()).collect();
+    let a = Sdk::start(SdkConfig::new(endpoints.clone(), "gw-small-a"), clock.clone()).unwrap();
+    let r = a.reserve_waiting(&[("static-small", "tokens", 10)], Duration::from_secs(20)).await;
+    r.expect("a lease").settle(&[10]);
+    eventually("the reserve is held beside the lease", Duration::from_secs(10), || {
+        let held = a.reserve_held("static-small", "tokens");
+        async move { held == 40 }
+    })
+    .await;
+    // The reserve is real allowance: the lease got what the reserve left.
+    let (_, unspent) = a.held("static-small", "tokens");
+    assert_eq!(unspent, 50, "a lease of 60 less the 10 spent");
+    eventually("the spend is reported; the rest is held", Duration::from_secs(10), || async {
+        consumed(addr, "static-small").await == (10, 90)
+    })
+    .await;
+    assert_eq!(a.reserves_refused(), 0);
+    // A second gateway finds nothing left for its reserve: refused, and counted.
+    let b = Sdk::start(SdkConfig::new(endpoints, "gw-small-b"), clock.clone()).unwrap();
+    let _handle = b.handle("static-small", "tokens");
+    eventually("the second reserve is refused", Duration::from_secs(10), || {
+        let n = b.reserves_refused();
+        async move { n >= 1 }
+    })
+    .await;
+    assert_eq!(b.reserve_held("static-small", "tokens"), 0);
+    b.release_all().await.unwrap();
+    a.release_all().await.unwrap();
+    assert_eq!(consumed(addr, "static-small").await, (10, 0));
+    cluster.shutdown().await;
+}

@@ -116,6 +116,9 @@ struct Shared {
     inner: RwLock<Inner>,
     pending: Mutex<Pending>,
     written: Condvar,
+    /// Tests: the writer's next write fails as a full disk would.
+    #[cfg(test)]
+    fail_next: std::sync::atomic::AtomicBool,
 }
 
 /// Appends handed to the writer, and how many it has done.
@@ -188,6 +191,8 @@ impl FileTail {
             inner: RwLock::new(Inner { file, bytes: at, chunks }),
             pending: Mutex::new(Pending::default()),
             written: Condvar::new(),
+            #[cfg(test)]
+            fail_next: std::sync::atomic::AtomicBool::new(false),
         });
         // One apply's records waiting while the writer does the one before: an
         // apply that finds both taken waits for the writer.
@@ -198,7 +203,7 @@ impl FileTail {
                 for records in from_applies {
                     // A panic here must not leave readers waiting for this write.
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        Self::append_to(&mut writing.write_inner(), &records)
+                        Self::write(&writing, &records)
                     }));
                     drop(records);
                     let mut p = writing.pending();
@@ -270,6 +275,21 @@ impl FileTail {
             return Err(std::io::Error::other("the audit tail's writer stopped"));
         }
         Ok(())
+    }
+
+    /// Tests: the writer's next write fails (as a full disk would make it).
+    #[cfg(test)]
+    pub(crate) fn fail_next_write(&self) {
+        self.shared.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The writer's one write of an apply's records.
+    fn write(shared: &Shared, records: &[AuditRecord]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if shared.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("no space left (injected)"));
+        }
+        Self::append_to(&mut shared.write_inner(), records)
     }
 
     fn append_to(inner: &mut Inner, records: &[AuditRecord]) -> std::io::Result<()> {

@@ -662,3 +662,33 @@ fn every_read_of_the_tail_sees_what_was_appended_before_it() {
     assert_eq!(tail.end().unwrap(), 410);
     assert_eq!(tail.read(0, usize::MAX).unwrap(), more);
 }
+
+/// A write the tail's thread fails is not lost quietly: the append that handed it
+/// over has returned, so every later call fails with the write's error (the tail
+/// would otherwise miss records), and the file holds what came before it.
+#[test]
+fn a_failed_write_fails_every_later_call_of_the_tail() {
+    use crate::tail::FileTail;
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("tail");
+    let all = records(3);
+    let tail = FileTail::open(&path).unwrap();
+    tail.append(vec![all[0].clone()]).unwrap();
+    assert_eq!(tail.end().unwrap(), 1);
+    tail.fail_next_write();
+    // Handed over: the apply does not wait for the write.
+    tail.append(vec![all[1].clone()]).unwrap();
+    let said = |r: std::io::Result<u64>| r.unwrap_err().to_string();
+    assert!(said(tail.end()).contains("no space left (injected)"));
+    // Sticky: a later append, read, sync or cut fails the same way.
+    let e = tail.append(vec![all[2].clone()]).unwrap_err();
+    assert!(e.to_string().contains("no space left (injected)"), "{e}");
+    assert!(tail.read(0, usize::MAX).is_err());
+    assert!(tail.sync().is_err());
+    assert!(tail.truncate_from(0).is_err());
+    drop(tail);
+    // The record written before the failure is whole; the one after is not there.
+    let tail = FileTail::open(&path).unwrap();
+    assert_eq!(tail.end().unwrap(), 1);
+    assert_eq!(tail.read(0, usize::MAX).unwrap(), vec![all[0].clone()]);
+}
