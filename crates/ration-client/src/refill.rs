@@ -59,7 +59,16 @@ pub struct SdkConfig {
     /// the ledger with what was spent, and its memory is freed; a later use starts
     /// it again, empty. Zero: never forgotten.
     pub idle_after: Duration,
+    /// How often a pair's fail policy (its `static=` reserve, or fail closed) is
+    /// read again, so a changed limit takes effect on gateways that keep running:
+    /// a reserve is taken, resized or given back within about this long. At most
+    /// [`POLICY_READS_PER_ROUND`] pairs are read again per round. Zero: read once.
+    pub policy_refresh: Duration,
 }
+
+/// Pairs whose known policy is read again in one round, oldest first: a gateway
+/// stocking thousands of pairs spreads the reads over rounds.
+pub const POLICY_READS_PER_ROUND: usize = 32;
 
 /// How often the SDK asks every member's `Status` again while none has answered.
 const REMEASURE: Duration = Duration::from_secs(5);
@@ -116,6 +125,9 @@ pub mod defaults {
     /// meets a new user or run every second holds at most about 300 pairs more
     /// than it uses, and returns their leases rather than strand them.
     pub const IDLE_AFTER: Duration = Duration::from_secs(300);
+    /// A changed fail policy reaches running gateways within about this long (as
+    /// a changed price does, [`crate::pricing::PRICE_REFRESH`]).
+    pub const POLICY_REFRESH: Duration = Duration::from_secs(30);
 }
 
 impl SdkConfig {
@@ -141,6 +153,7 @@ impl SdkConfig {
             outage_after: defaults::OUTAGE_AFTER,
             report_every: defaults::REPORT_EVERY,
             idle_after: defaults::IDLE_AFTER,
+            policy_refresh: defaults::POLICY_REFRESH,
         }
     }
 }
@@ -188,6 +201,8 @@ struct Tracked {
     denied_seen: u64,
     rate_per_s: f64,
     policy: Option<Unreachable>,
+    /// Local time the policy was last read (0: never).
+    policy_read_ms: u64,
     /// The emergency reserve lease, if the policy asks for one and it is held.
     reserve: Option<ReserveLease>,
     /// The ledger refused the reserve (what remains of a cap is leased out): said
@@ -499,6 +514,7 @@ impl Sdk {
             denied_seen: 0,
             rate_per_s: 0.0,
             policy: None,
+            policy_read_ms: 0,
             reserve: None,
             reserve_short: false,
             quarantined_until: 0,
@@ -708,6 +724,7 @@ impl Sdk {
         let mut forgotten = Vec::new();
         let outage = self.in_outage.load(std::sync::atomic::Ordering::Acquire);
         let policies_needed: Vec<(String, String)>;
+        let mut policies_again: Vec<(String, String)> = Vec::new();
         {
             let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
             for (key, t) in tracked.iter_mut() {
@@ -970,11 +987,33 @@ impl Sdk {
                 .filter(|(_, t)| t.policy.is_none())
                 .map(|(k, _)| k.clone())
                 .collect();
+            // Known policies are read again every `policy_refresh`, a few per round.
+            let refresh_ms =
+                u64::try_from(self.config.policy_refresh.as_millis()).unwrap_or(u64::MAX);
+            if refresh_ms > 0 {
+                let mut due: Vec<(u64, &(String, String))> = tracked
+                    .iter()
+                    .filter(|(_, t)| {
+                        t.policy.is_some() && now.saturating_sub(t.policy_read_ms) >= refresh_ms
+                    })
+                    .map(|(k, t)| (t.policy_read_ms, k))
+                    .collect();
+                due.sort_unstable();
+                policies_again =
+                    due.into_iter().take(POLICY_READS_PER_ROUND).map(|(_, k)| k.clone()).collect();
+                // Counted from this attempt: a read that fails (a member down, the
+                // budget deleted) keeps the policy known and waits its turn again.
+                for key in &policies_again {
+                    if let Some(t) = tracked.get_mut(key) {
+                        t.policy_read_ms = now.max(1);
+                    }
+                }
+            }
         }
         // Budgets read for this round's policies: keys under one parent share it.
         let mut read = BTreeMap::new();
-        for key in &policies_needed {
-            self.learn_policy(key, &mut read).await;
+        for key in policies_needed.iter().chain(&policies_again) {
+            self.learn_policy(key, &mut read, now).await;
         }
         // A policy learned just now that asks for a reserve: asked for ahead of this
         // round's lease for the key (the first lease is asked for before the policy
@@ -1338,6 +1377,7 @@ impl Sdk {
         &self,
         key: &(String, String),
         read: &mut BTreeMap<String, Option<v1::Budget>>,
+        now: u64,
     ) {
         let mut chain = Vec::new();
         let mut at = 0;
@@ -1382,7 +1422,14 @@ impl Sdk {
             _ => Unreachable::FailClosed,
         };
         if let Some(t) = self.tracked.lock().unwrap_or_else(|p| p.into_inner()).get_mut(key) {
+            if t.policy.is_some_and(|p| p != policy) {
+                tracing::info!(
+                    budget = %key.0, unit = %key.1,
+                    "the fail policy changed: {:?} (was {:?})", policy, t.policy
+                );
+            }
             t.policy = Some(policy);
+            t.policy_read_ms = now.max(1);
         }
     }
 
@@ -1619,6 +1666,7 @@ mod tests {
             denied_seen: 0,
             rate_per_s: 0.0,
             policy: Some(Unreachable::StaticAllowance(20)),
+            policy_read_ms: 0,
             reserve: None,
             reserve_short: true,
             quarantined_until: 0,

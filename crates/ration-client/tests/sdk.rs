@@ -1370,3 +1370,61 @@ async fn the_emergency_reserve_comes_before_leases_on_a_small_cap() {
     assert_eq!(consumed(addr, "static-small").await, (10, 0));
     cluster.shutdown().await;
 }
+
+/// A limit's `static=` changed on the ledger reaches a gateway that keeps running
+/// (`SdkConfig::policy_refresh`): its reserve is given back when the limit fails
+/// closed, and taken again, at the new size, when it declares one again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_fail_policy_reaches_a_running_gateway() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let addr = cluster.addrs[&cluster.leader().await];
+    budget(addr, 1, "static-change", 1_000_000, Some(40)).await;
+    let clock = CoarseClock::new();
+    clock.start_ticking();
+    let endpoints: Vec<String> = cluster.addrs.values().map(|a| a.to_string()).collect();
+    let mut config = SdkConfig::new(endpoints, "gw-policy");
+    config.policy_refresh = Duration::from_secs(1);
+    let s = Sdk::start(config, clock.clone()).unwrap();
+    let _handle = s.handle("static-change", "tokens");
+    let held = |n: u64| {
+        let s = s.clone();
+        move || {
+            let got = s.reserve_held("static-change", "tokens");
+            async move { got == n }
+        }
+    };
+    eventually("the reserve is held", Duration::from_secs(10), held(40)).await;
+    let update = |id: u64, static_allowance: Option<i64>| async move {
+        let version = ledger(addr)
+            .get_budget(v1::GetBudgetRequest { path: "static-change".into(), linearizable: true })
+            .await
+            .unwrap()
+            .into_inner()
+            .version;
+        let mut limit = ration_testkit::limit("tokens", 1_000_000, Period::Lifetime);
+        limit.static_allowance = static_allowance;
+        let req = v1::UpdateBudgetRequest {
+            meta: meta("sdk-admin", id, "ops"),
+            path: "static-change".into(),
+            limits: vec![limit],
+            expected_version: version,
+        };
+        ration_testkit::until_answered!([addr], update_budget, req).unwrap();
+    };
+    update(2, None).await;
+    eventually(
+        "the reserve goes back once the limit fails closed",
+        Duration::from_secs(10),
+        held(0),
+    )
+    .await;
+    // And stays back (a renewal gives a reserve back for a moment, then takes it
+    // again under the policy it knows).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.reserve_held("static-change", "tokens"), 0);
+    update(3, Some(25)).await;
+    eventually("a reserve of the new size is taken", Duration::from_secs(10), held(25)).await;
+    s.release_all().await.unwrap();
+    assert_eq!(consumed(addr, "static-change").await, (0, 0));
+    cluster.shutdown().await;
+}
