@@ -208,6 +208,10 @@ struct Tracked {
     /// The ledger refused the reserve (what remains of a cap is leased out): said
     /// once, when it starts, and again when the reserve is held.
     reserve_short: bool,
+    /// The last refusal of the reserve was for want of allowance in the budget
+    /// (not a per-principal or ledger-wide limit): the next round makes room from
+    /// this gateway's own leases ([`Sdk::make_room`]).
+    reserve_room: bool,
     /// Until when (local ms) no acquire is sent for this key: the ledger refused
     /// one as invalid (or its budget does not exist). Every other key refills.
     quarantined_until: u64,
@@ -517,6 +521,7 @@ impl Sdk {
             policy_read_ms: 0,
             reserve: None,
             reserve_short: false,
+            reserve_room: false,
             quarantined_until: 0,
             boundary: None,
             next_asked: 0,
@@ -907,7 +912,7 @@ impl Sdk {
                         // rest). A policy learned late (a budget not yet readable
                         // where the SDK asked) lets a first lease take all of a small
                         // cap. Leases that calls hold reservations on are kept.
-                        if t.reserve_short
+                        if t.reserve_room
                             && Self::make_room(t, wanted, now, &self.cluster, key, &mut ops)
                         {
                             held = t.allowance.available(now.saturating_add(renew));
@@ -1238,10 +1243,14 @@ impl Sdk {
                 Some(R::Error(e))
                     if p.reserve && e.code == tonic::Code::ResourceExhausted as i32 =>
                 {
-                    // Not enough left of the cap for the reserve (other leases hold
-                    // it): asked for again every round, said once.
+                    // Not enough left of the cap for the reserve (leases hold it),
+                    // or a per-principal or ledger-wide limit: asked for again every
+                    // round, said once.
                     self.reserves_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     metrics::counter!(counters::RESERVES_REFUSED).increment(1);
+                    if let Some(t) = tracked.get_mut(&p.key) {
+                        t.reserve_room = budget_exhausted(&e.message);
+                    }
                     if let Some(t) = tracked.get_mut(&p.key).filter(|t| !t.reserve_short) {
                         t.reserve_short = true;
                         tracing::warn!(
@@ -1321,6 +1330,7 @@ impl Sdk {
                 };
                 // One reserve at a time: a second (an answer to a re-sent acquire
                 // after a renewal) goes back at once.
+                t.reserve_room = false;
                 if std::mem::take(&mut t.reserve_short) {
                     tracing::info!(
                         budget = %p.key.0, unit = %p.key.1,
@@ -1635,6 +1645,14 @@ fn report(cluster: &Cluster, lease_id: u64, delta: u64) -> BatchOp {
     }
 }
 
+/// Whether a RESOURCE_EXHAUSTED refusal's message is the ledger's "budget ... is
+/// exhausted" (`ration_core::LedgerError::Exhausted`): the allowance is leased or
+/// spent, and not a per-principal, ledger-wide or runaway-guard limit, which
+/// releasing leases would not lift.
+fn budget_exhausted(message: &str) -> bool {
+    message.contains(" is exhausted for ")
+}
+
 fn release(cluster: &Cluster, lease_id: u64, spent: u64) -> BatchOp {
     BatchOp {
         op: Some(Op::Release(v1::ReleaseRequest {
@@ -1669,6 +1687,7 @@ mod tests {
             policy_read_ms: 0,
             reserve: None,
             reserve_short: true,
+            reserve_room: true,
             quarantined_until: 0,
             boundary: None,
             next_asked: 0,
@@ -1713,5 +1732,26 @@ mod tests {
         assert_eq!(kept, vec![1, 3]);
         assert_eq!(allowance.available(1), 25 + 10);
         drop(call);
+    }
+
+    /// Only the ledger's own "exhausted" refusal makes room: a per-principal limit
+    /// or a run's guard is not lifted by giving leases back.
+    #[test]
+    fn only_an_exhausted_budget_makes_room_for_a_reserve() {
+        use ration_core::{BudgetPath, LedgerError, Period, Unit, Window};
+        let exhausted = LedgerError::Exhausted {
+            path: BudgetPath::new("acme").unwrap(),
+            unit: Unit::new("tokens").unwrap(),
+            window: Window::utc(Period::Lifetime),
+            available: 3,
+            min: 40,
+        };
+        assert!(budget_exhausted(&exhausted.to_string()));
+        let full = LedgerError::PrincipalLimit {
+            principal: "gw".into(),
+            what: "live leases".into(),
+            max: 10,
+        };
+        assert!(!budget_exhausted(&full.to_string()));
     }
 }
