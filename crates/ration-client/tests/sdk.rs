@@ -1337,6 +1337,16 @@ async fn the_emergency_reserve_comes_before_leases_on_a_small_cap() {
     let addr = cluster.addrs[&cluster.leader().await];
     // The SDK's first lease asks for 100 (`SdkConfig::initial_request`): all of it.
     budget(addr, 1, "static-small", 100, Some(40)).await;
+    // Readable on every member, so the SDK learns the policy in its first round
+    // (from a member that had not applied the budget yet, a round later: then the
+    // reserve is refused once and room is made, `refill.rs::room_for_a_reserve_…`).
+    for member in cluster.addrs.values().copied() {
+        eventually("every member has the budget", Duration::from_secs(10), || async move {
+            let read = v1::GetBudgetRequest { path: "static-small".into(), linearizable: false };
+            ledger(member).get_budget(read).await.is_ok()
+        })
+        .await;
+    }
     let clock = CoarseClock::new();
     clock.start_ticking();
     let endpoints: Vec<String> = cluster.addrs.values().map(|a| a.to_string()).collect();
