@@ -37,8 +37,9 @@ pub mod counters {
     /// (budget, unit) pairs forgotten: nothing held them and they went unused
     /// for `SdkConfig::idle_after`; their leases went back to the ledger.
     pub const FORGOTTEN: &str = "ration_client_forgotten_keys_total";
-    /// Emergency reserve acquires the ledger refused: not enough of the cap was left
-    /// for the reserve, so a gateway in an outage would have less than its policy.
+    /// Emergency reserve acquires the ledger refused (RESOURCE_EXHAUSTED: most often
+    /// not enough of the cap left for it), so a gateway cut off now would have less
+    /// than its policy.
     pub const RESERVES_REFUSED: &str = "ration_client_reserves_refused_total";
 }
 

@@ -540,8 +540,9 @@ impl Sdk {
         self.forgotten.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Emergency reserve acquires the ledger refused so far because not enough of
-    /// the cap was left (other gateways' or this one's leases held it).
+    /// Emergency reserve acquires the ledger refused so far with RESOURCE_EXHAUSTED:
+    /// not enough of the cap was left (leases held it), or a per-principal,
+    /// ledger-wide or run-guard limit.
     pub fn reserves_refused(&self) -> u64 {
         self.reserves_refused.load(std::sync::atomic::Ordering::Relaxed)
     }
