@@ -1018,7 +1018,7 @@ impl Sdk {
         }
         // Budgets read for this round's policies: keys under one parent share it.
         let mut read = BTreeMap::new();
-        for key in policies_needed.iter().chain(&policies_again) {
+        for key in &policies_needed {
             self.learn_policy(key, &mut read, now).await;
         }
         // A policy learned just now that asks for a reserve: asked for ahead of this
@@ -1062,9 +1062,19 @@ impl Sdk {
             },
             _ => true,
         });
-        if ops.is_empty() {
-            return;
+        if !ops.is_empty() {
+            self.send(ops, now).await;
         }
+        // Known policies read again after the round's batch, which they do not
+        // change (they take effect next round), so the reads do not delay it.
+        for key in &policies_again {
+            self.learn_policy(key, &mut read, now).await;
+        }
+    }
+
+    /// Sends a round's operations (`now`: the round's start), as batches of at most
+    /// the server's limit, and installs what they get.
+    async fn send(&self, ops: Vec<Pending>, now: u64) {
         metrics::counter!(counters::REFILLS).increment(1);
         // Rounds larger than the server's batch limit go as several batches.
         let mut ops = ops.into_iter().peekable();
