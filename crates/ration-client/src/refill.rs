@@ -1066,9 +1066,16 @@ impl Sdk {
             self.send(ops, now).await;
         }
         // Known policies read again after the round's batch, which they do not
-        // change (they take effect next round), so the reads do not delay it.
+        // change (they take effect next round), so the reads do not delay it. Not
+        // while the cluster does not answer, and no more this round after a read
+        // that fails: each tries every member, and the round (which `release_all`
+        // waits for) must not wait on many of them.
         for key in &policies_again {
-            self.learn_policy(key, &mut read, now).await;
+            if self.unanswered_since_ms.load(std::sync::atomic::Ordering::Acquire) != 0
+                || !self.learn_policy(key, &mut read, now).await
+            {
+                break;
+            }
         }
     }
 
@@ -1399,7 +1406,7 @@ impl Sdk {
         key: &(String, String),
         read: &mut BTreeMap<String, Option<v1::Budget>>,
         now: u64,
-    ) {
+    ) -> bool {
         let mut chain = Vec::new();
         let mut at = 0;
         while let Some(i) = key.0[at..].find('/') {
@@ -1424,7 +1431,7 @@ impl Sdk {
                     .filter(|_| path == key.0)
                 {
                     Some(t) => t.limits.iter().collect(),
-                    None => return,
+                    None => return false,
                 },
             };
             parent = Some(path);
@@ -1452,6 +1459,7 @@ impl Sdk {
             t.policy = Some(policy);
             t.policy_read_ms = now.max(1);
         }
+        true
     }
 
     /// No member has answered for `outage_after`: each reserve held becomes
