@@ -205,8 +205,8 @@ struct Tracked {
     policy_read_ms: u64,
     /// The emergency reserve lease, if the policy asks for one and it is held.
     reserve: Option<ReserveLease>,
-    /// The ledger refused the reserve (what remains of a cap is leased out): said
-    /// once, when it starts, and again when the reserve is held.
+    /// The ledger refused the reserve (RESOURCE_EXHAUSTED): said once, when it
+    /// starts, and again when the reserve is held.
     reserve_short: bool,
     /// The last refusal of the reserve was for want of allowance in the budget
     /// (not a per-principal or ledger-wide limit): the next round makes room from
@@ -291,7 +291,7 @@ pub struct Sdk {
     ops_sent: std::sync::atomic::AtomicU64,
     /// Pairs forgotten so far (`SdkConfig::idle_after`).
     forgotten: std::sync::atomic::AtomicU64,
-    /// Emergency reserve acquires the ledger refused for want of allowance.
+    /// Emergency reserve acquires the ledger refused (RESOURCE_EXHAUSTED).
     reserves_refused: std::sync::atomic::AtomicU64,
     /// Local time since which the cluster has not answered (the start of the
     /// first round that got no answer); 0 while it answers.
