@@ -205,13 +205,9 @@ struct Tracked {
     policy_read_ms: u64,
     /// The emergency reserve lease, if the policy asks for one and it is held.
     reserve: Option<ReserveLease>,
-    /// The ledger refused the reserve (RESOURCE_EXHAUSTED): said once, when it
-    /// starts, and again when the reserve is held.
-    reserve_short: bool,
-    /// The last refusal of the reserve was for want of allowance in the budget
-    /// (not a per-principal or ledger-wide limit): the next round makes room from
-    /// this gateway's own leases ([`Sdk::make_room`]).
-    reserve_room: bool,
+    /// Why the ledger last refused the reserve, since it was last held (said
+    /// once, when refusals start, and again when the reserve is held).
+    reserve_refused: Option<Refused>,
     /// Until when (local ms) no acquire is sent for this key: the ledger refused
     /// one as invalid (or its budget does not exist). Every other key refills.
     quarantined_until: u64,
@@ -259,6 +255,17 @@ const QUARANTINE: Duration = Duration::from_secs(30);
 /// replicated and remembered, so asking every round would load the cluster for
 /// nothing; an unfreeze is seen within this much.
 const PAUSE_ON_PRECONDITION: Duration = Duration::from_secs(1);
+
+/// Why the ledger refused an emergency reserve (RESOURCE_EXHAUSTED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// The budget is exhausted (its allowance leased or spent): the next round
+    /// makes room from this gateway's own leases ([`Sdk::make_room`]).
+    Exhausted,
+    /// A per-principal, ledger-wide or run-guard limit, which giving leases back
+    /// would not lift.
+    Limit,
+}
 
 /// A lease held back for outages: not spendable until installed.
 #[derive(Debug)]
@@ -520,8 +527,7 @@ impl Sdk {
             policy: None,
             policy_read_ms: 0,
             reserve: None,
-            reserve_short: false,
-            reserve_room: false,
+            reserve_refused: None,
             quarantined_until: 0,
             boundary: None,
             next_asked: 0,
@@ -729,7 +735,18 @@ impl Sdk {
         let idle_ms = u64::try_from(self.config.idle_after.as_millis()).unwrap_or(u64::MAX);
         let mut forgotten = Vec::new();
         let outage = self.in_outage.load(std::sync::atomic::Ordering::Acquire);
-        let policies_needed: Vec<(String, String)>;
+        // Policies not known yet are read before the round's operations are built,
+        // so a pair's first round asks for its reserve ahead of its first lease (a
+        // lease asked for first could take all that remains of a small cap).
+        // Budgets read are shared by keys under one parent.
+        let policies_needed: Vec<(String, String)> = {
+            let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+            tracked.iter().filter(|(_, t)| t.policy.is_none()).map(|(k, _)| k.clone()).collect()
+        };
+        let mut read = BTreeMap::new();
+        for key in &policies_needed {
+            self.learn_policy(key, &mut read, now).await;
+        }
         let mut policies_again: Vec<(String, String)> = Vec::new();
         {
             let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
@@ -913,7 +930,7 @@ impl Sdk {
                         // rest). A policy learned late (a budget not yet readable
                         // where the SDK asked) lets a first lease take all of a small
                         // cap. Leases that calls hold reservations on are kept.
-                        if t.reserve_room
+                        if t.reserve_refused == Some(Refused::Exhausted)
                             && Self::make_room(t, wanted, now, &self.cluster, key, &mut ops)
                         {
                             held = t.allowance.available(now.saturating_add(renew));
@@ -988,11 +1005,6 @@ impl Sdk {
                 self.forgotten.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 metrics::counter!(counters::FORGOTTEN).increment(n);
             }
-            policies_needed = tracked
-                .iter()
-                .filter(|(_, t)| t.policy.is_none())
-                .map(|(k, _)| k.clone())
-                .collect();
             // Known policies are read again every `policy_refresh`, a few per round.
             let refresh_ms =
                 u64::try_from(self.config.policy_refresh.as_millis()).unwrap_or(u64::MAX);
@@ -1014,40 +1026,6 @@ impl Sdk {
                         t.policy_read_ms = now.max(1);
                     }
                 }
-            }
-        }
-        // Budgets read for this round's policies: keys under one parent share it.
-        let mut read = BTreeMap::new();
-        for key in &policies_needed {
-            self.learn_policy(key, &mut read, now).await;
-        }
-        // A policy learned just now that asks for a reserve: asked for ahead of this
-        // round's lease for the key (the first lease is asked for before the policy
-        // is known, and could otherwise take all that remains of a small cap).
-        if !policies_needed.is_empty() && !outage {
-            let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-            let mut first: Vec<Pending> = Vec::new();
-            for key in &policies_needed {
-                let Some(t) = tracked.get(key) else { continue };
-                let wanted = match t.policy {
-                    Some(Unreachable::StaticAllowance(units)) if units > 0 => units,
-                    _ => continue,
-                };
-                if t.reserve.is_some() || reserve_resent.contains(key) || now < t.quarantined_until
-                {
-                    continue;
-                }
-                first.push(Pending {
-                    op: acquire(&self.cluster, key, wanted, wanted, ttl_ms, 0),
-                    key: key.clone(),
-                    sent_at_ms: now,
-                    reserve: true,
-                });
-            }
-            drop(tracked);
-            if !first.is_empty() {
-                first.append(&mut ops);
-                ops = first;
             }
         }
         // An acquire the ledger would refuse as malformed (a bad budget name or
@@ -1266,11 +1244,13 @@ impl Sdk {
                     // round, said once.
                     self.reserves_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     metrics::counter!(counters::RESERVES_REFUSED).increment(1);
-                    if let Some(t) = tracked.get_mut(&p.key) {
-                        t.reserve_room = budget_exhausted(&e.message);
-                    }
-                    if let Some(t) = tracked.get_mut(&p.key).filter(|t| !t.reserve_short) {
-                        t.reserve_short = true;
+                    let why = if budget_exhausted(&e.message) {
+                        Refused::Exhausted
+                    } else {
+                        Refused::Limit
+                    };
+                    let Some(t) = tracked.get_mut(&p.key) else { continue };
+                    if t.reserve_refused.replace(why).is_none() {
                         tracing::warn!(
                             budget = %p.key.0, unit = %p.key.1,
                             "no emergency reserve is held: the ledger refused it ({}); \
@@ -1348,8 +1328,7 @@ impl Sdk {
                 };
                 // One reserve at a time: a second (an answer to a re-sent acquire
                 // after a renewal) goes back at once.
-                t.reserve_room = false;
-                if std::mem::take(&mut t.reserve_short) {
+                if t.reserve_refused.take().is_some() {
                     tracing::info!(
                         budget = %p.key.0, unit = %p.key.1,
                         "the emergency reserve is held again ({granted} units)"
@@ -1705,8 +1684,7 @@ mod tests {
             policy: Some(Unreachable::StaticAllowance(20)),
             policy_read_ms: 0,
             reserve: None,
-            reserve_short: true,
-            reserve_room: true,
+            reserve_refused: Some(Refused::Exhausted),
             quarantined_until: 0,
             boundary: None,
             next_asked: 0,
