@@ -155,6 +155,24 @@ where
     panic!("timed out waiting for: {what}");
 }
 
+/// Waits, if need be, until the current UTC minute has at least `needed` left
+/// (at most 30 s). A test that checks a per-minute window's figures over several
+/// calls must see one window: at a minute boundary the ledger opens a new one,
+/// whose figures start again from zero. Ledger time is the leader's clock, which
+/// is this machine's in a test.
+pub async fn clear_of_a_minute_boundary(needed: Duration) {
+    assert!(needed <= Duration::from_secs(30), "a test needing {needed:?} of one minute");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    let into = Duration::from_millis(u64::try_from(now.as_millis() % 60_000).unwrap_or(0));
+    let left = Duration::from_secs(60).saturating_sub(into);
+    if left < needed {
+        // A little past the boundary: the leader's time stamps may lag this clock.
+        tokio::time::sleep(left + Duration::from_millis(200)).await;
+    }
+}
+
 /// Request metadata: exactly-once client and request id, and the principal.
 pub fn meta(client: &str, request_id: u64, principal: &str) -> Option<v1::RequestMeta> {
     Some(v1::RequestMeta {
