@@ -178,12 +178,15 @@ pub struct Config {
     /// node 1): a Kubernetes StatefulSet's pods are named that way.
     pub node_id_from_hostname: bool,
     /// Where the leader POSTs alert notices (`threshold_crossed` records), as
-    /// `http://host:port/path`: at least once, with an `Idempotency-Key` and an
+    /// `http[s]://host[:port]/path`: at least once, with an `Idempotency-Key` and an
     /// HMAC-SHA256 signature (`crate::webhooks`). Give every node the same. Unset:
     /// no webhooks.
     pub webhook_url: Option<String>,
     /// A file holding the webhook signing secret (at least 16 bytes, trimmed).
     pub webhook_secret_file: Option<PathBuf>,
+    /// CA certificates (PEM) an https receiver's certificate is checked against.
+    /// Unset: the public web's roots (Mozilla's, built in).
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 /// Largest `leader_priority`.
@@ -294,6 +297,7 @@ impl Default for Config {
             metrics_token_file: None,
             webhook_url: None,
             webhook_secret_file: None,
+            webhook_ca_file: None,
             node_id_from_hostname: false,
         }
     }
@@ -602,10 +606,15 @@ impl Config {
     /// Where and how to deliver webhooks, with the secret read from its file.
     pub fn webhook(&self) -> Result<Option<crate::webhooks::WebhookTarget>, ConfigError> {
         let Some(url) = &self.webhook_url else {
-            if self.webhook_secret_file.is_some() {
-                return Err(ConfigError::Invalid(
-                    "webhook_secret_file is set but webhook_url is not".into(),
-                ));
+            for (set, name) in [
+                (self.webhook_secret_file.is_some(), "webhook_secret_file"),
+                (self.webhook_ca_file.is_some(), "webhook_ca_file"),
+            ] {
+                if set {
+                    return Err(ConfigError::Invalid(format!(
+                        "{name} is set but webhook_url is not"
+                    )));
+                }
             }
             return Ok(None);
         };
@@ -617,9 +626,17 @@ impl Config {
         let text = std::fs::read(path)
             .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
         let secret = text.trim_ascii().to_vec();
-        crate::webhooks::WebhookTarget::parse(url, secret)
+        crate::webhooks::WebhookTarget::parse(url, secret, self.webhook_ca_file.as_deref())
             .map(Some)
-            .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))
+            .map_err(|e| {
+                // Which file a secret's error is about.
+                let e = if e.starts_with("the webhook secret") {
+                    format!("{}: {e}", path.display())
+                } else {
+                    e
+                };
+                ConfigError::Invalid(e)
+            })
     }
 
     pub fn rpc_timeout(&self) -> Duration {
@@ -784,7 +801,7 @@ pub struct Args {
     /// A file with the bearer token `GET /metrics` requires; unset: no token.
     #[arg(long, env = "RATION_METRICS_TOKEN_FILE")]
     pub metrics_token_file: Option<PathBuf>,
-    /// POST alert notices (thresholds crossed) here: http://host:port/path
+    /// POST alert notices (thresholds crossed) here: http[s]://host[:port]/path
     /// [default: off].
     #[arg(long, env = "RATION_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
@@ -792,6 +809,10 @@ pub struct Args {
     /// least 16 bytes [default: none; needed with --webhook-url].
     #[arg(long, env = "RATION_WEBHOOK_SECRET_FILE")]
     pub webhook_secret_file: Option<PathBuf>,
+    /// CA certificates (PEM) an https webhook receiver must have its certificate
+    /// from [default: the public web's roots, built in].
+    #[arg(long, env = "RATION_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<PathBuf>,
     /// Node id = the hostname's trailing ordinal + 1 (StatefulSet pod `ration-2` is 3).
     #[arg(long, env = "RATION_NODE_ID_FROM_HOSTNAME")]
     pub node_id_from_hostname: bool,
@@ -846,6 +867,9 @@ impl Args {
         }
         if self.webhook_secret_file.is_some() {
             c.webhook_secret_file = self.webhook_secret_file.clone();
+        }
+        if self.webhook_ca_file.is_some() {
+            c.webhook_ca_file = self.webhook_ca_file.clone();
         }
         set!(
             admins,

@@ -15,6 +15,7 @@
 //! exponential backoff (250 ms doubling to 30 s) while this node is the leader;
 //! later notices wait behind it, so they arrive in audit order.
 
+use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Weak;
 use std::time::Duration;
@@ -27,39 +28,100 @@ use sha2::Sha256;
 use crate::Node;
 
 /// Where and how to deliver notices.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WebhookTarget {
-    /// `host:port` to connect to.
+    /// `host:port` to connect to, and the request's `Host` header.
     pub authority: String,
+    /// The host alone (without brackets): the name an https receiver's
+    /// certificate must carry.
+    pub host: String,
     /// The request path (with its query).
     pub path: String,
     pub secret: Vec<u8>,
+    /// For an https:// URL: the CAs the receiver's certificate is checked against.
+    pub tls: Option<ration_tls::ClientTls>,
+}
+
+impl std::fmt::Debug for WebhookTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookTarget")
+            .field("authority", &self.authority)
+            .field("path", &self.path)
+            .field("https", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl WebhookTarget {
-    /// Parses an `http://host:port/path` URL. HTTPS is not supported yet: the
-    /// message says so.
-    pub fn parse(url: &str, secret: Vec<u8>) -> Result<Self, String> {
-        let Some(rest) = url.strip_prefix("http://") else {
-            return Err(format!(
-                "webhook_url {url:?} must start with http:// (https is not supported yet: \
-                 put a TLS-terminating proxy on loopback in front of the receiver)"
-            ));
+    /// Parses an `http://` or `https://` URL (`host[:port][/path]`; the port is 80
+    /// or 443 if not given). An https receiver's certificate is checked against the
+    /// CA certificates in `ca` (PEM) if given, else against the public web's roots.
+    pub fn parse(url: &str, secret: Vec<u8>, ca: Option<&Path>) -> Result<Self, String> {
+        let (rest, https) = if let Some(rest) = url.strip_prefix("https://") {
+            (rest, true)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (rest, false)
+        } else {
+            return Err(format!("webhook_url {url:?} must start with http:// or https://"));
         };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
+        if ca.is_some() && !https {
+            return Err(format!(
+                "webhook_ca_file is set but webhook_url {url:?} is not https://: the CA is \
+                 what an https receiver's certificate is checked against"
+            ));
+        }
+        let (authority, path) = match rest.find(['/', '?', '#']) {
+            Some(i) if rest[i..].starts_with('/') => (&rest[..i], &rest[i..]),
+            Some(_) => return Err(format!("webhook_url {url:?}: the path must start with /")),
             None => (rest, "/"),
         };
-        if authority.is_empty() || !authority.contains(':') {
-            return Err(format!("webhook_url {url:?} needs a host:port"));
+        if authority.contains('@') {
+            return Err(format!("webhook_url {url:?}: user names and passwords are not supported"));
         }
+        // host, [v6 host], host:port or [v6 host]:port.
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((host, "")) => (host, None),
+                Some((host, p)) => (host, Some(p.strip_prefix(':').unwrap_or(p))),
+                None => return Err(format!("webhook_url {url:?}: no ] after the IPv6 address")),
+            },
+            None => match authority.rsplit_once(':') {
+                Some((host, p)) => (host, Some(p)),
+                None => (authority, None),
+            },
+        };
+        if host.is_empty() {
+            return Err(format!("webhook_url {url:?} names no host"));
+        }
+        let port: u16 = match port {
+            None => {
+                if https {
+                    443
+                } else {
+                    80
+                }
+            }
+            Some(p) => p
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("webhook_url {url:?}: {p:?} is not a port (1-65535)"))?,
+        };
+        let authority =
+            if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let tls = if https {
+            ration_tls::check_server_name(host).map_err(|e| format!("webhook_url {url:?}: {e}"))?;
+            Some(ration_tls::https_client(ca).map_err(|e| format!("webhook_ca_file: {e}"))?)
+        } else {
+            None
+        };
         if secret.len() < 16 {
             return Err(format!(
                 "the webhook secret is {} bytes; at least 16 are needed",
                 secret.len()
             ));
         }
-        Ok(Self { authority: authority.to_owned(), path: path.to_owned(), secret })
+        Ok(Self { authority, host: host.to_owned(), path: path.to_owned(), secret, tls })
     }
 }
 
@@ -121,29 +183,30 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 
 /// One POST; Ok on a 2xx answer.
 async fn post(target: &WebhookTarget, key: &str, body: String) -> Result<(), String> {
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::Full;
     let sig = signature(&target.secret, body.as_bytes());
+    let req = http::Request::post(&target.path)
+        .header(http::header::HOST, &target.authority)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header("idempotency-key", key)
+        .header("x-ration-signature", sig)
+        .body(Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
     let attempt = async {
-        let stream = tokio::net::TcpStream::connect(&target.authority)
+        let tcp = tokio::net::TcpStream::connect(&target.authority)
             .await
             .map_err(|e| format!("connect {}: {e}", target.authority))?;
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let req = http::Request::post(&target.path)
-            .header(http::header::HOST, &target.authority)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header("idempotency-key", key)
-            .header("x-ration-signature", sig)
-            .body(Full::new(bytes::Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("send: {e}"))?;
-        let status = resp.status();
-        let _ = resp.into_body().collect().await;
+        let _ = tcp.set_nodelay(true);
+        let status = match &target.tls {
+            None => exchange(tcp, req).await?,
+            Some(tls) => {
+                let stream = tls
+                    .connect(&target.host, tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", target.authority))?;
+                exchange(stream, req).await?
+            }
+        };
         if status.is_success() {
             Ok(())
         } else {
@@ -153,6 +216,28 @@ async fn post(target: &WebhookTarget, key: &str, body: String) -> Result<(), Str
     tokio::time::timeout(POST_TIMEOUT, attempt)
         .await
         .map_err(|_| format!("no answer in {POST_TIMEOUT:?}"))?
+}
+
+/// One HTTP/1.1 request on a fresh connection; its answer's status.
+async fn exchange<IO>(
+    io: IO,
+    req: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<http::StatusCode, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender.send_request(req).await.map_err(|e| format!("send: {e}"))?;
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    Ok(status)
 }
 
 /// Delivers notices while this node leads; runs until the node stops.
@@ -298,14 +383,244 @@ mod tests {
     #[test]
     fn urls_and_secrets_are_checked() {
         let s = || b"0123456789abcdef".to_vec();
-        let t = WebhookTarget::parse("http://127.0.0.1:9000/hooks/ration?x=1", s()).unwrap();
+        let parse = |url: &str| WebhookTarget::parse(url, s(), None);
+        let t = parse("http://127.0.0.1:9000/hooks/ration?x=1").unwrap();
         assert_eq!(
-            (t.authority.as_str(), t.path.as_str()),
-            ("127.0.0.1:9000", "/hooks/ration?x=1")
+            (t.authority.as_str(), t.path.as_str(), t.tls.is_some()),
+            ("127.0.0.1:9000", "/hooks/ration?x=1", false)
         );
-        assert_eq!(WebhookTarget::parse("http://h:1", s()).unwrap().path, "/");
-        assert!(WebhookTarget::parse("https://h:1/", s()).unwrap_err().contains("https"));
-        assert!(WebhookTarget::parse("http://h/", s()).unwrap_err().contains("host:port"));
-        assert!(WebhookTarget::parse("http://h:1/", b"short".to_vec()).unwrap_err().contains("16"));
+        assert_eq!(parse("http://h:1").unwrap().path, "/");
+        // Default ports, https, IPv6 literals.
+        assert_eq!(parse("http://h/").unwrap().authority, "h:80");
+        let t = parse("https://hooks.example.com/services/T0/B0").unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.host.as_str(), t.path.as_str(), t.tls.is_some()),
+            ("hooks.example.com:443", "hooks.example.com", "/services/T0/B0", true)
+        );
+        let t = parse("https://[::1]:8443/x").unwrap();
+        assert_eq!((t.authority.as_str(), t.host.as_str()), ("[::1]:8443", "::1"));
+        assert_eq!(parse("https://[::1]").unwrap().authority, "[::1]:443");
+        // What is wrong is said.
+        let err = |url: &str| parse(url).unwrap_err();
+        assert!(err("ftp://h/").contains("http:// or https://"), "{}", err("ftp://h/"));
+        assert!(err("http://h:0/").contains("not a port"));
+        assert!(err("http://h:x/").contains("not a port"));
+        assert!(err("http:///x").contains("no host"));
+        assert!(err("https://u:p@h/").contains("passwords"));
+        assert!(err("http://h?x").contains("must start with /"));
+        assert!(err("https://[::1/").contains("]"));
+        assert!(
+            err("https://bad_name!/").contains("not a DNS name"),
+            "{}",
+            err("https://bad_name!/")
+        );
+        assert!(WebhookTarget::parse("http://h:1/", b"short".to_vec(), None)
+            .unwrap_err()
+            .contains("16"));
+        // A CA is for https only, and must be readable.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, ration_tls::dev::Ca::new("hooks").unwrap().cert_pem()).unwrap();
+        assert!(WebhookTarget::parse("https://h/", s(), Some(&ca)).unwrap().tls.is_some());
+        let e = WebhookTarget::parse("http://h/", s(), Some(&ca)).unwrap_err();
+        assert!(e.contains("not https://"), "{e}");
+        let e = WebhookTarget::parse("https://h/", s(), Some(&dir.path().join("none.pem")))
+            .unwrap_err();
+        assert!(e.contains("webhook_ca_file") && e.contains("none.pem"), "{e}");
+    }
+
+    /// POSTs received by [`https_receiver`]: (headers, body).
+    type Posts = tokio::sync::mpsc::UnboundedReceiver<(http::HeaderMap, String)>;
+
+    /// An HTTPS receiver on loopback presenting a certificate from `ca` for
+    /// `hosts`; answers 200 to every request.
+    async fn https_receiver(ca: &ration_tls::dev::Ca, hosts: &[&str]) -> (String, Posts) {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let hosts: Vec<String> = hosts.iter().map(|h| (*h).to_owned()).collect();
+        let issued = ca.issue(&ration_tls::dev::Leaf::node(1, &hosts)).unwrap();
+        let chain = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    // A client that does not trust the certificate hangs up here.
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let serve = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let tx = tx.clone();
+                            async move {
+                                use http_body_util::BodyExt;
+                                let (parts, body) = req.into_parts();
+                                let body = body.collect().await?.to_bytes();
+                                let body = String::from_utf8_lossy(&body).into_owned();
+                                let _ = tx.send((parts.headers, body));
+                                Ok::<_, hyper::Error>(http::Response::new(http_body_util::Empty::<
+                                    bytes::Bytes,
+                                >::new(
+                                )))
+                            }
+                        },
+                    );
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, serve)
+                        .await;
+                });
+            }
+        });
+        (format!("https://{addr}/hook"), rx)
+    }
+
+    /// A POST over https reaches a receiver whose certificate comes from the
+    /// configured CA, signed; a receiver the CA did not certify, or certified for
+    /// another name, gets nothing, and the error says it was the certificate.
+    #[tokio::test]
+    async fn an_https_receiver_gets_the_post_only_with_a_certificate_the_ca_vouches_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ration_tls::dev::Ca::new("hooks CA").unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        let secret = b"0123456789abcdef0123".to_vec();
+        let body = r#"{"id":"k1"}"#.to_owned();
+
+        let (url, mut posts) = https_receiver(&ca, &["127.0.0.1"]).await;
+        let target = WebhookTarget::parse(&url, secret.clone(), Some(&ca_file)).unwrap();
+        post(&target, "k1", body.clone()).await.unwrap();
+        let (headers, got) = posts.recv().await.unwrap();
+        assert_eq!(got, body);
+        assert_eq!(headers["idempotency-key"], "k1");
+        assert_eq!(headers["x-ration-signature"], signature(&secret, body.as_bytes()).as_str());
+        assert_eq!(headers["host"], url.trim_start_matches("https://").trim_end_matches("/hook"));
+
+        // Certified by another CA: refused at the handshake, nothing received.
+        let other = ration_tls::dev::Ca::new("someone else").unwrap();
+        let (url, mut posts) = https_receiver(&other, &["127.0.0.1"]).await;
+        let target = WebhookTarget::parse(&url, secret.clone(), Some(&ca_file)).unwrap();
+        let e = post(&target, "k2", body.clone()).await.unwrap_err();
+        assert!(e.contains("TLS") && e.contains("certificate"), "{e}");
+        // Certified by the CA, but for another name than the one dialled.
+        let (url, _) = https_receiver(&ca, &["hooks.example.com"]).await;
+        let target = WebhookTarget::parse(&url, secret.clone(), Some(&ca_file)).unwrap();
+        let e = post(&target, "k3", body.clone()).await.unwrap_err();
+        assert!(e.contains("TLS") && e.contains("certificate"), "{e}");
+        // And without a CA file only the public web's roots count: a private
+        // CA's receiver is refused too.
+        let (url, _) = https_receiver(&ca, &["127.0.0.1"]).await;
+        let target = WebhookTarget::parse(&url, secret, None).unwrap();
+        let e = post(&target, "k4", body).await.unwrap_err();
+        assert!(e.contains("certificate"), "{e}");
+        assert!(posts.try_recv().is_err(), "nothing reached the receiver it did not trust");
+    }
+
+    /// A node with an https `webhook_url` and `webhook_ca_file` POSTs a crossed
+    /// threshold to a receiver certified by that CA, signed, keyed by the record's
+    /// hash.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_posts_a_crossed_threshold_to_an_https_receiver() {
+        use ration_proto::v1;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ration_tls::dev::Ca::new("hooks CA").unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, "0123456789abcdef0123\n").unwrap();
+        let (url, mut posts) = https_receiver(&ca, &["127.0.0.1"]).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = crate::config::Config {
+            node_id: 1,
+            listen: addr,
+            data_dir: dir.path().join("node"),
+            initial_cluster: vec![format!("1={addr}")],
+            metrics_listen: "127.0.0.1:0".into(),
+            webhook_url: Some(url),
+            webhook_secret_file: Some(secret_file),
+            webhook_ca_file: Some(ca_file),
+            ..crate::config::Config::default()
+        };
+        let node = crate::start(config, listener).await.unwrap();
+        let mut ledger =
+            v1::ledger_client::LedgerClient::connect(format!("http://{addr}")).await.unwrap();
+        let meta = |id: u64| {
+            Some(v1::RequestMeta {
+                client_id: "hooks".into(),
+                request_id: id,
+                principal: "ops".into(),
+                ..Default::default()
+            })
+        };
+        let limit = v1::Limit {
+            unit: "tokens".into(),
+            cap: 100,
+            window: Some(v1::Window { period: v1::Period::Lifetime as i32, offset_minutes: 0 }),
+            static_allowance: None,
+        };
+        let create =
+            v1::CreateBudgetRequest { meta: meta(1), path: "a".into(), limits: vec![limit] };
+        // The node answers once it has elected itself.
+        let started = std::time::Instant::now();
+        while let Err(e) = ledger.create_budget(create.clone()).await {
+            assert!(started.elapsed() < Duration::from_secs(10), "no leader: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ledger
+            .set_budget_options(v1::SetBudgetOptionsRequest {
+                meta: meta(2),
+                path: "a".into(),
+                options: Some(v1::BudgetOptions { thresholds_pct: vec![50], shadow: false }),
+            })
+            .await
+            .unwrap();
+        let lease = ledger
+            .acquire(v1::AcquireRequest {
+                meta: meta(3),
+                budget: "a".into(),
+                unit: "tokens".into(),
+                wanted: 60,
+                min: 60,
+                ttl_ms: 60_000,
+                starts_at_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ledger
+            .report(v1::ReportRequest {
+                meta: meta(4),
+                lease_id: lease.lease_id,
+                consumed_delta: 60,
+                renew_ttl_ms: None,
+            })
+            .await
+            .unwrap();
+        let (headers, body) = tokio::time::timeout(Duration::from_secs(10), posts.recv())
+            .await
+            .expect("a POST within 10 s")
+            .unwrap();
+        assert!(body.contains("\"percent\":50") && body.contains("\"budget\":\"a\""), "{body}");
+        let key = headers["idempotency-key"].to_str().unwrap();
+        assert!(body.contains(&format!("\"id\":\"{key}\"")), "{body}");
+        assert_eq!(
+            headers["x-ration-signature"],
+            signature(b"0123456789abcdef0123", body.as_bytes()).as_str()
+        );
+        node.stop().await.unwrap();
     }
 }

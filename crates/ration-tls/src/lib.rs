@@ -439,6 +439,48 @@ impl ClientTls {
             Self::Reloading(c) => c.client_config(),
         }
     }
+
+    /// TLS over `tcp` to a server that must present a certificate for `host` (a
+    /// DNS name or an IP address) from a trusted CA.
+    pub async fn connect(
+        &self,
+        host: &str,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let server = ServerName::try_from(host.to_owned()).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{host:?} is not a DNS name or IP address: {e}"),
+            )
+        })?;
+        tokio_rustls::TlsConnector::from(self.config()).connect(server, tcp).await
+    }
+}
+
+/// A client configuration for HTTPS to a server outside the cluster (a webhook
+/// receiver): its certificate is checked against `ca` if given (a private CA), else
+/// against the public web's roots (Mozilla's, compiled in: the same in any
+/// container, whatever its system store holds). HTTP/1.1, no client certificate.
+pub fn https_client(ca: Option<&Path>) -> Result<ClientTls, TlsError> {
+    let roots = match ca {
+        Some(path) => roots(path)?,
+        None => RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() },
+    };
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(ClientTls::Fixed(Arc::new(config)))
+}
+
+/// Whether `host` can be checked against a certificate: a DNS name or an IP
+/// address (without brackets). Err says why not.
+pub fn check_server_name(host: &str) -> Result<(), String> {
+    ServerName::try_from(host.to_owned())
+        .map(|_| ())
+        .map_err(|e| format!("{host:?} is not a DNS name or IP address: {e}"))
 }
 
 /// Dials `host:port` over TCP and TLS for a tonic channel, checking the server's
