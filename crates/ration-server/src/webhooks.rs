@@ -30,8 +30,11 @@ use crate::Node;
 /// Where and how to deliver notices.
 #[derive(Clone)]
 pub struct WebhookTarget {
-    /// `host:port` to connect to, and the request's `Host` header.
+    /// `host:port` to connect to.
     pub authority: String,
+    /// The request's `Host` header: the URL's authority as written (no default
+    /// port added).
+    pub host_header: String,
     /// The host alone (without brackets): the name an https receiver's
     /// certificate must carry.
     pub host: String,
@@ -93,6 +96,7 @@ impl WebhookTarget {
         if host.is_empty() {
             return Err(format!("webhook_url {url:?} names no host"));
         }
+        let host_header = authority.to_owned();
         let port: u16 = match port {
             None => {
                 if https {
@@ -121,7 +125,14 @@ impl WebhookTarget {
                 secret.len()
             ));
         }
-        Ok(Self { authority, host: host.to_owned(), path: path.to_owned(), secret, tls })
+        Ok(Self {
+            authority,
+            host_header,
+            host: host.to_owned(),
+            path: path.to_owned(),
+            secret,
+            tls,
+        })
     }
 }
 
@@ -186,7 +197,7 @@ async fn post(target: &WebhookTarget, key: &str, body: String) -> Result<(), Str
     use http_body_util::Full;
     let sig = signature(&target.secret, body.as_bytes());
     let req = http::Request::post(&target.path)
-        .header(http::header::HOST, &target.authority)
+        .header(http::header::HOST, &target.host_header)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header("idempotency-key", key)
         .header("x-ration-signature", sig)
@@ -397,6 +408,7 @@ mod tests {
             (t.authority.as_str(), t.host.as_str(), t.path.as_str(), t.tls.is_some()),
             ("hooks.example.com:443", "hooks.example.com", "/services/T0/B0", true)
         );
+        assert_eq!(t.host_header, "hooks.example.com");
         let t = parse("https://[::1]:8443/x").unwrap();
         assert_eq!((t.authority.as_str(), t.host.as_str()), ("[::1]:8443", "::1"));
         assert_eq!(parse("https://[::1]").unwrap().authority, "[::1]:443");
