@@ -187,6 +187,9 @@ pub struct Config {
     /// CA certificates (PEM) an https receiver's certificate is checked against.
     /// Unset: the public web's roots (Mozilla's, built in).
     pub webhook_ca_file: Option<PathBuf>,
+    /// The kinds of audit record POSTed: some of `threshold_crossed` and
+    /// `run_halted` (both by default).
+    pub webhook_kinds: Vec<String>,
 }
 
 /// Largest `leader_priority`.
@@ -298,6 +301,7 @@ impl Default for Config {
             webhook_url: None,
             webhook_secret_file: None,
             webhook_ca_file: None,
+            webhook_kinds: crate::webhooks::KINDS.iter().map(|k| k.name().to_owned()).collect(),
             node_id_from_hostname: false,
         }
     }
@@ -626,8 +630,9 @@ impl Config {
         let text = std::fs::read(path)
             .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
         let secret = text.trim_ascii().to_vec();
+        let kinds = crate::webhooks::kinds(&self.webhook_kinds).map_err(ConfigError::Invalid)?;
         crate::webhooks::WebhookTarget::parse(url, secret, self.webhook_ca_file.as_deref())
-            .map(Some)
+            .map(|target| Some(crate::webhooks::WebhookTarget { kinds, ..target }))
             .map_err(|e| {
                 // Which file a secret's error is about.
                 let e = if e.starts_with("the webhook secret") {
@@ -813,6 +818,10 @@ pub struct Args {
     /// from [default: the public web's roots, built in].
     #[arg(long, env = "RATION_WEBHOOK_CA_FILE")]
     pub webhook_ca_file: Option<PathBuf>,
+    /// The kinds of audit record POSTed, comma-separated: threshold_crossed,
+    /// run_halted [default: both].
+    #[arg(long, env = "RATION_WEBHOOK_KINDS", value_delimiter = ',')]
+    pub webhook_kinds: Option<Vec<String>>,
     /// Node id = the hostname's trailing ordinal + 1 (StatefulSet pod `ration-2` is 3).
     #[arg(long, env = "RATION_NODE_ID_FROM_HOSTNAME")]
     pub node_id_from_hostname: bool,
@@ -870,6 +879,9 @@ impl Args {
         }
         if self.webhook_ca_file.is_some() {
             c.webhook_ca_file = self.webhook_ca_file.clone();
+        }
+        if let Some(kinds) = &self.webhook_kinds {
+            c.webhook_kinds = kinds.clone();
         }
         set!(
             admins,

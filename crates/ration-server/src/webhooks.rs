@@ -1,5 +1,6 @@
-//! Webhooks: the leader POSTs every `threshold_crossed` audit record to the
-//! configured URL.
+//! Webhooks: the leader POSTs every audit record of the configured kinds
+//! (`threshold_crossed` and `run_halted` by default: [`KINDS`]) to the configured
+//! URL.
 //!
 //! Delivery is at least once, with a stable idempotency key: the record's hash,
 //! which every replica computes the same, so a receiver that keeps the keys it has
@@ -43,6 +44,30 @@ pub struct WebhookTarget {
     pub secret: Vec<u8>,
     /// For an https:// URL: the CAs the receiver's certificate is checked against.
     pub tls: Option<ration_tls::ClientTls>,
+    /// The kinds of record delivered (some of [`KINDS`]).
+    pub kinds: Vec<AuditKind>,
+}
+
+/// The kinds of record a webhook can deliver: a threshold crossed, a run halted by
+/// its runaway guard.
+pub const KINDS: [AuditKind; 2] = [AuditKind::ThresholdCrossed, AuditKind::RunHalted];
+
+/// The kinds named in `names` (each one of [`KINDS`], at least one), or why not.
+pub fn kinds(names: &[String]) -> Result<Vec<AuditKind>, String> {
+    if names.is_empty() {
+        return Err("webhook_kinds is empty (to deliver nothing, leave webhook_url unset)".into());
+    }
+    let mut out = Vec::new();
+    for name in names {
+        let Some(kind) = KINDS.into_iter().find(|k| k.name() == name) else {
+            let known: Vec<&str> = KINDS.iter().map(|k| k.name()).collect();
+            return Err(format!("webhook_kinds: {name:?} is not one of {known:?}"));
+        };
+        if !out.contains(&kind) {
+            out.push(kind);
+        }
+    }
+    Ok(out)
 }
 
 impl std::fmt::Debug for WebhookTarget {
@@ -51,6 +76,7 @@ impl std::fmt::Debug for WebhookTarget {
             .field("authority", &self.authority)
             .field("path", &self.path)
             .field("https", &self.tls.is_some())
+            .field("kinds", &self.kinds)
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +158,7 @@ impl WebhookTarget {
             path: path.to_owned(),
             secret,
             tls,
+            kinds: KINDS.to_vec(),
         })
     }
 }
@@ -145,26 +172,39 @@ const POST_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// The body of one notice: what crossed, and where.
+/// The body of one notice, as JSON: what happened, and where (None for a record of
+/// another kind).
 pub fn body(r: &AuditRecord) -> Option<String> {
     let e = &r.entry;
-    let Some(Detail::Threshold { percent }) = &e.detail else { return None };
     let b = e.balances.first()?;
     let key = ration_core::audit::hex(&r.hash);
-    Some(format!(
-        "{{\"id\":\"{key}\",\"kind\":\"threshold_crossed\",\"seq\":{},\"time_ms\":{},\
-         \"budget\":{},\"unit\":{},\"window\":{},\"window_start_ms\":{},\"percent\":{percent},\
-         \"cap\":{},\"consumed\":{},\"principal\":{}}}",
+    let head = format!(
+        "{{\"id\":\"{key}\",\"kind\":\"{}\",\"seq\":{},\"time_ms\":{},\"budget\":{},\"unit\":{},",
+        e.kind.name(),
         e.seq,
         e.effective_ms,
         json_str(b.budget.as_str()),
         json_str(b.unit.as_str()),
-        json_str(&b.window.to_string()),
-        b.window_start_ms,
-        b.cap,
-        b.consumed,
-        json_str(e.principal.as_str()),
-    ))
+    );
+    let principal = json_str(e.principal.as_str());
+    match (e.kind, &e.detail) {
+        (AuditKind::ThresholdCrossed, Some(Detail::Threshold { percent })) => Some(format!(
+            "{head}\"window\":{},\"window_start_ms\":{},\"percent\":{percent},\"cap\":{},\
+             \"consumed\":{},\"principal\":{principal}}}",
+            json_str(&b.window.to_string()),
+            b.window_start_ms,
+            b.cap,
+            b.consumed,
+        )),
+        // The guard's figures (see AuditKind::RunHalted): its maximum per span,
+        // the span's start, what was spent and granted in it.
+        (AuditKind::RunHalted, _) => Some(format!(
+            "{head}\"guard_max\":{},\"span_start_ms\":{},\"spent\":{},\"granted\":{},\
+             \"principal\":{principal}}}",
+            b.cap, b.window_start_ms, b.consumed, b.outstanding,
+        )),
+        _ => None,
+    }
 }
 
 fn json_str(s: &str) -> String {
@@ -253,7 +293,7 @@ where
 
 /// Delivers notices while this node leads; runs until the node stops.
 pub(crate) async fn run(node: Weak<Node>, target: WebhookTarget) {
-    let filter = AuditFilter { kinds: vec![AuditKind::ThresholdCrossed], ..AuditFilter::default() };
+    let filter = AuditFilter { kinds: target.kinds.clone(), ..AuditFilter::default() };
     // Where this leader has delivered up to (None: not leading).
     let mut cursor: Option<u64> = None;
     let mut acked_proposed = 0u64;
@@ -541,11 +581,43 @@ mod tests {
         assert!(posts.try_recv().is_err(), "nothing reached the receiver it did not trust");
     }
 
+    #[test]
+    fn the_kinds_delivered_are_named_and_checked() {
+        let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(kinds(&names(&["run_halted"])).unwrap(), [AuditKind::RunHalted]);
+        assert_eq!(
+            kinds(&names(&["threshold_crossed", "run_halted", "threshold_crossed"])).unwrap(),
+            KINDS
+        );
+        let e = kinds(&names(&["lease_granted"])).unwrap_err();
+        assert!(e.contains("\"lease_granted\" is not one of") && e.contains("run_halted"), "{e}");
+        assert!(kinds(&[]).unwrap_err().contains("empty"));
+        // The default is every kind.
+        let default = crate::config::Config::default().webhook_kinds;
+        assert_eq!(kinds(&default).unwrap(), KINDS);
+    }
+
+    /// The next POST's body, after checking its key and signature (the secret is
+    /// the one the tests write).
+    async fn next_post(posts: &mut Posts) -> String {
+        let (headers, body) = tokio::time::timeout(Duration::from_secs(10), posts.recv())
+            .await
+            .expect("a POST within 10 s")
+            .unwrap();
+        let key = headers["idempotency-key"].to_str().unwrap();
+        assert!(body.contains(&format!("\"id\":\"{key}\"")), "{body}");
+        assert_eq!(
+            headers["x-ration-signature"],
+            signature(b"0123456789abcdef0123", body.as_bytes()).as_str()
+        );
+        body
+    }
+
     /// A node with an https `webhook_url` and `webhook_ca_file` POSTs a crossed
-    /// threshold to a receiver certified by that CA, signed, keyed by the record's
-    /// hash.
+    /// threshold, then a run halted by its runaway guard, to a receiver certified
+    /// by that CA, signed, each keyed by its record's hash.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_node_posts_a_crossed_threshold_to_an_https_receiver() {
+    async fn a_node_posts_a_crossed_threshold_and_a_halted_run_to_an_https_receiver() {
         use ration_proto::v1;
         let dir = tempfile::tempdir().unwrap();
         let ca = ration_tls::dev::Ca::new("hooks CA").unwrap();
@@ -584,8 +656,11 @@ mod tests {
             window: Some(v1::Window { period: v1::Period::Lifetime as i32, offset_minutes: 0 }),
             static_allowance: None,
         };
-        let create =
-            v1::CreateBudgetRequest { meta: meta(1), path: "a".into(), limits: vec![limit] };
+        let create = v1::CreateBudgetRequest {
+            meta: meta(1),
+            path: "a".into(),
+            limits: vec![limit.clone()],
+        };
         // The node answers once it has elected itself.
         let started = std::time::Instant::now();
         while let Err(e) = ledger.create_budget(create.clone()).await {
@@ -622,16 +697,62 @@ mod tests {
             })
             .await
             .unwrap();
-        let (headers, body) = tokio::time::timeout(Duration::from_secs(10), posts.recv())
-            .await
-            .expect("a POST within 10 s")
-            .unwrap();
+        let body = next_post(&mut posts).await;
+        assert!(body.contains("\"kind\":\"threshold_crossed\""), "{body}");
         assert!(body.contains("\"percent\":50") && body.contains("\"budget\":\"a\""), "{body}");
-        let key = headers["idempotency-key"].to_str().unwrap();
-        assert!(body.contains(&format!("\"id\":\"{key}\"")), "{body}");
-        assert_eq!(
-            headers["x-ration-signature"],
-            signature(b"0123456789abcdef0123", body.as_bytes()).as_str()
+
+        // A run whose guard allows 2 calls a minute spends them: halted.
+        ledger
+            .create_budget(v1::CreateBudgetRequest {
+                meta: meta(5),
+                path: "runs".into(),
+                limits: vec![limit.clone()],
+            })
+            .await
+            .unwrap();
+        ledger
+            .set_template(v1::SetTemplateRequest {
+                meta: meta(6),
+                parent: "runs".into(),
+                limits: vec![v1::Limit { unit: "calls".into(), ..limit.clone() }],
+                max_instances: 10,
+                idle_ms: 0,
+                max_duration_ms: 0,
+                guards: vec![v1::Guard { unit: "calls".into(), max: 2, per_ms: 60_000 }],
+            })
+            .await
+            .unwrap();
+        let calls = |id: u64, wanted: i64| v1::AcquireRequest {
+            meta: meta(id),
+            budget: "runs/r1".into(),
+            unit: "calls".into(),
+            wanted,
+            min: wanted,
+            ttl_ms: 60_000,
+            starts_at_ms: 0,
+        };
+        let lease = ledger.acquire(calls(7, 2)).await.unwrap().into_inner();
+        // More is refused in this span; spending all of it halts the run.
+        let e = ledger.acquire(calls(8, 1)).await.unwrap_err();
+        assert!(e.message().contains("spending all of it halts the run"), "{e:?}");
+        ledger
+            .report(v1::ReportRequest {
+                meta: meta(9),
+                lease_id: lease.lease_id,
+                consumed_delta: 2,
+                renew_ttl_ms: None,
+            })
+            .await
+            .unwrap();
+        let body = next_post(&mut posts).await;
+        assert!(body.contains("\"kind\":\"run_halted\""), "{body}");
+        assert!(
+            body.contains("\"budget\":\"runs/r1\"")
+                && body.contains("\"unit\":\"calls\"")
+                && body.contains("\"guard_max\":2")
+                && body.contains("\"spent\":2")
+                && body.contains("\"granted\":2"),
+            "{body}"
         );
         node.stop().await.unwrap();
     }
