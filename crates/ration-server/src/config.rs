@@ -1106,6 +1106,51 @@ mod tests {
     }
 
     #[test]
+    fn webhook_flags_name_the_url_ca_and_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef\n").unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, ration_tls::dev::Ca::new("hooks").unwrap().cert_pem()).unwrap();
+        let (secret, ca) = (secret.to_str().unwrap(), ca.to_str().unwrap());
+        let webhook = |a: &[&str]| {
+            Args::try_parse_from(["rationd"].iter().chain(a)).unwrap().into_config()?.webhook()
+        };
+        let url = "https://hooks.example.com/r";
+        let t = webhook(&["--webhook-url", url, "--webhook-secret-file", secret]).unwrap().unwrap();
+        assert_eq!((t.tls.is_some(), t.kinds.as_slice()), (true, &crate::webhooks::KINDS[..]));
+        let t = webhook(&[
+            "--webhook-url",
+            url,
+            "--webhook-secret-file",
+            secret,
+            "--webhook-ca-file",
+            ca,
+            "--webhook-kinds",
+            "run_halted",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.kinds, [ration_core::audit::AuditKind::RunHalted]);
+        let err = |a: &[&str]| webhook(a).unwrap_err().to_string();
+        let e =
+            err(&["--webhook-url", url, "--webhook-secret-file", secret, "--webhook-kinds", "x"]);
+        assert!(e.contains("webhook_kinds") && e.contains("\"x\""), "{e}");
+        let e = err(&["--webhook-ca-file", ca]);
+        assert!(e.contains("webhook_ca_file is set but webhook_url is not"), "{e}");
+        let e = err(&[
+            "--webhook-url",
+            "https://h/",
+            "--webhook-secret-file",
+            secret,
+            "--webhook-ca-file",
+            "/none",
+        ]);
+        assert!(e.contains("webhook_ca_file") && e.contains("/none"), "{e}");
+        assert!(webhook(&[]).unwrap().is_none());
+    }
+
+    #[test]
     fn hostnames_are_addresses_and_a_wildcard_listen_advertises_the_hostname() {
         let parse =
             |a: &[&str]| Args::try_parse_from(["rationd"].iter().chain(a)).unwrap().into_config();
