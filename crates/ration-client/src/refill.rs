@@ -391,6 +391,9 @@ impl Sdk {
         Ok(sdk)
     }
 
+    /// The local allowances and their clock, to read. A handle or reserver made
+    /// through it is not tracked, so the refill task never stocks it (it admits
+    /// nothing): spend through [`Sdk::handle`] and [`Sdk::reserver`].
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
     }
