@@ -177,7 +177,7 @@ pub struct Config {
     /// Take `node_id` from the hostname's trailing ordinal plus one (`ration-0` is
     /// node 1): a Kubernetes StatefulSet's pods are named that way.
     pub node_id_from_hostname: bool,
-    /// Where the leader POSTs alert notices (`threshold_crossed` records), as
+    /// Where the leader POSTs alert notices (the records of `webhook_kinds`), as
     /// `http[s]://host[:port]/path`: at least once, with an `Idempotency-Key` and an
     /// HMAC-SHA256 signature (`crate::webhooks`). Give every node the same. Unset:
     /// no webhooks.
@@ -630,18 +630,13 @@ impl Config {
         let text = std::fs::read(path)
             .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
         let secret = text.trim_ascii().to_vec();
+        crate::webhooks::check_secret(&secret)
+            .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
         let kinds = crate::webhooks::kinds(&self.webhook_kinds).map_err(ConfigError::Invalid)?;
-        crate::webhooks::WebhookTarget::parse(url, secret, self.webhook_ca_file.as_deref())
-            .map(|target| Some(crate::webhooks::WebhookTarget { kinds, ..target }))
-            .map_err(|e| {
-                // Which file a secret's error is about.
-                let e = if e.starts_with("the webhook secret") {
-                    format!("{}: {e}", path.display())
-                } else {
-                    e
-                };
-                ConfigError::Invalid(e)
-            })
+        let target =
+            crate::webhooks::WebhookTarget::parse(url, secret, self.webhook_ca_file.as_deref())
+                .map_err(ConfigError::Invalid)?;
+        Ok(Some(crate::webhooks::WebhookTarget { kinds, ..target }))
     }
 
     pub fn rpc_timeout(&self) -> Duration {
@@ -806,7 +801,7 @@ pub struct Args {
     /// A file with the bearer token `GET /metrics` requires; unset: no token.
     #[arg(long, env = "RATION_METRICS_TOKEN_FILE")]
     pub metrics_token_file: Option<PathBuf>,
-    /// POST alert notices (thresholds crossed) here: http[s]://host[:port]/path
+    /// POST alert notices (thresholds crossed, runs halted) here: http[s]://host[:port]/path
     /// [default: off].
     #[arg(long, env = "RATION_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
@@ -1147,6 +1142,10 @@ mod tests {
             "/none",
         ]);
         assert!(e.contains("webhook_ca_file") && e.contains("/none"), "{e}");
+        std::fs::write(dir.path().join("short"), "0123\n").unwrap();
+        let short = dir.path().join("short");
+        let e = err(&["--webhook-url", url, "--webhook-secret-file", short.to_str().unwrap()]);
+        assert!(e.contains("short: the webhook secret is 4 bytes"), "{e}");
         assert!(webhook(&[]).unwrap().is_none());
     }
 

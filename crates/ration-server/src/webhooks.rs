@@ -70,6 +70,17 @@ pub fn kinds(names: &[String]) -> Result<Vec<AuditKind>, String> {
     Ok(out)
 }
 
+/// A signing secret is at least 16 bytes.
+pub fn check_secret(secret: &[u8]) -> Result<(), String> {
+    if secret.len() < 16 {
+        return Err(format!(
+            "the webhook secret is {} bytes; at least 16 are needed",
+            secret.len()
+        ));
+    }
+    Ok(())
+}
+
 impl std::fmt::Debug for WebhookTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookTarget")
@@ -122,6 +133,8 @@ impl WebhookTarget {
         if host.is_empty() {
             return Err(format!("webhook_url {url:?} names no host"));
         }
+        // A DNS name or an IP address (an https receiver's certificate names it).
+        ration_tls::check_server_name(host).map_err(|e| format!("webhook_url {url:?}: {e}"))?;
         let host_header = authority.to_owned();
         let port: u16 = match port {
             None => {
@@ -140,17 +153,11 @@ impl WebhookTarget {
         let authority =
             if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let tls = if https {
-            ration_tls::check_server_name(host).map_err(|e| format!("webhook_url {url:?}: {e}"))?;
             Some(ration_tls::https_client(ca).map_err(|e| format!("webhook_ca_file: {e}"))?)
         } else {
             None
         };
-        if secret.len() < 16 {
-            return Err(format!(
-                "the webhook secret is {} bytes; at least 16 are needed",
-                secret.len()
-            ));
-        }
+        check_secret(&secret)?;
         Ok(Self {
             authority,
             host_header,
@@ -461,11 +468,9 @@ mod tests {
         assert!(err("https://u:p@h/").contains("passwords"));
         assert!(err("http://h?x").contains("must start with /"));
         assert!(err("https://[::1/").contains("]"));
-        assert!(
-            err("https://bad_name!/").contains("not a DNS name"),
-            "{}",
-            err("https://bad_name!/")
-        );
+        for bad in ["https://bad_name!/", "http://bad host/", "http://h:1:2/"] {
+            assert!(err(bad).contains("not a DNS name"), "{bad}: {}", err(bad));
+        }
         assert!(WebhookTarget::parse("http://h:1/", b"short".to_vec(), None)
             .unwrap_err()
             .contains("16"));
@@ -688,15 +693,13 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
-        ledger
-            .report(v1::ReportRequest {
-                meta: meta(4),
-                lease_id: lease.lease_id,
-                consumed_delta: 60,
-                renew_ttl_ms: None,
-            })
-            .await
-            .unwrap();
+        let report = |id: u64, lease_id: u64, consumed_delta: i64| v1::ReportRequest {
+            meta: meta(id),
+            lease_id,
+            consumed_delta,
+            renew_ttl_ms: None,
+        };
+        ledger.report(report(4, lease.lease_id, 60)).await.unwrap();
         let body = next_post(&mut posts).await;
         assert!(body.contains("\"kind\":\"threshold_crossed\""), "{body}");
         assert!(body.contains("\"percent\":50") && body.contains("\"budget\":\"a\""), "{body}");
@@ -735,15 +738,7 @@ mod tests {
         // More is refused in this span; spending all of it halts the run.
         let e = ledger.acquire(calls(8, 1)).await.unwrap_err();
         assert!(e.message().contains("spending all of it halts the run"), "{e:?}");
-        ledger
-            .report(v1::ReportRequest {
-                meta: meta(9),
-                lease_id: lease.lease_id,
-                consumed_delta: 2,
-                renew_ttl_ms: None,
-            })
-            .await
-            .unwrap();
+        ledger.report(report(9, lease.lease_id, 2)).await.unwrap();
         let body = next_post(&mut posts).await;
         assert!(body.contains("\"kind\":\"run_halted\""), "{body}");
         assert!(

@@ -447,12 +447,8 @@ impl ClientTls {
         host: &str,
         tcp: tokio::net::TcpStream,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-        let server = ServerName::try_from(host.to_owned()).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{host:?} is not a DNS name or IP address: {e}"),
-            )
-        })?;
+        let server = server_name(host)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         tokio_rustls::TlsConnector::from(self.config()).connect(server, tcp).await
     }
 }
@@ -478,8 +474,12 @@ pub fn https_client(ca: Option<&Path>) -> Result<ClientTls, TlsError> {
 /// Whether `host` can be checked against a certificate: a DNS name or an IP
 /// address (without brackets). Err says why not.
 pub fn check_server_name(host: &str) -> Result<(), String> {
+    server_name(host).map(|_| ())
+}
+
+/// `host` as the name a server's certificate must carry.
+fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_owned())
-        .map(|_| ())
         .map_err(|e| format!("{host:?} is not a DNS name or IP address: {e}"))
 }
 
@@ -530,8 +530,7 @@ impl tower::Service<http::Uri> for Connector {
                 .trim_end_matches(']')
                 .to_owned();
             let port = uri.port_u16().ok_or_else(|| invalid(format!("{uri}: no port")))?;
-            let server = ServerName::try_from(name.unwrap_or_else(|| host.clone()))
-                .map_err(|e| invalid(format!("{host}: not a DNS name or IP address: {e}")))?;
+            let server = server_name(name.as_deref().unwrap_or(&host)).map_err(invalid)?;
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             let tls = tokio_rustls::TlsConnector::from(config).connect(server, tcp).await?;
