@@ -4,10 +4,15 @@
 //! release commands in group-committed entries of 1024, and prints the memory each
 //! budget and each lease costs (live heap bytes, from a counting allocator). Under
 //! `cargo test` it runs once on a small ledger, as a smoke test.
+//!
+//! The allocator beneath the counting one is the node's (`rationd`'s mimalloc), so
+//! the ledger's memory is laid out, and paged, as in a node: mimalloc backs its
+//! arenas with transparent huge pages where the kernel allows them (`madvise`
+//! mode), which a million budgets' random lookups miss the TLB far less on.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
@@ -22,20 +27,27 @@ struct Counting;
 
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 
+/// The node's allocator (crates/rationd/src/main.rs).
+static INNER: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[allow(unsafe_code)]
-// SAFETY: forwards every call to the system allocator unchanged; only counts bytes.
+// SAFETY: forwards every call to the node's allocator unchanged; only counts bytes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
+        unsafe { INNER.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { INNER.alloc_zeroed(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { INNER.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { INNER.realloc(ptr, layout, new_size) }
     }
 }
 
