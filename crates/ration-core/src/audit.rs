@@ -442,85 +442,14 @@ impl fmt::Debug for ChainHead {
 }
 
 impl ChainHead {
-    /// Numbers, links and hashes `entry`, and moves the head past it; appends the
-    /// record's encoding ([`encode_record`]) to `out`. The bytes hashed are most of
-    /// that encoding (the hash is the rest), so they are encoded once, for the hash
-    /// and for the store.
-    pub(crate) fn seal_onto(
-        &mut self,
-        mut entry: AuditEntry,
-        out: &mut EncodedRecords,
-    ) -> AuditRecord {
+    /// Numbers, links and hashes `entry`, and moves the head past it.
+    pub(crate) fn seal(&mut self, mut entry: AuditEntry) -> AuditRecord {
         entry.seq = self.next_seq;
         entry.prev_hash = self.last_hash;
-        let start = out.bytes.len();
-        let bytes = std::mem::take(&mut out.bytes);
-        let (domain, mut bytes) = match entry.format_1() {
-            Some(fields) => (DOMAIN, crate::encode_onto(&fields, bytes)),
-            None => (DOMAIN_V2, crate::encode_onto(&entry, bytes)),
-        };
-        let hash = crate::hashing::sha256_after(domain, &bytes[start..]);
-        bytes.extend_from_slice(&hash);
-        out.bytes = bytes;
-        out.ends.push(out.bytes.len());
+        let hash = entry.compute_hash();
         self.next_seq = self.next_seq.checked_add(1).expect("audit sequence overflow");
         self.last_hash = hash;
         AuditRecord { entry, hash }
-    }
-}
-
-/// Records' encodings ([`encode_record`]) back to back. Apply builds them while it
-/// hashes the records ([`crate::ledger::Applied::encoded`]), so a node stores its
-/// records without encoding each a second time.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EncodedRecords {
-    bytes: Vec<u8>,
-    /// Where each record's encoding ends in `bytes`.
-    ends: Vec<usize>,
-}
-
-impl EncodedRecords {
-    /// The encodings of `records`, in order.
-    pub fn of(records: &[AuditRecord]) -> Self {
-        let mut out = Self::default();
-        for r in records {
-            out.bytes = encode_record_onto(r, std::mem::take(&mut out.bytes));
-            out.ends.push(out.bytes.len());
-        }
-        out
-    }
-
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    /// Each record's encoding, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + Clone + '_ {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts.zip(self.ends.iter().copied()).map(|(a, b)| &self.bytes[a..b])
-    }
-
-    /// `other`'s records after these.
-    pub fn append(&mut self, other: EncodedRecords) {
-        if self.is_empty() {
-            *self = other;
-            return;
-        }
-        let base = self.bytes.len();
-        self.bytes.extend_from_slice(&other.bytes);
-        self.ends.extend(other.ends.iter().map(|e| e.saturating_add(base)));
-    }
-
-    /// Keeps the first `n` records.
-    pub(crate) fn truncate(&mut self, n: usize) {
-        if n < self.ends.len() {
-            self.ends.truncate(n);
-            self.bytes.truncate(self.ends.last().copied().unwrap_or(0));
-        }
     }
 }
 

@@ -134,14 +134,6 @@ pub(crate) fn sha256_of<T: Serialize + ?Sized>(domain: &[u8], value: &T) -> [u8;
         .into()
 }
 
-/// SHA-256 of `domain` followed by `bytes` (an encoding already built).
-pub(crate) fn sha256_after(domain: &[u8], bytes: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(domain);
-    h.update(bytes);
-    h.finalize().into()
-}
-
 /// `out` followed by the postcard encoding of `value`: the bytes
 /// `postcard::to_extend` gives, in fewer calls (see [`Buffered`]). Fails only
 /// where postcard's would: a value whose `Serialize` fails (a sequence of unknown

@@ -15,7 +15,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use ration_core::audit::{AuditFilter, AuditRecord, ChainHead, EncodedRecords, GENESIS};
+use ration_core::audit::{AuditFilter, AuditRecord, ChainHead, GENESIS};
 
 use crate::segments::{self, SegmentEncoder, SegmentFile, SegmentRef};
 use crate::ReadError;
@@ -175,28 +175,16 @@ impl AuditStore {
         records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends `records`, whose encodings are `encoded` (as apply built them).
-    pub(crate) fn append(
-        &self,
-        records: Vec<AuditRecord>,
-        encoded: EncodedRecords,
-    ) -> std::io::Result<()> {
+    pub(crate) fn append(&self, records: Vec<AuditRecord>) -> std::io::Result<()> {
         match &self.backend {
             // In bounded chunks however many one apply call brings (a restart
             // re-applies the whole log after the snapshot in one call).
-            AuditBackend::File(tail) => tail.append(records, encoded),
+            AuditBackend::File(tail) => tail.append(records),
             AuditBackend::Mem(m) => {
                 Self::mem(m).extend(records);
                 Ok(())
             }
         }
-    }
-
-    /// Tests: [`Self::append`], the records encoded here.
-    #[cfg(test)]
-    pub(crate) fn append_all(&self, records: Vec<AuditRecord>) -> std::io::Result<()> {
-        let encoded = EncodedRecords::of(&records);
-        self.append(records, encoded)
     }
 
     /// Makes the tail durable (after a restore, or an installed snapshot).

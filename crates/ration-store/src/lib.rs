@@ -39,7 +39,7 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
     SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use ration_core::audit::{verify_chain, AuditRecord, ChainHead, EncodedRecords};
+use ration_core::audit::{verify_chain, AuditRecord, ChainHead};
 use ration_core::{Ledger, LedgerConfig, Outcome};
 use serde::{Deserialize, Serialize};
 
@@ -1020,7 +1020,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut responses = Vec::new();
         let mut records = Vec::new();
-        let mut encoded = EncodedRecords::default();
         let mut state = self.write_state();
         for entry in entries {
             state.last_applied = Some(entry.log_id);
@@ -1033,7 +1032,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(data) => {
                     let applied = state.ledger.apply(entry.log_id.index, &data);
                     records.extend(applied.audit);
-                    encoded.append(applied.encoded);
                     responses.push(Response { outcomes: applied.outcomes });
                 }
             }
@@ -1043,7 +1041,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // it (reads of the tail wait for what was handed to its writer thread). Not
         // flushed: audit records can be regenerated from the log, and a snapshot
         // flushes them before it is written.
-        let written = self.audit.append(records, encoded);
+        let written = self.audit.append(records);
         drop(state);
         written.map_err(|e| StorageIOError::write_state_machine(&e))?;
         Ok(responses)

@@ -72,15 +72,6 @@ pub fn frame_record_onto(record: &AuditRecord, mut out: Vec<u8>) -> std::io::Res
     Ok(out)
 }
 
-/// Appends a record's encoding ([`ration_core::audit::encode_record`]) to `out`
-/// framed as [`frame_record_onto`] frames it.
-pub fn frame_encoded_onto(encoded: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
-    let n = u32::try_from(encoded.len()).map_err(std::io::Error::other)?;
-    out.extend_from_slice(&n.to_le_bytes());
-    out.extend_from_slice(encoded);
-    Ok(())
-}
-
 pub fn segment_file_name(first: u64, count: u64) -> String {
     format!("seg-{first:020}-{count:010}.aud")
 }

@@ -33,7 +33,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 
-use ration_core::audit::{AuditRecord, EncodedRecords};
+use ration_core::audit::AuditRecord;
 
 use crate::audit_store::{AUDIT_CHUNK, AUDIT_VALUE_BYTES};
 use crate::ReadError;
@@ -107,7 +107,7 @@ pub(crate) struct FileTail {
     path: PathBuf,
     shared: Arc<Shared>,
     /// To the writer; taken (closing the channel) when the tail is dropped.
-    to_writer: Mutex<Option<SyncSender<Append>>>,
+    to_writer: Mutex<Option<SyncSender<Vec<AuditRecord>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -120,11 +120,6 @@ struct Shared {
     #[cfg(test)]
     fail_next: std::sync::atomic::AtomicBool,
 }
-
-/// One apply's records for the writer: their encodings (built while they were
-/// hashed), numbered from `first`; the records themselves go along to be freed
-/// off the apply's thread.
-type Append = (u64, EncodedRecords, Vec<AuditRecord>);
 
 /// Appends handed to the writer, and how many it has done.
 #[derive(Debug, Default)]
@@ -201,16 +196,16 @@ impl FileTail {
         });
         // One apply's records waiting while the writer does the one before: an
         // apply that finds both taken waits for the writer.
-        let (to_writer, from_applies) = sync_channel::<Append>(1);
+        let (to_writer, from_applies) = sync_channel::<Vec<AuditRecord>>(1);
         let writing = shared.clone();
         let writer =
             std::thread::Builder::new().name("ration-audit-tail".into()).spawn(move || {
-                for (first, encoded, records) in from_applies {
-                    drop(records);
+                for records in from_applies {
                     // A panic here must not leave readers waiting for this write.
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        Self::write(&writing, first, &encoded)
+                        Self::write(&writing, &records)
                     }));
+                    drop(records);
                     let mut p = writing.pending();
                     p.written += 1;
                     let failed = match result {
@@ -255,50 +250,31 @@ impl FileTail {
         }
     }
 
-    /// Appends `records` (numbered consecutively), whose encodings are `encoded`,
-    /// at the end, in one write.
+    /// Appends `records` (numbered consecutively) at the end, in one write.
     ///
-    /// The write is done by the tail's writer thread, so an apply returns without
-    /// waiting for it: every other call here waits for what was handed over before
-    /// it (reads see every record appended before them). A failed write fails every
-    /// later call, this one's next append included.
-    pub(crate) fn append(
-        &self,
-        records: Vec<AuditRecord>,
-        encoded: EncodedRecords,
-    ) -> std::io::Result<()> {
+    /// The encoding and the write are done by the tail's writer thread, so an apply
+    /// returns without waiting for them: every other call here waits for what was
+    /// handed over before it (reads see every record appended before them). A
+    /// failed write fails every later call, this one's next append included.
+    pub(crate) fn append(&self, records: Vec<AuditRecord>) -> std::io::Result<()> {
         if let Some(e) = &self.shared.pending().failed {
             return Err(std::io::Error::other(e.clone()));
         }
-        let Some(first) = records.first().map(|r| r.entry.seq) else {
+        if records.is_empty() {
             return Ok(());
-        };
-        if encoded.len() != records.len() {
-            return Err(std::io::Error::other(format!(
-                "{} records handed to the audit tail with {} encodings",
-                records.len(),
-                encoded.len()
-            )));
         }
         let to_writer = self.to_writer.lock().unwrap_or_else(|p| p.into_inner());
         let Some(to_writer) = to_writer.as_ref() else {
             return Err(std::io::Error::other("the audit tail is closed"));
         };
         self.shared.pending().queued += 1;
-        if to_writer.send((first, encoded, records)).is_err() {
+        if to_writer.send(records).is_err() {
             let mut p = self.shared.pending();
             p.queued -= 1;
             p.failed.get_or_insert_with(|| "the audit tail's writer stopped".into());
             return Err(std::io::Error::other("the audit tail's writer stopped"));
         }
         Ok(())
-    }
-
-    /// Tests: [`Self::append`], the records encoded here.
-    #[cfg(test)]
-    pub(crate) fn append_all(&self, records: Vec<AuditRecord>) -> std::io::Result<()> {
-        let encoded = EncodedRecords::of(&records);
-        self.append(records, encoded)
     }
 
     /// Tests: the writer's next write fails (as a full disk would make it).
@@ -308,26 +284,18 @@ impl FileTail {
     }
 
     /// The writer's one write of an apply's records.
-    fn write(shared: &Shared, first: u64, records: &EncodedRecords) -> std::io::Result<()> {
+    fn write(shared: &Shared, records: &[AuditRecord]) -> std::io::Result<()> {
         #[cfg(test)]
         if shared.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return Err(std::io::Error::other("no space left (injected)"));
         }
-        Self::append_to(&mut shared.write_inner(), first, records.iter())
+        Self::append_to(&mut shared.write_inner(), records)
     }
 
-    /// Writes records' encodings, numbered from `first`, as chunks at the file's
-    /// end.
-    fn append_to<'a>(
-        inner: &mut Inner,
-        first: u64,
-        records: impl Iterator<Item = &'a [u8]> + Clone,
-    ) -> std::io::Result<()> {
-        let framed: usize = records.clone().map(|r| 4 + r.len()).sum();
-        let mut buf: Vec<u8> =
-            Vec::with_capacity(framed + HEADER * (1 + framed / AUDIT_VALUE_BYTES));
+    fn append_to(inner: &mut Inner, records: &[AuditRecord]) -> std::io::Result<()> {
+        let mut buf: Vec<u8> = Vec::new();
         let mut added = Vec::new();
-        let mut start = first; // the open chunk's first record
+        let mut start = 0usize; // index of the open chunk's first record
         let mut chunk_at = 0usize; // where the open chunk's header is in `buf`
         buf.resize(HEADER, 0);
         let close = |buf: &mut Vec<u8>, chunk_at: usize, first: u64, end: u64| {
@@ -339,24 +307,29 @@ impl FileTail {
             buf[chunk_at + 4..chunk_at + 8].copy_from_slice(&sum.to_le_bytes());
             len
         };
-        let mut seq = first;
-        for record in records {
-            let held = seq - start;
-            let would_hold = buf.len() - chunk_at - HEADER + 4 + record.len();
+        for (i, record) in records.iter().enumerate() {
+            let before = buf.len();
+            buf = crate::segments::frame_record_onto(record, buf)?;
+            let held = i - start;
             // Full: this record goes to a new chunk (a record larger than a chunk
             // stands alone).
-            if held > 0 && (would_hold > AUDIT_VALUE_BYTES || held == AUDIT_CHUNK as u64) {
-                let len = close(&mut buf, chunk_at, start, seq);
-                added.push((start, Chunk { offset: inner.bytes + chunk_at as u64, len, end: seq }));
+            if held > 0
+                && (buf.len() - chunk_at - HEADER > AUDIT_VALUE_BYTES || held == AUDIT_CHUNK)
+            {
+                let encoded = buf.split_off(before);
+                let (first, end) = (records[start].entry.seq, record.entry.seq);
+                let len = close(&mut buf, chunk_at, first, end);
+                added.push((first, Chunk { offset: inner.bytes + chunk_at as u64, len, end }));
                 chunk_at = buf.len();
                 buf.resize(chunk_at + HEADER, 0);
-                start = seq;
+                buf.extend_from_slice(&encoded);
+                start = i;
             }
-            crate::segments::frame_encoded_onto(record, &mut buf)?;
-            seq += 1;
         }
-        let len = close(&mut buf, chunk_at, start, seq);
-        added.push((start, Chunk { offset: inner.bytes + chunk_at as u64, len, end: seq }));
+        let first = records[start].entry.seq;
+        let end = records[records.len() - 1].entry.seq + 1;
+        let len = close(&mut buf, chunk_at, first, end);
+        added.push((first, Chunk { offset: inner.bytes + chunk_at as u64, len, end }));
         inner.file.write_all_at(&buf, inner.bytes)?;
         inner.bytes += buf.len() as u64;
         inner.chunks.extend(added);
@@ -445,20 +418,19 @@ impl FileTail {
             return Ok(());
         };
         let c = inner.chunks[&first];
-        // The chunk's records before `seq`, as they are framed (not decoded).
-        let mut bytes = vec![0u8; if first < seq { c.len as usize } else { 0 }];
         let mut kept = Vec::new();
         if first < seq {
+            let mut bytes = vec![0u8; c.len as usize];
             inner.file.read_exact_at(&mut bytes, c.offset + HEADER as u64)?;
-            for framed in Framed::new(first, seq.min(c.end), &bytes) {
-                kept.push(&framed?.1[4..]);
-            }
+            let mut decoded = Vec::new();
+            Self::decode(first, c.end, &bytes, &mut decoded)?;
+            kept = decoded.into_iter().filter(|(s, _)| *s < seq).map(|(_, r)| r).collect();
         }
         inner.file.set_len(c.offset)?;
         inner.bytes = c.offset;
         inner.chunks.split_off(&first);
         if !kept.is_empty() {
-            Self::append_to(&mut inner, first, kept.iter().copied())?;
+            Self::append_to(&mut inner, &kept)?;
         }
         Ok(())
     }
@@ -469,11 +441,10 @@ impl FileTail {
         inner.file.set_len(0)?;
         inner.bytes = 0;
         inner.chunks.clear();
-        let Some(first) = records.first().map(|r| r.entry.seq) else {
+        if records.is_empty() {
             return Ok(());
-        };
-        let encoded = EncodedRecords::of(records);
-        Self::append_to(&mut inner, first, encoded.iter())
+        }
+        Self::append_to(&mut inner, records)
     }
 
     /// Drops the chunks wholly before `seq` (sealed into segments): what follows

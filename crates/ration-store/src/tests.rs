@@ -43,7 +43,7 @@ fn audit_chunks_read_and_truncate_across_boundaries() {
     let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
     let all = records(10);
     for chunk in [&all[0..3], &all[3..4], &all[4..10]] {
-        sm.audit.append_all(chunk.to_vec()).unwrap();
+        sm.audit.append(chunk.to_vec()).unwrap();
     }
     assert_eq!(sm.audit.len().unwrap(), 10);
     assert_eq!(sm.audit.read(2, 5).unwrap(), all[2..7].to_vec());
@@ -73,7 +73,7 @@ fn one_large_apply_is_kept_in_bounded_chunks() {
     let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
     let n = AUDIT_CHUNK as u64 * 2 + 7;
     let all = records(n);
-    sm.audit.append_all(all.clone()).unwrap();
+    sm.audit.append(all.clone()).unwrap();
     let mut seen = 0;
     for (first, end, len) in file_tail(&sm).chunks() {
         let held = (end - first) as usize;
@@ -118,7 +118,7 @@ fn a_record_larger_than_a_chunk_stands_alone() {
     assert!(crate::encode(&all[2]).len() > AUDIT_VALUE_BYTES);
     let dir = TempDir::new().unwrap();
     let (_log, sm) = open(dir.path(), LedgerConfig::default()).unwrap();
-    sm.audit.append_all(all.clone()).unwrap();
+    sm.audit.append(all.clone()).unwrap();
     let chunks: Vec<(u64, u64)> = file_tail(&sm).chunks().iter().map(|c| (c.0, c.1)).collect();
     assert_eq!(chunks, vec![(0, 2), (2, 3), (3, 5)]);
     assert_eq!(sm.audit.read(0, usize::MAX).unwrap(), all);
@@ -135,7 +135,7 @@ fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
     let all = records(300);
     let tail = FileTail::open(&path).unwrap();
     for chunk in all.chunks(40) {
-        tail.append_all(chunk.to_vec()).unwrap();
+        tail.append(chunk.to_vec()).unwrap();
     }
     let chunks = tail.chunks();
     assert!(chunks.len() >= 8, "{chunks:?}");
@@ -152,7 +152,7 @@ fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
     assert_eq!(tail.end().unwrap(), last_first, "the torn chunk is gone, the rest kept");
     assert_eq!(tail.read(0, usize::MAX).unwrap(), all[..last_first as usize].to_vec());
     // Appending goes on from there.
-    tail.append_all(all[last_first as usize..].to_vec()).unwrap();
+    tail.append(all[last_first as usize..].to_vec()).unwrap();
     assert_eq!(tail.read(0, usize::MAX).unwrap(), all);
     drop(tail);
     // A flipped byte in the fourth chunk: cut before it, even though later
@@ -182,7 +182,7 @@ fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
     let tail = FileTail::open(&path).unwrap();
     assert_eq!(tail.end().unwrap(), fourth.0, "cut at the damaged chunk");
     assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, offset_of_fourth);
-    tail.append_all(all[fourth.0 as usize..].to_vec()).unwrap();
+    tail.append(all[fourth.0 as usize..].to_vec()).unwrap();
     // Dropping what segments hold: the chunks wholly before 150 go, the rest stay
     // readable (in a new file), and appends go on.
     tail.drop_before(150).unwrap();
@@ -191,7 +191,7 @@ fn the_tail_file_reopens_intact_and_cuts_a_torn_or_damaged_end() {
     assert_eq!(tail.read(first.0, usize::MAX).unwrap(), all[first.0 as usize..].to_vec());
     assert!(tail.read(0, 1).unwrap()[0].entry.seq == first.0);
     let more = records(302);
-    tail.append_all(more[300..].to_vec()).unwrap();
+    tail.append(more[300..].to_vec()).unwrap();
     assert_eq!(tail.end().unwrap(), 302);
     drop(tail);
     let tail = FileTail::open(&path).unwrap();
@@ -643,23 +643,18 @@ fn every_read_of_the_tail_sees_what_was_appended_before_it() {
     let all = records(400);
     let tail = FileTail::open(&path).unwrap();
     for (i, r) in all.iter().enumerate() {
-        tail.append_all(vec![r.clone()]).unwrap();
+        tail.append(vec![r.clone()]).unwrap();
         assert_eq!(tail.end().unwrap(), i as u64 + 1);
         assert_eq!(tail.read(i as u64, 1).unwrap(), vec![r.clone()]);
         if i % 50 == 49 {
             // A cut right behind appends, and appends right behind a cut.
             tail.truncate_from(i as u64).unwrap();
             assert_eq!(tail.end().unwrap(), i as u64);
-            tail.append_all(vec![r.clone()]).unwrap();
+            tail.append(vec![r.clone()]).unwrap();
         }
     }
     let more = records(410);
-    // Records without their encodings are refused, and change nothing.
-    let encoded = ration_core::audit::EncodedRecords::of(&more[400..401]);
-    let e = tail.append(more[400..402].to_vec(), encoded).unwrap_err();
-    assert!(e.to_string().contains("2 records handed to the audit tail with 1 encodings"), "{e}");
-    assert_eq!(tail.end().unwrap(), 400);
-    tail.append_all(more[400..].to_vec()).unwrap();
+    tail.append(more[400..].to_vec()).unwrap();
     drop(tail);
     // Dropping the tail waits for its writer: reopened, the file is whole, the
     // last append included.
@@ -678,15 +673,15 @@ fn a_failed_write_fails_every_later_call_of_the_tail() {
     let path = dir.path().join("tail");
     let all = records(3);
     let tail = FileTail::open(&path).unwrap();
-    tail.append_all(vec![all[0].clone()]).unwrap();
+    tail.append(vec![all[0].clone()]).unwrap();
     assert_eq!(tail.end().unwrap(), 1);
     tail.fail_next_write();
     // Handed over: the apply does not wait for the write.
-    tail.append_all(vec![all[1].clone()]).unwrap();
+    tail.append(vec![all[1].clone()]).unwrap();
     let said = |r: std::io::Result<u64>| r.unwrap_err().to_string();
     assert!(said(tail.end()).contains("no space left (injected)"));
     // Sticky: a later append, read, sync or cut fails the same way.
-    let e = tail.append_all(vec![all[2].clone()]).unwrap_err();
+    let e = tail.append(vec![all[2].clone()]).unwrap_err();
     assert!(e.to_string().contains("no space left (injected)"), "{e}");
     assert!(tail.read(0, usize::MAX).is_err());
     assert!(tail.sync().is_err());

@@ -32,8 +32,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{BudgetId, Ctx, Emitted, Ledger, LEDGER_PATH};
-use crate::audit::{AuditKind, ChainHead};
+use super::{BudgetId, Ctx, Ledger, LEDGER_PATH};
+use crate::audit::{AuditKind, AuditRecord, ChainHead};
 use crate::command::{Guard, LimitSpec, Outcome, Reply, TemplateSpec};
 use crate::error::LedgerError;
 use crate::names::{BudgetPath, Principal, Unit};
@@ -232,7 +232,7 @@ impl Ledger {
 
     /// Deletes the instances that are due, idle and hold no spend in an open
     /// window; looks again later at the others.
-    pub(super) fn expire_instances(&mut self, index: u64, audit: &mut Emitted) {
+    pub(super) fn expire_instances(&mut self, index: u64, audit: &mut Vec<AuditRecord>) {
         let now = self.now_ms;
         let mut expired = 0;
         while expired < MAX_EXPIRIES_PER_ENTRY {
@@ -473,7 +473,7 @@ impl Ledger {
         &mut self,
         index: u64,
         principal: &Principal,
-        audit: &mut Emitted,
+        audit: &mut Vec<AuditRecord>,
         (id, unit, amount): (BudgetId, &Unit, u64),
     ) {
         if amount == 0 || self.instances.is_empty() {

@@ -1,7 +1,7 @@
 //! Audit records: building them, adding their flows to the totals, chaining them.
 
-use super::{About, BudgetId, CounterRef, Ctx, Emitted, Ledger};
-use crate::audit::{AuditEntry, AuditKind, Balance, Flow, GENESIS};
+use super::{About, BudgetId, CounterRef, Ctx, Ledger};
+use crate::audit::{AuditEntry, AuditKind, AuditRecord, Balance, Flow, GENESIS};
 use crate::names::{BudgetPath, Principal};
 
 impl Ledger {
@@ -72,13 +72,13 @@ impl Ledger {
     }
 
     /// Adds a record's flow to the totals, chains it and emits it.
-    pub(super) fn record(&mut self, audit: &mut Emitted, entry: AuditEntry) {
+    pub(super) fn record(&mut self, audit: &mut Vec<AuditRecord>, entry: AuditEntry) {
         self.totals.add_record(entry.kind, &entry.flow);
         let mut entry = entry;
         if entry.cause.is_none() {
             entry.cause.clone_from(&self.cause);
         }
-        audit.records.push(self.chain.seal_onto(entry, &mut audit.encoded));
+        audit.push(self.chain.seal(entry));
     }
 
     pub(super) fn balances(&self, counters: &[CounterRef]) -> Vec<Balance> {

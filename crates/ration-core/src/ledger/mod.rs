@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{AuditRecord, Balance, ChainHead, EncodedRecords, Flow};
+use crate::audit::{AuditRecord, Balance, ChainHead, Flow};
 use crate::command::{Authority, Command, Entry, LimitSpec, Op, Outcome, Reply, Request};
 use crate::dedup::{ClientRequests, Dedup, Seen};
 use crate::error::LedgerError;
@@ -297,28 +297,6 @@ impl Totals {
 pub struct Applied {
     pub outcomes: Vec<Outcome>,
     pub audit: Vec<AuditRecord>,
-    /// The encodings of `audit`'s records ([`crate::audit::encode_record`]), in
-    /// order, built while they were hashed: what a store writes.
-    pub encoded: EncodedRecords,
-}
-
-/// What an apply emits: the records, and their encodings.
-#[derive(Debug, Default)]
-pub(super) struct Emitted {
-    records: Vec<AuditRecord>,
-    encoded: EncodedRecords,
-}
-
-impl Emitted {
-    pub(super) fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    /// Keeps the first `n` records (an undone command's go).
-    pub(super) fn truncate(&mut self, n: usize) {
-        self.records.truncate(n);
-        self.encoded.truncate(n);
-    }
 }
 
 /// A limit's figures as of the ledger's time.
@@ -500,8 +478,7 @@ impl Ledger {
         self.now_ms = self.now_ms.max(clamp_time(batch.time_ms));
         // Most commands emit a record: room for one each, so the records (hundreds of
         // bytes apiece) are not copied as the vector doubles.
-        let mut audit =
-            Emitted { records: Vec::with_capacity(batch.commands.len()), ..Emitted::default() };
+        let mut audit = Vec::with_capacity(batch.commands.len());
         self.housekeep(index, &mut audit);
         self.observe(index, &mut audit);
         let outcomes = batch
@@ -521,7 +498,7 @@ impl Ledger {
                 Command::AckNotices { upto_seq } => self.ack_notices(*upto_seq),
             })
             .collect();
-        Applied { outcomes, audit: audit.records, encoded: audit.encoded }
+        Applied { outcomes, audit }
     }
 
     fn request(
@@ -530,7 +507,7 @@ impl Ledger {
         slot: usize,
         req: &Request,
         authority: Option<Authority>,
-        audit: &mut Emitted,
+        audit: &mut Vec<AuditRecord>,
     ) -> Outcome {
         // Exactly once per (principal, client id): a client id belongs to the
         // principal of its first remembered request, and another principal can
@@ -626,7 +603,7 @@ impl Ledger {
         slot: usize,
         principal: &Principal,
         op: &Op,
-        audit: &mut Emitted,
+        audit: &mut Vec<AuditRecord>,
     ) -> Outcome {
         let mut ctx = Ctx { index, principal, audit };
         match op {
@@ -730,7 +707,7 @@ struct About<'a> {
 struct Ctx<'a> {
     index: u64,
     principal: &'a Principal,
-    audit: &'a mut Emitted,
+    audit: &'a mut Vec<AuditRecord>,
 }
 
 /// 64 bits of SHA-256 over the principal and operation: a retry must match its

@@ -1,11 +1,11 @@
 //! Time passing: leases expiring, expired leases forgotten, idle clients dropped.
 
-use super::{About, Emitted, ExpiredLease, Ledger};
-use crate::audit::{AuditKind, Flow};
+use super::{About, ExpiredLease, Ledger};
+use crate::audit::{AuditKind, AuditRecord, Flow};
 use crate::names::LeaseId;
 
 impl Ledger {
-    pub(super) fn housekeep(&mut self, index: u64, audit: &mut Emitted) {
+    pub(super) fn housekeep(&mut self, index: u64, audit: &mut Vec<AuditRecord>) {
         let now = self.now_ms;
         // Expiries and openings, in time order; at equal times expiries first (a
         // window's leases expire at its end, when the next window's leases open).

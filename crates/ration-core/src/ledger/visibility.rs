@@ -8,8 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{BudgetId, Ctx, Emitted, Ledger};
-use crate::audit::{AuditKind, Balance, Cause, Detail};
+use super::{BudgetId, Ctx, Ledger};
+use crate::audit::{AuditKind, AuditRecord, Balance, Cause, Detail};
 use crate::command::{
     BudgetOptions, CallRecord, Outcome, Price, PriceSpec, Reply, MAX_MODELS, MAX_PRICE_VERSIONS,
 };
@@ -310,7 +310,7 @@ impl Ledger {
 
     /// Looks at each counter whose spend the command changed: moves its burn rate,
     /// and emits a `threshold_crossed` record for each threshold its spend reached.
-    pub(super) fn observe(&mut self, index: u64, audit: &mut Emitted) {
+    pub(super) fn observe(&mut self, index: u64, audit: &mut Vec<AuditRecord>) {
         if self.spent.is_empty() {
             return;
         }
@@ -321,7 +321,7 @@ impl Ledger {
         self.spent = spent;
     }
 
-    fn watch_counter(&mut self, index: u64, audit: &mut Emitted, s: Spent) {
+    fn watch_counter(&mut self, index: u64, audit: &mut Vec<AuditRecord>, s: Spent) {
         let now = self.now_ms;
         let Some(b) = self.budgets.get_mut(&s.budget) else { return };
         let Some(limit) = b.limits.iter_mut().find(|l| l.counter.id == s.counter) else {
