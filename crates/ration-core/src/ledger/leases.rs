@@ -1,6 +1,6 @@
 //! Leases: acquiring, reporting on and releasing them (late ones too).
 
-use super::{About, Budget, BudgetId, CounterRef, Ctx, Lease, Ledger};
+use super::{About, Budget, BudgetId, CounterRef, Counters, Ctx, Lease, Ledger};
 use crate::audit::{AuditKind, Balance, Flow};
 use crate::command::{
     check_amount, Acquire, Grant, Outcome, Overrun, Release, Reply, Report, MAX_AMOUNT,
@@ -191,7 +191,7 @@ impl Ledger {
             let balance = b.limits[i].balance(&b.path);
             self.shadow_refusal(ctx, id, lease_id, balance, grant, available);
         }
-        let mut counters = Vec::with_capacity(refs.len());
+        let mut counters = Counters::default();
         let mut balances = Vec::with_capacity(refs.len());
         // One lookup per budget up the chain: `refs` is in chain order. The lease
         // keeps the budget's own copy of its path and the limit's of its unit

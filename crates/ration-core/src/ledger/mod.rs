@@ -21,9 +21,11 @@ use crate::error::LedgerError;
 use crate::index::{HashIndex, IdIndex};
 use crate::names::{BudgetPath, LeaseId, Principal, Unit, MAX_COMMANDS_PER_ENTRY, MAX_LEASE_INDEX};
 use crate::window::clamp_time;
+use counters::Counters;
 
 mod budgets;
 mod controls;
+mod counters;
 mod emit;
 mod holders;
 mod leases;
@@ -243,7 +245,7 @@ struct Lease {
     acquired_ms: u64,
     expires_at_ms: u64,
     window_end_ms: u64,
-    counters: Vec<CounterRef>,
+    counters: Counters,
 }
 
 /// An expired lease kept for a late final report.
@@ -256,7 +258,7 @@ struct ExpiredLease {
     reported: u64,
     window_end_ms: u64,
     forget_at_ms: u64,
-    counters: Vec<CounterRef>,
+    counters: Counters,
 }
 
 /// Lifetime allowance flows; `granted + overrun = consumed + returned + charged -

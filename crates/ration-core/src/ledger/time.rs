@@ -87,7 +87,7 @@ impl Ledger {
         self.openings.remove(&(at, id));
         self.opening.remove(&id);
         let counters = self.leases[&id].counters.clone();
-        for r in counters {
+        for r in counters.iter() {
             let Some(b) = self.budgets.get_mut(&r.budget) else { continue };
             if let Some(limit) = b.limits.iter_mut().find(|l| l.counter.id == r.counter) {
                 limit.roll(at);
