@@ -315,10 +315,9 @@ impl Ledger {
         };
         let granted = lease.granted;
         let (path, unit, leaf) = (lease.path.clone(), lease.unit.clone(), lease.budget);
-        // Borrowed out of the lease while the counters change, and put back below
-        // (a copy cost an allocation per report).
-        let counters =
-            std::mem::take(&mut self.leases.get_mut(&r.lease).expect("checked above").counters);
+        // Copied out of the lease while the counters change: up to three are kept in
+        // the lease (`Counters`), so this allocates only for deeper chains.
+        let counters = lease.counters.clone();
         let delta = r.consumed_delta;
         if delta > 0 {
             self.note_spent(&counters, ctx.principal);
@@ -335,7 +334,6 @@ impl Ledger {
                 .expect("invariant: outstanding covers the lease");
         });
         let lease = self.leases.get_mut(&r.lease).expect("checked above");
-        lease.counters = counters;
         lease.reported = reported;
         lease.expires_at_ms = new_expiry;
         if new_expiry != old_expiry {
