@@ -78,6 +78,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(n: u64, tweak: fn(&mut Config)) -> Self {
+        crate::clear_of_a_day_boundary();
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = BTreeMap::new();
         for id in 1..=n {

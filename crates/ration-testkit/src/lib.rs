@@ -162,14 +162,75 @@ where
 /// is this machine's in a test.
 pub async fn clear_of_a_minute_boundary(needed: Duration) {
     assert!(needed <= Duration::from_secs(30), "a test needing {needed:?} of one minute");
+    if let Some(wait) = wait_for_a_boundary(Duration::from_secs(60), needed) {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// How long a test that starts a cluster waits, at most, for a new UTC day: see
+/// [`clear_of_a_day_boundary`].
+pub const DAY_BOUNDARY_GUARD: Duration = Duration::from_secs(180);
+
+/// Blocks, if need be, until the current UTC day has at least
+/// [`DAY_BOUNDARY_GUARD`] left. Tests check caps of daily, weekly and monthly
+/// windows, and each of those windows ends at a UTC midnight: a test running
+/// across one would see its budget's figures start again from zero. Starting a
+/// cluster calls this ([`inproc::Cluster::start`], a process's first spawn), so
+/// a test that starts in a day's last three minutes starts after midnight instead.
+pub fn clear_of_a_day_boundary() {
+    if let Some(wait) = wait_for_a_boundary(Duration::from_secs(86_400), DAY_BOUNDARY_GUARD) {
+        eprintln!("waiting {wait:?} for a new UTC day: this test's windows must not end during it");
+        std::thread::sleep(wait);
+    }
+}
+
+/// How long to wait until the current UTC `period` (a minute, a day: each starts
+/// at a multiple of its length since the epoch) has at least `needed` left, if it
+/// has less.
+fn wait_for_a_boundary(period: Duration, needed: Duration) -> Option<Duration> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("the clock is after 1970");
-    let into = Duration::from_millis(u64::try_from(now.as_millis() % 60_000).unwrap_or(0));
-    let left = Duration::from_secs(60).saturating_sub(into);
-    if left < needed {
-        // A little past the boundary: the leader's time stamps may lag this clock.
-        tokio::time::sleep(left + Duration::from_millis(200)).await;
+    wait_at(now, period, needed)
+}
+
+/// [`wait_for_a_boundary`] at `now` (since the epoch).
+fn wait_at(now: Duration, period: Duration, needed: Duration) -> Option<Duration> {
+    let into =
+        Duration::from_millis(u64::try_from(now.as_millis() % period.as_millis()).unwrap_or(0));
+    let left = period.saturating_sub(into);
+    // A little past the boundary: the leader's time stamps may lag this clock.
+    (left < needed).then(|| left + Duration::from_millis(200))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_only_when_too_little_of_the_period_is_left() {
+        let day = Duration::from_secs(86_400);
+        let guard = DAY_BOUNDARY_GUARD;
+        // 2026-12-05 00:00:00 UTC, and moments around the next midnight.
+        let midnight = Duration::from_secs(1_796_428_800);
+        assert_eq!(midnight.as_secs() % 86_400, 0);
+        assert_eq!(wait_at(midnight, day, guard), None, "a whole day left");
+        assert_eq!(wait_at(midnight + day - guard, day, guard), None, "exactly the guard left");
+        let late = midnight + day - Duration::from_secs(10);
+        assert_eq!(wait_at(late, day, guard), Some(Duration::from_millis(10_200)));
+        let last_ms = midnight + day - Duration::from_millis(1);
+        assert_eq!(wait_at(last_ms, day, guard), Some(Duration::from_millis(201)));
+        // A minute: 58.6 s in with 15 s needed waits 1.4 s and a little.
+        let minute = Duration::from_secs(60);
+        let at = midnight + Duration::from_millis(58_600);
+        assert_eq!(
+            wait_at(at, minute, Duration::from_secs(15)),
+            Some(Duration::from_millis(1_600))
+        );
+        assert_eq!(
+            wait_at(midnight + Duration::from_secs(30), minute, Duration::from_secs(15)),
+            None
+        );
     }
 }
 

@@ -55,6 +55,10 @@ impl Proc {
     }
 
     pub fn spawn(&mut self) {
+        if self.logs.is_empty() {
+            // A test's first start of this node: see the function.
+            crate::clear_of_a_day_boundary();
+        }
         let path = self.dir.with_extension(format!("log{}", self.logs.len()));
         let log = std::fs::File::create(&path).unwrap();
         self.logs.push(path);
