@@ -203,37 +203,6 @@ fn wait_at(now: Duration, period: Duration, needed: Duration) -> Option<Duration
     (left < needed).then(|| left + Duration::from_millis(200))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn waits_only_when_too_little_of_the_period_is_left() {
-        let day = Duration::from_secs(86_400);
-        let guard = DAY_BOUNDARY_GUARD;
-        // 2026-12-05 00:00:00 UTC, and moments around the next midnight.
-        let midnight = Duration::from_secs(1_796_428_800);
-        assert_eq!(midnight.as_secs() % 86_400, 0);
-        assert_eq!(wait_at(midnight, day, guard), None, "a whole day left");
-        assert_eq!(wait_at(midnight + day - guard, day, guard), None, "exactly the guard left");
-        let late = midnight + day - Duration::from_secs(10);
-        assert_eq!(wait_at(late, day, guard), Some(Duration::from_millis(10_200)));
-        let last_ms = midnight + day - Duration::from_millis(1);
-        assert_eq!(wait_at(last_ms, day, guard), Some(Duration::from_millis(201)));
-        // A minute: 58.6 s in with 15 s needed waits 1.4 s and a little.
-        let minute = Duration::from_secs(60);
-        let at = midnight + Duration::from_millis(58_600);
-        assert_eq!(
-            wait_at(at, minute, Duration::from_secs(15)),
-            Some(Duration::from_millis(1_600))
-        );
-        assert_eq!(
-            wait_at(midnight + Duration::from_secs(30), minute, Duration::from_secs(15)),
-            None
-        );
-    }
-}
-
 /// Request metadata: exactly-once client and request id, and the principal.
 pub fn meta(client: &str, request_id: u64, principal: &str) -> Option<v1::RequestMeta> {
     Some(v1::RequestMeta {
@@ -339,5 +308,36 @@ pub async fn audit_records(addr: SocketAddr) -> Vec<v1::AuditRecord> {
         }
         all.extend(page.records);
         from = page.next_seq;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_only_when_too_little_of_the_period_is_left() {
+        let day = Duration::from_secs(86_400);
+        let guard = DAY_BOUNDARY_GUARD;
+        // 2026-12-05 00:00:00 UTC, and moments around the next midnight.
+        let midnight = Duration::from_secs(1_796_428_800);
+        assert_eq!(midnight.as_secs() % 86_400, 0);
+        assert_eq!(wait_at(midnight, day, guard), None, "a whole day left");
+        assert_eq!(wait_at(midnight + day - guard, day, guard), None, "exactly the guard left");
+        let late = midnight + day - Duration::from_secs(10);
+        assert_eq!(wait_at(late, day, guard), Some(Duration::from_millis(10_200)));
+        let last_ms = midnight + day - Duration::from_millis(1);
+        assert_eq!(wait_at(last_ms, day, guard), Some(Duration::from_millis(201)));
+        // A minute: 58.6 s in with 15 s needed waits 1.4 s and a little.
+        let minute = Duration::from_secs(60);
+        let at = midnight + Duration::from_millis(58_600);
+        assert_eq!(
+            wait_at(at, minute, Duration::from_secs(15)),
+            Some(Duration::from_millis(1_600))
+        );
+        assert_eq!(
+            wait_at(midnight + Duration::from_secs(30), minute, Duration::from_secs(15)),
+            None
+        );
     }
 }
