@@ -41,6 +41,7 @@ pub mod ledger;
 pub mod names;
 pub mod timebound;
 pub mod window;
+mod wire;
 
 pub use audit::{AuditFilter, AuditKind, AuditLog, AuditRecord, ChainHead};
 pub use command::{

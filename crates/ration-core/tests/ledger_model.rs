@@ -900,6 +900,12 @@ impl Run {
     fn apply(&mut self, entry: Entry) -> Result<Vec<Outcome>, TestCaseError> {
         self.index += 1;
         let applied = self.ledger.apply(self.index, &entry);
+        // The ledger's own encoder (which the hashes, fingerprints, snapshots and
+        // the audit store use) writes postcard's bytes for all it is given.
+        prop_assert_eq!(ration_core::encode(&entry), postcard::to_stdvec(&entry).unwrap());
+        for r in &applied.audit {
+            prop_assert_eq!(ration_core::encode(r), postcard::to_stdvec(r).unwrap());
+        }
         self.log.append(applied.audit.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
         if let Some(shadow) = &mut self.shadow {
             let again = shadow.apply(self.index, &entry);
