@@ -78,7 +78,9 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(n: u64, tweak: fn(&mut Config)) -> Self {
-        crate::clear_of_a_day_boundary();
+        if let Some(wait) = crate::wait_for_a_new_day() {
+            tokio::time::sleep(wait).await;
+        }
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = BTreeMap::new();
         for id in 1..=n {

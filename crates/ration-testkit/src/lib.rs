@@ -167,21 +167,21 @@ pub async fn clear_of_a_minute_boundary(needed: Duration) {
     }
 }
 
-/// How long a test that starts a cluster waits, at most, for a new UTC day: see
-/// [`clear_of_a_day_boundary`].
+/// How much of the current UTC day a test that starts a cluster needs left: see
+/// [`wait_for_a_new_day`].
 pub const DAY_BOUNDARY_GUARD: Duration = Duration::from_secs(180);
 
-/// Blocks, if need be, until the current UTC day has at least
-/// [`DAY_BOUNDARY_GUARD`] left. Tests check caps of daily, weekly and monthly
-/// windows, and each of those windows ends at a UTC midnight: a test running
-/// across one would see its budget's figures start again from zero. Starting a
-/// cluster calls this ([`inproc::Cluster::start`], a process's first spawn), so
-/// a test that starts in a day's last three minutes starts after midnight instead.
-pub fn clear_of_a_day_boundary() {
-    if let Some(wait) = wait_for_a_boundary(Duration::from_secs(86_400), DAY_BOUNDARY_GUARD) {
-        eprintln!("waiting {wait:?} for a new UTC day: this test's windows must not end during it");
-        std::thread::sleep(wait);
-    }
+/// How long to wait, if at all, so that a test starts with at least
+/// [`DAY_BOUNDARY_GUARD`] of the current UTC day left: into the next day when
+/// less is left. Tests check caps of daily, weekly and monthly windows, and each
+/// of those windows ends at a UTC midnight: a test running across one would see
+/// its budget's figures start again from zero. Starting a cluster waits this long
+/// ([`inproc::Cluster::start`], a process's first spawn), so a test that starts in
+/// a day's last three minutes starts after midnight instead.
+pub fn wait_for_a_new_day() -> Option<Duration> {
+    let wait = wait_for_a_boundary(Duration::from_secs(86_400), DAY_BOUNDARY_GUARD)?;
+    eprintln!("waiting {wait:?} for a new UTC day: this test's windows must not end during it");
+    Some(wait)
 }
 
 /// How long to wait until the current UTC `period` (a minute, a day: each starts

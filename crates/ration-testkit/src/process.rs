@@ -55,9 +55,9 @@ impl Proc {
     }
 
     pub fn spawn(&mut self) {
-        if self.logs.is_empty() {
-            // A test's first start of this node: see the function.
-            crate::clear_of_a_day_boundary();
+        // A test's first start of this node: see the function.
+        if let Some(wait) = self.logs.is_empty().then(crate::wait_for_a_new_day).flatten() {
+            std::thread::sleep(wait);
         }
         let path = self.dir.with_extension(format!("log{}", self.logs.len()));
         let log = std::fs::File::create(&path).unwrap();
