@@ -7,6 +7,10 @@
 #     in flight), its Raft log synced (the default `wal` store), and the same
 #     three workloads against one Ration node alone (`-1node`: like for like with
 #     the single Redis, which is not replicated either),
+#   - and, as a floor rather than a system, one Ration node answering gRPC health
+#     checks, one per RPC, 512 in flight (`grpc-floor-1node`: the same server,
+#     layers and client as one operation per RPC, with no Raft and no ledger work;
+#     its row counts health checks, not debits),
 # interleaved over ROUNDS rounds so drift hits all alike, 64 clients for etcd and
 # Redis. Prints a Markdown table (ops/s, p50, p99 of each RPC: a Ration Batch RPC
 # carries 256 debits; ratios to Redis and etcd) and writes
@@ -91,6 +95,8 @@ for ROUND in $(seq 1 "$ROUNDS"); do
   run "ration-batch-1node" "$BIN/ration-load" --nodes 1 --warmup-s 2 --duration-s "$DUR" --batch 256 --concurrency 12
   run "ration-single-1node" "$BIN/ration-load" --nodes 1 --warmup-s 2 --duration-s "$DUR" --concurrency 512
   run "ration-pipeline-1node" "$BIN/ration-load" --nodes 1 --warmup-s 2 --duration-s "$DUR" --concurrency 1024 --pipeline
+  # What one operation per RPC cannot go below here: an RPC that does no work.
+  run "grpc-floor-1node" "$BIN/ration-load" --nodes 1 --floor --warmup-s 2 --duration-s "$DUR" --concurrency 512
   [ "$HAVE_REDIS" = 1 ] && run "redis-lua-always" "$BIN/ration-compare" --system redis \
     --endpoint 127.0.0.1:26379 --duration-s "$DUR" --prefix "r$ROUND"
   [ "$HAVE_ETCD" = 1 ] && run "etcd-txn" "$BIN/ration-compare" --system etcd \

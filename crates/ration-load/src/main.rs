@@ -28,6 +28,8 @@ use ration_proto::v1::cluster_client::ClusterClient;
 use ration_proto::v1::ledger_client::LedgerClient;
 use ration_proto::v1::{self, Period};
 use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 #[derive(Debug, Parser)]
 #[command(name = "ration-load", about = "Drive load against a Ration cluster")]
@@ -71,6 +73,12 @@ struct Args {
     /// call per connection, shared by its workers) instead of an RPC of its own.
     #[arg(long)]
     pipeline: bool,
+    /// With --batch 0: instead of ledger operations, one gRPC health check
+    /// (`grpc.health.v1.Health/Check`) per RPC to the leader, through the same
+    /// server and layers: no Raft, no ledger. The floor under one operation per RPC
+    /// on this machine (this generator's gRPC client included), to set beside it.
+    #[arg(long)]
+    floor: bool,
     #[arg(long, default_value_t = 3)]
     warmup_s: u64,
     #[arg(long, default_value_t = 15)]
@@ -511,6 +519,29 @@ impl Pipe {
     }
 }
 
+/// `--floor`: health checks, one per RPC, timed as operations.
+async fn floor_worker(
+    mut health: HealthClient<Channel>,
+    recording: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+) -> Histogram<u64> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let r = health.check(HealthCheckRequest { service: String::new() }).await;
+        if recording.load(Ordering::Relaxed) {
+            let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+            counters.ops.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = r {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                counters.failed(&format!("{:?}", e.code()), e.message());
+            }
+        }
+    }
+    hist
+}
+
 async fn worker(
     worker_id: usize,
     mut client: OneOp,
@@ -932,6 +963,11 @@ async fn main() -> anyhow::Result<()> {
     if args.nodes != 3 && (args.wan.is_some() || args.failovers > 0 || !args.endpoints.is_empty()) {
         bail!("--nodes 1 starts a node alone: not with --wan, --failovers or --endpoints");
     }
+    if args.floor && (args.batch > 0 || args.pipeline || args.gateways > 0) {
+        bail!(
+            "--floor sends health checks one per RPC: not with --batch, --pipeline or --gateways"
+        );
+    }
     if args.pipeline && args.batch > 0 {
         bail!("--pipeline sends one operation per message: not with --batch");
     }
@@ -1024,7 +1060,10 @@ async fn main() -> anyhow::Result<()> {
         .map(|w| {
             let client = LedgerClient::new(channels[w % channels.len()].clone());
             let (a, r, s, c) = (args.clone(), recording.clone(), stop.clone(), counters.clone());
-            if args.batch > 0 {
+            if args.floor {
+                let health = HealthClient::new(channels[w % channels.len()].clone());
+                tokio::spawn(floor_worker(health, r, s, c))
+            } else if args.batch > 0 {
                 tokio::spawn(batch_worker(w, client, a, r, s, c))
             } else if args.pipeline {
                 let one = OneOp::Pipelined(pipes[w % pipes.len()].clone());
@@ -1061,6 +1100,8 @@ async fn main() -> anyhow::Result<()> {
         format!("per RPC of up to {} ops", args.batch)
     } else if args.pipeline {
         format!("per op (one op per message on {} Pipeline calls)", pipes.len())
+    } else if args.floor {
+        "per health check (one per RPC, no ledger work)".into()
     } else {
         "per op (one op per RPC)".into()
     };

@@ -1,12 +1,14 @@
-//! `ration-load --endpoints` run again against the same cluster (issue #18 point 7).
+//! The real `ration-load` binary against a node on loopback (`--endpoints`).
 //!
-//! The ledger remembers each client's recent requests (exactly-once), so a run that
+//! Run again against the same cluster (issue #18 point 7): the ledger remembers each client's recent requests (exactly-once), so a run that
 //! reused the client and request ids of the run before had its operations refused
 //! as reused request ids. Each run now writes under client ids of its own, and a
 //! run that does meet refusals says why. The real binary, against a node on
 //! loopback, three times: two plain runs, each without an error; then one that
 //! reuses the second's client ids (`--client-id-base`), the old behaviour, which
 //! must count its refusals and print their reason.
+//!
+//! `--floor`: health checks, one per RPC, counted like operations.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -21,18 +23,21 @@ struct Run {
     client_ids: String,
 }
 
+/// Batches of 8 operations, 4 in flight, for 2 s, with `extra` flags.
 async fn load(endpoint: String, extra: &[&str]) -> Run {
+    let mut args = vec!["--batch", "8", "--budgets", "4"];
+    args.extend(extra);
+    run(endpoint, &args).await
+}
+
+async fn run(endpoint: String, extra: &[&str]) -> Run {
     let mut args: Vec<String> = [
         "--endpoints",
         endpoint.as_str(),
-        "--batch",
-        "8",
         "--concurrency",
         "4",
         "--connections",
         "1",
-        "--budgets",
-        "4",
         "--warmup-s",
         "0",
         "--duration-s",
@@ -93,5 +98,27 @@ async fn a_second_run_against_the_same_cluster_is_not_refused_and_refusals_say_w
         "the reason does not name the reused request id:\n{}",
         reused.stdout
     );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_floor_counts_health_checks_as_operations() {
+    let cluster = Cluster::start(1, |_| {}).await;
+    let endpoint = cluster.addrs[&cluster.leader().await].to_string();
+    let floor = run(endpoint.clone(), &["--floor"]).await;
+    assert!(floor.ops > 0, "no health check was counted:\n{}", floor.stdout);
+    assert_eq!(floor.errors, 0, "health checks failed:\n{}", floor.stdout);
+    assert!(floor.stdout.contains("per health check"), "{}", floor.stdout);
+    // Not with the flags that choose other operations.
+    let refused = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ration-load"))
+            .args(["--endpoints", &endpoint, "--floor", "--batch", "8"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--floor"));
     cluster.shutdown().await;
 }
