@@ -407,6 +407,25 @@ struct Counters {
 const MAX_REASONS: usize = 16;
 
 impl Counters {
+    /// One operation begun at `started`, with its latency and any failure
+    /// counted while the run is `recording` (after the warm-up).
+    fn timed(
+        &self,
+        recording: &AtomicBool,
+        hist: &mut Histogram<u64>,
+        started: Instant,
+        err: Option<&tonic::Status>,
+    ) {
+        if recording.load(Ordering::Relaxed) {
+            let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
+            self.ops.fetch_add(1, Ordering::Relaxed);
+            if let Some(e) = err {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.failed(&format!("{:?}", e.code()), e.message());
+            }
+        }
+    }
+
     /// Counts one failed operation under its reason.
     fn failed(&self, code: &str, message: &str) {
         let mut why = format!("{code}: ");
@@ -530,14 +549,7 @@ async fn floor_worker(
     while !stop.load(Ordering::Relaxed) {
         let t = Instant::now();
         let r = health.check(HealthCheckRequest { service: String::new() }).await;
-        if recording.load(Ordering::Relaxed) {
-            let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
-            counters.ops.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = r {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                counters.failed(&format!("{:?}", e.code()), e.message());
-            }
-        }
+        counters.timed(&recording, &mut hist, t, r.as_ref().err());
     }
     hist
 }
@@ -557,14 +569,7 @@ async fn worker(
     let mut request_id = 0u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (worker_id as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
     let timed = |hist: &mut Histogram<u64>, started: Instant, err: Option<&tonic::Status>| {
-        if recording.load(Ordering::Relaxed) {
-            let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
-            counters.ops.fetch_add(1, Ordering::Relaxed);
-            if let Some(e) = err {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                counters.failed(&format!("{:?}", e.code()), e.message());
-            }
-        }
+        counters.timed(&recording, hist, started, err)
     };
     while !stop.load(Ordering::Relaxed) {
         rng ^= rng << 13;
