@@ -1,12 +1,12 @@
 //! The real `ration-load` binary against a node on loopback (`--endpoints`).
 //!
-//! Run again against the same cluster (issue #18 point 7): the ledger remembers each client's recent requests (exactly-once), so a run that
-//! reused the client and request ids of the run before had its operations refused
-//! as reused request ids. Each run now writes under client ids of its own, and a
-//! run that does meet refusals says why. The real binary, against a node on
-//! loopback, three times: two plain runs, each without an error; then one that
-//! reuses the second's client ids (`--client-id-base`), the old behaviour, which
-//! must count its refusals and print their reason.
+//! Run again against the same cluster (issue #18 point 7): the ledger remembers
+//! each client's recent requests (exactly-once), so a run that reused the client
+//! and request ids of the run before had its operations refused as reused request
+//! ids. Each run now writes under client ids of its own, and a run that does meet
+//! refusals says why. Three runs: two plain ones, each without an error; then one
+//! that reuses the second's client ids (`--client-id-base`), the old behaviour,
+//! which must count its refusals and print their reason.
 //!
 //! `--floor`: health checks, one per RPC, counted like operations.
 
